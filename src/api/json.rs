@@ -1,0 +1,218 @@
+//! JSON encoding of query results exactly as Prometheus 2.42 writes them
+//! (util/jsonutil/marshal.go, promql/value.go, and encoding/json's string escaping).
+
+use crate::model::{Labels, Sample};
+use crate::promql::QueryValue;
+use std::fmt::Write;
+
+/// Appends `s` as a JSON string escaped as Go's encoding/json does: `<`, `>`, `&`, U+2028 and
+/// U+2029 as `\uXXXX`, control characters as `\n`, `\r`, `\t` or `\u00xx`.
+pub fn write_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Go's `strconv.FormatFloat(v, fmt, -1, 64)` for `fmt` 'f' or 'e', with Prometheus's
+/// spellings of the special values.
+fn format_float(out: &mut String, v: f64, exponent: bool) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v == f64::INFINITY {
+        out.push_str("+Inf");
+    } else if v == f64::NEG_INFINITY {
+        out.push_str("-Inf");
+    } else if exponent {
+        // Rust prints `1e-7`; Go prints `1e-07`: sign always, at least two exponent digits.
+        let s = format!("{v:e}");
+        let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
+        let (sign, digits) = match exp.strip_prefix('-') {
+            Some(d) => ('-', d),
+            None => ('+', exp),
+        };
+        let _ = write!(out, "{mantissa}e{sign}{digits:0>2}");
+    } else {
+        // Rust's `Display` for f64 is the shortest round-trip digits without exponent, like
+        // Go's 'f' with precision -1.
+        let _ = write!(out, "{v}");
+    }
+}
+
+/// A sample value in a vector or matrix (jsonutil.MarshalValue): 'e' format for magnitudes
+/// below 1e-6 or from 1e21 up.
+pub fn write_sample_value(out: &mut String, v: f64) {
+    let abs = v.abs();
+    let exponent = abs != 0.0 && (abs < 1e-6 || abs >= 1e21);
+    out.push('"');
+    format_float(out, v, exponent);
+    out.push('"');
+}
+
+/// A sample timestamp in a vector or matrix (jsonutil.MarshalTimestamp): seconds, then `.` and
+/// exactly three digits of ms when they are not zero.
+pub fn write_sample_timestamp(out: &mut String, t: i64) {
+    if t < 0 {
+        out.push('-');
+    }
+    let t = t.unsigned_abs();
+    let _ = write!(out, "{}", t / 1000);
+    let fraction = t % 1000;
+    if fraction != 0 {
+        let _ = write!(out, ".{fraction:03}");
+    }
+}
+
+/// A scalar or string result's timestamp: Go's shortest float64 of seconds.
+fn write_float_seconds(out: &mut String, t: i64) {
+    let seconds = t as f64 / 1000.0;
+    if seconds.fract() == 0.0 && seconds.abs() < 1e21 {
+        let _ = write!(out, "{}", seconds as i64);
+    } else {
+        let _ = write!(out, "{seconds}");
+    }
+}
+
+pub fn write_labels(out: &mut String, labels: &Labels) {
+    out.push('{');
+    for (i, label) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_str(out, &label.name);
+        out.push(':');
+        write_str(out, &label.value);
+    }
+    out.push('}');
+}
+
+fn write_point(out: &mut String, sample: &Sample) {
+    out.push('[');
+    write_sample_timestamp(out, sample.t);
+    out.push(',');
+    write_sample_value(out, sample.v);
+    out.push(']');
+}
+
+/// `{"resultType":…,"result":…}`.
+pub fn write_query_data(out: &mut String, value: &QueryValue) {
+    match value {
+        QueryValue::Scalar { t, v } => {
+            out.push_str(r#"{"resultType":"scalar","result":["#);
+            write_float_seconds(out, *t);
+            out.push_str(",\"");
+            // Scalars always use 'f' (promql.Scalar.MarshalJSON).
+            format_float(out, *v, false);
+            out.push_str("\"]}");
+        }
+        QueryValue::String { t, v } => {
+            out.push_str(r#"{"resultType":"string","result":["#);
+            write_float_seconds(out, *t);
+            out.push(',');
+            write_str(out, v);
+            out.push_str("]}");
+        }
+        QueryValue::Vector(samples) => {
+            out.push_str(r#"{"resultType":"vector","result":["#);
+            for (i, (labels, sample)) in samples.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(r#"{"metric":"#);
+                write_labels(out, labels);
+                out.push_str(r#","value":"#);
+                write_point(out, sample);
+                out.push('}');
+            }
+            out.push_str("]}");
+        }
+        QueryValue::Matrix(series) => {
+            out.push_str(r#"{"resultType":"matrix","result":["#);
+            for (i, s) in series.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(r#"{"metric":"#);
+                write_labels(out, &s.labels);
+                out.push_str(r#","values":["#);
+                for (j, sample) in s.samples.iter().enumerate() {
+                    if j > 0 {
+                        out.push(',');
+                    }
+                    write_point(out, sample);
+                }
+                out.push_str("]}");
+            }
+            out.push_str("]}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(v: f64) -> String {
+        let mut s = String::new();
+        write_sample_value(&mut s, v);
+        s
+    }
+
+    fn ts(t: i64) -> String {
+        let mut s = String::new();
+        write_sample_timestamp(&mut s, t);
+        s
+    }
+
+    #[test]
+    fn values_format_like_go() {
+        assert_eq!(value(1.0), r#""1""#);
+        assert_eq!(value(0.5), r#""0.5""#);
+        assert_eq!(value(-0.0), r#""-0""#);
+        assert_eq!(value(1e-7), r#""1e-07""#);
+        assert_eq!(value(1.5e21), r#""1.5e+21""#);
+        assert_eq!(value(1e20), r#""100000000000000000000""#);
+        assert_eq!(value(123456.789), r#""123456.789""#);
+        assert_eq!(value(f64::NAN), r#""NaN""#);
+        assert_eq!(value(f64::INFINITY), r#""+Inf""#);
+        assert_eq!(value(f64::NEG_INFINITY), r#""-Inf""#);
+        assert_eq!(value(1e-300), r#""1e-300""#);
+    }
+
+    #[test]
+    fn timestamps_format_like_prometheus() {
+        assert_eq!(ts(1_435_781_451_781), "1435781451.781");
+        assert_eq!(ts(1_435_781_451_780), "1435781451.780");
+        assert_eq!(ts(1_435_781_451_000), "1435781451");
+        assert_eq!(ts(50), "0.050");
+        assert_eq!(ts(-1500), "-1.500");
+    }
+
+    #[test]
+    fn scalars_use_plain_floats() {
+        let mut s = String::new();
+        write_query_data(&mut s, &QueryValue::Scalar { t: 1_500, v: 1e-7 });
+        assert_eq!(s, r#"{"resultType":"scalar","result":[1.5,"0.0000001"]}"#);
+    }
+
+    #[test]
+    fn strings_escape_like_go() {
+        let mut s = String::new();
+        write_str(&mut s, "a<b>&\"\\\n\u{1}");
+        assert_eq!(s, r#""a\u003cb\u003e\u0026\"\\\n\u0001""#);
+    }
+}

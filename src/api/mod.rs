@@ -1,0 +1,119 @@
+//! HTTP API: the Prometheus HTTP API, ingest endpoints, and the server's own `/health`,
+//! `/ready` and `/metrics`. Handlers translate between HTTP and the `ingest` and `promql`
+//! layers; they never touch a storage backend directly beyond the storage trait.
+
+pub mod errors;
+pub mod json;
+pub mod params;
+mod prometheus;
+mod write;
+
+use crate::ingest::{IngestConfig, Ingester};
+use crate::model::TenantId;
+use crate::promql::Engine;
+use crate::storage::DynStorage;
+use crate::telemetry::{Metrics, RequestLabels};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+
+/// What every handler shares.
+pub struct AppState {
+    pub storage: DynStorage,
+    pub engine: Engine,
+    pub ingester: Ingester,
+    pub ingest_config: IngestConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// The tenant of a request. Authentication is not built yet: every request belongs to the
+    /// default tenant.
+    fn tenant(&self) -> TenantId {
+        TenantId::default()
+    }
+}
+
+pub type SharedState = Arc<AppState>;
+
+pub fn router(state: SharedState) -> Router {
+    let body_limit = state.ingest_config.max_request_bytes;
+    Router::new()
+        .route(
+            "/api/v1/query",
+            get(prometheus::query).post(prometheus::query),
+        )
+        .route(
+            "/api/v1/query_range",
+            get(prometheus::query_range).post(prometheus::query_range),
+        )
+        .route(
+            "/api/v1/series",
+            get(prometheus::series).post(prometheus::series),
+        )
+        .route(
+            "/api/v1/labels",
+            get(prometheus::labels).post(prometheus::labels),
+        )
+        .route("/api/v1/label/{name}/values", get(prometheus::label_values))
+        .route("/api/v1/metadata", get(prometheus::metadata))
+        .route("/api/v1/status/buildinfo", get(prometheus::buildinfo))
+        .route("/api/v1/write", post(write::remote_write))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Counts every answered request by route pattern and status code.
+async fn count_requests(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let handler = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "other".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&RequestLabels {
+            handler,
+            code: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn health() -> &'static str {
+    "OK"
+}
+
+async fn ready(State(state): State<SharedState>) -> Response {
+    match state.storage.ping().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<SharedState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,281 @@
+//! The Prometheus HTTP API (`/api/v1/...`): the same parameters, envelope, error types and
+//! status codes as Prometheus 2.42's web/api/v1/api.go.
+
+use super::errors::ApiError;
+use super::json;
+use super::params::{
+    parse_duration, parse_time, parse_time_param, Params, MAX_TIME_MS, MIN_TIME_MS,
+};
+use super::SharedState;
+use crate::model::{labels::is_valid_label_name, Matcher, MetricMetadata};
+use crate::promql::{self, EvalRange};
+use crate::storage::SeriesQuery;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Uri};
+use axum::response::{IntoResponse, Response};
+use promql_parser::parser::Expr;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Prometheus refuses range queries with more points per series than this.
+const MAX_POINTS_PER_SERIES: i64 = 11_000;
+
+fn params(uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Params {
+    Params::parse(uri.query(), headers, body)
+}
+
+/// `{"status":"success","data":<data>}` with `data` already encoded.
+fn success(data: String) -> Response {
+    let mut body = String::with_capacity(data.len() + 32);
+    body.push_str(r#"{"status":"success","data":"#);
+    body.push_str(&data);
+    body.push('}');
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn success_json(data: serde_json::Value) -> Response {
+    success(data.to_string())
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn timeout_param(params: &Params) -> Result<Option<Duration>, ApiError> {
+    match params.get("timeout") {
+        "" => Ok(None),
+        value => {
+            let ms = parse_duration(value).map_err(|e| ApiError::invalid_param("timeout", e))?;
+            Ok(Some(Duration::from_millis(ms.max(0) as u64)))
+        }
+    }
+}
+
+pub(super) async fn query(
+    State(state): State<SharedState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = params(&uri, &headers, &body);
+    let t = parse_time_param(&params, "time", now_ms())
+        .map_err(|e| ApiError::invalid_param("time", e))?;
+    let timeout = timeout_param(&params)?;
+    let expr =
+        promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
+    let started = Instant::now();
+    let value = state
+        .engine
+        .instant_query(&state.tenant(), expr, t, timeout)
+        .await;
+    observe(&state, "instant", started);
+    let mut data = String::new();
+    json::write_query_data(&mut data, &value?);
+    Ok(success(data))
+}
+
+pub(super) async fn query_range(
+    State(state): State<SharedState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = params(&uri, &headers, &body);
+    let start = parse_time(params.get("start")).map_err(|e| ApiError::invalid_param("start", e))?;
+    let end = parse_time(params.get("end")).map_err(|e| ApiError::invalid_param("end", e))?;
+    if end < start {
+        return Err(ApiError::invalid_param(
+            "end",
+            "end timestamp must not be before start time",
+        ));
+    }
+    let step =
+        parse_duration(params.get("step")).map_err(|e| ApiError::invalid_param("step", e))?;
+    if step <= 0 {
+        return Err(ApiError::invalid_param(
+            "step",
+            "zero or negative query resolution step widths are not accepted. Try a positive integer",
+        ));
+    }
+    if (end - start) / step > MAX_POINTS_PER_SERIES {
+        return Err(ApiError::bad_data(
+            "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)",
+        ));
+    }
+    let timeout = timeout_param(&params)?;
+    let expr: Expr =
+        promql::parse(params.get("query")).map_err(|e| ApiError::bad_data(e.to_string()))?;
+    let started = Instant::now();
+    let value = state
+        .engine
+        .range_query(
+            &state.tenant(),
+            expr,
+            EvalRange { start, end, step },
+            timeout,
+        )
+        .await;
+    observe(&state, "range", started);
+    let mut data = String::new();
+    json::write_query_data(&mut data, &value?);
+    Ok(success(data))
+}
+
+fn observe(state: &SharedState, kind: &'static str, started: Instant) {
+    state
+        .metrics
+        .query_duration
+        .get_or_create(&crate::telemetry::QueryLabels { kind })
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Parses `match[]` selectors (prometheus `parseMatchersParam`).
+fn matcher_sets(values: &[&str]) -> Result<Vec<Vec<Matcher>>, String> {
+    let mut sets = Vec::with_capacity(values.len());
+    for value in values {
+        let matchers = match promql_parser::parser::parse(value)? {
+            Expr::VectorSelector(vs) => crate::promql::selector_matchers(&vs),
+            _ => {
+                return Err(format!(
+                    "invalid series selector {value:?}: not a vector selector"
+                ))
+            }
+        };
+        if matchers.iter().all(Matcher::matches_empty) {
+            return Err("match[] must contain at least one non-empty matcher".into());
+        }
+        sets.push(matchers);
+    }
+    Ok(sets)
+}
+
+fn limit_param(params: &Params) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        "" => Ok(0),
+        value => value
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_data("limit must be a number")),
+    }
+}
+
+/// `start`, `end`, `match[]` and `limit` of the series, labels and label values endpoints.
+fn series_query(params: &Params, wrap_matcher_errors: bool) -> Result<SeriesQuery, ApiError> {
+    let start = parse_time_param(params, "start", MIN_TIME_MS)
+        .map_err(|e| ApiError::invalid_param("start", e))?;
+    let end = parse_time_param(params, "end", MAX_TIME_MS)
+        .map_err(|e| ApiError::invalid_param("end", e))?;
+    let matcher_sets = matcher_sets(&params.get_all("match[]")).map_err(|e| {
+        if wrap_matcher_errors {
+            ApiError::invalid_param("match[]", e)
+        } else {
+            ApiError::bad_data(e)
+        }
+    })?;
+    Ok(SeriesQuery {
+        matcher_sets,
+        start,
+        end,
+        limit: limit_param(params)?,
+    })
+}
+
+pub(super) async fn series(
+    State(state): State<SharedState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = params(&uri, &headers, &body);
+    if params.get_all("match[]").is_empty() {
+        return Err(ApiError::bad_data("no match[] parameter provided"));
+    }
+    let query = series_query(&params, true)?;
+    let series = state.storage.series(&state.tenant(), &query).await?;
+    let mut data = String::from("[");
+    for (i, labels) in series.iter().enumerate() {
+        if i > 0 {
+            data.push(',');
+        }
+        json::write_labels(&mut data, labels);
+    }
+    data.push(']');
+    Ok(success(data))
+}
+
+pub(super) async fn labels(
+    State(state): State<SharedState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = params(&uri, &headers, &body);
+    let query = series_query(&params, false)?;
+    let names = state.storage.label_names(&state.tenant(), &query).await?;
+    Ok(success_json(serde_json::json!(names)))
+}
+
+pub(super) async fn label_values(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !is_valid_label_name(&name) {
+        return Err(ApiError::bad_data(format!("invalid label name: {name:?}")));
+    }
+    let params = params(&uri, &headers, &Bytes::new());
+    let query = series_query(&params, false)?;
+    let values = state
+        .storage
+        .label_values(&state.tenant(), &name, &query)
+        .await?;
+    Ok(success_json(serde_json::json!(values)))
+}
+
+pub(super) async fn metadata(
+    State(state): State<SharedState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let params = params(&uri, &headers, &Bytes::new());
+    let limit = match params.get("limit") {
+        "" => -1,
+        value => value
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_data("limit must be a number"))?,
+    };
+    if limit == 0 {
+        return Ok(success_json(serde_json::json!({})));
+    }
+    let metric = Some(params.get("metric")).filter(|m| !m.is_empty());
+    let rows = state
+        .storage
+        .metadata(&state.tenant(), metric, limit.max(0) as usize)
+        .await?;
+    let mut families: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for MetricMetadata {
+        metric_family_name,
+        metric_type,
+        help,
+        unit,
+    } in rows
+    {
+        families
+            .entry(metric_family_name)
+            .or_default()
+            .push(serde_json::json!({"type": metric_type.as_str(), "help": help, "unit": unit}));
+    }
+    Ok(success_json(serde_json::json!(families)))
+}
+
+pub(super) async fn buildinfo() -> Response {
+    success_json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "revision": option_env!("SECUMON_GIT_REVISION").unwrap_or("unknown"),
+        "branch": "",
+        "buildUser": "",
+        "buildDate": "",
+        "goVersion": "",
+    }))
+}

@@ -1,0 +1,79 @@
+//! Ingest endpoints. Status codes follow the remote-write spec: 204 when everything was
+//! stored, 400 when something in the request can never be stored (senders drop it and do not
+//! retry; the valid part of the request is stored all the same), 5xx only when a retry can
+//! succeed.
+
+use super::SharedState;
+use crate::ingest::remote_write;
+use crate::storage::StorageError;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+fn text(status: StatusCode, message: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        message + "\n",
+    )
+        .into_response()
+}
+
+pub(super) async fn remote_write(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.contains("io.prometheus.write.v2") {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "remote-write 2.0 is not supported yet; send remote-write 1.0 (prometheus.WriteRequest)".into(),
+        );
+    }
+    let config = state.ingest_config.clone();
+    let decoded = tokio::task::spawn_blocking(move || {
+        remote_write::decode(&body, &config).map(remote_write::to_batch)
+    })
+    .await;
+    let batch = match decoded {
+        Ok(Ok(batch)) => batch,
+        Ok(Err(e)) => {
+            return text(StatusCode::BAD_REQUEST, e.to_string());
+        }
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("decoding failed: {e}"),
+            )
+        }
+    };
+    match state
+        .ingester
+        .write(remote_write::PROTOCOL, &state.tenant(), batch)
+        .await
+    {
+        Ok(summary) if summary.rejected == 0 => StatusCode::NO_CONTENT.into_response(),
+        Ok(summary) => text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} samples stored, {} refused; first refused: {}",
+                summary.accepted,
+                summary.rejected,
+                summary.first_error.unwrap_or_default()
+            ),
+        ),
+        Err(e @ StorageError::Unavailable(_)) => {
+            tracing::warn!(error = %e, "remote write failed, client will retry");
+            text(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "remote write failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}

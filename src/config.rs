@@ -1,0 +1,230 @@
+//! Configuration: one tree of settings, read from a TOML file (`--config`), then overridden by
+//! `SECUMON_*` environment variables, then by command-line flags. `secumon serve --help` lists
+//! every key with its default.
+
+use crate::ingest::IngestConfig;
+use crate::promql::EngineConfig;
+use crate::storage::postgres::PostgresConfig;
+use crate::telemetry::LogFormat;
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// The whole configuration of `secumon serve`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the HTTP server (Prometheus API, remote-write, health, metrics).
+    pub http_listen: String,
+    /// Where data lives: a directory for the embedded engine, or a `postgres://` URL.
+    pub storage: String,
+    /// Log filter, `RUST_LOG` syntax (e.g. `info`, `secumon=debug`).
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub postgres: PostgresConfig,
+    pub ingest: IngestConfig,
+    pub query: EngineConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_listen: "127.0.0.1:8080".into(),
+            storage: "./data".into(),
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            postgres: PostgresConfig::default(),
+            ingest: IngestConfig::default(),
+            query: EngineConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "secumon",
+    version,
+    about = "Prometheus- and OpenTelemetry-compatible metrics backend"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `serve`, which is also the default subcommand.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (default).
+    Serve(ServeArgs),
+    /// Apply database migrations to the PostgreSQL given by --storage, then exit.
+    Migrate(ServeArgs),
+}
+
+/// Every configuration key as a flag. Unset flags leave the file's or the default value.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; its keys are the flag names with `-` as `_`, nested tables
+    /// `[postgres]`, `[ingest]`, `[query]` for the prefixed flags.
+    #[arg(long, env = "SECUMON_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP server. [default: 127.0.0.1:8080]
+    #[arg(long, env = "SECUMON_HTTP_LISTEN", global = true)]
+    pub http_listen: Option<String>,
+    /// Storage: a directory for the embedded engine (not available yet), or
+    /// `postgres://user:pass@host:port/db`. [default: ./data]
+    #[arg(long, env = "SECUMON_STORAGE", global = true)]
+    pub storage: Option<String>,
+    /// Log filter in RUST_LOG syntax. [default: info]
+    #[arg(long, env = "SECUMON_LOG_LEVEL", global = true)]
+    pub log_level: Option<String>,
+    /// Log format. [default: text]
+    #[arg(long, env = "SECUMON_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Most PostgreSQL connections. [default: 16]
+    #[arg(long, env = "SECUMON_POSTGRES_MAX_CONNECTIONS", global = true)]
+    pub postgres_max_connections: Option<u32>,
+    /// Seconds a request waits for a PostgreSQL connection. [default: 10]
+    #[arg(long, env = "SECUMON_POSTGRES_ACQUIRE_TIMEOUT_SECS", global = true)]
+    pub postgres_acquire_timeout_secs: Option<u64>,
+    /// Width of a `samples` partition in hours. [default: 24]
+    #[arg(long, env = "SECUMON_POSTGRES_PARTITION_HOURS", global = true)]
+    pub postgres_partition_hours: Option<u32>,
+    /// Series ids cached in memory. [default: 1000000]
+    #[arg(long, env = "SECUMON_POSTGRES_SERIES_CACHE_SIZE", global = true)]
+    pub postgres_series_cache_size: Option<usize>,
+    /// Largest ingest request body as sent, in bytes. [default: 16777216]
+    #[arg(long, env = "SECUMON_INGEST_MAX_REQUEST_BYTES", global = true)]
+    pub ingest_max_request_bytes: Option<usize>,
+    /// Largest ingest request body after decompression, in bytes. [default: 33554432]
+    #[arg(long, env = "SECUMON_INGEST_MAX_DECOMPRESSED_BYTES", global = true)]
+    pub ingest_max_decompressed_bytes: Option<usize>,
+    /// Lookback of instant selectors, in seconds. [default: 300]
+    #[arg(long, env = "SECUMON_QUERY_LOOKBACK_DELTA_SECS", global = true)]
+    pub query_lookback_delta_secs: Option<u64>,
+    /// Longest a query may run, in seconds. [default: 120]
+    #[arg(long, env = "SECUMON_QUERY_TIMEOUT_SECS", global = true)]
+    pub query_timeout_secs: Option<u64>,
+    /// Most samples one query may load or produce. [default: 50000000]
+    #[arg(long, env = "SECUMON_QUERY_MAX_SAMPLES", global = true)]
+    pub query_max_samples: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+}
+
+impl ServeArgs {
+    /// The file's settings (or the defaults), overridden by what flags and environment set.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => Config::default(),
+        };
+        self.apply(&mut config);
+        Ok(config)
+    }
+
+    fn apply(&self, c: &mut Config) {
+        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *target = v.clone();
+            }
+        }
+        set(&mut c.http_listen, &self.http_listen);
+        set(&mut c.storage, &self.storage);
+        set(&mut c.log_level, &self.log_level);
+        set(&mut c.log_format, &self.log_format);
+        set(
+            &mut c.postgres.max_connections,
+            &self.postgres_max_connections,
+        );
+        set(
+            &mut c.postgres.acquire_timeout_secs,
+            &self.postgres_acquire_timeout_secs,
+        );
+        set(
+            &mut c.postgres.partition_hours,
+            &self.postgres_partition_hours,
+        );
+        set(
+            &mut c.postgres.series_cache_size,
+            &self.postgres_series_cache_size,
+        );
+        set(
+            &mut c.ingest.max_request_bytes,
+            &self.ingest_max_request_bytes,
+        );
+        set(
+            &mut c.ingest.max_decompressed_bytes,
+            &self.ingest_max_decompressed_bytes,
+        );
+        set(
+            &mut c.query.lookback_delta_secs,
+            &self.query_lookback_delta_secs,
+        );
+        set(&mut c.query.timeout_secs, &self.query_timeout_secs);
+        set(&mut c.query.max_samples, &self.query_max_samples);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secumon.toml");
+        std::fs::write(
+            &path,
+            "http_listen = \"0.0.0.0:9000\"\nstorage = \"postgres://file\"\n[query]\ntimeout_secs = 5\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            storage: Some("postgres://flag".into()),
+            ..ServeArgs::default()
+        };
+        let config = args.load().unwrap();
+        assert_eq!(config.http_listen, "0.0.0.0:9000");
+        assert_eq!(config.storage, "postgres://flag");
+        assert_eq!(config.query.timeout_secs, 5);
+        assert_eq!(
+            config.query.max_samples,
+            EngineConfig::default().max_samples
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secumon.toml");
+        std::fs::write(&path, "htp_listen = \"x\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(args.load(), Err(ConfigError::Parse { .. })));
+    }
+}

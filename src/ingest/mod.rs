@@ -1,0 +1,107 @@
+//! Ingest: decodes what clients push, validates it at the edge, and hands storage batches of
+//! valid series. It keeps whatever is valid in a request and reports the rest with reasons;
+//! it never knows which backend stores the data.
+
+pub mod remote_write;
+
+use crate::model::{MetricMetadata, TenantId};
+use crate::storage::{DynStorage, SeriesWrite, StorageError};
+use crate::telemetry::Metrics;
+use std::sync::Arc;
+
+/// Limits on what one ingest request may carry.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Largest request body accepted as sent (compressed), in bytes.
+    pub max_request_bytes: usize,
+    /// Largest request body accepted after decompression, in bytes (guards against
+    /// compression bombs).
+    pub max_decompressed_bytes: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 16 * 1024 * 1024,
+            max_decompressed_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// A series or sample refused before storage, with the reason label `/metrics` uses.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub reason: &'static str,
+    pub samples: usize,
+    pub message: String,
+}
+
+/// A decoded, validated request.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub series: Vec<SeriesWrite>,
+    pub metadata: Vec<MetricMetadata>,
+    pub rejections: Vec<Rejection>,
+}
+
+/// What a write did; the protocol handler turns it into its own response.
+#[derive(Debug, Default)]
+pub struct WriteSummary {
+    pub accepted: usize,
+    pub rejected: usize,
+    /// A description of the first refused sample or series, for the client.
+    pub first_error: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Ingester {
+    storage: DynStorage,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingester {
+    pub fn new(storage: DynStorage, metrics: Arc<Metrics>) -> Ingester {
+        Ingester { storage, metrics }
+    }
+
+    /// Stores the valid part of `batch`. Fails only when storage fails; then nothing in the
+    /// error is claimed stored and the client may retry if the error says so.
+    pub async fn write(
+        &self,
+        protocol: &'static str,
+        tenant: &TenantId,
+        batch: Batch,
+    ) -> Result<WriteSummary, StorageError> {
+        let mut summary = WriteSummary::default();
+        for rejection in &batch.rejections {
+            self.metrics
+                .rejected(protocol, rejection.reason, rejection.samples);
+            summary.rejected += rejection.samples;
+            if summary.first_error.is_none() {
+                summary.first_error = Some(rejection.message.clone());
+            }
+        }
+        if !batch.metadata.is_empty() {
+            self.storage
+                .append_metadata(tenant, &batch.metadata)
+                .await?;
+        }
+        if !batch.series.is_empty() {
+            let outcome = self.storage.append(tenant, &batch.series).await?;
+            for (reason, count) in &outcome.rejected {
+                self.metrics.rejected(protocol, reason.as_str(), *count);
+            }
+            summary.accepted = outcome.accepted;
+            summary.rejected += outcome.rejected_total();
+            if summary.first_error.is_none() {
+                summary.first_error = outcome.first_rejection;
+            }
+        }
+        self.metrics
+            .samples_ingested
+            .get_or_create(&crate::telemetry::ProtocolLabels { protocol })
+            .inc_by(summary.accepted as u64);
+        Ok(summary)
+    }
+}

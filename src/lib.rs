@@ -1,0 +1,13 @@
+//! SecuMon: a Prometheus- and OpenTelemetry-compatible metrics backend.
+//!
+//! Layers, one direction only: `api` (protocols) → `ingest` and `promql` → `storage` (trait) →
+//! backends. `model` is shared by all.
+
+pub mod api;
+pub mod config;
+pub mod ingest;
+pub mod model;
+pub mod promql;
+pub mod server;
+pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,225 @@
+//! The PromQL engine: parses with `promql-parser`, loads the series every selector needs through
+//! the storage trait, then evaluates the expression over all steps at once.
+//!
+//! Evaluation is series-at-a-time: a selector produces, for each series, its points at every
+//! step in one pass over that series' samples (two cursors, never a re-scan per step), and
+//! range functions fold sliding windows the same way. Operators and aggregations then work on
+//! whole step columns. The engine never knows which backend answered `select`.
+
+mod eval;
+mod functions;
+mod value;
+
+pub use value::QueryValue;
+
+use crate::model::{Matcher, TenantId};
+use crate::storage::{DynStorage, StorageError};
+use promql_parser::label::MatchOp as ParserMatchOp;
+use promql_parser::parser::value::ValueType;
+use promql_parser::parser::VectorSelector;
+use promql_parser::parser::{self, Expr};
+use std::time::{Duration, Instant};
+
+/// Engine limits and defaults (`[query]` in the config file).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// How far back an instant selector looks for the latest sample, in seconds
+    /// (Prometheus's `--query.lookback-delta`, default 5 m).
+    pub lookback_delta_secs: u64,
+    /// Longest a query may run, in seconds (Prometheus's `--query.timeout`, default 2 m).
+    pub timeout_secs: u64,
+    /// Most samples a single query may load or produce (Prometheus's `--query.max-samples`).
+    pub max_samples: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            lookback_delta_secs: 300,
+            timeout_secs: 120,
+            max_samples: 50_000_000,
+        }
+    }
+}
+
+/// Why a query failed, in the categories of Prometheus's API (`errorType`).
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The query text or its parameters are wrong (`bad_data`).
+    #[error("{0}")]
+    BadData(String),
+    /// The query is valid but cannot be evaluated (`execution`).
+    #[error("{0}")]
+    Execution(String),
+    #[error("query processing would load too many samples into memory in query execution")]
+    TooManySamples,
+    #[error("query timed out in {0}")]
+    Timeout(&'static str),
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
+impl From<StorageError> for QueryError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::TooManySamples => QueryError::TooManySamples,
+            other => QueryError::Storage(other),
+        }
+    }
+}
+
+/// The times a query is evaluated at: `start`, `start + step`, ... up to `end` inclusive
+/// (an instant query is one step).
+#[derive(Clone, Copy, Debug)]
+pub struct EvalRange {
+    pub start: i64,
+    pub end: i64,
+    pub step: i64,
+}
+
+impl EvalRange {
+    pub fn instant(t: i64) -> EvalRange {
+        EvalRange {
+            start: t,
+            end: t,
+            step: 1,
+        }
+    }
+
+    pub fn steps(&self) -> usize {
+        ((self.end - self.start) / self.step) as usize + 1
+    }
+
+    pub fn timestamps(&self) -> impl Iterator<Item = i64> + '_ {
+        (0..self.steps() as i64).map(move |i| self.start + i * self.step)
+    }
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    storage: DynStorage,
+    config: EngineConfig,
+}
+
+/// The model's matchers for a parsed selector, its metric name included.
+pub fn selector_matchers(vs: &VectorSelector) -> Vec<Matcher> {
+    vs.matchers
+        .matchers
+        .iter()
+        .map(|m| {
+            let op = match &m.op {
+                ParserMatchOp::Equal => crate::model::MatchOp::Equal(m.value.clone()),
+                ParserMatchOp::NotEqual => crate::model::MatchOp::NotEqual(m.value.clone()),
+                ParserMatchOp::Re(re) => crate::model::MatchOp::Regex(re.clone()),
+                ParserMatchOp::NotRe(re) => crate::model::MatchOp::NotRegex(re.clone()),
+            };
+            Matcher {
+                name: m.name.clone(),
+                op,
+            }
+        })
+        .chain(
+            vs.name
+                .as_ref()
+                .filter(|_| {
+                    !vs.matchers
+                        .matchers
+                        .iter()
+                        .any(|m| m.name == crate::model::METRIC_NAME_LABEL)
+                })
+                .map(|name| Matcher::equal(crate::model::METRIC_NAME_LABEL, name.clone())),
+        )
+        .collect()
+}
+
+/// Parses a query as Prometheus's parser would report it.
+pub fn parse(query: &str) -> Result<Expr, QueryError> {
+    parser::parse(query).map_err(QueryError::BadData)
+}
+
+/// Prometheus's documented name of a value type, for error messages.
+fn documented_type(t: ValueType) -> &'static str {
+    match t {
+        ValueType::Vector => "instant vector",
+        ValueType::Matrix => "range vector",
+        ValueType::Scalar => "scalar",
+        ValueType::String => "string",
+    }
+}
+
+impl Engine {
+    pub fn new(storage: DynStorage, config: EngineConfig) -> Engine {
+        Engine { storage, config }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Evaluates `expr` at time `t` (ms).
+    pub async fn instant_query(
+        &self,
+        tenant: &TenantId,
+        expr: Expr,
+        t: i64,
+        timeout: Option<Duration>,
+    ) -> Result<QueryValue, QueryError> {
+        self.exec(tenant, expr, EvalRange::instant(t), true, timeout)
+            .await
+    }
+
+    /// Evaluates `expr` at every step of the range; the expression must yield a scalar or an
+    /// instant vector, as in Prometheus.
+    pub async fn range_query(
+        &self,
+        tenant: &TenantId,
+        expr: Expr,
+        range: EvalRange,
+        timeout: Option<Duration>,
+    ) -> Result<QueryValue, QueryError> {
+        let value_type = expr.value_type();
+        if !matches!(value_type, ValueType::Vector | ValueType::Scalar) {
+            return Err(QueryError::BadData(format!(
+                "invalid expression type {:?} for range query, must be Scalar or instant Vector",
+                documented_type(value_type)
+            )));
+        }
+        self.exec(tenant, expr, range, false, timeout).await
+    }
+
+    async fn exec(
+        &self,
+        tenant: &TenantId,
+        expr: Expr,
+        range: EvalRange,
+        instant: bool,
+        timeout: Option<Duration>,
+    ) -> Result<QueryValue, QueryError> {
+        let configured = Duration::from_secs(self.config.timeout_secs);
+        let timeout = timeout.map_or(configured, |t| t.min(configured));
+        let deadline = Instant::now() + timeout;
+        let lookback = self.config.lookback_delta_secs as i64 * 1000;
+        let data = tokio::time::timeout(
+            timeout,
+            eval::fetch(
+                &self.storage,
+                tenant,
+                &expr,
+                range,
+                lookback,
+                self.config.max_samples,
+            ),
+        )
+        .await
+        .map_err(|_| QueryError::Timeout("query execution"))??;
+        let max_samples = self.config.max_samples;
+        tokio::task::spawn_blocking(move || {
+            let mut evaluator = eval::Evaluator::new(range, lookback, max_samples, deadline, data);
+            let value = evaluator.eval(&expr)?;
+            Ok(value::finish(value, range, instant))
+        })
+        .await
+        .map_err(|e| QueryError::Execution(format!("unexpected error: {e}")))?
+    }
+}

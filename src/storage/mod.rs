@@ -1,0 +1,174 @@
+//! The storage trait every backend implements, and the types it speaks.
+//!
+//! Ingest and query know only this trait; backends (`postgres`, later the embedded engine) know
+//! nothing above it. Every backend must answer every call identically for the same data: the
+//! PromQL engine evaluates over what `select` returns and never asks which backend answered.
+
+pub mod postgres;
+
+use crate::model::{Labels, Matcher, MetricMetadata, Sample, SeriesSamples, TenantId, TimestampMs};
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// Samples of one series in a write batch. Labels are already validated and sorted.
+#[derive(Clone, Debug)]
+pub struct SeriesWrite {
+    pub labels: Labels,
+    pub samples: Vec<Sample>,
+}
+
+/// Why a backend did not store a sample that it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// A sample with the same timestamp but another value is already stored
+    /// (Prometheus's `storage.ErrDuplicateSampleForTimestamp`).
+    DuplicateTimestamp,
+    /// The timestamp is outside what the backend can represent.
+    TimestampOutOfRange,
+}
+
+impl RejectReason {
+    /// The `reason` label value in `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::DuplicateTimestamp => "duplicate_timestamp",
+            RejectReason::TimestampOutOfRange => "timestamp_out_of_range",
+        }
+    }
+}
+
+/// What happened to a batch: every sample is either stored (or was already stored with the
+/// same value, which Prometheus also accepts silently) or rejected with a reason.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AppendOutcome {
+    pub accepted: usize,
+    pub rejected: Vec<(RejectReason, usize)>,
+    /// One rejected sample described for the client's error message.
+    pub first_rejection: Option<String>,
+}
+
+impl AppendOutcome {
+    pub fn reject(&mut self, reason: RejectReason, count: usize, example: impl FnOnce() -> String) {
+        if count == 0 {
+            return;
+        }
+        match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += count,
+            None => self.rejected.push((reason, count)),
+        }
+        if self.first_rejection.is_none() {
+            self.first_rejection = Some(example());
+        }
+    }
+
+    pub fn rejected_total(&self) -> usize {
+        self.rejected.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// What the query engine knows about a `select`, like Prometheus's `storage.SelectHints`, so a
+/// backend may prune or push work down. `start` and `end` are inclusive and already include
+/// lookback, range and offset.
+#[derive(Clone, Debug, Default)]
+pub struct SelectHints {
+    pub start: TimestampMs,
+    pub end: TimestampMs,
+    /// Query step in ms; 0 for an instant query.
+    pub step: TimestampMs,
+    /// Range of a range selector in ms; 0 for an instant selector.
+    pub range: TimestampMs,
+    /// The function the selector is an argument of, if any.
+    pub func: Option<String>,
+    /// The most samples the caller accepts; a backend stops and fails with
+    /// [`StorageError::TooManySamples`] past it instead of loading everything.
+    pub max_samples: usize,
+}
+
+/// A time range and matcher sets for the metadata-style reads (series, labels, label values).
+/// Matcher sets are OR-ed; an empty list means every series.
+#[derive(Clone, Debug)]
+pub struct SeriesQuery {
+    pub matcher_sets: Vec<Vec<Matcher>>,
+    pub start: TimestampMs,
+    pub end: TimestampMs,
+    /// 0 means no limit.
+    pub limit: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The backend cannot be reached or failed in a way a retry may cure.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("query processing would load too many samples into memory in query execution")]
+    TooManySamples,
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+impl StorageError {
+    /// Whether the same request could succeed later (maps to HTTP 5xx for writers).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StorageError::Unavailable(_))
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Stores a batch. Returns only after the accepted samples are durable.
+    async fn append(
+        &self,
+        tenant: &TenantId,
+        batch: &[SeriesWrite],
+    ) -> StorageResult<AppendOutcome>;
+
+    /// Stores metric metadata (latest wins per family, type, unit and help text).
+    async fn append_metadata(
+        &self,
+        tenant: &TenantId,
+        metadata: &[MetricMetadata],
+    ) -> StorageResult<()>;
+
+    /// Series matching all `matchers` with their samples in `[hints.start, hints.end]`, sorted by
+    /// labels; series with no sample in the range are left out.
+    async fn select(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        hints: &SelectHints,
+    ) -> StorageResult<Vec<SeriesSamples>>;
+
+    /// Label sets of the series with samples in the range, sorted.
+    async fn series(&self, tenant: &TenantId, query: &SeriesQuery) -> StorageResult<Vec<Labels>>;
+
+    /// Label names of the series with samples in the range, sorted.
+    async fn label_names(
+        &self,
+        tenant: &TenantId,
+        query: &SeriesQuery,
+    ) -> StorageResult<Vec<String>>;
+
+    /// Values of label `name` over the series with samples in the range, sorted.
+    async fn label_values(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        query: &SeriesQuery,
+    ) -> StorageResult<Vec<String>>;
+
+    /// Metadata per metric family, optionally of one metric only. `limit` bounds the number of
+    /// families (0: no limit).
+    async fn metadata(
+        &self,
+        tenant: &TenantId,
+        metric: Option<&str>,
+        limit: usize,
+    ) -> StorageResult<Vec<MetricMetadata>>;
+
+    /// Succeeds when the backend answers; `/ready` is this.
+    async fn ping(&self) -> StorageResult<()>;
+}
+
+pub type DynStorage = Arc<dyn Storage>;

@@ -1,0 +1,160 @@
+//! The read path: series lookup by matchers, then samples by series id and time range.
+
+use super::write::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
+use super::{db_error, PostgresStorage};
+use crate::model::{
+    matches_all, Label, Labels, MatchOp, Matcher, Sample, SeriesSamples, TenantId, TimestampMs,
+    METRIC_NAME_LABEL,
+};
+use crate::storage::{SelectHints, SeriesQuery, StorageError, StorageResult};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use std::collections::BTreeMap;
+
+/// Series ids per sample query: bounds the statement size while keeping round trips few.
+const SERIES_PER_SAMPLE_QUERY: usize = 1_000;
+
+fn clamp_time(t: TimestampMs) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS)).unwrap_or_default()
+}
+
+fn labels_from_json(json: &str) -> StorageResult<Labels> {
+    let map: BTreeMap<String, String> = serde_json::from_str(json)
+        .map_err(|e| StorageError::Internal(format!("corrupt labels column: {e}")))?;
+    Ok(Labels::from_trusted(
+        map.into_iter().map(|(n, v)| Label::new(n, v)).collect(),
+    ))
+}
+
+impl PostgresStorage {
+    /// Series of the tenant that match every matcher, with their ids. SQL narrows by metric
+    /// name and by equality on non-empty values (served by the indexes); every matcher is then
+    /// applied in Rust, so the answer never depends on PostgreSQL's regex dialect.
+    async fn find_series(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+    ) -> StorageResult<Vec<(i64, Labels)>> {
+        let mut metric_name: Option<&str> = None;
+        let mut containment = serde_json::Map::new();
+        for m in matchers {
+            if let MatchOp::Equal(value) = &m.op {
+                if value.is_empty() {
+                    continue;
+                }
+                if m.name == METRIC_NAME_LABEL && metric_name.is_none() {
+                    metric_name = Some(value);
+                } else {
+                    containment.insert(m.name.clone(), serde_json::Value::String(value.clone()));
+                }
+            }
+        }
+        let containment = serde_json::Value::Object(containment).to_string();
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT id, labels::text FROM series
+             WHERE tenant_id = $1
+               AND ($2::text IS NULL OR metric_name = $2)
+               AND labels @> $3::jsonb",
+        )
+        .bind(tenant.as_str())
+        .bind(metric_name)
+        .bind(&containment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let mut series = Vec::with_capacity(rows.len());
+        for (id, json) in rows {
+            let labels = labels_from_json(&json)?;
+            if matches_all(matchers, &labels) {
+                series.push((id, labels));
+            }
+        }
+        Ok(series)
+    }
+
+    pub(super) async fn select_samples(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        hints: &SelectHints,
+    ) -> StorageResult<Vec<SeriesSamples>> {
+        let mut series = self.find_series(tenant, matchers).await?;
+        series.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        let index: std::collections::HashMap<i64, usize> = series
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (*id, i))
+            .collect();
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); series.len()];
+        let mut loaded = 0usize;
+        let ids: Vec<i64> = series.iter().map(|(id, _)| *id).collect();
+        for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
+            let mut rows = sqlx::query_as::<_, (i64, DateTime<Utc>, f64)>(
+                "SELECT series_id, time, value FROM samples
+                 WHERE series_id = ANY($1) AND time >= $2 AND time <= $3
+                 ORDER BY series_id, time",
+            )
+            .bind(chunk)
+            .bind(clamp_time(hints.start))
+            .bind(clamp_time(hints.end))
+            .fetch(&self.pool);
+            while let Some((id, time, value)) = rows.try_next().await.map_err(db_error)? {
+                loaded += 1;
+                if hints.max_samples > 0 && loaded > hints.max_samples {
+                    return Err(StorageError::TooManySamples);
+                }
+                if let Some(&i) = index.get(&id) {
+                    samples[i].push(Sample {
+                        t: time.timestamp_millis(),
+                        v: value,
+                    });
+                }
+            }
+        }
+        Ok(series
+            .into_iter()
+            .zip(samples)
+            .filter(|(_, samples)| !samples.is_empty())
+            .map(|((_, labels), samples)| SeriesSamples { labels, samples })
+            .collect())
+    }
+
+    /// Label sets of the series that match any matcher set (every series when there is none)
+    /// and have at least one sample in the range.
+    pub(super) async fn series_in_range(
+        &self,
+        tenant: &TenantId,
+        query: &SeriesQuery,
+    ) -> StorageResult<Vec<Labels>> {
+        let mut candidates: Vec<(i64, Labels)> = Vec::new();
+        if query.matcher_sets.is_empty() {
+            candidates = self.find_series(tenant, &[]).await?;
+        } else {
+            for set in &query.matcher_sets {
+                candidates.extend(self.find_series(tenant, set).await?);
+            }
+            candidates.sort_unstable_by_key(|(id, _)| *id);
+            candidates.dedup_by_key(|(id, _)| *id);
+        }
+        let ids: Vec<i64> = candidates.iter().map(|(id, _)| *id).collect();
+        let mut present = std::collections::HashSet::new();
+        for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
+            let rows: Vec<(i64,)> = sqlx::query_as(
+                "SELECT id FROM unnest($1::int8[]) AS id
+                 WHERE EXISTS (SELECT 1 FROM samples WHERE series_id = id AND time >= $2 AND time <= $3)",
+            )
+            .bind(chunk)
+            .bind(clamp_time(query.start))
+            .bind(clamp_time(query.end))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+            present.extend(rows.into_iter().map(|(id,)| id));
+        }
+        Ok(candidates
+            .into_iter()
+            .filter(|(id, _)| present.contains(id))
+            .map(|(_, labels)| labels)
+            .collect())
+    }
+}
