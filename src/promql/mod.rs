@@ -200,6 +200,9 @@ impl Engine {
         let timeout = timeout.map_or(configured, |t| t.min(configured));
         let deadline = Instant::now() + timeout;
         let lookback = self.config.lookback_delta_secs as i64 * 1000;
+        // Loaded series are keyed by node address: box the AST so moving it into the blocking
+        // task below does not move its nodes.
+        let expr = Box::new(expr);
         let data = tokio::time::timeout(
             timeout,
             eval::fetch(

@@ -1,1 +1,8 @@
+//! Integration tests: the real server over HTTP, on a real PostgreSQL, against a real
+//! Prometheus where one is the reference. One binary, so PostgreSQL starts once per run.
 
+mod support;
+
+mod api;
+mod e2e_prometheus;
+mod remote_write;

@@ -1,0 +1,363 @@
+//! The test harness: starts real components on free loopback ports and tears them down.
+//!
+//! - [`Postgres`]: `initdb` into a temp dir and `postgres` from the installed server binaries,
+//!   one per test binary, a database per test.
+//! - [`Prometheus`]: the real Prometheus binary (2.42 from Debian), per test.
+//! - [`NodeExporter`]: `prometheus-node-exporter`, per test.
+//! - [`Secumon`]: the server in-process on a free port.
+//!
+//! A missing component fails the test with the command that installs it.
+
+#![allow(dead_code)]
+
+pub mod process;
+pub mod remote_write;
+
+use process::{free_port, Managed};
+use secumon::config::Config;
+use secumon::server::{self, RunningServer};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The PostgreSQL server shared by the tests of one binary.
+pub struct Postgres {
+    pub port: u16,
+    _process: Managed,
+}
+
+fn postgres_bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SECUMON_PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.retain(|dir| dir.join("initdb").exists() && dir.join("postgres").exists());
+    candidates.sort_by_key(|dir| {
+        dir.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    candidates.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL server binaries (initdb, postgres) not found: install them with \
+             `apt-get install -y postgresql` or set SECUMON_PG_BINDIR"
+        )
+    })
+}
+
+impl Postgres {
+    /// The instance of this test binary, started on first use.
+    pub fn shared() -> &'static Postgres {
+        static INSTANCE: OnceLock<Postgres> = OnceLock::new();
+        INSTANCE.get_or_init(Postgres::start)
+    }
+
+    fn start() -> Postgres {
+        let bindir = postgres_bindir();
+        let dir = process::temp_dir("secumon-pg");
+        let data = dir.join("data");
+        let user = process::unprivileged_user();
+        process::chown_to(&dir, user);
+        let status = process::command_as(&bindir.join("initdb"), user)
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+            ])
+            .args(["--no-locale", "--no-sync"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("initdb could not be started");
+        assert!(status.success(), "initdb failed in {}", data.display());
+        let port = free_port();
+        let mut cmd = process::command_as(&bindir.join("postgres"), user);
+        cmd.args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
+            .args(["-k", dir.to_str().unwrap()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "max_connections=300"])
+            .args(["-c", "shared_buffers=256MB"]);
+        // Tests need no durability; benchmarks keep PostgreSQL's defaults.
+        if std::env::var_os("SECUMON_PG_DURABLE").is_none() {
+            cmd.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
+        }
+        let process = Managed::spawn("postgres", cmd, Some(dir));
+        process::wait_for_port(port, Duration::from_secs(30), "postgres");
+        // The port accepts connections a moment before the server accepts logins.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(bindir.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ready {
+                break;
+            }
+            assert!(Instant::now() < deadline, "postgres did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Postgres {
+            port,
+            _process: process,
+        }
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A fresh, empty database for one test.
+    pub async fn database(&self) -> String {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.url("postgres"))
+            .await
+            .expect("connect to test postgres");
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
+        self.url(&name)
+    }
+}
+
+/// SecuMon in-process on a free port over a fresh PostgreSQL database.
+pub struct Secumon {
+    pub server: RunningServer,
+    pub base: String,
+    pub database_url: String,
+    pub http: reqwest::Client,
+}
+
+impl Secumon {
+    pub async fn start() -> Secumon {
+        Secumon::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(customize: impl FnOnce(&mut Config)) -> Secumon {
+        let database_url = Postgres::shared().database().await;
+        let mut config = Config {
+            http_listen: "127.0.0.1:0".into(),
+            storage: database_url.clone(),
+            ..Config::default()
+        };
+        customize(&mut config);
+        let storage = server::open_storage(&config).await.expect("open storage");
+        let server = server::start(&config, storage).await.expect("start server");
+        let base = format!("http://{}", server.addr);
+        Secumon {
+            server,
+            base,
+            database_url,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET a Prometheus API path with query parameters; returns status and parsed JSON.
+    pub async fn get_json(&self, path: &str, params: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        get_json(&self.http, &self.url(path), params).await
+    }
+
+    /// POST form parameters; returns status and parsed JSON.
+    pub async fn post_form(&self, path: &str, params: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        post_form(&self.http, &self.url(path), params).await
+    }
+
+    /// POSTs a raw remote-write body; returns status and body text.
+    pub async fn write_raw(&self, body: Vec<u8>) -> (u16, String) {
+        let response = self
+            .http
+            .post(self.url("/api/v1/write"))
+            .header("Content-Type", "application/x-protobuf")
+            .header("Content-Encoding", "snappy")
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .body(body)
+            .send()
+            .await
+            .expect("remote write request");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+}
+
+fn query_string(params: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish()
+}
+
+pub async fn get_json(
+    http: &reqwest::Client,
+    url: &str,
+    params: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let url = format!("{url}?{}", query_string(params));
+    let response = http.get(&url).send().await.expect("GET");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {text}"));
+    (status, json)
+}
+
+pub async fn post_form(
+    http: &reqwest::Client,
+    url: &str,
+    params: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let response = http
+        .post(url)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(query_string(params))
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let json = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("POST {url}: not JSON ({e}): {text}"));
+    (status, json)
+}
+
+fn find_binary(name: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found: install it with `{install}`"))
+}
+
+/// A real Prometheus server with its own data directory.
+pub struct Prometheus {
+    pub port: u16,
+    pub base: String,
+    _process: Managed,
+}
+
+impl Prometheus {
+    /// Starts Prometheus with `config` (YAML) and the remote-write receiver enabled.
+    pub fn start(config: &str) -> Prometheus {
+        let binary = find_binary("prometheus", "apt-get install -y prometheus");
+        let dir = process::temp_dir("secumon-prom");
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("write prometheus.yml");
+        let port = free_port();
+        let mut cmd = Command::new(binary);
+        cmd.arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.enable-remote-write-receiver")
+            .arg("--log.level=warn");
+        let process = Managed::spawn("prometheus", cmd, Some(dir));
+        let prometheus = Prometheus {
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            _process: process,
+        };
+        prometheus.wait_ready();
+        prometheus
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = probe_http_ok(self.port, "/-/ready");
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "prometheus did not become ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// A minimal blocking HTTP GET that reports a 200, so readiness checks need no runtime.
+fn probe_http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    std::str::from_utf8(&buf[..n])
+        .is_ok_and(|s| s.starts_with("HTTP/1.0 200") || s.starts_with("HTTP/1.1 200"))
+}
+
+/// `prometheus-node-exporter` on a free port.
+pub struct NodeExporter {
+    pub port: u16,
+    _process: Managed,
+}
+
+impl NodeExporter {
+    pub fn start() -> NodeExporter {
+        let binary = find_binary(
+            "prometheus-node-exporter",
+            "apt-get install -y prometheus-node-exporter",
+        );
+        let port = free_port();
+        let mut cmd = Command::new(binary);
+        cmd.arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn");
+        let process = Managed::spawn("node-exporter", cmd, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !probe_http_ok(port, "/metrics") {
+            assert!(Instant::now() < deadline, "node exporter did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        NodeExporter {
+            port,
+            _process: process,
+        }
+    }
+}
