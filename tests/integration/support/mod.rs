@@ -273,13 +273,14 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus with `config` (YAML) and the remote-write receiver enabled.
-    pub fn start(config: &str) -> Prometheus {
+    /// Starts Prometheus with the remote-write receiver enabled and the YAML configuration
+    /// `config` builds from Prometheus's own port.
+    pub fn start(config: impl FnOnce(u16) -> String) -> Prometheus {
         let binary = find_binary("prometheus", "apt-get install -y prometheus");
         let dir = process::temp_dir("secumon-prom");
         let config_path = dir.join("prometheus.yml");
-        std::fs::write(&config_path, config).expect("write prometheus.yml");
         let port = free_port();
+        std::fs::write(&config_path, config(port)).expect("write prometheus.yml");
         let mut cmd = Command::new(binary);
         cmd.arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
