@@ -89,8 +89,12 @@ pub fn redact(storage: &str) -> String {
     match (storage.find("://"), storage.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &storage[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &storage[..scheme + 3], &storage[at..])
+            match userinfo.split_once(':') {
+                Some((user, _password)) => {
+                    format!("{}{user}:***{}", &storage[..scheme + 3], &storage[at..])
+                }
+                None => storage.to_owned(),
+            }
         }
         _ => storage.to_owned(),
     }
@@ -114,5 +118,17 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("./data"), "./data");
     }
 }

@@ -57,7 +57,7 @@ fn format_float(out: &mut String, v: f64, exponent: bool) {
 /// below 1e-6 or from 1e21 up.
 pub fn write_sample_value(out: &mut String, v: f64) {
     let abs = v.abs();
-    let exponent = abs != 0.0 && (abs < 1e-6 || abs >= 1e21);
+    let exponent = abs != 0.0 && !(1e-6..1e21).contains(&abs);
     out.push('"');
     format_float(out, v, exponent);
     out.push('"');

@@ -173,7 +173,9 @@ async fn series_labels_and_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_queries_get_prometheus_errors() {
     let s = loaded().await;
-    let cases: Vec<(&str, Vec<(&str, &str)>, u16, &str, &str)> = vec![
+    // (path, parameters, status, errorType, part of the message)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         ("/api/v1/query", vec![("query", "up{")], 400, "bad_data", "invalid parameter \"query\""),
         ("/api/v1/query", vec![("query", "")], 400, "bad_data", "invalid parameter \"query\""),
         ("/api/v1/query", vec![("query", "up"), ("time", "yesterday")], 400, "bad_data", "cannot parse \"yesterday\" to a valid timestamp"),
