@@ -361,3 +361,125 @@ impl Evaluator {
 fn not_supported(what: &str) -> QueryError {
     QueryError::Execution(format!("{what} are not supported yet"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Label, Labels, STALE_NAN_BITS};
+    use crate::promql::value::Value;
+
+    fn loaded_for(expr: &Expr, series: Vec<SeriesSamples>) -> Loaded {
+        let vs = match expr {
+            Expr::VectorSelector(vs) => vs,
+            Expr::MatrixSelector(ms) => &ms.vs,
+            Expr::Call(call) => match call.args.args[0].as_ref() {
+                Expr::MatrixSelector(ms) => &ms.vs,
+                other => panic!("unexpected argument {other:?}"),
+            },
+            other => panic!("unexpected expression {other:?}"),
+        };
+        Loaded::from([(node_key(vs), series)])
+    }
+
+    fn series(samples: &[(i64, f64)]) -> SeriesSamples {
+        SeriesSamples {
+            labels: Labels::from_trusted(vec![Label::new("__name__", "m")]),
+            samples: samples.iter().map(|&(t, v)| Sample { t, v }).collect(),
+        }
+    }
+
+    fn eval(query: &str, range: EvalRange, data: &[(i64, f64)]) -> Result<Value, QueryError> {
+        let expr = Box::new(promql_parser::parser::parse(query).unwrap());
+        let loaded = loaded_for(&expr, vec![series(data)]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        Evaluator::new(range, 300_000, 1_000, deadline, loaded).eval(&expr)
+    }
+
+    fn points(value: Value) -> Vec<(i64, f64)> {
+        match value {
+            Value::Vector(s) | Value::Matrix(s) => s
+                .into_iter()
+                .flat_map(|s| s.samples)
+                .map(|p| (p.t, p.v))
+                .collect(),
+            other => panic!("not a vector: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn selector_steps_use_lookback_and_stop_at_staleness() {
+        let stale = f64::from_bits(STALE_NAN_BITS);
+        let range = EvalRange {
+            start: 0,
+            end: 400_000,
+            step: 100_000,
+        };
+        let got = points(
+            eval(
+                "m",
+                range,
+                &[(50_000, 1.0), (150_000, 2.0), (250_000, stale)],
+            )
+            .unwrap(),
+        );
+        assert_eq!(got, [(100_000, 1.0), (200_000, 2.0)]);
+        // Without the marker the last sample lasts exactly the lookback (inclusive).
+        let range = EvalRange {
+            start: 450_000,
+            end: 460_000,
+            step: 5_000,
+        };
+        assert_eq!(
+            points(eval("m", range, &[(150_000, 2.0)]).unwrap()),
+            [(450_000, 2.0)]
+        );
+    }
+
+    #[test]
+    fn rollup_windows_are_closed_and_skip_stale_markers() {
+        let stale = f64::from_bits(STALE_NAN_BITS);
+        let data = [(0, 1.0), (10_000, 1.0), (20_000, stale), (30_000, 1.0)];
+        let range = EvalRange {
+            start: 30_000,
+            end: 40_000,
+            step: 10_000,
+        };
+        let got = points(eval("count_over_time(m[30s])", range, &data).unwrap());
+        assert_eq!(got, [(30_000, 3.0), (40_000, 2.0)]);
+    }
+
+    #[test]
+    fn at_pins_every_step_to_one_time() {
+        let range = EvalRange {
+            start: 0,
+            end: 20_000,
+            step: 10_000,
+        };
+        let got = points(eval("m @ 5", range, &[(4_000, 7.0), (6_000, 8.0)]).unwrap());
+        assert_eq!(got, [(0, 7.0), (10_000, 7.0), (20_000, 7.0)]);
+    }
+
+    #[test]
+    fn the_deadline_and_the_sample_limit_stop_evaluation() {
+        let expr = Box::new(promql_parser::parser::parse("m").unwrap());
+        let loaded = loaded_for(&expr, vec![series(&[(0, 1.0)])]);
+        let past = Instant::now() - Duration::from_secs(1);
+        let result = Evaluator::new(EvalRange::instant(0), 300_000, 10, past, loaded).eval(&expr);
+        assert!(matches!(
+            result,
+            Err(QueryError::Timeout("expression evaluation"))
+        ));
+
+        let many: Vec<(i64, f64)> = (0..20).map(|i| (i * 1000, 1.0)).collect();
+        let range = EvalRange {
+            start: 0,
+            end: 19_000,
+            step: 1000,
+        };
+        let expr = Box::new(promql_parser::parser::parse("m").unwrap());
+        let loaded = loaded_for(&expr, vec![series(&many)]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let result = Evaluator::new(range, 300_000, 10, deadline, loaded).eval(&expr);
+        assert!(matches!(result, Err(QueryError::TooManySamples)));
+    }
+}
