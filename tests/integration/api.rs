@@ -250,15 +250,7 @@ async fn health_ready_metrics_and_buildinfo() {
     let ready = s.http.get(s.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     let (_, _) = s.get_json("/api/v1/query", &[("query", "up")]).await;
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     for expected in [
         r#"secumon_samples_ingested_total{protocol="remote_write"} 44"#,
         r#"secumon_http_requests_total{handler="/api/v1/write",code="204"} 1"#,

@@ -184,14 +184,7 @@ remote_write:
     }
 
     // Nothing Prometheus sent was refused.
-    let metrics = http
-        .get(secumon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = secumon.metrics_text().await;
     assert!(
         !metrics.contains("secumon_samples_rejected_total{"),
         "{metrics}"

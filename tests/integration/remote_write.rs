@@ -315,15 +315,7 @@ async fn bad_input_is_refused_and_earlier_data_is_intact() {
     );
 
     // Rejections are counted by reason.
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains(r#"secumon_samples_rejected_total{protocol="remote_write",reason="invalid_label_name"} 2"#),
         "{metrics}"

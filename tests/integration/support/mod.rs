@@ -200,6 +200,17 @@ impl Secumon {
         post_form(&self.http, &self.url(path), params).await
     }
 
+    /// The server's own `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        let response = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics");
+        response.text().await.expect("metrics body")
+    }
+
     /// POSTs a raw remote-write body; returns status and body text.
     pub async fn write_raw(&self, body: Vec<u8>) -> (u16, String) {
         let response = self
