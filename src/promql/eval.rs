@@ -1,28 +1,34 @@
 //! Loading the series each selector needs, then evaluating the AST over all steps.
+//!
+//! Selectors and range functions run series at a time over every step; operators and
+//! aggregations that combine series run step by step over columns ([`Evaluator::step_eval`]),
+//! which is how Prometheus's `rangeEval` defines their semantics.
 
-use super::functions::{self, FunctionImpl};
+use super::functions;
 use super::selector_matchers;
-use super::value::Value;
-use super::{EvalRange, QueryError};
-use crate::model::{is_stale_nan, Sample, SeriesSamples, TenantId};
+use super::value::{Value, VectorBuilder};
+use super::{aggregate, binary, EvalRange, QueryError};
+use crate::model::{is_stale_nan, Labels, Sample, SeriesSamples, TenantId};
 use crate::storage::{DynStorage, SelectHints};
-use promql_parser::parser::{AtModifier, Expr, MatrixSelector, Offset, VectorSelector};
+use promql_parser::parser::{
+    AtModifier, Expr, MatrixSelector, Offset, SubqueryExpr, VectorSelector,
+};
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Series loaded per selector node, keyed by the node's address in the AST (the AST is not
-/// moved between loading and evaluation).
+/// Series loaded per selector node, keyed by the node's address in the AST (the AST is boxed
+/// and not moved between loading and evaluation).
 pub(super) type Loaded = HashMap<usize, Vec<SeriesSamples>>;
 
 fn node_key(vs: &VectorSelector) -> usize {
     vs as *const VectorSelector as usize
 }
 
-fn duration_ms(d: &Duration) -> i64 {
+pub(super) fn duration_ms(d: &Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn offset_ms(offset: &Option<Offset>) -> i64 {
+pub(super) fn offset_ms(offset: &Option<Offset>) -> i64 {
     match offset {
         None => 0,
         Some(Offset::Pos(d)) => duration_ms(d),
@@ -37,37 +43,72 @@ fn system_time_ms(t: &SystemTime) -> i64 {
     }
 }
 
-/// The time a selector reads at for evaluation time `t`: its `@` time if any, minus its offset
-/// (Prometheus applies both the same way whatever their order in the query).
-fn at_ms(at: &Option<AtModifier>, range: EvalRange) -> Option<i64> {
+/// The fixed time an `@` modifier names; `start()` and `end()` are the query's.
+fn at_ms(at: &Option<AtModifier>, query: EvalRange) -> Option<i64> {
     match at {
         None => None,
-        Some(AtModifier::Start) => Some(range.start),
-        Some(AtModifier::End) => Some(range.end),
+        Some(AtModifier::Start) => Some(query.start),
+        Some(AtModifier::End) => Some(query.end),
         Some(AtModifier::At(t)) => Some(system_time_ms(t)),
     }
 }
 
-/// A selector to load: its node, matchers and the inclusive time range its evaluation reads.
+/// The steps a subquery evaluates its expression at, for an outer evaluation over `outer`:
+/// multiples of the subquery step covering `[start - offset - range, end - offset]`
+/// (prometheus/promql/engine.go, `case *parser.SubqueryExpr`). An `@` pins both ends.
+fn subquery_range(
+    sq: &SubqueryExpr,
+    outer: EvalRange,
+    query: EvalRange,
+    default_step: i64,
+) -> EvalRange {
+    let offset = offset_ms(&sq.offset);
+    let range = duration_ms(&sq.range);
+    let step = sq.step.as_ref().map_or(default_step, duration_ms).max(1);
+    let (start, end) = match at_ms(&sq.at, query) {
+        Some(at) => (at, at),
+        None => (outer.start, outer.end),
+    };
+    let first = start - offset - range;
+    let mut aligned = step * first.div_euclid(step);
+    if aligned < first {
+        aligned += step;
+    }
+    EvalRange {
+        start: aligned,
+        end: end - offset,
+        step,
+    }
+}
+
+/// A selector to load and the inclusive time range its evaluation reads.
 struct Fetch<'a> {
     vs: &'a VectorSelector,
     hints: SelectHints,
 }
 
-fn collect_fetches<'a>(
-    expr: &'a Expr,
-    range: EvalRange,
+struct Planner<'a> {
+    query: EvalRange,
     lookback: i64,
-    func: Option<&str>,
-    out: &mut Vec<Fetch<'a>>,
-) {
-    let mut push = |vs: &'a VectorSelector, window: i64, selector_range: i64| {
+    default_step: i64,
+    fetches: Vec<Fetch<'a>>,
+}
+
+impl<'a> Planner<'a> {
+    fn selector(
+        &mut self,
+        vs: &'a VectorSelector,
+        range: EvalRange,
+        window: i64,
+        selector_range: i64,
+        func: Option<&str>,
+    ) {
         let offset = offset_ms(&vs.offset);
-        let (start, end) = match at_ms(&vs.at, range) {
+        let (start, end) = match at_ms(&vs.at, self.query) {
             Some(at) => (at, at),
             None => (range.start, range.end),
         };
-        out.push(Fetch {
+        self.fetches.push(Fetch {
             vs,
             hints: SelectHints {
                 start: start.saturating_sub(offset).saturating_sub(window),
@@ -82,36 +123,38 @@ fn collect_fetches<'a>(
                 max_samples: 0,
             },
         });
-    };
-    match expr {
-        Expr::VectorSelector(vs) => push(vs, lookback, 0),
-        Expr::MatrixSelector(MatrixSelector { vs, range: r }) => {
-            let r = duration_ms(r);
-            push(vs, r, r)
-        }
-        Expr::Paren(p) => collect_fetches(&p.expr, range, lookback, func, out),
-        Expr::Unary(u) => collect_fetches(&u.expr, range, lookback, func, out),
-        Expr::Binary(b) => {
-            collect_fetches(&b.lhs, range, lookback, None, out);
-            collect_fetches(&b.rhs, range, lookback, None, out);
-        }
-        Expr::Aggregate(a) => {
-            collect_fetches(&a.expr, range, lookback, None, out);
-            if let Some(param) = &a.param {
-                collect_fetches(param, range, lookback, None, out);
+    }
+
+    fn walk(&mut self, expr: &'a Expr, range: EvalRange, func: Option<&str>) {
+        match expr {
+            Expr::VectorSelector(vs) => self.selector(vs, range, self.lookback, 0, func),
+            Expr::MatrixSelector(MatrixSelector { vs, range: r }) => {
+                let r = duration_ms(r);
+                self.selector(vs, range, r, r, func)
             }
-        }
-        Expr::Call(call) => {
-            for arg in &call.args.args {
-                collect_fetches(arg, range, lookback, Some(call.func.name), out);
+            Expr::Subquery(sq) => {
+                let inner = subquery_range(sq, range, self.query, self.default_step);
+                self.walk(&sq.expr, inner, None)
             }
+            Expr::Paren(p) => self.walk(&p.expr, range, func),
+            Expr::Unary(u) => self.walk(&u.expr, range, func),
+            Expr::Binary(b) => {
+                self.walk(&b.lhs, range, None);
+                self.walk(&b.rhs, range, None);
+            }
+            Expr::Aggregate(a) => {
+                self.walk(&a.expr, range, None);
+                if let Some(param) = &a.param {
+                    self.walk(param, range, None);
+                }
+            }
+            Expr::Call(call) => {
+                for arg in &call.args.args {
+                    self.walk(arg, range, Some(call.func.name));
+                }
+            }
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
         }
-        // Subqueries change the evaluation range of their inner expression; they are
-        // refused at evaluation until they are implemented.
-        Expr::Subquery(_)
-        | Expr::NumberLiteral(_)
-        | Expr::StringLiteral(_)
-        | Expr::Extension(_) => {}
     }
 }
 
@@ -121,32 +164,88 @@ pub(super) async fn fetch(
     tenant: &TenantId,
     expr: &Expr,
     range: EvalRange,
-    lookback: i64,
-    max_samples: usize,
+    options: &EvalOptions,
 ) -> Result<Loaded, QueryError> {
-    let mut fetches = Vec::new();
-    collect_fetches(expr, range, lookback, None, &mut fetches);
-    let mut loaded = Loaded::with_capacity(fetches.len());
+    let mut planner = Planner {
+        query: range,
+        lookback: options.lookback,
+        default_step: options.default_subquery_step,
+        fetches: Vec::new(),
+    };
+    planner.walk(expr, range, None);
+    let mut loaded = Loaded::with_capacity(planner.fetches.len());
     let mut total = 0usize;
-    for mut fetch in fetches {
-        fetch.hints.max_samples = max_samples.saturating_sub(total).max(1);
+    for mut fetch in planner.fetches {
+        fetch.hints.max_samples = options.max_samples.saturating_sub(total).max(1);
         let series = storage
             .select(tenant, &selector_matchers(fetch.vs), &fetch.hints)
             .await?;
         total += series.iter().map(|s| s.samples.len()).sum::<usize>();
-        if total > max_samples {
+        if total > options.max_samples {
             return Err(QueryError::TooManySamples);
         }
-        loaded.insert(node_key(fetch.vs), series);
+        // A node evaluated at several ranges (inside subqueries) keeps the widest load.
+        match loaded.get_mut(&node_key(fetch.vs)) {
+            Some(existing) => merge_series(existing, series),
+            None => {
+                loaded.insert(node_key(fetch.vs), series);
+            }
+        }
     }
     Ok(loaded)
 }
 
+fn merge_series(existing: &mut Vec<SeriesSamples>, more: Vec<SeriesSamples>) {
+    for s in more {
+        match existing.binary_search_by(|e| e.labels.cmp(&s.labels)) {
+            Ok(i) => {
+                let target = &mut existing[i].samples;
+                target.extend(s.samples);
+                target.sort_by_key(|p| p.t);
+                target.dedup_by_key(|p| p.t);
+            }
+            Err(i) => existing.insert(i, s),
+        }
+    }
+}
+
+/// Engine settings the evaluator needs, in ms.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct EvalOptions {
+    pub lookback: i64,
+    pub max_samples: usize,
+    pub default_subquery_step: i64,
+}
+
+/// A range-vector argument ready for sliding windows: its series (stale markers removed)
+/// and how a step time maps to a window.
+pub(super) struct RangeArg {
+    pub series: Vec<SeriesSamples>,
+    pub window: i64,
+    pub offset: i64,
+    pub at: Option<i64>,
+}
+
+/// What a rollup sees besides the window: the step time and window bounds (ms), and the
+/// scalar arguments at this step.
+pub(super) struct WindowCtx<'a> {
+    pub t: i64,
+    pub start: i64,
+    pub end: i64,
+    pub window: i64,
+    pub params: &'a [f64],
+}
+
+/// One step of an instant vector: `(index of the series in its input, value)`.
+pub(super) type StepColumn = Vec<(usize, f64)>;
+
 /// Evaluates an AST over the steps of one query.
 pub(super) struct Evaluator {
+    /// The steps being evaluated (a subquery's inside a subquery).
     pub(super) range: EvalRange,
-    lookback: i64,
-    max_samples: usize,
+    /// The query's own range, for `@ start()` and `@ end()`.
+    query: EvalRange,
+    options: EvalOptions,
     produced: usize,
     deadline: Instant,
     loaded: Loaded,
@@ -155,22 +254,21 @@ pub(super) struct Evaluator {
 impl Evaluator {
     pub(super) fn new(
         range: EvalRange,
-        lookback: i64,
-        max_samples: usize,
+        options: EvalOptions,
         deadline: Instant,
         loaded: Loaded,
     ) -> Self {
         Evaluator {
             range,
-            lookback,
-            max_samples,
+            query: range,
+            options,
             produced: 0,
             deadline,
             loaded,
         }
     }
 
-    /// Fails once the query's deadline has passed; called between series.
+    /// Fails once the query's deadline has passed; called between series and steps.
     pub(super) fn check_deadline(&self) -> Result<(), QueryError> {
         if Instant::now() > self.deadline {
             return Err(QueryError::Timeout("expression evaluation"));
@@ -178,16 +276,17 @@ impl Evaluator {
         Ok(())
     }
 
-    /// Accounts for points a step of evaluation holds, against the per-query sample limit.
+    /// Accounts for points an evaluation holds, against the per-query sample limit.
     pub(super) fn account(&mut self, points: usize) -> Result<(), QueryError> {
         self.produced += points;
-        if self.produced > self.max_samples {
+        if self.produced > self.options.max_samples {
             return Err(QueryError::TooManySamples);
         }
         Ok(())
     }
 
-    fn take_loaded(&mut self, vs: &VectorSelector) -> Vec<SeriesSamples> {
+    /// The series loaded for a selector node; each node is evaluated once.
+    fn loaded_for(&mut self, vs: &VectorSelector) -> Vec<SeriesSamples> {
         self.loaded.remove(&node_key(vs)).unwrap_or_default()
     }
 
@@ -208,6 +307,7 @@ impl Evaluator {
                             p.v = -p.v;
                         }
                     }
+                    check_unique_labels(&series)?;
                     Ok(Value::Vector(series))
                 }
                 _ => Err(QueryError::Execution(
@@ -215,17 +315,18 @@ impl Evaluator {
                 )),
             },
             Expr::VectorSelector(vs) => self.eval_vector_selector(vs),
-            Expr::MatrixSelector(ms) => {
-                let range = duration_ms(&ms.range);
-                let series = self.take_loaded(&ms.vs);
-                let at = at_ms(&ms.vs.at, self.range).unwrap_or(self.range.start);
-                let end = at - offset_ms(&ms.vs.offset);
-                let mut out = Vec::with_capacity(series.len());
-                for s in series {
+            Expr::MatrixSelector(_) | Expr::Subquery(_) => {
+                // Only an instant query (one step) returns a range vector as such.
+                let arg = self.eval_range_arg(expr)?;
+                let t = self.range.start;
+                let end = arg.at.unwrap_or(t) - arg.offset;
+                let start = end - arg.window;
+                let mut out = Vec::with_capacity(arg.series.len());
+                for s in arg.series {
                     let samples: Vec<Sample> = s
                         .samples
                         .into_iter()
-                        .filter(|p| p.t >= end - range && p.t <= end && !is_stale_nan(p.v))
+                        .filter(|p| p.t >= start && p.t <= end)
                         .collect();
                     if !samples.is_empty() {
                         self.account(samples.len())?;
@@ -237,43 +338,63 @@ impl Evaluator {
                 }
                 Ok(Value::Matrix(out))
             }
-            Expr::Call(call) => match functions::lookup(call.func.name) {
-                Some(FunctionImpl::Rollup(rollup)) => {
-                    let Some(Expr::MatrixSelector(ms)) = call.args.args.first().map(|a| a.as_ref())
-                    else {
-                        return Err(QueryError::Execution(format!(
-                            "function {} expects a range vector selector",
-                            call.func.name
-                        )));
-                    };
-                    self.eval_rollup(rollup, ms)
-                }
-                Some(FunctionImpl::Instant(f)) => {
-                    let args = call
-                        .args
-                        .args
-                        .iter()
-                        .map(|a| self.eval(a))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    f(self, args)
-                }
-                None => Err(not_supported(&format!("function {}()", call.func.name))),
-            },
-            Expr::Aggregate(_) => Err(not_supported("aggregations")),
-            Expr::Binary(_) => Err(not_supported("binary operators")),
-            Expr::Subquery(_) => Err(not_supported("subqueries")),
-            Expr::Extension(_) => Err(not_supported("extension expressions")),
+            Expr::Call(call) => functions::eval_call(self, call),
+            Expr::Aggregate(agg) => aggregate::eval(self, agg),
+            Expr::Binary(bin) => binary::eval(self, bin),
+            Expr::Extension(_) => Err(QueryError::Execution(
+                "extension expressions are not supported".into(),
+            )),
+        }
+    }
+
+    /// Evaluates `expr` and requires a scalar (function and aggregation parameters).
+    pub(super) fn eval_scalar(&mut self, expr: &Expr) -> Result<Vec<f64>, QueryError> {
+        match self.eval(expr)? {
+            Value::Scalar(values) => Ok(values),
+            _ => Err(QueryError::Execution(format!("expected a scalar: {expr}"))),
+        }
+    }
+
+    /// Evaluates `expr` and requires an instant vector.
+    pub(super) fn eval_vector(&mut self, expr: &Expr) -> Result<Vec<SeriesSamples>, QueryError> {
+        match self.eval(expr)? {
+            Value::Vector(series) => Ok(series),
+            _ => Err(QueryError::Execution(format!(
+                "expected an instant vector: {expr}"
+            ))),
         }
     }
 
     /// An instant selector at every step: the latest sample in `[t - lookback, t]` at the
     /// selector's read time, unless that sample is a staleness marker
-    /// (prometheus/promql/engine.go `vectorSelectorSingle`). One pass per series.
-    fn eval_vector_selector(&mut self, vs: &VectorSelector) -> Result<Value, QueryError> {
-        let series = self.take_loaded(vs);
+    /// (prometheus/promql/engine.go `vectorSelectorSingle`). One pass per series. With
+    /// `keep_sample_time`, each point carries the sample's own timestamp in its value slot's
+    /// place for `timestamp()`.
+    pub(super) fn eval_vector_selector(
+        &mut self,
+        vs: &VectorSelector,
+    ) -> Result<Value, QueryError> {
+        Ok(Value::Vector(self.select_steps(vs, false)?))
+    }
+
+    /// `timestamp(selector)`: the timestamp of the sample each step picks, in seconds.
+    pub(super) fn eval_selector_timestamps(
+        &mut self,
+        vs: &VectorSelector,
+    ) -> Result<Vec<SeriesSamples>, QueryError> {
+        self.select_steps(vs, true)
+    }
+
+    fn select_steps(
+        &mut self,
+        vs: &VectorSelector,
+        sample_time: bool,
+    ) -> Result<Vec<SeriesSamples>, QueryError> {
+        let series = self.loaded_for(vs);
         let offset = offset_ms(&vs.offset);
-        let at = at_ms(&vs.at, self.range);
+        let at = at_ms(&vs.at, self.query);
         let range = self.range;
+        let lookback = self.options.lookback;
         let mut out = Vec::with_capacity(series.len());
         for s in series {
             self.check_deadline()?;
@@ -288,8 +409,13 @@ impl Evaluator {
                     continue;
                 }
                 let latest = s.samples[next - 1];
-                if latest.t >= read_at - self.lookback && !is_stale_nan(latest.v) {
-                    points.push(Sample { t, v: latest.v });
+                if latest.t >= read_at - lookback && !is_stale_nan(latest.v) {
+                    let v = if sample_time {
+                        latest.t as f64 / 1000.0
+                    } else {
+                        latest.v
+                    };
+                    points.push(Sample { t, v });
                 }
             }
             if !points.is_empty() {
@@ -300,50 +426,107 @@ impl Evaluator {
                 });
             }
         }
-        Ok(Value::Vector(out))
+        Ok(out)
     }
 
-    /// A range function over a range selector at every step: each step's window
-    /// `[t - range, t]` (closed, as in Prometheus 2.x) slides over the series' samples with two
-    /// cursors, so no sample is located twice.
-    fn eval_rollup(
+    /// A range selector or subquery as a function argument.
+    pub(super) fn eval_range_arg(&mut self, expr: &Expr) -> Result<RangeArg, QueryError> {
+        match expr {
+            Expr::Paren(p) => self.eval_range_arg(&p.expr),
+            Expr::MatrixSelector(ms) => {
+                let mut series = self.loaded_for(&ms.vs);
+                for s in &mut series {
+                    s.samples.retain(|p| !is_stale_nan(p.v));
+                }
+                series.retain(|s| !s.samples.is_empty());
+                Ok(RangeArg {
+                    series,
+                    window: duration_ms(&ms.range),
+                    offset: offset_ms(&ms.vs.offset),
+                    at: at_ms(&ms.vs.at, self.query),
+                })
+            }
+            Expr::Subquery(sq) => {
+                let inner = subquery_range(
+                    sq,
+                    self.range,
+                    self.query,
+                    self.options.default_subquery_step,
+                );
+                let outer = std::mem::replace(&mut self.range, inner);
+                let value = self.eval(&sq.expr);
+                self.range = outer;
+                let series = match value? {
+                    Value::Vector(series) => series,
+                    Value::Scalar(values) => vec![SeriesSamples {
+                        labels: Labels::empty(),
+                        samples: inner
+                            .timestamps()
+                            .zip(values)
+                            .map(|(t, v)| Sample { t, v })
+                            .collect(),
+                    }],
+                    _ => return Err(QueryError::Execution("subquery of a non-vector".into())),
+                };
+                Ok(RangeArg {
+                    series,
+                    window: duration_ms(&sq.range),
+                    offset: offset_ms(&sq.offset),
+                    at: at_ms(&sq.at, self.query),
+                })
+            }
+            other => Err(QueryError::Execution(format!(
+                "expected a range vector: {other}"
+            ))),
+        }
+    }
+
+    /// Slides each step's window `[t - range, t]` (closed, as in Prometheus 2.x) over every
+    /// series of a range argument with two cursors, so no sample is located twice, and folds
+    /// each non-empty window with `fold`. `params` holds per-step scalar arguments.
+    pub(super) fn rollup(
         &mut self,
-        rollup: &functions::Rollup,
-        ms: &MatrixSelector,
-    ) -> Result<Value, QueryError> {
-        let window = duration_ms(&ms.range);
-        let series = self.take_loaded(&ms.vs);
-        let offset = offset_ms(&ms.vs.offset);
-        let at = at_ms(&ms.vs.at, self.range);
+        arg: RangeArg,
+        params: &[Vec<f64>],
+        keep_metric_name: bool,
+        mut fold: impl FnMut(&[Sample], &WindowCtx) -> Option<f64>,
+    ) -> Result<Vec<SeriesSamples>, QueryError> {
         let range = self.range;
-        let mut out = Vec::with_capacity(series.len());
-        for s in series {
+        let mut step_params = vec![0.0; params.len()];
+        let mut out = Vec::with_capacity(arg.series.len());
+        for s in arg.series {
             self.check_deadline()?;
-            let samples: Vec<Sample> = s
-                .samples
-                .into_iter()
-                .filter(|p| !is_stale_nan(p.v))
-                .collect();
             let (mut lo, mut hi) = (0, 0);
             let mut points = Vec::new();
-            for t in range.timestamps() {
-                let end = at.unwrap_or(t) - offset;
-                let start = end - window;
-                while hi < samples.len() && samples[hi].t <= end {
+            for (step, t) in range.timestamps().enumerate() {
+                let end = arg.at.unwrap_or(t) - arg.offset;
+                let start = end - arg.window;
+                while hi < s.samples.len() && s.samples[hi].t <= end {
                     hi += 1;
                 }
-                while lo < hi && samples[lo].t < start {
+                while lo < hi && s.samples[lo].t < start {
                     lo += 1;
                 }
-                if lo < hi {
-                    if let Some(v) = (rollup.fold)(&samples[lo..hi], t) {
-                        points.push(Sample { t, v });
-                    }
+                if lo == hi {
+                    continue;
+                }
+                for (slot, values) in step_params.iter_mut().zip(params) {
+                    *slot = values[step];
+                }
+                let ctx = WindowCtx {
+                    t,
+                    start,
+                    end,
+                    window: arg.window,
+                    params: &step_params,
+                };
+                if let Some(v) = fold(&s.samples[lo..hi], &ctx) {
+                    points.push(Sample { t, v });
                 }
             }
             if !points.is_empty() {
                 self.account(points.len())?;
-                let labels = if rollup.keeps_metric_name {
+                let labels = if keep_metric_name {
                     s.labels
                 } else {
                     s.labels.without_metric_name()
@@ -354,14 +537,106 @@ impl Evaluator {
                 });
             }
         }
-        Ok(Value::Vector(out))
+        check_unique_labels(&out)?;
+        Ok(out)
+    }
+
+    /// Evaluates step by step: at each step, `f` gets the step time and one column per input
+    /// (the series of that input with a point at the step), and returns the output samples.
+    /// Outputs are assembled into series by labels; two outputs with the same labels at one
+    /// step are Prometheus's "vector cannot contain metrics with the same labelset".
+    pub(super) fn step_eval(
+        &mut self,
+        inputs: &[&[SeriesSamples]],
+        mut f: impl FnMut(usize, i64, &[StepColumn]) -> Result<Vec<(Labels, f64)>, QueryError>,
+    ) -> Result<Vec<SeriesSamples>, QueryError> {
+        let mut cursors: Vec<Vec<usize>> =
+            inputs.iter().map(|series| vec![0; series.len()]).collect();
+        let mut columns: Vec<StepColumn> = inputs.iter().map(|_| Vec::new()).collect();
+        let mut builder = VectorBuilder::new();
+        let range = self.range;
+        for (step, t) in range.timestamps().enumerate() {
+            if step % 1024 == 0 {
+                self.check_deadline()?;
+            }
+            for ((series, cursor), column) in inputs.iter().zip(&mut cursors).zip(&mut columns) {
+                column.clear();
+                for (i, s) in series.iter().enumerate() {
+                    if let Some(p) = s.samples.get(cursor[i]) {
+                        if p.t == t {
+                            column.push((i, p.v));
+                            cursor[i] += 1;
+                        }
+                    }
+                }
+            }
+            let output = f(step, t, &columns)?;
+            self.account(output.len())?;
+            for (labels, v) in output {
+                builder.push_unique(labels, Sample { t, v })?;
+            }
+        }
+        Ok(builder.finish())
     }
 }
 
-fn not_supported(what: &str) -> QueryError {
-    QueryError::Execution(format!("{what} are not supported yet"))
+/// Fails when two series of a vector have the same labels.
+pub(super) fn check_unique_labels(series: &[SeriesSamples]) -> Result<(), QueryError> {
+    if series.len() < 2 {
+        return Ok(());
+    }
+    let mut seen = std::collections::HashSet::with_capacity(series.len());
+    for s in series {
+        if !seen.insert(&s.labels) {
+            return Err(duplicate_labelset());
+        }
+    }
+    Ok(())
 }
 
+/// Merges series that share labels after an operation changed them, as Prometheus assembles
+/// step results by labels; fails if two of them have a point at the same step.
+pub(super) fn merge_by_labels(
+    series: Vec<SeriesSamples>,
+) -> Result<Vec<SeriesSamples>, QueryError> {
+    if series.len() < 2 {
+        return Ok(series);
+    }
+    let mut index: HashMap<Labels, usize> = HashMap::with_capacity(series.len());
+    let mut out: Vec<SeriesSamples> = Vec::with_capacity(series.len());
+    for s in series {
+        match index.get(&s.labels) {
+            None => {
+                index.insert(s.labels.clone(), out.len());
+                out.push(s);
+            }
+            Some(&i) => {
+                let target = &mut out[i].samples;
+                target.extend(s.samples);
+                target.sort_by_key(|p| p.t);
+                if target.windows(2).any(|w| w[0].t == w[1].t) {
+                    return Err(duplicate_labelset());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn duplicate_labelset() -> QueryError {
+    QueryError::Execution("vector cannot contain metrics with the same labelset".into())
+}
+
+impl VectorBuilder {
+    /// Adds a sample, failing if its series already has one at this timestamp.
+    pub(super) fn push_unique(&mut self, labels: Labels, sample: Sample) -> Result<(), QueryError> {
+        if self.last_time(&labels) == Some(sample.t) {
+            return Err(duplicate_labelset());
+        }
+        self.push(labels, sample);
+        Ok(())
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +656,14 @@ mod tests {
         Loaded::from([(node_key(vs), series)])
     }
 
+    fn options(max_samples: usize) -> EvalOptions {
+        EvalOptions {
+            lookback: 300_000,
+            max_samples,
+            default_subquery_step: 60_000,
+        }
+    }
+
     fn series(samples: &[(i64, f64)]) -> SeriesSamples {
         SeriesSamples {
             labels: Labels::from_trusted(vec![Label::new("__name__", "m")]),
@@ -392,7 +675,7 @@ mod tests {
         let expr = Box::new(promql_parser::parser::parse(query).unwrap());
         let loaded = loaded_for(&expr, vec![series(data)]);
         let deadline = Instant::now() + Duration::from_secs(10);
-        Evaluator::new(range, 300_000, 1_000, deadline, loaded).eval(&expr)
+        Evaluator::new(range, options(1_000), deadline, loaded).eval(&expr)
     }
 
     fn points(value: Value) -> Vec<(i64, f64)> {
@@ -464,7 +747,7 @@ mod tests {
         let expr = Box::new(promql_parser::parser::parse("m").unwrap());
         let loaded = loaded_for(&expr, vec![series(&[(0, 1.0)])]);
         let past = Instant::now() - Duration::from_secs(1);
-        let result = Evaluator::new(EvalRange::instant(0), 300_000, 10, past, loaded).eval(&expr);
+        let result = Evaluator::new(EvalRange::instant(0), options(10), past, loaded).eval(&expr);
         assert!(matches!(
             result,
             Err(QueryError::Timeout("expression evaluation"))
@@ -479,7 +762,7 @@ mod tests {
         let expr = Box::new(promql_parser::parser::parse("m").unwrap());
         let loaded = loaded_for(&expr, vec![series(&many)]);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let result = Evaluator::new(range, 300_000, 10, deadline, loaded).eval(&expr);
+        let result = Evaluator::new(range, options(10), deadline, loaded).eval(&expr);
         assert!(matches!(result, Err(QueryError::TooManySamples)));
     }
 }

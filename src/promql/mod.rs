@@ -6,6 +6,8 @@
 //! range functions fold sliding windows the same way. Operators and aggregations then work on
 //! whole step columns. The engine never knows which backend answered `select`.
 
+mod aggregate;
+mod binary;
 mod eval;
 mod functions;
 mod value;
@@ -31,6 +33,9 @@ pub struct EngineConfig {
     pub timeout_secs: u64,
     /// Most samples a single query may load or produce (Prometheus's `--query.max-samples`).
     pub max_samples: usize,
+    /// Step of a subquery that names none, in seconds (Prometheus uses its global
+    /// `evaluation_interval`, default 1 m).
+    pub default_subquery_step_secs: u64,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +44,7 @@ impl Default for EngineConfig {
             lookback_delta_secs: 300,
             timeout_secs: 120,
             max_samples: 50_000_000,
+            default_subquery_step_secs: 60,
         }
     }
 }
@@ -199,26 +205,22 @@ impl Engine {
         let configured = Duration::from_secs(self.config.timeout_secs);
         let timeout = timeout.map_or(configured, |t| t.min(configured));
         let deadline = Instant::now() + timeout;
-        let lookback = self.config.lookback_delta_secs as i64 * 1000;
+        let options = eval::EvalOptions {
+            lookback: self.config.lookback_delta_secs as i64 * 1000,
+            max_samples: self.config.max_samples,
+            default_subquery_step: (self.config.default_subquery_step_secs as i64 * 1000).max(1),
+        };
         // Loaded series are keyed by node address: box the AST so moving it into the blocking
         // task below does not move its nodes.
         let expr = Box::new(expr);
         let data = tokio::time::timeout(
             timeout,
-            eval::fetch(
-                &self.storage,
-                tenant,
-                &expr,
-                range,
-                lookback,
-                self.config.max_samples,
-            ),
+            eval::fetch(&self.storage, tenant, &expr, range, &options),
         )
         .await
         .map_err(|_| QueryError::Timeout("query execution"))??;
-        let max_samples = self.config.max_samples;
         tokio::task::spawn_blocking(move || {
-            let mut evaluator = eval::Evaluator::new(range, lookback, max_samples, deadline, data);
+            let mut evaluator = eval::Evaluator::new(range, options, deadline, data);
             let value = evaluator.eval(&expr)?;
             Ok(value::finish(value, range, instant))
         })

@@ -11,7 +11,8 @@ pub enum Value {
     String(String),
     /// An instant vector at every step: each series holds its points at step timestamps.
     Vector(Vec<SeriesSamples>),
-    /// A range vector (raw samples); only an instant query can return one.
+    /// A range vector (raw samples of a selector, or a subquery's points); only an instant
+    /// query can return one, otherwise it is a function argument.
     Matrix(Vec<SeriesSamples>),
 }
 
@@ -31,8 +32,8 @@ pub enum QueryValue {
     Matrix(Vec<SeriesSamples>),
 }
 
-/// Turns an evaluated value into the answer: instant queries keep their type; range queries
-/// become a matrix sorted by labels, as Prometheus sorts them.
+/// Turns an evaluated value into the answer: instant queries keep their type and their order;
+/// range queries become a matrix sorted by labels, as Prometheus sorts them.
 pub(super) fn finish(value: Value, range: EvalRange, instant: bool) -> QueryValue {
     if instant {
         let t = range.start;
@@ -64,4 +65,43 @@ pub(super) fn finish(value: Value, range: EvalRange, instant: bool) -> QueryValu
     series.retain(|s| !s.samples.is_empty());
     series.sort_by(|a, b| a.labels.cmp(&b.labels));
     QueryValue::Matrix(series)
+}
+
+/// Builds an instant vector step by step: samples output at each step are appended to the
+/// series of the same labels (Prometheus's `rangeEval` output assembly).
+pub(super) struct VectorBuilder {
+    index: std::collections::HashMap<Labels, usize>,
+    series: Vec<SeriesSamples>,
+}
+
+impl VectorBuilder {
+    pub(super) fn new() -> Self {
+        VectorBuilder {
+            index: std::collections::HashMap::new(),
+            series: Vec::new(),
+        }
+    }
+
+    pub(super) fn push(&mut self, labels: Labels, sample: Sample) {
+        match self.index.get(&labels) {
+            Some(&i) => self.series[i].samples.push(sample),
+            None => {
+                self.index.insert(labels.clone(), self.series.len());
+                self.series.push(SeriesSamples {
+                    labels,
+                    samples: vec![sample],
+                });
+            }
+        }
+    }
+
+    /// The timestamp of the latest sample of the series with these labels.
+    pub(super) fn last_time(&self, labels: &Labels) -> Option<i64> {
+        let &i = self.index.get(labels)?;
+        self.series[i].samples.last().map(|p| p.t)
+    }
+
+    pub(super) fn finish(self) -> Vec<SeriesSamples> {
+        self.series
+    }
 }
