@@ -50,8 +50,13 @@ enum Op {
     CountValues,
 }
 
-fn op_of(agg: &AggregateExpr) -> Result<Op, QueryError> {
-    Ok(match agg.op.to_string().as_str() {
+/// Whether Prometheus 2.42 has an aggregation of this name.
+pub(super) fn is_known(op: &str) -> bool {
+    op_by_name(op).is_some()
+}
+
+fn op_by_name(op: &str) -> Option<Op> {
+    Some(match op {
         "sum" => Op::Sum,
         "avg" => Op::Avg,
         "min" => Op::Min,
@@ -64,12 +69,14 @@ fn op_of(agg: &AggregateExpr) -> Result<Op, QueryError> {
         "bottomk" => Op::Bottomk,
         "quantile" => Op::Quantile,
         "count_values" => Op::CountValues,
-        other => {
-            return Err(QueryError::Execution(format!(
-                "aggregation {other} is not supported"
-            )))
-        }
+        _ => return None,
     })
+}
+
+fn op_of(agg: &AggregateExpr) -> Result<Op, QueryError> {
+    let name = agg.op.to_string();
+    op_by_name(&name)
+        .ok_or_else(|| QueryError::Execution(format!("aggregation {name} is not supported")))
 }
 
 /// Running state of one group at one step.
@@ -225,42 +232,71 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
     Ok(Value::Vector(series))
 }
 
-/// Keeps the `k` largest (topk) or smallest (bottomk) values, NaN counting as the worst, like
-/// Prometheus's heaps.
-fn push_k(members: &mut Vec<(usize, f64)>, candidate: (usize, f64), k: usize, top: bool) {
-    if members.len() < k {
-        members.push(candidate);
-        return;
+/// Prometheus's value heap order (engine.go `vectorByValueHeap`, and its reverse for bottomk):
+/// NaN is always "less", so it is the first to go.
+fn heap_less(a: f64, b: f64, top: bool) -> bool {
+    if a.is_nan() {
+        return true;
     }
-    // The worst member: smallest for topk, largest for bottomk; NaN is worst of all.
-    let worse = |a: f64, b: f64| -> bool {
-        if a.is_nan() {
-            return !b.is_nan();
-        }
-        if b.is_nan() {
-            return false;
-        }
-        if top {
-            a < b
-        } else {
-            a > b
-        }
-    };
-    let (worst, &(_, worst_value)) = members
-        .iter()
-        .enumerate()
-        .fold(None::<(usize, &(usize, f64))>, |acc, (i, m)| match acc {
-            Some((_, best)) if !worse(m.1, best.1) => acc,
-            _ => Some((i, m)),
-        })
-        .expect("k >= 1");
-    let replace = if top {
-        worst_value < candidate.1 || worst_value.is_nan()
+    if top {
+        a < b
     } else {
-        worst_value > candidate.1 || worst_value.is_nan()
+        a > b
+    }
+}
+
+/// Go's `container/heap` up and down, so that ties resolve exactly as in Prometheus.
+fn heap_up(h: &mut [(usize, f64)], mut j: usize, top: bool) {
+    while j > 0 {
+        let i = (j - 1) / 2;
+        if !heap_less(h[j].1, h[i].1, top) {
+            break;
+        }
+        h.swap(i, j);
+        j = i;
+    }
+}
+
+fn heap_down(h: &mut [(usize, f64)], mut i: usize, n: usize, top: bool) {
+    loop {
+        let j1 = 2 * i + 1;
+        if j1 >= n {
+            break;
+        }
+        let mut j = j1;
+        if j1 + 1 < n && heap_less(h[j1 + 1].1, h[j1].1, top) {
+            j = j1 + 1;
+        }
+        if !heap_less(h[j].1, h[i].1, top) {
+            break;
+        }
+        h.swap(i, j);
+        i = j;
+    }
+}
+
+/// Offers a sample to a topk/bottomk group's heap (engine.go `aggregation`, TOPK/BOTTOMK).
+fn push_k(heap: &mut Vec<(usize, f64)>, candidate: (usize, f64), k: usize, top: bool) {
+    let root = heap[0].1;
+    let better = if top {
+        root < candidate.1
+    } else {
+        root > candidate.1
     };
-    if replace {
-        members[worst] = candidate;
+    if heap.len() < k || better || root.is_nan() {
+        if heap.len() == k {
+            if k == 1 {
+                heap[0] = candidate;
+                return;
+            }
+            let n = heap.len() - 1;
+            heap.swap(0, n);
+            heap_down(heap, 0, n, top);
+            heap.pop();
+        }
+        heap.push(candidate);
+        let last = heap.len() - 1;
+        heap_up(heap, last, top);
     }
 }
 

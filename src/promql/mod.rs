@@ -139,9 +139,60 @@ pub fn selector_matchers(vs: &VectorSelector) -> Vec<Matcher> {
         .collect()
 }
 
-/// Parses a query as Prometheus's parser would report it.
+/// Parses a query as Prometheus 2.42's parser would: `holt_winters` is known (promql-parser
+/// follows Prometheus 3, which renamed it), and functions or aggregations that 2.42 does not
+/// have are refused as unknown.
 pub fn parse(query: &str) -> Result<Expr, QueryError> {
-    parser::parse(query).map_err(QueryError::BadData)
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        let holt_winters = parser::Function::new(
+            "holt_winters",
+            vec![ValueType::Matrix, ValueType::Scalar, ValueType::Scalar],
+            0,
+            ValueType::Vector,
+            false,
+        );
+        // Fails only if the parser gains a built-in of that name, which then serves as well.
+        let _ = parser::register_extra_functions(vec![holt_winters]);
+    });
+    let expr = parser::parse(query).map_err(QueryError::BadData)?;
+    check_known(&expr)?;
+    Ok(expr)
+}
+
+/// Refuses what Prometheus 2.42 does not know.
+fn check_known(expr: &Expr) -> Result<(), QueryError> {
+    match expr {
+        Expr::Call(call) => {
+            if !functions::is_known(call.func.name) {
+                return Err(QueryError::BadData(format!(
+                    "unknown function with name {:?}",
+                    call.func.name
+                )));
+            }
+            call.args.args.iter().try_for_each(|a| check_known(a))
+        }
+        Expr::Aggregate(agg) => {
+            let op = agg.op.to_string();
+            if !aggregate::is_known(&op) {
+                return Err(QueryError::BadData(format!("unknown aggregation {op:?}")));
+            }
+            check_known(&agg.expr)?;
+            agg.param.as_deref().map_or(Ok(()), check_known)
+        }
+        Expr::Binary(b) => {
+            check_known(&b.lhs)?;
+            check_known(&b.rhs)
+        }
+        Expr::Paren(p) => check_known(&p.expr),
+        Expr::Unary(u) => check_known(&u.expr),
+        Expr::Subquery(s) => check_known(&s.expr),
+        Expr::NumberLiteral(_)
+        | Expr::StringLiteral(_)
+        | Expr::VectorSelector(_)
+        | Expr::MatrixSelector(_)
+        | Expr::Extension(_) => Ok(()),
+    }
 }
 
 /// Prometheus's documented name of a value type, for error messages.

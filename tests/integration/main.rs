@@ -5,4 +5,5 @@ mod support;
 
 mod api;
 mod e2e_prometheus;
+mod promql_diff;
 mod remote_write;

@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod dataset;
 pub mod process;
 pub mod remote_write;
 
