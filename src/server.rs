@@ -52,6 +52,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         ingest_config: config.ingest.clone(),
         storage,
         metrics,
+        started: chrono::Utc::now(),
     });
     let listener = tokio::net::TcpListener::bind(&config.http_listen)
         .await

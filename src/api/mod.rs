@@ -6,6 +6,7 @@ pub mod errors;
 pub mod json;
 pub mod params;
 mod prometheus;
+mod status;
 mod write;
 
 use crate::ingest::{IngestConfig, Ingester};
@@ -28,6 +29,8 @@ pub struct AppState {
     pub ingester: Ingester,
     pub ingest_config: IngestConfig,
     pub metrics: Arc<Metrics>,
+    /// When the server started, for `/api/v1/status/runtimeinfo`.
+    pub started: chrono::DateTime<chrono::Utc>,
 }
 
 impl AppState {
@@ -61,7 +64,18 @@ pub fn router(state: SharedState) -> Router {
         )
         .route("/api/v1/label/{name}/values", get(prometheus::label_values))
         .route("/api/v1/metadata", get(prometheus::metadata))
-        .route("/api/v1/status/buildinfo", get(prometheus::buildinfo))
+        .route(
+            "/api/v1/format_query",
+            get(prometheus::format_query).post(prometheus::format_query),
+        )
+        .route(
+            "/api/v1/query_exemplars",
+            get(prometheus::query_exemplars).post(prometheus::query_exemplars),
+        )
+        .route("/api/v1/status/buildinfo", get(status::buildinfo))
+        .route("/api/v1/status/flags", get(status::flags))
+        .route("/api/v1/status/runtimeinfo", get(status::runtimeinfo))
+        .route("/api/v1/status/tsdb", get(status::tsdb))
         .route("/api/v1/write", post(write::remote_write))
         .route("/health", get(health))
         .route("/ready", get(ready))

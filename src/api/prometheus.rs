@@ -269,13 +269,28 @@ pub(super) async fn metadata(
     Ok(success_json(serde_json::json!(families)))
 }
 
-pub(super) async fn buildinfo() -> Response {
-    success_json(serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "revision": option_env!("SECUMON_GIT_REVISION").unwrap_or("unknown"),
-        "branch": "",
-        "buildUser": "",
-        "buildDate": "",
-        "goVersion": "",
-    }))
+/// `/api/v1/format_query`: the query pretty-printed.
+pub(super) async fn format_query(
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = params(&uri, &headers, &body);
+    let expr =
+        promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
+    Ok(success_json(serde_json::Value::String(expr.prettify())))
+}
+
+/// `/api/v1/query_exemplars`: SecuMon stores no exemplars yet, so a valid query has none.
+pub(super) async fn query_exemplars(
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let params = params(&uri, &headers, &body);
+    parse_time_param(&params, "start", MIN_TIME_MS)
+        .map_err(|e| ApiError::invalid_param("start", e))?;
+    parse_time_param(&params, "end", MAX_TIME_MS).map_err(|e| ApiError::invalid_param("end", e))?;
+    promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
+    Ok(success_json(serde_json::json!([])))
 }

@@ -36,6 +36,9 @@ pub struct EngineConfig {
     /// Step of a subquery that names none, in seconds (Prometheus uses its global
     /// `evaluation_interval`, default 1 m).
     pub default_subquery_step_secs: u64,
+    /// Queries evaluated at once; more wait in line, within their timeout (Prometheus's
+    /// `--query.max-concurrency`, default 20).
+    pub max_concurrency: usize,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +48,7 @@ impl Default for EngineConfig {
             timeout_secs: 120,
             max_samples: 50_000_000,
             default_subquery_step_secs: 60,
+            max_concurrency: 20,
         }
     }
 }
@@ -106,6 +110,8 @@ impl EvalRange {
 pub struct Engine {
     storage: DynStorage,
     config: EngineConfig,
+    /// Bounds concurrent evaluations so queries cannot take every core from ingest.
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The model's matchers for a parsed selector, its metric name included.
@@ -207,7 +213,12 @@ fn documented_type(t: ValueType) -> &'static str {
 
 impl Engine {
     pub fn new(storage: DynStorage, config: EngineConfig) -> Engine {
-        Engine { storage, config }
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_concurrency.max(1)));
+        Engine {
+            storage,
+            config,
+            slots,
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -256,6 +267,11 @@ impl Engine {
         let configured = Duration::from_secs(self.config.timeout_secs);
         let timeout = timeout.map_or(configured, |t| t.min(configured));
         let deadline = Instant::now() + timeout;
+        let _slot = tokio::time::timeout(timeout, self.slots.acquire())
+            .await
+            .map_err(|_| QueryError::Timeout("query queue"))?
+            .map_err(|_| QueryError::Execution("query engine is shutting down".into()))?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let options = eval::EvalOptions {
             lookback: self.config.lookback_delta_secs as i64 * 1000,
             max_samples: self.config.max_samples,
@@ -265,7 +281,7 @@ impl Engine {
         // task below does not move its nodes.
         let expr = Box::new(expr);
         let data = tokio::time::timeout(
-            timeout,
+            remaining,
             eval::fetch(&self.storage, tenant, &expr, range, &options),
         )
         .await

@@ -289,3 +289,76 @@ async fn ready_fails_when_the_database_is_gone() {
         .await;
     assert!(status >= 500, "{status} {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_format_and_exemplar_endpoints() {
+    let s = loaded().await;
+    let (status, body) = s
+        .get_json(
+            "/api/v1/format_query",
+            &[("query", "sum by(job)(rate(up[5m]))")],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"], "sum by (job) (rate(up[5m]))");
+    let (status, body) = s
+        .post_form("/api/v1/format_query", &[("query", "sum(")])
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["errorType"], "bad_data");
+
+    let (status, body) = s
+        .get_json("/api/v1/query_exemplars", &[("query", "up")])
+        .await;
+    assert_eq!((status, body["data"].clone()), (200, json!([])));
+
+    let (_, body) = s.get_json("/api/v1/status/flags", &[]).await;
+    assert_eq!(body["data"]["query.lookback-delta"], "300s");
+    let (_, body) = s.get_json("/api/v1/status/runtimeinfo", &[]).await;
+    assert!(
+        body["data"]["startTime"].as_str().unwrap().ends_with('Z'),
+        "{body}"
+    );
+    let (_, body) = s.get_json("/api/v1/status/tsdb", &[]).await;
+    assert_eq!(body["data"]["headStats"]["numSeries"], 3);
+    assert_eq!(
+        body["data"]["seriesCountByMetricName"],
+        json!([{"name": "node_load1", "value": 2}, {"name": "up", "value": 1}])
+    );
+    assert_eq!(
+        body["data"]["labelValueCountByLabelName"][0],
+        json!({"name": "__name__", "value": 2})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_beyond_the_concurrency_limit_wait_their_turn() {
+    let s = Secumon::start_with(|c| c.query.max_concurrency = 1).await;
+    let samples: Vec<(i64, f64)> = (0..200).map(|i| (T0 + i * 15_000, i as f64)).collect();
+    let (status, _) = s
+        .write_raw(encode(&request(
+            vec![series(&[("__name__", "m")], &samples)],
+            vec![],
+        )))
+        .await;
+    assert_eq!(status, 204);
+    let (start, end) = (secs(T0), secs(T0 + 3_000_000));
+    let params = [
+        ("query", "rate(m[5m])"),
+        ("start", start.as_str()),
+        ("end", end.as_str()),
+        ("step", "15"),
+    ];
+    let answers =
+        futures::future::join_all((0..6).map(|_| s.get_json("/api/v1/query_range", &params))).await;
+    for (status, body) in answers {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["data"]["result"][0]["values"]
+                .as_array()
+                .unwrap()
+                .len(),
+            200
+        );
+    }
+}
