@@ -7,6 +7,7 @@
 //! PostgreSQL's regex engine does not share), then load samples with one statement per chunk of
 //! series. This module knows nothing of protocols or PromQL.
 
+mod copy_binary;
 mod read;
 mod write;
 

@@ -1,0 +1,241 @@
+//! Query latency benchmark: 10,000 series x 2 hours at 15 s, loaded through remote-write into
+//! SecuMon (release binary on PostgreSQL) and Prometheus 2.42 in the same run; then each
+//! query is timed on both, warm, and the medians compared.
+//!
+//! `cargo bench --bench query_latency [-- --runs N]`
+
+#[path = "../tests/integration/support/mod.rs"]
+mod support;
+
+use prost::Message;
+use secumon_proto::prometheus::{Label, Sample, TimeSeries, WriteRequest};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::process::{free_port, wait_for_port, Managed};
+
+const SERIES_COUNTERS: usize = 9_000;
+const HISTOGRAM_GROUPS: usize = 100; // x 10 buckets = 1,000 series
+const BUCKETS: [&str; 10] = [
+    "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "+Inf",
+];
+const POINTS: i64 = 480; // 2 h at 15 s
+const STEP_MS: i64 = 15_000;
+const SLICE: i64 = 8; // samples per series per request (2 min)
+
+fn label(name: &str, value: String) -> Label {
+    Label {
+        name: name.into(),
+        value,
+    }
+}
+
+/// A series: its labels and its value at sample index k.
+type SeriesSpec = (Vec<Label>, Box<dyn Fn(i64) -> f64>);
+
+/// Label sets and a value function per series.
+fn dataset() -> Vec<SeriesSpec> {
+    let mut out: Vec<SeriesSpec> = Vec::new();
+    for i in 0..SERIES_COUNTERS {
+        let labels = vec![
+            label("__name__", "bench_requests_total".into()),
+            label("instance", format!("10.0.{}.{}:9100", i / 250, i % 250)),
+            label("job", format!("job-{}", i % 20)),
+            label("method", ["GET", "POST", "PUT"][i % 3].into()),
+        ];
+        let rate = 1.0 + (i % 7) as f64;
+        out.push((labels, Box::new(move |k| (k as f64 * rate * 15.0).floor())));
+    }
+    for g in 0..HISTOGRAM_GROUPS {
+        for (b, le) in BUCKETS.iter().enumerate() {
+            let labels = vec![
+                label("__name__", "bench_latency_seconds_bucket".into()),
+                label("instance", format!("10.1.0.{g}:9100")),
+                label("job", format!("job-{}", g % 20)),
+                label("le", le.to_string()),
+            ];
+            let share = (b + 1) as f64 / BUCKETS.len() as f64;
+            out.push((labels, Box::new(move |k| (k as f64 * 20.0 * share).floor())));
+        }
+    }
+    out
+}
+
+/// Request bodies in time order for each of `workers` disjoint blocks of series.
+fn bodies(start: i64, workers: usize) -> Vec<Vec<Vec<u8>>> {
+    let data = dataset();
+    let per_worker = data.len().div_ceil(workers);
+    let mut out = vec![Vec::new(); workers];
+    for (w, block) in data.chunks(per_worker).enumerate() {
+        for slice in 0..POINTS / SLICE {
+            let timeseries = block
+                .iter()
+                .map(|(labels, value)| TimeSeries {
+                    labels: labels.clone(),
+                    samples: (slice * SLICE..(slice + 1) * SLICE)
+                        .map(|k| Sample {
+                            value: value(k),
+                            timestamp: start + k * STEP_MS,
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect();
+            let request = WriteRequest {
+                timeseries,
+                metadata: vec![],
+            };
+            out[w].push(
+                snap::raw::Encoder::new()
+                    .compress_vec(&request.encode_to_vec())
+                    .unwrap(),
+            );
+        }
+    }
+    out
+}
+
+async fn load(url: &str, bodies: &[Vec<Vec<u8>>]) {
+    let client = reqwest::Client::new();
+    let tasks = bodies.iter().cloned().map(|block| {
+        let (client, url) = (client.clone(), url.to_owned());
+        tokio::spawn(async move {
+            for body in block {
+                let response = client
+                    .post(&url)
+                    .header("Content-Encoding", "snappy")
+                    .header("Content-Type", "application/x-protobuf")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("write");
+                assert!(
+                    response.status().is_success(),
+                    "write refused: {}",
+                    response.status()
+                );
+            }
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
+}
+
+/// Median wall time of `runs` answers (after one warm-up), checking each is a success.
+async fn time_query(
+    client: &reqwest::Client,
+    url: &str,
+    params: &[(&str, String)],
+    runs: usize,
+) -> (f64, usize) {
+    let mut times = Vec::new();
+    let mut series = 0;
+    for i in 0..=runs {
+        let started = Instant::now();
+        let response = client.get(url).query(params).send().await.expect("query");
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.expect("json");
+        assert!(status.is_success(), "{url} {params:?}: {body}");
+        series = body["data"]["result"].as_array().map_or(0, Vec::len);
+        if i > 0 {
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (times[times.len() / 2], series)
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip_while(|a| a != "--runs")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let now = chrono::Utc::now().timestamp_millis();
+    let start = (now - POINTS * STEP_MS - 600_000).div_euclid(60_000) * 60_000;
+    let end = start + (POINTS - 1) * STEP_MS;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    eprintln!("encoding 10,000 series x {POINTS} samples");
+    let bodies = bodies(start, 4);
+
+    let postgres = support::Postgres::shared();
+    let database = runtime.block_on(postgres.database());
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
+    cmd.args([
+        "serve",
+        "--storage",
+        &database,
+        "--http-listen",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .args(["--log-level", "warn"]);
+    let _secumon = Managed::spawn("secumon", cmd, None);
+    wait_for_port(port, Duration::from_secs(30), "secumon");
+    let secumon = format!("http://127.0.0.1:{port}");
+    let prometheus = support::Prometheus::start(|_| {
+        "global:\n  scrape_interval: 1h\n  evaluation_interval: 1m\n".into()
+    });
+
+    let loaded = Instant::now();
+    runtime.block_on(load(&format!("{secumon}/api/v1/write"), &bodies));
+    eprintln!("SecuMon loaded in {:.1} s", loaded.elapsed().as_secs_f64());
+    let loaded = Instant::now();
+    runtime.block_on(load(&prometheus.url("/api/v1/write"), &bodies));
+    eprintln!(
+        "Prometheus loaded in {:.1} s",
+        loaded.elapsed().as_secs_f64()
+    );
+
+    let range = |q: &str| {
+        vec![
+            ("query", q.to_owned()),
+            ("start", format!("{}", start / 1000 + 600)),
+            ("end", format!("{}", end / 1000)),
+            ("step", "60".to_owned()),
+        ]
+    };
+    let instant = |q: &str| vec![("query", q.to_owned()), ("time", format!("{}", end / 1000))];
+    // (name, path, parameters)
+    type Query<'a> = (&'a str, &'a str, Vec<(&'a str, String)>);
+    let queries: Vec<Query> = vec![
+        ("selector", "/api/v1/query_range", range("bench_requests_total{job=\"job-3\"}")),
+        ("rate", "/api/v1/query_range", range("rate(bench_requests_total{job=\"job-3\"}[5m])")),
+        ("sum by", "/api/v1/query_range", range("sum by (job) (rate(bench_requests_total[5m]))")),
+        (
+            "histogram_quantile",
+            "/api/v1/query_range",
+            range("histogram_quantile(0.9, sum by (le, job) (rate(bench_latency_seconds_bucket[5m])))"),
+        ),
+        ("topk", "/api/v1/query", instant("topk(5, rate(bench_requests_total[5m]))")),
+        (
+            "regex matcher",
+            "/api/v1/query_range",
+            range("sum(rate(bench_requests_total{instance=~\"10\\\\.0\\\\.1\\\\..*\"}[5m]))"),
+        ),
+        (
+            "subquery",
+            "/api/v1/query",
+            instant("max_over_time(sum by (job) (rate(bench_requests_total[5m]))[30m:1m])"),
+        ),
+    ];
+    let client = reqwest::Client::new();
+    println!("\n10,000 series x 2 h at 15 s; median of {runs} warm runs, client wall time\n");
+    println!("| query | series out | SecuMon on PostgreSQL ms | Prometheus 2.42 ms | ratio |");
+    println!("|---|---|---|---|---|");
+    for (name, path, params) in &queries {
+        let (ours, n) = runtime.block_on(time_query(
+            &client,
+            &format!("{secumon}{path}"),
+            params,
+            runs,
+        ));
+        let (theirs, m) =
+            runtime.block_on(time_query(&client, &prometheus.url(path), params, runs));
+        assert_eq!(n, m, "{name}: {n} series vs Prometheus's {m}");
+        println!(
+            "| {name} | {n} | {ours:.1} | {theirs:.1} | {:.2} |",
+            ours / theirs
+        );
+    }
+}
