@@ -50,6 +50,7 @@ impl Default for PostgresConfig {
 pub struct PostgresStorage {
     pool: PgPool,
     series_cache: SeriesCache,
+    labels: read::LabelCache,
     partitions: PartitionSet,
 }
 
@@ -68,6 +69,7 @@ impl PostgresStorage {
         Ok(PostgresStorage {
             pool,
             series_cache: SeriesCache::new(config.series_cache_size),
+            labels: read::LabelCache::new(config.series_cache_size),
             partitions: PartitionSet::new(config.partition_hours),
         })
     }

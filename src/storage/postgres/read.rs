@@ -27,6 +27,33 @@ fn labels_from_json(json: &str) -> StorageResult<Labels> {
     ))
 }
 
+/// Label sets by series id, for reads. Bounded: emptied when full.
+pub(super) struct LabelCache {
+    capacity: usize,
+    map: std::sync::RwLock<std::collections::HashMap<i64, Labels>>,
+}
+
+impl LabelCache {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            map: std::sync::RwLock::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&std::collections::HashMap<i64, Labels>) -> R) -> R {
+        f(&self.map.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn insert_all(&self, entries: Vec<(i64, Labels)>) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() + entries.len() > self.capacity {
+            map.clear();
+        }
+        map.extend(entries);
+    }
+}
+
 impl PostgresStorage {
     /// Series of the tenant that match every matcher, with their ids. SQL narrows by metric
     /// name and by equality on non-empty values (served by the indexes); every matcher is then
@@ -51,8 +78,8 @@ impl PostgresStorage {
             }
         }
         let containment = serde_json::Value::Object(containment).to_string();
-        let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT id, labels::text FROM series
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM series
              WHERE tenant_id = $1
                AND ($2::text IS NULL OR metric_name = $2)
                AND labels @> $3::jsonb",
@@ -63,12 +90,36 @@ impl PostgresStorage {
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        let mut series = Vec::with_capacity(rows.len());
-        for (id, json) in rows {
-            let labels = labels_from_json(&json)?;
-            if matches_all(matchers, &labels) {
-                series.push((id, labels));
+        // Label sets never change for an id: match cached ones in place, load only the rest.
+        let mut series = Vec::new();
+        let mut missing = Vec::new();
+        self.labels.with(|cache| {
+            for &id in &ids {
+                match cache.get(&id) {
+                    Some(labels) if matches_all(matchers, labels) => {
+                        series.push((id, labels.clone()))
+                    }
+                    Some(_) => {}
+                    None => missing.push(id),
+                }
             }
+        });
+        if !missing.is_empty() {
+            let rows: Vec<(i64, String)> =
+                sqlx::query_as("SELECT id, labels::text FROM series WHERE id = ANY($1)")
+                    .bind(&missing)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+            let mut fresh = Vec::with_capacity(rows.len());
+            for (id, json) in rows {
+                let labels = labels_from_json(&json)?;
+                if matches_all(matchers, &labels) {
+                    series.push((id, labels.clone()));
+                }
+                fresh.push((id, labels));
+            }
+            self.labels.insert_all(fresh);
         }
         Ok(series)
     }
