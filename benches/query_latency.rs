@@ -158,21 +158,22 @@ fn main() {
     eprintln!("encoding 10,000 series x {POINTS} samples");
     let bodies = bodies(start, 4);
 
-    let postgres = support::Postgres::shared();
-    let database = runtime.block_on(postgres.database());
-    let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
-    cmd.args([
-        "serve",
-        "--storage",
-        &database,
-        "--http-listen",
-        &format!("127.0.0.1:{port}"),
-    ])
-    .args(["--log-level", "warn"]);
-    let _secumon = Managed::spawn("secumon", cmd, None);
-    wait_for_port(port, Duration::from_secs(30), "secumon");
-    let secumon = format!("http://127.0.0.1:{port}");
+    // SECUMON_BENCH_URL points the benchmark at a server started by hand (for profiling);
+    // otherwise it starts the release binary on a PostgreSQL of its own.
+    let (_secumon, secumon) = match std::env::var("SECUMON_BENCH_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let postgres = support::Postgres::shared();
+            let database = runtime.block_on(postgres.database());
+            let port = free_port();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
+            cmd.args(["serve", "--storage", &database, "--http-listen", &format!("127.0.0.1:{port}")])
+                .args(["--log-level", "warn"]);
+            let process = Managed::spawn("secumon", cmd, None);
+            wait_for_port(port, Duration::from_secs(30), "secumon");
+            (Some(process), format!("http://127.0.0.1:{port}"))
+        }
+    };
     let prometheus = support::Prometheus::start(|_| {
         "global:\n  scrape_interval: 1h\n  evaluation_interval: 1m\n".into()
     });

@@ -286,9 +286,11 @@ impl Engine {
         )
         .await
         .map_err(|_| QueryError::Timeout("query execution"))??;
+        let loaded = Instant::now();
         tokio::task::spawn_blocking(move || {
             let mut evaluator = eval::Evaluator::new(range, options, deadline, data);
             let value = evaluator.eval(&expr)?;
+            tracing::debug!(eval_ms = loaded.elapsed().as_secs_f64() * 1e3, "evaluated");
             Ok(value::finish(value, range, instant))
         })
         .await

@@ -130,7 +130,9 @@ impl PostgresStorage {
         matchers: &[Matcher],
         hints: &SelectHints,
     ) -> StorageResult<Vec<SeriesSamples>> {
+        let started = std::time::Instant::now();
         let mut series = self.find_series(tenant, matchers).await?;
+        let lookup = started.elapsed();
         series.sort_unstable_by(|a, b| a.1.cmp(&b.1));
         let index: std::collections::HashMap<i64, usize> = series
             .iter()
@@ -190,6 +192,13 @@ impl PostgresStorage {
                 ));
             }
         }
+        tracing::debug!(
+            series = series.len(),
+            samples = loaded,
+            lookup_ms = lookup.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "select"
+        );
         for s in &mut samples {
             if !s.is_sorted_by_key(|p| p.t) {
                 s.sort_unstable_by_key(|p| p.t);
