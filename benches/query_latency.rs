@@ -167,8 +167,14 @@ fn main() {
             let database = runtime.block_on(postgres.database());
             let port = free_port();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
-            cmd.args(["serve", "--storage", &database, "--http-listen", &format!("127.0.0.1:{port}")])
-                .args(["--log-level", "warn"]);
+            cmd.args([
+                "serve",
+                "--storage",
+                &database,
+                "--http-listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--log-level", "warn"]);
             let process = Managed::spawn("secumon", cmd, None);
             wait_for_port(port, Duration::from_secs(30), "secumon");
             (Some(process), format!("http://127.0.0.1:{port}"))
