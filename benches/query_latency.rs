@@ -174,7 +174,13 @@ fn main() {
                 "--http-listen",
                 &format!("127.0.0.1:{port}"),
             ])
-            .args(["--log-level", "warn"]);
+            .args(["--log-level", "warn"])
+            .args([
+                "--otlp-grpc-listen",
+                "127.0.0.1:0",
+                "--otlp-http-listen",
+                "127.0.0.1:0",
+            ]);
             let process = Managed::spawn("secumon", cmd, None);
             wait_for_port(port, Duration::from_secs(30), "secumon");
             (Some(process), format!("http://127.0.0.1:{port}"))

@@ -321,7 +321,13 @@ fn main() {
         "--http-listen",
         &format!("127.0.0.1:{port}"),
     ])
-    .args(["--log-level", "warn"]);
+    .args(["--log-level", "warn"])
+    .args([
+        "--otlp-grpc-listen",
+        "127.0.0.1:0",
+        "--otlp-http-listen",
+        "127.0.0.1:0",
+    ]);
     let secumon = Managed::spawn("secumon", cmd, None);
     wait_for_port(port, Duration::from_secs(30), "secumon");
     let pg_pid = postmaster_pid(postgres.port);

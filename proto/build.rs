@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/prometheus/remote.proto",
         "proto/prometheus/types.proto",
+        "proto/google/rpc/status.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -2,6 +2,7 @@
 //! `SECUMON_*` environment variables, then by command-line flags. `secumon serve --help` lists
 //! every key with its default.
 
+use crate::ingest::otlp::OtlpConfig;
 use crate::ingest::IngestConfig;
 use crate::promql::EngineConfig;
 use crate::storage::postgres::PostgresConfig;
@@ -16,6 +17,10 @@ use std::path::PathBuf;
 pub struct Config {
     /// Address of the HTTP server (Prometheus API, remote-write, health, metrics).
     pub http_listen: String,
+    /// Address of the OTLP/gRPC listener; empty to disable it.
+    pub otlp_grpc_listen: String,
+    /// Address of the OTLP/HTTP listener (`POST /v1/metrics`); empty to disable it.
+    pub otlp_http_listen: String,
     /// Where data lives: a directory for the embedded engine, or a `postgres://` URL.
     pub storage: String,
     /// Log filter, `RUST_LOG` syntax (e.g. `info`, `secumon=debug`).
@@ -23,6 +28,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub postgres: PostgresConfig,
     pub ingest: IngestConfig,
+    pub otlp: OtlpConfig,
     pub query: EngineConfig,
 }
 
@@ -30,11 +36,14 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             http_listen: "127.0.0.1:8080".into(),
+            otlp_grpc_listen: "127.0.0.1:4317".into(),
+            otlp_http_listen: "127.0.0.1:4318".into(),
             storage: "./data".into(),
             log_level: "info".into(),
             log_format: LogFormat::Text,
             postgres: PostgresConfig::default(),
             ingest: IngestConfig::default(),
+            otlp: OtlpConfig::default(),
             query: EngineConfig::default(),
         }
     }
@@ -66,12 +75,18 @@ pub enum Command {
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// TOML configuration file; its keys are the flag names with `-` as `_`, nested tables
-    /// `[postgres]`, `[ingest]`, `[query]` for the prefixed flags.
+    /// `[postgres]`, `[ingest]`, `[otlp]`, `[query]` for the prefixed flags.
     #[arg(long, env = "SECUMON_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Address of the HTTP server. [default: 127.0.0.1:8080]
     #[arg(long, env = "SECUMON_HTTP_LISTEN", global = true)]
     pub http_listen: Option<String>,
+    /// Address of the OTLP/gRPC listener; empty disables it. [default: 127.0.0.1:4317]
+    #[arg(long, env = "SECUMON_OTLP_GRPC_LISTEN", global = true)]
+    pub otlp_grpc_listen: Option<String>,
+    /// Address of the OTLP/HTTP listener; empty disables it. [default: 127.0.0.1:4318]
+    #[arg(long, env = "SECUMON_OTLP_HTTP_LISTEN", global = true)]
+    pub otlp_http_listen: Option<String>,
     /// Storage: a directory for the embedded engine (not available yet), or
     /// `postgres://user:pass@host:port/db`. [default: ./data]
     #[arg(long, env = "SECUMON_STORAGE", global = true)]
@@ -82,6 +97,18 @@ pub struct ServeArgs {
     /// Log format. [default: text]
     #[arg(long, env = "SECUMON_LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// OTLP resource attributes copied onto every series, comma-separated. [default: none]
+    #[arg(
+        long,
+        env = "SECUMON_OTLP_PROMOTE_RESOURCE_ATTRIBUTES",
+        global = true,
+        value_delimiter = ','
+    )]
+    pub otlp_promote_resource_attributes: Option<Vec<String>>,
+    /// Translate OTLP names to Prometheus conventions; false keeps OpenTelemetry's UTF-8 names.
+    /// [default: true]
+    #[arg(long, env = "SECUMON_OTLP_TRANSLATE_NAMES", global = true)]
+    pub otlp_translate_names: Option<bool>,
     /// Most PostgreSQL connections. [default: 16]
     #[arg(long, env = "SECUMON_POSTGRES_MAX_CONNECTIONS", global = true)]
     pub postgres_max_connections: Option<u32>,
@@ -152,7 +179,14 @@ impl ServeArgs {
             }
         }
         set(&mut c.http_listen, &self.http_listen);
+        set(&mut c.otlp_grpc_listen, &self.otlp_grpc_listen);
+        set(&mut c.otlp_http_listen, &self.otlp_http_listen);
         set(&mut c.storage, &self.storage);
+        set(
+            &mut c.otlp.promote_resource_attributes,
+            &self.otlp_promote_resource_attributes,
+        );
+        set(&mut c.otlp.translate_names, &self.otlp_translate_names);
         set(&mut c.log_level, &self.log_level);
         set(&mut c.log_format, &self.log_format);
         set(

@@ -11,7 +11,6 @@ use crate::telemetry::Metrics;
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::sync::oneshot;
 
 /// Opens the storage the configuration names.
 pub async fn open_storage(config: &Config) -> anyhow::Result<DynStorage> {
@@ -29,18 +28,34 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<DynStorage> {
 
 /// A server running in the background, for tests and embedding.
 pub struct RunningServer {
+    /// The HTTP listener (Prometheus API, ingest, health, metrics).
     pub addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The OTLP/gRPC listener, unless disabled.
+    pub otlp_grpc_addr: Option<SocketAddr>,
+    /// The OTLP/HTTP listener, unless disabled.
+    pub otlp_http_addr: Option<SocketAddr>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
         }
-        let _ = (&mut self.task).await;
     }
+}
+
+async fn bind(address: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))
+}
+
+/// Resolves when `shutdown` turns true.
+async fn shutdown_requested(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Binds the HTTP listener and serves in a background task.
@@ -50,27 +65,67 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         engine: Engine::new(storage.clone(), config.query.clone()),
         ingester: Ingester::new(storage.clone(), metrics.clone()),
         ingest_config: config.ingest.clone(),
+        otlp_config: config.otlp.clone(),
         storage,
         metrics,
         started: chrono::Utc::now(),
     });
-    let listener = tokio::net::TcpListener::bind(&config.http_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+    let (shutdown, stop) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let listener = bind(&config.http_listen).await?;
     let addr = listener.local_addr()?;
-    let (tx, rx) = oneshot::channel::<()>();
-    let app = api::router(state);
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
+    let app = api::router(state.clone());
+    let stopped = shutdown_requested(stop.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
             .await
-    });
+        {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+
+    let mut otlp_http_addr = None;
+    if !config.otlp_http_listen.is_empty() {
+        let listener = bind(&config.otlp_http_listen).await?;
+        otlp_http_addr = Some(listener.local_addr()?);
+        let app = api::otlp_http_router(state.clone());
+        let stopped = shutdown_requested(stop.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+            {
+                tracing::error!(error = %e, "OTLP/HTTP server failed");
+            }
+        }));
+    }
+
+    let mut otlp_grpc_addr = None;
+    if !config.otlp_grpc_listen.is_empty() {
+        let listener = bind(&config.otlp_grpc_listen).await?;
+        otlp_grpc_addr = Some(listener.local_addr()?);
+        let service = api::otlp::grpc::MetricsService::new(state.clone());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let stopped = shutdown_requested(stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "OTLP/gRPC server failed");
+            }
+        }));
+    }
+
     Ok(RunningServer {
         addr,
-        shutdown: Some(tx),
-        task,
+        otlp_grpc_addr,
+        otlp_http_addr,
+        shutdown,
+        tasks,
     })
 }
 
@@ -78,7 +133,13 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let storage = open_storage(&config).await?;
     let server = start(&config, storage).await?;
-    tracing::info!(addr = %server.addr, storage = %redact(&config.storage), "SecuMon listening");
+    tracing::info!(
+        addr = %server.addr,
+        otlp_grpc = ?server.otlp_grpc_addr,
+        otlp_http = ?server.otlp_http_addr,
+        storage = %redact(&config.storage),
+        "SecuMon listening"
+    );
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.stop().await;

@@ -1,7 +1,13 @@
 //! Protocol types SecuMon speaks on the wire, generated from our own `.proto` files.
 //!
-//! `prometheus` holds the Prometheus remote-write 1.0 messages (`WriteRequest` and friends).
+//! `prometheus` holds the Prometheus remote-write 1.0 messages (`WriteRequest` and friends);
+//! `google_rpc` the `Status` message OTLP/HTTP error responses carry.
 //! OTLP types come from the `opentelemetry-proto` crate, not from here.
+
+/// `google.rpc.Status`, the error body of OTLP/HTTP.
+pub mod google_rpc {
+    include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
+}
 
 /// Prometheus remote-write 1.0 (`prometheus.WriteRequest`).
 pub mod prometheus {

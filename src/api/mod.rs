@@ -4,6 +4,7 @@
 
 pub mod errors;
 pub mod json;
+pub mod otlp;
 pub mod params;
 mod prometheus;
 mod status;
@@ -28,6 +29,7 @@ pub struct AppState {
     pub engine: Engine,
     pub ingester: Ingester,
     pub ingest_config: IngestConfig,
+    pub otlp_config: crate::ingest::otlp::OtlpConfig,
     pub metrics: Arc<Metrics>,
     /// When the server started, for `/api/v1/status/runtimeinfo`.
     pub started: chrono::DateTime<chrono::Utc>,
@@ -77,6 +79,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/status/runtimeinfo", get(status::runtimeinfo))
         .route("/api/v1/status/tsdb", get(status::tsdb))
         .route("/api/v1/write", post(write::remote_write))
+        .route("/api/v1/otlp/v1/metrics", post(otlp::http_export))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -108,6 +111,19 @@ async fn count_requests(
         })
         .inc();
     response
+}
+
+/// The OTLP/HTTP listener's routes: `POST /v1/metrics`, the OpenTelemetry default path.
+pub fn otlp_http_router(state: SharedState) -> Router {
+    let body_limit = state.ingest_config.max_request_bytes;
+    Router::new()
+        .route("/v1/metrics", post(otlp::http_export))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
 }
 
 async fn health() -> &'static str {

@@ -2,6 +2,7 @@
 //! valid series. It keeps whatever is valid in a request and reports the rest with reasons;
 //! it never knows which backend stores the data.
 
+pub mod otlp;
 pub mod remote_write;
 
 use crate::model::{MetricMetadata, TenantId};

@@ -5,7 +5,7 @@
 //! a reason while the other series of the same request are stored.
 
 use super::{Batch, IngestConfig, Rejection};
-use crate::model::{Label, LabelError, Labels, MetricMetadata, MetricType, Sample};
+use crate::model::{Label, Labels, MetricMetadata, MetricType, Sample};
 use crate::storage::SeriesWrite;
 use prost::Message;
 use secumon_proto::prometheus::{metric_metadata, WriteRequest};
@@ -62,15 +62,6 @@ pub fn decode(body: &[u8], config: &IngestConfig) -> Result<WriteRequest, Decode
     Ok(request)
 }
 
-fn rejection_reason(error: &LabelError) -> &'static str {
-    match error {
-        LabelError::InvalidName(_) => "invalid_label_name",
-        LabelError::Duplicate(_) => "duplicate_label_name",
-        LabelError::MissingMetricName => "missing_metric_name",
-        LabelError::InvalidMetricName(_) => "invalid_metric_name",
-    }
-}
-
 fn metric_type(t: i32) -> MetricType {
     match metric_metadata::MetricType::try_from(t) {
         Ok(metric_metadata::MetricType::Counter) => MetricType::Counter,
@@ -108,7 +99,7 @@ pub fn to_batch(request: WriteRequest) -> Batch {
             Ok(labels) => labels,
             Err(error) => {
                 batch.rejections.push(Rejection {
-                    reason: rejection_reason(&error),
+                    reason: error.reason(),
                     samples: sample_count,
                     message: format!("series refused: {error}"),
                 });

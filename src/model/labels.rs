@@ -33,6 +33,18 @@ pub enum LabelError {
     InvalidMetricName(String),
 }
 
+impl LabelError {
+    /// The `reason` label of `secumon_samples_rejected_total` for this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LabelError::InvalidName(_) => "invalid_label_name",
+            LabelError::Duplicate(_) => "duplicate_label_name",
+            LabelError::MissingMetricName => "missing_metric_name",
+            LabelError::InvalidMetricName(_) => "invalid_metric_name",
+        }
+    }
+}
+
 /// A label set sorted by name with unique names and no empty values.
 ///
 /// The derived ordering compares label by label (name, then value) and then by length, which is
@@ -64,6 +76,24 @@ impl Labels {
             }
             Some(_) => Ok(labels),
         }
+    }
+
+    /// Like [`Labels::from_wire`], but any non-empty UTF-8 name is accepted (for OTLP metrics
+    /// kept under their OpenTelemetry names).
+    pub fn from_wire_utf8(labels: Vec<Label>) -> Result<Labels, LabelError> {
+        let mut labels: Vec<Label> = labels.into_iter().filter(|l| !l.value.is_empty()).collect();
+        if let Some(bad) = labels.iter().find(|l| l.name.is_empty()) {
+            return Err(LabelError::InvalidName(bad.name.clone()));
+        }
+        labels.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        if let Some(pair) = labels.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(LabelError::Duplicate(pair[0].name.clone()));
+        }
+        let labels = Labels(labels);
+        if labels.get(METRIC_NAME_LABEL).is_none() {
+            return Err(LabelError::MissingMetricName);
+        }
+        Ok(labels)
     }
 
     /// Builds a label set from labels already known to be valid, sorting them.

@@ -172,6 +172,8 @@ impl Secumon {
         let database_url = Postgres::shared().database().await;
         let mut config = Config {
             http_listen: "127.0.0.1:0".into(),
+            otlp_grpc_listen: "127.0.0.1:0".into(),
+            otlp_http_listen: "127.0.0.1:0".into(),
             storage: database_url.clone(),
             ..Config::default()
         };

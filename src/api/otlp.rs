@@ -1,0 +1,317 @@
+//! OTLP/HTTP (`POST /v1/metrics` on the OTLP port, `POST /api/v1/otlp/v1/metrics` on the main
+//! port) and OTLP/gRPC (`MetricsService/Export`). Answers follow the OTLP specification:
+//! success with partial success for refused points, 400/`INVALID_ARGUMENT` for a malformed
+//! request, 413/`RESOURCE_EXHAUSTED` for one over the size limits, 503/`UNAVAILABLE` with
+//! `Retry-After` only when storage is unreachable (a retry can succeed), in the request's
+//! encoding.
+
+use super::SharedState;
+use crate::ingest::otlp::{self, DecodeError, Encoding};
+use crate::ingest::WriteSummary;
+use crate::storage::StorageError;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use prost::Message;
+use secumon_proto::google_rpc::Status as RpcStatus;
+
+/// Seconds a client should wait before retrying when storage is unavailable.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// gRPC codes used in OTLP/HTTP error bodies.
+const CODE_INVALID_ARGUMENT: i32 = 3;
+const CODE_RESOURCE_EXHAUSTED: i32 = 8;
+const CODE_INTERNAL: i32 = 13;
+const CODE_UNAVAILABLE: i32 = 14;
+
+/// Why an export failed as a whole.
+enum ExportError {
+    Decode(DecodeError),
+    Storage(StorageError),
+}
+
+/// Decodes, translates and stores one export request body (already decompressed or not).
+async fn export(
+    state: &SharedState,
+    body: Bytes,
+    content_encoding: Option<String>,
+    encoding: Encoding,
+) -> Result<WriteSummary, ExportError> {
+    let config = state.ingest_config.clone();
+    let otlp_config = state.otlp_config.clone();
+    let batch = tokio::task::spawn_blocking(move || {
+        let raw = otlp::decompress(&body, content_encoding.as_deref(), &config)?;
+        let request = otlp::decode(&raw, encoding)?;
+        Ok::<_, DecodeError>(otlp::to_batch(request, &otlp_config))
+    })
+    .await
+    .map_err(|e| ExportError::Storage(StorageError::Internal(e.to_string())))?
+    .map_err(ExportError::Decode)?;
+    state
+        .ingester
+        .write(otlp::PROTOCOL, &state.tenant(), batch)
+        .await
+        .map_err(ExportError::Storage)
+}
+
+/// Stores an already decoded request (gRPC).
+async fn export_decoded(
+    state: &SharedState,
+    request: ExportMetricsServiceRequest,
+) -> Result<WriteSummary, StorageError> {
+    let otlp_config = state.otlp_config.clone();
+    let batch = tokio::task::spawn_blocking(move || otlp::to_batch(request, &otlp_config))
+        .await
+        .map_err(|e| StorageError::Internal(e.to_string()))?;
+    state
+        .ingester
+        .write(otlp::PROTOCOL, &state.tenant(), batch)
+        .await
+}
+
+fn response_for(summary: &WriteSummary) -> ExportMetricsServiceResponse {
+    ExportMetricsServiceResponse {
+        partial_success: (summary.rejected > 0).then(|| ExportMetricsPartialSuccess {
+            rejected_data_points: summary.rejected as i64,
+            error_message: summary.first_error.clone().unwrap_or_default(),
+        }),
+    }
+}
+
+fn encode_body<T: Message + serde::Serialize>(message: &T, encoding: Encoding) -> Vec<u8> {
+    match encoding {
+        Encoding::Protobuf => message.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(message).unwrap_or_default(),
+    }
+}
+
+fn status_body(code: i32, message: String, encoding: Encoding) -> Vec<u8> {
+    match encoding {
+        Encoding::Protobuf => RpcStatus { code, message }.encode_to_vec(),
+        Encoding::Json => serde_json::json!({"code": code, "message": message})
+            .to_string()
+            .into_bytes(),
+    }
+}
+
+fn reply(status: StatusCode, encoding: Encoding, body: Vec<u8>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, encoding.content_type())],
+        body,
+    )
+        .into_response()
+}
+
+/// The OTLP/HTTP metrics endpoint.
+pub(super) async fn http_export(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some(encoding) = Encoding::from_content_type(content_type) else {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported content type {content_type:?}: send application/x-protobuf or application/json\n"),
+        )
+            .into_response();
+    };
+    let content_encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match export(&state, body, content_encoding, encoding).await {
+        Ok(summary) => reply(
+            StatusCode::OK,
+            encoding,
+            encode_body(&response_for(&summary), encoding),
+        ),
+        Err(ExportError::Decode(e)) if e.is_too_large() => reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            encoding,
+            status_body(CODE_RESOURCE_EXHAUSTED, e.to_string(), encoding),
+        ),
+        Err(ExportError::Decode(e)) => reply(
+            StatusCode::BAD_REQUEST,
+            encoding,
+            status_body(CODE_INVALID_ARGUMENT, e.to_string(), encoding),
+        ),
+        Err(ExportError::Storage(e @ StorageError::Unavailable(_))) => {
+            tracing::warn!(error = %e, "OTLP export failed, client will retry");
+            let mut response = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                encoding,
+                status_body(CODE_UNAVAILABLE, e.to_string(), encoding),
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            response
+        }
+        Err(ExportError::Storage(e)) => {
+            tracing::error!(error = %e, "OTLP export failed");
+            reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                encoding,
+                status_body(CODE_INTERNAL, e.to_string(), encoding),
+            )
+        }
+    }
+}
+
+pub mod grpc {
+    //! `opentelemetry.proto.collector.metrics.v1.MetricsService/Export` over gRPC. The request
+    //! is taken as bytes and decoded here, so that a malformed message is `INVALID_ARGUMENT`
+    //! (tonic's protobuf codec would answer `INTERNAL`).
+
+    use super::{export_decoded, response_for, SharedState};
+    use crate::storage::StorageError;
+    use axum::body::Bytes;
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    use prost::Message;
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tonic::codec::{
+        Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings, EncodeBuf,
+        Encoder,
+    };
+    use tonic::{Request, Response, Status};
+
+    const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
+    /// Passes request bytes through and encodes responses with prost.
+    #[derive(Default)]
+    struct BytesCodec;
+
+    struct BytesDecoder;
+    struct ResponseEncoder;
+
+    impl Decoder for BytesDecoder {
+        type Item = Bytes;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+            use bytes::Buf;
+            Ok(Some(buf.copy_to_bytes(buf.remaining())))
+        }
+    }
+
+    impl Encoder for ResponseEncoder {
+        type Item = ExportMetricsServiceResponse;
+        type Error = Status;
+
+        fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            item.encode(buf)
+                .map_err(|e| Status::internal(e.to_string()))
+        }
+    }
+
+    impl Codec for BytesCodec {
+        type Encode = ExportMetricsServiceResponse;
+        type Decode = Bytes;
+        type Encoder = ResponseEncoder;
+        type Decoder = BytesDecoder;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ResponseEncoder
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            BytesDecoder
+        }
+    }
+
+    type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+
+    struct Export(SharedState);
+
+    impl tonic::server::UnaryService<Bytes> for Export {
+        type Response = ExportMetricsServiceResponse;
+        type Future = BoxFuture<Response<Self::Response>, Status>;
+
+        fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+            let state = self.0.clone();
+            Box::pin(async move {
+                let bytes = request.into_inner();
+                let decoded =
+                    tokio::task::spawn_blocking(move || ExportMetricsServiceRequest::decode(bytes))
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                let request =
+                    decoded.map_err(|e| Status::invalid_argument(format!("protobuf: {e}")))?;
+                match export_decoded(&state, request).await {
+                    Ok(summary) => Ok(Response::new(response_for(&summary))),
+                    Err(e @ StorageError::Unavailable(_)) => {
+                        Err(Status::unavailable(e.to_string()))
+                    }
+                    Err(e) => Err(Status::internal(e.to_string())),
+                }
+            })
+        }
+    }
+
+    /// The gRPC service, to be served by tonic.
+    #[derive(Clone)]
+    pub struct MetricsService {
+        state: SharedState,
+    }
+
+    impl MetricsService {
+        pub fn new(state: SharedState) -> Self {
+            Self { state }
+        }
+    }
+
+    impl tonic::server::NamedService for MetricsService {
+        const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    }
+
+    impl<B> tower_service::Service<http::Request<B>> for MetricsService
+    where
+        B: http_body::Body + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Self::Response, Infallible>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<B>) -> Self::Future {
+            let state = self.state.clone();
+            if request.uri().path() != EXPORT_PATH {
+                return Box::pin(
+                    async move { Ok(Status::unimplemented("unknown method").into_http()) },
+                );
+            }
+            Box::pin(async move {
+                let mut accept = EnabledCompressionEncodings::default();
+                accept.enable(CompressionEncoding::Gzip);
+                // The limit applies to the message as received and, for gzip, after inflating.
+                let limit = state
+                    .ingest_config
+                    .max_request_bytes
+                    .max(state.ingest_config.max_decompressed_bytes);
+                let mut grpc = tonic::server::Grpc::new(BytesCodec)
+                    .apply_compression_config(accept, EnabledCompressionEncodings::default())
+                    .apply_max_message_size_config(Some(limit), None);
+                Ok(grpc.unary(Export(state), request).await)
+            })
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! OTLP metrics: decoding (protobuf or JSON, optionally gzip) and translation into Prometheus
+//! series as Prometheus's OTLP receiver names them (see `docs/otlp.md`).
+//!
+//! Points that cannot be stored are refused one by one with a reason (reported to the client
+//! as OTLP partial success); the rest of the request is stored.
+
+mod naming;
+mod translate;
+
+pub use translate::to_batch;
+
+use super::IngestConfig;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use prost::Message;
+use std::io::Read;
+
+/// Protocol name in `/metrics`.
+pub const PROTOCOL: &str = "otlp";
+
+/// How OTLP metrics become Prometheus series (`[otlp]` in the config file).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// Resource attributes copied onto every series of the resource (Prometheus's
+    /// `otlp.promote_resource_attributes`); the others are only in `target_info`.
+    pub promote_resource_attributes: Vec<String>,
+    /// Translate names to Prometheus conventions (units and type suffixes, `_` for invalid
+    /// characters). Off: metric and label names are kept as OpenTelemetry spells them (UTF-8).
+    pub translate_names: bool,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            promote_resource_attributes: Vec::new(),
+            translate_names: true,
+        }
+    }
+}
+
+/// Body encodings OTLP/HTTP defines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    /// From a `Content-Type` (parameters ignored); `None` for anything else.
+    pub fn from_content_type(content_type: &str) -> Option<Encoding> {
+        match content_type.split(';').next().unwrap_or("").trim() {
+            "application/x-protobuf" => Some(Encoding::Protobuf),
+            "application/json" => Some(Encoding::Json),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("request body of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("decompressed request body exceeds the limit of {limit} bytes")]
+    DecompressedTooLarge { limit: usize },
+    #[error("unsupported content encoding {0:?}: send gzip or no encoding")]
+    UnsupportedEncoding(String),
+    #[error("gzip: {0}")]
+    Gzip(String),
+    #[error("protobuf: {0}")]
+    Protobuf(String),
+    #[error("json: {0}")]
+    Json(String),
+}
+
+impl DecodeError {
+    /// Whether the request was refused for its size (HTTP 413, gRPC RESOURCE_EXHAUSTED).
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            DecodeError::TooLarge { .. } | DecodeError::DecompressedTooLarge { .. }
+        )
+    }
+}
+
+/// Undoes `Content-Encoding`, enforcing the size limits before and after decompression.
+pub fn decompress(
+    body: &[u8],
+    content_encoding: Option<&str>,
+    config: &IngestConfig,
+) -> Result<Vec<u8>, DecodeError> {
+    if body.len() > config.max_request_bytes {
+        return Err(DecodeError::TooLarge {
+            size: body.len(),
+            limit: config.max_request_bytes,
+        });
+    }
+    match content_encoding.map(str::trim).unwrap_or("") {
+        "" | "identity" => Ok(body.to_vec()),
+        "gzip" => gunzip(body, config.max_decompressed_bytes),
+        other => Err(DecodeError::UnsupportedEncoding(other.to_owned())),
+    }
+}
+
+/// Inflates gzip, refusing to produce more than `limit` bytes (a gzip bomb stops there).
+pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| DecodeError::Gzip(e.to_string()))?;
+    if out.len() > limit {
+        return Err(DecodeError::DecompressedTooLarge { limit });
+    }
+    Ok(out)
+}
+
+/// Decodes an uncompressed request body.
+pub fn decode(body: &[u8], encoding: Encoding) -> Result<ExportMetricsServiceRequest, DecodeError> {
+    match encoding {
+        Encoding::Protobuf => ExportMetricsServiceRequest::decode(body)
+            .map_err(|e| DecodeError::Protobuf(e.to_string())),
+        Encoding::Json => {
+            serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_bombs_stop_at_the_limit() {
+        let bomb = gzip(&vec![0u8; 10 << 20]);
+        assert!(bomb.len() < 64 * 1024);
+        let config = IngestConfig {
+            max_decompressed_bytes: 1 << 20,
+            ..IngestConfig::default()
+        };
+        assert_eq!(
+            decompress(&bomb, Some("gzip"), &config),
+            Err(DecodeError::DecompressedTooLarge { limit: 1 << 20 })
+        );
+        assert_eq!(
+            decompress(b"abc", Some("gzip"), &config)
+                .unwrap_err()
+                .to_string()
+                .split(':')
+                .next(),
+            Some("gzip")
+        );
+        assert!(matches!(
+            decompress(b"abc", Some("br"), &config),
+            Err(DecodeError::UnsupportedEncoding(_))
+        ));
+    }
+
+    #[test]
+    fn decodes_json_and_protobuf() {
+        let json = br#"{"resourceMetrics":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"shop"}}]},
+            "scopeMetrics":[{"metrics":[{"name":"up","gauge":{"dataPoints":[{"timeUnixNano":"1700000000000000000","asDouble":1}]}}]}]}]}"#;
+        let request = decode(json, Encoding::Json).unwrap();
+        let bytes = request.encode_to_vec();
+        assert_eq!(decode(&bytes, Encoding::Protobuf).unwrap(), request);
+        assert!(matches!(
+            decode(b"{\"resourceMetrics\": 5}", Encoding::Json),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            decode(b"\x0a\xff\xff\xff", Encoding::Protobuf),
+            Err(DecodeError::Protobuf(_))
+        ));
+        assert_eq!(
+            Encoding::from_content_type("application/json; charset=utf-8"),
+            Some(Encoding::Json)
+        );
+        assert_eq!(Encoding::from_content_type("text/plain"), None);
+    }
+}

@@ -1,0 +1,664 @@
+//! OTLP points to Prometheus series (prometheus v2.53 storage/remote/otlptranslator:
+//! prometheusremotewrite/helper.go, number_data_points.go, histograms.go), with SecuMon's
+//! additions documented in docs/otlp.md: per-point refusal with reasons instead of dropping or
+//! failing the whole request, exponential histograms as classic buckets, metadata kept.
+
+use super::naming::{label_name, metric_name, unit_word, NameKind};
+use super::OtlpConfig;
+use crate::ingest::{Batch, Rejection};
+use crate::model::{Label, LabelError, Labels, MetricMetadata, MetricType, Sample, STALE_NAN_BITS};
+use crate::storage::SeriesWrite;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric::Data, number_data_point, AggregationTemporality, ExponentialHistogramDataPoint,
+    HistogramDataPoint, Metric, NumberDataPoint, SummaryDataPoint,
+};
+use std::collections::HashMap;
+
+const SERVICE_NAME: &str = "service.name";
+const SERVICE_NAMESPACE: &str = "service.namespace";
+const SERVICE_INSTANCE_ID: &str = "service.instance.id";
+/// `DataPointFlags.FLAG_NO_RECORDED_VALUE_MASK`: the point marks the series stale.
+const FLAG_NO_RECORDED_VALUE: u32 = 1;
+
+/// Collects series (merging repeats by labels) and refusals.
+struct Builder<'a> {
+    config: &'a OtlpConfig,
+    index: HashMap<Labels, usize>,
+    batch: Batch,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, labels: Labels, sample: Sample) {
+        match self.index.get(&labels) {
+            Some(&i) => self.batch.series[i].samples.push(sample),
+            None => {
+                self.index.insert(labels.clone(), self.batch.series.len());
+                self.batch.series.push(SeriesWrite {
+                    labels,
+                    samples: vec![sample],
+                });
+            }
+        }
+    }
+
+    fn reject(&mut self, reason: &'static str, points: usize, message: String) {
+        if points == 0 {
+            return;
+        }
+        match self
+            .batch
+            .rejections
+            .iter_mut()
+            .find(|r| r.reason == reason)
+        {
+            Some(r) => r.samples += points,
+            None => self.batch.rejections.push(Rejection {
+                reason,
+                samples: points,
+                message,
+            }),
+        }
+    }
+
+    fn labels(&self, labels: Vec<Label>) -> Result<Labels, LabelError> {
+        if self.config.translate_names {
+            Labels::from_wire(labels)
+        } else {
+            Labels::from_wire_utf8(labels)
+        }
+    }
+
+    fn label_key(&self, key: &str) -> String {
+        if self.config.translate_names {
+            label_name(key)
+        } else {
+            key.to_owned()
+        }
+    }
+}
+
+/// An attribute value as text (pdata `Value.AsString`).
+fn value_string(value: &Option<AnyValue>) -> String {
+    match value.as_ref().and_then(|v| v.value.as_ref()) {
+        None => String::new(),
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => es6_number(*d),
+        Some(any_value::Value::BytesValue(b)) => base64(b),
+        Some(any_value::Value::StringValueStrindex(i)) => i.to_string(),
+        Some(other) => json_value(other).to_string(),
+    }
+}
+
+fn json_value(value: &any_value::Value) -> serde_json::Value {
+    match value {
+        any_value::Value::StringValue(s) => s.clone().into(),
+        any_value::Value::BoolValue(b) => (*b).into(),
+        any_value::Value::IntValue(i) => (*i).into(),
+        any_value::Value::DoubleValue(d) => {
+            serde_json::Number::from_f64(*d).map_or(serde_json::Value::Null, Into::into)
+        }
+        any_value::Value::BytesValue(b) => base64(b).into(),
+        any_value::Value::StringValueStrindex(i) => (*i).into(),
+        any_value::Value::ArrayValue(a) => a
+            .values
+            .iter()
+            .map(|v| v.value.as_ref().map_or(serde_json::Value::Null, json_value))
+            .collect(),
+        any_value::Value::KvlistValue(kv) => kv
+            .values
+            .iter()
+            .map(|kv| {
+                let v = kv.value.as_ref().and_then(|v| v.value.as_ref());
+                (
+                    kv.key.clone(),
+                    v.map_or(serde_json::Value::Null, json_value),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    }
+}
+
+/// ECMAScript number formatting, as pdata prints doubles.
+fn es6_number(v: f64) -> String {
+    let abs = v.abs();
+    if abs != 0.0 && (!(1e-6..1e21).contains(&abs)) && v.is_finite() {
+        let s = format!("{v:e}");
+        match s.split_once('e') {
+            Some((m, e)) if !e.starts_with('-') => format!("{m}e+{e}"),
+            _ => s,
+        }
+    } else {
+        format!("{v}")
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// What every series of one resource shares: `job`, `instance` and promoted attributes.
+struct ResourceLabels {
+    job: Option<String>,
+    instance: Option<String>,
+    promoted: Vec<(String, String)>,
+}
+
+fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a KeyValue> {
+    attributes.iter().find(|kv| kv.key == key)
+}
+
+impl ResourceLabels {
+    fn new(attributes: &[KeyValue], builder: &Builder) -> ResourceLabels {
+        let name = find(attributes, SERVICE_NAME).map(|kv| value_string(&kv.value));
+        let namespace = find(attributes, SERVICE_NAMESPACE).map(|kv| value_string(&kv.value));
+        let job = name.map(|name| match namespace {
+            Some(ns) if !ns.is_empty() => format!("{ns}/{name}"),
+            _ => name,
+        });
+        let instance = find(attributes, SERVICE_INSTANCE_ID).map(|kv| value_string(&kv.value));
+        let mut promoted: Vec<(String, String)> = builder
+            .config
+            .promote_resource_attributes
+            .iter()
+            .filter_map(|key| {
+                find(attributes, key).map(|kv| (key.clone(), value_string(&kv.value)))
+            })
+            .collect();
+        promoted.sort_by(|a, b| a.0.cmp(&b.0));
+        ResourceLabels {
+            job,
+            instance,
+            promoted,
+        }
+    }
+}
+
+/// A point's labels (helper.go `createAttributes`): attributes sorted by key, normalized, values
+/// of colliding names joined with `;`; promoted resource attributes where absent; `job` and
+/// `instance` from the resource, overriding; then `extra` (e.g. `le`) and `__name__`.
+fn point_labels(
+    builder: &Builder,
+    resource: &ResourceLabels,
+    attributes: &[KeyValue],
+    name: &str,
+    extra: Option<(&str, String)>,
+) -> Result<Labels, LabelError> {
+    let mut sorted: Vec<&KeyValue> = attributes.iter().collect();
+    sorted.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut labels: Vec<Label> = Vec::with_capacity(sorted.len() + 4);
+    for kv in sorted {
+        let key = builder.label_key(&kv.key);
+        let value = value_string(&kv.value);
+        match labels.iter_mut().find(|l| l.name == key) {
+            Some(existing) => {
+                existing.value.push(';');
+                existing.value.push_str(&value);
+            }
+            None => labels.push(Label::new(key, value)),
+        }
+    }
+    for (key, value) in &resource.promoted {
+        let key = builder.label_key(key);
+        if !labels.iter().any(|l| l.name == key) {
+            labels.push(Label::new(key, value.clone()));
+        }
+    }
+    for (key, value) in [("job", &resource.job), ("instance", &resource.instance)] {
+        if let Some(value) = value {
+            labels.retain(|l| l.name != key);
+            labels.push(Label::new(key, value.clone()));
+        }
+    }
+    // `le` and `quantile` may not also be attributes: Prometheus would store a duplicate label.
+    if let Some((key, value)) = extra {
+        labels.push(Label::new(key, value));
+    }
+    labels.retain(|l| l.name != crate::model::METRIC_NAME_LABEL);
+    labels.push(Label::new(crate::model::METRIC_NAME_LABEL, name));
+    builder.labels(labels)
+}
+
+/// A point's time in ms, or why it has none.
+fn timestamp_ms(time_unix_nano: u64) -> Result<i64, &'static str> {
+    if time_unix_nano == 0 {
+        return Err("missing_timestamp");
+    }
+    i64::try_from(time_unix_nano / 1_000_000).map_err(|_| "timestamp_out_of_range")
+}
+
+/// Go's `strconv.FormatFloat(f, 'f', -1, 64)` for `le` and `quantile` values.
+fn format_bound(v: f64) -> String {
+    if v == f64::INFINITY {
+        "+Inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+fn stale_or(flags: u32, value: f64) -> f64 {
+    if flags & FLAG_NO_RECORDED_VALUE != 0 {
+        f64::from_bits(STALE_NAN_BITS)
+    } else {
+        value
+    }
+}
+
+/// Translates a whole request into a batch of series plus refused points.
+pub fn to_batch(request: ExportMetricsServiceRequest, config: &OtlpConfig) -> Batch {
+    let mut builder = Builder {
+        config,
+        index: HashMap::new(),
+        batch: Batch::default(),
+    };
+    for resource_metrics in &request.resource_metrics {
+        let attributes: &[KeyValue] = resource_metrics
+            .resource
+            .as_ref()
+            .map_or(&[], |r| r.attributes.as_slice());
+        let resource = ResourceLabels::new(attributes, &builder);
+        let mut latest_ns = 0u64;
+        for scope in &resource_metrics.scope_metrics {
+            for metric in &scope.metrics {
+                latest_ns = latest_ns.max(latest_time(metric));
+                translate_metric(&mut builder, &resource, metric);
+            }
+        }
+        target_info(&mut builder, &resource, attributes, latest_ns);
+    }
+    builder.batch
+}
+
+fn latest_time(metric: &Metric) -> u64 {
+    match &metric.data {
+        Some(Data::Gauge(g)) => g.data_points.iter().map(|p| p.time_unix_nano).max(),
+        Some(Data::Sum(s)) => s.data_points.iter().map(|p| p.time_unix_nano).max(),
+        Some(Data::Histogram(h)) => h.data_points.iter().map(|p| p.time_unix_nano).max(),
+        Some(Data::ExponentialHistogram(h)) => h.data_points.iter().map(|p| p.time_unix_nano).max(),
+        Some(Data::Summary(s)) => s.data_points.iter().map(|p| p.time_unix_nano).max(),
+        None => None,
+    }
+    .unwrap_or(0)
+}
+
+/// `target_info`: the resource's other attributes, value 1 at the resource's latest point time,
+/// when the resource has such attributes and a `job` or `instance` (helper.go
+/// `addResourceTargetInfo`).
+fn target_info(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    attributes: &[KeyValue],
+    latest_ns: u64,
+) {
+    let others: Vec<KeyValue> = attributes
+        .iter()
+        .filter(|kv| {
+            ![SERVICE_NAME, SERVICE_NAMESPACE, SERVICE_INSTANCE_ID].contains(&kv.key.as_str())
+        })
+        .cloned()
+        .collect();
+    if latest_ns == 0
+        || others.is_empty()
+        || (resource.job.is_none() && resource.instance.is_none())
+    {
+        return;
+    }
+    let Ok(t) = timestamp_ms(latest_ns) else {
+        return;
+    };
+    match point_labels(builder, resource, &others, "target_info", None) {
+        Ok(labels) => builder.push(labels, Sample { t, v: 1.0 }),
+        Err(e) => builder.reject(e.reason(), 1, format!("target_info refused: {e}")),
+    }
+}
+
+fn is_cumulative(temporality: i32) -> bool {
+    temporality == AggregationTemporality::Cumulative as i32
+}
+
+fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &Metric) {
+    let translate = builder.config.translate_names;
+    let name_for = |kind: NameKind| {
+        if translate {
+            metric_name(&metric.name, &metric.unit, kind)
+        } else {
+            metric.name.clone()
+        }
+    };
+    let (family, metric_type) = match &metric.data {
+        None => return,
+        Some(Data::Gauge(gauge)) => {
+            let name = name_for(NameKind::Gauge);
+            for point in &gauge.data_points {
+                number_point(builder, resource, &name, point);
+            }
+            (name, MetricType::Gauge)
+        }
+        Some(Data::Sum(sum)) => {
+            let kind = if sum.is_monotonic {
+                NameKind::Counter
+            } else {
+                NameKind::Other
+            };
+            let name = name_for(kind);
+            if !is_cumulative(sum.aggregation_temporality) {
+                refuse_temporality(
+                    builder,
+                    &name,
+                    sum.data_points.len(),
+                    sum.aggregation_temporality,
+                );
+                return;
+            }
+            for point in &sum.data_points {
+                number_point(builder, resource, &name, point);
+            }
+            let metric_type = if sum.is_monotonic {
+                MetricType::Counter
+            } else {
+                MetricType::Gauge
+            };
+            (name, metric_type)
+        }
+        Some(Data::Histogram(histogram)) => {
+            let name = name_for(NameKind::Other);
+            if !is_cumulative(histogram.aggregation_temporality) {
+                refuse_temporality(
+                    builder,
+                    &name,
+                    histogram.data_points.len(),
+                    histogram.aggregation_temporality,
+                );
+                return;
+            }
+            for point in &histogram.data_points {
+                histogram_point(builder, resource, &name, point);
+            }
+            (name, MetricType::Histogram)
+        }
+        Some(Data::ExponentialHistogram(histogram)) => {
+            let name = name_for(NameKind::Other);
+            if !is_cumulative(histogram.aggregation_temporality) {
+                refuse_temporality(
+                    builder,
+                    &name,
+                    histogram.data_points.len(),
+                    histogram.aggregation_temporality,
+                );
+                return;
+            }
+            for point in &histogram.data_points {
+                exponential_point(builder, resource, &name, point);
+            }
+            (name, MetricType::Histogram)
+        }
+        Some(Data::Summary(summary)) => {
+            let name = name_for(NameKind::Other);
+            for point in &summary.data_points {
+                summary_point(builder, resource, &name, point);
+            }
+            (name, MetricType::Summary)
+        }
+    };
+    builder.batch.metadata.push(MetricMetadata {
+        metric_family_name: family,
+        metric_type,
+        help: metric.description.clone(),
+        unit: unit_word(&metric.unit),
+    });
+}
+
+fn refuse_temporality(builder: &mut Builder, name: &str, points: usize, temporality: i32) {
+    let which = if temporality == AggregationTemporality::Delta as i32 {
+        "delta"
+    } else {
+        "unspecified"
+    };
+    builder.reject(
+        "unsupported_temporality",
+        points,
+        format!("{name}: {which} temporality is not supported; export cumulative temporality"),
+    );
+}
+
+/// Labels or the refusal of one point.
+fn labels_or_reject(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    attributes: &[KeyValue],
+    name: &str,
+    extra: Option<(&str, String)>,
+) -> Option<Labels> {
+    match point_labels(builder, resource, attributes, name, extra) {
+        Ok(labels) => Some(labels),
+        Err(e) => {
+            builder.reject(e.reason(), 1, format!("{name}: point refused: {e}"));
+            None
+        }
+    }
+}
+
+fn time_or_reject(builder: &mut Builder, name: &str, time_unix_nano: u64) -> Option<i64> {
+    match timestamp_ms(time_unix_nano) {
+        Ok(t) => Some(t),
+        Err(reason) => {
+            builder.reject(
+                reason,
+                1,
+                format!("{name}: point refused: {}", reason.replace('_', " ")),
+            );
+            None
+        }
+    }
+}
+
+fn number_point(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    name: &str,
+    point: &NumberDataPoint,
+) {
+    let Some(t) = time_or_reject(builder, name, point.time_unix_nano) else {
+        return;
+    };
+    let value = match point.value {
+        Some(number_data_point::Value::AsDouble(v)) => v,
+        Some(number_data_point::Value::AsInt(v)) => v as f64,
+        None if point.flags & FLAG_NO_RECORDED_VALUE != 0 => 0.0,
+        None => {
+            builder.reject(
+                "missing_value",
+                1,
+                format!("{name}: point refused: no value"),
+            );
+            return;
+        }
+    };
+    let Some(labels) = labels_or_reject(builder, resource, &point.attributes, name, None) else {
+        return;
+    };
+    builder.push(
+        labels,
+        Sample {
+            t,
+            v: stale_or(point.flags, value),
+        },
+    );
+}
+
+fn histogram_point(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    name: &str,
+    point: &HistogramDataPoint,
+) {
+    let Some(t) = time_or_reject(builder, name, point.time_unix_nano) else {
+        return;
+    };
+    let bounds = &point.explicit_bounds;
+    let well_formed = bounds.iter().all(|b| b.is_finite())
+        && bounds.windows(2).all(|w| w[0] < w[1])
+        && (point.bucket_counts.is_empty() || point.bucket_counts.len() == bounds.len() + 1);
+    if !well_formed {
+        builder.reject(
+            "invalid_histogram",
+            1,
+            format!("{name}: point refused: bounds must be finite and increasing, with one more bucket count than bounds"),
+        );
+        return;
+    }
+    let mut series = Vec::with_capacity(bounds.len() + 3);
+    let mut cumulative = 0u64;
+    for (bound, count) in bounds.iter().zip(&point.bucket_counts) {
+        cumulative += count;
+        series.push((
+            format!("{name}_bucket"),
+            Some(("le", format_bound(*bound))),
+            cumulative as f64,
+        ));
+    }
+    series.push((
+        format!("{name}_bucket"),
+        Some(("le", "+Inf".to_owned())),
+        point.count as f64,
+    ));
+    series.push((format!("{name}_count"), None, point.count as f64));
+    if let Some(sum) = point.sum {
+        series.push((format!("{name}_sum"), None, sum));
+    }
+    push_all(builder, resource, &point.attributes, point.flags, t, series);
+}
+
+/// One series a point contributes: its name, an extra label (`le`, `quantile`), its value.
+type PointSeries<'a> = (String, Option<(&'a str, String)>, f64);
+
+/// Stores a point's series all or nothing: if any label set is refused, none is stored.
+fn push_all(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    attributes: &[KeyValue],
+    flags: u32,
+    t: i64,
+    series: Vec<PointSeries>,
+) {
+    let mut ready = Vec::with_capacity(series.len());
+    for (series_name, extra, value) in series {
+        let Some(labels) = labels_or_reject(builder, resource, attributes, &series_name, extra)
+        else {
+            return;
+        };
+        ready.push((labels, value));
+    }
+    for (labels, value) in ready {
+        builder.push(
+            labels,
+            Sample {
+                t,
+                v: stale_or(flags, value),
+            },
+        );
+    }
+}
+
+/// An exponential histogram becomes classic cumulative buckets whose `le` are the exponential
+/// bucket boundaries (negative buckets, the zero bucket, positive buckets, `+Inf`), so that
+/// `histogram_quantile` answers over it (docs/otlp.md).
+fn exponential_point(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    name: &str,
+    point: &ExponentialHistogramDataPoint,
+) {
+    let Some(t) = time_or_reject(builder, name, point.time_unix_nano) else {
+        return;
+    };
+    if !(-10..=20).contains(&point.scale) || point.zero_threshold.is_nan() {
+        builder.reject(
+            "invalid_histogram",
+            1,
+            format!(
+                "{name}: point refused: scale {} outside [-10, 20] or NaN zero threshold",
+                point.scale
+            ),
+        );
+        return;
+    }
+    let base = 2f64.powf(2f64.powi(-point.scale));
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    if let Some(negative) = &point.negative {
+        // Bucket i covers [-base^(i+1), -base^i): walk from the most negative.
+        for (k, count) in negative.bucket_counts.iter().enumerate().rev() {
+            let index = negative.offset as i64 + k as i64;
+            buckets.push((-base.powf(index as f64), *count));
+        }
+    }
+    buckets.push((point.zero_threshold, point.zero_count));
+    if let Some(positive) = &point.positive {
+        for (k, count) in positive.bucket_counts.iter().enumerate() {
+            let index = positive.offset as i64 + k as i64;
+            buckets.push((base.powf((index + 1) as f64), *count));
+        }
+    }
+    let mut series = Vec::with_capacity(buckets.len() + 3);
+    let mut cumulative = 0u64;
+    for (bound, count) in buckets {
+        cumulative += count;
+        series.push((
+            format!("{name}_bucket"),
+            Some(("le", format_bound(bound))),
+            cumulative as f64,
+        ));
+    }
+    series.push((
+        format!("{name}_bucket"),
+        Some(("le", "+Inf".to_owned())),
+        point.count as f64,
+    ));
+    series.push((format!("{name}_count"), None, point.count as f64));
+    if let Some(sum) = point.sum {
+        series.push((format!("{name}_sum"), None, sum));
+    }
+    push_all(builder, resource, &point.attributes, point.flags, t, series);
+}
+
+fn summary_point(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    name: &str,
+    point: &SummaryDataPoint,
+) {
+    let Some(t) = time_or_reject(builder, name, point.time_unix_nano) else {
+        return;
+    };
+    let mut series = Vec::with_capacity(point.quantile_values.len() + 2);
+    for q in &point.quantile_values {
+        series.push((
+            name.to_owned(),
+            Some(("quantile", format_bound(q.quantile))),
+            q.value,
+        ));
+    }
+    series.push((format!("{name}_sum"), None, point.sum));
+    series.push((format!("{name}_count"), None, point.count as f64));
+    push_all(builder, resource, &point.attributes, point.flags, t, series);
+}
