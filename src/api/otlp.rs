@@ -82,10 +82,14 @@ fn response_for(summary: &WriteSummary) -> ExportMetricsServiceResponse {
     }
 }
 
-fn encode_body<T: Message + serde::Serialize>(message: &T, encoding: Encoding) -> Vec<u8> {
+/// The success body; in JSON an absent partial success is an absent field, not `null`.
+fn response_body(response: &ExportMetricsServiceResponse, encoding: Encoding) -> Vec<u8> {
     match encoding {
-        Encoding::Protobuf => message.encode_to_vec(),
-        Encoding::Json => serde_json::to_vec(message).unwrap_or_default(),
+        Encoding::Protobuf => response.encode_to_vec(),
+        Encoding::Json => match &response.partial_success {
+            None => b"{}".to_vec(),
+            Some(_) => serde_json::to_vec(response).unwrap_or_default(),
+        },
     }
 }
 
@@ -132,7 +136,7 @@ pub(super) async fn http_export(
         Ok(summary) => reply(
             StatusCode::OK,
             encoding,
-            encode_body(&response_for(&summary), encoding),
+            response_body(&response_for(&summary), encoding),
         ),
         Err(ExportError::Decode(e)) if e.is_too_large() => reply(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -5,5 +5,6 @@ mod support;
 
 mod api;
 mod e2e_prometheus;
+mod otlp;
 mod promql_diff;
 mod remote_write;

@@ -126,10 +126,120 @@ pub fn decode(body: &[u8], encoding: Encoding) -> Result<ExportMetricsServiceReq
     match encoding {
         Encoding::Protobuf => ExportMetricsServiceRequest::decode(body)
             .map_err(|e| DecodeError::Protobuf(e.to_string())),
-        Encoding::Json => {
-            serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
+        Encoding::Json => decode_json(body),
+    }
+}
+
+/// Stand-ins for the special floats OTLP/JSON spells as strings (`"NaN"`, `"Infinity"`,
+/// `"-Infinity"`, the protobuf JSON mapping), which the generated serde code cannot read: they
+/// are swapped for these values before decoding and swapped back after. Exact bit patterns
+/// (tiny negative subnormals) that no real measurement carries.
+const SPECIALS: [(&str, u64, f64); 3] = [
+    ("NaN", 0x8000_0000_0000_0d1d, f64::NAN),
+    ("Infinity", 0x8000_0000_0000_0d1e, f64::INFINITY),
+    ("-Infinity", 0x8000_0000_0000_0d1f, f64::NEG_INFINITY),
+];
+
+/// Fields of OTLP metric messages that hold doubles.
+const DOUBLE_FIELDS: [&str; 8] = [
+    "asDouble",
+    "sum",
+    "min",
+    "max",
+    "value",
+    "quantile",
+    "zeroThreshold",
+    "explicitBounds",
+];
+
+fn replace_specials(value: &mut serde_json::Value, in_double_field: bool) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, field) in map.iter_mut() {
+                replace_specials(field, DOUBLE_FIELDS.contains(&key.as_str()));
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                replace_specials(item, in_double_field);
+            }
+        }
+        serde_json::Value::String(s) if in_double_field => {
+            if let Some((_, bits, _)) = SPECIALS.iter().find(|(name, _, _)| name == s) {
+                if let Some(n) = serde_json::Number::from_f64(f64::from_bits(*bits)) {
+                    *value = serde_json::Value::Number(n);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn restore(v: &mut f64) {
+    if let Some((_, _, special)) = SPECIALS.iter().find(|(_, bits, _)| v.to_bits() == *bits) {
+        *v = *special;
+    }
+}
+
+fn restore_opt(v: &mut Option<f64>) {
+    if let Some(v) = v {
+        restore(v)
+    }
+}
+
+fn restore_specials(request: &mut ExportMetricsServiceRequest) {
+    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value};
+    let restore_number = |v: &mut Option<Value>| {
+        if let Some(Value::AsDouble(v)) = v {
+            restore(v)
+        }
+    };
+    for rm in &mut request.resource_metrics {
+        for sm in &mut rm.scope_metrics {
+            for metric in &mut sm.metrics {
+                match &mut metric.data {
+                    Some(Data::Gauge(g)) => g
+                        .data_points
+                        .iter_mut()
+                        .for_each(|p| restore_number(&mut p.value)),
+                    Some(Data::Sum(s)) => s
+                        .data_points
+                        .iter_mut()
+                        .for_each(|p| restore_number(&mut p.value)),
+                    Some(Data::Histogram(h)) => h.data_points.iter_mut().for_each(|p| {
+                        restore_opt(&mut p.sum);
+                        restore_opt(&mut p.min);
+                        restore_opt(&mut p.max);
+                        p.explicit_bounds.iter_mut().for_each(restore);
+                    }),
+                    Some(Data::ExponentialHistogram(h)) => h.data_points.iter_mut().for_each(|p| {
+                        restore_opt(&mut p.sum);
+                        restore_opt(&mut p.min);
+                        restore_opt(&mut p.max);
+                        restore(&mut p.zero_threshold);
+                    }),
+                    Some(Data::Summary(s)) => s.data_points.iter_mut().for_each(|p| {
+                        restore(&mut p.sum);
+                        for q in &mut p.quantile_values {
+                            restore(&mut q.quantile);
+                            restore(&mut q.value);
+                        }
+                    }),
+                    None => {}
+                }
+            }
         }
     }
+}
+
+fn decode_json(body: &[u8]) -> Result<ExportMetricsServiceRequest, DecodeError> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+    replace_specials(&mut value, false);
+    let mut request: ExportMetricsServiceRequest =
+        serde_json::from_value(value).map_err(|e| DecodeError::Json(e.to_string()))?;
+    restore_specials(&mut request);
+    Ok(request)
 }
 
 #[cfg(test)]
@@ -189,5 +299,26 @@ mod tests {
             Some(Encoding::Json)
         );
         assert_eq!(Encoding::from_content_type("text/plain"), None);
+        let special = br#"{"resourceMetrics":[{"scopeMetrics":[{"metrics":[{"name":"g","gauge":{"dataPoints":[
+            {"timeUnixNano":"1","asDouble":"NaN"},{"timeUnixNano":"1","asDouble":"-Infinity"},{"timeUnixNano":"1","asDouble":2.5}]}}]}]}]}"#;
+        let request = decode(special, Encoding::Json).unwrap();
+        let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Gauge(g)) =
+            &request.resource_metrics[0].scope_metrics[0].metrics[0].data
+        else {
+            panic!("not a gauge")
+        };
+        let values: Vec<String> = g
+            .data_points
+            .iter()
+            .map(|p| format!("{:?}", p.value))
+            .collect();
+        assert_eq!(
+            values,
+            [
+                "Some(AsDouble(NaN))",
+                "Some(AsDouble(-inf))",
+                "Some(AsDouble(2.5))"
+            ]
+        );
     }
 }

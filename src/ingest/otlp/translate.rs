@@ -662,3 +662,400 @@ fn summary_point(
     series.push((format!("{name}_count"), None, point.count as f64));
     push_all(builder, resource, &point.attributes, point.flags, t, series);
 }
+
+#[cfg(test)]
+mod tests {
+    //! Golden tests of the translation table: OTLP in, Prometheus series out.
+
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::{
+        exponential_histogram_data_point::Buckets, summary_data_point::ValueAtQuantile,
+        ExponentialHistogram, Gauge, Histogram, ResourceMetrics, ScopeMetrics, Sum, Summary,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    const T: u64 = 1_700_000_000_123_456_789;
+    const T_MS: i64 = 1_700_000_000_123;
+
+    fn kv(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+
+    fn s(v: &str) -> any_value::Value {
+        any_value::Value::StringValue(v.into())
+    }
+
+    fn request(resource: Vec<KeyValue>, metrics: Vec<Metric>) -> ExportMetricsServiceRequest {
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: resource,
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn metric(name: &str, unit: &str, data: Data) -> Metric {
+        Metric {
+            name: name.into(),
+            description: format!("{name} help"),
+            unit: unit.into(),
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+
+    fn number(attributes: Vec<KeyValue>, value: f64) -> NumberDataPoint {
+        NumberDataPoint {
+            attributes,
+            time_unix_nano: T,
+            value: Some(number_data_point::Value::AsDouble(value)),
+            ..Default::default()
+        }
+    }
+
+    /// Every series as `name{labels} value` lines, sorted.
+    fn lines(batch: &Batch) -> Vec<String> {
+        let mut out: Vec<String> = batch
+            .series
+            .iter()
+            .flat_map(|series| {
+                series.samples.iter().map(move |p| {
+                    assert_eq!(p.t, T_MS);
+                    format!("{} {}", series.labels, p.v)
+                })
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn service() -> Vec<KeyValue> {
+        vec![
+            kv("service.name", s("shop")),
+            kv("service.namespace", s("prod")),
+            kv("service.instance.id", s("i-1")),
+            kv("host.name", s("web-1")),
+        ]
+    }
+
+    #[test]
+    fn gauges_counters_and_target_info() {
+        let batch = to_batch(
+            request(
+                service(),
+                vec![
+                    metric(
+                        "system.cpu.utilization",
+                        "1",
+                        Data::Gauge(Gauge {
+                            data_points: vec![number(
+                                vec![
+                                    kv("cpu", any_value::Value::IntValue(0)),
+                                    kv("state", s("idle")),
+                                ],
+                                0.5,
+                            )],
+                        }),
+                    ),
+                    metric(
+                        "http.server.requests",
+                        "{request}",
+                        Data::Sum(Sum {
+                            data_points: vec![number(
+                                vec![kv("http.method", s("GET")), kv("http_method", s("x"))],
+                                7.0,
+                            )],
+                            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                            is_monotonic: true,
+                        }),
+                    ),
+                    metric(
+                        "queue.size",
+                        "By",
+                        Data::Sum(Sum {
+                            data_points: vec![number(
+                                vec![kv("0queue", s("a")), kv("_private", s("b"))],
+                                3.0,
+                            )],
+                            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                            is_monotonic: false,
+                        }),
+                    ),
+                ],
+            ),
+            &OtlpConfig::default(),
+        );
+        assert!(batch.rejections.is_empty(), "{:?}", batch.rejections);
+        assert_eq!(
+            lines(&batch),
+            [
+                r#"{__name__="http_server_requests_total", http_method="GET;x", instance="i-1", job="prod/shop"} 7"#,
+                r#"{__name__="queue_size_bytes", instance="i-1", job="prod/shop", key_0queue="a", key_private="b"} 3"#,
+                r#"{__name__="system_cpu_utilization_ratio", cpu="0", instance="i-1", job="prod/shop", state="idle"} 0.5"#,
+                r#"{__name__="target_info", host_name="web-1", instance="i-1", job="prod/shop"} 1"#,
+            ]
+        );
+        let types: Vec<_> = batch
+            .metadata
+            .iter()
+            .map(|m| {
+                (
+                    m.metric_family_name.as_str(),
+                    m.metric_type,
+                    m.unit.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ("system_cpu_utilization_ratio", MetricType::Gauge, ""),
+                ("http_server_requests_total", MetricType::Counter, ""),
+                ("queue_size_bytes", MetricType::Gauge, "bytes"),
+            ]
+        );
+        assert_eq!(batch.metadata[0].help, "system.cpu.utilization help");
+    }
+
+    #[test]
+    fn histograms_and_summaries() {
+        let histogram = HistogramDataPoint {
+            time_unix_nano: T,
+            count: 10,
+            sum: Some(4.5),
+            bucket_counts: vec![2, 3, 5],
+            explicit_bounds: vec![0.1, 1.0],
+            ..Default::default()
+        };
+        let summary = SummaryDataPoint {
+            time_unix_nano: T,
+            count: 4,
+            sum: 2.0,
+            quantile_values: vec![
+                ValueAtQuantile {
+                    quantile: 0.5,
+                    value: 0.4,
+                },
+                ValueAtQuantile {
+                    quantile: 0.99,
+                    value: 0.9,
+                },
+            ],
+            ..Default::default()
+        };
+        let batch = to_batch(
+            request(
+                vec![kv("service.name", s("api"))],
+                vec![
+                    metric(
+                        "http.server.duration",
+                        "s",
+                        Data::Histogram(Histogram {
+                            data_points: vec![histogram],
+                            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                        }),
+                    ),
+                    metric(
+                        "rpc.latency",
+                        "ms",
+                        Data::Summary(Summary {
+                            data_points: vec![summary],
+                        }),
+                    ),
+                ],
+            ),
+            &OtlpConfig::default(),
+        );
+        assert_eq!(
+            lines(&batch),
+            [
+                r#"{__name__="http_server_duration_seconds_bucket", job="api", le="+Inf"} 10"#,
+                r#"{__name__="http_server_duration_seconds_bucket", job="api", le="0.1"} 2"#,
+                r#"{__name__="http_server_duration_seconds_bucket", job="api", le="1"} 5"#,
+                r#"{__name__="http_server_duration_seconds_count", job="api"} 10"#,
+                r#"{__name__="http_server_duration_seconds_sum", job="api"} 4.5"#,
+                r#"{__name__="rpc_latency_milliseconds", job="api", quantile="0.5"} 0.4"#,
+                r#"{__name__="rpc_latency_milliseconds", job="api", quantile="0.99"} 0.9"#,
+                r#"{__name__="rpc_latency_milliseconds_count", job="api"} 4"#,
+                r#"{__name__="rpc_latency_milliseconds_sum", job="api"} 2"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn exponential_histograms_become_classic_buckets() {
+        let point = ExponentialHistogramDataPoint {
+            time_unix_nano: T,
+            count: 7,
+            sum: Some(10.0),
+            scale: 0,
+            zero_count: 1,
+            positive: Some(Buckets {
+                offset: 0,
+                bucket_counts: vec![2, 3],
+            }),
+            negative: Some(Buckets {
+                offset: 1,
+                bucket_counts: vec![1],
+            }),
+            ..Default::default()
+        };
+        let batch = to_batch(
+            request(
+                vec![],
+                vec![metric(
+                    "size",
+                    "By",
+                    Data::ExponentialHistogram(ExponentialHistogram {
+                        data_points: vec![point],
+                        aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                    }),
+                )],
+            ),
+            &OtlpConfig::default(),
+        );
+        // Scale 0: base 2; positive bucket i covers (2^i, 2^(i+1)], negative i [-2^(i+1), -2^i).
+        assert_eq!(
+            lines(&batch),
+            [
+                r#"{__name__="size_bytes_bucket", le="+Inf"} 7"#,
+                r#"{__name__="size_bytes_bucket", le="-2"} 1"#,
+                r#"{__name__="size_bytes_bucket", le="0"} 2"#,
+                r#"{__name__="size_bytes_bucket", le="2"} 4"#,
+                r#"{__name__="size_bytes_bucket", le="4"} 7"#,
+                r#"{__name__="size_bytes_count"} 7"#,
+                r#"{__name__="size_bytes_sum"} 10"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_points_are_refused_one_by_one() {
+        let mut no_time = number(vec![], 1.0);
+        no_time.time_unix_nano = 0;
+        let mut no_value = number(vec![], 1.0);
+        no_value.value = None;
+        let stale = NumberDataPoint {
+            flags: FLAG_NO_RECORDED_VALUE,
+            ..number(vec![kv("k", s("stale"))], 5.0)
+        };
+        let bad_histogram = HistogramDataPoint {
+            time_unix_nano: T,
+            bucket_counts: vec![1, 2],
+            explicit_bounds: vec![f64::NAN],
+            ..Default::default()
+        };
+        let batch = to_batch(
+            request(
+                vec![],
+                vec![
+                    metric(
+                        "g",
+                        "",
+                        Data::Gauge(Gauge {
+                            data_points: vec![
+                                number(vec![kv("ok", s("1"))], 1.0),
+                                no_time,
+                                no_value,
+                                number(vec![kv("", s("x"))], 1.0),
+                                number(vec![kv("名前", s("x"))], 1.0),
+                                stale,
+                            ],
+                        }),
+                    ),
+                    metric(
+                        "d",
+                        "",
+                        Data::Sum(Sum {
+                            data_points: vec![number(vec![], 1.0), number(vec![], 2.0)],
+                            aggregation_temporality: AggregationTemporality::Delta as i32,
+                            is_monotonic: true,
+                        }),
+                    ),
+                    metric(
+                        "h",
+                        "",
+                        Data::Histogram(Histogram {
+                            data_points: vec![bad_histogram],
+                            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                        }),
+                    ),
+                ],
+            ),
+            &OtlpConfig::default(),
+        );
+        let mut reasons: Vec<_> = batch
+            .rejections
+            .iter()
+            .map(|r| (r.reason, r.samples))
+            .collect();
+        reasons.sort();
+        assert_eq!(
+            reasons,
+            [
+                ("invalid_histogram", 1),
+                ("invalid_label_name", 2),
+                ("missing_timestamp", 1),
+                ("missing_value", 1),
+                ("unsupported_temporality", 2),
+            ]
+        );
+        assert_eq!(batch.series.len(), 2);
+        let stale = batch
+            .series
+            .iter()
+            .find(|s| s.labels.get("k") == Some("stale"))
+            .unwrap();
+        assert_eq!(stale.samples[0].v.to_bits(), STALE_NAN_BITS);
+    }
+
+    #[test]
+    fn untranslated_names_keep_opentelemetry_spelling() {
+        let config = OtlpConfig {
+            translate_names: false,
+            promote_resource_attributes: vec!["deployment.environment".into()],
+        };
+        let batch = to_batch(
+            request(
+                vec![
+                    kv("service.name", s("api")),
+                    kv("deployment.environment", s("prod")),
+                ],
+                vec![metric(
+                    "http.server.requests",
+                    "{request}",
+                    Data::Gauge(Gauge {
+                        data_points: vec![number(vec![kv("http.method", s("GET"))], 1.0)],
+                    }),
+                )],
+            ),
+            &config,
+        );
+        assert_eq!(
+            lines(&batch)[0],
+            r#"{__name__="http.server.requests", deployment.environment="prod", http.method="GET", job="api"} 1"#
+        );
+    }
+
+    #[test]
+    fn attribute_values_print_like_pdata() {
+        assert_eq!(es6_number(1e-7), "1e-7");
+        assert_eq!(es6_number(1e21), "1e+21");
+        assert_eq!(es6_number(0.5), "0.5");
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert_eq!(base64(b"hi"), "aGk=");
+        assert_eq!(base64(b"abc"), "YWJj");
+    }
+}
