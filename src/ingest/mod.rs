@@ -55,15 +55,55 @@ pub struct WriteSummary {
     pub first_error: Option<String>,
 }
 
+/// Metadata entries remembered as stored; past this the memory is cleared (and entries are
+/// written once more, harmlessly).
+const METADATA_MEMORY: usize = 100_000;
+
 #[derive(Clone)]
 pub struct Ingester {
     storage: DynStorage,
     metrics: Arc<Metrics>,
+    /// Metadata already stored: OTLP repeats it with every export, remote-write every minute.
+    stored_metadata: Arc<std::sync::Mutex<std::collections::HashSet<(TenantId, MetricMetadata)>>>,
 }
 
 impl Ingester {
     pub fn new(storage: DynStorage, metrics: Arc<Metrics>) -> Ingester {
-        Ingester { storage, metrics }
+        Ingester {
+            storage,
+            metrics,
+            stored_metadata: Arc::default(),
+        }
+    }
+
+    /// The metadata of `batch` not stored before.
+    fn new_metadata(
+        &self,
+        tenant: &TenantId,
+        metadata: Vec<MetricMetadata>,
+    ) -> Vec<MetricMetadata> {
+        let stored = self
+            .stored_metadata
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut fresh: Vec<MetricMetadata> = metadata
+            .into_iter()
+            .filter(|m| !stored.contains(&(tenant.clone(), m.clone())))
+            .collect();
+        fresh.sort_by(|a, b| a.metric_family_name.cmp(&b.metric_family_name));
+        fresh.dedup();
+        fresh
+    }
+
+    fn remember_metadata(&self, tenant: &TenantId, metadata: Vec<MetricMetadata>) {
+        let mut stored = self
+            .stored_metadata
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if stored.len() + metadata.len() > METADATA_MEMORY {
+            stored.clear();
+        }
+        stored.extend(metadata.into_iter().map(|m| (tenant.clone(), m)));
     }
 
     /// Stores the valid part of `batch`. Fails only when storage fails; then nothing in the
@@ -83,10 +123,10 @@ impl Ingester {
                 summary.first_error = Some(rejection.message.clone());
             }
         }
-        if !batch.metadata.is_empty() {
-            self.storage
-                .append_metadata(tenant, &batch.metadata)
-                .await?;
+        let metadata = self.new_metadata(tenant, batch.metadata);
+        if !metadata.is_empty() {
+            self.storage.append_metadata(tenant, &metadata).await?;
+            self.remember_metadata(tenant, metadata);
         }
         if !batch.series.is_empty() {
             let outcome = self.storage.append(tenant, &batch.series).await?;
