@@ -256,17 +256,18 @@ fn push_otlp(addr: &str, requests: Arc<Vec<ExportMetricsServiceRequest>>, o: &Op
     let points_per_request = o.series_per_request * o.samples_per_series;
     let (connections, blocks) = (o.connections, o.series.div_ceil(o.series_per_request));
     runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to OTLP/gRPC");
         let accepted = Arc::new(AtomicUsize::new(0));
         let refused = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut workers = Vec::new();
         for worker in 0..connections {
-            let mut client = tonic::client::Grpc::new(channel.clone());
+            // One connection per worker, as the remote-write client has.
+            let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect to OTLP/gRPC");
+            let mut client = tonic::client::Grpc::new(channel);
             let (requests, accepted, refused) =
                 (requests.clone(), accepted.clone(), refused.clone());
             workers.push(tokio::spawn(async move {

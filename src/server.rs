@@ -66,6 +66,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         ingester: Ingester::new(storage.clone(), metrics.clone()),
         ingest_config: config.ingest.clone(),
         otlp_config: config.otlp.clone(),
+        otlp_labels: Arc::default(),
         storage,
         metrics,
         started: chrono::Utc::now(),

@@ -30,6 +30,8 @@ pub struct AppState {
     pub ingester: Ingester,
     pub ingest_config: IngestConfig,
     pub otlp_config: crate::ingest::otlp::OtlpConfig,
+    /// Label sets of OTLP series seen before.
+    pub otlp_labels: Arc<crate::ingest::otlp::LabelCache>,
     pub metrics: Arc<Metrics>,
     /// When the server started, for `/api/v1/status/runtimeinfo`.
     pub started: chrono::DateTime<chrono::Utc>,

@@ -43,10 +43,11 @@ async fn export(
 ) -> Result<WriteSummary, ExportError> {
     let config = state.ingest_config.clone();
     let otlp_config = state.otlp_config.clone();
+    let labels = state.otlp_labels.clone();
     let batch = tokio::task::spawn_blocking(move || {
         let raw = otlp::decompress(&body, content_encoding.as_deref(), &config)?;
         let request = otlp::decode(&raw, encoding)?;
-        Ok::<_, DecodeError>(otlp::to_batch(request, &otlp_config))
+        Ok::<_, DecodeError>(otlp::to_batch(request, &otlp_config, &labels))
     })
     .await
     .map_err(|e| ExportError::Storage(StorageError::Internal(e.to_string())))?
@@ -64,7 +65,8 @@ async fn export_decoded(
     request: ExportMetricsServiceRequest,
 ) -> Result<WriteSummary, StorageError> {
     let otlp_config = state.otlp_config.clone();
-    let batch = tokio::task::spawn_blocking(move || otlp::to_batch(request, &otlp_config))
+    let labels = state.otlp_labels.clone();
+    let batch = tokio::task::spawn_blocking(move || otlp::to_batch(request, &otlp_config, &labels))
         .await
         .map_err(|e| StorageError::Internal(e.to_string()))?;
     state

@@ -7,7 +7,7 @@
 mod naming;
 mod translate;
 
-pub use translate::to_batch;
+pub use translate::{to_batch, LabelCache};
 
 use super::IngestConfig;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;

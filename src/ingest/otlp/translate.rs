@@ -22,25 +22,121 @@ const SERVICE_INSTANCE_ID: &str = "service.instance.id";
 /// `DataPointFlags.FLAG_NO_RECORDED_VALUE_MASK`: the point marks the series stale.
 const FLAG_NO_RECORDED_VALUE: u32 = 1;
 
+/// Label sets already built, by a hash of everything they are built from (resource identity,
+/// series name, extra label, raw attributes in the order sent). Exporters send the same series
+/// with every export; normalizing and validating their attributes once saves most of the
+/// translation's cost. Bounded: emptied when full.
+pub struct LabelCache {
+    capacity: usize,
+    map: std::sync::RwLock<HashMap<u128, Labels>>,
+}
+
+impl LabelCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            map: std::sync::RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, key: u128) -> Option<Labels> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()
+    }
+
+    fn insert(&self, key: u128, labels: Labels) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= self.capacity {
+            map.clear();
+        }
+        map.insert(key, labels);
+    }
+}
+
+impl Default for LabelCache {
+    fn default() -> Self {
+        Self::new(1_000_000)
+    }
+}
+
+/// Label keys are already uniform hashes: a map of them needs no hashing of its own.
+#[derive(Default, Clone, Copy)]
+struct BuildKeyHasher;
+
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 ^= value as u64;
+    }
+}
+
+impl std::hash::BuildHasher for BuildKeyHasher {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+
 /// Collects series (merging repeats by labels) and refusals.
 struct Builder<'a> {
     config: &'a OtlpConfig,
-    index: HashMap<Labels, usize>,
+    cache: &'a LabelCache,
+    /// Series of this batch by label key.
+    index: HashMap<u128, usize, BuildKeyHasher>,
     batch: Batch,
 }
 
 impl Builder<'_> {
-    fn push(&mut self, labels: Labels, sample: Sample) {
-        match self.index.get(&labels) {
-            Some(&i) => self.batch.series[i].samples.push(sample),
-            None => {
-                self.index.insert(labels.clone(), self.batch.series.len());
-                self.batch.series.push(SeriesWrite {
-                    labels,
-                    samples: vec![sample],
-                });
-            }
+    /// The batch index of a point's series, created on first sight. Labels come from the
+    /// request-local index, else the cache, else are built (and cached).
+    fn series_for(
+        &mut self,
+        resource: &ResourceLabels,
+        attributes: &[KeyValue],
+        name: &str,
+        extra: Option<(&str, String)>,
+    ) -> Result<usize, LabelError> {
+        let key = label_key(resource, attributes, name, &extra);
+        if let Some(&i) = self.index.get(&key) {
+            return Ok(i);
         }
+        let labels = match self.cache.get(key) {
+            Some(labels) => labels,
+            None => {
+                let labels = point_labels(self, resource, attributes, name, extra)?;
+                self.cache.insert(key, labels.clone());
+                labels
+            }
+        };
+        let i = self.batch.series.len();
+        self.batch.series.push(SeriesWrite {
+            labels,
+            samples: Vec::new(),
+        });
+        self.index.insert(key, i);
+        Ok(i)
+    }
+
+    fn push(&mut self, series: usize, sample: Sample) {
+        self.batch.series[series].samples.push(sample);
     }
 
     fn reject(&mut self, reason: &'static str, points: usize, message: String) {
@@ -192,11 +288,47 @@ impl ResourceLabels {
     }
 }
 
+/// The cache key of a point's labels.
+fn label_key(
+    resource: &ResourceLabels,
+    attributes: &[KeyValue],
+    name: &str,
+    extra: &Option<(&str, String)>,
+) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut field = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(name.as_bytes());
+    if let Some((k, v)) = extra {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    field(resource.job.as_deref().unwrap_or("\u{0}").as_bytes());
+    field(resource.instance.as_deref().unwrap_or("\u{0}").as_bytes());
+    for (k, v) in &resource.promoted {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    for kv in attributes {
+        field(kv.key.as_bytes());
+        // Encoded form of the value: tells types and contents apart.
+        field(
+            &kv.value
+                .as_ref()
+                .map(prost::Message::encode_to_vec)
+                .unwrap_or_default(),
+        );
+    }
+    h.digest128()
+}
+
 /// A point's labels (helper.go `createAttributes`): attributes sorted by key, normalized, values
 /// of colliding names joined with `;`; promoted resource attributes where absent; `job` and
 /// `instance` from the resource, overriding; then `extra` (e.g. `le`) and `__name__`.
 fn point_labels(
-    builder: &Builder,
+    builder: &Builder<'_>,
     resource: &ResourceLabels,
     attributes: &[KeyValue],
     name: &str,
@@ -265,10 +397,15 @@ fn stale_or(flags: u32, value: f64) -> f64 {
 }
 
 /// Translates a whole request into a batch of series plus refused points.
-pub fn to_batch(request: ExportMetricsServiceRequest, config: &OtlpConfig) -> Batch {
+pub fn to_batch(
+    request: ExportMetricsServiceRequest,
+    config: &OtlpConfig,
+    cache: &LabelCache,
+) -> Batch {
     let mut builder = Builder {
         config,
-        index: HashMap::new(),
+        cache,
+        index: HashMap::default(),
         batch: Batch::default(),
     };
     for resource_metrics in &request.resource_metrics {
@@ -286,6 +423,8 @@ pub fn to_batch(request: ExportMetricsServiceRequest, config: &OtlpConfig) -> Ba
         }
         target_info(&mut builder, &resource, attributes, latest_ns);
     }
+    // A point refused half-way (histogram, summary) may leave series without samples.
+    builder.batch.series.retain(|s| !s.samples.is_empty());
     builder.batch
 }
 
@@ -326,8 +465,8 @@ fn target_info(
     let Ok(t) = timestamp_ms(latest_ns) else {
         return;
     };
-    match point_labels(builder, resource, &others, "target_info", None) {
-        Ok(labels) => builder.push(labels, Sample { t, v: 1.0 }),
+    match builder.series_for(resource, &others, "target_info", None) {
+        Ok(series) => builder.push(series, Sample { t, v: 1.0 }),
         Err(e) => builder.reject(e.reason(), 1, format!("target_info refused: {e}")),
     }
 }
@@ -441,16 +580,16 @@ fn refuse_temporality(builder: &mut Builder, name: &str, points: usize, temporal
     );
 }
 
-/// Labels or the refusal of one point.
-fn labels_or_reject(
+/// The series of one point, or its refusal.
+fn series_or_reject(
     builder: &mut Builder,
     resource: &ResourceLabels,
     attributes: &[KeyValue],
     name: &str,
     extra: Option<(&str, String)>,
-) -> Option<Labels> {
-    match point_labels(builder, resource, attributes, name, extra) {
-        Ok(labels) => Some(labels),
+) -> Option<usize> {
+    match builder.series_for(resource, attributes, name, extra) {
+        Ok(series) => Some(series),
         Err(e) => {
             builder.reject(e.reason(), 1, format!("{name}: point refused: {e}"));
             None
@@ -494,11 +633,11 @@ fn number_point(
             return;
         }
     };
-    let Some(labels) = labels_or_reject(builder, resource, &point.attributes, name, None) else {
+    let Some(series) = series_or_reject(builder, resource, &point.attributes, name, None) else {
         return;
     };
     builder.push(
-        labels,
+        series,
         Sample {
             t,
             v: stale_or(point.flags, value),
@@ -563,15 +702,15 @@ fn push_all(
 ) {
     let mut ready = Vec::with_capacity(series.len());
     for (series_name, extra, value) in series {
-        let Some(labels) = labels_or_reject(builder, resource, attributes, &series_name, extra)
+        let Some(index) = series_or_reject(builder, resource, attributes, &series_name, extra)
         else {
             return;
         };
-        ready.push((labels, value));
+        ready.push((index, value));
     }
-    for (labels, value) in ready {
+    for (index, value) in ready {
         builder.push(
-            labels,
+            index,
             Sample {
                 t,
                 v: stale_or(flags, value),
@@ -796,6 +935,7 @@ mod tests {
                 ],
             ),
             &OtlpConfig::default(),
+            &LabelCache::default(),
         );
         assert!(batch.rejections.is_empty(), "{:?}", batch.rejections);
         assert_eq!(
@@ -877,6 +1017,7 @@ mod tests {
                 ],
             ),
             &OtlpConfig::default(),
+            &LabelCache::default(),
         );
         assert_eq!(
             lines(&batch),
@@ -925,6 +1066,7 @@ mod tests {
                 )],
             ),
             &OtlpConfig::default(),
+            &LabelCache::default(),
         );
         // Scale 0: base 2; positive bucket i covers (2^i, 2^(i+1)], negative i [-2^(i+1), -2^i).
         assert_eq!(
@@ -995,6 +1137,7 @@ mod tests {
                 ],
             ),
             &OtlpConfig::default(),
+            &LabelCache::default(),
         );
         let mut reasons: Vec<_> = batch
             .rejections
@@ -1042,6 +1185,7 @@ mod tests {
                 )],
             ),
             &config,
+            &LabelCache::default(),
         );
         assert_eq!(
             lines(&batch)[0],
