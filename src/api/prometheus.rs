@@ -281,16 +281,79 @@ pub(super) async fn format_query(
     Ok(success_json(serde_json::Value::String(expr.prettify())))
 }
 
-/// `/api/v1/query_exemplars`: SecuMon stores no exemplars yet, so a valid query has none.
+/// `/api/v1/query_exemplars`: the exemplars of every series any selector of the query selects,
+/// in `[start, end]`.
 pub(super) async fn query_exemplars(
+    State(state): State<SharedState>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let params = params(&uri, &headers, &body);
-    parse_time_param(&params, "start", MIN_TIME_MS)
+    let start = parse_time_param(&params, "start", MIN_TIME_MS)
         .map_err(|e| ApiError::invalid_param("start", e))?;
-    parse_time_param(&params, "end", MAX_TIME_MS).map_err(|e| ApiError::invalid_param("end", e))?;
-    promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
-    Ok(success_json(serde_json::json!([])))
+    let end = parse_time_param(&params, "end", MAX_TIME_MS)
+        .map_err(|e| ApiError::invalid_param("end", e))?;
+    let expr =
+        promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
+    let mut matcher_sets = Vec::new();
+    collect_selectors(&expr, &mut matcher_sets);
+    let query = SeriesQuery {
+        matcher_sets,
+        start,
+        end,
+        limit: 0,
+    };
+    let series = if query.matcher_sets.is_empty() {
+        Vec::new()
+    } else {
+        state.storage.exemplars(&state.tenant(), &query).await?
+    };
+    let mut data = String::from("[");
+    for (i, s) in series.iter().enumerate() {
+        if i > 0 {
+            data.push(',');
+        }
+        data.push_str(r#"{"seriesLabels":"#);
+        json::write_labels(&mut data, &s.labels);
+        data.push_str(r#","exemplars":["#);
+        for (j, e) in s.exemplars.iter().enumerate() {
+            if j > 0 {
+                data.push(',');
+            }
+            data.push_str(r#"{"labels":"#);
+            json::write_labels(&mut data, &e.labels);
+            data.push_str(r#","value":"#);
+            json::write_sample_value(&mut data, e.value);
+            data.push_str(r#","timestamp":"#);
+            json::write_sample_timestamp(&mut data, e.t);
+            data.push('}');
+        }
+        data.push_str("]}");
+    }
+    data.push(']');
+    Ok(success(data))
+}
+
+/// The matchers of every selector in an expression (Prometheus's `parser.ExtractSelectors`).
+fn collect_selectors(expr: &Expr, out: &mut Vec<Vec<Matcher>>) {
+    match expr {
+        Expr::VectorSelector(vs) => out.push(crate::promql::selector_matchers(vs)),
+        Expr::MatrixSelector(ms) => out.push(crate::promql::selector_matchers(&ms.vs)),
+        Expr::Aggregate(a) => {
+            collect_selectors(&a.expr, out);
+            if let Some(p) = &a.param {
+                collect_selectors(p, out);
+            }
+        }
+        Expr::Binary(b) => {
+            collect_selectors(&b.lhs, out);
+            collect_selectors(&b.rhs, out);
+        }
+        Expr::Paren(p) => collect_selectors(&p.expr, out),
+        Expr::Unary(u) => collect_selectors(&u.expr, out),
+        Expr::Subquery(s) => collect_selectors(&s.expr, out),
+        Expr::Call(c) => c.args.args.iter().for_each(|a| collect_selectors(a, out)),
+        Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+    }
 }

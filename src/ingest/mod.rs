@@ -6,7 +6,7 @@ pub mod otlp;
 pub mod remote_write;
 
 use crate::model::{MetricMetadata, TenantId};
-use crate::storage::{DynStorage, SeriesWrite, StorageError};
+use crate::storage::{DynStorage, ExemplarWrite, SeriesWrite, StorageError};
 use crate::telemetry::Metrics;
 use std::sync::Arc;
 
@@ -42,6 +42,7 @@ pub struct Rejection {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub series: Vec<SeriesWrite>,
+    pub exemplars: Vec<ExemplarWrite>,
     pub metadata: Vec<MetricMetadata>,
     pub rejections: Vec<Rejection>,
 }
@@ -127,6 +128,11 @@ impl Ingester {
         if !metadata.is_empty() {
             self.storage.append_metadata(tenant, &metadata).await?;
             self.remember_metadata(tenant, metadata);
+        }
+        if !batch.exemplars.is_empty() {
+            self.storage
+                .append_exemplars(tenant, &batch.exemplars)
+                .await?;
         }
         if !batch.series.is_empty() {
             let outcome = self.storage.append(tenant, &batch.series).await?;

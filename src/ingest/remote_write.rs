@@ -5,8 +5,8 @@
 //! a reason while the other series of the same request are stored.
 
 use super::{Batch, IngestConfig, Rejection};
-use crate::model::{Label, Labels, MetricMetadata, MetricType, Sample};
-use crate::storage::SeriesWrite;
+use crate::model::{Exemplar, Label, Labels, MetricMetadata, MetricType, Sample};
+use crate::storage::{ExemplarWrite, SeriesWrite};
 use prost::Message;
 use secumon_proto::prometheus::{metric_metadata, WriteRequest};
 use std::collections::HashMap;
@@ -106,6 +106,28 @@ pub fn to_batch(request: WriteRequest) -> Batch {
                 continue;
             }
         };
+        let exemplars: Vec<Exemplar> = series
+            .exemplars
+            .into_iter()
+            .filter_map(|e| {
+                let labels = e
+                    .labels
+                    .into_iter()
+                    .map(|l| Label::new(l.name, l.value))
+                    .collect();
+                Some(Exemplar {
+                    labels: Labels::exemplar_labels(labels).ok()?,
+                    value: e.value,
+                    t: e.timestamp,
+                })
+            })
+            .collect();
+        if !exemplars.is_empty() {
+            batch.exemplars.push(ExemplarWrite {
+                series: labels.clone(),
+                exemplars,
+            });
+        }
         if sample_count == 0 {
             continue;
         }

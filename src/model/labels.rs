@@ -96,6 +96,19 @@ impl Labels {
         Ok(labels)
     }
 
+    /// An exemplar's labels: valid names, unique, no metric name required.
+    pub fn exemplar_labels(labels: Vec<Label>) -> Result<Labels, LabelError> {
+        let mut labels: Vec<Label> = labels.into_iter().filter(|l| !l.value.is_empty()).collect();
+        if let Some(bad) = labels.iter().find(|l| !is_valid_label_name(&l.name)) {
+            return Err(LabelError::InvalidName(bad.name.clone()));
+        }
+        labels.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        if let Some(pair) = labels.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(LabelError::Duplicate(pair[0].name.clone()));
+        }
+        Ok(Labels(labels))
+    }
+
     /// Builds a label set from labels already known to be valid, sorting them.
     pub fn from_trusted(mut labels: Vec<Label>) -> Labels {
         labels.sort_unstable_by(|a, b| a.name.cmp(&b.name));

@@ -78,6 +78,22 @@ pub struct SeriesSamples {
     pub samples: Vec<Sample>,
 }
 
+/// An exemplar: a sample with its own labels (usually `trace_id`, `span_id`) attached to a
+/// series, as Prometheus keeps them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exemplar {
+    pub labels: Labels,
+    pub value: f64,
+    pub t: TimestampMs,
+}
+
+/// The exemplars of one series.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeriesExemplars {
+    pub labels: Labels,
+    pub exemplars: Vec<Exemplar>,
+}
+
 /// The metric types Prometheus metadata knows, with their API spelling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MetricType {

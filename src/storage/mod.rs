@@ -6,7 +6,10 @@
 
 pub mod postgres;
 
-use crate::model::{Labels, Matcher, MetricMetadata, Sample, SeriesSamples, TenantId, TimestampMs};
+use crate::model::{
+    Exemplar, Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId,
+    TimestampMs,
+};
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -15,6 +18,13 @@ use std::sync::Arc;
 pub struct SeriesWrite {
     pub labels: Labels,
     pub samples: Vec<Sample>,
+}
+
+/// Exemplars of one series in a write batch.
+#[derive(Clone, Debug)]
+pub struct ExemplarWrite {
+    pub series: Labels,
+    pub exemplars: Vec<Exemplar>,
 }
 
 /// Why a backend did not store a sample that it was given.
@@ -130,6 +140,21 @@ pub trait Storage: Send + Sync + 'static {
         tenant: &TenantId,
         metadata: &[MetricMetadata],
     ) -> StorageResult<()>;
+
+    /// Stores exemplars; one per series and timestamp (a repeat replaces nothing).
+    async fn append_exemplars(
+        &self,
+        tenant: &TenantId,
+        batch: &[ExemplarWrite],
+    ) -> StorageResult<()>;
+
+    /// Exemplars in the range of the series matching any matcher set, sorted by series labels
+    /// and time.
+    async fn exemplars(
+        &self,
+        tenant: &TenantId,
+        query: &SeriesQuery,
+    ) -> StorageResult<Vec<SeriesExemplars>>;
 
     /// Series matching all `matchers` with their samples in `[hints.start, hints.end]`, sorted by
     /// labels; series with no sample in the range are left out.

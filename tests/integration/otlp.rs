@@ -14,6 +14,8 @@ fn python_export(protocol: &str, endpoint: &str, temporality: &str, run: &str) -
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp/export.py");
     let output = Command::new("python3")
         .args([script, protocol, endpoint, temporality, run])
+        // Record exemplars without a sampled trace, so the export carries some.
+        .env("OTEL_METRICS_EXEMPLAR_FILTER", "always_on")
         .output()
         .unwrap_or_else(|e| {
             panic!("python3 not found ({e}): install Python 3, then `{PIP_INSTALL}`")

@@ -325,3 +325,45 @@ async fn bad_input_is_refused_and_earlier_data_is_intact() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exemplars_are_kept_and_served() {
+    use secumon_proto::prometheus::{Exemplar, Label};
+    let s = Secumon::start().await;
+    let mut with_exemplar = series(&[("__name__", "rpc_total"), ("job", "api")], &[(T0, 1.0)]);
+    with_exemplar.exemplars = vec![Exemplar {
+        labels: vec![Label {
+            name: "trace_id".into(),
+            value: "4bf92f3577b34da6".into(),
+        }],
+        value: 0.25,
+        timestamp: T0 + 500,
+    }];
+    write_ok(&s, encode(&request(vec![with_exemplar], vec![]))).await;
+    let (status, body) = s
+        .get_json(
+            "/api/v1/query_exemplars",
+            &[
+                ("query", "sum(rate(rpc_total[5m]))"),
+                ("start", &secs(T0 - 1000)),
+                ("end", &secs(T0 + 1000)),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["data"],
+        json!([{
+            "seriesLabels": {"__name__": "rpc_total", "job": "api"},
+            "exemplars": [{"labels": {"trace_id": "4bf92f3577b34da6"}, "value": "0.25", "timestamp": 1_700_000_000.5}]
+        }])
+    );
+    // Outside the range: none.
+    let (_, body) = s
+        .get_json(
+            "/api/v1/query_exemplars",
+            &[("query", "rpc_total"), ("start", &secs(T0 + 1000))],
+        )
+        .await;
+    assert_eq!(body["data"], json!([]));
+}

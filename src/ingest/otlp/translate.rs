@@ -6,8 +6,10 @@
 use super::naming::{label_name, metric_name, unit_word, NameKind};
 use super::OtlpConfig;
 use crate::ingest::{Batch, Rejection};
-use crate::model::{Label, LabelError, Labels, MetricMetadata, MetricType, Sample, STALE_NAN_BITS};
-use crate::storage::SeriesWrite;
+use crate::model::{
+    Exemplar, Label, LabelError, Labels, MetricMetadata, MetricType, Sample, STALE_NAN_BITS,
+};
+use crate::storage::{ExemplarWrite, SeriesWrite};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -133,6 +135,15 @@ impl Builder<'_> {
         });
         self.index.insert(key, i);
         Ok(i)
+    }
+
+    fn add_exemplars(&mut self, series: usize, exemplars: Vec<Exemplar>) {
+        if !exemplars.is_empty() {
+            self.batch.exemplars.push(ExemplarWrite {
+                series: self.batch.series[series].labels.clone(),
+                exemplars,
+            });
+        }
     }
 
     fn push(&mut self, series: usize, sample: Sample) {
@@ -489,7 +500,7 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
         Some(Data::Gauge(gauge)) => {
             let name = name_for(NameKind::Gauge);
             for point in &gauge.data_points {
-                number_point(builder, resource, &name, point);
+                number_point(builder, resource, &name, point, false);
             }
             (name, MetricType::Gauge)
         }
@@ -510,7 +521,7 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
                 return;
             }
             for point in &sum.data_points {
-                number_point(builder, resource, &name, point);
+                number_point(builder, resource, &name, point, true);
             }
             let metric_type = if sum.is_monotonic {
                 MetricType::Counter
@@ -616,6 +627,7 @@ fn number_point(
     resource: &ResourceLabels,
     name: &str,
     point: &NumberDataPoint,
+    keep_exemplars: bool,
 ) {
     let Some(t) = time_or_reject(builder, name, point.time_unix_nano) else {
         return;
@@ -643,6 +655,14 @@ fn number_point(
             v: stale_or(point.flags, value),
         },
     );
+    if keep_exemplars {
+        let exemplars = point
+            .exemplars
+            .iter()
+            .filter_map(|e| exemplar(e, t))
+            .collect();
+        builder.add_exemplars(series, exemplars);
+    }
 }
 
 fn histogram_point(
@@ -685,7 +705,71 @@ fn histogram_point(
     if let Some(sum) = point.sum {
         series.push((format!("{name}_sum"), None, sum));
     }
-    push_all(builder, resource, &point.attributes, point.flags, t, series);
+    let Some(indices) = push_all(builder, resource, &point.attributes, point.flags, t, series)
+    else {
+        return;
+    };
+    // Each exemplar goes to the first bucket that holds its value (helper.go `addExemplars`).
+    let mut by_bucket: Vec<Vec<Exemplar>> = vec![Vec::new(); bounds.len() + 1];
+    for e in point.exemplars.iter().filter_map(|e| exemplar(e, t)) {
+        if let Some(i) = bounds
+            .iter()
+            .position(|b| e.value <= *b)
+            .or((!e.value.is_nan()).then_some(bounds.len()))
+        {
+            by_bucket[i].push(e);
+        }
+    }
+    for (bucket, exemplars) in by_bucket.into_iter().enumerate() {
+        builder.add_exemplars(indices[bucket], exemplars);
+    }
+}
+
+/// An OTLP exemplar as Prometheus keeps it (helper.go `getPromExemplars`): `trace_id` and
+/// `span_id` in hex, then the filtered attributes, these only while all labels stay within
+/// Prometheus's 128-character exemplar label limit. Without a time it takes the point's.
+fn exemplar(
+    e: &opentelemetry_proto::tonic::metrics::v1::Exemplar,
+    point_time: i64,
+) -> Option<Exemplar> {
+    use opentelemetry_proto::tonic::metrics::v1::exemplar::Value;
+    const MAX_LABEL_RUNES: usize = 128;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut labels = Vec::new();
+    if !e.trace_id.is_empty() {
+        labels.push(Label::new("trace_id", hex(&e.trace_id)));
+    }
+    if !e.span_id.is_empty() {
+        labels.push(Label::new("span_id", hex(&e.span_id)));
+    }
+    let attributes: Vec<Label> = e
+        .filtered_attributes
+        .iter()
+        .map(|kv| Label::new(label_name(&kv.key), value_string(&kv.value)))
+        .collect();
+    let runes = |ls: &[Label]| {
+        ls.iter()
+            .map(|l| l.name.chars().count() + l.value.chars().count())
+            .sum::<usize>()
+    };
+    if runes(&labels) + runes(&attributes) <= MAX_LABEL_RUNES {
+        labels.extend(attributes);
+    }
+    let value = match e.value {
+        Some(Value::AsDouble(v)) => v,
+        Some(Value::AsInt(v)) => v as f64,
+        None => return None,
+    };
+    let t = if e.time_unix_nano == 0 {
+        point_time
+    } else {
+        timestamp_ms(e.time_unix_nano).ok()?
+    };
+    Some(Exemplar {
+        labels: Labels::exemplar_labels(labels).ok()?,
+        value,
+        t,
+    })
 }
 
 /// One series a point contributes: its name, an extra label (`le`, `quantile`), its value.
@@ -699,15 +783,13 @@ fn push_all(
     flags: u32,
     t: i64,
     series: Vec<PointSeries>,
-) {
+) -> Option<Vec<usize>> {
     let mut ready = Vec::with_capacity(series.len());
     for (series_name, extra, value) in series {
-        let Some(index) = series_or_reject(builder, resource, attributes, &series_name, extra)
-        else {
-            return;
-        };
+        let index = series_or_reject(builder, resource, attributes, &series_name, extra)?;
         ready.push((index, value));
     }
+    let indices = ready.iter().map(|(index, _)| *index).collect();
     for (index, value) in ready {
         builder.push(
             index,
@@ -717,6 +799,7 @@ fn push_all(
             },
         );
     }
+    Some(indices)
 }
 
 /// An exponential histogram becomes classic cumulative buckets whose `le` are the exponential
@@ -777,7 +860,7 @@ fn exponential_point(
     if let Some(sum) = point.sum {
         series.push((format!("{name}_sum"), None, sum));
     }
-    push_all(builder, resource, &point.attributes, point.flags, t, series);
+    let _ = push_all(builder, resource, &point.attributes, point.flags, t, series);
 }
 
 fn summary_point(
@@ -799,7 +882,7 @@ fn summary_point(
     }
     series.push((format!("{name}_sum"), None, point.sum));
     series.push((format!("{name}_count"), None, point.count as f64));
-    push_all(builder, resource, &point.attributes, point.flags, t, series);
+    let _ = push_all(builder, resource, &point.attributes, point.flags, t, series);
 }
 
 #[cfg(test)]

@@ -8,13 +8,17 @@
 //! series. This module knows nothing of protocols or PromQL.
 
 mod copy_binary;
+mod exemplars;
 mod read;
 mod write;
 
 use super::{
-    AppendOutcome, SelectHints, SeriesQuery, SeriesWrite, Storage, StorageError, StorageResult,
+    AppendOutcome, ExemplarWrite, SelectHints, SeriesQuery, SeriesWrite, Storage, StorageError,
+    StorageResult,
 };
-use crate::model::{Labels, Matcher, MetricMetadata, MetricType, SeriesSamples, TenantId};
+use crate::model::{
+    Labels, Matcher, MetricMetadata, MetricType, SeriesExemplars, SeriesSamples, TenantId,
+};
 use async_trait::async_trait;
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -153,6 +157,22 @@ impl Storage for PostgresStorage {
         .await
         .map_err(db_error)?;
         Ok(())
+    }
+
+    async fn append_exemplars(
+        &self,
+        tenant: &TenantId,
+        batch: &[ExemplarWrite],
+    ) -> StorageResult<()> {
+        self.store_exemplars(tenant, batch).await
+    }
+
+    async fn exemplars(
+        &self,
+        tenant: &TenantId,
+        query: &SeriesQuery,
+    ) -> StorageResult<Vec<SeriesExemplars>> {
+        self.load_exemplars(tenant, query).await
     }
 
     async fn select(

@@ -19,7 +19,7 @@ fn clamp_time(t: TimestampMs) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS)).unwrap_or_default()
 }
 
-fn labels_from_json(json: &str) -> StorageResult<Labels> {
+pub(super) fn labels_from_json(json: &str) -> StorageResult<Labels> {
     let map: BTreeMap<String, String> = serde_json::from_str(json)
         .map_err(|e| StorageError::Internal(format!("corrupt labels column: {e}")))?;
     Ok(Labels::from_trusted(
@@ -58,7 +58,7 @@ impl PostgresStorage {
     /// Series of the tenant that match every matcher, with their ids. SQL narrows by metric
     /// name and by equality on non-empty values (served by the indexes); every matcher is then
     /// applied in Rust, so the answer never depends on PostgreSQL's regex dialect.
-    async fn find_series(
+    pub(super) async fn find_series(
         &self,
         tenant: &TenantId,
         matchers: &[Matcher],

@@ -114,7 +114,8 @@ impl PostgresStorage {
         batch: &[SeriesWrite],
     ) -> StorageResult<AppendOutcome> {
         let mut outcome = AppendOutcome::default();
-        let ids = self.resolve_series(tenant, batch).await?;
+        let series_labels: Vec<&Labels> = batch.iter().map(|s| &s.labels).collect();
+        let ids = self.resolve_series(tenant, &series_labels).await?;
 
         let total: usize = batch.iter().map(|s| s.samples.len()).sum();
         let mut series_ids = Vec::with_capacity(total);
@@ -194,13 +195,15 @@ impl PostgresStorage {
 
     /// Series ids for every series of the batch, in batch order, creating the missing ones in
     /// two round trips at most.
-    async fn resolve_series(
+    pub(super) async fn resolve_series(
         &self,
         tenant: &TenantId,
-        batch: &[SeriesWrite],
+        batch: &[&Labels],
     ) -> StorageResult<Vec<SeriesId>> {
-        let fingerprints: Vec<[u8; 16]> =
-            batch.iter().map(|s| fingerprint_bytes(&s.labels)).collect();
+        let fingerprints: Vec<[u8; 16]> = batch
+            .iter()
+            .map(|labels| fingerprint_bytes(labels))
+            .collect();
         let mut ids: Vec<Option<SeriesId>> = fingerprints
             .iter()
             .map(|fp| self.series_cache.get(tenant, fp))
@@ -209,7 +212,7 @@ impl PostgresStorage {
         let mut misses: HashMap<[u8; 16], &Labels> = HashMap::new();
         for (i, id) in ids.iter().enumerate() {
             if id.is_none() {
-                misses.entry(fingerprints[i]).or_insert(&batch[i].labels);
+                misses.entry(fingerprints[i]).or_insert(batch[i]);
             }
         }
         if !misses.is_empty() {
