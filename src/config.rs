@@ -5,6 +5,7 @@
 use crate::ingest::otlp::OtlpConfig;
 use crate::ingest::IngestConfig;
 use crate::promql::EngineConfig;
+use crate::storage::embedded::{EmbeddedConfig, FsyncPolicy};
 use crate::storage::postgres::PostgresConfig;
 use crate::telemetry::LogFormat;
 use clap::{Args, Parser, Subcommand};
@@ -26,6 +27,7 @@ pub struct Config {
     /// Log filter, `RUST_LOG` syntax (e.g. `info`, `secumon=debug`).
     pub log_level: String,
     pub log_format: LogFormat,
+    pub embedded: EmbeddedConfig,
     pub postgres: PostgresConfig,
     pub ingest: IngestConfig,
     pub otlp: OtlpConfig,
@@ -41,6 +43,7 @@ impl Default for Config {
             storage: "./data".into(),
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            embedded: EmbeddedConfig::default(),
             postgres: PostgresConfig::default(),
             ingest: IngestConfig::default(),
             otlp: OtlpConfig::default(),
@@ -75,7 +78,7 @@ pub enum Command {
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// TOML configuration file; its keys are the flag names with `-` as `_`, nested tables
-    /// `[postgres]`, `[ingest]`, `[otlp]`, `[query]` for the prefixed flags.
+    /// `[embedded]`, `[postgres]`, `[ingest]`, `[otlp]`, `[query]` for the prefixed flags.
     #[arg(long, env = "SECUMON_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Address of the HTTP server. [default: 127.0.0.1:8080]
@@ -87,8 +90,8 @@ pub struct ServeArgs {
     /// Address of the OTLP/HTTP listener; empty disables it. [default: 127.0.0.1:4318]
     #[arg(long, env = "SECUMON_OTLP_HTTP_LISTEN", global = true)]
     pub otlp_http_listen: Option<String>,
-    /// Storage: a directory for the embedded engine (not available yet), or
-    /// `postgres://user:pass@host:port/db`. [default: ./data]
+    /// Storage: a directory for the embedded engine, or `postgres://user:pass@host:port/db`.
+    /// [default: ./data]
     #[arg(long, env = "SECUMON_STORAGE", global = true)]
     pub storage: Option<String>,
     /// Log filter in RUST_LOG syntax. [default: info]
@@ -97,6 +100,14 @@ pub struct ServeArgs {
     /// Log format. [default: text]
     #[arg(long, env = "SECUMON_LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Embedded engine: fsync the write-ahead log before acknowledging (`always`), or leave it
+    /// to the OS (`never`). [default: always]
+    #[arg(long, env = "SECUMON_EMBEDDED_FSYNC", global = true, value_enum)]
+    pub embedded_fsync: Option<FsyncPolicy>,
+    /// Embedded engine: how far behind a series' latest sample a new one may be, in seconds.
+    /// [default: 3600]
+    #[arg(long, env = "SECUMON_EMBEDDED_OUT_OF_ORDER_WINDOW_SECS", global = true)]
+    pub embedded_out_of_order_window_secs: Option<u64>,
     /// OTLP resource attributes copied onto every series, comma-separated. [default: none]
     #[arg(
         long,

@@ -5,6 +5,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::ingest::Ingester;
 use crate::promql::Engine;
+use crate::storage::embedded::EmbeddedStorage;
 use crate::storage::postgres::PostgresStorage;
 use crate::storage::DynStorage;
 use crate::telemetry::Metrics;
@@ -21,9 +22,14 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<DynStorage> {
             .context("cannot open PostgreSQL storage")?;
         return Ok(Arc::new(storage));
     }
-    bail!(
-        "the embedded storage engine ({url}) is not available yet: pass --storage postgres://user:pass@host:port/db"
-    )
+    if url.contains("://") {
+        bail!(
+            "unsupported storage {url:?}: give a directory (embedded engine) or a postgres:// URL"
+        );
+    }
+    let storage = EmbeddedStorage::open(std::path::Path::new(url), &config.embedded)
+        .context("cannot open the embedded storage")?;
+    Ok(Arc::new(storage))
 }
 
 /// A server running in the background, for tests and embedding.

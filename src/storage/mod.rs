@@ -4,6 +4,7 @@
 //! nothing above it. Every backend must answer every call identically for the same data: the
 //! PromQL engine evaluates over what `select` returns and never asks which backend answered.
 
+pub mod embedded;
 pub mod postgres;
 
 use crate::model::{
@@ -35,6 +36,8 @@ pub enum RejectReason {
     DuplicateTimestamp,
     /// The timestamp is outside what the backend can represent.
     TimestampOutOfRange,
+    /// Older than the out-of-order window allows (Prometheus's `ErrOutOfOrderSample`).
+    OutOfOrder,
 }
 
 impl RejectReason {
@@ -43,6 +46,7 @@ impl RejectReason {
         match self {
             RejectReason::DuplicateTimestamp => "duplicate_timestamp",
             RejectReason::TimestampOutOfRange => "timestamp_out_of_range",
+            RejectReason::OutOfOrder => "out_of_order",
         }
     }
 }

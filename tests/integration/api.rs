@@ -265,8 +265,9 @@ async fn health_ready_metrics_and_buildinfo() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_fails_when_the_database_is_gone() {
-    let s = Secumon::start().await;
-    let name = s.database_url.rsplit('/').next().unwrap().to_owned();
+    let s = Secumon::start_on(crate::support::Backend::Postgres, |_| {}).await;
+    let url = s.database_url.clone().expect("a PostgreSQL database");
+    let name = url.rsplit('/').next().unwrap().to_owned();
     use sqlx::Connection;
     let mut admin =
         sqlx::PgConnection::connect(&crate::support::Postgres::shared().url("postgres"))

@@ -367,3 +367,49 @@ async fn exemplars_are_kept_and_served() {
         .await;
     assert_eq!(body["data"], json!([]));
 }
+
+/// The embedded engine keeps what it acknowledged across a restart (the write-ahead log is
+/// replayed on open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_data_survives_a_restart() {
+    use crate::support::Backend;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().display().to_string();
+    let s = Secumon::start_on(Backend::Embedded, |c| c.storage = path.clone()).await;
+    let metadata = vec![MetricMetadata {
+        r#type: MetricType::Gauge as i32,
+        metric_family_name: "kept".into(),
+        help: "Kept across restarts.".into(),
+        unit: "".into(),
+    }];
+    write_ok(
+        &s,
+        encode(&request(
+            vec![series(
+                &[("__name__", "kept"), ("i", "1")],
+                &[(T0, 1.0), (T0 + 15_000, 2.0)],
+            )],
+            metadata,
+        )),
+    )
+    .await;
+    s.server.stop().await;
+
+    let s = Secumon::start_on(Backend::Embedded, |c| c.storage = path.clone()).await;
+    assert_eq!(instant(&s, "kept", T0 + 20_000).await[0].1, "2");
+    let (_, body) = s.get_json("/api/v1/metadata", &[("metric", "kept")]).await;
+    assert_eq!(body["data"]["kept"][0]["help"], "Kept across restarts.");
+    // And it keeps accepting writes after replay.
+    write_ok(
+        &s,
+        encode(&request(
+            vec![series(
+                &[("__name__", "kept"), ("i", "1")],
+                &[(T0 + 30_000, 3.0)],
+            )],
+            vec![],
+        )),
+    )
+    .await;
+    assert_eq!(instant(&s, "kept", T0 + 31_000).await[0].1, "3");
+}

@@ -155,26 +155,64 @@ impl Postgres {
     }
 }
 
-/// SecuMon in-process on a free port over a fresh PostgreSQL database.
+/// The storage a test server runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Embedded,
+}
+
+impl Backend {
+    /// The backend of this test run: `SECUMON_TEST_STORAGE=embedded` selects the embedded
+    /// engine (scripts/test runs the integration tests once per backend), PostgreSQL otherwise.
+    pub fn of_run() -> Backend {
+        match std::env::var("SECUMON_TEST_STORAGE").as_deref() {
+            Ok("embedded") => Backend::Embedded,
+            _ => Backend::Postgres,
+        }
+    }
+}
+
+/// SecuMon in-process on free ports over fresh storage.
 pub struct Secumon {
     pub server: RunningServer,
     pub base: String,
-    pub database_url: String,
+    /// The PostgreSQL database, when the backend is PostgreSQL.
+    pub database_url: Option<String>,
     pub http: reqwest::Client,
+    /// The embedded engine's directory, removed on drop.
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Secumon {
+    /// A server on this run's backend.
     pub async fn start() -> Secumon {
         Secumon::start_with(|_| {}).await
     }
 
     pub async fn start_with(customize: impl FnOnce(&mut Config)) -> Secumon {
-        let database_url = Postgres::shared().database().await;
+        Secumon::start_on(Backend::of_run(), customize).await
+    }
+
+    pub async fn start_on(backend: Backend, customize: impl FnOnce(&mut Config)) -> Secumon {
+        let (storage, database_url, data) = match backend {
+            Backend::Postgres => {
+                let url = Postgres::shared().database().await;
+                (url.clone(), Some(url), None)
+            }
+            Backend::Embedded => {
+                let dir = tempfile::Builder::new()
+                    .prefix("secumon-data")
+                    .tempdir()
+                    .expect("temp dir");
+                (dir.path().display().to_string(), None, Some(dir))
+            }
+        };
         let mut config = Config {
             http_listen: "127.0.0.1:0".into(),
             otlp_grpc_listen: "127.0.0.1:0".into(),
             otlp_http_listen: "127.0.0.1:0".into(),
-            storage: database_url.clone(),
+            storage,
             ..Config::default()
         };
         customize(&mut config);
@@ -186,6 +224,7 @@ impl Secumon {
             base,
             database_url,
             http: reqwest::Client::new(),
+            _data: data,
         }
     }
 
