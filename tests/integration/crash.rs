@@ -1,0 +1,146 @@
+//! Crash safety of the embedded engine: the server binary is killed with SIGKILL several times
+//! in the middle of a sustained remote-write load and restarted; every sample whose request
+//! got a 2xx must be there afterwards.
+
+use crate::support::process::{free_port, wait_for_port, Managed};
+use crate::support::remote_write::{encode, request, series};
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const T0: i64 = 1_700_000_000_000;
+const KILLS: usize = 3;
+
+fn start(dir: &std::path::Path, port: u16) -> Managed {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
+    cmd.args(["serve", "--storage", &dir.display().to_string()])
+        .args(["--http-listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--otlp-grpc-listen",
+            "",
+            "--otlp-http-listen",
+            "",
+            "--log-level",
+            "warn",
+        ]);
+    let process = Managed::spawn("secumon", cmd, None);
+    wait_for_port(port, Duration::from_secs(30), "secumon");
+    process
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_samples_survive_sigkill_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/api/v1/write");
+    let acknowledged: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let mut next_request = 0u64;
+    for _ in 0..KILLS {
+        let server = start(dir.path(), port);
+        let running = Arc::new(AtomicBool::new(true));
+        // Two writers, each request a new series with 20 samples.
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let (url, running, acknowledged) =
+                    (url.clone(), running.clone(), acknowledged.clone());
+                let first = next_request + w * 1_000_000;
+                tokio::spawn(async move {
+                    let http = reqwest::Client::new();
+                    let mut id = first;
+                    while running.load(Ordering::SeqCst) {
+                        let samples: Vec<(i64, f64)> =
+                            (0..20).map(|i| (T0 + i * 1000, id as f64)).collect();
+                        let body = encode(&request(
+                            vec![series(
+                                &[("__name__", "crash_test"), ("req", &id.to_string())],
+                                &samples,
+                            )],
+                            vec![],
+                        ));
+                        if let Ok(r) = http.post(&url).body(body).send().await {
+                            if r.status().as_u16() == 204 {
+                                acknowledged.lock().unwrap().insert(id);
+                            }
+                        }
+                        id += 1;
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        // SIGKILL mid-load: no chance to flush anything.
+        unsafe {
+            libc::kill(server.pid() as i32, libc::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        running.store(false, Ordering::SeqCst);
+        for w in writers {
+            w.await.unwrap();
+        }
+        drop(server);
+        next_request += 10_000;
+    }
+
+    let _server = start(dir.path(), port);
+    let http = reqwest::Client::new();
+    let body: serde_json::Value = http
+        .get(format!("http://127.0.0.1:{port}/api/v1/series"))
+        .query(&[("match[]", "crash_test")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let present: BTreeSet<u64> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["req"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 10,
+        "the load was too light to prove anything: {}",
+        acknowledged.len()
+    );
+    println!(
+        "crash test: {} kills, {} acknowledged requests ({} samples), {} series present",
+        KILLS,
+        acknowledged.len(),
+        acknowledged.len() * 20,
+        present.len()
+    );
+    let lost: Vec<&u64> = acknowledged.difference(&present).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged requests lost after SIGKILL: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    // Every acknowledged series has all its 20 samples.
+    let count: serde_json::Value = http
+        .get(format!("http://127.0.0.1:{port}/api/v1/query"))
+        .query(&[
+            ("query", "count(count_over_time(crash_test[1m]) == 20)"),
+            ("time", "1700000030"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let complete: usize = count["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        complete >= acknowledged.len(),
+        "{complete} complete series, {} acknowledged",
+        acknowledged.len()
+    );
+}
