@@ -532,6 +532,38 @@ fn main() {
     );
     drop(secumon);
 
+    // SecuMon's embedded engine (write-ahead log fsynced per request), same bodies.
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
+    cmd.args(["serve", "--storage", &data.path().display().to_string()])
+        .args(["--http-listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--otlp-grpc-listen",
+            "",
+            "--otlp-http-listen",
+            "",
+            "--log-level",
+            "warn",
+        ]);
+    let secumon = Managed::spawn("secumon", cmd, None);
+    wait_for_port(port, Duration::from_secs(30), "secumon");
+    let cpu_before = cpu_seconds(secumon.pid());
+    let outcome = push(
+        &format!("http://127.0.0.1:{port}/api/v1/write"),
+        bodies.clone(),
+        &o,
+    );
+    let cpu = cpu_seconds(secumon.pid()) - cpu_before;
+    let rss = peak_rss_mib(secumon.pid());
+    report(
+        "SecuMon embedded engine (WAL, fsync per request)",
+        &outcome,
+        cpu,
+        &format!("{rss:.0}"),
+    );
+    drop(secumon);
+
     // SecuMon's OTLP/gRPC receiver, same data as gauges, a fresh database.
     let otlp_requests = Arc::new(encode_otlp_requests(&o, t0));
     let database = runtime.block_on(postgres.database());
