@@ -67,6 +67,9 @@ async fn shutdown_requested(mut shutdown: tokio::sync::watch::Receiver<bool>) {
 /// Binds the HTTP listener and serves in a background task.
 pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .damaged_bytes_recovered
+        .set(i64::try_from(storage.damaged_bytes_recovered()).unwrap_or(i64::MAX));
     let state = Arc::new(AppState {
         engine: Engine::new(storage.clone(), config.query.clone()),
         ingester: Ingester::new(storage.clone(), metrics.clone()),

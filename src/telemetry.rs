@@ -36,6 +36,7 @@ pub struct Metrics {
     pub samples_rejected: Family<RejectLabels, Counter>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub query_duration: Family<QueryLabels, Histogram>,
+    pub damaged_bytes_recovered: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Query latency buckets, 1 ms to ~1 min.
@@ -72,8 +73,15 @@ impl Metrics {
             "PromQL evaluation latency, by query kind (instant, range)",
             query_duration.clone(),
         );
+        let damaged_bytes_recovered = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "storage_damaged_bytes_recovered",
+            "Bytes of damaged data (a torn write-ahead log tail) cut off when storage opened",
+            damaged_bytes_recovered.clone(),
+        );
         Metrics {
             registry,
+            damaged_bytes_recovered,
             samples_ingested,
             samples_rejected,
             http_requests,

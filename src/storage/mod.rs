@@ -198,6 +198,12 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Succeeds when the backend answers; `/ready` is this.
     async fn ping(&self) -> StorageResult<()>;
+
+    /// Bytes of damaged data the backend cut off when it opened (a torn write-ahead log
+    /// tail), reported in `/metrics`.
+    fn damaged_bytes_recovered(&self) -> u64 {
+        0
+    }
 }
 
 pub type DynStorage = Arc<dyn Storage>;

@@ -413,3 +413,75 @@ async fn embedded_data_survives_a_restart() {
     .await;
     assert_eq!(instant(&s, "kept", T0 + 31_000).await[0].1, "3");
 }
+
+/// A full disk makes the embedded engine answer 503 (senders retry), the server keeps serving,
+/// and a torn log tail found at start-up is cut, reported in `/metrics`, and the rest kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_full_disk_and_damaged_log() {
+    use crate::support::Backend;
+    // /dev/full refuses every write with ENOSPC, like a full disk.
+    let full = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(full.path().join("wal")).unwrap();
+    std::os::unix::fs::symlink("/dev/full", full.path().join("wal/00000001.wal")).unwrap();
+    let path = full.path().display().to_string();
+    let s = Secumon::start_on(Backend::Embedded, |c| c.storage = path).await;
+    let (status, text) = s
+        .write_raw(encode(&request(
+            vec![series(&[("__name__", "m")], &[(T0, 1.0)])],
+            vec![],
+        )))
+        .await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("space"), "{text}");
+    let ready = s.http.get(s.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert!(instant(&s, "m", T0).await.is_empty());
+
+    // Write, stop, tear the log's tail, restart: what came before the tear is there.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().display().to_string();
+    let s = Secumon::start_on(Backend::Embedded, |c| c.storage = path.clone()).await;
+    write_ok(
+        &s,
+        encode(&request(
+            vec![series(&[("__name__", "m")], &[(T0, 1.0)])],
+            vec![],
+        )),
+    )
+    .await;
+    write_ok(
+        &s,
+        encode(&request(
+            vec![series(&[("__name__", "m")], &[(T0 + 1000, 2.0)])],
+            vec![],
+        )),
+    )
+    .await;
+    s.server.stop().await;
+    let segment = dir.path().join("wal/00000001.wal");
+    let len = std::fs::metadata(&segment).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let s = Secumon::start_on(Backend::Embedded, |c| c.storage = path.clone()).await;
+    assert_eq!(instant(&s, "m", T0 + 500).await[0].1, "1");
+    assert!(
+        instant(&s, "m", T0 + 1000)
+            .await
+            .iter()
+            .all(|(_, v)| v == "1"),
+        "the torn write is gone"
+    );
+    let metrics = s.metrics_text().await;
+    assert!(
+        metrics.contains("secumon_storage_damaged_bytes_recovered "),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("secumon_storage_damaged_bytes_recovered 0\n"),
+        "{metrics}"
+    );
+}

@@ -50,6 +50,8 @@ pub struct EmbeddedStorage {
     /// Serialises writers: classification, logging and applying happen in one order.
     wal: Mutex<Wal>,
     window_ms: i64,
+    /// Bytes cut off a damaged log tail when opening.
+    damaged_bytes: u64,
 }
 
 fn io_error(e: std::io::Error) -> StorageError {
@@ -82,6 +84,7 @@ impl EmbeddedStorage {
             head: RwLock::new(head),
             wal: Mutex::new(wal),
             window_ms: config.out_of_order_window_secs as i64 * 1000,
+            damaged_bytes: report.truncated.as_ref().map_or(0, |(_, bytes)| *bytes),
         })
     }
 
@@ -421,5 +424,9 @@ impl Storage for EmbeddedStorage {
 
     async fn ping(&self) -> StorageResult<()> {
         Ok(())
+    }
+
+    fn damaged_bytes_recovered(&self) -> u64 {
+        self.damaged_bytes
     }
 }

@@ -204,8 +204,12 @@ pub struct Wal {
     dir: PathBuf,
     file: File,
     segment: u64,
+    /// Bytes of intact records in the current segment.
     size: u64,
     fsync: FsyncPolicy,
+    /// Set when a failed write could not be undone: the log refuses writes until a restart
+    /// (replay then cuts the torn tail).
+    broken: bool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -263,13 +267,29 @@ impl Wal {
                 segment,
                 size,
                 fsync,
+                broken: false,
             },
             report,
         ))
     }
 
-    /// Appends records and makes them durable per the fsync policy.
+    /// Appends records and makes them durable per the fsync policy. On failure (a full disk,
+    /// an I/O error) the partial write is cut off again, so the log stays a sequence of intact
+    /// records and a later append can succeed.
     pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::other(
+                "an earlier write failed and could not be undone; restart to recover",
+            ));
+        }
+        let result = self.try_append(records);
+        if result.is_err() && self.file.set_len(self.size).is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn try_append(&mut self, records: &[Record]) -> io::Result<()> {
         if self.size > SEGMENT_BYTES {
             self.segment += 1;
             self.file = OpenOptions::new()
@@ -330,6 +350,16 @@ fn replay_segment(path: &Path, apply: &mut impl FnMut(Record)) -> io::Result<(us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_an_error_not_a_crash() {
+        // /dev/full refuses every write with ENOSPC, like a full disk.
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("00000001.wal")).unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), FsyncPolicy::Always, |_| {}).unwrap();
+        let error = wal.append(&records()).unwrap_err();
+        assert!(error.to_string().contains("space"), "{error}");
+    }
 
     fn labels(name: &str) -> Labels {
         Labels::from_trusted(vec![Label::new("__name__", name)])
