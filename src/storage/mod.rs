@@ -172,20 +172,46 @@ pub trait Storage: Send + Sync + 'static {
     /// Label sets of the series with samples in the range, sorted.
     async fn series(&self, tenant: &TenantId, query: &SeriesQuery) -> StorageResult<Vec<Labels>>;
 
-    /// Label names of the series with samples in the range, sorted.
+    /// Label names of the series with samples in the range, sorted. Derived from
+    /// [`Storage::series`] unless a backend knows better.
     async fn label_names(
         &self,
         tenant: &TenantId,
         query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>>;
+    ) -> StorageResult<Vec<String>> {
+        let all = SeriesQuery {
+            limit: 0,
+            ..query.clone()
+        };
+        let names: std::collections::BTreeSet<String> = self
+            .series(tenant, &all)
+            .await?
+            .iter()
+            .flat_map(|labels| labels.iter().map(|l| l.name.clone()))
+            .collect();
+        Ok(limited(names, query.limit))
+    }
 
-    /// Values of label `name` over the series with samples in the range, sorted.
+    /// Values of label `name` over the series with samples in the range, sorted. Derived from
+    /// [`Storage::series`] unless a backend knows better.
     async fn label_values(
         &self,
         tenant: &TenantId,
         name: &str,
         query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>>;
+    ) -> StorageResult<Vec<String>> {
+        let all = SeriesQuery {
+            limit: 0,
+            ..query.clone()
+        };
+        let values: std::collections::BTreeSet<String> = self
+            .series(tenant, &all)
+            .await?
+            .iter()
+            .filter_map(|labels| labels.get(name).map(str::to_owned))
+            .collect();
+        Ok(limited(values, query.limit))
+    }
 
     /// Metadata per metric family, optionally of one metric only. `limit` bounds the number of
     /// families (0: no limit).
@@ -207,3 +233,9 @@ pub trait Storage: Send + Sync + 'static {
 }
 
 pub type DynStorage = Arc<dyn Storage>;
+
+/// The first `limit` items (all when 0), in order.
+fn limited(items: std::collections::BTreeSet<String>, limit: usize) -> Vec<String> {
+    let take = if limit == 0 { usize::MAX } else { limit };
+    items.into_iter().take(take).collect()
+}

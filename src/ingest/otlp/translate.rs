@@ -511,13 +511,12 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
                 NameKind::Other
             };
             let name = name_for(kind);
-            if !is_cumulative(sum.aggregation_temporality) {
-                refuse_temporality(
-                    builder,
-                    &name,
-                    sum.data_points.len(),
-                    sum.aggregation_temporality,
-                );
+            if !cumulative_or_refuse(
+                builder,
+                &name,
+                sum.data_points.len(),
+                sum.aggregation_temporality,
+            ) {
                 return;
             }
             for point in &sum.data_points {
@@ -532,13 +531,8 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
         }
         Some(Data::Histogram(histogram)) => {
             let name = name_for(NameKind::Other);
-            if !is_cumulative(histogram.aggregation_temporality) {
-                refuse_temporality(
-                    builder,
-                    &name,
-                    histogram.data_points.len(),
-                    histogram.aggregation_temporality,
-                );
+            let points = histogram.data_points.len();
+            if !cumulative_or_refuse(builder, &name, points, histogram.aggregation_temporality) {
                 return;
             }
             for point in &histogram.data_points {
@@ -548,13 +542,8 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
         }
         Some(Data::ExponentialHistogram(histogram)) => {
             let name = name_for(NameKind::Other);
-            if !is_cumulative(histogram.aggregation_temporality) {
-                refuse_temporality(
-                    builder,
-                    &name,
-                    histogram.data_points.len(),
-                    histogram.aggregation_temporality,
-                );
+            let points = histogram.data_points.len();
+            if !cumulative_or_refuse(builder, &name, points, histogram.aggregation_temporality) {
                 return;
             }
             for point in &histogram.data_points {
@@ -578,7 +567,16 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
     });
 }
 
-fn refuse_temporality(builder: &mut Builder, name: &str, points: usize, temporality: i32) {
+/// Whether points of this temporality can be stored; refuses them all with a reason if not.
+fn cumulative_or_refuse(
+    builder: &mut Builder,
+    name: &str,
+    points: usize,
+    temporality: i32,
+) -> bool {
+    if is_cumulative(temporality) {
+        return true;
+    }
     let which = if temporality == AggregationTemporality::Delta as i32 {
         "delta"
     } else {
@@ -589,6 +587,7 @@ fn refuse_temporality(builder: &mut Builder, name: &str, points: usize, temporal
         points,
         format!("{name}: {which} temporality is not supported; export cumulative temporality"),
     );
+    false
 }
 
 /// The series of one point, or its refusal.

@@ -365,44 +365,6 @@ impl Storage for EmbeddedStorage {
         Ok(out)
     }
 
-    async fn label_names(
-        &self,
-        tenant: &TenantId,
-        query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>> {
-        let head = self.read();
-        let names: BTreeSet<String> = self
-            .series_ids(&head, tenant, query)
-            .into_iter()
-            .filter_map(|id| head.series.get(&id))
-            .flat_map(|s| s.labels.iter().map(|l| l.name.clone()))
-            .collect();
-        let mut out: Vec<String> = names.into_iter().collect();
-        if query.limit > 0 {
-            out.truncate(query.limit);
-        }
-        Ok(out)
-    }
-
-    async fn label_values(
-        &self,
-        tenant: &TenantId,
-        name: &str,
-        query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>> {
-        let head = self.read();
-        let values: BTreeSet<String> = self
-            .series_ids(&head, tenant, query)
-            .into_iter()
-            .filter_map(|id| head.series.get(&id)?.labels.get(name).map(str::to_owned))
-            .collect();
-        let mut out: Vec<String> = values.into_iter().collect();
-        if query.limit > 0 {
-            out.truncate(query.limit);
-        }
-        Ok(out)
-    }
-
     async fn metadata(
         &self,
         tenant: &TenantId,

@@ -194,43 +194,6 @@ impl Storage for PostgresStorage {
         Ok(series)
     }
 
-    async fn label_names(
-        &self,
-        tenant: &TenantId,
-        query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>> {
-        let series = self.series_in_range(tenant, query).await?;
-        let mut names: Vec<String> = series
-            .iter()
-            .flat_map(|labels| labels.iter().map(|l| l.name.clone()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if query.limit > 0 {
-            names.truncate(query.limit);
-        }
-        Ok(names)
-    }
-
-    async fn label_values(
-        &self,
-        tenant: &TenantId,
-        name: &str,
-        query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>> {
-        let series = self.series_in_range(tenant, query).await?;
-        let mut values: Vec<String> = series
-            .iter()
-            .filter_map(|labels| labels.get(name).map(str::to_owned))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if query.limit > 0 {
-            values.truncate(query.limit);
-        }
-        Ok(values)
-    }
-
     async fn metadata(
         &self,
         tenant: &TenantId,
