@@ -197,50 +197,6 @@ fn encode_otlp_requests(o: &Options, t0: i64) -> Vec<ExportMetricsServiceRequest
 
 /// Sends pre-encoded export requests, so the client spends no CPU encoding during the run
 /// (as the remote-write client sends pre-encoded bodies).
-mod raw_grpc {
-    use bytes::{BufMut, Bytes};
-    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
-    use prost::Message;
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::Status;
-
-    pub struct RawCodec;
-    pub struct RawEncoder;
-    pub struct ResponseDecoder;
-
-    impl Encoder for RawEncoder {
-        type Item = Bytes;
-        type Error = Status;
-        fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            buf.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for ResponseDecoder {
-        type Item = ExportMetricsServiceResponse;
-        type Error = Status;
-        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-            ExportMetricsServiceResponse::decode(buf)
-                .map(Some)
-                .map_err(|e| Status::internal(e.to_string()))
-        }
-    }
-
-    impl Codec for RawCodec {
-        type Encode = Bytes;
-        type Decode = ExportMetricsServiceResponse;
-        type Encoder = RawEncoder;
-        type Decoder = ResponseDecoder;
-        fn encoder(&mut self) -> RawEncoder {
-            RawEncoder
-        }
-        fn decoder(&mut self) -> ResponseDecoder {
-            ResponseDecoder
-        }
-    }
-}
-
 fn push_otlp(addr: &str, requests: Arc<Vec<ExportMetricsServiceRequest>>, o: &Options) -> Outcome {
     let requests: Arc<Vec<bytes::Bytes>> = Arc::new(
         requests
@@ -273,11 +229,12 @@ fn push_otlp(addr: &str, requests: Arc<Vec<ExportMetricsServiceRequest>>, o: &Op
             workers.push(tokio::spawn(async move {
                 for i in (0..requests.len()).filter(|i| (i % blocks) % connections == worker) {
                     client.ready().await.expect("gRPC channel ready");
-                    let path = http::uri::PathAndQuery::from_static(
-                        "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
-                    );
+                    let path = http::uri::PathAndQuery::from_static(support::raw_grpc::EXPORT);
                     let request = tonic::Request::new(requests[i].clone());
-                    match client.unary(request, path, raw_grpc::RawCodec).await {
+                    match client
+                        .unary(request, path, support::raw_grpc::RawCodec)
+                        .await
+                    {
                         Ok(r) if r.get_ref().partial_success.is_none() => {
                             accepted.fetch_add(points_per_request, Ordering::SeqCst);
                         }

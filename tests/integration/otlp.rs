@@ -313,76 +313,11 @@ async fn bad_input_gets_otlp_answers_and_good_points_are_stored() {
     assert_eq!(value(&s, "probe{n=\"good\"}").await, Some(1.5));
 }
 
-/// Sends raw bytes as an OTLP/gRPC Export request.
-mod raw_grpc {
-    use axum::body::Bytes;
-    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
-    use prost::Message;
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::Status;
-
-    pub struct RawCodec;
-    pub struct RawEncoder;
-    pub struct ResponseDecoder;
-
-    impl Encoder for RawEncoder {
-        type Item = Bytes;
-        type Error = Status;
-        fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            use bytes::BufMut;
-            buf.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for ResponseDecoder {
-        type Item = ExportMetricsServiceResponse;
-        type Error = Status;
-        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-            ExportMetricsServiceResponse::decode(buf)
-                .map(Some)
-                .map_err(|e| Status::internal(e.to_string()))
-        }
-    }
-
-    impl Codec for RawCodec {
-        type Encode = Bytes;
-        type Decode = ExportMetricsServiceResponse;
-        type Encoder = RawEncoder;
-        type Decoder = ResponseDecoder;
-        fn encoder(&mut self) -> RawEncoder {
-            RawEncoder
-        }
-        fn decoder(&mut self) -> ResponseDecoder {
-            ResponseDecoder
-        }
-    }
-
-    pub async fn export(
-        addr: std::net::SocketAddr,
-        body: Vec<u8>,
-    ) -> Result<ExportMetricsServiceResponse, Status> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.unwrap();
-        let path = http::uri::PathAndQuery::from_static(
-            "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
-        );
-        grpc.unary(tonic::Request::new(Bytes::from(body)), path, RawCodec)
-            .await
-            .map(|r| r.into_inner())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_answers_invalid_argument_for_garbage_and_partial_success_for_bad_points() {
     let s = Secumon::start().await;
     let addr = s.server.otlp_grpc_addr.unwrap();
-    let status = raw_grpc::export(addr, vec![0x0a, 0xff, 0xff, 0xff, 0x0f])
+    let status = crate::support::raw_grpc::export(addr, vec![0x0a, 0xff, 0xff, 0xff, 0x0f])
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
@@ -393,7 +328,7 @@ async fn grpc_answers_invalid_argument_for_garbage_and_partial_success_for_bad_p
     ]));
     let request =
         secumon::ingest::otlp::decode(&json, secumon::ingest::otlp::Encoding::Json).unwrap();
-    let response = raw_grpc::export(addr, request.encode_to_vec())
+    let response = crate::support::raw_grpc::export(addr, request.encode_to_vec())
         .await
         .unwrap();
     let partial = response.partial_success.expect("partial success");

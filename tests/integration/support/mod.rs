@@ -12,6 +12,7 @@
 
 pub mod dataset;
 pub mod process;
+pub mod raw_grpc;
 pub mod remote_write;
 
 use process::{free_port, Managed};
