@@ -5,6 +5,7 @@
 //! This first version keeps every sample in memory and in the log: compressed chunks,
 //! compaction, rollups and retention are still to come (docs/storage.md).
 
+mod chunk;
 mod head;
 mod wal;
 

@@ -1,0 +1,292 @@
+//! Gorilla-style compressed chunks, as Prometheus's `tsdb/chunkenc/xor.go`: timestamps as
+//! delta-of-delta with variable-width buckets, values XOR-ed with the previous value storing
+//! only the meaningful bits. Typical scrape data takes 1 to 2 bytes per sample.
+
+use crate::model::Sample;
+
+/// Appends bits, most significant first.
+#[derive(Default, Clone)]
+struct BitWriter {
+    bytes: Vec<u8>,
+    /// Bits used in the last byte (0 = start a new byte).
+    used: u8,
+}
+
+impl BitWriter {
+    fn bit(&mut self, bit: bool) {
+        if self.used == 0 {
+            self.bytes.push(0);
+        }
+        if bit {
+            let last = self.bytes.len() - 1;
+            self.bytes[last] |= 1 << (7 - self.used);
+        }
+        self.used = (self.used + 1) % 8;
+    }
+
+    fn bits(&mut self, value: u64, count: u8) {
+        for i in (0..count).rev() {
+            self.bit((value >> i) & 1 == 1);
+        }
+    }
+}
+
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl BitReader<'_> {
+    fn bit(&mut self) -> Option<bool> {
+        let byte = *self.bytes.get(self.position / 8)?;
+        let bit = (byte >> (7 - (self.position % 8))) & 1 == 1;
+        self.position += 1;
+        Some(bit)
+    }
+
+    fn bits(&mut self, count: u8) -> Option<u64> {
+        let mut value = 0u64;
+        for _ in 0..count {
+            value = (value << 1) | u64::from(self.bit()?);
+        }
+        Some(value)
+    }
+}
+
+/// Reads a `bits`-wide delta-of-delta the way xor.go writes it: the range is
+/// `-(2^(bits-1) - 1) ..= 2^(bits-1)`, so only values above `2^(bits-1)` are negative.
+fn signed(value: u64, bits: u8) -> i64 {
+    if value > 1 << (bits - 1) {
+        value as i64 - (1i64 << bits)
+    } else {
+        value as i64
+    }
+}
+
+/// A closed, compressed run of samples of one series, sorted by time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chunk {
+    pub min_t: i64,
+    pub max_t: i64,
+    pub count: u32,
+    bytes: Vec<u8>,
+}
+
+impl Chunk {
+    /// Encodes samples (sorted by time, at least one).
+    pub fn encode(samples: &[Sample]) -> Chunk {
+        let mut w = BitWriter::default();
+        let (mut prev_t, mut prev_delta, mut prev_v) = (0i64, 0i64, 0u64);
+        let (mut leading, mut trailing) = (u8::MAX, 0u8);
+        for (i, s) in samples.iter().enumerate() {
+            let v = s.v.to_bits();
+            match i {
+                0 => {
+                    w.bits(s.t as u64, 64);
+                    w.bits(v, 64);
+                }
+                _ => {
+                    let delta = s.t.wrapping_sub(prev_t);
+                    let dod = if i == 1 { delta } else { delta.wrapping_sub(prev_delta) };
+                    // Buckets of xor.go: 0 | 10+14 bits | 110+17 | 1110+20 | 1111+64.
+                    match dod {
+                        0 => w.bit(false),
+                        d if (-8191..=8192).contains(&d) => {
+                            w.bits(0b10, 2);
+                            w.bits(d as u64, 14);
+                        }
+                        d if (-65535..=65536).contains(&d) => {
+                            w.bits(0b110, 3);
+                            w.bits(d as u64, 17);
+                        }
+                        d if (-524287..=524288).contains(&d) => {
+                            w.bits(0b1110, 4);
+                            w.bits(d as u64, 20);
+                        }
+                        d => {
+                            w.bits(0b1111, 4);
+                            w.bits(d as u64, 64);
+                        }
+                    }
+                    prev_delta = delta;
+                    let xor = v ^ prev_v;
+                    if xor == 0 {
+                        w.bit(false);
+                    } else {
+                        w.bit(true);
+                        let lz = (xor.leading_zeros() as u8).min(31);
+                        let tz = xor.trailing_zeros() as u8;
+                        if leading != u8::MAX && lz >= leading && tz >= trailing {
+                            w.bit(false);
+                            w.bits(xor >> trailing, 64 - leading - trailing);
+                        } else {
+                            leading = lz;
+                            trailing = tz;
+                            w.bit(true);
+                            w.bits(u64::from(lz), 5);
+                            let significant = 64 - lz - tz;
+                            // 64 significant bits are written as 0 (6 bits cannot hold 64).
+                            w.bits(u64::from(significant % 64), 6);
+                            w.bits(xor >> tz, significant);
+                        }
+                    }
+                }
+            }
+            prev_t = s.t;
+            prev_v = v;
+        }
+        Chunk {
+            min_t: samples.first().map_or(0, |s| s.t),
+            max_t: samples.last().map_or(0, |s| s.t),
+            count: samples.len() as u32,
+            bytes: w.bytes,
+        }
+    }
+
+    /// All samples of the chunk.
+    pub fn decode(&self) -> Vec<Sample> {
+        let mut out = Vec::with_capacity(self.count as usize);
+        let mut r = BitReader {
+            bytes: &self.bytes,
+            position: 0,
+        };
+        let (mut t, mut delta, mut v) = (0i64, 0i64, 0u64);
+        let (mut leading, mut trailing) = (0u8, 0u8);
+        for i in 0..self.count {
+            if i == 0 {
+                let (Some(t0), Some(v0)) = (r.bits(64), r.bits(64)) else { break };
+                t = t0 as i64;
+                v = v0;
+            } else {
+                let dod = if !r.bit().unwrap_or(false) {
+                    0
+                } else if !r.bit().unwrap_or(false) {
+                    signed(r.bits(14).unwrap_or(0), 14)
+                } else if !r.bit().unwrap_or(false) {
+                    signed(r.bits(17).unwrap_or(0), 17)
+                } else if !r.bit().unwrap_or(false) {
+                    signed(r.bits(20).unwrap_or(0), 20)
+                } else {
+                    r.bits(64).unwrap_or(0) as i64
+                };
+                delta = if i == 1 { dod } else { delta.wrapping_add(dod) };
+                t = t.wrapping_add(delta);
+                if r.bit().unwrap_or(false) {
+                    if r.bit().unwrap_or(false) {
+                        leading = r.bits(5).unwrap_or(0) as u8;
+                        let significant = match r.bits(6).unwrap_or(0) as u8 {
+                            0 => 64,
+                            n => n,
+                        };
+                        trailing = 64 - leading - significant;
+                    }
+                    let significant = 64 - leading - trailing;
+                    let bits = r.bits(significant).unwrap_or(0);
+                    v ^= bits << trailing;
+                }
+            }
+            out.push(Sample {
+                t,
+                v: f64::from_bits(v),
+            });
+        }
+        out
+    }
+
+    /// Compressed size in bytes.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::STALE_NAN_BITS;
+
+    fn round_trip(samples: &[Sample]) -> Chunk {
+        let chunk = Chunk::encode(samples);
+        let decoded = chunk.decode();
+        assert_eq!(decoded.len(), samples.len());
+        for (a, b) in decoded.iter().zip(samples) {
+            assert_eq!((a.t, a.v.to_bits()), (b.t, b.v.to_bits()));
+        }
+        chunk
+    }
+
+    #[test]
+    fn regular_scrapes_compress_to_about_a_byte_or_two() {
+        let samples: Vec<Sample> = (0..120)
+            .map(|i| Sample {
+                t: 1_700_000_000_000 + i * 15_000 + (i % 3),
+                v: 1000.0 + (i / 10) as f64,
+            })
+            .collect();
+        let chunk = round_trip(&samples);
+        assert!(chunk.size() < 120 * 3, "{} bytes for 120 samples", chunk.size());
+    }
+
+    #[test]
+    fn every_kind_of_value_and_gap_round_trips() {
+        let values = [
+            0.0,
+            -0.0,
+            1.5,
+            f64::NAN,
+            f64::from_bits(STALE_NAN_BITS),
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            -123456.789,
+            1e-300,
+            42.0,
+            42.0,
+        ];
+        let gaps = [1i64, 15_000, 15_001, 8_000_000, -5, 0, 1 << 40, 3, 600_000, 15_000, 1, 2, 3];
+        let mut t = -1_000_000i64;
+        let samples: Vec<Sample> = values
+            .iter()
+            .zip(gaps)
+            .map(|(&v, gap)| {
+                t += gap.abs().max(1);
+                Sample { t, v }
+            })
+            .collect();
+        round_trip(&samples);
+        round_trip(&samples[..1]);
+        // A value whose XOR with the previous one has 64 significant bits.
+        round_trip(&[Sample { t: 0, v: f64::from_bits(1) }, Sample { t: 1, v: f64::from_bits(0x8000_0000_0000_0000) }]);
+    }
+
+    #[test]
+    fn bucket_edges_of_delta_of_delta_round_trip() {
+        let mut samples = vec![Sample { t: 0, v: 1.0 }, Sample { t: 1000, v: 1.0 }];
+        let mut delta = 1000i64;
+        for dod in [8192, -8191, 8193, 65536, -65535, 65537, 524288, -524287, 524289, -8192, 0] {
+            delta += dod;
+            let t = samples.last().unwrap().t + delta;
+            samples.push(Sample { t, v: 2.0 });
+        }
+        round_trip(&samples);
+    }
+
+    #[test]
+    fn pseudo_random_series_round_trip() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut t = 0i64;
+        let samples: Vec<Sample> = (0..1000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                t += (x % 100_000) as i64 + 1;
+                Sample {
+                    t,
+                    v: if x % 5 == 0 { f64::from_bits(x) } else { (x % 1000) as f64 / 7.0 },
+                }
+            })
+            .collect();
+        round_trip(&samples);
+    }
+}
