@@ -87,7 +87,11 @@ impl Chunk {
                 }
                 _ => {
                     let delta = s.t.wrapping_sub(prev_t);
-                    let dod = if i == 1 { delta } else { delta.wrapping_sub(prev_delta) };
+                    let dod = if i == 1 {
+                        delta
+                    } else {
+                        delta.wrapping_sub(prev_delta)
+                    };
                     // Buckets of xor.go: 0 | 10+14 bits | 110+17 | 1110+20 | 1111+64.
                     match dod {
                         0 => w.bit(false),
@@ -154,7 +158,9 @@ impl Chunk {
         let (mut leading, mut trailing) = (0u8, 0u8);
         for i in 0..self.count {
             if i == 0 {
-                let (Some(t0), Some(v0)) = (r.bits(64), r.bits(64)) else { break };
+                let (Some(t0), Some(v0)) = (r.bits(64), r.bits(64)) else {
+                    break;
+                };
                 t = t0 as i64;
                 v = v0;
             } else {
@@ -194,6 +200,7 @@ impl Chunk {
     }
 
     /// Compressed size in bytes.
+    #[cfg(test)]
     pub fn size(&self) -> usize {
         self.bytes.len()
     }
@@ -223,7 +230,11 @@ mod tests {
             })
             .collect();
         let chunk = round_trip(&samples);
-        assert!(chunk.size() < 120 * 3, "{} bytes for 120 samples", chunk.size());
+        assert!(
+            chunk.size() < 120 * 3,
+            "{} bytes for 120 samples",
+            chunk.size()
+        );
     }
 
     #[test]
@@ -243,7 +254,21 @@ mod tests {
             42.0,
             42.0,
         ];
-        let gaps = [1i64, 15_000, 15_001, 8_000_000, -5, 0, 1 << 40, 3, 600_000, 15_000, 1, 2, 3];
+        let gaps = [
+            1i64,
+            15_000,
+            15_001,
+            8_000_000,
+            -5,
+            0,
+            1 << 40,
+            3,
+            600_000,
+            15_000,
+            1,
+            2,
+            3,
+        ];
         let mut t = -1_000_000i64;
         let samples: Vec<Sample> = values
             .iter()
@@ -256,14 +281,25 @@ mod tests {
         round_trip(&samples);
         round_trip(&samples[..1]);
         // A value whose XOR with the previous one has 64 significant bits.
-        round_trip(&[Sample { t: 0, v: f64::from_bits(1) }, Sample { t: 1, v: f64::from_bits(0x8000_0000_0000_0000) }]);
+        round_trip(&[
+            Sample {
+                t: 0,
+                v: f64::from_bits(1),
+            },
+            Sample {
+                t: 1,
+                v: f64::from_bits(0x8000_0000_0000_0000),
+            },
+        ]);
     }
 
     #[test]
     fn bucket_edges_of_delta_of_delta_round_trip() {
         let mut samples = vec![Sample { t: 0, v: 1.0 }, Sample { t: 1000, v: 1.0 }];
         let mut delta = 1000i64;
-        for dod in [8192, -8191, 8193, 65536, -65535, 65537, 524288, -524287, 524289, -8192, 0] {
+        for dod in [
+            8192, -8191, 8193, 65536, -65535, 65537, 524288, -524287, 524289, -8192, 0,
+        ] {
             delta += dod;
             let t = samples.last().unwrap().t + delta;
             samples.push(Sample { t, v: 2.0 });
@@ -283,7 +319,11 @@ mod tests {
                 t += (x % 100_000) as i64 + 1;
                 Sample {
                     t,
-                    v: if x % 5 == 0 { f64::from_bits(x) } else { (x % 1000) as f64 / 7.0 },
+                    v: if x % 5 == 0 {
+                        f64::from_bits(x)
+                    } else {
+                        (x % 1000) as f64 / 7.0
+                    },
                 }
             })
             .collect();

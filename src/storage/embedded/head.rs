@@ -2,6 +2,7 @@
 //! per tenant (label name → value → series ids) and metadata. Everything here is rebuilt from
 //! the write-ahead log on start.
 
+use super::chunk::Chunk;
 use crate::model::{
     matches_all, Exemplar, Labels, MatchOp, Matcher, MetricMetadata, Sample, SeriesExemplars,
     TimestampMs,
@@ -10,8 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 pub(super) struct SeriesData {
     pub labels: Labels,
-    /// Sorted by time, unique timestamps.
-    pub samples: Vec<Sample>,
+    pub samples: SampleStore,
     pub exemplars: Vec<Exemplar>,
 }
 
@@ -44,19 +44,118 @@ pub(super) enum Placement {
     TooOld,
 }
 
-/// Decides a sample's fate against what a series holds (`samples` sorted).
-pub(super) fn place(samples: &[Sample], sample: &Sample, window_ms: i64) -> Placement {
+/// Samples per compressed chunk: Prometheus's 120 (two hours at one-minute scrapes).
+const CHUNK_SAMPLES: usize = 120;
+
+/// One series' samples: closed compressed chunks, then the open run of recent samples.
+/// Timestamps are unique and ascending across both.
+#[derive(Default)]
+pub(super) struct SampleStore {
+    chunks: Vec<Chunk>,
+    open: Vec<Sample>,
+}
+
+impl SampleStore {
+    pub fn latest(&self) -> Option<TimestampMs> {
+        self.open
+            .last()
+            .map(|s| s.t)
+            .or_else(|| self.chunks.last().map(|c| c.max_t))
+    }
+
+    /// The chunk a time belongs to for lookups and out-of-order inserts: the last chunk that
+    /// starts at or before it (or the first chunk).
+    fn chunk_for(&self, t: TimestampMs) -> Option<usize> {
+        if self.chunks.is_empty() {
+            return None;
+        }
+        Some(
+            self.chunks
+                .partition_point(|c| c.min_t <= t)
+                .saturating_sub(1),
+        )
+    }
+
+    /// The value bits stored at `t`.
+    pub fn get(&self, t: TimestampMs) -> Option<u64> {
+        if self.open.first().is_some_and(|s| s.t <= t) {
+            return self
+                .open
+                .binary_search_by_key(&t, |s| s.t)
+                .ok()
+                .map(|i| self.open[i].v.to_bits());
+        }
+        let chunk = &self.chunks[self.chunk_for(t)?];
+        if t < chunk.min_t || t > chunk.max_t {
+            return None;
+        }
+        chunk
+            .decode()
+            .iter()
+            .find(|s| s.t == t)
+            .map(|s| s.v.to_bits())
+    }
+
+    /// Stores a sample (a timestamp already stored is left as it is).
+    pub fn insert(&mut self, sample: Sample) {
+        let after_all = self.latest().is_none_or(|latest| sample.t > latest);
+        if after_all {
+            self.open.push(sample);
+            if self.open.len() >= CHUNK_SAMPLES {
+                self.chunks.push(Chunk::encode(&self.open));
+                self.open.clear();
+            }
+        } else if self.open.first().is_some_and(|s| s.t <= sample.t) || self.chunks.is_empty() {
+            insert_sample(&mut self.open, sample);
+        } else if let Some(i) = self.chunk_for(sample.t) {
+            // Out of order into a closed chunk: rewrite that chunk.
+            let mut samples = self.chunks[i].decode();
+            insert_sample(&mut samples, sample);
+            self.chunks[i] = Chunk::encode(&samples);
+        }
+    }
+
+    /// Samples in `[start, end]`.
+    pub fn range(&self, start: TimestampMs, end: TimestampMs) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for chunk in self
+            .chunks
+            .iter()
+            .filter(|c| c.max_t >= start && c.min_t <= end)
+        {
+            out.extend(
+                chunk
+                    .decode()
+                    .into_iter()
+                    .filter(|s| s.t >= start && s.t <= end),
+            );
+        }
+        let from = self.open.partition_point(|s| s.t < start);
+        let to = self.open.partition_point(|s| s.t <= end);
+        if from < to {
+            out.extend_from_slice(&self.open[from..to]);
+        }
+        out
+    }
+}
+
+/// Decides a sample's fate against what a series holds.
+pub(super) fn place(store: &SampleStore, sample: &Sample, window_ms: i64) -> Placement {
+    match store.get(sample.t) {
+        Some(bits) if bits == sample.v.to_bits() => Placement::Duplicate,
+        Some(_) => Placement::Conflict,
+        None => match store.latest() {
+            Some(latest) if sample.t < latest.saturating_sub(window_ms) => Placement::TooOld,
+            _ => Placement::Insert,
+        },
+    }
+}
+
+/// Decides a sample's fate against samples sorted by time (a batch's pending ones).
+pub(super) fn place_sorted(samples: &[Sample], sample: &Sample) -> Placement {
     match samples.binary_search_by_key(&sample.t, |s| s.t) {
         Ok(i) if samples[i].v.to_bits() == sample.v.to_bits() => Placement::Duplicate,
         Ok(_) => Placement::Conflict,
-        Err(i) if i < samples.len() => {
-            let latest = samples[samples.len() - 1].t;
-            if sample.t >= latest.saturating_sub(window_ms) {
-                Placement::Insert
-            } else {
-                Placement::TooOld
-            }
-        }
         Err(_) => Placement::Insert,
     }
 }
@@ -91,7 +190,7 @@ impl Head {
             id,
             SeriesData {
                 labels,
-                samples: Vec::new(),
+                samples: SampleStore::default(),
                 exemplars: Vec::new(),
             },
         );
@@ -148,10 +247,9 @@ impl Head {
 
     /// Whether a series has a sample in `[start, end]`.
     pub fn has_samples(&self, id: u64, start: TimestampMs, end: TimestampMs) -> bool {
-        self.series.get(&id).is_some_and(|s| {
-            let i = s.samples.partition_point(|p| p.t < start);
-            i < s.samples.len() && s.samples[i].t <= end
-        })
+        self.series
+            .get(&id)
+            .is_some_and(|s| !s.samples.range(start, end).is_empty())
     }
 
     pub fn exemplars_in(
@@ -198,22 +296,57 @@ mod tests {
         Sample { t, v }
     }
 
+    fn store(samples: &[Sample]) -> SampleStore {
+        let mut store = SampleStore::default();
+        for &sample in samples {
+            store.insert(sample);
+        }
+        store
+    }
+
     #[test]
     fn placement_follows_prometheus_duplicate_rules_and_the_window() {
-        let samples = vec![s(10, 1.0), s(20, 2.0), s(30, 3.0)];
+        let samples = store(&[s(10, 1.0), s(20, 2.0), s(30, 3.0)]);
         assert_eq!(place(&samples, &s(40, 4.0), 0), Placement::Insert);
         assert_eq!(place(&samples, &s(20, 2.0), 0), Placement::Duplicate);
         assert_eq!(place(&samples, &s(20, 9.0), 0), Placement::Conflict);
         assert_eq!(place(&samples, &s(25, 9.0), 0), Placement::TooOld);
         assert_eq!(place(&samples, &s(25, 9.0), 10), Placement::Insert);
         assert_eq!(place(&samples, &s(5, 9.0), 10), Placement::TooOld);
-        let mut v = samples.clone();
+        let mut v = vec![s(10, 1.0), s(20, 2.0), s(30, 3.0)];
         insert_sample(&mut v, s(25, 9.0));
         insert_sample(&mut v, s(50, 5.0));
         assert_eq!(
             v.iter().map(|p| p.t).collect::<Vec<_>>(),
             [10, 20, 25, 30, 50]
         );
+    }
+
+    #[test]
+    fn stores_seal_chunks_and_take_out_of_order_samples() {
+        let mut all: Vec<Sample> = (0..500).map(|i| s(i * 10, i as f64)).collect();
+        let mut st = store(&all);
+        assert_eq!(st.chunks.len(), 4, "120 samples per chunk");
+        assert_eq!(st.range(0, 10_000), all);
+        // Out of order into a sealed chunk, before everything, and into the open run.
+        for late in [s(15, -1.0), s(-5, -2.0), s(4_995, -3.0)] {
+            st.insert(late);
+            insert_sample(&mut all, late);
+        }
+        assert_eq!(st.range(-100, 10_000), all);
+        assert_eq!(
+            st.range(100, 200),
+            all.iter()
+                .copied()
+                .filter(|p| p.t >= 100 && p.t <= 200)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(st.get(15), Some((-1.0f64).to_bits()));
+        assert_eq!(st.get(16), None);
+        assert_eq!(st.latest(), Some(4_995));
+        // A stored timestamp is not overwritten.
+        st.insert(s(20, 99.0));
+        assert_eq!(st.get(20), Some(2.0f64.to_bits()));
     }
 
     #[test]

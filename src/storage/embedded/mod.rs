@@ -19,7 +19,7 @@ use crate::model::{
     Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId,
 };
 use async_trait::async_trait;
-use head::{insert_sample, place, Head, Placement};
+use head::{insert_sample, place, place_sorted, Head, Placement, SampleStore};
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -158,14 +158,12 @@ impl EmbeddedStorage {
             // Samples of this batch per series, to judge repeats inside the batch too.
             let mut pending: HashMap<u64, Vec<Sample>> = HashMap::new();
             for (series, &id) in batch.iter().zip(&ids) {
-                let stored = head
-                    .series
-                    .get(&id)
-                    .map_or(&[][..], |s| s.samples.as_slice());
+                let empty = SampleStore::default();
+                let stored = head.series.get(&id).map_or(&empty, |s| &s.samples);
                 for sample in &series.samples {
                     let mine = pending.entry(id).or_default();
                     let placement = match place(stored, sample, self.window_ms) {
-                        Placement::Insert => place(mine, sample, i64::MAX),
+                        Placement::Insert => place_sorted(mine, sample),
                         other => other,
                     };
                     match placement {
@@ -223,7 +221,7 @@ fn apply(head: &mut Head, record: Record) {
         Record::Samples { samples } => {
             for (id, t, v) in samples {
                 if let Some(series) = head.series.get_mut(&id) {
-                    insert_sample(&mut series.samples, Sample { t, v });
+                    series.samples.insert(Sample { t, v });
                 }
             }
         }
@@ -334,18 +332,17 @@ impl Storage for EmbeddedStorage {
             let Some(series) = head.series.get(&id) else {
                 continue;
             };
-            let from = series.samples.partition_point(|p| p.t < hints.start);
-            let to = series.samples.partition_point(|p| p.t <= hints.end);
-            if from >= to {
+            let samples = series.samples.range(hints.start, hints.end);
+            if samples.is_empty() {
                 continue;
             }
-            loaded += to - from;
+            loaded += samples.len();
             if hints.max_samples > 0 && loaded > hints.max_samples {
                 return Err(StorageError::TooManySamples);
             }
             out.push(SeriesSamples {
                 labels: series.labels.clone(),
-                samples: series.samples[from..to].to_vec(),
+                samples,
             });
         }
         out.sort_by(|a, b| a.labels.cmp(&b.labels));
