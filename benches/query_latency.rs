@@ -9,9 +9,8 @@ mod support;
 
 use prost::Message;
 use secumon_proto::prometheus::{Label, Sample, TimeSeries, WriteRequest};
-use std::process::Command;
-use std::time::{Duration, Instant};
-use support::process::{free_port, wait_for_port, Managed};
+use std::time::Instant;
+use support::process::{free_port, spawn_secumon};
 
 const SERIES_COUNTERS: usize = 9_000;
 const HISTOGRAM_GROUPS: usize = 100; // x 10 buckets = 1,000 series
@@ -166,23 +165,7 @@ fn main() {
             let postgres = support::Postgres::shared();
             let database = runtime.block_on(postgres.database());
             let port = free_port();
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
-            cmd.args([
-                "serve",
-                "--storage",
-                &database,
-                "--http-listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--log-level", "warn"])
-            .args([
-                "--otlp-grpc-listen",
-                "127.0.0.1:0",
-                "--otlp-http-listen",
-                "127.0.0.1:0",
-            ]);
-            let process = Managed::spawn("secumon", cmd, None);
-            wait_for_port(port, Duration::from_secs(30), "secumon");
+            let process = spawn_secumon(&database, port, &[]);
             (Some(process), format!("http://127.0.0.1:{port}"))
         }
     };

@@ -13,11 +13,10 @@ mod support;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message;
 use secumon_proto::prometheus::{Label, Sample, TimeSeries, WriteRequest};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::process::{free_port, wait_for_port, Managed};
+use support::process::{free_port, spawn_secumon, wait_for_port};
 
 struct Options {
     series: usize,
@@ -446,23 +445,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let database = runtime.block_on(postgres.database());
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
-    cmd.args([
-        "serve",
-        "--storage",
-        &database,
-        "--http-listen",
-        &format!("127.0.0.1:{port}"),
-    ])
-    .args(["--log-level", "warn"])
-    .args([
-        "--otlp-grpc-listen",
-        "127.0.0.1:0",
-        "--otlp-http-listen",
-        "127.0.0.1:0",
-    ]);
-    let secumon = Managed::spawn("secumon", cmd, None);
-    wait_for_port(port, Duration::from_secs(30), "secumon");
+    let secumon = spawn_secumon(&database, port, &[]);
     let pg_pid = postmaster_pid(postgres.port);
     let (cpu_before, pg_before) = (cpu_seconds(secumon.pid()), tree_cpu_seconds(pg_pid));
     let outcome = push(
@@ -492,19 +475,7 @@ fn main() {
     // SecuMon's embedded engine (write-ahead log fsynced per request), same bodies.
     let data = tempfile::tempdir().expect("temp dir");
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
-    cmd.args(["serve", "--storage", &data.path().display().to_string()])
-        .args(["--http-listen", &format!("127.0.0.1:{port}")])
-        .args([
-            "--otlp-grpc-listen",
-            "",
-            "--otlp-http-listen",
-            "",
-            "--log-level",
-            "warn",
-        ]);
-    let secumon = Managed::spawn("secumon", cmd, None);
-    wait_for_port(port, Duration::from_secs(30), "secumon");
+    let secumon = spawn_secumon(&data.path().display().to_string(), port, &[]);
     let cpu_before = cpu_seconds(secumon.pid());
     let outcome = push(
         &format!("http://127.0.0.1:{port}/api/v1/write"),
@@ -525,12 +496,8 @@ fn main() {
     let otlp_requests = Arc::new(encode_otlp_requests(&o, t0));
     let database = runtime.block_on(postgres.database());
     let (port, grpc_port) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
-    cmd.args(["serve", "--storage", &database])
-        .args(["--http-listen", &format!("127.0.0.1:{port}")])
-        .args(["--otlp-grpc-listen", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--otlp-http-listen", "127.0.0.1:0", "--log-level", "warn"]);
-    let secumon = Managed::spawn("secumon", cmd, None);
+    let grpc = format!("127.0.0.1:{grpc_port}");
+    let secumon = spawn_secumon(&database, port, &["--otlp-grpc-listen", &grpc]);
     wait_for_port(grpc_port, Duration::from_secs(30), "secumon OTLP/gRPC");
     let (cpu_before, pg_before) = (cpu_seconds(secumon.pid()), tree_cpu_seconds(pg_pid));
     let outcome = push_otlp(&format!("http://127.0.0.1:{grpc_port}"), otlp_requests, &o);

@@ -2,10 +2,9 @@
 //! in the middle of a sustained remote-write load and restarted; every sample whose request
 //! got a 2xx must be there afterwards.
 
-use crate::support::process::{free_port, wait_for_port, Managed};
+use crate::support::process::{free_port, spawn_secumon, Managed};
 use crate::support::remote_write::{encode, request, series};
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,20 +13,7 @@ const T0: i64 = 1_700_000_000_000;
 const KILLS: usize = 3;
 
 fn start(dir: &std::path::Path, port: u16) -> Managed {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
-    cmd.args(["serve", "--storage", &dir.display().to_string()])
-        .args(["--http-listen", &format!("127.0.0.1:{port}")])
-        .args([
-            "--otlp-grpc-listen",
-            "",
-            "--otlp-http-listen",
-            "",
-            "--log-level",
-            "warn",
-        ]);
-    let process = Managed::spawn("secumon", cmd, None);
-    wait_for_port(port, Duration::from_secs(30), "secumon");
-    process
+    spawn_secumon(&dir.display().to_string(), port, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,3 +198,25 @@ pub fn command_as(program: &Path, user: Option<(u32, u32)>) -> Command {
     }
     command
 }
+
+/// The built `secumon` binary serving `storage` on `127.0.0.1:port` (OTLP listeners off unless
+/// `extra` sets them), started and listening.
+pub fn spawn_secumon(storage: &str, port: u16, extra: &[&str]) -> Managed {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_secumon"));
+    cmd.args(["serve", "--storage", storage])
+        .args(["--http-listen", &format!("127.0.0.1:{port}")]);
+    let defaults = [
+        ("--otlp-grpc-listen", ""),
+        ("--otlp-http-listen", ""),
+        ("--log-level", "warn"),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    cmd.args(extra);
+    let process = Managed::spawn("secumon", cmd, None);
+    wait_for_port(port, Duration::from_secs(30), "secumon");
+    process
+}
