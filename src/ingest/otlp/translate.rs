@@ -511,16 +511,16 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
                 NameKind::Other
             };
             let name = name_for(kind);
-            if !cumulative_or_refuse(
+            let temporality = sum.aggregation_temporality;
+            if !cumulative_points(
                 builder,
+                resource,
                 &name,
-                sum.data_points.len(),
-                sum.aggregation_temporality,
+                &sum.data_points,
+                temporality,
+                sum_point,
             ) {
                 return;
-            }
-            for point in &sum.data_points {
-                number_point(builder, resource, &name, point, true);
             }
             let metric_type = if sum.is_monotonic {
                 MetricType::Counter
@@ -529,25 +529,31 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
             };
             (name, metric_type)
         }
-        Some(Data::Histogram(histogram)) => {
+        Some(Data::Histogram(h)) => {
             let name = name_for(NameKind::Other);
-            let points = histogram.data_points.len();
-            if !cumulative_or_refuse(builder, &name, points, histogram.aggregation_temporality) {
+            if !cumulative_points(
+                builder,
+                resource,
+                &name,
+                &h.data_points,
+                h.aggregation_temporality,
+                histogram_point,
+            ) {
                 return;
-            }
-            for point in &histogram.data_points {
-                histogram_point(builder, resource, &name, point);
             }
             (name, MetricType::Histogram)
         }
-        Some(Data::ExponentialHistogram(histogram)) => {
+        Some(Data::ExponentialHistogram(h)) => {
             let name = name_for(NameKind::Other);
-            let points = histogram.data_points.len();
-            if !cumulative_or_refuse(builder, &name, points, histogram.aggregation_temporality) {
+            if !cumulative_points(
+                builder,
+                resource,
+                &name,
+                &h.data_points,
+                h.aggregation_temporality,
+                exponential_point,
+            ) {
                 return;
-            }
-            for point in &histogram.data_points {
-                exponential_point(builder, resource, &name, point);
             }
             (name, MetricType::Histogram)
         }
@@ -565,6 +571,34 @@ fn translate_metric(builder: &mut Builder, resource: &ResourceLabels, metric: &M
         help: metric.description.clone(),
         unit: unit_word(&metric.unit),
     });
+}
+
+/// Translates each point of a metric that must be cumulative, or refuses them all (false).
+fn cumulative_points<P>(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    name: &str,
+    points: &[P],
+    temporality: i32,
+    translate: fn(&mut Builder, &ResourceLabels, &str, &P),
+) -> bool {
+    if !cumulative_or_refuse(builder, name, points.len(), temporality) {
+        return false;
+    }
+    for point in points {
+        translate(builder, resource, name, point);
+    }
+    true
+}
+
+/// A sum's point: a number point whose exemplars are kept.
+fn sum_point(
+    builder: &mut Builder,
+    resource: &ResourceLabels,
+    name: &str,
+    point: &NumberDataPoint,
+) {
+    number_point(builder, resource, name, point, true);
 }
 
 /// Whether points of this temporality can be stored; refuses them all with a reason if not.
