@@ -60,12 +60,29 @@ pub struct WriteSummary {
 /// written once more, harmlessly).
 const METADATA_MEMORY: usize = 100_000;
 
+/// Identity of one metadata entry of a tenant, without keeping a copy of its strings.
+fn metadata_key(tenant: &TenantId, m: &MetricMetadata) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for field in [
+        tenant.as_str(),
+        &m.metric_family_name,
+        m.metric_type.as_str(),
+        &m.help,
+        &m.unit,
+    ] {
+        h.update(&(field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
+    }
+    h.digest128()
+}
+
 #[derive(Clone)]
 pub struct Ingester {
     storage: DynStorage,
     metrics: Arc<Metrics>,
-    /// Metadata already stored: OTLP repeats it with every export, remote-write every minute.
-    stored_metadata: Arc<std::sync::Mutex<std::collections::HashSet<(TenantId, MetricMetadata)>>>,
+    /// Metadata already stored, by [`metadata_key`]: OTLP repeats it with every export,
+    /// remote-write every minute.
+    stored_metadata: Arc<std::sync::Mutex<std::collections::HashSet<u128>>>,
 }
 
 impl Ingester {
@@ -77,34 +94,35 @@ impl Ingester {
         }
     }
 
-    /// The metadata of `batch` not stored before.
+    /// The metadata not stored before, each once, with its key.
     fn new_metadata(
         &self,
         tenant: &TenantId,
         metadata: Vec<MetricMetadata>,
-    ) -> Vec<MetricMetadata> {
+    ) -> Vec<(u128, MetricMetadata)> {
         let stored = self
             .stored_metadata
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let mut fresh: Vec<MetricMetadata> = metadata
+        let mut seen = std::collections::HashSet::new();
+        metadata
             .into_iter()
-            .filter(|m| !stored.contains(&(tenant.clone(), m.clone())))
-            .collect();
-        fresh.sort_by(|a, b| a.metric_family_name.cmp(&b.metric_family_name));
-        fresh.dedup();
-        fresh
+            .filter_map(|m| {
+                let key = metadata_key(tenant, &m);
+                (!stored.contains(&key) && seen.insert(key)).then_some((key, m))
+            })
+            .collect()
     }
 
-    fn remember_metadata(&self, tenant: &TenantId, metadata: Vec<MetricMetadata>) {
+    fn remember_metadata(&self, keys: impl ExactSizeIterator<Item = u128>) {
         let mut stored = self
             .stored_metadata
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if stored.len() + metadata.len() > METADATA_MEMORY {
+        if stored.len() + keys.len() > METADATA_MEMORY {
             stored.clear();
         }
-        stored.extend(metadata.into_iter().map(|m| (tenant.clone(), m)));
+        stored.extend(keys);
     }
 
     /// Stores the valid part of `batch`. Fails only when storage fails; then nothing in the
@@ -124,10 +142,11 @@ impl Ingester {
                 summary.first_error = Some(rejection.message.clone());
             }
         }
-        let metadata = self.new_metadata(tenant, batch.metadata);
-        if !metadata.is_empty() {
+        let fresh = self.new_metadata(tenant, batch.metadata);
+        if !fresh.is_empty() {
+            let (keys, metadata): (Vec<u128>, Vec<MetricMetadata>) = fresh.into_iter().unzip();
             self.storage.append_metadata(tenant, &metadata).await?;
-            self.remember_metadata(tenant, metadata);
+            self.remember_metadata(keys.into_iter());
         }
         if !batch.exemplars.is_empty() {
             self.storage
