@@ -128,6 +128,14 @@ pub fn otlp_http_router(state: SharedState) -> Router {
         .with_state(state)
 }
 
+/// A request header as text, or "" when absent or not ASCII.
+pub(crate) fn header_str(headers: &axum::http::HeaderMap, name: header::HeaderName) -> &str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
 async fn health() -> &'static str {
     "OK"
 }

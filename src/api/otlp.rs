@@ -119,10 +119,7 @@ pub(super) async fn http_export(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let content_type = super::header_str(&headers, header::CONTENT_TYPE);
     let Some(encoding) = Encoding::from_content_type(content_type) else {
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -130,9 +127,8 @@ pub(super) async fn http_export(
         )
             .into_response();
     };
-    let content_encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
+    let content_encoding = Some(super::header_str(&headers, header::CONTENT_ENCODING))
+        .filter(|e| !e.is_empty())
         .map(str::to_owned);
     match export(&state, body, content_encoding, encoding).await {
         Ok(summary) => reply(

@@ -16,10 +16,8 @@ pub struct Params(Vec<(String, String)>);
 impl Params {
     pub fn parse(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Params {
         let mut pairs = Vec::new();
-        let is_form = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        let is_form = super::header_str(headers, header::CONTENT_TYPE)
+            .starts_with("application/x-www-form-urlencoded");
         if is_form {
             pairs.extend(form_urlencoded::parse(body).into_owned());
         }

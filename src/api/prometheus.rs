@@ -160,11 +160,17 @@ fn limit_param(params: &Params) -> Result<usize, ApiError> {
 }
 
 /// `start`, `end`, `match[]` and `limit` of the series, labels and label values endpoints.
-fn series_query(params: &Params, wrap_matcher_errors: bool) -> Result<SeriesQuery, ApiError> {
+/// Optional `start` and `end`, defaulting to all of time (Prometheus's minTime, maxTime).
+fn time_range(params: &Params) -> Result<(i64, i64), ApiError> {
     let start = parse_time_param(params, "start", MIN_TIME_MS)
         .map_err(|e| ApiError::invalid_param("start", e))?;
     let end = parse_time_param(params, "end", MAX_TIME_MS)
         .map_err(|e| ApiError::invalid_param("end", e))?;
+    Ok((start, end))
+}
+
+fn series_query(params: &Params, wrap_matcher_errors: bool) -> Result<SeriesQuery, ApiError> {
+    let (start, end) = time_range(params)?;
     let matcher_sets = matcher_sets(&params.get_all("match[]")).map_err(|e| {
         if wrap_matcher_errors {
             ApiError::invalid_param("match[]", e)
@@ -290,10 +296,7 @@ pub(super) async fn query_exemplars(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let params = params(&uri, &headers, &body);
-    let start = parse_time_param(&params, "start", MIN_TIME_MS)
-        .map_err(|e| ApiError::invalid_param("start", e))?;
-    let end = parse_time_param(&params, "end", MAX_TIME_MS)
-        .map_err(|e| ApiError::invalid_param("end", e))?;
+    let (start, end) = time_range(&params)?;
     let expr =
         promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
     let mut matcher_sets = Vec::new();

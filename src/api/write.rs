@@ -25,10 +25,7 @@ pub(super) async fn remote_write(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let content_type = super::header_str(&headers, header::CONTENT_TYPE);
     if content_type.contains("io.prometheus.write.v2") {
         return text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
