@@ -59,6 +59,28 @@ async fn bind(address: &str) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {address}"))
 }
 
+/// Binds `address` and serves `app` there in a background task until shutdown.
+async fn serve_http(
+    address: &str,
+    app: axum::Router,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    what: &'static str,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = bind(address).await?;
+    let addr = listener.local_addr()?;
+    let stopped = shutdown_requested(stop.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(error = %e, "{what} server failed");
+        }
+    }));
+    Ok(addr)
+}
+
 /// Resolves when `shutdown` turns true.
 async fn shutdown_requested(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -83,33 +105,27 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     let (shutdown, stop) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
 
-    let listener = bind(&config.http_listen).await?;
-    let addr = listener.local_addr()?;
-    let app = api::router(state.clone());
-    let stopped = shutdown_requested(stop.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    }));
-
+    let addr = serve_http(
+        &config.http_listen,
+        api::router(state.clone()),
+        &stop,
+        "HTTP",
+        &mut tasks,
+    )
+    .await?;
     let mut otlp_http_addr = None;
     if !config.otlp_http_listen.is_empty() {
-        let listener = bind(&config.otlp_http_listen).await?;
-        otlp_http_addr = Some(listener.local_addr()?);
         let app = api::otlp_http_router(state.clone());
-        let stopped = shutdown_requested(stop.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
-                tracing::error!(error = %e, "OTLP/HTTP server failed");
-            }
-        }));
+        otlp_http_addr = Some(
+            serve_http(
+                &config.otlp_http_listen,
+                app,
+                &stop,
+                "OTLP/HTTP",
+                &mut tasks,
+            )
+            .await?,
+        );
     }
 
     let mut otlp_grpc_addr = None;
