@@ -7,6 +7,7 @@ use crate::ingest::IngestConfig;
 use crate::promql::EngineConfig;
 use crate::storage::embedded::{EmbeddedConfig, FsyncPolicy};
 use crate::storage::postgres::PostgresConfig;
+use crate::storage::RetentionConfig;
 use crate::telemetry::LogFormat;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
@@ -29,6 +30,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub embedded: EmbeddedConfig,
     pub postgres: PostgresConfig,
+    pub retention: RetentionConfig,
     pub ingest: IngestConfig,
     pub otlp: OtlpConfig,
     pub query: EngineConfig,
@@ -45,6 +47,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             embedded: EmbeddedConfig::default(),
             postgres: PostgresConfig::default(),
+            retention: RetentionConfig::default(),
             ingest: IngestConfig::default(),
             otlp: OtlpConfig::default(),
             query: EngineConfig::default(),
@@ -78,7 +81,7 @@ pub enum Command {
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// TOML configuration file; its keys are the flag names with `-` as `_`, nested tables
-    /// `[embedded]`, `[postgres]`, `[ingest]`, `[otlp]`, `[query]` for the prefixed flags.
+    /// `[embedded]`, `[postgres]`, `[retention]`, `[ingest]`, `[otlp]`, `[query]` for the prefixed flags.
     #[arg(long, env = "SECUMON_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Address of the HTTP server. [default: 127.0.0.1:8080]
@@ -108,6 +111,19 @@ pub struct ServeArgs {
     /// [default: 3600]
     #[arg(long, env = "SECUMON_EMBEDDED_OUT_OF_ORDER_WINDOW_SECS", global = true)]
     pub embedded_out_of_order_window_secs: Option<u64>,
+    /// Embedded engine: seconds between maintenance runs (flush to disk, checkpoint,
+    /// compaction, retention). [default: 300]
+    #[arg(long, env = "SECUMON_EMBEDDED_FLUSH_INTERVAL_SECS", global = true)]
+    pub embedded_flush_interval_secs: Option<u64>,
+    /// Days raw samples are kept. [default: 30]
+    #[arg(long, env = "SECUMON_RETENTION_RAW_DAYS", global = true)]
+    pub retention_raw_days: Option<u32>,
+    /// Days 5-minute rollups are kept. [default: 90]
+    #[arg(long, env = "SECUMON_RETENTION_ROLLUP_5M_DAYS", global = true)]
+    pub retention_rollup_5m_days: Option<u32>,
+    /// Days 1-hour rollups are kept. [default: 365]
+    #[arg(long, env = "SECUMON_RETENTION_ROLLUP_1H_DAYS", global = true)]
+    pub retention_rollup_1h_days: Option<u32>,
     /// OTLP resource attributes copied onto every series, comma-separated. [default: none]
     #[arg(
         long,
@@ -230,6 +246,24 @@ impl ServeArgs {
         );
         set(&mut c.query.timeout_secs, &self.query_timeout_secs);
         set(&mut c.query.max_samples, &self.query_max_samples);
+        set(&mut c.embedded.fsync, &self.embedded_fsync);
+        set(
+            &mut c.embedded.out_of_order_window_secs,
+            &self.embedded_out_of_order_window_secs,
+        );
+        set(
+            &mut c.embedded.flush_interval_secs,
+            &self.embedded_flush_interval_secs,
+        );
+        set(&mut c.retention.raw_days, &self.retention_raw_days);
+        set(
+            &mut c.retention.rollup_5m_days,
+            &self.retention_rollup_5m_days,
+        );
+        set(
+            &mut c.retention.rollup_1h_days,
+            &self.retention_rollup_1h_days,
+        );
     }
 }
 
@@ -255,6 +289,19 @@ mod tests {
         assert_eq!(config.http_listen, "0.0.0.0:9000");
         assert_eq!(config.storage, "postgres://flag");
         assert_eq!(config.query.timeout_secs, 5);
+        let embedded = ServeArgs {
+            embedded_fsync: Some(FsyncPolicy::Never),
+            embedded_out_of_order_window_secs: Some(7),
+            embedded_flush_interval_secs: Some(9),
+            retention_raw_days: Some(3),
+            ..ServeArgs::default()
+        }
+        .load()
+        .unwrap();
+        assert_eq!(embedded.embedded.fsync, FsyncPolicy::Never);
+        assert_eq!(embedded.embedded.out_of_order_window_secs, 7);
+        assert_eq!(embedded.embedded.flush_interval_secs, 9);
+        assert_eq!(embedded.retention.raw_days, 3);
         assert_eq!(
             config.query.max_samples,
             EngineConfig::default().max_samples

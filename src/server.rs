@@ -27,8 +27,12 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<DynStorage> {
             "unsupported storage {url:?}: give a directory (embedded engine) or a postgres:// URL"
         );
     }
-    let storage = EmbeddedStorage::open(std::path::Path::new(url), &config.embedded)
-        .context("cannot open the embedded storage")?;
+    let storage = EmbeddedStorage::open(
+        std::path::Path::new(url),
+        &config.embedded,
+        &config.retention,
+    )
+    .context("cannot open the embedded storage")?;
     Ok(Arc::new(storage))
 }
 
@@ -86,6 +90,31 @@ async fn shutdown_requested(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Runs the storage's data lifecycle (flush, compaction, retention) every `every` until
+/// shutdown; a run in progress finishes first.
+async fn maintenance_loop(
+    state: Arc<AppState>,
+    every: std::time::Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown_requested(stop.clone()) => return,
+        }
+        if let Err(e) = state.storage.run_maintenance().await {
+            tracing::error!(error = %e, "storage maintenance failed; retrying at the next run");
+        }
+        state
+            .metrics
+            .damaged_bytes_recovered
+            .set(i64::try_from(state.storage.damaged_bytes_recovered()).unwrap_or(i64::MAX));
+    }
+}
+
 /// Binds the HTTP listener and serves in a background task.
 pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
@@ -104,6 +133,13 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     });
     let (shutdown, stop) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    if let Some(every) = state.storage.maintenance_interval() {
+        tasks.push(tokio::spawn(maintenance_loop(
+            state.clone(),
+            every,
+            stop.clone(),
+        )));
+    }
 
     let addr = serve_http(
         &config.http_listen,

@@ -109,6 +109,158 @@ pub struct SeriesQuery {
     pub limit: usize,
 }
 
+/// Resolution of a rollup: samples aggregated per series and aligned bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Resolution {
+    FiveMinutes,
+    OneHour,
+}
+
+impl Resolution {
+    pub const ALL: [Resolution; 2] = [Resolution::FiveMinutes, Resolution::OneHour];
+
+    /// Bucket width in milliseconds; buckets start at multiples of it (Unix epoch aligned).
+    pub fn ms(self) -> i64 {
+        match self {
+            Resolution::FiveMinutes => 300_000,
+            Resolution::OneHour => 3_600_000,
+        }
+    }
+
+    /// The name of the relation or file holding it: `samples_5m`, `samples_1h`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resolution::FiveMinutes => "samples_5m",
+            Resolution::OneHour => "samples_1h",
+        }
+    }
+
+    /// Start of the bucket holding `t`.
+    pub fn bucket(self, t: TimestampMs) -> TimestampMs {
+        t.div_euclid(self.ms()).saturating_mul(self.ms())
+    }
+}
+
+/// One series' aggregate over one bucket `[t, t + resolution)`: what `min_over_time`,
+/// `max_over_time`, `sum_over_time`, `count_over_time` and `last_over_time` would answer over
+/// exactly that bucket's samples (staleness markers excluded, NaN as Prometheus treats it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RollupRow {
+    pub t: TimestampMs,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub count: f64,
+    pub last: f64,
+}
+
+impl RollupRow {
+    fn of(t: TimestampMs, v: f64) -> RollupRow {
+        RollupRow {
+            t,
+            min: v,
+            max: v,
+            sum: v,
+            count: 1.0,
+            last: v,
+        }
+    }
+
+    /// Folds a later part of the same bucket into this one. The result equals the aggregate
+    /// over both parts' samples: min/max skip NaN unless everything is NaN, as
+    /// `min_over_time`/`max_over_time` do.
+    pub fn merge(&mut self, later: &RollupRow) {
+        if later.min < self.min || self.min.is_nan() {
+            self.min = later.min;
+        }
+        if later.max > self.max || self.max.is_nan() {
+            self.max = later.max;
+        }
+        self.sum += later.sum;
+        self.count += later.count;
+        self.last = later.last;
+    }
+}
+
+/// Rollup rows of a series, sorted by bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeriesRollups {
+    pub labels: Labels,
+    pub rows: Vec<RollupRow>,
+}
+
+/// Aggregates samples (sorted by time) into rollup rows; staleness markers are skipped.
+pub fn rollup(samples: &[Sample], resolution: Resolution) -> Vec<RollupRow> {
+    let mut rows: Vec<RollupRow> = Vec::new();
+    for s in samples {
+        if s.v.to_bits() == crate::model::STALE_NAN_BITS {
+            continue;
+        }
+        let bucket = resolution.bucket(s.t);
+        match rows.last_mut() {
+            Some(row) if row.t == bucket => row.merge(&RollupRow::of(bucket, s.v)),
+            _ => rows.push(RollupRow::of(bucket, s.v)),
+        }
+    }
+    rows
+}
+
+/// Merges two row lists of one series (each sorted; `later` holds later samples of a shared
+/// bucket).
+pub fn merge_rollups(earlier: Vec<RollupRow>, later: &[RollupRow]) -> Vec<RollupRow> {
+    if later.is_empty() {
+        return earlier;
+    }
+    let mut out = Vec::with_capacity(earlier.len() + later.len());
+    let mut later = later.iter().peekable();
+    for row in earlier {
+        while let Some(l) = later.next_if(|l| l.t < row.t) {
+            out.push(*l);
+        }
+        let mut row = row;
+        if let Some(l) = later.next_if(|l| l.t == row.t) {
+            row.merge(l);
+        }
+        out.push(row);
+    }
+    out.extend(later.copied());
+    out
+}
+
+/// How long data is kept, the same for every backend (`[retention]` in the config file).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Raw samples, in days.
+    pub raw_days: u32,
+    /// 5-minute rollups, in days.
+    pub rollup_5m_days: u32,
+    /// 1-hour rollups, in days.
+    pub rollup_1h_days: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            raw_days: 30,
+            rollup_5m_days: 90,
+            rollup_1h_days: 365,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// How long data of a resolution (`None`: raw samples) is kept, in milliseconds.
+    pub fn keep_ms(&self, resolution: Option<Resolution>) -> i64 {
+        let days = match resolution {
+            None => self.raw_days,
+            Some(Resolution::FiveMinutes) => self.rollup_5m_days,
+            Some(Resolution::OneHour) => self.rollup_1h_days,
+        };
+        i64::from(days) * 86_400_000
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The backend cannot be reached or failed in a way a retry may cure.
@@ -169,6 +321,37 @@ pub trait Storage: Send + Sync + 'static {
         hints: &SelectHints,
     ) -> StorageResult<Vec<SeriesSamples>>;
 
+    /// Rollup rows (5 min or 1 h buckets) of the series matching all `matchers`, for buckets
+    /// starting in `[start, end]`, sorted by labels; series without rows are left out. A
+    /// backend answers from its rollup relations where it keeps them and aggregates raw
+    /// samples otherwise, so the answer is the same either way; this default aggregates raw
+    /// samples.
+    async fn select_rollups(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        resolution: Resolution,
+        start: TimestampMs,
+        end: TimestampMs,
+    ) -> StorageResult<Vec<SeriesRollups>> {
+        let start = resolution.bucket(start);
+        let hints = SelectHints {
+            start,
+            end: resolution.bucket(end).saturating_add(resolution.ms() - 1),
+            ..SelectHints::default()
+        };
+        Ok(self
+            .select(tenant, matchers, &hints)
+            .await?
+            .into_iter()
+            .map(|s| SeriesRollups {
+                rows: rollup(&s.samples, resolution),
+                labels: s.labels,
+            })
+            .filter(|s| !s.rows.is_empty())
+            .collect())
+    }
+
     /// Label sets of the series with samples in the range, sorted.
     async fn series(&self, tenant: &TenantId, query: &SeriesQuery) -> StorageResult<Vec<Labels>>;
 
@@ -224,6 +407,17 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Succeeds when the backend answers; `/ready` is this.
     async fn ping(&self) -> StorageResult<()>;
+
+    /// How often the server calls [`Storage::run_maintenance`]; `None` for never.
+    fn maintenance_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Background work of the backend's data lifecycle (flushing, compaction, rollups,
+    /// retention), called every [`Storage::maintenance_interval`].
+    async fn run_maintenance(&self) -> StorageResult<()> {
+        Ok(())
+    }
 
     /// Bytes of damaged data the backend cut off when it opened (a torn write-ahead log
     /// tail), reported in `/metrics`.

@@ -12,8 +12,26 @@ use std::time::Duration;
 const T0: i64 = 1_700_000_000_000;
 const KILLS: usize = 3;
 
+/// The server flushes to blocks, checkpoints and deletes log segments every second (the
+/// samples are older than the one-second out-of-order window), so kills land in the middle of
+/// that too. Retention is long enough to keep the 2023 timestamps.
 fn start(dir: &std::path::Path, port: u16) -> Managed {
-    spawn_secumon(&dir.display().to_string(), port, &[])
+    spawn_secumon(
+        &dir.display().to_string(),
+        port,
+        &[
+            "--embedded-flush-interval-secs",
+            "1",
+            "--embedded-out-of-order-window-secs",
+            "1",
+            "--retention-raw-days",
+            "100000",
+            "--retention-rollup-5m-days",
+            "100000",
+            "--retention-rollup-1h-days",
+            "100000",
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,8 +73,8 @@ async fn acknowledged_samples_survive_sigkill_under_load() {
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        // SIGKILL mid-load: no chance to flush anything.
+        tokio::time::sleep(Duration::from_millis(1_500 + 700 * next_request / 10_000)).await;
+        // SIGKILL mid-load (and mid-maintenance, at times): no chance to flush anything.
         unsafe {
             libc::kill(server.pid() as i32, libc::SIGKILL);
         }
@@ -93,11 +111,14 @@ async fn acknowledged_samples_survive_sigkill_under_load() {
         acknowledged.len()
     );
     println!(
-        "crash test: {} kills, {} acknowledged requests ({} samples), {} series present",
+        "crash test: {} kills, {} acknowledged requests ({} samples), {} series present, {} blocks",
         KILLS,
         acknowledged.len(),
         acknowledged.len() * 20,
-        present.len()
+        present.len(),
+        std::fs::read_dir(dir.path().join("blocks"))
+            .unwrap()
+            .count()
     );
     let lost: Vec<&u64> = acknowledged.difference(&present).collect();
     assert!(
@@ -105,6 +126,13 @@ async fn acknowledged_samples_survive_sigkill_under_load() {
         "{} acknowledged requests lost after SIGKILL: {:?}",
         lost.len(),
         &lost[..lost.len().min(10)]
+    );
+    let blocks = std::fs::read_dir(dir.path().join("blocks"))
+        .unwrap()
+        .count();
+    assert!(
+        blocks > 0,
+        "nothing was flushed: the test did not exercise flushing"
     );
     // Every acknowledged series has all its 20 samples.
     let count: serde_json::Value = http

@@ -204,6 +204,21 @@ impl Chunk {
     pub fn size(&self) -> usize {
         self.bytes.len()
     }
+
+    /// The encoded bit stream, for writing to disk.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// A chunk read back from disk (its checksum already verified).
+    pub fn from_parts(min_t: i64, max_t: i64, count: u32, bytes: Vec<u8>) -> Chunk {
+        Chunk {
+            min_t,
+            max_t,
+            count,
+            bytes,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@ pub(super) struct SeriesData {
     pub labels: Labels,
     pub samples: SampleStore,
     pub exemplars: Vec<Exemplar>,
+    /// The latest sample time already flushed to a block: samples at or before it are
+    /// refused (they would land in a range that is on disk).
+    pub flushed_until: TimestampMs,
 }
 
 #[derive(Default)]
@@ -29,6 +32,8 @@ pub(super) struct Head {
     pub series: HashMap<u64, SeriesData>,
     pub tenants: HashMap<String, TenantIndex>,
     pub next_id: u64,
+    /// The latest sample time ever applied.
+    pub max_t: Option<TimestampMs>,
 }
 
 /// Where a sample goes in a series, or why it does not.
@@ -115,6 +120,32 @@ impl SampleStore {
         }
     }
 
+    /// Takes every sample older than `cutoff` out of the store (for flushing), in order.
+    pub fn split_before(&mut self, cutoff: TimestampMs) -> Vec<Sample> {
+        let mut out = Vec::new();
+        let whole = self.chunks.partition_point(|c| c.max_t < cutoff);
+        for chunk in self.chunks.drain(..whole) {
+            out.extend(chunk.decode());
+        }
+        if self.chunks.first().is_some_and(|c| c.min_t < cutoff) {
+            let samples = self.chunks[0].decode();
+            let at = samples.partition_point(|s| s.t < cutoff);
+            out.extend_from_slice(&samples[..at]);
+            self.chunks[0] = Chunk::encode(&samples[at..]);
+        }
+        if self.chunks.is_empty() {
+            let at = self.open.partition_point(|s| s.t < cutoff);
+            out.extend(self.open.drain(..at));
+        }
+        out
+    }
+
+    /// Whether the store holds nothing.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.open.is_empty()
+    }
+
     /// Samples in `[start, end]`.
     pub fn range(&self, start: TimestampMs, end: TimestampMs) -> Vec<Sample> {
         let mut out = Vec::new();
@@ -140,7 +171,15 @@ impl SampleStore {
 }
 
 /// Decides a sample's fate against what a series holds.
-pub(super) fn place(store: &SampleStore, sample: &Sample, window_ms: i64) -> Placement {
+pub(super) fn place(
+    store: &SampleStore,
+    flushed_until: TimestampMs,
+    sample: &Sample,
+    window_ms: i64,
+) -> Placement {
+    if sample.t <= flushed_until {
+        return Placement::TooOld;
+    }
     match store.get(sample.t) {
         Some(bits) if bits == sample.v.to_bits() => Placement::Duplicate,
         Some(_) => Placement::Conflict,
@@ -192,6 +231,7 @@ impl Head {
                 labels,
                 samples: SampleStore::default(),
                 exemplars: Vec::new(),
+                flushed_until: i64::MIN,
             },
         );
         self.next_id = self.next_id.max(id + 1);
@@ -307,12 +347,21 @@ mod tests {
     #[test]
     fn placement_follows_prometheus_duplicate_rules_and_the_window() {
         let samples = store(&[s(10, 1.0), s(20, 2.0), s(30, 3.0)]);
-        assert_eq!(place(&samples, &s(40, 4.0), 0), Placement::Insert);
-        assert_eq!(place(&samples, &s(20, 2.0), 0), Placement::Duplicate);
-        assert_eq!(place(&samples, &s(20, 9.0), 0), Placement::Conflict);
-        assert_eq!(place(&samples, &s(25, 9.0), 0), Placement::TooOld);
-        assert_eq!(place(&samples, &s(25, 9.0), 10), Placement::Insert);
-        assert_eq!(place(&samples, &s(5, 9.0), 10), Placement::TooOld);
+        assert_eq!(place(&samples, i64::MIN, &s(40, 4.0), 0), Placement::Insert);
+        assert_eq!(
+            place(&samples, i64::MIN, &s(20, 2.0), 0),
+            Placement::Duplicate
+        );
+        assert_eq!(
+            place(&samples, i64::MIN, &s(20, 9.0), 0),
+            Placement::Conflict
+        );
+        assert_eq!(place(&samples, i64::MIN, &s(25, 9.0), 0), Placement::TooOld);
+        assert_eq!(
+            place(&samples, i64::MIN, &s(25, 9.0), 10),
+            Placement::Insert
+        );
+        assert_eq!(place(&samples, i64::MIN, &s(5, 9.0), 10), Placement::TooOld);
         let mut v = vec![s(10, 1.0), s(20, 2.0), s(30, 3.0)];
         insert_sample(&mut v, s(25, 9.0));
         insert_sample(&mut v, s(50, 5.0));
@@ -347,6 +396,19 @@ mod tests {
         // A stored timestamp is not overwritten.
         st.insert(s(20, 99.0));
         assert_eq!(st.get(20), Some(2.0f64.to_bits()));
+    }
+
+    #[test]
+    fn split_before_takes_exactly_the_older_samples() {
+        let all: Vec<Sample> = (0..300).map(|i| s(i * 10, i as f64)).collect();
+        let mut st = store(&all);
+        let taken = st.split_before(1_005);
+        assert_eq!(taken, all[..101]);
+        assert_eq!(st.range(0, 10_000), all[101..]);
+        let rest = st.split_before(i64::MAX);
+        assert_eq!(rest, all[101..]);
+        assert!(st.is_empty());
+        assert_eq!(place(&st, 2_990, &s(2_990, 0.0), 0), Placement::TooOld);
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! The embedded storage engine, SecuMon's zero-setup default (`--storage ./data`).
 //!
 //! Writes go to a write-ahead log (`wal.rs`) and are acknowledged only once logged (and
-//! fsynced, by policy); the in-memory head (`head.rs`) is rebuilt from the log on start.
-//! This first version keeps every sample in memory and in the log: compressed chunks,
-//! compaction, rollups and retention are still to come (docs/storage.md).
+//! fsynced, by policy), then applied to the in-memory head (`head.rs`). Maintenance
+//! ([`EmbeddedStorage::maintain`], run every `flush_interval_secs`) flushes head samples older
+//! than the out-of-order window into an on-disk block (`block.rs`, with its 5 min and 1 h
+//! rollups), writes a checkpoint and deletes the log segments it covers, compacts blocks into
+//! larger ones and deletes what passed retention. On start blocks are opened and the log is
+//! replayed on top of them. docs/storage.md describes the formats and rules.
 
+mod block;
 mod chunk;
 mod head;
 mod wal;
@@ -12,18 +16,21 @@ mod wal;
 pub use wal::FsyncPolicy;
 
 use super::{
-    AppendOutcome, ExemplarWrite, RejectReason, SelectHints, SeriesQuery, SeriesWrite, Storage,
-    StorageError, StorageResult,
+    AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig, RollupRow,
+    SelectHints, SeriesQuery, SeriesRollups, SeriesWrite, Storage, StorageError, StorageResult,
 };
 use crate::model::{
-    Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId,
+    Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId, TimestampMs,
 };
 use async_trait::async_trait;
+use block::Block;
 use head::{insert_sample, place, place_sorted, Head, Placement, SampleStore};
 use serde::Deserialize;
-use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::Duration;
 use wal::{Record, Wal};
 
 /// Settings of the embedded engine (`[embedded]` in the config file).
@@ -33,8 +40,11 @@ pub struct EmbeddedConfig {
     /// When writes reach the disk: `always` (fsync before acknowledging) or `never` (leave it
     /// to the OS: survives a process crash, not a power loss).
     pub fsync: FsyncPolicy,
-    /// How far behind a series' latest sample a new sample may be, in seconds.
+    /// How far behind a series' latest sample a new sample may be, in seconds. Head samples
+    /// older than this behind the newest sample are flushed to disk.
     pub out_of_order_window_secs: u64,
+    /// Seconds between maintenance runs (flush, checkpoint, compaction, retention).
+    pub flush_interval_secs: u64,
 }
 
 impl Default for EmbeddedConfig {
@@ -42,17 +52,60 @@ impl Default for EmbeddedConfig {
         Self {
             fsync: FsyncPolicy::Always,
             out_of_order_window_secs: 3600,
+            flush_interval_secs: 300,
         }
     }
 }
 
+/// Compacted blocks cover aligned windows of these widths: flushed blocks of a closed 2 h
+/// window merge into one, then those of a closed day.
+const COMPACTION_SPANS_MS: [i64; 2] = [2 * 3_600_000, 24 * 3_600_000];
+
+/// The blocks on disk and the samples on their way there.
+#[derive(Default)]
+struct BlockSet {
+    /// Sorted by `meta.order`.
+    blocks: Vec<Block>,
+    /// Samples taken out of the head whose block is not written yet (kept here, readable,
+    /// when writing it failed, and written with the next flush).
+    flushing: BTreeMap<u64, Vec<Sample>>,
+    next_order: u64,
+    next_dir: u64,
+}
+
+/// What one maintenance run did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct MaintenanceReport {
+    pub flushed_samples: u64,
+    pub blocks_written: usize,
+    pub blocks_compacted: usize,
+    pub files_deleted: usize,
+    pub wal_segments_deleted: usize,
+}
+
+/// Sizes for `/metrics` and benchmarks.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EmbeddedStats {
+    pub head_series: usize,
+    pub blocks: usize,
+    pub block_samples: u64,
+    pub block_bytes: u64,
+    pub wal_bytes: u64,
+}
+
 pub struct EmbeddedStorage {
+    dir: PathBuf,
     head: RwLock<Head>,
     /// Serialises writers: classification, logging and applying happen in one order.
     wal: Mutex<Wal>,
+    blocks: RwLock<BlockSet>,
+    /// One maintenance run at a time.
+    maintenance: Mutex<()>,
     window_ms: i64,
-    /// Bytes cut off a damaged log tail when opening.
-    damaged_bytes: u64,
+    flush_interval: Duration,
+    retention: RetentionConfig,
+    /// Bytes of damaged data found (log tails cut, block files recovered).
+    damaged_bytes: AtomicU64,
 }
 
 fn io_error(e: std::io::Error) -> StorageError {
@@ -61,32 +114,288 @@ fn io_error(e: std::io::Error) -> StorageError {
 }
 
 impl EmbeddedStorage {
-    /// Opens (or creates) the data directory and replays the log.
-    pub fn open(dir: &Path, config: &EmbeddedConfig) -> StorageResult<EmbeddedStorage> {
+    /// Opens (or creates) the data directory: opens its blocks, then replays the log on top.
+    pub fn open(
+        dir: &Path,
+        config: &EmbeddedConfig,
+        retention: &RetentionConfig,
+    ) -> StorageResult<EmbeddedStorage> {
+        let fail = |e: std::io::Error| {
+            StorageError::Internal(format!("cannot open {}: {e}", dir.display()))
+        };
+        let (set, mut damaged) = open_blocks(&dir.join("blocks")).map_err(fail)?;
+        // Samples up to these times are in blocks; the log's copies are not replayed.
+        let mut flushed: HashMap<u64, TimestampMs> = HashMap::new();
+        for block in &set.blocks {
+            for (id, t) in block.max_times().map_err(fail)? {
+                let at = flushed.entry(id).or_insert(t);
+                *at = (*at).max(t);
+            }
+        }
         let mut head = Head::default();
         let (wal, report) = Wal::open(&dir.join("wal"), config.fsync, |record| {
-            apply(&mut head, record)
+            apply(&mut head, record, &flushed)
         })
-        .map_err(|e| StorageError::Internal(format!("cannot open {}: {e}", dir.display())))?;
+        .map_err(fail)?;
         if let Some((path, bytes)) = &report.truncated {
             tracing::warn!(
                 segment = %path.display(),
                 bytes_cut = bytes,
                 "write-ahead log damaged: replayed up to the last intact record and cut the rest"
             );
+            damaged += bytes;
         }
         tracing::info!(
             records = report.records,
             series = head.series.len(),
+            blocks = set.blocks.len(),
             dir = %dir.display(),
             "embedded storage opened"
         );
         Ok(EmbeddedStorage {
+            dir: dir.to_owned(),
             head: RwLock::new(head),
             wal: Mutex::new(wal),
+            blocks: RwLock::new(set),
+            maintenance: Mutex::new(()),
             window_ms: config.out_of_order_window_secs as i64 * 1000,
-            damaged_bytes: report.truncated.as_ref().map_or(0, |(_, bytes)| *bytes),
+            flush_interval: Duration::from_secs(config.flush_interval_secs.max(1)),
+            retention: retention.clone(),
+            damaged_bytes: AtomicU64::new(damaged),
         })
+    }
+
+    fn blocks_read(&self) -> std::sync::RwLockReadGuard<'_, BlockSet> {
+        self.blocks.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn blocks_write(&self) -> std::sync::RwLockWriteGuard<'_, BlockSet> {
+        self.blocks.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One maintenance run at `now` (ms): flush the head up to the out-of-order window
+    /// behind its newest sample, checkpoint and shorten the log, compact closed windows,
+    /// apply retention.
+    pub fn maintain(&self, now: TimestampMs) -> StorageResult<MaintenanceReport> {
+        let cutoff = {
+            let head = self.read();
+            match head.max_t {
+                Some(max_t) => max_t.min(now).saturating_sub(self.window_ms),
+                None => i64::MIN,
+            }
+        };
+        self.maintain_with_cutoff(now, cutoff)
+    }
+
+    /// Like [`EmbeddedStorage::maintain`] with an explicit flush cutoff: every head sample
+    /// older than `cutoff` goes to disk (later samples at or before a series' flushed ones
+    /// are refused as out of order). `i64::MAX` flushes everything.
+    pub fn maintain_with_cutoff(
+        &self,
+        now: TimestampMs,
+        cutoff: TimestampMs,
+    ) -> StorageResult<MaintenanceReport> {
+        let _one = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = MaintenanceReport::default();
+        let internal =
+            |what: &str, e: std::io::Error| StorageError::Internal(format!("{what}: {e}"));
+        self.flush(cutoff, &mut report)?;
+        self.compact(cutoff, &mut report)
+            .map_err(|e| internal("compaction", e))?;
+        self.apply_retention(now, &mut report)
+            .map_err(|e| internal("retention", e))?;
+        Ok(report)
+    }
+
+    fn flush(&self, cutoff: TimestampMs, report: &mut MaintenanceReport) -> StorageResult<()> {
+        // Move the samples out of the head and start a new log segment, with writers held.
+        let (segment, checkpoint) = {
+            let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            let mut head = self.write();
+            let mut set = self.blocks_write();
+            for (&id, series) in head.series.iter_mut() {
+                let samples = series.samples.split_before(cutoff);
+                if let Some(last) = samples.last() {
+                    series.flushed_until = last.t;
+                    report.flushed_samples += samples.len() as u64;
+                    set.flushing.entry(id).or_default().extend(samples);
+                }
+            }
+            if set.flushing.is_empty() {
+                return Ok(());
+            }
+            let segment = tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?;
+            (segment, checkpoint_records(&head))
+        };
+        // Write the block; readers keep seeing the samples in `flushing` until it is in.
+        let block = {
+            let set = self.blocks_read();
+            let dir = self
+                .dir
+                .join("blocks")
+                .join(format!("{:010}", set.next_dir));
+            let series = set.flushing.iter().map(|(&id, s)| Ok((id, s.clone())));
+            tokio::task::block_in_place(|| Block::write(&dir, set.next_order, 1, series))
+                .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
+        };
+        {
+            let mut set = self.blocks_write();
+            set.flushing.clear();
+            set.next_dir += 1;
+            set.next_order += 1;
+            if let Some(block) = block {
+                set.blocks.push(block);
+                report.blocks_written += 1;
+            }
+        }
+        // The log's samples older than the cutoff are on disk now: checkpoint what else the
+        // old segments hold (series, metadata, exemplars) and delete them.
+        let dir = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dir()
+            .to_owned();
+        tokio::task::block_in_place(|| wal::write_checkpoint(&dir, segment, &checkpoint))
+            .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let old = wal.deletable(segment, cutoff);
+        wal.remove(&old, segment)
+            .map_err(|e| StorageError::Internal(format!("log truncation: {e}")))?;
+        report.wal_segments_deleted += old.len();
+        Ok(())
+    }
+
+    /// Merges runs of consecutive blocks that lie in one closed aligned window.
+    fn compact(&self, cutoff: TimestampMs, report: &mut MaintenanceReport) -> std::io::Result<()> {
+        for span in COMPACTION_SPANS_MS {
+            loop {
+                let group = {
+                    let set = self.blocks_read();
+                    compaction_group(&set.blocks, span, cutoff)
+                };
+                let Some(range) = group else { break };
+                let (merged, dir_n) = {
+                    let set = self.blocks_read();
+                    let dir = self
+                        .dir
+                        .join("blocks")
+                        .join(format!("{:010}", set.next_dir));
+                    let group: Vec<&Block> = set.blocks[range.clone()].iter().collect();
+                    (
+                        tokio::task::block_in_place(|| block::compact(&dir, &group))?,
+                        set.next_dir,
+                    )
+                };
+                let mut set = self.blocks_write();
+                set.next_dir = dir_n + 1;
+                let old: Vec<Block> = set.blocks.drain(range.clone()).collect();
+                if let Some(merged) = merged {
+                    set.blocks.insert(range.start, merged);
+                }
+                drop(set);
+                report.blocks_compacted += old.len();
+                for block in old {
+                    std::fs::remove_dir_all(&block.dir)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes raw chunks and rollups of blocks entirely older than their retention.
+    fn apply_retention(
+        &self,
+        now: TimestampMs,
+        report: &mut MaintenanceReport,
+    ) -> std::io::Result<()> {
+        let mut set = self.blocks_write();
+        for block in &mut set.blocks {
+            for resolution in [
+                None,
+                Some(Resolution::FiveMinutes),
+                Some(Resolution::OneHour),
+            ] {
+                let present = match resolution {
+                    None => block.chunks.is_some(),
+                    Some(r) => block.rollup_file(r).is_some(),
+                };
+                let horizon = now.saturating_sub(self.retention.keep_ms(resolution));
+                if present && block.meta.max_t < horizon {
+                    block.drop_file(resolution)?;
+                    report.files_deleted += 1;
+                }
+            }
+        }
+        let (empty, kept): (Vec<Block>, Vec<Block>) = std::mem::take(&mut set.blocks)
+            .into_iter()
+            .partition(Block::is_empty);
+        set.blocks = kept;
+        drop(set);
+        for block in empty {
+            std::fs::remove_dir_all(&block.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Sizes of what is stored.
+    pub fn stats(&self) -> EmbeddedStats {
+        let head_series = self.read().series.len();
+        let set = self.blocks_read();
+        let wal_bytes = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disk_bytes();
+        EmbeddedStats {
+            head_series,
+            blocks: set.blocks.len(),
+            block_samples: set.blocks.iter().map(|b| b.meta.samples).sum(),
+            block_bytes: set.blocks.iter().map(Block::size).sum(),
+            wal_bytes,
+        }
+    }
+
+    /// Raw samples of `ids` (sorted) in `[start, end]` from blocks, samples being flushed and
+    /// the head, per series in time order.
+    fn samples_of(
+        &self,
+        head: &Head,
+        set: &BlockSet,
+        ids: &[u64],
+        start: TimestampMs,
+        end: TimestampMs,
+    ) -> StorageResult<BTreeMap<u64, Vec<Sample>>> {
+        let mut out: BTreeMap<u64, Vec<Sample>> = BTreeMap::new();
+        for block in &set.blocks {
+            block
+                .read_samples(ids, start, end, &mut out)
+                .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
+        }
+        for &id in ids {
+            let flushing = set.flushing.get(&id).map(|s| {
+                let from = s.partition_point(|x| x.t < start);
+                let to = s.partition_point(|x| x.t <= end);
+                &s[from..to.max(from)]
+            });
+            let in_head = head
+                .series
+                .get(&id)
+                .map(|s| s.samples.range(start, end))
+                .unwrap_or_default();
+            if flushing.is_some_and(|f| !f.is_empty()) || !in_head.is_empty() {
+                let samples = out.entry(id).or_default();
+                samples.extend_from_slice(flushing.unwrap_or_default());
+                samples.extend(in_head);
+            }
+        }
+        for samples in out.values_mut() {
+            if !samples.windows(2).all(|w| w[0].t < w[1].t) {
+                samples.sort_by_key(|s| s.t);
+                samples.dedup_by_key(|s| s.t);
+            }
+        }
+        Ok(out)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Head> {
@@ -136,8 +445,9 @@ impl EmbeddedStorage {
         }
         tokio::task::block_in_place(|| wal.append(&records)).map_err(io_error)?;
         let mut head = self.write();
+        let none = HashMap::new();
         for record in records {
-            apply(&mut head, record);
+            apply(&mut head, record, &none);
         }
         Ok(())
     }
@@ -159,10 +469,13 @@ impl EmbeddedStorage {
             let mut pending: HashMap<u64, Vec<Sample>> = HashMap::new();
             for (series, &id) in batch.iter().zip(&ids) {
                 let empty = SampleStore::default();
-                let stored = head.series.get(&id).map_or(&empty, |s| &s.samples);
+                let (stored, flushed_until) = head
+                    .series
+                    .get(&id)
+                    .map_or((&empty, i64::MIN), |s| (&s.samples, s.flushed_until));
                 for sample in &series.samples {
                     let mine = pending.entry(id).or_default();
-                    let placement = match place(stored, sample, self.window_ms) {
+                    let placement = match place(stored, flushed_until, sample, self.window_ms) {
                         Placement::Insert => place_sorted(mine, sample),
                         other => other,
                     };
@@ -196,7 +509,12 @@ impl EmbeddedStorage {
         Ok(outcome)
     }
 
-    fn series_ids(&self, head: &Head, tenant: &TenantId, query: &SeriesQuery) -> Vec<u64> {
+    fn series_ids(
+        &self,
+        head: &Head,
+        tenant: &TenantId,
+        query: &SeriesQuery,
+    ) -> StorageResult<Vec<u64>> {
         let mut ids: BTreeSet<u64> = BTreeSet::new();
         if query.matcher_sets.is_empty() {
             ids.extend(head.matching(tenant.as_str(), &[]));
@@ -204,24 +522,172 @@ impl EmbeddedStorage {
         for set in &query.matcher_sets {
             ids.extend(head.matching(tenant.as_str(), set));
         }
-        ids.into_iter()
-            .filter(|&id| head.has_samples(id, query.start, query.end))
-            .collect()
+        let ids: Vec<u64> = ids.into_iter().collect();
+        let set = self.blocks_read();
+        let mut found: BTreeSet<u64> =
+            ids.iter()
+                .copied()
+                .filter(|&id| {
+                    head.has_samples(id, query.start, query.end)
+                        || set.flushing.get(&id).is_some_and(|s| {
+                            s.iter().any(|x| x.t >= query.start && x.t <= query.end)
+                        })
+                })
+                .collect();
+        for block in &set.blocks {
+            let rest: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| !found.contains(id))
+                .collect();
+            if rest.is_empty() {
+                break;
+            }
+            found.extend(
+                block
+                    .series_in_range(&rest, query.start, query.end)
+                    .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?,
+            );
+        }
+        Ok(found.into_iter().collect())
     }
 }
 
-/// Applies one log record to the head (on replay and after logging).
-fn apply(head: &mut Head, record: Record) {
+/// Opens every block under `dir` (creating it), sorted by read order; removes unfinished
+/// `.tmp` blocks and sets damaged ones aside. Returns the set and the damaged bytes found.
+fn open_blocks(dir: &Path) -> std::io::Result<(BlockSet, u64)> {
+    std::fs::create_dir_all(dir)?;
+    let mut set = BlockSet::default();
+    let mut damaged = 0;
+    let mut names: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".tmp") {
+            std::fs::remove_dir_all(&path)?;
+        } else if let Ok(n) = name.parse::<u64>() {
+            names.push((n, path));
+        }
+    }
+    names.sort();
+    for (n, path) in names {
+        set.next_dir = set.next_dir.max(n + 1);
+        match Block::open(&path) {
+            Ok((block, bytes)) => {
+                damaged += bytes;
+                set.blocks.push(block);
+            }
+            Err(e) => {
+                let aside = path.with_extension("damaged");
+                tracing::error!(block = %path.display(), error = %e, moved_to = %aside.display(), "cannot open a block; set it aside");
+                damaged += dir_bytes(&path);
+                std::fs::rename(&path, &aside)?;
+            }
+        }
+    }
+    set.blocks.sort_by_key(|b| b.meta.order);
+    set.next_order = set.blocks.last().map_or(0, |b| b.meta.order + 1);
+    Ok((set, damaged))
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The first run of at least two consecutive blocks whose data starts in the same aligned
+/// window of `span`, with the window closed (its end at or before `cutoff`) and every block
+/// still holding raw chunks.
+fn compaction_group(
+    blocks: &[Block],
+    span: i64,
+    cutoff: TimestampMs,
+) -> Option<std::ops::Range<usize>> {
+    let window = |b: &Block| b.meta.min_t.div_euclid(span);
+    let mut i = 0;
+    while i < blocks.len() {
+        let w = window(&blocks[i]);
+        let mut j = i + 1;
+        while j < blocks.len() && window(&blocks[j]) == w {
+            j += 1;
+        }
+        let closed = (w + 1).saturating_mul(span) <= cutoff;
+        let whole = blocks[i..j]
+            .iter()
+            .all(|b| b.chunks.is_some() && b.meta.max_t < (w + 1).saturating_mul(span) + span);
+        if j - i >= 2 && closed && whole {
+            return Some(i..j);
+        }
+        i = j;
+    }
+    None
+}
+
+/// What a checkpoint keeps of the deleted log segments: every series, metadata and exemplar.
+fn checkpoint_records(head: &Head) -> Vec<Record> {
+    let mut records = Vec::with_capacity(head.series.len() + 1);
+    let mut tenant_of: HashMap<u64, &str> = HashMap::new();
+    for (tenant, index) in &head.tenants {
+        for &id in &index.all {
+            tenant_of.insert(id, tenant.as_str());
+        }
+        for entries in index.metadata.values() {
+            for m in entries {
+                records.push(Record::Metadata {
+                    tenant: tenant.clone(),
+                    metadata: m.clone(),
+                });
+            }
+        }
+    }
+    let mut ids: Vec<u64> = head.series.keys().copied().collect();
+    ids.sort_unstable();
+    let mut exemplars = Vec::new();
+    for id in ids {
+        let series = &head.series[&id];
+        records.push(Record::Series {
+            tenant: tenant_of.get(&id).copied().unwrap_or_default().to_owned(),
+            id,
+            labels: series.labels.clone(),
+        });
+        exemplars.extend(
+            series
+                .exemplars
+                .iter()
+                .map(|e| (id, e.t, e.value, e.labels.clone())),
+        );
+    }
+    if !exemplars.is_empty() {
+        records.push(Record::Exemplars { exemplars });
+    }
+    records
+}
+
+/// Applies one log record to the head (on replay and after logging). Samples at or before a
+/// series' flushed time are already in blocks (replay) and are skipped.
+fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, TimestampMs>) {
     match record {
         Record::Series { tenant, id, labels } => {
             if !head.series.contains_key(&id) {
                 head.create_series(&tenant, id, labels);
+                if let (Some(&t), Some(series)) = (flushed.get(&id), head.series.get_mut(&id)) {
+                    series.flushed_until = t;
+                }
             }
         }
         Record::Samples { samples } => {
             for (id, t, v) in samples {
                 if let Some(series) = head.series.get_mut(&id) {
-                    series.samples.insert(Sample { t, v });
+                    if t > series.flushed_until {
+                        series.samples.insert(Sample { t, v });
+                        head.max_t = Some(head.max_t.map_or(t, |m| m.max(t)));
+                    }
                 }
             }
         }
@@ -326,13 +792,15 @@ impl Storage for EmbeddedStorage {
         hints: &SelectHints,
     ) -> StorageResult<Vec<SeriesSamples>> {
         let head = self.read();
+        let set = self.blocks_read();
+        let mut ids = head.matching(tenant.as_str(), matchers);
+        ids.sort_unstable();
         let mut loaded = 0usize;
         let mut out = Vec::new();
-        for id in head.matching(tenant.as_str(), matchers) {
+        for (id, samples) in self.samples_of(&head, &set, &ids, hints.start, hints.end)? {
             let Some(series) = head.series.get(&id) else {
                 continue;
             };
-            let samples = series.samples.range(hints.start, hints.end);
             if samples.is_empty() {
                 continue;
             }
@@ -349,10 +817,63 @@ impl Storage for EmbeddedStorage {
         Ok(out)
     }
 
+    async fn select_rollups(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        resolution: Resolution,
+        start: TimestampMs,
+        end: TimestampMs,
+    ) -> StorageResult<Vec<SeriesRollups>> {
+        let (start, end) = (resolution.bucket(start), resolution.bucket(end));
+        let head = self.read();
+        let set = self.blocks_read();
+        let mut ids = head.matching(tenant.as_str(), matchers);
+        ids.sort_unstable();
+        let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
+        for block in &set.blocks {
+            block
+                .read_rollups(&ids, resolution, start, end, &mut rows)
+                .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
+        }
+        // Samples not in blocks yet are aggregated here.
+        let recent = BlockSet {
+            flushing: set.flushing.clone(),
+            ..BlockSet::default()
+        };
+        let raw = self.samples_of(
+            &head,
+            &recent,
+            &ids,
+            start,
+            end.saturating_add(resolution.ms() - 1),
+        )?;
+        for (id, samples) in raw {
+            let fresh: Vec<RollupRow> = super::rollup(&samples, resolution)
+                .into_iter()
+                .filter(|r| r.t >= start && r.t <= end)
+                .collect();
+            let entry = rows.entry(id).or_default();
+            *entry = super::merge_rollups(std::mem::take(entry), &fresh);
+        }
+        let mut out: Vec<SeriesRollups> = rows
+            .into_iter()
+            .filter(|(_, rows)| !rows.is_empty())
+            .filter_map(|(id, rows)| {
+                Some(SeriesRollups {
+                    labels: head.series.get(&id)?.labels.clone(),
+                    rows,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.labels.cmp(&b.labels));
+        Ok(out)
+    }
+
     async fn series(&self, tenant: &TenantId, query: &SeriesQuery) -> StorageResult<Vec<Labels>> {
         let head = self.read();
         let mut out: Vec<Labels> = self
-            .series_ids(&head, tenant, query)
+            .series_ids(&head, tenant, query)?
             .into_iter()
             .filter_map(|id| head.series.get(&id).map(|s| s.labels.clone()))
             .collect();
@@ -387,6 +908,230 @@ impl Storage for EmbeddedStorage {
     }
 
     fn damaged_bytes_recovered(&self) -> u64 {
-        self.damaged_bytes
+        self.damaged_bytes.load(Ordering::Relaxed)
+    }
+
+    fn maintenance_interval(&self) -> Option<Duration> {
+        Some(self.flush_interval)
+    }
+
+    async fn run_maintenance(&self) -> StorageResult<()> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let report = tokio::task::block_in_place(|| self.maintain(now))?;
+        if report != MaintenanceReport::default() {
+            tracing::info!(?report, "embedded storage maintenance");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Label;
+
+    const HOUR: i64 = 3_600_000;
+    const DAY: i64 = 24 * HOUR;
+
+    fn config() -> EmbeddedConfig {
+        EmbeddedConfig {
+            fsync: FsyncPolicy::Never,
+            ..EmbeddedConfig::default()
+        }
+    }
+
+    fn series(name: &str, job: &str, from: i64, to: i64, step: i64) -> SeriesWrite {
+        SeriesWrite {
+            labels: Labels::from_trusted(vec![
+                Label::new("__name__", name),
+                Label::new("job", job),
+            ]),
+            samples: (0..)
+                .map(|i| from + i * step)
+                .take_while(|&t| t <= to)
+                .map(|t| Sample {
+                    t,
+                    v: (t / step % 97) as f64,
+                })
+                .collect(),
+        }
+    }
+
+    async fn everything(s: &EmbeddedStorage) -> Vec<SeriesSamples> {
+        let hints = SelectHints {
+            start: i64::MIN,
+            end: i64::MAX,
+            ..SelectHints::default()
+        };
+        s.select(&TenantId::default(), &[Matcher::equal("job", "a")], &hints)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushed_blocks_answer_like_the_head_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let now = 40 * DAY;
+        let batch = vec![
+            series("up", "a", now - 6 * HOUR, now, 15_000),
+            series("load", "a", now - 5 * HOUR, now - 2 * HOUR, 60_000),
+        ];
+        let before;
+        {
+            let s =
+                EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+            s.append(&tenant, &batch).await.unwrap();
+            before = everything(&s).await;
+            let report = s.maintain(now).unwrap();
+            // Everything older than an hour behind the newest sample went to disk.
+            assert_eq!(report.blocks_written, 1);
+            assert_eq!(report.flushed_samples, (5 * 240 + 3 * 60 + 1) as u64);
+            assert_eq!(everything(&s).await, before);
+            let stats = s.stats();
+            assert_eq!(stats.blocks, 1);
+            assert_eq!(stats.block_samples, report.flushed_samples);
+            // Samples in the flushed range are refused; later ones are taken.
+            let late = s
+                .append(
+                    &tenant,
+                    &[series("up", "a", now - 3 * HOUR, now - 3 * HOUR, 15_000)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(late.rejected, [(RejectReason::OutOfOrder, 1)]);
+            // Rollups from the block plus the head equal rollups of the raw samples.
+            for r in Resolution::ALL {
+                let rows = s
+                    .select_rollups(&tenant, &[Matcher::equal("job", "a")], r, 0, now)
+                    .await
+                    .unwrap();
+                let expected: Vec<Vec<RollupRow>> = before
+                    .iter()
+                    .map(|s| super::super::rollup(&s.samples, r))
+                    .collect();
+                assert_eq!(
+                    format!("{:?}", rows.iter().map(|s| &s.rows).collect::<Vec<_>>()),
+                    format!("{:?}", expected.iter().collect::<Vec<_>>())
+                );
+            }
+        }
+        // Reopen: blocks plus the replayed log give the same answer, nothing twice.
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(everything(&s).await, before);
+        let labels = s
+            .series(
+                &tenant,
+                &SeriesQuery {
+                    matcher_sets: vec![vec![Matcher::equal("__name__", "load")]],
+                    start: now - 5 * HOUR,
+                    end: now - 4 * HOUR,
+                    limit: 0,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(labels.len(), 1, "a series only on disk is found");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn log_segments_go_compaction_merges_and_retention_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let retention = RetentionConfig {
+            raw_days: 2,
+            rollup_5m_days: 3,
+            rollup_1h_days: 4,
+        };
+        let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
+        let start = 10 * DAY;
+        // Six hours a batch, flushing after each: 4 days of data in 16 blocks.
+        for i in 0..16 {
+            let from = start + i * 6 * HOUR;
+            s.append(
+                &tenant,
+                &[series("up", "a", from, from + 6 * HOUR - 1, 30_000)],
+            )
+            .await
+            .unwrap();
+            s.maintain_with_cutoff(start, from + 6 * HOUR).unwrap();
+        }
+        let all = everything(&s).await;
+        assert_eq!(all[0].samples.len(), 16 * 720);
+        // Closed days were compacted into one block each.
+        let stats = s.stats();
+        assert_eq!(stats.blocks, 4, "one block per day");
+        assert_eq!(stats.block_samples, 16 * 720);
+        // The log keeps only what is not in blocks: the current segment and a checkpoint.
+        let wal_files = std::fs::read_dir(dir.path().join("wal")).unwrap().count();
+        assert!(wal_files <= 3, "log segments left: {wal_files}");
+        // Retention at day 14: raw of days 10 and 11 leave disk, rollups stay longer.
+        let bytes_before = stats.block_bytes;
+        let report = s.maintain_with_cutoff(14 * DAY, i64::MIN).unwrap();
+        assert_eq!(report.files_deleted, 2 + 1, "raw of two days, 5m of one");
+        assert!(s.stats().block_bytes < bytes_before);
+        let left = everything(&s).await;
+        assert_eq!(left[0].samples.first().unwrap().t, 12 * DAY);
+        let hourly = s
+            .select_rollups(&tenant, &[], Resolution::OneHour, 0, 20 * DAY)
+            .await
+            .unwrap();
+        assert_eq!(hourly[0].rows.first().unwrap().t, 10 * DAY);
+        assert_eq!(hourly[0].rows.len(), 96);
+        assert!(hourly[0].rows.iter().all(|r| r.count == 120.0));
+        // A year later everything is gone from disk.
+        s.maintain_with_cutoff(400 * DAY, i64::MIN).unwrap();
+        assert_eq!(s.stats().blocks, 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("blocks"))
+                .unwrap()
+                .count(),
+            0
+        );
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
+        assert!(everything(&s).await.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_block_file_is_recovered_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let batch: Vec<SeriesWrite> = (0..300)
+            .map(|i| series("up", &format!("j{i}"), 0, 2 * HOUR, 60_000))
+            .collect();
+        s.append(&tenant, &batch).await.unwrap();
+        s.maintain_with_cutoff(0, i64::MAX).unwrap();
+        drop(s);
+        let blocks: Vec<PathBuf> = std::fs::read_dir(dir.path().join("blocks"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let chunks = blocks[0].join("chunks");
+        let len = std::fs::metadata(&chunks).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&chunks)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert!(s.damaged_bytes_recovered() > 0);
+        let hints = SelectHints {
+            start: i64::MIN,
+            end: i64::MAX,
+            ..SelectHints::default()
+        };
+        let left = s
+            .select(&tenant, &[Matcher::equal("__name__", "up")], &hints)
+            .await
+            .unwrap();
+        assert!(
+            left.len() > 100 && left.len() < 300,
+            "the intact half is kept: {}",
+            left.len()
+        );
+        assert!(left.iter().all(|s| s.samples.len() == 121));
     }
 }

@@ -5,6 +5,7 @@
 //! Record framing: `len: u32 LE | crc32(payload): u32 LE | payload`.
 
 use crate::model::{Label, Labels, MetricMetadata, MetricType};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -204,6 +205,9 @@ pub struct Wal {
     dir: PathBuf,
     file: File,
     segment: u64,
+    /// The latest sample time in each segment (`i64::MIN` when it has none): a segment whose
+    /// samples are all flushed to blocks can go once a checkpoint holds its series.
+    max_t: BTreeMap<u64, i64>,
     /// Bytes of intact records in the current segment.
     size: u64,
     fsync: FsyncPolicy,
@@ -216,13 +220,37 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:08}.wal"))
 }
 
-fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+fn checkpoint_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("checkpoint.{n:08}"))
+}
+
+fn numbered(dir: &Path, parse: impl Fn(&str) -> Option<u64>) -> io::Result<Vec<u64>> {
     let mut out: Vec<u64> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".wal")?.parse().ok())
+        .filter_map(|e| parse(e.file_name().to_str()?))
         .collect();
     out.sort_unstable();
     Ok(out)
+}
+
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    numbered(dir, |name| name.strip_suffix(".wal")?.parse().ok())
+}
+
+fn checkpoints(dir: &Path) -> io::Result<Vec<u64>> {
+    numbered(dir, |name| name.strip_prefix("checkpoint.")?.parse().ok())
+}
+
+/// The latest sample time of records.
+fn records_max_t(records: &[Record]) -> i64 {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Samples { samples } => samples.iter().map(|s| s.1).max(),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(i64::MIN)
 }
 
 impl Wal {
@@ -236,12 +264,24 @@ impl Wal {
     ) -> io::Result<(Wal, ReplayReport)> {
         std::fs::create_dir_all(dir)?;
         let mut report = ReplayReport::default();
+        // The latest checkpoint first (series, metadata and exemplars of deleted segments).
+        let _ = std::fs::remove_file(dir.join("checkpoint.tmp"));
+        if let Some(&n) = checkpoints(dir)?.last() {
+            let path = checkpoint_path(dir, n);
+            let (records, valid_len, file_len, _) = replay_segment(&path, &mut apply)?;
+            report.records += records;
+            if valid_len < file_len {
+                report.truncated = Some((path, file_len - valid_len));
+            }
+        }
         let list = segments(dir)?;
         let mut last = 0;
+        let mut max_t = BTreeMap::new();
         for (i, &n) in list.iter().enumerate() {
             let path = segment_path(dir, n);
-            let (records, valid_len, file_len) = replay_segment(&path, &mut apply)?;
+            let (records, valid_len, file_len, seg_max_t) = replay_segment(&path, &mut apply)?;
             report.records += records;
+            max_t.insert(n, seg_max_t);
             last = n;
             if valid_len < file_len {
                 OpenOptions::new()
@@ -256,15 +296,19 @@ impl Wal {
                 break;
             }
         }
-        let segment = last.max(1);
+        let segment = last
+            .max(checkpoints(dir)?.last().copied().unwrap_or(0))
+            .max(1);
         let path = segment_path(dir, segment);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata()?.len();
+        max_t.entry(segment).or_insert(i64::MIN);
         Ok((
             Wal {
                 dir: dir.to_owned(),
                 file,
                 segment,
+                max_t,
                 size,
                 fsync,
                 broken: false,
@@ -289,15 +333,74 @@ impl Wal {
         result
     }
 
+    /// Starts a new segment; returns its number. Every record appended before is in lower
+    /// segments.
+    pub fn rotate(&mut self) -> io::Result<u64> {
+        if self.broken {
+            return Err(io::Error::other("the log is broken; restart to recover"));
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&self.dir, self.segment + 1))?;
+        File::open(&self.dir)?.sync_all()?;
+        self.segment += 1;
+        self.file = file;
+        self.size = 0;
+        self.max_t.insert(self.segment, i64::MIN);
+        Ok(self.segment)
+    }
+
+    /// Segments below `before` whose samples are all older than `cutoff`: deletable once a
+    /// checkpoint holds what else they carry.
+    pub fn deletable(&self, before: u64, cutoff: i64) -> Vec<u64> {
+        self.max_t
+            .range(..before)
+            .filter(|(_, &t)| t < cutoff)
+            .map(|(&n, _)| n)
+            .collect()
+    }
+
+    /// Deletes segments (after a checkpoint made them redundant) and checkpoints older than
+    /// `checkpoint`.
+    pub fn remove(&mut self, segments: &[u64], checkpoint: u64) -> io::Result<()> {
+        for &n in segments {
+            if n >= self.segment {
+                continue;
+            }
+            match std::fs::remove_file(segment_path(&self.dir, n)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            self.max_t.remove(&n);
+        }
+        for n in checkpoints(&self.dir)? {
+            if n < checkpoint {
+                std::fs::remove_file(checkpoint_path(&self.dir, n))?;
+            }
+        }
+        File::open(&self.dir)?.sync_all()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes of all segments and checkpoints.
+    pub fn disk_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     fn try_append(&mut self, records: &[Record]) -> io::Result<()> {
         if self.size > SEGMENT_BYTES {
-            self.segment += 1;
-            self.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(segment_path(&self.dir, self.segment))?;
-            self.size = 0;
-            File::open(&self.dir)?.sync_all()?;
+            self.rotate()?;
         }
         let mut buf = Vec::new();
         for record in records {
@@ -311,16 +414,40 @@ impl Wal {
             self.file.sync_data()?;
         }
         self.size += buf.len() as u64;
+        let t = records_max_t(records);
+        let seg = self.max_t.entry(self.segment).or_insert(i64::MIN);
+        *seg = (*seg).max(t);
         Ok(())
     }
 }
 
-/// Replays one segment: (records, bytes of intact records, file length).
-fn replay_segment(path: &Path, apply: &mut impl FnMut(Record)) -> io::Result<(usize, u64, u64)> {
+/// Writes a checkpoint numbered `n` (written to a temporary file, fsynced and renamed, so it
+/// is either whole or absent).
+pub fn write_checkpoint(dir: &Path, n: u64, records: &[Record]) -> io::Result<()> {
+    let tmp = dir.join("checkpoint.tmp");
+    let mut out = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    for record in records {
+        let payload = record.encode();
+        out.write_all(&(payload.len() as u32).to_le_bytes())?;
+        out.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
+        out.write_all(&payload)?;
+    }
+    out.into_inner()
+        .map_err(|e| io::Error::other(e.to_string()))?
+        .sync_all()?;
+    std::fs::rename(&tmp, checkpoint_path(dir, n))?;
+    File::open(dir)?.sync_all()
+}
+
+/// Replays one segment: (records, bytes of intact records, file length, latest sample time).
+fn replay_segment(
+    path: &Path,
+    apply: &mut impl FnMut(Record),
+) -> io::Result<(usize, u64, u64, i64)> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let (mut records, mut valid) = (0, 0u64);
+    let (mut records, mut valid, mut max_t) = (0, 0u64, i64::MIN);
     loop {
         let mut header = [0u8; 8];
         match reader.read_exact(&mut header) {
@@ -340,11 +467,12 @@ fn replay_segment(path: &Path, apply: &mut impl FnMut(Record)) -> io::Result<(us
         let Some(record) = Record::decode(&payload) else {
             break;
         };
+        max_t = max_t.max(records_max_t(std::slice::from_ref(&record)));
         apply(record);
         records += 1;
         valid += 8 + u64::from(len);
     }
-    Ok((records, valid, file_len))
+    Ok((records, valid, file_len, max_t))
 }
 
 #[cfg(test)]

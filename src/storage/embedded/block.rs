@@ -1,0 +1,869 @@
+//! On-disk blocks: what the head flushes and compaction merges.
+//!
+//! A block is a directory `blocks/<id>/` with a `meta.json` and up to three *run files*:
+//! `chunks` (raw samples as compressed chunks), `samples_5m` and `samples_1h` (rollups). Each
+//! is deleted on its own when its retention passes, so raw data can leave the disk while the
+//! rollups of the same time range stay.
+//!
+//! Run file layout (integers little-endian):
+//!
+//! ```text
+//! "SMRUNS01"
+//! run*   : series u64 | min_t i64 | max_t i64 | len u32 | crc32(payload) u32 | payload
+//! index  : series u64 | offset u64 | len u32 | min_t i64 | max_t i64      (sorted by series)
+//! footer : index_offset u64 | entries u64 | crc32(index) u32 | 0u32 | "SMINDEX1"
+//! ```
+//!
+//! Every run is self-describing and checksummed, so a file whose footer or index is damaged is
+//! recovered by scanning its runs up to the first damaged one; the index is then rewritten.
+//! Memory holds only every 64th index entry; a lookup reads one index page.
+
+use super::chunk::Chunk;
+use crate::model::{Sample, TimestampMs};
+use crate::storage::{merge_rollups, rollup, Resolution, RollupRow};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const FILE_MAGIC: &[u8; 8] = b"SMRUNS01";
+const FOOTER_MAGIC: &[u8; 8] = b"SMINDEX1";
+const RUN_HEADER: usize = 32;
+const ENTRY: usize = 36;
+const FOOTER: usize = 32;
+/// Index entries per page kept in memory by their first series id.
+const PAGE: usize = 64;
+/// Largest run accepted when scanning a damaged file.
+const MAX_RUN: u32 = 1 << 30;
+
+/// Samples per chunk written by compaction (Prometheus's 120).
+pub(super) const CHUNK_SAMPLES: usize = 120;
+
+/// Where a series' run is in a run file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Entry {
+    pub series: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub min_t: TimestampMs,
+    pub max_t: TimestampMs,
+}
+
+impl Entry {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.series.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.min_t.to_le_bytes());
+        out.extend_from_slice(&self.max_t.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Entry {
+        Entry {
+            series: le_u64(&b[0..8]),
+            offset: le_u64(&b[8..16]),
+            len: le_u32(&b[16..20]),
+            min_t: le_u64(&b[20..28]) as i64,
+            max_t: le_u64(&b[28..36]) as i64,
+        }
+    }
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))
+}
+
+fn damaged(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Writes a run file: runs in any order, then the index and footer; durable on `finish`.
+pub(super) struct RunWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    offset: u64,
+    entries: Vec<Entry>,
+}
+
+impl RunWriter {
+    pub fn create(path: &Path) -> io::Result<RunWriter> {
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+        out.write_all(FILE_MAGIC)?;
+        Ok(RunWriter {
+            path: path.to_owned(),
+            out,
+            offset: FILE_MAGIC.len() as u64,
+            entries: Vec::new(),
+        })
+    }
+
+    pub fn add(
+        &mut self,
+        series: u64,
+        min_t: TimestampMs,
+        max_t: TimestampMs,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let len = u32::try_from(payload.len()).map_err(|_| damaged("run too large".into()))?;
+        let mut header = Vec::with_capacity(RUN_HEADER);
+        header.extend_from_slice(&series.to_le_bytes());
+        header.extend_from_slice(&min_t.to_le_bytes());
+        header.extend_from_slice(&max_t.to_le_bytes());
+        header.extend_from_slice(&len.to_le_bytes());
+        header.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        self.out.write_all(&header)?;
+        self.out.write_all(payload)?;
+        self.entries.push(Entry {
+            series,
+            offset: self.offset,
+            len,
+            min_t,
+            max_t,
+        });
+        self.offset += (RUN_HEADER + payload.len()) as u64;
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes index and footer, fsyncs, and opens the file for reading.
+    pub fn finish(mut self) -> io::Result<RunFile> {
+        self.entries.sort_by_key(|e| e.series);
+        write_index(&mut self.out, self.offset, &self.entries)?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        file.sync_all()?;
+        Ok(RunFile::from_entries(
+            File::open(&self.path)?,
+            self.path,
+            self.offset,
+            &self.entries,
+        ))
+    }
+}
+
+fn write_index(out: &mut impl Write, index_offset: u64, entries: &[Entry]) -> io::Result<()> {
+    let mut index = Vec::with_capacity(entries.len() * ENTRY);
+    for e in entries {
+        e.encode(&mut index);
+    }
+    out.write_all(&index)?;
+    let mut footer = Vec::with_capacity(FOOTER);
+    footer.extend_from_slice(&index_offset.to_le_bytes());
+    footer.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    footer.extend_from_slice(&crc32fast::hash(&index).to_le_bytes());
+    footer.extend_from_slice(&0u32.to_le_bytes());
+    footer.extend_from_slice(FOOTER_MAGIC);
+    out.write_all(&footer)?;
+    out.flush()
+}
+
+/// A run file open for reading.
+pub(super) struct RunFile {
+    path: PathBuf,
+    file: File,
+    index_offset: u64,
+    entries: u64,
+    /// First series id of each index page.
+    pages: Vec<u64>,
+}
+
+/// What opening a run file found.
+pub(super) struct Opened {
+    pub file: RunFile,
+    /// Bytes that could not be recovered (0 when the file was intact).
+    pub damaged_bytes: u64,
+}
+
+impl RunFile {
+    fn from_entries(file: File, path: PathBuf, index_offset: u64, entries: &[Entry]) -> RunFile {
+        RunFile {
+            path,
+            file,
+            index_offset,
+            entries: entries.len() as u64,
+            pages: entries.iter().step_by(PAGE).map(|e| e.series).collect(),
+        }
+    }
+
+    /// Opens a run file, recovering the intact runs of a damaged one (and rewriting its index).
+    pub fn open(path: &Path) -> io::Result<Opened> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
+        match read_index(&file, len) {
+            Ok((index_offset, entries)) => Ok(Opened {
+                file: RunFile::from_entries(file, path.to_owned(), index_offset, &entries),
+                damaged_bytes: 0,
+            }),
+            Err(_) => {
+                let (valid_end, entries) = scan_runs(&file, len)?;
+                file.set_len(valid_end)?;
+                let mut tail = Vec::new();
+                write_index(&mut tail, valid_end, &entries)?;
+                file.write_all_at(&tail, valid_end)?;
+                file.sync_all()?;
+                Ok(Opened {
+                    file: RunFile::from_entries(file, path.to_owned(), valid_end, &entries),
+                    damaged_bytes: len.saturating_sub(valid_end),
+                })
+            }
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
+
+    fn read_entries(&self, first: u64, count: u64) -> io::Result<Vec<Entry>> {
+        let mut buf = vec![0u8; count as usize * ENTRY];
+        self.file
+            .read_exact_at(&mut buf, self.index_offset + first * ENTRY as u64)?;
+        Ok(buf.chunks_exact(ENTRY).map(Entry::decode).collect())
+    }
+
+    /// Every index entry, sorted by series.
+    pub fn all_entries(&self) -> io::Result<Vec<Entry>> {
+        self.read_entries(0, self.entries)
+    }
+
+    /// Index entries of `ids` (sorted ascending), each index page read once.
+    pub fn lookup(&self, ids: &[u64]) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut page: Option<(usize, Vec<Entry>)> = None;
+        for &id in ids {
+            let p = self.pages.partition_point(|&first| first <= id);
+            if p == 0 {
+                continue;
+            }
+            let p = p - 1;
+            if page.as_ref().is_none_or(|(n, _)| *n != p) {
+                let first = (p * PAGE) as u64;
+                let count = (self.entries - first).min(PAGE as u64);
+                page = Some((p, self.read_entries(first, count)?));
+            }
+            if let Some((_, entries)) = &page {
+                if let Ok(i) = entries.binary_search_by_key(&id, |e| e.series) {
+                    out.push(entries[i]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A run's payload, checksum verified.
+    pub fn read(&self, entry: &Entry) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; RUN_HEADER + entry.len as usize];
+        self.file.read_exact_at(&mut buf, entry.offset)?;
+        let (header, payload) = buf.split_at(RUN_HEADER);
+        if le_u64(&header[0..8]) != entry.series
+            || le_u32(&header[24..28]) != entry.len
+            || le_u32(&header[28..32]) != crc32fast::hash(payload)
+        {
+            return Err(damaged(format!(
+                "{}: damaged run of series {} at offset {}",
+                self.path.display(),
+                entry.series,
+                entry.offset
+            )));
+        }
+        Ok(payload.to_vec())
+    }
+}
+
+fn read_index(file: &File, len: u64) -> io::Result<(u64, Vec<Entry>)> {
+    if len < (FILE_MAGIC.len() + FOOTER) as u64 {
+        return Err(damaged("too short".into()));
+    }
+    let mut footer = [0u8; FOOTER];
+    file.read_exact_at(&mut footer, len - FOOTER as u64)?;
+    let index_offset = le_u64(&footer[0..8]);
+    let entries = le_u64(&footer[8..16]);
+    let index_len = entries
+        .checked_mul(ENTRY as u64)
+        .ok_or_else(|| damaged("bad footer".into()))?;
+    if &footer[24..32] != FOOTER_MAGIC
+        || index_offset.checked_add(index_len) != Some(len - FOOTER as u64)
+    {
+        return Err(damaged("bad footer".into()));
+    }
+    let mut index = vec![0u8; index_len as usize];
+    file.read_exact_at(&mut index, index_offset)?;
+    if crc32fast::hash(&index) != le_u32(&footer[16..20]) {
+        return Err(damaged("index checksum mismatch".into()));
+    }
+    let mut magic = [0u8; 8];
+    file.read_exact_at(&mut magic, 0)?;
+    if &magic != FILE_MAGIC {
+        return Err(damaged("bad magic".into()));
+    }
+    Ok((
+        index_offset,
+        index.chunks_exact(ENTRY).map(Entry::decode).collect(),
+    ))
+}
+
+/// Intact runs from the start of a damaged file: (end of the last intact run, their entries).
+fn scan_runs(file: &File, len: u64) -> io::Result<(u64, Vec<Entry>)> {
+    let mut magic = [0u8; 8];
+    if file.read_exact_at(&mut magic, 0).is_err() || &magic != FILE_MAGIC {
+        // Not even the header: nothing to recover, keep an empty valid file.
+        file.set_len(0)?;
+        file.write_all_at(FILE_MAGIC, 0)?;
+        return Ok((FILE_MAGIC.len() as u64, Vec::new()));
+    }
+    let mut offset = FILE_MAGIC.len() as u64;
+    let mut entries = Vec::new();
+    let mut header = [0u8; RUN_HEADER];
+    while offset + RUN_HEADER as u64 <= len {
+        file.read_exact_at(&mut header, offset)?;
+        let run_len = le_u32(&header[24..28]);
+        if run_len > MAX_RUN || offset + (RUN_HEADER as u64) + u64::from(run_len) > len {
+            break;
+        }
+        let mut payload = vec![0u8; run_len as usize];
+        file.read_exact_at(&mut payload, offset + RUN_HEADER as u64)?;
+        if crc32fast::hash(&payload) != le_u32(&header[28..32]) {
+            break;
+        }
+        entries.push(Entry {
+            series: le_u64(&header[0..8]),
+            offset,
+            len: run_len,
+            min_t: le_u64(&header[8..16]) as i64,
+            max_t: le_u64(&header[16..24]) as i64,
+        });
+        offset += RUN_HEADER as u64 + u64::from(run_len);
+    }
+    entries.sort_by_key(|e| e.series);
+    entries.dedup_by_key(|e| e.series);
+    Ok((offset, entries))
+}
+
+/// Payload of a chunk run: `min_t i64 | max_t i64 | count u32 | len u32 | bytes` per chunk.
+pub(super) fn encode_chunks(chunks: &[Chunk]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend_from_slice(&c.min_t.to_le_bytes());
+        out.extend_from_slice(&c.max_t.to_le_bytes());
+        out.extend_from_slice(&c.count.to_le_bytes());
+        out.extend_from_slice(&(c.bytes().len() as u32).to_le_bytes());
+        out.extend_from_slice(c.bytes());
+    }
+    out
+}
+
+pub(super) fn decode_chunks(mut payload: &[u8]) -> io::Result<Vec<Chunk>> {
+    let mut out = Vec::new();
+    while !payload.is_empty() {
+        if payload.len() < 24 {
+            return Err(damaged("chunk header cut short".into()));
+        }
+        let min_t = le_u64(&payload[0..8]) as i64;
+        let max_t = le_u64(&payload[8..16]) as i64;
+        let count = le_u32(&payload[16..20]);
+        let len = le_u32(&payload[20..24]) as usize;
+        let rest = &payload[24..];
+        if rest.len() < len {
+            return Err(damaged("chunk cut short".into()));
+        }
+        out.push(Chunk::from_parts(min_t, max_t, count, rest[..len].to_vec()));
+        payload = &rest[len..];
+    }
+    Ok(out)
+}
+
+/// Payload of a rollup run: five chunks over the bucket starts (min, max, sum, count, last).
+fn encode_rollups(rows: &[RollupRow]) -> Vec<u8> {
+    let column = |f: fn(&RollupRow) -> f64| {
+        Chunk::encode(
+            &rows
+                .iter()
+                .map(|r| Sample { t: r.t, v: f(r) })
+                .collect::<Vec<_>>(),
+        )
+    };
+    encode_chunks(&[
+        column(|r| r.min),
+        column(|r| r.max),
+        column(|r| r.sum),
+        column(|r| r.count),
+        column(|r| r.last),
+    ])
+}
+
+fn decode_rollups(payload: &[u8]) -> io::Result<Vec<RollupRow>> {
+    let columns: Vec<Vec<Sample>> = decode_chunks(payload)?.iter().map(Chunk::decode).collect();
+    let [min, max, sum, count, last] = columns.as_slice() else {
+        return Err(damaged("rollup run without five columns".into()));
+    };
+    Ok((0..min.len())
+        .filter_map(|i| {
+            Some(RollupRow {
+                t: min[i].t,
+                min: min[i].v,
+                max: max.get(i)?.v,
+                sum: sum.get(i)?.v,
+                count: count.get(i)?.v,
+                last: last.get(i)?.v,
+            })
+        })
+        .collect())
+}
+
+/// `meta.json` of a block.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct Meta {
+    /// Blocks are read in this order: per series, a block's samples are later than those of
+    /// every block before it.
+    pub order: u64,
+    pub min_t: TimestampMs,
+    pub max_t: TimestampMs,
+    pub series: u64,
+    pub samples: u64,
+    /// Flushes merged into it (1 for a flushed block).
+    pub sources: u64,
+}
+
+/// A block on disk.
+pub(super) struct Block {
+    pub dir: PathBuf,
+    pub meta: Meta,
+    pub chunks: Option<RunFile>,
+    pub rollups: Vec<(Resolution, RunFile)>,
+}
+
+fn file_name(resolution: Option<Resolution>) -> &'static str {
+    resolution.map_or("chunks", Resolution::name)
+}
+
+impl Block {
+    /// Writes a block from per-series samples (sorted by series; each series' samples sorted
+    /// by time), with both rollups. Written into `<dir>.tmp` and renamed, so a crash leaves
+    /// either the whole block or a `.tmp` directory that opening removes.
+    pub fn write(
+        dir: &Path,
+        order: u64,
+        sources: u64,
+        series: impl Iterator<Item = io::Result<(u64, Vec<Sample>)>>,
+    ) -> io::Result<Option<Block>> {
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        let mut chunks = RunWriter::create(&tmp.join(file_name(None)))?;
+        let mut rollups = Resolution::ALL
+            .iter()
+            .map(|&r| Ok((r, RunWriter::create(&tmp.join(file_name(Some(r))))?)))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut meta = Meta {
+            order,
+            min_t: i64::MAX,
+            max_t: i64::MIN,
+            series: 0,
+            samples: 0,
+            sources,
+        };
+        for item in series {
+            let (id, samples) = item?;
+            let samples = samples.as_slice();
+            let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+                continue;
+            };
+            let encoded: Vec<Chunk> = samples.chunks(CHUNK_SAMPLES).map(Chunk::encode).collect();
+            chunks.add(id, first.t, last.t, &encode_chunks(&encoded))?;
+            for (resolution, writer) in &mut rollups {
+                let rows = rollup(samples, *resolution);
+                if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
+                    writer.add(id, a.t, b.t, &encode_rollups(&rows))?;
+                }
+            }
+            meta.min_t = meta.min_t.min(first.t);
+            meta.max_t = meta.max_t.max(last.t);
+            meta.series += 1;
+            meta.samples += samples.len() as u64;
+        }
+        if chunks.is_empty() {
+            std::fs::remove_dir_all(&tmp)?;
+            return Ok(None);
+        }
+        let chunks = chunks.finish()?;
+        let rollups = rollups
+            .into_iter()
+            .map(|(r, w)| Ok((r, w.finish()?)))
+            .collect::<io::Result<Vec<_>>>()?;
+        let meta_path = tmp.join("meta.json");
+        let mut f = File::create(&meta_path)?;
+        f.write_all(&serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        File::open(&tmp)?.sync_all()?;
+        drop((chunks, rollups));
+        std::fs::rename(&tmp, dir)?;
+        if let Some(parent) = dir.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+        Block::open(dir).map(|(block, _)| Some(block))
+    }
+
+    /// Opens a block directory: (block, damaged bytes recovered from its files).
+    pub fn open(dir: &Path) -> io::Result<(Block, u64)> {
+        let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json"))?)
+            .map_err(|e| damaged(format!("{}: meta.json: {e}", dir.display())))?;
+        let mut damaged_bytes = 0;
+        let mut open = |name: &str| -> io::Result<Option<RunFile>> {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Ok(None);
+            }
+            let opened = RunFile::open(&path)?;
+            if opened.damaged_bytes > 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    bytes_cut = opened.damaged_bytes,
+                    "block file damaged: kept its intact runs and rebuilt its index"
+                );
+            }
+            damaged_bytes += opened.damaged_bytes;
+            Ok(Some(opened.file))
+        };
+        let chunks = open(file_name(None))?;
+        let mut rollups = Vec::new();
+        for r in Resolution::ALL {
+            if let Some(f) = open(file_name(Some(r)))? {
+                rollups.push((r, f));
+            }
+        }
+        Ok((
+            Block {
+                dir: dir.to_owned(),
+                meta,
+                chunks,
+                rollups,
+            },
+            damaged_bytes,
+        ))
+    }
+
+    pub fn rollup_file(&self, resolution: Resolution) -> Option<&RunFile> {
+        self.rollups
+            .iter()
+            .find(|(r, _)| *r == resolution)
+            .map(|(_, f)| f)
+    }
+
+    /// Bytes on disk.
+    pub fn size(&self) -> u64 {
+        self.chunks.iter().map(RunFile::size).sum::<u64>()
+            + self.rollups.iter().map(|(_, f)| f.size()).sum::<u64>()
+    }
+
+    /// Deletes the raw chunks (`None`) or a rollup file from disk.
+    pub fn drop_file(&mut self, resolution: Option<Resolution>) -> io::Result<()> {
+        let path = self.dir.join(file_name(resolution));
+        match resolution {
+            None => self.chunks = None,
+            Some(r) => self.rollups.retain(|(x, _)| *x != r),
+        }
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_none() && self.rollups.is_empty()
+    }
+
+    /// Samples in `[start, end]` of the given series (sorted ascending), appended per series
+    /// to `out`. A damaged run is logged and skipped; the rest is still answered.
+    pub fn read_samples(
+        &self,
+        ids: &[u64],
+        start: TimestampMs,
+        end: TimestampMs,
+        out: &mut BTreeMap<u64, Vec<Sample>>,
+    ) -> io::Result<()> {
+        let Some(file) = &self.chunks else {
+            return Ok(());
+        };
+        if self.meta.max_t < start || self.meta.min_t > end {
+            return Ok(());
+        }
+        for entry in file.lookup(ids)? {
+            if entry.max_t < start || entry.min_t > end {
+                continue;
+            }
+            let chunks = match file.read(&entry).and_then(|p| decode_chunks(&p)) {
+                Ok(chunks) => chunks,
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping a damaged run");
+                    continue;
+                }
+            };
+            let samples = out.entry(entry.series).or_default();
+            for chunk in chunks.iter().filter(|c| c.max_t >= start && c.min_t <= end) {
+                samples.extend(
+                    chunk
+                        .decode()
+                        .into_iter()
+                        .filter(|s| s.t >= start && s.t <= end),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Rollup rows with bucket starts in `[start, end]`, merged into `out` per series. Reads
+    /// the block's rollup file, or aggregates its raw chunks if the rollup is gone.
+    pub fn read_rollups(
+        &self,
+        ids: &[u64],
+        resolution: Resolution,
+        start: TimestampMs,
+        end: TimestampMs,
+        out: &mut BTreeMap<u64, Vec<RollupRow>>,
+    ) -> io::Result<()> {
+        if self.meta.max_t < start || self.meta.min_t > end.saturating_add(resolution.ms()) {
+            return Ok(());
+        }
+        let Some(file) = self.rollup_file(resolution) else {
+            let mut raw = BTreeMap::new();
+            self.read_samples(
+                ids,
+                start,
+                end.saturating_add(resolution.ms() - 1),
+                &mut raw,
+            )?;
+            for (id, samples) in raw {
+                let rows: Vec<RollupRow> = rollup(&samples, resolution)
+                    .into_iter()
+                    .filter(|r| r.t >= start && r.t <= end)
+                    .collect();
+                merge_into(out, id, &rows);
+            }
+            return Ok(());
+        };
+        for entry in file.lookup(ids)? {
+            if entry.max_t < start || entry.min_t > end {
+                continue;
+            }
+            match file.read(&entry).and_then(|p| decode_rollups(&p)) {
+                Ok(rows) => {
+                    let rows: Vec<RollupRow> = rows
+                        .into_iter()
+                        .filter(|r| r.t >= start && r.t <= end)
+                        .collect();
+                    merge_into(out, entry.series, &rows);
+                }
+                Err(e) => tracing::error!(error = %e, "skipping a damaged rollup run"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Which of `ids` (sorted) have raw samples overlapping `[start, end]`, by the index.
+    pub fn series_in_range(
+        &self,
+        ids: &[u64],
+        start: TimestampMs,
+        end: TimestampMs,
+    ) -> io::Result<Vec<u64>> {
+        let Some(file) = &self.chunks else {
+            return Ok(Vec::new());
+        };
+        if self.meta.max_t < start || self.meta.min_t > end {
+            return Ok(Vec::new());
+        }
+        Ok(file
+            .lookup(ids)?
+            .into_iter()
+            .filter(|e| e.max_t >= start && e.min_t <= end)
+            .map(|e| e.series)
+            .collect())
+    }
+
+    /// Every sample of the block per series.
+    #[cfg(test)]
+    pub fn all_samples(&self) -> io::Result<BTreeMap<u64, Vec<Sample>>> {
+        let mut out = BTreeMap::new();
+        if let Some(file) = &self.chunks {
+            let ids: Vec<u64> = file.all_entries()?.iter().map(|e| e.series).collect();
+            self.read_samples(&ids, i64::MIN, i64::MAX, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// The latest raw sample time per series, for replay (samples up to it are on disk).
+    pub fn max_times(&self) -> io::Result<Vec<(u64, TimestampMs)>> {
+        Ok(match &self.chunks {
+            Some(file) => file
+                .all_entries()?
+                .iter()
+                .map(|e| (e.series, e.max_t))
+                .collect(),
+            None => Vec::new(),
+        })
+    }
+}
+
+/// Merges blocks (consecutive in read order, all with raw chunks) into one block at `dir`,
+/// one series at a time: chunks are re-cut to full size and rollups recomputed.
+pub(super) fn compact(dir: &Path, blocks: &[&Block]) -> io::Result<Option<Block>> {
+    let mut indexes = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let file = block
+            .chunks
+            .as_ref()
+            .ok_or_else(|| io::Error::other("cannot compact a block without raw chunks"))?;
+        indexes.push((file, file.all_entries()?));
+    }
+    let ids: std::collections::BTreeSet<u64> = indexes
+        .iter()
+        .flat_map(|(_, entries)| entries.iter().map(|e| e.series))
+        .collect();
+    let order = blocks.iter().map(|b| b.meta.order).min().unwrap_or(0);
+    let sources = blocks.iter().map(|b| b.meta.sources).sum();
+    let series = ids.into_iter().map(|id| {
+        let mut samples: Vec<Sample> = Vec::new();
+        for (file, entries) in &indexes {
+            if let Ok(i) = entries.binary_search_by_key(&id, |e| e.series) {
+                match file.read(&entries[i]).and_then(|p| decode_chunks(&p)) {
+                    Ok(chunks) => {
+                        for chunk in chunks {
+                            samples.extend(chunk.decode());
+                        }
+                    }
+                    // Compaction must not spread damage or lose the rest: stop here, the
+                    // sources stay as they are.
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if !samples.windows(2).all(|w| w[0].t < w[1].t) {
+            samples.sort_by_key(|s| s.t);
+            samples.dedup_by_key(|s| s.t);
+        }
+        Ok((id, samples))
+    });
+    Block::write(dir, order, sources, series)
+}
+
+fn merge_into(out: &mut BTreeMap<u64, Vec<RollupRow>>, id: u64, rows: &[RollupRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    let entry = out.entry(id).or_default();
+    *entry = merge_rollups(std::mem::take(entry), rows);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(from: i64, n: i64, step: i64) -> Vec<Sample> {
+        (0..n)
+            .map(|i| Sample {
+                t: from + i * step,
+                v: (i * 3 % 7) as f64,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocks_round_trip_samples_and_rollups() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = samples(0, 1000, 15_000);
+        let b = samples(7_000, 10, 60_000);
+        let block = Block::write(
+            &dir.path().join("1"),
+            1,
+            1,
+            [Ok((3u64, a.clone())), Ok((9u64, b.clone()))].into_iter(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(block.meta.samples, 1010);
+        let mut out = BTreeMap::new();
+        block
+            .read_samples(&[1, 3, 9], 0, i64::MAX, &mut out)
+            .unwrap();
+        assert_eq!(out[&3], a);
+        assert_eq!(out[&9], b);
+        assert!(!out.contains_key(&1));
+        let mut part = BTreeMap::new();
+        block.read_samples(&[3], 30_000, 60_000, &mut part).unwrap();
+        assert_eq!(part[&3], a[2..=4].to_vec());
+        for r in Resolution::ALL {
+            let mut rows = BTreeMap::new();
+            block.read_rollups(&[3], r, 0, i64::MAX, &mut rows).unwrap();
+            assert_eq!(rows[&3], rollup(&a, r));
+        }
+        // Reopen: the same answers from disk.
+        let (again, damage) = Block::open(&dir.path().join("1")).unwrap();
+        assert_eq!(damage, 0);
+        assert_eq!(again.all_samples().unwrap()[&3], a);
+        assert_eq!(again.max_times().unwrap(), [(3, a[999].t), (9, b[9].t)]);
+    }
+
+    #[test]
+    fn a_damaged_run_file_keeps_its_intact_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs");
+        let mut w = RunWriter::create(&path).unwrap();
+        for id in 0..200u64 {
+            w.add(id, 0, 1, &[id as u8; 50]).unwrap();
+        }
+        w.finish().unwrap();
+        // Cut into the 150th run: the index and footer are gone, runs 0..149 intact.
+        let cut = (FILE_MAGIC.len() + 150 * (RUN_HEADER + 50) + 10) as u64;
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let opened = RunFile::open(&path).unwrap();
+        assert_eq!(opened.damaged_bytes, 10);
+        let ids: Vec<u64> = (0..200).collect();
+        let found = opened.file.lookup(&ids).unwrap();
+        assert_eq!(found.len(), 150);
+        assert_eq!(opened.file.read(&found[149]).unwrap(), vec![149u8; 50]);
+        // The rebuilt file opens cleanly.
+        assert_eq!(RunFile::open(&path).unwrap().damaged_bytes, 0);
+        // A flipped byte inside a run is caught on read.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xFF], found[7].offset + RUN_HEADER as u64 + 3)
+            .unwrap();
+        let reopened = RunFile::open(&path).unwrap().file;
+        assert!(reopened.read(&found[7]).is_err());
+        assert!(reopened.read(&found[8]).is_ok());
+    }
+
+    #[test]
+    fn rollup_rows_merge_like_one_aggregate() {
+        let all = vec![
+            Sample { t: 0, v: f64::NAN },
+            Sample { t: 10, v: 4.0 },
+            Sample { t: 20, v: 2.0 },
+            Sample { t: 30, v: 5.0 },
+        ];
+        let whole = rollup(&all, Resolution::FiveMinutes);
+        let merged = merge_rollups(
+            rollup(&all[..2], Resolution::FiveMinutes),
+            &rollup(&all[2..], Resolution::FiveMinutes),
+        );
+        assert_eq!(format!("{whole:?}"), format!("{merged:?}"));
+        assert_eq!(merged[0].min, 2.0);
+        assert_eq!(merged[0].max, 5.0);
+        assert_eq!(merged[0].count, 4.0);
+        assert_eq!(merged[0].last, 5.0);
+        assert!(merged[0].sum.is_nan());
+    }
+}
