@@ -108,19 +108,14 @@ async fn maintenance_loop(
         if let Err(e) = state.storage.run_maintenance().await {
             tracing::error!(error = %e, "storage maintenance failed; retrying at the next run");
         }
-        state
-            .metrics
-            .damaged_bytes_recovered
-            .set(i64::try_from(state.storage.damaged_bytes_recovered()).unwrap_or(i64::MAX));
+        state.metrics.observe_storage(state.storage.as_ref());
     }
 }
 
 /// Binds the HTTP listener and serves in a background task.
 pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
-    metrics
-        .damaged_bytes_recovered
-        .set(i64::try_from(storage.damaged_bytes_recovered()).unwrap_or(i64::MAX));
+    metrics.observe_storage(storage.as_ref());
     let state = Arc::new(AppState {
         engine: Engine::new(storage.clone(), config.query.clone()),
         ingester: Ingester::new(storage.clone(), metrics.clone()),

@@ -37,6 +37,15 @@ pub struct Metrics {
     pub http_requests: Family<RequestLabels, Counter>,
     pub query_duration: Family<QueryLabels, Histogram>,
     pub damaged_bytes_recovered: prometheus_client::metrics::gauge::Gauge,
+    pub storage_series: prometheus_client::metrics::gauge::Gauge,
+    pub storage_blocks: prometheus_client::metrics::gauge::Gauge,
+    pub storage_block_samples: prometheus_client::metrics::gauge::Gauge,
+    pub storage_disk_bytes: Family<DiskLabels, prometheus_client::metrics::gauge::Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiskLabels {
+    pub kind: &'static str,
 }
 
 /// Query latency buckets, 1 ms to ~1 min.
@@ -76,16 +85,61 @@ impl Metrics {
         let damaged_bytes_recovered = prometheus_client::metrics::gauge::Gauge::default();
         registry.register(
             "storage_damaged_bytes_recovered",
-            "Bytes of damaged data (a torn write-ahead log tail) cut off when storage opened",
+            "Bytes of damaged data found in storage (a torn write-ahead log tail, damaged block files); the intact rest was recovered",
             damaged_bytes_recovered.clone(),
+        );
+        let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default;
+        let (storage_series, storage_blocks, storage_block_samples) = (gauge(), gauge(), gauge());
+        registry.register(
+            "storage_series_in_memory",
+            "Series the storage holds in memory",
+            storage_series.clone(),
+        );
+        registry.register(
+            "storage_blocks",
+            "On-disk blocks of the embedded engine",
+            storage_blocks.clone(),
+        );
+        registry.register(
+            "storage_block_samples",
+            "Raw samples in on-disk blocks of the embedded engine",
+            storage_block_samples.clone(),
+        );
+        let storage_disk_bytes =
+            Family::<DiskLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "storage_disk_bytes",
+            "Bytes on disk by kind (blocks, wal) of the embedded engine",
+            storage_disk_bytes.clone(),
         );
         Metrics {
             registry,
             damaged_bytes_recovered,
+            storage_series,
+            storage_blocks,
+            storage_block_samples,
+            storage_disk_bytes,
             samples_ingested,
             samples_rejected,
             http_requests,
             query_duration,
+        }
+    }
+
+    /// Publishes a storage's sizes and damage count.
+    pub fn observe_storage(&self, storage: &dyn crate::storage::Storage) {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.damaged_bytes_recovered
+            .set(clamp(storage.damaged_bytes_recovered()));
+        if let Some(stats) = storage.stats() {
+            self.storage_series.set(clamp(stats.series_in_memory));
+            self.storage_blocks.set(clamp(stats.blocks));
+            self.storage_block_samples.set(clamp(stats.block_samples));
+            for (kind, bytes) in [("blocks", stats.block_bytes), ("wal", stats.wal_bytes)] {
+                self.storage_disk_bytes
+                    .get_or_create(&DiskLabels { kind })
+                    .set(clamp(bytes));
+            }
         }
     }
 

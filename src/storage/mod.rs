@@ -227,6 +227,19 @@ pub fn merge_rollups(earlier: Vec<RollupRow>, later: &[RollupRow]) -> Vec<Rollup
     out
 }
 
+/// Sizes of what a backend holds.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StorageStats {
+    /// Series held in memory.
+    pub series_in_memory: u64,
+    /// On-disk blocks and the raw samples in them.
+    pub blocks: u64,
+    pub block_samples: u64,
+    /// Bytes of blocks (raw chunks and rollups) and of the write-ahead log.
+    pub block_bytes: u64,
+    pub wal_bytes: u64,
+}
+
 /// How long data is kept, the same for every backend (`[retention]` in the config file).
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -407,6 +420,11 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Succeeds when the backend answers; `/ready` is this.
     async fn ping(&self) -> StorageResult<()>;
+
+    /// Sizes of what the backend holds, for `/metrics` (`None` when it does not know).
+    fn stats(&self) -> Option<StorageStats> {
+        None
+    }
 
     /// How often the server calls [`Storage::run_maintenance`]; `None` for never.
     fn maintenance_interval(&self) -> Option<std::time::Duration> {

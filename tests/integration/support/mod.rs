@@ -310,7 +310,7 @@ pub async fn post_form(
     (status, json)
 }
 
-fn find_binary(name: &str, install: &str) -> PathBuf {
+pub fn find_binary(name: &str, install: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
@@ -323,6 +323,8 @@ fn find_binary(name: &str, install: &str) -> PathBuf {
 pub struct Prometheus {
     pub port: u16,
     pub base: String,
+    /// Its TSDB directory (`--storage.tsdb.path`).
+    pub data_dir: PathBuf,
     _process: Managed,
 }
 
@@ -344,10 +346,12 @@ impl Prometheus {
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--web.enable-remote-write-receiver")
             .arg("--log.level=warn");
+        let data_dir = dir.join("data");
         let process = Managed::spawn("prometheus", cmd, Some(dir));
         let prometheus = Prometheus {
             port,
             base: format!("http://127.0.0.1:{port}"),
+            data_dir,
             _process: process,
         };
         prometheus.wait_ready();

@@ -1,0 +1,296 @@
+//! What the load benchmarks share: the options, the label sets, request encoding, the
+//! remote-write sender and the process measurements (CPU seconds, peak RSS, listener pids).
+
+#![allow(dead_code)]
+
+use prost::Message;
+use secumon_proto::prometheus::{Label, Sample, TimeSeries, WriteRequest};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Options {
+    pub series: usize,
+    pub series_per_request: usize,
+    pub samples_per_series: usize,
+    pub rounds: usize,
+    pub connections: usize,
+}
+
+impl Options {
+    /// `defaults` overridden by `--series N --series-per-request N --samples-per-series N
+    /// --rounds N --connections N`.
+    pub fn from_args(defaults: Options) -> Options {
+        let mut o = defaults;
+        let args: Vec<String> = std::env::args().collect();
+        let mut i = 1;
+        while i < args.len() {
+            let value = || args.get(i + 1).and_then(|v| v.parse().ok());
+            match args[i].as_str() {
+                "--series" => o.series = value().expect("--series N"),
+                "--series-per-request" => {
+                    o.series_per_request = value().expect("--series-per-request N")
+                }
+                "--samples-per-series" => {
+                    o.samples_per_series = value().expect("--samples-per-series N")
+                }
+                "--rounds" => o.rounds = value().expect("--rounds N"),
+                "--connections" => o.connections = value().expect("--connections N"),
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            }
+            i += 2;
+        }
+        o
+    }
+
+    pub fn total_samples(&self) -> usize {
+        self.series * self.samples_per_series * self.rounds
+    }
+}
+
+/// Label sets shaped like a node/HTTP fleet: 8 labels, metric names with a few hundred
+/// values, instances, and high-cardinality paths.
+pub fn labels_of(i: usize) -> Vec<Label> {
+    let l = |name: &str, value: String| Label {
+        name: name.into(),
+        value,
+    };
+    vec![
+        l(
+            "__name__",
+            format!("http_server_requests_seconds_bucket_{}", i % 200),
+        ),
+        l("cluster", format!("eu-west-{}", i % 3)),
+        l("env", "production".into()),
+        l(
+            "instance",
+            format!("10.0.{}.{}:9100", (i / 250) % 256, i % 250),
+        ),
+        l("job", format!("service-{}", i % 20)),
+        l("method", ["GET", "POST", "PUT", "DELETE"][i % 4].into()),
+        l("path", format!("/api/v1/resource/{}", i % 500)),
+        l("status", ["200", "201", "404", "500"][(i / 4) % 4].into()),
+    ]
+}
+
+/// Every request body of the run, in send order, snappy-compressed. Each round writes every
+/// series once; timestamps only grow per series, so Prometheus accepts all of them.
+/// `value(series, n)` is the n-th sample's value of a series.
+pub fn encode_requests(
+    o: &Options,
+    t0: i64,
+    interval_ms: i64,
+    value: impl Fn(usize, usize) -> f64,
+) -> Vec<Vec<u8>> {
+    let labels: Vec<Vec<Label>> = (0..o.series).map(labels_of).collect();
+    let mut bodies = Vec::new();
+    for round in 0..o.rounds {
+        let first = round * o.samples_per_series;
+        for chunk in (0..o.series)
+            .collect::<Vec<_>>()
+            .chunks(o.series_per_request)
+        {
+            let timeseries = chunk
+                .iter()
+                .map(|&i| TimeSeries {
+                    labels: labels[i].clone(),
+                    samples: (0..o.samples_per_series)
+                        .map(|k| Sample {
+                            value: value(i, first + k),
+                            timestamp: t0 + (first + k) as i64 * interval_ms,
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect();
+            let request = WriteRequest {
+                timeseries,
+                metadata: vec![],
+            };
+            bodies.push(
+                snap::raw::Encoder::new()
+                    .compress_vec(&request.encode_to_vec())
+                    .unwrap(),
+            );
+        }
+    }
+    bodies
+}
+
+/// CPU seconds (user + system) of a process and of its reaped children.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // After the command: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+    let ticks: f64 = [11, 12, 13, 14]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / clock_ticks()
+}
+
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// CPU seconds of a process tree: the process, its live descendants, and reaped children.
+pub fn tree_cpu_seconds(root: u32) -> f64 {
+    let mut total = cpu_seconds(root);
+    for pid in descendants(root) {
+        total += cpu_seconds(pid);
+    }
+    total
+}
+
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut parents = std::collections::HashMap::<u32, Vec<u32>>::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+                parents.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for &child in parents.get(&pid).map(Vec::as_slice).unwrap_or(&[]) {
+            out.push(child);
+            stack.push(child);
+        }
+    }
+    out
+}
+
+/// Peak resident set (VmHWM) in MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub struct Outcome {
+    pub seconds: f64,
+    pub accepted: usize,
+    pub refused_requests: usize,
+}
+
+pub fn push(url: &str, bodies: Arc<Vec<Vec<u8>>>, o: &Options) -> Outcome {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let samples_per_request = o.series_per_request * o.samples_per_series;
+    let connections = o.connections;
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        let blocks = o.series.div_ceil(o.series_per_request);
+        for worker in 0..o.connections {
+            let (client, bodies, accepted, refused, url) = (
+                client.clone(),
+                bodies.clone(),
+                accepted.clone(),
+                refused.clone(),
+                url.to_owned(),
+            );
+            workers.push(tokio::spawn(async move {
+                // Each worker owns whole blocks of series and sends their rounds in order, so
+                // no series ever sees an older sample after a newer one (Prometheus would
+                // refuse it as out of order).
+                let mine = (0..bodies.len()).filter(|i| (i % blocks) % connections == worker);
+                for i in mine {
+                    let body = &bodies[i];
+                    let response = client
+                        .post(&url)
+                        .header("Content-Type", "application/x-protobuf")
+                        .header("Content-Encoding", "snappy")
+                        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    match response {
+                        Ok(r) if r.status().is_success() => {
+                            accepted.fetch_add(samples_per_request, Ordering::SeqCst);
+                        }
+                        Ok(r) => {
+                            let status = r.status();
+                            let text = r.text().await.unwrap_or_default();
+                            if refused.fetch_add(1, Ordering::SeqCst) < 3 {
+                                eprintln!("refused ({status}): {}", text.trim());
+                            }
+                        }
+                        Err(e) => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            eprintln!("request failed: {e}");
+                        }
+                    }
+                }
+            }));
+        }
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        Outcome {
+            seconds: started.elapsed().as_secs_f64(),
+            accepted: accepted.load(Ordering::SeqCst),
+            refused_requests: refused.load(Ordering::SeqCst),
+        }
+    })
+}
+
+/// The pid of the process listening on a loopback port (from /proc/net/tcp and fd links).
+pub fn listener_pid(port: u16) -> u32 {
+    let hex_port = format!(":{port:04X}");
+    let inode = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(1).is_some_and(|a| a.ends_with(&hex_port)) && f.get(3) == Some(&"0A"))
+                .then(|| f[9].to_owned())
+        })
+        .expect("listening socket");
+    let target = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target) {
+                return pid;
+            }
+        }
+    }
+    panic!("no process listens on port {port}")
+}

@@ -1,0 +1,380 @@
+//! The embedded engine beside Prometheus 2.42 and VictoriaMetrics 1.79, one after the other in
+//! one run, on the same data: 100,000 active series with realistic labels and values
+//! (counters, slow bucket-like counters, gauges with two decimals), 24 M samples over 4 hours,
+//! pushed through remote-write by the same sender. For each server:
+//!
+//! - ingest: samples/s and server CPU-seconds per million samples;
+//! - disk: bytes per sample once each has flushed and compacted (its compressed, persisted
+//!   part, and its whole data directory over all samples);
+//! - memory: peak RSS per active series;
+//! - query latency (median of warm runs) on the loaded data: a selector, `rate` summed by a
+//!   label, a regex matcher (each a range query over the last hour at 1 min steps), and the
+//!   summed rate over all 4 hours (which reads flushed data).
+//!
+//! `cargo bench --bench storage_peers [-- --series N --rounds N --connections N]`
+//! (`apt-get install prometheus victoria-metrics` first).
+
+mod common;
+#[path = "../tests/integration/support/mod.rs"]
+mod support;
+
+use common::{cpu_seconds, listener_pid, peak_rss_mib, push, Options};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::process::{free_port, spawn_secumon, temp_dir, wait_for_port, Managed};
+
+/// One sample a minute per series.
+const INTERVAL_MS: i64 = 60_000;
+const QUERY_RUNS: usize = 9;
+
+/// A deterministic hash of (series, n) for jitter.
+fn mix(i: usize, n: usize) -> u64 {
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (n as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 29)
+}
+
+/// The n-th value of series i: half busy counters (integer increments), a quarter slow
+/// counters (like histogram buckets that rarely move), a quarter gauges with two decimals.
+fn value(i: usize, n: usize) -> f64 {
+    match i % 4 {
+        0 | 1 => {
+            let rate = 1 + (i as u64 * 7) % 50;
+            let jitter = mix(i, n) % rate;
+            ((i as u64 % 1000) * 1000 + n as u64 * rate + jitter) as f64
+        }
+        2 => ((n as u64 + mix(i, n) % 3) / 3) as f64,
+        _ => {
+            let wave = 50.0 + 30.0 * ((n as f64) / 17.0 + i as f64).sin();
+            ((wave + (mix(i, n) % 100) as f64 / 100.0) * 100.0).round() / 100.0
+        }
+    }
+}
+
+struct Measured {
+    name: &'static str,
+    rate: f64,
+    cpu_per_million: f64,
+    persisted_bytes_per_sample: f64,
+    dir_bytes_per_sample: f64,
+    rss_mib: f64,
+    queries_ms: Vec<f64>,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+fn get(url: &str) -> String {
+    let output = Command::new("curl")
+        .args(["-sf", "--max-time", "600", url])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A gauge's value from a `/metrics` page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until `read` gives the same positive value twice `every` apart.
+fn wait_stable(what: &str, every: Duration, limit: Duration, read: impl Fn() -> f64) -> f64 {
+    let deadline = Instant::now() + limit;
+    let mut last = read();
+    loop {
+        std::thread::sleep(every);
+        let now = read();
+        if now > 0.0 && now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what} did not settle");
+        last = now;
+    }
+}
+
+/// Median wall time in ms of a range query, after one warm-up; and the series it returned.
+fn time_query(base: &str, query: &str, start: i64, end: i64) -> (f64, usize) {
+    let url = format!(
+        "{base}/api/v1/query_range?query={}&start={}&end={}&step=60",
+        form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>(),
+        start / 1000,
+        end / 1000
+    );
+    let body = get(&url);
+    let series = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["data"]["result"].as_array().map(Vec::len))
+        .unwrap_or(0);
+    let mut times: Vec<f64> = (0..QUERY_RUNS)
+        .map(|_| {
+            let started = Instant::now();
+            get(&url);
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[QUERY_RUNS / 2], series)
+}
+
+fn queries(end: i64) -> Vec<(&'static str, String, i64)> {
+    let hour = 3_600_000;
+    vec![
+        (
+            "selector",
+            "http_server_requests_seconds_bucket_7".into(),
+            end - hour,
+        ),
+        (
+            "sum by (job) (rate)",
+            "sum by (job) (rate(http_server_requests_seconds_bucket_7[5m]))".into(),
+            end - hour,
+        ),
+        (
+            "regex matcher",
+            "http_server_requests_seconds_bucket_7{path=~\"/api/v1/resource/1.*\"}".into(),
+            end - hour,
+        ),
+        (
+            "sum by (job) (rate), 4 h",
+            "sum by (job) (rate(http_server_requests_seconds_bucket_7[5m]))".into(),
+            end - 4 * hour,
+        ),
+    ]
+}
+
+fn run_queries(name: &str, base: &str, end: i64) -> Vec<f64> {
+    queries(end)
+        .into_iter()
+        .map(|(label, q, start)| {
+            let (ms, series) = time_query(base, &q, start, end);
+            eprintln!("{name}: {label}: {ms:.1} ms, {series} series");
+            assert!(series > 0, "{name} answered {label} with nothing");
+            ms
+        })
+        .collect()
+}
+
+fn main() {
+    let o = Options::from_args(Options {
+        series: 100_000,
+        series_per_request: 1_000,
+        samples_per_series: 2,
+        rounds: 120,
+        connections: 4,
+    });
+    let total = o.total_samples();
+    let points = (o.rounds * o.samples_per_series) as i64;
+    let t0 = chrono::Utc::now().timestamp_millis() - points * INTERVAL_MS - 120_000;
+    let end = t0 + (points - 1) * INTERVAL_MS;
+    eprintln!("encoding {total} samples of {} series", o.series);
+    let bodies = Arc::new(common::encode_requests(&o, t0, INTERVAL_MS, value));
+    let url_of = |port: u16| format!("http://127.0.0.1:{port}");
+    let mut results = Vec::new();
+
+    // SecuMon, embedded engine, default settings but a short maintenance interval so the
+    // flush happens during the run (the default is every 5 minutes).
+    {
+        let dir = temp_dir("secumon-peers");
+        let port = free_port();
+        let server = spawn_secumon(
+            &dir.join("data").display().to_string(),
+            port,
+            &["--embedded-flush-interval-secs", "10"],
+        );
+        let base = url_of(port);
+        let cpu_before = cpu_seconds(server.pid());
+        let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
+        let cpu = cpu_seconds(server.pid()) - cpu_before;
+        let block_samples = wait_stable(
+            "SecuMon's flush",
+            Duration::from_secs(12),
+            Duration::from_secs(600),
+            || {
+                metric(
+                    &get(&format!("{base}/metrics")),
+                    "secumon_storage_block_samples",
+                )
+            },
+        );
+        let page = get(&format!("{base}/metrics"));
+        let block_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"blocks\"}");
+        let queries_ms = run_queries("SecuMon", &base, end);
+        results.push(Measured {
+            name: "SecuMon embedded",
+            rate: outcome.accepted as f64 / outcome.seconds,
+            cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
+            persisted_bytes_per_sample: block_bytes / block_samples,
+            dir_bytes_per_sample: dir_bytes(&dir.join("data")) as f64 / outcome.accepted as f64,
+            rss_mib: peak_rss_mib(server.pid()),
+            queries_ms,
+        });
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    // Prometheus 2.42: its head compacts the oldest 2 h into a block once it spans 3 h.
+    {
+        let prometheus = support::Prometheus::start(|_| "global:\n  scrape_interval: 1h\n".into());
+        let pid = listener_pid(prometheus.port);
+        let cpu_before = cpu_seconds(pid);
+        let outcome = push(&prometheus.url("/api/v1/write"), bodies.clone(), &o);
+        let cpu = cpu_seconds(pid) - cpu_before;
+        let data = prometheus.data_dir.clone();
+        let (block_bytes, block_samples) = {
+            let blocks = || -> (u64, u64) {
+                let mut bytes = 0;
+                let mut samples = 0;
+                for entry in std::fs::read_dir(&data).into_iter().flatten().flatten() {
+                    let meta = entry.path().join("meta.json");
+                    let Ok(text) = std::fs::read_to_string(&meta) else {
+                        continue;
+                    };
+                    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                    samples += v["stats"]["numSamples"].as_u64().unwrap_or(0);
+                    bytes += dir_bytes(&entry.path());
+                }
+                (bytes, samples)
+            };
+            wait_stable(
+                "Prometheus's head compaction",
+                Duration::from_secs(15),
+                Duration::from_secs(900),
+                || blocks().1 as f64,
+            );
+            blocks()
+        };
+        let queries_ms = run_queries("Prometheus", &prometheus.base, end);
+        results.push(Measured {
+            name: "Prometheus 2.42",
+            rate: outcome.accepted as f64 / outcome.seconds,
+            cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
+            persisted_bytes_per_sample: block_bytes as f64 / block_samples as f64,
+            dir_bytes_per_sample: dir_bytes(&data) as f64 / outcome.accepted as f64,
+            rss_mib: peak_rss_mib(pid),
+            queries_ms,
+        });
+    }
+
+    // VictoriaMetrics 1.79: everything goes to compressed parts; force the flush and merge.
+    // Its rollup result cache is off so that repeated queries are computed, as for the others.
+    {
+        let binary =
+            support::find_binary("victoria-metrics", "apt-get install -y victoria-metrics");
+        let dir = temp_dir("secumon-vm");
+        let data: PathBuf = dir.join("data");
+        let port = free_port();
+        let mut cmd = Command::new(binary);
+        cmd.arg(format!("-storageDataPath={}", data.display()))
+            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+            .arg("-retentionPeriod=1y")
+            .arg("-search.latencyOffset=0s")
+            .arg("-search.disableCache")
+            .arg("-loggerLevel=ERROR");
+        let server = Managed::spawn("victoria-metrics", cmd, Some(dir));
+        wait_for_port(port, Duration::from_secs(60), "victoria-metrics");
+        let base = url_of(port);
+        let pid = server.pid();
+        let cpu_before = cpu_seconds(pid);
+        let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
+        get(&format!("{base}/internal/force_flush"));
+        let cpu = cpu_seconds(pid) - cpu_before;
+        let month = chrono::Utc::now().format("%Y_%m").to_string();
+        get(&format!(
+            "{base}/internal/force_merge?partition_prefix={month}"
+        ));
+        let bytes = wait_stable(
+            "VictoriaMetrics's merge",
+            Duration::from_secs(10),
+            Duration::from_secs(600),
+            || dir_bytes(&data) as f64,
+        );
+        let queries_ms = run_queries("VictoriaMetrics", &base, end);
+        results.push(Measured {
+            name: "VictoriaMetrics 1.79",
+            rate: outcome.accepted as f64 / outcome.seconds,
+            cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
+            persisted_bytes_per_sample: bytes / outcome.accepted as f64,
+            dir_bytes_per_sample: bytes / outcome.accepted as f64,
+            rss_mib: peak_rss_mib(pid),
+            queries_ms,
+        });
+    }
+
+    println!(
+        "\n{} series, {} samples ({} per series, one a minute), {} series x {} samples per request, {} connections\n",
+        o.series,
+        total,
+        points,
+        o.series_per_request,
+        o.samples_per_series,
+        o.connections
+    );
+    let names: Vec<&str> = queries(end).iter().map(|q| q.0).collect();
+    println!(
+        "| server | samples/s | CPU-s per 1M samples | bytes/sample persisted | bytes/sample whole dir | peak RSS MiB | RSS KiB per series | {} |",
+        names.iter().map(|n| format!("{n} ms")).collect::<Vec<_>>().join(" | ")
+    );
+    println!(
+        "|---|---|---|---|---|---|---|{}",
+        "---|".repeat(names.len())
+    );
+    for r in &results {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {} |",
+            r.name,
+            r.rate,
+            r.cpu_per_million,
+            r.persisted_bytes_per_sample,
+            r.dir_bytes_per_sample,
+            r.rss_mib,
+            r.rss_mib * 1024.0 / o.series as f64,
+            r.queries_ms
+                .iter()
+                .map(|ms| format!("{ms:.1}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    let (s, p, v) = (&results[0], &results[1], &results[2]);
+    println!("\nratios (SecuMon / peer; below 1 is better for SecuMon):");
+    println!(
+        "- CPU per sample: vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
+        s.cpu_per_million / p.cpu_per_million,
+        s.cpu_per_million / v.cpu_per_million
+    );
+    println!(
+        "- persisted bytes per sample: vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
+        s.persisted_bytes_per_sample / p.persisted_bytes_per_sample,
+        s.persisted_bytes_per_sample / v.persisted_bytes_per_sample
+    );
+    println!(
+        "- peak RSS: vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
+        s.rss_mib / p.rss_mib,
+        s.rss_mib / v.rss_mib
+    );
+    for (i, name) in names.iter().enumerate() {
+        println!(
+            "- {name} latency: vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
+            s.queries_ms[i] / p.queries_ms[i],
+            s.queries_ms[i] / v.queries_ms[i]
+        );
+    }
+}
