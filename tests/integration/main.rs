@@ -4,6 +4,7 @@
 mod support;
 
 mod api;
+mod conformance;
 mod crash;
 mod e2e_prometheus;
 mod otlp;
