@@ -403,7 +403,7 @@ async fn metadata_and_exemplars_are_kept() {
             .await
             .unwrap();
         let got = s.storage.metadata(&tenant, None, 0).await.unwrap();
-        assert_eq!(got, [meta.clone()], "{}", s.name);
+        assert_eq!(got, std::slice::from_ref(&meta), "{}", s.name);
         assert!(s
             .storage
             .metadata(&tenant, Some("other"), 0)
