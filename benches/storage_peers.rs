@@ -215,7 +215,13 @@ fn main() {
             },
         );
         let page = get(&format!("{base}/metrics"));
-        let block_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"blocks\"}");
+        let block_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"chunks\"}");
+        let rollup_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"rollups\"}");
+        eprintln!(
+            "SecuMon: {block_samples} samples in blocks: raw chunks {:.2} bytes/sample, 5m+1h rollups {:.2} bytes/raw sample",
+            block_bytes / block_samples,
+            rollup_bytes / block_samples
+        );
         let queries_ms = run_queries("SecuMon", &base, end);
         results.push(Measured {
             name: "SecuMon embedded",

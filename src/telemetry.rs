@@ -109,7 +109,7 @@ impl Metrics {
             Family::<DiskLabels, prometheus_client::metrics::gauge::Gauge>::default();
         registry.register(
             "storage_disk_bytes",
-            "Bytes on disk by kind (blocks, wal) of the embedded engine",
+            "Bytes on disk by kind (chunks: raw samples in blocks, rollups, wal) of the embedded engine",
             storage_disk_bytes.clone(),
         );
         Metrics {
@@ -135,7 +135,11 @@ impl Metrics {
             self.storage_series.set(clamp(stats.series_in_memory));
             self.storage_blocks.set(clamp(stats.blocks));
             self.storage_block_samples.set(clamp(stats.block_samples));
-            for (kind, bytes) in [("blocks", stats.block_bytes), ("wal", stats.wal_bytes)] {
+            for (kind, bytes) in [
+                ("chunks", stats.block_bytes),
+                ("rollups", stats.rollup_bytes),
+                ("wal", stats.wal_bytes),
+            ] {
                 self.storage_disk_bytes
                     .get_or_create(&DiskLabels { kind })
                     .set(clamp(bytes));

@@ -235,8 +235,9 @@ pub struct StorageStats {
     /// On-disk blocks and the raw samples in them.
     pub blocks: u64,
     pub block_samples: u64,
-    /// Bytes of blocks (raw chunks and rollups) and of the write-ahead log.
+    /// Bytes of blocks' raw chunks, of their rollups, and of the write-ahead log.
     pub block_bytes: u64,
+    pub rollup_bytes: u64,
     pub wal_bytes: u64,
 }
 

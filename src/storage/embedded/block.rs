@@ -558,10 +558,13 @@ impl Block {
             .map(|(_, f)| f)
     }
 
-    /// Bytes on disk.
-    pub fn size(&self) -> u64 {
-        self.chunks.iter().map(RunFile::size).sum::<u64>()
-            + self.rollups.iter().map(|(_, f)| f.size()).sum::<u64>()
+    /// Bytes on disk of the raw chunks, or of the rollups.
+    pub fn size(&self, rollups: bool) -> u64 {
+        if rollups {
+            self.rollups.iter().map(|(_, f)| f.size()).sum()
+        } else {
+            self.chunks.iter().map(RunFile::size).sum()
+        }
     }
 
     /// Deletes the raw chunks (`None`) or a rollup file from disk.

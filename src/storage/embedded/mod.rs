@@ -18,6 +18,7 @@ pub use wal::FsyncPolicy;
 use super::{
     AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig, RollupRow,
     SelectHints, SeriesQuery, SeriesRollups, SeriesWrite, Storage, StorageError, StorageResult,
+    StorageStats,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId, TimestampMs,
@@ -81,16 +82,6 @@ pub struct MaintenanceReport {
     pub blocks_compacted: usize,
     pub files_deleted: usize,
     pub wal_segments_deleted: usize,
-}
-
-/// Sizes for `/metrics` and benchmarks.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct EmbeddedStats {
-    pub head_series: usize,
-    pub blocks: usize,
-    pub block_samples: u64,
-    pub block_bytes: u64,
-    pub wal_bytes: u64,
 }
 
 pub struct EmbeddedStorage {
@@ -339,19 +330,20 @@ impl EmbeddedStorage {
     }
 
     /// Sizes of what is stored.
-    pub fn stats(&self) -> EmbeddedStats {
-        let head_series = self.read().series.len();
+    pub fn sizes(&self) -> StorageStats {
+        let series_in_memory = self.read().series.len() as u64;
         let set = self.blocks_read();
         let wal_bytes = self
             .wal
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .disk_bytes();
-        EmbeddedStats {
-            head_series,
-            blocks: set.blocks.len(),
+        StorageStats {
+            series_in_memory,
+            blocks: set.blocks.len() as u64,
             block_samples: set.blocks.iter().map(|b| b.meta.samples).sum(),
-            block_bytes: set.blocks.iter().map(Block::size).sum(),
+            block_bytes: set.blocks.iter().map(|b| b.size(false)).sum(),
+            rollup_bytes: set.blocks.iter().map(|b| b.size(true)).sum(),
             wal_bytes,
         }
     }
@@ -911,6 +903,10 @@ impl Storage for EmbeddedStorage {
         self.damaged_bytes.load(Ordering::Relaxed)
     }
 
+    fn stats(&self) -> Option<StorageStats> {
+        Some(self.sizes())
+    }
+
     fn maintenance_interval(&self) -> Option<Duration> {
         Some(self.flush_interval)
     }
@@ -988,7 +984,7 @@ mod tests {
             assert_eq!(report.blocks_written, 1);
             assert_eq!(report.flushed_samples, (5 * 240 + 3 * 60 + 1) as u64);
             assert_eq!(everything(&s).await, before);
-            let stats = s.stats();
+            let stats = s.sizes();
             assert_eq!(stats.blocks, 1);
             assert_eq!(stats.block_samples, report.flushed_samples);
             // Samples in the flushed range are refused; later ones are taken.
@@ -1059,7 +1055,7 @@ mod tests {
         let all = everything(&s).await;
         assert_eq!(all[0].samples.len(), 16 * 720);
         // Closed days were compacted into one block each.
-        let stats = s.stats();
+        let stats = s.sizes();
         assert_eq!(stats.blocks, 4, "one block per day");
         assert_eq!(stats.block_samples, 16 * 720);
         // The log keeps only what is not in blocks: the current segment and a checkpoint.
@@ -1069,7 +1065,7 @@ mod tests {
         let bytes_before = stats.block_bytes;
         let report = s.maintain_with_cutoff(14 * DAY, i64::MIN).unwrap();
         assert_eq!(report.files_deleted, 2 + 1, "raw of two days, 5m of one");
-        assert!(s.stats().block_bytes < bytes_before);
+        assert!(s.sizes().block_bytes < bytes_before);
         let left = everything(&s).await;
         assert_eq!(left[0].samples.first().unwrap().t, 12 * DAY);
         let hourly = s
@@ -1081,7 +1077,7 @@ mod tests {
         assert!(hourly[0].rows.iter().all(|r| r.count == 120.0));
         // A year later everything is gone from disk.
         s.maintain_with_cutoff(400 * DAY, i64::MIN).unwrap();
-        assert_eq!(s.stats().blocks, 0);
+        assert_eq!(s.sizes().blocks, 0);
         assert_eq!(
             std::fs::read_dir(dir.path().join("blocks"))
                 .unwrap()
