@@ -211,20 +211,33 @@ pub fn push(url: &str, bodies: Arc<Vec<Vec<u8>>>, o: &Options) -> Outcome {
         let started = Instant::now();
         let mut workers = Vec::new();
         let blocks = o.series.div_ceil(o.series_per_request);
-        for worker in 0..o.connections {
-            let (client, bodies, accepted, refused, url) = (
+        // Bodies go out in round order from one queue, so every series stays within a round
+        // of the others (Prometheus refuses samples more than an hour behind its newest as
+        // out of bounds); a block's next round waits until its previous one is answered, so
+        // no series ever sees an older sample after a newer one.
+        let next = Arc::new(AtomicUsize::new(0));
+        let done: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..blocks).map(|_| AtomicUsize::new(0)).collect());
+        for _ in 0..connections {
+            let (client, bodies, accepted, refused, url, next, done) = (
                 client.clone(),
                 bodies.clone(),
                 accepted.clone(),
                 refused.clone(),
                 url.to_owned(),
+                next.clone(),
+                done.clone(),
             );
             workers.push(tokio::spawn(async move {
-                // Each worker owns whole blocks of series and sends their rounds in order, so
-                // no series ever sees an older sample after a newer one (Prometheus would
-                // refuse it as out of order).
-                let mine = (0..bodies.len()).filter(|i| (i % blocks) % connections == worker);
-                for i in mine {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= bodies.len() {
+                        break;
+                    }
+                    let (block, round) = (i % blocks, i / blocks);
+                    while done[block].load(Ordering::SeqCst) < round {
+                        tokio::task::yield_now().await;
+                    }
                     let body = &bodies[i];
                     let response = client
                         .post(&url)
@@ -250,6 +263,7 @@ pub fn push(url: &str, bodies: Arc<Vec<Vec<u8>>>, o: &Options) -> Outcome {
                             eprintln!("request failed: {e}");
                         }
                     }
+                    done[block].store(round + 1, Ordering::SeqCst);
                 }
             }));
         }

@@ -18,7 +18,7 @@
 //! recovered by scanning its runs up to the first damaged one; the index is then rewritten.
 //! Memory holds only every 64th index entry; a lookup reads one index page.
 
-use super::chunk::Chunk;
+use super::codec;
 use crate::model::{Sample, TimestampMs};
 use crate::storage::{merge_rollups, rollup, Resolution, RollupRow};
 use std::collections::BTreeMap;
@@ -37,8 +37,8 @@ const PAGE: usize = 64;
 /// Largest run accepted when scanning a damaged file.
 const MAX_RUN: u32 = 1 << 30;
 
-/// Samples per chunk written by compaction (Prometheus's 120).
-pub(super) const CHUNK_SAMPLES: usize = 120;
+/// Samples per separately decodable piece of a run.
+const PIECE_SAMPLES: usize = 720;
 
 /// Where a series' run is in a run file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,60 +348,95 @@ fn scan_runs(file: &File, len: u64) -> io::Result<(u64, Vec<Entry>)> {
     Ok((offset, entries))
 }
 
-/// Payload of a chunk run: `min_t i64 | max_t i64 | count u32 | len u32 | bytes` per chunk.
-pub(super) fn encode_chunks(chunks: &[Chunk]) -> Vec<u8> {
+/// Payload of a run: the samples in pieces of up to [`PIECE_SAMPLES`], each
+/// `min_t i64 | max_t i64 | count u32 | len u32 | bytes` with the bytes from `codec.rs`, so a
+/// read decodes only the pieces its range overlaps.
+pub(super) fn encode_samples(samples: &[Sample]) -> Vec<u8> {
     let mut out = Vec::new();
-    for c in chunks {
-        out.extend_from_slice(&c.min_t.to_le_bytes());
-        out.extend_from_slice(&c.max_t.to_le_bytes());
-        out.extend_from_slice(&c.count.to_le_bytes());
-        out.extend_from_slice(&(c.bytes().len() as u32).to_le_bytes());
-        out.extend_from_slice(c.bytes());
+    for piece in samples.chunks(PIECE_SAMPLES) {
+        let (Some(first), Some(last)) = (piece.first(), piece.last()) else {
+            continue;
+        };
+        let bytes = codec::encode(piece);
+        out.extend_from_slice(&first.t.to_le_bytes());
+        out.extend_from_slice(&last.t.to_le_bytes());
+        out.extend_from_slice(&(piece.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
     }
     out
 }
 
-pub(super) fn decode_chunks(mut payload: &[u8]) -> io::Result<Vec<Chunk>> {
+/// Samples of a run in `[start, end]`.
+pub(super) fn decode_samples(
+    mut payload: &[u8],
+    start: TimestampMs,
+    end: TimestampMs,
+) -> io::Result<Vec<Sample>> {
     let mut out = Vec::new();
     while !payload.is_empty() {
         if payload.len() < 24 {
-            return Err(damaged("chunk header cut short".into()));
+            return Err(damaged("piece header cut short".into()));
         }
         let min_t = le_u64(&payload[0..8]) as i64;
         let max_t = le_u64(&payload[8..16]) as i64;
-        let count = le_u32(&payload[16..20]);
+        let count = le_u32(&payload[16..20]) as usize;
         let len = le_u32(&payload[20..24]) as usize;
         let rest = &payload[24..];
         if rest.len() < len {
-            return Err(damaged("chunk cut short".into()));
+            return Err(damaged("piece cut short".into()));
         }
-        out.push(Chunk::from_parts(min_t, max_t, count, rest[..len].to_vec()));
+        if max_t >= start && min_t <= end {
+            let samples = codec::decode(&rest[..len])?;
+            if samples.len() != count {
+                return Err(damaged("piece holds another sample count".into()));
+            }
+            out.extend(samples.into_iter().filter(|s| s.t >= start && s.t <= end));
+        }
         payload = &rest[len..];
     }
     Ok(out)
 }
 
-/// Payload of a rollup run: five chunks over the bucket starts (min, max, sum, count, last).
+/// Payload of a rollup run: five columns over the bucket starts (min, max, sum, count, last),
+/// each `len u32 | encoded samples`.
 fn encode_rollups(rows: &[RollupRow]) -> Vec<u8> {
-    let column = |f: fn(&RollupRow) -> f64| {
-        Chunk::encode(
-            &rows
-                .iter()
-                .map(|r| Sample { t: r.t, v: f(r) })
-                .collect::<Vec<_>>(),
-        )
-    };
-    encode_chunks(&[
-        column(|r| r.min),
-        column(|r| r.max),
-        column(|r| r.sum),
-        column(|r| r.count),
-        column(|r| r.last),
-    ])
+    let mut out = Vec::new();
+    for column in [
+        |r: &RollupRow| r.min,
+        |r: &RollupRow| r.max,
+        |r: &RollupRow| r.sum,
+        |r: &RollupRow| r.count,
+        |r: &RollupRow| r.last,
+    ] {
+        let samples: Vec<Sample> = rows
+            .iter()
+            .map(|r| Sample {
+                t: r.t,
+                v: column(r),
+            })
+            .collect();
+        let bytes = encode_samples(&samples);
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
 }
 
-fn decode_rollups(payload: &[u8]) -> io::Result<Vec<RollupRow>> {
-    let columns: Vec<Vec<Sample>> = decode_chunks(payload)?.iter().map(Chunk::decode).collect();
+fn decode_rollups(mut payload: &[u8]) -> io::Result<Vec<RollupRow>> {
+    let mut columns: Vec<Vec<Sample>> = Vec::with_capacity(5);
+    while !payload.is_empty() {
+        if payload.len() < 4 {
+            return Err(damaged("rollup column cut short".into()));
+        }
+        let len = le_u32(&payload[0..4]) as usize;
+        let rest = &payload[4..];
+        if rest.len() < len {
+            return Err(damaged("rollup column cut short".into()));
+        }
+        columns.push(decode_samples(&rest[..len], i64::MIN, i64::MAX)?);
+        payload = &rest[len..];
+    }
     let [min, max, sum, count, last] = columns.as_slice() else {
         return Err(damaged("rollup run without five columns".into()));
     };
@@ -477,8 +512,7 @@ impl Block {
             let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
                 continue;
             };
-            let encoded: Vec<Chunk> = samples.chunks(CHUNK_SAMPLES).map(Chunk::encode).collect();
-            chunks.add(id, first.t, last.t, &encode_chunks(&encoded))?;
+            chunks.add(id, first.t, last.t, &encode_samples(samples))?;
             for (resolution, writer) in &mut rollups {
                 let rows = rollup(samples, *resolution);
                 if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
@@ -603,21 +637,12 @@ impl Block {
             if entry.max_t < start || entry.min_t > end {
                 continue;
             }
-            let chunks = match file.read(&entry).and_then(|p| decode_chunks(&p)) {
-                Ok(chunks) => chunks,
-                Err(e) => {
-                    tracing::error!(error = %e, "skipping a damaged run");
-                    continue;
-                }
-            };
-            let samples = out.entry(entry.series).or_default();
-            for chunk in chunks.iter().filter(|c| c.max_t >= start && c.min_t <= end) {
-                samples.extend(
-                    chunk
-                        .decode()
-                        .into_iter()
-                        .filter(|s| s.t >= start && s.t <= end),
-                );
+            match file
+                .read(&entry)
+                .and_then(|p| decode_samples(&p, start, end))
+            {
+                Ok(samples) => out.entry(entry.series).or_default().extend(samples),
+                Err(e) => tracing::error!(error = %e, "skipping a damaged run"),
             }
         }
         Ok(())
@@ -737,12 +762,11 @@ pub(super) fn compact(dir: &Path, blocks: &[&Block]) -> io::Result<Option<Block>
         let mut samples: Vec<Sample> = Vec::new();
         for (file, entries) in &indexes {
             if let Ok(i) = entries.binary_search_by_key(&id, |e| e.series) {
-                match file.read(&entries[i]).and_then(|p| decode_chunks(&p)) {
-                    Ok(chunks) => {
-                        for chunk in chunks {
-                            samples.extend(chunk.decode());
-                        }
-                    }
+                match file
+                    .read(&entries[i])
+                    .and_then(|p| decode_samples(&p, i64::MIN, i64::MAX))
+                {
+                    Ok(run) => samples.extend(run),
                     // Compaction must not spread damage or lose the rest: stop here, the
                     // sources stay as they are.
                     Err(e) => return Err(e),

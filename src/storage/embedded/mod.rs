@@ -10,6 +10,7 @@
 
 mod block;
 mod chunk;
+mod codec;
 mod head;
 mod wal;
 

@@ -1,0 +1,305 @@
+//! The sample encoding of on-disk blocks: smaller than the head's Gorilla chunks because it
+//! can look at a whole run of samples before choosing.
+//!
+//! - Timestamps: the first, then delta-of-deltas, as zigzag varints (regular scrapes give a run
+//!   of zeros).
+//! - Values: when every value of the run is a decimal with at most 15 digits after the point
+//!   that converts back bit-exactly (`m / 10^e` is the nearest double, as IEEE division
+//!   guarantees), the integers `m` are stored as first or second differences (whichever is
+//!   smaller), as zigzag varints; counters and gauges with few decimals become small integers.
+//!   Other runs (NaN, ±Inf, staleness markers, -0.0, values with long fractions) keep the
+//!   exact bits as Gorilla XOR (`chunk.rs`).
+//! - The whole is compressed with zstd, which removes the repetition varints leave.
+//!
+//! The idea is VictoriaMetrics's (decimal mantissas, deltas, zstd); the numbers that justify it
+//! are in docs/storage.md and docs/benchmarks.md.
+
+use super::chunk::Chunk;
+use crate::model::Sample;
+use std::io;
+
+const ZSTD_LEVEL: i32 = 3;
+/// Exact powers of ten as doubles (every one up to 1e22 is exact).
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
+const MAX_MANTISSA: f64 = 9_007_199_254_740_992.0; // 2^53
+
+const VALUES_DECIMAL_DELTA: u8 = 1;
+const VALUES_DECIMAL_DELTA2: u8 = 2;
+const VALUES_XOR: u8 = 3;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn varint(&mut self) -> io::Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = self.0.split_first().ok_or_else(short)?;
+            self.0 = rest;
+            v |= u64::from(b & 0x7F) << shift;
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(short())
+    }
+
+    fn byte(&mut self) -> io::Result<u8> {
+        let (&b, rest) = self.0.split_first().ok_or_else(short)?;
+        self.0 = rest;
+        Ok(b)
+    }
+}
+
+fn short() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "encoded samples cut short")
+}
+
+/// The smallest exponent with which every value is an exact decimal, and the mantissas.
+fn decimals(samples: &[Sample]) -> Option<(u8, Vec<i64>)> {
+    let mut exp = 0usize;
+    for s in samples {
+        let v = s.v;
+        if !v.is_finite() || (v == 0.0 && v.is_sign_negative()) {
+            return None;
+        }
+        while exp < POW10.len() {
+            let m = (v * POW10[exp]).round();
+            if m.abs() < MAX_MANTISSA && (m / POW10[exp]).to_bits() == v.to_bits() {
+                break;
+            }
+            exp += 1;
+        }
+        if exp == POW10.len() {
+            return None;
+        }
+    }
+    let mut mantissas = Vec::with_capacity(samples.len());
+    for s in samples {
+        let m = (s.v * POW10[exp]).round();
+        if m.abs() >= MAX_MANTISSA || (m / POW10[exp]).to_bits() != s.v.to_bits() {
+            return None;
+        }
+        mantissas.push(m as i64);
+    }
+    Some((exp as u8, mantissas))
+}
+
+fn differences(values: &[i64]) -> Vec<i64> {
+    let mut out = Vec::with_capacity(values.len());
+    let mut prev = 0i64;
+    for &v in values {
+        out.push(v.wrapping_sub(prev));
+        prev = v;
+    }
+    out
+}
+
+fn varints_len(values: &[i64]) -> usize {
+    values
+        .iter()
+        .map(|&v| (64 - zigzag(v).leading_zeros() as usize).max(1).div_ceil(7))
+        .sum()
+}
+
+/// Encodes samples (sorted by time, at least one).
+pub fn encode(samples: &[Sample]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(samples.len() * 3);
+    put_varint(&mut raw, samples.len() as u64);
+    let (mut prev_t, mut prev_delta) = (0i64, 0i64);
+    for (i, s) in samples.iter().enumerate() {
+        let delta = s.t.wrapping_sub(prev_t);
+        let v = match i {
+            0 => s.t,
+            1 => delta,
+            _ => delta.wrapping_sub(prev_delta),
+        };
+        put_varint(&mut raw, zigzag(v));
+        prev_t = s.t;
+        prev_delta = delta;
+    }
+    match decimals(samples) {
+        Some((exp, mantissas)) => {
+            let first = differences(&mantissas);
+            let second = differences(&first);
+            let (mode, stream) = if varints_len(&second) < varints_len(&first) {
+                (VALUES_DECIMAL_DELTA2, second)
+            } else {
+                (VALUES_DECIMAL_DELTA, first)
+            };
+            raw.push(mode);
+            raw.push(exp);
+            for v in stream {
+                put_varint(&mut raw, zigzag(v));
+            }
+        }
+        None => {
+            raw.push(VALUES_XOR);
+            raw.extend_from_slice(Chunk::encode(samples).bytes());
+        }
+    }
+    zstd::bulk::compress(&raw, ZSTD_LEVEL).unwrap_or_default()
+}
+
+/// Decodes what [`encode`] wrote.
+pub fn decode(bytes: &[u8]) -> io::Result<Vec<Sample>> {
+    let raw = zstd::bulk::decompress(bytes, 64 << 20)?;
+    let mut r = Reader(&raw);
+    let count = usize::try_from(r.varint()?).map_err(|_| short())?;
+    if count > raw.len() {
+        return Err(short());
+    }
+    let mut times = Vec::with_capacity(count);
+    let (mut t, mut delta) = (0i64, 0i64);
+    for i in 0..count {
+        let v = unzigzag(r.varint()?);
+        match i {
+            0 => t = v,
+            1 => {
+                delta = v;
+                t = t.wrapping_add(delta);
+            }
+            _ => {
+                delta = delta.wrapping_add(v);
+                t = t.wrapping_add(delta);
+            }
+        }
+        times.push(t);
+    }
+    let mode = r.byte()?;
+    let values: Vec<f64> = match mode {
+        VALUES_DECIMAL_DELTA | VALUES_DECIMAL_DELTA2 => {
+            let exp = usize::from(r.byte()?);
+            let scale = *POW10.get(exp).ok_or_else(short)?;
+            let mut stream = Vec::with_capacity(count);
+            for _ in 0..count {
+                stream.push(unzigzag(r.varint()?));
+            }
+            let integrate = |s: &mut Vec<i64>| {
+                let mut acc = 0i64;
+                for v in s.iter_mut() {
+                    acc = acc.wrapping_add(*v);
+                    *v = acc;
+                }
+            };
+            if mode == VALUES_DECIMAL_DELTA2 {
+                integrate(&mut stream);
+            }
+            integrate(&mut stream);
+            stream.iter().map(|&m| m as f64 / scale).collect()
+        }
+        VALUES_XOR => {
+            let chunk = Chunk::from_parts(0, 0, count as u32, r.0.to_vec());
+            chunk.decode().into_iter().map(|s| s.v).collect()
+        }
+        _ => return Err(short()),
+    };
+    if values.len() != count {
+        return Err(short());
+    }
+    Ok(times
+        .into_iter()
+        .zip(values)
+        .map(|(t, v)| Sample { t, v })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::STALE_NAN_BITS;
+
+    fn round_trip(samples: &[Sample]) -> usize {
+        let bytes = encode(samples);
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back.len(), samples.len());
+        for (a, b) in samples.iter().zip(&back) {
+            assert_eq!(a.t, b.t);
+            assert_eq!(a.v.to_bits(), b.v.to_bits(), "{} vs {}", a.v, b.v);
+        }
+        bytes.len()
+    }
+
+    fn series(f: impl Fn(i64) -> f64) -> Vec<Sample> {
+        (0..720)
+            .map(|i| Sample {
+                t: 1_700_000_000_000 + i * 15_000 + (i * 7 % 3),
+                v: f(i),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_value_comes_back_bit_exact() {
+        round_trip(&series(|i| (i * 37 % 11) as f64));
+        round_trip(&series(|i| (i as f64) * 0.1));
+        round_trip(&series(|i| 63.27 + (i % 13) as f64 / 100.0));
+        round_trip(&series(|i| 1e15 + i as f64));
+        round_trip(&series(|i| -(i as f64) * 1.5e-7));
+        round_trip(&series(|i| (i as f64).sqrt()));
+        round_trip(&series(|i| if i == 3 { f64::NAN } else { 1.0 }));
+        round_trip(&series(|i| {
+            if i == 5 {
+                f64::from_bits(STALE_NAN_BITS)
+            } else {
+                2.0
+            }
+        }));
+        round_trip(&series(|i| if i % 2 == 0 { -0.0 } else { 0.0 }));
+        round_trip(&series(|i| if i == 9 { f64::INFINITY } else { 1e300 }));
+        round_trip(&[Sample {
+            t: i64::MIN,
+            v: f64::MAX,
+        }]);
+        round_trip(&[
+            Sample { t: -5, v: 0.3 },
+            Sample {
+                t: i64::MAX,
+                v: 0.1 + 0.2,
+            },
+        ]);
+    }
+
+    #[test]
+    fn regular_counters_and_gauges_take_about_a_byte_a_sample() {
+        let counter = round_trip(&series(|i| (i * 1000 + i * 7 % 13) as f64));
+        let gauge = round_trip(&series(|i| {
+            ((50.0 + 30.0 * (i as f64 / 17.0).sin()) * 100.0).round() / 100.0
+        }));
+        let gorilla_counter = Chunk::encode(&series(|i| (i * 1000 + i * 7 % 13) as f64)).size();
+        assert!(
+            counter * 3 < gorilla_counter,
+            "{counter} vs Gorilla {gorilla_counter}"
+        );
+        assert!(counter < 720, "counter: {counter} bytes for 720 samples");
+        assert!(gauge < 2 * 720, "gauge: {gauge} bytes for 720 samples");
+    }
+
+    #[test]
+    fn damage_is_an_error_not_a_panic() {
+        let bytes = encode(&series(|i| i as f64));
+        for cut in [0, 1, bytes.len() / 2] {
+            assert!(decode(&bytes[..cut]).is_err());
+        }
+        let raw = [0x05u8, 0x01];
+        let fake = zstd::bulk::compress(&raw, 1).unwrap();
+        assert!(decode(&fake).is_err());
+    }
+}
