@@ -1,6 +1,7 @@
 //! Query latency benchmark: 10,000 series x 2 hours at 15 s, loaded through remote-write into
-//! SecuMon (release binary on PostgreSQL) and Prometheus 2.42 in the same run; then each
-//! query is timed on both, warm, and the medians compared.
+//! SecuMon (release binary, once on PostgreSQL and once on its embedded engine) and
+//! Prometheus 2.42 in the same run; then each query is timed on all three, warm, and the
+//! medians compared.
 //!
 //! `cargo bench --bench query_latency [-- --runs N]`
 
@@ -169,6 +170,10 @@ fn main() {
             (Some(process), format!("http://127.0.0.1:{port}"))
         }
     };
+    let data = tempfile::tempdir().expect("temp dir");
+    let embedded_port = free_port();
+    let _embedded = spawn_secumon(&data.path().display().to_string(), embedded_port, &[]);
+    let embedded = format!("http://127.0.0.1:{embedded_port}");
     let prometheus = support::Prometheus::start(|_| {
         "global:\n  scrape_interval: 1h\n  evaluation_interval: 1m\n".into()
     });
@@ -176,6 +181,7 @@ fn main() {
     let loaded = Instant::now();
     runtime.block_on(load(&format!("{secumon}/api/v1/write"), &bodies));
     eprintln!("SecuMon loaded in {:.1} s", loaded.elapsed().as_secs_f64());
+    runtime.block_on(load(&format!("{embedded}/api/v1/write"), &bodies));
     let loaded = Instant::now();
     runtime.block_on(load(&prometheus.url("/api/v1/write"), &bodies));
     eprintln!(
@@ -217,8 +223,8 @@ fn main() {
     ];
     let client = reqwest::Client::new();
     println!("\n10,000 series x 2 h at 15 s; median of {runs} warm runs, client wall time\n");
-    println!("| query | series out | SecuMon on PostgreSQL ms | Prometheus 2.42 ms | ratio |");
-    println!("|---|---|---|---|---|");
+    println!("| query | series out | SecuMon on PostgreSQL ms | SecuMon embedded ms | Prometheus 2.42 ms | PostgreSQL ratio | embedded ratio |");
+    println!("|---|---|---|---|---|---|---|");
     for (name, path, params) in &queries {
         let (ours, n) = runtime.block_on(time_query(
             &client,
@@ -226,12 +232,20 @@ fn main() {
             params,
             runs,
         ));
+        let (local, e) = runtime.block_on(time_query(
+            &client,
+            &format!("{embedded}{path}"),
+            params,
+            runs,
+        ));
         let (theirs, m) =
             runtime.block_on(time_query(&client, &prometheus.url(path), params, runs));
         assert_eq!(n, m, "{name}: {n} series vs Prometheus's {m}");
+        assert_eq!(e, m, "{name}: embedded {e} series vs Prometheus's {m}");
         println!(
-            "| {name} | {n} | {ours:.1} | {theirs:.1} | {:.2} |",
-            ours / theirs
+            "| {name} | {n} | {ours:.1} | {local:.1} | {theirs:.1} | {:.2} | {:.2} |",
+            ours / theirs,
+            local / theirs
         );
     }
 }

@@ -203,17 +203,24 @@ fn main() {
         let cpu_before = cpu_seconds(server.pid());
         let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
         let cpu = cpu_seconds(server.pid()) - cpu_before;
-        let block_samples = wait_stable(
-            "SecuMon's flush",
-            Duration::from_secs(12),
-            Duration::from_secs(600),
-            || {
-                metric(
-                    &get(&format!("{base}/metrics")),
-                    "secumon_storage_block_samples",
-                )
-            },
-        );
+        // Everything older than the out-of-order window (1 h) behind the newest sample goes
+        // to blocks: all but the last 61 samples of each series.
+        let expected = (o.series * (points as usize - 61)) as f64;
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let block_samples = loop {
+            let now = metric(
+                &get(&format!("{base}/metrics")),
+                "secumon_storage_block_samples",
+            );
+            if now >= expected {
+                break now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SecuMon did not flush: {now} of {expected}"
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        };
         let page = get(&format!("{base}/metrics"));
         let block_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"chunks\"}");
         let rollup_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"rollups\"}");

@@ -398,58 +398,38 @@ pub(super) fn decode_samples(
     Ok(out)
 }
 
-/// Payload of a rollup run: five columns over the bucket starts (min, max, sum, count, last),
-/// each `len u32 | encoded samples`.
+/// Payload of a rollup run: the bucket starts and five value columns (min, max, sum, count,
+/// last) in one compressed frame.
 fn encode_rollups(rows: &[RollupRow]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for column in [
-        |r: &RollupRow| r.min,
-        |r: &RollupRow| r.max,
-        |r: &RollupRow| r.sum,
-        |r: &RollupRow| r.count,
-        |r: &RollupRow| r.last,
-    ] {
-        let samples: Vec<Sample> = rows
-            .iter()
-            .map(|r| Sample {
-                t: r.t,
-                v: column(r),
-            })
-            .collect();
-        let bytes = encode_samples(&samples);
-        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        out.extend_from_slice(&bytes);
-    }
-    out
+    let times: Vec<i64> = rows.iter().map(|r| r.t).collect();
+    let column = |f: fn(&RollupRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+    codec::encode_columns(
+        &times,
+        &[
+            column(|r| r.min),
+            column(|r| r.max),
+            column(|r| r.sum),
+            column(|r| r.count),
+            column(|r| r.last),
+        ],
+    )
 }
 
-fn decode_rollups(mut payload: &[u8]) -> io::Result<Vec<RollupRow>> {
-    let mut columns: Vec<Vec<Sample>> = Vec::with_capacity(5);
-    while !payload.is_empty() {
-        if payload.len() < 4 {
-            return Err(damaged("rollup column cut short".into()));
-        }
-        let len = le_u32(&payload[0..4]) as usize;
-        let rest = &payload[4..];
-        if rest.len() < len {
-            return Err(damaged("rollup column cut short".into()));
-        }
-        columns.push(decode_samples(&rest[..len], i64::MIN, i64::MAX)?);
-        payload = &rest[len..];
-    }
+fn decode_rollups(payload: &[u8]) -> io::Result<Vec<RollupRow>> {
+    let (times, columns) = codec::decode_columns(payload)?;
     let [min, max, sum, count, last] = columns.as_slice() else {
         return Err(damaged("rollup run without five columns".into()));
     };
-    Ok((0..min.len())
-        .filter_map(|i| {
-            Some(RollupRow {
-                t: min[i].t,
-                min: min[i].v,
-                max: max.get(i)?.v,
-                sum: sum.get(i)?.v,
-                count: count.get(i)?.v,
-                last: last.get(i)?.v,
-            })
+    Ok(times
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| RollupRow {
+            t,
+            min: min[i],
+            max: max[i],
+            sum: sum[i],
+            count: count[i],
+            last: last[i],
         })
         .collect())
 }

@@ -5,7 +5,7 @@
 use crate::model::Sample;
 
 /// Appends bits, most significant first.
-#[derive(Default, Clone)]
+#[derive(Default, Clone, Debug)]
 struct BitWriter {
     bytes: Vec<u8>,
     /// Bits used in the last byte (0 = start a new byte).
@@ -72,131 +72,139 @@ pub struct Chunk {
     bytes: Vec<u8>,
 }
 
+/// A chunk being written: samples are appended one at a time (the head's open chunk), so
+/// recent samples are compressed as they arrive.
+#[derive(Clone, Debug, Default)]
+pub struct Appender {
+    w: BitWriter,
+    count: u32,
+    min_t: i64,
+    prev_t: i64,
+    prev_delta: i64,
+    prev_v: u64,
+    leading: u8,
+    trailing: u8,
+}
+
+impl Appender {
+    /// Appends a sample later than every sample appended before.
+    pub fn append(&mut self, s: Sample) {
+        let v = s.v.to_bits();
+        let w = &mut self.w;
+        if self.count == 0 {
+            w.bits(s.t as u64, 64);
+            w.bits(v, 64);
+            self.min_t = s.t;
+            self.leading = u8::MAX;
+        } else {
+            let delta = s.t.wrapping_sub(self.prev_t);
+            let dod = delta.wrapping_sub(self.prev_delta);
+            // Buckets of xor.go: 0 | 10+14 bits | 110+17 | 1110+20 | 1111+64.
+            match dod {
+                0 => w.bit(false),
+                d if (-8191..=8192).contains(&d) => {
+                    w.bits(0b10, 2);
+                    w.bits(d as u64, 14);
+                }
+                d if (-65535..=65536).contains(&d) => {
+                    w.bits(0b110, 3);
+                    w.bits(d as u64, 17);
+                }
+                d if (-524287..=524288).contains(&d) => {
+                    w.bits(0b1110, 4);
+                    w.bits(d as u64, 20);
+                }
+                d => {
+                    w.bits(0b1111, 4);
+                    w.bits(d as u64, 64);
+                }
+            }
+            self.prev_delta = delta;
+            let xor = v ^ self.prev_v;
+            if xor == 0 {
+                w.bit(false);
+            } else {
+                w.bit(true);
+                let lz = (xor.leading_zeros() as u8).min(31);
+                let tz = xor.trailing_zeros() as u8;
+                if self.leading != u8::MAX && lz >= self.leading && tz >= self.trailing {
+                    w.bit(false);
+                    w.bits(xor >> self.trailing, 64 - self.leading - self.trailing);
+                } else {
+                    self.leading = lz;
+                    self.trailing = tz;
+                    w.bit(true);
+                    w.bits(u64::from(lz), 5);
+                    let significant = 64 - lz - tz;
+                    // 64 significant bits are written as 0 (6 bits cannot hold 64).
+                    w.bits(u64::from(significant % 64), 6);
+                    w.bits(xor >> tz, significant);
+                }
+            }
+        }
+        self.prev_t = s.t;
+        self.prev_v = v;
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The first and last sample times.
+    pub fn min_t(&self) -> i64 {
+        self.min_t
+    }
+
+    pub fn max_t(&self) -> i64 {
+        self.prev_t
+    }
+
+    /// The last sample's value bits.
+    pub fn last_bits(&self) -> u64 {
+        self.prev_v
+    }
+
+    /// The samples appended so far.
+    pub fn decode(&self) -> Vec<Sample> {
+        decode_bits(&self.w.bytes, self.count)
+    }
+
+    /// Closes the chunk.
+    pub fn finish(self) -> Chunk {
+        let mut bytes = self.w.bytes;
+        bytes.shrink_to_fit();
+        Chunk {
+            min_t: self.min_t,
+            max_t: self.prev_t,
+            count: self.count,
+            bytes,
+        }
+    }
+
+    /// An appender holding `samples` (sorted by time).
+    pub fn of(samples: &[Sample]) -> Appender {
+        let mut a = Appender::default();
+        for &s in samples {
+            a.append(s);
+        }
+        a
+    }
+}
+
 impl Chunk {
     /// Encodes samples (sorted by time, at least one).
     pub fn encode(samples: &[Sample]) -> Chunk {
-        let mut w = BitWriter::default();
-        let (mut prev_t, mut prev_delta, mut prev_v) = (0i64, 0i64, 0u64);
-        let (mut leading, mut trailing) = (u8::MAX, 0u8);
-        for (i, s) in samples.iter().enumerate() {
-            let v = s.v.to_bits();
-            match i {
-                0 => {
-                    w.bits(s.t as u64, 64);
-                    w.bits(v, 64);
-                }
-                _ => {
-                    let delta = s.t.wrapping_sub(prev_t);
-                    let dod = if i == 1 {
-                        delta
-                    } else {
-                        delta.wrapping_sub(prev_delta)
-                    };
-                    // Buckets of xor.go: 0 | 10+14 bits | 110+17 | 1110+20 | 1111+64.
-                    match dod {
-                        0 => w.bit(false),
-                        d if (-8191..=8192).contains(&d) => {
-                            w.bits(0b10, 2);
-                            w.bits(d as u64, 14);
-                        }
-                        d if (-65535..=65536).contains(&d) => {
-                            w.bits(0b110, 3);
-                            w.bits(d as u64, 17);
-                        }
-                        d if (-524287..=524288).contains(&d) => {
-                            w.bits(0b1110, 4);
-                            w.bits(d as u64, 20);
-                        }
-                        d => {
-                            w.bits(0b1111, 4);
-                            w.bits(d as u64, 64);
-                        }
-                    }
-                    prev_delta = delta;
-                    let xor = v ^ prev_v;
-                    if xor == 0 {
-                        w.bit(false);
-                    } else {
-                        w.bit(true);
-                        let lz = (xor.leading_zeros() as u8).min(31);
-                        let tz = xor.trailing_zeros() as u8;
-                        if leading != u8::MAX && lz >= leading && tz >= trailing {
-                            w.bit(false);
-                            w.bits(xor >> trailing, 64 - leading - trailing);
-                        } else {
-                            leading = lz;
-                            trailing = tz;
-                            w.bit(true);
-                            w.bits(u64::from(lz), 5);
-                            let significant = 64 - lz - tz;
-                            // 64 significant bits are written as 0 (6 bits cannot hold 64).
-                            w.bits(u64::from(significant % 64), 6);
-                            w.bits(xor >> tz, significant);
-                        }
-                    }
-                }
-            }
-            prev_t = s.t;
-            prev_v = v;
-        }
-        Chunk {
-            min_t: samples.first().map_or(0, |s| s.t),
-            max_t: samples.last().map_or(0, |s| s.t),
-            count: samples.len() as u32,
-            bytes: w.bytes,
-        }
+        Appender::of(samples).finish()
     }
 
     /// All samples of the chunk.
     pub fn decode(&self) -> Vec<Sample> {
-        let mut out = Vec::with_capacity(self.count as usize);
-        let mut r = BitReader {
-            bytes: &self.bytes,
-            position: 0,
-        };
-        let (mut t, mut delta, mut v) = (0i64, 0i64, 0u64);
-        let (mut leading, mut trailing) = (0u8, 0u8);
-        for i in 0..self.count {
-            if i == 0 {
-                let (Some(t0), Some(v0)) = (r.bits(64), r.bits(64)) else {
-                    break;
-                };
-                t = t0 as i64;
-                v = v0;
-            } else {
-                let dod = if !r.bit().unwrap_or(false) {
-                    0
-                } else if !r.bit().unwrap_or(false) {
-                    signed(r.bits(14).unwrap_or(0), 14)
-                } else if !r.bit().unwrap_or(false) {
-                    signed(r.bits(17).unwrap_or(0), 17)
-                } else if !r.bit().unwrap_or(false) {
-                    signed(r.bits(20).unwrap_or(0), 20)
-                } else {
-                    r.bits(64).unwrap_or(0) as i64
-                };
-                delta = if i == 1 { dod } else { delta.wrapping_add(dod) };
-                t = t.wrapping_add(delta);
-                if r.bit().unwrap_or(false) {
-                    if r.bit().unwrap_or(false) {
-                        leading = r.bits(5).unwrap_or(0) as u8;
-                        let significant = match r.bits(6).unwrap_or(0) as u8 {
-                            0 => 64,
-                            n => n,
-                        };
-                        trailing = 64 - leading - significant;
-                    }
-                    let significant = 64 - leading - trailing;
-                    let bits = r.bits(significant).unwrap_or(0);
-                    v ^= bits << trailing;
-                }
-            }
-            out.push(Sample {
-                t,
-                v: f64::from_bits(v),
-            });
-        }
-        out
+        decode_bits(&self.bytes, self.count)
     }
 
     /// Compressed size in bytes.
@@ -219,6 +227,56 @@ impl Chunk {
             bytes,
         }
     }
+}
+
+/// Decodes `count` samples from a Gorilla bit stream (damaged input gives wrong samples, never
+/// a panic).
+fn decode_bits(bytes: &[u8], count: u32) -> Vec<Sample> {
+    let mut out = Vec::with_capacity(count as usize);
+    let mut r = BitReader { bytes, position: 0 };
+    let (mut t, mut delta, mut v) = (0i64, 0i64, 0u64);
+    let (mut leading, mut trailing) = (0u8, 0u8);
+    for i in 0..count {
+        if i == 0 {
+            let (Some(t0), Some(v0)) = (r.bits(64), r.bits(64)) else {
+                break;
+            };
+            t = t0 as i64;
+            v = v0;
+        } else {
+            let dod = if !r.bit().unwrap_or(false) {
+                0
+            } else if !r.bit().unwrap_or(false) {
+                signed(r.bits(14).unwrap_or(0), 14)
+            } else if !r.bit().unwrap_or(false) {
+                signed(r.bits(17).unwrap_or(0), 17)
+            } else if !r.bit().unwrap_or(false) {
+                signed(r.bits(20).unwrap_or(0), 20)
+            } else {
+                r.bits(64).unwrap_or(0) as i64
+            };
+            delta = if i == 1 { dod } else { delta.wrapping_add(dod) };
+            t = t.wrapping_add(delta);
+            if r.bit().unwrap_or(false) {
+                if r.bit().unwrap_or(false) {
+                    leading = r.bits(5).unwrap_or(0) as u8;
+                    let significant = match r.bits(6).unwrap_or(0) as u8 {
+                        0 => 64,
+                        n => n,
+                    };
+                    trailing = 64 - leading - significant;
+                }
+                let significant = 64 - leading - trailing;
+                let bits = r.bits(significant).unwrap_or(0);
+                v ^= bits << trailing;
+            }
+        }
+        out.push(Sample {
+            t,
+            v: f64::from_bits(v),
+        });
+    }
+    out
 }
 
 #[cfg(test)]

@@ -73,10 +73,9 @@ fn short() -> io::Error {
 }
 
 /// The smallest exponent with which every value is an exact decimal, and the mantissas.
-fn decimals(samples: &[Sample]) -> Option<(u8, Vec<i64>)> {
+fn decimals(values: &[f64]) -> Option<(u8, Vec<i64>)> {
     let mut exp = 0usize;
-    for s in samples {
-        let v = s.v;
+    for &v in values {
         if !v.is_finite() || (v == 0.0 && v.is_sign_negative()) {
             return None;
         }
@@ -91,10 +90,10 @@ fn decimals(samples: &[Sample]) -> Option<(u8, Vec<i64>)> {
             return None;
         }
     }
-    let mut mantissas = Vec::with_capacity(samples.len());
-    for s in samples {
-        let m = (s.v * POW10[exp]).round();
-        if m.abs() >= MAX_MANTISSA || (m / POW10[exp]).to_bits() != s.v.to_bits() {
+    let mut mantissas = Vec::with_capacity(values.len());
+    for &v in values {
+        let m = (v * POW10[exp]).round();
+        if m.abs() >= MAX_MANTISSA || (m / POW10[exp]).to_bits() != v.to_bits() {
             return None;
         }
         mantissas.push(m as i64);
@@ -121,49 +120,81 @@ fn varints_len(values: &[i64]) -> usize {
 
 /// Encodes samples (sorted by time, at least one).
 pub fn encode(samples: &[Sample]) -> Vec<u8> {
-    let mut raw = Vec::with_capacity(samples.len() * 3);
-    put_varint(&mut raw, samples.len() as u64);
+    let times: Vec<i64> = samples.iter().map(|s| s.t).collect();
+    let values: Vec<f64> = samples.iter().map(|s| s.v).collect();
+    encode_columns(&times, &[values])
+}
+
+/// Decodes what [`encode`] wrote.
+pub fn decode(bytes: &[u8]) -> io::Result<Vec<Sample>> {
+    let (times, mut columns) = decode_columns(bytes)?;
+    let values = columns
+        .pop()
+        .filter(|_| columns.is_empty())
+        .ok_or_else(short)?;
+    Ok(times
+        .into_iter()
+        .zip(values)
+        .map(|(t, v)| Sample { t, v })
+        .collect())
+}
+
+/// Encodes timestamps (sorted) and value columns of the same length in one compressed frame.
+pub fn encode_columns(times: &[i64], columns: &[Vec<f64>]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(times.len() * (1 + 2 * columns.len()));
+    put_varint(&mut raw, times.len() as u64);
+    put_varint(&mut raw, columns.len() as u64);
     let (mut prev_t, mut prev_delta) = (0i64, 0i64);
-    for (i, s) in samples.iter().enumerate() {
-        let delta = s.t.wrapping_sub(prev_t);
+    for (i, &t) in times.iter().enumerate() {
+        let delta = t.wrapping_sub(prev_t);
         let v = match i {
-            0 => s.t,
+            0 => t,
             1 => delta,
             _ => delta.wrapping_sub(prev_delta),
         };
         put_varint(&mut raw, zigzag(v));
-        prev_t = s.t;
+        prev_t = t;
         prev_delta = delta;
     }
-    match decimals(samples) {
-        Some((exp, mantissas)) => {
-            let first = differences(&mantissas);
-            let second = differences(&first);
-            let (mode, stream) = if varints_len(&second) < varints_len(&first) {
-                (VALUES_DECIMAL_DELTA2, second)
-            } else {
-                (VALUES_DECIMAL_DELTA, first)
-            };
-            raw.push(mode);
-            raw.push(exp);
-            for v in stream {
-                put_varint(&mut raw, zigzag(v));
+    for values in columns {
+        match decimals(values) {
+            Some((exp, mantissas)) => {
+                let first = differences(&mantissas);
+                let second = differences(&first);
+                let (mode, stream) = if varints_len(&second) < varints_len(&first) {
+                    (VALUES_DECIMAL_DELTA2, second)
+                } else {
+                    (VALUES_DECIMAL_DELTA, first)
+                };
+                raw.push(mode);
+                raw.push(exp);
+                for v in stream {
+                    put_varint(&mut raw, zigzag(v));
+                }
             }
-        }
-        None => {
-            raw.push(VALUES_XOR);
-            raw.extend_from_slice(Chunk::encode(samples).bytes());
+            None => {
+                raw.push(VALUES_XOR);
+                let samples: Vec<Sample> = times
+                    .iter()
+                    .zip(values)
+                    .map(|(&t, &v)| Sample { t, v })
+                    .collect();
+                let chunk = Chunk::encode(&samples);
+                put_varint(&mut raw, chunk.bytes().len() as u64);
+                raw.extend_from_slice(chunk.bytes());
+            }
         }
     }
     zstd::bulk::compress(&raw, ZSTD_LEVEL).unwrap_or_default()
 }
 
-/// Decodes what [`encode`] wrote.
-pub fn decode(bytes: &[u8]) -> io::Result<Vec<Sample>> {
+/// Decodes what [`encode_columns`] wrote: the timestamps and the value columns.
+pub fn decode_columns(bytes: &[u8]) -> io::Result<(Vec<i64>, Vec<Vec<f64>>)> {
     let raw = zstd::bulk::decompress(bytes, 64 << 20)?;
     let mut r = Reader(&raw);
     let count = usize::try_from(r.varint()?).map_err(|_| short())?;
-    if count > raw.len() {
+    let width = usize::try_from(r.varint()?).map_err(|_| short())?;
+    if count > raw.len() || width > 64 {
         return Err(short());
     }
     let mut times = Vec::with_capacity(count);
@@ -183,42 +214,48 @@ pub fn decode(bytes: &[u8]) -> io::Result<Vec<Sample>> {
         }
         times.push(t);
     }
-    let mode = r.byte()?;
-    let values: Vec<f64> = match mode {
-        VALUES_DECIMAL_DELTA | VALUES_DECIMAL_DELTA2 => {
-            let exp = usize::from(r.byte()?);
-            let scale = *POW10.get(exp).ok_or_else(short)?;
-            let mut stream = Vec::with_capacity(count);
-            for _ in 0..count {
-                stream.push(unzigzag(r.varint()?));
-            }
-            let integrate = |s: &mut Vec<i64>| {
-                let mut acc = 0i64;
-                for v in s.iter_mut() {
-                    acc = acc.wrapping_add(*v);
-                    *v = acc;
+    let mut columns = Vec::with_capacity(width);
+    for _ in 0..width {
+        let mode = r.byte()?;
+        let values: Vec<f64> = match mode {
+            VALUES_DECIMAL_DELTA | VALUES_DECIMAL_DELTA2 => {
+                let exp = usize::from(r.byte()?);
+                let scale = *POW10.get(exp).ok_or_else(short)?;
+                let mut stream = Vec::with_capacity(count);
+                for _ in 0..count {
+                    stream.push(unzigzag(r.varint()?));
                 }
-            };
-            if mode == VALUES_DECIMAL_DELTA2 {
+                let integrate = |s: &mut Vec<i64>| {
+                    let mut acc = 0i64;
+                    for v in s.iter_mut() {
+                        acc = acc.wrapping_add(*v);
+                        *v = acc;
+                    }
+                };
+                if mode == VALUES_DECIMAL_DELTA2 {
+                    integrate(&mut stream);
+                }
                 integrate(&mut stream);
+                stream.iter().map(|&m| m as f64 / scale).collect()
             }
-            integrate(&mut stream);
-            stream.iter().map(|&m| m as f64 / scale).collect()
+            VALUES_XOR => {
+                let len = usize::try_from(r.varint()?).map_err(|_| short())?;
+                if len > r.0.len() {
+                    return Err(short());
+                }
+                let (bits, rest) = r.0.split_at(len);
+                r.0 = rest;
+                let chunk = Chunk::from_parts(0, 0, count as u32, bits.to_vec());
+                chunk.decode().into_iter().map(|s| s.v).collect()
+            }
+            _ => return Err(short()),
+        };
+        if values.len() != count {
+            return Err(short());
         }
-        VALUES_XOR => {
-            let chunk = Chunk::from_parts(0, 0, count as u32, r.0.to_vec());
-            chunk.decode().into_iter().map(|s| s.v).collect()
-        }
-        _ => return Err(short()),
-    };
-    if values.len() != count {
-        return Err(short());
+        columns.push(values);
     }
-    Ok(times
-        .into_iter()
-        .zip(values)
-        .map(|(t, v)| Sample { t, v })
-        .collect())
+    Ok((times, columns))
 }
 
 #[cfg(test)]
@@ -298,7 +335,7 @@ mod tests {
         for cut in [0, 1, bytes.len() / 2] {
             assert!(decode(&bytes[..cut]).is_err());
         }
-        let raw = [0x05u8, 0x01];
+        let raw = [0x05u8, 0x01, 0x00];
         let fake = zstd::bulk::compress(&raw, 1).unwrap();
         assert!(decode(&fake).is_err());
     }

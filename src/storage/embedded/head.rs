@@ -2,7 +2,7 @@
 //! per tenant (label name → value → series ids) and metadata. Everything here is rebuilt from
 //! the write-ahead log on start.
 
-use super::chunk::Chunk;
+use super::chunk::{Appender, Chunk};
 use crate::model::{
     matches_all, Exemplar, Labels, MatchOp, Matcher, MetricMetadata, Sample, SeriesExemplars,
     TimestampMs,
@@ -21,8 +21,9 @@ pub(super) struct SeriesData {
 #[derive(Default)]
 pub(super) struct TenantIndex {
     pub by_fingerprint: HashMap<u128, u64>,
-    /// label name → value → series ids (ascending).
-    pub postings: HashMap<String, HashMap<String, Vec<u64>>>,
+    /// hash of (label name, value) → series ids (ascending). Keyed by a hash so the strings
+    /// are not held twice; a collision only adds candidates, which the matchers then drop.
+    pub postings: HashMap<u64, Vec<u64>>,
     pub all: Vec<u64>,
     pub metadata: BTreeMap<String, Vec<MetricMetadata>>,
 }
@@ -57,15 +58,17 @@ const CHUNK_SAMPLES: usize = 120;
 #[derive(Default)]
 pub(super) struct SampleStore {
     chunks: Vec<Chunk>,
-    open: Vec<Sample>,
+    /// The open chunk: recent samples, compressed as they arrive.
+    open: Appender,
 }
 
 impl SampleStore {
     pub fn latest(&self) -> Option<TimestampMs> {
-        self.open
-            .last()
-            .map(|s| s.t)
-            .or_else(|| self.chunks.last().map(|c| c.max_t))
+        if self.open.is_empty() {
+            self.chunks.last().map(|c| c.max_t)
+        } else {
+            Some(self.open.max_t())
+        }
     }
 
     /// The chunk a time belongs to for lookups and out-of-order inserts: the last chunk that
@@ -81,37 +84,49 @@ impl SampleStore {
         )
     }
 
+    /// Whether `t` belongs to the open chunk (at or after its first sample, or nothing is
+    /// closed yet).
+    fn in_open(&self, t: TimestampMs) -> bool {
+        (!self.open.is_empty() && self.open.min_t() <= t) || self.chunks.is_empty()
+    }
+
     /// The value bits stored at `t`.
     pub fn get(&self, t: TimestampMs) -> Option<u64> {
-        if self.open.first().is_some_and(|s| s.t <= t) {
-            return self
-                .open
+        let latest = self.latest()?;
+        if t > latest {
+            return None;
+        }
+        if t == latest && !self.open.is_empty() {
+            return Some(self.open.last_bits());
+        }
+        let found = |samples: Vec<Sample>| {
+            samples
                 .binary_search_by_key(&t, |s| s.t)
                 .ok()
-                .map(|i| self.open[i].v.to_bits());
+                .map(|i| samples[i].v.to_bits())
+        };
+        if self.in_open(t) {
+            return found(self.open.decode());
         }
         let chunk = &self.chunks[self.chunk_for(t)?];
         if t < chunk.min_t || t > chunk.max_t {
             return None;
         }
-        chunk
-            .decode()
-            .iter()
-            .find(|s| s.t == t)
-            .map(|s| s.v.to_bits())
+        found(chunk.decode())
     }
 
     /// Stores a sample (a timestamp already stored is left as it is).
     pub fn insert(&mut self, sample: Sample) {
         let after_all = self.latest().is_none_or(|latest| sample.t > latest);
         if after_all {
-            self.open.push(sample);
+            self.open.append(sample);
             if self.open.len() >= CHUNK_SAMPLES {
-                self.chunks.push(Chunk::encode(&self.open));
-                self.open.clear();
+                self.chunks.push(std::mem::take(&mut self.open).finish());
             }
-        } else if self.open.first().is_some_and(|s| s.t <= sample.t) || self.chunks.is_empty() {
-            insert_sample(&mut self.open, sample);
+        } else if self.in_open(sample.t) {
+            let mut samples = self.open.decode();
+            insert_sample(&mut samples, sample);
+            self.open = Appender::of(&samples);
         } else if let Some(i) = self.chunk_for(sample.t) {
             // Out of order into a closed chunk: rewrite that chunk.
             let mut samples = self.chunks[i].decode();
@@ -120,22 +135,22 @@ impl SampleStore {
         }
     }
 
-    /// Takes every sample older than `cutoff` out of the store (for flushing), in order.
-    pub fn split_before(&mut self, cutoff: TimestampMs) -> Vec<Sample> {
-        let mut out = Vec::new();
+    /// Takes every sample older than `cutoff` out of the store (for flushing), as compressed
+    /// chunks in order.
+    pub fn split_before(&mut self, cutoff: TimestampMs) -> Vec<Chunk> {
         let whole = self.chunks.partition_point(|c| c.max_t < cutoff);
-        for chunk in self.chunks.drain(..whole) {
-            out.extend(chunk.decode());
-        }
+        let mut out: Vec<Chunk> = self.chunks.drain(..whole).collect();
         if self.chunks.first().is_some_and(|c| c.min_t < cutoff) {
             let samples = self.chunks[0].decode();
             let at = samples.partition_point(|s| s.t < cutoff);
-            out.extend_from_slice(&samples[..at]);
+            out.push(Chunk::encode(&samples[..at]));
             self.chunks[0] = Chunk::encode(&samples[at..]);
         }
-        if self.chunks.is_empty() {
-            let at = self.open.partition_point(|s| s.t < cutoff);
-            out.extend(self.open.drain(..at));
+        if self.chunks.is_empty() && !self.open.is_empty() && self.open.min_t() < cutoff {
+            let samples = self.open.decode();
+            let at = samples.partition_point(|s| s.t < cutoff);
+            out.push(Chunk::encode(&samples[..at]));
+            self.open = Appender::of(&samples[at..]);
         }
         out
     }
@@ -148,26 +163,31 @@ impl SampleStore {
 
     /// Samples in `[start, end]`.
     pub fn range(&self, start: TimestampMs, end: TimestampMs) -> Vec<Sample> {
-        let mut out = Vec::new();
-        for chunk in self
-            .chunks
-            .iter()
-            .filter(|c| c.max_t >= start && c.min_t <= end)
-        {
+        let mut out = chunks_range(&self.chunks, start, end);
+        if !self.open.is_empty() && self.open.max_t() >= start && self.open.min_t() <= end {
             out.extend(
-                chunk
+                self.open
                     .decode()
                     .into_iter()
                     .filter(|s| s.t >= start && s.t <= end),
             );
         }
-        let from = self.open.partition_point(|s| s.t < start);
-        let to = self.open.partition_point(|s| s.t <= end);
-        if from < to {
-            out.extend_from_slice(&self.open[from..to]);
-        }
         out
     }
+}
+
+/// Samples in `[start, end]` of chunks sorted by time.
+pub(super) fn chunks_range(chunks: &[Chunk], start: TimestampMs, end: TimestampMs) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for chunk in chunks.iter().filter(|c| c.max_t >= start && c.min_t <= end) {
+        out.extend(
+            chunk
+                .decode()
+                .into_iter()
+                .filter(|s| s.t >= start && s.t <= end),
+        );
+    }
+    out
 }
 
 /// Decides a sample's fate against what a series holds.
@@ -218,9 +238,7 @@ impl Head {
         for label in labels.iter() {
             index
                 .postings
-                .entry(label.name.clone())
-                .or_default()
-                .entry(label.value.clone())
+                .entry(posting_key(&label.name, &label.value))
                 .or_default()
                 .push(id);
         }
@@ -264,8 +282,7 @@ impl Head {
                 }
                 let ids = index
                     .postings
-                    .get(&m.name)
-                    .and_then(|values| values.get(value))
+                    .get(&posting_key(&m.name, value))
                     .cloned()
                     .unwrap_or_default();
                 candidates = Some(match candidates {
@@ -310,6 +327,14 @@ impl Head {
             exemplars,
         })
     }
+}
+
+fn posting_key(name: &str, value: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(name.as_bytes());
+    h.update(&[0xFF]);
+    h.update(value.as_bytes());
+    h.digest()
 }
 
 fn intersect(a: &[u64], b: &[u64]) -> Vec<u64> {
@@ -403,10 +428,10 @@ mod tests {
         let all: Vec<Sample> = (0..300).map(|i| s(i * 10, i as f64)).collect();
         let mut st = store(&all);
         let taken = st.split_before(1_005);
-        assert_eq!(taken, all[..101]);
+        assert_eq!(chunks_range(&taken, i64::MIN, i64::MAX), all[..101]);
         assert_eq!(st.range(0, 10_000), all[101..]);
         let rest = st.split_before(i64::MAX);
-        assert_eq!(rest, all[101..]);
+        assert_eq!(chunks_range(&rest, i64::MIN, i64::MAX), all[101..]);
         assert!(st.is_empty());
         assert_eq!(place(&st, 2_990, &s(2_990, 0.0), 0), Placement::TooOld);
     }

@@ -26,7 +26,8 @@ use crate::model::{
 };
 use async_trait::async_trait;
 use block::Block;
-use head::{insert_sample, place, place_sorted, Head, Placement, SampleStore};
+use chunk::Chunk;
+use head::{chunks_range, insert_sample, place, place_sorted, Head, Placement, SampleStore};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -70,7 +71,7 @@ struct BlockSet {
     blocks: Vec<Block>,
     /// Samples taken out of the head whose block is not written yet (kept here, readable,
     /// when writing it failed, and written with the next flush).
-    flushing: BTreeMap<u64, Vec<Sample>>,
+    flushing: BTreeMap<u64, Vec<Chunk>>,
     next_order: u64,
     next_dir: u64,
 }
@@ -206,11 +207,12 @@ impl EmbeddedStorage {
             let mut head = self.write();
             let mut set = self.blocks_write();
             for (&id, series) in head.series.iter_mut() {
-                let samples = series.samples.split_before(cutoff);
-                if let Some(last) = samples.last() {
-                    series.flushed_until = last.t;
-                    report.flushed_samples += samples.len() as u64;
-                    set.flushing.entry(id).or_default().extend(samples);
+                let chunks = series.samples.split_before(cutoff);
+                if let Some(last) = chunks.last() {
+                    series.flushed_until = last.max_t;
+                    report.flushed_samples +=
+                        chunks.iter().map(|c| u64::from(c.count)).sum::<u64>();
+                    set.flushing.entry(id).or_default().extend(chunks);
                 }
             }
             if set.flushing.is_empty() {
@@ -226,7 +228,10 @@ impl EmbeddedStorage {
                 .dir
                 .join("blocks")
                 .join(format!("{:010}", set.next_dir));
-            let series = set.flushing.iter().map(|(&id, s)| Ok((id, s.clone())));
+            let series = set
+                .flushing
+                .iter()
+                .map(|(&id, chunks)| Ok((id, chunks_range(chunks, i64::MIN, i64::MAX))));
             tokio::task::block_in_place(|| Block::write(&dir, set.next_order, 1, series))
                 .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
         };
@@ -354,31 +359,31 @@ impl EmbeddedStorage {
     fn samples_of(
         &self,
         head: &Head,
-        set: &BlockSet,
+        blocks: &[Block],
+        flushing: &BTreeMap<u64, Vec<Chunk>>,
         ids: &[u64],
         start: TimestampMs,
         end: TimestampMs,
     ) -> StorageResult<BTreeMap<u64, Vec<Sample>>> {
         let mut out: BTreeMap<u64, Vec<Sample>> = BTreeMap::new();
-        for block in &set.blocks {
+        for block in blocks {
             block
                 .read_samples(ids, start, end, &mut out)
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
         }
         for &id in ids {
-            let flushing = set.flushing.get(&id).map(|s| {
-                let from = s.partition_point(|x| x.t < start);
-                let to = s.partition_point(|x| x.t <= end);
-                &s[from..to.max(from)]
-            });
+            let flushing = flushing
+                .get(&id)
+                .map(|chunks| chunks_range(chunks, start, end))
+                .unwrap_or_default();
             let in_head = head
                 .series
                 .get(&id)
                 .map(|s| s.samples.range(start, end))
                 .unwrap_or_default();
-            if flushing.is_some_and(|f| !f.is_empty()) || !in_head.is_empty() {
+            if !flushing.is_empty() || !in_head.is_empty() {
                 let samples = out.entry(id).or_default();
-                samples.extend_from_slice(flushing.unwrap_or_default());
+                samples.extend(flushing);
                 samples.extend(in_head);
             }
         }
@@ -517,16 +522,16 @@ impl EmbeddedStorage {
         }
         let ids: Vec<u64> = ids.into_iter().collect();
         let set = self.blocks_read();
-        let mut found: BTreeSet<u64> =
-            ids.iter()
-                .copied()
-                .filter(|&id| {
-                    head.has_samples(id, query.start, query.end)
-                        || set.flushing.get(&id).is_some_and(|s| {
-                            s.iter().any(|x| x.t >= query.start && x.t <= query.end)
-                        })
-                })
-                .collect();
+        let mut found: BTreeSet<u64> = ids
+            .iter()
+            .copied()
+            .filter(|&id| {
+                head.has_samples(id, query.start, query.end)
+                    || set.flushing.get(&id).is_some_and(|chunks| {
+                        !chunks_range(chunks, query.start, query.end).is_empty()
+                    })
+            })
+            .collect();
         for block in &set.blocks {
             let rest: Vec<u64> = ids
                 .iter()
@@ -790,7 +795,14 @@ impl Storage for EmbeddedStorage {
         ids.sort_unstable();
         let mut loaded = 0usize;
         let mut out = Vec::new();
-        for (id, samples) in self.samples_of(&head, &set, &ids, hints.start, hints.end)? {
+        for (id, samples) in self.samples_of(
+            &head,
+            &set.blocks,
+            &set.flushing,
+            &ids,
+            hints.start,
+            hints.end,
+        )? {
             let Some(series) = head.series.get(&id) else {
                 continue;
             };
@@ -830,13 +842,10 @@ impl Storage for EmbeddedStorage {
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
         }
         // Samples not in blocks yet are aggregated here.
-        let recent = BlockSet {
-            flushing: set.flushing.clone(),
-            ..BlockSet::default()
-        };
         let raw = self.samples_of(
             &head,
-            &recent,
+            &[],
+            &set.flushing,
             &ids,
             start,
             end.saturating_add(resolution.ms() - 1),
