@@ -185,12 +185,41 @@ pub fn encode_columns(times: &[i64], columns: &[Vec<f64>]) -> Vec<u8> {
             }
         }
     }
-    zstd::bulk::compress(&raw, ZSTD_LEVEL).unwrap_or_default()
+    ZSTD.with(|z| {
+        let mut z = z.borrow_mut();
+        z.0.compress(&raw).unwrap_or_default()
+    })
+}
+
+/// One zstd compressor and decompressor per thread: creating contexts per call costs more than
+/// compressing a short run.
+struct Zstd(
+    zstd::bulk::Compressor<'static>,
+    zstd::bulk::Decompressor<'static>,
+);
+
+thread_local! {
+    static ZSTD: std::cell::RefCell<Zstd> = std::cell::RefCell::new(Zstd(
+        zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap_or_else(|_| zstd::bulk::Compressor::default()),
+        zstd::bulk::Decompressor::new().unwrap_or_else(|_| zstd::bulk::Decompressor::default()),
+    ));
+}
+
+fn decompress(bytes: &[u8]) -> io::Result<Vec<u8>> {
+    // The frame says how large it is; refuse absurd sizes instead of allocating them.
+    let size = zstd::zstd_safe::get_frame_content_size(bytes)
+        .ok()
+        .flatten()
+        .ok_or_else(short)?;
+    if size > 64 << 20 {
+        return Err(short());
+    }
+    ZSTD.with(|z| z.borrow_mut().1.decompress(bytes, size as usize))
 }
 
 /// Decodes what [`encode_columns`] wrote: the timestamps and the value columns.
 pub fn decode_columns(bytes: &[u8]) -> io::Result<(Vec<i64>, Vec<Vec<f64>>)> {
-    let raw = zstd::bulk::decompress(bytes, 64 << 20)?;
+    let raw = decompress(bytes)?;
     let mut r = Reader(&raw);
     let count = usize::try_from(r.varint()?).map_err(|_| short())?;
     let width = usize::try_from(r.varint()?).map_err(|_| short())?;

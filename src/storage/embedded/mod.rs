@@ -64,6 +64,9 @@ impl Default for EmbeddedConfig {
 /// window merge into one, then those of a closed day.
 const COMPACTION_SPANS_MS: [i64; 2] = [2 * 3_600_000, 24 * 3_600_000];
 
+/// Blocks of a window still open that are merged into one.
+const OPEN_WINDOW_MERGE: usize = 4;
+
 /// The blocks on disk and the samples on their way there.
 #[derive(Default)]
 struct BlockSet {
@@ -599,9 +602,9 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The first run of at least two consecutive blocks whose data starts in the same aligned
-/// window of `span`, with the window closed (its end at or before `cutoff`) and every block
-/// still holding raw chunks.
+/// The first run of consecutive blocks whose data starts in the same aligned window of `span`
+/// and which all still hold raw chunks: at least two once the window is closed (its end at or
+/// before `cutoff`), at least [`OPEN_WINDOW_MERGE`] while it is open.
 fn compaction_group(
     blocks: &[Block],
     span: i64,
@@ -619,7 +622,10 @@ fn compaction_group(
         let whole = blocks[i..j]
             .iter()
             .all(|b| b.chunks.is_some() && b.meta.max_t < (w + 1).saturating_mul(span) + span);
-        if j - i >= 2 && closed && whole {
+        // An open window's small flushes are merged too once they pile up, so reads of
+        // recent data do not visit a block per flush.
+        let enough = if closed { 2 } else { OPEN_WINDOW_MERGE };
+        if j - i >= enough && whole {
             return Some(i..j);
         }
         i = j;
