@@ -12,6 +12,7 @@
 //!   summed rate over all 4 hours (which reads flushed data).
 //!
 //! `cargo bench --bench storage_peers [-- --series N --rounds N --connections N]`
+//! (`--hold` keeps the loaded SecuMon up for ten minutes after its phase, for profiling)
 //! (`apt-get install prometheus victoria-metrics` first).
 
 mod common;
@@ -207,21 +208,29 @@ fn main() {
         // to blocks: all but the last 61 samples of each series.
         let expected = (o.series * (points as usize - 61)) as f64;
         let deadline = Instant::now() + Duration::from_secs(900);
-        let block_samples = loop {
+        loop {
             let now = metric(
                 &get(&format!("{base}/metrics")),
                 "secumon_storage_block_samples",
             );
             if now >= expected {
-                break now;
+                break;
             }
             assert!(
                 Instant::now() < deadline,
                 "SecuMon did not flush: {now} of {expected}"
             );
             std::thread::sleep(Duration::from_secs(2));
-        };
+        }
+        // Then let compaction settle: the block count unchanged over two maintenance runs.
+        wait_stable(
+            "SecuMon's compaction",
+            Duration::from_secs(25),
+            Duration::from_secs(900),
+            || metric(&get(&format!("{base}/metrics")), "secumon_storage_blocks"),
+        );
         let page = get(&format!("{base}/metrics"));
+        let block_samples = metric(&page, "secumon_storage_block_samples");
         let block_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"chunks\"}");
         let rollup_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"rollups\"}");
         eprintln!(
@@ -230,6 +239,12 @@ fn main() {
             rollup_bytes / block_samples
         );
         let queries_ms = run_queries("SecuMon", &base, end);
+        if std::env::args().any(|a| a == "--hold") {
+            // For profiling: keep the loaded server up for ten minutes.
+            eprintln!("holding SecuMon at {base} (pid {})", server.pid());
+            std::thread::sleep(Duration::from_secs(600));
+            return;
+        }
         results.push(Measured {
             name: "SecuMon embedded",
             rate: outcome.accepted as f64 / outcome.seconds,

@@ -24,9 +24,21 @@ impl BitWriter {
         self.used = (self.used + 1) % 8;
     }
 
+    /// Appends the low `count` bits of `value`, a byte's worth at a time.
     fn bits(&mut self, value: u64, count: u8) {
-        for i in (0..count).rev() {
-            self.bit((value >> i) & 1 == 1);
+        let mut remaining = u32::from(count);
+        while remaining > 0 {
+            if self.used == 0 {
+                self.bytes.push(0);
+            }
+            let free = 8 - u32::from(self.used);
+            let take = free.min(remaining);
+            let part = ((value >> (remaining - take)) & ((1u64 << take) - 1)) as u8;
+            if let Some(last) = self.bytes.last_mut() {
+                *last |= part << (free - take);
+            }
+            self.used = ((u32::from(self.used) + take) % 8) as u8;
+            remaining -= take;
         }
     }
 }
@@ -44,10 +56,21 @@ impl BitReader<'_> {
         Some(bit)
     }
 
+    /// Reads `count` bits, a byte's worth at a time.
     fn bits(&mut self, count: u8) -> Option<u64> {
+        let mut remaining = u32::from(count);
+        if self.position + remaining as usize > self.bytes.len() * 8 {
+            return None;
+        }
         let mut value = 0u64;
-        for _ in 0..count {
-            value = (value << 1) | u64::from(self.bit()?);
+        while remaining > 0 {
+            let byte = self.bytes[self.position / 8];
+            let available = 8 - (self.position % 8) as u32;
+            let take = available.min(remaining);
+            let part = (u32::from(byte) >> (available - take)) & ((1u32 << take) - 1);
+            value = (value << take) | u64::from(part);
+            self.position += take as usize;
+            remaining -= take;
         }
         Some(value)
     }
