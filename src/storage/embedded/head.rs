@@ -7,7 +7,8 @@ use crate::model::{
     matches_all, Exemplar, Labels, MatchOp, Matcher, MetricMetadata, Sample, SeriesExemplars,
     TimestampMs,
 };
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::BTreeMap;
 
 pub(super) struct SeriesData {
     pub labels: Labels,

@@ -28,8 +28,9 @@ use async_trait::async_trait;
 use block::Block;
 use chunk::Chunk;
 use head::{chunks_range, insert_sample, place, place_sorted, Head, Placement, SampleStore};
+use rustc_hash::FxHashMap as HashMap;
 use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -121,7 +122,7 @@ impl EmbeddedStorage {
         };
         let (set, mut damaged) = open_blocks(&dir.join("blocks")).map_err(fail)?;
         // Samples up to these times are in blocks; the log's copies are not replayed.
-        let mut flushed: HashMap<u64, TimestampMs> = HashMap::new();
+        let mut flushed: HashMap<u64, TimestampMs> = HashMap::default();
         for block in &set.blocks {
             for (id, t) in block.max_times().map_err(fail)? {
                 let at = flushed.entry(id).or_insert(t);
@@ -416,7 +417,7 @@ impl EmbeddedStorage {
         records: &mut Vec<Record>,
     ) -> Vec<u64> {
         let index = head.tenants.get(tenant);
-        let mut fresh: HashMap<u128, u64> = HashMap::new();
+        let mut fresh: HashMap<u128, u64> = HashMap::default();
         let mut next = head.next_id;
         labels
             .iter()
@@ -446,7 +447,7 @@ impl EmbeddedStorage {
         }
         tokio::task::block_in_place(|| wal.append(&records)).map_err(io_error)?;
         let mut head = self.write();
-        let none = HashMap::new();
+        let none = HashMap::default();
         for record in records {
             apply(&mut head, record, &none);
         }
@@ -466,23 +467,33 @@ impl EmbeddedStorage {
             let head = self.read();
             let labels: Vec<&Labels> = batch.iter().map(|s| &s.labels).collect();
             let ids = self.resolve(&head, tenant.as_str(), &labels, &mut records);
-            // Samples of this batch per series, to judge repeats inside the batch too.
-            let mut pending: HashMap<u64, Vec<Sample>> = HashMap::new();
+            // Samples of this batch per series, to judge repeats inside the batch too; only
+            // needed for a series that comes twice or whose samples are not strictly in order.
+            let mut pending: HashMap<u64, Vec<Sample>> = HashMap::default();
+            let mut occurrences: HashMap<u64, u32> = HashMap::default();
+            for &id in &ids {
+                *occurrences.entry(id).or_default() += 1;
+            }
+            accepted.reserve(batch.iter().map(|s| s.samples.len()).sum());
+            let empty = SampleStore::default();
             for (series, &id) in batch.iter().zip(&ids) {
-                let empty = SampleStore::default();
                 let (stored, flushed_until) = head
                     .series
                     .get(&id)
                     .map_or((&empty, i64::MIN), |s| (&s.samples, s.flushed_until));
+                let simple = occurrences.get(&id) == Some(&1)
+                    && series.samples.windows(2).all(|w| w[0].t < w[1].t);
                 for sample in &series.samples {
-                    let mine = pending.entry(id).or_default();
                     let placement = match place(stored, flushed_until, sample, self.window_ms) {
-                        Placement::Insert => place_sorted(mine, sample),
+                        Placement::Insert if simple => Placement::Insert,
+                        Placement::Insert => place_sorted(pending.entry(id).or_default(), sample),
                         other => other,
                     };
                     match placement {
                         Placement::Insert => {
-                            insert_sample(mine, *sample);
+                            if !simple {
+                                insert_sample(pending.entry(id).or_default(), *sample);
+                            }
                             accepted.push((id, sample.t, sample.v));
                             outcome.accepted += 1;
                         }
@@ -636,7 +647,7 @@ fn compaction_group(
 /// What a checkpoint keeps of the deleted log segments: every series, metadata and exemplar.
 fn checkpoint_records(head: &Head) -> Vec<Record> {
     let mut records = Vec::with_capacity(head.series.len() + 1);
-    let mut tenant_of: HashMap<u64, &str> = HashMap::new();
+    let mut tenant_of: HashMap<u64, &str> = HashMap::default();
     for (tenant, index) in &head.tenants {
         for &id in &index.all {
             tenant_of.insert(id, tenant.as_str());
