@@ -440,16 +440,31 @@ impl EmbeddedStorage {
             .collect()
     }
 
-    /// Logs `records` (durably, by policy), then applies them to the head.
-    fn commit(&self, wal: &mut Wal, records: Vec<Record>) -> StorageResult<()> {
+    /// Logs `records` and applies them to the head with the log held (so the next writer
+    /// judges its samples against these), then lets the log go and waits until the records
+    /// are durable (by policy) before the caller acknowledges: concurrent writers share one
+    /// fsync (group commit). If that fsync fails the log refuses writes until a restart, so
+    /// nothing is acknowledged that a restart would not find.
+    fn commit(
+        &self,
+        mut wal: std::sync::MutexGuard<'_, Wal>,
+        records: Vec<Record>,
+    ) -> StorageResult<()> {
         if records.is_empty() {
             return Ok(());
         }
-        tokio::task::block_in_place(|| wal.append(&records)).map_err(io_error)?;
-        let mut head = self.write();
-        let none = HashMap::default();
-        for record in records {
-            apply(&mut head, record, &none);
+        let end = tokio::task::block_in_place(|| wal.append(&records)).map_err(io_error)?;
+        {
+            let mut head = self.write();
+            let none = HashMap::default();
+            for record in records {
+                apply(&mut head, record, &none);
+            }
+        }
+        let (policy, syncer) = (wal.fsync_policy(), wal.syncer());
+        drop(wal);
+        if policy == FsyncPolicy::Always {
+            tokio::task::block_in_place(|| syncer.sync_to(end)).map_err(io_error)?;
         }
         Ok(())
     }
@@ -459,7 +474,7 @@ impl EmbeddedStorage {
         tenant: &TenantId,
         batch: &[SeriesWrite],
     ) -> StorageResult<AppendOutcome> {
-        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let mut outcome = AppendOutcome::default();
         let mut records = Vec::new();
         let mut accepted: Vec<(u64, i64, f64)> = Vec::new();
@@ -517,7 +532,7 @@ impl EmbeddedStorage {
         if !accepted.is_empty() {
             records.push(Record::Samples { samples: accepted });
         }
-        self.commit(&mut wal, records)?;
+        self.commit(wal, records)?;
         Ok(outcome)
     }
 
@@ -737,7 +752,7 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         metadata: &[MetricMetadata],
     ) -> StorageResult<()> {
-        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let records: Vec<Record> = {
             let head = self.read();
             let known = head.tenants.get(tenant.as_str()).map(|t| &t.metadata);
@@ -754,7 +769,7 @@ impl Storage for EmbeddedStorage {
                 })
                 .collect()
         };
-        self.commit(&mut wal, records)
+        self.commit(wal, records)
     }
 
     async fn append_exemplars(
@@ -762,7 +777,7 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         batch: &[ExemplarWrite],
     ) -> StorageResult<()> {
-        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let mut records = Vec::new();
         let exemplars: Vec<(u64, i64, f64, Labels)> = {
             let head = self.read();
@@ -779,7 +794,7 @@ impl Storage for EmbeddedStorage {
                 .collect()
         };
         records.push(Record::Exemplars { exemplars });
-        self.commit(&mut wal, records)
+        self.commit(wal, records)
     }
 
     async fn exemplars(

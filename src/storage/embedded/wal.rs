@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Largest record accepted on replay; anything bigger is damage.
 const MAX_RECORD_BYTES: u32 = 256 << 20;
@@ -266,9 +268,65 @@ pub struct ReplayReport {
     pub truncated: Option<(PathBuf, u64)>,
 }
 
+/// Where a write ended in the log: what must be durable before it is acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    segment: u64,
+    offset: u64,
+}
+
+/// Group commit: writers append under the log's lock but fsync outside it, and one fsync
+/// makes every write before it durable, so concurrent requests share fsyncs instead of
+/// queueing one each.
+#[derive(Debug)]
+pub struct Syncer {
+    /// Everything up to here is durable.
+    synced: Mutex<Position>,
+    /// The end of the last write and the segment file it went to.
+    current: Mutex<(Position, Arc<File>)>,
+    /// Set when an fsync failed: what was written may not be on disk, so the log refuses
+    /// writes until a restart replays what is.
+    broken: AtomicBool,
+}
+
+impl Syncer {
+    /// Returns once everything up to `to` is durable.
+    pub fn sync_to(&self, to: Position) -> io::Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if *synced >= to {
+            return Ok(());
+        }
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "an earlier fsync failed; restart to recover",
+            ));
+        }
+        let (end, file) = {
+            let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            (current.0, current.1.clone())
+        };
+        if let Err(e) = file.sync_data() {
+            self.broken.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        *synced = end.max(*synced);
+        Ok(())
+    }
+
+    fn written(&self, end: Position, file: &Arc<File>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (end, file.clone());
+    }
+
+    fn synced_to(&self, end: Position) {
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        *synced = end.max(*synced);
+    }
+}
+
 pub struct Wal {
     dir: PathBuf,
-    file: File,
+    file: Arc<File>,
+    syncer: Arc<Syncer>,
     segment: u64,
     /// The latest sample time in each segment (`i64::MIN` when it has none): a segment whose
     /// samples are all flushed to blocks can go once a checkpoint holds its series.
@@ -365,13 +423,23 @@ impl Wal {
             .max(checkpoints(dir)?.last().copied().unwrap_or(0))
             .max(1);
         let path = segment_path(dir, segment);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
         let size = file.metadata()?.len();
         max_t.entry(segment).or_insert(i64::MIN);
+        let end = Position {
+            segment,
+            offset: size,
+        };
+        let syncer = Arc::new(Syncer {
+            synced: Mutex::new(end),
+            current: Mutex::new((end, file.clone())),
+            broken: AtomicBool::new(false),
+        });
         Ok((
             Wal {
                 dir: dir.to_owned(),
                 file,
+                syncer,
                 segment,
                 max_t,
                 size,
@@ -382,11 +450,21 @@ impl Wal {
         ))
     }
 
-    /// Appends records and makes them durable per the fsync policy. On failure (a full disk,
-    /// an I/O error) the partial write is cut off again, so the log stays a sequence of intact
-    /// records and a later append can succeed.
-    pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
-        if self.broken {
+    /// The group-commit handle: [`Syncer::sync_to`] the position an append returned before
+    /// acknowledging it (with `--embedded-fsync always`).
+    pub fn syncer(&self) -> Arc<Syncer> {
+        self.syncer.clone()
+    }
+
+    pub fn fsync_policy(&self) -> FsyncPolicy {
+        self.fsync
+    }
+
+    /// Appends records (written, not yet fsynced); returns where they end. On failure (a full
+    /// disk, an I/O error) the partial write is cut off again, so the log stays a sequence of
+    /// intact records and a later append can succeed.
+    pub fn append(&mut self, records: &[Record]) -> io::Result<Position> {
+        if self.broken || self.syncer.broken.load(Ordering::SeqCst) {
             return Err(io::Error::other(
                 "an earlier write failed and could not be undone; restart to recover",
             ));
@@ -404,15 +482,32 @@ impl Wal {
         if self.broken {
             return Err(io::Error::other("the log is broken; restart to recover"));
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment_path(&self.dir, self.segment + 1))?;
+        // The old segment is made durable first: a position in it counts as synced from here.
+        if self.fsync == FsyncPolicy::Always {
+            self.file.sync_data()?;
+        }
+        self.syncer.synced_to(Position {
+            segment: self.segment,
+            offset: self.size,
+        });
+        let file = Arc::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(segment_path(&self.dir, self.segment + 1))?,
+        );
         File::open(&self.dir)?.sync_all()?;
         self.segment += 1;
         self.file = file;
         self.size = 0;
         self.max_t.insert(self.segment, i64::MIN);
+        self.syncer.written(
+            Position {
+                segment: self.segment,
+                offset: 0,
+            },
+            &self.file,
+        );
         Ok(self.segment)
     }
 
@@ -463,7 +558,7 @@ impl Wal {
             .unwrap_or(0)
     }
 
-    fn try_append(&mut self, records: &[Record]) -> io::Result<()> {
+    fn try_append(&mut self, records: &[Record]) -> io::Result<Position> {
         if self.size > SEGMENT_BYTES {
             self.rotate()?;
         }
@@ -474,15 +569,17 @@ impl Wal {
             buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
             buf.extend_from_slice(&payload);
         }
-        self.file.write_all(&buf)?;
-        if self.fsync == FsyncPolicy::Always {
-            self.file.sync_data()?;
-        }
+        (&*self.file).write_all(&buf)?;
         self.size += buf.len() as u64;
         let t = records_max_t(records);
         let seg = self.max_t.entry(self.segment).or_insert(i64::MIN);
         *seg = (*seg).max(t);
-        Ok(())
+        let end = Position {
+            segment: self.segment,
+            offset: self.size,
+        };
+        self.syncer.written(end, &self.file);
+        Ok(end)
     }
 }
 
@@ -636,6 +733,37 @@ mod tests {
                 .collect(),
         };
         assert!(small.encode().len() < 100 * 5, "{}", small.encode().len());
+    }
+
+    #[test]
+    fn concurrent_writers_share_fsyncs_and_every_record_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), FsyncPolicy::Always, |_| {}).unwrap();
+        let syncer = wal.syncer();
+        let wal = Arc::new(Mutex::new(wal));
+        let threads: Vec<_> = (0..4u64)
+            .map(|w| {
+                let (wal, syncer) = (wal.clone(), syncer.clone());
+                std::thread::spawn(move || {
+                    for i in 0..50i64 {
+                        let record = Record::Samples {
+                            samples: vec![(w, i, i as f64)],
+                        };
+                        let end = wal.lock().unwrap().append(&[record]).unwrap();
+                        syncer.sync_to(end).unwrap();
+                        // Durable now: a position already covered returns at once.
+                        syncer.sync_to(end).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(wal);
+        let mut count = 0;
+        Wal::open(dir.path(), FsyncPolicy::Always, |_| count += 1).unwrap();
+        assert_eq!(count, 200);
     }
 
     #[test]
