@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! "SMRUNS01"
-//! run*   : series u64 | min_t i64 | max_t i64 | len u32 | crc32(payload) u32 | payload
+//! run*   : series u64 | len u32 | crc32(payload) u32 | payload
 //! index  : series u64 | offset u64 | len u32 | min_t i64 | max_t i64      (sorted by series)
 //! footer : index_offset u64 | entries u64 | crc32(index) u32 | 0u32 | "SMINDEX1"
 //! ```
@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 const FILE_MAGIC: &[u8; 8] = b"SMRUNS01";
 const FOOTER_MAGIC: &[u8; 8] = b"SMINDEX1";
-const RUN_HEADER: usize = 32;
+const RUN_HEADER: usize = 16;
 const ENTRY: usize = 36;
 const FOOTER: usize = 32;
 /// Index entries per page kept in memory by their first series id.
@@ -112,8 +112,6 @@ impl RunWriter {
         let len = u32::try_from(payload.len()).map_err(|_| damaged("run too large".into()))?;
         let mut header = Vec::with_capacity(RUN_HEADER);
         header.extend_from_slice(&series.to_le_bytes());
-        header.extend_from_slice(&min_t.to_le_bytes());
-        header.extend_from_slice(&max_t.to_le_bytes());
         header.extend_from_slice(&len.to_le_bytes());
         header.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         self.out.write_all(&header)?;
@@ -265,8 +263,8 @@ impl RunFile {
         self.file.read_exact_at(&mut buf, entry.offset)?;
         let (header, payload) = buf.split_at(RUN_HEADER);
         if le_u64(&header[0..8]) != entry.series
-            || le_u32(&header[24..28]) != entry.len
-            || le_u32(&header[28..32]) != crc32fast::hash(payload)
+            || le_u32(&header[8..12]) != entry.len
+            || le_u32(&header[12..16]) != crc32fast::hash(payload)
         {
             return Err(damaged(format!(
                 "{}: damaged run of series {} at offset {}",
@@ -325,21 +323,23 @@ fn scan_runs(file: &File, len: u64) -> io::Result<(u64, Vec<Entry>)> {
     let mut header = [0u8; RUN_HEADER];
     while offset + RUN_HEADER as u64 <= len {
         file.read_exact_at(&mut header, offset)?;
-        let run_len = le_u32(&header[24..28]);
+        let run_len = le_u32(&header[8..12]);
         if run_len > MAX_RUN || offset + (RUN_HEADER as u64) + u64::from(run_len) > len {
             break;
         }
         let mut payload = vec![0u8; run_len as usize];
         file.read_exact_at(&mut payload, offset + RUN_HEADER as u64)?;
-        if crc32fast::hash(&payload) != le_u32(&header[28..32]) {
+        if crc32fast::hash(&payload) != le_u32(&header[12..16]) {
             break;
         }
         entries.push(Entry {
             series: le_u64(&header[0..8]),
             offset,
             len: run_len,
-            min_t: le_u64(&header[8..16]) as i64,
-            max_t: le_u64(&header[16..24]) as i64,
+            // The index had the run's time range; without it the run is read whenever its
+            // series is (pieces are still filtered by their own times).
+            min_t: i64::MIN,
+            max_t: i64::MAX,
         });
         offset += RUN_HEADER as u64 + u64::from(run_len);
     }
@@ -358,10 +358,10 @@ pub(super) fn encode_samples(samples: &[Sample]) -> Vec<u8> {
             continue;
         };
         let bytes = codec::encode(piece);
-        out.extend_from_slice(&first.t.to_le_bytes());
-        out.extend_from_slice(&last.t.to_le_bytes());
-        out.extend_from_slice(&(piece.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        codec::put_varint(&mut out, codec::zigzag(first.t));
+        codec::put_varint(&mut out, last.t.wrapping_sub(first.t) as u64);
+        codec::put_varint(&mut out, piece.len() as u64);
+        codec::put_varint(&mut out, bytes.len() as u64);
         out.extend_from_slice(&bytes);
     }
     out
@@ -369,31 +369,29 @@ pub(super) fn encode_samples(samples: &[Sample]) -> Vec<u8> {
 
 /// Samples of a run in `[start, end]`.
 pub(super) fn decode_samples(
-    mut payload: &[u8],
+    payload: &[u8],
     start: TimestampMs,
     end: TimestampMs,
 ) -> io::Result<Vec<Sample>> {
     let mut out = Vec::new();
-    while !payload.is_empty() {
-        if payload.len() < 24 {
-            return Err(damaged("piece header cut short".into()));
-        }
-        let min_t = le_u64(&payload[0..8]) as i64;
-        let max_t = le_u64(&payload[8..16]) as i64;
-        let count = le_u32(&payload[16..20]) as usize;
-        let len = le_u32(&payload[20..24]) as usize;
-        let rest = &payload[24..];
-        if rest.len() < len {
+    let mut r = codec::Reader(payload);
+    while !r.0.is_empty() {
+        let min_t = codec::unzigzag(r.varint()?);
+        let max_t = min_t.wrapping_add(r.varint()? as i64);
+        let count = usize::try_from(r.varint()?).map_err(|_| damaged("bad piece".into()))?;
+        let len = usize::try_from(r.varint()?).map_err(|_| damaged("bad piece".into()))?;
+        if r.0.len() < len {
             return Err(damaged("piece cut short".into()));
         }
+        let (bytes, rest) = r.0.split_at(len);
         if max_t >= start && min_t <= end {
-            let samples = codec::decode(&rest[..len])?;
+            let samples = codec::decode(bytes)?;
             if samples.len() != count {
                 return Err(damaged("piece holds another sample count".into()));
             }
             out.extend(samples.into_iter().filter(|s| s.t >= start && s.t <= end));
         }
-        payload = &rest[len..];
+        r.0 = rest;
     }
     Ok(out)
 }

@@ -29,7 +29,7 @@ const VALUES_DECIMAL_DELTA: u8 = 1;
 const VALUES_DECIMAL_DELTA2: u8 = 2;
 const VALUES_XOR: u8 = 3;
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -37,18 +37,18 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn zigzag(v: i64) -> u64 {
+pub(super) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
-fn unzigzag(v: u64) -> i64 {
+pub(super) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub &'a [u8]);
 
 impl Reader<'_> {
-    fn varint(&mut self) -> io::Result<u64> {
+    pub fn varint(&mut self) -> io::Result<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let (&b, rest) = self.0.split_first().ok_or_else(short)?;
@@ -185,11 +185,25 @@ pub fn encode_columns(times: &[i64], columns: &[Vec<f64>]) -> Vec<u8> {
             }
         }
     }
-    ZSTD.with(|z| {
-        let mut z = z.borrow_mut();
-        z.0.compress(&raw).unwrap_or_default()
-    })
+    // Short streams often come out larger from zstd (its frame costs about a dozen bytes):
+    // keep whichever is smaller, behind a one-byte marker.
+    let compressed = ZSTD.with(|z| z.borrow_mut().0.compress(&raw).ok());
+    let mut out = Vec::with_capacity(raw.len() + 1);
+    match compressed {
+        Some(c) if c.len() < raw.len() => {
+            out.push(FRAME_ZSTD);
+            out.extend_from_slice(&c);
+        }
+        _ => {
+            out.push(FRAME_RAW);
+            out.extend_from_slice(&raw);
+        }
+    }
+    out
 }
+
+const FRAME_RAW: u8 = 0;
+const FRAME_ZSTD: u8 = 1;
 
 /// One zstd compressor and decompressor per thread: creating contexts per call costs more than
 /// compressing a short run.
@@ -219,7 +233,11 @@ fn decompress(bytes: &[u8]) -> io::Result<Vec<u8>> {
 
 /// Decodes what [`encode_columns`] wrote: the timestamps and the value columns.
 pub fn decode_columns(bytes: &[u8]) -> io::Result<(Vec<i64>, Vec<Vec<f64>>)> {
-    let raw = decompress(bytes)?;
+    let raw = match bytes.split_first() {
+        Some((&FRAME_ZSTD, frame)) => decompress(frame)?,
+        Some((&FRAME_RAW, raw)) => raw.to_vec(),
+        _ => return Err(short()),
+    };
     let mut r = Reader(&raw);
     let count = usize::try_from(r.varint()?).map_err(|_| short())?;
     let width = usize::try_from(r.varint()?).map_err(|_| short())?;
@@ -365,7 +383,10 @@ mod tests {
             assert!(decode(&bytes[..cut]).is_err());
         }
         let raw = [0x05u8, 0x01, 0x00];
-        let fake = zstd::bulk::compress(&raw, 1).unwrap();
+        let mut fake = vec![FRAME_ZSTD];
+        fake.extend(zstd::bulk::compress(&raw, 1).unwrap());
         assert!(decode(&fake).is_err());
+        assert!(decode(&[FRAME_RAW, 0x05, 0x01]).is_err());
+        assert!(decode(&[7, 1, 2]).is_err());
     }
 }
