@@ -168,7 +168,8 @@ impl RollupRow {
 
     /// Folds a later part of the same bucket into this one. The result equals the aggregate
     /// over both parts' samples: min/max skip NaN unless everything is NaN, as
-    /// `min_over_time`/`max_over_time` do.
+    /// `min_over_time`/`max_over_time` do; the sum up to floating-point rounding (the additions
+    /// happen in another order), exactly for integer values.
     pub fn merge(&mut self, later: &RollupRow) {
         if later.min < self.min || self.min.is_nan() {
             self.min = later.min;

@@ -193,8 +193,9 @@ impl RunFile {
         }
     }
 
-    /// Opens a run file, recovering the intact runs of a damaged one (and rewriting its index).
-    pub fn open(path: &Path) -> io::Result<Opened> {
+    /// Opens a run file, recovering the intact runs of a damaged one (and rewriting its index;
+    /// `time_range` reads a run's first and last time from its payload).
+    pub fn open(path: &Path, time_range: TimeRange) -> io::Result<Opened> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
         match read_index(&file, len) {
@@ -203,7 +204,7 @@ impl RunFile {
                 damaged_bytes: 0,
             }),
             Err(_) => {
-                let (valid_end, entries) = scan_runs(&file, len)?;
+                let (valid_end, entries) = scan_runs(&file, len, time_range)?;
                 file.set_len(valid_end)?;
                 let mut tail = Vec::new();
                 write_index(&mut tail, valid_end, &entries)?;
@@ -310,7 +311,32 @@ fn read_index(file: &File, len: u64) -> io::Result<(u64, Vec<Entry>)> {
 }
 
 /// Intact runs from the start of a damaged file: (end of the last intact run, their entries).
-fn scan_runs(file: &File, len: u64) -> io::Result<(u64, Vec<Entry>)> {
+/// Reads the first and last sample (or bucket) time of a run's payload.
+pub(super) type TimeRange = fn(&[u8]) -> Option<(TimestampMs, TimestampMs)>;
+
+/// The time range of a raw run, from its piece headers.
+fn chunks_time_range(payload: &[u8]) -> Option<(TimestampMs, TimestampMs)> {
+    let mut r = codec::Reader(payload);
+    let (mut first, mut last) = (None, None);
+    while !r.0.is_empty() {
+        let min_t = codec::unzigzag(r.varint().ok()?);
+        let max_t = min_t.wrapping_add(r.varint().ok()? as i64);
+        r.varint().ok()?;
+        let len = usize::try_from(r.varint().ok()?).ok()?;
+        r.0 = r.0.get(len..)?;
+        first.get_or_insert(min_t);
+        last = Some(max_t);
+    }
+    Some((first?, last?))
+}
+
+/// The time range of a rollup run, from its bucket starts.
+fn rollups_time_range(payload: &[u8]) -> Option<(TimestampMs, TimestampMs)> {
+    let (times, _) = codec::decode_columns(payload).ok()?;
+    Some((*times.first()?, *times.last()?))
+}
+
+fn scan_runs(file: &File, len: u64, time_range: TimeRange) -> io::Result<(u64, Vec<Entry>)> {
     let mut magic = [0u8; 8];
     if file.read_exact_at(&mut magic, 0).is_err() || &magic != FILE_MAGIC {
         // Not even the header: nothing to recover, keep an empty valid file.
@@ -332,14 +358,15 @@ fn scan_runs(file: &File, len: u64) -> io::Result<(u64, Vec<Entry>)> {
         if crc32fast::hash(&payload) != le_u32(&header[12..16]) {
             break;
         }
+        let Some((min_t, max_t)) = time_range(&payload) else {
+            break;
+        };
         entries.push(Entry {
             series: le_u64(&header[0..8]),
             offset,
             len: run_len,
-            // The index had the run's time range; without it the run is read whenever its
-            // series is (pieces are still filtered by their own times).
-            min_t: i64::MIN,
-            max_t: i64::MAX,
+            min_t,
+            max_t,
         });
         offset += RUN_HEADER as u64 + u64::from(run_len);
     }
@@ -434,7 +461,7 @@ fn decode_rollups(payload: &[u8]) -> io::Result<Vec<RollupRow>> {
 
 /// `meta.json` of a block.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub(super) struct Meta {
+pub(crate) struct Meta {
     /// Blocks are read in this order: per series, a block's samples are later than those of
     /// every block before it.
     pub order: u64,
@@ -444,6 +471,10 @@ pub(super) struct Meta {
     pub samples: u64,
     /// Flushes merged into it (1 for a flushed block).
     pub sources: u64,
+    /// Directory numbers of the blocks this one replaces (compaction): if they are still
+    /// there when the engine opens (a crash before they were deleted), they are deleted then.
+    #[serde(default)]
+    pub replaces: Vec<u64>,
 }
 
 /// A block on disk.
@@ -466,6 +497,7 @@ impl Block {
         dir: &Path,
         order: u64,
         sources: u64,
+        replaces: Vec<u64>,
         series: impl Iterator<Item = io::Result<(u64, Vec<Sample>)>>,
     ) -> io::Result<Option<Block>> {
         let tmp = dir.with_extension("tmp");
@@ -483,6 +515,7 @@ impl Block {
             series: 0,
             samples: 0,
             sources,
+            replaces,
         };
         for item in series {
             let (id, samples) = item?;
@@ -534,7 +567,12 @@ impl Block {
             if !path.exists() {
                 return Ok(None);
             }
-            let opened = RunFile::open(&path)?;
+            let time_range: TimeRange = if name == file_name(None) {
+                chunks_time_range
+            } else {
+                rollups_time_range
+            };
+            let opened = RunFile::open(&path, time_range)?;
             if opened.damaged_bytes > 0 {
                 tracing::warn!(
                     file = %path.display(),
@@ -561,6 +599,11 @@ impl Block {
             },
             damaged_bytes,
         ))
+    }
+
+    /// The number in the block's directory name.
+    pub fn number(&self) -> Option<u64> {
+        self.dir.file_name()?.to_str()?.parse().ok()
     }
 
     pub fn rollup_file(&self, resolution: Resolution) -> Option<&RunFile> {
@@ -757,7 +800,8 @@ pub(super) fn compact(dir: &Path, blocks: &[&Block]) -> io::Result<Option<Block>
         }
         Ok((id, samples))
     });
-    Block::write(dir, order, sources, series)
+    let replaces = blocks.iter().filter_map(|b| b.number()).collect();
+    Block::write(dir, order, sources, replaces, series)
 }
 
 fn merge_into(out: &mut BTreeMap<u64, Vec<RollupRow>>, id: u64, rows: &[RollupRow]) {
@@ -790,6 +834,7 @@ mod tests {
             &dir.path().join("1"),
             1,
             1,
+            Vec::new(),
             [Ok((3u64, a.clone())), Ok((9u64, b.clone()))].into_iter(),
         )
         .unwrap()
@@ -834,19 +879,24 @@ mod tests {
             .unwrap()
             .set_len(cut)
             .unwrap();
-        let opened = RunFile::open(&path).unwrap();
+        let opened = RunFile::open(&path, |_| Some((0, 1))).unwrap();
         assert_eq!(opened.damaged_bytes, 10);
         let ids: Vec<u64> = (0..200).collect();
         let found = opened.file.lookup(&ids).unwrap();
         assert_eq!(found.len(), 150);
         assert_eq!(opened.file.read(&found[149]).unwrap(), vec![149u8; 50]);
         // The rebuilt file opens cleanly.
-        assert_eq!(RunFile::open(&path).unwrap().damaged_bytes, 0);
+        assert_eq!(
+            RunFile::open(&path, |_| Some((0, 1)))
+                .unwrap()
+                .damaged_bytes,
+            0
+        );
         // A flipped byte inside a run is caught on read.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xFF], found[7].offset + RUN_HEADER as u64 + 3)
             .unwrap();
-        let reopened = RunFile::open(&path).unwrap().file;
+        let reopened = RunFile::open(&path, |_| Some((0, 1))).unwrap().file;
         assert!(reopened.read(&found[7]).is_err());
         assert!(reopened.read(&found[8]).is_ok());
     }

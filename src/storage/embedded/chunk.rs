@@ -287,7 +287,14 @@ fn decode_bits(bytes: &[u8], count: u32) -> Vec<Sample> {
                         0 => 64,
                         n => n,
                     };
-                    trailing = 64 - leading - significant;
+                    // Damaged input can claim more than 64 bits: stop, never overflow.
+                    let Some(t) = 64u8
+                        .checked_sub(leading)
+                        .and_then(|rest| rest.checked_sub(significant))
+                    else {
+                        break;
+                    };
+                    trailing = t;
                 }
                 let significant = 64 - leading - trailing;
                 let bits = r.bits(significant).unwrap_or(0);

@@ -76,6 +76,8 @@ struct BlockSet {
     /// Samples taken out of the head whose block is not written yet (kept here, readable,
     /// when writing it failed, and written with the next flush).
     flushing: BTreeMap<u64, Vec<Chunk>>,
+    /// Blocks whose compaction failed (a damaged run): left alone until a restart.
+    not_compactable: std::collections::HashSet<PathBuf>,
     next_order: u64,
     next_dir: u64,
 }
@@ -196,11 +198,14 @@ impl EmbeddedStorage {
         let mut report = MaintenanceReport::default();
         let internal =
             |what: &str, e: std::io::Error| StorageError::Internal(format!("{what}: {e}"));
-        self.flush(cutoff, &mut report)?;
-        self.compact(cutoff, &mut report)
-            .map_err(|e| internal("compaction", e))?;
-        self.apply_retention(now, &mut report)
-            .map_err(|e| internal("retention", e))?;
+        // Each step runs whatever the one before returned: a flush that keeps failing must
+        // not stop retention from freeing disk.
+        let flushed = self.flush(cutoff, &mut report);
+        let compacted = self.compact(cutoff, &mut report);
+        let retained = self.apply_retention(now, &mut report);
+        flushed?;
+        compacted.map_err(|e| internal("compaction", e))?;
+        retained.map_err(|e| internal("retention", e))?;
         Ok(report)
     }
 
@@ -226,23 +231,27 @@ impl EmbeddedStorage {
             (segment, checkpoint_records(&head))
         };
         // Write the block; readers keep seeing the samples in `flushing` until it is in.
+        // A directory number is used once, even when writing there fails.
+        let number = {
+            let mut set = self.blocks_write();
+            set.next_dir += 1;
+            set.next_dir - 1
+        };
         let block = {
             let set = self.blocks_read();
-            let dir = self
-                .dir
-                .join("blocks")
-                .join(format!("{:010}", set.next_dir));
+            let dir = self.dir.join("blocks").join(format!("{number:010}"));
             let series = set
                 .flushing
                 .iter()
                 .map(|(&id, chunks)| Ok((id, chunks_range(chunks, i64::MIN, i64::MAX))));
-            tokio::task::block_in_place(|| Block::write(&dir, set.next_order, 1, series))
-                .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
+            tokio::task::block_in_place(|| {
+                Block::write(&dir, set.next_order, 1, Vec::new(), series)
+            })
+            .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
         };
         {
             let mut set = self.blocks_write();
             set.flushing.clear();
-            set.next_dir += 1;
             set.next_order += 1;
             if let Some(block) = block {
                 set.blocks.push(block);
@@ -273,23 +282,33 @@ impl EmbeddedStorage {
             loop {
                 let group = {
                     let set = self.blocks_read();
-                    compaction_group(&set.blocks, span, cutoff)
+                    compaction_group(&set.blocks, span, cutoff, &set.not_compactable)
                 };
                 let Some(range) = group else { break };
-                let (merged, dir_n) = {
+                let number = {
+                    let mut set = self.blocks_write();
+                    set.next_dir += 1;
+                    set.next_dir - 1
+                };
+                let merged = {
                     let set = self.blocks_read();
-                    let dir = self
-                        .dir
-                        .join("blocks")
-                        .join(format!("{:010}", set.next_dir));
+                    let dir = self.dir.join("blocks").join(format!("{number:010}"));
                     let group: Vec<&Block> = set.blocks[range.clone()].iter().collect();
-                    (
-                        tokio::task::block_in_place(|| block::compact(&dir, &group))?,
-                        set.next_dir,
-                    )
+                    tokio::task::block_in_place(|| block::compact(&dir, &group))
                 };
                 let mut set = self.blocks_write();
-                set.next_dir = dir_n + 1;
+                let merged = match merged {
+                    Ok(merged) => merged,
+                    Err(e) => {
+                        // A damaged run must not stop every later compaction: leave these
+                        // blocks as they are (until a restart) and go on.
+                        tracing::error!(error = %e, "compaction failed; its blocks stay as they are");
+                        let dirs: Vec<PathBuf> =
+                            set.blocks[range].iter().map(|b| b.dir.clone()).collect();
+                        set.not_compactable.extend(dirs);
+                        continue;
+                    }
+                };
                 let old: Vec<Block> = set.blocks.drain(range.clone()).collect();
                 if let Some(merged) = merged {
                     set.blocks.insert(range.start, merged);
@@ -341,13 +360,14 @@ impl EmbeddedStorage {
 
     /// Sizes of what is stored.
     pub fn sizes(&self) -> StorageStats {
-        let series_in_memory = self.read().series.len() as u64;
-        let set = self.blocks_read();
+        // The log first: the lock order is log, head, blocks.
         let wal_bytes = self
             .wal
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .disk_bytes();
+        let series_in_memory = self.read().series.len() as u64;
+        let set = self.blocks_read();
         StorageStats {
             series_in_memory,
             blocks: set.blocks.len() as u64,
@@ -450,11 +470,13 @@ impl EmbeddedStorage {
         mut wal: std::sync::MutexGuard<'_, Wal>,
         records: Vec<Record>,
     ) -> StorageResult<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let end = tokio::task::block_in_place(|| wal.append(&records)).map_err(io_error)?;
-        {
+        let end = if records.is_empty() {
+            // Nothing new, but what this request repeats may still be waiting for its fsync.
+            wal.end()
+        } else {
+            tokio::task::block_in_place(|| wal.append(&records)).map_err(io_error)?
+        };
+        if !records.is_empty() {
             let mut head = self.write();
             let none = HashMap::default();
             for record in records {
@@ -597,8 +619,24 @@ fn open_blocks(dir: &Path) -> std::io::Result<(BlockSet, u64)> {
         }
     }
     names.sort();
+    // Blocks a compacted block replaces are gone once it exists (a crash can leave them).
+    let replaced: std::collections::HashSet<u64> = names
+        .iter()
+        .filter_map(|(_, path)| std::fs::read(path.join("meta.json")).ok())
+        .filter_map(|bytes| serde_json::from_slice::<block::Meta>(&bytes).ok())
+        .flat_map(|meta| meta.replaces)
+        .collect();
+    for (n, path) in &names {
+        if replaced.contains(n) {
+            tracing::info!(block = %path.display(), "removing a block replaced by compaction");
+            std::fs::remove_dir_all(path)?;
+        }
+    }
     for (n, path) in names {
         set.next_dir = set.next_dir.max(n + 1);
+        if replaced.contains(&n) {
+            continue;
+        }
         match Block::open(&path) {
             Ok((block, bytes)) => {
                 damaged += bytes;
@@ -635,6 +673,7 @@ fn compaction_group(
     blocks: &[Block],
     span: i64,
     cutoff: TimestampMs,
+    excluded: &std::collections::HashSet<PathBuf>,
 ) -> Option<std::ops::Range<usize>> {
     let window = |b: &Block| b.meta.min_t.div_euclid(span);
     let mut i = 0;
@@ -645,9 +684,11 @@ fn compaction_group(
             j += 1;
         }
         let closed = (w + 1).saturating_mul(span) <= cutoff;
-        let whole = blocks[i..j]
-            .iter()
-            .all(|b| b.chunks.is_some() && b.meta.max_t < (w + 1).saturating_mul(span) + span);
+        let whole = blocks[i..j].iter().all(|b| {
+            b.chunks.is_some()
+                && !excluded.contains(&b.dir)
+                && b.meta.max_t < (w + 1).saturating_mul(span) + span
+        });
         // An open window's small flushes are merged too once they pile up, so reads of
         // recent data do not visit a block per flush.
         let enough = if closed { 2 } else { OPEN_WINDOW_MERGE };
@@ -1132,6 +1173,57 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocks_a_compaction_replaced_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        for i in 0..2 {
+            let from = i * HOUR;
+            s.append(&tenant, &[series("up", "a", from, from + HOUR - 1, 60_000)])
+                .await
+                .unwrap();
+            s.maintain_with_cutoff(0, from + HOUR - 1).unwrap();
+        }
+        // Before the window closes: two blocks. Keep copies of them, then compact.
+        let blocks = dir.path().join("blocks");
+        let copies = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(&blocks).unwrap() {
+            let e = e.unwrap();
+            let to = copies.path().join(e.file_name());
+            std::fs::create_dir(&to).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+        let report = s.maintain_with_cutoff(0, 10 * HOUR).unwrap();
+        assert_eq!(report.blocks_compacted, 2);
+        let before = everything(&s).await;
+        drop(s);
+        // A crash before the sources were deleted: they are back beside the merged block.
+        for e in std::fs::read_dir(copies.path()).unwrap() {
+            let e = e.unwrap();
+            let to = blocks.join(e.file_name());
+            std::fs::create_dir(&to).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(s.sizes().blocks, 1);
+        assert_eq!(everything(&s).await, before);
+        let rows = s
+            .select_rollups(&tenant, &[], Resolution::OneHour, 0, 10 * HOUR)
+            .await
+            .unwrap();
+        assert!(
+            rows[0].rows.iter().all(|r| r.count == 60.0),
+            "no double counting"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_block_file_is_recovered_and_reported() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
@@ -1171,5 +1263,18 @@ mod tests {
             left.len()
         );
         assert!(left.iter().all(|s| s.samples.len() == 121));
+        // The recovered runs keep their real time ranges: later samples are still taken.
+        let later: Vec<SeriesWrite> = left
+            .iter()
+            .map(|x| SeriesWrite {
+                labels: x.labels.clone(),
+                samples: vec![Sample {
+                    t: 3 * HOUR,
+                    v: 1.0,
+                }],
+            })
+            .collect();
+        let outcome = s.append(&tenant, &later).await.unwrap();
+        assert_eq!(outcome.accepted, left.len());
     }
 }

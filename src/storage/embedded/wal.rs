@@ -424,6 +424,11 @@ impl Wal {
             .max(1);
         let path = segment_path(dir, segment);
         let file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
+        // The directory entries must be durable too, or a fresh log can vanish on power loss.
+        File::open(dir)?.sync_all()?;
+        if let Some(parent) = dir.parent() {
+            File::open(parent)?.sync_all()?;
+        }
         let size = file.metadata()?.len();
         max_t.entry(segment).or_insert(i64::MIN);
         let end = Position {
@@ -460,6 +465,15 @@ impl Wal {
         self.fsync
     }
 
+    /// Where the last write ended: a request that wrote nothing itself (all its samples were
+    /// already there) still waits for this before it is acknowledged.
+    pub fn end(&self) -> Position {
+        Position {
+            segment: self.segment,
+            offset: self.size,
+        }
+    }
+
     /// Appends records (written, not yet fsynced); returns where they end. On failure (a full
     /// disk, an I/O error) the partial write is cut off again, so the log stays a sequence of
     /// intact records and a later append can succeed.
@@ -479,12 +493,18 @@ impl Wal {
     /// Starts a new segment; returns its number. Every record appended before is in lower
     /// segments.
     pub fn rotate(&mut self) -> io::Result<u64> {
-        if self.broken {
+        if self.broken || self.syncer.broken.load(Ordering::SeqCst) {
             return Err(io::Error::other("the log is broken; restart to recover"));
         }
         // The old segment is made durable first: a position in it counts as synced from here.
+        // A failed fsync breaks the log, as in `Syncer::sync_to`: what was written may not be
+        // on disk, and a second fsync would wrongly report success.
         if self.fsync == FsyncPolicy::Always {
-            self.file.sync_data()?;
+            if let Err(e) = self.file.sync_data() {
+                self.broken = true;
+                self.syncer.broken.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         self.syncer.synced_to(Position {
             segment: self.segment,
