@@ -700,9 +700,10 @@ fn compaction_group(
     None
 }
 
-/// What a checkpoint keeps of the deleted log segments: every series, metadata and exemplar.
-fn checkpoint_records(head: &Head) -> Vec<Record> {
-    let mut records = Vec::with_capacity(head.series.len() + 1);
+/// What a checkpoint keeps of the deleted log segments — every series, metadata and
+/// exemplar — framed as log records, encoded straight from the head (no copies of label sets).
+fn checkpoint_records(head: &Head) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.series.len() * 128);
     let mut tenant_of: HashMap<u64, &str> = HashMap::default();
     for (tenant, index) in &head.tenants {
         for &id in &index.all {
@@ -710,10 +711,13 @@ fn checkpoint_records(head: &Head) -> Vec<Record> {
         }
         for entries in index.metadata.values() {
             for m in entries {
-                records.push(Record::Metadata {
-                    tenant: tenant.clone(),
-                    metadata: m.clone(),
-                });
+                wal::frame_into(
+                    &mut out,
+                    &Record::Metadata {
+                        tenant: tenant.clone(),
+                        metadata: m.clone(),
+                    },
+                );
             }
         }
     }
@@ -722,11 +726,8 @@ fn checkpoint_records(head: &Head) -> Vec<Record> {
     let mut exemplars = Vec::new();
     for id in ids {
         let series = &head.series[&id];
-        records.push(Record::Series {
-            tenant: tenant_of.get(&id).copied().unwrap_or_default().to_owned(),
-            id,
-            labels: series.labels.clone(),
-        });
+        let tenant = tenant_of.get(&id).copied().unwrap_or_default();
+        wal::frame_series_into(&mut out, tenant, id, &series.labels);
         exemplars.extend(
             series
                 .exemplars
@@ -735,9 +736,9 @@ fn checkpoint_records(head: &Head) -> Vec<Record> {
         );
     }
     if !exemplars.is_empty() {
-        records.push(Record::Exemplars { exemplars });
+        wal::frame_into(&mut out, &Record::Exemplars { exemplars });
     }
-    records
+    out
 }
 
 /// Applies one log record to the head (on replay and after logging). Samples at or before a

@@ -603,20 +603,34 @@ impl Wal {
     }
 }
 
-/// Writes a checkpoint numbered `n` (written to a temporary file, fsynced and renamed, so it
-/// is either whole or absent).
-pub fn write_checkpoint(dir: &Path, n: u64, records: &[Record]) -> io::Result<()> {
+/// Appends a record, framed as in the log, to `out`.
+pub fn frame_into(out: &mut Vec<u8>, record: &Record) {
+    frame_payload(out, &record.encode());
+}
+
+/// Appends a framed series record without building a [`Record`] (no copy of the labels).
+pub fn frame_series_into(out: &mut Vec<u8>, tenant: &str, id: u64, labels: &Labels) {
+    let mut e = Encoder(Vec::new());
+    e.u8(1);
+    e.str(tenant);
+    e.u64(id);
+    e.labels(labels);
+    frame_payload(out, &e.0);
+}
+
+fn frame_payload(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Writes a checkpoint numbered `n` from framed records (written to a temporary file,
+/// fsynced and renamed, so it is either whole or absent).
+pub fn write_checkpoint(dir: &Path, n: u64, framed: &[u8]) -> io::Result<()> {
     let tmp = dir.join("checkpoint.tmp");
-    let mut out = io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-    for record in records {
-        let payload = record.encode();
-        out.write_all(&(payload.len() as u32).to_le_bytes())?;
-        out.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
-        out.write_all(&payload)?;
-    }
-    out.into_inner()
-        .map_err(|e| io::Error::other(e.to_string()))?
-        .sync_all()?;
+    let mut out = File::create(&tmp)?;
+    out.write_all(framed)?;
+    out.sync_all()?;
     std::fs::rename(&tmp, checkpoint_path(dir, n))?;
     File::open(dir)?.sync_all()
 }
