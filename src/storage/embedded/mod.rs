@@ -371,7 +371,12 @@ impl EmbeddedStorage {
         StorageStats {
             series_in_memory,
             blocks: set.blocks.len() as u64,
-            block_samples: set.blocks.iter().map(|b| b.meta.samples).sum(),
+            block_samples: set
+                .blocks
+                .iter()
+                .filter(|b| b.chunks.is_some())
+                .map(|b| b.meta.samples)
+                .sum(),
             block_bytes: set.blocks.iter().map(|b| b.size(false)).sum(),
             rollup_bytes: set.blocks.iter().map(|b| b.size(true)).sum(),
             wal_bytes,
@@ -724,10 +729,14 @@ fn checkpoint_records(head: &Head) -> Vec<u8> {
     let mut ids: Vec<u64> = head.series.keys().copied().collect();
     ids.sort_unstable();
     let mut exemplars = Vec::new();
+    let mut marks = Vec::new();
     for id in ids {
         let series = &head.series[&id];
         let tenant = tenant_of.get(&id).copied().unwrap_or_default();
         wal::frame_series_into(&mut out, tenant, id, &series.labels);
+        if series.flushed_until > i64::MIN {
+            marks.push((id, series.flushed_until));
+        }
         exemplars.extend(
             series
                 .exemplars
@@ -737,6 +746,9 @@ fn checkpoint_records(head: &Head) -> Vec<u8> {
     }
     if !exemplars.is_empty() {
         wal::frame_into(&mut out, &Record::Exemplars { exemplars });
+    }
+    if !marks.is_empty() {
+        wal::frame_into(&mut out, &Record::Flushed { marks });
     }
     out
 }
@@ -764,6 +776,13 @@ fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, TimestampMs>) {
             }
         }
         Record::Metadata { tenant, metadata } => head.add_metadata(&tenant, metadata),
+        Record::Flushed { marks } => {
+            for (id, t) in marks {
+                if let Some(series) = head.series.get_mut(&id) {
+                    series.flushed_until = series.flushed_until.max(t);
+                }
+            }
+        }
         Record::Exemplars { exemplars } => {
             for (id, t, value, labels) in exemplars {
                 if let Some(series) = head.series.get_mut(&id) {
@@ -1171,6 +1190,40 @@ mod tests {
         drop(s);
         let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
         assert!(everything(&s).await.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn samples_gone_by_retention_stay_gone_when_their_log_segment_remains() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let retention = RetentionConfig {
+            raw_days: 1,
+            ..RetentionConfig::default()
+        };
+        let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
+        // Old samples and, in the same log segment, one far in the future: the segment
+        // cannot be deleted, and raw retention then deletes the old samples' block.
+        s.append(&tenant, &[series("up", "a", 0, HOUR, 60_000)])
+            .await
+            .unwrap();
+        s.append(&tenant, &[series("far", "a", 100 * DAY, 100 * DAY, 60_000)])
+            .await
+            .unwrap();
+        s.maintain_with_cutoff(0, 2 * HOUR).unwrap();
+        s.maintain_with_cutoff(10 * DAY, i64::MIN).unwrap();
+        assert_eq!(s.sizes().block_samples, 0, "raw data past retention left");
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
+        let hints = SelectHints {
+            start: i64::MIN,
+            end: 50 * DAY,
+            ..SelectHints::default()
+        };
+        let back = s
+            .select(&tenant, &[Matcher::equal("__name__", "up")], &hints)
+            .await
+            .unwrap();
+        assert!(back.is_empty(), "replay brought back {back:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,9 @@ pub enum Record {
     Exemplars {
         exemplars: Vec<(u64, i64, f64, Labels)>,
     },
+    /// Per series, the latest sample time already in blocks (checkpoints): replay skips the
+    /// log's samples up to it even after retention deleted those blocks.
+    Flushed { marks: Vec<(u64, i64)> },
 }
 
 struct Encoder(Vec<u8>);
@@ -195,6 +198,14 @@ impl Record {
                     e.labels(labels);
                 }
             }
+            Record::Flushed { marks } => {
+                e.u8(6);
+                e.varint(marks.len() as u64);
+                for &(id, t) in marks {
+                    e.varint(id);
+                    e.signed(t);
+                }
+            }
         }
         e.0
     }
@@ -242,6 +253,14 @@ impl Record {
                     exemplars.push((d.u64()?, d.i64()?, d.f64()?, d.labels()?));
                 }
                 Record::Exemplars { exemplars }
+            }
+            6 => {
+                let n = d.varint()?;
+                let mut marks = Vec::with_capacity(n.min(1 << 20) as usize);
+                for _ in 0..n {
+                    marks.push((d.varint()?, d.signed()?));
+                }
+                Record::Flushed { marks }
             }
             _ => return None,
         };
@@ -719,6 +738,9 @@ mod tests {
                     Labels::from_trusted(vec![Label::new("trace_id", "ab")]),
                 )],
             },
+            Record::Flushed {
+                marks: vec![(1, 1_700_000_000_000), (u64::MAX, i64::MIN + 1)],
+            },
         ]
     }
 
@@ -808,7 +830,7 @@ mod tests {
         drop(wal);
         let mut seen = Vec::new();
         let (_, report) = Wal::open(dir.path(), FsyncPolicy::Always, |r| seen.push(r)).unwrap();
-        assert_eq!(report.records, 4);
+        assert_eq!(report.records, 5);
         assert!(report.truncated.is_none());
         // NaN payloads compare by bits.
         assert_eq!(format!("{seen:?}"), format!("{:?}", records()));
@@ -832,14 +854,14 @@ mod tests {
             .unwrap();
         let mut seen = 0;
         let (mut wal, report) = Wal::open(dir.path(), FsyncPolicy::Never, |_| seen += 1).unwrap();
-        assert_eq!(seen, 3);
+        assert_eq!(seen, records().len() - 1);
         assert!(report.truncated.is_some());
         // Appending after the cut works and replays.
         wal.append(&records()[..1]).unwrap();
         drop(wal);
         let mut seen = 0;
         let (_, report) = Wal::open(dir.path(), FsyncPolicy::Never, |_| seen += 1).unwrap();
-        assert_eq!((seen, report.truncated.is_none()), (4, true));
+        assert_eq!((seen, report.truncated.is_none()), (records().len(), true));
 
         // Flip a byte inside the first record: replay stops there.
         let mut bytes = std::fs::read(&path).unwrap();
