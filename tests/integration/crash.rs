@@ -89,15 +89,21 @@ async fn acknowledged_samples_survive_sigkill_under_load() {
 
     let _server = start(dir.path(), port);
     let http = reqwest::Client::new();
-    let body: serde_json::Value = http
-        .get(format!("http://127.0.0.1:{port}/api/v1/series"))
-        .query(&[("match[]", "crash_test")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let get = |path: &str, query: &[(&str, &str)]| {
+        let request = http
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .query(query);
+        async move {
+            request
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let body = get("/api/v1/series", &[("match[]", "crash_test")]).await;
     let present: BTreeSet<u64> = body["data"]
         .as_array()
         .unwrap()
@@ -135,18 +141,14 @@ async fn acknowledged_samples_survive_sigkill_under_load() {
         "nothing was flushed: the test did not exercise flushing"
     );
     // Every acknowledged series has all its 20 samples.
-    let count: serde_json::Value = http
-        .get(format!("http://127.0.0.1:{port}/api/v1/query"))
-        .query(&[
+    let count = get(
+        "/api/v1/query",
+        &[
             ("query", "count(count_over_time(crash_test[1m]) == 20)"),
             ("time", "1700000030"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     let complete: usize = count["data"]["result"][0]["value"][1]
         .as_str()
         .unwrap()

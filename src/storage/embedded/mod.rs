@@ -260,12 +260,7 @@ impl EmbeddedStorage {
         }
         // The log's samples older than the cutoff are on disk now: checkpoint what else the
         // old segments hold (series, metadata, exemplars) and delete them.
-        let dir = self
-            .wal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .dir()
-            .to_owned();
+        let dir = self.dir.join("wal");
         tokio::task::block_in_place(|| wal::write_checkpoint(&dir, segment, &checkpoint))
             .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
@@ -650,7 +645,7 @@ fn open_blocks(dir: &Path) -> std::io::Result<(BlockSet, u64)> {
             Err(e) => {
                 let aside = path.with_extension("damaged");
                 tracing::error!(block = %path.display(), error = %e, moved_to = %aside.display(), "cannot open a block; set it aside");
-                damaged += dir_bytes(&path);
+                damaged += wal::dir_bytes(&path);
                 std::fs::rename(&path, &aside)?;
             }
         }
@@ -658,17 +653,6 @@ fn open_blocks(dir: &Path) -> std::io::Result<(BlockSet, u64)> {
     set.blocks.sort_by_key(|b| b.meta.order);
     set.next_order = set.blocks.last().map_or(0, |b| b.meta.order + 1);
     Ok((set, damaged))
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The first run of consecutive blocks whose data starts in the same aligned window of `span`
@@ -1226,6 +1210,19 @@ mod tests {
         assert!(back.is_empty(), "replay brought back {back:?}");
     }
 
+    /// Copies every block directory (one level of files) from `from` into `to`.
+    fn copy_blocks(from: &Path, to: &Path) {
+        for block in std::fs::read_dir(from).unwrap() {
+            let block = block.unwrap();
+            let target = to.join(block.file_name());
+            std::fs::create_dir(&target).unwrap();
+            for file in std::fs::read_dir(block.path()).unwrap() {
+                let file = file.unwrap();
+                std::fs::copy(file.path(), target.join(file.file_name())).unwrap();
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn blocks_a_compaction_replaced_are_removed_on_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -1241,29 +1238,13 @@ mod tests {
         // Before the window closes: two blocks. Keep copies of them, then compact.
         let blocks = dir.path().join("blocks");
         let copies = tempfile::tempdir().unwrap();
-        for e in std::fs::read_dir(&blocks).unwrap() {
-            let e = e.unwrap();
-            let to = copies.path().join(e.file_name());
-            std::fs::create_dir(&to).unwrap();
-            for f in std::fs::read_dir(e.path()).unwrap() {
-                let f = f.unwrap();
-                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-            }
-        }
+        copy_blocks(&blocks, copies.path());
         let report = s.maintain_with_cutoff(0, 10 * HOUR).unwrap();
         assert_eq!(report.blocks_compacted, 2);
         let before = everything(&s).await;
         drop(s);
         // A crash before the sources were deleted: they are back beside the merged block.
-        for e in std::fs::read_dir(copies.path()).unwrap() {
-            let e = e.unwrap();
-            let to = blocks.join(e.file_name());
-            std::fs::create_dir(&to).unwrap();
-            for f in std::fs::read_dir(e.path()).unwrap() {
-                let f = f.unwrap();
-                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-            }
-        }
+        copy_blocks(copies.path(), &blocks);
         let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
         assert_eq!(s.sizes().blocks, 1);
         assert_eq!(everything(&s).await, before);
