@@ -6,7 +6,7 @@ use crate::ingest::otlp::OtlpConfig;
 use crate::ingest::IngestConfig;
 use crate::promql::EngineConfig;
 use crate::storage::embedded::{EmbeddedConfig, FsyncPolicy};
-use crate::storage::postgres::PostgresConfig;
+use crate::storage::postgres::{PostgresConfig, TimescaleMode};
 use crate::storage::RetentionConfig;
 use crate::telemetry::LogFormat;
 use clap::{Args, Parser, Subcommand};
@@ -142,9 +142,21 @@ pub struct ServeArgs {
     /// Seconds a request waits for a PostgreSQL connection. [default: 10]
     #[arg(long, env = "SECUMON_POSTGRES_ACQUIRE_TIMEOUT_SECS", global = true)]
     pub postgres_acquire_timeout_secs: Option<u64>,
-    /// Width of a `samples` partition in hours. [default: 24]
+    /// Width of a `samples` partition (plain) or hypertable chunk (TimescaleDB) in hours.
+    /// [default: 24]
     #[arg(long, env = "SECUMON_POSTGRES_PARTITION_HOURS", global = true)]
     pub postgres_partition_hours: Option<u32>,
+    /// Use TimescaleDB: `auto` when the extension is installed or can be created, `on` (fail
+    /// when it is missing), `off` (plain PostgreSQL lifecycle). [default: auto]
+    #[arg(long, env = "SECUMON_TIMESCALEDB", global = true, value_enum)]
+    pub timescaledb: Option<TimescaleMode>,
+    /// TimescaleDB: compress raw chunks older than this many days. [default: 7]
+    #[arg(long, env = "SECUMON_POSTGRES_COMPRESS_AFTER_DAYS", global = true)]
+    pub postgres_compress_after_days: Option<u32>,
+    /// Plain PostgreSQL: seconds between lifecycle runs (partitions, rollup tables,
+    /// retention). [default: 60]
+    #[arg(long, env = "SECUMON_POSTGRES_LIFECYCLE_INTERVAL_SECS", global = true)]
+    pub postgres_lifecycle_interval_secs: Option<u64>,
     /// Series ids cached in memory. [default: 1000000]
     #[arg(long, env = "SECUMON_POSTGRES_SERIES_CACHE_SIZE", global = true)]
     pub postgres_series_cache_size: Option<usize>,
@@ -231,6 +243,15 @@ impl ServeArgs {
         set(
             &mut c.postgres.series_cache_size,
             &self.postgres_series_cache_size,
+        );
+        set(&mut c.postgres.timescaledb, &self.timescaledb);
+        set(
+            &mut c.postgres.compress_after_days,
+            &self.postgres_compress_after_days,
+        );
+        set(
+            &mut c.postgres.lifecycle_interval_secs,
+            &self.postgres_lifecycle_interval_secs,
         );
         set(
             &mut c.ingest.max_request_bytes,

@@ -7,7 +7,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use secumon::config::{Cli, Command};
 use secumon::server;
-use secumon::storage::postgres::PostgresStorage;
+use secumon::storage::postgres::{Mode, PostgresStorage};
 use std::process::ExitCode;
 
 #[tokio::main]
@@ -27,10 +27,7 @@ async fn main() -> ExitCode {
     };
     secumon::telemetry::init_logging(&config.log_level, config.log_format);
     let result = if migrate_only {
-        PostgresStorage::connect(&config.storage, &config.postgres)
-            .await
-            .map(|_| tracing::info!("migrations applied"))
-            .map_err(anyhow::Error::from)
+        migrate(&config).await
     } else {
         server::serve(config).await
     };
@@ -42,4 +39,28 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `secumon migrate`: applies migrations and sets up the data lifecycle, then prints what the
+/// database runs (TimescaleDB's jobs, or the server-run lifecycle of plain PostgreSQL).
+async fn migrate(config: &secumon::config::Config) -> anyhow::Result<()> {
+    let storage =
+        PostgresStorage::connect(&config.storage, &config.postgres, &config.retention).await?;
+    match storage.mode() {
+        Mode::TimescaleDb => {
+            println!("TimescaleDB: samples is a hypertable; samples_5m and samples_1h are continuous aggregates");
+            for job in storage.jobs() {
+                println!("{job}");
+            }
+        }
+        Mode::Plain => println!(
+            "plain PostgreSQL: the server creates and drops samples partitions and maintains \
+             samples_5m and samples_1h every {} s (retention {} / {} / {} days)",
+            config.postgres.lifecycle_interval_secs,
+            config.retention.raw_days,
+            config.retention.rollup_5m_days,
+            config.retention.rollup_1h_days
+        ),
+    }
+    Ok(())
 }

@@ -17,9 +17,12 @@ use std::sync::Arc;
 pub async fn open_storage(config: &Config) -> anyhow::Result<DynStorage> {
     let url = config.storage.as_str();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let storage = PostgresStorage::connect(url, &config.postgres)
+        let storage = PostgresStorage::connect(url, &config.postgres, &config.retention)
             .await
             .context("cannot open PostgreSQL storage")?;
+        for job in storage.jobs() {
+            tracing::info!(%job, "TimescaleDB job");
+        }
         return Ok(Arc::new(storage));
     }
     if url.contains("://") {

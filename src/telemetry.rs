@@ -41,6 +41,46 @@ pub struct Metrics {
     pub storage_blocks: prometheus_client::metrics::gauge::Gauge,
     pub storage_block_samples: prometheus_client::metrics::gauge::Gauge,
     pub storage_disk_bytes: Family<DiskLabels, prometheus_client::metrics::gauge::Gauge>,
+    pub lifecycle: LifecycleMetrics,
+}
+
+/// Progress of a lifecycle the server runs itself (plain PostgreSQL).
+#[derive(Default)]
+pub struct LifecycleMetrics {
+    pub rollup_watermark: Family<RelationLabels, prometheus_client::metrics::gauge::Gauge>,
+    pub rollup_rows_written: prometheus_client::metrics::gauge::Gauge,
+    pub partitions_dropped: prometheus_client::metrics::gauge::Gauge,
+    pub failures: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl LifecycleMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "rollup_watermark_seconds",
+            "Every bucket of the rollup relation before this time is materialized (plain PostgreSQL)",
+            self.rollup_watermark.clone(),
+        );
+        registry.register(
+            "rollup_rows_written",
+            "Rollup rows written by the lifecycle job since start",
+            self.rollup_rows_written.clone(),
+        );
+        registry.register(
+            "storage_partitions_dropped",
+            "Partitions of samples dropped by raw retention since start",
+            self.partitions_dropped.clone(),
+        );
+        registry.register(
+            "storage_lifecycle_failures",
+            "Lifecycle job runs that failed since start (each is retried at the next run)",
+            self.failures.clone(),
+        );
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelationLabels {
+    pub relation: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,7 +152,10 @@ impl Metrics {
             "Bytes on disk by kind (chunks: raw samples in blocks, rollups, wal) of the embedded engine",
             storage_disk_bytes.clone(),
         );
+        let lifecycle = LifecycleMetrics::default();
+        lifecycle.register(&mut registry);
         Metrics {
+            lifecycle,
             registry,
             damaged_bytes_recovered,
             storage_series,
@@ -144,6 +187,22 @@ impl Metrics {
                     .get_or_create(&DiskLabels { kind })
                     .set(clamp(bytes));
             }
+            for (resolution, watermark) in &stats.rollup_watermarks {
+                self.lifecycle
+                    .rollup_watermark
+                    .get_or_create(&RelationLabels {
+                        relation: resolution.name(),
+                    })
+                    .set(watermark.div_euclid(1000));
+            }
+            let lifecycle = &self.lifecycle;
+            lifecycle
+                .rollup_rows_written
+                .set(clamp(stats.rollup_rows_written));
+            lifecycle
+                .partitions_dropped
+                .set(clamp(stats.partitions_dropped));
+            lifecycle.failures.set(clamp(stats.lifecycle_failures));
         }
     }
 

@@ -240,6 +240,13 @@ pub struct StorageStats {
     pub block_bytes: u64,
     pub rollup_bytes: u64,
     pub wal_bytes: u64,
+    /// Rollup relations maintained incrementally: every bucket before the watermark is there.
+    pub rollup_watermarks: Vec<(Resolution, TimestampMs)>,
+    /// Since start: partitions dropped by retention, rollup rows written, lifecycle runs that
+    /// failed.
+    pub partitions_dropped: u64,
+    pub rollup_rows_written: u64,
+    pub lifecycle_failures: u64,
 }
 
 /// How long data is kept, the same for every backend (`[retention]` in the config file).

@@ -1,15 +1,17 @@
 //! The storage conformance suite: the same behaviour proven on every backend through the
-//! `Storage` trait itself. Each test runs against PostgreSQL, the embedded engine with its
-//! data in the head, and the embedded engine with every write flushed to on-disk blocks.
-//! (TimescaleDB joins the list when it lands.)
+//! `Storage` trait itself. Each test runs against PostgreSQL (as written, and with its
+//! lifecycle job run after every write, so rollups come from the rollup tables and their
+//! invalidations), TimescaleDB (a fresh instance per test; hypertable and continuous
+//! aggregates), the embedded engine with its data in the head, and the embedded engine with
+//! every write flushed to on-disk blocks.
 
-use crate::support::Postgres;
+use crate::support::{Postgres, TimescaleDb};
 use secumon::model::{
     Exemplar, Label, Labels, Matcher, MetricMetadata, MetricType, Sample, SeriesSamples, TenantId,
     STALE_NAN_BITS,
 };
 use secumon::storage::embedded::{EmbeddedConfig, EmbeddedStorage, FsyncPolicy};
-use secumon::storage::postgres::{PostgresConfig, PostgresStorage};
+use secumon::storage::postgres::{Mode, PostgresConfig, PostgresStorage, TimescaleMode};
 use secumon::storage::{
     rollup, AppendOutcome, DynStorage, ExemplarWrite, RejectReason, Resolution, RetentionConfig,
     SelectHints, SeriesQuery, SeriesWrite, StorageError,
@@ -24,7 +26,10 @@ struct Subject {
     storage: DynStorage,
     /// Set for the embedded engine when every write is flushed to blocks at once.
     flushed: Option<Arc<EmbeddedStorage>>,
+    /// Set for PostgreSQL when its lifecycle job runs after every write.
+    lifecycle: Option<Arc<PostgresStorage>>,
     _dir: Option<tempfile::TempDir>,
+    _timescaledb: Option<TimescaleDb>,
 }
 
 impl Subject {
@@ -34,6 +39,12 @@ impl Subject {
             embedded
                 .maintain_with_cutoff(T0, i64::MAX)
                 .expect("flush to blocks");
+        }
+        if let Some(postgres) = &self.lifecycle {
+            postgres
+                .run_lifecycle_at(chrono::Utc::now().timestamp_millis())
+                .await
+                .expect("lifecycle run");
         }
         outcome
     }
@@ -81,23 +92,68 @@ async fn embedded(name: &'static str, flush: bool) -> Subject {
         name,
         storage: storage.clone(),
         flushed: flush.then_some(storage),
+        lifecycle: None,
         _dir: Some(dir),
+        _timescaledb: None,
+    }
+}
+
+/// Test data sits in 2023: no retention may touch it.
+fn keep_all() -> RetentionConfig {
+    RetentionConfig {
+        raw_days: 100_000,
+        rollup_5m_days: 100_000,
+        rollup_1h_days: 100_000,
+    }
+}
+
+async fn postgres(name: &'static str, lifecycle: bool) -> Subject {
+    let url = Postgres::shared().database().await;
+    let config = PostgresConfig {
+        timescaledb: TimescaleMode::Off,
+        ..PostgresConfig::default()
+    };
+    let storage = Arc::new(
+        PostgresStorage::connect(&url, &config, &keep_all())
+            .await
+            .expect("connect"),
+    );
+    Subject {
+        name,
+        storage: storage.clone(),
+        flushed: None,
+        lifecycle: lifecycle.then_some(storage),
+        _dir: None,
+        _timescaledb: None,
+    }
+}
+
+async fn timescaledb() -> Subject {
+    let instance = TimescaleDb::fresh();
+    let config = PostgresConfig {
+        timescaledb: TimescaleMode::On,
+        ..PostgresConfig::default()
+    };
+    let storage = PostgresStorage::connect(&instance.url(), &config, &keep_all())
+        .await
+        .expect("connect to TimescaleDB");
+    assert_eq!(storage.mode(), Mode::TimescaleDb);
+    Subject {
+        name: "timescaledb",
+        storage: Arc::new(storage),
+        flushed: None,
+        lifecycle: None,
+        _dir: None,
+        _timescaledb: Some(instance),
     }
 }
 
 /// Every backend, each on fresh storage.
 async fn subjects() -> Vec<Subject> {
-    let url = Postgres::shared().database().await;
-    let postgres = PostgresStorage::connect(&url, &PostgresConfig::default())
-        .await
-        .expect("connect");
     vec![
-        Subject {
-            name: "postgres",
-            storage: Arc::new(postgres),
-            flushed: None,
-            _dir: None,
-        },
+        postgres("postgres", false).await,
+        postgres("postgres (rollup tables)", true).await,
+        timescaledb().await,
         embedded("embedded (head)", false).await,
         embedded("embedded (blocks)", true).await,
     ]
@@ -505,6 +561,19 @@ async fn rollups_equal_aggregates_of_the_raw_samples() {
                 ),
             ];
             s.append(&tenant, &batch).await;
+        }
+        if let Some(postgres) = &s.lifecycle {
+            // The rows below come from the rollup tables (rewritten by invalidations of each
+            // later batch), not from raw samples.
+            let stats = secumon::storage::Storage::stats(postgres.as_ref()).expect("stats");
+            assert!(
+                stats
+                    .rollup_watermarks
+                    .iter()
+                    .any(|&(r, w)| r == Resolution::OneHour && w > T0 + 48 * 3_600_000),
+                "{stats:?}"
+            );
+            assert!(stats.rollup_rows_written > 0, "{stats:?}");
         }
         let raw = s.select(&tenant, &[Matcher::equal("job", "x")]).await;
         for resolution in Resolution::ALL {

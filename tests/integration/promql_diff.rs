@@ -426,7 +426,12 @@ fn difference(query: &str, ours: &(u16, Value), theirs: &(u16, Value)) -> Option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promql_answers_equal_prometheus() {
-    let secumon = Secumon::start().await;
+    differential(Secumon::start().await).await;
+}
+
+/// Loads the dataset into `secumon` and a fresh Prometheus, asks both every query, and fails
+/// unless every answer agrees.
+pub async fn differential(secumon: Secumon) {
     let prometheus =
         Prometheus::start(|_| "global:\n  scrape_interval: 1h\n  evaluation_interval: 1m\n".into());
     let now = chrono::Utc::now().timestamp_millis();

@@ -375,6 +375,7 @@ impl EmbeddedStorage {
             block_bytes: set.blocks.iter().map(|b| b.size(false)).sum(),
             rollup_bytes: set.blocks.iter().map(|b| b.size(true)).sum(),
             wal_bytes,
+            ..StorageStats::default()
         }
     }
 

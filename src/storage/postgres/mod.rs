@@ -1,5 +1,7 @@
-//! PostgreSQL backend (plain mode): `series`, range-partitioned `samples` and
-//! `metric_metadata`, as `migrations/` creates them.
+//! PostgreSQL backend: `series`, `samples`, `metric_metadata` and `exemplars` as `migrations/`
+//! creates them, plus the data lifecycle of the mode chosen at connect (`--timescaledb`):
+//! TimescaleDB's hypertable, continuous aggregates and policies (`timescaledb.rs`), or on plain
+//! PostgreSQL partitions and rollup tables maintained by the server (`lifecycle.rs`).
 //!
 //! Writes resolve series ids through an in-memory cache and insert each batch in one
 //! `unnest`-array statement. Reads find series with SQL on the metric name and equality
@@ -9,15 +11,21 @@
 
 mod copy_binary;
 mod exemplars;
+mod lifecycle;
 mod read;
+mod timescaledb;
 mod write;
 
+pub use lifecycle::{LifecycleReport, Mode, TimescaleMode};
+pub use timescaledb::{Job, JobChange};
+
 use super::{
-    AppendOutcome, ExemplarWrite, SelectHints, SeriesQuery, SeriesWrite, Storage, StorageError,
-    StorageResult,
+    AppendOutcome, ExemplarWrite, Resolution, RetentionConfig, SelectHints, SeriesQuery,
+    SeriesRollups, SeriesWrite, Storage, StorageError, StorageResult, StorageStats,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, MetricType, SeriesExemplars, SeriesSamples, TenantId,
+    TimestampMs, STALE_NAN_BITS,
 };
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -34,10 +42,18 @@ pub struct PostgresConfig {
     pub max_connections: u32,
     /// How long a request waits for a free connection before failing with a retryable error.
     pub acquire_timeout_secs: u64,
-    /// Width of one `samples` partition, in hours.
+    /// Width of one `samples` partition (plain PostgreSQL) or hypertable chunk (TimescaleDB),
+    /// in hours.
     pub partition_hours: u32,
     /// Series ids kept in memory per server; the cache is emptied when it is full.
     pub series_cache_size: usize,
+    /// Whether to use TimescaleDB: `auto` when the extension is there, `on` or fail, `off`.
+    pub timescaledb: TimescaleMode,
+    /// TimescaleDB: raw chunks are compressed once this many days old.
+    pub compress_after_days: u32,
+    /// Plain PostgreSQL: seconds between runs of the lifecycle job (partitions, rollup tables,
+    /// retention).
+    pub lifecycle_interval_secs: u64,
 }
 
 impl Default for PostgresConfig {
@@ -47,6 +63,9 @@ impl Default for PostgresConfig {
             acquire_timeout_secs: 10,
             partition_hours: 24,
             series_cache_size: 1_000_000,
+            timescaledb: TimescaleMode::Auto,
+            compress_after_days: 7,
+            lifecycle_interval_secs: 60,
         }
     }
 }
@@ -56,11 +75,21 @@ pub struct PostgresStorage {
     series_cache: SeriesCache,
     labels: read::LabelCache,
     partitions: PartitionSet,
+    mode: Mode,
+    retention: RetentionConfig,
+    lifecycle: lifecycle::LifecycleState,
+    lifecycle_interval: Duration,
+    jobs: Vec<Job>,
 }
 
 impl PostgresStorage {
-    /// Connects and applies the migrations.
-    pub async fn connect(url: &str, config: &PostgresConfig) -> StorageResult<PostgresStorage> {
+    /// Connects, applies the migrations and sets up the data lifecycle of the mode
+    /// `config.timescaledb` selects.
+    pub async fn connect(
+        url: &str,
+        config: &PostgresConfig,
+        retention: &RetentionConfig,
+    ) -> StorageResult<PostgresStorage> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StorageError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
         let pool = PgPoolOptions::new()
@@ -70,17 +99,58 @@ impl PostgresStorage {
             .await
             .map_err(db_error)?;
         migrate(&pool).await?;
+        let mode = lifecycle::detect(&pool, config.timescaledb).await?;
+        let jobs = match mode {
+            Mode::TimescaleDb => {
+                let mut conn = pool.acquire().await.map_err(db_error)?;
+                timescaledb::setup(&mut conn, config, retention).await?
+            }
+            Mode::Plain => {
+                lifecycle::setup_plain(&pool).await?;
+                Vec::new()
+            }
+        };
         Ok(PostgresStorage {
             pool,
             series_cache: SeriesCache::new(config.series_cache_size),
             labels: read::LabelCache::new(config.series_cache_size),
             partitions: PartitionSet::new(config.partition_hours),
+            mode,
+            retention: retention.clone(),
+            lifecycle: lifecycle::LifecycleState::default(),
+            lifecycle_interval: Duration::from_secs(config.lifecycle_interval_secs.max(1)),
+            jobs,
         })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// The lifecycle this backend runs on.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// TimescaleDB mode: the jobs on SecuMon's relations after setup, and what setup did to
+    /// each. Empty on plain PostgreSQL.
+    pub fn jobs(&self) -> &[Job] {
+        &self.jobs
+    }
+
+    /// Plain PostgreSQL: one run of the lifecycle job at `now` (the server runs it every
+    /// `lifecycle_interval_secs`); nothing on TimescaleDB, whose own jobs do it.
+    pub async fn run_lifecycle_at(&self, now: TimestampMs) -> StorageResult<LifecycleReport> {
+        match self.mode {
+            Mode::Plain => self.run_lifecycle(now).await,
+            Mode::TimescaleDb => Ok(LifecycleReport::default()),
+        }
+    }
+}
+
+/// SQL condition that leaves staleness markers out (they end a series; they are not samples).
+fn not_stale(column: &str) -> String {
+    format!("float8send({column}) <> '\\x{STALE_NAN_BITS:016x}'::bytea")
 }
 
 /// Applies every migration in `migrations/` that has not run yet.
@@ -182,6 +252,53 @@ impl Storage for PostgresStorage {
         hints: &SelectHints,
     ) -> StorageResult<Vec<SeriesSamples>> {
         self.select_samples(tenant, matchers, hints).await
+    }
+
+    async fn select_rollups(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        resolution: Resolution,
+        start: TimestampMs,
+        end: TimestampMs,
+    ) -> StorageResult<Vec<SeriesRollups>> {
+        self.select_rollup_rows(tenant, matchers, resolution, start, end)
+            .await
+    }
+
+    fn stats(&self) -> Option<StorageStats> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.mode != Mode::Plain {
+            return None;
+        }
+        let state = &self.lifecycle;
+        Some(StorageStats {
+            rollup_watermarks: [
+                (Resolution::FiveMinutes, state.watermark_5m.load(Relaxed)),
+                (Resolution::OneHour, state.watermark_1h.load(Relaxed)),
+            ]
+            .into_iter()
+            .filter(|(_, w)| *w != i64::MIN)
+            .collect(),
+            partitions_dropped: state.partitions_dropped.load(Relaxed),
+            rollup_rows_written: state.rollup_rows_written.load(Relaxed),
+            lifecycle_failures: state.failed_runs.load(Relaxed),
+            ..StorageStats::default()
+        })
+    }
+
+    fn maintenance_interval(&self) -> Option<Duration> {
+        (self.mode == Mode::Plain).then_some(self.lifecycle_interval)
+    }
+
+    async fn run_maintenance(&self) -> StorageResult<()> {
+        let report = self
+            .run_lifecycle_at(chrono::Utc::now().timestamp_millis())
+            .await?;
+        if report != LifecycleReport::default() {
+            tracing::info!(?report, "PostgreSQL lifecycle");
+        }
+        Ok(())
     }
 
     async fn series(&self, tenant: &TenantId, query: &SeriesQuery) -> StorageResult<Vec<Labels>> {

@@ -1,6 +1,7 @@
 //! The write path: series-id resolution through a cache, partition creation, and one
 //! `unnest`-array insert per batch.
 
+use super::lifecycle::{Mode, LATE_MS};
 use super::{db_error, PostgresStorage};
 use crate::model::{Labels, SeriesId, TenantId, TimestampMs};
 use crate::storage::{AppendOutcome, RejectReason, SeriesWrite, StorageResult};
@@ -64,7 +65,7 @@ impl SeriesCache {
 
 /// The `samples` partitions known to exist, by start time.
 pub(super) struct PartitionSet {
-    width_ms: i64,
+    pub(super) width_ms: i64,
     known: Mutex<HashSet<TimestampMs>>,
 }
 
@@ -92,6 +93,14 @@ impl PartitionSet {
             .collect();
         missing.sort_unstable();
         missing
+    }
+
+    /// Forgets a partition that was dropped.
+    pub(super) fn forget(&self, start: TimestampMs) {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&start);
     }
 
     fn mark(&self, start: TimestampMs) {
@@ -140,7 +149,9 @@ impl PostgresStorage {
         if series_ids.is_empty() {
             return Ok(outcome);
         }
-        self.ensure_partitions(&times).await?;
+        if self.mode == Mode::Plain {
+            self.ensure_partitions(&times).await?;
+        }
 
         let inserted = sqlx::query(
             "INSERT INTO samples (series_id, time, value)
@@ -187,6 +198,20 @@ impl PostgresStorage {
                         time.timestamp_millis()
                     )
                 });
+            }
+        }
+        if self.mode == Mode::Plain {
+            // Samples the rollup tables may already have passed: recorded once they are
+            // committed, so the lifecycle job recomputes their buckets (see lifecycle.rs).
+            let late_before = Utc::now().timestamp_millis() - LATE_MS;
+            let late = times
+                .iter()
+                .map(DateTime::timestamp_millis)
+                .filter(|&t| t < late_before);
+            if let Some((lo, hi)) = late.fold(None, |acc: Option<(i64, i64)>, t| {
+                Some(acc.map_or((t, t), |(lo, hi)| (lo.min(t), hi.max(t))))
+            }) {
+                self.invalidate(lo, hi).await?;
             }
         }
         outcome.accepted = series_ids.len() - conflicting;
@@ -277,8 +302,11 @@ impl PostgresStorage {
 
     /// Creates the partitions the timestamps fall in, once per partition per process. An
     /// advisory lock serialises creation across servers sharing the database.
-    async fn ensure_partitions(&self, times: &[DateTime<Utc>]) -> StorageResult<()> {
-        for start in self.partitions.missing(times) {
+    /// Returns how many it did not know of.
+    pub(super) async fn ensure_partitions(&self, times: &[DateTime<Utc>]) -> StorageResult<usize> {
+        let missing = self.partitions.missing(times);
+        let count = missing.len();
+        for start in missing {
             let end = start + self.partitions.width_ms;
             let name = format!("samples_p{}", to_datetime(start).format("%Y%m%d_%H%M"));
             let mut tx = self.pool.begin().await.map_err(db_error)?;
@@ -299,7 +327,7 @@ impl PostgresStorage {
             tx.commit().await.map_err(db_error)?;
             self.partitions.mark(start);
         }
-        Ok(())
+        Ok(count)
     }
 }
 

@@ -18,6 +18,7 @@ pub mod remote_write;
 use process::{free_port, Managed};
 use secumon::config::Config;
 use secumon::server::{self, RunningServer};
+use secumon::storage::RetentionConfig;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -171,6 +172,12 @@ impl TimescaleDb {
         INSTANCE.get_or_init(TimescaleDb::start)
     }
 
+    /// An instance of the caller's own (one in-memory database), stopped when dropped: for
+    /// tests that need a database no other test touches.
+    pub fn fresh() -> TimescaleDb {
+        TimescaleDb::start()
+    }
+
     fn start() -> TimescaleDb {
         let shim_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/timescaledb");
         assert!(
@@ -206,6 +213,8 @@ impl TimescaleDb {
 pub enum Backend {
     Postgres,
     Embedded,
+    /// A fresh TimescaleDB of the server's own, with `--timescaledb=on`.
+    TimescaleDb,
 }
 
 impl Backend {
@@ -228,6 +237,7 @@ pub struct Secumon {
     pub http: reqwest::Client,
     /// The embedded engine's directory, removed on drop.
     _data: Option<tempfile::TempDir>,
+    _timescaledb: Option<TimescaleDb>,
 }
 
 impl Secumon {
@@ -241,9 +251,16 @@ impl Secumon {
     }
 
     pub async fn start_on(backend: Backend, customize: impl FnOnce(&mut Config)) -> Secumon {
+        let mut timescaledb = None;
         let (storage, database_url, data) = match backend {
             Backend::Postgres => {
                 let url = Postgres::shared().database().await;
+                (url.clone(), Some(url), None)
+            }
+            Backend::TimescaleDb => {
+                let instance = TimescaleDb::fresh();
+                let url = instance.url();
+                timescaledb = Some(instance);
                 (url.clone(), Some(url), None)
             }
             Backend::Embedded => {
@@ -259,8 +276,17 @@ impl Secumon {
             otlp_grpc_listen: "127.0.0.1:0".into(),
             otlp_http_listen: "127.0.0.1:0".into(),
             storage,
+            // Test data sits at fixed past times: retention must not remove it mid-test.
+            retention: RetentionConfig {
+                raw_days: 100_000,
+                rollup_5m_days: 100_000,
+                rollup_1h_days: 100_000,
+            },
             ..Config::default()
         };
+        if backend == Backend::TimescaleDb {
+            config.postgres.timescaledb = secumon::storage::postgres::TimescaleMode::On;
+        }
         customize(&mut config);
         let storage = server::open_storage(&config).await.expect("open storage");
         let server = server::start(&config, storage).await.expect("start server");
@@ -271,6 +297,7 @@ impl Secumon {
             database_url,
             http: reqwest::Client::new(),
             _data: data,
+            _timescaledb: timescaledb,
         }
     }
 

@@ -1,0 +1,520 @@
+//! The data lifecycle of the PostgreSQL backend. Which one runs is decided at connect:
+//! TimescaleDB's own (see `timescaledb.rs`) when the extension is there, or this module's on
+//! plain PostgreSQL, run by the server every `lifecycle_interval_secs`:
+//! - `samples` partitions are created ahead of time and dropped once past raw retention;
+//! - `samples_5m` (from `samples`) and `samples_1h` (from `samples_5m`) are tables with the
+//!   continuous aggregates' names and columns, filled incrementally: each holds every bucket
+//!   before its watermark (`rollup_watermarks`), which moves on once a bucket ended
+//!   [`LAG_MS`] ago;
+//! - writes of samples older than [`LATE_MS`] record the range they touched in
+//!   `rollup_invalidations` (after the samples are committed); the next run recomputes those
+//!   buckets, and reads compute ranges with a pending invalidation from raw samples;
+//! - rollup rows past their retention are deleted.
+//!
+//! One server at a time runs it (a session advisory lock); the watermarks make it resumable
+//! after a restart at the bucket where it stopped.
+
+use super::{db_error, not_stale, PostgresStorage};
+use crate::model::TimestampMs;
+use crate::storage::{Resolution, StorageError, StorageResult};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::Connection;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Whether to use TimescaleDB (`--timescaledb`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TimescaleMode {
+    /// TimescaleDB when the extension is installed or can be created, plain PostgreSQL otherwise.
+    #[default]
+    Auto,
+    /// TimescaleDB, or fail at start.
+    On,
+    /// Plain PostgreSQL, even where TimescaleDB is available.
+    Off,
+}
+
+/// The lifecycle the backend runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Plain,
+    TimescaleDb,
+}
+
+/// A rollup bucket is materialized once it ended this long ago.
+pub(super) const LAG_MS: i64 = 10 * 60_000;
+/// Writers record an invalidation for samples older than this: a minute less than
+/// [`LAG_MS`], for clocks of servers sharing the database that disagree a little.
+pub(super) const LATE_MS: i64 = 9 * 60_000;
+/// Raw time aggregated per statement while catching up.
+const STEP_5M_MS: i64 = 3_600_000;
+const STEP_1H_MS: i64 = 86_400_000;
+
+/// Progress of the plain lifecycle, for `/metrics`.
+#[derive(Debug)]
+pub(super) struct LifecycleState {
+    pub watermark_5m: AtomicI64,
+    pub watermark_1h: AtomicI64,
+    pub partitions_dropped: AtomicU64,
+    pub rollup_rows_written: AtomicU64,
+    pub failed_runs: AtomicU64,
+}
+
+impl Default for LifecycleState {
+    fn default() -> Self {
+        Self {
+            watermark_5m: AtomicI64::new(i64::MIN),
+            watermark_1h: AtomicI64::new(i64::MIN),
+            partitions_dropped: AtomicU64::new(0),
+            rollup_rows_written: AtomicU64::new(0),
+            failed_runs: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What one run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LifecycleReport {
+    pub partitions_created: usize,
+    pub partitions_dropped: usize,
+    pub invalidations: usize,
+    pub rows_5m: u64,
+    pub rows_1h: u64,
+    pub rows_expired: u64,
+}
+
+fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t).unwrap_or_default()
+}
+
+/// Decides the mode: `off` is plain; otherwise TimescaleDB when the extension is installed
+/// or can be created; `on` fails loudly when it cannot.
+pub(super) async fn detect(pool: &PgPool, setting: TimescaleMode) -> StorageResult<Mode> {
+    if setting == TimescaleMode::Off {
+        return Ok(Mode::Plain);
+    }
+    let installed: Option<String> =
+        sqlx::query_scalar("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+            .fetch_optional(pool)
+            .await
+            .map_err(db_error)?;
+    if installed.is_some() {
+        return Ok(Mode::TimescaleDb);
+    }
+    let available: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(db_error)?;
+    let failure = if available {
+        match sqlx::query("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            .execute(pool)
+            .await
+        {
+            Ok(_) => return Ok(Mode::TimescaleDb),
+            Err(e) => format!("CREATE EXTENSION timescaledb failed: {e}"),
+        }
+    } else {
+        "the timescaledb extension is not available in this PostgreSQL server".to_owned()
+    };
+    if setting == TimescaleMode::On {
+        return Err(StorageError::Internal(format!(
+            "--timescaledb=on: {failure}; install TimescaleDB (and add it to \
+             shared_preload_libraries), or use --timescaledb=auto or off"
+        )));
+    }
+    tracing::info!(reason = %failure, "TimescaleDB not used; plain PostgreSQL lifecycle");
+    Ok(Mode::Plain)
+}
+
+/// Plain mode's relations: the rollup tables, their watermarks and the invalidation log.
+pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
+    let kind: Option<String> = sqlx::query_scalar(
+        "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = current_schema() AND c.relname = 'samples'",
+    )
+    .fetch_optional(pool)
+    .await
+    .map_err(db_error)?;
+    if kind.as_deref() != Some("p") {
+        return Err(StorageError::Internal(
+            "samples is not a partitioned table (a TimescaleDB hypertable?); plain mode cannot \
+             manage it: run with --timescaledb=auto or on"
+                .into(),
+        ));
+    }
+    for resolution in Resolution::ALL {
+        let name = resolution.name();
+        let kind: Option<String> = sqlx::query_scalar(
+            "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = current_schema() AND c.relname = $1",
+        )
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .map_err(db_error)?;
+        if kind.as_deref().is_some_and(|k| k != "r") {
+            return Err(StorageError::Internal(format!(
+                "{name} is not a table (a TimescaleDB continuous aggregate?); run with \
+                 --timescaledb=auto or on"
+            )));
+        }
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {name} (
+                 series_id BIGINT           NOT NULL,
+                 bucket    TIMESTAMPTZ      NOT NULL,
+                 min       DOUBLE PRECISION NOT NULL,
+                 max       DOUBLE PRECISION NOT NULL,
+                 sum       DOUBLE PRECISION NOT NULL,
+                 count     DOUBLE PRECISION NOT NULL,
+                 last      DOUBLE PRECISION NOT NULL,
+                 PRIMARY KEY (series_id, bucket))"
+        ))
+        .execute(pool)
+        .await
+        .map_err(db_error)?;
+        // Retention deletes by bucket alone; rows arrive in bucket order, so BRIN serves it.
+        sqlx::query(&format!(
+            "CREATE INDEX IF NOT EXISTS {name}_bucket_idx ON {name} USING brin (bucket)"
+        ))
+        .execute(pool)
+        .await
+        .map_err(db_error)?;
+    }
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS rollup_watermarks (
+             relation   TEXT        PRIMARY KEY,
+             watermark  TIMESTAMPTZ NOT NULL,
+             updated_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .execute(pool)
+    .await
+    .map_err(db_error)?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS rollup_invalidations (
+             lo         TIMESTAMPTZ NOT NULL,
+             hi         TIMESTAMPTZ NOT NULL,
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .execute(pool)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Watermark of a rollup table: every bucket before it is materialized.
+pub(super) async fn watermark(
+    conn: &mut PgConnection,
+    resolution: Resolution,
+) -> StorageResult<Option<TimestampMs>> {
+    let w: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT watermark FROM rollup_watermarks WHERE relation = $1")
+            .bind(resolution.name())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_error)?;
+    Ok(w.map(|w| w.timestamp_millis()))
+}
+
+async fn set_watermark(
+    conn: &mut PgConnection,
+    resolution: Resolution,
+    t: TimestampMs,
+) -> StorageResult<()> {
+    sqlx::query(
+        "INSERT INTO rollup_watermarks (relation, watermark) VALUES ($1, $2)
+         ON CONFLICT (relation) DO UPDATE SET watermark = excluded.watermark, updated_at = now()",
+    )
+    .bind(resolution.name())
+    .bind(to_datetime(t))
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// The statement that aggregates `[$1, $2)` of the source into a rollup table.
+fn aggregate_sql(resolution: Resolution) -> String {
+    match resolution {
+        Resolution::FiveMinutes => format!(
+            "INSERT INTO samples_5m (series_id, bucket, min, max, sum, count, last)
+             SELECT series_id, date_bin('5 minutes', time, timestamptz 'epoch'), min(value),
+                    coalesce(max(value) FILTER (WHERE value <> 'NaN'), max(value)), sum(value),
+                    count(*)::float8, (array_agg(value ORDER BY time DESC))[1]
+             FROM samples WHERE time >= $1 AND time < $2 AND {}
+             GROUP BY 1, 2
+             ON CONFLICT (series_id, bucket) DO UPDATE SET min = excluded.min,
+               max = excluded.max, sum = excluded.sum, count = excluded.count,
+               last = excluded.last",
+            not_stale("value")
+        ),
+        Resolution::OneHour => {
+            "INSERT INTO samples_1h (series_id, bucket, min, max, sum, count, last)
+             SELECT series_id, date_bin('1 hour', bucket, timestamptz 'epoch'), min(min),
+                    coalesce(max(max) FILTER (WHERE max <> 'NaN'), max(max)), sum(sum),
+                    sum(count), (array_agg(last ORDER BY bucket DESC))[1]
+             FROM samples_5m WHERE bucket >= $1 AND bucket < $2
+             GROUP BY 1, 2
+             ON CONFLICT (series_id, bucket) DO UPDATE SET min = excluded.min,
+               max = excluded.max, sum = excluded.sum, count = excluded.count,
+               last = excluded.last"
+                .to_owned()
+        }
+    }
+}
+
+/// Aggregates `[from, to)` into the rollup table; with `replace`, rows there are deleted
+/// first (a recomputation).
+async fn aggregate(
+    conn: &mut PgConnection,
+    resolution: Resolution,
+    from: TimestampMs,
+    to: TimestampMs,
+    replace: bool,
+) -> StorageResult<u64> {
+    if replace {
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE bucket >= $1 AND bucket < $2",
+            resolution.name()
+        ))
+        .bind(to_datetime(from))
+        .bind(to_datetime(to))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(sqlx::query(&aggregate_sql(resolution))
+        .bind(to_datetime(from))
+        .bind(to_datetime(to))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?
+        .rows_affected())
+}
+
+/// `samples` partitions with their bounds, oldest first.
+async fn partitions(conn: &mut PgConnection) -> StorageResult<Vec<(String, i64, i64)>> {
+    let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT name,
+                (extract(epoch FROM (regexp_match(bound, 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz) * 1000)::int8,
+                (extract(epoch FROM (regexp_match(bound, 'TO \\(''([^'']+)''\\)'))[1]::timestamptz) * 1000)::int8
+         FROM (SELECT c.relname::text AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
+               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+               WHERE i.inhparent = 'samples'::regclass) p",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let mut out: Vec<(String, i64, i64)> = rows
+        .into_iter()
+        .filter_map(|(name, lo, hi)| Some((name, lo?, hi?)))
+        .collect();
+    out.sort_by_key(|p| p.1);
+    Ok(out)
+}
+
+impl PostgresStorage {
+    /// Records that samples in `[lo, hi]` arrived late, once they are committed.
+    pub(super) async fn invalidate(&self, lo: TimestampMs, hi: TimestampMs) -> StorageResult<()> {
+        sqlx::query("INSERT INTO rollup_invalidations (lo, hi) VALUES ($1, $2)")
+            .bind(to_datetime(lo))
+            .bind(to_datetime(hi.saturating_add(1)))
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// One run of the plain lifecycle, unless another server holds it.
+    pub(super) async fn run_lifecycle(&self, now: TimestampMs) -> StorageResult<LifecycleReport> {
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('secumon.lifecycle'))")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db_error)?;
+        if !locked {
+            return Ok(LifecycleReport::default());
+        }
+        let result = self.lifecycle_locked(&mut conn, now).await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext('secumon.lifecycle'))")
+            .execute(&mut *conn)
+            .await;
+        if unlocked.is_err() {
+            // A connection that may still hold the lock is never reused.
+            let _ = conn.detach().close().await;
+        }
+        if result.is_err() {
+            self.lifecycle.failed_runs.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn lifecycle_locked(
+        &self,
+        conn: &mut PgConnection,
+        now: TimestampMs,
+    ) -> StorageResult<LifecycleReport> {
+        let mut report = LifecycleReport::default();
+        let width = self.partitions.width_ms;
+        let ahead: Vec<DateTime<Utc>> = (0..3).map(|i| to_datetime(now + i * width)).collect();
+        report.partitions_created = self.ensure_partitions(&ahead).await?;
+
+        // Raw retention: whole partitions, so the space is freed at once.
+        let raw_cutoff = now - self.retention.keep_ms(None);
+        for (name, lo, hi) in partitions(conn).await? {
+            if hi <= raw_cutoff {
+                sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_error)?;
+                self.partitions.forget(lo);
+                report.partitions_dropped += 1;
+            }
+        }
+        self.lifecycle
+            .partitions_dropped
+            .fetch_add(report.partitions_dropped as u64, Ordering::Relaxed);
+        let parts = partitions(conn).await?;
+        let oldest_raw = parts.first().map(|p| p.1).unwrap_or(now).max(raw_cutoff);
+
+        let w5 = watermark(conn, Resolution::FiveMinutes).await?;
+        let w1 = watermark(conn, Resolution::OneHour).await?;
+
+        // Late writes below the watermarks: recompute those buckets from what raw data is
+        // left (never below raw retention, where the rollups are all there is).
+        let mut tx = conn.begin().await.map_err(db_error)?;
+        let ranges: Vec<(DateTime<Utc>, DateTime<Utc>)> =
+            sqlx::query_as("DELETE FROM rollup_invalidations RETURNING lo, hi")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        report.invalidations = ranges.len();
+        for (lo, hi) in merge_ranges(
+            ranges
+                .iter()
+                .map(|(lo, hi)| (lo.timestamp_millis(), hi.timestamp_millis())),
+        ) {
+            let five = Resolution::FiveMinutes;
+            let from = five.bucket(lo).max(five.bucket(oldest_raw + five.ms() - 1));
+            let to = (five.bucket(hi - 1) + five.ms()).min(w5.unwrap_or(i64::MIN));
+            if from < to {
+                report.rows_5m += aggregate(&mut tx, five, from, to, true).await?;
+                let hour = Resolution::OneHour;
+                let from = hour.bucket(from);
+                let to = (hour.bucket(to - 1) + hour.ms()).min(w1.unwrap_or(i64::MIN));
+                if from < to {
+                    report.rows_1h += aggregate(&mut tx, hour, from, to, true).await?;
+                }
+            }
+        }
+        tx.commit().await.map_err(db_error)?;
+
+        // Move the watermarks on: 5 min from raw samples, 1 h from the 5 min rows.
+        let target_5m = Resolution::FiveMinutes.bucket(now - LAG_MS);
+        let start_5m = w5.unwrap_or_else(|| {
+            parts
+                .first()
+                .map_or(target_5m, |p| Resolution::FiveMinutes.bucket(p.1))
+        });
+        let (w5, rows) = self
+            .advance(conn, Resolution::FiveMinutes, start_5m, target_5m, &parts)
+            .await?;
+        report.rows_5m += rows;
+        let target_1h = Resolution::OneHour.bucket(w5);
+        let start_1h = w1.unwrap_or_else(|| Resolution::OneHour.bucket(start_5m));
+        let (w1, rows) = self
+            .advance(conn, Resolution::OneHour, start_1h, target_1h, &parts)
+            .await?;
+        report.rows_1h += rows;
+        self.lifecycle.watermark_5m.store(w5, Ordering::Relaxed);
+        self.lifecycle.watermark_1h.store(w1, Ordering::Relaxed);
+        self.lifecycle
+            .rollup_rows_written
+            .fetch_add(report.rows_5m + report.rows_1h, Ordering::Relaxed);
+
+        // Rollup retention.
+        for resolution in Resolution::ALL {
+            report.rows_expired += sqlx::query(&format!(
+                "DELETE FROM {} WHERE bucket < $1",
+                resolution.name()
+            ))
+            .bind(to_datetime(now - self.retention.keep_ms(Some(resolution))))
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        }
+        sqlx::query("DELETE FROM rollup_invalidations WHERE hi < $1")
+            .bind(to_datetime(raw_cutoff))
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+        Ok(report)
+    }
+
+    /// Aggregates from `from` up to `target` in steps, each committed with its watermark, and
+    /// skips time no partition covers. Returns the new watermark and rows written.
+    async fn advance(
+        &self,
+        conn: &mut PgConnection,
+        resolution: Resolution,
+        from: TimestampMs,
+        target: TimestampMs,
+        parts: &[(String, i64, i64)],
+    ) -> StorageResult<(TimestampMs, u64)> {
+        let step = match resolution {
+            Resolution::FiveMinutes => STEP_5M_MS,
+            Resolution::OneHour => STEP_1H_MS,
+        };
+        let mut w = from;
+        let mut rows = 0;
+        while w < target {
+            let Some(&(_, lo, hi)) = parts.iter().find(|p| p.2 > w) else {
+                w = target;
+                break;
+            };
+            if lo > w {
+                w = resolution.bucket(lo).max(w).min(target);
+                continue;
+            }
+            let next = (w + step).min(resolution.bucket(hi - 1) + resolution.ms());
+            let next = next.min(target).max(w + resolution.ms());
+            let mut tx = conn.begin().await.map_err(db_error)?;
+            rows += aggregate(&mut tx, resolution, w, next, false).await?;
+            set_watermark(&mut tx, resolution, next).await?;
+            tx.commit().await.map_err(db_error)?;
+            w = next;
+        }
+        set_watermark(conn, resolution, w.max(from)).await?;
+        Ok((w.max(from), rows))
+    }
+}
+
+/// Sorted, overlapping or touching ranges merged.
+fn merge_ranges(ranges: impl Iterator<Item = (i64, i64)>) -> Vec<(i64, i64)> {
+    let mut ranges: Vec<(i64, i64)> = ranges.collect();
+    ranges.sort_unstable();
+    let mut out: Vec<(i64, i64)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match out.last_mut() {
+            Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_when_they_overlap_or_touch() {
+        let got = merge_ranges([(5, 7), (1, 3), (3, 4), (10, 12), (6, 9)].into_iter());
+        assert_eq!(got, vec![(1, 4), (5, 9), (10, 12)]);
+    }
+}
