@@ -1,0 +1,304 @@
+//! Plain PostgreSQL's lifecycle, run by the server: partitions ahead and dropped after raw
+//! retention, rollup tables filled up to their watermarks, late writes recomputed, rollup
+//! retention, progress that survives a restart and shows in `/metrics`.
+
+use crate::support::{Backend, Postgres, Secumon};
+use secumon::model::{Label, Labels, Matcher, Sample, SeriesSamples, TenantId};
+use secumon::storage::postgres::{Mode, PostgresConfig, PostgresStorage, TimescaleMode};
+use secumon::storage::{
+    rollup, Resolution, RetentionConfig, RollupRow, SelectHints, SeriesWrite, Storage,
+};
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+const DAY: i64 = 24 * HOUR;
+
+fn plain() -> PostgresConfig {
+    PostgresConfig {
+        timescaledb: TimescaleMode::Off,
+        ..PostgresConfig::default()
+    }
+}
+
+fn write(s: &str, samples: impl Iterator<Item = (i64, f64)>) -> SeriesWrite {
+    SeriesWrite {
+        labels: Labels::from_trusted(vec![Label::new("__name__", "lc"), Label::new("s", s)]),
+        samples: samples.map(|(t, v)| Sample { t, v }).collect(),
+    }
+}
+
+async fn raw(storage: &PostgresStorage) -> Vec<SeriesSamples> {
+    let hints = SelectHints {
+        start: 0,
+        end: i64::MAX / 2,
+        ..SelectHints::default()
+    };
+    storage
+        .select(
+            &TenantId::default(),
+            &[Matcher::equal("__name__", "lc")],
+            &hints,
+        )
+        .await
+        .unwrap()
+}
+
+/// Rows of a rollup table for one series, read directly.
+async fn table_rows(pool: &sqlx::PgPool, resolution: Resolution, s: &str) -> Vec<RollupRow> {
+    let rows: Vec<(chrono::DateTime<chrono::Utc>, f64, f64, f64, f64, f64)> =
+        sqlx::query_as(&format!(
+            "SELECT bucket, min, max, sum, count, last FROM {} r
+             JOIN series ON series.id = r.series_id WHERE labels ->> 's' = $1 ORDER BY bucket",
+            resolution.name()
+        ))
+        .bind(s)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    rows.into_iter()
+        .map(|(t, min, max, sum, count, last)| RollupRow {
+            t: t.timestamp_millis(),
+            min,
+            max,
+            sum,
+            count,
+            last,
+        })
+        .collect()
+}
+
+/// Rows as text, so NaN equals NaN.
+fn rows_text(rows: &[RollupRow]) -> String {
+    format!("{rows:?}")
+}
+
+/// The rollup rows of `samples` in buckets before `watermark`.
+fn expected(samples: &[Sample], resolution: Resolution, watermark: i64) -> Vec<RollupRow> {
+    rollup(samples, resolution)
+        .into_iter()
+        .filter(|r| r.t < watermark)
+        .collect()
+}
+
+async fn assert_reads_equal_raw(storage: &PostgresStorage) {
+    let raw = raw(storage).await;
+    for resolution in Resolution::ALL {
+        let got = storage
+            .select_rollups(
+                &TenantId::default(),
+                &[Matcher::equal("__name__", "lc")],
+                resolution,
+                0,
+                i64::MAX / 4,
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.len(), raw.len());
+        for (g, r) in got.iter().zip(&raw) {
+            assert_eq!(g.labels, r.labels);
+            assert_eq!(
+                rows_text(&g.rows),
+                rows_text(&rollup(&r.samples, resolution)),
+                "{}",
+                resolution.name()
+            );
+        }
+    }
+}
+
+async fn partition_bounds(pool: &sqlx::PgPool) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid)
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'samples'::regclass ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_lifecycle_keeps_partitions_rollups_and_retention() {
+    let url = Postgres::shared().database().await;
+    let retention = RetentionConfig::default();
+    let storage = PostgresStorage::connect(&url, &plain(), &retention)
+        .await
+        .unwrap();
+    assert_eq!(storage.mode(), Mode::Plain);
+    let pool = storage.pool().clone();
+    let tenant = TenantId::default();
+    let now = chrono::Utc::now().timestamp_millis();
+    let old = Resolution::OneHour.bucket(now - 40 * DAY);
+    let mid = Resolution::OneHour.bucket(now - 20 * DAY);
+    let recent = Resolution::OneHour.bucket(now - 3 * HOUR);
+    let batch = vec![
+        write("old", (0..60).map(|i| (old + i * MINUTE, i as f64))),
+        write(
+            "mid",
+            (0..240).map(|i| (mid + i * 15_000 + 7, (i % 17) as f64 * 0.5)),
+        ),
+        write(
+            "recent",
+            (0..360).map(|i| {
+                let v = if i % 50 == 3 {
+                    f64::NAN
+                } else {
+                    (i % 9) as f64
+                };
+                (recent + i * 30_000, v)
+            }),
+        ),
+    ];
+    storage.append(&tenant, &batch).await.unwrap();
+
+    let report = storage.run_lifecycle_at(now).await.unwrap();
+    assert_eq!(report.partitions_dropped, 1, "{report:?}");
+    assert!(report.partitions_created >= 2, "{report:?}");
+    let parts = partition_bounds(&pool).await;
+    let ahead = chrono::DateTime::from_timestamp_millis(now + 2 * DAY)
+        .unwrap()
+        .format("%Y%m%d")
+        .to_string();
+    assert!(
+        parts.iter().any(|(name, _)| name.contains(&ahead)),
+        "a partition two days ahead: {parts:?}"
+    );
+    let left = raw(&storage).await;
+    assert_eq!(
+        left.iter()
+            .map(|s| s.labels.get("s").unwrap_or_default().to_owned())
+            .collect::<Vec<_>>(),
+        vec!["mid", "recent"],
+        "raw samples past retention are gone with their partition"
+    );
+
+    let stats = storage.stats().expect("plain lifecycle stats");
+    let w5 = Resolution::FiveMinutes.bucket(now - 10 * MINUTE);
+    let w1 = Resolution::OneHour.bucket(w5);
+    assert_eq!(
+        stats.rollup_watermarks,
+        vec![(Resolution::FiveMinutes, w5), (Resolution::OneHour, w1)]
+    );
+    for s in &left {
+        let name = s.labels.get("s").unwrap_or_default();
+        for (resolution, w) in [(Resolution::FiveMinutes, w5), (Resolution::OneHour, w1)] {
+            let want = expected(&s.samples, resolution, w);
+            assert!(!want.is_empty());
+            assert_eq!(
+                rows_text(&table_rows(&pool, resolution, name).await),
+                rows_text(&want),
+                "{name}"
+            );
+        }
+    }
+    assert_reads_equal_raw(&storage).await;
+
+    // A late sample below the watermark: reads see it at once (its buckets come from raw
+    // data until the job ran), the next run rewrites those buckets.
+    let late = write("recent", std::iter::once((recent + 15_000, 1000.0)));
+    storage.append(&tenant, &[late]).await.unwrap();
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM rollup_invalidations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 1);
+    assert_reads_equal_raw(&storage).await;
+    let report = storage.run_lifecycle_at(now).await.unwrap();
+    assert_eq!(report.invalidations, 1, "{report:?}");
+    let recent_raw = raw(&storage).await.pop().unwrap();
+    for (resolution, w) in [(Resolution::FiveMinutes, w5), (Resolution::OneHour, w1)] {
+        assert_eq!(
+            rows_text(&table_rows(&pool, resolution, "recent").await),
+            rows_text(&expected(&recent_raw.samples, resolution, w))
+        );
+    }
+    assert_reads_equal_raw(&storage).await;
+
+    // A restart resumes at the stored watermarks: five minutes later, one bucket more.
+    drop(storage);
+    let storage = PostgresStorage::connect(&url, &plain(), &retention)
+        .await
+        .unwrap();
+    let report = storage.run_lifecycle_at(now + 5 * MINUTE).await.unwrap();
+    assert!(report.rows_5m <= 2, "only the new bucket: {report:?}");
+    let stats = storage.stats().unwrap();
+    assert_eq!(
+        stats.rollup_watermarks[0],
+        (
+            Resolution::FiveMinutes,
+            Resolution::FiveMinutes.bucket(now - 5 * MINUTE)
+        )
+    );
+
+    // Rollup retention: 5-minute rows go after 90 days, hourly rows after 365.
+    for (relation, age) in [
+        ("samples_5m", 100),
+        ("samples_5m", 50),
+        ("samples_1h", 400),
+        ("samples_1h", 100),
+    ] {
+        sqlx::query(&format!(
+            "INSERT INTO {relation} (series_id, bucket, min, max, sum, count, last)
+             SELECT id, date_bin('1 hour', now() - $1 * interval '1 day', timestamptz 'epoch'),
+                    1, 1, 1, 1, 1
+             FROM series WHERE labels ->> 's' = 'mid'"
+        ))
+        .bind(f64::from(age))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let report = storage.run_lifecycle_at(now + 5 * MINUTE).await.unwrap();
+    assert_eq!(report.rows_expired, 2, "{report:?}");
+    let ages: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT 'samples_5m', round(extract(epoch FROM now() - bucket) / 86400)::int8
+         FROM samples_5m WHERE bucket < now() - interval '30 days'
+         UNION ALL
+         SELECT 'samples_1h', round(extract(epoch FROM now() - bucket) / 86400)::int8
+         FROM samples_1h WHERE bucket < now() - interval '30 days' ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        ages,
+        vec![
+            ("samples_1h".to_owned(), 100),
+            ("samples_5m".to_owned(), 50)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_runs_the_plain_lifecycle_and_reports_its_progress() {
+    let s = Secumon::start_on(Backend::Postgres, |c| {
+        c.postgres.timescaledb = TimescaleMode::Off;
+        c.postgres.lifecycle_interval_secs = 1;
+    })
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = s.metrics_text().await;
+        let watermark = text
+            .lines()
+            .find(|l| l.starts_with("secumon_rollup_watermark_seconds{relation=\"samples_5m\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok());
+        if let Some(w) = watermark {
+            let now = chrono::Utc::now().timestamp();
+            assert!(
+                (now - 16 * 60..=now - 10 * 60).contains(&w),
+                "watermark {w} vs now {now}"
+            );
+            assert!(
+                text.contains("secumon_storage_lifecycle_failures 0"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rollup watermark in /metrics: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
