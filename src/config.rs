@@ -157,6 +157,10 @@ pub struct ServeArgs {
     /// retention). [default: 60]
     #[arg(long, env = "SECUMON_POSTGRES_LIFECYCLE_INTERVAL_SECS", global = true)]
     pub postgres_lifecycle_interval_secs: Option<u64>,
+    /// Write samples with binary COPY (false: INSERT … ON CONFLICT for every batch).
+    /// [default: true]
+    #[arg(long, env = "SECUMON_POSTGRES_COPY_WRITES", global = true)]
+    pub postgres_copy_writes: Option<bool>,
     /// Series ids cached in memory. [default: 1000000]
     #[arg(long, env = "SECUMON_POSTGRES_SERIES_CACHE_SIZE", global = true)]
     pub postgres_series_cache_size: Option<usize>,
@@ -245,6 +249,7 @@ impl ServeArgs {
             &self.postgres_series_cache_size,
         );
         set(&mut c.postgres.timescaledb, &self.timescaledb);
+        set(&mut c.postgres.copy_writes, &self.postgres_copy_writes);
         set(
             &mut c.postgres.compress_after_days,
             &self.postgres_compress_after_days,

@@ -132,6 +132,8 @@ async fn timescaledb() -> Subject {
     let instance = TimescaleDb::fresh();
     let config = PostgresConfig {
         timescaledb: TimescaleMode::On,
+        // PGlite cannot take COPY FROM STDIN (ARCHITECTURE.md, "TimescaleDB in tests").
+        copy_writes: false,
         ..PostgresConfig::default()
     };
     let storage = PostgresStorage::connect(&instance.url(), &config, &keep_all())

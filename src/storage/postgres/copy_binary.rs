@@ -1,5 +1,6 @@
-//! A reader for PostgreSQL's binary COPY format, for the one row shape the read path streams:
-//! `(series_id int8, time timestamptz, value float8)`. Streaming `COPY (SELECT …) TO STDOUT
+//! PostgreSQL's binary COPY format for the one row shape of `samples`:
+//! `(series_id int8, time timestamptz, value float8)`: a reader for the read path and a writer
+//! for the write path. Streaming `COPY (SELECT …) TO STDOUT
 //! (FORMAT binary)` and parsing it here costs a fraction of decoding rows one by one, and keeps
 //! every float bit (staleness markers included).
 
@@ -100,9 +101,42 @@ impl SampleRowReader {
     }
 }
 
+/// Encodes rows for `COPY samples (series_id, time, value) FROM STDIN (FORMAT binary)`.
+pub fn encode_rows(series_ids: &[i64], times_ms: &[TimestampMs], values: &[f64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(21 + series_ids.len() * 38);
+    out.extend_from_slice(SIGNATURE);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    for ((id, t), v) in series_ids.iter().zip(times_ms).zip(values) {
+        out.extend_from_slice(&3i16.to_be_bytes());
+        for field in [*id, t * 1000 - PG_EPOCH_OFFSET_US, v.to_bits() as i64] {
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(&field.to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_rows_read_back_bit_exact() {
+        let stale = f64::from_bits(crate::model::STALE_NAN_BITS);
+        let data = encode_rows(&[7, 8], &[1_700_000_000_123, -1_000], &[1.5, stale]);
+        let mut reader = SampleRowReader::default();
+        let mut rows = Vec::new();
+        reader.feed(&data, &mut |r| rows.push(r)).unwrap();
+        assert!(reader.finished());
+        assert_eq!(
+            (rows[0].series_id, rows[0].t, rows[0].v),
+            (7, 1_700_000_000_123, 1.5)
+        );
+        assert_eq!((rows[1].series_id, rows[1].t), (8, -1_000));
+        assert_eq!(rows[1].v.to_bits(), crate::model::STALE_NAN_BITS);
+    }
 
     fn row(series_id: i64, t_ms: i64, v: f64) -> Vec<u8> {
         let mut out = 3i16.to_be_bytes().to_vec();

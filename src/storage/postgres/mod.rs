@@ -54,6 +54,10 @@ pub struct PostgresConfig {
     /// Plain PostgreSQL: seconds between runs of the lifecycle job (partitions, rollup tables,
     /// retention).
     pub lifecycle_interval_secs: u64,
+    /// Write samples with binary `COPY FROM STDIN` (falling back to a checking insert when a
+    /// batch repeats stored samples); false writes every batch with `INSERT … ON CONFLICT`,
+    /// for servers or proxies that cannot take COPY.
+    pub copy_writes: bool,
 }
 
 impl Default for PostgresConfig {
@@ -66,6 +70,7 @@ impl Default for PostgresConfig {
             timescaledb: TimescaleMode::Auto,
             compress_after_days: 7,
             lifecycle_interval_secs: 60,
+            copy_writes: true,
         }
     }
 }
@@ -80,6 +85,7 @@ pub struct PostgresStorage {
     lifecycle: lifecycle::LifecycleState,
     lifecycle_interval: Duration,
     jobs: Vec<Job>,
+    copy_writes: bool,
 }
 
 impl PostgresStorage {
@@ -120,6 +126,7 @@ impl PostgresStorage {
             lifecycle: lifecycle::LifecycleState::default(),
             lifecycle_interval: Duration::from_secs(config.lifecycle_interval_secs.max(1)),
             jobs,
+            copy_writes: config.copy_writes,
         })
     }
 

@@ -153,18 +153,29 @@ impl PostgresStorage {
             self.ensure_partitions(&times).await?;
         }
 
-        let inserted = sqlx::query(
-            "INSERT INTO samples (series_id, time, value)
-             SELECT * FROM unnest($1::int8[], $2::timestamptz[], $3::float8[])
-             ON CONFLICT (series_id, time) DO NOTHING",
-        )
-        .bind(&series_ids)
-        .bind(&times)
-        .bind(&values)
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?
-        .rows_affected() as usize;
+        // Binary COPY first: a third cheaper in PostgreSQL than an insert that checks each
+        // row for conflicts. A batch holding a sample already stored fails whole (unique
+        // violation, nothing written) and goes the checking way.
+        let copied = if self.copy_writes {
+            self.copy_samples(&series_ids, &times, &values).await?
+        } else {
+            None
+        };
+        let inserted = match copied {
+            Some(n) => n,
+            None => sqlx::query(
+                "INSERT INTO samples (series_id, time, value)
+                 SELECT * FROM unnest($1::int8[], $2::timestamptz[], $3::float8[])
+                 ON CONFLICT (series_id, time) DO NOTHING",
+            )
+            .bind(&series_ids)
+            .bind(&times)
+            .bind(&values)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?
+            .rows_affected() as usize,
+        };
 
         let mut conflicting = 0;
         if inserted < series_ids.len() {
@@ -216,6 +227,39 @@ impl PostgresStorage {
         }
         outcome.accepted = series_ids.len() - conflicting;
         Ok(outcome)
+    }
+
+    /// `COPY … FROM STDIN (FORMAT binary)` of the rows; `None` when a row is already stored
+    /// (then nothing was written).
+    async fn copy_samples(
+        &self,
+        series_ids: &[i64],
+        times: &[DateTime<Utc>],
+        values: &[f64],
+    ) -> StorageResult<Option<usize>> {
+        let times_ms: Vec<TimestampMs> = times.iter().map(DateTime::timestamp_millis).collect();
+        let data = super::copy_binary::encode_rows(series_ids, &times_ms, values);
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        let result = async {
+            let mut copy = conn
+                .copy_in_raw("COPY samples (series_id, time, value) FROM STDIN (FORMAT binary)")
+                .await?;
+            if let Err(e) = copy.send(data).await {
+                let _ = copy.abort("send failed").await;
+                return Err(e);
+            }
+            copy.finish().await
+        }
+        .await;
+        match result {
+            Ok(rows) => Ok(Some(rows as usize)),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Ok(None),
+            Err(e) => {
+                // The connection may be mid-COPY: never hand it back to the pool.
+                let _ = conn.close().await;
+                Err(db_error(e))
+            }
+        }
     }
 
     /// Series ids for every series of the batch, in batch order, creating the missing ones in

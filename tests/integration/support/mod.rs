@@ -286,6 +286,8 @@ impl Secumon {
         };
         if backend == Backend::TimescaleDb {
             config.postgres.timescaledb = secumon::storage::postgres::TimescaleMode::On;
+            // PGlite cannot take COPY FROM STDIN (ARCHITECTURE.md, "TimescaleDB in tests").
+            config.postgres.copy_writes = false;
         }
         customize(&mut config);
         let storage = server::open_storage(&config).await.expect("open storage");
