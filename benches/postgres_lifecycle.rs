@@ -5,8 +5,9 @@
 //! defaults (fsync on).
 //!
 //! `cargo bench --bench postgres_lifecycle [-- --series N --rounds N --connections N]`
-//! (defaults: 250 series, 1,080 rounds of 40 samples per series at 60 s = 30 days,
-//! 10.8 M samples).
+//! (defaults: 250 series in blocks of 50 per request, 216 rounds of 200 samples per series at
+//! 60 s = 30 days, 10.8 M samples; a block's next request waits for its previous one, so
+//! several blocks keep the connections busy).
 
 mod common;
 #[path = "../tests/integration/support/mod.rs"]
@@ -34,9 +35,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let o = Options::from_args(Options {
         series: 250,
-        series_per_request: 250,
-        samples_per_series: 40,
-        rounds: 1_080,
+        series_per_request: 50,
+        samples_per_series: 200,
+        rounds: 216,
         connections: 4,
     });
     std::env::set_var("SECUMON_PG_DURABLE", "1");
