@@ -10,4 +10,5 @@ mod e2e_prometheus;
 mod otlp;
 mod promql_diff;
 mod remote_write;
+mod rollup_queries;
 mod timescaledb;
