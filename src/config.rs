@@ -179,6 +179,16 @@ pub struct ServeArgs {
     /// Most samples one query may load or produce. [default: 50000000]
     #[arg(long, env = "SECUMON_QUERY_MAX_SAMPLES", global = true)]
     pub query_max_samples: Option<usize>,
+    /// Coarsest rollups sum_over_time and avg_over_time may read when a query does not pass
+    /// `max_source_resolution` (answers may then differ from raw in the last bits); exact
+    /// functions read rollups regardless. [default: raw]
+    #[arg(
+        long,
+        env = "SECUMON_QUERY_MAX_SOURCE_RESOLUTION",
+        global = true,
+        value_enum
+    )]
+    pub query_max_source_resolution: Option<crate::promql::SourceResolution>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +282,10 @@ impl ServeArgs {
         );
         set(&mut c.query.timeout_secs, &self.query_timeout_secs);
         set(&mut c.query.max_samples, &self.query_max_samples);
+        set(
+            &mut c.query.max_source_resolution,
+            &self.query_max_source_resolution,
+        );
         set(&mut c.embedded.fsync, &self.embedded_fsync);
         set(
             &mut c.embedded.out_of_order_window_secs,
@@ -303,7 +317,7 @@ mod tests {
         let path = dir.path().join("secumon.toml");
         std::fs::write(
             &path,
-            "http_listen = \"0.0.0.0:9000\"\nstorage = \"postgres://file\"\n[query]\ntimeout_secs = 5\n",
+            "http_listen = \"0.0.0.0:9000\"\nstorage = \"postgres://file\"\n[query]\ntimeout_secs = 5\nmax_source_resolution = \"5m\"\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -315,11 +329,16 @@ mod tests {
         assert_eq!(config.http_listen, "0.0.0.0:9000");
         assert_eq!(config.storage, "postgres://flag");
         assert_eq!(config.query.timeout_secs, 5);
+        assert_eq!(
+            config.query.max_source_resolution,
+            crate::promql::SourceResolution::FiveMinutes
+        );
         let embedded = ServeArgs {
             embedded_fsync: Some(FsyncPolicy::Never),
             embedded_out_of_order_window_secs: Some(7),
             embedded_flush_interval_secs: Some(9),
             retention_raw_days: Some(3),
+            query_max_source_resolution: Some(crate::promql::SourceResolution::Auto),
             ..ServeArgs::default()
         }
         .load()
@@ -328,6 +347,10 @@ mod tests {
         assert_eq!(embedded.embedded.out_of_order_window_secs, 7);
         assert_eq!(embedded.embedded.flush_interval_secs, 9);
         assert_eq!(embedded.retention.raw_days, 3);
+        assert_eq!(
+            embedded.query.max_source_resolution,
+            crate::promql::SourceResolution::Auto
+        );
         assert_eq!(
             config.query.max_samples,
             EngineConfig::default().max_samples

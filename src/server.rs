@@ -120,7 +120,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     let metrics = Arc::new(Metrics::new());
     metrics.observe_storage(storage.as_ref());
     let state = Arc::new(AppState {
-        engine: Engine::new(storage.clone(), config.query.clone()),
+        engine: Engine::new(storage.clone(), config.query.clone(), metrics.clone()),
         ingester: Ingester::new(storage.clone(), metrics.clone()),
         ingest_config: config.ingest.clone(),
         otlp_config: config.otlp.clone(),

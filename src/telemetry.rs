@@ -29,6 +29,11 @@ pub struct QueryLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResolutionLabels {
+    pub resolution: &'static str,
+}
+
 /// Every metric the server exports about itself.
 pub struct Metrics {
     registry: Registry,
@@ -36,6 +41,7 @@ pub struct Metrics {
     pub samples_rejected: Family<RejectLabels, Counter>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub query_duration: Family<QueryLabels, Histogram>,
+    pub query_rollup_selects: Family<ResolutionLabels, Counter>,
     pub damaged_bytes_recovered: prometheus_client::metrics::gauge::Gauge,
     pub storage_series: prometheus_client::metrics::gauge::Gauge,
     pub storage_blocks: prometheus_client::metrics::gauge::Gauge,
@@ -122,6 +128,18 @@ impl Metrics {
             "PromQL evaluation latency, by query kind (instant, range)",
             query_duration.clone(),
         );
+        let query_rollup_selects = Family::<ResolutionLabels, Counter>::default();
+        registry.register(
+            "query_rollup_selects",
+            "Rollup reads by PromQL range functions answered from rollups, by resolution (5m, 1h)",
+            query_rollup_selects.clone(),
+        );
+        // Both series exist from the start, so a first increase shows as one.
+        for resolution in crate::storage::Resolution::ALL {
+            let _ = query_rollup_selects.get_or_create(&ResolutionLabels {
+                resolution: resolution.label(),
+            });
+        }
         let damaged_bytes_recovered = prometheus_client::metrics::gauge::Gauge::default();
         registry.register(
             "storage_damaged_bytes_recovered",
@@ -166,7 +184,17 @@ impl Metrics {
             samples_rejected,
             http_requests,
             query_duration,
+            query_rollup_selects,
         }
+    }
+
+    /// Counts one read of rollups by a query.
+    pub fn rollup_select(&self, resolution: crate::storage::Resolution) {
+        self.query_rollup_selects
+            .get_or_create(&ResolutionLabels {
+                resolution: resolution.label(),
+            })
+            .inc();
     }
 
     /// Publishes a storage's sizes and damage count.

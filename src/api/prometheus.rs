@@ -42,14 +42,28 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-fn timeout_param(params: &Params) -> Result<Option<Duration>, ApiError> {
-    match params.get("timeout") {
-        "" => Ok(None),
+/// The per-request query settings: `timeout` and `max_source_resolution` (`raw`, `5m`, `1h`
+/// or `auto`, named as in Thanos).
+fn query_options(params: &Params) -> Result<promql::QueryOptions, ApiError> {
+    let timeout = match params.get("timeout") {
+        "" => None,
         value => {
             let ms = parse_duration(value).map_err(|e| ApiError::invalid_param("timeout", e))?;
-            Ok(Some(Duration::from_millis(ms.max(0) as u64)))
+            Some(Duration::from_millis(ms.max(0) as u64))
         }
-    }
+    };
+    let max_source_resolution = match params.get("max_source_resolution") {
+        "" => None,
+        value => Some(
+            value
+                .parse::<promql::SourceResolution>()
+                .map_err(|e| ApiError::invalid_param("max_source_resolution", e))?,
+        ),
+    };
+    Ok(promql::QueryOptions {
+        timeout,
+        max_source_resolution,
+    })
 }
 
 pub(super) async fn query(
@@ -61,13 +75,13 @@ pub(super) async fn query(
     let params = params(&uri, &headers, &body);
     let t = parse_time_param(&params, "time", now_ms())
         .map_err(|e| ApiError::invalid_param("time", e))?;
-    let timeout = timeout_param(&params)?;
+    let options = query_options(&params)?;
     let expr =
         promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
     let started = Instant::now();
     let value = state
         .engine
-        .instant_query(&state.tenant(), expr, t, timeout)
+        .instant_query(&state.tenant(), expr, t, options)
         .await;
     observe(&state, "instant", started);
     let mut data = String::new();
@@ -103,7 +117,7 @@ pub(super) async fn query_range(
             "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)",
         ));
     }
-    let timeout = timeout_param(&params)?;
+    let options = query_options(&params)?;
     let expr: Expr =
         promql::parse(params.get("query")).map_err(|e| ApiError::bad_data(e.to_string()))?;
     let started = Instant::now();
@@ -113,7 +127,7 @@ pub(super) async fn query_range(
             &state.tenant(),
             expr,
             EvalRange { start, end, step },
-            timeout,
+            options,
         )
         .await;
     observe(&state, "range", started);

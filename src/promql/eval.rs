@@ -5,11 +5,13 @@
 //! which is how Prometheus's `rangeEval` defines their semantics.
 
 use super::functions;
+use super::rollups::{self, RollupLoad, SourceResolution};
 use super::selector_matchers;
 use super::value::{Value, VectorBuilder};
 use super::{aggregate, binary, EvalRange, QueryError};
 use crate::model::{is_stale_nan, Labels, Sample, SeriesSamples, TenantId};
 use crate::storage::{DynStorage, SelectHints};
+use crate::telemetry::Metrics;
 use promql_parser::parser::{
     AtModifier, Expr, MatrixSelector, Offset, SubqueryExpr, VectorSelector,
 };
@@ -20,7 +22,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// and not moved between loading and evaluation).
 pub(super) type Loaded = HashMap<usize, Vec<SeriesSamples>>;
 
-fn node_key(vs: &VectorSelector) -> usize {
+/// Rollups loaded per call answered from them, keyed by its selector node's address.
+pub(super) type LoadedRollups = HashMap<usize, RollupLoad>;
+
+/// Everything a query's evaluation reads, loaded before it starts.
+pub(super) struct Fetched {
+    pub raw: Loaded,
+    pub rollups: LoadedRollups,
+}
+
+pub(super) fn node_key(vs: &VectorSelector) -> usize {
     vs as *const VectorSelector as usize
 }
 
@@ -44,7 +55,7 @@ fn system_time_ms(t: &SystemTime) -> i64 {
 }
 
 /// The fixed time an `@` modifier names; `start()` and `end()` are the query's.
-fn at_ms(at: &Option<AtModifier>, query: EvalRange) -> Option<i64> {
+pub(super) fn at_ms(at: &Option<AtModifier>, query: EvalRange) -> Option<i64> {
     match at {
         None => None,
         Some(AtModifier::Start) => Some(query.start),
@@ -91,7 +102,10 @@ struct Planner<'a> {
     query: EvalRange,
     lookback: i64,
     default_step: i64,
+    max_source_resolution: SourceResolution,
     fetches: Vec<Fetch<'a>>,
+    /// Calls answered from rollups, with their selector (whose raw samples are not loaded).
+    rollup_fetches: Vec<(&'a VectorSelector, rollups::RollupPlan)>,
 }
 
 impl<'a> Planner<'a> {
@@ -149,6 +163,11 @@ impl<'a> Planner<'a> {
                 }
             }
             Expr::Call(call) => {
+                let planned = rollups::plan(call, range, self.query, self.max_source_resolution);
+                if let Some(fetch) = planned {
+                    self.rollup_fetches.push(fetch);
+                    return;
+                }
                 for arg in &call.args.args {
                     self.walk(arg, range, Some(call.func.name));
                 }
@@ -158,19 +177,24 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Loads every selector's series, one storage call per selector, within the sample limit.
+/// Loads every selector's series, one storage call per selector (two for a call answered
+/// from rollups: its rows and its boundary samples), within the sample limit; rollup rows
+/// count as samples.
 pub(super) async fn fetch(
     storage: &DynStorage,
     tenant: &TenantId,
     expr: &Expr,
     range: EvalRange,
     options: &EvalOptions,
-) -> Result<Loaded, QueryError> {
+    metrics: &Metrics,
+) -> Result<Fetched, QueryError> {
     let mut planner = Planner {
         query: range,
         lookback: options.lookback,
         default_step: options.default_subquery_step,
+        max_source_resolution: options.max_source_resolution,
         fetches: Vec::new(),
+        rollup_fetches: Vec::new(),
     };
     planner.walk(expr, range, None);
     let mut loaded = Loaded::with_capacity(planner.fetches.len());
@@ -192,7 +216,43 @@ pub(super) async fn fetch(
             }
         }
     }
-    Ok(loaded)
+    let mut rollups = LoadedRollups::with_capacity(planner.rollup_fetches.len());
+    for (vs, plan) in planner.rollup_fetches {
+        let matchers = selector_matchers(vs);
+        let rows = storage
+            .select_rollups(
+                tenant,
+                &matchers,
+                plan.resolution,
+                plan.first_bucket,
+                plan.last_bucket,
+            )
+            .await?;
+        metrics.rollup_select(plan.resolution);
+        total += rows.iter().map(|s| s.rows.len()).sum::<usize>();
+        if total > options.max_samples {
+            return Err(QueryError::TooManySamples);
+        }
+        let boundary = storage
+            .select_instants(tenant, &matchers, &plan.instants)
+            .await?;
+        total += boundary.iter().map(|s| s.samples.len()).sum::<usize>();
+        if total > options.max_samples {
+            return Err(QueryError::TooManySamples);
+        }
+        rollups.insert(
+            node_key(vs),
+            RollupLoad {
+                plan,
+                rows,
+                boundary,
+            },
+        );
+    }
+    Ok(Fetched {
+        raw: loaded,
+        rollups,
+    })
 }
 
 fn merge_series(existing: &mut Vec<SeriesSamples>, more: Vec<SeriesSamples>) {
@@ -215,6 +275,7 @@ pub(super) struct EvalOptions {
     pub lookback: i64,
     pub max_samples: usize,
     pub default_subquery_step: i64,
+    pub max_source_resolution: SourceResolution,
 }
 
 /// A range-vector argument ready for sliding windows: its series (stale markers removed)
@@ -249,6 +310,7 @@ pub(super) struct Evaluator {
     produced: usize,
     deadline: Instant,
     loaded: Loaded,
+    rollups: LoadedRollups,
 }
 
 impl Evaluator {
@@ -265,7 +327,14 @@ impl Evaluator {
             produced: 0,
             deadline,
             loaded,
+            rollups: LoadedRollups::new(),
         }
+    }
+
+    /// Adds the rollups loaded for calls planned to read them.
+    pub(super) fn with_rollups(mut self, rollups: LoadedRollups) -> Self {
+        self.rollups = rollups;
+        self
     }
 
     /// Fails once the query's deadline has passed; called between series and steps.
@@ -283,6 +352,11 @@ impl Evaluator {
             return Err(QueryError::TooManySamples);
         }
         Ok(())
+    }
+
+    /// The rollups loaded for the call over a selector node, if it was planned to read them.
+    pub(super) fn take_rollups(&mut self, vs: &VectorSelector) -> Option<RollupLoad> {
+        self.rollups.remove(&node_key(vs))
     }
 
     /// The series loaded for a selector node; each node is evaluated once.
@@ -661,6 +735,7 @@ mod tests {
             lookback: 300_000,
             max_samples,
             default_subquery_step: 60_000,
+            max_source_resolution: SourceResolution::Raw,
         }
     }
 

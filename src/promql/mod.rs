@@ -10,16 +10,20 @@ mod aggregate;
 mod binary;
 mod eval;
 mod functions;
+mod rollups;
 mod value;
 
+pub use rollups::SourceResolution;
 pub use value::QueryValue;
 
 use crate::model::{Matcher, TenantId};
 use crate::storage::{DynStorage, StorageError};
+use crate::telemetry::Metrics;
 use promql_parser::label::MatchOp as ParserMatchOp;
 use promql_parser::parser::value::ValueType;
 use promql_parser::parser::VectorSelector;
 use promql_parser::parser::{self, Expr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Engine limits and defaults (`[query]` in the config file).
@@ -39,6 +43,10 @@ pub struct EngineConfig {
     /// Queries evaluated at once; more wait in line, within their timeout (Prometheus's
     /// `--query.max-concurrency`, default 20).
     pub max_concurrency: usize,
+    /// The coarsest rollups `sum_over_time` and `avg_over_time` may read when a query does
+    /// not pass `max_source_resolution`: `raw`, `5m`, `1h` or `auto` (see docs/storage.md,
+    /// "Queries that read rollups"). Exact functions read rollups regardless.
+    pub max_source_resolution: SourceResolution,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +57,7 @@ impl Default for EngineConfig {
             max_samples: 50_000_000,
             default_subquery_step_secs: 60,
             max_concurrency: 20,
+            max_source_resolution: SourceResolution::Raw,
         }
     }
 }
@@ -81,7 +90,7 @@ impl From<StorageError> for QueryError {
 
 /// The times a query is evaluated at: `start`, `start + step`, ... up to `end` inclusive
 /// (an instant query is one step).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EvalRange {
     pub start: i64,
     pub end: i64,
@@ -106,12 +115,23 @@ impl EvalRange {
     }
 }
 
+/// Settings of one query request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueryOptions {
+    /// The `timeout` parameter; the configured timeout bounds it.
+    pub timeout: Option<Duration>,
+    /// The `max_source_resolution` parameter; the configured default when absent.
+    pub max_source_resolution: Option<SourceResolution>,
+}
+
 #[derive(Clone)]
 pub struct Engine {
     storage: DynStorage,
     config: EngineConfig,
     /// Bounds concurrent evaluations so queries cannot take every core from ingest.
     slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Counts reads of rollups (`secumon_query_rollup_selects_total`).
+    metrics: Arc<Metrics>,
 }
 
 /// The model's matchers for a parsed selector, its metric name included.
@@ -212,12 +232,13 @@ fn documented_type(t: ValueType) -> &'static str {
 }
 
 impl Engine {
-    pub fn new(storage: DynStorage, config: EngineConfig) -> Engine {
+    pub fn new(storage: DynStorage, config: EngineConfig, metrics: Arc<Metrics>) -> Engine {
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_concurrency.max(1)));
         Engine {
             storage,
             config,
             slots,
+            metrics,
         }
     }
 
@@ -231,9 +252,9 @@ impl Engine {
         tenant: &TenantId,
         expr: Expr,
         t: i64,
-        timeout: Option<Duration>,
+        options: QueryOptions,
     ) -> Result<QueryValue, QueryError> {
-        self.exec(tenant, expr, EvalRange::instant(t), true, timeout)
+        self.exec(tenant, expr, EvalRange::instant(t), true, options)
             .await
     }
 
@@ -244,7 +265,7 @@ impl Engine {
         tenant: &TenantId,
         expr: Expr,
         range: EvalRange,
-        timeout: Option<Duration>,
+        options: QueryOptions,
     ) -> Result<QueryValue, QueryError> {
         let value_type = expr.value_type();
         if !matches!(value_type, ValueType::Vector | ValueType::Scalar) {
@@ -253,7 +274,7 @@ impl Engine {
                 documented_type(value_type)
             )));
         }
-        self.exec(tenant, expr, range, false, timeout).await
+        self.exec(tenant, expr, range, false, options).await
     }
 
     async fn exec(
@@ -262,10 +283,10 @@ impl Engine {
         expr: Expr,
         range: EvalRange,
         instant: bool,
-        timeout: Option<Duration>,
+        request: QueryOptions,
     ) -> Result<QueryValue, QueryError> {
         let configured = Duration::from_secs(self.config.timeout_secs);
-        let timeout = timeout.map_or(configured, |t| t.min(configured));
+        let timeout = request.timeout.map_or(configured, |t| t.min(configured));
         let deadline = Instant::now() + timeout;
         let _slot = tokio::time::timeout(timeout, self.slots.acquire())
             .await
@@ -276,19 +297,23 @@ impl Engine {
             lookback: self.config.lookback_delta_secs as i64 * 1000,
             max_samples: self.config.max_samples,
             default_subquery_step: (self.config.default_subquery_step_secs as i64 * 1000).max(1),
+            max_source_resolution: request
+                .max_source_resolution
+                .unwrap_or(self.config.max_source_resolution),
         };
         // Loaded series are keyed by node address: box the AST so moving it into the blocking
         // task below does not move its nodes.
         let expr = Box::new(expr);
         let data = tokio::time::timeout(
             remaining,
-            eval::fetch(&self.storage, tenant, &expr, range, &options),
+            eval::fetch(&self.storage, tenant, &expr, range, &options, &self.metrics),
         )
         .await
         .map_err(|_| QueryError::Timeout("query execution"))??;
         let loaded = Instant::now();
         tokio::task::spawn_blocking(move || {
-            let mut evaluator = eval::Evaluator::new(range, options, deadline, data);
+            let mut evaluator =
+                eval::Evaluator::new(range, options, deadline, data.raw).with_rollups(data.rollups);
             let value = evaluator.eval(&expr)?;
             tracing::debug!(eval_ms = loaded.elapsed().as_secs_f64() * 1e3, "evaluated");
             Ok(value::finish(value, range, instant))

@@ -135,6 +135,14 @@ impl Resolution {
         }
     }
 
+    /// The short name used in labels and parameters: `5m`, `1h`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Resolution::FiveMinutes => "5m",
+            Resolution::OneHour => "1h",
+        }
+    }
+
     /// Start of the bucket holding `t`.
     pub fn bucket(self, t: TimestampMs) -> TimestampMs {
         t.div_euclid(self.ms()).saturating_mul(self.ms())
@@ -155,7 +163,8 @@ pub struct RollupRow {
 }
 
 impl RollupRow {
-    fn of(t: TimestampMs, v: f64) -> RollupRow {
+    /// The row of a single sample at `t` (not a staleness marker).
+    pub fn of(t: TimestampMs, v: f64) -> RollupRow {
         RollupRow {
             t,
             min: v,
@@ -371,6 +380,40 @@ pub trait Storage: Send + Sync + 'static {
                 labels: s.labels,
             })
             .filter(|s| !s.rows.is_empty())
+            .collect())
+    }
+
+    /// The samples stored exactly at `instants` (any order, repeats allowed) of the series
+    /// matching all `matchers`, staleness markers included as stored, sorted by labels; series
+    /// without such a sample are left out. The query engine reads the sample at the closed end
+    /// of a range window with it when the rest of the window comes from rollups. This default
+    /// reads every raw sample between the first and the last instant and keeps those at the
+    /// instants; a backend with an index by time answers it with point reads.
+    async fn select_instants(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        instants: &[TimestampMs],
+    ) -> StorageResult<Vec<SeriesSamples>> {
+        let mut wanted = instants.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let (Some(&start), Some(&end)) = (wanted.first(), wanted.last()) else {
+            return Ok(Vec::new());
+        };
+        let hints = SelectHints {
+            start,
+            end,
+            ..SelectHints::default()
+        };
+        Ok(self
+            .select(tenant, matchers, &hints)
+            .await?
+            .into_iter()
+            .filter_map(|mut s| {
+                s.samples.retain(|p| wanted.binary_search(&p.t).is_ok());
+                (!s.samples.is_empty()).then_some(s)
+            })
             .collect())
     }
 

@@ -609,3 +609,59 @@ async fn rollups_equal_aggregates_of_the_raw_samples() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instants_select_exactly_the_samples_at_those_times() {
+    let tenant = TenantId::default();
+    let stale = f64::from_bits(STALE_NAN_BITS);
+    for s in subjects().await {
+        let batch = vec![
+            write(
+                &[("__name__", "m"), ("k", "b")],
+                &[(T0, 1.0), (T0 + 60_000, stale), (T0 + 300_000, -0.0)],
+            ),
+            write(
+                &[("__name__", "m"), ("k", "a")],
+                &[(T0 + 30_000, 2.0), (T0 + 300_000, f64::NAN)],
+            ),
+            write(&[("__name__", "m"), ("k", "c")], &[(T0 + 10_000, 3.0)]),
+        ];
+        s.append(&tenant, &batch).await;
+        // Unsorted, repeated, and times without samples.
+        let instants = [T0 + 300_000, T0 + 60_000, T0 + 1, T0 + 300_000, T0];
+        let got = s
+            .storage
+            .select_instants(&tenant, &[Matcher::equal("__name__", "m")], &instants)
+            .await
+            .unwrap();
+        let summary: Vec<(String, Vec<(i64, u64)>)> = got
+            .iter()
+            .map(|series| {
+                let points = series
+                    .samples
+                    .iter()
+                    .map(|p| (p.t, p.v.to_bits()))
+                    .collect();
+                (series.labels.get("k").unwrap_or("").to_owned(), points)
+            })
+            .collect();
+        let expected = vec![
+            ("a".to_owned(), vec![(T0 + 300_000, f64::NAN.to_bits())]),
+            (
+                "b".to_owned(),
+                vec![
+                    (T0, 1f64.to_bits()),
+                    (T0 + 60_000, STALE_NAN_BITS),
+                    (T0 + 300_000, (-0.0f64).to_bits()),
+                ],
+            ),
+        ];
+        assert_eq!(summary, expected, "{}", s.name);
+        let none = s
+            .storage
+            .select_instants(&tenant, &[Matcher::equal("__name__", "m")], &[])
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "{}", s.name);
+    }
+}

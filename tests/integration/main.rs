@@ -11,4 +11,5 @@ mod lifecycle;
 mod otlp;
 mod promql_diff;
 mod remote_write;
+mod rollup_queries;
 mod timescaledb;

@@ -12,6 +12,7 @@ mod rollup;
 mod time;
 
 pub(super) use histogram::quantile;
+pub(super) use rollup::kahan_inc;
 
 use super::eval::{merge_by_labels, Evaluator, WindowCtx};
 use super::value::Value;
@@ -145,6 +146,9 @@ pub(super) fn eval_call(ev: &mut Evaluator, call: &Call) -> Result<Value, QueryE
             fold,
             keeps_metric_name,
         }) => {
+            if let Some(series) = ev.eval_from_rollups(call)? {
+                return Ok(Value::Vector(series));
+            }
             let (arg, params) = range_and_scalar_args(ev, call)?;
             let series = ev.rollup(arg, &params, keeps_metric_name, fold)?;
             Ok(Value::Vector(series))

@@ -5,7 +5,7 @@ use crate::model::Sample;
 use crate::promql::eval::WindowCtx;
 
 /// Kahan-Babuška compensated addition (functions.go `kahanSumInc`).
-fn kahan_inc(inc: f64, sum: f64, c: f64) -> (f64, f64) {
+pub(in crate::promql) fn kahan_inc(inc: f64, sum: f64, c: f64) -> (f64, f64) {
     let t = sum + inc;
     let c = if sum.abs() >= inc.abs() {
         c + ((sum - t) + inc)
