@@ -254,11 +254,10 @@ fn arguments(h0: i64) -> Vec<String> {
     ]
 }
 
-async fn start(h0: i64) -> Harness {
-    let backend = Backend::of_run();
+async fn start(h0: i64, backend: Backend) -> Harness {
     // The embedded engine flushes every second, so most rows come from block files and
     // buckets cut by a flush are merged across blocks and the head.
-    let secumon = Secumon::start_with(|c| {
+    let secumon = Secumon::start_on(backend, |c| {
         c.embedded.flush_interval_secs = 1;
         c.embedded.out_of_order_window_secs = 60;
     })
@@ -279,6 +278,30 @@ async fn start(h0: i64) -> Harness {
             .await
             .unwrap();
         assert_eq!(response.status().as_u16(), 204, "Prometheus refused it");
+    }
+    if backend == Backend::TimescaleDb {
+        // Materialize both continuous aggregates (PGlite runs no background jobs), so the
+        // answers come from materialized rows, not only from real-time aggregation.
+        let url = secumon.database_url.clone().expect("database url");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("connect");
+        let jobs: Vec<i32> = sqlx::query_scalar(
+            "SELECT job_id FROM timescaledb_information.jobs
+             WHERE proc_name = 'policy_refresh_continuous_aggregate' ORDER BY job_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("refresh jobs");
+        assert_eq!(jobs.len(), 2);
+        for id in jobs {
+            sqlx::raw_sql(&format!("CALL run_job({id})"))
+                .execute(&pool)
+                .await
+                .expect("run_job");
+        }
     }
     if backend == Backend::Embedded {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -310,8 +333,14 @@ fn first_hour() -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_range_functions_from_rollups_equal_prometheus() {
+    exact_answers(Backend::of_run()).await;
+}
+
+/// Aligned min/max/count/last/present_over_time answered from rollups on `backend` equal
+/// Prometheus's answers exactly.
+pub async fn exact_answers(backend: Backend) {
     let h0 = first_hour();
-    let harness = start(h0).await;
+    let harness = start(h0, backend).await;
     let mut queries: Vec<String> = Vec::new();
     for f in [
         "min_over_time",
@@ -368,7 +397,7 @@ async fn exact_range_functions_from_rollups_equal_prometheus() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sum_and_avg_read_rollups_only_when_allowed() {
     let h0 = first_hour();
-    let harness = start(h0).await;
+    let harness = start(h0, Backend::of_run()).await;
     let mut failed = Vec::new();
     for f in ["sum_over_time", "avg_over_time"] {
         for arg in arguments(h0) {

@@ -645,3 +645,8 @@ async fn retention_jobs_drop_exactly_what_is_past_each_retention() {
 async fn promql_answers_on_timescaledb_equal_prometheus() {
     crate::promql_diff::differential(Secumon::start_on(Backend::TimescaleDb, |_| {}).await).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollup_answers_on_timescaledb_equal_prometheus() {
+    crate::rollup_queries::exact_answers(Backend::TimescaleDb).await;
+}

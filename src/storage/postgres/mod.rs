@@ -273,6 +273,15 @@ impl Storage for PostgresStorage {
             .await
     }
 
+    async fn select_instants(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        instants: &[TimestampMs],
+    ) -> StorageResult<Vec<SeriesSamples>> {
+        self.select_at(tenant, matchers, instants).await
+    }
+
     fn stats(&self) -> Option<StorageStats> {
         use std::sync::atomic::Ordering::Relaxed;
         if self.mode != Mode::Plain {

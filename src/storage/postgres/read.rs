@@ -134,6 +134,56 @@ impl PostgresStorage {
         matchers: &[Matcher],
         hints: &SelectHints,
     ) -> StorageResult<Vec<SeriesSamples>> {
+        let (start, end) = (
+            hints.start.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
+            hints.end.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
+        );
+        let filter = format!(
+            "time >= timestamptz 'epoch' + {start} * interval '1 millisecond'
+             AND time <= timestamptz 'epoch' + {end} * interval '1 millisecond'"
+        );
+        self.select_where(tenant, matchers, &filter, hints.max_samples)
+            .await
+    }
+
+    /// Samples exactly at `instants`: point reads on the (series_id, time) index.
+    pub(super) async fn select_at(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        instants: &[TimestampMs],
+    ) -> StorageResult<Vec<SeriesSamples>> {
+        let mut wanted: Vec<TimestampMs> = instants
+            .iter()
+            .filter(|t| (MIN_TIMESTAMP_MS..=MAX_TIMESTAMP_MS).contains(t))
+            .copied()
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = wanted
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let filter = format!(
+            "time = ANY(ARRAY(SELECT timestamptz 'epoch' + x * interval '1 millisecond'
+                              FROM unnest('{{{list}}}'::int8[]) AS x))"
+        );
+        self.select_where(tenant, matchers, &filter, 0).await
+    }
+
+    /// Series matching `matchers` with their samples that satisfy `time_filter` (SQL over
+    /// `time`, built here from numbers only).
+    async fn select_where(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        time_filter: &str,
+        max_samples: usize,
+    ) -> StorageResult<Vec<SeriesSamples>> {
         let started = std::time::Instant::now();
         let mut series = self.find_series(tenant, matchers).await?;
         let lookup = started.elapsed();
@@ -145,10 +195,6 @@ impl PostgresStorage {
             .collect();
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); series.len()];
         let ids: Vec<i64> = series.iter().map(|(id, _)| *id).collect();
-        let (start, end) = (
-            hints.start.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
-            hints.end.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
-        );
         let mut loaded = 0usize;
         for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
             // Binary COPY: statement text only, so the (numeric, self-made) values are inlined.
@@ -161,9 +207,7 @@ impl PostgresStorage {
                 .join(",");
             let sql = format!(
                 "COPY (SELECT series_id, time, value FROM samples
-                 WHERE series_id = ANY('{{{id_list}}}'::int8[])
-                   AND time >= timestamptz 'epoch' + {start} * interval '1 millisecond'
-                   AND time <= timestamptz 'epoch' + {end} * interval '1 millisecond')
+                 WHERE series_id = ANY('{{{id_list}}}'::int8[]) AND {time_filter})
                  TO STDOUT (FORMAT binary)"
             );
             // A connection of our own: if we stop reading early it is closed, never handed
@@ -181,7 +225,7 @@ impl PostgresStorage {
                             }
                         })
                         .map_err(|e| StorageError::Internal(e.to_string()))?;
-                    if hints.max_samples > 0 && loaded > hints.max_samples {
+                    if max_samples > 0 && loaded > max_samples {
                         return Err(StorageError::TooManySamples);
                     }
                 }
