@@ -190,6 +190,62 @@ fn main() {
             );
         }
     });
+
+    // The same through PromQL: a 30-day range query at a 1 h step, answered from samples_1h
+    // (plus the samples exactly at each step) and, with --query-rollups=false, from raw.
+    let end = Resolution::OneHour.bucket(now);
+    let start = end - 30 * 86_400_000;
+    let mut answers = Vec::new();
+    for (what, rollups) in [("raw", "false"), ("samples_1h", "true")] {
+        let port = free_port();
+        let server = spawn_secumon(
+            &database,
+            port,
+            &[
+                "--timescaledb",
+                "off",
+                "--postgres-lifecycle-interval-secs",
+                "86400",
+                "--query-rollups",
+                rollups,
+            ],
+        );
+        for (selector, series) in [("{job=\"service-3\"}", 13), ("{env=\"production\"}", 250)] {
+            let query = format!("max_over_time({selector}[1h])");
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let body: serde_json::Value = runtime.block_on(async {
+                    reqwest::Client::new()
+                        .get(format!("http://127.0.0.1:{port}/api/v1/query_range"))
+                        .query(&[
+                            ("query", query.as_str()),
+                            ("start", &(start / 1000).to_string()),
+                            ("end", &(end / 1000).to_string()),
+                            ("step", "3600"),
+                        ])
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap()
+                });
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                assert_eq!(body["status"], "success", "{body}");
+                if times.len() == 1 {
+                    answers.push((series, body["data"].clone()));
+                }
+            }
+            println!(
+                "| PromQL `max_over_time(...[1h])`, 30 d at 1 h, {series} series, from {what}: median ms | {:.0} |",
+                median(times)
+            );
+        }
+        drop(server);
+    }
+    let (raw, rolled) = answers.split_at(2);
+    assert_eq!(raw, rolled, "rollup and raw answers differ");
     println!(
         "\ningest target 300,000 samples/s: {}",
         if rate >= 300_000.0 { "met" } else { "NOT met" }

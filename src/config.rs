@@ -189,6 +189,9 @@ pub struct ServeArgs {
         value_enum
     )]
     pub query_max_source_resolution: Option<crate::promql::SourceResolution>,
+    /// Let rollups answer queries (false: raw samples for everything). [default: true]
+    #[arg(long, env = "SECUMON_QUERY_ROLLUPS", global = true)]
+    pub query_rollups: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +289,7 @@ impl ServeArgs {
             &mut c.query.max_source_resolution,
             &self.query_max_source_resolution,
         );
+        set(&mut c.query.rollups, &self.query_rollups);
         set(&mut c.embedded.fsync, &self.embedded_fsync);
         set(
             &mut c.embedded.out_of_order_window_secs,

@@ -103,6 +103,7 @@ struct Planner<'a> {
     lookback: i64,
     default_step: i64,
     max_source_resolution: SourceResolution,
+    rollups: bool,
     fetches: Vec<Fetch<'a>>,
     /// Calls answered from rollups, with their selector (whose raw samples are not loaded).
     rollup_fetches: Vec<(&'a VectorSelector, rollups::RollupPlan)>,
@@ -163,7 +164,11 @@ impl<'a> Planner<'a> {
                 }
             }
             Expr::Call(call) => {
-                let planned = rollups::plan(call, range, self.query, self.max_source_resolution);
+                let planned = if self.rollups {
+                    rollups::plan(call, range, self.query, self.max_source_resolution)
+                } else {
+                    None
+                };
                 if let Some(fetch) = planned {
                     self.rollup_fetches.push(fetch);
                     return;
@@ -193,6 +198,7 @@ pub(super) async fn fetch(
         lookback: options.lookback,
         default_step: options.default_subquery_step,
         max_source_resolution: options.max_source_resolution,
+        rollups: options.rollups,
         fetches: Vec::new(),
         rollup_fetches: Vec::new(),
     };
@@ -276,6 +282,8 @@ pub(super) struct EvalOptions {
     pub max_samples: usize,
     pub default_subquery_step: i64,
     pub max_source_resolution: SourceResolution,
+    /// Whether rollups may answer at all (`[query] rollups`).
+    pub rollups: bool,
 }
 
 /// A range-vector argument ready for sliding windows: its series (stale markers removed)
@@ -736,6 +744,7 @@ mod tests {
             max_samples,
             default_subquery_step: 60_000,
             max_source_resolution: SourceResolution::Raw,
+            rollups: true,
         }
     }
 

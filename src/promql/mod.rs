@@ -47,6 +47,8 @@ pub struct EngineConfig {
     /// not pass `max_source_resolution`: `raw`, `5m`, `1h` or `auto` (see docs/storage.md,
     /// "Queries that read rollups"). Exact functions read rollups regardless.
     pub max_source_resolution: SourceResolution,
+    /// Whether rollups answer queries at all; false reads raw samples for everything.
+    pub rollups: bool,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +60,7 @@ impl Default for EngineConfig {
             default_subquery_step_secs: 60,
             max_concurrency: 20,
             max_source_resolution: SourceResolution::Raw,
+            rollups: true,
         }
     }
 }
@@ -300,6 +303,7 @@ impl Engine {
             max_source_resolution: request
                 .max_source_resolution
                 .unwrap_or(self.config.max_source_resolution),
+            rollups: self.config.rollups,
         };
         // Loaded series are keyed by node address: box the AST so moving it into the blocking
         // task below does not move its nodes.

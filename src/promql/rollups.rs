@@ -679,6 +679,7 @@ mod tests {
             max_samples: 1_000_000,
             default_subquery_step: 60_000,
             max_source_resolution: SourceResolution::OneHour,
+            rollups: true,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let vector = |v: Value| match v {
