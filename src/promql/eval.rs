@@ -225,13 +225,15 @@ pub(super) async fn fetch(
     let mut rollups = LoadedRollups::with_capacity(planner.rollup_fetches.len());
     for (vs, plan) in planner.rollup_fetches {
         let matchers = selector_matchers(vs);
+        // One bucket more than the windows need: its first sample is the one at the last
+        // window's closed end when it sits there.
         let rows = storage
             .select_rollups(
                 tenant,
                 &matchers,
                 plan.resolution,
                 plan.first_bucket,
-                plan.last_bucket,
+                plan.last_bucket.saturating_add(plan.resolution.ms()),
             )
             .await?;
         metrics.rollup_select(plan.resolution);
@@ -239,9 +241,14 @@ pub(super) async fn fetch(
         if total > options.max_samples {
             return Err(QueryError::TooManySamples);
         }
-        let boundary = storage
-            .select_instants(tenant, &matchers, &plan.instants)
-            .await?;
+        let boundary = match rollups::boundary_from_rows(&rows, &plan.instants) {
+            Some(boundary) => boundary,
+            None => {
+                storage
+                    .select_instants(tenant, &matchers, &plan.instants)
+                    .await?
+            }
+        };
         total += boundary.iter().map(|s| s.samples.len()).sum::<usize>();
         if total > options.max_samples {
             return Err(QueryError::TooManySamples);

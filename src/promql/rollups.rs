@@ -295,6 +295,36 @@ fn series_points(plan: &RollupPlan, rows: &[RollupRow], boundary: &[Sample]) -> 
     points
 }
 
+/// The samples exactly at `instants`, from the rows' first samples (a sample on a bucket
+/// boundary is its bucket's first), or `None` when some row does not know its first sample
+/// (then the backend is asked with `select_instants`).
+pub(super) fn boundary_from_rows(
+    rows: &[SeriesRollups],
+    instants: &[i64],
+) -> Option<Vec<SeriesSamples>> {
+    let mut out = Vec::new();
+    for s in rows {
+        let mut samples = Vec::new();
+        for r in &s.rows {
+            if r.first_t == RollupRow::UNKNOWN {
+                return None;
+            }
+            if let Some(v) = r.sample_at(r.t) {
+                if instants.binary_search(&r.t).is_ok() {
+                    samples.push(Sample { t: r.t, v });
+                }
+            }
+        }
+        if !samples.is_empty() {
+            out.push(SeriesSamples {
+                labels: s.labels.clone(),
+                samples,
+            });
+        }
+    }
+    Some(out)
+}
+
 /// Pairs each series' rows with its boundary samples (both lists sorted by labels).
 fn by_series(
     rows: Vec<SeriesRollups>,
@@ -593,6 +623,29 @@ mod tests {
             r.merge(&RollupRow::of(t, v));
         }
         r
+    }
+
+    #[test]
+    fn boundary_samples_come_from_first_samples_on_bucket_starts() {
+        let labels = Labels::from_trusted(vec![crate::model::Label::new("k", "v")]);
+        let on_start = RollupRow::of_sample(T0, T0, 4.0);
+        let inside = RollupRow::of_sample(T0 + MIN5, T0 + MIN5 + 1, 5.0);
+        let not_an_end = RollupRow::of_sample(T0 + 2 * MIN5, T0 + 2 * MIN5, 6.0);
+        let rows = vec![SeriesRollups {
+            labels: labels.clone(),
+            rows: vec![on_start, inside, not_an_end],
+        }];
+        let got = boundary_from_rows(&rows, &[T0, T0 + MIN5]).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].samples, vec![Sample { t: T0, v: 4.0 }]);
+        // Rows of an older embedded block do not know their first sample: ask the backend.
+        let mut old = on_start;
+        old.first_t = RollupRow::UNKNOWN;
+        let rows = vec![SeriesRollups {
+            labels,
+            rows: vec![old],
+        }];
+        assert!(boundary_from_rows(&rows, &[T0]).is_none());
     }
 
     #[test]

@@ -151,7 +151,9 @@ impl Resolution {
 
 /// One series' aggregate over one bucket `[t, t + resolution)`: what `min_over_time`,
 /// `max_over_time`, `sum_over_time`, `count_over_time` and `last_over_time` would answer over
-/// exactly that bucket's samples (staleness markers excluded, NaN as Prometheus treats it).
+/// exactly that bucket's samples (staleness markers excluded, NaN as Prometheus treats it),
+/// and the bucket's first sample: the query engine needs the sample exactly at a window's
+/// closed end, which is the first of the next bucket when it sits on the boundary.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RollupRow {
     pub t: TimestampMs,
@@ -160,19 +162,39 @@ pub struct RollupRow {
     pub sum: f64,
     pub count: f64,
     pub last: f64,
+    /// Time and value of the bucket's first sample; `first_t` is [`RollupRow::UNKNOWN`] for
+    /// rows stored before it was kept (embedded blocks of earlier versions).
+    pub first_t: TimestampMs,
+    pub first: f64,
 }
 
 impl RollupRow {
-    /// The row of a single sample at `t` (not a staleness marker).
+    pub const UNKNOWN: TimestampMs = TimestampMs::MIN;
+
+    /// The row of a single sample at `t` (not a staleness marker) in the bucket starting at
+    /// `t`.
     pub fn of(t: TimestampMs, v: f64) -> RollupRow {
+        RollupRow::of_sample(t, t, v)
+    }
+
+    /// The row of a single sample at `t` in the bucket starting at `bucket`.
+    pub fn of_sample(bucket: TimestampMs, t: TimestampMs, v: f64) -> RollupRow {
         RollupRow {
-            t,
+            t: bucket,
             min: v,
             max: v,
             sum: v,
             count: 1.0,
             last: v,
+            first_t: t,
+            first: v,
         }
+    }
+
+    /// The sample at exactly `t`, when the row knows it: the first sample of its bucket
+    /// if that sits at `t`.
+    pub fn sample_at(&self, t: TimestampMs) -> Option<f64> {
+        (self.first_t == t && t != RollupRow::UNKNOWN).then_some(self.first)
     }
 
     /// Folds a later part of the same bucket into this one. The result equals the aggregate
@@ -189,6 +211,7 @@ impl RollupRow {
         self.sum += later.sum;
         self.count += later.count;
         self.last = later.last;
+        // The first sample is this part's: it is the earlier one.
     }
 }
 
@@ -208,8 +231,8 @@ pub fn rollup(samples: &[Sample], resolution: Resolution) -> Vec<RollupRow> {
         }
         let bucket = resolution.bucket(s.t);
         match rows.last_mut() {
-            Some(row) if row.t == bucket => row.merge(&RollupRow::of(bucket, s.v)),
-            _ => rows.push(RollupRow::of(bucket, s.v)),
+            Some(row) if row.t == bucket => row.merge(&RollupRow::of_sample(bucket, s.t, s.v)),
+            _ => rows.push(RollupRow::of_sample(bucket, s.t, s.v)),
         }
     }
     rows

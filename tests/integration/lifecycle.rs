@@ -45,25 +45,28 @@ async fn raw(storage: &PostgresStorage) -> Vec<SeriesSamples> {
 
 /// Rows of a rollup table for one series, read directly.
 async fn table_rows(pool: &sqlx::PgPool, resolution: Resolution, s: &str) -> Vec<RollupRow> {
-    let rows: Vec<(chrono::DateTime<chrono::Utc>, f64, f64, f64, f64, f64)> =
-        sqlx::query_as(&format!(
-            "SELECT bucket, min, max, sum, count, last FROM {} r
+    let rows: Vec<RowRecord> = sqlx::query_as(&format!(
+        "SELECT bucket, min, max, sum, count, last, first_time, first FROM {} r
              JOIN series ON series.id = r.series_id WHERE labels ->> 's' = $1 ORDER BY bucket",
-            resolution.name()
-        ))
-        .bind(s)
-        .fetch_all(pool)
-        .await
-        .unwrap();
+        resolution.name()
+    ))
+    .bind(s)
+    .fetch_all(pool)
+    .await
+    .unwrap();
     rows.into_iter()
-        .map(|(t, min, max, sum, count, last)| RollupRow {
-            t: t.timestamp_millis(),
-            min,
-            max,
-            sum,
-            count,
-            last,
-        })
+        .map(
+            |(t, min, max, sum, count, last, first_t, first)| RollupRow {
+                t: t.timestamp_millis(),
+                min,
+                max,
+                sum,
+                count,
+                last,
+                first_t: first_t.timestamp_millis(),
+                first,
+            },
+        )
         .collect()
 }
 
@@ -238,10 +241,12 @@ async fn plain_lifecycle_keeps_partitions_rollups_and_retention() {
         ("samples_1h", 100),
     ] {
         sqlx::query(&format!(
-            "INSERT INTO {relation} (series_id, bucket, min, max, sum, count, last)
-             SELECT id, date_bin('1 hour', now() - $1 * interval '1 day', timestamptz 'epoch'),
-                    1, 1, 1, 1, 1
-             FROM series WHERE labels ->> 's' = 'mid'"
+            "INSERT INTO {relation} (series_id, bucket, min, max, sum, count, last, first_time,
+                                     first)
+             SELECT id, b, 1, 1, 1, 1, 1, b, 1
+             FROM series,
+                  date_bin('1 hour', now() - $1 * interval '1 day', timestamptz 'epoch') AS b
+             WHERE labels ->> 's' = 'mid'"
         ))
         .bind(f64::from(age))
         .execute(&pool)
@@ -302,3 +307,15 @@ async fn the_server_runs_the_plain_lifecycle_and_reports_its_progress() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }
+
+/// A rollup relation's row as read.
+type RowRecord = (
+    chrono::DateTime<chrono::Utc>,
+    f64,
+    f64,
+    f64,
+    f64,
+    f64,
+    chrono::DateTime<chrono::Utc>,
+    f64,
+);

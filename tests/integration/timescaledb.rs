@@ -163,7 +163,9 @@ fn assert_rows_equal(what: &str, got: &[RollupRow], want: &[RollupRow]) {
             && same(g.max, w.max)
             && same(g.sum, w.sum)
             && same(g.count, w.count)
-            && same(g.last, w.last);
+            && same(g.last, w.last)
+            && g.first_t == w.first_t
+            && same(g.first, w.first);
         assert!(ok, "{what}: got {g:?}, want {w:?}");
     }
 }
@@ -395,25 +397,28 @@ async fn refresh_jobs_fill_both_rollups_with_the_expected_aggregates() {
                     .fetch_one(&pool)
                     .await
                     .unwrap();
-            let rows: Vec<(chrono::DateTime<chrono::Utc>, f64, f64, f64, f64, f64)> =
-                sqlx::query_as(&format!(
-                    "SELECT bucket, min, max, sum, count, last FROM {schema}.{table}
+            let rows: Vec<RowRecord> = sqlx::query_as(&format!(
+                "SELECT bucket, min, max, sum, count, last, first_time, first FROM {schema}.{table}
                      WHERE series_id = $1 ORDER BY bucket"
-                ))
-                .bind(id)
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+            ))
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
             let got: Vec<RollupRow> = rows
                 .into_iter()
-                .map(|(t, min, max, sum, count, last)| RollupRow {
-                    t: t.timestamp_millis(),
-                    min,
-                    max,
-                    sum,
-                    count,
-                    last,
-                })
+                .map(
+                    |(t, min, max, sum, count, last, first_t, first)| RollupRow {
+                        t: t.timestamp_millis(),
+                        min,
+                        max,
+                        sum,
+                        count,
+                        last,
+                        first_t: first_t.timestamp_millis(),
+                        first,
+                    },
+                )
                 .collect();
             let want = rollup(&s.samples, resolution);
             assert!(!want.is_empty());
@@ -650,3 +655,15 @@ async fn promql_answers_on_timescaledb_equal_prometheus() {
 async fn rollup_answers_on_timescaledb_equal_prometheus() {
     crate::rollup_queries::exact_answers(Backend::TimescaleDb).await;
 }
+
+/// A rollup relation's row as read.
+type RowRecord = (
+    chrono::DateTime<chrono::Utc>,
+    f64,
+    f64,
+    f64,
+    f64,
+    f64,
+    chrono::DateTime<chrono::Utc>,
+    f64,
+);

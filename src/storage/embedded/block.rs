@@ -423,27 +423,34 @@ pub(super) fn decode_samples(
     Ok(out)
 }
 
-/// Payload of a rollup run: the bucket starts and five value columns (min, max, sum, count,
-/// last) in one compressed frame.
+/// Payload of a rollup run: the bucket starts and seven value columns (min, max, sum, count,
+/// last, the first sample's offset in its bucket in ms, the first sample's value) in one
+/// compressed frame. Runs written before the first sample was kept have five columns.
 fn encode_rollups(rows: &[RollupRow]) -> Vec<u8> {
     let times: Vec<i64> = rows.iter().map(|r| r.t).collect();
     let column = |f: fn(&RollupRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
-    codec::encode_columns(
-        &times,
-        &[
-            column(|r| r.min),
-            column(|r| r.max),
-            column(|r| r.sum),
-            column(|r| r.count),
-            column(|r| r.last),
-        ],
-    )
+    let mut columns = vec![
+        column(|r| r.min),
+        column(|r| r.max),
+        column(|r| r.sum),
+        column(|r| r.count),
+        column(|r| r.last),
+    ];
+    if rows.iter().all(|r| r.first_t != RollupRow::UNKNOWN) {
+        columns.push(column(|r| (r.first_t - r.t) as f64));
+        columns.push(column(|r| r.first));
+    }
+    codec::encode_columns(&times, &columns)
 }
 
 fn decode_rollups(payload: &[u8]) -> io::Result<Vec<RollupRow>> {
     let (times, columns) = codec::decode_columns(payload)?;
-    let [min, max, sum, count, last] = columns.as_slice() else {
-        return Err(damaged("rollup run without five columns".into()));
+    let (min, max, sum, count, last, first) = match columns.as_slice() {
+        [min, max, sum, count, last] => (min, max, sum, count, last, None),
+        [min, max, sum, count, last, offset, first] => {
+            (min, max, sum, count, last, Some((offset, first)))
+        }
+        _ => return Err(damaged("rollup run without five or seven columns".into())),
     };
     Ok(times
         .iter()
@@ -455,6 +462,8 @@ fn decode_rollups(payload: &[u8]) -> io::Result<Vec<RollupRow>> {
             sum: sum[i],
             count: count[i],
             last: last[i],
+            first_t: first.map_or(RollupRow::UNKNOWN, |(offset, _)| t + offset[i] as i64),
+            first: first.map_or(f64::NAN, |(_, first)| first[i]),
         })
         .collect())
 }
@@ -815,6 +824,41 @@ fn merge_into(out: &mut BTreeMap<u64, Vec<RollupRow>>, id: u64, rows: &[RollupRo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rollup_runs_keep_the_first_sample_and_older_runs_still_read() {
+        let samples = [
+            (7_000, 1.5),
+            (290_000, 2.5),
+            (300_000, f64::NAN),
+            (301_000, 4.0),
+        ];
+        let samples: Vec<crate::model::Sample> = samples
+            .iter()
+            .map(|&(t, v)| crate::model::Sample { t, v })
+            .collect();
+        let rows = rollup(&samples, Resolution::FiveMinutes);
+        let back = decode_rollups(&encode_rollups(&rows)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{rows:?}"));
+        assert_eq!((back[0].first_t, back[1].first_t), (7_000, 300_000));
+        assert!(back[1].first.is_nan(), "{back:?}");
+        // A run of five columns, as written before the first sample was kept.
+        let times: Vec<i64> = rows.iter().map(|r| r.t).collect();
+        let column = |f: fn(&RollupRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+        let old = codec::encode_columns(
+            &times,
+            &[
+                column(|r| r.min),
+                column(|r| r.max),
+                column(|r| r.sum),
+                column(|r| r.count),
+                column(|r| r.last),
+            ],
+        );
+        let back = decode_rollups(&old).unwrap();
+        assert!(back.iter().all(|r| r.first_t == RollupRow::UNKNOWN));
+        assert_eq!(back[0].sum, rows[0].sum);
+    }
 
     fn samples(from: i64, n: i64, step: i64) -> Vec<Sample> {
         (0..n)

@@ -170,7 +170,9 @@ pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
                  max       DOUBLE PRECISION NOT NULL,
                  sum       DOUBLE PRECISION NOT NULL,
                  count     DOUBLE PRECISION NOT NULL,
-                 last      DOUBLE PRECISION NOT NULL,
+                 last       DOUBLE PRECISION NOT NULL,
+                 first_time TIMESTAMPTZ      NOT NULL,
+                 first      DOUBLE PRECISION NOT NULL,
                  PRIMARY KEY (series_id, bucket))"
         ))
         .execute(pool)
@@ -236,33 +238,39 @@ async fn set_watermark(
     Ok(())
 }
 
-/// The statement that aggregates `[$1, $2)` of the source into a rollup table.
+/// The statement that aggregates `[$1, $2)` of the source into a rollup table. One ordered
+/// array per group gives both the last and the first value.
 fn aggregate_sql(resolution: Resolution) -> String {
+    let upsert = "ON CONFLICT (series_id, bucket) DO UPDATE SET min = excluded.min,
+               max = excluded.max, sum = excluded.sum, count = excluded.count,
+               last = excluded.last, first_time = excluded.first_time, first = excluded.first";
     match resolution {
         Resolution::FiveMinutes => format!(
-            "INSERT INTO samples_5m (series_id, bucket, min, max, sum, count, last)
-             SELECT series_id, date_bin('5 minutes', time, timestamptz 'epoch'), min(value),
-                    coalesce(max(value) FILTER (WHERE value <> 'NaN'), max(value)), sum(value),
-                    count(*)::float8, (array_agg(value ORDER BY time DESC))[1]
-             FROM samples WHERE time >= $1 AND time < $2 AND {}
-             GROUP BY 1, 2
-             ON CONFLICT (series_id, bucket) DO UPDATE SET min = excluded.min,
-               max = excluded.max, sum = excluded.sum, count = excluded.count,
-               last = excluded.last",
+            "INSERT INTO samples_5m (series_id, bucket, min, max, sum, count, last, first_time, first)
+             SELECT series_id, bucket, min, max, sum, count, v[cardinality(v)], first_time, v[1]
+             FROM (SELECT series_id, date_bin('5 minutes', time, timestamptz 'epoch') AS bucket,
+                          min(value) AS min,
+                          coalesce(max(value) FILTER (WHERE value <> 'NaN'), max(value)) AS max,
+                          sum(value) AS sum, count(*)::float8 AS count, min(time) AS first_time,
+                          array_agg(value ORDER BY time) AS v
+                   FROM samples WHERE time >= $1 AND time < $2 AND {}
+                   GROUP BY 1, 2) AS a
+             {upsert}",
             not_stale("value")
         ),
-        Resolution::OneHour => {
-            "INSERT INTO samples_1h (series_id, bucket, min, max, sum, count, last)
-             SELECT series_id, date_bin('1 hour', bucket, timestamptz 'epoch'), min(min),
-                    coalesce(max(max) FILTER (WHERE max <> 'NaN'), max(max)), sum(sum),
-                    sum(count), (array_agg(last ORDER BY bucket DESC))[1]
-             FROM samples_5m WHERE bucket >= $1 AND bucket < $2
-             GROUP BY 1, 2
-             ON CONFLICT (series_id, bucket) DO UPDATE SET min = excluded.min,
-               max = excluded.max, sum = excluded.sum, count = excluded.count,
-               last = excluded.last"
-                .to_owned()
-        }
+        Resolution::OneHour => format!(
+            "INSERT INTO samples_1h (series_id, bucket, min, max, sum, count, last, first_time, first)
+             SELECT series_id, bucket, min, max, sum, count, l[cardinality(l)], first_time, f[1]
+             FROM (SELECT series_id, date_bin('1 hour', bucket, timestamptz 'epoch') AS bucket,
+                          min(min) AS min,
+                          coalesce(max(max) FILTER (WHERE max <> 'NaN'), max(max)) AS max,
+                          sum(sum) AS sum, sum(count) AS count, min(first_time) AS first_time,
+                          array_agg(last ORDER BY bucket) AS l,
+                          array_agg(first ORDER BY bucket) AS f
+                   FROM samples_5m WHERE bucket >= $1 AND bucket < $2
+                   GROUP BY 1, 2) AS a
+             {upsert}"
+        ),
     }
 }
 

@@ -353,7 +353,7 @@ impl PostgresStorage {
         if table_end > start && !series.is_empty() {
             let ids: Vec<i64> = series.iter().map(|(id, _)| *id).collect();
             let sql = format!(
-                "SELECT series_id, bucket, min, max, sum, count, last FROM {}
+                "SELECT series_id, bucket, min, max, sum, count, last, first_time, first FROM {}
                  WHERE series_id = ANY($1) AND bucket >= $2 AND bucket < $3
                  ORDER BY series_id, bucket",
                 resolution.name()
@@ -373,6 +373,8 @@ impl PostgresStorage {
                             sum: r.4,
                             count: r.5,
                             last: r.6,
+                            first_t: r.7.timestamp_millis(),
+                            first: r.8,
                         });
                     }
                 }
@@ -400,4 +402,14 @@ impl PostgresStorage {
 }
 
 /// One row of a rollup relation.
-type RollupRecord = (i64, DateTime<Utc>, f64, f64, f64, f64, f64);
+type RollupRecord = (
+    i64,
+    DateTime<Utc>,
+    f64,
+    f64,
+    f64,
+    f64,
+    f64,
+    DateTime<Utc>,
+    f64,
+);

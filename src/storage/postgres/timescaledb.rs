@@ -255,8 +255,8 @@ async fn make_hypertable(conn: &mut PgConnection, chunk: &str) -> StorageResult<
     Ok(())
 }
 
-/// `samples_5m` over `samples`, `samples_1h` over `samples_5m`: min, max, sum, count and last
-/// per series and bucket, as [`crate::storage::RollupRow`] defines them (staleness markers
+/// `samples_5m` over `samples`, `samples_1h` over `samples_5m`: min, max, sum, count, last
+/// and the first sample (time and value) per series and bucket, as [`crate::storage::RollupRow`] defines them (staleness markers
 /// excluded; max skips NaN unless the bucket holds only NaN, as `max_over_time` does; min
 /// already does in PostgreSQL's order). Real-time aggregation is on, so the buckets past the
 /// last refresh are computed from raw data at query time.
@@ -270,7 +270,8 @@ async fn create_aggregates(conn: &mut PgConnection) -> StorageResult<()> {
                  SELECT series_id, time_bucket(INTERVAL '5 minutes', time) AS bucket,
                         min(value) AS min,
                         coalesce(max(value) FILTER (WHERE value <> 'NaN'), max(value)) AS max,
-                        sum(value) AS sum, count(*)::float8 AS count, last(value, time) AS last
+                        sum(value) AS sum, count(*)::float8 AS count, last(value, time) AS last,
+                        min(time) AS first_time, first(value, time) AS first
                  FROM samples WHERE {}
                  GROUP BY series_id, time_bucket(INTERVAL '5 minutes', time)
                  WITH NO DATA",
@@ -284,7 +285,8 @@ async fn create_aggregates(conn: &mut PgConnection) -> StorageResult<()> {
              SELECT series_id, time_bucket(INTERVAL '1 hour', bucket) AS bucket,
                     min(min) AS min,
                     coalesce(max(max) FILTER (WHERE max <> 'NaN'), max(max)) AS max,
-                    sum(sum) AS sum, sum(count) AS count, last(last, bucket) AS last
+                    sum(sum) AS sum, sum(count) AS count, last(last, bucket) AS last,
+                    min(first_time) AS first_time, first(first, bucket) AS first
              FROM samples_5m
              GROUP BY series_id, time_bucket(INTERVAL '1 hour', bucket)
              WITH NO DATA"
