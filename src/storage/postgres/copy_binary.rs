@@ -1,6 +1,5 @@
-//! PostgreSQL's binary COPY format for the one row shape of `samples`:
-//! `(series_id int8, time timestamptz, value float8)`: a reader for the read path and a writer
-//! for the write path. Streaming `COPY (SELECT …) TO STDOUT
+//! PostgreSQL's binary COPY format for rows of eight-byte fields: `samples`
+//! `(series_id int8, time timestamptz, value float8)` read and written, and rollup rows read. Streaming `COPY (SELECT …) TO STDOUT
 //! (FORMAT binary)` and parsing it here costs a fraction of decoding rows one by one, and keeps
 //! every float bit (staleness markers included).
 
@@ -23,24 +22,40 @@ pub struct SampleRow {
     pub v: f64,
 }
 
-/// Incremental parser: feed chunks as they arrive, take rows as they complete.
-#[derive(Default)]
-pub struct SampleRowReader {
+/// Incremental parser of rows of `N` eight-byte, non-null fields (int8, float8,
+/// timestamptz): feed chunks as they arrive, take rows (raw big-endian values) as they
+/// complete.
+pub struct RowReader<const N: usize> {
     buffer: Vec<u8>,
     header_done: bool,
     finished: bool,
+}
+
+impl<const N: usize> Default for RowReader<N> {
+    fn default() -> Self {
+        Self {
+            buffer: Vec::new(),
+            header_done: false,
+            finished: false,
+        }
+    }
 }
 
 fn be_i64(b: &[u8]) -> i64 {
     i64::from_be_bytes(b.try_into().unwrap_or([0; 8]))
 }
 
-impl SampleRowReader {
+/// A `timestamptz` field as milliseconds since the Unix epoch.
+pub fn timestamp_ms(raw: i64) -> TimestampMs {
+    (raw + PG_EPOCH_OFFSET_US).div_euclid(1000)
+}
+
+impl<const N: usize> RowReader<N> {
     /// Parses every complete row in `chunk` (plus what earlier chunks left) into `out`.
     pub fn feed(
         &mut self,
         chunk: &[u8],
-        out: &mut impl FnMut(SampleRow),
+        out: &mut impl FnMut([i64; N]),
     ) -> Result<(), CopyFormatError> {
         self.buffer.extend_from_slice(chunk);
         let mut pos = 0;
@@ -59,8 +74,8 @@ impl SampleRowReader {
             pos = 19 + extension;
             self.header_done = true;
         }
-        // A row: field count (2 bytes) = 3, then three fields of 4-byte length + 8 bytes.
-        const ROW: usize = 2 + 3 * (4 + 8);
+        // A row: field count (2 bytes) = N, then N fields of 4-byte length + 8 bytes.
+        let row_len = 2 + N * (4 + 8);
         while buf.len() - pos >= 2 {
             let fields = i16::from_be_bytes([buf[pos], buf[pos + 1]]);
             if fields == -1 {
@@ -68,28 +83,24 @@ impl SampleRowReader {
                 pos += 2;
                 break;
             }
-            if fields != 3 {
+            if fields as usize != N {
                 return Err(CopyFormatError("unexpected field count"));
             }
-            if buf.len() - pos < ROW {
+            if buf.len() - pos < row_len {
                 break;
             }
-            let row = &buf[pos + 2..pos + ROW];
-            for field in 0..3 {
-                let len = i32::from_be_bytes(
-                    row[field * 12..field * 12 + 4].try_into().unwrap_or([0; 4]),
-                );
+            let row = &buf[pos + 2..pos + row_len];
+            let mut values = [0i64; N];
+            for (field, value) in values.iter_mut().enumerate() {
+                let at = field * 12;
+                let len = i32::from_be_bytes(row[at..at + 4].try_into().unwrap_or([0; 4]));
                 if len != 8 {
                     return Err(CopyFormatError("unexpected field length"));
                 }
+                *value = be_i64(&row[at + 4..at + 12]);
             }
-            let micros = be_i64(&row[16..24]) + PG_EPOCH_OFFSET_US;
-            out(SampleRow {
-                series_id: be_i64(&row[4..12]),
-                t: micros.div_euclid(1000),
-                v: f64::from_bits(be_i64(&row[28..36]) as u64),
-            });
-            pos += ROW;
+            out(values);
+            pos += row_len;
         }
         self.buffer.drain(..pos);
         Ok(())
@@ -98,6 +109,32 @@ impl SampleRowReader {
     /// Whether the trailer has been seen.
     pub fn finished(&self) -> bool {
         self.finished
+    }
+}
+
+/// Rows of the sample stream.
+#[derive(Default)]
+pub struct SampleRowReader(RowReader<3>);
+
+impl SampleRowReader {
+    /// Parses every complete row in `chunk` (plus what earlier chunks left) into `out`.
+    pub fn feed(
+        &mut self,
+        chunk: &[u8],
+        out: &mut impl FnMut(SampleRow),
+    ) -> Result<(), CopyFormatError> {
+        self.0.feed(chunk, &mut |[series_id, t, v]| {
+            out(SampleRow {
+                series_id,
+                t: timestamp_ms(t),
+                v: f64::from_bits(v as u64),
+            })
+        })
+    }
+
+    /// Whether the trailer has been seen.
+    pub fn finished(&self) -> bool {
+        self.0.finished()
     }
 }
 

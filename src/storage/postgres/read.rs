@@ -1,6 +1,6 @@
 //! The read path: series lookup by matchers, then samples by series id and time range.
 
-use super::copy_binary::SampleRowReader;
+use super::copy_binary::{timestamp_ms, RowReader, SampleRowReader};
 use super::lifecycle::{self, Mode};
 use super::write::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 use super::{db_error, PostgresStorage};
@@ -352,31 +352,56 @@ impl PostgresStorage {
         };
         if table_end > start && !series.is_empty() {
             let ids: Vec<i64> = series.iter().map(|(id, _)| *id).collect();
-            let sql = format!(
-                "SELECT series_id, bucket, min, max, sum, count, last, first_time, first FROM {}
-                 WHERE series_id = ANY($1) AND bucket >= $2 AND bucket < $3
-                 ORDER BY series_id, bucket",
-                resolution.name()
-            );
+            let ms =
+                |t: TimestampMs| format!("timestamptz 'epoch' + {t} * interval '1 millisecond'");
             for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
-                let mut stream = sqlx::query_as::<_, RollupRecord>(&sql)
-                    .bind(chunk)
-                    .bind(clamp_time(start))
-                    .bind(clamp_time(table_end))
-                    .fetch(&self.pool);
-                while let Some(r) = stream.try_next().await.map_err(db_error)? {
-                    if let Some(&i) = index.get(&r.0) {
-                        rows[i].push(RollupRow {
-                            t: r.1.timestamp_millis(),
-                            min: r.2,
-                            max: r.3,
-                            sum: r.4,
-                            count: r.5,
-                            last: r.6,
-                            first_t: r.7.timestamp_millis(),
-                            first: r.8,
-                        });
+                // Binary COPY, as for raw samples: a fraction of the cost of decoding rows.
+                let id_list = chunk
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let sql = format!(
+                    "COPY (SELECT series_id, bucket, min, max, sum, count, last, first_time, first
+                           FROM {} WHERE series_id = ANY('{{{id_list}}}'::int8[])
+                           AND bucket >= {} AND bucket < {} ORDER BY series_id, bucket)
+                     TO STDOUT (FORMAT binary)",
+                    resolution.name(),
+                    ms(start),
+                    ms(table_end)
+                );
+                let mut conn = self.pool.acquire().await.map_err(db_error)?;
+                let mut reader = RowReader::<9>::default();
+                let outcome: StorageResult<()> = async {
+                    let mut stream = conn.copy_out_raw(&sql).await.map_err(db_error)?;
+                    while let Some(bytes) = stream.try_next().await.map_err(db_error)? {
+                        reader
+                            .feed(&bytes, &mut |f| {
+                                if let Some(&i) = index.get(&f[0]) {
+                                    let float = |x: i64| f64::from_bits(x as u64);
+                                    rows[i].push(RollupRow {
+                                        t: timestamp_ms(f[1]),
+                                        min: float(f[2]),
+                                        max: float(f[3]),
+                                        sum: float(f[4]),
+                                        count: float(f[5]),
+                                        last: float(f[6]),
+                                        first_t: timestamp_ms(f[7]),
+                                        first: float(f[8]),
+                                    });
+                                }
+                            })
+                            .map_err(|e| StorageError::Internal(e.to_string()))?;
                     }
+                    Ok(())
+                }
+                .await;
+                if outcome.is_err() || !reader.finished() {
+                    let _ = conn.close().await;
+                    outcome?;
+                    return Err(StorageError::Unavailable(
+                        "rollup stream ended early".into(),
+                    ));
                 }
             }
         }
@@ -400,16 +425,3 @@ impl PostgresStorage {
             .collect())
     }
 }
-
-/// One row of a rollup relation.
-type RollupRecord = (
-    i64,
-    DateTime<Utc>,
-    f64,
-    f64,
-    f64,
-    f64,
-    f64,
-    DateTime<Utc>,
-    f64,
-);
