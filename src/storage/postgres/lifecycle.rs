@@ -208,7 +208,7 @@ pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
 }
 
 /// Watermark of a rollup table: every bucket before it is materialized.
-pub(super) async fn watermark(
+async fn watermark(
     conn: &mut PgConnection,
     resolution: Resolution,
 ) -> StorageResult<Option<TimestampMs>> {

@@ -86,6 +86,9 @@ pub struct PostgresStorage {
     lifecycle_interval: Duration,
     jobs: Vec<Job>,
     copy_writes: bool,
+    /// TimescaleDB: samples older than this (compress-after plus one chunk) may sit in a
+    /// compressed chunk.
+    compress_horizon_ms: i64,
 }
 
 impl PostgresStorage {
@@ -127,6 +130,9 @@ impl PostgresStorage {
             lifecycle_interval: Duration::from_secs(config.lifecycle_interval_secs.max(1)),
             jobs,
             copy_writes: config.copy_writes,
+            compress_horizon_ms: (i64::from(config.compress_after_days) * 24
+                + i64::from(config.partition_hours.max(1)))
+                * 3_600_000,
         })
     }
 

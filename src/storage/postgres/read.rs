@@ -1,7 +1,7 @@
 //! The read path: series lookup by matchers, then samples by series id and time range.
 
 use super::copy_binary::{timestamp_ms, RowReader, SampleRowReader};
-use super::lifecycle::{self, Mode};
+use super::lifecycle::Mode;
 use super::write::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 use super::{db_error, PostgresStorage};
 use crate::model::{
@@ -21,6 +21,18 @@ const SERIES_PER_SAMPLE_QUERY: usize = 1_000;
 
 fn clamp_time(t: TimestampMs) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS)).unwrap_or_default()
+}
+
+/// The SQL condition for `time` in `[start, end]` (milliseconds, clamped to what is stored).
+fn range_filter(start: TimestampMs, end: TimestampMs) -> String {
+    let (start, end) = (
+        start.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
+        end.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
+    );
+    format!(
+        "time >= timestamptz 'epoch' + {start} * interval '1 millisecond'
+         AND time <= timestamptz 'epoch' + {end} * interval '1 millisecond'"
+    )
 }
 
 pub(super) fn labels_from_json(json: &str) -> StorageResult<Labels> {
@@ -134,16 +146,13 @@ impl PostgresStorage {
         matchers: &[Matcher],
         hints: &SelectHints,
     ) -> StorageResult<Vec<SeriesSamples>> {
-        let (start, end) = (
-            hints.start.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
-            hints.end.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
-        );
-        let filter = format!(
-            "time >= timestamptz 'epoch' + {start} * interval '1 millisecond'
-             AND time <= timestamptz 'epoch' + {end} * interval '1 millisecond'"
-        );
-        self.select_where(tenant, matchers, &filter, hints.max_samples)
-            .await
+        let series = self.find_series(tenant, matchers).await?;
+        self.select_where(
+            series,
+            &range_filter(hints.start, hints.end),
+            hints.max_samples,
+        )
+        .await
     }
 
     /// Samples exactly at `instants`: point reads on the (series_id, time) index.
@@ -172,21 +181,19 @@ impl PostgresStorage {
             "time = ANY(ARRAY(SELECT timestamptz 'epoch' + x * interval '1 millisecond'
                               FROM unnest('{{{list}}}'::int8[]) AS x))"
         );
-        self.select_where(tenant, matchers, &filter, 0).await
+        let series = self.find_series(tenant, matchers).await?;
+        self.select_where(series, &filter, 0).await
     }
 
-    /// Series matching `matchers` with their samples that satisfy `time_filter` (SQL over
-    /// `time`, built here from numbers only).
+    /// The `series` (ids and labels) with their samples that satisfy `time_filter` (SQL over
+    /// `time`, built here from numbers only), sorted by labels.
     async fn select_where(
         &self,
-        tenant: &TenantId,
-        matchers: &[Matcher],
+        mut series: Vec<(i64, Labels)>,
         time_filter: &str,
         max_samples: usize,
     ) -> StorageResult<Vec<SeriesSamples>> {
         let started = std::time::Instant::now();
-        let mut series = self.find_series(tenant, matchers).await?;
-        let lookup = started.elapsed();
         series.sort_unstable_by(|a, b| a.1.cmp(&b.1));
         let index: std::collections::HashMap<i64, usize> = series
             .iter()
@@ -243,7 +250,6 @@ impl PostgresStorage {
         tracing::debug!(
             series = series.len(),
             samples = loaded,
-            lookup_ms = lookup.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "select"
         );
@@ -333,18 +339,21 @@ impl PostgresStorage {
         let table_end = match self.mode {
             Mode::TimescaleDb => end,
             Mode::Plain => {
-                let mut conn = self.pool.acquire().await.map_err(db_error)?;
-                let watermark = lifecycle::watermark(&mut conn, resolution)
-                    .await?
-                    .unwrap_or(i64::MIN);
-                let pending: Option<DateTime<Utc>> = sqlx::query_scalar(
-                    "SELECT min(lo) FROM rollup_invalidations WHERE hi > $1 AND lo < $2",
-                )
-                .bind(clamp_time(start))
-                .bind(clamp_time(end))
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(db_error)?;
+                // The watermark and the earliest late write still waiting in the range, in
+                // one round trip.
+                let (watermark, pending): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+                    sqlx::query_as(
+                        "SELECT (SELECT watermark FROM rollup_watermarks WHERE relation = $1),
+                                (SELECT min(lo) FROM rollup_invalidations
+                                 WHERE hi > $2 AND lo < $3)",
+                    )
+                    .bind(resolution.name())
+                    .bind(clamp_time(start))
+                    .bind(clamp_time(end))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                let watermark = watermark.map_or(i64::MIN, |w| w.timestamp_millis());
                 let pending =
                     pending.map_or(i64::MAX, |lo| resolution.bucket(lo.timestamp_millis()));
                 watermark.min(pending).clamp(start, end)
@@ -406,12 +415,8 @@ impl PostgresStorage {
             }
         }
         if table_end < end {
-            let hints = SelectHints {
-                start: table_end,
-                end: end - 1,
-                ..SelectHints::default()
-            };
-            for raw in self.select_samples(tenant, matchers, &hints).await? {
+            let filter = range_filter(table_end, end - 1);
+            for raw in self.select_where(series.clone(), &filter, 0).await? {
                 if let Ok(i) = series.binary_search_by(|(_, l)| l.cmp(&raw.labels)) {
                     rows[i].extend(rollup(&raw.samples, resolution));
                 }

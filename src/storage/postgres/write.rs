@@ -155,8 +155,17 @@ impl PostgresStorage {
 
         // Binary COPY first: a third cheaper in PostgreSQL than an insert that checks each
         // row for conflicts. A batch holding a sample already stored fails whole (unique
-        // violation, nothing written) and goes the checking way.
-        let copied = if self.copy_writes {
+        // violation, nothing written) and goes the checking way. On TimescaleDB only batches
+        // newer than any compressed chunk can be: conflicts with compressed rows are checked
+        // by the insert's explicit conflict target, which is the documented path.
+        let uncompressed = match self.mode {
+            Mode::Plain => true,
+            Mode::TimescaleDb => {
+                let horizon = Utc::now().timestamp_millis() - self.compress_horizon_ms;
+                times.iter().all(|t| t.timestamp_millis() > horizon)
+            }
+        };
+        let copied = if self.copy_writes && uncompressed {
             self.copy_samples(&series_ids, &times, &values).await?
         } else {
             None
