@@ -14,7 +14,7 @@
 //! One server at a time runs it (a session advisory lock); the watermarks make it resumable
 //! after a restart at the bucket where it stopped.
 
-use super::{db_error, not_stale, PostgresStorage};
+use super::{db_error, not_stale, relkind, PostgresStorage};
 use crate::model::TimestampMs;
 use crate::storage::{Resolution, StorageError, StorageResult};
 use chrono::{DateTime, Utc};
@@ -132,14 +132,7 @@ pub(super) async fn detect(pool: &PgPool, setting: TimescaleMode) -> StorageResu
 
 /// Plain mode's relations: the rollup tables, their watermarks and the invalidation log.
 pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
-    let kind: Option<String> = sqlx::query_scalar(
-        "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = current_schema() AND c.relname = 'samples'",
-    )
-    .fetch_optional(pool)
-    .await
-    .map_err(db_error)?;
-    if kind.as_deref() != Some("p") {
+    if relkind(pool, "samples").await?.as_deref() != Some("p") {
         return Err(StorageError::Internal(
             "samples is not a partitioned table (a TimescaleDB hypertable?); plain mode cannot \
              manage it: run with --timescaledb=auto or on"
@@ -148,15 +141,7 @@ pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
     }
     for resolution in Resolution::ALL {
         let name = resolution.name();
-        let kind: Option<String> = sqlx::query_scalar(
-            "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = current_schema() AND c.relname = $1",
-        )
-        .bind(name)
-        .fetch_optional(pool)
-        .await
-        .map_err(db_error)?;
-        if kind.as_deref().is_some_and(|k| k != "r") {
+        if relkind(pool, name).await?.is_some_and(|k| k != "r") {
             return Err(StorageError::Internal(format!(
                 "{name} is not a table (a TimescaleDB continuous aggregate?); run with \
                  --timescaledb=auto or on"

@@ -161,6 +161,23 @@ impl PostgresStorage {
     }
 }
 
+/// Relation kind of `name` in the current schema (`p` partitioned table, `r` table, `v`
+/// view), if it exists.
+async fn relkind<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    name: &str,
+) -> StorageResult<Option<String>> {
+    sqlx::query_scalar(
+        "SELECT c.relkind::text FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = current_schema() AND c.relname = $1",
+    )
+    .bind(name)
+    .fetch_optional(executor)
+    .await
+    .map_err(db_error)
+}
+
 /// SQL condition that leaves staleness markers out (they end a series; they are not samples).
 fn not_stale(column: &str) -> String {
     format!("float8send({column}) <> '\\x{STALE_NAN_BITS:016x}'::bytea")

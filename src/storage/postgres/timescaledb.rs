@@ -3,7 +3,7 @@
 //! compression and retention. Everything here is idempotent: a second run changes nothing,
 //! and a changed setting updates the existing policy in place (`alter_job`), keeping its id.
 
-use super::{db_error, not_stale, PostgresConfig};
+use super::{db_error, not_stale, relkind, PostgresConfig};
 use crate::storage::{RetentionConfig, StorageError, StorageResult};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
@@ -140,19 +140,6 @@ async fn setup_locked(
     Ok(jobs)
 }
 
-/// Relation kind of `name` in the current schema: `p` partitioned table, `r` table, `v` view.
-async fn relkind(conn: &mut PgConnection, name: &str) -> StorageResult<Option<String>> {
-    sqlx::query_scalar(
-        "SELECT c.relkind::text FROM pg_class c
-         JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = current_schema() AND c.relname = $1",
-    )
-    .bind(name)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db_error)
-}
-
 async fn is_hypertable(conn: &mut PgConnection, name: &str) -> StorageResult<bool> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
@@ -169,7 +156,7 @@ async fn is_hypertable(conn: &mut PgConnection, name: &str) -> StorageResult<boo
 /// transaction. Then chunk interval and compression settings are brought to the config.
 async fn make_hypertable(conn: &mut PgConnection, chunk: &str) -> StorageResult<()> {
     if !is_hypertable(conn, "samples").await? {
-        let kind = relkind(conn, "samples").await?;
+        let kind = relkind(&mut *conn, "samples").await?;
         let mut tx = conn.begin().await.map_err(db_error)?;
         if kind.is_some() {
             sqlx::query("ALTER TABLE samples RENAME TO samples_before_timescaledb")
@@ -305,7 +292,7 @@ async fn create_aggregates(conn: &mut PgConnection) -> StorageResult<()> {
         if exists {
             continue;
         }
-        match relkind(conn, name).await?.as_deref() {
+        match relkind(&mut *conn, name).await?.as_deref() {
             None => {}
             Some("r") => {
                 // Plain mode's rollup table: replaced only while it holds nothing, since the
