@@ -373,7 +373,7 @@ impl PostgresStorage {
                 let sql = format!(
                     "COPY (SELECT series_id, bucket, min, max, sum, count, last, first_time, first
                            FROM {} WHERE series_id = ANY('{{{id_list}}}'::int8[])
-                           AND bucket >= {} AND bucket < {} ORDER BY series_id, bucket)
+                           AND bucket >= {} AND bucket < {})
                      TO STDOUT (FORMAT binary)",
                     resolution.name(),
                     ms(start),
@@ -411,6 +411,13 @@ impl PostgresStorage {
                     return Err(StorageError::Unavailable(
                         "rollup stream ended early".into(),
                     ));
+                }
+            }
+            // No ORDER BY: as for raw samples, sorting here only what arrived out of order
+            // costs less than a sort in PostgreSQL.
+            for r in &mut rows {
+                if !r.is_sorted_by_key(|row| row.t) {
+                    r.sort_unstable_by_key(|row| row.t);
                 }
             }
         }
