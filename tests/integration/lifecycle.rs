@@ -83,7 +83,8 @@ fn expected(samples: &[Sample], resolution: Resolution, watermark: i64) -> Vec<R
         .collect()
 }
 
-async fn assert_reads_equal_raw(storage: &PostgresStorage) {
+/// Rollup reads from `from` on equal aggregating the raw samples.
+async fn assert_reads_equal_raw(storage: &PostgresStorage, from: i64) {
     let raw = raw(storage).await;
     for resolution in Resolution::ALL {
         let got = storage
@@ -91,7 +92,7 @@ async fn assert_reads_equal_raw(storage: &PostgresStorage) {
                 &TenantId::default(),
                 &[Matcher::equal("__name__", "lc")],
                 resolution,
-                0,
+                from,
                 i64::MAX / 4,
             )
             .await
@@ -174,6 +175,15 @@ async fn plain_lifecycle_keeps_partitions_rollups_and_retention() {
         vec!["mid", "recent"],
         "raw samples past retention are gone with their partition"
     );
+    // ... once rolled up: their rollups stay.
+    let old_raw: Vec<Sample> = batch[0].samples.clone();
+    for resolution in Resolution::ALL {
+        assert_eq!(
+            rows_text(&table_rows(&pool, resolution, "old").await),
+            rows_text(&rollup(&old_raw, resolution)),
+            "rollups of the dropped partition"
+        );
+    }
 
     let stats = storage.stats().expect("plain lifecycle stats");
     let w5 = Resolution::FiveMinutes.bucket(now - 10 * MINUTE);
@@ -194,7 +204,7 @@ async fn plain_lifecycle_keeps_partitions_rollups_and_retention() {
             );
         }
     }
-    assert_reads_equal_raw(&storage).await;
+    assert_reads_equal_raw(&storage, mid).await;
 
     // A late sample below the watermark: reads see it at once (its buckets come from raw
     // data until the job ran), the next run rewrites those buckets.
@@ -205,7 +215,7 @@ async fn plain_lifecycle_keeps_partitions_rollups_and_retention() {
         .await
         .unwrap();
     assert_eq!(pending, 1);
-    assert_reads_equal_raw(&storage).await;
+    assert_reads_equal_raw(&storage, mid).await;
     let report = storage.run_lifecycle_at(now).await.unwrap();
     assert_eq!(report.invalidations, 1, "{report:?}");
     let recent_raw = raw(&storage).await.pop().unwrap();
@@ -215,7 +225,7 @@ async fn plain_lifecycle_keeps_partitions_rollups_and_retention() {
             rows_text(&expected(&recent_raw.samples, resolution, w))
         );
     }
-    assert_reads_equal_raw(&storage).await;
+    assert_reads_equal_raw(&storage, mid).await;
 
     // A restart resumes at the stored watermarks: five minutes later, one bucket more.
     drop(storage);
@@ -257,10 +267,11 @@ async fn plain_lifecycle_keeps_partitions_rollups_and_retention() {
     assert_eq!(report.rows_expired, 2, "{report:?}");
     let ages: Vec<(String, i64)> = sqlx::query_as(
         "SELECT 'samples_5m', round(extract(epoch FROM now() - bucket) / 86400)::int8
-         FROM samples_5m WHERE bucket < now() - interval '30 days'
+         FROM samples_5m WHERE bucket < now() - interval '30 days' AND series_id = (SELECT id FROM series WHERE labels ->> 's' = 'mid')
          UNION ALL
          SELECT 'samples_1h', round(extract(epoch FROM now() - bucket) / 86400)::int8
-         FROM samples_1h WHERE bucket < now() - interval '30 days' ORDER BY 1, 2",
+         FROM samples_1h WHERE bucket < now() - interval '30 days' AND series_id = (SELECT id FROM series WHERE labels ->> 's' = 'mid')
+         ORDER BY 1, 2",
     )
     .fetch_all(&pool)
     .await
@@ -319,3 +330,28 @@ type RowRecord = (
     chrono::DateTime<chrono::Utc>,
     f64,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sums_past_the_float_range_are_infinite_and_do_not_stop_the_job() {
+    let url = Postgres::shared().database().await;
+    let storage = PostgresStorage::connect(&url, &plain(), &RetentionConfig::default())
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let from = Resolution::OneHour.bucket(now - 5 * HOUR);
+    let batch = vec![
+        write("up", (0..120).map(|i| (from + i * 30_000, 1e308))),
+        write("down", (0..120).map(|i| (from + i * 30_000, -1e308))),
+    ];
+    storage.append(&TenantId::default(), &batch).await.unwrap();
+    storage.run_lifecycle_at(now).await.expect("the job runs");
+    let pool = storage.pool().clone();
+    for (s, inf) in [("up", f64::INFINITY), ("down", f64::NEG_INFINITY)] {
+        for resolution in Resolution::ALL {
+            let rows = table_rows(&pool, resolution, s).await;
+            assert!(!rows.is_empty());
+            assert!(rows.iter().all(|r| r.sum == inf), "{s}: {rows:?}");
+        }
+    }
+    assert_reads_equal_raw(&storage, from).await;
+}

@@ -145,9 +145,17 @@ fn dataset(from: i64, hours: i64) -> Vec<SeriesWrite> {
             v: if i < 30 { f64::NAN } else { i as f64 },
         })
         .collect();
+    // Two finite values whose sum is past the float range: +Inf, as Prometheus adds them.
+    let huge: Vec<Sample> = (0..4)
+        .map(|i| Sample {
+            t: from + i * 60_000,
+            v: 1e308,
+        })
+        .collect();
     vec![
         series("ts_gauge", "a", gauge),
         series("ts_gauge", "b", nan_bucket),
+        series("ts_gauge", "c", huge),
     ]
 }
 
@@ -439,7 +447,7 @@ async fn refresh_jobs_fill_both_rollups_with_the_expected_aggregates() {
             )
             .await
             .unwrap();
-        assert_eq!(got.len(), 2);
+        assert_eq!(got.len(), 3);
         for (g, s) in got.iter().zip(&data) {
             assert_eq!(g.labels, s.labels);
             assert_rows_equal(resolution.name(), &g.rows, &rollup(&s.samples, resolution));

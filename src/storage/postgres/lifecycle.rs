@@ -14,12 +14,12 @@
 //! One server at a time runs it (a session advisory lock); the watermarks make it resumable
 //! after a restart at the bucket where it stopped.
 
-use super::{db_error, not_stale, relkind, PostgresStorage};
+use super::{db_error, float_sum, not_stale, relkind, PostgresStorage};
 use crate::model::TimestampMs;
 use crate::storage::{Resolution, StorageError, StorageResult};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -91,13 +91,13 @@ fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
 
 /// Decides the mode: `off` is plain; otherwise TimescaleDB when the extension is installed
 /// or can be created; `on` fails loudly when it cannot.
-pub(super) async fn detect(pool: &PgPool, setting: TimescaleMode) -> StorageResult<Mode> {
+pub(super) async fn detect(conn: &mut PgConnection, setting: TimescaleMode) -> StorageResult<Mode> {
     if setting == TimescaleMode::Off {
         return Ok(Mode::Plain);
     }
     let installed: Option<String> =
         sqlx::query_scalar("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
-            .fetch_optional(pool)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(db_error)?;
     if installed.is_some() {
@@ -106,12 +106,12 @@ pub(super) async fn detect(pool: &PgPool, setting: TimescaleMode) -> StorageResu
     let available: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await
     .map_err(db_error)?;
     let failure = if available {
         match sqlx::query("CREATE EXTENSION IF NOT EXISTS timescaledb")
-            .execute(pool)
+            .execute(&mut *conn)
             .await
         {
             Ok(_) => return Ok(Mode::TimescaleDb),
@@ -131,8 +131,8 @@ pub(super) async fn detect(pool: &PgPool, setting: TimescaleMode) -> StorageResu
 }
 
 /// Plain mode's relations: the rollup tables, their watermarks and the invalidation log.
-pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
-    if relkind(pool, "samples").await?.as_deref() != Some("p") {
+pub(super) async fn setup_plain(conn: &mut PgConnection) -> StorageResult<()> {
+    if relkind(&mut *conn, "samples").await?.as_deref() != Some("p") {
         return Err(StorageError::Internal(
             "samples is not a partitioned table (a TimescaleDB hypertable?); plain mode cannot \
              manage it: run with --timescaledb=auto or on"
@@ -141,7 +141,7 @@ pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
     }
     for resolution in Resolution::ALL {
         let name = resolution.name();
-        if relkind(pool, name).await?.is_some_and(|k| k != "r") {
+        if relkind(&mut *conn, name).await?.is_some_and(|k| k != "r") {
             return Err(StorageError::Internal(format!(
                 "{name} is not a table (a TimescaleDB continuous aggregate?); run with \
                  --timescaledb=auto or on"
@@ -160,14 +160,14 @@ pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
                  first      DOUBLE PRECISION NOT NULL,
                  PRIMARY KEY (series_id, bucket))"
         ))
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(db_error)?;
         // Retention deletes by bucket alone; rows arrive in bucket order, so BRIN serves it.
         sqlx::query(&format!(
             "CREATE INDEX IF NOT EXISTS {name}_bucket_idx ON {name} USING brin (bucket)"
         ))
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .map_err(db_error)?;
     }
@@ -177,7 +177,7 @@ pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
              watermark  TIMESTAMPTZ NOT NULL,
              updated_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     )
-    .execute(pool)
+    .execute(&mut *conn)
     .await
     .map_err(db_error)?;
     sqlx::query(
@@ -186,7 +186,7 @@ pub(super) async fn setup_plain(pool: &PgPool) -> StorageResult<()> {
              hi         TIMESTAMPTZ NOT NULL,
              created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     )
-    .execute(pool)
+    .execute(&mut *conn)
     .await
     .map_err(db_error)?;
     Ok(())
@@ -236,11 +236,12 @@ fn aggregate_sql(resolution: Resolution) -> String {
              FROM (SELECT series_id, date_bin('5 minutes', time, timestamptz 'epoch') AS bucket,
                           min(value) AS min,
                           coalesce(max(value) FILTER (WHERE value <> 'NaN'), max(value)) AS max,
-                          sum(value) AS sum, count(*)::float8 AS count, min(time) AS first_time,
+                          {} AS sum, count(*)::float8 AS count, min(time) AS first_time,
                           array_agg(value ORDER BY time) AS v
                    FROM samples WHERE time >= $1 AND time < $2 AND {}
                    GROUP BY 1, 2) AS a
              {upsert}",
+            float_sum("value"),
             not_stale("value")
         ),
         Resolution::OneHour => format!(
@@ -249,12 +250,13 @@ fn aggregate_sql(resolution: Resolution) -> String {
              FROM (SELECT series_id, date_bin('1 hour', bucket, timestamptz 'epoch') AS bucket,
                           min(min) AS min,
                           coalesce(max(max) FILTER (WHERE max <> 'NaN'), max(max)) AS max,
-                          sum(sum) AS sum, sum(count) AS count, min(first_time) AS first_time,
+                          {} AS sum, sum(count) AS count, min(first_time) AS first_time,
                           array_agg(last ORDER BY bucket) AS l,
                           array_agg(first ORDER BY bucket) AS f
                    FROM samples_5m WHERE bucket >= $1 AND bucket < $2
                    GROUP BY 1, 2) AS a
-             {upsert}"
+             {upsert}",
+            float_sum("sum")
         ),
     }
 }
@@ -356,24 +358,12 @@ impl PostgresStorage {
         let ahead: Vec<DateTime<Utc>> = (0..3).map(|i| to_datetime(now + i * width)).collect();
         report.partitions_created = self.ensure_partitions(&ahead).await?;
 
-        // Raw retention: whole partitions, so the space is freed at once.
         let raw_cutoff = now - self.retention.keep_ms(None);
-        for (name, lo, hi) in partitions(conn).await? {
-            if hi <= raw_cutoff {
-                sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-                self.partitions.forget(lo);
-                report.partitions_dropped += 1;
-            }
-        }
-        self.lifecycle
-            .partitions_dropped
-            .fetch_add(report.partitions_dropped as u64, Ordering::Relaxed);
-        let parts = partitions(conn).await?;
-        let oldest_raw = parts.first().map(|p| p.1).unwrap_or(now).max(raw_cutoff);
-
+        let oldest_raw = partitions(conn)
+            .await?
+            .first()
+            .map_or(now, |p| p.1)
+            .max(raw_cutoff);
         let w5 = watermark(conn, Resolution::FiveMinutes).await?;
         let w1 = watermark(conn, Resolution::OneHour).await?;
 
@@ -406,7 +396,10 @@ impl PostgresStorage {
         }
         tx.commit().await.map_err(db_error)?;
 
-        // Move the watermarks on: 5 min from raw samples, 1 h from the 5 min rows.
+        // Move the watermarks on: 5 min from raw samples (the partitions read after the late
+        // writes were taken, so a partition they created is not skipped), 1 h from the 5 min
+        // rows, from the oldest of them on a first run.
+        let parts = partitions(conn).await?;
         let target_5m = Resolution::FiveMinutes.bucket(now - LAG_MS);
         let start_5m = w5.unwrap_or_else(|| {
             parts
@@ -418,11 +411,37 @@ impl PostgresStorage {
             .await?;
         report.rows_5m += rows;
         let target_1h = Resolution::OneHour.bucket(w5);
-        let start_1h = w1.unwrap_or_else(|| Resolution::OneHour.bucket(start_5m));
+        let start_1h = match w1 {
+            Some(w1) => w1,
+            None => {
+                let oldest: Option<DateTime<Utc>> =
+                    sqlx::query_scalar("SELECT min(bucket) FROM samples_5m")
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(db_error)?;
+                Resolution::OneHour.bucket(oldest.map_or(w5, |t| t.timestamp_millis()))
+            }
+        };
         let (w1, rows) = self
             .advance(conn, Resolution::OneHour, start_1h, target_1h, &parts)
             .await?;
         report.rows_1h += rows;
+
+        // Raw retention: whole partitions, so the space is freed at once; only what the 5 min
+        // rollups already hold, so a stalled job never lets raw data go unrolled.
+        for (name, lo, hi) in &parts {
+            if *hi <= raw_cutoff.min(w5) {
+                sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_error)?;
+                self.partitions.forget(*lo);
+                report.partitions_dropped += 1;
+            }
+        }
+        self.lifecycle
+            .partitions_dropped
+            .fetch_add(report.partitions_dropped as u64, Ordering::Relaxed);
         self.lifecycle.watermark_5m.store(w5, Ordering::Relaxed);
         self.lifecycle.watermark_1h.store(w1, Ordering::Relaxed);
         self.lifecycle
@@ -450,7 +469,7 @@ impl PostgresStorage {
     }
 
     /// Aggregates from `from` up to `target` in steps, each committed with its watermark, and
-    /// skips time no partition covers. Returns the new watermark and rows written.
+    /// skips time without source data. Returns the new watermark and rows written.
     async fn advance(
         &self,
         conn: &mut PgConnection,
@@ -466,15 +485,34 @@ impl PostgresStorage {
         let mut w = from;
         let mut rows = 0;
         while w < target {
-            let Some(&(_, lo, hi)) = parts.iter().find(|p| p.2 > w) else {
-                w = target;
-                break;
+            // Where the source has data next: raw samples by partition, 5 min rows (which
+            // outlive raw partitions) by a look at the table.
+            let (lo, hi) = match resolution {
+                Resolution::FiveMinutes => match parts.iter().find(|p| p.2 > w) {
+                    Some(&(_, lo, hi)) => (lo, hi),
+                    None => (target, target),
+                },
+                Resolution::OneHour => {
+                    let next: Option<DateTime<Utc>> = sqlx::query_scalar(
+                        "SELECT min(bucket) FROM samples_5m WHERE bucket >= $1 AND bucket < $2",
+                    )
+                    .bind(to_datetime(w))
+                    .bind(to_datetime(target))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(db_error)?;
+                    next.map_or((target, target), |t| (t.timestamp_millis(), i64::MAX))
+                }
             };
-            if lo > w {
-                w = resolution.bucket(lo).max(w).min(target);
+            if resolution.bucket(lo) > w {
+                w = resolution.bucket(lo).min(target);
                 continue;
             }
-            let next = (w + step).min(resolution.bucket(hi - 1) + resolution.ms());
+            let next = (w + step).min(
+                resolution
+                    .bucket(hi.saturating_sub(1))
+                    .saturating_add(resolution.ms()),
+            );
             let next = next.min(target).max(w + resolution.ms());
             let mut tx = conn.begin().await.map_err(db_error)?;
             rows += aggregate(&mut tx, resolution, w, next, false).await?;

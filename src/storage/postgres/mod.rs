@@ -86,8 +86,7 @@ pub struct PostgresStorage {
     lifecycle_interval: Duration,
     jobs: Vec<Job>,
     copy_writes: bool,
-    /// TimescaleDB: samples older than this (compress-after plus one chunk) may sit in a
-    /// compressed chunk.
+    /// TimescaleDB: samples older than this may sit in a compressed chunk.
     compress_horizon_ms: i64,
 }
 
@@ -108,17 +107,33 @@ impl PostgresStorage {
             .await
             .map_err(db_error)?;
         migrate(&pool).await?;
-        let mode = lifecycle::detect(&pool, config.timescaledb).await?;
-        let jobs = match mode {
-            Mode::TimescaleDb => {
-                let mut conn = pool.acquire().await.map_err(db_error)?;
-                timescaledb::setup(&mut conn, config, retention).await?
-            }
-            Mode::Plain => {
-                lifecycle::setup_plain(&pool).await?;
-                Vec::new()
-            }
-        };
+        // Servers starting together decide the mode and set it up one at a time, on one
+        // connection holding a session advisory lock.
+        let mut conn = pool.acquire().await.map_err(db_error)?;
+        sqlx::query("SELECT pg_advisory_lock(hashtext('secumon.lifecycle.setup'))")
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+        let setup = async {
+            let mode = lifecycle::detect(&mut conn, config.timescaledb).await?;
+            let jobs = match mode {
+                Mode::TimescaleDb => timescaledb::setup(&mut conn, config, retention).await?,
+                Mode::Plain => {
+                    lifecycle::setup_plain(&mut conn).await?;
+                    Vec::new()
+                }
+            };
+            Ok::<_, StorageError>((mode, jobs))
+        }
+        .await;
+        let unlocked =
+            sqlx::query("SELECT pg_advisory_unlock(hashtext('secumon.lifecycle.setup'))")
+                .execute(&mut *conn)
+                .await;
+        if unlocked.is_err() {
+            let _ = conn.close().await;
+        }
+        let (mode, jobs) = setup?;
         Ok(PostgresStorage {
             pool,
             series_cache: SeriesCache::new(config.series_cache_size),
@@ -130,8 +145,9 @@ impl PostgresStorage {
             lifecycle_interval: Duration::from_secs(config.lifecycle_interval_secs.max(1)),
             jobs,
             copy_writes: config.copy_writes,
-            compress_horizon_ms: (i64::from(config.compress_after_days) * 24
-                + i64::from(config.partition_hours.max(1)))
+            // A chunk is compressed once its end is compress-after old, so any sample older
+            // than that may sit in one; an hour less, for clocks that disagree.
+            compress_horizon_ms: (i64::from(config.compress_after_days) * 24 - 1).max(0)
                 * 3_600_000,
         })
     }
@@ -176,6 +192,19 @@ async fn relkind<'e>(
     .fetch_optional(executor)
     .await
     .map_err(db_error)
+}
+
+/// SQL sum of a float8 column that never fails: PostgreSQL's `sum(float8)` raises "value out
+/// of range" where two finite values add up past the float range (Prometheus gives ±Inf), which
+/// would stop a rollup job for good. The sum is taken in `numeric` (exact; ±Infinity and NaN
+/// as in float) and brought back, ±Inf past the float range.
+fn float_sum(column: &str) -> String {
+    let s = format!("sum(({column})::numeric)");
+    let max = "1.7976931348623157e308";
+    format!(
+        "CASE WHEN {s} = 'NaN' THEN 'NaN'::float8 WHEN {s} > {max} THEN 'Infinity'::float8
+              WHEN {s} < -{max} THEN '-Infinity'::float8 ELSE {s}::float8 END"
+    )
 }
 
 /// SQL condition that leaves staleness markers out (they end a series; they are not samples).

@@ -354,8 +354,14 @@ impl PostgresStorage {
                     .await
                     .map_err(db_error)?;
                 let watermark = watermark.map_or(i64::MIN, |w| w.timestamp_millis());
-                let pending =
-                    pending.map_or(i64::MAX, |lo| resolution.bucket(lo.timestamp_millis()));
+                // A late write never changes buckets past raw retention (their raw samples
+                // are gone; the rollups are all there is).
+                let kept_from = resolution
+                    .bucket(chrono::Utc::now().timestamp_millis() - self.retention.keep_ms(None))
+                    + resolution.ms();
+                let pending = pending.map_or(i64::MAX, |lo| {
+                    resolution.bucket(lo.timestamp_millis()).max(kept_from)
+                });
                 watermark.min(pending).clamp(start, end)
             }
         };

@@ -3,7 +3,7 @@
 //! compression and retention. Everything here is idempotent: a second run changes nothing,
 //! and a changed setting updates the existing policy in place (`alter_job`), keeping its id.
 
-use super::{db_error, not_stale, relkind, PostgresConfig};
+use super::{db_error, float_sum, not_stale, relkind, PostgresConfig};
 use crate::storage::{RetentionConfig, StorageError, StorageResult};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
@@ -50,22 +50,30 @@ fn refresh_window_hours(retention: &RetentionConfig) -> i64 {
 }
 
 /// Creates or updates the hypertable, the continuous aggregates and every policy; returns the
-/// jobs of SecuMon's relations afterwards. Runs on one connection under an advisory lock, so
-/// servers starting together do it once.
+/// jobs of SecuMon's relations afterwards. The caller holds the setup lock.
 pub(super) async fn setup(
     conn: &mut PgConnection,
     config: &PostgresConfig,
     retention: &RetentionConfig,
 ) -> StorageResult<Vec<Job>> {
-    sqlx::query("SELECT pg_advisory_lock(hashtext('secumon.lifecycle.setup'))")
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
-    let result = setup_locked(conn, config, retention).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('secumon.lifecycle.setup'))")
-        .execute(&mut *conn)
-        .await;
-    result
+    // Refuse before changing anything: a plain-mode rollup table with rows stands where a
+    // continuous aggregate must go.
+    for name in ["samples_5m", "samples_1h"] {
+        if relkind(&mut *conn, name).await?.as_deref() == Some("r") {
+            let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {name}"))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db_error)?;
+            if rows > 0 {
+                return Err(StorageError::Internal(format!(
+                    "{name} is a plain rollup table with {rows} rows; TimescaleDB mode needs \
+                     a continuous aggregate there. Copy or drop it, or run with \
+                     --timescaledb=off"
+                )));
+            }
+        }
+    }
+    setup_locked(conn, config, retention).await
 }
 
 async fn setup_locked(
@@ -257,27 +265,30 @@ async fn create_aggregates(conn: &mut PgConnection) -> StorageResult<()> {
                  SELECT series_id, time_bucket(INTERVAL '5 minutes', time) AS bucket,
                         min(value) AS min,
                         coalesce(max(value) FILTER (WHERE value <> 'NaN'), max(value)) AS max,
-                        sum(value) AS sum, count(*)::float8 AS count, last(value, time) AS last,
+                        {} AS sum, count(*)::float8 AS count, last(value, time) AS last,
                         min(time) AS first_time, first(value, time) AS first
                  FROM samples WHERE {}
                  GROUP BY series_id, time_bucket(INTERVAL '5 minutes', time)
                  WITH NO DATA",
+                float_sum("value"),
                 not_stale("value")
             ),
         ),
         (
             "samples_1h",
-            "CREATE MATERIALIZED VIEW samples_1h
+            format!(
+                "CREATE MATERIALIZED VIEW samples_1h
              WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
              SELECT series_id, time_bucket(INTERVAL '1 hour', bucket) AS bucket,
                     min(min) AS min,
                     coalesce(max(max) FILTER (WHERE max <> 'NaN'), max(max)) AS max,
-                    sum(sum) AS sum, sum(count) AS count, last(last, bucket) AS last,
+                    {} AS sum, sum(count) AS count, last(last, bucket) AS last,
                     min(first_time) AS first_time, first(first, bucket) AS first
              FROM samples_5m
              GROUP BY series_id, time_bucket(INTERVAL '1 hour', bucket)
-             WITH NO DATA"
-                .to_owned(),
+             WITH NO DATA",
+                float_sum("sum")
+            ),
         ),
     ];
     for (name, ddl) in definitions {
@@ -295,19 +306,7 @@ async fn create_aggregates(conn: &mut PgConnection) -> StorageResult<()> {
         match relkind(&mut *conn, name).await?.as_deref() {
             None => {}
             Some("r") => {
-                // Plain mode's rollup table: replaced only while it holds nothing, since the
-                // rollups in it may be all that is left of data past raw retention.
-                let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {name}"))
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(db_error)?;
-                if rows > 0 {
-                    return Err(StorageError::Internal(format!(
-                        "{name} is a plain rollup table with {rows} rows; TimescaleDB mode needs \
-                         a continuous aggregate there. Copy or drop it, or run with \
-                         --timescaledb=off"
-                    )));
-                }
+                // Plain mode's rollup table, empty (`setup` refused a table with rows).
                 sqlx::query(&format!("DROP TABLE {name}"))
                     .execute(&mut *conn)
                     .await
@@ -344,6 +343,7 @@ impl Policy {
                ON ca.materialization_hypertable_schema = j.hypertable_schema
               AND ca.materialization_hypertable_name = j.hypertable_name
              WHERE j.proc_name = $1 AND coalesce(ca.view_name, j.hypertable_name) = $2
+               AND coalesce(ca.view_schema, j.hypertable_schema) = current_schema()
              ORDER BY j.job_id LIMIT 1",
         )
         .bind(self.proc_name)
@@ -392,6 +392,7 @@ pub(super) async fn jobs(conn: &mut PgConnection) -> StorageResult<Vec<Job>> {
            ON ca.materialization_hypertable_schema = j.hypertable_schema
           AND ca.materialization_hypertable_name = j.hypertable_name
          WHERE coalesce(ca.view_name, j.hypertable_name) IN ('samples', 'samples_5m', 'samples_1h')
+           AND coalesce(ca.view_schema, j.hypertable_schema) = current_schema()
          ORDER BY j.job_id",
     )
     .fetch_all(&mut *conn)

@@ -223,11 +223,13 @@ impl PostgresStorage {
         if self.mode == Mode::Plain {
             // Samples the rollup tables may already have passed: recorded once they are
             // committed, so the lifecycle job recomputes their buckets (see lifecycle.rs).
-            let late_before = Utc::now().timestamp_millis() - LATE_MS;
+            // Samples past raw retention never change rollups (docs/storage.md).
+            let now = Utc::now().timestamp_millis();
+            let (late_before, kept_from) = (now - LATE_MS, now - self.retention.keep_ms(None));
             let late = times
                 .iter()
                 .map(DateTime::timestamp_millis)
-                .filter(|&t| t < late_before);
+                .filter(|&t| t < late_before && t >= kept_from);
             if let Some((lo, hi)) = late.fold(None, |acc: Option<(i64, i64)>, t| {
                 Some(acc.map_or((t, t), |(lo, hi)| (lo.min(t), hi.max(t))))
             }) {
