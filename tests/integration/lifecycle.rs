@@ -355,3 +355,29 @@ async fn sums_past_the_float_range_are_infinite_and_do_not_stop_the_job() {
     }
     assert_reads_equal_raw(&storage, from).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_dropped_by_another_server_is_created_again_on_write() {
+    let url = Postgres::shared().database().await;
+    let retention = RetentionConfig::default();
+    let a = PostgresStorage::connect(&url, &plain(), &retention)
+        .await
+        .unwrap();
+    let b = PostgresStorage::connect(&url, &plain(), &retention)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let old = Resolution::OneHour.bucket(now - 40 * DAY);
+    let tenant = TenantId::default();
+    a.append(&tenant, &[write("x", std::iter::once((old, 1.0)))])
+        .await
+        .unwrap();
+    let report = b.run_lifecycle_at(now).await.unwrap();
+    assert_eq!(report.partitions_dropped, 1, "{report:?}");
+    // Server a still believes the partition exists.
+    let outcome = a
+        .append(&tenant, &[write("x", std::iter::once((old + MINUTE, 2.0)))])
+        .await
+        .expect("the write succeeds once the partition is created again");
+    assert_eq!(outcome.accepted, 1);
+}

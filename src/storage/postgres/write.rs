@@ -95,6 +95,11 @@ impl PartitionSet {
         missing
     }
 
+    /// Forgets every partition (they are looked up again as data arrives).
+    pub(super) fn forget_all(&self) {
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Forgets a partition that was dropped.
     pub(super) fn forget(&self, start: TimestampMs) {
         self.known
@@ -152,40 +157,17 @@ impl PostgresStorage {
         if self.mode == Mode::Plain {
             self.ensure_partitions(&times).await?;
         }
-
-        // Binary COPY first: a third cheaper in PostgreSQL than an insert that checks each
-        // row for conflicts. A batch holding a sample already stored fails whole (unique
-        // violation, nothing written) and goes the checking way. On TimescaleDB only batches
-        // newer than any compressed chunk can be: conflicts with compressed rows are checked
-        // by the insert's explicit conflict target, which is the documented path.
-        let uncompressed = match self.mode {
-            Mode::Plain => true,
-            Mode::TimescaleDb => {
-                let horizon = Utc::now().timestamp_millis() - self.compress_horizon_ms;
-                times.iter().all(|t| t.timestamp_millis() > horizon)
+        let inserted = match self.write_rows(&series_ids, &times, &values).await {
+            Err(e) if self.mode == Mode::Plain && no_partition(&e) => {
+                // Another server's lifecycle dropped a partition this one still knew of.
+                self.partitions.forget_all();
+                self.ensure_partitions(&times).await?;
+                self.write_rows(&series_ids, &times, &values)
+                    .await
+                    .map_err(db_error)?
             }
+            other => other.map_err(db_error)?,
         };
-        let copied = if self.copy_writes && uncompressed {
-            self.copy_samples(&series_ids, &times, &values).await?
-        } else {
-            None
-        };
-        let inserted = match copied {
-            Some(n) => n,
-            None => sqlx::query(
-                "INSERT INTO samples (series_id, time, value)
-                 SELECT * FROM unnest($1::int8[], $2::timestamptz[], $3::float8[])
-                 ON CONFLICT (series_id, time) DO NOTHING",
-            )
-            .bind(&series_ids)
-            .bind(&times)
-            .bind(&values)
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?
-            .rows_affected() as usize,
-        };
-
         let mut conflicting = 0;
         if inserted < series_ids.len() {
             // Some timestamps were already stored (a client retry, or a real conflict).
@@ -240,6 +222,43 @@ impl PostgresStorage {
         Ok(outcome)
     }
 
+    /// Writes the rows; returns how many were new.
+    async fn write_rows(
+        &self,
+        series_ids: &[i64],
+        times: &[DateTime<Utc>],
+        values: &[f64],
+    ) -> Result<usize, sqlx::Error> {
+        // Binary COPY first: a third cheaper in PostgreSQL than an insert that checks each
+        // row for conflicts. A batch holding a sample already stored fails whole (unique
+        // violation, nothing written) and goes the checking way. On TimescaleDB only batches
+        // newer than any compressed chunk can be: conflicts with compressed rows are checked
+        // by the insert's explicit conflict target, which is the documented path.
+        let uncompressed = match self.mode {
+            Mode::Plain => true,
+            Mode::TimescaleDb => {
+                let horizon = Utc::now().timestamp_millis() - self.compress_horizon_ms;
+                times.iter().all(|t| t.timestamp_millis() > horizon)
+            }
+        };
+        if self.copy_writes && uncompressed {
+            if let Some(n) = self.copy_samples(series_ids, times, values).await? {
+                return Ok(n);
+            }
+        }
+        Ok(sqlx::query(
+            "INSERT INTO samples (series_id, time, value)
+             SELECT * FROM unnest($1::int8[], $2::timestamptz[], $3::float8[])
+             ON CONFLICT (series_id, time) DO NOTHING",
+        )
+        .bind(series_ids)
+        .bind(times)
+        .bind(values)
+        .execute(&self.pool)
+        .await?
+        .rows_affected() as usize)
+    }
+
     /// `COPY … FROM STDIN (FORMAT binary)` of the rows; `None` when a row is already stored
     /// (then nothing was written).
     async fn copy_samples(
@@ -247,10 +266,10 @@ impl PostgresStorage {
         series_ids: &[i64],
         times: &[DateTime<Utc>],
         values: &[f64],
-    ) -> StorageResult<Option<usize>> {
+    ) -> Result<Option<usize>, sqlx::Error> {
         let times_ms: Vec<TimestampMs> = times.iter().map(DateTime::timestamp_millis).collect();
         let data = super::copy_binary::encode_rows(series_ids, &times_ms, values);
-        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        let mut conn = self.pool.acquire().await?;
         let result = async {
             let mut copy = conn
                 .copy_in_raw("COPY samples (series_id, time, value) FROM STDIN (FORMAT binary)")
@@ -268,7 +287,7 @@ impl PostgresStorage {
             Err(e) => {
                 // The connection may be mid-COPY: never hand it back to the pool.
                 let _ = conn.close().await;
-                Err(db_error(e))
+                Err(e)
             }
         }
     }
@@ -384,6 +403,11 @@ impl PostgresStorage {
         }
         Ok(count)
     }
+}
+
+/// "no partition of relation … found for row" (a partition dropped by another server).
+fn no_partition(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23514"))
 }
 
 /// The `labels` column: a JSON object of every label.
