@@ -4,7 +4,7 @@
 //! in place), what TimescaleDB's jobs then do to the data (run with `CALL run_job`, since
 //! PGlite runs no background workers), and PromQL answers over it against Prometheus.
 
-use crate::support::{Backend, Secumon, TimescaleDb};
+use crate::support::{rollup_rows, Backend, Secumon, TimescaleDb};
 use secumon::model::{Label, Labels, Matcher, Sample, TenantId, STALE_NAN_BITS};
 use secumon::storage::postgres::{
     Job, JobChange, Mode, PostgresConfig, PostgresStorage, TimescaleMode,
@@ -396,38 +396,8 @@ async fn refresh_jobs_fill_both_rollups_with_the_expected_aggregates() {
         .await
         .unwrap();
         for s in &data {
-            let id: i64 =
-                sqlx::query_scalar("SELECT id FROM series WHERE labels = $1::text::jsonb")
-                    .bind(format!(
-                        "{{\"__name__\": \"ts_gauge\", \"s\": \"{}\"}}",
-                        s.labels.get("s").unwrap_or_default()
-                    ))
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-            let rows: Vec<RowRecord> = sqlx::query_as(&format!(
-                "SELECT bucket, min, max, sum, count, last, first_time, first FROM {schema}.{table}
-                     WHERE series_id = $1 ORDER BY bucket"
-            ))
-            .bind(id)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-            let got: Vec<RollupRow> = rows
-                .into_iter()
-                .map(
-                    |(t, min, max, sum, count, last, first_t, first)| RollupRow {
-                        t: t.timestamp_millis(),
-                        min,
-                        max,
-                        sum,
-                        count,
-                        last,
-                        first_t: first_t.timestamp_millis(),
-                        first,
-                    },
-                )
-                .collect();
+            let label = s.labels.get("s").unwrap_or_default();
+            let got = rollup_rows(&pool, &format!("{schema}.{table}"), label).await;
             let want = rollup(&s.samples, resolution);
             assert!(!want.is_empty());
             assert_rows_equal(
@@ -663,15 +633,3 @@ async fn promql_answers_on_timescaledb_equal_prometheus() {
 async fn rollup_answers_on_timescaledb_equal_prometheus() {
     crate::rollup_queries::exact_answers(Backend::TimescaleDb).await;
 }
-
-/// A rollup relation's row as read.
-type RowRecord = (
-    chrono::DateTime<chrono::Utc>,
-    f64,
-    f64,
-    f64,
-    f64,
-    f64,
-    chrono::DateTime<chrono::Utc>,
-    f64,
-);

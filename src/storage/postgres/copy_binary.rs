@@ -14,14 +14,6 @@ const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 #[error("malformed binary COPY data: {0}")]
 pub struct CopyFormatError(&'static str);
 
-/// One row of the sample stream.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SampleRow {
-    pub series_id: i64,
-    pub t: TimestampMs,
-    pub v: f64,
-}
-
 /// Incremental parser of rows of `N` eight-byte, non-null fields (int8, float8,
 /// timestamptz): feed chunks as they arrive, take rows (raw big-endian values) as they
 /// complete.
@@ -112,32 +104,6 @@ impl<const N: usize> RowReader<N> {
     }
 }
 
-/// Rows of the sample stream.
-#[derive(Default)]
-pub struct SampleRowReader(RowReader<3>);
-
-impl SampleRowReader {
-    /// Parses every complete row in `chunk` (plus what earlier chunks left) into `out`.
-    pub fn feed(
-        &mut self,
-        chunk: &[u8],
-        out: &mut impl FnMut(SampleRow),
-    ) -> Result<(), CopyFormatError> {
-        self.0.feed(chunk, &mut |[series_id, t, v]| {
-            out(SampleRow {
-                series_id,
-                t: timestamp_ms(t),
-                v: f64::from_bits(v as u64),
-            })
-        })
-    }
-
-    /// Whether the trailer has been seen.
-    pub fn finished(&self) -> bool {
-        self.0.finished()
-    }
-}
-
 /// Encodes rows for `COPY samples (series_id, time, value) FROM STDIN (FORMAT binary)`.
 pub fn encode_rows(series_ids: &[i64], times_ms: &[TimestampMs], values: &[f64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(21 + series_ids.len() * 38);
@@ -159,22 +125,34 @@ pub fn encode_rows(series_ids: &[i64], times_ms: &[TimestampMs], values: &[f64])
 mod tests {
     use super::*;
 
+    /// Sample rows `(series_id, t_ms, value)` read from `data` fed in two pieces.
+    fn read(data: &[u8], split: usize) -> Vec<(i64, TimestampMs, f64)> {
+        let mut reader = RowReader::<3>::default();
+        let mut rows = Vec::new();
+        let mut take = |[id, t, v]: [i64; 3]| {
+            rows.push((id, timestamp_ms(t), f64::from_bits(v as u64)));
+        };
+        reader.feed(&data[..split], &mut take).unwrap();
+        reader.feed(&data[split..], &mut take).unwrap();
+        assert!(reader.finished());
+        rows
+    }
+
+    fn assert_rows(rows: &[(i64, TimestampMs, f64)]) {
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], (7, 1_700_000_000_123, 1.5));
+        assert_eq!((rows[1].0, rows[1].1), (8, -1_000));
+        assert_eq!(rows[1].2.to_bits(), crate::model::STALE_NAN_BITS);
+    }
+
     #[test]
     fn encoded_rows_read_back_bit_exact() {
         let stale = f64::from_bits(crate::model::STALE_NAN_BITS);
         let data = encode_rows(&[7, 8], &[1_700_000_000_123, -1_000], &[1.5, stale]);
-        let mut reader = SampleRowReader::default();
-        let mut rows = Vec::new();
-        reader.feed(&data, &mut |r| rows.push(r)).unwrap();
-        assert!(reader.finished());
-        assert_eq!(
-            (rows[0].series_id, rows[0].t, rows[0].v),
-            (7, 1_700_000_000_123, 1.5)
-        );
-        assert_eq!((rows[1].series_id, rows[1].t), (8, -1_000));
-        assert_eq!(rows[1].v.to_bits(), crate::model::STALE_NAN_BITS);
+        assert_rows(&read(&data, data.len()));
     }
 
+    /// One row as PostgreSQL documents the format, written out by hand.
     fn row(series_id: i64, t_ms: i64, v: f64) -> Vec<u8> {
         let mut out = 3i16.to_be_bytes().to_vec();
         for field in [
@@ -198,25 +176,22 @@ mod tests {
         data.extend(row(8, -1_000, stale));
         data.extend((-1i16).to_be_bytes());
         for split in 1..data.len() {
-            let mut reader = SampleRowReader::default();
-            let mut rows = Vec::new();
-            reader.feed(&data[..split], &mut |r| rows.push(r)).unwrap();
-            reader.feed(&data[split..], &mut |r| rows.push(r)).unwrap();
-            assert!(reader.finished());
-            assert_eq!(rows.len(), 2);
-            assert_eq!(
-                (rows[0].series_id, rows[0].t, rows[0].v),
-                (7, 1_700_000_000_123, 1.5)
-            );
-            assert_eq!((rows[1].series_id, rows[1].t), (8, -1_000));
-            assert_eq!(rows[1].v.to_bits(), crate::model::STALE_NAN_BITS);
+            assert_rows(&read(&data, split));
         }
     }
 
     #[test]
     fn refuses_other_data() {
-        let mut reader = SampleRowReader::default();
+        let mut reader = RowReader::<3>::default();
         let result = reader.feed(b"PGCOPY\n\xff\r\n\x01garbage....", &mut |_| {});
         assert!(result.is_err());
+        let mut reader = RowReader::<9>::default();
+        let mut data = SIGNATURE.to_vec();
+        data.extend([0u8; 8]);
+        data.extend(row(7, 0, 1.0));
+        assert!(
+            reader.feed(&data, &mut |_| {}).is_err(),
+            "three fields where nine are due"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The read path: series lookup by matchers, then samples by series id and time range.
 
-use super::copy_binary::{timestamp_ms, RowReader, SampleRowReader};
+use super::copy_binary::{timestamp_ms, RowReader};
 use super::lifecycle::Mode;
 use super::write::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 use super::{db_error, PostgresStorage};
@@ -217,35 +217,21 @@ impl PostgresStorage {
                  WHERE series_id = ANY('{{{id_list}}}'::int8[]) AND {time_filter})
                  TO STDOUT (FORMAT binary)"
             );
-            // A connection of our own: if we stop reading early it is closed, never handed
-            // back to the pool in the middle of a COPY.
-            let mut conn = self.pool.acquire().await.map_err(db_error)?;
-            let mut reader = SampleRowReader::default();
-            let outcome: StorageResult<()> = async {
-                let mut stream = conn.copy_out_raw(&sql).await.map_err(db_error)?;
-                while let Some(bytes) = stream.try_next().await.map_err(db_error)? {
-                    reader
-                        .feed(&bytes, &mut |row| {
-                            loaded += 1;
-                            if let Some(&i) = index.get(&row.series_id) {
-                                samples[i].push(Sample { t: row.t, v: row.v });
-                            }
-                        })
-                        .map_err(|e| StorageError::Internal(e.to_string()))?;
-                    if max_samples > 0 && loaded > max_samples {
-                        return Err(StorageError::TooManySamples);
-                    }
-                }
-                Ok(())
-            }
-            .await;
-            if outcome.is_err() || !reader.finished() {
-                let _ = conn.close().await;
-                outcome?;
-                return Err(StorageError::Unavailable(
-                    "sample stream ended early".into(),
-                ));
-            }
+            let allowed = (max_samples > 0).then(|| max_samples.saturating_sub(loaded));
+            loaded += self
+                .copy_rows(
+                    &sql,
+                    |[series_id, t, v]| {
+                        if let Some(&i) = index.get(&series_id) {
+                            samples[i].push(Sample {
+                                t: timestamp_ms(t),
+                                v: f64::from_bits(v as u64),
+                            });
+                        }
+                    },
+                    allowed,
+                )
+                .await?;
         }
         tracing::debug!(
             series = series.len(),
@@ -264,6 +250,43 @@ impl PostgresStorage {
             .filter(|(_, samples)| !samples.is_empty())
             .map(|((_, labels), samples)| SeriesSamples { labels, samples })
             .collect())
+    }
+
+    /// Streams `sql` (a `COPY (…) TO STDOUT (FORMAT binary)` of rows of `N` eight-byte
+    /// fields) into `on_row` and returns the rows read, stopping with
+    /// [`StorageError::TooManySamples`] past `limit` rows. It reads on a connection of its
+    /// own: one left in the middle of a COPY is closed, never handed back to the pool.
+    async fn copy_rows<const N: usize>(
+        &self,
+        sql: &str,
+        mut on_row: impl FnMut([i64; N]),
+        limit: Option<usize>,
+    ) -> StorageResult<usize> {
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        let mut reader = RowReader::<N>::default();
+        let mut rows = 0usize;
+        let outcome: StorageResult<()> = async {
+            let mut stream = conn.copy_out_raw(sql).await.map_err(db_error)?;
+            while let Some(bytes) = stream.try_next().await.map_err(db_error)? {
+                reader
+                    .feed(&bytes, &mut |row| {
+                        rows += 1;
+                        on_row(row)
+                    })
+                    .map_err(|e| StorageError::Internal(e.to_string()))?;
+                if limit.is_some_and(|limit| rows > limit) {
+                    return Err(StorageError::TooManySamples);
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if outcome.is_err() || !reader.finished() {
+            let _ = conn.close().await;
+            outcome?;
+            return Err(StorageError::Unavailable("row stream ended early".into()));
+        }
+        Ok(rows)
     }
 
     /// Label sets of the series that match any matcher set (every series when there is none)
@@ -385,39 +408,26 @@ impl PostgresStorage {
                     ms(start),
                     ms(table_end)
                 );
-                let mut conn = self.pool.acquire().await.map_err(db_error)?;
-                let mut reader = RowReader::<9>::default();
-                let outcome: StorageResult<()> = async {
-                    let mut stream = conn.copy_out_raw(&sql).await.map_err(db_error)?;
-                    while let Some(bytes) = stream.try_next().await.map_err(db_error)? {
-                        reader
-                            .feed(&bytes, &mut |f| {
-                                if let Some(&i) = index.get(&f[0]) {
-                                    let float = |x: i64| f64::from_bits(x as u64);
-                                    rows[i].push(RollupRow {
-                                        t: timestamp_ms(f[1]),
-                                        min: float(f[2]),
-                                        max: float(f[3]),
-                                        sum: float(f[4]),
-                                        count: float(f[5]),
-                                        last: float(f[6]),
-                                        first_t: timestamp_ms(f[7]),
-                                        first: float(f[8]),
-                                    });
-                                }
-                            })
-                            .map_err(|e| StorageError::Internal(e.to_string()))?;
-                    }
-                    Ok(())
-                }
-                .await;
-                if outcome.is_err() || !reader.finished() {
-                    let _ = conn.close().await;
-                    outcome?;
-                    return Err(StorageError::Unavailable(
-                        "rollup stream ended early".into(),
-                    ));
-                }
+                self.copy_rows(
+                    &sql,
+                    |f: [i64; 9]| {
+                        if let Some(&i) = index.get(&f[0]) {
+                            let float = |x: i64| f64::from_bits(x as u64);
+                            rows[i].push(RollupRow {
+                                t: timestamp_ms(f[1]),
+                                min: float(f[2]),
+                                max: float(f[3]),
+                                sum: float(f[4]),
+                                count: float(f[5]),
+                                last: float(f[6]),
+                                first_t: timestamp_ms(f[7]),
+                                first: float(f[8]),
+                            });
+                        }
+                    },
+                    None,
+                )
+                .await?;
             }
             // No ORDER BY: as for raw samples, sorting here only what arrived out of order
             // costs less than a sort in PostgreSQL.

@@ -494,3 +494,44 @@ impl NodeExporter {
         }
     }
 }
+
+/// Rollup rows of the series whose label `s` is `s`, read straight from `relation` (a rollup
+/// table, a continuous aggregate or its materialized hypertable), by bucket.
+pub async fn rollup_rows(
+    pool: &sqlx::PgPool,
+    relation: &str,
+    s: &str,
+) -> Vec<secumon::storage::RollupRow> {
+    type Record = (
+        chrono::DateTime<chrono::Utc>,
+        f64,
+        f64,
+        f64,
+        f64,
+        f64,
+        chrono::DateTime<chrono::Utc>,
+        f64,
+    );
+    let rows: Vec<Record> = sqlx::query_as(&format!(
+        "SELECT bucket, min, max, sum, count, last, first_time, first FROM {relation} r
+         JOIN series ON series.id = r.series_id WHERE labels ->> 's' = $1 ORDER BY bucket"
+    ))
+    .bind(s)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("rollup rows of {relation}: {e}"));
+    rows.into_iter()
+        .map(
+            |(t, min, max, sum, count, last, first_t, first)| secumon::storage::RollupRow {
+                t: t.timestamp_millis(),
+                min,
+                max,
+                sum,
+                count,
+                last,
+                first_t: first_t.timestamp_millis(),
+                first,
+            },
+        )
+        .collect()
+}
