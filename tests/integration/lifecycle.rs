@@ -296,3 +296,54 @@ async fn the_server_runs_the_plain_lifecycle_and_reports_its_progress() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sums_past_the_float_range_are_infinite_and_do_not_stop_the_job() {
+    let url = Postgres::shared().database().await;
+    let storage = PostgresStorage::connect(&url, &plain(), &RetentionConfig::default())
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let from = Resolution::OneHour.bucket(now - 5 * HOUR);
+    let batch = vec![
+        write("up", (0..120).map(|i| (from + i * 30_000, 1e308))),
+        write("down", (0..120).map(|i| (from + i * 30_000, -1e308))),
+    ];
+    storage.append(&TenantId::default(), &batch).await.unwrap();
+    storage.run_lifecycle_at(now).await.expect("the job runs");
+    let pool = storage.pool().clone();
+    for (s, inf) in [("up", f64::INFINITY), ("down", f64::NEG_INFINITY)] {
+        for resolution in Resolution::ALL {
+            let rows = table_rows(&pool, resolution, s).await;
+            assert!(!rows.is_empty());
+            assert!(rows.iter().all(|r| r.sum == inf), "{s}: {rows:?}");
+        }
+    }
+    assert_reads_equal_raw(&storage, from).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_dropped_by_another_server_is_created_again_on_write() {
+    let url = Postgres::shared().database().await;
+    let retention = RetentionConfig::default();
+    let a = PostgresStorage::connect(&url, &plain(), &retention)
+        .await
+        .unwrap();
+    let b = PostgresStorage::connect(&url, &plain(), &retention)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let old = Resolution::OneHour.bucket(now - 40 * DAY);
+    let tenant = TenantId::default();
+    a.append(&tenant, &[write("x", std::iter::once((old, 1.0)))])
+        .await
+        .unwrap();
+    let report = b.run_lifecycle_at(now).await.unwrap();
+    assert_eq!(report.partitions_dropped, 1, "{report:?}");
+    // Server a still believes the partition exists.
+    let outcome = a
+        .append(&tenant, &[write("x", std::iter::once((old + MINUTE, 2.0)))])
+        .await
+        .expect("the write succeeds once the partition is created again");
+    assert_eq!(outcome.accepted, 1);
+}
