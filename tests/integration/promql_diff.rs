@@ -4,7 +4,6 @@
 //! exactly, values up to float noise, errors by type.
 
 use crate::support::dataset::{self, INTERVAL_MS};
-use crate::support::remote_write::encode;
 use crate::support::{get_json, Prometheus, Secumon};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -438,25 +437,8 @@ pub async fn differential(secumon: Secumon) {
     // Whole minutes, ending ten minutes ago so every query time is in the past.
     let start = (now - 70 * 60_000).div_euclid(60_000) * 60_000;
     let data = dataset::generate(42, start, POINTS);
+    dataset::load_into_both(&secumon, &prometheus, dataset::requests(&data, 20)).await;
     let http = reqwest::Client::new();
-    for request in dataset::requests(&data, 20) {
-        let body = encode(&request);
-        let (status, text) = secumon.write_raw(body.clone()).await;
-        assert_eq!(status, 204, "SecuMon refused the dataset: {text}");
-        let response = http
-            .post(prometheus.url("/api/v1/write"))
-            .header("Content-Encoding", "snappy")
-            .header("Content-Type", "application/x-protobuf")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            response.status().as_u16(),
-            204,
-            "Prometheus refused the dataset"
-        );
-    }
 
     let secs = |t: i64| format!("{}", t as f64 / 1000.0);
     let end = start + (POINTS as i64 - 1) * INTERVAL_MS;

@@ -6,7 +6,6 @@
 //! agree up to float rounding.
 
 use crate::support::dataset::{self, Rng, Series, STALE_NAN};
-use crate::support::remote_write::encode;
 use crate::support::{get_json, Backend, Prometheus, Secumon};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -264,21 +263,8 @@ async fn start(h0: i64, backend: Backend) -> Harness {
     .await;
     let prometheus =
         Prometheus::start(|_| "global:\n  scrape_interval: 1h\n  evaluation_interval: 1m\n".into());
+    dataset::load_into_both(&secumon, &prometheus, dataset::requests(&generate(h0), 20)).await;
     let http = reqwest::Client::new();
-    for request in dataset::requests(&generate(h0), 20) {
-        let body = encode(&request);
-        let (status, text) = secumon.write_raw(body.clone()).await;
-        assert_eq!(status, 204, "SecuMon refused the dataset: {text}");
-        let response = http
-            .post(prometheus.url("/api/v1/write"))
-            .header("Content-Encoding", "snappy")
-            .header("Content-Type", "application/x-protobuf")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 204, "Prometheus refused it");
-    }
     if backend == Backend::TimescaleDb {
         // Materialize both continuous aggregates (PGlite runs no background jobs), so the
         // answers come from materialized rows, not only from real-time aggregation.

@@ -36,6 +36,13 @@ fn range_filter(start: TimestampMs, end: TimestampMs) -> String {
     )
 }
 
+/// An `int8[]` constant of `values`. Statements that stream with binary COPY take no bind
+/// parameters, so the (numeric, self-made) values are inlined.
+fn int8_array(values: &[i64]) -> String {
+    let list: Vec<String> = values.iter().map(i64::to_string).collect();
+    format!("'{{{}}}'::int8[]", list.join(","))
+}
+
 /// A `timestamptz` constant for a time in the stored range: a literal, not an expression, so
 /// PostgreSQL prunes partitions while planning instead of planning every one of them.
 fn timestamp_literal(t: TimestampMs) -> String {
@@ -182,14 +189,10 @@ impl PostgresStorage {
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
-        let list = wanted
-            .iter()
-            .map(i64::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let list = int8_array(&wanted);
         let filter = format!(
             "time = ANY(ARRAY(SELECT timestamptz 'epoch' + x * interval '1 millisecond'
-                              FROM unnest('{{{list}}}'::int8[]) AS x))"
+                              FROM unnest({list}) AS x))"
         );
         let series = self.find_series(tenant, matchers).await?;
         self.select_where(series, &filter, 0).await
@@ -217,15 +220,11 @@ impl PostgresStorage {
             // Binary COPY: statement text only, so the (numeric, self-made) values are inlined.
             // No ORDER BY: sorting millions of rows in PostgreSQL costs more than checking
             // each series' order here (rows mostly arrive in insertion order already).
-            let id_list = chunk
-                .iter()
-                .map(i64::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
             let sql = format!(
                 "COPY (SELECT series_id, time, value FROM samples
-                 WHERE series_id = ANY('{{{id_list}}}'::int8[]) AND {time_filter})
-                 TO STDOUT (FORMAT binary)"
+                 WHERE series_id = ANY({}) AND {time_filter})
+                 TO STDOUT (FORMAT binary)",
+                int8_array(chunk)
             );
             let allowed = (max_samples > 0).then(|| max_samples.saturating_sub(loaded));
             loaded += self
@@ -402,17 +401,13 @@ impl PostgresStorage {
             let ids: Vec<i64> = series.iter().map(|(id, _)| *id).collect();
             for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
                 // Binary COPY, as for raw samples: a fraction of the cost of decoding rows.
-                let id_list = chunk
-                    .iter()
-                    .map(i64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
                 let sql = format!(
                     "COPY (SELECT series_id, bucket, min, max, sum, count, last, first_time, first
-                           FROM {} WHERE series_id = ANY('{{{id_list}}}'::int8[])
+                           FROM {} WHERE series_id = ANY({})
                            AND bucket >= {} AND bucket < {})
                      TO STDOUT (FORMAT binary)",
                     resolution.name(),
+                    int8_array(chunk),
                     timestamp_literal(start),
                     timestamp_literal(table_end)
                 );

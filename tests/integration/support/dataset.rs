@@ -234,3 +234,31 @@ pub fn requests(series: &[Series], samples_per_series: usize) -> Vec<WriteReques
     }
     requests
 }
+
+/// Remote-writes the dataset's requests into SecuMon and into Prometheus, each request to both
+/// in turn; either refusing one fails the test.
+pub async fn load_into_both(
+    secumon: &super::Secumon,
+    prometheus: &super::Prometheus,
+    requests: Vec<WriteRequest>,
+) {
+    let http = reqwest::Client::new();
+    for request in requests {
+        let body = super::remote_write::encode(&request);
+        let (status, text) = secumon.write_raw(body.clone()).await;
+        assert_eq!(status, 204, "SecuMon refused the dataset: {text}");
+        let response = http
+            .post(prometheus.url("/api/v1/write"))
+            .header("Content-Encoding", "snappy")
+            .header("Content-Type", "application/x-protobuf")
+            .body(body)
+            .send()
+            .await
+            .expect("remote-write to Prometheus");
+        assert_eq!(
+            response.status().as_u16(),
+            204,
+            "Prometheus refused the dataset"
+        );
+    }
+}
