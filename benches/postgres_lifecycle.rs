@@ -16,7 +16,7 @@ mod support;
 use common::{cpu_seconds, push, tree_cpu_seconds, Options};
 use secumon::model::{Matcher, TenantId};
 use secumon::storage::postgres::{PostgresConfig, PostgresStorage, TimescaleMode};
-use secumon::storage::{rollup, Resolution, RetentionConfig, SelectHints, Storage};
+use secumon::storage::{rollup, Resolution, RetentionConfig, RollupColumns, SelectHints, Storage};
 use std::sync::Arc;
 use std::time::Instant;
 use support::process::{free_port, spawn_secumon};
@@ -153,6 +153,12 @@ fn main() {
         );
 
         let tenant = TenantId::default();
+        // What `max_over_time` reads: the maximum, and the first sample for the boundary.
+        let max_columns = RollupColumns {
+            max: true,
+            first: true,
+            ..RollupColumns::default()
+        };
         let end = now;
         let start = end - 30 * 86_400_000;
         for (what, matchers) in [
@@ -176,7 +182,14 @@ fn main() {
                 from_raw.push(t.elapsed().as_secs_f64() * 1e3);
                 let t = Instant::now();
                 let rolled = storage
-                    .select_rollups(&tenant, &matchers, Resolution::OneHour, start, end)
+                    .select_rollups(
+                        &tenant,
+                        &matchers,
+                        Resolution::OneHour,
+                        start,
+                        end,
+                        max_columns,
+                    )
                     .await
                     .unwrap();
                 from_rollups.push(t.elapsed().as_secs_f64() * 1e3);

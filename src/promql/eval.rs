@@ -234,6 +234,7 @@ pub(super) async fn fetch(
                 plan.resolution,
                 plan.first_bucket,
                 plan.last_bucket.saturating_add(plan.resolution.ms()),
+                plan.func.columns(),
             )
             .await?;
         metrics.rollup_select(plan.resolution);

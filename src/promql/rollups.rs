@@ -19,7 +19,7 @@ use super::eval::{at_ms, check_unique_labels, duration_ms, offset_ms, Evaluator}
 use super::functions::kahan_inc;
 use super::{EvalRange, QueryError};
 use crate::model::{is_stale_nan, Labels, Sample, SeriesSamples};
-use crate::storage::{Resolution, RollupRow, SeriesRollups};
+use crate::storage::{Resolution, RollupColumns, RollupRow, SeriesRollups};
 use promql_parser::parser::{Call, Expr, VectorSelector};
 
 /// The coarsest source a query may read where rollups give the answer only up to float
@@ -79,6 +79,26 @@ impl RollupFn {
             "avg_over_time" => RollupFn::Avg,
             _ => return None,
         })
+    }
+
+    /// The aggregates its fold reads, and the first sample (the boundary sample at a
+    /// window's end is the next bucket's first).
+    pub fn columns(self) -> RollupColumns {
+        let mut c = RollupColumns {
+            first: true,
+            ..RollupColumns::default()
+        };
+        match self {
+            RollupFn::Min => c.min = true,
+            RollupFn::Max => c.max = true,
+            RollupFn::Count => c.count = true,
+            RollupFn::Last => c.last = true,
+            // A row exists only for a bucket with a sample.
+            RollupFn::Present => {}
+            RollupFn::Sum => c.sum = true,
+            RollupFn::Avg => (c.sum, c.count) = (true, true),
+        }
+        c
     }
 
     /// Whether the answer from rollups is bit-identical to raw evaluation.

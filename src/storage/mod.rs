@@ -215,6 +215,51 @@ impl RollupRow {
     }
 }
 
+/// The aggregates of [`RollupRow`]s a reader uses. A backend may leave the others unread
+/// (NaN, and `first_t` [`RollupRow::UNKNOWN`]) where reading fewer columns is cheaper:
+/// on PostgreSQL every column a row streams costs about as much as the row itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RollupColumns {
+    pub min: bool,
+    pub max: bool,
+    pub sum: bool,
+    pub count: bool,
+    pub last: bool,
+    /// `first_t` and `first`.
+    pub first: bool,
+}
+
+impl RollupColumns {
+    pub const ALL: RollupColumns = RollupColumns {
+        min: true,
+        max: true,
+        sum: true,
+        count: true,
+        last: true,
+        first: true,
+    };
+
+    /// Keeps only the requested aggregates of `row`, as a backend that reads fewer columns
+    /// answers.
+    pub fn project(self, row: &RollupRow) -> RollupRow {
+        let keep = |wanted: bool, v: f64| if wanted { v } else { f64::NAN };
+        RollupRow {
+            t: row.t,
+            min: keep(self.min, row.min),
+            max: keep(self.max, row.max),
+            sum: keep(self.sum, row.sum),
+            count: keep(self.count, row.count),
+            last: keep(self.last, row.last),
+            first_t: if self.first {
+                row.first_t
+            } else {
+                RollupRow::UNKNOWN
+            },
+            first: keep(self.first, row.first),
+        }
+    }
+}
+
 /// Rollup rows of a series, sorted by bucket.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeriesRollups {
@@ -379,7 +424,7 @@ pub trait Storage: Send + Sync + 'static {
     /// starting in `[start, end]`, sorted by labels; series without rows are left out. A
     /// backend answers from its rollup relations where it keeps them and aggregates raw
     /// samples otherwise, so the answer is the same either way; this default aggregates raw
-    /// samples.
+    /// samples. Only the aggregates in `columns` need be read (see [`RollupColumns`]).
     async fn select_rollups(
         &self,
         tenant: &TenantId,
@@ -387,7 +432,9 @@ pub trait Storage: Send + Sync + 'static {
         resolution: Resolution,
         start: TimestampMs,
         end: TimestampMs,
+        columns: RollupColumns,
     ) -> StorageResult<Vec<SeriesRollups>> {
+        let _ = columns;
         let start = resolution.bucket(start);
         let hints = SelectHints {
             start,

@@ -6,7 +6,8 @@ use crate::support::{rollup_rows, Backend, Postgres, Secumon};
 use secumon::model::{Label, Labels, Matcher, Sample, SeriesSamples, TenantId};
 use secumon::storage::postgres::{Mode, PostgresConfig, PostgresStorage, TimescaleMode};
 use secumon::storage::{
-    rollup, Resolution, RetentionConfig, RollupRow, SelectHints, SeriesWrite, Storage,
+    rollup, Resolution, RetentionConfig, RollupColumns, RollupRow, SelectHints, SeriesWrite,
+    Storage,
 };
 
 const MINUTE: i64 = 60_000;
@@ -72,6 +73,7 @@ async fn assert_reads_equal_raw(storage: &PostgresStorage, from: i64) {
                 resolution,
                 from,
                 i64::MAX / 4,
+                RollupColumns::ALL,
             )
             .await
             .unwrap();

@@ -10,8 +10,8 @@ use secumon::storage::postgres::{
     Job, JobChange, Mode, PostgresConfig, PostgresStorage, TimescaleMode,
 };
 use secumon::storage::{
-    rollup, RejectReason, Resolution, RetentionConfig, RollupRow, SelectHints, SeriesQuery,
-    SeriesWrite, Storage,
+    rollup, RejectReason, Resolution, RetentionConfig, RollupColumns, RollupRow, SelectHints,
+    SeriesQuery, SeriesWrite, Storage,
 };
 use sqlx::PgPool;
 
@@ -414,6 +414,7 @@ async fn refresh_jobs_fill_both_rollups_with_the_expected_aggregates() {
                 resolution,
                 from,
                 from + 4 * HOUR,
+                RollupColumns::ALL,
             )
             .await
             .unwrap();
@@ -448,7 +449,7 @@ async fn answers(storage: &PostgresStorage, from: i64, to: i64) -> String {
     }
     for resolution in Resolution::ALL {
         for s in storage
-            .select_rollups(&tenant, &matchers, resolution, from, to)
+            .select_rollups(&tenant, &matchers, resolution, from, to, RollupColumns::ALL)
             .await
             .unwrap()
         {

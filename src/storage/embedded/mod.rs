@@ -17,9 +17,9 @@ mod wal;
 pub use wal::FsyncPolicy;
 
 use super::{
-    AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig, RollupRow,
-    SelectHints, SeriesQuery, SeriesRollups, SeriesWrite, Storage, StorageError, StorageResult,
-    StorageStats,
+    AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig, RollupColumns,
+    RollupRow, SelectHints, SeriesQuery, SeriesRollups, SeriesWrite, Storage, StorageError,
+    StorageResult, StorageStats,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId, TimestampMs,
@@ -907,7 +907,9 @@ impl Storage for EmbeddedStorage {
         resolution: Resolution,
         start: TimestampMs,
         end: TimestampMs,
+        _columns: RollupColumns,
     ) -> StorageResult<Vec<SeriesRollups>> {
+        // Rollup runs decode whole; every aggregate comes at no extra cost.
         let (start, end) = (resolution.bucket(start), resolution.bucket(end));
         let head = self.read();
         let set = self.blocks_read();
@@ -1087,7 +1089,14 @@ mod tests {
             // Rollups from the block plus the head equal rollups of the raw samples.
             for r in Resolution::ALL {
                 let rows = s
-                    .select_rollups(&tenant, &[Matcher::equal("job", "a")], r, 0, now)
+                    .select_rollups(
+                        &tenant,
+                        &[Matcher::equal("job", "a")],
+                        r,
+                        0,
+                        now,
+                        RollupColumns::ALL,
+                    )
                     .await
                     .unwrap();
                 let expected: Vec<Vec<RollupRow>> = before
@@ -1157,7 +1166,14 @@ mod tests {
         let left = everything(&s).await;
         assert_eq!(left[0].samples.first().unwrap().t, 12 * DAY);
         let hourly = s
-            .select_rollups(&tenant, &[], Resolution::OneHour, 0, 20 * DAY)
+            .select_rollups(
+                &tenant,
+                &[],
+                Resolution::OneHour,
+                0,
+                20 * DAY,
+                RollupColumns::ALL,
+            )
             .await
             .unwrap();
         assert_eq!(hourly[0].rows.first().unwrap().t, 10 * DAY);
@@ -1250,7 +1266,14 @@ mod tests {
         assert_eq!(s.sizes().blocks, 1);
         assert_eq!(everything(&s).await, before);
         let rows = s
-            .select_rollups(&tenant, &[], Resolution::OneHour, 0, 10 * HOUR)
+            .select_rollups(
+                &tenant,
+                &[],
+                Resolution::OneHour,
+                0,
+                10 * HOUR,
+                RollupColumns::ALL,
+            )
             .await
             .unwrap();
         assert!(

@@ -1,5 +1,6 @@
 //! PostgreSQL's binary COPY format for rows of eight-byte fields: `samples`
-//! `(series_id int8, time timestamptz, value float8)` read and written, and rollup rows read. Streaming `COPY (SELECT …) TO STDOUT
+//! `(series_id int8, time timestamptz, value float8)` read and written, and rollup rows read
+//! (the columns a query needs). Streaming `COPY (SELECT …) TO STDOUT
 //! (FORMAT binary)` and parsing it here costs a fraction of decoding rows one by one, and keeps
 //! every float bit (staleness markers included).
 
@@ -14,24 +15,18 @@ const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 #[error("malformed binary COPY data: {0}")]
 pub struct CopyFormatError(&'static str);
 
-/// Incremental parser of rows of `N` eight-byte, non-null fields (int8, float8,
-/// timestamptz): feed chunks as they arrive, take rows (raw big-endian values) as they
-/// complete.
-pub struct RowReader<const N: usize> {
+/// Incremental parser of rows of a fixed number of eight-byte, non-null fields (int8,
+/// float8, timestamptz): feed chunks as they arrive, take rows (raw big-endian values) as
+/// they complete.
+pub struct RowReader {
+    fields: usize,
     buffer: Vec<u8>,
     header_done: bool,
     finished: bool,
 }
 
-impl<const N: usize> Default for RowReader<N> {
-    fn default() -> Self {
-        Self {
-            buffer: Vec::new(),
-            header_done: false,
-            finished: false,
-        }
-    }
-}
+/// The most fields a row may have.
+pub const MAX_FIELDS: usize = 16;
 
 fn be_i64(b: &[u8]) -> i64 {
     i64::from_be_bytes(b.try_into().unwrap_or([0; 8]))
@@ -42,13 +37,25 @@ pub fn timestamp_ms(raw: i64) -> TimestampMs {
     (raw + PG_EPOCH_OFFSET_US).div_euclid(1000)
 }
 
-impl<const N: usize> RowReader<N> {
+impl RowReader {
+    /// A reader of rows of `fields` fields (at most [`MAX_FIELDS`]).
+    pub fn new(fields: usize) -> RowReader {
+        assert!(fields <= MAX_FIELDS, "{fields} fields in a row");
+        RowReader {
+            fields,
+            buffer: Vec::new(),
+            header_done: false,
+            finished: false,
+        }
+    }
+
     /// Parses every complete row in `chunk` (plus what earlier chunks left) into `out`.
     pub fn feed(
         &mut self,
         chunk: &[u8],
-        out: &mut impl FnMut([i64; N]),
+        out: &mut impl FnMut(&[i64]),
     ) -> Result<(), CopyFormatError> {
+        let n = self.fields;
         self.buffer.extend_from_slice(chunk);
         let mut pos = 0;
         let buf = &self.buffer;
@@ -66,8 +73,9 @@ impl<const N: usize> RowReader<N> {
             pos = 19 + extension;
             self.header_done = true;
         }
-        // A row: field count (2 bytes) = N, then N fields of 4-byte length + 8 bytes.
-        let row_len = 2 + N * (4 + 8);
+        // A row: field count (2 bytes) = n, then n fields of 4-byte length + 8 bytes.
+        let row_len = 2 + n * (4 + 8);
+        let mut values = [0i64; MAX_FIELDS];
         while buf.len() - pos >= 2 {
             let fields = i16::from_be_bytes([buf[pos], buf[pos + 1]]);
             if fields == -1 {
@@ -75,15 +83,14 @@ impl<const N: usize> RowReader<N> {
                 pos += 2;
                 break;
             }
-            if fields as usize != N {
+            if fields as usize != n {
                 return Err(CopyFormatError("unexpected field count"));
             }
             if buf.len() - pos < row_len {
                 break;
             }
             let row = &buf[pos + 2..pos + row_len];
-            let mut values = [0i64; N];
-            for (field, value) in values.iter_mut().enumerate() {
+            for (field, value) in values[..n].iter_mut().enumerate() {
                 let at = field * 12;
                 let len = i32::from_be_bytes(row[at..at + 4].try_into().unwrap_or([0; 4]));
                 if len != 8 {
@@ -91,7 +98,7 @@ impl<const N: usize> RowReader<N> {
                 }
                 *value = be_i64(&row[at + 4..at + 12]);
             }
-            out(values);
+            out(&values[..n]);
             pos += row_len;
         }
         self.buffer.drain(..pos);
@@ -127,10 +134,10 @@ mod tests {
 
     /// Sample rows `(series_id, t_ms, value)` read from `data` fed in two pieces.
     fn read(data: &[u8], split: usize) -> Vec<(i64, TimestampMs, f64)> {
-        let mut reader = RowReader::<3>::default();
+        let mut reader = RowReader::new(3);
         let mut rows = Vec::new();
-        let mut take = |[id, t, v]: [i64; 3]| {
-            rows.push((id, timestamp_ms(t), f64::from_bits(v as u64)));
+        let mut take = |f: &[i64]| {
+            rows.push((f[0], timestamp_ms(f[1]), f64::from_bits(f[2] as u64)));
         };
         reader.feed(&data[..split], &mut take).unwrap();
         reader.feed(&data[split..], &mut take).unwrap();
@@ -182,10 +189,10 @@ mod tests {
 
     #[test]
     fn refuses_other_data() {
-        let mut reader = RowReader::<3>::default();
+        let mut reader = RowReader::new(3);
         let result = reader.feed(b"PGCOPY\n\xff\r\n\x01garbage....", &mut |_| {});
         assert!(result.is_err());
-        let mut reader = RowReader::<9>::default();
+        let mut reader = RowReader::new(9);
         let mut data = SIGNATURE.to_vec();
         data.extend([0u8; 8]);
         data.extend(row(7, 0, 1.0));

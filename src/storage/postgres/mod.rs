@@ -20,8 +20,8 @@ pub use lifecycle::{LifecycleReport, Mode, TimescaleMode};
 pub use timescaledb::{Job, JobChange};
 
 use super::{
-    AppendOutcome, ExemplarWrite, Resolution, RetentionConfig, SelectHints, SeriesQuery,
-    SeriesRollups, SeriesWrite, Storage, StorageError, StorageResult, StorageStats,
+    AppendOutcome, ExemplarWrite, Resolution, RetentionConfig, RollupColumns, SelectHints,
+    SeriesQuery, SeriesRollups, SeriesWrite, Storage, StorageError, StorageResult, StorageStats,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, MetricType, SeriesExemplars, SeriesSamples, TenantId,
@@ -320,8 +320,9 @@ impl Storage for PostgresStorage {
         resolution: Resolution,
         start: TimestampMs,
         end: TimestampMs,
+        columns: RollupColumns,
     ) -> StorageResult<Vec<SeriesRollups>> {
-        self.select_rollup_rows(tenant, matchers, resolution, start, end)
+        self.select_rollup_rows(tenant, matchers, resolution, start, end, columns)
             .await
     }
 
