@@ -57,6 +57,7 @@ pub struct LifecycleMetrics {
     pub rollup_rows_written: prometheus_client::metrics::gauge::Gauge,
     pub partitions_dropped: prometheus_client::metrics::gauge::Gauge,
     pub failures: prometheus_client::metrics::gauge::Gauge,
+    pub runs: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl LifecycleMetrics {
@@ -80,6 +81,11 @@ impl LifecycleMetrics {
             "storage_lifecycle_failures",
             "Lifecycle job runs that failed since start (each is retried at the next run)",
             self.failures.clone(),
+        );
+        registry.register(
+            "storage_lifecycle_runs",
+            "Lifecycle job runs completed since start",
+            self.runs.clone(),
         );
     }
 }
@@ -231,6 +237,7 @@ impl Metrics {
                 .partitions_dropped
                 .set(clamp(stats.partitions_dropped));
             lifecycle.failures.set(clamp(stats.lifecycle_failures));
+            lifecycle.runs.set(clamp(stats.lifecycle_runs));
         }
     }
 

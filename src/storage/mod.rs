@@ -320,10 +320,11 @@ pub struct StorageStats {
     /// Rollup relations maintained incrementally: every bucket before the watermark is there.
     pub rollup_watermarks: Vec<(Resolution, TimestampMs)>,
     /// Since start: partitions dropped by retention, rollup rows written, lifecycle runs that
-    /// failed.
+    /// failed and that completed (not counting runs left to another server holding the job).
     pub partitions_dropped: u64,
     pub rollup_rows_written: u64,
     pub lifecycle_failures: u64,
+    pub lifecycle_runs: u64,
 }
 
 /// How long data is kept, the same for every backend (`[retention]` in the config file).

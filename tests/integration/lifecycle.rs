@@ -349,3 +349,95 @@ async fn a_partition_dropped_by_another_server_is_created_again_on_write() {
         .expect("the write succeeds once the partition is created again");
     assert_eq!(outcome.accepted, 1);
 }
+
+/// Every node of an EXPLAIN (FORMAT JSON) plan.
+fn plan_nodes(plan: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
+    out.push(plan.clone());
+    for child in plan["Plans"].as_array().into_iter().flatten() {
+        plan_nodes(child, out);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_are_read_from_the_key_alone_after_a_run() {
+    let url = Postgres::shared().database().await;
+    // A page is marked all-visible only once the commits of its rows are flushed to the
+    // log; the test server commits asynchronously (synchronous_commit=off, fsync=off) and
+    // may leave that for seconds, so this database commits as a default server does.
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "DO $$ BEGIN
+                 EXECUTE format('ALTER DATABASE %I SET synchronous_commit = on', current_database());
+             END $$",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let storage = PostgresStorage::connect(&url, &plain(), &RetentionConfig::default())
+        .await
+        .unwrap();
+    let pool = storage.pool().clone();
+    let (key_columns, all_columns): (i16, i16) = sqlx::query_as(
+        "SELECT indnkeyatts, indnatts FROM pg_index WHERE indexrelid = 'samples_pkey'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (key_columns, all_columns),
+        (2, 3),
+        "the key is (series_id, time) and carries the value"
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    let from = now - HOUR;
+    let batch: Vec<SeriesWrite> = (0..200)
+        .map(|s| {
+            write(
+                &s.to_string(),
+                (0..60).map(move |i| (from + i * MINUTE, i as f64)),
+            )
+        })
+        .collect();
+    storage.append(&TenantId::default(), &batch).await.unwrap();
+    let report = storage.run_lifecycle_at(now).await.unwrap();
+    assert!(report.partitions_vacuumed >= 1, "{report:?}");
+
+    // The planner is steered to an index path (the table is small); what is checked is that
+    // the path never visits the heap.
+    let mut conn = pool.acquire().await.unwrap();
+    for setting in ["SET enable_seqscan = off", "SET enable_bitmapscan = off"] {
+        sqlx::query(setting).execute(&mut *conn).await.unwrap();
+    }
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM series ORDER BY id LIMIT 20")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    let (plan,): (serde_json::Value,) = sqlx::query_as(
+        "EXPLAIN (ANALYZE, FORMAT JSON)
+         SELECT series_id, time, value FROM samples
+         WHERE series_id = ANY($1) AND time >= now() - interval '2 hours'",
+    )
+    .bind(&ids)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("RESET ALL").execute(&mut *conn).await.unwrap();
+    let mut nodes = Vec::new();
+    plan_nodes(&plan[0]["Plan"], &mut nodes);
+    let scans: Vec<&serde_json::Value> = nodes
+        .iter()
+        .filter(|n| n["Node Type"] == "Index Only Scan")
+        .collect();
+    assert!(!scans.is_empty(), "{plan}");
+    let rows: i64 = scans
+        .iter()
+        .map(|n| n["Actual Rows"].as_i64().unwrap())
+        .sum();
+    assert_eq!(rows, 20 * 60, "{plan}");
+    for scan in scans {
+        assert_eq!(scan["Heap Fetches"], 0, "{plan}");
+    }
+}

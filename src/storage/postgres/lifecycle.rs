@@ -60,6 +60,7 @@ pub(super) struct LifecycleState {
     pub partitions_dropped: AtomicU64,
     pub rollup_rows_written: AtomicU64,
     pub failed_runs: AtomicU64,
+    pub completed_runs: AtomicU64,
 }
 
 impl Default for LifecycleState {
@@ -70,6 +71,7 @@ impl Default for LifecycleState {
             partitions_dropped: AtomicU64::new(0),
             rollup_rows_written: AtomicU64::new(0),
             failed_runs: AtomicU64::new(0),
+            completed_runs: AtomicU64::new(0),
         }
     }
 }
@@ -83,6 +85,8 @@ pub struct LifecycleReport {
     pub rows_5m: u64,
     pub rows_1h: u64,
     pub rows_expired: u64,
+    /// Partitions vacuumed (the current and the previous one).
+    pub partitions_vacuumed: usize,
 }
 
 fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
@@ -342,9 +346,13 @@ impl PostgresStorage {
             // A connection that may still hold the lock is never reused.
             let _ = conn.detach().close().await;
         }
-        if result.is_err() {
-            self.lifecycle.failed_runs.fetch_add(1, Ordering::Relaxed);
-        }
+        match &result {
+            Ok(_) => self
+                .lifecycle
+                .completed_runs
+                .fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.lifecycle.failed_runs.fetch_add(1, Ordering::Relaxed),
+        };
         result
     }
 
@@ -426,6 +434,20 @@ impl PostgresStorage {
             .advance(conn, Resolution::OneHour, start_1h, target_1h, &parts)
             .await?;
         report.rows_1h += rows;
+
+        // Index-only scans (the key carries the value) skip the heap only on all-visible
+        // pages: vacuum the partitions being written, so every sample older than a run is
+        // read from the key alone. On an insert-only partition VACUUM visits only the pages
+        // written since its last run; older partitions are left to autovacuum.
+        for (name, _, _) in parts
+            .iter()
+            .filter(|(_, lo, hi)| *lo <= now && *hi > now - width)
+        {
+            sqlx::Executor::execute(&mut *conn, format!("VACUUM (SKIP_LOCKED) {name}").as_str())
+                .await
+                .map_err(db_error)?;
+            report.partitions_vacuumed += 1;
+        }
 
         // Raw retention: whole partitions, so the space is freed at once; only what the 5 min
         // rollups already hold, so a stalled job never lets raw data go unrolled.

@@ -352,6 +352,7 @@ impl Storage for PostgresStorage {
             partitions_dropped: state.partitions_dropped.load(Relaxed),
             rollup_rows_written: state.rollup_rows_written.load(Relaxed),
             lifecycle_failures: state.failed_runs.load(Relaxed),
+            lifecycle_runs: state.completed_runs.load(Relaxed),
             ..StorageStats::default()
         })
     }
