@@ -55,20 +55,39 @@ impl RowReader {
         chunk: &[u8],
         out: &mut impl FnMut(&[i64]),
     ) -> Result<(), CopyFormatError> {
+        // PostgreSQL sends a row per message: parse straight from the chunk and keep only
+        // what a row split across chunks leaves over.
+        if self.buffer.is_empty() {
+            let used = self.parse(chunk, out)?;
+            self.buffer.extend_from_slice(&chunk[used..]);
+        } else {
+            self.buffer.extend_from_slice(chunk);
+            let buffer = std::mem::take(&mut self.buffer);
+            let used = self.parse(&buffer, out);
+            self.buffer = buffer;
+            self.buffer.drain(..used?);
+        }
+        Ok(())
+    }
+
+    /// Parses the complete rows at the start of `buf`; returns the bytes consumed.
+    fn parse(
+        &mut self,
+        buf: &[u8],
+        out: &mut impl FnMut(&[i64]),
+    ) -> Result<usize, CopyFormatError> {
         let n = self.fields;
-        self.buffer.extend_from_slice(chunk);
         let mut pos = 0;
-        let buf = &self.buffer;
         if !self.header_done {
             if buf.len() < 19 {
-                return Ok(());
+                return Ok(0);
             }
             if &buf[..11] != SIGNATURE {
                 return Err(CopyFormatError("bad signature"));
             }
             let extension = u32::from_be_bytes([buf[15], buf[16], buf[17], buf[18]]) as usize;
             if buf.len() < 19 + extension {
-                return Ok(());
+                return Ok(0);
             }
             pos = 19 + extension;
             self.header_done = true;
@@ -76,7 +95,7 @@ impl RowReader {
         // A row: field count (2 bytes) = n, then n fields of 4-byte length + 8 bytes.
         let row_len = 2 + n * (4 + 8);
         let mut values = [0i64; MAX_FIELDS];
-        while buf.len() - pos >= 2 {
+        while buf.len() - pos >= 2 && !self.finished {
             let fields = i16::from_be_bytes([buf[pos], buf[pos + 1]]);
             if fields == -1 {
                 self.finished = true;
@@ -101,8 +120,7 @@ impl RowReader {
             out(&values[..n]);
             pos += row_len;
         }
-        self.buffer.drain(..pos);
-        Ok(())
+        Ok(pos)
     }
 
     /// Whether the trailer has been seen.

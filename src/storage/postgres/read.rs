@@ -208,7 +208,7 @@ impl PostgresStorage {
     ) -> StorageResult<Vec<SeriesSamples>> {
         let started = std::time::Instant::now();
         series.sort_unstable_by(|a, b| a.1.cmp(&b.1));
-        let index: std::collections::HashMap<i64, usize> = series
+        let index: rustc_hash::FxHashMap<i64, usize> = series
             .iter()
             .enumerate()
             .map(|(i, (id, _))| (*id, i))
@@ -216,6 +216,7 @@ impl PostgresStorage {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); series.len()];
         let ids: Vec<i64> = series.iter().map(|(id, _)| *id).collect();
         let mut loaded = 0usize;
+        let mut current: (i64, Option<usize>) = (i64::MIN, None);
         for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
             // Binary COPY: statement text only, so the (numeric, self-made) values are inlined.
             // No ORDER BY: sorting millions of rows in PostgreSQL costs more than checking
@@ -232,7 +233,12 @@ impl PostgresStorage {
                     &sql,
                     3,
                     |f| {
-                        if let Some(&i) = index.get(&f[0]) {
+                        // Rows come series by series (an index-only scan in key order):
+                        // look the series up once per run of rows.
+                        if f[0] != current.0 {
+                            current = (f[0], index.get(&f[0]).copied());
+                        }
+                        if let Some(i) = current.1 {
                             samples[i].push(Sample {
                                 t: timestamp_ms(f[1]),
                                 v: f64::from_bits(f[2] as u64),
@@ -365,7 +371,7 @@ impl PostgresStorage {
         }
         let mut series = self.find_series(tenant, matchers).await?;
         series.sort_unstable_by(|a, b| a.1.cmp(&b.1));
-        let index: std::collections::HashMap<i64, usize> = series
+        let index: rustc_hash::FxHashMap<i64, usize> = series
             .iter()
             .enumerate()
             .map(|(i, (id, _))| (*id, i))
