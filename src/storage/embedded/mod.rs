@@ -227,8 +227,15 @@ impl EmbeddedStorage {
             if set.flushing.is_empty() {
                 return Ok(());
             }
-            let segment = tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?;
-            (segment, checkpoint_records(&head))
+            tokio::task::block_in_place(|| {
+                let segment = wal.rotate()?;
+                // Written (not yet synced) while writers wait, so it holds exactly what the
+                // rotated segments hold; it is committed once the block is in.
+                let mut checkpoint = wal::CheckpointWriter::create(&self.dir.join("wal"))?;
+                checkpoint_records(&head, &mut checkpoint)?;
+                Ok::<_, std::io::Error>((segment, checkpoint))
+            })
+            .map_err(io_error)?
         };
         // Write the block; readers keep seeing the samples in `flushing` until it is in.
         // A directory number is used once, even when writing there fails.
@@ -260,8 +267,7 @@ impl EmbeddedStorage {
         }
         // The log's samples older than the cutoff are on disk now: checkpoint what else the
         // old segments hold (series, metadata, exemplars) and delete them.
-        let dir = self.dir.join("wal");
-        tokio::task::block_in_place(|| wal::write_checkpoint(&dir, segment, &checkpoint))
+        tokio::task::block_in_place(|| checkpoint.commit(segment))
             .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let old = wal.deletable(segment, cutoff);
@@ -690,10 +696,9 @@ fn compaction_group(
     None
 }
 
-/// What a checkpoint keeps of the deleted log segments — every series, metadata and
-/// exemplar — framed as log records, encoded straight from the head (no copies of label sets).
-fn checkpoint_records(head: &Head) -> Vec<u8> {
-    let mut out = Vec::with_capacity(head.series.len() * 128);
+/// Writes what a checkpoint keeps of the deleted log segments — every series, metadata and
+/// exemplar — as log records, encoded straight from the head (no copies of label sets).
+fn checkpoint_records(head: &Head, out: &mut wal::CheckpointWriter) -> std::io::Result<()> {
     let mut tenant_of: HashMap<u64, &str> = HashMap::default();
     for (tenant, index) in &head.tenants {
         for &id in &index.all {
@@ -701,13 +706,10 @@ fn checkpoint_records(head: &Head) -> Vec<u8> {
         }
         for entries in index.metadata.values() {
             for m in entries {
-                wal::frame_into(
-                    &mut out,
-                    &Record::Metadata {
-                        tenant: tenant.clone(),
-                        metadata: m.clone(),
-                    },
-                );
+                out.record(&Record::Metadata {
+                    tenant: tenant.clone(),
+                    metadata: m.clone(),
+                })?;
             }
         }
     }
@@ -718,7 +720,7 @@ fn checkpoint_records(head: &Head) -> Vec<u8> {
     for id in ids {
         let series = &head.series[&id];
         let tenant = tenant_of.get(&id).copied().unwrap_or_default();
-        wal::frame_series_into(&mut out, tenant, id, &series.labels);
+        out.series(tenant, id, &series.labels)?;
         if series.flushed_until > i64::MIN {
             marks.push((id, series.flushed_until));
         }
@@ -730,12 +732,12 @@ fn checkpoint_records(head: &Head) -> Vec<u8> {
         );
     }
     if !exemplars.is_empty() {
-        wal::frame_into(&mut out, &Record::Exemplars { exemplars });
+        out.record(&Record::Exemplars { exemplars })?;
     }
     if !marks.is_empty() {
-        wal::frame_into(&mut out, &Record::Flushed { marks });
+        out.record(&Record::Flushed { marks })?;
     }
-    out
+    Ok(())
 }
 
 /// Applies one log record to the head (on replay and after logging). Samples at or before a

@@ -644,15 +644,48 @@ fn frame_payload(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-/// Writes a checkpoint numbered `n` from framed records (written to a temporary file,
-/// fsynced and renamed, so it is either whole or absent).
-pub fn write_checkpoint(dir: &Path, n: u64, framed: &[u8]) -> io::Result<()> {
-    let tmp = dir.join("checkpoint.tmp");
-    let mut out = File::create(&tmp)?;
-    out.write_all(framed)?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, checkpoint_path(dir, n))?;
-    File::open(dir)?.sync_all()
+/// A checkpoint being written: records stream into a temporary file as they are framed (a
+/// checkpoint of 100k series is tens of megabytes, never held in memory whole); `commit`
+/// fsyncs it and renames it into place, so a checkpoint is either whole or absent.
+pub struct CheckpointWriter {
+    dir: PathBuf,
+    out: io::BufWriter<File>,
+    scratch: Vec<u8>,
+}
+
+impl CheckpointWriter {
+    pub fn create(dir: &Path) -> io::Result<CheckpointWriter> {
+        Ok(CheckpointWriter {
+            dir: dir.to_owned(),
+            out: io::BufWriter::with_capacity(1 << 18, File::create(dir.join("checkpoint.tmp"))?),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Appends one record, framed.
+    pub fn record(&mut self, record: &Record) -> io::Result<()> {
+        self.scratch.clear();
+        frame_into(&mut self.scratch, record);
+        self.out.write_all(&self.scratch)
+    }
+
+    /// Appends a series record without building a [`Record`] (no copy of the labels).
+    pub fn series(&mut self, tenant: &str, id: u64, labels: &Labels) -> io::Result<()> {
+        self.scratch.clear();
+        frame_series_into(&mut self.scratch, tenant, id, labels);
+        self.out.write_all(&self.scratch)
+    }
+
+    /// Makes it checkpoint number `n`: durable, then in place.
+    pub fn commit(self, n: u64) -> io::Result<()> {
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(
+            self.dir.join("checkpoint.tmp"),
+            checkpoint_path(&self.dir, n),
+        )?;
+        File::open(&self.dir)?.sync_all()
+    }
 }
 
 /// Replays one segment: (records, bytes of intact records, file length, latest sample time).
