@@ -435,20 +435,6 @@ impl PostgresStorage {
             .await?;
         report.rows_1h += rows;
 
-        // Index-only scans (the key carries the value) skip the heap only on all-visible
-        // pages: vacuum the partitions being written, so every sample older than a run is
-        // read from the key alone. On an insert-only partition VACUUM visits only the pages
-        // written since its last run; older partitions are left to autovacuum.
-        for (name, _, _) in parts
-            .iter()
-            .filter(|(_, lo, hi)| *lo <= now && *hi > now - width)
-        {
-            sqlx::Executor::execute(&mut *conn, format!("VACUUM (SKIP_LOCKED) {name}").as_str())
-                .await
-                .map_err(db_error)?;
-            report.partitions_vacuumed += 1;
-        }
-
         // Raw retention: whole partitions, so the space is freed at once; only what the 5 min
         // rollups already hold, so a stalled job never lets raw data go unrolled.
         for (name, lo, hi) in &parts {
@@ -487,6 +473,22 @@ impl PostgresStorage {
             .execute(&mut *conn)
             .await
             .map_err(db_error)?;
+
+        // Index-only scans (the key carries the value) skip the heap only on all-visible
+        // pages: vacuum the partitions being written, so every sample older than a run is
+        // read from the key alone. On an insert-only partition VACUUM visits only the pages
+        // written since its last run; older partitions are left to autovacuum. Last, and a
+        // failure only logged: reads stay correct without it, retention must not wait on it.
+        for (name, _, _) in parts
+            .iter()
+            .filter(|(_, lo, hi)| *lo <= now && *hi > now - width)
+        {
+            let sql = format!("VACUUM (SKIP_LOCKED) \"{name}\"");
+            match sqlx::Executor::execute(&mut *conn, sql.as_str()).await {
+                Ok(_) => report.partitions_vacuumed += 1,
+                Err(e) => tracing::warn!(partition = %name, error = %e, "vacuum failed"),
+            }
+        }
         Ok(report)
     }
 
