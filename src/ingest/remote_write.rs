@@ -79,7 +79,9 @@ fn metric_type(t: i32) -> MetricType {
 /// merged; samples keep their order (storage handles order and duplicates).
 pub fn to_batch(request: WriteRequest) -> Batch {
     let mut batch = Batch::default();
-    let mut index: HashMap<Labels, usize> = HashMap::new();
+    // Series of the batch by label fingerprint (checked equal on a hit): keying by the label
+    // set itself copied every label string of every series once more.
+    let mut index: HashMap<u128, usize> = HashMap::new();
     for series in request.timeseries {
         let sample_count = series.samples.len();
         if !series.histograms.is_empty() {
@@ -135,10 +137,11 @@ pub fn to_batch(request: WriteRequest) -> Batch {
             t: s.timestamp,
             v: s.value,
         });
-        match index.get(&labels) {
-            Some(&i) => batch.series[i].samples.extend(samples),
-            None => {
-                index.insert(labels.clone(), batch.series.len());
+        let fingerprint = labels.fingerprint();
+        match index.get(&fingerprint) {
+            Some(&i) if batch.series[i].labels == labels => batch.series[i].samples.extend(samples),
+            _ => {
+                index.entry(fingerprint).or_insert(batch.series.len());
                 batch.series.push(SeriesWrite {
                     labels,
                     samples: samples.collect(),
