@@ -52,19 +52,19 @@ fn main() {
     let postgres = support::Postgres::shared();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let database = runtime.block_on(postgres.database());
-    let port = free_port();
-    let secumon = spawn_secumon(
-        &database,
-        port,
-        &[
+    // SecuMon in plain mode with its lifecycle job out of the way (run once, measured, below).
+    let plain_server = |port: u16, extra: &[&str]| {
+        let mut args = vec![
             "--timescaledb",
             "off",
             "--postgres-lifecycle-interval-secs",
             "86400",
-            "--retention-raw-days",
-            "400",
-        ],
-    );
+        ];
+        args.extend_from_slice(extra);
+        spawn_secumon(&database, port, &args)
+    };
+    let port = free_port();
+    let secumon = plain_server(port, &["--retention-raw-days", "400"]);
     let pg_pid = postmaster_pid(postgres.port);
     let (cpu_before, pg_before) = (cpu_seconds(secumon.pid()), tree_cpu_seconds(pg_pid));
     let outcome = push(&format!("http://127.0.0.1:{port}/api/v1/write"), bodies, &o);
@@ -211,18 +211,7 @@ fn main() {
     let mut answers = Vec::new();
     for (what, rollups) in [("raw", "false"), ("samples_1h", "true")] {
         let port = free_port();
-        let server = spawn_secumon(
-            &database,
-            port,
-            &[
-                "--timescaledb",
-                "off",
-                "--postgres-lifecycle-interval-secs",
-                "86400",
-                "--query-rollups",
-                rollups,
-            ],
-        );
+        let server = plain_server(port, &["--query-rollups", rollups]);
         for (selector, series) in [("{job=\"service-3\"}", 13), ("{env=\"production\"}", 250)] {
             let query = format!("max_over_time({selector}[1h])");
             let mut times = Vec::new();

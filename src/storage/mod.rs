@@ -240,7 +240,7 @@ impl RollupColumns {
     };
 
     /// Keeps only the requested aggregates of `row`, as a backend that reads fewer columns
-    /// answers.
+    /// may answer (what tests compare with).
     pub fn project(self, row: &RollupRow) -> RollupRow {
         let keep = |wanted: bool, v: f64| if wanted { v } else { f64::NAN };
         RollupRow {

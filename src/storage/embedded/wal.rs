@@ -624,12 +624,12 @@ impl Wal {
 }
 
 /// Appends a record, framed as in the log, to `out`.
-pub fn frame_into(out: &mut Vec<u8>, record: &Record) {
+fn frame_into(out: &mut Vec<u8>, record: &Record) {
     frame_payload(out, &record.encode());
 }
 
 /// Appends a framed series record without building a [`Record`] (no copy of the labels).
-pub fn frame_series_into(out: &mut Vec<u8>, tenant: &str, id: u64, labels: &Labels) {
+fn frame_series_into(out: &mut Vec<u8>, tenant: &str, id: u64, labels: &Labels) {
     let mut e = Encoder(Vec::new());
     e.u8(1);
     e.str(tenant);

@@ -347,8 +347,9 @@ impl PostgresStorage {
 }
 
 impl PostgresStorage {
-    /// Rollup rows from `samples_5m` / `samples_1h`, with the aggregates in `columns` (the
-    /// others NaN: every column streamed costs about as much as a row). TimescaleDB's
+    /// Rollup rows from `samples_5m` / `samples_1h`; of rows read from a rollup relation only
+    /// the aggregates in `columns` (the others NaN: every column streamed costs about as much
+    /// as a row). TimescaleDB's
     /// real-time continuous aggregates are complete up to now. A plain rollup table is
     /// complete before its watermark, except where a late write waits for the lifecycle job;
     /// those buckets and everything after the watermark are aggregated from raw samples here,
@@ -480,11 +481,7 @@ impl PostgresStorage {
             let filter = range_filter(table_end, end - 1);
             for raw in self.select_where(series.clone(), &filter, 0).await? {
                 if let Ok(i) = series.binary_search_by(|(_, l)| l.cmp(&raw.labels)) {
-                    rows[i].extend(
-                        rollup(&raw.samples, resolution)
-                            .iter()
-                            .map(|row| columns.project(row)),
-                    );
+                    rows[i].extend(rollup(&raw.samples, resolution));
                 }
             }
         }
