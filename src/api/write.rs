@@ -33,10 +33,7 @@ pub(super) async fn remote_write(
         );
     }
     let config = state.ingest_config.clone();
-    let decoded = tokio::task::spawn_blocking(move || {
-        remote_write::decode(&body, &config).map(remote_write::to_batch)
-    })
-    .await;
+    let decoded = tokio::task::spawn_blocking(move || remote_write::decode(&body, &config)).await;
     let batch = match decoded {
         Ok(Ok(batch)) => batch,
         Ok(Err(e)) => {

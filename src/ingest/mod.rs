@@ -6,7 +6,7 @@ pub mod otlp;
 pub mod remote_write;
 
 use crate::model::{MetricMetadata, TenantId};
-use crate::storage::{DynStorage, ExemplarWrite, SeriesWrite, StorageError};
+use crate::storage::{DynStorage, ExemplarWrite, StorageError, WriteBatch};
 use crate::telemetry::Metrics;
 use std::sync::Arc;
 
@@ -41,7 +41,7 @@ pub struct Rejection {
 /// A decoded, validated request.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub series: Vec<SeriesWrite>,
+    pub series: WriteBatch,
     pub exemplars: Vec<ExemplarWrite>,
     pub metadata: Vec<MetricMetadata>,
     pub rejections: Vec<Rejection>,
@@ -154,7 +154,7 @@ impl Ingester {
                 .await?;
         }
         if !batch.series.is_empty() {
-            let outcome = self.storage.append(tenant, &batch.series).await?;
+            let outcome = self.storage.append_batch(tenant, &batch.series).await?;
             for (reason, count) in &outcome.rejected {
                 self.metrics.rejected(protocol, reason.as_str(), *count);
             }

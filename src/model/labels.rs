@@ -57,55 +57,21 @@ impl Labels {
     /// label names must match `[a-zA-Z_][a-zA-Z0-9_]*`, names must be unique, the metric name
     /// must be present and valid. Labels with empty values are dropped (an empty value means
     /// "no such label" in Prometheus).
-    pub fn from_wire(labels: Vec<Label>) -> Result<Labels, LabelError> {
-        let mut labels: Vec<Label> = labels.into_iter().filter(|l| !l.value.is_empty()).collect();
-        for label in &labels {
-            if !is_valid_label_name(&label.name) {
-                return Err(LabelError::InvalidName(label.name.clone()));
-            }
-        }
-        labels.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        if let Some(pair) = labels.windows(2).find(|w| w[0].name == w[1].name) {
-            return Err(LabelError::Duplicate(pair[0].name.clone()));
-        }
-        let labels = Labels(labels);
-        match labels.get(METRIC_NAME_LABEL) {
-            None => Err(LabelError::MissingMetricName),
-            Some(name) if !is_valid_metric_name(name) => {
-                Err(LabelError::InvalidMetricName(name.to_string()))
-            }
-            Some(_) => Ok(labels),
-        }
+    pub fn from_wire(mut labels: Vec<Label>) -> Result<Labels, LabelError> {
+        Rules::PROMETHEUS.apply(&mut labels)?;
+        Ok(Labels(labels))
     }
 
     /// Like [`Labels::from_wire`], but any non-empty UTF-8 name is accepted (for OTLP metrics
     /// kept under their OpenTelemetry names).
-    pub fn from_wire_utf8(labels: Vec<Label>) -> Result<Labels, LabelError> {
-        let mut labels: Vec<Label> = labels.into_iter().filter(|l| !l.value.is_empty()).collect();
-        if let Some(bad) = labels.iter().find(|l| l.name.is_empty()) {
-            return Err(LabelError::InvalidName(bad.name.clone()));
-        }
-        labels.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        if let Some(pair) = labels.windows(2).find(|w| w[0].name == w[1].name) {
-            return Err(LabelError::Duplicate(pair[0].name.clone()));
-        }
-        let labels = Labels(labels);
-        if labels.get(METRIC_NAME_LABEL).is_none() {
-            return Err(LabelError::MissingMetricName);
-        }
-        Ok(labels)
+    pub fn from_wire_utf8(mut labels: Vec<Label>) -> Result<Labels, LabelError> {
+        Rules::UTF8_NAMES.apply(&mut labels)?;
+        Ok(Labels(labels))
     }
 
     /// An exemplar's labels: valid names, unique, no metric name required.
-    pub fn exemplar_labels(labels: Vec<Label>) -> Result<Labels, LabelError> {
-        let mut labels: Vec<Label> = labels.into_iter().filter(|l| !l.value.is_empty()).collect();
-        if let Some(bad) = labels.iter().find(|l| !is_valid_label_name(&l.name)) {
-            return Err(LabelError::InvalidName(bad.name.clone()));
-        }
-        labels.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        if let Some(pair) = labels.windows(2).find(|w| w[0].name == w[1].name) {
-            return Err(LabelError::Duplicate(pair[0].name.clone()));
-        }
+    pub fn exemplar_labels(mut labels: Vec<Label>) -> Result<Labels, LabelError> {
+        Rules::EXEMPLAR.apply(&mut labels)?;
         Ok(Labels(labels))
     }
 
@@ -162,27 +128,208 @@ impl Labels {
     /// A 128-bit identity of the set, stable across processes and releases (xxh3-128 over the
     /// names and values with separators that cannot occur in a valid name).
     pub fn fingerprint(&self) -> u128 {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        for label in &self.0 {
-            hasher.update(label.name.as_bytes());
-            hasher.update(&[0xff]);
-            hasher.update(label.value.as_bytes());
-            hasher.update(&[0xfe]);
-        }
-        hasher.digest128()
+        fingerprint_of(self.0.iter().map(|l| (l.name.as_str(), l.value.as_str())))
     }
+}
+
+/// [`Labels::fingerprint`] of a sorted, validated set given as (name, value) pairs.
+pub fn fingerprint_of<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> u128 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for (name, value) in labels {
+        hasher.update(name.as_bytes());
+        hasher.update(&[0xff]);
+        hasher.update(value.as_bytes());
+        hasher.update(&[0xfe]);
+    }
+    hasher.digest128()
+}
+
+fn fmt_pairs<'a>(
+    f: &mut fmt::Formatter<'_>,
+    labels: impl Iterator<Item = (&'a str, &'a str)>,
+) -> fmt::Result {
+    f.write_str("{")?;
+    for (i, (name, value)) in labels.enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{name}={value:?}")?;
+    }
+    f.write_str("}")
 }
 
 impl fmt::Display for Labels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("{")?;
-        for (i, label) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
+        fmt_pairs(
+            f,
+            self.0.iter().map(|l| (l.name.as_str(), l.value.as_str())),
+        )
+    }
+}
+
+/// Validates and sorts (name, value) pairs read from a remote-write request by the rules of
+/// [`Labels::from_wire`], without copying a string: the caller keeps the strings where they
+/// are and copies a set only once it is accepted.
+pub fn validate_wire_pairs(pairs: &mut Vec<(&str, &str)>) -> Result<(), LabelError> {
+    Rules::PROMETHEUS.apply(pairs)
+}
+
+/// A label as the validation rules see it, owned or borrowed.
+trait Pair {
+    fn name(&self) -> &str;
+    fn value(&self) -> &str;
+}
+
+impl Pair for Label {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+impl Pair for (&str, &str) {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn value(&self) -> &str {
+        self.1
+    }
+}
+
+/// What a metric name must be for a set to be accepted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MetricNameRule {
+    /// Not required (exemplar labels).
+    Optional,
+    /// Required, any value (OpenTelemetry names).
+    Present,
+    /// Required and `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+    Valid,
+}
+
+/// The checks a label set from a client goes through, in Prometheus's order: empty values
+/// dropped, names checked, sorted, names unique, metric name.
+#[derive(Clone, Copy)]
+struct Rules {
+    legacy_names: bool,
+    metric_name: MetricNameRule,
+}
+
+impl Rules {
+    const PROMETHEUS: Rules = Rules {
+        legacy_names: true,
+        metric_name: MetricNameRule::Valid,
+    };
+    const UTF8_NAMES: Rules = Rules {
+        legacy_names: false,
+        metric_name: MetricNameRule::Present,
+    };
+    const EXEMPLAR: Rules = Rules {
+        legacy_names: true,
+        metric_name: MetricNameRule::Optional,
+    };
+
+    fn apply<P: Pair>(self, labels: &mut Vec<P>) -> Result<(), LabelError> {
+        labels.retain(|l| !l.value().is_empty());
+        let bad_name = |name: &str| {
+            if self.legacy_names {
+                !is_valid_label_name(name)
+            } else {
+                name.is_empty()
             }
-            write!(f, "{}={:?}", label.name, label.value)?;
+        };
+        if let Some(bad) = labels.iter().find(|l| bad_name(l.name())) {
+            return Err(LabelError::InvalidName(bad.name().to_string()));
         }
-        f.write_str("}")
+        // Senders almost always send sets sorted already.
+        if !labels.windows(2).all(|w| w[0].name() <= w[1].name()) {
+            labels.sort_unstable_by(|a, b| a.name().cmp(b.name()));
+        }
+        if let Some(pair) = labels.windows(2).find(|w| w[0].name() == w[1].name()) {
+            return Err(LabelError::Duplicate(pair[0].name().to_string()));
+        }
+        if self.metric_name == MetricNameRule::Optional {
+            return Ok(());
+        }
+        let name = labels
+            .binary_search_by(|l| l.name().cmp(METRIC_NAME_LABEL))
+            .map(|i| labels[i].value());
+        match name {
+            Err(_) => Err(LabelError::MissingMetricName),
+            Ok(name)
+                if self.metric_name == MetricNameRule::Valid && !is_valid_metric_name(name) =>
+            {
+                Err(LabelError::InvalidMetricName(name.to_string()))
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
+/// Where one label of a [`LabelsRef`] lies in its text: the name is `text[name..value]`, the
+/// value `text[value..end]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LabelSpan {
+    pub name: u32,
+    pub value: u32,
+    pub end: u32,
+}
+
+/// A validated label set borrowed from a buffer of many (a write batch keeps every set of a
+/// request in one string): sorted by name, unique, no empty values, exactly as [`Labels`].
+#[derive(Clone, Copy, Debug)]
+pub struct LabelsRef<'a> {
+    text: &'a str,
+    spans: &'a [LabelSpan],
+}
+
+impl<'a> LabelsRef<'a> {
+    /// `spans` must describe a set valid as a [`Labels`] (the writer of the buffer checked it).
+    pub fn new(text: &'a str, spans: &'a [LabelSpan]) -> LabelsRef<'a> {
+        LabelsRef { text, spans }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        let text = self.text;
+        self.spans.iter().map(move |s| {
+            (
+                &text[s.name as usize..s.value as usize],
+                &text[s.value as usize..s.end as usize],
+            )
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    pub fn metric_name(&self) -> Option<&'a str> {
+        self.get(METRIC_NAME_LABEL)
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The set as owned [`Labels`] (for a series storage sees for the first time).
+    pub fn to_labels(&self) -> Labels {
+        Labels(self.iter().map(|(n, v)| Label::new(n, v)).collect())
+    }
+
+    pub fn fingerprint(&self) -> u128 {
+        fingerprint_of(self.iter())
+    }
+}
+
+impl fmt::Display for LabelsRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt_pairs(f, self.iter())
     }
 }
 

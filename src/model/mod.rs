@@ -6,7 +6,7 @@
 pub mod labels;
 mod matcher;
 
-pub use labels::{Label, LabelError, Labels, METRIC_NAME_LABEL};
+pub use labels::{Label, LabelError, LabelSpan, Labels, LabelsRef, METRIC_NAME_LABEL};
 pub use matcher::{matches_all, MatchOp, Matcher};
 
 use std::fmt;

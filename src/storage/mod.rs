@@ -4,8 +4,11 @@
 //! nothing above it. Every backend must answer every call identically for the same data: the
 //! PromQL engine evaluates over what `select` returns and never asks which backend answered.
 
+mod batch;
 pub mod embedded;
 pub mod postgres;
+
+pub use batch::{SeriesRef, SeriesWrite, WriteBatch};
 
 use crate::model::{
     Exemplar, Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId,
@@ -13,13 +16,6 @@ use crate::model::{
 };
 use async_trait::async_trait;
 use std::sync::Arc;
-
-/// Samples of one series in a write batch. Labels are already validated and sorted.
-#[derive(Clone, Debug)]
-pub struct SeriesWrite {
-    pub labels: Labels,
-    pub samples: Vec<Sample>,
-}
 
 /// Exemplars of one series in a write batch.
 #[derive(Clone, Debug)]
@@ -384,11 +380,21 @@ pub type StorageResult<T> = Result<T, StorageError>;
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
     /// Stores a batch. Returns only after the accepted samples are durable.
+    async fn append_batch(
+        &self,
+        tenant: &TenantId,
+        batch: &WriteBatch,
+    ) -> StorageResult<AppendOutcome>;
+
+    /// [`Storage::append_batch`] of series with owned labels.
     async fn append(
         &self,
         tenant: &TenantId,
-        batch: &[SeriesWrite],
-    ) -> StorageResult<AppendOutcome>;
+        series: &[SeriesWrite],
+    ) -> StorageResult<AppendOutcome> {
+        self.append_batch(tenant, &WriteBatch::from_series(series))
+            .await
+    }
 
     /// Stores metric metadata (latest wins per family, type, unit and help text).
     async fn append_metadata(

@@ -9,7 +9,7 @@ use crate::ingest::{Batch, Rejection};
 use crate::model::{
     Exemplar, Label, LabelError, Labels, MetricMetadata, MetricType, Sample, STALE_NAN_BITS,
 };
-use crate::storage::{ExemplarWrite, SeriesWrite};
+use crate::storage::{ExemplarWrite, SeriesWrite, WriteBatch};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -103,6 +103,8 @@ struct Builder<'a> {
     cache: &'a LabelCache,
     /// Series of this batch by label key.
     index: HashMap<u128, usize, BuildKeyHasher>,
+    /// Series of this batch, filled point by point; the batch takes them at the end.
+    series: Vec<SeriesWrite>,
     batch: Batch,
 }
 
@@ -128,8 +130,8 @@ impl Builder<'_> {
                 labels
             }
         };
-        let i = self.batch.series.len();
-        self.batch.series.push(SeriesWrite {
+        let i = self.series.len();
+        self.series.push(SeriesWrite {
             labels,
             samples: Vec::new(),
         });
@@ -140,14 +142,14 @@ impl Builder<'_> {
     fn add_exemplars(&mut self, series: usize, exemplars: Vec<Exemplar>) {
         if !exemplars.is_empty() {
             self.batch.exemplars.push(ExemplarWrite {
-                series: self.batch.series[series].labels.clone(),
+                series: self.series[series].labels.clone(),
                 exemplars,
             });
         }
     }
 
     fn push(&mut self, series: usize, sample: Sample) {
-        self.batch.series[series].samples.push(sample);
+        self.series[series].samples.push(sample);
     }
 
     fn reject(&mut self, reason: &'static str, points: usize, message: String) {
@@ -417,6 +419,7 @@ pub fn to_batch(
         config,
         cache,
         index: HashMap::default(),
+        series: Vec::new(),
         batch: Batch::default(),
     };
     for resource_metrics in &request.resource_metrics {
@@ -435,7 +438,8 @@ pub fn to_batch(
         target_info(&mut builder, &resource, attributes, latest_ns);
     }
     // A point refused half-way (histogram, summary) may leave series without samples.
-    builder.batch.series.retain(|s| !s.samples.is_empty());
+    builder.series.retain(|s| !s.samples.is_empty());
+    builder.batch.series = WriteBatch::from_series(&builder.series);
     builder.batch
 }
 

@@ -18,8 +18,8 @@ pub use wal::FsyncPolicy;
 
 use super::{
     AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig, RollupColumns,
-    RollupRow, SelectHints, SeriesQuery, SeriesRollups, SeriesWrite, Storage, StorageError,
-    StorageResult, StorageStats,
+    RollupRow, SelectHints, SeriesQuery, SeriesRollups, Storage, StorageError, StorageResult,
+    StorageStats, WriteBatch,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId, TimestampMs,
@@ -435,21 +435,22 @@ impl EmbeddedStorage {
         self.head.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Series ids for label sets, with the records of the new ones (ids not yet taken).
+    /// Series ids for the series of a batch, with the records of the new ones (ids not yet
+    /// taken); only a new series' labels are copied.
     fn resolve(
         &self,
         head: &Head,
         tenant: &str,
-        labels: &[&Labels],
+        batch: &WriteBatch,
         records: &mut Vec<Record>,
     ) -> Vec<u64> {
         let index = head.tenants.get(tenant);
         let mut fresh: HashMap<u128, u64> = HashMap::default();
         let mut next = head.next_id;
-        labels
+        batch
             .iter()
-            .map(|labels| {
-                let fp = labels.fingerprint();
+            .map(|series| {
+                let fp = series.fingerprint;
                 if let Some(&id) = index.and_then(|i| i.by_fingerprint.get(&fp)) {
                     return id;
                 }
@@ -459,7 +460,7 @@ impl EmbeddedStorage {
                     records.push(Record::Series {
                         tenant: tenant.to_owned(),
                         id,
-                        labels: (*labels).clone(),
+                        labels: series.labels.to_labels(),
                     });
                     id
                 })
@@ -498,19 +499,14 @@ impl EmbeddedStorage {
         Ok(())
     }
 
-    fn append_sync(
-        &self,
-        tenant: &TenantId,
-        batch: &[SeriesWrite],
-    ) -> StorageResult<AppendOutcome> {
+    fn append_sync(&self, tenant: &TenantId, batch: &WriteBatch) -> StorageResult<AppendOutcome> {
         let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let mut outcome = AppendOutcome::default();
         let mut records = Vec::new();
         let mut accepted: Vec<(u64, i64, f64)> = Vec::new();
         {
             let head = self.read();
-            let labels: Vec<&Labels> = batch.iter().map(|s| &s.labels).collect();
-            let ids = self.resolve(&head, tenant.as_str(), &labels, &mut records);
+            let ids = self.resolve(&head, tenant.as_str(), batch, &mut records);
             // Samples of this batch per series, to judge repeats inside the batch too; only
             // needed for a series that comes twice or whose samples are not strictly in order.
             let mut pending: HashMap<u64, Vec<Sample>> = HashMap::default();
@@ -518,7 +514,7 @@ impl EmbeddedStorage {
             for &id in &ids {
                 *occurrences.entry(id).or_default() += 1;
             }
-            accepted.reserve(batch.iter().map(|s| s.samples.len()).sum());
+            accepted.reserve(batch.sample_count());
             let empty = SampleStore::default();
             for (series, &id) in batch.iter().zip(&ids) {
                 let (stored, flushed_until) = head
@@ -527,7 +523,7 @@ impl EmbeddedStorage {
                     .map_or((&empty, i64::MIN), |s| (&s.samples, s.flushed_until));
                 let simple = occurrences.get(&id) == Some(&1)
                     && series.samples.windows(2).all(|w| w[0].t < w[1].t);
-                for sample in &series.samples {
+                for sample in series.samples {
                     let placement = match place(stored, flushed_until, sample, self.window_ms) {
                         Placement::Insert if simple => Placement::Insert,
                         Placement::Insert => place_sorted(pending.entry(id).or_default(), sample),
@@ -787,10 +783,10 @@ fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, TimestampMs>) {
 
 #[async_trait]
 impl Storage for EmbeddedStorage {
-    async fn append(
+    async fn append_batch(
         &self,
         tenant: &TenantId,
-        batch: &[SeriesWrite],
+        batch: &WriteBatch,
     ) -> StorageResult<AppendOutcome> {
         self.append_sync(tenant, batch)
     }
@@ -829,8 +825,8 @@ impl Storage for EmbeddedStorage {
         let mut records = Vec::new();
         let exemplars: Vec<(u64, i64, f64, Labels)> = {
             let head = self.read();
-            let labels: Vec<&Labels> = batch.iter().map(|w| &w.series).collect();
-            let ids = self.resolve(&head, tenant.as_str(), &labels, &mut records);
+            let series = WriteBatch::of_labels(batch.iter().map(|w| &w.series));
+            let ids = self.resolve(&head, tenant.as_str(), &series, &mut records);
             batch
                 .iter()
                 .zip(ids)
@@ -1017,6 +1013,7 @@ impl Storage for EmbeddedStorage {
 mod tests {
     use super::*;
     use crate::model::Label;
+    use crate::storage::SeriesWrite;
 
     const HOUR: i64 = 3_600_000;
     const DAY: i64 = 24 * HOUR;

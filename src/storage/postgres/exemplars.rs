@@ -4,7 +4,7 @@
 use super::write::{labels_to_json, MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 use super::{db_error, read::labels_from_json, PostgresStorage};
 use crate::model::{Exemplar, Labels, SeriesExemplars, TenantId};
-use crate::storage::{ExemplarWrite, SeriesQuery, StorageResult};
+use crate::storage::{ExemplarWrite, SeriesQuery, StorageResult, WriteBatch};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 
@@ -18,7 +18,7 @@ impl PostgresStorage {
         tenant: &TenantId,
         batch: &[ExemplarWrite],
     ) -> StorageResult<()> {
-        let series: Vec<&Labels> = batch.iter().map(|w| &w.series).collect();
+        let series = WriteBatch::of_labels(batch.iter().map(|w| &w.series));
         let ids = self.resolve_series(tenant, &series).await?;
         let (mut series_ids, mut times, mut values, mut labels) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -21,7 +21,7 @@ pub use timescaledb::{Job, JobChange};
 
 use super::{
     AppendOutcome, ExemplarWrite, Resolution, RetentionConfig, RollupColumns, SelectHints,
-    SeriesQuery, SeriesRollups, SeriesWrite, Storage, StorageError, StorageResult, StorageStats,
+    SeriesQuery, SeriesRollups, Storage, StorageError, StorageResult, StorageStats, WriteBatch,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, MetricType, SeriesExemplars, SeriesSamples, TenantId,
@@ -248,12 +248,12 @@ fn db_error(e: sqlx::Error) -> StorageError {
 
 #[async_trait]
 impl Storage for PostgresStorage {
-    async fn append(
+    async fn append_batch(
         &self,
         tenant: &TenantId,
-        batch: &[SeriesWrite],
+        batch: &WriteBatch,
     ) -> StorageResult<AppendOutcome> {
-        self.append_batch(tenant, batch).await
+        self.write_batch(tenant, batch).await
     }
 
     async fn append_metadata(

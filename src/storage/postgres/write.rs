@@ -3,8 +3,8 @@
 
 use super::lifecycle::{Mode, LATE_MS};
 use super::{db_error, PostgresStorage};
-use crate::model::{Labels, SeriesId, TenantId, TimestampMs};
-use crate::storage::{AppendOutcome, RejectReason, SeriesWrite, StorageResult};
+use crate::model::{Labels, LabelsRef, SeriesId, TenantId, TimestampMs};
+use crate::storage::{AppendOutcome, RejectReason, StorageResult, WriteBatch};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, RwLock};
@@ -15,10 +15,6 @@ pub const MIN_TIMESTAMP_MS: TimestampMs = -62_135_596_800_000;
 pub const MAX_TIMESTAMP_MS: TimestampMs = 253_402_300_799_999;
 
 /// A `bytea` form of a fingerprint (16 bytes, big-endian).
-fn fingerprint_bytes(labels: &Labels) -> [u8; 16] {
-    labels.fingerprint().to_be_bytes()
-}
-
 /// Series ids by tenant and fingerprint. Bounded: emptied when it reaches its capacity, which
 /// costs one round trip per series on the next write of each, never a wrong id.
 pub(super) struct SeriesCache {
@@ -122,21 +118,20 @@ fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
 }
 
 impl PostgresStorage {
-    pub(super) async fn append_batch(
+    pub(super) async fn write_batch(
         &self,
         tenant: &TenantId,
-        batch: &[SeriesWrite],
+        batch: &WriteBatch,
     ) -> StorageResult<AppendOutcome> {
         let mut outcome = AppendOutcome::default();
-        let series_labels: Vec<&Labels> = batch.iter().map(|s| &s.labels).collect();
-        let ids = self.resolve_series(tenant, &series_labels).await?;
+        let ids = self.resolve_series(tenant, batch).await?;
 
-        let total: usize = batch.iter().map(|s| s.samples.len()).sum();
+        let total = batch.sample_count();
         let mut series_ids = Vec::with_capacity(total);
         let mut times = Vec::with_capacity(total);
         let mut values = Vec::with_capacity(total);
         for (series, id) in batch.iter().zip(&ids) {
-            for sample in &series.samples {
+            for sample in series.samples {
                 if !(MIN_TIMESTAMP_MS..=MAX_TIMESTAMP_MS).contains(&sample.t) {
                     outcome.reject(RejectReason::TimestampOutOfRange, 1, || {
                         format!(
@@ -297,21 +292,19 @@ impl PostgresStorage {
     pub(super) async fn resolve_series(
         &self,
         tenant: &TenantId,
-        batch: &[&Labels],
+        batch: &WriteBatch,
     ) -> StorageResult<Vec<SeriesId>> {
-        let fingerprints: Vec<[u8; 16]> = batch
-            .iter()
-            .map(|labels| fingerprint_bytes(labels))
-            .collect();
+        let fingerprints: Vec<[u8; 16]> =
+            batch.iter().map(|s| s.fingerprint.to_be_bytes()).collect();
         let mut ids: Vec<Option<SeriesId>> = fingerprints
             .iter()
             .map(|fp| self.series_cache.get(tenant, fp))
             .collect();
 
-        let mut misses: HashMap<[u8; 16], &Labels> = HashMap::new();
-        for (i, id) in ids.iter().enumerate() {
+        let mut misses: HashMap<[u8; 16], LabelsRef<'_>> = HashMap::new();
+        for ((fp, id), series) in fingerprints.iter().zip(&ids).zip(batch.iter()) {
             if id.is_none() {
-                misses.entry(fingerprints[i]).or_insert(batch[i]);
+                misses.entry(*fp).or_insert(series.labels);
             }
         }
         if !misses.is_empty() {
@@ -337,7 +330,7 @@ impl PostgresStorage {
     async fn create_series(
         &self,
         tenant: &TenantId,
-        missing: &HashMap<[u8; 16], &Labels>,
+        missing: &HashMap<[u8; 16], LabelsRef<'_>>,
     ) -> StorageResult<HashMap<[u8; 16], SeriesId>> {
         let mut fingerprints: Vec<Vec<u8>> = Vec::with_capacity(missing.len());
         let mut names: Vec<&str> = Vec::with_capacity(missing.len());
@@ -345,7 +338,7 @@ impl PostgresStorage {
         for (fp, labels) in missing {
             fingerprints.push(fp.to_vec());
             names.push(labels.metric_name().unwrap_or_default());
-            labels_json.push(labels_to_json(labels));
+            labels_json.push(pairs_to_json(labels.iter()));
         }
         sqlx::query(
             "INSERT INTO series (tenant_id, metric_name, labels, fingerprint)
@@ -412,9 +405,12 @@ fn no_partition(e: &sqlx::Error) -> bool {
 
 /// The `labels` column: a JSON object of every label.
 pub(super) fn labels_to_json(labels: &Labels) -> String {
+    pairs_to_json(labels.iter().map(|l| (l.name.as_str(), l.value.as_str())))
+}
+
+fn pairs_to_json<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> String {
     let map: serde_json::Map<String, serde_json::Value> = labels
-        .iter()
-        .map(|l| (l.name.clone(), serde_json::Value::String(l.value.clone())))
+        .map(|(name, value)| (name.to_owned(), serde_json::Value::String(value.to_owned())))
         .collect();
     serde_json::Value::Object(map).to_string()
 }
