@@ -12,6 +12,7 @@ mod block;
 mod chunk;
 mod codec;
 mod head;
+mod runfile;
 mod wal;
 
 pub use wal::FsyncPolicy;
