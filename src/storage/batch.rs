@@ -18,8 +18,8 @@ pub struct SeriesWrite {
 #[derive(Clone, Debug)]
 struct Entry {
     fingerprint: u128,
-    labels: Range<u32>,
-    samples: Range<u32>,
+    labels: Range<usize>,
+    samples: Range<usize>,
 }
 
 /// Series to store. A series may appear more than once; backends judge every sample on its own
@@ -80,41 +80,38 @@ impl WriteBatch {
         labels: impl Iterator<Item = (&'l str, &'l str)>,
         samples: impl IntoIterator<Item = Sample>,
     ) {
-        let first_span = self.spans.len() as u32;
+        let first_span = self.spans.len();
         for (name, value) in labels {
-            let start = self.text.len() as u32;
+            let start = self.text.len();
             self.text.push_str(name);
-            let value_start = self.text.len() as u32;
+            let value_start = self.text.len();
             self.text.push_str(value);
             self.spans.push(LabelSpan {
                 name: start,
                 value: value_start,
-                end: self.text.len() as u32,
+                end: self.text.len(),
             });
         }
-        let labels = first_span..self.spans.len() as u32;
-        let first_sample = self.samples.len() as u32;
+        let labels = first_span..self.spans.len();
+        let first_sample = self.samples.len();
         self.samples.extend(samples);
         let fingerprint = self.labels(&labels).fingerprint();
         self.series.push(Entry {
             fingerprint,
             labels,
-            samples: first_sample..self.samples.len() as u32,
+            samples: first_sample..self.samples.len(),
         });
     }
 
-    fn labels(&self, range: &Range<u32>) -> LabelsRef<'_> {
-        LabelsRef::new(
-            &self.text,
-            &self.spans[range.start as usize..range.end as usize],
-        )
+    fn labels(&self, range: &Range<usize>) -> LabelsRef<'_> {
+        LabelsRef::new(&self.text, &self.spans[range.clone()])
     }
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = SeriesRef<'_>> + '_ {
         self.series.iter().map(|e| SeriesRef {
             labels: self.labels(&e.labels),
             fingerprint: e.fingerprint,
-            samples: &self.samples[e.samples.start as usize..e.samples.end as usize],
+            samples: &self.samples[e.samples.clone()],
         })
     }
 

@@ -343,11 +343,37 @@ async fn repeats_are_silent_conflicts_are_refused() {
             "{}",
             s.name
         );
+        // The same series as two entries of one batch (a remote-write request repeating it):
+        // judged as if it came once with all the samples.
+        let twice = s
+            .append(
+                &tenant,
+                &[
+                    write(&series, &[(T0 + 30, 1.0), (T0 + 40, 4.0)]),
+                    write(&series, &[(T0 + 30, 1.0), (T0 + 40, 6.0), (T0 + 35, 2.0)]),
+                ],
+            )
+            .await;
+        assert_eq!(twice.accepted, 4, "{}", s.name);
+        assert_eq!(
+            twice.rejected,
+            [(RejectReason::DuplicateTimestamp, 1)],
+            "{}",
+            s.name
+        );
         let stored = s.select(&tenant, &[Matcher::equal("__name__", "m")]).await;
         let got: Vec<(i64, f64)> = stored[0].samples.iter().map(|x| (x.t, x.v)).collect();
         assert_eq!(
             got,
-            [(T0, 1.0), (T0 + 5, 9.0), (T0 + 10, 2.0), (T0 + 20, 1.0)],
+            [
+                (T0, 1.0),
+                (T0 + 5, 9.0),
+                (T0 + 10, 2.0),
+                (T0 + 20, 1.0),
+                (T0 + 30, 1.0),
+                (T0 + 35, 2.0),
+                (T0 + 40, 4.0)
+            ],
             "{}",
             s.name
         );

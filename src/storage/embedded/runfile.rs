@@ -39,6 +39,8 @@ const PAGE: usize = 64;
 const MAX_RUN: u32 = 1 << 30;
 /// The longest version 2 run header: two 10-byte varints and the checksum.
 const MAX_HEADER: usize = 24;
+/// The shortest index entry: five one-byte varints (version 2).
+const MIN_ENTRY: usize = 5;
 
 /// Where a series' run is in a run file (`offset` is where its header starts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,7 +182,8 @@ impl Version {
     /// Decodes `count` entries from `b`, the start of a page.
     fn decode_entries(self, b: &[u8], count: usize) -> io::Result<Vec<Entry>> {
         let bad = || damaged("index entry cut short".into());
-        let mut out: Vec<Entry> = Vec::with_capacity(count);
+        // `count` comes from the footer: never reserve more than the bytes can hold.
+        let mut out: Vec<Entry> = Vec::with_capacity(count.min(b.len() / MIN_ENTRY));
         match self {
             Version::V1 => {
                 for e in b.chunks_exact(36).take(count) {
@@ -227,7 +230,11 @@ impl Version {
 
     /// Where the run after `e` would start if written right after it.
     fn run_end(self, e: &Entry) -> u64 {
-        e.offset + (self.header_len(e.series, e.len) as u64) + u64::from(e.len)
+        // Wrapping like the deltas around it: a damaged entry gives a wrong offset, which the
+        // run's header check refuses, never an overflow.
+        e.offset
+            .wrapping_add(self.header_len(e.series, e.len) as u64)
+            .wrapping_add(u64::from(e.len))
     }
 }
 
@@ -291,7 +298,7 @@ impl RunWriter {
     /// Writes index and footer, fsyncs, and opens the file for reading.
     pub fn finish(mut self) -> io::Result<RunFile> {
         self.entries.sort_by_key(|e| e.series);
-        let pages = write_index(&mut self.out, self.version, self.offset, &self.entries)?;
+        let index = write_index(&mut self.out, self.version, self.offset, &self.entries)?;
         let file = self
             .out
             .into_inner()
@@ -303,18 +310,18 @@ impl RunWriter {
             self.version,
             self.offset,
             &self.entries,
-            pages,
+            index,
         ))
     }
 }
 
-/// Writes index and footer; returns the page positions.
+/// Writes index and footer; returns the index's length and page positions.
 fn write_index(
     out: &mut impl Write,
     version: Version,
     index_offset: u64,
     entries: &[Entry],
-) -> io::Result<Vec<u64>> {
+) -> io::Result<(u64, Vec<u64>)> {
     let (index, pages) = version.encode_index(entries);
     out.write_all(&index)?;
     let mut footer = Vec::with_capacity(FOOTER);
@@ -325,7 +332,7 @@ fn write_index(
     footer.extend_from_slice(version.footer_magic());
     out.write_all(&footer)?;
     out.flush()?;
-    Ok(pages)
+    Ok((index.len() as u64, pages))
 }
 
 /// A run file open for reading.
@@ -362,11 +369,8 @@ impl RunFile {
         version: Version,
         index_offset: u64,
         entries: &[Entry],
-        pages: Vec<u64>,
+        (index_len, pages): (u64, Vec<u64>),
     ) -> RunFile {
-        let index_len = file
-            .metadata()
-            .map_or(0, |m| m.len().saturating_sub(index_offset + FOOTER as u64));
         RunFile {
             path,
             file,
@@ -393,6 +397,18 @@ impl RunFile {
             .read_exact_at(&mut magic, 0)
             .ok()
             .and_then(|()| Version::of_magic(&magic));
+        if version.is_none() && magic.starts_with(b"SMRUNS") {
+            // A version this release does not know (written by a later one): refuse it, the
+            // caller sets the block aside; never recover it as damage.
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{}: run file version {:?} is not supported",
+                    path.display(),
+                    String::from_utf8_lossy(&magic[6..])
+                ),
+            ));
+        }
         let (version, readable) = match version {
             Some(version) => (version, len),
             None => {
@@ -425,11 +441,11 @@ impl RunFile {
                 let (valid_end, entries) = scan_runs(&file, version, readable, time_range)?;
                 file.set_len(valid_end)?;
                 let mut tail = Vec::new();
-                let pages = write_index(&mut tail, version, valid_end, &entries)?;
+                let index = write_index(&mut tail, version, valid_end, &entries)?;
                 file.write_all_at(&tail, valid_end)?;
                 file.sync_all()?;
                 Ok(Opened {
-                    file: RunFile::new(file, path.to_owned(), version, valid_end, &entries, pages),
+                    file: RunFile::new(file, path.to_owned(), version, valid_end, &entries, index),
                     damaged_bytes: len.saturating_sub(valid_end),
                 })
             }
@@ -522,7 +538,11 @@ fn read_index(file: &File, version: Version, len: u64) -> io::Result<Index> {
         return Err(damaged("bad footer".into()));
     }
     let index_len = len - FOOTER as u64 - index_offset;
-    if version == Version::V1 && Some(index_len) != (entries as u64).checked_mul(36) {
+    let fits = match version {
+        Version::V1 => Some(index_len) == (entries as u64).checked_mul(36),
+        Version::V2 => (entries as u64).saturating_mul(MIN_ENTRY as u64) <= index_len,
+    };
+    if !fits {
         return Err(damaged("bad footer".into()));
     }
     let mut index = vec![0u8; index_len as usize];
@@ -682,6 +702,71 @@ mod tests {
             assert!(reopened.read(&found[7]).is_err());
             assert!(reopened.read(&found[8]).is_ok());
         }
+    }
+
+    #[test]
+    fn a_version_1_file_laid_out_by_hand_reads() {
+        // The layout earlier releases wrote, byte by byte (not through this module's encoder).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs");
+        let mut bytes = b"SMRUNS01".to_vec();
+        let mut index = Vec::new();
+        for (series, payload) in [(3u64, &b"abc"[..]), (9, &b"defgh"[..])] {
+            index.extend_from_slice(&series.to_le_bytes());
+            index.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            index.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            index.extend_from_slice(&(-5i64).to_le_bytes());
+            index.extend_from_slice(&(series as i64).to_le_bytes());
+            bytes.extend_from_slice(&series.to_le_bytes());
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+            bytes.extend_from_slice(payload);
+        }
+        let index_offset = bytes.len() as u64;
+        bytes.extend_from_slice(&index);
+        bytes.extend_from_slice(&index_offset.to_le_bytes());
+        bytes.extend_from_slice(&2u64.to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&index).to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(b"SMINDEX1");
+        std::fs::write(&path, &bytes).unwrap();
+        let opened = RunFile::open(&path, |_| None).unwrap();
+        assert_eq!(opened.damaged_bytes, 0);
+        let found = opened.file.lookup(&[3, 4, 9]).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!((found[1].min_t, found[1].max_t), (-5, 9));
+        assert_eq!(opened.file.read(&found[0]).unwrap(), b"abc");
+        assert_eq!(opened.file.read(&found[1]).unwrap(), b"defgh");
+    }
+
+    #[test]
+    fn a_footer_claiming_too_many_entries_is_damage_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs");
+        write(&path, Version::V2, 0..100);
+        // The entry count (footer bytes 8..16) is not under the index checksum.
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&(1u64 << 40).to_le_bytes(), len - FOOTER as u64 + 8)
+            .unwrap();
+        let opened = RunFile::open(&path, |_| Some((0, 1))).unwrap();
+        assert_eq!(opened.file.all_entries().unwrap().len(), 100);
+        // A flipped bit inside an index page: caught by the checksum, runs scanned again.
+        let len = std::fs::metadata(&path).unwrap().len();
+        f.write_all_at(&[0x55], len - FOOTER as u64 - 20).unwrap();
+        let opened = RunFile::open(&path, |_| Some((0, 1))).unwrap();
+        assert_eq!(opened.file.all_entries().unwrap().len(), 100);
+    }
+
+    #[test]
+    fn a_later_version_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs");
+        let bytes = b"SMRUNS03 and whatever a later release writes".to_vec();
+        std::fs::write(&path, &bytes).unwrap();
+        let error = RunFile::open(&path, |_| None).err().unwrap();
+        assert_eq!(error.kind(), io::ErrorKind::Unsupported);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
     #[test]

@@ -14,7 +14,6 @@ use std::sync::{Mutex, RwLock};
 pub const MIN_TIMESTAMP_MS: TimestampMs = -62_135_596_800_000;
 pub const MAX_TIMESTAMP_MS: TimestampMs = 253_402_300_799_999;
 
-/// A `bytea` form of a fingerprint (16 bytes, big-endian).
 /// Series ids by tenant and fingerprint. Bounded: emptied when it reaches its capacity, which
 /// costs one round trip per series on the next write of each, never a wrong id.
 pub(super) struct SeriesCache {
