@@ -117,6 +117,11 @@ impl Labels {
         self.0.iter()
     }
 
+    /// The labels as (name, value) pairs.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|l| (l.name.as_str(), l.value.as_str()))
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -128,12 +133,12 @@ impl Labels {
     /// A 128-bit identity of the set, stable across processes and releases (xxh3-128 over the
     /// names and values with separators that cannot occur in a valid name).
     pub fn fingerprint(&self) -> u128 {
-        fingerprint_of(self.0.iter().map(|l| (l.name.as_str(), l.value.as_str())))
+        fingerprint_of(self.pairs())
     }
 }
 
 /// [`Labels::fingerprint`] of a sorted, validated set given as (name, value) pairs.
-pub fn fingerprint_of<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> u128 {
+fn fingerprint_of<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> u128 {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     for (name, value) in labels {
         hasher.update(name.as_bytes());
@@ -160,10 +165,7 @@ fn fmt_pairs<'a>(
 
 impl fmt::Display for Labels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt_pairs(
-            f,
-            self.0.iter().map(|l| (l.name.as_str(), l.value.as_str())),
-        )
+        fmt_pairs(f, self.pairs())
     }
 }
 
@@ -304,14 +306,6 @@ impl<'a> LabelsRef<'a> {
 
     pub fn metric_name(&self) -> Option<&'a str> {
         self.get(METRIC_NAME_LABEL)
-    }
-
-    pub fn len(&self) -> usize {
-        self.spans.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
     }
 
     /// The set as owned [`Labels`] (for a series storage sees for the first time).

@@ -56,10 +56,7 @@ impl WriteBatch {
         let mut batch =
             WriteBatch::with_capacity(series.len(), series.iter().map(|s| s.samples.len()).sum());
         for s in series {
-            batch.push(
-                s.labels.iter().map(|l| (l.name.as_str(), l.value.as_str())),
-                s.samples.iter().copied(),
-            );
+            batch.push(s.labels.pairs(), s.samples.iter().copied());
         }
         batch
     }
@@ -68,7 +65,7 @@ impl WriteBatch {
     pub fn of_labels<'l>(labels: impl ExactSizeIterator<Item = &'l Labels>) -> WriteBatch {
         let mut batch = WriteBatch::with_capacity(labels.len(), 0);
         for set in labels {
-            batch.push(set.iter().map(|l| (l.name.as_str(), l.value.as_str())), []);
+            batch.push(set.pairs(), []);
         }
         batch
     }

@@ -404,7 +404,7 @@ fn no_partition(e: &sqlx::Error) -> bool {
 
 /// The `labels` column: a JSON object of every label.
 pub(super) fn labels_to_json(labels: &Labels) -> String {
-    pairs_to_json(labels.iter().map(|l| (l.name.as_str(), l.value.as_str())))
+    pairs_to_json(labels.pairs())
 }
 
 fn pairs_to_json<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> String {
