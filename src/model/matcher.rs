@@ -1,7 +1,7 @@
 //! Label matchers (`=`, `!=`, `=~`, `!~`) with Prometheus semantics: a missing label matches as
 //! the empty string, and regexes are fully anchored.
 
-use super::Labels;
+use super::LabelLookup;
 use regex::Regex;
 
 #[derive(Clone, Debug)]
@@ -53,7 +53,7 @@ impl Matcher {
         }
     }
 
-    pub fn matches(&self, labels: &Labels) -> bool {
+    pub fn matches(&self, labels: &(impl LabelLookup + ?Sized)) -> bool {
         self.matches_value(labels.value_or_empty(&self.name))
     }
 
@@ -64,14 +64,14 @@ impl Matcher {
 }
 
 /// Whether every matcher accepts the series.
-pub fn matches_all(matchers: &[Matcher], labels: &Labels) -> bool {
+pub fn matches_all(matchers: &[Matcher], labels: &(impl LabelLookup + ?Sized)) -> bool {
     matchers.iter().all(|m| m.matches(labels))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Label;
+    use crate::model::{Label, Labels};
 
     #[test]
     fn missing_labels_match_as_empty_and_regexes_are_anchored() {

@@ -6,7 +6,9 @@
 pub mod labels;
 mod matcher;
 
-pub use labels::{Label, LabelError, LabelSpan, Labels, LabelsRef, METRIC_NAME_LABEL};
+pub use labels::{
+    Label, LabelError, LabelLookup, LabelSpan, Labels, LabelsRef, PackedLabels, METRIC_NAME_LABEL,
+};
 pub use matcher::{matches_all, MatchOp, Matcher};
 
 use std::fmt;

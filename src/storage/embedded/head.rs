@@ -4,14 +4,15 @@
 
 use super::chunk::{Appender, Chunk};
 use crate::model::{
-    matches_all, Exemplar, Labels, MatchOp, Matcher, MetricMetadata, Sample, SeriesExemplars,
-    TimestampMs,
+    matches_all, Exemplar, Labels, MatchOp, Matcher, MetricMetadata, PackedLabels, Sample,
+    SeriesExemplars, TimestampMs,
 };
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::BTreeMap;
 
 pub(super) struct SeriesData {
-    pub labels: Labels,
+    /// Packed: one allocation instead of two strings per label.
+    pub labels: PackedLabels,
     pub samples: SampleStore,
     pub exemplars: Vec<Exemplar>,
     /// The latest sample time already flushed to a block: samples at or before it are
@@ -233,13 +234,13 @@ pub(super) fn insert_sample(samples: &mut Vec<Sample>, sample: Sample) {
 }
 
 impl Head {
-    pub fn create_series(&mut self, tenant: &str, id: u64, labels: Labels) {
+    pub fn create_series(&mut self, tenant: &str, id: u64, labels: &Labels) {
         let index = self.tenants.entry(tenant.to_owned()).or_default();
         index.by_fingerprint.insert(labels.fingerprint(), id);
-        for label in labels.iter() {
+        for (name, value) in labels.pairs() {
             index
                 .postings
-                .entry(posting_key(&label.name, &label.value))
+                .entry(posting_key(name, value))
                 .or_default()
                 .push(id);
         }
@@ -247,7 +248,7 @@ impl Head {
         self.series.insert(
             id,
             SeriesData {
-                labels,
+                labels: PackedLabels::from(labels),
                 samples: SampleStore::default(),
                 exemplars: Vec::new(),
                 flushed_until: i64::MIN,
@@ -324,7 +325,7 @@ impl Head {
             .cloned()
             .collect();
         (!exemplars.is_empty()).then(|| SeriesExemplars {
-            labels: s.labels.clone(),
+            labels: s.labels.to_labels(),
             exemplars,
         })
     }

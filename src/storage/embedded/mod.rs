@@ -743,7 +743,7 @@ fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, TimestampMs>) {
     match record {
         Record::Series { tenant, id, labels } => {
             if !head.series.contains_key(&id) {
-                head.create_series(&tenant, id, labels);
+                head.create_series(&tenant, id, &labels);
                 if let (Some(&t), Some(series)) = (flushed.get(&id), head.series.get_mut(&id)) {
                     series.flushed_until = t;
                 }
@@ -891,7 +891,7 @@ impl Storage for EmbeddedStorage {
                 return Err(StorageError::TooManySamples);
             }
             out.push(SeriesSamples {
-                labels: series.labels.clone(),
+                labels: series.labels.to_labels(),
                 samples,
             });
         }
@@ -942,7 +942,7 @@ impl Storage for EmbeddedStorage {
             .filter(|(_, rows)| !rows.is_empty())
             .filter_map(|(id, rows)| {
                 Some(SeriesRollups {
-                    labels: head.series.get(&id)?.labels.clone(),
+                    labels: head.series.get(&id)?.labels.to_labels(),
                     rows,
                 })
             })
@@ -956,7 +956,7 @@ impl Storage for EmbeddedStorage {
         let mut out: Vec<Labels> = self
             .series_ids(&head, tenant, query)?
             .into_iter()
-            .filter_map(|id| head.series.get(&id).map(|s| s.labels.clone()))
+            .filter_map(|id| head.series.get(&id).map(|s| s.labels.to_labels()))
             .collect();
         out.sort();
         if query.limit > 0 {

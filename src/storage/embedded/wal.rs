@@ -4,7 +4,7 @@
 //!
 //! Record framing: `len: u32 LE | crc32(payload): u32 LE | payload`.
 
-use crate::model::{Label, Labels, MetricMetadata, MetricType};
+use crate::model::{Label, Labels, MetricMetadata, MetricType, PackedLabels};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
@@ -84,11 +84,11 @@ impl Encoder {
         self.u64(s.len() as u64);
         self.0.extend_from_slice(s.as_bytes());
     }
-    fn labels(&mut self, labels: &Labels) {
-        self.u64(labels.len() as u64);
-        for l in labels.iter() {
-            self.str(&l.name);
-            self.str(&l.value);
+    fn labels<'a>(&mut self, pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) {
+        self.u64(pairs.clone().count() as u64);
+        for (name, value) in pairs {
+            self.str(name);
+            self.str(value);
         }
     }
 }
@@ -164,7 +164,7 @@ impl Record {
                 e.u8(1);
                 e.str(tenant);
                 e.u64(*id);
-                e.labels(labels);
+                e.labels(labels.pairs());
             }
             Record::Samples { samples } => {
                 // Ids and times as varint deltas from the previous sample: a request's
@@ -195,7 +195,7 @@ impl Record {
                     e.u64(*id);
                     e.i64(*t);
                     e.f64(*v);
-                    e.labels(labels);
+                    e.labels(labels.pairs());
                 }
             }
             Record::Flushed { marks } => {
@@ -629,12 +629,12 @@ fn frame_into(out: &mut Vec<u8>, record: &Record) {
 }
 
 /// Appends a framed series record without building a [`Record`] (no copy of the labels).
-fn frame_series_into(out: &mut Vec<u8>, tenant: &str, id: u64, labels: &Labels) {
+fn frame_series_into(out: &mut Vec<u8>, tenant: &str, id: u64, labels: &PackedLabels) {
     let mut e = Encoder(Vec::new());
     e.u8(1);
     e.str(tenant);
     e.u64(id);
-    e.labels(labels);
+    e.labels(labels.pairs());
     frame_payload(out, &e.0);
 }
 
@@ -670,7 +670,7 @@ impl CheckpointWriter {
     }
 
     /// Appends a series record without building a [`Record`] (no copy of the labels).
-    pub fn series(&mut self, tenant: &str, id: u64, labels: &Labels) -> io::Result<()> {
+    pub fn series(&mut self, tenant: &str, id: u64, labels: &PackedLabels) -> io::Result<()> {
         self.scratch.clear();
         frame_series_into(&mut self.scratch, tenant, id, labels);
         self.out.write_all(&self.scratch)
