@@ -204,6 +204,11 @@ fn main() {
         let cpu_before = cpu_seconds(server.pid());
         let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
         let cpu = cpu_seconds(server.pid()) - cpu_before;
+        eprintln!(
+            "SecuMon: ingest {:.0} samples/s, {:.2} CPU-s per 1M samples",
+            outcome.accepted as f64 / outcome.seconds,
+            cpu / (outcome.accepted as f64 / 1e6)
+        );
         // Everything older than the out-of-order window (1 h) behind the newest sample goes
         // to blocks: all but the last 61 samples of each series.
         let expected = (o.series * (points as usize - 61)) as f64;

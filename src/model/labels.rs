@@ -349,8 +349,16 @@ impl LabelLookup for PackedLabels {
 pub struct PackedLabels(Box<[u8]>);
 
 impl PackedLabels {
-    /// Packs a set valid as [`Labels`] (sorted by name, unique, no empty values).
+    /// Packs a set valid as [`Labels`] (sorted by name, unique, no empty values): lookups
+    /// rely on the order.
     pub fn pack<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> PackedLabels {
+        debug_assert!(
+            {
+                let names: Vec<&str> = pairs.clone().map(|(n, _)| n).collect();
+                names.windows(2).all(|w| w[0] < w[1])
+            },
+            "a packed set is sorted by name and unique"
+        );
         let size = pairs
             .clone()
             .map(|(n, v)| n.len() + v.len() + varint_len(n.len()) + varint_len(v.len()))
@@ -398,6 +406,15 @@ impl PackedLabels {
             .map(|(_, v)| packed_str(v))
     }
 
+    /// The number of labels.
+    pub fn len(&self) -> usize {
+        self.raw_pairs().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn to_labels(&self) -> Labels {
         Labels(self.pairs().map(|(n, v)| Label::new(n, v)).collect())
     }
@@ -439,7 +456,8 @@ fn varint_len(mut v: usize) -> usize {
     n
 }
 
-/// One length-prefixed part of a packed set; `rest` moves past it.
+/// One length-prefixed part of a packed set; `rest` moves past it. (The set was packed by
+/// [`PackedLabels::pack`], so lengths are well formed.)
 fn take_part<'a>(rest: &mut &'a [u8]) -> &'a [u8] {
     let mut len = 0usize;
     let mut shift = 0;

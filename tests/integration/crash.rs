@@ -171,6 +171,6 @@ fn the_server_runs_without_transparent_huge_pages() {
     let line = status
         .lines()
         .find(|l| l.starts_with("THP_enabled:"))
-        .expect("the kernel reports THP_enabled in /proc/PID/status (Linux 6.x)");
+        .expect("the kernel reports THP_enabled in /proc/PID/status (Linux 5.0 or later)");
     assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
 }

@@ -66,8 +66,12 @@ impl Default for EmbeddedConfig {
 /// window merge into one, then those of a closed day.
 const COMPACTION_SPANS_MS: [i64; 2] = [2 * 3_600_000, 24 * 3_600_000];
 
-/// Blocks of a window still open that are merged into one.
-const OPEN_WINDOW_MERGE: usize = 4;
+/// In a window still open, consecutive blocks holding fewer samples per series than this (one
+/// head chunk's worth) are merged: each block costs every series a run header, an index entry
+/// and a compressed frame (about 60 bytes), which small flushes would otherwise pay per flush.
+/// A block past this size waits for its window to close, so nothing is rewritten more than a
+/// few times before then.
+const SMALL_BLOCK_SAMPLES_PER_SERIES: u64 = 120;
 
 /// The blocks on disk and the samples on their way there.
 #[derive(Default)]
@@ -660,8 +664,9 @@ fn open_blocks(dir: &Path) -> std::io::Result<(BlockSet, u64)> {
 }
 
 /// The first run of consecutive blocks whose data starts in the same aligned window of `span`
-/// and which all still hold raw chunks: at least two once the window is closed (its end at or
-/// before `cutoff`), at least [`OPEN_WINDOW_MERGE`] while it is open.
+/// and which all still hold raw chunks: all of them (at least two) once the window is closed
+/// (its end at or before `cutoff`); while it is open, at least two consecutive small ones
+/// (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
 fn compaction_group(
     blocks: &[Block],
     span: i64,
@@ -676,17 +681,30 @@ fn compaction_group(
         while j < blocks.len() && window(&blocks[j]) == w {
             j += 1;
         }
-        let closed = (w + 1).saturating_mul(span) <= cutoff;
-        let whole = blocks[i..j].iter().all(|b| {
-            b.chunks.is_some()
-                && !excluded.contains(&b.dir)
-                && b.meta.max_t < (w + 1).saturating_mul(span) + span
-        });
-        // An open window's small flushes are merged too once they pile up, so reads of
-        // recent data do not visit a block per flush.
-        let enough = if closed { 2 } else { OPEN_WINDOW_MERGE };
-        if j - i >= enough && whole {
-            return Some(i..j);
+        let window_end = (w + 1).saturating_mul(span);
+        let compactable = |b: &Block| {
+            b.chunks.is_some() && !excluded.contains(&b.dir) && b.meta.max_t < window_end + span
+        };
+        if window_end <= cutoff {
+            if j - i >= 2 && blocks[i..j].iter().all(compactable) {
+                return Some(i..j);
+            }
+        } else {
+            let small = |b: &Block| {
+                compactable(b)
+                    && b.meta.samples < SMALL_BLOCK_SAMPLES_PER_SERIES * b.meta.series.max(1)
+            };
+            let mut k = i;
+            while k < j {
+                let mut l = k;
+                while l < j && small(&blocks[l]) {
+                    l += 1;
+                }
+                if l - k >= 2 {
+                    return Some(k..l);
+                }
+                k = l + 1;
+            }
         }
         i = j;
     }
@@ -1194,6 +1212,39 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_blocks_of_an_open_window_merge_and_larger_ones_wait_for_it_to_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let start = 10 * DAY;
+        let mut blocks = Vec::new();
+        // Half an hour a flush at 30 s: 60 samples a series per block, 4 blocks in one 2 h
+        // window (cutoff 0:30, 1:00, 1:30, then 2:00 closes it).
+        for i in 0..4 {
+            let from = start + i * HOUR / 2;
+            s.append(
+                &tenant,
+                &[
+                    series("up", "a", from, from + HOUR / 2 - 1, 30_000),
+                    series("up", "b", from, from + HOUR / 2 - 1, 30_000),
+                ],
+            )
+            .await
+            .unwrap();
+            s.maintain_with_cutoff(start, from + HOUR / 2).unwrap();
+            blocks.push(s.sizes().blocks);
+        }
+        // Two small blocks merge into one of 120 a series; the next small one waits beside
+        // it (not rewritten with it); the closed window merges the rest.
+        assert_eq!(blocks, [1, 1, 2, 1]);
+        let all = everything(&s).await;
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].samples.len(), 240);
+        assert!(all[0].samples.windows(2).all(|w| w[1].t - w[0].t == 30_000));
+        assert_eq!(s.sizes().block_samples, 480);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn samples_gone_by_retention_stay_gone_when_their_log_segment_remains() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
@@ -1247,7 +1298,7 @@ mod tests {
         let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
         for i in 0..2 {
             let from = i * HOUR;
-            s.append(&tenant, &[series("up", "a", from, from + HOUR - 1, 60_000)])
+            s.append(&tenant, &[series("up", "a", from, from + HOUR - 1, 30_000)])
                 .await
                 .unwrap();
             s.maintain_with_cutoff(0, from + HOUR - 1).unwrap();
@@ -1277,7 +1328,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            rows[0].rows.iter().all(|r| r.count == 60.0),
+            rows[0].rows.iter().all(|r| r.count == 120.0),
             "no double counting"
         );
     }

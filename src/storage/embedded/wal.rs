@@ -84,8 +84,8 @@ impl Encoder {
         self.u64(s.len() as u64);
         self.0.extend_from_slice(s.as_bytes());
     }
-    fn labels<'a>(&mut self, pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) {
-        self.u64(pairs.clone().count() as u64);
+    fn labels<'a>(&mut self, count: usize, pairs: impl Iterator<Item = (&'a str, &'a str)>) {
+        self.u64(count as u64);
         for (name, value) in pairs {
             self.str(name);
             self.str(value);
@@ -164,7 +164,7 @@ impl Record {
                 e.u8(1);
                 e.str(tenant);
                 e.u64(*id);
-                e.labels(labels.pairs());
+                e.labels(labels.len(), labels.pairs());
             }
             Record::Samples { samples } => {
                 // Ids and times as varint deltas from the previous sample: a request's
@@ -195,7 +195,7 @@ impl Record {
                     e.u64(*id);
                     e.i64(*t);
                     e.f64(*v);
-                    e.labels(labels.pairs());
+                    e.labels(labels.len(), labels.pairs());
                 }
             }
             Record::Flushed { marks } => {
@@ -634,7 +634,7 @@ fn frame_series_into(out: &mut Vec<u8>, tenant: &str, id: u64, labels: &PackedLa
     e.u8(1);
     e.str(tenant);
     e.u64(id);
-    e.labels(labels.pairs());
+    e.labels(labels.len(), labels.pairs());
     frame_payload(out, &e.0);
 }
 
@@ -727,6 +727,27 @@ fn replay_segment(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_framed_from_packed_labels_is_the_record_logged_before() {
+        let labels = Labels::from_trusted(vec![
+            Label::new("__name__", "up"),
+            Label::new("instance", "a:9100"),
+            Label::new("path", "/é".repeat(100)),
+        ]);
+        let mut from_record = Vec::new();
+        frame_into(
+            &mut from_record,
+            &Record::Series {
+                tenant: "t".into(),
+                id: 300,
+                labels: labels.clone(),
+            },
+        );
+        let mut from_packed = Vec::new();
+        frame_series_into(&mut from_packed, "t", 300, &PackedLabels::from(&labels));
+        assert_eq!(from_packed, from_record);
+    }
 
     #[test]
     fn a_full_disk_is_an_error_not_a_crash() {
