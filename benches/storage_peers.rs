@@ -204,11 +204,9 @@ fn main() {
         let cpu_before = cpu_seconds(server.pid());
         let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
         let cpu = cpu_seconds(server.pid()) - cpu_before;
-        eprintln!(
-            "SecuMon: ingest {:.0} samples/s, {:.2} CPU-s per 1M samples",
-            outcome.accepted as f64 / outcome.seconds,
-            cpu / (outcome.accepted as f64 / 1e6)
-        );
+        let rate = outcome.accepted as f64 / outcome.seconds;
+        let cpu_per_million = cpu / (outcome.accepted as f64 / 1e6);
+        eprintln!("SecuMon: ingest {rate:.0} samples/s, {cpu_per_million:.2} CPU-s per 1M samples");
         // Everything older than the out-of-order window (1 h) behind the newest sample goes
         // to blocks: all but the last 61 samples of each series.
         let expected = (o.series * (points as usize - 61)) as f64;
@@ -252,8 +250,8 @@ fn main() {
         }
         results.push(Measured {
             name: "SecuMon embedded",
-            rate: outcome.accepted as f64 / outcome.seconds,
-            cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
+            rate,
+            cpu_per_million,
             persisted_bytes_per_sample: block_bytes / block_samples,
             dir_bytes_per_sample: dir_bytes(&dir.join("data")) as f64 / outcome.accepted as f64,
             rss_mib: peak_rss_mib(server.pid()),

@@ -1,7 +1,7 @@
 //! SecuMon: a Prometheus- and OpenTelemetry-compatible metrics backend.
 //!
 //! Layers, one direction only: `api` (protocols) → `ingest` and `promql` → `storage` (trait) →
-//! backends. `model` is shared by all.
+//! backends. `model` (and `varint`) is shared by all.
 
 pub mod api;
 pub mod config;
@@ -11,3 +11,4 @@ pub mod promql;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod varint;

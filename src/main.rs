@@ -1,4 +1,8 @@
 use clap::Parser;
+use secumon::config::{Cli, Command};
+use secumon::server;
+use secumon::storage::postgres::{Mode, PostgresStorage};
+use std::process::ExitCode;
 
 /// mimalloc: ingest decodes and frees many small strings per request (labels, OTLP
 /// attributes); it halves the decode-and-translate time of an OTLP export against the system
@@ -44,11 +48,6 @@ fn tune_allocator() -> Option<String> {
     }
     warning
 }
-
-use secumon::config::{Cli, Command};
-use secumon::server;
-use secumon::storage::postgres::{Mode, PostgresStorage};
-use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let allocator_warning = tune_allocator();

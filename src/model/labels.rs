@@ -1,5 +1,6 @@
 //! Label sets: validated once at the edge, then sorted by name and unique.
 
+use crate::varint::{put_varint, take_varint, varint_len};
 use std::fmt;
 
 /// The label that carries the metric name.
@@ -351,7 +352,7 @@ pub struct PackedLabels(Box<[u8]>);
 impl PackedLabels {
     /// Packs a set valid as [`Labels`] (sorted by name, unique, no empty values): lookups
     /// rely on the order.
-    pub fn pack<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> PackedLabels {
+    fn pack<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> PackedLabels {
         debug_assert!(
             {
                 let names: Vec<&str> = pairs.clone().map(|(n, _)| n).collect();
@@ -361,19 +362,13 @@ impl PackedLabels {
         );
         let size = pairs
             .clone()
-            .map(|(n, v)| n.len() + v.len() + varint_len(n.len()) + varint_len(v.len()))
+            .flat_map(|(n, v)| [n, v])
+            .map(|part| part.len() + varint_len(part.len() as u64))
             .sum();
         let mut out = Vec::with_capacity(size);
-        for (name, value) in pairs {
-            for part in [name, value] {
-                let mut len = part.len();
-                while len >= 0x80 {
-                    out.push((len as u8) | 0x80);
-                    len >>= 7;
-                }
-                out.push(len as u8);
-                out.extend_from_slice(part.as_bytes());
-            }
+        for part in pairs.flat_map(|(n, v)| [n, v]) {
+            put_varint(&mut out, part.len() as u64);
+            out.extend_from_slice(part.as_bytes());
         }
         PackedLabels(out.into_boxed_slice())
     }
@@ -422,11 +417,6 @@ impl PackedLabels {
     pub fn fingerprint(&self) -> u128 {
         fingerprint_of(self.pairs())
     }
-
-    /// Heap bytes held.
-    pub fn heap_size(&self) -> usize {
-        self.0.len()
-    }
 }
 
 impl From<&Labels> for PackedLabels {
@@ -447,32 +437,12 @@ impl fmt::Debug for PackedLabels {
     }
 }
 
-fn varint_len(mut v: usize) -> usize {
-    let mut n = 1;
-    while v >= 0x80 {
-        v >>= 7;
-        n += 1;
-    }
-    n
-}
-
 /// One length-prefixed part of a packed set; `rest` moves past it. (The set was packed by
 /// [`PackedLabels::pack`], so lengths are well formed.)
 fn take_part<'a>(rest: &mut &'a [u8]) -> &'a [u8] {
-    let mut len = 0usize;
-    let mut shift = 0;
-    let mut at = 0;
-    while let Some(&b) = rest.get(at) {
-        at += 1;
-        len |= usize::from(b & 0x7F) << shift;
-        shift += 7;
-        if b < 0x80 {
-            break;
-        }
-    }
-    let end = (at + len).min(rest.len());
-    let part = &rest[at..end];
-    *rest = &rest[end..];
+    let len = take_varint(rest).map_or(usize::MAX, |len| len as usize);
+    let (part, after) = rest.split_at(len.min(rest.len()));
+    *rest = after;
     part
 }
 
@@ -600,7 +570,7 @@ mod tests {
                 assert_eq!(packed.get(absent), labels.get(absent), "{absent}");
             }
             let text: usize = labels.pairs().map(|(n, v)| n.len() + v.len()).sum();
-            assert!(packed.heap_size() <= text + 3 * 2 * labels.len());
+            assert!(packed.0.len() <= text + 3 * 2 * labels.len());
         }
         let packed = PackedLabels::from(&sets[2]);
         assert_eq!(packed.get("b").map(str::len), Some(20_000));

@@ -29,36 +29,13 @@ const VALUES_DECIMAL_DELTA: u8 = 1;
 const VALUES_DECIMAL_DELTA2: u8 = 2;
 const VALUES_XOR: u8 = 3;
 
-pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-pub(super) fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-pub(super) fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
+pub(super) use crate::varint::{put_varint, unzigzag, zigzag};
 
 pub(super) struct Reader<'a>(pub &'a [u8]);
 
 impl Reader<'_> {
     pub fn varint(&mut self) -> io::Result<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&b, rest) = self.0.split_first().ok_or_else(short)?;
-            self.0 = rest;
-            v |= u64::from(b & 0x7F) << shift;
-            if b < 0x80 {
-                return Ok(v);
-            }
-        }
-        Err(short())
+        crate::varint::take_varint(&mut self.0).ok_or_else(short)
     }
 
     fn byte(&mut self) -> io::Result<u8> {

@@ -27,6 +27,7 @@
 
 use super::codec::{put_varint, unzigzag, zigzag, Reader};
 use crate::model::TimestampMs;
+use crate::varint::varint_len;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -62,10 +63,6 @@ fn le_u32(b: &[u8]) -> u32 {
 
 pub(super) fn damaged(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
-}
-
-fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// A run's header: (series, payload length, payload checksum).

@@ -5,6 +5,7 @@
 //! Record framing: `len: u32 LE | crc32(payload): u32 LE | payload`.
 
 use crate::model::{Label, Labels, MetricMetadata, MetricType, PackedLabels};
+use crate::varint;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
@@ -56,15 +57,11 @@ impl Encoder {
     fn f64(&mut self, v: f64) {
         self.0.extend_from_slice(&v.to_bits().to_le_bytes());
     }
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.0.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.0.push(v as u8);
+    fn varint(&mut self, v: u64) {
+        varint::put_varint(&mut self.0, v);
     }
     fn signed(&mut self, v: i64) {
-        self.varint(((v << 1) ^ (v >> 63)) as u64);
+        self.varint(varint::zigzag(v));
     }
     /// A value: small integers (what counters and many gauges hold) as a varint, anything
     /// else as its 8 bytes after a marker.
@@ -118,19 +115,10 @@ impl Decoder<'_> {
         self.u64().map(f64::from_bits)
     }
     fn varint(&mut self) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.u8()?;
-            v |= u64::from(b & 0x7F) << shift;
-            if b < 0x80 {
-                return Some(v);
-            }
-        }
-        None
+        varint::take_varint(&mut self.0)
     }
     fn signed(&mut self) -> Option<i64> {
-        let v = self.varint()?;
-        Some(((v >> 1) as i64) ^ -((v & 1) as i64))
+        self.varint().map(varint::unzigzag)
     }
     fn value(&mut self) -> Option<f64> {
         match self.varint()? {
