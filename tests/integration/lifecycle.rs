@@ -392,12 +392,13 @@ async fn samples_are_read_from_the_key_alone_after_a_run() {
         "the key is (series_id, time) and carries the value"
     );
     let now = chrono::Utc::now().timestamp_millis();
-    let from = now - HOUR;
+    // The last nine minutes: not rolled up yet, so not packed; they stay in `samples`.
+    let from = now - 9 * MINUTE;
     let batch: Vec<SeriesWrite> = (0..200)
         .map(|s| {
             write(
                 &s.to_string(),
-                (0..60).map(move |i| (from + i * MINUTE, i as f64)),
+                (0..60).map(move |i| (from + i * 9_000, i as f64)),
             )
         })
         .collect();
@@ -440,4 +441,190 @@ async fn samples_are_read_from_the_key_alone_after_a_run() {
     for scan in scans {
         assert_eq!(scan["Heap Fetches"], 0, "{plan}");
     }
+}
+
+/// Samples as text, bit-exact (NaN payloads included).
+fn samples_text(series: &[SeriesSamples]) -> String {
+    let mut out = String::new();
+    for s in series {
+        out.push_str(&format!("{}:", s.labels));
+        for p in &s.samples {
+            out.push_str(&format!(" {}={:x}", p.t, p.v.to_bits()));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_up_windows_are_packed_one_row_per_series_and_read_back_bit_exact() {
+    use secumon::model::STALE_NAN_BITS;
+    use secumon::storage::{RejectReason, SeriesQuery};
+    let url = Postgres::shared().database().await;
+    let storage = PostgresStorage::connect(&url, &plain(), &RetentionConfig::default())
+        .await
+        .unwrap();
+    let pool = storage.pool().clone();
+    let tenant = TenantId::default();
+    let now = chrono::Utc::now().timestamp_millis();
+    let from = now - 2 * HOUR;
+    let old = now - 3 * DAY;
+    let batch = vec![
+        write(
+            "a",
+            (0..480).map(|i| (from + i * 15_000, (i * 3 % 100) as f64)),
+        ),
+        write(
+            "b",
+            (0..480).map(|i| {
+                let v = match i % 97 {
+                    5 => f64::NAN,
+                    6 => f64::from_bits(STALE_NAN_BITS),
+                    7 => f64::NEG_INFINITY,
+                    _ => i as f64 * 0.25,
+                };
+                (from + i * 15_000 + 3, v)
+            }),
+        ),
+        write("old", (0..40).map(|i| (old + i * MINUTE, -1.0 - i as f64))),
+    ];
+    storage.append(&tenant, &batch).await.unwrap();
+    let before = samples_text(&raw(&storage).await);
+
+    let report = storage.run_lifecycle_at(now).await.unwrap();
+    let packed_before: i64 = count(
+        &pool,
+        "SELECT (extract(epoch FROM watermark) * 1000)::int8 FROM rollup_watermarks
+         WHERE relation = 'samples_packed'",
+    )
+    .await;
+    assert!(
+        packed_before > now - 30 * MINUTE,
+        "{packed_before} vs {now}"
+    );
+    assert!(
+        packed_before <= now - 10 * MINUTE,
+        "{packed_before} vs {now}"
+    );
+    let still_raw = count(&pool, "SELECT count(*) FROM samples").await;
+    assert_eq!(
+        report.samples_packed as i64 + still_raw,
+        480 + 480 + 40,
+        "{report:?}"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM samples WHERE time < to_timestamp({packed_before} / 1000.0)"
+            )
+        )
+        .await,
+        0,
+        "nothing before the packing watermark is left a row per sample"
+    );
+    // One row per series and 15-minute window: "old" spans 40 minutes from an arbitrary
+    // minute (3 or 4 windows), "a" and "b" up to the watermark.
+    let rows = count(&pool, "SELECT count(*) FROM samples_packed").await;
+    let recent_windows = (packed_before - (from - from.rem_euclid(15 * MINUTE))) / (15 * MINUTE);
+    assert!(
+        (2 * recent_windows + 3..=2 * recent_windows + 4).contains(&rows),
+        "{rows} rows, {recent_windows} windows"
+    );
+    assert_eq!(
+        samples_text(&raw(&storage).await),
+        before,
+        "packed samples read back bit-exact"
+    );
+    // Point reads and series listings see packed samples too.
+    let at = storage
+        .select_instants(
+            &tenant,
+            &[Matcher::equal("__name__", "lc")],
+            &[from + 15_000, from + 15_003, old + MINUTE],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, Vec<i64>)> = at
+        .iter()
+        .map(|s| {
+            (
+                s.labels.to_string(),
+                s.samples.iter().map(|p| p.t).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got.iter().all(|(_, t)| t.len() == 1), "{got:?}");
+    let listed = storage
+        .series(
+            &tenant,
+            &SeriesQuery {
+                matcher_sets: vec![vec![Matcher::equal("__name__", "lc")]],
+                start: old,
+                end: old + MINUTE,
+                limit: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // Late writes into packed windows: a repeat is accepted, another value for a stored
+    // timestamp refused, a new timestamp stored.
+    let outcome = storage
+        .append(
+            &tenant,
+            &[
+                write("a", [(from + 15_000, 3.0)].into_iter()),
+                write("old", [(old + MINUTE, 5.0)].into_iter()),
+                write("old", [(old + MINUTE + 1, 5.0)].into_iter()),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.accepted, 2, "{outcome:?}");
+    assert_eq!(
+        outcome.rejected,
+        [(RejectReason::DuplicateTimestamp, 1)],
+        "{outcome:?}"
+    );
+    let after_late = raw(&storage).await;
+    let old_series = after_late
+        .iter()
+        .find(|s| s.labels.to_string().contains("old"))
+        .unwrap();
+    assert_eq!(old_series.samples.len(), 41);
+    assert_eq!(old_series.samples[1].v, -2.0, "the stored value stays");
+    assert_eq!(old_series.samples[2].t, old + MINUTE + 1);
+
+    // The next run unpacks the window the late write touched, recomputes its rollups from
+    // every sample, and packs it again.
+    let report = storage.run_lifecycle_at(now).await.unwrap();
+    assert!(report.windows_unpacked >= 1, "{report:?}");
+    assert!(report.samples_packed >= 2, "{report:?}");
+    assert_eq!(
+        count(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM samples WHERE time < to_timestamp({packed_before} / 1000.0)"
+            )
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        samples_text(&raw(&storage).await),
+        samples_text(&after_late)
+    );
+    assert_reads_equal_raw(&storage, old - HOUR).await;
+
+    // Raw retention drops packed partitions with raw ones.
+    storage.run_lifecycle_at(now + 40 * DAY).await.unwrap();
+    assert_eq!(count(&pool, "SELECT count(*) FROM samples_packed").await, 0);
+    assert!(raw(&storage).await.is_empty());
 }

@@ -10,7 +10,7 @@
 
 mod block;
 mod chunk;
-mod codec;
+pub(crate) mod codec;
 mod head;
 mod runfile;
 mod wal;

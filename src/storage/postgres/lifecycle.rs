@@ -14,7 +14,7 @@
 //! One server at a time runs it (a session advisory lock); the watermarks make it resumable
 //! after a restart at the bucket where it stopped.
 
-use super::{db_error, float_sum, not_stale, relkind, PostgresStorage};
+use super::{db_error, float_sum, not_stale, packed, relkind, PostgresStorage};
 use crate::model::TimestampMs;
 use crate::storage::{Resolution, StorageError, StorageResult};
 use chrono::{DateTime, Utc};
@@ -61,6 +61,7 @@ pub(super) struct LifecycleState {
     pub rollup_rows_written: AtomicU64,
     pub failed_runs: AtomicU64,
     pub completed_runs: AtomicU64,
+    pub samples_packed: AtomicU64,
 }
 
 impl Default for LifecycleState {
@@ -72,6 +73,7 @@ impl Default for LifecycleState {
             rollup_rows_written: AtomicU64::new(0),
             failed_runs: AtomicU64::new(0),
             completed_runs: AtomicU64::new(0),
+            samples_packed: AtomicU64::new(0),
         }
     }
 }
@@ -87,6 +89,9 @@ pub struct LifecycleReport {
     pub rows_expired: u64,
     /// Partitions vacuumed (the current and the previous one).
     pub partitions_vacuumed: usize,
+    /// Samples moved into packed rows, and packed windows moved back for a recomputation.
+    pub samples_packed: u64,
+    pub windows_unpacked: usize,
 }
 
 fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
@@ -193,17 +198,14 @@ pub(super) async fn setup_plain(conn: &mut PgConnection) -> StorageResult<()> {
     .execute(&mut *conn)
     .await
     .map_err(db_error)?;
-    Ok(())
+    packed::setup(conn).await
 }
 
-/// Watermark of a rollup table: every bucket before it is materialized.
-async fn watermark(
-    conn: &mut PgConnection,
-    resolution: Resolution,
-) -> StorageResult<Option<TimestampMs>> {
+/// Watermark of a rollup table (every bucket before it is materialized) or of packing.
+async fn watermark(conn: &mut PgConnection, relation: &str) -> StorageResult<Option<TimestampMs>> {
     let w: Option<DateTime<Utc>> =
         sqlx::query_scalar("SELECT watermark FROM rollup_watermarks WHERE relation = $1")
-            .bind(resolution.name())
+            .bind(relation)
             .fetch_optional(&mut *conn)
             .await
             .map_err(db_error)?;
@@ -212,14 +214,14 @@ async fn watermark(
 
 async fn set_watermark(
     conn: &mut PgConnection,
-    resolution: Resolution,
+    relation: &str,
     t: TimestampMs,
 ) -> StorageResult<()> {
     sqlx::query(
         "INSERT INTO rollup_watermarks (relation, watermark) VALUES ($1, $2)
          ON CONFLICT (relation) DO UPDATE SET watermark = excluded.watermark, updated_at = now()",
     )
-    .bind(resolution.name())
+    .bind(relation)
     .bind(to_datetime(t))
     .execute(&mut *conn)
     .await
@@ -294,16 +296,20 @@ async fn aggregate(
         .rows_affected())
 }
 
-/// `samples` partitions with their bounds, oldest first.
-async fn partitions(conn: &mut PgConnection) -> StorageResult<Vec<(String, i64, i64)>> {
+/// Partitions of `parent` (`samples` or `samples_packed`) with their bounds, oldest first.
+async fn partitions(
+    conn: &mut PgConnection,
+    parent: &str,
+) -> StorageResult<Vec<(String, i64, i64)>> {
     let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
         "SELECT name,
                 (extract(epoch FROM (regexp_match(bound, 'FROM \\(''([^'']+)''\\)'))[1]::timestamptz) * 1000)::int8,
                 (extract(epoch FROM (regexp_match(bound, 'TO \\(''([^'']+)''\\)'))[1]::timestamptz) * 1000)::int8
          FROM (SELECT c.relname::text AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
                FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-               WHERE i.inhparent = 'samples'::regclass) p",
+               WHERE i.inhparent = $1::regclass) p",
     )
+    .bind(parent)
     .fetch_all(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -367,13 +373,14 @@ impl PostgresStorage {
         report.partitions_created = self.ensure_partitions(&ahead).await?;
 
         let raw_cutoff = now - self.retention.keep_ms(None);
-        let oldest_raw = partitions(conn)
+        let oldest_raw = partitions(conn, "samples")
             .await?
             .first()
             .map_or(now, |p| p.1)
             .max(raw_cutoff);
-        let w5 = watermark(conn, Resolution::FiveMinutes).await?;
-        let w1 = watermark(conn, Resolution::OneHour).await?;
+        let w5 = watermark(conn, Resolution::FiveMinutes.name()).await?;
+        let w1 = watermark(conn, Resolution::OneHour.name()).await?;
+        let packed_before = watermark(conn, packed::WATERMARK).await?;
 
         // Late writes below the watermarks: recompute those buckets from what raw data is
         // left (never below raw retention, where the rollups are all there is).
@@ -384,11 +391,20 @@ impl PostgresStorage {
                 .await
                 .map_err(db_error)?;
         report.invalidations = ranges.len();
+        let mut repack = Vec::new();
         for (lo, hi) in merge_ranges(
             ranges
                 .iter()
                 .map(|(lo, hi)| (lo.timestamp_millis(), hi.timestamp_millis())),
         ) {
+            // Rollups are recomputed from `samples`: packed windows there go back first.
+            let (from, to) = (
+                lo.max(oldest_raw),
+                hi.min(packed_before.unwrap_or(i64::MIN)),
+            );
+            if from < to {
+                repack.extend(packed::unpack(&mut tx, from, to).await?);
+            }
             let five = Resolution::FiveMinutes;
             let from = five.bucket(lo).max(five.bucket(oldest_raw + five.ms() - 1));
             let to = (five.bucket(hi - 1) + five.ms()).min(w5.unwrap_or(i64::MIN));
@@ -403,11 +419,17 @@ impl PostgresStorage {
             }
         }
         tx.commit().await.map_err(db_error)?;
+        report.windows_unpacked = repack.len();
+        repack.sort_unstable();
+        repack.dedup();
+        for window in repack {
+            report.samples_packed += packed::pack_window(conn, width, window).await?;
+        }
 
         // Move the watermarks on: 5 min from raw samples (the partitions read after the late
         // writes were taken, so a partition they created is not skipped), 1 h from the 5 min
         // rows, from the oldest of them on a first run.
-        let parts = partitions(conn).await?;
+        let parts = partitions(conn, "samples").await?;
         let target_5m = Resolution::FiveMinutes.bucket(now - LAG_MS);
         let start_5m = w5.unwrap_or_else(|| {
             parts
@@ -434,6 +456,7 @@ impl PostgresStorage {
             .advance(conn, Resolution::OneHour, start_1h, target_1h, &parts)
             .await?;
         report.rows_1h += rows;
+        report.samples_packed += self.pack(conn, packed_before, w5, &parts).await?;
 
         // Raw retention: whole partitions, so the space is freed at once; only what the 5 min
         // rollups already hold, so a stalled job never lets raw data go unrolled.
@@ -445,6 +468,14 @@ impl PostgresStorage {
                     .map_err(db_error)?;
                 self.partitions.forget(*lo);
                 report.partitions_dropped += 1;
+            }
+        }
+        for (name, _, hi) in partitions(conn, "samples_packed").await? {
+            if hi <= raw_cutoff.min(w5) {
+                sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_error)?;
             }
         }
         self.lifecycle
@@ -540,12 +571,45 @@ impl PostgresStorage {
             let next = next.min(target).max(w + resolution.ms());
             let mut tx = conn.begin().await.map_err(db_error)?;
             rows += aggregate(&mut tx, resolution, w, next, false).await?;
-            set_watermark(&mut tx, resolution, next).await?;
+            set_watermark(&mut tx, resolution.name(), next).await?;
             tx.commit().await.map_err(db_error)?;
             w = next;
         }
-        set_watermark(conn, resolution, w.max(from)).await?;
+        set_watermark(conn, resolution.name(), w.max(from)).await?;
         Ok((w.max(from), rows))
+    }
+
+    /// Packs every window from `from` (the oldest raw partition on a first run) that ended
+    /// before the 5 min watermark `w5`, skipping time no partition covers. Returns the
+    /// samples moved.
+    async fn pack(
+        &self,
+        conn: &mut PgConnection,
+        from: Option<TimestampMs>,
+        w5: TimestampMs,
+        parts: &[(String, i64, i64)],
+    ) -> StorageResult<u64> {
+        let target = packed::window_of(w5);
+        let Some(from) = from.or_else(|| parts.first().map(|p| packed::window_of(p.1))) else {
+            return Ok(0);
+        };
+        let mut moved = 0;
+        let mut w = from;
+        for &(_, lo, hi) in parts.iter().take_while(|p| p.1 < target) {
+            w = w.max(packed::window_of(lo));
+            while w < hi.min(target) {
+                moved += packed::pack_window(conn, self.partitions.width_ms, w).await?;
+                w += packed::WINDOW_MS;
+                set_watermark(conn, packed::WATERMARK, w).await?;
+            }
+        }
+        if target > from {
+            set_watermark(conn, packed::WATERMARK, target).await?;
+        }
+        self.lifecycle
+            .samples_packed
+            .fetch_add(moved, Ordering::Relaxed);
+        Ok(moved)
     }
 }
 

@@ -12,6 +12,7 @@
 mod copy_binary;
 mod exemplars;
 mod lifecycle;
+mod packed;
 mod read;
 mod timescaledb;
 mod write;

@@ -2,6 +2,7 @@
 
 use super::copy_binary::{timestamp_ms, RowReader};
 use super::lifecycle::Mode;
+use super::packed;
 use super::write::{MAX_TIMESTAMP_MS, MIN_TIMESTAMP_MS};
 use super::{db_error, PostgresStorage};
 use crate::model::{
@@ -14,6 +15,7 @@ use crate::storage::{
 };
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use sqlx::postgres::PgConnection;
 use std::collections::BTreeMap;
 
 /// Series ids per sample query: bounds the statement size while keeping round trips few.
@@ -45,7 +47,7 @@ fn int8_array(values: &[i64]) -> String {
 
 /// A `timestamptz` constant for a time in the stored range: a literal, not an expression, so
 /// PostgreSQL prunes partitions while planning instead of planning every one of them.
-fn timestamp_literal(t: TimestampMs) -> String {
+pub(super) fn timestamp_literal(t: TimestampMs) -> String {
     format!(
         "'{}'::timestamptz",
         clamp_time(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -85,6 +87,37 @@ impl LabelCache {
         }
         map.extend(entries);
     }
+}
+
+/// Streams `sql` (a `COPY (…) TO STDOUT (FORMAT binary)` of rows of `fields` eight-byte
+/// fields) into `on_row` and returns the rows read, stopping with
+/// [`StorageError::TooManySamples`] past `limit` rows. After an error the connection may be
+/// in the middle of a COPY: the caller closes it, never hands it back to the pool.
+pub(super) async fn copy_rows(
+    conn: &mut PgConnection,
+    sql: &str,
+    fields: usize,
+    mut on_row: impl FnMut(&[i64]),
+    limit: Option<usize>,
+) -> StorageResult<usize> {
+    let mut reader = RowReader::new(fields);
+    let mut rows = 0usize;
+    let mut stream = conn.copy_out_raw(sql).await.map_err(db_error)?;
+    while let Some(bytes) = stream.try_next().await.map_err(db_error)? {
+        reader
+            .feed(&bytes, &mut |row| {
+                rows += 1;
+                on_row(row)
+            })
+            .map_err(|e| StorageError::Internal(e.to_string()))?;
+        if limit.is_some_and(|limit| rows > limit) {
+            return Err(StorageError::TooManySamples);
+        }
+    }
+    if !reader.finished() {
+        return Err(StorageError::Unavailable("row stream ended early".into()));
+    }
+    Ok(rows)
 }
 
 impl PostgresStorage {
@@ -164,12 +197,8 @@ impl PostgresStorage {
         hints: &SelectHints,
     ) -> StorageResult<Vec<SeriesSamples>> {
         let series = self.find_series(tenant, matchers).await?;
-        self.select_where(
-            series,
-            &range_filter(hints.start, hints.end),
-            hints.max_samples,
-        )
-        .await
+        self.select_where(series, hints.start, hints.end, None, hints.max_samples)
+            .await
     }
 
     /// Samples exactly at `instants`: point reads on the (series_id, time) index.
@@ -186,24 +215,23 @@ impl PostgresStorage {
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        if wanted.is_empty() {
+        let (Some(&first), Some(&last)) = (wanted.first(), wanted.last()) else {
             return Ok(Vec::new());
-        }
-        let list = int8_array(&wanted);
-        let filter = format!(
-            "time = ANY(ARRAY(SELECT timestamptz 'epoch' + x * interval '1 millisecond'
-                              FROM unnest({list}) AS x))"
-        );
+        };
         let series = self.find_series(tenant, matchers).await?;
-        self.select_where(series, &filter, 0).await
+        self.select_where(series, first, last, Some(&wanted), 0)
+            .await
     }
 
-    /// The `series` (ids and labels) with their samples that satisfy `time_filter` (SQL over
-    /// `time`, built here from numbers only), sorted by labels.
+    /// The `series` (ids and labels) with their samples in `[start, end]` (only those at
+    /// `instants`, sorted, when given), sorted by labels. Packed and row-per-sample samples
+    /// are read in one snapshot.
     async fn select_where(
         &self,
         mut series: Vec<(i64, Labels)>,
-        time_filter: &str,
+        start: TimestampMs,
+        end: TimestampMs,
+        instants: Option<&[TimestampMs]>,
         max_samples: usize,
     ) -> StorageResult<Vec<SeriesSamples>> {
         let started = std::time::Instant::now();
@@ -215,21 +243,50 @@ impl PostgresStorage {
             .collect();
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); series.len()];
         let ids: Vec<i64> = series.iter().map(|(id, _)| *id).collect();
-        let mut loaded = 0usize;
-        let mut current: (i64, Option<usize>) = (i64::MIN, None);
-        for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
-            // Binary COPY: statement text only, so the (numeric, self-made) values are inlined.
-            // No ORDER BY: sorting millions of rows in PostgreSQL costs more than checking
-            // each series' order here (rows mostly arrive in insertion order already).
-            let sql = format!(
-                "COPY (SELECT series_id, time, value FROM samples
-                 WHERE series_id = ANY({}) AND {time_filter})
-                 TO STDOUT (FORMAT binary)",
-                int8_array(chunk)
-            );
-            let allowed = (max_samples > 0).then(|| max_samples.saturating_sub(loaded));
-            loaded += self
-                .copy_rows(
+        let time_filter = match instants {
+            Some(list) => format!(
+                "time = ANY(ARRAY(SELECT timestamptz 'epoch' + x * interval '1 millisecond'
+                                  FROM unnest({}) AS x))",
+                int8_array(list)
+            ),
+            None => range_filter(start, end),
+        };
+        let packed = self.mode == Mode::Plain;
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        let read = async {
+            let mut loaded = 0usize;
+            let allowed =
+                |loaded: usize| (max_samples > 0).then(|| max_samples.saturating_sub(loaded));
+            if packed {
+                // One snapshot for both layouts: a window moved between two statements
+                // would otherwise be read twice or not at all.
+                sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_error)?;
+                loaded += packed::read(&mut conn, &ids, start, end, allowed(0), |id, mut got| {
+                    if let Some(&i) = index.get(&id) {
+                        if let Some(wanted) = instants {
+                            got.retain(|s| wanted.binary_search(&s.t).is_ok());
+                        }
+                        samples[i].append(&mut got);
+                    }
+                })
+                .await?;
+            }
+            let mut current: (i64, Option<usize>) = (i64::MIN, None);
+            for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
+                // Binary COPY: statement text only, so the (numeric, self-made) values are
+                // inlined. No ORDER BY: sorting millions of rows in PostgreSQL costs more than
+                // checking each series' order here (rows mostly arrive in key order already).
+                let sql = format!(
+                    "COPY (SELECT series_id, time, value FROM samples
+                     WHERE series_id = ANY({}) AND {time_filter})
+                     TO STDOUT (FORMAT binary)",
+                    int8_array(chunk)
+                );
+                loaded += copy_rows(
+                    &mut conn,
                     &sql,
                     3,
                     |f| {
@@ -245,10 +302,27 @@ impl PostgresStorage {
                             });
                         }
                     },
-                    allowed,
+                    allowed(loaded),
                 )
                 .await?;
+            }
+            if packed {
+                sqlx::query("COMMIT")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_error)?;
+            }
+            Ok::<_, StorageError>(loaded)
         }
+        .await;
+        let loaded = match read {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                // The connection may be mid-COPY or mid-transaction: never reused.
+                let _ = conn.close().await;
+                return Err(e);
+            }
+        };
         tracing::debug!(
             series = series.len(),
             samples = loaded,
@@ -256,9 +330,7 @@ impl PostgresStorage {
             "select"
         );
         for s in &mut samples {
-            if !s.is_sorted_by_key(|p| p.t) {
-                s.sort_unstable_by_key(|p| p.t);
-            }
+            packed::settle(s);
         }
         Ok(series
             .into_iter()
@@ -266,44 +338,6 @@ impl PostgresStorage {
             .filter(|(_, samples)| !samples.is_empty())
             .map(|((_, labels), samples)| SeriesSamples { labels, samples })
             .collect())
-    }
-
-    /// Streams `sql` (a `COPY (…) TO STDOUT (FORMAT binary)` of rows of `fields` eight-byte
-    /// fields) into `on_row` and returns the rows read, stopping with
-    /// [`StorageError::TooManySamples`] past `limit` rows. It reads on a connection of its
-    /// own: one left in the middle of a COPY is closed, never handed back to the pool.
-    async fn copy_rows(
-        &self,
-        sql: &str,
-        fields: usize,
-        mut on_row: impl FnMut(&[i64]),
-        limit: Option<usize>,
-    ) -> StorageResult<usize> {
-        let mut conn = self.pool.acquire().await.map_err(db_error)?;
-        let mut reader = RowReader::new(fields);
-        let mut rows = 0usize;
-        let outcome: StorageResult<()> = async {
-            let mut stream = conn.copy_out_raw(sql).await.map_err(db_error)?;
-            while let Some(bytes) = stream.try_next().await.map_err(db_error)? {
-                reader
-                    .feed(&bytes, &mut |row| {
-                        rows += 1;
-                        on_row(row)
-                    })
-                    .map_err(|e| StorageError::Internal(e.to_string()))?;
-                if limit.is_some_and(|limit| rows > limit) {
-                    return Err(StorageError::TooManySamples);
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if outcome.is_err() || !reader.finished() {
-            let _ = conn.close().await;
-            outcome?;
-            return Err(StorageError::Unavailable("row stream ended early".into()));
-        }
-        Ok(rows)
     }
 
     /// Label sets of the series that match any matcher set (every series when there is none)
@@ -325,17 +359,28 @@ impl PostgresStorage {
         }
         let ids: Vec<i64> = candidates.iter().map(|(id, _)| *id).collect();
         let mut present = std::collections::HashSet::new();
+        let packed = match self.mode {
+            Mode::Plain => format!(
+                "OR EXISTS (SELECT 1 FROM samples_packed WHERE series_id = id
+                              AND window_start > $2 - interval '{} milliseconds'
+                              AND window_start <= $3 AND last_time >= $2 AND first_time <= $3)",
+                packed::WINDOW_MS
+            ),
+            Mode::TimescaleDb => String::new(),
+        };
+        let sql = format!(
+            "SELECT id FROM unnest($1::int8[]) AS id
+             WHERE EXISTS (SELECT 1 FROM samples WHERE series_id = id AND time >= $2 AND time <= $3)
+                   {packed}"
+        );
         for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
-            let rows: Vec<(i64,)> = sqlx::query_as(
-                "SELECT id FROM unnest($1::int8[]) AS id
-                 WHERE EXISTS (SELECT 1 FROM samples WHERE series_id = id AND time >= $2 AND time <= $3)",
-            )
-            .bind(chunk)
-            .bind(clamp_time(query.start))
-            .bind(clamp_time(query.end))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+            let rows: Vec<(i64,)> = sqlx::query_as(&sql)
+                .bind(chunk)
+                .bind(clamp_time(query.start))
+                .bind(clamp_time(query.end))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
             present.extend(rows.into_iter().map(|(id,)| id));
         }
         Ok(candidates
@@ -433,6 +478,7 @@ impl PostgresStorage {
                     fields += 1;
                 }
             }
+            let mut conn = self.pool.acquire().await.map_err(db_error)?;
             for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
                 // Binary COPY, as for raw samples: a fraction of the cost of decoding rows.
                 let sql = format!(
@@ -444,7 +490,8 @@ impl PostgresStorage {
                     timestamp_literal(start),
                     timestamp_literal(table_end)
                 );
-                self.copy_rows(
+                let read = copy_rows(
+                    &mut conn,
                     &sql,
                     fields,
                     |f| {
@@ -467,7 +514,11 @@ impl PostgresStorage {
                     },
                     None,
                 )
-                .await?;
+                .await;
+                if let Err(e) = read {
+                    let _ = conn.close().await;
+                    return Err(e);
+                }
             }
             // No ORDER BY: as for raw samples, sorting here only what arrived out of order
             // costs less than a sort in PostgreSQL.
@@ -478,8 +529,10 @@ impl PostgresStorage {
             }
         }
         if table_end < end {
-            let filter = range_filter(table_end, end - 1);
-            for raw in self.select_where(series.clone(), &filter, 0).await? {
+            for raw in self
+                .select_where(series.clone(), table_end, end - 1, None, 0)
+                .await?
+            {
                 if let Ok(i) = series.binary_search_by(|(_, l)| l.cmp(&raw.labels)) {
                     rows[i].extend(rollup(&raw.samples, resolution));
                 }

@@ -3,7 +3,7 @@
 //! compression and retention. Everything here is idempotent: a second run changes nothing,
 //! and a changed setting updates the existing policy in place (`alter_job`), keeping its id.
 
-use super::{db_error, float_sum, not_stale, relkind, PostgresConfig};
+use super::{db_error, float_sum, not_stale, packed, relkind, PostgresConfig};
 use crate::storage::{RetentionConfig, StorageError, StorageResult};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
@@ -202,6 +202,13 @@ async fn make_hypertable(conn: &mut PgConnection, chunk: &str) -> StorageResult<
                 .execute(&mut *tx)
                 .await
                 .map_err(db_error)?;
+            let unpacked = packed::unpack_all(&mut tx).await?;
+            if unpacked > 0 {
+                tracing::info!(
+                    windows = unpacked,
+                    "packed samples moved into the hypertable"
+                );
+            }
             tracing::info!(
                 rows = copied,
                 "samples converted to a TimescaleDB hypertable"

@@ -145,7 +145,25 @@ impl PostgresStorage {
                 values.push(sample.v);
             }
         }
+        let now = Utc::now().timestamp_millis();
+        let mut already_stored = 0;
+        if self.mode == Mode::Plain {
+            // Late samples may fall in a packed window, where `samples`' key cannot see them.
+            let (same, conflicts) = self
+                .drop_packed_duplicates(&mut series_ids, &mut times, &mut values, now - LATE_MS)
+                .await?;
+            already_stored = same;
+            if let Some(&(id, t)) = conflicts.first() {
+                outcome.reject(RejectReason::DuplicateTimestamp, conflicts.len(), || {
+                    format!(
+                        "duplicate sample for timestamp {t} with a different value, series {}",
+                        labels_of(batch, &ids, id)
+                    )
+                });
+            }
+        }
         if series_ids.is_empty() {
+            outcome.accepted = already_stored;
             return Ok(outcome);
         }
         if self.mode == Mode::Plain {
@@ -182,16 +200,11 @@ impl PostgresStorage {
             .map_err(db_error)?;
             conflicting = rows.len();
             if let Some((id, time)) = rows.first() {
-                let labels = batch
-                    .iter()
-                    .zip(&ids)
-                    .find(|(_, sid)| sid.0 == *id)
-                    .map(|(s, _)| s.labels.to_string())
-                    .unwrap_or_default();
                 outcome.reject(RejectReason::DuplicateTimestamp, conflicting, || {
                     format!(
-                        "duplicate sample for timestamp {} with a different value, series {labels}",
-                        time.timestamp_millis()
+                        "duplicate sample for timestamp {} with a different value, series {}",
+                        time.timestamp_millis(),
+                        labels_of(batch, &ids, *id)
                     )
                 });
             }
@@ -200,7 +213,6 @@ impl PostgresStorage {
             // Samples the rollup tables may already have passed: recorded once they are
             // committed, so the lifecycle job recomputes their buckets (see lifecycle.rs).
             // Samples past raw retention never change rollups (docs/storage.md).
-            let now = Utc::now().timestamp_millis();
             let (late_before, kept_from) = (now - LATE_MS, now - self.retention.keep_ms(None));
             let late = times
                 .iter()
@@ -212,7 +224,7 @@ impl PostgresStorage {
                 self.invalidate(lo, hi).await?;
             }
         }
-        outcome.accepted = series_ids.len() - conflicting;
+        outcome.accepted = series_ids.len() - conflicting + already_stored;
         Ok(outcome)
     }
 
@@ -395,6 +407,16 @@ impl PostgresStorage {
         }
         Ok(count)
     }
+}
+
+/// The label set of series `id` of the batch, for messages.
+fn labels_of(batch: &WriteBatch, ids: &[SeriesId], id: i64) -> String {
+    batch
+        .iter()
+        .zip(ids)
+        .find(|(_, sid)| sid.0 == id)
+        .map(|(s, _)| s.labels.to_string())
+        .unwrap_or_default()
 }
 
 /// "no partition of relation … found for row" (a partition dropped by another server).
