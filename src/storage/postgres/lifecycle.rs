@@ -9,6 +9,9 @@
 //! - writes of samples older than [`LATE_MS`] record the range they touched in
 //!   `rollup_invalidations` (after the samples are committed); the next run recomputes those
 //!   buckets, and reads compute ranges with a pending invalidation from raw samples;
+//! - every 15-minute window that ended before the 5 min watermark is packed, one row per
+//!   series (`packed.rs`); windows with late writes are unpacked for their recomputation and
+//!   packed again;
 //! - rollup rows past their retention are deleted.
 //!
 //! One server at a time runs it (a session advisory lock); the watermarks make it resumable
@@ -48,6 +51,8 @@ pub(super) const LAG_MS: i64 = 10 * 60_000;
 /// Writers record an invalidation for samples older than this: a minute less than
 /// [`LAG_MS`], for clocks of servers sharing the database that disagree a little.
 pub(super) const LATE_MS: i64 = 9 * 60_000;
+/// Time one run spends packing before it leaves the rest for the next run.
+const PACK_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
 /// Raw time aggregated per statement while catching up.
 const STEP_5M_MS: i64 = 3_600_000;
 const STEP_1H_MS: i64 = 86_400_000;
@@ -89,8 +94,9 @@ pub struct LifecycleReport {
     pub rows_expired: u64,
     /// Partitions vacuumed (the current and the previous one).
     pub partitions_vacuumed: usize,
-    /// Samples moved into packed rows, and packed windows moved back for a recomputation.
+    /// Samples moved into packed rows (`samples_packed`).
     pub samples_packed: u64,
+    /// Windows unpacked or packed again for late writes.
     pub windows_unpacked: usize,
 }
 
@@ -322,11 +328,18 @@ async fn partitions(
 }
 
 impl PostgresStorage {
-    /// Records that samples in `[lo, hi]` arrived late, once they are committed.
-    pub(super) async fn invalidate(&self, lo: TimestampMs, hi: TimestampMs) -> StorageResult<()> {
-        sqlx::query("INSERT INTO rollup_invalidations (lo, hi) VALUES ($1, $2)")
-            .bind(to_datetime(lo))
-            .bind(to_datetime(hi.saturating_add(1)))
+    /// Records that samples in each `[lo, hi]` arrived late, once they are committed.
+    pub(super) async fn invalidate(
+        &self,
+        ranges: &[(TimestampMs, TimestampMs)],
+    ) -> StorageResult<()> {
+        let (lo, hi): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) = ranges
+            .iter()
+            .map(|&(lo, hi)| (to_datetime(lo), to_datetime(hi.saturating_add(1))))
+            .unzip();
+        sqlx::query("INSERT INTO rollup_invalidations (lo, hi) SELECT * FROM unnest($1::timestamptz[], $2::timestamptz[])")
+            .bind(&lo)
+            .bind(&hi)
             .execute(&self.pool)
             .await
             .map_err(db_error)?;
@@ -345,12 +358,17 @@ impl PostgresStorage {
             return Ok(LifecycleReport::default());
         }
         let result = self.lifecycle_locked(&mut conn, now).await;
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext('secumon.lifecycle'))")
-            .execute(&mut *conn)
-            .await;
-        if unlocked.is_err() {
-            // A connection that may still hold the lock is never reused.
+        if result.is_err() {
+            // It may have failed in the middle of a COPY: closing it also frees the lock.
             let _ = conn.detach().close().await;
+        } else {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext('secumon.lifecycle'))")
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                // A connection that may still hold the lock is never reused.
+                let _ = conn.detach().close().await;
+            }
         }
         match &result {
             Ok(_) => self
@@ -397,13 +415,18 @@ impl PostgresStorage {
                 .iter()
                 .map(|(lo, hi)| (lo.timestamp_millis(), hi.timestamp_millis())),
         ) {
-            // Rollups are recomputed from `samples`: packed windows there go back first.
-            let (from, to) = (
-                lo.max(oldest_raw),
-                hi.min(packed_before.unwrap_or(i64::MIN)),
-            );
-            if from < to {
-                repack.extend(packed::unpack(&mut tx, from, to).await?);
+            // Rollups are recomputed from `samples`: packed windows there go back first, and
+            // every window below the packing watermark is packed again after the commit
+            // (with the late samples, also where nothing was packed before). Not limited to
+            // the watermark: a window packed by a run that stopped before moving it is there.
+            let from = lo.max(oldest_raw);
+            if from < hi {
+                repack.extend(packed::unpack(&mut tx, from, hi).await?);
+                let mut w = packed::window_of(from);
+                while w < hi.min(packed_before.unwrap_or(i64::MIN)) {
+                    repack.push(w);
+                    w += packed::WINDOW_MS;
+                }
             }
             let five = Resolution::FiveMinutes;
             let from = five.bucket(lo).max(five.bucket(oldest_raw + five.ms() - 1));
@@ -419,9 +442,9 @@ impl PostgresStorage {
             }
         }
         tx.commit().await.map_err(db_error)?;
-        report.windows_unpacked = repack.len();
         repack.sort_unstable();
         repack.dedup();
+        report.windows_unpacked = repack.len();
         for window in repack {
             report.samples_packed += packed::pack_window(conn, width, window).await?;
         }
@@ -595,15 +618,23 @@ impl PostgresStorage {
         };
         let mut moved = 0;
         let mut w = from;
-        for &(_, lo, hi) in parts.iter().take_while(|p| p.1 < target) {
+        // A first run over an existing database packs its history a budget at a time, so
+        // the rest of the job (retention, vacuum) keeps its pace.
+        let deadline = std::time::Instant::now() + PACK_BUDGET;
+        let mut done = true;
+        'parts: for &(_, lo, hi) in parts.iter().take_while(|p| p.1 < target) {
             w = w.max(packed::window_of(lo));
             while w < hi.min(target) {
+                if std::time::Instant::now() > deadline {
+                    done = false;
+                    break 'parts;
+                }
                 moved += packed::pack_window(conn, self.partitions.width_ms, w).await?;
                 w += packed::WINDOW_MS;
                 set_watermark(conn, packed::WATERMARK, w).await?;
             }
         }
-        if target > from {
+        if done && target > from {
             set_watermark(conn, packed::WATERMARK, target).await?;
         }
         self.lifecycle

@@ -56,8 +56,7 @@ fn corrupt(e: std::io::Error) -> StorageError {
     StorageError::Internal(format!("corrupt packed samples: {e}"))
 }
 
-/// Creates `samples_packed` and the time index the move needs on `samples` (BRIN: rows arrive
-/// in time order, so a window's pages are found without a full scan, at little cost to writes).
+/// Creates `samples_packed`.
 pub(super) async fn setup(conn: &mut PgConnection) -> StorageResult<()> {
     for sql in [
         "CREATE TABLE IF NOT EXISTS samples_packed (
@@ -68,7 +67,6 @@ pub(super) async fn setup(conn: &mut PgConnection) -> StorageResult<()> {
              data         BYTEA       NOT NULL,
              PRIMARY KEY (series_id, window_start)
          ) PARTITION BY RANGE (window_start)",
-        "CREATE INDEX IF NOT EXISTS samples_time_brin ON samples USING brin (time)",
         // Unpacking a time range (late writes) finds its rows without reading every row.
         "CREATE INDEX IF NOT EXISTS samples_packed_window_brin ON samples_packed
          USING brin (window_start)",
@@ -97,40 +95,63 @@ pub(super) fn settle(samples: &mut Vec<Sample>) {
     }
 }
 
-/// The SQL that reads the packed rows of some series overlapping `[start, end]`.
-fn read_sql(ids: &[i64], start: TimestampMs, end: TimestampMs) -> String {
+/// The SQL that reads the packed rows of some series overlapping `[start, end]`, only of the
+/// windows holding `instants` when given.
+fn read_sql(
+    ids: &[i64],
+    start: TimestampMs,
+    end: TimestampMs,
+    instants: Option<&[TimestampMs]>,
+) -> String {
     let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    let windows = match instants {
+        // Point reads far apart (a rollup query's bucket boundaries over weeks) decode only
+        // the windows they fall in.
+        Some(instants) => {
+            let mut windows: Vec<TimestampMs> = instants.iter().map(|&t| window_of(t)).collect();
+            windows.dedup();
+            let literals: Vec<String> = windows.iter().map(|&w| timestamp_literal(w)).collect();
+            format!("window_start IN ({})", literals.join(","))
+        }
+        None => format!(
+            "window_start >= {} AND window_start <= {}",
+            timestamp_literal(window_of(start)),
+            timestamp_literal(end)
+        ),
+    };
     format!(
         "SELECT series_id, data FROM samples_packed
-         WHERE series_id = ANY('{{{}}}'::int8[])
-           AND window_start > {} AND window_start <= {}
+         WHERE series_id = ANY('{{{}}}'::int8[]) AND {windows}
            AND last_time >= {} AND first_time <= {}",
         list.join(","),
-        timestamp_literal(start.saturating_sub(WINDOW_MS)),
-        timestamp_literal(end),
         timestamp_literal(start),
         timestamp_literal(end)
     )
 }
 
-/// Streams the packed samples of `ids` in `[start, end]` into `on_series`; returns how many.
-/// `limit` stops it with [`StorageError::TooManySamples`].
+/// Streams the packed samples of `ids` in `[start, end]` (only those at `instants`, sorted,
+/// when given) into `on_series`; returns how many. `limit` stops it with
+/// [`StorageError::TooManySamples`].
 pub(super) async fn read(
     conn: &mut PgConnection,
     ids: &[i64],
-    start: TimestampMs,
-    end: TimestampMs,
+    (start, end): (TimestampMs, TimestampMs),
+    instants: Option<&[TimestampMs]>,
     limit: Option<usize>,
     mut on_series: impl FnMut(i64, Vec<Sample>),
 ) -> StorageResult<usize> {
     let mut loaded = 0usize;
     for chunk in ids.chunks(READ_CHUNK) {
-        let sql = read_sql(chunk, start, end);
-        let mut rows = sqlx::query(&sql).fetch(&mut *conn);
+        let sql = read_sql(chunk, start, end, instants);
+        // Text made for this call: not kept as a prepared statement.
+        let mut rows = sqlx::query(&sql).persistent(false).fetch(&mut *conn);
         while let Some(row) = rows.try_next().await.map_err(db_error)? {
             let id: i64 = row.try_get(0).map_err(db_error)?;
             let data: &[u8] = row.try_get(1).map_err(db_error)?;
-            let samples = decode_range(data, start, end)?;
+            let mut samples = decode_range(data, start, end)?;
+            if let Some(wanted) = instants {
+                samples.retain(|s| wanted.binary_search(&s.t).is_ok());
+            }
             loaded += samples.len();
             if limit.is_some_and(|limit| loaded > limit) {
                 return Err(StorageError::TooManySamples);
@@ -152,8 +173,12 @@ pub(super) async fn pack_window(
     let end = start + WINDOW_MS;
     let mut tx = conn.begin().await.map_err(db_error)?;
     let mut by_series: FxHashMap<i64, Vec<Sample>> = FxHashMap::default();
+    // Found through the key, series by series: `samples` has no time index (writes would pay
+    // for it), and a time index over pages that packing empties and new rows refill would
+    // soon cover the whole partition.
     let sql = format!(
-        "COPY (DELETE FROM samples WHERE time >= {} AND time < {}
+        "COPY (DELETE FROM samples
+               WHERE series_id = ANY(ARRAY(SELECT id FROM series)) AND time >= {} AND time < {}
                RETURNING series_id, time, value)
          TO STDOUT (FORMAT binary)",
         timestamp_literal(start),
@@ -253,12 +278,11 @@ pub(super) async fn unpack(
     lo: TimestampMs,
     hi: TimestampMs,
 ) -> StorageResult<Vec<TimestampMs>> {
-    const DAY_MS: i64 = 86_400_000;
     let mut windows = Vec::new();
     let mut from = window_of(lo);
     while from < hi {
-        // A day of packed rows at a time bounds the memory a long range takes.
-        let to = (from + DAY_MS).min(hi);
+        // A window at a time bounds the memory.
+        let to = from + WINDOW_MS;
         let rows: Vec<(i64, DateTime<Utc>, Vec<u8>)> = sqlx::query_as(
             "DELETE FROM samples_packed WHERE window_start >= $1 AND window_start < $2
              RETURNING series_id, window_start, data",

@@ -15,7 +15,8 @@ use crate::storage::{
 };
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::postgres::PgConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, Postgres};
 use std::collections::BTreeMap;
 
 /// Series ids per sample query: bounds the statement size while keeping round trips few.
@@ -86,6 +87,29 @@ impl LabelCache {
             map.clear();
         }
         map.extend(entries);
+    }
+}
+
+/// A pooled connection for a read that goes back to the pool only when the read finished
+/// ([`ReadConnection::release`]): one dropped on an error or with its future (a query timeout,
+/// a client gone) may be in the middle of a COPY or a transaction, and is closed instead.
+struct ReadConnection(Option<PoolConnection<Postgres>>);
+
+impl ReadConnection {
+    fn conn(&mut self) -> &mut PgConnection {
+        self.0.as_mut().expect("a connection until released")
+    }
+
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for ReadConnection {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(conn.detach());
+        }
     }
 }
 
@@ -252,7 +276,8 @@ impl PostgresStorage {
             None => range_filter(start, end),
         };
         let packed = self.mode == Mode::Plain;
-        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        let mut guard = ReadConnection(Some(self.pool.acquire().await.map_err(db_error)?));
+        let conn = guard.conn();
         let read = async {
             let mut loaded = 0usize;
             let allowed =
@@ -264,14 +289,18 @@ impl PostgresStorage {
                     .execute(&mut *conn)
                     .await
                     .map_err(db_error)?;
-                loaded += packed::read(&mut conn, &ids, start, end, allowed(0), |id, mut got| {
-                    if let Some(&i) = index.get(&id) {
-                        if let Some(wanted) = instants {
-                            got.retain(|s| wanted.binary_search(&s.t).is_ok());
+                loaded += packed::read(
+                    &mut *conn,
+                    &ids,
+                    (start, end),
+                    instants,
+                    allowed(0),
+                    |id, mut got| {
+                        if let Some(&i) = index.get(&id) {
+                            samples[i].append(&mut got);
                         }
-                        samples[i].append(&mut got);
-                    }
-                })
+                    },
+                )
                 .await?;
             }
             let mut current: (i64, Option<usize>) = (i64::MIN, None);
@@ -286,7 +315,7 @@ impl PostgresStorage {
                     int8_array(chunk)
                 );
                 loaded += copy_rows(
-                    &mut conn,
+                    &mut *conn,
                     &sql,
                     3,
                     |f| {
@@ -315,14 +344,8 @@ impl PostgresStorage {
             Ok::<_, StorageError>(loaded)
         }
         .await;
-        let loaded = match read {
-            Ok(loaded) => loaded,
-            Err(e) => {
-                // The connection may be mid-COPY or mid-transaction: never reused.
-                let _ = conn.close().await;
-                return Err(e);
-            }
-        };
+        let loaded = read?;
+        guard.release();
         tracing::debug!(
             series = series.len(),
             samples = loaded,
@@ -478,7 +501,7 @@ impl PostgresStorage {
                     fields += 1;
                 }
             }
-            let mut conn = self.pool.acquire().await.map_err(db_error)?;
+            let mut guard = ReadConnection(Some(self.pool.acquire().await.map_err(db_error)?));
             for chunk in ids.chunks(SERIES_PER_SAMPLE_QUERY) {
                 // Binary COPY, as for raw samples: a fraction of the cost of decoding rows.
                 let sql = format!(
@@ -490,8 +513,8 @@ impl PostgresStorage {
                     timestamp_literal(start),
                     timestamp_literal(table_end)
                 );
-                let read = copy_rows(
-                    &mut conn,
+                copy_rows(
+                    guard.conn(),
                     &sql,
                     fields,
                     |f| {
@@ -514,12 +537,9 @@ impl PostgresStorage {
                     },
                     None,
                 )
-                .await;
-                if let Err(e) = read {
-                    let _ = conn.close().await;
-                    return Err(e);
-                }
+                .await?;
             }
+            guard.release();
             // No ORDER BY: as for raw samples, sorting here only what arrived out of order
             // costs less than a sort in PostgreSQL.
             for r in &mut rows {

@@ -2,6 +2,7 @@
 //! `unnest`-array insert per batch.
 
 use super::lifecycle::{Mode, LATE_MS};
+use super::packed::{window_of, WINDOW_MS};
 use super::{db_error, PostgresStorage};
 use crate::model::{Labels, LabelsRef, SeriesId, TenantId, TimestampMs};
 use crate::storage::{AppendOutcome, RejectReason, StorageResult, WriteBatch};
@@ -214,14 +215,23 @@ impl PostgresStorage {
             // committed, so the lifecycle job recomputes their buckets (see lifecycle.rs).
             // Samples past raw retention never change rollups (docs/storage.md).
             let (late_before, kept_from) = (now - LATE_MS, now - self.retention.keep_ms(None));
-            let late = times
+            let mut late: Vec<TimestampMs> = times
                 .iter()
                 .map(DateTime::timestamp_millis)
-                .filter(|&t| t < late_before && t >= kept_from);
-            if let Some((lo, hi)) = late.fold(None, |acc: Option<(i64, i64)>, t| {
-                Some(acc.map_or((t, t), |(lo, hi)| (lo.min(t), hi.max(t))))
-            }) {
-                self.invalidate(lo, hi).await?;
+                .filter(|&t| t < late_before && t >= kept_from)
+                .collect();
+            late.sort_unstable();
+            // One range per run of packing windows with late samples, not one span: a
+            // straggler days old must not make the job unpack and recompute every day between.
+            let mut ranges: Vec<(TimestampMs, TimestampMs)> = Vec::new();
+            for t in late {
+                match ranges.last_mut() {
+                    Some((_, hi)) if window_of(t) <= window_of(*hi) + WINDOW_MS => *hi = t,
+                    _ => ranges.push((t, t)),
+                }
+            }
+            if !ranges.is_empty() {
+                self.invalidate(&ranges).await?;
             }
         }
         outcome.accepted = series_ids.len() - conflicting + already_stored;
