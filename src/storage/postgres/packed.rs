@@ -11,7 +11,8 @@
 //!
 //! - Moving is one transaction per window: `DELETE … RETURNING` out of `samples` and the
 //!   packed rows in, so a reader sees every sample exactly once, and a write that arrives
-//!   meanwhile stays in `samples` for the next pass.
+//!   meanwhile stays in `samples`, where reads find it; being late, it records an
+//!   invalidation, and the run that handles it packs the window again.
 //! - Reads take both, in one repeatable-read snapshot; where a timestamp is in both (a late
 //!   write that raced the move), the packed sample, the one stored first, wins.
 //! - Late writes (older than [`super::lifecycle::LATE_MS`]) are checked against packed rows
