@@ -21,6 +21,12 @@ fn plain() -> PostgresConfig {
     }
 }
 
+async fn connect_plain(url: &str) -> PostgresStorage {
+    PostgresStorage::connect(url, &plain(), &RetentionConfig::default())
+        .await
+        .unwrap()
+}
+
 fn write(s: &str, samples: impl Iterator<Item = (i64, f64)>) -> SeriesWrite {
     SeriesWrite {
         labels: Labels::from_trusted(vec![Label::new("__name__", "lc"), Label::new("s", s)]),
@@ -306,9 +312,7 @@ async fn the_server_runs_the_plain_lifecycle_and_reports_its_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sums_past_the_float_range_are_infinite_and_do_not_stop_the_job() {
     let url = Postgres::shared().database().await;
-    let storage = PostgresStorage::connect(&url, &plain(), &RetentionConfig::default())
-        .await
-        .unwrap();
+    let storage = connect_plain(&url).await;
     let now = chrono::Utc::now().timestamp_millis();
     let from = Resolution::OneHour.bucket(now - 5 * HOUR);
     let batch = vec![
@@ -380,9 +384,7 @@ async fn samples_are_read_from_the_key_alone_after_a_run() {
         .await
         .unwrap();
     }
-    let storage = PostgresStorage::connect(&url, &plain(), &RetentionConfig::default())
-        .await
-        .unwrap();
+    let storage = connect_plain(&url).await;
     let pool = storage.pool().clone();
     let (key_columns, all_columns): (i16, i16) = sqlx::query_as(
         "SELECT indnkeyatts, indnatts FROM pg_index WHERE indexrelid = 'samples_pkey'::regclass",
@@ -469,9 +471,7 @@ async fn rolled_up_windows_are_packed_one_row_per_series_and_read_back_bit_exact
     use secumon::model::STALE_NAN_BITS;
     use secumon::storage::{RejectReason, SeriesQuery};
     let url = Postgres::shared().database().await;
-    let storage = PostgresStorage::connect(&url, &plain(), &RetentionConfig::default())
-        .await
-        .unwrap();
+    let storage = connect_plain(&url).await;
     let pool = storage.pool().clone();
     let tenant = TenantId::default();
     let now = chrono::Utc::now().timestamp_millis();

@@ -17,6 +17,7 @@
 //! One server at a time runs it (a session advisory lock); the watermarks make it resumable
 //! after a restart at the bucket where it stopped.
 
+use super::write::to_datetime;
 use super::{db_error, float_sum, not_stale, packed, relkind, PostgresStorage};
 use crate::model::TimestampMs;
 use crate::storage::{Resolution, StorageError, StorageResult};
@@ -98,10 +99,6 @@ pub struct LifecycleReport {
     pub samples_packed: u64,
     /// Windows unpacked or packed again for late writes.
     pub windows_unpacked: usize,
-}
-
-fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(t).unwrap_or_default()
 }
 
 /// Decides the mode: `off` is plain; otherwise TimescaleDB when the extension is installed

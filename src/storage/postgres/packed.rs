@@ -25,6 +25,7 @@
 
 use super::copy_binary::timestamp_ms;
 use super::read::{copy_rows, timestamp_literal};
+use super::write::to_datetime;
 use super::{db_error, PostgresStorage};
 use crate::model::{Sample, TimestampMs};
 use crate::storage::embedded::codec;
@@ -47,10 +48,6 @@ const UNPACK_BATCH: usize = 100_000;
 /// Start of the window `t` falls in.
 pub(super) fn window_of(t: TimestampMs) -> TimestampMs {
     t.div_euclid(WINDOW_MS) * WINDOW_MS
-}
-
-fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(t).unwrap_or_default()
 }
 
 fn corrupt(e: std::io::Error) -> StorageError {

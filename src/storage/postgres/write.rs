@@ -112,8 +112,9 @@ impl PartitionSet {
     }
 }
 
-fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
-    // Callers check the range first; the fallback is never reached for valid input.
+/// A stored time as `timestamptz`. Callers keep to the stored range (years 1 to 9999); the
+/// fallback is never reached for such input.
+pub(super) fn to_datetime(t: TimestampMs) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t).unwrap_or_default()
 }
 
