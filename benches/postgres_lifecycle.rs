@@ -1,6 +1,7 @@
 //! PostgreSQL (plain mode) at 10 million samples: ingest rate through remote-write into the
 //! release binary, bytes per stored sample (table + indexes), the lifecycle job's catch-up
-//! over the whole history, and a 30-day read at 1 h resolution from `samples_1h` beside the
+//! over the whole history, packing the history into `samples_packed` and the bytes per sample
+//! left once packed, and a 30-day read at 1 h resolution from `samples_1h` beside the
 //! same read over raw samples. PostgreSQL is started by the test harness with its durable
 //! defaults (fsync on).
 //!
@@ -140,6 +141,41 @@ fn main() {
             started.elapsed().as_secs_f64(),
             report.rows_5m,
             report.rows_1h
+        );
+        // Packing moves at most 30 s of windows a run: run until every window before the
+        // watermark is packed, then weigh what is left per sample.
+        let (mut packed, mut runs) = (report.samples_packed, 1);
+        let started = Instant::now();
+        loop {
+            let more = storage
+                .run_lifecycle_at(chrono::Utc::now().timestamp_millis())
+                .await
+                .expect("lifecycle");
+            if more.samples_packed == 0 {
+                break;
+            }
+            packed += more.samples_packed;
+            runs += 1;
+        }
+        println!(
+            "| packing the whole history: samples packed, lifecycle runs, s after the first run | {packed} / {runs} / {:.1} |",
+            started.elapsed().as_secs_f64()
+        );
+        sqlx::query("VACUUM ANALYZE").execute(&pool).await.ok();
+        let (left, raw_bytes, packed_bytes): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM samples),
+                    (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::int8
+                     FROM pg_inherits WHERE inhparent = 'samples'::regclass),
+                    (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::int8
+                     FROM pg_inherits WHERE inhparent = 'samples_packed'::regclass)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        println!(
+            "| bytes per sample once packed: samples_packed / samples ({left} rows left) | {:.2} / {:.2} |",
+            packed_bytes as f64 / rows as f64,
+            raw_bytes as f64 / rows as f64
         );
         let rollup_bytes: i64 = sqlx::query_scalar(
             "SELECT pg_total_relation_size('samples_5m') + pg_total_relation_size('samples_1h')",

@@ -625,10 +625,27 @@ async fn rolled_up_windows_are_packed_one_row_per_series_and_read_back_bit_exact
     assert_eq!(old_series.samples[2].t, old + MINUTE + 1);
 
     // The next run unpacks the window the late write touched, recomputes its rollups from
-    // every sample, and packs it again.
+    // every sample, and packs it again. The day of "old", packed whole by the run before,
+    // then gives its space back: the emptied heap cut to nothing, the key rebuilt down to
+    // its metapage.
+    let partition = format!(
+        "samples_p{}",
+        chrono::DateTime::from_timestamp_millis(old - old.rem_euclid(DAY))
+            .unwrap()
+            .format("%Y%m%d_%H%M")
+    );
+    let sizes = format!("SELECT pg_relation_size('{partition}') + pg_indexes_size('{partition}')");
+    let old_day = count(&pool, &sizes).await;
+    assert!(old_day > 8192, "{old_day} bytes before release");
     let report = storage.run_lifecycle_at(now).await.unwrap();
     assert!(report.windows_unpacked >= 1, "{report:?}");
     assert!(report.samples_packed >= 2, "{report:?}");
+    assert!(report.partitions_released >= 1, "{report:?}");
+    assert_eq!(
+        count(&pool, &sizes).await,
+        8192,
+        "heap and key of a packed day"
+    );
     assert_eq!(
         count(
             &pool,
@@ -644,6 +661,20 @@ async fn rolled_up_windows_are_packed_one_row_per_series_and_read_back_bit_exact
         samples_text(&after_late)
     );
     assert_reads_equal_raw(&storage, old - HOUR).await;
+    // A late write into the released day is stored and packed as before.
+    let outcome = storage
+        .append(&tenant, &[write("old", [(old + 2, 7.0)].into_iter())])
+        .await
+        .unwrap();
+    assert_eq!(outcome.accepted, 1, "{outcome:?}");
+    storage.run_lifecycle_at(now).await.unwrap();
+    let old_series = raw(&storage).await;
+    let old_series = old_series
+        .iter()
+        .find(|s| s.labels.to_string().contains("old"))
+        .unwrap();
+    assert_eq!(old_series.samples.len(), 42);
+    assert_eq!(old_series.samples[1].t, old + 2);
 
     // Raw retention drops packed partitions with raw ones.
     storage.run_lifecycle_at(now + 40 * DAY).await.unwrap();
