@@ -40,15 +40,18 @@ fn rollups_time_range(payload: &[u8]) -> Option<(TimestampMs, TimestampMs)> {
 }
 
 /// Payload of a run: the samples in pieces of up to [`PIECE_SAMPLES`], each
-/// `min_t i64 | max_t i64 | count u32 | len u32 | bytes` with the bytes from `codec.rs`, so a
-/// read decodes only the pieces its range overlaps.
+/// `zigzag min_t | varint max_t - min_t | varint count | varint len | bytes` with the bytes
+/// from `codec.rs`, so a read decodes only the pieces its range overlaps. The bytes are not
+/// compressed on their own: the run file compresses the runs of many series together
+/// (run files version 3); runs of earlier files hold pieces compressed one by one, which
+/// decode the same way.
 pub(super) fn encode_samples(samples: &[Sample]) -> Vec<u8> {
     let mut out = Vec::new();
     for piece in samples.chunks(PIECE_SAMPLES) {
         let (Some(first), Some(last)) = (piece.first(), piece.last()) else {
             continue;
         };
-        let bytes = codec::encode(piece);
+        let bytes = codec::encode_uncompressed(piece);
         codec::put_varint(&mut out, codec::zigzag(first.t));
         codec::put_varint(&mut out, last.t.wrapping_sub(first.t) as u64);
         codec::put_varint(&mut out, piece.len() as u64);
@@ -89,7 +92,8 @@ pub(super) fn decode_samples(
 
 /// Payload of a rollup run: the bucket starts and seven value columns (min, max, sum, count,
 /// last, the first sample's offset in its bucket in ms, the first sample's value) in one
-/// compressed frame. Runs written before the first sample was kept have five columns.
+/// codec frame, left for the run file to compress. Runs written before the first sample was
+/// kept have five columns.
 fn encode_rollups(rows: &[RollupRow]) -> Vec<u8> {
     let times: Vec<i64> = rows.iter().map(|r| r.t).collect();
     let column = |f: fn(&RollupRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
@@ -104,7 +108,7 @@ fn encode_rollups(rows: &[RollupRow]) -> Vec<u8> {
         columns.push(column(|r| (r.first_t - r.t) as f64));
         columns.push(column(|r| r.first));
     }
-    codec::encode_columns(&times, &columns)
+    codec::encode_columns_with(&times, &columns, false)
 }
 
 fn decode_rollups(payload: &[u8]) -> io::Result<Vec<RollupRow>> {
@@ -327,11 +331,12 @@ impl Block {
         if self.meta.max_t < start || self.meta.min_t > end {
             return Ok(());
         }
+        let mut reader = file.reader();
         for entry in file.lookup(ids)? {
             if entry.max_t < start || entry.min_t > end {
                 continue;
             }
-            match file
+            match reader
                 .read(&entry)
                 .and_then(|p| decode_samples(&p, start, end))
             {
@@ -372,11 +377,12 @@ impl Block {
             }
             return Ok(());
         };
+        let mut reader = file.reader();
         for entry in file.lookup(ids)? {
             if entry.max_t < start || entry.min_t > end {
                 continue;
             }
-            match file.read(&entry).and_then(|p| decode_rollups(&p)) {
+            match reader.read(&entry).and_then(|p| decode_rollups(&p)) {
                 Ok(rows) => {
                     let rows: Vec<RollupRow> = rows
                         .into_iter()
@@ -444,7 +450,7 @@ pub(super) fn compact(dir: &Path, blocks: &[&Block]) -> io::Result<Option<Block>
             .chunks
             .as_ref()
             .ok_or_else(|| io::Error::other("cannot compact a block without raw chunks"))?;
-        indexes.push((file, file.all_entries()?));
+        indexes.push((file.reader(), file.all_entries()?));
     }
     let ids: std::collections::BTreeSet<u64> = indexes
         .iter()
@@ -454,9 +460,9 @@ pub(super) fn compact(dir: &Path, blocks: &[&Block]) -> io::Result<Option<Block>
     let sources = blocks.iter().map(|b| b.meta.sources).sum();
     let series = ids.into_iter().map(|id| {
         let mut samples: Vec<Sample> = Vec::new();
-        for (file, entries) in &indexes {
+        for (reader, entries) in &mut indexes {
             if let Ok(i) = entries.binary_search_by_key(&id, |e| e.series) {
-                match file
+                match reader
                     .read(&entries[i])
                     .and_then(|p| decode_samples(&p, i64::MIN, i64::MAX))
                 {
@@ -568,6 +574,87 @@ mod tests {
         assert_eq!(damage, 0);
         assert_eq!(again.all_samples().unwrap()[&3], a);
         assert_eq!(again.max_times().unwrap(), [(3, a[999].t), (9, b[9].t)]);
+    }
+
+    #[test]
+    fn blocks_of_the_previous_format_still_read_and_compact() {
+        // What the release before run files version 3 wrote: a version 2 run file whose
+        // pieces are each compressed with zstd, and rollup runs compressed one by one.
+        let dir = tempfile::tempdir().unwrap();
+        let old_dir = dir.path().join("1");
+        std::fs::create_dir_all(&old_dir).unwrap();
+        let a = samples(0, 1000, 15_000);
+        let mut payload = Vec::new();
+        for piece in a.chunks(PIECE_SAMPLES) {
+            let bytes = codec::encode(piece);
+            assert_eq!(bytes[0], 1, "a zstd-compressed piece");
+            codec::put_varint(&mut payload, codec::zigzag(piece[0].t));
+            codec::put_varint(&mut payload, (piece[piece.len() - 1].t - piece[0].t) as u64);
+            codec::put_varint(&mut payload, piece.len() as u64);
+            codec::put_varint(&mut payload, bytes.len() as u64);
+            payload.extend_from_slice(&bytes);
+        }
+        let mut w = RunWriter::create_v2(&old_dir.join("chunks")).unwrap();
+        w.add(3, a[0].t, a[999].t, &payload).unwrap();
+        w.finish().unwrap();
+        let rows = rollup(&a, Resolution::OneHour);
+        let times: Vec<i64> = rows.iter().map(|r| r.t).collect();
+        let column = |f: fn(&RollupRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+        let mut w = RunWriter::create_v2(&old_dir.join("samples_1h")).unwrap();
+        let columns = [
+            column(|r| r.min),
+            column(|r| r.max),
+            column(|r| r.sum),
+            column(|r| r.count),
+            column(|r| r.last),
+            column(|r| (r.first_t - r.t) as f64),
+            column(|r| r.first),
+        ];
+        w.add(
+            3,
+            rows[0].t,
+            rows[rows.len() - 1].t,
+            &codec::encode_columns(&times, &columns),
+        )
+        .unwrap();
+        w.finish().unwrap();
+        let meta = Meta {
+            order: 1,
+            min_t: a[0].t,
+            max_t: a[999].t,
+            series: 1,
+            samples: 1000,
+            sources: 1,
+            replaces: Vec::new(),
+        };
+        std::fs::write(
+            old_dir.join("meta.json"),
+            serde_json::to_vec(&meta).unwrap(),
+        )
+        .unwrap();
+        let (old, damage) = Block::open(&old_dir).unwrap();
+        assert_eq!(damage, 0);
+        assert_eq!(old.all_samples().unwrap()[&3], a);
+        let mut got = BTreeMap::new();
+        old.read_rollups(&[3], Resolution::OneHour, 0, i64::MAX, &mut got)
+            .unwrap();
+        assert_eq!(format!("{:?}", got[&3]), format!("{rows:?}"));
+        // Compaction reads it beside a block of the current format.
+        let b = samples(a[999].t + 15_000, 100, 15_000);
+        let new = Block::write(
+            &dir.path().join("2"),
+            2,
+            1,
+            Vec::new(),
+            [Ok((3u64, b.clone()))].into_iter(),
+        )
+        .unwrap()
+        .unwrap();
+        let merged = compact(&dir.path().join("3"), &[&old, &new])
+            .unwrap()
+            .unwrap();
+        let all: Vec<Sample> = a.iter().chain(&b).copied().collect();
+        assert_eq!(merged.all_samples().unwrap()[&3], all);
     }
 
     #[test]

@@ -116,8 +116,21 @@ pub fn decode(bytes: &[u8]) -> io::Result<Vec<Sample>> {
         .collect())
 }
 
+/// Encodes samples without compressing them, for a container that compresses many runs
+/// together (run files version 3).
+pub fn encode_uncompressed(samples: &[Sample]) -> Vec<u8> {
+    let times: Vec<i64> = samples.iter().map(|s| s.t).collect();
+    let values: Vec<f64> = samples.iter().map(|s| s.v).collect();
+    encode_columns_with(&times, &[values], false)
+}
+
 /// Encodes timestamps (sorted) and value columns of the same length in one compressed frame.
 pub fn encode_columns(times: &[i64], columns: &[Vec<f64>]) -> Vec<u8> {
+    encode_columns_with(times, columns, true)
+}
+
+/// [`encode_columns`], compressed with zstd only when `compress` (and it comes out smaller).
+pub fn encode_columns_with(times: &[i64], columns: &[Vec<f64>], compress: bool) -> Vec<u8> {
     let mut raw = Vec::with_capacity(times.len() * (1 + 2 * columns.len()));
     put_varint(&mut raw, times.len() as u64);
     put_varint(&mut raw, columns.len() as u64);
@@ -164,7 +177,7 @@ pub fn encode_columns(times: &[i64], columns: &[Vec<f64>]) -> Vec<u8> {
     }
     // Short streams often come out larger from zstd (its frame costs about a dozen bytes):
     // keep whichever is smaller, behind a one-byte marker.
-    let compressed = ZSTD.with(|z| z.borrow_mut().0.compress(&raw).ok());
+    let compressed = if compress { self::compress(&raw) } else { None };
     let mut out = Vec::with_capacity(raw.len() + 1);
     match compressed {
         Some(c) if c.len() < raw.len() => {
@@ -196,7 +209,13 @@ thread_local! {
     ));
 }
 
-fn decompress(bytes: &[u8]) -> io::Result<Vec<u8>> {
+/// `raw` as one zstd frame (level 3), with the thread's compressor.
+pub(super) fn compress(raw: &[u8]) -> Option<Vec<u8>> {
+    ZSTD.with(|z| z.borrow_mut().0.compress(raw).ok())
+}
+
+/// What [`compress`] wrote (at most 64 MiB).
+pub(super) fn decompress(bytes: &[u8]) -> io::Result<Vec<u8>> {
     // The frame says how large it is; refuse absurd sizes instead of allocating them.
     let size = zstd::zstd_safe::get_frame_content_size(bytes)
         .ok()

@@ -1349,12 +1349,15 @@ mod tests {
             .map(|e| e.unwrap().path())
             .collect();
         let chunks = blocks[0].join("chunks");
-        let len = std::fs::metadata(&chunks).unwrap().len();
+        // Cut halfway through the runs (the footer's first field is where the index starts).
+        let bytes = std::fs::read(&chunks).unwrap();
+        let footer = &bytes[bytes.len() - 32..];
+        let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap());
         std::fs::OpenOptions::new()
             .write(true)
             .open(&chunks)
             .unwrap()
-            .set_len(len / 2)
+            .set_len(index_offset / 2)
             .unwrap();
         let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
         assert!(s.damaged_bytes_recovered() > 0);

@@ -14,18 +14,39 @@
 //! footer : index_offset u64 | entries u64 | crc32(index) u32 | 0u32 | "SMINDEX2"
 //! ```
 //!
+//! Version 3 (`SMRUNS03` … `SMINDEX3`, written now) compresses the runs of many series
+//! together, because one series' run in a block is a few hundred bytes, too short for zstd to
+//! find much in, and every run paid its own frame, checksum and headers (docs/storage.md,
+//! "Blocks"):
+//!
+//! ```text
+//! "SMRUNS03"
+//! frame* : varint raw_len | varint stored_len | crc32(those two varints, stored) u32 | stored
+//!          stored: zstd of the frame's runs, or the runs as they are when that is not
+//!          smaller (stored_len == raw_len); runs: (varint series | varint len | payload)*,
+//!          up to 64 runs or 64 KiB (one run larger than that is a frame of its own)
+//! index  : pages as version 2, an entry giving its frame's offset instead of its own
+//!          (varint series | varint offset | zigzag min_t | varint max_t - min_t for the first
+//!          of a page; varint series delta | zigzag offset delta | zigzag min_t delta | varint
+//!          max_t - min_t for the others)
+//! footer : as version 2, ending "SMINDEX3"
+//! ```
+//!
+//! A read decompresses its frame and walks the frame's run headers to its series;
+//! [`RunReader`] keeps the last frame, so reading series in order decompresses each frame once.
+//!
 //! Version 1 (`SMRUNS01` … `SMINDEX1`, written before) had a fixed 16-byte run header
 //! (series u64 | len u32 | crc32 u32) and fixed 36-byte index entries (series u64 | offset u64 |
 //! len u32 | min_t i64 | max_t i64); it is still read. Version 2 exists because those fixed
 //! fields cost 52 bytes per series per block, as much as the compressed samples of a
 //! half-hour block (docs/storage.md, "Blocks").
 //!
-//! Every run is self-describing and checksummed, so a file whose footer or index is damaged is
-//! recovered by scanning its runs up to the first damaged one; the index is then rewritten in
-//! the file's own version. Memory holds the first series id and position of each index page;
+//! Every run (version 3: every frame) is self-describing and checksummed, so a file whose
+//! footer or index is damaged is recovered by scanning its runs up to the first damaged one;
+//! the index is then rewritten in the file's own version. Memory holds the first series id and position of each index page;
 //! a lookup reads one page.
 
-use super::codec::{put_varint, unzigzag, zigzag, Reader};
+use super::codec::{self, put_varint, unzigzag, zigzag, Reader};
 use crate::model::TimestampMs;
 use crate::varint::varint_len;
 use std::fs::{File, OpenOptions};
@@ -40,8 +61,10 @@ const PAGE: usize = 64;
 const MAX_RUN: u32 = 1 << 30;
 /// The longest version 2 run header: two 10-byte varints and the checksum.
 const MAX_HEADER: usize = 24;
-/// The shortest index entry: five one-byte varints (version 2).
-const MIN_ENTRY: usize = 5;
+/// The shortest index entry: five one-byte varints (version 2), four (version 3).
+const MIN_ENTRY: usize = 4;
+/// A version 3 frame is closed once its runs take this many bytes (or at [`PAGE`] runs).
+const FRAME_BYTES: usize = 64 << 10;
 
 /// Where a series' run is in a run file (`offset` is where its header starts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +95,7 @@ type RunHeader = (u64, u32, u32);
 enum Version {
     V1,
     V2,
+    V3,
 }
 
 impl Version {
@@ -79,6 +103,7 @@ impl Version {
         match self {
             Version::V1 => b"SMRUNS01",
             Version::V2 => b"SMRUNS02",
+            Version::V3 => b"SMRUNS03",
         }
     }
 
@@ -86,19 +111,22 @@ impl Version {
         match self {
             Version::V1 => b"SMINDEX1",
             Version::V2 => b"SMINDEX2",
+            Version::V3 => b"SMINDEX3",
         }
     }
 
     fn of_magic(magic: &[u8]) -> Option<Version> {
-        [Version::V1, Version::V2]
+        [Version::V1, Version::V2, Version::V3]
             .into_iter()
             .find(|v| v.magic() == magic)
     }
 
+    /// The length of a run's header (version 3: inside its frame, no checksum).
     fn header_len(self, series: u64, len: u32) -> usize {
         match self {
             Version::V1 => 16,
             Version::V2 => varint_len(series) + varint_len(u64::from(len)) + 4,
+            Version::V3 => varint_len(series) + varint_len(u64::from(len)),
         }
     }
 
@@ -108,12 +136,14 @@ impl Version {
                 out.extend_from_slice(&series.to_le_bytes());
                 out.extend_from_slice(&len.to_le_bytes());
             }
-            Version::V2 => {
+            Version::V2 | Version::V3 => {
                 put_varint(out, series);
                 put_varint(out, u64::from(len));
             }
         }
-        out.extend_from_slice(&crc.to_le_bytes());
+        if self != Version::V3 {
+            out.extend_from_slice(&crc.to_le_bytes());
+        }
     }
 
     /// The header at the start of `b` and its length; `None` when `b` does not hold one.
@@ -126,11 +156,14 @@ impl Version {
                     16,
                 ))
             }
-            Version::V2 => {
+            Version::V2 | Version::V3 => {
                 let mut r = Reader(b);
                 let series = r.varint().ok()?;
                 let len = u32::try_from(r.varint().ok()?).ok()?;
                 let used = b.len() - r.0.len();
+                if self == Version::V3 {
+                    return Some(((series, len, 0), used));
+                }
                 let crc = le_u32(b.get(used..used + 4)?);
                 Some(((series, len, crc), used + 4))
             }
@@ -153,19 +186,24 @@ impl Version {
                     out.extend_from_slice(&e.min_t.to_le_bytes());
                     out.extend_from_slice(&e.max_t.to_le_bytes());
                 }
-                Version::V2 => {
+                Version::V2 | Version::V3 => {
+                    let v2 = self == Version::V2;
                     match (i % PAGE, i.checked_sub(1).map(|p| &entries[p])) {
                         (1.., Some(prev)) => {
                             put_varint(&mut out, e.series.wrapping_sub(prev.series));
                             let expected = self.run_end(prev);
                             put_varint(&mut out, zigzag(e.offset.wrapping_sub(expected) as i64));
-                            put_varint(&mut out, u64::from(e.len));
+                            if v2 {
+                                put_varint(&mut out, u64::from(e.len));
+                            }
                             put_varint(&mut out, zigzag(e.min_t.wrapping_sub(prev.min_t)));
                         }
                         _ => {
                             put_varint(&mut out, e.series);
                             put_varint(&mut out, e.offset);
-                            put_varint(&mut out, u64::from(e.len));
+                            if v2 {
+                                put_varint(&mut out, u64::from(e.len));
+                            }
                             put_varint(&mut out, zigzag(e.min_t));
                         }
                     }
@@ -198,7 +236,8 @@ impl Version {
                     });
                 }
             }
-            Version::V2 => {
+            Version::V2 | Version::V3 => {
+                let v2 = self == Version::V2;
                 let mut r = Reader(b);
                 for i in 0..count {
                     if i % PAGE == 0 {
@@ -209,10 +248,15 @@ impl Version {
                             prev.series.wrapping_add(r.varint()?),
                             self.run_end(prev)
                                 .wrapping_add(unzigzag(r.varint()?) as u64),
-                            r.varint()?,
+                            if v2 { r.varint()? } else { 0 },
                             prev.min_t.wrapping_add(unzigzag(r.varint()?)),
                         ),
-                        _ => (r.varint()?, r.varint()?, r.varint()?, unzigzag(r.varint()?)),
+                        _ => (
+                            r.varint()?,
+                            r.varint()?,
+                            if v2 { r.varint()? } else { 0 },
+                            unzigzag(r.varint()?),
+                        ),
                     };
                     let max_t = min_t.wrapping_add(r.varint()? as i64);
                     let len = u32::try_from(len).map_err(|_| bad())?;
@@ -233,13 +277,28 @@ impl Version {
         }
     }
 
-    /// Where the run after `e` would start if written right after it.
+    /// Where the run after `e` would start if written right after it (version 3: the frame
+    /// `e` is in, which the next run most often shares).
     fn run_end(self, e: &Entry) -> u64 {
+        if self == Version::V3 {
+            return e.offset;
+        }
         // Wrapping like the deltas around it: a damaged entry gives a wrong offset, which the
         // run's header check refuses, never an overflow.
         e.offset
             .wrapping_add(self.header_len(e.series, e.len) as u64)
             .wrapping_add(u64::from(e.len))
+    }
+
+    /// The header of the version 3 frame at the start of `b`: (raw length, stored length,
+    /// checksum, header length).
+    fn decode_frame_header(b: &[u8]) -> Option<(usize, usize, u32, usize)> {
+        let mut r = Reader(b);
+        let raw = usize::try_from(r.varint().ok()?).ok()?;
+        let stored = usize::try_from(r.varint().ok()?).ok()?;
+        let used = b.len() - r.0.len();
+        let crc = le_u32(b.get(used..used + 4)?);
+        (raw <= MAX_RUN as usize && stored <= raw).then_some((raw, stored, crc, used + 4))
     }
 }
 
@@ -251,10 +310,19 @@ pub(super) struct RunWriter {
     offset: u64,
     entries: Vec<Entry>,
     header: Vec<u8>,
+    /// Version 3: the runs of the frame being filled, and how many.
+    frame: Vec<u8>,
+    frame_runs: usize,
 }
 
 impl RunWriter {
     pub fn create(path: &Path) -> io::Result<RunWriter> {
+        RunWriter::create_version(path, Version::V3)
+    }
+
+    /// A writer of version 2, for tests of what earlier releases wrote.
+    #[cfg(test)]
+    pub fn create_v2(path: &Path) -> io::Result<RunWriter> {
         RunWriter::create_version(path, Version::V2)
     }
 
@@ -269,6 +337,8 @@ impl RunWriter {
             offset: version.magic().len() as u64,
             entries: Vec::new(),
             header: Vec::with_capacity(MAX_HEADER),
+            frame: Vec::new(),
+            frame_runs: 0,
         })
     }
 
@@ -280,6 +350,27 @@ impl RunWriter {
         payload: &[u8],
     ) -> io::Result<()> {
         let len = u32::try_from(payload.len()).map_err(|_| damaged("run too large".into()))?;
+        if self.version == Version::V3 {
+            if self.frame_runs > 0 && self.frame.len() + payload.len() > FRAME_BYTES {
+                self.write_frame()?;
+            }
+            self.version
+                .encode_header((series, len, 0), &mut self.frame);
+            self.frame.extend_from_slice(payload);
+            self.frame_runs += 1;
+            // Offsets are those of frames: this run's frame starts where the file ends now.
+            self.entries.push(Entry {
+                series,
+                offset: self.offset,
+                len: 0,
+                min_t,
+                max_t,
+            });
+            if self.frame_runs == PAGE || self.frame.len() >= FRAME_BYTES {
+                self.write_frame()?;
+            }
+            return Ok(());
+        }
         self.header.clear();
         self.version
             .encode_header((series, len, crc32fast::hash(payload)), &mut self.header);
@@ -296,12 +387,35 @@ impl RunWriter {
         Ok(())
     }
 
+    /// Writes the version 3 frame being filled, compressed when that makes it smaller.
+    fn write_frame(&mut self) -> io::Result<()> {
+        if self.frame_runs == 0 {
+            return Ok(());
+        }
+        let compressed = codec::compress(&self.frame).filter(|c| c.len() < self.frame.len());
+        let stored = compressed.as_deref().unwrap_or(&self.frame);
+        self.header.clear();
+        put_varint(&mut self.header, self.frame.len() as u64);
+        put_varint(&mut self.header, stored.len() as u64);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.header);
+        crc.update(stored);
+        self.header.extend_from_slice(&crc.finalize().to_le_bytes());
+        self.out.write_all(&self.header)?;
+        self.out.write_all(stored)?;
+        self.offset += (self.header.len() + stored.len()) as u64;
+        self.frame.clear();
+        self.frame_runs = 0;
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Writes index and footer, fsyncs, and opens the file for reading.
     pub fn finish(mut self) -> io::Result<RunFile> {
+        self.write_frame()?;
         self.entries.sort_by_key(|e| e.series);
         let index = write_index(&mut self.out, self.version, self.offset, &self.entries)?;
         let file = self
@@ -419,8 +533,8 @@ impl RunFile {
             None => {
                 // Not even the header: nothing to recover, keep an empty valid file.
                 file.set_len(0)?;
-                file.write_all_at(Version::V2.magic(), 0)?;
-                (Version::V2, Version::V2.magic().len() as u64)
+                file.write_all_at(Version::V3.magic(), 0)?;
+                (Version::V3, Version::V3.magic().len() as u64)
             }
         };
         match read_index(&file, version, readable) {
@@ -501,8 +615,57 @@ impl RunFile {
         Ok(out)
     }
 
-    /// A run's payload, checksum verified.
+    /// A reader that keeps the last frame it decompressed (version 3).
+    pub fn reader(&self) -> RunReader<'_> {
+        RunReader {
+            file: self,
+            frame: None,
+        }
+    }
+
+    /// A run's payload, checksum verified (for many runs, [`RunFile::reader`]).
+    #[cfg(test)]
     pub fn read(&self, entry: &Entry) -> io::Result<Vec<u8>> {
+        self.reader().read(entry)
+    }
+
+    fn damaged_run(&self, entry: &Entry) -> io::Error {
+        damaged(format!(
+            "{}: damaged run of series {} at offset {}",
+            self.path.display(),
+            entry.series,
+            entry.offset
+        ))
+    }
+
+    /// The runs of the version 3 frame at `offset`, checksum verified and decompressed.
+    fn read_frame(&self, offset: u64) -> io::Result<Vec<u8>> {
+        let bad = || {
+            damaged(format!(
+                "{}: damaged frame at {offset}",
+                self.path.display()
+            ))
+        };
+        let available = self
+            .index_offset
+            .saturating_sub(offset)
+            .min(MAX_HEADER as u64);
+        let mut header = [0u8; MAX_HEADER];
+        let header = &mut header[..available as usize];
+        self.file.read_exact_at(header, offset)?;
+        let (raw, stored, crc, header_len) =
+            Version::decode_frame_header(header).ok_or_else(bad)?;
+        let start = offset + header_len as u64;
+        if start + stored as u64 > self.index_offset {
+            return Err(bad());
+        }
+        let mut buf = vec![0u8; stored];
+        self.file.read_exact_at(&mut buf, start)?;
+        frame_runs(&header[..header_len - 4], crc, raw, buf).ok_or_else(bad)
+    }
+
+    /// A run's payload in versions 1 and 2, checksum verified.
+    fn read_run(&self, entry: &Entry) -> io::Result<Vec<u8>> {
         let header_len = self.version.header_len(entry.series, entry.len);
         let mut buf = vec![0u8; header_len + entry.len as usize];
         self.file.read_exact_at(&mut buf, entry.offset)?;
@@ -514,15 +677,83 @@ impl RunFile {
                 header_len,
             ))
         {
-            return Err(damaged(format!(
-                "{}: damaged run of series {} at offset {}",
-                self.path.display(),
-                entry.series,
-                entry.offset
-            )));
+            return Err(self.damaged_run(entry));
         }
         buf.drain(..header_len);
         Ok(buf)
+    }
+}
+
+/// A frame's runs from its stored bytes, if the checksum (over the header's two varints
+/// `lengths` and the stored bytes) holds and they decompress to `raw` bytes.
+fn frame_runs(lengths: &[u8], crc: u32, raw: usize, stored: Vec<u8>) -> Option<Vec<u8>> {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(lengths);
+    hasher.update(&stored);
+    if hasher.finalize() != crc {
+        return None;
+    }
+    let runs = if stored.len() == raw {
+        stored
+    } else {
+        codec::decompress(&stored).ok()?
+    };
+    (runs.len() == raw).then_some(runs)
+}
+
+/// The runs of a frame in order: (series, payload); `None` at the first that does not fit,
+/// and nothing after it.
+fn runs_in(mut runs: &[u8]) -> impl Iterator<Item = Option<(u64, &[u8])>> {
+    std::iter::from_fn(move || {
+        if runs.is_empty() {
+            return None;
+        }
+        let mut r = Reader(runs);
+        let series = r.varint().ok();
+        let len = r.varint().ok().and_then(|l| usize::try_from(l).ok());
+        match (series, len) {
+            (Some(series), Some(len)) if len <= r.0.len() => {
+                let (payload, rest) = r.0.split_at(len);
+                runs = rest;
+                Some(Some((series, payload)))
+            }
+            _ => {
+                runs = &[];
+                Some(None)
+            }
+        }
+    })
+}
+
+/// Reads runs of one file, keeping the last version 3 frame it decompressed.
+pub(super) struct RunReader<'a> {
+    file: &'a RunFile,
+    frame: Option<(u64, Vec<u8>)>,
+}
+
+impl RunReader<'_> {
+    /// A run's payload, checksum verified.
+    pub fn read(&mut self, entry: &Entry) -> io::Result<Vec<u8>> {
+        if self.file.version != Version::V3 {
+            return self.file.read_run(entry);
+        }
+        if self
+            .frame
+            .as_ref()
+            .is_none_or(|(at, _)| *at != entry.offset)
+        {
+            self.frame = None;
+            self.frame = Some((entry.offset, self.file.read_frame(entry.offset)?));
+        }
+        let (_, runs) = self.frame.as_ref().expect("just read");
+        for run in runs_in(runs) {
+            match run {
+                Some((series, payload)) if series == entry.series => return Ok(payload.to_vec()),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        Err(self.file.damaged_run(entry))
     }
 }
 
@@ -545,7 +776,7 @@ fn read_index(file: &File, version: Version, len: u64) -> io::Result<Index> {
     let index_len = len - FOOTER as u64 - index_offset;
     let fits = match version {
         Version::V1 => Some(index_len) == (entries as u64).checked_mul(36),
-        Version::V2 => (entries as u64).saturating_mul(MIN_ENTRY as u64) <= index_len,
+        Version::V2 | Version::V3 => (entries as u64).saturating_mul(MIN_ENTRY as u64) <= index_len,
     };
     if !fits {
         return Err(damaged("bad footer".into()));
@@ -577,7 +808,43 @@ fn scan_runs(
     let mut offset = version.magic().len() as u64;
     let mut entries = Vec::new();
     let mut header = [0u8; MAX_HEADER];
-    while offset < len {
+    if version == Version::V3 {
+        'frames: while offset < len {
+            let available = (len - offset).min(MAX_HEADER as u64) as usize;
+            file.read_exact_at(&mut header[..available], offset)?;
+            let Some((raw, stored, crc, header_len)) =
+                Version::decode_frame_header(&header[..available])
+            else {
+                break;
+            };
+            let start = offset + header_len as u64;
+            if start + stored as u64 > len {
+                break;
+            }
+            let mut buf = vec![0u8; stored];
+            file.read_exact_at(&mut buf, start)?;
+            let Some(runs) = frame_runs(&header[..header_len - 4], crc, raw, buf) else {
+                break;
+            };
+            let mut found = Vec::new();
+            for run in runs_in(&runs) {
+                let Some((min_t, max_t)) = run.and_then(|(_, payload)| time_range(payload)) else {
+                    break 'frames;
+                };
+                let series = run.map_or(0, |(series, _)| series);
+                found.push(Entry {
+                    series,
+                    offset,
+                    len: 0,
+                    min_t,
+                    max_t,
+                });
+            }
+            entries.extend(found);
+            offset = start + stored as u64;
+        }
+    }
+    while version != Version::V3 && offset < len {
         let available = (len - offset).min(MAX_HEADER as u64) as usize;
         file.read_exact_at(&mut header[..available], offset)?;
         let Some(((series, run_len, crc), header_len)) =
@@ -639,7 +906,7 @@ mod tests {
         // Runs written out of series order, ids past one varint byte, negative and positive
         // times, more than three index pages.
         let ids = (0..300u64).rev().chain(1000..1030);
-        for version in [Version::V1, Version::V2] {
+        for version in [Version::V1, Version::V2, Version::V3] {
             let path = dir.path().join(format!("{version:?}"));
             let written = write(&path, version, ids.clone());
             let opened = RunFile::open(&path, |_| None).unwrap();
@@ -655,15 +922,102 @@ mod tests {
                 .copied()
                 .collect();
             assert_eq!(found, expected);
+            let mut reader = file.reader();
             for e in &found {
                 let id = e.series / 7;
-                assert_eq!(file.read(e).unwrap(), vec![id as u8; 50 + id as usize % 5]);
+                let run = vec![id as u8; 50 + id as usize % 5];
+                assert_eq!(file.read(e).unwrap(), run);
+                assert_eq!(reader.read(e).unwrap(), run);
             }
         }
         // Version 2's index: a few bytes an entry instead of 36.
         let v1 = std::fs::metadata(dir.path().join("V1")).unwrap().len();
         let v2 = std::fs::metadata(dir.path().join("V2")).unwrap().len();
         assert!(v1 - v2 > 330 * 30, "v1 {v1} bytes, v2 {v2}");
+        // Version 3 compresses the runs together (these repeat one byte).
+        let v3 = std::fs::metadata(dir.path().join("V3")).unwrap().len();
+        assert!(v3 * 4 < v2, "v2 {v2} bytes, v3 {v3}");
+    }
+
+    #[test]
+    fn version_3_frames_hold_64_runs_or_64_kib_and_big_runs_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs");
+        let mut w = RunWriter::create(&path).unwrap();
+        // 100 small runs, then three of 40 KiB, then one of 200 KiB, then small ones again.
+        let sizes: Vec<usize> = (0..100)
+            .map(|_| 30)
+            .chain([40 << 10, 40 << 10, 40 << 10, 200 << 10])
+            .chain((0..10).map(|_| 30))
+            .collect();
+        // Pseudo-random bytes, so zstd cannot shrink big runs into one frame by accident.
+        let payload = |i: usize, n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|k| ((k as u64 ^ i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+                .collect()
+        };
+        for (i, &n) in sizes.iter().enumerate() {
+            w.add(i as u64, i as i64, i as i64 + 1, &payload(i, n))
+                .unwrap();
+        }
+        let file = w.finish().unwrap();
+        let entries = file.all_entries().unwrap();
+        let frames: Vec<u64> = entries.iter().map(|e| e.offset).collect();
+        let mut distinct = frames.clone();
+        distinct.dedup();
+        // Frames: 64 small runs; 36 small and the first 40 KiB run (the next would pass
+        // 64 KiB); each other large run alone; the last 10 small runs.
+        let alone = |i: usize| frames.iter().filter(|&&f| f == frames[i]).count() == 1;
+        assert_eq!(frames[0], frames[63]);
+        assert_ne!(frames[63], frames[64]);
+        assert_eq!(frames[64], frames[100]);
+        assert!(alone(101) && alone(102) && alone(103), "{frames:?}");
+        assert_eq!(frames[104], frames[113]);
+        assert_eq!(distinct.len(), 6, "{distinct:?}");
+        let mut reader = file.reader();
+        for (e, &n) in entries.iter().zip(&sizes) {
+            assert_eq!(reader.read(e).unwrap(), payload(e.series as usize, n));
+        }
+    }
+
+    #[test]
+    fn a_damaged_version_3_file_keeps_its_intact_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs");
+        let written = write(&path, Version::V3, 0..200);
+        let frames: Vec<u64> = {
+            let mut f: Vec<u64> = written.iter().map(|e| e.offset).collect();
+            f.dedup();
+            f
+        };
+        assert_eq!(frames.len(), 4, "64 runs a frame");
+        // Cut into the third frame: the index and footer are gone, frames 1 and 2 intact.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(frames[2] + 10)
+            .unwrap();
+        let opened = RunFile::open(&path, |_| Some((0, 1))).unwrap();
+        assert_eq!(opened.damaged_bytes, 10);
+        let ids: Vec<u64> = (0..200).map(|i| i * 7).collect();
+        let found = opened.file.lookup(&ids).unwrap();
+        assert_eq!(found.len(), 128);
+        assert_eq!(opened.file.read(&found[127]).unwrap(), vec![127u8; 52]);
+        let again = RunFile::open(&path, |_| Some((0, 1))).unwrap();
+        assert_eq!(again.damaged_bytes, 0);
+        assert_eq!(again.file.version, Version::V3);
+        // A flipped byte inside the second frame is caught on read; the first still reads.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xFF], frames[1] + 20).unwrap();
+        let reopened = RunFile::open(&path, |_| Some((0, 1))).unwrap().file;
+        let mut reader = reopened.reader();
+        assert!(reader.read(&found[64]).is_err());
+        assert!(reader.read(&found[100]).is_err());
+        assert_eq!(reader.read(&found[3]).unwrap(), vec![3u8; 53]);
+        // A frame whose lengths were damaged (not only its bytes) is refused too.
+        f.write_all_at(&[0x7F], frames[0]).unwrap();
+        assert!(reopened.read(&found[0]).is_err());
     }
 
     #[test]
@@ -762,7 +1116,7 @@ mod tests {
     fn a_later_version_is_refused_and_left_as_it_is() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("runs");
-        let bytes = b"SMRUNS03 and whatever a later release writes".to_vec();
+        let bytes = b"SMRUNS04 and whatever a later release writes".to_vec();
         std::fs::write(&path, &bytes).unwrap();
         let error = RunFile::open(&path, |_| None).err().unwrap();
         assert_eq!(error.kind(), io::ErrorKind::Unsupported);
