@@ -667,7 +667,9 @@ async fn rolled_up_windows_are_packed_one_row_per_series_and_read_back_bit_exact
         .await
         .unwrap();
     assert_eq!(outcome.accepted, 1, "{outcome:?}");
-    storage.run_lifecycle_at(now).await.unwrap();
+    let report = storage.run_lifecycle_at(now).await.unwrap();
+    assert_eq!(report.partitions_released, 1, "{report:?}");
+    assert_eq!(count(&pool, &sizes).await, 8192, "released again");
     let old_series = raw(&storage).await;
     let old_series = old_series
         .iter()

@@ -41,17 +41,21 @@ fn rollups_time_range(payload: &[u8]) -> Option<(TimestampMs, TimestampMs)> {
 
 /// Payload of a run: the samples in pieces of up to [`PIECE_SAMPLES`], each
 /// `zigzag min_t | varint max_t - min_t | varint count | varint len | bytes` with the bytes
-/// from `codec.rs`, so a read decodes only the pieces its range overlaps. The bytes are not
-/// compressed on their own: the run file compresses the runs of many series together
-/// (run files version 3); runs of earlier files hold pieces compressed one by one, which
-/// decode the same way.
+/// from `codec.rs`, so a read decodes only the pieces its range overlaps. A run of one piece
+/// is not compressed on its own: the run file compresses the runs of many series together
+/// (run files version 3), which is where short runs gain. A run of several pieces compresses
+/// each (so a short range decompresses only its pieces), as every run of earlier files did.
 pub(super) fn encode_samples(samples: &[Sample]) -> Vec<u8> {
     let mut out = Vec::new();
     for piece in samples.chunks(PIECE_SAMPLES) {
         let (Some(first), Some(last)) = (piece.first(), piece.last()) else {
             continue;
         };
-        let bytes = codec::encode_uncompressed(piece);
+        let bytes = if samples.len() > PIECE_SAMPLES {
+            codec::encode(piece)
+        } else {
+            codec::encode_uncompressed(piece)
+        };
         codec::put_varint(&mut out, codec::zigzag(first.t));
         codec::put_varint(&mut out, last.t.wrapping_sub(first.t) as u64);
         codec::put_varint(&mut out, piece.len() as u64);
@@ -574,6 +578,29 @@ mod tests {
         assert_eq!(damage, 0);
         assert_eq!(again.all_samples().unwrap()[&3], a);
         assert_eq!(again.max_times().unwrap(), [(3, a[999].t), (9, b[9].t)]);
+    }
+
+    #[test]
+    fn only_runs_of_several_pieces_compress_their_pieces() {
+        // After a piece's four header varints, the codec's first byte: 0 raw, 1 zstd.
+        let marker = |payload: &[u8]| {
+            let mut r = codec::Reader(payload);
+            for _ in 0..4 {
+                r.varint().unwrap();
+            }
+            r.0[0]
+        };
+        let short = samples(0, 100, 15_000);
+        let long = samples(0, 1000, 15_000);
+        assert_eq!(
+            marker(&encode_samples(&short)),
+            0,
+            "left to the run file's frame"
+        );
+        assert_eq!(marker(&encode_samples(&long)), 1, "each piece on its own");
+        for s in [short, long] {
+            assert_eq!(decode_samples(&encode_samples(&s), 0, i64::MAX).unwrap(), s);
+        }
     }
 
     #[test]

@@ -214,8 +214,21 @@ pub(super) fn compress(raw: &[u8]) -> Option<Vec<u8>> {
     ZSTD.with(|z| z.borrow_mut().0.compress(raw).ok())
 }
 
+/// What [`compress`] wrote, if its frame says it holds exactly `size` bytes (checked
+/// before anything is allocated).
+pub(super) fn decompress_exact(bytes: &[u8], size: usize) -> io::Result<Vec<u8>> {
+    let claimed = zstd::zstd_safe::get_frame_content_size(bytes)
+        .ok()
+        .flatten()
+        .ok_or_else(short)?;
+    if claimed != size as u64 || size > 64 << 20 {
+        return Err(short());
+    }
+    ZSTD.with(|z| z.borrow_mut().1.decompress(bytes, size))
+}
+
 /// What [`compress`] wrote (at most 64 MiB).
-pub(super) fn decompress(bytes: &[u8]) -> io::Result<Vec<u8>> {
+fn decompress(bytes: &[u8]) -> io::Result<Vec<u8>> {
     // The frame says how large it is; refuse absurd sizes instead of allocating them.
     let size = zstd::zstd_safe::get_frame_content_size(bytes)
         .ok()

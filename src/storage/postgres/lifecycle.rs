@@ -302,18 +302,15 @@ async fn aggregate(
         .rows_affected())
 }
 
-/// A partition's heap bytes, whether every index is down to its metapage, and whether it
-/// has no live row.
-async fn partition_space(
-    conn: &mut PgConnection,
-    name: &str,
-) -> Result<(i64, bool, bool), sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT pg_relation_size('\"{name}\"'),
-                pg_indexes_size('\"{name}\"') <= current_setting('block_size')::int8
-                    * (SELECT count(*) FROM pg_index WHERE indrelid = '\"{name}\"'::regclass),
-                NOT EXISTS (SELECT 1 FROM \"{name}\")"
-    ))
+/// A partition's heap bytes, and whether every valid index is down to its metapage.
+async fn partition_space(conn: &mut PgConnection, name: &str) -> Result<(i64, bool), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT pg_relation_size($1::regclass),
+                coalesce(bool_and(pg_relation_size(indexrelid)
+                                  <= current_setting('block_size')::int8), true)
+         FROM pg_index WHERE indrelid = $1::regclass AND indisvalid",
+    )
+    .bind(name)
     .fetch_one(conn)
     .await
 }
@@ -397,44 +394,66 @@ impl PostgresStorage {
     }
 
     /// Gives back the disk space of partitions packed whole by an earlier run (`hi` at or
-    /// before `packed`). Packing deletes every row, and VACUUM makes the pages reusable, but
-    /// a past day is hardly ever written again, so its heap and its key would keep their
-    /// size until retention drops them: about 120 bytes for every sample that now takes two
-    /// in `samples_packed`. An empty partition is vacuumed (which cuts the empty heap to
-    /// nothing once no snapshot can see the deleted rows) and its key rebuilt with
-    /// `REINDEX CONCURRENTLY`; both are MVCC-safe and take no lock that stops reads or
-    /// writes for long (TRUNCATE would be neither). A partition with rows (a late write
-    /// not yet packed again), or one whose heap a reader still holds, waits for a later run.
-    /// A failure is logged: it costs space, never data.
+    /// before `packed`, and after `dropped`, below which retention drops them anyway).
+    /// Packing deletes every row, and VACUUM makes the pages reusable, but a past day is
+    /// hardly ever written again, so its heap and its key would keep their size until
+    /// retention: about 120 bytes for every sample that now takes a few in `samples_packed`.
+    /// So the partition is vacuumed (which, once no snapshot can see the deleted rows, cuts
+    /// the empty heap to nothing), and a partition left with an empty heap gets its key
+    /// rebuilt with `REINDEX CONCURRENTLY`. Both are MVCC-safe and take no lock that stops
+    /// reads or writes for long; TRUNCATE would be neither. A partition with rows (a late
+    /// write not yet packed again) or one a reader still holds waits for a later run. The
+    /// REINDEX waits for older transactions, for at most `lock_timeout` 10 s and
+    /// `statement_timeout` 5 min; an invalid index a failed one left is dropped before the
+    /// next try. At most 30 s of it a run; a failure is logged: it costs space, never data.
     async fn release_packed(
         &self,
         conn: &mut PgConnection,
         parts: &[(String, i64, i64)],
         packed: Option<TimestampMs>,
+        dropped: TimestampMs,
     ) -> usize {
         let Some(packed) = packed else { return 0 };
+        let deadline = std::time::Instant::now() + PACK_BUDGET;
         let mut released = 0;
-        for (name, _, _) in parts.iter().filter(|p| p.2 <= packed) {
+        for (name, _, _) in parts.iter().filter(|p| p.2 <= packed && p.2 > dropped) {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
             let step = async {
-                let (heap, keys_empty, empty) = partition_space(&mut *conn, name).await?;
-                if !empty || (heap == 0 && keys_empty) {
+                let (heap, keys_empty) = partition_space(&mut *conn, name).await?;
+                if heap == 0 && keys_empty {
                     return Ok::<_, sqlx::Error>(false);
                 }
                 if heap > 0 {
-                    sqlx::Executor::execute(
-                        &mut *conn,
-                        format!("VACUUM (SKIP_LOCKED) \"{name}\"").as_str(),
-                    )
-                    .await?;
+                    // Cheap on a partition vacuumed before: its pages are all-visible.
+                    let sql = format!("VACUUM (SKIP_LOCKED) \"{name}\"");
+                    sqlx::Executor::execute(&mut *conn, sql.as_str()).await?;
                     if partition_space(&mut *conn, name).await?.0 > 0 {
                         return Ok(false);
                     }
                 }
+                let invalid: Vec<String> = sqlx::query_scalar(
+                    "SELECT indexrelid::regclass::text FROM pg_index
+                     WHERE indrelid = $1::regclass AND NOT indisvalid",
+                )
+                .bind(name)
+                .fetch_all(&mut *conn)
+                .await?;
+                for index in invalid {
+                    let sql = format!("DROP INDEX CONCURRENTLY IF EXISTS {index}");
+                    sqlx::Executor::execute(&mut *conn, sql.as_str()).await?;
+                }
                 sqlx::Executor::execute(
                     &mut *conn,
-                    format!("REINDEX TABLE CONCURRENTLY \"{name}\"").as_str(),
+                    "SET lock_timeout = '10s'; SET statement_timeout = '5min'",
                 )
                 .await?;
+                let sql = format!("REINDEX TABLE CONCURRENTLY \"{name}\"");
+                let reindexed = sqlx::Executor::execute(&mut *conn, sql.as_str()).await;
+                sqlx::Executor::execute(&mut *conn, "RESET lock_timeout; RESET statement_timeout")
+                    .await?;
+                reindexed?;
                 Ok(true)
             };
             match step.await {
@@ -548,7 +567,9 @@ impl PostgresStorage {
             .await?;
         report.rows_1h += rows;
         report.samples_packed += self.pack(conn, packed_before, w5, &parts).await?;
-        report.partitions_released = self.release_packed(conn, &parts, packed_before).await;
+        report.partitions_released = self
+            .release_packed(conn, &parts, packed_before, raw_cutoff.min(w5))
+            .await;
 
         // Raw retention: whole partitions, so the space is freed at once; only what the 5 min
         // rollups already hold, so a stalled job never lets raw data go unrolled.
