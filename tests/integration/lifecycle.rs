@@ -532,6 +532,8 @@ async fn rolled_up_windows_are_packed_one_row_per_series_and_read_back_bit_exact
         packed_before <= now - 10 * MINUTE,
         "{packed_before} vs {now}"
     );
+    let left_before_watermark =
+        format!("SELECT count(*) FROM samples WHERE time < to_timestamp({packed_before} / 1000.0)");
     let still_raw = count(&pool, "SELECT count(*) FROM samples").await;
     assert_eq!(
         report.samples_packed as i64 + still_raw,
@@ -539,13 +541,7 @@ async fn rolled_up_windows_are_packed_one_row_per_series_and_read_back_bit_exact
         "{report:?}"
     );
     assert_eq!(
-        count(
-            &pool,
-            &format!(
-                "SELECT count(*) FROM samples WHERE time < to_timestamp({packed_before} / 1000.0)"
-            )
-        )
-        .await,
+        count(&pool, &left_before_watermark).await,
         0,
         "nothing before the packing watermark is left a row per sample"
     );
@@ -646,16 +642,7 @@ async fn rolled_up_windows_are_packed_one_row_per_series_and_read_back_bit_exact
         8192,
         "heap and key of a packed day"
     );
-    assert_eq!(
-        count(
-            &pool,
-            &format!(
-                "SELECT count(*) FROM samples WHERE time < to_timestamp({packed_before} / 1000.0)"
-            )
-        )
-        .await,
-        0
-    );
+    assert_eq!(count(&pool, &left_before_watermark).await, 0);
     assert_eq!(
         samples_text(&raw(&storage).await),
         samples_text(&after_late)
