@@ -39,7 +39,20 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    #[inline]
     pub(super) fn varint(&mut self) -> Result<u64, DecodeError> {
+        // Keys, lengths of short strings and small numbers take one byte: most varints of a
+        // request.
+        match self.0.split_first() {
+            Some((&byte, rest)) if byte < 0x80 => {
+                self.0 = rest;
+                Ok(u64::from(byte))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    fn long_varint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for (i, &byte) in self.0.iter().enumerate().take(10) {
             value |= u64::from(byte & 0x7f) << (7 * i);
