@@ -47,8 +47,27 @@ fn format_float(out: &mut String, v: f64, exponent: bool) {
         };
         let _ = write!(out, "{mantissa}e{sign}{digits:0>2}");
     } else {
-        // Rust's `Display` for f64 is the shortest round-trip digits without exponent, like
-        // Go's 'f' with precision -1.
+        write_plain_float(out, v);
+    }
+}
+
+/// Go's 'f' with precision -1: the shortest digits that round-trip, without exponent.
+///
+/// Query results are mostly this (a range query of 500 series writes 30,000 values), so the
+/// common cases skip `core::fmt`: whole numbers (counters) as integers, and values from 1e-5
+/// to below 1e13 as ryu's shortest digits (ryu writes those without exponent). Both give the
+/// shortest string that reads back as `v` and the closest of those; they differ only on an
+/// exact tie between two, which needs a float with at most two fraction bits, so from 2^50
+/// up (ryu picks the even digit, `Display` rounds half up). The rest goes to `Display`.
+fn write_plain_float(out: &mut String, v: f64) {
+    let abs = v.abs();
+    if v.fract() == 0.0 && abs < 1e15 && (v != 0.0 || v.is_sign_positive()) {
+        out.push_str(itoa::Buffer::new().format(v as i64));
+    } else if (1e-5..1e13).contains(&abs) {
+        let mut buffer = ryu::Buffer::new();
+        let text = buffer.format_finite(v);
+        out.push_str(text.strip_suffix(".0").unwrap_or(text));
+    } else {
         let _ = write!(out, "{v}");
     }
 }
@@ -70,10 +89,13 @@ pub fn write_sample_timestamp(out: &mut String, t: i64) {
         out.push('-');
     }
     let t = t.unsigned_abs();
-    let _ = write!(out, "{}", t / 1000);
-    let fraction = t % 1000;
+    out.push_str(itoa::Buffer::new().format(t / 1000));
+    let fraction = (t % 1000) as u32;
     if fraction != 0 {
-        let _ = write!(out, ".{fraction:03}");
+        out.push('.');
+        for digit in [fraction / 100, fraction / 10 % 10, fraction % 10] {
+            out.push(char::from(b'0' + digit as u8));
+        }
     }
 }
 
@@ -191,6 +213,52 @@ mod tests {
         assert_eq!(value(f64::INFINITY), r#""+Inf""#);
         assert_eq!(value(f64::NEG_INFINITY), r#""-Inf""#);
         assert_eq!(value(1e-300), r#""1e-300""#);
+    }
+
+    #[test]
+    fn fast_value_paths_write_what_display_writes() {
+        // Whole numbers, ryu's range and its edges, against `Display` (Go's 'f', -1).
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut values = vec![
+            0.0,
+            1.0,
+            -1.0,
+            999_999_999_999_999.0,
+            1e15,
+            -1e15,
+            1e15 + 2.0,
+            1e-5,
+            9.999e-6,
+            1e16,
+            9_999_999_999_999_998.0,
+            0.1,
+            0.3,
+            2.5,
+            1.0 / 3.0,
+            51.23,
+            123456.789,
+            f64::EPSILON,
+            4_503_599_627_370_497.0,
+            0.000_012_345,
+        ];
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push(f64::from_bits(x));
+            values.push((x % 10_000_000) as f64 / 100.0);
+            values.push((x >> 11) as f64 * 1e-9);
+            values.push((x % 1_000_000_000_000) as f64);
+        }
+        for v in values.into_iter().filter(|v| v.is_finite()) {
+            let abs = v.abs();
+            if abs != 0.0 && !(1e-6..1e21).contains(&abs) {
+                continue;
+            }
+            let mut fast = String::new();
+            write_plain_float(&mut fast, v);
+            assert_eq!(fast, format!("{v}"), "{:#x}", v.to_bits());
+        }
     }
 
     #[test]
