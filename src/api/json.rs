@@ -51,10 +51,22 @@ fn format_float(out: &mut String, v: f64, exponent: bool) {
     }
 }
 
+/// `v` in thousandths, if `v` is a nonzero number under 1e12 that a decimal with at most three
+/// fraction digits reads back as (gauges with a few decimals). The division is exact-rounded,
+/// so it gives the float that decimal reads as.
+fn three_decimals(v: f64) -> Option<i64> {
+    if v == 0.0 || v.abs() >= 1e12 {
+        return None;
+    }
+    let n = (v * 1000.0).round();
+    (n / 1000.0 == v).then_some(n as i64)
+}
+
 /// Go's 'f' with precision -1: the shortest digits that round-trip, without exponent.
 ///
 /// Query results are mostly this (a range query of 500 series writes 30,000 values), so the
-/// common cases skip `core::fmt`: whole numbers (counters) as integers, and values from 1e-5
+/// common cases skip `core::fmt`: whole numbers (counters) as integers, values with up to three
+/// decimals as such, and values from 1e-5
 /// to below 1e13 as ryu's shortest digits (ryu writes those without exponent). Both give the
 /// shortest string that reads back as `v` and the closest of those; they differ only on an
 /// exact tie between two, which needs a float with at most two fraction bits, so from 2^50
@@ -63,6 +75,28 @@ fn write_plain_float(out: &mut String, v: f64) {
     let abs = v.abs();
     if v.fract() == 0.0 && abs < 1e15 && (v != 0.0 || v.is_sign_positive()) {
         out.push_str(itoa::Buffer::new().format(v as i64));
+    } else if let Some(thousandths) = three_decimals(v) {
+        // The decimal with at most three fraction digits that reads back as `v`: below 1e12
+        // floats are closer together than 0.001, so no other decimal as short reads back as
+        // `v`, and it is the shortest.
+        if v < 0.0 {
+            out.push('-');
+        }
+        let n = thousandths.unsigned_abs();
+        out.push_str(itoa::Buffer::new().format(n / 1000));
+        out.push('.');
+        let mut fraction = n % 1000;
+        let mut digits = 3;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        let mut buffer = itoa::Buffer::new();
+        let text = buffer.format(fraction);
+        for _ in text.len()..digits {
+            out.push('0');
+        }
+        out.push_str(text);
     } else if (1e-5..1e13).contains(&abs) {
         let mut buffer = ryu::Buffer::new();
         let text = buffer.format_finite(v);
@@ -249,7 +283,18 @@ mod tests {
             values.push((x % 10_000_000) as f64 / 100.0);
             values.push((x >> 11) as f64 * 1e-9);
             values.push((x % 1_000_000_000_000) as f64);
+            values.push(-((x % 100_000_000) as f64) / 1000.0);
+            values.push((x % 1_000_000_000_000_000) as f64 / 1000.0);
         }
+        values.extend([
+            0.001,
+            -0.001,
+            0.0005,
+            0.01,
+            0.1 + 0.2,
+            999_999_999_999.999,
+            -51.2,
+        ]);
         for v in values.into_iter().filter(|v| v.is_finite()) {
             let abs = v.abs();
             if abs != 0.0 && !(1e-6..1e21).contains(&abs) {

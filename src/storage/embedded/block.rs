@@ -454,7 +454,7 @@ pub(super) fn compact(dir: &Path, blocks: &[&Block]) -> io::Result<Option<Block>
             .chunks
             .as_ref()
             .ok_or_else(|| io::Error::other("cannot compact a block without raw chunks"))?;
-        indexes.push((file.reader(), file.all_entries()?));
+        indexes.push((file.reader_once(), file.all_entries()?));
     }
     let ids: std::collections::BTreeSet<u64> = indexes
         .iter()

@@ -11,6 +11,7 @@
 mod block;
 mod chunk;
 pub(crate) mod codec;
+mod frames;
 mod head;
 mod runfile;
 mod wal;

@@ -47,12 +47,14 @@
 //! a lookup reads one page.
 
 use super::codec::{self, put_varint, unzigzag, zigzag, Reader};
+use super::frames;
 use crate::model::TimestampMs;
 use crate::varint::varint_len;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const FOOTER: usize = 32;
 /// Index entries per page.
@@ -470,6 +472,8 @@ fn write_index(
 
 /// A run file open for reading.
 pub(super) struct RunFile {
+    /// This file's key in the frame cache.
+    id: u64,
     path: PathBuf,
     file: File,
     version: Version,
@@ -505,6 +509,7 @@ impl RunFile {
         (index_len, pages): (u64, Vec<u64>),
     ) -> RunFile {
         RunFile {
+            id: frames::file_id(),
             path,
             file,
             version,
@@ -554,6 +559,7 @@ impl RunFile {
         match read_index(&file, version, readable) {
             Ok(index) => Ok(Opened {
                 file: RunFile {
+                    id: frames::file_id(),
                     path: path.to_owned(),
                     version,
                     index_offset: index.offset,
@@ -629,11 +635,22 @@ impl RunFile {
         Ok(out)
     }
 
-    /// A reader that keeps the last frame it decompressed (version 3).
+    /// A reader for queries: it keeps the last frame it decompressed (version 3) and shares
+    /// the frames it reads through the process's frame cache.
     pub fn reader(&self) -> RunReader<'_> {
         RunReader {
             file: self,
             frame: None,
+            cache: true,
+        }
+    }
+
+    /// A reader that reads every frame once (compaction): it uses frames already cached but
+    /// does not add its own, which would push out the ones queries use.
+    pub fn reader_once(&self) -> RunReader<'_> {
+        RunReader {
+            cache: false,
+            ..self.reader()
         }
     }
 
@@ -742,7 +759,8 @@ fn runs_in(mut runs: &[u8]) -> impl Iterator<Item = Option<(u64, &[u8])>> {
 /// Reads runs of one file, keeping the last version 3 frame it decompressed.
 pub(super) struct RunReader<'a> {
     file: &'a RunFile,
-    frame: Option<(u64, Vec<u8>)>,
+    frame: Option<(u64, Arc<[u8]>)>,
+    cache: bool,
 }
 
 impl RunReader<'_> {
@@ -757,7 +775,18 @@ impl RunReader<'_> {
             .is_none_or(|(at, _)| *at != entry.offset)
         {
             self.frame = None;
-            self.frame = Some((entry.offset, self.file.read_frame(entry.offset)?));
+            let cache = frames::shared();
+            let frame = match cache.get(self.file.id, entry.offset) {
+                Some(frame) => frame,
+                None => {
+                    let frame: Arc<[u8]> = self.file.read_frame(entry.offset)?.into();
+                    if self.cache {
+                        cache.insert(self.file.id, entry.offset, frame.clone());
+                    }
+                    frame
+                }
+            };
+            self.frame = Some((entry.offset, frame));
         }
         let (_, runs) = self.frame.as_ref().expect("just read");
         for run in runs_in(runs) {
@@ -1029,9 +1058,12 @@ mod tests {
         assert!(reader.read(&found[16]).is_err());
         assert!(reader.read(&found[20]).is_err());
         assert_eq!(reader.read(&found[3]).unwrap(), vec![3u8; 53]);
-        // A frame whose lengths were damaged (not only its bytes) is refused too.
+        // A frame whose lengths were damaged (not only its bytes) is refused too, once read
+        // from disk: the file opened before keeps the verified frame it cached.
         f.write_all_at(&[0x7F], frames[0]).unwrap();
-        assert!(reopened.read(&found[0]).is_err());
+        assert_eq!(reopened.read(&found[0]).unwrap(), vec![0u8; 50]);
+        let fresh = RunFile::open(&path, |_| Some((0, 1))).unwrap().file;
+        assert!(fresh.read(&found[0]).is_err());
     }
 
     #[test]
