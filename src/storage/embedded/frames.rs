@@ -67,6 +67,30 @@ impl FrameCache {
         Some(frame)
     }
 
+    /// The frame if it is cached, leaving the cache as it is (a reader that must not decide
+    /// what stays, such as compaction).
+    pub(super) fn peek(&self, file: u64, offset: u64) -> Option<Arc<[u8]>> {
+        let g = self.lock();
+        g.current
+            .get(&(file, offset))
+            .or_else(|| g.previous.get(&(file, offset)))
+            .cloned()
+    }
+
+    /// Drops the frames of a run file that is closed (its block removed or replaced).
+    pub(super) fn forget(&self, file: u64) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        g.current.retain(|key, frame| {
+            let keep = key.0 != file;
+            if !keep {
+                g.current_bytes -= frame.len();
+            }
+            keep
+        });
+        g.previous.retain(|key, _| key.0 != file);
+    }
+
     pub(super) fn insert(&self, file: u64, offset: u64, frame: Arc<[u8]>) {
         // A frame over a sixteenth of the budget is not kept: it would push out many small ones.
         if frame.len() <= self.budget / 16 {
@@ -83,6 +107,13 @@ impl FrameCache {
             g.previous = std::mem::take(&mut g.current);
             g.current_bytes = 0;
         }
+    }
+
+    /// Whether the current generation's byte count is the size of its frames.
+    #[cfg(test)]
+    fn counts_what_it_holds(&self) -> bool {
+        let g = self.lock();
+        g.current_bytes == g.current.values().map(|f| f.len()).sum::<usize>()
     }
 
     /// Bytes held in both generations.
@@ -120,6 +151,7 @@ mod tests {
         for offset in 11..=30 {
             cache.insert(1, offset * 100, frame(50, 3));
             assert!(cache.bytes() <= 1000 + 50, "{}", cache.bytes());
+            assert!(cache.counts_what_it_holds());
         }
         // Not used for two generations: gone.
         assert!(cache.get(1, 100).is_none());
@@ -127,6 +159,30 @@ mod tests {
         // Too big to keep.
         cache.insert(9, 0, frame(100, 4));
         assert!(cache.get(9, 0).is_none());
+    }
+
+    #[test]
+    fn peeking_moves_nothing_and_a_closed_file_leaves() {
+        let cache = FrameCache::new(1000);
+        cache.insert(1, 0, frame(50, 1));
+        for offset in 1..=10 {
+            cache.insert(2, offset, frame(50, 2));
+        }
+        // (1, 0) went to the previous generation with the tenth frame; a peek finds it and
+        // leaves it there, so the next rotation drops it.
+        assert!(cache.peek(1, 0).is_some());
+        for offset in 11..=20 {
+            cache.insert(2, offset, frame(50, 2));
+        }
+        cache.insert(3, 0, frame(60, 3));
+        assert!(cache.peek(1, 0).is_none());
+        for offset in 21..=25 {
+            cache.insert(2, offset, frame(50, 2));
+        }
+        cache.forget(2);
+        assert_eq!(cache.bytes(), 60);
+        assert!(cache.get(2, 25).is_none() && cache.get(3, 0).is_some());
+        assert!(cache.counts_what_it_holds());
     }
 
     #[test]
