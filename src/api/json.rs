@@ -66,8 +66,8 @@ fn three_decimals(v: f64) -> Option<i64> {
 ///
 /// Query results are mostly this (a range query of 500 series writes 30,000 values), so the
 /// common cases skip `core::fmt`: whole numbers (counters) as integers, values with up to three
-/// decimals as such, and values from 1e-5
-/// to below 1e13 as ryu's shortest digits (ryu writes those without exponent). Both give the
+/// decimals as such, and values from 1e-5 to below 1e13 as ryu's shortest digits (ryu writes
+/// those without exponent; whole numbers never reach it, so it never adds `.0`). Both give the
 /// shortest string that reads back as `v` and the closest of those; they differ only on an
 /// exact tie between two, which needs a float with at most two fraction bits, so from 2^50
 /// up (ryu picks the even digit, `Display` rounds half up). The rest goes to `Display`.
@@ -82,27 +82,32 @@ fn write_plain_float(out: &mut String, v: f64) {
         if v < 0.0 {
             out.push('-');
         }
-        let n = thousandths.unsigned_abs();
-        out.push_str(itoa::Buffer::new().format(n / 1000));
-        out.push('.');
-        let mut fraction = n % 1000;
-        let mut digits = 3;
-        while fraction % 10 == 0 {
-            fraction /= 10;
-            digits -= 1;
-        }
-        let mut buffer = itoa::Buffer::new();
-        let text = buffer.format(fraction);
-        for _ in text.len()..digits {
-            out.push('0');
-        }
-        out.push_str(text);
+        push_thousandths(out, thousandths.unsigned_abs(), true);
     } else if (1e-5..1e13).contains(&abs) {
-        let mut buffer = ryu::Buffer::new();
-        let text = buffer.format_finite(v);
-        out.push_str(text.strip_suffix(".0").unwrap_or(text));
+        out.push_str(ryu::Buffer::new().format_finite(v));
     } else {
         let _ = write!(out, "{v}");
+    }
+}
+
+/// `n` thousandths as units, then `.` and the three digits of the fraction unless it is zero;
+/// `trim` drops the fraction's trailing zeros.
+fn push_thousandths(out: &mut String, n: u64, trim: bool) {
+    out.push_str(itoa::Buffer::new().format(n / 1000));
+    let fraction = (n % 1000) as u32;
+    if fraction != 0 {
+        let digits = [fraction / 100, fraction / 10 % 10, fraction % 10];
+        let len = if !trim || digits[2] != 0 {
+            3
+        } else if digits[1] != 0 {
+            2
+        } else {
+            1
+        };
+        out.push('.');
+        for digit in &digits[..len] {
+            out.push(char::from(b'0' + *digit as u8));
+        }
     }
 }
 
@@ -122,15 +127,7 @@ pub fn write_sample_timestamp(out: &mut String, t: i64) {
     if t < 0 {
         out.push('-');
     }
-    let t = t.unsigned_abs();
-    out.push_str(itoa::Buffer::new().format(t / 1000));
-    let fraction = (t % 1000) as u32;
-    if fraction != 0 {
-        out.push('.');
-        for digit in [fraction / 100, fraction / 10 % 10, fraction % 10] {
-            out.push(char::from(b'0' + digit as u8));
-        }
-    }
+    push_thousandths(out, t.unsigned_abs(), false);
 }
 
 /// A scalar or string result's timestamp: Go's shortest float64 of seconds.

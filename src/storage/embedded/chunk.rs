@@ -417,15 +417,21 @@ mod tests {
         round_trip(&samples);
     }
 
+    /// The next number of a xorshift sequence.
+    fn next(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
     #[test]
     fn pseudo_random_series_round_trip() {
         let mut x = 0x2545_f491_4f6c_dd1du64;
         let mut t = 0i64;
         let samples: Vec<Sample> = (0..1000)
             .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let x = next(&mut x);
                 t += (x % 100_000) as i64 + 1;
                 Sample {
                     t,
@@ -463,11 +469,8 @@ mod tests {
                 assert_eq!((decoded[0].t, decoded[0].v), (samples[0].t, samples[0].v));
             }
             // A flipped bit anywhere: wrong samples, no panic.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
             let mut damaged = chunk.bytes.clone();
-            damaged[cut] ^= 1 << (x % 8);
+            damaged[cut] ^= 1 << (next(&mut x) % 8);
             decode_bits(&damaged, chunk.count);
             decode_bits(&damaged, chunk.count * 4);
         }
