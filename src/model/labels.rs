@@ -104,14 +104,19 @@ impl Labels {
 
     /// The same set without `__name__` (what Prometheus returns once a function or operator has
     /// changed a sample's meaning).
-    pub fn without_metric_name(&self) -> Labels {
-        Labels(
-            self.0
-                .iter()
-                .filter(|l| l.name != METRIC_NAME_LABEL)
-                .cloned()
-                .collect(),
-        )
+    pub fn without_metric_name(mut self) -> Labels {
+        self.drop_metric_name();
+        self
+    }
+
+    /// Removes `__name__` in place.
+    pub fn drop_metric_name(&mut self) {
+        if let Ok(i) = self
+            .0
+            .binary_search_by(|l| l.name.as_str().cmp(METRIC_NAME_LABEL))
+        {
+            self.0.remove(i);
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Label> {

@@ -120,13 +120,30 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
     let mut groups: Vec<Labels> = Vec::new();
     for s in &input {
         let labels = group_labels(&s.labels, &agg.modifier);
-        let next = groups.len();
-        let i = *group_index.entry(labels.clone()).or_insert(next);
-        if i == next {
-            groups.push(labels);
-        }
+        let i = match group_index.get(&labels) {
+            Some(&i) => i,
+            None => {
+                group_index.insert(labels.clone(), groups.len());
+                groups.push(labels);
+                groups.len() - 1
+            }
+        };
         group_of.push(i);
     }
+
+    // Per-step state by group number, reused from step to step; `seen_at` tells whether a
+    // group already has a value at this step.
+    let keeps_members = matches!(op, Op::Topk | Op::Bottomk | Op::Quantile);
+    let mut state: Vec<Group> = (0..groups.len())
+        .map(|_| Group {
+            value: 0.0,
+            mean: 0.0,
+            count: 0,
+            members: Vec::new(),
+        })
+        .collect();
+    let mut seen_at = vec![usize::MAX; groups.len()];
+    let mut order: Vec<usize> = Vec::new();
 
     let series = ev.step_eval(&[&input], |step, _t, columns| {
         let column = &columns[0];
@@ -146,27 +163,26 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
             0
         };
         // Groups in order of first appearance at this step, as Prometheus emits them.
-        let mut state: HashMap<usize, Group> = HashMap::new();
-        let mut order: Vec<usize> = Vec::new();
+        order.clear();
         for &(i, v) in column {
             let g = group_of[i];
-            let Some(group) = state.get_mut(&g) else {
+            let group = &mut state[g];
+            if seen_at[g] != step {
+                seen_at[g] = step;
                 order.push(g);
-                state.insert(
-                    g,
-                    Group {
-                        value: match op {
-                            Op::Stddev | Op::Stdvar => 0.0,
-                            Op::Group => 1.0,
-                            _ => v,
-                        },
-                        mean: v,
-                        count: 1,
-                        members: vec![(i, v)],
-                    },
-                );
+                group.value = match op {
+                    Op::Stddev | Op::Stdvar => 0.0,
+                    Op::Group => 1.0,
+                    _ => v,
+                };
+                group.mean = v;
+                group.count = 1;
+                group.members.clear();
+                if keeps_members {
+                    group.members.push((i, v));
+                }
                 continue;
-            };
+            }
             group.count += 1;
             match op {
                 Op::Sum => group.value += v,
@@ -205,8 +221,8 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
             }
         }
         let mut out = Vec::with_capacity(order.len());
-        for g in order {
-            let group = &state[&g];
+        for &g in &order {
+            let group = &state[g];
             let value = match op {
                 Op::Avg => group.mean,
                 Op::Count => group.count as f64,

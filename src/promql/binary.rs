@@ -155,7 +155,7 @@ fn vector_scalar(
             keep
         });
         if op.drops_metric_name() || return_bool {
-            s.labels = s.labels.without_metric_name();
+            s.labels.drop_metric_name();
         }
     }
     series.retain(|s| !s.samples.is_empty());

@@ -392,7 +392,7 @@ impl Evaluator {
                 }
                 Value::Vector(mut series) => {
                     for s in &mut series {
-                        s.labels = s.labels.without_metric_name();
+                        s.labels.drop_metric_name();
                         for p in &mut s.samples {
                             p.v = -p.v;
                         }

@@ -35,7 +35,7 @@ fn map_with_params(
     let (start, step) = (ev.range.start, ev.range.step);
     let mut step_params = vec![0.0; params.len()];
     for s in &mut series {
-        s.labels = s.labels.without_metric_name();
+        s.labels.drop_metric_name();
         s.samples.retain_mut(|p| {
             let i = ((p.t - start) / step) as usize;
             for (slot, values) in step_params.iter_mut().zip(&params) {

@@ -156,7 +156,7 @@ pub(super) fn eval_call(ev: &mut Evaluator, call: &Call) -> Result<Value, QueryE
         Some(Simple(f)) => {
             let mut series = ev.eval_vector(&call.args.args[0])?;
             for s in &mut series {
-                s.labels = s.labels.without_metric_name();
+                s.labels.drop_metric_name();
                 for p in &mut s.samples {
                     p.v = f(p.v);
                 }

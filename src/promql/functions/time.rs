@@ -35,7 +35,7 @@ pub(super) fn timestamp(ev: &mut Evaluator, call: &Call) -> Result<Value, QueryE
         }
     };
     for s in &mut series {
-        s.labels = s.labels.without_metric_name();
+        s.labels.drop_metric_name();
     }
     Ok(Value::Vector(merge_by_labels(series)?))
 }
@@ -65,7 +65,7 @@ fn date_function(
     }
     let mut series = ev.eval_vector(&call.args.args[0])?;
     for s in &mut series {
-        s.labels = s.labels.without_metric_name();
+        s.labels.drop_metric_name();
         for p in &mut s.samples {
             p.v = f(to_time(p.v));
         }
