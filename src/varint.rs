@@ -18,7 +18,20 @@ pub fn varint_len(v: u64) -> usize {
 
 /// Reads a varint from the front of `bytes` and moves past it; `None` when the bytes end
 /// first or it runs past 64 bits.
+#[inline]
 pub fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
+    // One byte is the common case (timestamp delta-of-deltas of regular scrapes, small
+    // differences, index deltas): no loop.
+    match bytes.split_first() {
+        Some((&b, rest)) if b < 0x80 => {
+            *bytes = rest;
+            Some(u64::from(b))
+        }
+        _ => take_long_varint(bytes),
+    }
+}
+
+fn take_long_varint(bytes: &mut &[u8]) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let (&b, rest) = bytes.split_first()?;

@@ -72,6 +72,31 @@ pub(super) fn decode_samples(
     end: TimestampMs,
 ) -> io::Result<Vec<Sample>> {
     let mut out = Vec::new();
+    decode_samples_into(payload, start, end, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_samples`], appending to `out`; on an error `out` is left as it was.
+pub(super) fn decode_samples_into(
+    payload: &[u8],
+    start: TimestampMs,
+    end: TimestampMs,
+    out: &mut Vec<Sample>,
+) -> io::Result<()> {
+    let before = out.len();
+    let result = decode_pieces_into(payload, start, end, out);
+    if result.is_err() {
+        out.truncate(before);
+    }
+    result
+}
+
+fn decode_pieces_into(
+    payload: &[u8],
+    start: TimestampMs,
+    end: TimestampMs,
+    out: &mut Vec<Sample>,
+) -> io::Result<()> {
     let mut r = codec::Reader(payload);
     while !r.0.is_empty() {
         let min_t = codec::unzigzag(r.varint()?);
@@ -82,16 +107,15 @@ pub(super) fn decode_samples(
             return Err(damaged("piece cut short".into()));
         }
         let (bytes, rest) = r.0.split_at(len);
-        if max_t >= start && min_t <= end {
-            let samples = codec::decode(bytes)?;
-            if samples.len() != count {
-                return Err(damaged("piece holds another sample count".into()));
-            }
-            out.extend(samples.into_iter().filter(|s| s.t >= start && s.t <= end));
+        if max_t >= start
+            && min_t <= end
+            && codec::decode_range_into(bytes, start, end, out)? != count
+        {
+            return Err(damaged("piece holds another sample count".into()));
         }
         r.0 = rest;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Payload of a rollup run: the bucket starts and seven value columns (min, max, sum, count,
@@ -340,12 +364,12 @@ impl Block {
             if entry.max_t < start || entry.min_t > end {
                 continue;
             }
-            match reader
+            let samples = out.entry(entry.series).or_default();
+            if let Err(e) = reader
                 .read(&entry)
-                .and_then(|p| decode_samples(&p, start, end))
+                .and_then(|p| decode_samples_into(&p, start, end, samples))
             {
-                Ok(samples) => out.entry(entry.series).or_default().extend(samples),
-                Err(e) => tracing::error!(error = %e, "skipping a damaged run"),
+                tracing::error!(error = %e, "skipping a damaged run");
             }
         }
         Ok(())

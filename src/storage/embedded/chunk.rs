@@ -204,6 +204,11 @@ impl Appender {
         decode_bits(&self.w.bytes, self.count)
     }
 
+    /// Appends the samples in `[start, end]` to `out`.
+    pub fn decode_range_into(&self, start: i64, end: i64, out: &mut Vec<Sample>) {
+        decode_bits_into(&self.w.bytes, self.count, start, end, out);
+    }
+
     /// Closes the chunk.
     pub fn finish(self) -> Chunk {
         let mut bytes = self.w.bytes;
@@ -237,6 +242,11 @@ impl Chunk {
         decode_bits(&self.bytes, self.count)
     }
 
+    /// Appends the samples in `[start, end]` to `out`.
+    pub fn decode_range_into(&self, start: i64, end: i64, out: &mut Vec<Sample>) {
+        decode_bits_into(&self.bytes, self.count, start, end, out);
+    }
+
     /// Compressed size in bytes.
     #[cfg(test)]
     pub fn size(&self) -> usize {
@@ -263,6 +273,12 @@ impl Chunk {
 /// a panic).
 fn decode_bits(bytes: &[u8], count: u32) -> Vec<Sample> {
     let mut out = Vec::with_capacity(count as usize);
+    decode_bits_into(bytes, count, i64::MIN, i64::MAX, &mut out);
+    out
+}
+
+/// [`decode_bits`], appending only the samples in `[start, end]` to `out`.
+fn decode_bits_into(bytes: &[u8], count: u32, start: i64, end: i64, out: &mut Vec<Sample>) {
     let mut r = BitReader { bytes, position: 0 };
     let (mut t, mut delta, mut v) = (0i64, 0i64, 0u64);
     let (mut leading, mut trailing) = (0u8, 0u8);
@@ -308,12 +324,13 @@ fn decode_bits(bytes: &[u8], count: u32) -> Vec<Sample> {
                 v ^= bits << trailing;
             }
         }
-        out.push(Sample {
-            t,
-            v: f64::from_bits(v),
-        });
+        if t >= start && t <= end {
+            out.push(Sample {
+                t,
+                v: f64::from_bits(v),
+            });
+        }
     }
-    out
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ pub(super) use crate::varint::{put_varint, unzigzag, zigzag};
 pub(super) struct Reader<'a>(pub &'a [u8]);
 
 impl Reader<'_> {
+    #[inline]
     pub fn varint(&mut self) -> io::Result<u64> {
         crate::varint::take_varint(&mut self.0).ok_or_else(short)
     }
@@ -104,16 +105,120 @@ pub fn encode(samples: &[Sample]) -> Vec<u8> {
 
 /// Decodes what [`encode`] wrote.
 pub fn decode(bytes: &[u8]) -> io::Result<Vec<Sample>> {
-    let (times, mut columns) = decode_columns(bytes)?;
-    let values = columns
-        .pop()
-        .filter(|_| columns.is_empty())
-        .ok_or_else(short)?;
+    let (times, values) = decode_one_column(bytes)?;
     Ok(times
         .into_iter()
         .zip(values)
         .map(|(t, v)| Sample { t, v })
         .collect())
+}
+
+/// Appends the samples in `[start, end]` of what [`encode`] wrote to `out` and returns how many
+/// the run holds. Values are decoded only up to the last sample kept, and nothing is copied
+/// first; on an error, `out` may hold part of the run.
+pub fn decode_range_into(
+    bytes: &[u8],
+    start: i64,
+    end: i64,
+    out: &mut Vec<Sample>,
+) -> io::Result<usize> {
+    let decompressed;
+    let raw: &[u8] = match bytes.split_first() {
+        Some((&FRAME_ZSTD, frame)) => {
+            decompressed = decompress(frame)?;
+            &decompressed
+        }
+        Some((&FRAME_RAW, raw)) => raw,
+        _ => return Err(short()),
+    };
+    let mut r = Reader(raw);
+    let count = usize::try_from(r.varint()?).map_err(|_| short())?;
+    if count > raw.len() || r.varint()? != 1 {
+        return Err(short());
+    }
+    // Timestamps: the kept ones are `lo..hi`, pushed with their values still to come.
+    let base = out.len();
+    let (mut lo, mut hi) = (0, 0);
+    let (mut t, mut delta) = (0i64, 0i64);
+    for i in 0..count {
+        let v = unzigzag(r.varint()?);
+        match i {
+            0 => t = v,
+            1 => {
+                delta = v;
+                t = t.wrapping_add(delta);
+            }
+            _ => {
+                delta = delta.wrapping_add(v);
+                t = t.wrapping_add(delta);
+            }
+        }
+        if t >= start && t <= end {
+            if hi == lo {
+                lo = i;
+            } else if i != hi {
+                // Not sorted (never written so): keep the general path's filter.
+                out.truncate(base);
+                let (times, values) = decode_one_column(bytes)?;
+                out.extend(
+                    times
+                        .into_iter()
+                        .zip(values)
+                        .filter(|&(t, _)| t >= start && t <= end)
+                        .map(|(t, v)| Sample { t, v }),
+                );
+                return Ok(count);
+            }
+            hi = i + 1;
+            out.push(Sample { t, v: 0.0 });
+        }
+    }
+    if hi == lo {
+        return Ok(count);
+    }
+    let kept = &mut out[base..];
+    match r.byte()? {
+        mode @ (VALUES_DECIMAL_DELTA | VALUES_DECIMAL_DELTA2) => {
+            let scale = *POW10.get(usize::from(r.byte()?)).ok_or_else(short)?;
+            let (mut m, mut d) = (0i64, 0i64);
+            for i in 0..hi {
+                let x = unzigzag(r.varint()?);
+                if mode == VALUES_DECIMAL_DELTA2 {
+                    d = d.wrapping_add(x);
+                    m = m.wrapping_add(d);
+                } else {
+                    m = m.wrapping_add(x);
+                }
+                if i >= lo {
+                    kept[i - lo].v = m as f64 / scale;
+                }
+            }
+        }
+        VALUES_XOR => {
+            let len = usize::try_from(r.varint()?).map_err(|_| short())?;
+            let bits = r.0.get(..len).ok_or_else(short)?;
+            let chunk = Chunk::from_parts(0, 0, count as u32, bits.to_vec());
+            let values = chunk.decode();
+            if values.len() != count {
+                return Err(short());
+            }
+            for (slot, s) in kept.iter_mut().zip(&values[lo..hi]) {
+                slot.v = s.v;
+            }
+        }
+        _ => return Err(short()),
+    }
+    Ok(count)
+}
+
+/// The timestamps and the one value column of what [`encode`] wrote.
+fn decode_one_column(bytes: &[u8]) -> io::Result<(Vec<i64>, Vec<f64>)> {
+    let (times, mut columns) = decode_columns(bytes)?;
+    let values = columns
+        .pop()
+        .filter(|_| columns.is_empty())
+        .ok_or_else(short)?;
+    Ok((times, values))
 }
 
 /// Encodes samples without compressing them, for a container that compresses many runs
@@ -368,6 +473,61 @@ mod tests {
                 v: 0.1 + 0.2,
             },
         ]);
+    }
+
+    #[test]
+    fn a_range_decodes_to_the_filtered_run_bit_exact() {
+        let families: Vec<Vec<Sample>> = vec![
+            series(|i| (i * 1000 + i * 7 % 13) as f64), // second differences
+            series(|i| 63.27 + (i % 13) as f64 / 100.0), // first differences
+            series(|i| (i as f64).sqrt()),              // XOR
+            series(|i| if i == 3 { f64::NAN } else { 1.0 }),
+            // Not sorted: never written so, but decoded as the filter would.
+            [5_000, 1_000, 3_000, 2_000, 9_000]
+                .iter()
+                .map(|&t| Sample { t, v: t as f64 })
+                .collect(),
+        ];
+        for samples in &families {
+            let (first, last) = (samples[0].t, samples[samples.len() - 1].t);
+            let mut ranges = vec![
+                (i64::MIN, i64::MAX),
+                (i64::MIN, first - 1),
+                (last + 1, i64::MAX),
+                (first, first),
+                (last, last),
+                (1_000, 3_000),
+            ];
+            for k in [1, 100, 357, 719] {
+                if let Some(s) = samples.get(k) {
+                    ranges.push((s.t, s.t));
+                    ranges.push((s.t - 1, s.t + 60_000));
+                    ranges.push((first + 1, s.t));
+                }
+            }
+            for bytes in [encode(samples), encode_uncompressed(samples)] {
+                for &(start, end) in &ranges {
+                    let mut out = vec![Sample { t: -1, v: -1.0 }];
+                    let count = decode_range_into(&bytes, start, end, &mut out).unwrap();
+                    assert_eq!(count, samples.len());
+                    let want: Vec<(i64, u64)> = std::iter::once((-1, (-1.0f64).to_bits()))
+                        .chain(
+                            samples
+                                .iter()
+                                .filter(|s| s.t >= start && s.t <= end)
+                                .map(|s| (s.t, s.v.to_bits())),
+                        )
+                        .collect();
+                    let got: Vec<(i64, u64)> = out.iter().map(|s| (s.t, s.v.to_bits())).collect();
+                    assert_eq!(got, want, "[{start}, {end}]");
+                }
+            }
+        }
+        let bytes = encode_uncompressed(&families[0]);
+        for cut in [0, 1, 3, bytes.len() / 2, bytes.len() - 1] {
+            let mut out = Vec::new();
+            assert!(decode_range_into(&bytes[..cut], i64::MIN, i64::MAX, &mut out).is_err());
+        }
     }
 
     #[test]

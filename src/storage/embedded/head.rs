@@ -164,32 +164,65 @@ impl SampleStore {
     }
 
     /// Samples in `[start, end]`.
+    #[cfg(test)]
     pub fn range(&self, start: TimestampMs, end: TimestampMs) -> Vec<Sample> {
-        let mut out = chunks_range(&self.chunks, start, end);
-        if !self.open.is_empty() && self.open.max_t() >= start && self.open.min_t() <= end {
-            out.extend(
-                self.open
-                    .decode()
-                    .into_iter()
-                    .filter(|s| s.t >= start && s.t <= end),
-            );
-        }
+        let mut out = Vec::new();
+        self.range_into(start, end, &mut out);
         out
+    }
+
+    /// Appends the samples in `[start, end]` to `out`.
+    pub fn range_into(&self, start: TimestampMs, end: TimestampMs, out: &mut Vec<Sample>) {
+        let open = !self.open.is_empty() && self.open.max_t() >= start && self.open.min_t() <= end;
+        let closed = overlapping(&self.chunks, start, end);
+        // At most what the overlapping chunks hold: one allocation instead of several.
+        out.reserve(
+            closed.clone().map(|c| c.count as usize).sum::<usize>()
+                + if open { self.open.len() } else { 0 },
+        );
+        for chunk in closed {
+            chunk.decode_range_into(start, end, out);
+        }
+        if open {
+            self.open.decode_range_into(start, end, out);
+        }
+    }
+
+    /// Whether any sample lies in `[start, end]`.
+    pub fn any_in(&self, start: TimestampMs, end: TimestampMs) -> bool {
+        let mut out = Vec::new();
+        self.range_into(start, end, &mut out);
+        !out.is_empty()
     }
 }
 
 /// Samples in `[start, end]` of chunks sorted by time.
 pub(super) fn chunks_range(chunks: &[Chunk], start: TimestampMs, end: TimestampMs) -> Vec<Sample> {
     let mut out = Vec::new();
-    for chunk in chunks.iter().filter(|c| c.max_t >= start && c.min_t <= end) {
-        out.extend(
-            chunk
-                .decode()
-                .into_iter()
-                .filter(|s| s.t >= start && s.t <= end),
-        );
-    }
+    chunks_range_into(chunks, start, end, &mut out);
     out
+}
+
+/// [`chunks_range`], appending to `out`.
+pub(super) fn chunks_range_into(
+    chunks: &[Chunk],
+    start: TimestampMs,
+    end: TimestampMs,
+    out: &mut Vec<Sample>,
+) {
+    for chunk in overlapping(chunks, start, end) {
+        chunk.decode_range_into(start, end, out);
+    }
+}
+
+fn overlapping(
+    chunks: &[Chunk],
+    start: TimestampMs,
+    end: TimestampMs,
+) -> impl Iterator<Item = &Chunk> + Clone {
+    chunks
+        .iter()
+        .filter(move |c| c.max_t >= start && c.min_t <= end)
 }
 
 /// Decides a sample's fate against what a series holds.
@@ -308,7 +341,7 @@ impl Head {
     pub fn has_samples(&self, id: u64, start: TimestampMs, end: TimestampMs) -> bool {
         self.series
             .get(&id)
-            .is_some_and(|s| !s.samples.range(start, end).is_empty())
+            .is_some_and(|s| s.samples.any_in(start, end))
     }
 
     pub fn exemplars_in(

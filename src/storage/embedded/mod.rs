@@ -29,7 +29,10 @@ use crate::model::{
 use async_trait::async_trait;
 use block::Block;
 use chunk::Chunk;
-use head::{chunks_range, insert_sample, place, place_sorted, Head, Placement, SampleStore};
+use head::{
+    chunks_range, chunks_range_into, insert_sample, place, place_sorted, Head, Placement,
+    SampleStore,
+};
 use rustc_hash::FxHashMap as HashMap;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -409,19 +412,17 @@ impl EmbeddedStorage {
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
         }
         for &id in ids {
-            let flushing = flushing
-                .get(&id)
-                .map(|chunks| chunks_range(chunks, start, end))
-                .unwrap_or_default();
-            let in_head = head
-                .series
-                .get(&id)
-                .map(|s| s.samples.range(start, end))
-                .unwrap_or_default();
-            if !flushing.is_empty() || !in_head.is_empty() {
-                let samples = out.entry(id).or_default();
-                samples.extend(flushing);
-                samples.extend(in_head);
+            let flushing = flushing.get(&id);
+            let in_head = head.series.get(&id);
+            if flushing.is_none() && in_head.is_none() {
+                continue;
+            }
+            let samples = out.entry(id).or_default();
+            if let Some(chunks) = flushing {
+                chunks_range_into(chunks, start, end, samples);
+            }
+            if let Some(series) = in_head {
+                series.samples.range_into(start, end, samples);
             }
         }
         for samples in out.values_mut() {

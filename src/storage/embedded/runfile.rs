@@ -50,6 +50,7 @@ use super::codec::{self, put_varint, unzigzag, zigzag, Reader};
 use super::frames;
 use crate::model::TimestampMs;
 use crate::varint::varint_len;
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -225,8 +226,13 @@ impl Version {
     }
 
     /// Decodes `count` entries from `b`, the start of a page, with the byte position of each
-    /// page in `b`.
-    fn decode_entries(self, b: &[u8], count: usize) -> io::Result<(Vec<Entry>, Vec<u64>)> {
+    /// page in `b`; or fewer, ending with the first entry of series `until` or above.
+    fn decode_entries(
+        self,
+        b: &[u8],
+        count: usize,
+        until: u64,
+    ) -> io::Result<(Vec<Entry>, Vec<u64>)> {
         let bad = || damaged("index entry cut short".into());
         // `count` comes from the footer: never reserve more than the bytes can hold.
         let mut out: Vec<Entry> = Vec::with_capacity(count.min(b.len() / MIN_ENTRY));
@@ -237,13 +243,17 @@ impl Version {
                     if i % PAGE == 0 {
                         pages.push((i * 36) as u64);
                     }
+                    let series = le_u64(&e[0..8]);
                     out.push(Entry {
-                        series: le_u64(&e[0..8]),
+                        series,
                         offset: le_u64(&e[8..16]),
                         len: le_u32(&e[16..20]),
                         min_t: le_u64(&e[20..28]) as i64,
                         max_t: le_u64(&e[28..36]) as i64,
                     });
+                    if series >= until {
+                        return Ok((out, pages));
+                    }
                 }
             }
             Version::V2 | Version::V3 => {
@@ -277,6 +287,9 @@ impl Version {
                         min_t,
                         max_t,
                     });
+                    if series >= until {
+                        return Ok((out, pages));
+                    }
                 }
             }
         }
@@ -601,42 +614,47 @@ impl RunFile {
         self.file.metadata().map_or(0, |m| m.len())
     }
 
-    /// The entries of index page `p`.
-    fn read_page(&self, p: usize) -> io::Result<Vec<Entry>> {
+    /// The entries of index page `p` up to the first of series `until` or above.
+    fn read_page(&self, p: usize, until: u64) -> io::Result<Vec<Entry>> {
         let start = self.pages[p].1;
         let end = self.pages.get(p + 1).map_or(self.index_len, |next| next.1);
         let mut buf = vec![0u8; end.saturating_sub(start) as usize];
         self.file
             .read_exact_at(&mut buf, self.index_offset + start)?;
         let count = (self.entries - (p * PAGE) as u64).min(PAGE as u64) as usize;
-        Ok(self.version.decode_entries(&buf, count)?.0)
+        Ok(self.version.decode_entries(&buf, count, until)?.0)
     }
 
     /// Every index entry, sorted by series.
     pub fn all_entries(&self) -> io::Result<Vec<Entry>> {
         let mut buf = vec![0u8; self.index_len as usize];
         self.file.read_exact_at(&mut buf, self.index_offset)?;
-        Ok(self.version.decode_entries(&buf, self.entries as usize)?.0)
+        Ok(self
+            .version
+            .decode_entries(&buf, self.entries as usize, u64::MAX)?
+            .0)
     }
 
-    /// Index entries of `ids` (sorted ascending), each index page read once.
-    pub fn lookup(&self, ids: &[u64]) -> io::Result<Vec<Entry>> {
+    /// Index entries of `ids` (sorted ascending), each index page read once and decoded only
+    /// as far as the last id it can hold.
+    pub fn lookup(&self, mut ids: &[u64]) -> io::Result<Vec<Entry>> {
+        debug_assert!(ids.windows(2).all(|w| w[0] <= w[1]), "ids not sorted");
         let mut out = Vec::new();
-        let mut page: Option<(usize, Vec<Entry>)> = None;
-        for &id in ids {
+        while let Some(&id) = ids.first() {
             let p = self.pages.partition_point(|&(first, _)| first <= id);
             if p == 0 {
+                ids = &ids[1..];
                 continue;
             }
-            let p = p - 1;
-            if page.as_ref().is_none_or(|(n, _)| *n != p) {
-                page = Some((p, self.read_page(p)?));
-            }
-            if let Some((_, entries)) = &page {
+            let next = self.pages.get(p).map_or(u64::MAX, |&(first, _)| first);
+            let (here, rest) = ids.split_at(ids.partition_point(|&id| id < next));
+            let entries = self.read_page(p - 1, here[here.len() - 1])?;
+            for &id in here {
                 if let Ok(i) = entries.binary_search_by_key(&id, |e| e.series) {
                     out.push(entries[i]);
                 }
             }
+            ids = rest;
         }
         Ok(out)
     }
@@ -663,7 +681,7 @@ impl RunFile {
     /// A run's payload, checksum verified (for many runs, [`RunFile::reader`]).
     #[cfg(test)]
     pub fn read(&self, entry: &Entry) -> io::Result<Vec<u8>> {
-        self.reader().read(entry)
+        self.reader().read(entry).map(Cow::into_owned)
     }
 
     fn damaged_run(&self, entry: &Entry) -> io::Error {
@@ -770,10 +788,10 @@ pub(super) struct RunReader<'a> {
 }
 
 impl RunReader<'_> {
-    /// A run's payload, checksum verified.
-    pub fn read(&mut self, entry: &Entry) -> io::Result<Vec<u8>> {
+    /// A run's payload, checksum verified (borrowed from the reader's frame in version 3).
+    pub fn read(&mut self, entry: &Entry) -> io::Result<Cow<'_, [u8]>> {
         if self.file.version != Version::V3 {
-            return self.file.read_run(entry);
+            return self.file.read_run(entry).map(Cow::Owned);
         }
         if self
             .frame
@@ -802,7 +820,9 @@ impl RunReader<'_> {
         let (_, runs) = self.frame.as_ref().expect("just read");
         for run in runs_in(runs) {
             match run {
-                Some((series, payload)) if series == entry.series => return Ok(payload.to_vec()),
+                Some((series, payload)) if series == entry.series => {
+                    return Ok(Cow::Borrowed(payload))
+                }
                 Some(_) => {}
                 None => break,
             }
@@ -840,7 +860,7 @@ fn read_index(file: &File, version: Version, len: u64) -> io::Result<Index> {
     if crc32fast::hash(&index) != le_u32(&footer[16..20]) {
         return Err(damaged("index checksum mismatch".into()));
     }
-    let (entries, pages) = version.decode_entries(&index, entries)?;
+    let (entries, pages) = version.decode_entries(&index, entries, u64::MAX)?;
     Ok(Index {
         offset: index_offset,
         len: index_len,
