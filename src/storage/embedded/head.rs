@@ -175,10 +175,24 @@ impl SampleStore {
     pub fn range_into(&self, start: TimestampMs, end: TimestampMs, out: &mut Vec<Sample>) {
         let open = !self.open.is_empty() && self.open.max_t() >= start && self.open.min_t() <= end;
         let closed = overlapping(&self.chunks, start, end);
-        // At most what the overlapping chunks hold: one allocation instead of several.
+        // One allocation instead of several: what the chunks hold in the range, assuming their
+        // samples evenly spread (the vector becomes the query's series as it is).
         out.reserve(
-            closed.clone().map(|c| c.count as usize).sum::<usize>()
-                + if open { self.open.len() } else { 0 },
+            closed
+                .clone()
+                .map(|c| share_in(c.min_t, c.max_t, c.count as usize, start, end))
+                .sum::<usize>()
+                + if open {
+                    share_in(
+                        self.open.min_t(),
+                        self.open.max_t(),
+                        self.open.len(),
+                        start,
+                        end,
+                    )
+                } else {
+                    0
+                },
         );
         for chunk in closed {
             chunk.decode_range_into(start, end, out);
@@ -190,10 +204,38 @@ impl SampleStore {
 
     /// Whether any sample lies in `[start, end]`.
     pub fn any_in(&self, start: TimestampMs, end: TimestampMs) -> bool {
-        let mut out = Vec::new();
-        self.range_into(start, end, &mut out);
-        !out.is_empty()
+        // A chunk's first and last samples are at its min_t and max_t: only a chunk that
+        // spans the whole range needs decoding.
+        let holds = |min_t: i64, max_t: i64, decode: &dyn Fn(&mut Vec<Sample>)| {
+            if max_t < start || min_t > end {
+                return false;
+            }
+            if (start..=end).contains(&min_t) || (start..=end).contains(&max_t) {
+                return true;
+            }
+            let mut found = Vec::new();
+            decode(&mut found);
+            !found.is_empty()
+        };
+        self.chunks.iter().any(|c| {
+            holds(c.min_t, c.max_t, &|out| {
+                c.decode_range_into(start, end, out)
+            })
+        }) || (!self.open.is_empty()
+            && holds(self.open.min_t(), self.open.max_t(), &|out| {
+                self.open.decode_range_into(start, end, out)
+            }))
     }
+}
+
+/// About how many of `count` samples spread over `[min_t, max_t]` lie in `[start, end]`.
+fn share_in(min_t: i64, max_t: i64, count: usize, start: i64, end: i64) -> usize {
+    if start <= min_t && max_t <= end {
+        return count;
+    }
+    let span = max_t.saturating_sub(min_t).max(1) as f64;
+    let covered = end.min(max_t).saturating_sub(start.max(min_t)).max(0) as f64;
+    ((count as f64 * covered / span) as usize + 1).min(count)
 }
 
 /// Samples in `[start, end]` of chunks sorted by time.
@@ -456,6 +498,49 @@ mod tests {
         // A stored timestamp is not overwritten.
         st.insert(s(20, 99.0));
         assert_eq!(st.get(20), Some(2.0f64.to_bits()));
+    }
+
+    #[test]
+    fn ranges_and_any_in_agree_with_the_samples_and_reserve_about_what_they_keep() {
+        // Samples every 10 ms with a gap: 0..=1190, then 3000..=4190 (chunks of 120, the
+        // last one open).
+        let all: Vec<Sample> = (0..120)
+            .map(|i| s(i * 10, i as f64))
+            .chain((0..120).map(|i| s(3_000 + i * 10, i as f64)))
+            .chain((0..50).map(|i| s(5_000 + i * 10, i as f64)))
+            .collect();
+        let st = store(&all);
+        for (start, end) in [
+            (i64::MIN, i64::MAX),
+            (-100, -1),
+            (1_191, 2_999),
+            (1_195, 1_199),
+            (5, 9),
+            (5, 10),
+            (1_190, 3_000),
+            (3_000, 3_000),
+            (3_001, 3_009),
+            (5_001, 5_009),
+            (5_490, 9_000),
+            (100, 4_000),
+        ] {
+            let want: Vec<Sample> = all
+                .iter()
+                .copied()
+                .filter(|p| p.t >= start && p.t <= end)
+                .collect();
+            let mut got = Vec::new();
+            st.range_into(start, end, &mut got);
+            assert_eq!(got, want, "[{start}, {end}]");
+            // Within the estimate's rounding (and a vector's smallest allocation, 4).
+            let most = (want.len() + 2).max(4);
+            assert!(
+                got.capacity() <= most,
+                "[{start}, {end}]: {}",
+                got.capacity()
+            );
+            assert_eq!(st.any_in(start, end), !want.is_empty(), "[{start}, {end}]");
+        }
     }
 
     #[test]

@@ -231,8 +231,9 @@ impl Version {
         self,
         b: &[u8],
         count: usize,
-        until: u64,
+        until: Option<u64>,
     ) -> io::Result<(Vec<Entry>, Vec<u64>)> {
+        let until = |series: u64| until.is_some_and(|until| series >= until);
         let bad = || damaged("index entry cut short".into());
         // `count` comes from the footer: never reserve more than the bytes can hold.
         let mut out: Vec<Entry> = Vec::with_capacity(count.min(b.len() / MIN_ENTRY));
@@ -251,7 +252,7 @@ impl Version {
                         min_t: le_u64(&e[20..28]) as i64,
                         max_t: le_u64(&e[28..36]) as i64,
                     });
-                    if series >= until {
+                    if until(series) {
                         return Ok((out, pages));
                     }
                 }
@@ -287,7 +288,7 @@ impl Version {
                         min_t,
                         max_t,
                     });
-                    if series >= until {
+                    if until(series) {
                         return Ok((out, pages));
                     }
                 }
@@ -622,7 +623,7 @@ impl RunFile {
         self.file
             .read_exact_at(&mut buf, self.index_offset + start)?;
         let count = (self.entries - (p * PAGE) as u64).min(PAGE as u64) as usize;
-        Ok(self.version.decode_entries(&buf, count, until)?.0)
+        Ok(self.version.decode_entries(&buf, count, Some(until))?.0)
     }
 
     /// Every index entry, sorted by series.
@@ -631,14 +632,19 @@ impl RunFile {
         self.file.read_exact_at(&mut buf, self.index_offset)?;
         Ok(self
             .version
-            .decode_entries(&buf, self.entries as usize, u64::MAX)?
+            .decode_entries(&buf, self.entries as usize, None)?
             .0)
     }
 
     /// Index entries of `ids` (sorted ascending), each index page read once and decoded only
     /// as far as the last id it can hold.
-    pub fn lookup(&self, mut ids: &[u64]) -> io::Result<Vec<Entry>> {
-        debug_assert!(ids.windows(2).all(|w| w[0] <= w[1]), "ids not sorted");
+    pub fn lookup(&self, ids: &[u64]) -> io::Result<Vec<Entry>> {
+        if !ids.is_sorted() {
+            let mut sorted = ids.to_vec();
+            sorted.sort_unstable();
+            return self.lookup(&sorted);
+        }
+        let mut ids = ids;
         let mut out = Vec::new();
         while let Some(&id) = ids.first() {
             let p = self.pages.partition_point(|&(first, _)| first <= id);
@@ -860,7 +866,7 @@ fn read_index(file: &File, version: Version, len: u64) -> io::Result<Index> {
     if crc32fast::hash(&index) != le_u32(&footer[16..20]) {
         return Err(damaged("index checksum mismatch".into()));
     }
-    let (entries, pages) = version.decode_entries(&index, entries, u64::MAX)?;
+    let (entries, pages) = version.decode_entries(&index, entries, None)?;
     Ok(Index {
         offset: index_offset,
         len: index_len,
@@ -990,6 +996,8 @@ mod tests {
             assert_eq!(file.all_entries().unwrap(), written);
             let wanted: Vec<u64> = (0..2000).step_by(3).collect();
             let found = file.lookup(&wanted).unwrap();
+            let reversed: Vec<u64> = wanted.iter().rev().copied().collect();
+            assert_eq!(file.lookup(&reversed).unwrap(), found, "unsorted ids");
             let expected: Vec<Entry> = written
                 .iter()
                 .filter(|e| e.series % 3 == 0 && e.series < 2000)
