@@ -33,6 +33,28 @@ pub(super) use crate::varint::{put_varint, unzigzag, zigzag};
 
 pub(super) struct Reader<'a>(pub &'a [u8]);
 
+/// The timestamp column as it is decoded: the first timestamp, then delta-of-deltas (the
+/// second one's delta-of-delta is its delta, since the delta before it counts as 0).
+#[derive(Default)]
+struct Times {
+    started: bool,
+    t: i64,
+    delta: i64,
+}
+
+impl Times {
+    fn next(&mut self, v: i64) -> i64 {
+        if self.started {
+            self.delta = self.delta.wrapping_add(v);
+            self.t = self.t.wrapping_add(self.delta);
+        } else {
+            self.started = true;
+            self.t = v;
+        }
+        self.t
+    }
+}
+
 impl Reader<'_> {
     #[inline]
     pub fn varint(&mut self) -> io::Result<u64> {
@@ -139,20 +161,9 @@ pub fn decode_range_into(
     // Timestamps: the kept ones are `lo..hi`, pushed with their values still to come.
     let base = out.len();
     let (mut lo, mut hi) = (0, 0);
-    let (mut t, mut delta) = (0i64, 0i64);
+    let mut times_of = Times::default();
     for i in 0..count {
-        let v = unzigzag(r.varint()?);
-        match i {
-            0 => t = v,
-            1 => {
-                delta = v;
-                t = t.wrapping_add(delta);
-            }
-            _ => {
-                delta = delta.wrapping_add(v);
-                t = t.wrapping_add(delta);
-            }
-        }
+        let t = times_of.next(unzigzag(r.varint()?));
         if t >= start && t <= end {
             if hi == lo {
                 lo = i;
@@ -359,21 +370,9 @@ pub fn decode_columns(bytes: &[u8]) -> io::Result<(Vec<i64>, Vec<Vec<f64>>)> {
         return Err(short());
     }
     let mut times = Vec::with_capacity(count);
-    let (mut t, mut delta) = (0i64, 0i64);
-    for i in 0..count {
-        let v = unzigzag(r.varint()?);
-        match i {
-            0 => t = v,
-            1 => {
-                delta = v;
-                t = t.wrapping_add(delta);
-            }
-            _ => {
-                delta = delta.wrapping_add(v);
-                t = t.wrapping_add(delta);
-            }
-        }
-        times.push(t);
+    let mut times_of = Times::default();
+    for _ in 0..count {
+        times.push(times_of.next(unzigzag(r.varint()?)));
     }
     let mut columns = Vec::with_capacity(width);
     for _ in 0..width {
