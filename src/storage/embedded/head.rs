@@ -204,28 +204,40 @@ impl SampleStore {
 
     /// Whether any sample lies in `[start, end]`.
     pub fn any_in(&self, start: TimestampMs, end: TimestampMs) -> bool {
-        // A chunk's first and last samples are at its min_t and max_t: only a chunk that
-        // spans the whole range needs decoding.
-        let holds = |min_t: i64, max_t: i64, decode: &dyn Fn(&mut Vec<Sample>)| {
-            if max_t < start || min_t > end {
-                return false;
-            }
-            if (start..=end).contains(&min_t) || (start..=end).contains(&max_t) {
-                return true;
-            }
-            let mut found = Vec::new();
-            decode(&mut found);
-            !found.is_empty()
-        };
-        self.chunks.iter().any(|c| {
-            holds(c.min_t, c.max_t, &|out| {
-                c.decode_range_into(start, end, out)
-            })
-        }) || (!self.open.is_empty()
-            && holds(self.open.min_t(), self.open.max_t(), &|out| {
-                self.open.decode_range_into(start, end, out)
-            }))
+        chunks_any_in(&self.chunks, start, end)
+            || (!self.open.is_empty()
+                && ends_tell(self.open.min_t(), self.open.max_t(), start, end).unwrap_or_else(
+                    || {
+                        let mut found = Vec::new();
+                        self.open.decode_range_into(start, end, &mut found);
+                        !found.is_empty()
+                    },
+                ))
     }
+}
+
+/// Whether a chunk from `min_t` to `max_t` holds a sample in `[start, end]`, when its ends
+/// tell: they are its first and last samples, so only a chunk that spans the whole range
+/// (`None`) needs decoding.
+fn ends_tell(min_t: i64, max_t: i64, start: i64, end: i64) -> Option<bool> {
+    if max_t < start || min_t > end {
+        Some(false)
+    } else if (start..=end).contains(&min_t) || (start..=end).contains(&max_t) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Whether any of `chunks` holds a sample in `[start, end]`.
+pub(super) fn chunks_any_in(chunks: &[Chunk], start: TimestampMs, end: TimestampMs) -> bool {
+    chunks.iter().any(|c| {
+        ends_tell(c.min_t, c.max_t, start, end).unwrap_or_else(|| {
+            let mut found = Vec::new();
+            c.decode_range_into(start, end, &mut found);
+            !found.is_empty()
+        })
+    })
 }
 
 /// About how many of `count` samples spread over `[min_t, max_t]` lie in `[start, end]`.

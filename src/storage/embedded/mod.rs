@@ -30,8 +30,8 @@ use async_trait::async_trait;
 use block::Block;
 use chunk::Chunk;
 use head::{
-    chunks_range, chunks_range_into, insert_sample, place, place_sorted, Head, Placement,
-    SampleStore,
+    chunks_any_in, chunks_range, chunks_range_into, insert_sample, place, place_sorted, Head,
+    Placement, SampleStore,
 };
 use rustc_hash::FxHashMap as HashMap;
 use serde::Deserialize;
@@ -588,9 +588,10 @@ impl EmbeddedStorage {
             .copied()
             .filter(|&id| {
                 head.has_samples(id, query.start, query.end)
-                    || set.flushing.get(&id).is_some_and(|chunks| {
-                        !chunks_range(chunks, query.start, query.end).is_empty()
-                    })
+                    || set
+                        .flushing
+                        .get(&id)
+                        .is_some_and(|chunks| chunks_any_in(chunks, query.start, query.end))
             })
             .collect();
         for block in &set.blocks {
