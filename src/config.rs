@@ -1,58 +1,108 @@
 //! Configuration: one tree of settings, read from a TOML file (`--config`), then overridden by
-//! `SECUMON_*` environment variables, then by command-line flags. `secumon serve --help` lists
-//! every key with its default.
+//! `SECUMON_*` environment variables, then by command-line flags.
+//!
+//! Every key is declared once, as a field of one of the structs below: its doc comment is the
+//! help text, its `#[arg]` the flag, the environment variable and the default, and serde reads
+//! the same field from the file (`[ingest] max_request_bytes` is `--ingest-max-request-bytes`
+//! is `SECUMON_INGEST_MAX_REQUEST_BYTES`). `Default` is what clap's defaults give, so the file,
+//! the flags and `--help` cannot disagree; a test checks the naming rule and that
+//! docs/operations.md lists every flag.
 
 use crate::ingest::otlp::OtlpConfig;
 use crate::ingest::IngestConfig;
 use crate::promql::EngineConfig;
-use crate::storage::embedded::{EmbeddedConfig, FsyncPolicy};
-use crate::storage::postgres::{PostgresConfig, TimescaleMode};
+use crate::storage::embedded::EmbeddedConfig;
+use crate::storage::postgres::PostgresConfig;
 use crate::storage::RetentionConfig;
 use crate::telemetry::LogFormat;
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Deserialize;
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 /// The whole configuration of `secumon serve`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address of the HTTP server (Prometheus API, remote-write, health, metrics).
+    /// Address of the HTTP server (Prometheus API, remote-write, OTLP/HTTP, health, metrics).
+    #[arg(
+        id = "http_listen",
+        long = "http-listen",
+        env = "SECUMON_HTTP_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     pub http_listen: String,
-    /// Address of the OTLP/gRPC listener; empty to disable it.
+    /// Address of the OTLP/gRPC listener; empty disables it.
+    #[arg(
+        id = "otlp_grpc_listen",
+        long = "otlp-grpc-listen",
+        env = "SECUMON_OTLP_GRPC_LISTEN",
+        default_value = "127.0.0.1:4317"
+    )]
     pub otlp_grpc_listen: String,
-    /// Address of the OTLP/HTTP listener (`POST /v1/metrics`); empty to disable it.
+    /// Address of the OTLP/HTTP listener (`POST /v1/metrics`); empty disables it.
+    #[arg(
+        id = "otlp_http_listen",
+        long = "otlp-http-listen",
+        env = "SECUMON_OTLP_HTTP_LISTEN",
+        default_value = "127.0.0.1:4318"
+    )]
     pub otlp_http_listen: String,
-    /// Where data lives: a directory for the embedded engine, or a `postgres://` URL.
+    /// Where data lives: a directory for the embedded engine, or
+    /// `postgres://user:pass@host:port/db`.
+    #[arg(
+        id = "storage",
+        long = "storage",
+        env = "SECUMON_STORAGE",
+        default_value = "./data"
+    )]
     pub storage: String,
-    /// Log filter, `RUST_LOG` syntax (e.g. `info`, `secumon=debug`).
+    /// Log filter in `RUST_LOG` syntax (e.g. `info`, `secumon=debug`).
+    #[arg(
+        id = "log_level",
+        long = "log-level",
+        env = "SECUMON_LOG_LEVEL",
+        default_value = "info"
+    )]
     pub log_level: String,
+    /// Log format.
+    #[arg(
+        id = "log_format",
+        long = "log-format",
+        env = "SECUMON_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
     pub log_format: LogFormat,
+    #[command(flatten, next_help_heading = "Embedded engine")]
     pub embedded: EmbeddedConfig,
+    #[command(flatten, next_help_heading = "PostgreSQL")]
     pub postgres: PostgresConfig,
+    #[command(flatten, next_help_heading = "Retention")]
     pub retention: RetentionConfig,
+    #[command(flatten, next_help_heading = "Ingest")]
     pub ingest: IngestConfig,
+    #[command(flatten, next_help_heading = "OTLP")]
     pub otlp: OtlpConfig,
+    #[command(flatten, next_help_heading = "Queries")]
     pub query: EngineConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            http_listen: "127.0.0.1:8080".into(),
-            otlp_grpc_listen: "127.0.0.1:4317".into(),
-            otlp_http_listen: "127.0.0.1:4318".into(),
-            storage: "./data".into(),
-            log_level: "info".into(),
-            log_format: LogFormat::Text,
-            embedded: EmbeddedConfig::default(),
-            postgres: PostgresConfig::default(),
-            retention: RetentionConfig::default(),
-            ingest: IngestConfig::default(),
-            otlp: OtlpConfig::default(),
-            query: EngineConfig::default(),
-        }
+        clap_defaults()
     }
+}
+
+/// The value every key of `T` takes when neither a file, the environment nor a flag sets it:
+/// clap's declared defaults, with the environment ignored.
+pub fn clap_defaults<T: Args + FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults"))
+        .mut_args(|arg| arg.env(None::<&str>).required(false));
+    let matches = command.get_matches_from(["defaults"]);
+    // A key without a default is a declaration bug, caught by the first test that runs.
+    T::from_arg_matches(&matches).expect("every configuration key declares a default")
 }
 
 #[derive(Debug, Parser)]
@@ -64,138 +114,26 @@ impl Default for Config {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Flags of `serve`, which is also the default subcommand.
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the server (default).
-    Serve(ServeArgs),
-    /// Apply database migrations to the PostgreSQL given by --storage, then exit.
-    Migrate(ServeArgs),
-}
-
-/// Every configuration key as a flag. Unset flags leave the file's or the default value.
-#[derive(Debug, Default, Args)]
-pub struct ServeArgs {
-    /// TOML configuration file; its keys are the flag names with `-` as `_`, nested tables
-    /// `[embedded]`, `[postgres]`, `[retention]`, `[ingest]`, `[otlp]`, `[query]` for the prefixed flags.
+    /// Configuration file (TOML); its keys are the flag names with `_` for `-`, the prefixed
+    /// ones in tables (`--ingest-max-request-bytes` is `max_request_bytes` in `[ingest]`).
     #[arg(long, env = "SECUMON_CONFIG", global = true)]
     pub config: Option<PathBuf>,
-    /// Address of the HTTP server. [default: 127.0.0.1:8080]
-    #[arg(long, env = "SECUMON_HTTP_LISTEN", global = true)]
-    pub http_listen: Option<String>,
-    /// Address of the OTLP/gRPC listener; empty disables it. [default: 127.0.0.1:4317]
-    #[arg(long, env = "SECUMON_OTLP_GRPC_LISTEN", global = true)]
-    pub otlp_grpc_listen: Option<String>,
-    /// Address of the OTLP/HTTP listener; empty disables it. [default: 127.0.0.1:4318]
-    #[arg(long, env = "SECUMON_OTLP_HTTP_LISTEN", global = true)]
-    pub otlp_http_listen: Option<String>,
-    /// Storage: a directory for the embedded engine, or `postgres://user:pass@host:port/db`.
-    /// [default: ./data]
-    #[arg(long, env = "SECUMON_STORAGE", global = true)]
-    pub storage: Option<String>,
-    /// Log filter in RUST_LOG syntax. [default: info]
-    #[arg(long, env = "SECUMON_LOG_LEVEL", global = true)]
-    pub log_level: Option<String>,
-    /// Log format. [default: text]
-    #[arg(long, env = "SECUMON_LOG_FORMAT", global = true, value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Embedded engine: fsync the write-ahead log before acknowledging (`always`), or leave it
-    /// to the OS (`never`). [default: always]
-    #[arg(long, env = "SECUMON_EMBEDDED_FSYNC", global = true, value_enum)]
-    pub embedded_fsync: Option<FsyncPolicy>,
-    /// Embedded engine: how far behind a series' latest sample a new one may be, in seconds.
-    /// [default: 3600]
-    #[arg(long, env = "SECUMON_EMBEDDED_OUT_OF_ORDER_WINDOW_SECS", global = true)]
-    pub embedded_out_of_order_window_secs: Option<u64>,
-    /// Embedded engine: seconds between maintenance runs (flush to disk, checkpoint,
-    /// compaction, retention). [default: 300]
-    #[arg(long, env = "SECUMON_EMBEDDED_FLUSH_INTERVAL_SECS", global = true)]
-    pub embedded_flush_interval_secs: Option<u64>,
-    /// Days raw samples are kept. [default: 30]
-    #[arg(long, env = "SECUMON_RETENTION_RAW_DAYS", global = true)]
-    pub retention_raw_days: Option<u32>,
-    /// Days 5-minute rollups are kept. [default: 90]
-    #[arg(long, env = "SECUMON_RETENTION_ROLLUP_5M_DAYS", global = true)]
-    pub retention_rollup_5m_days: Option<u32>,
-    /// Days 1-hour rollups are kept. [default: 365]
-    #[arg(long, env = "SECUMON_RETENTION_ROLLUP_1H_DAYS", global = true)]
-    pub retention_rollup_1h_days: Option<u32>,
-    /// OTLP resource attributes copied onto every series, comma-separated. [default: none]
-    #[arg(
-        long,
-        env = "SECUMON_OTLP_PROMOTE_RESOURCE_ATTRIBUTES",
-        global = true,
-        value_delimiter = ','
-    )]
-    pub otlp_promote_resource_attributes: Option<Vec<String>>,
-    /// Translate OTLP names to Prometheus conventions; false keeps OpenTelemetry's UTF-8 names.
-    /// [default: true]
-    #[arg(long, env = "SECUMON_OTLP_TRANSLATE_NAMES", global = true)]
-    pub otlp_translate_names: Option<bool>,
-    /// Most PostgreSQL connections. [default: 16]
-    #[arg(long, env = "SECUMON_POSTGRES_MAX_CONNECTIONS", global = true)]
-    pub postgres_max_connections: Option<u32>,
-    /// Seconds a request waits for a PostgreSQL connection. [default: 10]
-    #[arg(long, env = "SECUMON_POSTGRES_ACQUIRE_TIMEOUT_SECS", global = true)]
-    pub postgres_acquire_timeout_secs: Option<u64>,
-    /// Width of a `samples` partition (plain) or hypertable chunk (TimescaleDB) in hours.
-    /// [default: 24]
-    #[arg(long, env = "SECUMON_POSTGRES_PARTITION_HOURS", global = true)]
-    pub postgres_partition_hours: Option<u32>,
-    /// Use TimescaleDB: `auto` when the extension is installed or can be created, `on` (fail
-    /// when it is missing), `off` (plain PostgreSQL lifecycle). [default: auto]
-    #[arg(long, env = "SECUMON_TIMESCALEDB", global = true, value_enum)]
-    pub timescaledb: Option<TimescaleMode>,
-    /// TimescaleDB: compress raw chunks older than this many days. [default: 7]
-    #[arg(long, env = "SECUMON_POSTGRES_COMPRESS_AFTER_DAYS", global = true)]
-    pub postgres_compress_after_days: Option<u32>,
-    /// Plain PostgreSQL: seconds between lifecycle runs (partitions, rollup tables,
-    /// retention). [default: 60]
-    #[arg(long, env = "SECUMON_POSTGRES_LIFECYCLE_INTERVAL_SECS", global = true)]
-    pub postgres_lifecycle_interval_secs: Option<u64>,
-    /// Write samples with binary COPY (false: INSERT … ON CONFLICT for every batch).
-    /// [default: true]
-    #[arg(long, env = "SECUMON_POSTGRES_COPY_WRITES", global = true)]
-    pub postgres_copy_writes: Option<bool>,
-    /// Series ids cached in memory. [default: 1000000]
-    #[arg(long, env = "SECUMON_POSTGRES_SERIES_CACHE_SIZE", global = true)]
-    pub postgres_series_cache_size: Option<usize>,
-    /// Largest ingest request body as sent, in bytes. [default: 16777216]
-    #[arg(long, env = "SECUMON_INGEST_MAX_REQUEST_BYTES", global = true)]
-    pub ingest_max_request_bytes: Option<usize>,
-    /// Largest ingest request body after decompression, in bytes. [default: 33554432]
-    #[arg(long, env = "SECUMON_INGEST_MAX_DECOMPRESSED_BYTES", global = true)]
-    pub ingest_max_decompressed_bytes: Option<usize>,
-    /// Lookback of instant selectors, in seconds. [default: 300]
-    #[arg(long, env = "SECUMON_QUERY_LOOKBACK_DELTA_SECS", global = true)]
-    pub query_lookback_delta_secs: Option<u64>,
-    /// Longest a query may run, in seconds. [default: 120]
-    #[arg(long, env = "SECUMON_QUERY_TIMEOUT_SECS", global = true)]
-    pub query_timeout_secs: Option<u64>,
-    /// Most samples one query may load or produce. [default: 50000000]
-    #[arg(long, env = "SECUMON_QUERY_MAX_SAMPLES", global = true)]
-    pub query_max_samples: Option<usize>,
-    /// Coarsest rollups sum_over_time and avg_over_time may read when a query does not pass
-    /// `max_source_resolution` (answers may then differ from raw in the last bits); exact
-    /// functions read rollups regardless. [default: raw]
-    #[arg(
-        long,
-        env = "SECUMON_QUERY_MAX_SOURCE_RESOLUTION",
-        global = true,
-        value_enum
-    )]
-    pub query_max_source_resolution: Option<crate::promql::SourceResolution>,
-    /// Let rollups answer queries (false: raw samples for everything). [default: true]
-    #[arg(long, env = "SECUMON_QUERY_ROLLUPS", global = true)]
-    pub query_rollups: Option<bool>,
+    #[command(flatten)]
+    pub settings: Config,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Run the server (default).
+    Serve,
+    /// Apply database migrations to the PostgreSQL given by --storage, then exit.
+    Migrate,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
     #[error("cannot read config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -208,128 +146,95 @@ pub enum ConfigError {
     },
 }
 
-impl ServeArgs {
-    /// The file's settings (or the defaults), overridden by what flags and environment set.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            None => Config::default(),
-        };
-        self.apply(&mut config);
-        Ok(config)
-    }
-
-    fn apply(&self, c: &mut Config) {
-        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
-            if let Some(v) = value {
-                *target = v.clone();
-            }
+/// The command line as clap sees it: every setting also accepted after the subcommand.
+pub fn command() -> clap::Command {
+    Cli::command().mut_args(|arg| {
+        // `--ingest-max-request-bytes <MAX_REQUEST_BYTES>`, not `<ingest.max_request_bytes>`.
+        let name = arg
+            .get_id()
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or("")
+            .to_uppercase();
+        let arg = arg.global(true);
+        if arg.get_action().takes_values() {
+            arg.value_name(name)
+        } else {
+            arg
         }
-        set(&mut c.http_listen, &self.http_listen);
-        set(&mut c.otlp_grpc_listen, &self.otlp_grpc_listen);
-        set(&mut c.otlp_http_listen, &self.otlp_http_listen);
-        set(&mut c.storage, &self.storage);
-        set(
-            &mut c.otlp.promote_resource_attributes,
-            &self.otlp_promote_resource_attributes,
-        );
-        set(&mut c.otlp.translate_names, &self.otlp_translate_names);
-        set(&mut c.log_level, &self.log_level);
-        set(&mut c.log_format, &self.log_format);
-        set(
-            &mut c.postgres.max_connections,
-            &self.postgres_max_connections,
-        );
-        set(
-            &mut c.postgres.acquire_timeout_secs,
-            &self.postgres_acquire_timeout_secs,
-        );
-        set(
-            &mut c.postgres.partition_hours,
-            &self.postgres_partition_hours,
-        );
-        set(
-            &mut c.postgres.series_cache_size,
-            &self.postgres_series_cache_size,
-        );
-        set(&mut c.postgres.timescaledb, &self.timescaledb);
-        set(&mut c.postgres.copy_writes, &self.postgres_copy_writes);
-        set(
-            &mut c.postgres.compress_after_days,
-            &self.postgres_compress_after_days,
-        );
-        set(
-            &mut c.postgres.lifecycle_interval_secs,
-            &self.postgres_lifecycle_interval_secs,
-        );
-        set(
-            &mut c.ingest.max_request_bytes,
-            &self.ingest_max_request_bytes,
-        );
-        set(
-            &mut c.ingest.max_decompressed_bytes,
-            &self.ingest_max_decompressed_bytes,
-        );
-        set(
-            &mut c.query.lookback_delta_secs,
-            &self.query_lookback_delta_secs,
-        );
-        set(&mut c.query.timeout_secs, &self.query_timeout_secs);
-        set(&mut c.query.max_samples, &self.query_max_samples);
-        set(
-            &mut c.query.max_source_resolution,
-            &self.query_max_source_resolution,
-        );
-        set(&mut c.query.rollups, &self.query_rollups);
-        set(&mut c.embedded.fsync, &self.embedded_fsync);
-        set(
-            &mut c.embedded.out_of_order_window_secs,
-            &self.embedded_out_of_order_window_secs,
-        );
-        set(
-            &mut c.embedded.flush_interval_secs,
-            &self.embedded_flush_interval_secs,
-        );
-        set(&mut c.retention.raw_days, &self.retention_raw_days);
-        set(
-            &mut c.retention.rollup_5m_days,
-            &self.retention_rollup_5m_days,
-        );
-        set(
-            &mut c.retention.rollup_1h_days,
-            &self.retention_rollup_1h_days,
-        );
+    })
+}
+
+/// Parses a command line (program name first) into what to do and the configuration: the
+/// file's settings, or the defaults, overridden by the environment and the flags.
+pub fn parse<I, T>(args: I) -> Result<(Command, Config), ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    let (action, matches) = match matches.subcommand() {
+        Some(("migrate", sub)) => (Command::Migrate, sub),
+        Some((_, sub)) => (Command::Serve, sub),
+        None => (Command::Serve, &matches),
+    };
+    let path = matches.get_one::<PathBuf>("config").cloned();
+    Ok((action, load(path.as_deref(), matches)?))
+}
+
+/// The file at `path` (or the defaults), then every key the environment or a flag set.
+fn load(path: Option<&Path>, matches: &ArgMatches) -> Result<Config, ConfigError> {
+    let mut config = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?
+        }
+        None => Config::default(),
+    };
+    // clap fills in defaults; only what was given may override the file.
+    let mut given = matches.clone();
+    let defaulted: Vec<String> = matches
+        .ids()
+        .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::DefaultValue))
+        .map(|id| id.as_str().to_owned())
+        .collect();
+    for id in defaulted {
+        given
+            .try_clear_id(&id)
+            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::InvalidValue, e))?;
     }
+    config.update_from_arg_matches(&given)?;
+    Ok(config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::embedded::FsyncPolicy;
+
+    /// Keys named apart from the rule, kept as the contract names them.
+    const CONTRACT_NAMES: [(&str, &str); 1] = [("postgres.timescaledb", "timescaledb")];
 
     #[test]
-    fn flags_override_the_file_which_overrides_defaults() {
+    fn flags_override_the_environment_the_file_and_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secumon.toml");
         std::fs::write(
             &path,
-            "http_listen = \"0.0.0.0:9000\"\nstorage = \"postgres://file\"\n[query]\ntimeout_secs = 5\nmax_source_resolution = \"5m\"\n",
+            "http_listen = \"0.0.0.0:9000\"\nstorage = \"postgres://file\"\n[query]\ntimeout_secs = 5\nmax_source_resolution = \"5m\"\n[embedded]\nflush_interval_secs = 11\n",
         )
         .unwrap();
-        let args = ServeArgs {
-            config: Some(path),
-            storage: Some("postgres://flag".into()),
-            ..ServeArgs::default()
-        };
-        let config = args.load().unwrap();
+        let path = path.to_str().unwrap();
+        let (action, config) =
+            parse(["secumon", "--config", path, "--storage", "postgres://flag"]).unwrap();
+        assert_eq!(action, Command::Serve);
         assert_eq!(config.http_listen, "0.0.0.0:9000");
         assert_eq!(config.storage, "postgres://flag");
         assert_eq!(config.query.timeout_secs, 5);
@@ -337,39 +242,108 @@ mod tests {
             config.query.max_source_resolution,
             crate::promql::SourceResolution::FiveMinutes
         );
-        let embedded = ServeArgs {
-            embedded_fsync: Some(FsyncPolicy::Never),
-            embedded_out_of_order_window_secs: Some(7),
-            embedded_flush_interval_secs: Some(9),
-            retention_raw_days: Some(3),
-            query_max_source_resolution: Some(crate::promql::SourceResolution::Auto),
-            ..ServeArgs::default()
-        }
-        .load()
-        .unwrap();
-        assert_eq!(embedded.embedded.fsync, FsyncPolicy::Never);
-        assert_eq!(embedded.embedded.out_of_order_window_secs, 7);
-        assert_eq!(embedded.embedded.flush_interval_secs, 9);
-        assert_eq!(embedded.retention.raw_days, 3);
-        assert_eq!(
-            embedded.query.max_source_resolution,
-            crate::promql::SourceResolution::Auto
-        );
+        assert_eq!(config.embedded.flush_interval_secs, 11);
         assert_eq!(
             config.query.max_samples,
             EngineConfig::default().max_samples
         );
+
+        // Settings given after the subcommand count as well.
+        let (action, config) = parse([
+            "secumon",
+            "migrate",
+            "--embedded-fsync",
+            "never",
+            "--embedded-out-of-order-window-secs",
+            "7",
+            "--retention-raw-days",
+            "3",
+            "--query-max-source-resolution",
+            "auto",
+            "--otlp-promote-resource-attributes",
+            "a,b",
+            "--otlp-translate-names",
+            "false",
+            "--timescaledb",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(action, Command::Migrate);
+        assert_eq!(config.embedded.fsync, FsyncPolicy::Never);
+        assert_eq!(config.embedded.out_of_order_window_secs, 7);
+        assert_eq!(config.retention.raw_days, 3);
+        assert_eq!(
+            config.query.max_source_resolution,
+            crate::promql::SourceResolution::Auto
+        );
+        assert_eq!(config.otlp.promote_resource_attributes, ["a", "b"]);
+        assert!(!config.otlp.translate_names);
+        assert_eq!(
+            config.postgres.timescaledb,
+            crate::storage::postgres::TimescaleMode::Off
+        );
+        assert_eq!(config.http_listen, Config::default().http_listen);
     }
 
     #[test]
-    fn unknown_keys_are_refused() {
+    fn unknown_keys_and_bad_values_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secumon.toml");
         std::fs::write(&path, "htp_listen = \"x\"\n").unwrap();
-        let args = ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        };
-        assert!(matches!(args.load(), Err(ConfigError::Parse { .. })));
+        let path = path.to_str().unwrap();
+        assert!(matches!(
+            parse(["secumon", "--config", path]),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            parse(["secumon", "--query-timeout-secs", "soon"]),
+            Err(ConfigError::Cli(_))
+        ));
+    }
+
+    /// The one rule that ties the three spellings of a key together, and the operations guide
+    /// that documents them.
+    #[test]
+    fn every_key_is_named_by_one_rule_and_documented() {
+        let guide = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"),
+        )
+        .unwrap();
+        let command = command();
+        let mut keys = 0;
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "config" | "help" | "version") {
+                continue;
+            }
+            keys += 1;
+            let long = arg.get_long().unwrap();
+            let expected_long = CONTRACT_NAMES
+                .iter()
+                .find(|(key, _)| *key == id)
+                .map_or_else(
+                    || id.replace(['.', '_'], "-"),
+                    |(_, name)| (*name).to_owned(),
+                );
+            assert_eq!(long, expected_long, "flag of {id}");
+            let env = arg.get_env().unwrap().to_str().unwrap();
+            assert_eq!(
+                env,
+                format!("SECUMON_{}", expected_long.replace('-', "_").to_uppercase()),
+                "environment variable of {id}"
+            );
+            assert!(
+                arg.get_help().is_some_and(|h| !h.to_string().is_empty()),
+                "{id} has no help"
+            );
+            assert!(
+                guide.contains(&format!("`--{long}`")),
+                "docs/operations.md does not list --{long}"
+            );
+        }
+        assert!(keys > 30, "only {keys} keys found");
+        // Defaults are complete: building them does not panic, and they parse back.
+        let defaults = Config::default();
+        assert_eq!(defaults.storage, "./data");
     }
 }

@@ -1,5 +1,4 @@
-use clap::Parser;
-use secumon::config::{Cli, Command};
+use secumon::config::{self, Command, ConfigError};
 use secumon::server;
 use secumon::storage::postgres::{Mode, PostgresStorage};
 use std::process::ExitCode;
@@ -65,19 +64,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(allocator_warning: Option<String>) -> ExitCode {
-    let cli = Cli::parse();
-    let (migrate_only, args) = match cli.command {
-        Some(Command::Migrate(args)) => (true, args),
-        Some(Command::Serve(args)) => (false, args),
-        None => (false, cli.serve),
-    };
-    let config = match args.load() {
-        Ok(config) => config,
+    let (command, config) = match config::parse(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        // --help and --version end here too, with clap's own exit code.
+        Err(ConfigError::Cli(e)) => e.exit(),
         Err(e) => {
             eprintln!("secumon: {e}");
             return ExitCode::from(2);
         }
     };
+    let migrate_only = command == Command::Migrate;
     secumon::telemetry::init_logging(&config.log_level, config.log_format);
     if let Some(warning) = allocator_warning {
         tracing::warn!("{warning}");

@@ -76,8 +76,10 @@ pub(super) async fn query(
     let t = parse_time_param(&params, "time", now_ms())
         .map_err(|e| ApiError::invalid_param("time", e))?;
     let options = query_options(&params)?;
-    let expr =
-        promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
+    let expr = state
+        .engine
+        .parse(params.get("query"))
+        .map_err(|e| ApiError::invalid_param("query", e))?;
     let started = Instant::now();
     let value = state
         .engine
@@ -112,14 +114,18 @@ pub(super) async fn query_range(
             "zero or negative query resolution step widths are not accepted. Try a positive integer",
         ));
     }
-    if (end - start) / step > MAX_POINTS_PER_SERIES {
+    // In 128 bits: `end - start` overflows i64 for times at Prometheus's extremes.
+    if (i128::from(end) - i128::from(start)) / i128::from(step) > i128::from(MAX_POINTS_PER_SERIES)
+    {
         return Err(ApiError::bad_data(
             "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)",
         ));
     }
     let options = query_options(&params)?;
-    let expr: Expr =
-        promql::parse(params.get("query")).map_err(|e| ApiError::bad_data(e.to_string()))?;
+    let expr: Expr = state
+        .engine
+        .parse(params.get("query"))
+        .map_err(|e| ApiError::bad_data(e.to_string()))?;
     let started = Instant::now();
     let value = state
         .engine
@@ -145,17 +151,10 @@ fn observe(state: &SharedState, kind: &'static str, started: Instant) {
 }
 
 /// Parses `match[]` selectors (prometheus `parseMatchersParam`).
-fn matcher_sets(values: &[&str]) -> Result<Vec<Vec<Matcher>>, String> {
+fn matcher_sets(engine: &promql::Engine, values: &[&str]) -> Result<Vec<Vec<Matcher>>, String> {
     let mut sets = Vec::with_capacity(values.len());
     for value in values {
-        let matchers = match promql_parser::parser::parse(value)? {
-            Expr::VectorSelector(vs) => crate::promql::selector_matchers(&vs),
-            _ => {
-                return Err(format!(
-                    "invalid series selector {value:?}: not a vector selector"
-                ))
-            }
-        };
+        let matchers = engine.parse_selector(value)?;
         if matchers.iter().all(Matcher::matches_empty) {
             return Err("match[] must contain at least one non-empty matcher".into());
         }
@@ -183,9 +182,13 @@ fn time_range(params: &Params) -> Result<(i64, i64), ApiError> {
     Ok((start, end))
 }
 
-fn series_query(params: &Params, wrap_matcher_errors: bool) -> Result<SeriesQuery, ApiError> {
+fn series_query(
+    engine: &promql::Engine,
+    params: &Params,
+    wrap_matcher_errors: bool,
+) -> Result<SeriesQuery, ApiError> {
     let (start, end) = time_range(params)?;
-    let matcher_sets = matcher_sets(&params.get_all("match[]")).map_err(|e| {
+    let matcher_sets = matcher_sets(engine, &params.get_all("match[]")).map_err(|e| {
         if wrap_matcher_errors {
             ApiError::invalid_param("match[]", e)
         } else {
@@ -210,7 +213,7 @@ pub(super) async fn series(
     if params.get_all("match[]").is_empty() {
         return Err(ApiError::bad_data("no match[] parameter provided"));
     }
-    let query = series_query(&params, true)?;
+    let query = series_query(&state.engine, &params, true)?;
     let series = state.storage.series(&state.tenant(), &query).await?;
     let mut data = String::from("[");
     for (i, labels) in series.iter().enumerate() {
@@ -230,7 +233,7 @@ pub(super) async fn labels(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let params = params(&uri, &headers, &body);
-    let query = series_query(&params, false)?;
+    let query = series_query(&state.engine, &params, false)?;
     let names = state.storage.label_names(&state.tenant(), &query).await?;
     Ok(success_json(serde_json::json!(names)))
 }
@@ -245,7 +248,7 @@ pub(super) async fn label_values(
         return Err(ApiError::bad_data(format!("invalid label name: {name:?}")));
     }
     let params = params(&uri, &headers, &Bytes::new());
-    let query = series_query(&params, false)?;
+    let query = series_query(&state.engine, &params, false)?;
     let values = state
         .storage
         .label_values(&state.tenant(), &name, &query)
@@ -291,13 +294,16 @@ pub(super) async fn metadata(
 
 /// `/api/v1/format_query`: the query pretty-printed.
 pub(super) async fn format_query(
+    State(state): State<SharedState>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let params = params(&uri, &headers, &body);
-    let expr =
-        promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
+    let expr = state
+        .engine
+        .parse(params.get("query"))
+        .map_err(|e| ApiError::invalid_param("query", e))?;
     Ok(success_json(serde_json::Value::String(expr.prettify())))
 }
 
@@ -311,8 +317,10 @@ pub(super) async fn query_exemplars(
 ) -> Result<Response, ApiError> {
     let params = params(&uri, &headers, &body);
     let (start, end) = time_range(&params)?;
-    let expr =
-        promql::parse(params.get("query")).map_err(|e| ApiError::invalid_param("query", e))?;
+    let expr = state
+        .engine
+        .parse(params.get("query"))
+        .map_err(|e| ApiError::invalid_param("query", e))?;
     let mut matcher_sets = Vec::new();
     collect_selectors(&expr, &mut matcher_sets);
     let query = SeriesQuery {

@@ -11,22 +11,32 @@ use crate::telemetry::Metrics;
 use std::sync::Arc;
 
 /// Limits on what one ingest request may carry.
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
-    /// Largest request body accepted as sent (compressed), in bytes.
+    /// Largest ingest request body as sent (compressed), in bytes; also the largest OTLP/gRPC
+    /// message.
+    #[arg(
+        id = "ingest.max_request_bytes",
+        long = "ingest-max-request-bytes",
+        env = "SECUMON_INGEST_MAX_REQUEST_BYTES",
+        default_value_t = 16 * 1024 * 1024
+    )]
     pub max_request_bytes: usize,
-    /// Largest request body accepted after decompression, in bytes (guards against
-    /// compression bombs).
+    /// Largest ingest request body after decompression, in bytes (guards against compression
+    /// bombs).
+    #[arg(
+        id = "ingest.max_decompressed_bytes",
+        long = "ingest-max-decompressed-bytes",
+        env = "SECUMON_INGEST_MAX_DECOMPRESSED_BYTES",
+        default_value_t = 32 * 1024 * 1024
+    )]
     pub max_decompressed_bytes: usize,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self {
-            max_request_bytes: 16 * 1024 * 1024,
-            max_decompressed_bytes: 32 * 1024 * 1024,
-        }
+        crate::config::clap_defaults()
     }
 }
 

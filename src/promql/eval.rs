@@ -80,14 +80,17 @@ fn subquery_range(
         Some(at) => (at, at),
         None => (outer.start, outer.end),
     };
-    let first = start - offset - range;
-    let mut aligned = step * first.div_euclid(step);
+    // In 128 bits, then clamped: offsets, ranges and `@` times come from the query text.
+    let clamp = |t: i128| t.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    let (offset, range, step128) = (i128::from(offset), i128::from(range), i128::from(step));
+    let first = i128::from(start) - offset - range;
+    let mut aligned = step128 * first.div_euclid(step128);
     if aligned < first {
-        aligned += step;
+        aligned += step128;
     }
     EvalRange {
-        start: aligned,
-        end: end - offset,
+        start: clamp(aligned),
+        end: clamp(i128::from(end) - offset),
         step,
     }
 }
@@ -316,6 +319,10 @@ pub(super) struct WindowCtx<'a> {
 /// One step of an instant vector: `(index of the series in its input, value)`.
 pub(super) type StepColumn = Vec<(usize, f64)>;
 
+/// Steps a loop runs between checks of the deadline and the sample limit: a few hundred
+/// microseconds of work, so a query stops well within a second of its deadline.
+pub(super) const STEPS_BETWEEN_CHECKS: usize = 4096;
+
 /// Evaluates an AST over the steps of one query.
 pub(super) struct Evaluator {
     /// The steps being evaluated (a subquery's inside a subquery).
@@ -363,8 +370,33 @@ impl Evaluator {
 
     /// Accounts for points an evaluation holds, against the per-query sample limit.
     pub(super) fn account(&mut self, points: usize) -> Result<(), QueryError> {
-        self.produced += points;
+        self.produced = self.produced.saturating_add(points);
         if self.produced > self.options.max_samples {
+            return Err(QueryError::TooManySamples);
+        }
+        Ok(())
+    }
+
+    /// The number of steps of the current range, charged against the sample limit before a
+    /// caller allocates a value per step (literals, `time()`, `vector()`, `scalar()`...): a
+    /// subquery of a literal can name more steps than memory holds.
+    pub(super) fn charge_steps(&mut self) -> Result<usize, QueryError> {
+        let steps = self.range.steps();
+        self.account(steps)?;
+        Ok(steps)
+    }
+
+    /// Called at every step of a loop over steps that holds `held` points it has not
+    /// accounted yet: every [`STEPS_BETWEEN_CHECKS`] steps, fails once the deadline has passed
+    /// or the points would exceed the sample limit, so neither a range of many steps nor one
+    /// series of many points runs on unchecked.
+    #[inline]
+    pub(super) fn step_check(&self, step: usize, held: usize) -> Result<(), QueryError> {
+        if step % STEPS_BETWEEN_CHECKS != STEPS_BETWEEN_CHECKS - 1 {
+            return Ok(());
+        }
+        self.check_deadline()?;
+        if self.produced.saturating_add(held) > self.options.max_samples {
             return Err(QueryError::TooManySamples);
         }
         Ok(())
@@ -383,7 +415,10 @@ impl Evaluator {
     pub(super) fn eval(&mut self, expr: &Expr) -> Result<Value, QueryError> {
         self.check_deadline()?;
         match expr {
-            Expr::NumberLiteral(n) => Ok(Value::Scalar(vec![n.val; self.range.steps()])),
+            Expr::NumberLiteral(n) => {
+                let steps = self.charge_steps()?;
+                Ok(Value::Scalar(vec![n.val; steps]))
+            }
             Expr::StringLiteral(s) => Ok(Value::String(s.val.clone())),
             Expr::Paren(p) => self.eval(&p.expr),
             Expr::Unary(u) => match self.eval(&u.expr)? {
@@ -409,8 +444,8 @@ impl Evaluator {
                 // Only an instant query (one step) returns a range vector as such.
                 let arg = self.eval_range_arg(expr)?;
                 let t = self.range.start;
-                let end = arg.at.unwrap_or(t) - arg.offset;
-                let start = end - arg.window;
+                let end = arg.at.unwrap_or(t).saturating_sub(arg.offset);
+                let start = end.saturating_sub(arg.window);
                 let mut out = Vec::with_capacity(arg.series.len());
                 for s in arg.series {
                     let samples: Vec<Sample> = s
@@ -490,8 +525,9 @@ impl Evaluator {
             self.check_deadline()?;
             let mut points = Vec::new();
             let mut next = 0; // index of the first sample after the read time
-            for t in range.timestamps() {
-                let read_at = at.unwrap_or(t) - offset;
+            for (step, t) in range.timestamps().enumerate() {
+                self.step_check(step, points.len())?;
+                let read_at = at.unwrap_or(t).saturating_sub(offset);
                 while next < s.samples.len() && s.samples[next].t <= read_at {
                     next += 1;
                 }
@@ -499,7 +535,7 @@ impl Evaluator {
                     continue;
                 }
                 let latest = s.samples[next - 1];
-                if latest.t >= read_at - lookback && !is_stale_nan(latest.v) {
+                if latest.t >= read_at.saturating_sub(lookback) && !is_stale_nan(latest.v) {
                     let v = if sample_time {
                         latest.t as f64 / 1000.0
                     } else {
@@ -589,8 +625,9 @@ impl Evaluator {
             let (mut lo, mut hi) = (0, 0);
             let mut points = Vec::new();
             for (step, t) in range.timestamps().enumerate() {
-                let end = arg.at.unwrap_or(t) - arg.offset;
-                let start = end - arg.window;
+                self.step_check(step, points.len())?;
+                let end = arg.at.unwrap_or(t).saturating_sub(arg.offset);
+                let start = end.saturating_sub(arg.window);
                 while hi < s.samples.len() && s.samples[hi].t <= end {
                     hi += 1;
                 }
@@ -646,9 +683,7 @@ impl Evaluator {
         let mut builder = VectorBuilder::new();
         let range = self.range;
         for (step, t) in range.timestamps().enumerate() {
-            if step % 1024 == 0 {
-                self.check_deadline()?;
-            }
+            self.step_check(step, 0)?;
             for ((series, cursor), column) in inputs.iter().zip(&mut cursors).zip(&mut columns) {
                 column.clear();
                 for (i, s) in series.iter().enumerate() {

@@ -10,6 +10,7 @@ mod aggregate;
 mod binary;
 mod eval;
 mod functions;
+pub mod limits;
 mod rollups;
 mod value;
 
@@ -27,41 +28,96 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Engine limits and defaults (`[query]` in the config file).
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// How far back an instant selector looks for the latest sample, in seconds
-    /// (Prometheus's `--query.lookback-delta`, default 5 m).
+    /// (Prometheus's `--query.lookback-delta`).
+    #[arg(
+        id = "query.lookback_delta_secs",
+        long = "query-lookback-delta-secs",
+        env = "SECUMON_QUERY_LOOKBACK_DELTA_SECS",
+        default_value_t = 300
+    )]
     pub lookback_delta_secs: u64,
-    /// Longest a query may run, in seconds (Prometheus's `--query.timeout`, default 2 m).
+    /// Longest a query may run, in seconds (Prometheus's `--query.timeout`).
+    #[arg(
+        id = "query.timeout_secs",
+        long = "query-timeout-secs",
+        env = "SECUMON_QUERY_TIMEOUT_SECS",
+        default_value_t = 120
+    )]
     pub timeout_secs: u64,
     /// Most samples a single query may load or produce (Prometheus's `--query.max-samples`).
+    #[arg(
+        id = "query.max_samples",
+        long = "query-max-samples",
+        env = "SECUMON_QUERY_MAX_SAMPLES",
+        default_value_t = 50_000_000
+    )]
     pub max_samples: usize,
     /// Step of a subquery that names none, in seconds (Prometheus uses its global
-    /// `evaluation_interval`, default 1 m).
+    /// `evaluation_interval`).
+    #[arg(
+        id = "query.default_subquery_step_secs",
+        long = "query-default-subquery-step-secs",
+        env = "SECUMON_QUERY_DEFAULT_SUBQUERY_STEP_SECS",
+        default_value_t = 60
+    )]
     pub default_subquery_step_secs: u64,
     /// Queries evaluated at once; more wait in line, within their timeout (Prometheus's
-    /// `--query.max-concurrency`, default 20).
+    /// `--query.max-concurrency`).
+    #[arg(
+        id = "query.max_concurrency",
+        long = "query-max-concurrency",
+        env = "SECUMON_QUERY_MAX_CONCURRENCY",
+        default_value_t = 20
+    )]
     pub max_concurrency: usize,
     /// The coarsest rollups `sum_over_time` and `avg_over_time` may read when a query does
-    /// not pass `max_source_resolution`: `raw`, `5m`, `1h` or `auto` (see docs/storage.md,
-    /// "Queries that read rollups"). Exact functions read rollups regardless.
+    /// not pass `max_source_resolution` (answers may then differ from raw in the last bits):
+    /// `raw`, `5m`, `1h` or `auto`. Exact functions read rollups regardless.
+    #[arg(
+        id = "query.max_source_resolution",
+        long = "query-max-source-resolution",
+        env = "SECUMON_QUERY_MAX_SOURCE_RESOLUTION",
+        value_enum,
+        default_value_t = SourceResolution::Raw
+    )]
     pub max_source_resolution: SourceResolution,
-    /// Whether rollups answer queries at all; false reads raw samples for everything.
+    /// Longest query text accepted, in bytes (VictoriaMetrics's `-search.maxQueryLen` is
+    /// 16 KiB).
+    #[arg(
+        id = "query.max_length_bytes",
+        long = "query-max-length-bytes",
+        env = "SECUMON_QUERY_MAX_LENGTH_BYTES",
+        default_value_t = 64 * 1024
+    )]
+    pub max_length_bytes: usize,
+    /// Deepest nesting of a query expression (parentheses, operators, function calls,
+    /// subqueries), estimated from the text before parsing; bounds the stack every
+    /// recursive pass over the expression uses.
+    #[arg(
+        id = "query.max_depth",
+        long = "query-max-depth",
+        env = "SECUMON_QUERY_MAX_DEPTH",
+        default_value_t = 200
+    )]
+    pub max_depth: usize,
+    /// Let rollups answer queries (false: raw samples for everything).
+    #[arg(
+        id = "query.rollups",
+        long = "query-rollups",
+        env = "SECUMON_QUERY_ROLLUPS",
+        action = clap::ArgAction::Set,
+        default_value_t = true
+    )]
     pub rollups: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self {
-            lookback_delta_secs: 300,
-            timeout_secs: 120,
-            max_samples: 50_000_000,
-            default_subquery_step_secs: 60,
-            max_concurrency: 20,
-            max_source_resolution: SourceResolution::Raw,
-            rollups: true,
-        }
+        crate::config::clap_defaults()
     }
 }
 
@@ -109,12 +165,20 @@ impl EvalRange {
         }
     }
 
+    /// How many steps the range has: none when `end < start` (a subquery whose aligned first
+    /// step falls after its end), and never more than `usize::MAX` whatever the times (the
+    /// arithmetic is done in 128 bits, so no range wraps around into a small count).
     pub fn steps(&self) -> usize {
-        ((self.end - self.start) / self.step) as usize + 1
+        if self.end < self.start || self.step <= 0 {
+            return 0;
+        }
+        let span = i128::from(self.end) - i128::from(self.start);
+        usize::try_from(span / i128::from(self.step) + 1).unwrap_or(usize::MAX)
     }
 
     pub fn timestamps(&self) -> impl Iterator<Item = i64> + '_ {
-        (0..self.steps() as i64).map(move |i| self.start + i * self.step)
+        // Every step lies in [start, end], so the products cannot overflow.
+        (0..self.steps()).map(move |i| self.start + i as i64 * self.step)
     }
 }
 
@@ -247,6 +311,25 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Parses a query within the configured length and nesting limits (checked on the text,
+    /// before the parser recurses).
+    pub fn parse(&self, query: &str) -> Result<Expr, QueryError> {
+        limits::check_text(query, self.config.max_length_bytes, self.config.max_depth)?;
+        parse(query)
+    }
+
+    /// Parses a series selector (`match[]` of the metadata endpoints) within the same limits.
+    pub fn parse_selector(&self, text: &str) -> Result<Vec<Matcher>, String> {
+        limits::check_text(text, self.config.max_length_bytes, self.config.max_depth)
+            .map_err(|e| e.to_string())?;
+        match parser::parse(text)? {
+            Expr::VectorSelector(vs) => Ok(selector_matchers(&vs)),
+            _ => Err(format!(
+                "invalid series selector {text:?}: not a vector selector"
+            )),
+        }
     }
 
     /// Evaluates `expr` at time `t` (ms).

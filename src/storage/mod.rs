@@ -324,24 +324,38 @@ pub struct StorageStats {
 }
 
 /// How long data is kept, the same for every backend (`[retention]` in the config file).
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
-    /// Raw samples, in days.
+    /// Days raw samples are kept.
+    #[arg(
+        id = "retention.raw_days",
+        long = "retention-raw-days",
+        env = "SECUMON_RETENTION_RAW_DAYS",
+        default_value_t = 30
+    )]
     pub raw_days: u32,
-    /// 5-minute rollups, in days.
+    /// Days 5-minute rollups are kept.
+    #[arg(
+        id = "retention.rollup_5m_days",
+        long = "retention-rollup-5m-days",
+        env = "SECUMON_RETENTION_ROLLUP_5M_DAYS",
+        default_value_t = 90
+    )]
     pub rollup_5m_days: u32,
-    /// 1-hour rollups, in days.
+    /// Days 1-hour rollups are kept.
+    #[arg(
+        id = "retention.rollup_1h_days",
+        long = "retention-rollup-1h-days",
+        env = "SECUMON_RETENTION_ROLLUP_1H_DAYS",
+        default_value_t = 365
+    )]
     pub rollup_1h_days: u32,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        Self {
-            raw_days: 30,
-            rollup_5m_days: 90,
-            rollup_1h_days: 365,
-        }
+        crate::config::clap_defaults()
     }
 }
 

@@ -18,23 +18,33 @@ use std::io::Read;
 pub const PROTOCOL: &str = "otlp";
 
 /// How OTLP metrics become Prometheus series (`[otlp]` in the config file).
-#[derive(Clone, Debug, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct OtlpConfig {
-    /// Resource attributes copied onto every series of the resource (Prometheus's
-    /// `otlp.promote_resource_attributes`); the others are only in `target_info`.
+    /// OTLP resource attributes copied onto every series of the resource, comma-separated
+    /// (Prometheus's `otlp.promote_resource_attributes`); the others are only in `target_info`.
+    #[arg(
+        id = "otlp.promote_resource_attributes",
+        long = "otlp-promote-resource-attributes",
+        env = "SECUMON_OTLP_PROMOTE_RESOURCE_ATTRIBUTES",
+        value_delimiter = ','
+    )]
     pub promote_resource_attributes: Vec<String>,
-    /// Translate names to Prometheus conventions (units and type suffixes, `_` for invalid
-    /// characters). Off: metric and label names are kept as OpenTelemetry spells them (UTF-8).
+    /// Translate OTLP names to Prometheus conventions (units and type suffixes, `_` for
+    /// invalid characters); false keeps OpenTelemetry's UTF-8 names.
+    #[arg(
+        id = "otlp.translate_names",
+        long = "otlp-translate-names",
+        env = "SECUMON_OTLP_TRANSLATE_NAMES",
+        action = clap::ArgAction::Set,
+        default_value_t = true
+    )]
     pub translate_names: bool,
 }
 
 impl Default for OtlpConfig {
     fn default() -> Self {
-        Self {
-            promote_resource_attributes: Vec::new(),
-            translate_names: true,
-        }
+        crate::config::clap_defaults()
     }
 }
 

@@ -39,8 +39,6 @@ pub enum DecodeError {
     DecompressedTooLarge { size: usize, limit: usize },
     #[error("protobuf: {0}")]
     Protobuf(String),
-    #[error("request contains no time series and no metadata")]
-    NothingToWrite,
 }
 
 /// Decompresses, decodes and validates a request body into a batch.
@@ -183,20 +181,17 @@ fn read_request(raw: &[u8]) -> Result<Batch, DecodeError> {
         ..Batch::default()
     };
     let mut scratch = SeriesScratch::default();
-    let (mut series_seen, mut metadata_seen) = (0usize, 0usize);
     let mut r = Reader(raw);
     while !r.is_empty() {
         let (field, wire_type) = r.key()?;
         match field {
             1 => {
                 expect("WriteRequest", field, wire_type, LEN)?;
-                series_seen += 1;
                 scratch.read(Reader(r.bytes()?))?;
                 add_series(&mut batch, &mut scratch);
             }
             3 => {
                 expect("WriteRequest", field, wire_type, LEN)?;
-                metadata_seen += 1;
                 let m =
                     pb::MetricMetadata::decode(r.bytes()?).map_err(|e| malformed(e.to_string()))?;
                 if !m.metric_family_name.is_empty() {
@@ -211,9 +206,7 @@ fn read_request(raw: &[u8]) -> Result<Batch, DecodeError> {
             _ => r.skip(field, wire_type, 0)?,
         }
     }
-    if series_seen == 0 && metadata_seen == 0 {
-        return Err(DecodeError::NothingToWrite);
-    }
+    // An empty request is a success with nothing to store, as Prometheus answers it.
     Ok(batch)
 }
 

@@ -17,7 +17,8 @@ pub(super) fn sgn(v: f64) -> f64 {
 }
 
 pub(super) fn pi(ev: &mut Evaluator, _call: &Call) -> Result<Value, QueryError> {
-    Ok(Value::Scalar(vec![std::f64::consts::PI; ev.range.steps()]))
+    let steps = ev.charge_steps()?;
+    Ok(Value::Scalar(vec![std::f64::consts::PI; steps]))
 }
 
 /// Maps each point with the per-step scalar arguments; drops the metric name. `f` returning

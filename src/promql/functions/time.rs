@@ -10,6 +10,7 @@ use promql_parser::parser::{Call, Expr};
 
 /// `time()`: the evaluation time in seconds at every step.
 pub(super) fn time(ev: &mut Evaluator, _call: &Call) -> Result<Value, QueryError> {
+    ev.charge_steps()?;
     Ok(Value::Scalar(
         ev.range.timestamps().map(|t| t as f64 / 1000.0).collect(),
     ))
@@ -49,6 +50,7 @@ fn date_function(
 ) -> Result<Value, QueryError> {
     let to_time = |seconds: f64| DateTime::from_timestamp(seconds as i64, 0).unwrap_or_default();
     if call.args.args.is_empty() {
+        ev.charge_steps()?;
         let samples: Vec<Sample> = ev
             .range
             .timestamps()
@@ -57,7 +59,6 @@ fn date_function(
                 v: f(to_time((t / 1000) as f64)),
             })
             .collect();
-        ev.account(samples.len())?;
         return Ok(Value::Vector(vec![SeriesSamples {
             labels: Labels::empty(),
             samples,

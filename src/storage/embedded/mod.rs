@@ -43,26 +43,43 @@ use std::time::Duration;
 use wal::{Record, Wal};
 
 /// Settings of the embedded engine (`[embedded]` in the config file).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct EmbeddedConfig {
-    /// When writes reach the disk: `always` (fsync before acknowledging) or `never` (leave it
-    /// to the OS: survives a process crash, not a power loss).
+    /// Embedded engine: when writes reach the disk: `always` (fsync the write-ahead log
+    /// before acknowledging) or `never` (leave it to the OS: survives a process crash, not a
+    /// power loss).
+    #[arg(
+        id = "embedded.fsync",
+        long = "embedded-fsync",
+        env = "SECUMON_EMBEDDED_FSYNC",
+        value_enum,
+        default_value_t = FsyncPolicy::Always
+    )]
     pub fsync: FsyncPolicy,
-    /// How far behind a series' latest sample a new sample may be, in seconds. Head samples
-    /// older than this behind the newest sample are flushed to disk.
+    /// Embedded engine: how far behind a series' latest sample a new sample may be, in
+    /// seconds. Head samples older than this behind the newest sample are flushed to disk.
+    #[arg(
+        id = "embedded.out_of_order_window_secs",
+        long = "embedded-out-of-order-window-secs",
+        env = "SECUMON_EMBEDDED_OUT_OF_ORDER_WINDOW_SECS",
+        default_value_t = 3600
+    )]
     pub out_of_order_window_secs: u64,
-    /// Seconds between maintenance runs (flush, checkpoint, compaction, retention).
+    /// Embedded engine: seconds between maintenance runs (flush to disk, checkpoint,
+    /// compaction, retention).
+    #[arg(
+        id = "embedded.flush_interval_secs",
+        long = "embedded-flush-interval-secs",
+        env = "SECUMON_EMBEDDED_FLUSH_INTERVAL_SECS",
+        default_value_t = 300
+    )]
     pub flush_interval_secs: u64,
 }
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        Self {
-            fsync: FsyncPolicy::Always,
-            out_of_order_window_secs: 3600,
-            flush_interval_secs: 300,
-        }
+        crate::config::clap_defaults()
     }
 }
 

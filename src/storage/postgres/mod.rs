@@ -36,43 +36,86 @@ use std::time::Duration;
 use write::{PartitionSet, SeriesCache};
 
 /// Settings of the PostgreSQL backend (`[postgres]` in the config file).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
-    /// Largest number of connections the server opens.
+    /// Most PostgreSQL connections the server opens.
+    #[arg(
+        id = "postgres.max_connections",
+        long = "postgres-max-connections",
+        env = "SECUMON_POSTGRES_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
     pub max_connections: u32,
-    /// How long a request waits for a free connection before failing with a retryable error.
+    /// Seconds a request waits for a free PostgreSQL connection before failing with a
+    /// retryable error.
+    #[arg(
+        id = "postgres.acquire_timeout_secs",
+        long = "postgres-acquire-timeout-secs",
+        env = "SECUMON_POSTGRES_ACQUIRE_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
     pub acquire_timeout_secs: u64,
     /// Width of one `samples` partition (plain PostgreSQL) or hypertable chunk (TimescaleDB),
     /// in hours.
+    #[arg(
+        id = "postgres.partition_hours",
+        long = "postgres-partition-hours",
+        env = "SECUMON_POSTGRES_PARTITION_HOURS",
+        default_value_t = 24
+    )]
     pub partition_hours: u32,
     /// Series ids kept in memory per server; the cache is emptied when it is full.
+    #[arg(
+        id = "postgres.series_cache_size",
+        long = "postgres-series-cache-size",
+        env = "SECUMON_POSTGRES_SERIES_CACHE_SIZE",
+        default_value_t = 1_000_000
+    )]
     pub series_cache_size: usize,
-    /// Whether to use TimescaleDB: `auto` when the extension is there, `on` or fail, `off`.
+    /// Use TimescaleDB: `auto` when the extension is installed or can be created, `on` (fail
+    /// when it is missing), `off` (plain PostgreSQL lifecycle).
+    #[arg(
+        id = "postgres.timescaledb",
+        long = "timescaledb",
+        env = "SECUMON_TIMESCALEDB",
+        value_enum,
+        default_value_t = TimescaleMode::Auto
+    )]
     pub timescaledb: TimescaleMode,
     /// TimescaleDB: raw chunks are compressed once this many days old.
+    #[arg(
+        id = "postgres.compress_after_days",
+        long = "postgres-compress-after-days",
+        env = "SECUMON_POSTGRES_COMPRESS_AFTER_DAYS",
+        default_value_t = 7
+    )]
     pub compress_after_days: u32,
     /// Plain PostgreSQL: seconds between runs of the lifecycle job (partitions, rollup tables,
     /// retention).
+    #[arg(
+        id = "postgres.lifecycle_interval_secs",
+        long = "postgres-lifecycle-interval-secs",
+        env = "SECUMON_POSTGRES_LIFECYCLE_INTERVAL_SECS",
+        default_value_t = 60
+    )]
     pub lifecycle_interval_secs: u64,
     /// Write samples with binary `COPY FROM STDIN` (falling back to a checking insert when a
     /// batch repeats stored samples); false writes every batch with `INSERT … ON CONFLICT`,
     /// for servers or proxies that cannot take COPY.
+    #[arg(
+        id = "postgres.copy_writes",
+        long = "postgres-copy-writes",
+        env = "SECUMON_POSTGRES_COPY_WRITES",
+        action = clap::ArgAction::Set,
+        default_value_t = true
+    )]
     pub copy_writes: bool,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        Self {
-            max_connections: 16,
-            acquire_timeout_secs: 10,
-            partition_hours: 24,
-            series_cache_size: 1_000_000,
-            timescaledb: TimescaleMode::Auto,
-            compress_after_days: 7,
-            lifecycle_interval_secs: 60,
-            copy_writes: true,
-        }
+        crate::config::clap_defaults()
     }
 }
 
