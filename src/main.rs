@@ -52,6 +52,7 @@ fn main() -> ExitCode {
     let allocator_warning = tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(secumon::promql::limits::THREAD_STACK_BYTES)
         .build()
     {
         Ok(runtime) => runtime,

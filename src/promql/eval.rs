@@ -892,4 +892,52 @@ mod tests {
         let result = Evaluator::new(range, options(10), deadline, loaded).eval(&expr);
         assert!(matches!(result, Err(QueryError::TooManySamples)));
     }
+
+    #[test]
+    fn step_arithmetic_saturates_instead_of_wrapping() {
+        let full = EvalRange {
+            start: i64::MIN,
+            end: i64::MAX,
+            step: 1,
+        };
+        assert_eq!(full.steps(), usize::MAX);
+        let reversed = EvalRange {
+            start: 10,
+            end: 5,
+            step: 10,
+        };
+        assert_eq!(reversed.steps(), 0);
+        assert_eq!(reversed.timestamps().count(), 0);
+        for query in [
+            "x[1y:1ms] offset -292y",
+            "x[292y:1ms] offset 292y",
+            "x[1ms:1ms] @ 0",
+        ] {
+            let Expr::Subquery(sq) = promql_parser::parser::parse(query).unwrap() else {
+                panic!("{query} is not a subquery");
+            };
+            for outer in [
+                EvalRange::instant(i64::MIN),
+                EvalRange::instant(i64::MAX),
+                full,
+            ] {
+                let inner = subquery_range(&sq, outer, outer, 60_000);
+                assert!(inner.step >= 1, "{query}");
+                let _ = inner.steps();
+            }
+        }
+    }
+
+    #[test]
+    fn literals_are_charged_before_their_steps_are_allocated() {
+        let expr = Box::new(promql_parser::parser::parse("1").unwrap());
+        let range = EvalRange {
+            start: 0,
+            end: i64::MAX,
+            step: 1,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let result = Evaluator::new(range, options(1_000), deadline, Loaded::new()).eval(&expr);
+        assert!(matches!(result, Err(QueryError::TooManySamples)));
+    }
 }

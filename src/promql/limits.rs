@@ -8,6 +8,15 @@
 
 use super::QueryError;
 
+/// Stack of the server's threads (tokio's workers and blocking threads), which parse, plan and
+/// evaluate queries. Reserved address space, touched only as deep as a query goes: a query
+/// at [`MAX_DEPTH_CEILING`] in a debug build uses a few MiB of it.
+pub const THREAD_STACK_BYTES: usize = 16 * 1024 * 1024;
+
+/// The highest `--query-max-depth` takes effect: the depth proven to fit
+/// [`THREAD_STACK_BYTES`] with room to spare (tests/integration/hardening.rs).
+pub const MAX_DEPTH_CEILING: usize = 1000;
+
 /// Why a query's text is refused before parsing.
 fn too_long(len: usize, limit: usize) -> QueryError {
     QueryError::BadData(format!(

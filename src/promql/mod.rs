@@ -96,7 +96,7 @@ pub struct EngineConfig {
     pub max_length_bytes: usize,
     /// Deepest nesting of a query expression (parentheses, operators, function calls,
     /// subqueries), estimated from the text before parsing; bounds the stack every
-    /// recursive pass over the expression uses.
+    /// recursive pass over the expression uses. At most 1000 takes effect.
     #[arg(
         id = "query.max_depth",
         long = "query-max-depth",
@@ -313,16 +313,21 @@ impl Engine {
         &self.config
     }
 
+    /// The configured nesting limit, never above what the threads' stacks are proven to hold.
+    fn max_depth(&self) -> usize {
+        self.config.max_depth.min(limits::MAX_DEPTH_CEILING)
+    }
+
     /// Parses a query within the configured length and nesting limits (checked on the text,
     /// before the parser recurses).
     pub fn parse(&self, query: &str) -> Result<Expr, QueryError> {
-        limits::check_text(query, self.config.max_length_bytes, self.config.max_depth)?;
+        limits::check_text(query, self.config.max_length_bytes, self.max_depth())?;
         parse(query)
     }
 
     /// Parses a series selector (`match[]` of the metadata endpoints) within the same limits.
     pub fn parse_selector(&self, text: &str) -> Result<Vec<Matcher>, String> {
-        limits::check_text(text, self.config.max_length_bytes, self.config.max_depth)
+        limits::check_text(text, self.config.max_length_bytes, self.max_depth())
             .map_err(|e| e.to_string())?;
         match parser::parse(text)? {
             Expr::VectorSelector(vs) => Ok(selector_matchers(&vs)),

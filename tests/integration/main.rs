@@ -7,6 +7,7 @@ mod api;
 mod conformance;
 mod crash;
 mod e2e_prometheus;
+mod hardening;
 mod lifecycle;
 mod otlp;
 mod promql_diff;

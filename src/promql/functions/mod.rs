@@ -229,9 +229,10 @@ fn vector(ev: &mut Evaluator, call: &Call) -> Result<Value, QueryError> {
 
 /// `scalar(v)`: the single value of a one-element vector, else NaN, at every step.
 fn scalar(ev: &mut Evaluator, call: &Call) -> Result<Value, QueryError> {
+    // Charged first: the argument may run over every step before the value per step exists.
+    let steps = ev.charge_steps()?;
     let series = ev.eval_vector(&call.args.args[0])?;
     let range = ev.range;
-    let steps = ev.charge_steps()?;
     let mut counts = vec![0u32; steps];
     let mut values = vec![f64::NAN; steps];
     for s in &series {
@@ -302,36 +303,43 @@ fn absent_labels(expr: &Expr) -> Labels {
 
 /// `absent(v)`: 1 at every step where `v` has no element.
 fn absent(ev: &mut Evaluator, call: &Call) -> Result<Value, QueryError> {
+    let steps = ev.charge_steps()?;
     let series = ev.eval_vector(&call.args.args[0])?;
-    absent_at_empty_steps(ev, &series, &call.args.args[0])
+    Ok(absent_at_empty_steps(
+        ev.range,
+        steps,
+        &series,
+        &call.args.args[0],
+    ))
 }
 
 /// `absent_over_time(m[d])`: 1 at every step where no series has a sample in the window.
 fn absent_over_time(ev: &mut Evaluator, call: &Call) -> Result<Value, QueryError> {
+    let steps = ev.charge_steps()?;
     let arg = ev.eval_range_arg(&call.args.args[0])?;
     let series = ev.rollup(arg, &[], false, |_, _| Some(1.0))?;
-    absent_at_empty_steps(ev, &series, &call.args.args[0])
+    Ok(absent_at_empty_steps(
+        ev.range,
+        steps,
+        &series,
+        &call.args.args[0],
+    ))
 }
 
 /// A vector of 1 at every step where `series` has no point, labelled from the argument.
 fn absent_at_empty_steps(
-    ev: &mut Evaluator,
+    range: super::EvalRange,
+    steps: usize,
     series: &[SeriesSamples],
     arg: &Expr,
-) -> Result<Value, QueryError> {
-    let range = ev.range;
-    let steps = ev.charge_steps()?;
+) -> Value {
     let mut present = vec![false; steps];
     for s in series {
         for p in &s.samples {
             present[((p.t - range.start) / range.step) as usize] = true;
         }
     }
-    Ok(Value::Vector(absent_points(
-        range,
-        &present,
-        absent_labels(arg),
-    )))
+    Value::Vector(absent_points(range, &present, absent_labels(arg)))
 }
 
 fn absent_points(range: super::EvalRange, present: &[bool], labels: Labels) -> Vec<SeriesSamples> {

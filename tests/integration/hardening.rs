@@ -1,0 +1,303 @@
+//! Hostile requests against the server binary over real HTTP: each class of request that could
+//! take the process down, freeze it or grow it without bound gets its protocol's error, and
+//! afterwards the server still answers a normal query within a second, its resident set stayed
+//! within a stated bound, and data written before is intact.
+
+use crate::support::process::{free_port, spawn_secumon, Managed};
+use crate::support::remote_write::{encode, request, series};
+use std::time::{Duration, Instant};
+
+const T0: i64 = 1_700_000_000_000;
+
+/// A server binary on the embedded engine, with a few samples written before each test.
+struct Target {
+    process: Managed,
+    http: reqwest::Client,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Target {
+    async fn start(extra: &[&str]) -> Target {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut args = vec!["--retention-raw-days", "100000"];
+        args.extend_from_slice(extra);
+        let process = spawn_secumon(&dir.path().display().to_string(), port, &args);
+        let target = Target {
+            process,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let samples: Vec<(i64, f64)> = (0..20).map(|i| (T0 + i * 15_000, i as f64)).collect();
+        let body = encode(&request(
+            vec![series(&[("__name__", "before"), ("job", "a")], &samples)],
+            vec![],
+        ));
+        let response = target
+            .http
+            .post(format!("{}/api/v1/write", target.base))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 204);
+        target
+    }
+
+    async fn query(&self, params: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        crate::support::post_form(&self.http, &format!("{}/api/v1/query", self.base), params).await
+    }
+
+    async fn query_range(&self, params: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        crate::support::post_form(
+            &self.http,
+            &format!("{}/api/v1/query_range", self.base),
+            params,
+        )
+        .await
+    }
+
+    /// Resident set of the server, in MiB.
+    fn rss_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()))
+            .expect("server process alive");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib / 1024
+    }
+
+    /// CPU time the server has used, in seconds.
+    fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.pid()))
+            .expect("server process alive");
+        // Fields after the command name: state is field 3, utime 14 and stime 15.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// The server is alive, answers a normal query within a second with the data written
+    /// before, and its resident set is below `max_rss_mib`.
+    async fn assert_healthy(&self, max_rss_mib: u64) {
+        let started = Instant::now();
+        let t = format!("{}", (T0 + 300_000) as f64 / 1000.0);
+        let (status, body) = self
+            .query(&[("query", "sum(before)"), ("time", t.as_str())])
+            .await;
+        let took = started.elapsed();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["result"][0]["value"][1], "19", "{body}");
+        assert!(took < Duration::from_secs(1), "normal query took {took:?}");
+        let rss = self.rss_mib();
+        assert!(
+            rss < max_rss_mib,
+            "resident set {rss} MiB over {max_rss_mib}"
+        );
+    }
+}
+
+fn error_of(body: &serde_json::Value) -> (&str, &str) {
+    (
+        body["errorType"].as_str().unwrap_or_default(),
+        body["error"].as_str().unwrap_or_default(),
+    )
+}
+
+/// A subquery of a literal over a year at 1 ms names 3·10¹⁰ steps: refused by the sample
+/// limit before its steps are allocated, as are ranges whose arithmetic would overflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_of_unbounded_steps_are_refused_before_they_allocate() {
+    let s = Target::start(&[]).await;
+    let t = format!("{}", T0 as f64 / 1000.0);
+    for query in [
+        "count_over_time(vector(1)[1y:1ms])",
+        "count_over_time(vector(time())[1y:1ms])",
+        "max_over_time((vector(1) + 1)[1y:1ms])",
+        "count_over_time(vector(scalar(before))[1y:1ms])",
+        "sum_over_time(vector(pi())[5y:1ms])",
+        "count_over_time(absent(nothing)[1y:1ms])",
+    ] {
+        let started = Instant::now();
+        let (status, body) = s.query(&[("query", query), ("time", t.as_str())]).await;
+        assert_eq!(status, 422, "{query}: {body}");
+        let (kind, message) = error_of(&body);
+        assert_eq!(kind, "execution", "{query}: {body}");
+        assert!(message.contains("too many samples"), "{query}: {body}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{query}");
+    }
+    // Times at Prometheus's extremes: no overflow, a clear refusal or an answer.
+    for (start, end, step) in [
+        (
+            "-292273086-05-16T16:47:06Z",
+            "292277025-08-18T07:12:54.999999999Z",
+            "1",
+        ),
+        ("-9223372036854775", "9223372036854775", "1000000000"),
+    ] {
+        let (status, body) = s
+            .query_range(&[
+                ("query", "before"),
+                ("start", start),
+                ("end", end),
+                ("step", step),
+            ])
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(error_of(&body).1.contains("11,000 points"), "{body}");
+    }
+    for query in [
+        "before offset -300000000y",
+        "count_over_time(before[1y:1ms] offset 292y)",
+        "before @ 9223372036854775",
+        "count_over_time(vector(1)[1ms:1ms] @ -9223372036854775 offset 1y)",
+    ] {
+        let (status, body) = s.query(&[("query", query), ("time", t.as_str())]).await;
+        assert!(
+            status == 200 || status == 400 || status == 422,
+            "{query}: {status} {body}"
+        );
+    }
+    s.assert_healthy(200).await;
+}
+
+/// A query that runs past its timeout stops, answers 503 `timeout`, and stops using CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_its_timeout_stops_within_a_second() {
+    let s = Target::start(&[]).await;
+    let t = format!("{}", T0 as f64 / 1000.0);
+    // 3·10¹⁰ steps over one series with a sample: points only near it, so the sample limit
+    // never trips and only the deadline stops the loop.
+    let started = Instant::now();
+    let (status, body) = s
+        .query(&[
+            ("query", "count_over_time(before[100y:1ms])"),
+            ("time", t.as_str()),
+            ("timeout", "1s"),
+        ])
+        .await;
+    let took = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error_of(&body).0, "timeout", "{body}");
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    let cpu = s.cpu_secs();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = s.cpu_secs() - cpu;
+    assert!(spent < 0.5, "{spent} CPU seconds spent after the timeout");
+    s.assert_healthy(200).await;
+}
+
+/// Deeply nested text is refused before the parser recurses; text at the nesting limit of
+/// every shape parses, plans and evaluates without exhausting a stack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_queries_are_refused_and_the_deepest_allowed_ones_answer() {
+    let s = Target::start(&[]).await;
+    let t = format!("{}", (T0 + 300_000) as f64 / 1000.0);
+    let deep = |open: &str, inner: &str, close: &str, n: usize| {
+        format!("{}{inner}{}", open.repeat(n), close.repeat(n))
+    };
+    // Under the body limit, far over the query limits.
+    let hostile = [
+        deep("(", "1", ")", 1_000_000),
+        deep("-", "1", "", 2_000_000),
+        deep("", "1", "+1", 1_000_000),
+        deep("sum(", "before", ")", 200_000),
+        deep("", "before", "[1m:]", 100_000),
+    ];
+    for query in &hostile {
+        let (status, body) = s.query(&[("query", query), ("time", t.as_str())]).await;
+        assert_eq!(status, 400, "{}: {body}", &query[..20]);
+        assert_eq!(error_of(&body).0, "bad_data");
+    }
+    // Within the length limit, over the depth limit.
+    let (status, body) = s
+        .query(&[("query", &deep("(", "1", ")", 5_000)), ("time", t.as_str())])
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        error_of(&body).1.contains("nests deeper than 200"),
+        "{body}"
+    );
+    let (status, body) = s
+        .query(&[
+            ("query", &deep("(", "1", ")", 40_000)),
+            ("time", t.as_str()),
+        ])
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        error_of(&body)
+            .1
+            .contains("exceeds the limit of 65536 bytes"),
+        "{body}"
+    );
+    s.assert_healthy(200).await;
+
+    // The deepest queries the ceiling allows (a larger setting is clamped to it), each
+    // shape, over data: they answer (or fail as PromQL says), and the process survives them
+    // on its threads' stacks.
+    let s = Target::start(&["--query-max-depth", "100000"]).await;
+    let (status, body) = s
+        .query(&[("query", &deep("(", "1", ")", 1_001)), ("time", t.as_str())])
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        error_of(&body).1.contains("nests deeper than 1000"),
+        "{body}"
+    );
+    let allowed = [
+        deep("(", "before", ")", 999),
+        deep("-", "before", "", 999),
+        deep("", "before", " + before", 998),
+        deep("sum(", "before", ")", 999),
+        deep("abs(", "before", ")", 999),
+        deep("max_over_time(", "before", "[5m:1m])", 499),
+        deep("", "1", " * 1", 998),
+        deep("-(", "before", ")", 499),
+        deep("sum(before + ", "before", ")", 330),
+        deep(
+            "label_replace(",
+            "before",
+            ", \"a\", \"b\", \"c\", \"d\")",
+            999,
+        ),
+    ];
+    for query in &allowed {
+        let (status, body) = s.query(&[("query", query), ("time", t.as_str())]).await;
+        assert!(
+            status == 200 || status == 422,
+            "{}: {status} {body}",
+            &query[..20]
+        );
+        let (status, body) = s
+            .query_range(&[
+                ("query", query),
+                ("start", "1700000000"),
+                ("end", "1700000600"),
+                ("step", "15"),
+            ])
+            .await;
+        assert!(
+            status == 200 || status == 422,
+            "{}: {status} {body}",
+            &query[..20]
+        );
+        let (status, body) = crate::support::post_form(
+            &s.http,
+            &format!("{}/api/v1/format_query", s.base),
+            &[("query", query)],
+        )
+        .await;
+        assert_eq!(status, 200, "{}: {body}", &query[..20]);
+    }
+    s.assert_healthy(200).await;
+}
