@@ -301,3 +301,26 @@ async fn deep_queries_are_refused_and_the_deepest_allowed_ones_answer() {
     }
     s.assert_healthy(200).await;
 }
+
+/// A second server on the same data directory fails at start, naming the first; the first
+/// goes on serving what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_directory_fails_at_start() {
+    let s = Target::start(&[]).await;
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_secumon"))
+        .args(["serve", "--storage", &s._dir.path().display().to_string()])
+        .args(["--http-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--otlp-grpc-listen", "", "--otlp-http-listen", ""])
+        .output()
+        .expect("run a second server");
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "is in use by another SecuMon server (pid {})",
+            s.process.pid()
+        )),
+        "{stderr}"
+    );
+    s.assert_healthy(200).await;
+}

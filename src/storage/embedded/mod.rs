@@ -13,6 +13,7 @@ mod chunk;
 pub(crate) mod codec;
 mod frames;
 mod head;
+mod lock;
 mod runfile;
 mod wal;
 
@@ -131,6 +132,8 @@ pub struct EmbeddedStorage {
     retention: RetentionConfig,
     /// Bytes of damaged data found (log tails cut, block files recovered).
     damaged_bytes: AtomicU64,
+    /// Held while the storage is open: no second server on the directory.
+    _lock: lock::DirLock,
 }
 
 fn io_error(e: std::io::Error) -> StorageError {
@@ -148,6 +151,8 @@ impl EmbeddedStorage {
         let fail = |e: std::io::Error| {
             StorageError::Internal(format!("cannot open {}: {e}", dir.display()))
         };
+        // Before anything is read: another server may be writing.
+        let lock = lock::DirLock::acquire(dir).map_err(|e| StorageError::Internal(e.to_string()))?;
         let (set, mut damaged) = open_blocks(&dir.join("blocks")).map_err(fail)?;
         // Samples up to these times are in blocks; the log's copies are not replayed.
         let mut flushed: HashMap<u64, TimestampMs> = HashMap::default();
@@ -187,6 +192,7 @@ impl EmbeddedStorage {
             flush_interval: Duration::from_secs(config.flush_interval_secs.max(1)),
             retention: retention.clone(),
             damaged_bytes: AtomicU64::new(damaged),
+            _lock: lock,
         })
     }
 
