@@ -65,6 +65,41 @@ impl ApiError {
     }
 }
 
+/// An id for one failure, to find its detail in the log: 16 hex digits, unique within the
+/// process and unlikely to repeat across restarts.
+pub fn incident_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut seed = [0u8; 28];
+    seed[..16].copy_from_slice(&now.to_le_bytes());
+    seed[16..24].copy_from_slice(&n.to_le_bytes());
+    seed[24..].copy_from_slice(&std::process::id().to_le_bytes());
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&seed))
+}
+
+/// What a client is told of a storage failure. The detail (SQL, file paths, the database's
+/// own words) goes to the log under an id; the client gets a short message with that id.
+/// `what` names the request for the log.
+pub fn client_message(e: &StorageError, what: &str) -> String {
+    match e {
+        StorageError::TooManySamples => e.to_string(),
+        StorageError::Unavailable(detail) => {
+            let id = incident_id();
+            tracing::warn!(request_id = %id, error = %detail, "{what}: storage unavailable");
+            format!("storage unavailable, retry later (request id {id})")
+        }
+        StorageError::Internal(detail) => {
+            let id = incident_id();
+            tracing::error!(request_id = %id, error = %detail, "{what}: internal error");
+            format!("internal error (request id {id}; the server log has the detail)")
+        }
+    }
+}
+
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         let kind = match e {
@@ -74,7 +109,7 @@ impl From<StorageError> for ApiError {
         };
         ApiError {
             kind,
-            message: e.to_string(),
+            message: client_message(&e, "query"),
         }
     }
 }

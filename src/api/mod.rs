@@ -143,7 +143,14 @@ async fn health() -> &'static str {
 async fn ready(State(state): State<SharedState>) -> Response {
     match state.storage.ping().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: {}",
+                errors::client_message(&e, "readiness check")
+            ),
+        )
+            .into_response(),
     }
 }
 

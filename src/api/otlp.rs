@@ -147,11 +147,14 @@ pub(super) async fn http_export(
             status_body(CODE_INVALID_ARGUMENT, e.to_string(), encoding),
         ),
         Err(ExportError::Storage(e @ StorageError::Unavailable(_))) => {
-            tracing::warn!(error = %e, "OTLP export failed, client will retry");
             let mut response = reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 encoding,
-                status_body(CODE_UNAVAILABLE, e.to_string(), encoding),
+                status_body(
+                    CODE_UNAVAILABLE,
+                    super::errors::client_message(&e, "OTLP export"),
+                    encoding,
+                ),
             );
             response.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -159,14 +162,15 @@ pub(super) async fn http_export(
             );
             response
         }
-        Err(ExportError::Storage(e)) => {
-            tracing::error!(error = %e, "OTLP export failed");
-            reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
+        Err(ExportError::Storage(e)) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            encoding,
+            status_body(
+                CODE_INTERNAL,
+                super::errors::client_message(&e, "OTLP export"),
                 encoding,
-                status_body(CODE_INTERNAL, e.to_string(), encoding),
-            )
-        }
+            ),
+        ),
     }
 }
 
@@ -256,10 +260,13 @@ pub mod grpc {
                     decoded.map_err(|e| Status::invalid_argument(format!("protobuf: {e}")))?;
                 match export_decoded(&state, request).await {
                     Ok(summary) => Ok(Response::new(response_for(&summary))),
-                    Err(e @ StorageError::Unavailable(_)) => {
-                        Err(Status::unavailable(e.to_string()))
-                    }
-                    Err(e) => Err(Status::internal(e.to_string())),
+                    Err(e @ StorageError::Unavailable(_)) => Err(Status::unavailable(
+                        crate::api::errors::client_message(&e, "OTLP export"),
+                    )),
+                    Err(e) => Err(Status::internal(crate::api::errors::client_message(
+                        &e,
+                        "OTLP export",
+                    ))),
                 }
             })
         }

@@ -40,10 +40,11 @@ pub(super) async fn remote_write(
             return text(StatusCode::BAD_REQUEST, e.to_string());
         }
         Err(e) => {
+            let failure = StorageError::Internal(format!("remote-write decoding failed: {e}"));
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("decoding failed: {e}"),
-            )
+                super::errors::client_message(&failure, "remote write"),
+            );
         }
     };
     match state
@@ -61,13 +62,13 @@ pub(super) async fn remote_write(
                 summary.first_error.unwrap_or_default()
             ),
         ),
-        Err(e @ StorageError::Unavailable(_)) => {
-            tracing::warn!(error = %e, "remote write failed, client will retry");
-            text(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
         Err(e) => {
-            tracing::error!(error = %e, "remote write failed");
-            text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            let status = if e.is_retryable() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            text(status, super::errors::client_message(&e, "remote write"))
         }
     }
 }

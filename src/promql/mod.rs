@@ -411,6 +411,11 @@ impl Engine {
             Ok(value::finish(value, range, instant))
         })
         .await
-        .map_err(|e| QueryError::Execution(format!("unexpected error: {e}")))?
+        // A panic in evaluation is a bug: its text goes to the log, not to the client.
+        .map_err(|e| {
+            QueryError::Storage(StorageError::Internal(format!(
+                "query evaluation failed: {e}"
+            )))
+        })?
     }
 }

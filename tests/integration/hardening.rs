@@ -324,3 +324,35 @@ async fn a_second_server_on_the_same_data_directory_fails_at_start() {
     );
     s.assert_healthy(200).await;
 }
+
+/// A storage failure reaches the client as a short message and an id; the SQL and the
+/// database's own words stay in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_errors_reach_clients_as_a_message_and_a_request_id() {
+    use sqlx::Connection;
+    let s = crate::support::Secumon::start_on(crate::support::Backend::Postgres, |_| {}).await;
+    let url = s.database_url.clone().expect("a PostgreSQL database");
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::Executor::execute(&mut admin, "ALTER TABLE series RENAME TO series_moved")
+        .await
+        .unwrap();
+    let (status, body) = s
+        .get_json("/api/v1/query", &[("query", "up"), ("time", "1700000000")])
+        .await;
+    assert!(status >= 500, "{status} {body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("request id"), "{message}");
+    assert!(
+        !message.contains("series") && !message.contains("relation"),
+        "{message}"
+    );
+    let (status, text) = s
+        .write_raw(encode(&request(
+            vec![series(&[("__name__", "m")], &[(T0, 1.0)])],
+            vec![],
+        )))
+        .await;
+    assert!(status >= 500, "{status} {text}");
+    assert!(text.contains("request id"), "{text}");
+    assert!(!text.contains("relation"), "{text}");
+}

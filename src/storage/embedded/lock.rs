@@ -79,7 +79,10 @@ mod tests {
         let data = dir.path().join("data");
         let first = DirLock::acquire(&data).unwrap();
         let error = DirLock::acquire(&data).unwrap_err().to_string();
-        assert!(error.contains("in use by another SecuMon server"), "{error}");
+        assert!(
+            error.contains("in use by another SecuMon server"),
+            "{error}"
+        );
         assert!(
             error.contains(&format!("(pid {})", std::process::id())),
             "{error}"

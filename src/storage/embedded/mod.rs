@@ -152,7 +152,8 @@ impl EmbeddedStorage {
             StorageError::Internal(format!("cannot open {}: {e}", dir.display()))
         };
         // Before anything is read: another server may be writing.
-        let lock = lock::DirLock::acquire(dir).map_err(|e| StorageError::Internal(e.to_string()))?;
+        let lock =
+            lock::DirLock::acquire(dir).map_err(|e| StorageError::Internal(e.to_string()))?;
         let (set, mut damaged) = open_blocks(&dir.join("blocks")).map_err(fail)?;
         // Samples up to these times are in blocks; the log's copies are not replayed.
         let mut flushed: HashMap<u64, TimestampMs> = HashMap::default();
