@@ -70,7 +70,13 @@ fn main() {
     let t = Instant::now();
     for _ in 0..n {
         let r = ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap();
-        let b = secumon::ingest::otlp::to_batch(r, &config, &cache);
+        let b = secumon::ingest::otlp::to_batch(
+            r,
+            &config,
+            &cache,
+            &secumon::ingest::RequestLimits::NONE,
+        )
+        .expect("within limits");
         std::hint::black_box(b);
     }
     let both = t.elapsed().as_secs_f64() / n as f64;

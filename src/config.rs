@@ -75,6 +75,10 @@ pub struct Config {
         default_value_t = LogFormat::Text
     )]
     pub log_format: LogFormat,
+    #[command(flatten, next_help_heading = "HTTP listeners")]
+    pub http: crate::server::HttpConfig,
+    #[command(flatten, next_help_heading = "OTLP/gRPC listener")]
+    pub grpc: crate::server::GrpcConfig,
     #[command(flatten, next_help_heading = "Embedded engine")]
     pub embedded: EmbeddedConfig,
     #[command(flatten, next_help_heading = "PostgreSQL")]

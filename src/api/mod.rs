@@ -29,6 +29,8 @@ pub struct AppState {
     pub engine: Engine,
     pub ingester: Ingester,
     pub ingest_config: IngestConfig,
+    /// Request body bytes held at once, across every listener (`--ingest-max-inflight-bytes`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
     pub otlp_config: crate::ingest::otlp::OtlpConfig,
     /// Label sets of OTLP series seen before.
     pub otlp_labels: Arc<crate::ingest::otlp::LabelCache>,
@@ -89,6 +91,8 @@ pub fn router(state: SharedState) -> Router {
             state.clone(),
             count_requests,
         ))
+        // Bodies are read whole within the limit before routing (server::listener); this
+        // keeps extractors from refusing what was read.
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -124,6 +128,8 @@ pub fn otlp_http_router(state: SharedState) -> Router {
             state.clone(),
             count_requests,
         ))
+        // Bodies are read whole within the limit before routing (server::listener); this
+        // keeps extractors from refusing what was read.
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

@@ -44,10 +44,11 @@ async fn export(
     let config = state.ingest_config.clone();
     let otlp_config = state.otlp_config.clone();
     let labels = state.otlp_labels.clone();
+    let limits = state.ingester.limits();
     let batch = tokio::task::spawn_blocking(move || {
         let raw = otlp::decompress(&body, content_encoding.as_deref(), &config)?;
         let request = otlp::decode(&raw, encoding)?;
-        Ok::<_, DecodeError>(otlp::to_batch(request, &otlp_config, &labels))
+        otlp::to_batch(request, &otlp_config, &labels, &limits)
     })
     .await
     .map_err(|e| ExportError::Storage(StorageError::Internal(e.to_string())))?
@@ -63,16 +64,21 @@ async fn export(
 async fn export_decoded(
     state: &SharedState,
     request: ExportMetricsServiceRequest,
-) -> Result<WriteSummary, StorageError> {
+) -> Result<WriteSummary, ExportError> {
     let otlp_config = state.otlp_config.clone();
     let labels = state.otlp_labels.clone();
-    let batch = tokio::task::spawn_blocking(move || otlp::to_batch(request, &otlp_config, &labels))
-        .await
-        .map_err(|e| StorageError::Internal(e.to_string()))?;
+    let limits = state.ingester.limits();
+    let batch = tokio::task::spawn_blocking(move || {
+        otlp::to_batch(request, &otlp_config, &labels, &limits)
+    })
+    .await
+    .map_err(|e| ExportError::Storage(StorageError::Internal(e.to_string())))?
+    .map_err(ExportError::Decode)?;
     state
         .ingester
         .write(otlp::PROTOCOL, &state.tenant(), batch)
         .await
+        .map_err(ExportError::Storage)
 }
 
 fn response_for(summary: &WriteSummary) -> ExportMetricsServiceResponse {
@@ -130,6 +136,22 @@ pub(super) async fn http_export(
     let content_encoding = Some(super::header_str(&headers, header::CONTENT_ENCODING))
         .filter(|e| !e.is_empty())
         .map(str::to_owned);
+    let _slot = match state.ingester.slot().await {
+        Ok(slot) => slot,
+        Err(busy) => {
+            // OTLP/HTTP: 503 with Retry-After is retryable.
+            let mut response = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                encoding,
+                status_body(CODE_UNAVAILABLE, busy.to_string(), encoding),
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
+            );
+            return response;
+        }
+    };
     match export(&state, body, content_encoding, encoding).await {
         Ok(summary) => reply(
             StatusCode::OK,
@@ -260,13 +282,15 @@ pub mod grpc {
                     decoded.map_err(|e| Status::invalid_argument(format!("protobuf: {e}")))?;
                 match export_decoded(&state, request).await {
                     Ok(summary) => Ok(Response::new(response_for(&summary))),
-                    Err(e @ StorageError::Unavailable(_)) => Err(Status::unavailable(
+                    Err(super::ExportError::Decode(e)) => {
+                        Err(Status::invalid_argument(e.to_string()))
+                    }
+                    Err(super::ExportError::Storage(e @ StorageError::Unavailable(_))) => Err(
+                        Status::unavailable(crate::api::errors::client_message(&e, "OTLP export")),
+                    ),
+                    Err(super::ExportError::Storage(e)) => Err(Status::internal(
                         crate::api::errors::client_message(&e, "OTLP export"),
                     )),
-                    Err(e) => Err(Status::internal(crate::api::errors::client_message(
-                        &e,
-                        "OTLP export",
-                    ))),
                 }
             })
         }
@@ -290,7 +314,7 @@ pub mod grpc {
 
     impl<B> tower_service::Service<http::Request<B>> for MetricsService
     where
-        B: http_body::Body + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
     {
         type Response = http::Response<tonic::body::Body>;
@@ -309,13 +333,34 @@ pub mod grpc {
                 );
             }
             Box::pin(async move {
+                // Taken before the body is read: a busy server reads no more bodies.
+                let _slot = match state.ingester.slot().await {
+                    Ok(slot) => slot,
+                    Err(busy) => return Ok(Status::unavailable(busy.to_string()).into_http()),
+                };
                 let mut accept = EnabledCompressionEncodings::default();
                 accept.enable(CompressionEncoding::Gzip);
-                // The limit applies to the message as received and, for gzip, after inflating.
-                let limit = state
-                    .ingest_config
-                    .max_request_bytes
-                    .max(state.ingest_config.max_decompressed_bytes);
+                // The limits of OTLP over HTTP: the body as received, then the message after
+                // inflating.
+                let most = state.ingest_config.max_request_bytes;
+                let budget = state.body_budget.clone();
+                let request = request.map(|body| {
+                    let body = crate::server::listener::BudgetedBody::new(body, budget);
+                    // tonic answers a body error that is a Status with that status.
+                    http_body_util::BodyExt::map_err(
+                        http_body_util::Limited::new(body, most),
+                        move |e| {
+                            if e.is::<http_body_util::LengthLimitError>() {
+                                Status::out_of_range(format!(
+                                    "message larger than {most} bytes (--ingest-max-request-bytes)"
+                                ))
+                            } else {
+                                Status::from_error(e)
+                            }
+                        },
+                    )
+                });
+                let limit = state.ingest_config.max_decompressed_bytes;
                 let mut grpc = tonic::server::Grpc::new(BytesCodec)
                     .apply_compression_config(accept, EnabledCompressionEncodings::default())
                     .apply_max_message_size_config(Some(limit), None);

@@ -32,8 +32,22 @@ pub(super) async fn remote_write(
             "remote-write 2.0 is not supported yet; send remote-write 1.0 (prometheus.WriteRequest)".into(),
         );
     }
+    let _slot = match state.ingester.slot().await {
+        Ok(slot) => slot,
+        // The remote-write spec: 5xx is retried; Retry-After says when.
+        Err(busy) => {
+            let mut response = text(StatusCode::SERVICE_UNAVAILABLE, busy.to_string());
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
+            );
+            return response;
+        }
+    };
     let config = state.ingest_config.clone();
-    let decoded = tokio::task::spawn_blocking(move || remote_write::decode(&body, &config)).await;
+    let limits = state.ingester.limits();
+    let decoded =
+        tokio::task::spawn_blocking(move || remote_write::decode(&body, &config, &limits)).await;
     let batch = match decoded {
         Ok(Ok(batch)) => batch,
         Ok(Err(e)) => {

@@ -32,6 +32,160 @@ pub struct IngestConfig {
         default_value_t = 32 * 1024 * 1024
     )]
     pub max_decompressed_bytes: usize,
+    /// Most labels one series may have, its metric name included (Mimir: 30; Prometheus:
+    /// unbounded). A series with more is refused.
+    #[arg(
+        id = "ingest.max_labels_per_series",
+        long = "ingest-max-labels-per-series",
+        env = "SECUMON_INGEST_MAX_LABELS_PER_SERIES",
+        default_value_t = 128
+    )]
+    pub max_labels_per_series: usize,
+    /// Longest label name, in bytes (Mimir: 1024).
+    #[arg(
+        id = "ingest.max_label_name_bytes",
+        long = "ingest-max-label-name-bytes",
+        env = "SECUMON_INGEST_MAX_LABEL_NAME_BYTES",
+        default_value_t = 1024
+    )]
+    pub max_label_name_bytes: usize,
+    /// Longest label value, in bytes (Mimir: 2048).
+    #[arg(
+        id = "ingest.max_label_value_bytes",
+        long = "ingest-max-label-value-bytes",
+        env = "SECUMON_INGEST_MAX_LABEL_VALUE_BYTES",
+        default_value_t = 4096
+    )]
+    pub max_label_value_bytes: usize,
+    /// Most series one request may carry (remote-write time series, OTLP series after
+    /// translation); a request with more is refused whole with 400.
+    #[arg(
+        id = "ingest.max_series_per_request",
+        long = "ingest-max-series-per-request",
+        env = "SECUMON_INGEST_MAX_SERIES_PER_REQUEST",
+        default_value_t = 100_000
+    )]
+    pub max_series_per_request: usize,
+    /// Most samples (OTLP data points) one request may carry; a request with more is refused
+    /// whole with 400.
+    #[arg(
+        id = "ingest.max_samples_per_request",
+        long = "ingest-max-samples-per-request",
+        env = "SECUMON_INGEST_MAX_SAMPLES_PER_REQUEST",
+        default_value_t = 2_000_000
+    )]
+    pub max_samples_per_request: usize,
+    /// Most exemplars kept per series of one request; the rest are dropped and counted.
+    #[arg(
+        id = "ingest.max_exemplars_per_series",
+        long = "ingest-max-exemplars-per-series",
+        env = "SECUMON_INGEST_MAX_EXEMPLARS_PER_SERIES",
+        default_value_t = 100
+    )]
+    pub max_exemplars_per_series: usize,
+    /// Seconds past the server's clock a sample may be; later ones are refused (Mimir's
+    /// `creation_grace_period` is 10 minutes).
+    #[arg(
+        id = "ingest.max_future_secs",
+        long = "ingest-max-future-secs",
+        env = "SECUMON_INGEST_MAX_FUTURE_SECS",
+        default_value_t = 600
+    )]
+    pub max_future_secs: u64,
+    /// Ingest requests handled at once (remote-write, OTLP over HTTP and gRPC); more wait
+    /// up to a second, then get 503 (gRPC `UNAVAILABLE`) with `Retry-After`.
+    #[arg(
+        id = "ingest.max_inflight_requests",
+        long = "ingest-max-inflight-requests",
+        env = "SECUMON_INGEST_MAX_INFLIGHT_REQUESTS",
+        default_value_t = 256
+    )]
+    pub max_inflight_requests: usize,
+    /// Request bodies held at once, in bytes, across every HTTP endpoint and OTLP/gRPC: a
+    /// body is read only while the total stays under this (at least the largest request),
+    /// so many large requests wait instead of filling memory.
+    #[arg(
+        id = "ingest.max_inflight_bytes",
+        long = "ingest-max-inflight-bytes",
+        env = "SECUMON_INGEST_MAX_INFLIGHT_BYTES",
+        default_value_t = 256 * 1024 * 1024
+    )]
+    pub max_inflight_bytes: usize,
+}
+
+/// The bounds one request is held to, from [`IngestConfig`] and the time it arrived.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimits {
+    pub labels: crate::model::labels::LabelLimits,
+    pub max_series: usize,
+    pub max_samples: usize,
+    pub max_exemplars_per_series: usize,
+    /// Samples before this (ms) are older than raw retention.
+    pub min_time: i64,
+    /// Samples after this (ms) are too far in the future.
+    pub max_time: i64,
+}
+
+impl RequestLimits {
+    /// No bound but the sample times: for tests and benchmarks of decoding alone.
+    pub const NONE: RequestLimits = RequestLimits {
+        labels: crate::model::labels::LabelLimits::NONE,
+        max_series: usize::MAX,
+        max_samples: usize::MAX,
+        max_exemplars_per_series: usize::MAX,
+        min_time: i64::MIN,
+        max_time: i64::MAX,
+    };
+
+    /// Why a sample at `t` cannot be stored, if it cannot.
+    #[inline]
+    pub fn refuse_time(&self, t: i64) -> Option<&'static str> {
+        if t < self.min_time {
+            Some(TOO_OLD)
+        } else if t > self.max_time {
+            Some(TOO_FAR_IN_FUTURE)
+        } else {
+            None
+        }
+    }
+
+    /// The client's description of a refused sample time.
+    pub fn time_message(&self, reason: &'static str, t: i64) -> String {
+        if reason == TOO_OLD {
+            format!(
+                "sample at {t} ms is older than raw retention (earliest {} ms)",
+                self.min_time
+            )
+        } else {
+            format!(
+                "sample at {t} ms is too far in the future (latest {} ms, --ingest-max-future-secs)",
+                self.max_time
+            )
+        }
+    }
+}
+
+/// Rejection reasons of sample times.
+pub const TOO_OLD: &str = "too_old";
+pub const TOO_FAR_IN_FUTURE: &str = "too_far_in_future";
+
+impl IngestConfig {
+    /// The bounds of a request arriving at `now_ms`, with raw samples kept `raw_days`.
+    pub fn limits(&self, raw_days: u32, now_ms: i64) -> RequestLimits {
+        let keep_ms = i64::from(raw_days) * 86_400_000;
+        RequestLimits {
+            labels: crate::model::labels::LabelLimits {
+                max_labels: self.max_labels_per_series,
+                max_name_bytes: self.max_label_name_bytes,
+                max_value_bytes: self.max_label_value_bytes,
+            },
+            max_series: self.max_series_per_request,
+            max_samples: self.max_samples_per_request,
+            max_exemplars_per_series: self.max_exemplars_per_series,
+            min_time: now_ms.saturating_sub(keep_ms),
+            max_time: now_ms.saturating_add((self.max_future_secs as i64).saturating_mul(1000)),
+        }
+    }
 }
 
 impl Default for IngestConfig {
@@ -40,7 +194,8 @@ impl Default for IngestConfig {
     }
 }
 
-/// A series or sample refused before storage, with the reason label `/metrics` uses.
+/// Samples refused before storage for one reason (the label `/metrics` uses), with the
+/// description of the first of them.
 #[derive(Debug, Clone)]
 pub struct Rejection {
     pub reason: &'static str,
@@ -55,6 +210,27 @@ pub struct Batch {
     pub exemplars: Vec<ExemplarWrite>,
     pub metadata: Vec<MetricMetadata>,
     pub rejections: Vec<Rejection>,
+}
+
+impl Batch {
+    /// Records `samples` refused for `reason`. The message is made only for the first refusal
+    /// of each reason: a request of a million invalid series costs a counter per reason, not a
+    /// million strings.
+    pub fn reject(
+        &mut self,
+        reason: &'static str,
+        samples: usize,
+        message: impl FnOnce() -> String,
+    ) {
+        match self.rejections.iter_mut().find(|r| r.reason == reason) {
+            Some(r) => r.samples += samples,
+            None => self.rejections.push(Rejection {
+                reason,
+                samples,
+                message: message(),
+            }),
+        }
+    }
 }
 
 /// What a write did; the protocol handler turns it into its own response.
@@ -90,17 +266,64 @@ fn metadata_key(tenant: &TenantId, m: &MetricMetadata) -> u128 {
 pub struct Ingester {
     storage: DynStorage,
     metrics: Arc<Metrics>,
+    config: IngestConfig,
+    /// Days raw samples are kept: older samples are refused at the door.
+    raw_days: u32,
+    /// One permit per ingest request being handled.
+    slots: Arc<tokio::sync::Semaphore>,
     /// Metadata already stored, by [`metadata_key`]: OTLP repeats it with every export,
     /// remote-write every minute.
     stored_metadata: Arc<std::sync::Mutex<std::collections::HashSet<u128>>>,
 }
 
+/// How long an ingest request waits for a slot before it is answered "retry later".
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Seconds a client is asked to wait (`Retry-After`) when every slot is taken.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// Every ingest slot was taken for [`SLOT_WAIT`]: the client should retry later.
+#[derive(Debug, thiserror::Error)]
+#[error("too many ingest requests at once (--ingest-max-inflight-requests {0}); retry later")]
+pub struct Busy(pub usize);
+
 impl Ingester {
-    pub fn new(storage: DynStorage, metrics: Arc<Metrics>) -> Ingester {
+    pub fn new(
+        storage: DynStorage,
+        metrics: Arc<Metrics>,
+        config: IngestConfig,
+        raw_days: u32,
+    ) -> Ingester {
         Ingester {
             storage,
             metrics,
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                config.max_inflight_requests.max(1),
+            )),
+            config,
+            raw_days,
             stored_metadata: Arc::default(),
+        }
+    }
+
+    pub fn config(&self) -> &IngestConfig {
+        &self.config
+    }
+
+    /// The bounds of a request arriving now.
+    pub fn limits(&self) -> RequestLimits {
+        self.config
+            .limits(self.raw_days, chrono::Utc::now().timestamp_millis())
+    }
+
+    /// A slot to handle one request in, waiting up to a second for one.
+    pub async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Busy> {
+        match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                self.metrics.rejected("any", "too_many_requests", 0);
+                Err(Busy(self.config.max_inflight_requests))
+            }
         }
     }
 

@@ -32,6 +32,20 @@ pub enum LabelError {
     MissingMetricName,
     #[error("invalid metric name {0:?}")]
     InvalidMetricName(String),
+    #[error("series has {count} labels, more than the limit of {limit} (--ingest-max-labels-per-series)")]
+    TooManyLabels { count: usize, limit: usize },
+    #[error("label name {name:?}… is {len} bytes, more than the limit of {limit} (--ingest-max-label-name-bytes)")]
+    NameTooLong {
+        name: String,
+        len: usize,
+        limit: usize,
+    },
+    #[error("value of label {name:?} is {len} bytes, more than the limit of {limit} (--ingest-max-label-value-bytes)")]
+    ValueTooLong {
+        name: String,
+        len: usize,
+        limit: usize,
+    },
 }
 
 impl LabelError {
@@ -42,7 +56,72 @@ impl LabelError {
             LabelError::Duplicate(_) => "duplicate_label_name",
             LabelError::MissingMetricName => "missing_metric_name",
             LabelError::InvalidMetricName(_) => "invalid_metric_name",
+            LabelError::TooManyLabels { .. } => "too_many_labels",
+            LabelError::NameTooLong { .. } => "label_name_too_long",
+            LabelError::ValueTooLong { .. } => "label_value_too_long",
         }
+    }
+}
+
+/// Bounds on one label set from a client (ingest limits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LabelLimits {
+    pub max_labels: usize,
+    pub max_name_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+impl LabelLimits {
+    /// No bound: for label sets the server makes itself.
+    pub const NONE: LabelLimits = LabelLimits {
+        max_labels: usize::MAX,
+        max_name_bytes: usize::MAX,
+        max_value_bytes: usize::MAX,
+    };
+
+    /// Checks a set's size before anything else looks at it; a name in a message is cut to
+    /// 64 bytes, so a refusal costs little however long what it refuses.
+    fn check<P: Pair>(&self, labels: &[P]) -> Result<(), LabelError> {
+        if labels.len() > self.max_labels {
+            return Err(LabelError::TooManyLabels {
+                count: labels.len(),
+                limit: self.max_labels,
+            });
+        }
+        let cut = |name: &str| {
+            let mut end = name.len().min(64);
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            name[..end].to_owned()
+        };
+        for label in labels {
+            if label.name().len() > self.max_name_bytes {
+                return Err(LabelError::NameTooLong {
+                    name: cut(label.name()),
+                    len: label.name().len(),
+                    limit: self.max_name_bytes,
+                });
+            }
+            if label.value().len() > self.max_value_bytes {
+                return Err(LabelError::ValueTooLong {
+                    name: cut(label.name()),
+                    len: label.value().len(),
+                    limit: self.max_value_bytes,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// [`LabelLimits::check`] for a set read in place from a request.
+    pub fn check_pairs(&self, pairs: &[(&str, &str)]) -> Result<(), LabelError> {
+        self.check(pairs)
+    }
+
+    /// [`LabelLimits::check`] for owned labels.
+    pub fn check_labels(&self, labels: &[Label]) -> Result<(), LabelError> {
+        self.check(labels)
     }
 }
 

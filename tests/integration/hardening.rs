@@ -356,3 +356,139 @@ async fn storage_errors_reach_clients_as_a_message_and_a_request_id() {
     assert!(text.contains("request id"), "{text}");
     assert!(!text.contains("relation"), "{text}");
 }
+
+/// Clients that hold connections on purpose: headers sent a byte at a time, a body that
+/// never completes, idle keep-alive connections. Each is closed within its timeout, and the
+/// connection limit is taken back, so normal clients get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_the_connection_limit_recovers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Target::start(&[
+        "--http-max-connections",
+        "6",
+        "--http-header-timeout-secs",
+        "1",
+        "--http-body-timeout-secs",
+        "2",
+        "--http-idle-timeout-secs",
+        "2",
+    ])
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    // Every connection the limit allows, each in the middle of its headers.
+    let mut slow = Vec::new();
+    for _ in 0..6 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /api/v1/query?query=up HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    // A normal client waits for a free connection, then is answered: within the header
+    // timeout and a watchdog tick or two, not forever.
+    let started = Instant::now();
+    let (status, body) = s
+        .query(&[("query", "sum(before)"), ("time", "1700000300")])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["result"][0]["value"][1], "19", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    for mut c in slow {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "slow header connection still open"
+        );
+    }
+    // A body that never completes: 408 after the body timeout.
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    c.write_all(
+        b"POST /api/v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nquery=up",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0; 64];
+    let n = c.read(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // An idle keep-alive connection is closed after the idle timeout.
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = c.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+    // The rest of the response, then the end of the stream.
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "idle connection not closed: {read:?}"
+    );
+    assert!(rest.ends_with(b"OK"), "{}", String::from_utf8_lossy(&rest));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1_500), "{took:?}");
+    s.assert_healthy(200).await;
+}
+
+/// OTLP over gRPC takes no larger message than OTLP over HTTP: the same body limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_messages_have_the_http_body_limit() {
+    let s = crate::support::Secumon::start_on(crate::support::Backend::Embedded, |c| {
+        c.ingest.max_request_bytes = 100_000;
+    })
+    .await;
+    // An unknown field of n bytes: valid protobuf with nothing to store.
+    let message = |n: usize| {
+        let mut len = n;
+        let mut varint = Vec::new();
+        while len >= 0x80 {
+            varint.push((len as u8) | 0x80);
+            len >>= 7;
+        }
+        varint.push(len as u8);
+        let mut body = vec![0x9a, 0x06]; // field 99, length-delimited
+        body.extend(varint);
+        body.resize(body.len() + n, b'x');
+        body
+    };
+    let addr = s.server.otlp_grpc_addr.unwrap();
+    crate::support::raw_grpc::export(addr, message(90_000))
+        .await
+        .expect("a message under the limit is taken");
+    let status = crate::support::raw_grpc::export(addr, message(150_000))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("larger than 100000 bytes"),
+        "{status:?}"
+    );
+    let http = s
+        .http
+        .post(format!(
+            "http://{}/v1/metrics",
+            s.server.otlp_http_addr.unwrap()
+        ))
+        .header("Content-Type", "application/x-protobuf")
+        .body(message(150_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(http.status().as_u16(), 413);
+}

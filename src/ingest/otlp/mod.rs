@@ -87,6 +87,10 @@ pub enum DecodeError {
     Protobuf(String),
     #[error("json: {0}")]
     Json(String),
+    #[error("request has more than {limit} series (--ingest-max-series-per-request)")]
+    TooManySeries { limit: usize },
+    #[error("request has more than {limit} data points (--ingest-max-samples-per-request)")]
+    TooManySamples { limit: usize },
 }
 
 impl DecodeError {

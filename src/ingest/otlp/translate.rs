@@ -4,8 +4,9 @@
 //! failing the whole request, exponential histograms as classic buckets, metadata kept.
 
 use super::naming::{label_name, metric_name, unit_word, NameKind};
+use super::DecodeError;
 use super::OtlpConfig;
-use crate::ingest::{Batch, Rejection};
+use crate::ingest::{Batch, RequestLimits};
 use crate::model::{
     Exemplar, Label, LabelError, Labels, MetricMetadata, MetricType, Sample, STALE_NAN_BITS,
 };
@@ -100,6 +101,7 @@ impl std::hash::BuildHasher for BuildKeyHasher {
 /// Collects series (merging repeats by labels) and refusals.
 struct Builder<'a> {
     config: &'a OtlpConfig,
+    limits: &'a RequestLimits,
     cache: &'a LabelCache,
     /// Series of this batch by label key.
     index: HashMap<u128, usize, BuildKeyHasher>,
@@ -139,7 +141,15 @@ impl Builder<'_> {
         Ok(i)
     }
 
-    fn add_exemplars(&mut self, series: usize, exemplars: Vec<Exemplar>) {
+    fn add_exemplars(&mut self, series: usize, mut exemplars: Vec<Exemplar>) {
+        let limit = self.limits.max_exemplars_per_series;
+        if exemplars.len() > limit {
+            let dropped = exemplars.len() - limit;
+            exemplars.truncate(limit);
+            self.batch.reject("too_many_exemplars", 0, || {
+                format!("{dropped} exemplars dropped: more than {limit} for one point (--ingest-max-exemplars-per-series)")
+            });
+        }
         if !exemplars.is_empty() {
             self.batch.exemplars.push(ExemplarWrite {
                 series: self.series[series].labels.clone(),
@@ -149,29 +159,23 @@ impl Builder<'_> {
     }
 
     fn push(&mut self, series: usize, sample: Sample) {
+        if let Some(reason) = self.limits.refuse_time(sample.t) {
+            let limits = self.limits;
+            self.batch
+                .reject(reason, 1, || limits.time_message(reason, sample.t));
+            return;
+        }
         self.series[series].samples.push(sample);
     }
 
-    fn reject(&mut self, reason: &'static str, points: usize, message: String) {
-        if points == 0 {
-            return;
-        }
-        match self
-            .batch
-            .rejections
-            .iter_mut()
-            .find(|r| r.reason == reason)
-        {
-            Some(r) => r.samples += points,
-            None => self.batch.rejections.push(Rejection {
-                reason,
-                samples: points,
-                message,
-            }),
+    fn reject(&mut self, reason: &'static str, points: usize, message: impl FnOnce() -> String) {
+        if points > 0 {
+            self.batch.reject(reason, points, message);
         }
     }
 
     fn labels(&self, labels: Vec<Label>) -> Result<Labels, LabelError> {
+        self.limits.labels.check_labels(&labels)?;
         if self.config.translate_names {
             Labels::from_wire(labels)
         } else {
@@ -409,14 +413,29 @@ fn stale_or(flags: u32, value: f64) -> f64 {
     }
 }
 
-/// Translates a whole request into a batch of series plus refused points.
+/// Translates a whole request into a batch of series plus refused points, within `limits`;
+/// a request of more points or series than they allow is refused whole.
 pub fn to_batch(
     request: ExportMetricsServiceRequest,
     config: &OtlpConfig,
     cache: &LabelCache,
-) -> Batch {
+    limits: &RequestLimits,
+) -> Result<Batch, DecodeError> {
+    let points: usize = request
+        .resource_metrics
+        .iter()
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .map(point_count)
+        .sum();
+    if points > limits.max_samples {
+        return Err(DecodeError::TooManySamples {
+            limit: limits.max_samples,
+        });
+    }
     let mut builder = Builder {
         config,
+        limits,
         cache,
         index: HashMap::default(),
         series: Vec::new(),
@@ -439,8 +458,25 @@ pub fn to_batch(
     }
     // A point refused half-way (histogram, summary) may leave series without samples.
     builder.series.retain(|s| !s.samples.is_empty());
+    if builder.series.len() > limits.max_series {
+        return Err(DecodeError::TooManySeries {
+            limit: limits.max_series,
+        });
+    }
     builder.batch.series = WriteBatch::from_series(&builder.series);
-    builder.batch
+    Ok(builder.batch)
+}
+
+/// Data points of one metric, whatever its kind.
+fn point_count(metric: &Metric) -> usize {
+    match &metric.data {
+        Some(Data::Gauge(g)) => g.data_points.len(),
+        Some(Data::Sum(s)) => s.data_points.len(),
+        Some(Data::Histogram(h)) => h.data_points.len(),
+        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+        Some(Data::Summary(s)) => s.data_points.len(),
+        None => 0,
+    }
 }
 
 fn latest_time(metric: &Metric) -> u64 {
@@ -482,7 +518,7 @@ fn target_info(
     };
     match builder.series_for(resource, &others, "target_info", None) {
         Ok(series) => builder.push(series, Sample { t, v: 1.0 }),
-        Err(e) => builder.reject(e.reason(), 1, format!("target_info refused: {e}")),
+        Err(e) => builder.reject(e.reason(), 1, || format!("target_info refused: {e}")),
     }
 }
 
@@ -620,11 +656,9 @@ fn cumulative_or_refuse(
     } else {
         "unspecified"
     };
-    builder.reject(
-        "unsupported_temporality",
-        points,
-        format!("{name}: {which} temporality is not supported; export cumulative temporality"),
-    );
+    builder.reject("unsupported_temporality", points, || {
+        format!("{name}: {which} temporality is not supported; export cumulative temporality")
+    });
     false
 }
 
@@ -639,7 +673,7 @@ fn series_or_reject(
     match builder.series_for(resource, attributes, name, extra) {
         Ok(series) => Some(series),
         Err(e) => {
-            builder.reject(e.reason(), 1, format!("{name}: point refused: {e}"));
+            builder.reject(e.reason(), 1, || format!("{name}: point refused: {e}"));
             None
         }
     }
@@ -649,11 +683,9 @@ fn time_or_reject(builder: &mut Builder, name: &str, time_unix_nano: u64) -> Opt
     match timestamp_ms(time_unix_nano) {
         Ok(t) => Some(t),
         Err(reason) => {
-            builder.reject(
-                reason,
-                1,
-                format!("{name}: point refused: {}", reason.replace('_', " ")),
-            );
+            builder.reject(reason, 1, || {
+                format!("{name}: point refused: {}", reason.replace('_', " "))
+            });
             None
         }
     }
@@ -674,11 +706,9 @@ fn number_point(
         Some(number_data_point::Value::AsInt(v)) => v as f64,
         None if point.flags & FLAG_NO_RECORDED_VALUE != 0 => 0.0,
         None => {
-            builder.reject(
-                "missing_value",
-                1,
-                format!("{name}: point refused: no value"),
-            );
+            builder.reject("missing_value", 1, || {
+                format!("{name}: point refused: no value")
+            });
             return;
         }
     };
@@ -719,7 +749,7 @@ fn histogram_point(
         builder.reject(
             "invalid_histogram",
             1,
-            format!("{name}: point refused: bounds must be finite and increasing, with one more bucket count than bounds"),
+            || format!("{name}: point refused: bounds must be finite and increasing, with one more bucket count than bounds"),
         );
         return;
     }
@@ -852,14 +882,12 @@ fn exponential_point(
         return;
     };
     if !(-10..=20).contains(&point.scale) || point.zero_threshold.is_nan() {
-        builder.reject(
-            "invalid_histogram",
-            1,
+        builder.reject("invalid_histogram", 1, || {
             format!(
                 "{name}: point refused: scale {} outside [-10, 20] or NaN zero threshold",
                 point.scale
-            ),
-        );
+            )
+        });
         return;
     }
     let base = 2f64.powf(2f64.powi(-point.scale));
@@ -1056,7 +1084,9 @@ mod tests {
             ),
             &OtlpConfig::default(),
             &LabelCache::default(),
-        );
+            &RequestLimits::NONE,
+        )
+        .unwrap();
         assert!(batch.rejections.is_empty(), "{:?}", batch.rejections);
         assert_eq!(
             lines(&batch),
@@ -1138,7 +1168,9 @@ mod tests {
             ),
             &OtlpConfig::default(),
             &LabelCache::default(),
-        );
+            &RequestLimits::NONE,
+        )
+        .unwrap();
         assert_eq!(
             lines(&batch),
             [
@@ -1187,7 +1219,9 @@ mod tests {
             ),
             &OtlpConfig::default(),
             &LabelCache::default(),
-        );
+            &RequestLimits::NONE,
+        )
+        .unwrap();
         // Scale 0: base 2; positive bucket i covers (2^i, 2^(i+1)], negative i [-2^(i+1), -2^i).
         assert_eq!(
             lines(&batch),
@@ -1258,7 +1292,9 @@ mod tests {
             ),
             &OtlpConfig::default(),
             &LabelCache::default(),
-        );
+            &RequestLimits::NONE,
+        )
+        .unwrap();
         let mut reasons: Vec<_> = batch
             .rejections
             .iter()
@@ -1306,7 +1342,9 @@ mod tests {
             ),
             &config,
             &LabelCache::default(),
-        );
+            &RequestLimits::NONE,
+        )
+        .unwrap();
         assert_eq!(
             lines(&batch)[0],
             r#"{__name__="http.server.requests", deployment.environment="prod", http.method="GET", job="api"} 1"#

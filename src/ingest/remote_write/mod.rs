@@ -13,7 +13,7 @@
 //! unknown fields are limited to 100 levels per message, where prost counts the enclosing
 //! messages too (it refuses two or three levels earlier); no sender writes groups.
 
-use super::{Batch, IngestConfig, Rejection};
+use super::{Batch, IngestConfig, RequestLimits};
 use crate::model::labels::validate_wire_pairs;
 use crate::model::{Exemplar, Label, Labels, MetricMetadata, MetricType, Sample};
 use crate::storage::{ExemplarWrite, WriteBatch};
@@ -39,10 +39,18 @@ pub enum DecodeError {
     DecompressedTooLarge { size: usize, limit: usize },
     #[error("protobuf: {0}")]
     Protobuf(String),
+    #[error("request has more than {limit} time series (--ingest-max-series-per-request)")]
+    TooManySeries { limit: usize },
+    #[error("request has more than {limit} samples (--ingest-max-samples-per-request)")]
+    TooManySamples { limit: usize },
 }
 
-/// Decompresses, decodes and validates a request body into a batch.
-pub fn decode(body: &[u8], config: &IngestConfig) -> Result<Batch, DecodeError> {
+/// Decompresses, decodes and validates a request body into a batch, within `limits`.
+pub fn decode(
+    body: &[u8],
+    config: &IngestConfig,
+    limits: &RequestLimits,
+) -> Result<Batch, DecodeError> {
     if body.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -64,7 +72,7 @@ pub fn decode(body: &[u8], config: &IngestConfig) -> Result<Batch, DecodeError> 
     let raw = snap::raw::Decoder::new()
         .decompress_vec(body)
         .map_err(|e| DecodeError::Snappy(e.to_string()))?;
-    read_request(&raw)
+    read_request(&raw, limits)
 }
 
 fn metric_type(t: i32) -> MetricType {
@@ -86,6 +94,9 @@ struct SeriesScratch<'a> {
     labels: Vec<(&'a str, &'a str)>,
     samples: Vec<Sample>,
     exemplars: Vec<pb::Exemplar>,
+    /// Exemplars past the per-series limit, skipped undecoded.
+    dropped_exemplars: usize,
+    max_exemplars: usize,
     histograms: usize,
 }
 
@@ -94,6 +105,7 @@ impl<'a> SeriesScratch<'a> {
         self.labels.clear();
         self.samples.clear();
         self.exemplars.clear();
+        self.dropped_exemplars = 0;
         self.histograms = 0;
     }
 
@@ -113,8 +125,13 @@ impl<'a> SeriesScratch<'a> {
                 }
                 3 => {
                     expect("TimeSeries", field, wire_type, LEN)?;
+                    let bytes = r.bytes()?;
+                    if self.exemplars.len() >= self.max_exemplars {
+                        self.dropped_exemplars += 1;
+                        continue;
+                    }
                     let exemplar =
-                        pb::Exemplar::decode(r.bytes()?).map_err(|e| malformed(e.to_string()))?;
+                        pb::Exemplar::decode(bytes).map_err(|e| malformed(e.to_string()))?;
                     self.exemplars.push(exemplar);
                 }
                 4 => {
@@ -174,21 +191,37 @@ fn read_sample(mut r: Reader<'_>) -> Result<Sample, DecodeError> {
 /// Reads a `prometheus.WriteRequest` into a batch. A malformed message anywhere refuses the
 /// whole request; a series with invalid labels is refused alone. A series repeated in one
 /// request stays two entries of the batch (storage judges every sample the same either way).
-fn read_request(raw: &[u8]) -> Result<Batch, DecodeError> {
+fn read_request(raw: &[u8], limits: &RequestLimits) -> Result<Batch, DecodeError> {
     // A rough guess of what the request holds saves regrowing the buffers.
     let mut batch = Batch {
         series: WriteBatch::with_capacity(raw.len() / 128, raw.len() / 64),
         ..Batch::default()
     };
-    let mut scratch = SeriesScratch::default();
+    let mut scratch = SeriesScratch {
+        max_exemplars: limits.max_exemplars_per_series,
+        ..SeriesScratch::default()
+    };
+    let (mut series, mut samples) = (0usize, 0usize);
     let mut r = Reader(raw);
     while !r.is_empty() {
         let (field, wire_type) = r.key()?;
         match field {
             1 => {
                 expect("WriteRequest", field, wire_type, LEN)?;
+                series += 1;
+                if series > limits.max_series {
+                    return Err(DecodeError::TooManySeries {
+                        limit: limits.max_series,
+                    });
+                }
                 scratch.read(Reader(r.bytes()?))?;
-                add_series(&mut batch, &mut scratch);
+                samples += scratch.samples.len();
+                if samples > limits.max_samples {
+                    return Err(DecodeError::TooManySamples {
+                        limit: limits.max_samples,
+                    });
+                }
+                add_series(&mut batch, &mut scratch, limits);
             }
             3 => {
                 expect("WriteRequest", field, wire_type, LEN)?;
@@ -211,23 +244,29 @@ fn read_request(raw: &[u8]) -> Result<Batch, DecodeError> {
 }
 
 /// Validates one series read into `scratch` and adds it to the batch, or records why not.
-fn add_series(batch: &mut Batch, scratch: &mut SeriesScratch<'_>) {
+fn add_series(batch: &mut Batch, scratch: &mut SeriesScratch<'_>, limits: &RequestLimits) {
+    if scratch.dropped_exemplars > 0 {
+        let (dropped, limit) = (scratch.dropped_exemplars, limits.max_exemplars_per_series);
+        batch.reject("too_many_exemplars", 0, || {
+            format!("{dropped} exemplars dropped: more than {limit} for one series (--ingest-max-exemplars-per-series)")
+        });
+    }
     let sample_count = scratch.samples.len();
     if scratch.histograms > 0 {
         let count = scratch.histograms;
-        batch.rejections.push(Rejection {
-            reason: "native_histogram_unsupported",
-            samples: count,
-            message: format!(
+        batch.reject("native_histogram_unsupported", count, || {
+            format!(
                 "{count} native histogram samples refused: native histograms are not supported yet"
-            ),
+            )
         });
     }
-    if let Err(error) = validate_wire_pairs(&mut scratch.labels) {
-        batch.rejections.push(Rejection {
-            reason: error.reason(),
-            samples: sample_count,
-            message: format!("series refused: {error}"),
+    if let Err(error) = limits
+        .labels
+        .check_pairs(&scratch.labels)
+        .and_then(|()| validate_wire_pairs(&mut scratch.labels))
+    {
+        batch.reject(error.reason(), sample_count, || {
+            format!("series refused: {error}")
         });
         return;
     }
@@ -259,7 +298,21 @@ fn add_series(batch: &mut Batch, scratch: &mut SeriesScratch<'_>) {
             exemplars,
         });
     }
-    if sample_count > 0 {
+    // Times outside what storage keeps: before raw retention, or too far ahead.
+    if scratch
+        .samples
+        .iter()
+        .any(|s| limits.refuse_time(s.t).is_some())
+    {
+        scratch.samples.retain(|s| match limits.refuse_time(s.t) {
+            None => true,
+            Some(reason) => {
+                batch.reject(reason, 1, || limits.time_message(reason, s.t));
+                false
+            }
+        });
+    }
+    if !scratch.samples.is_empty() {
         batch
             .series
             .push(scratch.labels.iter().copied(), scratch.samples.drain(..));

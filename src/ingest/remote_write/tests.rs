@@ -83,16 +83,24 @@ fn expected(request: &WriteRequest) -> Summary {
         metadata: vec![],
         rejections: vec![],
     };
+    // Refusals merge by reason, keeping the first message.
+    fn reject(out: &mut Summary, reason: &'static str, samples: usize, message: String) {
+        match out.rejections.iter_mut().find(|r| r.0 == reason) {
+            Some(r) => r.1 += samples,
+            None => out.rejections.push((reason, samples, message)),
+        }
+    }
     for ts in &request.timeseries {
         if !ts.histograms.is_empty() {
             let n = ts.histograms.len();
-            out.rejections.push((
+            reject(
+                &mut out,
                 "native_histogram_unsupported",
                 n,
                 format!(
                     "{n} native histogram samples refused: native histograms are not supported yet"
                 ),
-            ));
+            );
         }
         let owned = |labels: &[PbLabel]| -> Vec<Label> {
             labels
@@ -103,8 +111,12 @@ fn expected(request: &WriteRequest) -> Summary {
         let labels = match Labels::from_wire(owned(&ts.labels)) {
             Ok(labels) => labels,
             Err(e) => {
-                out.rejections
-                    .push((e.reason(), ts.samples.len(), format!("series refused: {e}")));
+                reject(
+                    &mut out,
+                    e.reason(),
+                    ts.samples.len(),
+                    format!("series refused: {e}"),
+                );
                 continue;
             }
         };
@@ -255,6 +267,7 @@ fn decodes_a_valid_request() {
     let batch = decode(
         &compress(&request.encode_to_vec()),
         &IngestConfig::default(),
+        &RequestLimits::NONE,
     )
     .unwrap();
     let up = batch.series.iter().next().unwrap();
@@ -269,7 +282,7 @@ fn reads_every_generated_request_as_the_generated_decoder_does() {
     for _ in 0..3000 {
         let request = random_request(&mut rng);
         let raw = request.encode_to_vec();
-        let batch = read_request(&raw).unwrap();
+        let batch = read_request(&raw, &RequestLimits::NONE).unwrap();
         assert_eq!(summary(&batch), expected(&request), "{request:?}");
     }
 }
@@ -321,7 +334,7 @@ fn skips_unknown_fields_and_takes_fields_in_any_order() {
     raw.extend(&ts);
     raw.extend([2 << 3, 1]); // the reserved field 2
     let reference = WriteRequest::decode(raw.as_slice()).unwrap();
-    let batch = read_request(&raw).unwrap();
+    let batch = read_request(&raw, &RequestLimits::NONE).unwrap();
     assert_eq!(summary(&batch), expected(&reference));
     let up = batch.series.iter().next().unwrap();
     assert_eq!(up.labels.to_string(), r#"{__name__="up", job="a"}"#);
@@ -353,7 +366,7 @@ fn refuses_what_the_generated_decoder_refuses() {
             }
         }
         let reference = WriteRequest::decode(raw.as_slice());
-        let ours = read_request(&raw);
+        let ours = read_request(&raw, &RequestLimits::NONE);
         match (&reference, &ours) {
             (Ok(request), Ok(batch)) => {
                 read += 1;
@@ -375,29 +388,41 @@ fn refuses_what_the_generated_decoder_refuses() {
 #[test]
 fn refuses_malformed_bodies() {
     let config = IngestConfig::default();
-    assert_eq!(decode(b"", &config).unwrap_err(), DecodeError::Empty);
+    assert_eq!(
+        decode(b"", &config, &RequestLimits::NONE).unwrap_err(),
+        DecodeError::Empty
+    );
     assert!(matches!(
-        decode(b"\xff\xff\xff\xff\xff\xff", &config),
+        decode(b"\xff\xff\xff\xff\xff\xff", &config, &RequestLimits::NONE),
         Err(DecodeError::Snappy(_))
     ));
     assert!(matches!(
-        decode(&compress(b"\x0a\xff\xff\xff"), &config),
+        decode(
+            &compress(b"\x0a\xff\xff\xff"),
+            &config,
+            &RequestLimits::NONE
+        ),
         Err(DecodeError::Protobuf(_))
     ));
     // An empty request is well formed: nothing to store, nothing refused.
-    let empty = decode(&compress(&WriteRequest::default().encode_to_vec()), &config).unwrap();
+    let empty = decode(
+        &compress(&WriteRequest::default().encode_to_vec()),
+        &config,
+        &RequestLimits::NONE,
+    )
+    .unwrap();
     assert!(empty.series.is_empty() && empty.rejections.is_empty() && empty.metadata.is_empty());
     // A length past the end; a label value that is not UTF-8.
     let raw = [0x0a, 0x07, 0x0a, 0x05, 0x0a, 0x01, b'a', 0x12, 0x7f];
     assert!(WriteRequest::decode(&raw[..]).is_err());
     assert_eq!(
-        read_request(&raw).unwrap_err(),
+        read_request(&raw, &RequestLimits::NONE).unwrap_err(),
         DecodeError::Protobuf("truncated: 127 bytes announced, 0 left".into())
     );
     let raw = [0x0a, 0x08, 0x0a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, 0xff];
     assert!(WriteRequest::decode(&raw[..]).is_err());
     assert_eq!(
-        read_request(&raw).unwrap_err(),
+        read_request(&raw, &RequestLimits::NONE).unwrap_err(),
         DecodeError::Protobuf("invalid string value: data is not UTF-8 encoded".into())
     );
 }
@@ -413,7 +438,7 @@ fn refuses_a_snappy_bomb_before_inflating_it() {
         .unwrap();
     assert!(bomb.len() < 64 * 1024);
     assert_eq!(
-        decode(&bomb, &config).unwrap_err(),
+        decode(&bomb, &config, &RequestLimits::NONE).unwrap_err(),
         DecodeError::DecompressedTooLarge {
             size: 1 << 20,
             limit: 1024
@@ -435,7 +460,7 @@ fn keeps_valid_series_and_reports_invalid_ones() {
         ],
         metadata: vec![],
     };
-    let batch = read_request(&request.encode_to_vec()).unwrap();
+    let batch = read_request(&request.encode_to_vec(), &RequestLimits::NONE).unwrap();
     let kept: Vec<_> = batch
         .series
         .iter()

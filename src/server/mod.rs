@@ -1,6 +1,10 @@
 //! Wiring: builds storage, engine and ingest from the configuration and serves HTTP until
 //! shutdown.
 
+pub mod listener;
+
+pub use listener::{GrpcConfig, HttpConfig};
+
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::ingest::Ingester;
@@ -12,6 +16,7 @@ use crate::telemetry::Metrics;
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Opens the storage the configuration names.
 pub async fn open_storage(config: &Config) -> anyhow::Result<DynStorage> {
@@ -66,25 +71,30 @@ async fn bind(address: &str) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {address}"))
 }
 
-/// Binds `address` and serves `app` there in a background task until shutdown.
+/// Binds `address` and serves `app` there in a background task until shutdown, within the
+/// listener limits of `config`.
 async fn serve_http(
     address: &str,
     app: axum::Router,
+    config: &Config,
+    budget: &Arc<tokio::sync::Semaphore>,
     stop: &tokio::sync::watch::Receiver<bool>,
-    what: &'static str,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = bind(address).await?;
     let addr = listener.local_addr()?;
-    let stopped = shutdown_requested(stop.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
-            tracing::error!(error = %e, "{what} server failed");
-        }
-    }));
+    let acceptor = listener::Acceptor::new(listener, config.http.max_connections);
+    tasks.push(tokio::spawn(listener::serve_http(
+        acceptor,
+        app,
+        config.http.clone(),
+        listener::BodyLimits {
+            timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),
+            max_bytes: config.ingest.max_request_bytes,
+            budget: budget.clone(),
+        },
+        stop.clone(),
+    )));
     Ok(addr)
 }
 
@@ -121,8 +131,20 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     metrics.observe_storage(storage.as_ref());
     let state = Arc::new(AppState {
         engine: Engine::new(storage.clone(), config.query.clone(), metrics.clone()),
-        ingester: Ingester::new(storage.clone(), metrics.clone()),
+        ingester: Ingester::new(
+            storage.clone(),
+            metrics.clone(),
+            config.ingest.clone(),
+            config.retention.raw_days,
+        ),
         ingest_config: config.ingest.clone(),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .ingest
+                .max_inflight_bytes
+                .max(config.ingest.max_request_bytes)
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
         otlp_config: config.otlp.clone(),
         otlp_labels: Arc::default(),
         storage,
@@ -142,8 +164,9 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     let addr = serve_http(
         &config.http_listen,
         api::router(state.clone()),
+        config,
+        &state.body_budget,
         &stop,
-        "HTTP",
         &mut tasks,
     )
     .await?;
@@ -154,8 +177,9 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
             serve_http(
                 &config.otlp_http_listen,
                 app,
+                config,
+                &state.body_budget,
                 &stop,
-                "OTLP/HTTP",
                 &mut tasks,
             )
             .await?,
@@ -167,10 +191,21 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         let listener = bind(&config.otlp_grpc_listen).await?;
         otlp_grpc_addr = Some(listener.local_addr()?);
         let service = api::otlp::grpc::MetricsService::new(state.clone());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = listener::Acceptor::new(listener, config.http.max_connections).into_stream();
         let stopped = shutdown_requested(stop.clone());
+        let grpc = &config.grpc;
+        let builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(grpc.max_concurrent_streams.max(1))
+            .http2_keepalive_interval(Some(Duration::from_secs(
+                grpc.keepalive_interval_secs.max(1),
+            )))
+            .http2_keepalive_timeout(Some(Duration::from_secs(
+                grpc.keepalive_timeout_secs.max(1),
+            )))
+            .timeout(Duration::from_secs(grpc.request_timeout_secs.max(1)));
         tasks.push(tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let mut builder = builder;
+            let served = builder
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stopped)
                 .await;
