@@ -492,3 +492,133 @@ async fn grpc_messages_have_the_http_body_limit() {
         .unwrap();
     assert_eq!(http.status().as_u16(), 413);
 }
+
+impl Target {
+    async fn write(&self, body: Vec<u8>) -> (u16, String) {
+        let response = self
+            .http
+            .post(format!("{}/api/v1/write", self.base))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    /// The value of `query` at `t` (ms), if any series answers.
+    async fn value_at(&self, query: &str, t: i64) -> Option<String> {
+        let t = format!("{}", t as f64 / 1000.0);
+        let (status, body) = self.query(&[("query", query), ("time", t.as_str())]).await;
+        assert_eq!(status, 200, "{body}");
+        body["data"]["result"][0]["value"][1]
+            .as_str()
+            .map(str::to_owned)
+    }
+}
+
+/// Label limits refuse the series they bound and store the rest; a request past the series
+/// limit is refused whole; samples too far ahead of the clock are refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_limits_refuse_what_they_bound_and_keep_the_rest() {
+    let s = Target::start(&[]).await;
+    let many: Vec<(String, String)> = (0..200).map(|i| (format!("l{i:03}"), "v".into())).collect();
+    let mut wide: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    wide.push(("__name__", "wide"));
+    let long_value = "v".repeat(5_000);
+    let long_name = "n".repeat(2_000);
+    let body = encode(&request(
+        vec![
+            series(&[("__name__", "kept"), ("job", "a")], &[(T0, 7.0)]),
+            series(&wide, &[(T0, 1.0)]),
+            series(
+                &[("__name__", "long_value"), ("a", &long_value)],
+                &[(T0, 1.0)],
+            ),
+            series(
+                &[("__name__", "long_name"), (&long_name, "v")],
+                &[(T0, 1.0)],
+            ),
+        ],
+        vec![],
+    ));
+    let (status, text) = s.write(body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("1 samples stored, 3 refused"), "{text}");
+    assert!(
+        text.contains("201 labels, more than the limit of 128"),
+        "{text}"
+    );
+    assert_eq!(s.value_at("kept", T0).await.as_deref(), Some("7"));
+    assert_eq!(s.value_at("wide", T0).await, None);
+    let metrics = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in [
+        "too_many_labels",
+        "label_value_too_long",
+        "label_name_too_long",
+    ] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "{reason} not counted"
+        );
+    }
+
+    // Past the series limit: refused whole, nothing stored.
+    let tiny: Vec<_> = (0..100_001)
+        .map(|i| series(&[("__name__", "tiny"), ("i", &i.to_string())], &[(T0, 1.0)]))
+        .collect();
+    let (status, text) = s.write(encode(&request(tiny, vec![]))).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("more than 100000 time series"), "{text}");
+    assert_eq!(s.value_at("count(tiny)", T0).await, None);
+
+    // A day ahead of the clock: refused; now: stored.
+    let now = chrono::Utc::now().timestamp_millis();
+    let body = encode(&request(
+        vec![series(
+            &[("__name__", "clock")],
+            &[(now, 1.0), (now + 86_400_000, 2.0)],
+        )],
+        vec![],
+    ));
+    let (status, text) = s.write(body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("too far in the future"), "{text}");
+    assert_eq!(s.value_at("clock", now).await.as_deref(), Some("1"));
+    s.assert_healthy(250).await;
+}
+
+/// Millions of invalid series in one body cost memory in proportion to the body: refusals
+/// are counted by reason, not described one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_invalid_series_costs_memory_in_proportion_to_the_body() {
+    let s = Target::start(&[
+        "--ingest-max-series-per-request",
+        "100000000",
+        "--ingest-max-samples-per-request",
+        "100000000",
+    ])
+    .await;
+    // 6 bytes a series: a TimeSeries of one empty Label (so no metric name) and one sample
+    // (a series without samples is not judged at all, as in Prometheus).
+    let series_count = 4_000_000;
+    let mut raw = Vec::with_capacity(series_count * 6);
+    for _ in 0..series_count {
+        raw.extend_from_slice(&[0x0a, 0x04, 0x0a, 0x00, 0x12, 0x00]);
+    }
+    let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
+    let before = s.rss_mib();
+    let (status, text) = s.write(body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("no metric name"), "{text}");
+    assert!(text.len() < 1_000, "{} bytes of answer", text.len());
+    // 24 MB of body; one description per series would have been about 400 MB.
+    let grown = s.rss_mib().saturating_sub(before);
+    assert!(grown < 150, "resident set grew by {grown} MiB");
+    s.assert_healthy(300).await;
+}
