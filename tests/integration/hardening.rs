@@ -622,3 +622,63 @@ async fn a_body_of_invalid_series_costs_memory_in_proportion_to_the_body() {
     assert!(grown < 150, "resident set grew by {grown} MiB");
     s.assert_healthy(300).await;
 }
+
+/// Exemplars are a bounded ring on every backend: past the limit the oldest go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exemplars_are_kept_up_to_the_limit_newest_first() {
+    use crate::support::Backend;
+    use secumon_proto::prometheus::{Exemplar, Label};
+    for backend in [Backend::Embedded, Backend::Postgres] {
+        let s = crate::support::Secumon::start_on(backend, |c| {
+            c.embedded.max_exemplars = 3;
+            c.postgres.max_exemplars = 3;
+            c.postgres.lifecycle_interval_secs = 1;
+        })
+        .await;
+        let mut with_exemplars = series(&[("__name__", "traced")], &[(T0, 1.0)]);
+        with_exemplars.exemplars = (0..5)
+            .map(|i| Exemplar {
+                labels: vec![Label {
+                    name: "trace_id".into(),
+                    value: format!("t{i}"),
+                }],
+                value: i as f64,
+                timestamp: T0 + i * 1000,
+            })
+            .collect();
+        let (status, text) = s
+            .write_raw(encode(&request(vec![with_exemplars], vec![])))
+            .await;
+        assert_eq!(status, 204, "{text}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = s
+                .get_json(
+                    "/api/v1/query_exemplars",
+                    &[
+                        ("query", "traced"),
+                        ("start", "1699999999"),
+                        ("end", "1700000100"),
+                    ],
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let times: Vec<i64> = body["data"][0]["exemplars"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| (e["timestamp"].as_f64().unwrap() * 1000.0).round() as i64)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if times == [T0 + 2000, T0 + 3000, T0 + 4000] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{backend:?}: exemplars {times:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

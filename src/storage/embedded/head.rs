@@ -8,13 +8,14 @@ use crate::model::{
     SeriesExemplars, TimestampMs,
 };
 use rustc_hash::FxHashMap as HashMap;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 pub(super) struct SeriesData {
     /// Packed: one allocation instead of two strings per label.
     pub labels: PackedLabels,
     pub samples: SampleStore,
-    pub exemplars: Vec<Exemplar>,
+    /// Sorted by time, unique times; in the head's exemplar ring.
+    pub exemplars: VecDeque<Exemplar>,
     /// The latest sample time already flushed to a block: samples at or before it are
     /// refused (they would land in a range that is on disk).
     pub flushed_until: TimestampMs,
@@ -37,6 +38,11 @@ pub(super) struct Head {
     pub next_id: u64,
     /// The latest sample time ever applied.
     pub max_t: Option<TimestampMs>,
+    /// Every exemplar kept, (series, time), oldest stored first: a ring of at most
+    /// `exemplar_limit`, as Prometheus's circular exemplar storage
+    /// (`--storage.tsdb.max-exemplars`); storing one more drops the oldest.
+    pub exemplar_order: VecDeque<(u64, TimestampMs)>,
+    pub exemplar_limit: usize,
 }
 
 /// Where a sample goes in a series, or why it does not.
@@ -337,7 +343,7 @@ impl Head {
             SeriesData {
                 labels: PackedLabels::from(labels),
                 samples: SampleStore::default(),
-                exemplars: Vec::new(),
+                exemplars: VecDeque::new(),
                 flushed_until: i64::MIN,
             },
         );
@@ -398,6 +404,49 @@ impl Head {
             .is_some_and(|s| s.samples.any_in(start, end))
     }
 
+    /// Stores an exemplar of a series (once per time), dropping the oldest exemplar of the
+    /// head when the ring is full. Logarithmic in the series' exemplars; appends at the end
+    /// and drops at the front in constant time.
+    pub fn add_exemplar(&mut self, id: u64, exemplar: Exemplar) {
+        if self.exemplar_limit == 0 {
+            return;
+        }
+        let Some(series) = self.series.get_mut(&id) else {
+            return;
+        };
+        let t = exemplar.t;
+        let at = series.exemplars.partition_point(|e| e.t < t);
+        if series.exemplars.get(at).is_some_and(|e| e.t == t) {
+            return;
+        }
+        series.exemplars.insert(at, exemplar);
+        self.exemplar_order.push_back((id, t));
+        while self.exemplar_order.len() > self.exemplar_limit {
+            let Some((old_id, old_t)) = self.exemplar_order.pop_front() else {
+                break;
+            };
+            if let Some(old) = self.series.get_mut(&old_id) {
+                let at = old.exemplars.partition_point(|e| e.t < old_t);
+                if old.exemplars.get(at).is_some_and(|e| e.t == old_t) {
+                    old.exemplars.remove(at);
+                }
+            }
+        }
+    }
+
+    /// The exemplars of the ring, oldest stored first, as log entries.
+    pub fn exemplar_entries(&self) -> Vec<(u64, TimestampMs, f64, Labels)> {
+        self.exemplar_order
+            .iter()
+            .filter_map(|&(id, t)| {
+                let series = self.series.get(&id)?;
+                let at = series.exemplars.partition_point(|e| e.t < t);
+                let e = series.exemplars.get(at).filter(|e| e.t == t)?;
+                Some((id, t, e.value, e.labels.clone()))
+            })
+            .collect()
+    }
+
     pub fn exemplars_in(
         &self,
         id: u64,
@@ -444,6 +493,33 @@ fn intersect(a: &[u64], b: &[u64]) -> Vec<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exemplars_form_one_ring_across_series_oldest_dropped_first() {
+        let mut head = Head {
+            exemplar_limit: 3,
+            ..Head::default()
+        };
+        let labels = |n: &str| Labels::from_trusted(vec![crate::model::Label::new("__name__", n)]);
+        head.create_series("t", 1, &labels("a"));
+        head.create_series("t", 2, &labels("b"));
+        let exemplar = |t| Exemplar {
+            labels: Labels::empty(),
+            value: 1.0,
+            t,
+        };
+        for (id, t) in [(1, 10), (2, 5), (1, 10), (1, 30), (2, 20), (1, 20)] {
+            head.add_exemplar(id, exemplar(t));
+        }
+        // (1, 10) came twice and is kept once; (1, 10) and (2, 5) were stored first.
+        let kept: Vec<(u64, i64)> = head.exemplar_entries().iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(kept, [(1, 30), (2, 20), (1, 20)]);
+        let times: Vec<i64> = head.series[&1].exemplars.iter().map(|e| e.t).collect();
+        assert_eq!(times, [20, 30], "sorted by time within a series");
+        head.exemplar_limit = 0;
+        head.add_exemplar(2, exemplar(99));
+        assert_eq!(head.series[&2].exemplars.len(), 1);
+    }
+
     use super::*;
 
     fn s(t: i64, v: f64) -> Sample {

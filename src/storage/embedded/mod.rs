@@ -76,6 +76,15 @@ pub struct EmbeddedConfig {
         default_value_t = 300
     )]
     pub flush_interval_secs: u64,
+    /// Embedded engine: most exemplars kept, across every series and tenant; storing one
+    /// more drops the oldest (Prometheus's `--storage.tsdb.max-exemplars`). 0 keeps none.
+    #[arg(
+        id = "embedded.max_exemplars",
+        long = "embedded-max-exemplars",
+        env = "SECUMON_EMBEDDED_MAX_EXEMPLARS",
+        default_value_t = 100_000
+    )]
+    pub max_exemplars: usize,
 }
 
 impl Default for EmbeddedConfig {
@@ -163,7 +172,10 @@ impl EmbeddedStorage {
                 *at = (*at).max(t);
             }
         }
-        let mut head = Head::default();
+        let mut head = Head {
+            exemplar_limit: config.max_exemplars,
+            ..Head::default()
+        };
         let (wal, report) = Wal::open(&dir.join("wal"), config.fsync, |record| {
             apply(&mut head, record, &flushed)
         })
@@ -757,7 +769,6 @@ fn checkpoint_records(head: &Head, out: &mut wal::CheckpointWriter) -> std::io::
     }
     let mut ids: Vec<u64> = head.series.keys().copied().collect();
     ids.sort_unstable();
-    let mut exemplars = Vec::new();
     let mut marks = Vec::new();
     for id in ids {
         let series = &head.series[&id];
@@ -766,13 +777,9 @@ fn checkpoint_records(head: &Head, out: &mut wal::CheckpointWriter) -> std::io::
         if series.flushed_until > i64::MIN {
             marks.push((id, series.flushed_until));
         }
-        exemplars.extend(
-            series
-                .exemplars
-                .iter()
-                .map(|e| (id, e.t, e.value, e.labels.clone())),
-        );
     }
+    // In the ring's order, so that replay keeps the same exemplars as the oldest.
+    let exemplars = head.exemplar_entries();
     if !exemplars.is_empty() {
         out.record(&Record::Exemplars { exemplars })?;
     }
@@ -814,14 +821,7 @@ fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, TimestampMs>) {
         }
         Record::Exemplars { exemplars } => {
             for (id, t, value, labels) in exemplars {
-                if let Some(series) = head.series.get_mut(&id) {
-                    if !series.exemplars.iter().any(|e| e.t == t) {
-                        let at = series.exemplars.partition_point(|e| e.t < t);
-                        series
-                            .exemplars
-                            .insert(at, crate::model::Exemplar { labels, value, t });
-                    }
-                }
+                head.add_exemplar(id, crate::model::Exemplar { labels, value, t });
             }
         }
     }

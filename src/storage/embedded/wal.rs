@@ -15,6 +15,10 @@ use std::sync::{Arc, Mutex};
 
 /// Largest record accepted on replay; anything bigger is damage.
 const MAX_RECORD_BYTES: u32 = 256 << 20;
+/// Records are written no larger than this: bigger ones are split (samples, exemplars and
+/// flush marks by entries), far below what replay accepts, so no request's shape can make a
+/// record that replay would take for damage.
+const MAX_WRITTEN_PAYLOAD: usize = 64 << 20;
 /// A new segment is started past this size.
 const SEGMENT_BYTES: u64 = 128 << 20;
 
@@ -145,6 +149,56 @@ impl Decoder<'_> {
 }
 
 impl Record {
+    /// The payloads of this record as written: one, or, past `max` bytes, the payloads of
+    /// records of halves of its entries, each at most `max` bytes (a single entry past `max`
+    /// stays whole: no request can make one near the replay limit).
+    fn encode_parts(&self, max: usize, out: &mut Vec<Vec<u8>>) {
+        let payload = self.encode();
+        if payload.len() <= max {
+            out.push(payload);
+            return;
+        }
+        let halves = match self {
+            Record::Samples { samples } if samples.len() > 1 => {
+                let (a, b) = samples.split_at(samples.len() / 2);
+                [
+                    Record::Samples {
+                        samples: a.to_vec(),
+                    },
+                    Record::Samples {
+                        samples: b.to_vec(),
+                    },
+                ]
+            }
+            Record::Exemplars { exemplars } if exemplars.len() > 1 => {
+                let (a, b) = exemplars.split_at(exemplars.len() / 2);
+                [
+                    Record::Exemplars {
+                        exemplars: a.to_vec(),
+                    },
+                    Record::Exemplars {
+                        exemplars: b.to_vec(),
+                    },
+                ]
+            }
+            Record::Flushed { marks } if marks.len() > 1 => {
+                let (a, b) = marks.split_at(marks.len() / 2);
+                [
+                    Record::Flushed { marks: a.to_vec() },
+                    Record::Flushed { marks: b.to_vec() },
+                ]
+            }
+            _ => {
+                out.push(payload);
+                return;
+            }
+        };
+        drop(payload);
+        for half in &halves {
+            half.encode_parts(max, out);
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut e = Encoder(Vec::new());
         match self {
@@ -591,11 +645,13 @@ impl Wal {
             self.rotate()?;
         }
         let mut buf = Vec::new();
+        let mut payloads = Vec::new();
         for record in records {
-            let payload = record.encode();
-            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            buf.extend_from_slice(&payload);
+            payloads.clear();
+            record.encode_parts(MAX_WRITTEN_PAYLOAD, &mut payloads);
+            for payload in &payloads {
+                frame_payload(&mut buf, payload);
+            }
         }
         (&*self.file).write_all(&buf)?;
         self.size += buf.len() as u64;
@@ -611,9 +667,14 @@ impl Wal {
     }
 }
 
-/// Appends a record, framed as in the log, to `out`.
+/// Appends a record, framed as in the log (as several records past the written size), to
+/// `out`.
 fn frame_into(out: &mut Vec<u8>, record: &Record) {
-    frame_payload(out, &record.encode());
+    let mut payloads = Vec::new();
+    record.encode_parts(MAX_WRITTEN_PAYLOAD, &mut payloads);
+    for payload in &payloads {
+        frame_payload(out, payload);
+    }
 }
 
 /// Appends a framed series record without building a [`Record`] (no copy of the labels).
@@ -714,6 +775,66 @@ fn replay_segment(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn records_past_the_written_size_are_split_and_replay_whole() {
+        let samples: Vec<(u64, i64, f64)> = (0..10_000)
+            .map(|i| (i % 97, i as i64 * 1000, i as f64))
+            .collect();
+        let exemplars: Vec<(u64, i64, f64, Labels)> = (0..1_000)
+            .map(|i| {
+                let labels =
+                    Labels::from_trusted(vec![Label::new("trace_id", "x".repeat(i % 50 + 1))]);
+                (i as u64, i as i64, 0.5, labels)
+            })
+            .collect();
+        let marks: Vec<(u64, i64)> = (0..5_000).map(|i| (i, i as i64)).collect();
+        for record in [
+            Record::Samples { samples },
+            Record::Exemplars { exemplars },
+            Record::Flushed { marks },
+        ] {
+            let mut parts = Vec::new();
+            record.encode_parts(4096, &mut parts);
+            assert!(parts.len() > 4, "{} parts", parts.len());
+            assert!(parts.iter().all(|p| p.len() <= 4096));
+            // The parts' entries, in order, are the record's.
+            let decoded: Vec<Record> = parts
+                .iter()
+                .map(|p| Record::decode(p).expect("a part decodes"))
+                .collect();
+            let joined = match &record {
+                Record::Samples { .. } => Record::Samples {
+                    samples: decoded
+                        .into_iter()
+                        .flat_map(|r| match r {
+                            Record::Samples { samples } => samples,
+                            _ => unreachable!(),
+                        })
+                        .collect(),
+                },
+                Record::Exemplars { .. } => Record::Exemplars {
+                    exemplars: decoded
+                        .into_iter()
+                        .flat_map(|r| match r {
+                            Record::Exemplars { exemplars } => exemplars,
+                            _ => unreachable!(),
+                        })
+                        .collect(),
+                },
+                _ => Record::Flushed {
+                    marks: decoded
+                        .into_iter()
+                        .flat_map(|r| match r {
+                            Record::Flushed { marks } => marks,
+                            _ => unreachable!(),
+                        })
+                        .collect(),
+                },
+            };
+            assert_eq!(joined, record);
+        }
+    }
+
     use super::*;
 
     #[test]

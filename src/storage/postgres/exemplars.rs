@@ -50,6 +50,37 @@ impl PostgresStorage {
         Ok(())
     }
 
+    /// Deletes exemplars older than raw retention, then the oldest past the configured
+    /// number; returns how many went.
+    pub(super) async fn prune_exemplars(&self, now_ms: i64) -> StorageResult<u64> {
+        let oldest = time(now_ms.saturating_sub(self.retention.keep_ms(None)));
+        let mut pruned = sqlx::query("DELETE FROM exemplars WHERE time < $1")
+            .bind(oldest)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        let keep = i64::try_from(self.max_exemplars).unwrap_or(i64::MAX);
+        pruned += sqlx::query(
+            "DELETE FROM exemplars WHERE (time, series_id) < (
+                 SELECT time, series_id FROM exemplars
+                 ORDER BY time DESC, series_id DESC OFFSET $1 LIMIT 1)",
+        )
+        .bind(keep.saturating_sub(1).max(0))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        if keep == 0 {
+            pruned += sqlx::query("DELETE FROM exemplars")
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+        }
+        Ok(pruned)
+    }
+
     pub(super) async fn load_exemplars(
         &self,
         tenant: &TenantId,

@@ -111,6 +111,15 @@ pub struct PostgresConfig {
         default_value_t = true
     )]
     pub copy_writes: bool,
+    /// Most exemplars kept, across every series and tenant: each maintenance run deletes the
+    /// oldest past this, and those older than raw retention.
+    #[arg(
+        id = "postgres.max_exemplars",
+        long = "postgres-max-exemplars",
+        env = "SECUMON_POSTGRES_MAX_EXEMPLARS",
+        default_value_t = 100_000
+    )]
+    pub max_exemplars: usize,
 }
 
 impl Default for PostgresConfig {
@@ -128,6 +137,8 @@ pub struct PostgresStorage {
     retention: RetentionConfig,
     lifecycle: lifecycle::LifecycleState,
     lifecycle_interval: Duration,
+    /// Most exemplars kept (`--postgres-max-exemplars`).
+    max_exemplars: usize,
     jobs: Vec<Job>,
     copy_writes: bool,
     /// TimescaleDB: samples older than this may sit in a compressed chunk.
@@ -187,6 +198,7 @@ impl PostgresStorage {
             retention: retention.clone(),
             lifecycle: lifecycle::LifecycleState::default(),
             lifecycle_interval: Duration::from_secs(config.lifecycle_interval_secs.max(1)),
+            max_exemplars: config.max_exemplars,
             jobs,
             copy_writes: config.copy_writes,
             // A chunk is compressed once its end is compress-after old, so any sample older
@@ -402,15 +414,22 @@ impl Storage for PostgresStorage {
     }
 
     fn maintenance_interval(&self) -> Option<Duration> {
-        (self.mode == Mode::Plain).then_some(self.lifecycle_interval)
+        // TimescaleDB runs the data lifecycle itself; exemplars are pruned by the server in
+        // either mode.
+        Some(self.lifecycle_interval)
     }
 
     async fn run_maintenance(&self) -> StorageResult<()> {
-        let report = self
-            .run_lifecycle_at(chrono::Utc::now().timestamp_millis())
-            .await?;
-        if report != LifecycleReport::default() {
-            tracing::info!(?report, "PostgreSQL lifecycle");
+        let now = chrono::Utc::now().timestamp_millis();
+        if self.mode == Mode::Plain {
+            let report = self.run_lifecycle_at(now).await?;
+            if report != LifecycleReport::default() {
+                tracing::info!(?report, "PostgreSQL lifecycle");
+            }
+        }
+        let pruned = self.prune_exemplars(now).await?;
+        if pruned > 0 {
+            tracing::debug!(pruned, "exemplars pruned");
         }
         Ok(())
     }
