@@ -123,7 +123,9 @@ impl From<QueryError> for ApiError {
                 kind: ErrorType::Timeout,
                 message: e.to_string(),
             },
-            QueryError::Execution(_) | QueryError::TooManySamples => ApiError {
+            QueryError::Execution(_)
+            | QueryError::TooManySamples
+            | QueryError::TooManySeries(_) => ApiError {
                 kind: ErrorType::Execution,
                 message: e.to_string(),
             },

@@ -44,7 +44,7 @@ fn now_ms() -> i64 {
 
 /// The per-request query settings: `timeout` and `max_source_resolution` (`raw`, `5m`, `1h`
 /// or `auto`, named as in Thanos).
-fn query_options(params: &Params) -> Result<promql::QueryOptions, ApiError> {
+pub(super) fn query_options(params: &Params) -> Result<promql::QueryOptions, ApiError> {
     let timeout = match params.get("timeout") {
         "" => None,
         value => {
@@ -214,7 +214,15 @@ pub(super) async fn series(
         return Err(ApiError::bad_data("no match[] parameter provided"));
     }
     let query = series_query(&state.engine, &params, true)?;
-    let series = state.storage.series(&state.tenant(), &query).await?;
+    let timeout = query_options(&params)?.timeout;
+    let engine = &state.engine;
+    let series = engine
+        .limited(timeout, async {
+            let series = state.storage.series(&state.tenant(), &query).await?;
+            engine.check_series_count(series.len())?;
+            Ok(series)
+        })
+        .await?;
     let mut data = String::from("[");
     for (i, labels) in series.iter().enumerate() {
         if i > 0 {
@@ -234,7 +242,15 @@ pub(super) async fn labels(
 ) -> Result<Response, ApiError> {
     let params = params(&uri, &headers, &body);
     let query = series_query(&state.engine, &params, false)?;
-    let names = state.storage.label_names(&state.tenant(), &query).await?;
+    let timeout = query_options(&params)?.timeout;
+    let engine = &state.engine;
+    let names = engine
+        .limited(timeout, async {
+            let names = state.storage.label_names(&state.tenant(), &query).await?;
+            engine.check_series_count(names.len())?;
+            Ok(names)
+        })
+        .await?;
     Ok(success_json(serde_json::json!(names)))
 }
 
@@ -249,9 +265,17 @@ pub(super) async fn label_values(
     }
     let params = params(&uri, &headers, &Bytes::new());
     let query = series_query(&state.engine, &params, false)?;
-    let values = state
-        .storage
-        .label_values(&state.tenant(), &name, &query)
+    let timeout = query_options(&params)?.timeout;
+    let engine = &state.engine;
+    let values = engine
+        .limited(timeout, async {
+            let values = state
+                .storage
+                .label_values(&state.tenant(), &name, &query)
+                .await?;
+            engine.check_series_count(values.len())?;
+            Ok(values)
+        })
         .await?;
     Ok(success_json(serde_json::json!(values)))
 }
@@ -272,9 +296,17 @@ pub(super) async fn metadata(
         return Ok(success_json(serde_json::json!({})));
     }
     let metric = Some(params.get("metric")).filter(|m| !m.is_empty());
-    let rows = state
-        .storage
-        .metadata(&state.tenant(), metric, limit.max(0) as usize)
+    let timeout = query_options(&params)?.timeout;
+    let engine = &state.engine;
+    let rows = engine
+        .limited(timeout, async {
+            let rows = state
+                .storage
+                .metadata(&state.tenant(), metric, limit.max(0) as usize)
+                .await?;
+            engine.check_series_count(rows.len())?;
+            Ok(rows)
+        })
         .await?;
     let mut families: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
     for MetricMetadata {
@@ -329,10 +361,18 @@ pub(super) async fn query_exemplars(
         end,
         limit: 0,
     };
+    let timeout = query_options(&params)?.timeout;
+    let engine = &state.engine;
     let series = if query.matcher_sets.is_empty() {
         Vec::new()
     } else {
-        state.storage.exemplars(&state.tenant(), &query).await?
+        engine
+            .limited(timeout, async {
+                let series = state.storage.exemplars(&state.tenant(), &query).await?;
+                engine.check_series_count(series.len())?;
+                Ok(series)
+            })
+            .await?
     };
     let mut data = String::from("[");
     for (i, s) in series.iter().enumerate() {

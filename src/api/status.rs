@@ -79,7 +79,14 @@ pub(super) async fn tsdb(State(state): State<SharedState>) -> Result<Response, A
         end: MAX_TIME_MS,
         limit: 0,
     };
-    let series = state.storage.series(&state.tenant(), &query).await?;
+    let engine = &state.engine;
+    let series = engine
+        .limited(None, async {
+            let series = state.storage.series(&state.tenant(), &query).await?;
+            engine.check_series_count(series.len())?;
+            Ok(series)
+        })
+        .await?;
     let mut by_metric: HashMap<String, u64> = HashMap::new();
     let mut values_by_name: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
     let mut bytes_by_name: HashMap<String, u64> = HashMap::new();

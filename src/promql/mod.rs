@@ -104,6 +104,16 @@ pub struct EngineConfig {
         default_value_t = 200
     )]
     pub max_depth: usize,
+    /// Most series (or label names, or label values) one metadata request (`/api/v1/series`,
+    /// `labels`, `label/<name>/values`, `status/tsdb`, `query_exemplars`) may answer; past it
+    /// the request fails with 422.
+    #[arg(
+        id = "query.max_series",
+        long = "query-max-series",
+        env = "SECUMON_QUERY_MAX_SERIES",
+        default_value_t = 500_000
+    )]
+    pub max_series: usize,
     /// Let rollups answer queries (false: raw samples for everything).
     #[arg(
         id = "query.rollups",
@@ -132,6 +142,8 @@ pub enum QueryError {
     Execution(String),
     #[error("query processing would load too many samples into memory in query execution")]
     TooManySamples,
+    #[error("the request selects more than {0} series, label names or values (--query-max-series): narrow its matchers or time range")]
+    TooManySeries(usize),
     #[error("query timed out in {0}")]
     Timeout(&'static str),
     #[error(transparent)]
@@ -316,6 +328,35 @@ impl Engine {
     /// The configured nesting limit, never above what the threads' stacks are proven to hold.
     fn max_depth(&self) -> usize {
         self.config.max_depth.min(limits::MAX_DEPTH_CEILING)
+    }
+
+    /// Runs a metadata read (series, label names and values, metric metadata, exemplars, TSDB
+    /// status) under the limits of queries: it waits for one of the evaluation slots and
+    /// ends at the timeout (the request's `timeout` if shorter).
+    pub async fn limited<T>(
+        &self,
+        timeout: Option<Duration>,
+        work: impl std::future::Future<Output = Result<T, QueryError>>,
+    ) -> Result<T, QueryError> {
+        let configured = Duration::from_secs(self.config.timeout_secs);
+        let timeout = timeout.map_or(configured, |t| t.min(configured));
+        let deadline = Instant::now() + timeout;
+        let _slot = tokio::time::timeout(timeout, self.slots.acquire())
+            .await
+            .map_err(|_| QueryError::Timeout("query queue"))?
+            .map_err(|_| QueryError::Execution("query engine is shutting down".into()))?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(remaining, work)
+            .await
+            .map_err(|_| QueryError::Timeout("metadata read"))?
+    }
+
+    /// Fails when a metadata read answers more than `--query-max-series` items.
+    pub fn check_series_count(&self, count: usize) -> Result<(), QueryError> {
+        if count > self.config.max_series {
+            return Err(QueryError::TooManySeries(self.config.max_series));
+        }
+        Ok(())
     }
 
     /// Parses a query within the configured length and nesting limits (checked on the text,

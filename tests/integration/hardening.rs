@@ -682,3 +682,80 @@ async fn exemplars_are_kept_up_to_the_limit_newest_first() {
         }
     }
 }
+
+/// Metadata endpoints run under the query limits: a slot of `--query-max-concurrency`, the
+/// timeout, and `--query-max-series`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_endpoints_run_under_the_query_limits() {
+    let s = Target::start(&["--query-max-concurrency", "1", "--query-max-series", "2"]).await;
+    let more = encode(&request(
+        vec![
+            series(&[("__name__", "before"), ("job", "b")], &[(T0, 1.0)]),
+            series(&[("__name__", "before"), ("job", "c")], &[(T0, 1.0)]),
+        ],
+        vec![],
+    ));
+    assert_eq!(s.write(more).await.0, 204);
+    let get = |path: &'static str, params: Vec<(&'static str, &'static str)>| {
+        let http = s.http.clone();
+        let url = format!("{}{path}", s.base);
+        async move { crate::support::get_json(&http, &url, &params).await }
+    };
+    for (path, params) in [
+        ("/api/v1/series", vec![("match[]", "before")]),
+        ("/api/v1/label/job/values", vec![]),
+        ("/api/v1/status/tsdb", vec![]),
+        ("/api/v1/query_exemplars", vec![("query", "before")]),
+    ] {
+        let (status, body) = get(path, params).await;
+        if path == "/api/v1/query_exemplars" {
+            // No exemplars: nothing to count.
+            assert_eq!(status, 200, "{path}: {body}");
+            continue;
+        }
+        assert_eq!(status, 422, "{path}: {body}");
+        assert!(
+            error_of(&body).1.contains("more than 2 series"),
+            "{path}: {body}"
+        );
+    }
+    // At the limit is allowed: two label names.
+    let (status, body) = get("/api/v1/labels", vec![]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 2, "{body}");
+    // One slow query takes the only slot: a metadata read waits its timeout, then 503.
+    let slow = {
+        let http = s.http.clone();
+        let url = format!("{}/api/v1/query", s.base);
+        tokio::spawn(async move {
+            crate::support::post_form(
+                &http,
+                &url,
+                &[
+                    ("query", "count_over_time(before[100y:1ms])"),
+                    ("time", "1700000000"),
+                    ("timeout", "4s"),
+                ],
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let (status, body) = get(
+        "/api/v1/series",
+        vec![("match[]", "before{job=\"a\"}"), ("timeout", "1s")],
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error_of(&body).0, "timeout", "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow.await.unwrap().0, 503);
+    let (status, body) = get("/api/v1/series", vec![("match[]", "before{job=\"a\"}")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+}
