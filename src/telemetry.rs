@@ -43,6 +43,8 @@ pub struct Metrics {
     pub query_duration: Family<QueryLabels, Histogram>,
     pub query_rollup_selects: Family<ResolutionLabels, Counter>,
     pub damaged_bytes_recovered: prometheus_client::metrics::gauge::Gauge,
+    /// Query answers sent with a warning (damaged data skipped).
+    pub query_warnings: Counter,
     pub storage_series: prometheus_client::metrics::gauge::Gauge,
     pub storage_blocks: prometheus_client::metrics::gauge::Gauge,
     pub storage_block_samples: prometheus_client::metrics::gauge::Gauge,
@@ -146,6 +148,12 @@ impl Metrics {
                 resolution: resolution.label(),
             });
         }
+        let query_warnings = Counter::default();
+        registry.register(
+            "query_warnings",
+            "Query answers sent with warnings: data the answer lacks (damaged block runs skipped)",
+            query_warnings.clone(),
+        );
         let damaged_bytes_recovered = prometheus_client::metrics::gauge::Gauge::default();
         registry.register(
             "storage_damaged_bytes_recovered",
@@ -182,6 +190,7 @@ impl Metrics {
             lifecycle,
             registry,
             damaged_bytes_recovered,
+            query_warnings,
             storage_series,
             storage_blocks,
             storage_block_samples,

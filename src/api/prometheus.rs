@@ -27,11 +27,35 @@ fn params(uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Params {
 
 /// `{"status":"success","data":<data>}` with `data` already encoded.
 fn success(data: String) -> Response {
+    success_warned(data, &[])
+}
+
+/// A success with Prometheus's `warnings` when there are any: what the answer lacks.
+fn success_warned(data: String, warnings: &[String]) -> Response {
     let mut body = String::with_capacity(data.len() + 32);
     body.push_str(r#"{"status":"success","data":"#);
     body.push_str(&data);
+    if !warnings.is_empty() {
+        body.push_str(r#","warnings":["#);
+        for (i, warning) in warnings.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            json::write_str(&mut body, warning);
+        }
+        body.push(']');
+    }
     body.push('}');
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The warnings a query gathered, counted in `/metrics`.
+fn warnings_of(state: &SharedState, options: &promql::QueryOptions) -> Vec<String> {
+    let warnings = options.warnings.take();
+    if !warnings.is_empty() {
+        state.metrics.query_warnings.inc();
+    }
+    warnings
 }
 
 fn success_json(data: serde_json::Value) -> Response {
@@ -63,6 +87,7 @@ pub(super) fn query_options(params: &Params) -> Result<promql::QueryOptions, Api
     Ok(promql::QueryOptions {
         timeout,
         max_source_resolution,
+        warnings: Default::default(),
     })
 }
 
@@ -83,12 +108,12 @@ pub(super) async fn query(
     let started = Instant::now();
     let value = state
         .engine
-        .instant_query(&state.tenant(), expr, t, options)
+        .instant_query(&state.tenant(), expr, t, options.clone())
         .await;
     observe(&state, "instant", started);
     let mut data = String::new();
     json::write_query_data(&mut data, &value?);
-    Ok(success(data))
+    Ok(success_warned(data, &warnings_of(&state, &options)))
 }
 
 pub(super) async fn query_range(
@@ -133,13 +158,13 @@ pub(super) async fn query_range(
             &state.tenant(),
             expr,
             EvalRange { start, end, step },
-            options,
+            options.clone(),
         )
         .await;
     observe(&state, "range", started);
     let mut data = String::new();
     json::write_query_data(&mut data, &value?);
-    Ok(success(data))
+    Ok(success_warned(data, &warnings_of(&state, &options)))
 }
 
 fn observe(state: &SharedState, kind: &'static str, started: Instant) {

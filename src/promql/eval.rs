@@ -108,6 +108,8 @@ struct Planner<'a> {
     max_source_resolution: SourceResolution,
     rollups: bool,
     fetches: Vec<Fetch<'a>>,
+    /// Where storage reports what the answer lacks.
+    warnings: crate::storage::Warnings,
     /// Calls answered from rollups, with their selector (whose raw samples are not loaded).
     rollup_fetches: Vec<(&'a VectorSelector, rollups::RollupPlan)>,
 }
@@ -139,6 +141,7 @@ impl<'a> Planner<'a> {
                 range: selector_range,
                 func: func.map(str::to_owned),
                 max_samples: 0,
+                warnings: self.warnings.clone(),
             },
         });
     }
@@ -195,8 +198,10 @@ pub(super) async fn fetch(
     range: EvalRange,
     options: &EvalOptions,
     metrics: &Metrics,
+    warnings: &crate::storage::Warnings,
 ) -> Result<Fetched, QueryError> {
     let mut planner = Planner {
+        warnings: warnings.clone(),
         query: range,
         lookback: options.lookback,
         default_step: options.default_subquery_step,

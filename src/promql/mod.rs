@@ -195,12 +195,15 @@ impl EvalRange {
 }
 
 /// Settings of one query request.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct QueryOptions {
     /// The `timeout` parameter; the configured timeout bounds it.
     pub timeout: Option<Duration>,
     /// The `max_source_resolution` parameter; the configured default when absent.
     pub max_source_resolution: Option<SourceResolution>,
+    /// Where the answer's warnings gather (damaged data storage skipped); the caller reads
+    /// them after the query.
+    pub warnings: crate::storage::Warnings,
 }
 
 #[derive(Clone)]
@@ -439,7 +442,15 @@ impl Engine {
         let expr = Box::new(expr);
         let data = tokio::time::timeout(
             remaining,
-            eval::fetch(&self.storage, tenant, &expr, range, &options, &self.metrics),
+            eval::fetch(
+                &self.storage,
+                tenant,
+                &expr,
+                range,
+                &options,
+                &self.metrics,
+                &request.warnings,
+            ),
         )
         .await
         .map_err(|_| QueryError::Timeout("query execution"))??;

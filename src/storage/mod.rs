@@ -92,6 +92,28 @@ pub struct SelectHints {
     /// The most samples the caller accepts; a backend stops and fails with
     /// [`StorageError::TooManySamples`] past it instead of loading everything.
     pub max_samples: usize,
+    /// Where a backend reports what the answer lacks (damaged data it skipped); the query's
+    /// answer carries these as Prometheus's `warnings`.
+    pub warnings: Warnings,
+}
+
+/// Warnings gathered while answering one query, shared by the calls it makes.
+#[derive(Clone, Debug, Default)]
+pub struct Warnings(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Warnings {
+    /// Adds a warning, once however often it is met.
+    pub fn push(&self, warning: String) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !all.contains(&warning) {
+            all.push(warning);
+        }
+    }
+
+    /// The warnings so far.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// A time range and matcher sets for the metadata-style reads (series, labels, label values).

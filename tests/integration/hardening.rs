@@ -759,3 +759,94 @@ async fn metadata_endpoints_run_under_the_query_limits() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"].as_array().unwrap().len(), 1);
 }
+
+/// Damaged data a query meets is reported in the answer's `warnings` and in `/metrics`, not
+/// dropped silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_data_met_by_a_query_is_reported_in_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().display().to_string();
+    let port = free_port();
+    let args = [
+        "--retention-raw-days",
+        "100000",
+        "--embedded-flush-interval-secs",
+        "1",
+        "--embedded-out-of-order-window-secs",
+        "1",
+    ];
+    let server = spawn_secumon(&storage, port, &args);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let series_count = 300;
+    let all: Vec<_> = (0..series_count)
+        .map(|i| {
+            let samples: Vec<(i64, f64)> = (0..100).map(|j| (T0 + j * 60_000, j as f64)).collect();
+            series(&[("__name__", "up"), ("job", &format!("j{i}"))], &samples)
+        })
+        .collect();
+    let response = http
+        .post(format!("{base}/api/v1/write"))
+        .body(encode(&request(all, vec![])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 204);
+    // Wait for the block, then stop the server and flip a byte in its runs.
+    let blocks = dir.path().join("blocks");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let chunks = loop {
+        let found = std::fs::read_dir(&blocks).ok().and_then(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("chunks"))
+                .find(|p| p.exists())
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no block was flushed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(server);
+    let mut bytes = std::fs::read(&chunks).unwrap();
+    let footer = &bytes[bytes.len() - 32..];
+    let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
+    bytes[index_offset / 2] ^= 0xff;
+    std::fs::write(&chunks, &bytes).unwrap();
+    let _server = spawn_secumon(&storage, port, &args);
+    let (status, body) = crate::support::get_json(
+        &http,
+        &format!("{base}/api/v1/query"),
+        &[("query", "count(up)"), ("time", "1700003000")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let count: usize = body["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(count < series_count, "{body}");
+    let warnings = body["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings[0]
+            .as_str()
+            .unwrap()
+            .contains("damaged block runs skipped"),
+        "{body}"
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("secumon_query_warnings_total 1"),
+        "{metrics}"
+    );
+}

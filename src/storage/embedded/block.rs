@@ -345,20 +345,22 @@ impl Block {
     }
 
     /// Samples in `[start, end]` of the given series (sorted ascending), appended per series
-    /// to `out`. A damaged run is logged and skipped; the rest is still answered.
+    /// to `out`. A damaged run is logged and skipped, and counted in the answer (damaged runs
+    /// met); the rest is still answered.
     pub fn read_samples(
         &self,
         ids: &[u64],
         start: TimestampMs,
         end: TimestampMs,
         out: &mut BTreeMap<u64, Vec<Sample>>,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         let Some(file) = &self.chunks else {
-            return Ok(());
+            return Ok(0);
         };
         if self.meta.max_t < start || self.meta.min_t > end {
-            return Ok(());
+            return Ok(0);
         }
+        let mut damaged = 0;
         let mut reader = file.reader();
         for entry in file.lookup(ids)? {
             if entry.max_t < start || entry.min_t > end {
@@ -369,10 +371,11 @@ impl Block {
                 .read(&entry)
                 .and_then(|p| decode_samples_into(&p, start, end, samples))
             {
-                tracing::error!(error = %e, "skipping a damaged run");
+                tracing::error!(error = %e, block = %self.dir.display(), series = entry.series, "skipping a damaged run");
+                damaged += 1;
             }
         }
-        Ok(())
+        Ok(damaged)
     }
 
     /// Rollup rows with bucket starts in `[start, end]`, merged into `out` per series. Reads

@@ -440,10 +440,11 @@ impl EmbeddedStorage {
         ids: &[u64],
         start: TimestampMs,
         end: TimestampMs,
+        damaged: &mut usize,
     ) -> StorageResult<BTreeMap<u64, Vec<Sample>>> {
         let mut out: BTreeMap<u64, Vec<Sample>> = BTreeMap::new();
         for block in blocks {
-            block
+            *damaged += block
                 .read_samples(ids, start, end, &mut out)
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
         }
@@ -917,14 +918,22 @@ impl Storage for EmbeddedStorage {
         ids.sort_unstable();
         let mut loaded = 0usize;
         let mut out = Vec::new();
-        for (id, samples) in self.samples_of(
+        let mut damaged = 0;
+        let read = self.samples_of(
             &head,
             &set.blocks,
             &set.flushing,
             &ids,
             hints.start,
             hints.end,
-        )? {
+            &mut damaged,
+        )?;
+        if damaged > 0 {
+            hints.warnings.push(format!(
+                "{damaged} damaged block runs skipped: the answer may lack samples of some series (the server log names them)"
+            ));
+        }
+        for (id, samples) in read {
             let Some(series) = head.series.get(&id) else {
                 continue;
             };
@@ -973,6 +982,7 @@ impl Storage for EmbeddedStorage {
             &ids,
             start,
             end.saturating_add(resolution.ms() - 1),
+            &mut 0,
         )?;
         for (id, samples) in raw {
             let fresh: Vec<RollupRow> = super::rollup(&samples, resolution)
@@ -1360,6 +1370,53 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_run_met_by_a_read_is_reported_as_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let batch: Vec<SeriesWrite> = (0..300)
+            .map(|i| series("up", &format!("j{i}"), 0, 2 * HOUR, 60_000))
+            .collect();
+        s.append(&tenant, &batch).await.unwrap();
+        s.maintain_with_cutoff(0, i64::MAX).unwrap();
+        drop(s);
+        let block = std::fs::read_dir(dir.path().join("blocks"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let chunks = block.join("chunks");
+        // Flip a byte in the middle of the runs: the frame holding it fails its checksum.
+        let mut bytes = std::fs::read(&chunks).unwrap();
+        let footer = &bytes[bytes.len() - 32..];
+        let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
+        bytes[index_offset / 2] ^= 0xff;
+        std::fs::write(&chunks, &bytes).unwrap();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let hints = SelectHints {
+            start: i64::MIN,
+            end: i64::MAX,
+            ..SelectHints::default()
+        };
+        let read = s
+            .select(&tenant, &[Matcher::equal("__name__", "up")], &hints)
+            .await
+            .unwrap();
+        assert!(
+            read.len() < 300,
+            "{} series: nothing was skipped",
+            read.len()
+        );
+        assert!(!read.is_empty());
+        let warnings = hints.warnings.take();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("damaged block runs skipped"),
+            "{warnings:?}"
+        );
+    }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_block_file_is_recovered_and_reported() {
         let dir = tempfile::tempdir().unwrap();
