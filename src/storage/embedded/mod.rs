@@ -440,11 +440,11 @@ impl EmbeddedStorage {
         ids: &[u64],
         start: TimestampMs,
         end: TimestampMs,
-        damaged: &mut usize,
-    ) -> StorageResult<BTreeMap<u64, Vec<Sample>>> {
+    ) -> StorageResult<(BTreeMap<u64, Vec<Sample>>, usize)> {
         let mut out: BTreeMap<u64, Vec<Sample>> = BTreeMap::new();
+        let mut damaged = 0;
         for block in blocks {
-            *damaged += block
+            damaged += block
                 .read_samples(ids, start, end, &mut out)
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
         }
@@ -468,7 +468,7 @@ impl EmbeddedStorage {
                 samples.dedup_by_key(|s| s.t);
             }
         }
-        Ok(out)
+        Ok((out, damaged))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Head> {
@@ -918,15 +918,13 @@ impl Storage for EmbeddedStorage {
         ids.sort_unstable();
         let mut loaded = 0usize;
         let mut out = Vec::new();
-        let mut damaged = 0;
-        let read = self.samples_of(
+        let (read, damaged) = self.samples_of(
             &head,
             &set.blocks,
             &set.flushing,
             &ids,
             hints.start,
             hints.end,
-            &mut damaged,
         )?;
         if damaged > 0 {
             hints.warnings.push(format!(
@@ -975,14 +973,13 @@ impl Storage for EmbeddedStorage {
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
         }
         // Samples not in blocks yet are aggregated here.
-        let raw = self.samples_of(
+        let (raw, _) = self.samples_of(
             &head,
             &[],
             &set.flushing,
             &ids,
             start,
             end.saturating_add(resolution.ms() - 1),
-            &mut 0,
         )?;
         for (id, samples) in raw {
             let fresh: Vec<RollupRow> = super::rollup(&samples, resolution)
