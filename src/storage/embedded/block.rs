@@ -194,6 +194,15 @@ fn file_name(resolution: Option<Resolution>) -> &'static str {
     resolution.map_or("chunks", Resolution::name)
 }
 
+/// What a read of a block's samples met.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadStats {
+    /// Samples added.
+    pub samples: usize,
+    /// Damaged runs skipped.
+    pub damaged: usize,
+}
+
 impl Block {
     /// Writes a block from per-series samples (sorted by series; each series' samples sorted
     /// by time), with both rollups. Written into `<dir>.tmp` and renamed, so a crash leaves
@@ -345,37 +354,43 @@ impl Block {
     }
 
     /// Samples in `[start, end]` of the given series (sorted ascending), appended per series
-    /// to `out`. A damaged run is logged and skipped, and counted in the answer (damaged runs
-    /// met); the rest is still answered.
+    /// to `out`. A damaged run is logged and skipped, and counted in the answer; the rest is
+    /// still answered. Stops once more than `max_samples` were added (0: no limit).
     pub fn read_samples(
         &self,
         ids: &[u64],
         start: TimestampMs,
         end: TimestampMs,
+        max_samples: usize,
         out: &mut BTreeMap<u64, Vec<Sample>>,
-    ) -> io::Result<usize> {
+    ) -> io::Result<ReadStats> {
+        let mut stats = ReadStats::default();
         let Some(file) = &self.chunks else {
-            return Ok(0);
+            return Ok(stats);
         };
         if self.meta.max_t < start || self.meta.min_t > end {
-            return Ok(0);
+            return Ok(stats);
         }
-        let mut damaged = 0;
         let mut reader = file.reader();
         for entry in file.lookup(ids)? {
             if entry.max_t < start || entry.min_t > end {
                 continue;
             }
             let samples = out.entry(entry.series).or_default();
+            let before = samples.len();
             if let Err(e) = reader
                 .read(&entry)
                 .and_then(|p| decode_samples_into(&p, start, end, samples))
             {
                 tracing::error!(error = %e, block = %self.dir.display(), series = entry.series, "skipping a damaged run");
-                damaged += 1;
+                stats.damaged += 1;
+            }
+            stats.samples += samples.len().saturating_sub(before);
+            if max_samples > 0 && stats.samples > max_samples {
+                break;
             }
         }
-        Ok(damaged)
+        Ok(stats)
     }
 
     /// Rollup rows with bucket starts in `[start, end]`, merged into `out` per series. Reads
@@ -397,6 +412,7 @@ impl Block {
                 ids,
                 start,
                 end.saturating_add(resolution.ms() - 1),
+                0,
                 &mut raw,
             )?;
             for (id, samples) in raw {
@@ -454,7 +470,7 @@ impl Block {
         let mut out = BTreeMap::new();
         if let Some(file) = &self.chunks {
             let ids: Vec<u64> = file.all_entries()?.iter().map(|e| e.series).collect();
-            self.read_samples(&ids, i64::MIN, i64::MAX, &mut out)?;
+            self.read_samples(&ids, i64::MIN, i64::MAX, 0, &mut out)?;
         }
         Ok(out)
     }
@@ -587,13 +603,13 @@ mod tests {
         assert_eq!(block.meta.samples, 1010);
         let mut out = BTreeMap::new();
         block
-            .read_samples(&[1, 3, 9], 0, i64::MAX, &mut out)
+            .read_samples(&[1, 3, 9], 0, i64::MAX, 0, &mut out)
             .unwrap();
         assert_eq!(out[&3], a);
         assert_eq!(out[&9], b);
         assert!(!out.contains_key(&1));
         let mut part = BTreeMap::new();
-        block.read_samples(&[3], 30_000, 60_000, &mut part).unwrap();
+        block.read_samples(&[3], 30_000, 60_000, 0, &mut part).unwrap();
         assert_eq!(part[&3], a[2..=4].to_vec());
         for r in Resolution::ALL {
             let mut rows = BTreeMap::new();

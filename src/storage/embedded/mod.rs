@@ -431,22 +431,36 @@ impl EmbeddedStorage {
     }
 
     /// Raw samples of `ids` (sorted) in `[start, end]` from blocks, samples being flushed and
-    /// the head, per series in time order.
+    /// the head, per series in time order, with the damaged runs skipped. Fails with
+    /// [`StorageError::TooManySamples`] as soon as more than `max_samples` were read (0: no
+    /// limit), before reading the rest.
     fn samples_of(
         &self,
         head: &Head,
         blocks: &[Block],
         flushing: &BTreeMap<u64, Vec<Chunk>>,
         ids: &[u64],
-        start: TimestampMs,
-        end: TimestampMs,
+        (start, end): (TimestampMs, TimestampMs),
+        max_samples: usize,
     ) -> StorageResult<(BTreeMap<u64, Vec<Sample>>, usize)> {
         let mut out: BTreeMap<u64, Vec<Sample>> = BTreeMap::new();
-        let mut damaged = 0;
+        let (mut damaged, mut loaded) = (0, 0usize);
+        let over = |loaded: usize| max_samples > 0 && loaded > max_samples;
         for block in blocks {
-            damaged += block
-                .read_samples(ids, start, end, &mut out)
+            // What is left of the budget (never 0, which means no limit): `loaded` is within it.
+            let left = if max_samples > 0 {
+                (max_samples - loaded).max(1)
+            } else {
+                0
+            };
+            let stats = block
+                .read_samples(ids, start, end, left, &mut out)
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
+            damaged += stats.damaged;
+            loaded += stats.samples;
+            if over(loaded) {
+                return Err(StorageError::TooManySamples);
+            }
         }
         for &id in ids {
             let flushing = flushing.get(&id);
@@ -455,11 +469,16 @@ impl EmbeddedStorage {
                 continue;
             }
             let samples = out.entry(id).or_default();
+            let before = samples.len();
             if let Some(chunks) = flushing {
                 chunks_range_into(chunks, start, end, samples);
             }
             if let Some(series) = in_head {
                 series.samples.range_into(start, end, samples);
+            }
+            loaded += samples.len() - before;
+            if over(loaded) {
+                return Err(StorageError::TooManySamples);
             }
         }
         for samples in out.values_mut() {
@@ -923,8 +942,8 @@ impl Storage for EmbeddedStorage {
             &set.blocks,
             &set.flushing,
             &ids,
-            hints.start,
-            hints.end,
+            (hints.start, hints.end),
+            hints.max_samples,
         )?;
         if damaged > 0 {
             hints.warnings.push(format!(
@@ -978,8 +997,8 @@ impl Storage for EmbeddedStorage {
             &[],
             &set.flushing,
             &ids,
-            start,
-            end.saturating_add(resolution.ms() - 1),
+            (start, end.saturating_add(resolution.ms() - 1)),
+            0,
         )?;
         for (id, samples) in raw {
             let fresh: Vec<RollupRow> = super::rollup(&samples, resolution)
