@@ -850,3 +850,104 @@ async fn damaged_data_met_by_a_query_is_reported_in_warnings() {
         "{metrics}"
     );
 }
+
+/// The largest requests the default limits allow, of every kind, survive a SIGKILL and a
+/// restart whole: no log record they make is too large for replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_allowed_requests_survive_a_restart() {
+    use secumon_proto::prometheus::{Exemplar, Label};
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().display().to_string();
+    let port = free_port();
+    let args = ["--retention-raw-days", "100000"];
+    let server = spawn_secumon(&storage, port, &args);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let write = |body: Vec<u8>| {
+        let (http, url) = (http.clone(), format!("{base}/api/v1/write"));
+        async move {
+            let response = http.post(url).body(body).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+    };
+    // The series limit: 100,000 series in one request.
+    let wide: Vec<_> = (0..100_000)
+        .map(|i| series(&[("__name__", "wide"), ("i", &i.to_string())], &[(T0, 1.0)]))
+        .collect();
+    let (status, text) = write(encode(&request(wide, vec![]))).await;
+    assert_eq!(status, 204, "{text}");
+    // As many samples as the decompressed body limit (32 MiB) holds at 18 bytes a sample:
+    // 1,600,000 (8,000 series of 200).
+    let samples: Vec<(i64, f64)> = (0..200).map(|i| (T0 + i * 1_000, i as f64)).collect();
+    let big: Vec<_> = (0..8_000)
+        .map(|i| series(&[("__name__", "big"), ("i", &i.to_string())], &samples))
+        .collect();
+    let (status, text) = write(encode(&request(big, vec![]))).await;
+    assert_eq!(status, 204, "{text}");
+    // Exemplars up to the per-series limit on 1,000 series: the whole ring.
+    let traced: Vec<_> = (0..1_000)
+        .map(|i| {
+            let mut s = series(
+                &[("__name__", "traced"), ("i", &i.to_string())],
+                &[(T0, 1.0)],
+            );
+            s.exemplars = (0..100)
+                .map(|j| Exemplar {
+                    labels: vec![Label {
+                        name: "trace_id".into(),
+                        value: format!("{i}-{j}"),
+                    }],
+                    value: j as f64,
+                    timestamp: T0 + j,
+                })
+                .collect();
+            s
+        })
+        .collect();
+    let (status, text) = write(encode(&request(traced, vec![]))).await;
+    assert_eq!(status, 204, "{text}");
+
+    // SIGKILL: nothing is flushed; everything comes back from the log.
+    unsafe {
+        libc::kill(server.pid() as i32, libc::SIGKILL);
+    }
+    drop(server);
+    let _server = spawn_secumon(&storage, port, &args);
+    let value = |query: &'static str| {
+        let (http, url) = (http.clone(), format!("{base}/api/v1/query"));
+        async move {
+            let (status, body) =
+                crate::support::get_json(&http, &url, &[("query", query), ("time", "1700000300")])
+                    .await;
+            assert_eq!(status, 200, "{body}");
+            body["data"]["result"][0]["value"][1]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    assert_eq!(value("count(wide)").await, "100000");
+    assert_eq!(value("sum(count_over_time(big[10m]))").await, "1600000");
+    let (status, body) = crate::support::get_json(
+        &http,
+        &format!("{base}/api/v1/query_exemplars"),
+        &[
+            ("query", "traced"),
+            ("start", "1699999999"),
+            ("end", "1700000001"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let kept: usize = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["exemplars"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(kept, 100_000);
+}
