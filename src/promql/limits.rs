@@ -218,6 +218,13 @@ mod tests {
     }
 
     #[test]
+    fn the_parser_s_panics_are_parse_errors() {
+        let query = format!("up[5{}]", "6".repeat(60));
+        let error = super::super::parse(&query).unwrap_err().to_string();
+        assert!(error.contains("out of range"), "{error}");
+    }
+
+    #[test]
     fn deep_and_long_queries_are_refused_before_parsing() {
         let cases = [
             "(".repeat(10_000) + "1" + &")".repeat(10_000),

@@ -263,9 +263,20 @@ pub fn parse(query: &str) -> Result<Expr, QueryError> {
         // Fails only if the parser gains a built-in of that name, which then serves as well.
         let _ = parser::register_extra_functions(vec![holt_winters]);
     });
-    let expr = parser::parse(query).map_err(QueryError::BadData)?;
+    let expr = parse_text(query).map_err(QueryError::BadData)?;
     check_known(&expr)?;
     Ok(expr)
+}
+
+/// The parser's answer, with a panic in it (a duration too large for `Duration`, found by
+/// fuzzing: `up[5666…6]`) turned into the parse error it should have been.
+fn parse_text(text: &str) -> Result<Expr, String> {
+    std::panic::catch_unwind(|| parser::parse(text)).unwrap_or_else(|_| {
+        Err(format!(
+            "cannot parse {:?}: a number or duration out of range",
+            text.chars().take(64).collect::<String>()
+        ))
+    })
 }
 
 /// Refuses what Prometheus 2.42 does not know.
@@ -373,7 +384,7 @@ impl Engine {
     pub fn parse_selector(&self, text: &str) -> Result<Vec<Matcher>, String> {
         limits::check_text(text, self.config.max_length_bytes, self.max_depth())
             .map_err(|e| e.to_string())?;
-        match parser::parse(text)? {
+        match parse_text(text)? {
             Expr::VectorSelector(vs) => Ok(selector_matchers(&vs)),
             _ => Err(format!(
                 "invalid series selector {text:?}: not a vector selector"

@@ -609,7 +609,9 @@ mod tests {
         assert_eq!(out[&9], b);
         assert!(!out.contains_key(&1));
         let mut part = BTreeMap::new();
-        block.read_samples(&[3], 30_000, 60_000, 0, &mut part).unwrap();
+        block
+            .read_samples(&[3], 30_000, 60_000, 0, &mut part)
+            .unwrap();
         assert_eq!(part[&3], a[2..=4].to_vec());
         for r in Resolution::ALL {
             let mut rows = BTreeMap::new();

@@ -203,8 +203,10 @@ pub fn command_as(program: &Path, user: Option<(u32, u32)>) -> Command {
 /// `extra` sets them), started and listening. Benchmarks may name another build in
 /// `SECUMON_BENCH_BINARY` (an earlier commit's, to compare side by side).
 pub fn spawn_secumon(storage: &str, port: u16, extra: &[&str]) -> Managed {
-    let binary = std::env::var_os("SECUMON_BENCH_BINARY")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_secumon")), PathBuf::from);
+    let binary = std::env::var_os("SECUMON_BENCH_BINARY").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_secumon")),
+        PathBuf::from,
+    );
     let mut cmd = Command::new(binary);
     cmd.args(["serve", "--storage", storage])
         .args(["--http-listen", &format!("127.0.0.1:{port}")]);
