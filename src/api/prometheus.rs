@@ -242,11 +242,7 @@ pub(super) async fn series(
     let timeout = query_options(&params)?.timeout;
     let engine = &state.engine;
     let series = engine
-        .limited(timeout, async {
-            let series = state.storage.series(&state.tenant(), &query).await?;
-            engine.check_series_count(series.len())?;
-            Ok(series)
-        })
+        .limited(timeout, state.storage.series(&state.tenant(), &query))
         .await?;
     let mut data = String::from("[");
     for (i, labels) in series.iter().enumerate() {
@@ -270,11 +266,7 @@ pub(super) async fn labels(
     let timeout = query_options(&params)?.timeout;
     let engine = &state.engine;
     let names = engine
-        .limited(timeout, async {
-            let names = state.storage.label_names(&state.tenant(), &query).await?;
-            engine.check_series_count(names.len())?;
-            Ok(names)
-        })
+        .limited(timeout, state.storage.label_names(&state.tenant(), &query))
         .await?;
     Ok(success_json(serde_json::json!(names)))
 }
@@ -293,14 +285,10 @@ pub(super) async fn label_values(
     let timeout = query_options(&params)?.timeout;
     let engine = &state.engine;
     let values = engine
-        .limited(timeout, async {
-            let values = state
-                .storage
-                .label_values(&state.tenant(), &name, &query)
-                .await?;
-            engine.check_series_count(values.len())?;
-            Ok(values)
-        })
+        .limited(
+            timeout,
+            state.storage.label_values(&state.tenant(), &name, &query),
+        )
         .await?;
     Ok(success_json(serde_json::json!(values)))
 }
@@ -324,14 +312,12 @@ pub(super) async fn metadata(
     let timeout = query_options(&params)?.timeout;
     let engine = &state.engine;
     let rows = engine
-        .limited(timeout, async {
-            let rows = state
+        .limited(
+            timeout,
+            state
                 .storage
-                .metadata(&state.tenant(), metric, limit.max(0) as usize)
-                .await?;
-            engine.check_series_count(rows.len())?;
-            Ok(rows)
-        })
+                .metadata(&state.tenant(), metric, limit.max(0) as usize),
+        )
         .await?;
     let mut families: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
     for MetricMetadata {
@@ -392,11 +378,7 @@ pub(super) async fn query_exemplars(
         Vec::new()
     } else {
         engine
-            .limited(timeout, async {
-                let series = state.storage.exemplars(&state.tenant(), &query).await?;
-                engine.check_series_count(series.len())?;
-                Ok(series)
-            })
+            .limited(timeout, state.storage.exemplars(&state.tenant(), &query))
             .await?
     };
     let mut data = String::from("[");

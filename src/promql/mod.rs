@@ -345,32 +345,39 @@ impl Engine {
     }
 
     /// Runs a metadata read (series, label names and values, metric metadata, exemplars, TSDB
-    /// status) under the limits of queries: it waits for one of the evaluation slots and
-    /// ends at the timeout (the request's `timeout` if shorter).
+    /// status) under the limits of queries: it waits for one of the evaluation slots, ends at
+    /// the timeout (the request's `timeout` if shorter), and fails when it answers more than
+    /// `--query-max-series` items.
     pub async fn limited<T>(
         &self,
         timeout: Option<Duration>,
-        work: impl std::future::Future<Output = Result<T, QueryError>>,
-    ) -> Result<T, QueryError> {
+        work: impl std::future::Future<Output = Result<Vec<T>, StorageError>>,
+    ) -> Result<Vec<T>, QueryError> {
+        let (_slot, deadline) = self.slot(timeout).await?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let items = tokio::time::timeout(remaining, work)
+            .await
+            .map_err(|_| QueryError::Timeout("metadata read"))??;
+        if items.len() > self.config.max_series {
+            return Err(QueryError::TooManySeries(self.config.max_series));
+        }
+        Ok(items)
+    }
+
+    /// One of the evaluation slots, waited for within the query's timeout (the request's if
+    /// shorter than the configured one), and the query's deadline.
+    async fn slot(
+        &self,
+        requested: Option<Duration>,
+    ) -> Result<(tokio::sync::SemaphorePermit<'_>, Instant), QueryError> {
         let configured = Duration::from_secs(self.config.timeout_secs);
-        let timeout = timeout.map_or(configured, |t| t.min(configured));
+        let timeout = requested.map_or(configured, |t| t.min(configured));
         let deadline = Instant::now() + timeout;
-        let _slot = tokio::time::timeout(timeout, self.slots.acquire())
+        let slot = tokio::time::timeout(timeout, self.slots.acquire())
             .await
             .map_err(|_| QueryError::Timeout("query queue"))?
             .map_err(|_| QueryError::Execution("query engine is shutting down".into()))?;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        tokio::time::timeout(remaining, work)
-            .await
-            .map_err(|_| QueryError::Timeout("metadata read"))?
-    }
-
-    /// Fails when a metadata read answers more than `--query-max-series` items.
-    pub fn check_series_count(&self, count: usize) -> Result<(), QueryError> {
-        if count > self.config.max_series {
-            return Err(QueryError::TooManySeries(self.config.max_series));
-        }
-        Ok(())
+        Ok((slot, deadline))
     }
 
     /// Parses a query within the configured length and nesting limits (checked on the text,
@@ -431,13 +438,7 @@ impl Engine {
         instant: bool,
         request: QueryOptions,
     ) -> Result<QueryValue, QueryError> {
-        let configured = Duration::from_secs(self.config.timeout_secs);
-        let timeout = request.timeout.map_or(configured, |t| t.min(configured));
-        let deadline = Instant::now() + timeout;
-        let _slot = tokio::time::timeout(timeout, self.slots.acquire())
-            .await
-            .map_err(|_| QueryError::Timeout("query queue"))?
-            .map_err(|_| QueryError::Execution("query engine is shutting down".into()))?;
+        let (_slot, deadline) = self.slot(request.timeout).await?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let options = eval::EvalOptions {
             lookback: self.config.lookback_delta_secs as i64 * 1000,

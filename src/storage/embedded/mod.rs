@@ -1386,17 +1386,21 @@ mod tests {
         );
     }
 
+    /// Writes 300 series of two hours into `dir` and flushes them to one block.
+    async fn write_one_block_of_300_series(dir: &Path, tenant: &TenantId) {
+        let s = EmbeddedStorage::open(dir, &config(), &RetentionConfig::default()).unwrap();
+        let batch: Vec<SeriesWrite> = (0..300)
+            .map(|i| series("up", &format!("j{i}"), 0, 2 * HOUR, 60_000))
+            .collect();
+        s.append(tenant, &batch).await.unwrap();
+        s.maintain_with_cutoff(0, i64::MAX).unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_damaged_run_met_by_a_read_is_reported_as_a_warning() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        let batch: Vec<SeriesWrite> = (0..300)
-            .map(|i| series("up", &format!("j{i}"), 0, 2 * HOUR, 60_000))
-            .collect();
-        s.append(&tenant, &batch).await.unwrap();
-        s.maintain_with_cutoff(0, i64::MAX).unwrap();
-        drop(s);
+        write_one_block_of_300_series(dir.path(), &tenant).await;
         let block = std::fs::read_dir(dir.path().join("blocks"))
             .unwrap()
             .next()
@@ -1433,17 +1437,12 @@ mod tests {
             "{warnings:?}"
         );
     }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_block_file_is_recovered_and_reported() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        let batch: Vec<SeriesWrite> = (0..300)
-            .map(|i| series("up", &format!("j{i}"), 0, 2 * HOUR, 60_000))
-            .collect();
-        s.append(&tenant, &batch).await.unwrap();
-        s.maintain_with_cutoff(0, i64::MAX).unwrap();
-        drop(s);
+        write_one_block_of_300_series(dir.path(), &tenant).await;
         let blocks: Vec<PathBuf> = std::fs::read_dir(dir.path().join("blocks"))
             .unwrap()
             .map(|e| e.unwrap().path())

@@ -158,35 +158,19 @@ impl Record {
             out.push(payload);
             return;
         }
+        fn halves<T: Clone>(entries: &[T], record: fn(Vec<T>) -> Record) -> [Record; 2] {
+            let (a, b) = entries.split_at(entries.len() / 2);
+            [record(a.to_vec()), record(b.to_vec())]
+        }
         let halves = match self {
             Record::Samples { samples } if samples.len() > 1 => {
-                let (a, b) = samples.split_at(samples.len() / 2);
-                [
-                    Record::Samples {
-                        samples: a.to_vec(),
-                    },
-                    Record::Samples {
-                        samples: b.to_vec(),
-                    },
-                ]
+                halves(samples, |samples| Record::Samples { samples })
             }
             Record::Exemplars { exemplars } if exemplars.len() > 1 => {
-                let (a, b) = exemplars.split_at(exemplars.len() / 2);
-                [
-                    Record::Exemplars {
-                        exemplars: a.to_vec(),
-                    },
-                    Record::Exemplars {
-                        exemplars: b.to_vec(),
-                    },
-                ]
+                halves(exemplars, |exemplars| Record::Exemplars { exemplars })
             }
             Record::Flushed { marks } if marks.len() > 1 => {
-                let (a, b) = marks.split_at(marks.len() / 2);
-                [
-                    Record::Flushed { marks: a.to_vec() },
-                    Record::Flushed { marks: b.to_vec() },
-                ]
+                halves(marks, |marks| Record::Flushed { marks })
             }
             _ => {
                 out.push(payload);
