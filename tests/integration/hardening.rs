@@ -956,3 +956,65 @@ async fn the_largest_allowed_requests_survive_a_restart() {
         .sum();
     assert_eq!(kept, 100_000);
 }
+
+/// Past `--ingest-max-inflight-requests`, a request waits a second for a slot, then gets 503
+/// with `Retry-After`; the requests holding the slots are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_requests_past_the_inflight_limit_are_asked_to_retry() {
+    use sqlx::Connection;
+    let s = crate::support::Secumon::start_on(crate::support::Backend::Postgres, |c| {
+        c.ingest.max_inflight_requests = 1;
+    })
+    .await;
+    let url = s.database_url.clone().expect("a PostgreSQL database");
+    // Writes wait on this lock, so the first request holds the only slot.
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::Executor::execute(
+        &mut admin,
+        "BEGIN; LOCK TABLE samples IN ACCESS EXCLUSIVE MODE",
+    )
+    .await
+    .unwrap();
+    let first = {
+        let (http, url) = (s.http.clone(), s.url("/api/v1/write"));
+        let body = encode(&request(
+            vec![series(&[("__name__", "held")], &[(T0, 1.0)])],
+            vec![],
+        ));
+        tokio::spawn(async move { http.post(url).body(body).send().await.unwrap().status() })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let response = s
+        .http
+        .post(s.url("/api/v1/write"))
+        .body(encode(&request(
+            vec![series(&[("__name__", "later")], &[(T0, 1.0)])],
+            vec![],
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    sqlx::Executor::execute(&mut admin, "COMMIT").await.unwrap();
+    assert_eq!(first.await.unwrap().as_u16(), 204);
+    let (status, text) = s
+        .write_raw(encode(&request(
+            vec![series(&[("__name__", "later")], &[(T0, 1.0)])],
+            vec![],
+        )))
+        .await;
+    assert_eq!(status, 204, "{text}");
+}
