@@ -262,14 +262,42 @@ impl Acceptor {
         }
     }
 
-    /// A stream of accepted connections, for tonic.
+    /// A stream of accepted connections for tonic, each handed over only once its first byte
+    /// has arrived within `first_byte`: HTTP/2 has no header timeout of its own, so a client
+    /// that connects and says nothing would otherwise hold its connection slot for good (one
+    /// that talks and then goes quiet is closed by the keep-alive pings). Connections wait for
+    /// their first byte side by side; accepting stops when tonic drops the stream.
     pub fn into_stream(
         self,
+        first_byte: Duration,
     ) -> impl futures::Stream<Item = std::io::Result<Limited>> + Send + 'static {
-        futures::stream::unfold(self, |acceptor| async move {
-            let next = acceptor.accept().await.map(|(conn, _)| conn);
-            Some((next, acceptor))
-        })
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = self.accept() => accepted,
+                    _ = tx.closed() => return,
+                };
+                match accepted {
+                    Ok((conn, _)) => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let mut byte = [0u8; 1];
+                            let peeked =
+                                tokio::time::timeout(first_byte, conn.stream.peek(&mut byte)).await;
+                            if matches!(peeked, Ok(Ok(n)) if n > 0) {
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
     }
 }
 

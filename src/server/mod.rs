@@ -191,7 +191,8 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         let listener = bind(&config.otlp_grpc_listen).await?;
         otlp_grpc_addr = Some(listener.local_addr()?);
         let service = api::otlp::grpc::MetricsService::new(state.clone());
-        let incoming = listener::Acceptor::new(listener, config.http.max_connections).into_stream();
+        let incoming = listener::Acceptor::new(listener, config.http.max_connections)
+            .into_stream(Duration::from_secs(config.http.header_timeout_secs.max(1)));
         let stopped = shutdown_requested(stop.clone());
         let grpc = &config.grpc;
         let builder = tonic::transport::Server::builder()

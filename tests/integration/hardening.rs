@@ -368,7 +368,11 @@ async fn storage_errors_reach_clients_as_a_message_and_a_request_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off_and_the_connection_limit_recovers() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let grpc_port = free_port();
+    let grpc_listen = format!("127.0.0.1:{grpc_port}");
     let s = Target::start(&[
+        "--otlp-grpc-listen",
+        &grpc_listen,
         "--http-max-connections",
         "6",
         "--http-header-timeout-secs",
@@ -448,6 +452,28 @@ async fn slow_clients_are_cut_off_and_the_connection_limit_recovers() {
     assert!(rest.ends_with(b"OK"), "{}", String::from_utf8_lossy(&rest));
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(1_500), "{took:?}");
+
+    // gRPC: every connection slot taken by clients that never send a byte; a real export
+    // gets through once they are dropped at the header timeout.
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(tokio::net::TcpStream::connect(&grpc_listen).await.unwrap());
+    }
+    let started = Instant::now();
+    let addr: std::net::SocketAddr = grpc_listen.parse().unwrap();
+    let exported = tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::support::raw_grpc::export(addr, Vec::new()),
+    )
+    .await
+    .expect("the export got a connection");
+    exported.expect("an empty export is taken");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
     s.assert_healthy(200).await;
 }
 
