@@ -224,7 +224,7 @@ fn main() {
                         Resolution::OneHour,
                         start,
                         end,
-                        max_columns,
+                        max_columns.into(),
                     )
                     .await
                     .unwrap();

@@ -117,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
             resolution,
             i64::MIN / 2,
             i64::MAX / 2,
-            secumon::storage::RollupColumns::ALL,
+            secumon::storage::RollupColumns::ALL.into(),
         ));
     }
 });

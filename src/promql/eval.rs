@@ -242,7 +242,10 @@ pub(super) async fn fetch(
                 plan.resolution,
                 plan.first_bucket,
                 plan.last_bucket.saturating_add(plan.resolution.ms()),
-                plan.func.columns(),
+                crate::storage::RollupRead {
+                    columns: plan.func.columns(),
+                    max_rows: options.max_samples.saturating_sub(total).max(1),
+                },
             )
             .await?;
         metrics.rollup_select(plan.resolution);

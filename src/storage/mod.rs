@@ -247,6 +247,23 @@ pub struct RollupColumns {
     pub first: bool,
 }
 
+/// What a rollup read fetches: the aggregates wanted and the most rows (0: no limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RollupRead {
+    pub columns: RollupColumns,
+    pub max_rows: usize,
+}
+
+impl From<RollupColumns> for RollupRead {
+    /// Every row of those aggregates.
+    fn from(columns: RollupColumns) -> Self {
+        RollupRead {
+            columns,
+            max_rows: 0,
+        }
+    }
+}
+
 impl RollupColumns {
     pub const ALL: RollupColumns = RollupColumns {
         min: true,
@@ -467,7 +484,9 @@ pub trait Storage: Send + Sync + 'static {
     /// starting in `[start, end]`, sorted by labels; series without rows are left out. A
     /// backend answers from its rollup relations where it keeps them and aggregates raw
     /// samples otherwise, so the answer is the same either way; this default aggregates raw
-    /// samples. Only the aggregates in `columns` need be read (see [`RollupColumns`]).
+    /// samples. Only the aggregates in `read.columns` need be read (see [`RollupColumns`]);
+    /// past `read.max_rows` rows (0: no limit) a backend stops with
+    /// [`StorageError::TooManySamples`].
     async fn select_rollups(
         &self,
         tenant: &TenantId,
@@ -475,13 +494,13 @@ pub trait Storage: Send + Sync + 'static {
         resolution: Resolution,
         start: TimestampMs,
         end: TimestampMs,
-        columns: RollupColumns,
+        read: RollupRead,
     ) -> StorageResult<Vec<SeriesRollups>> {
-        let _ = columns;
         let start = resolution.bucket(start);
         let hints = SelectHints {
             start,
             end: resolution.bucket(end).saturating_add(resolution.ms() - 1),
+            max_samples: read.max_rows,
             ..SelectHints::default()
         };
         Ok(self

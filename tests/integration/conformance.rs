@@ -632,7 +632,7 @@ async fn rollups_equal_aggregates_of_the_raw_samples() {
                     resolution,
                     start,
                     end,
-                    columns,
+                    columns.into(),
                 )
                 .await
                 .unwrap();
@@ -653,6 +653,27 @@ async fn rollups_equal_aggregates_of_the_raw_samples() {
                 );
             }
         }
+        // A row limit stops the read: 36 hours of 5-minute rows of two series are far more
+        // than 100, wherever the rows come from (rollup relations, raw tails, the head).
+        let limited = s
+            .storage
+            .select_rollups(
+                &tenant,
+                &[Matcher::equal("job", "x")],
+                Resolution::FiveMinutes,
+                T0 + 5 * 3_600_000,
+                T0 + 40 * 3_600_000,
+                secumon::storage::RollupRead {
+                    columns: RollupColumns::ALL,
+                    max_rows: 100,
+                },
+            )
+            .await;
+        assert!(
+            matches!(limited, Err(StorageError::TooManySamples)),
+            "{}: {limited:?}",
+            s.name
+        );
     }
 }
 

@@ -79,7 +79,7 @@ async fn assert_reads_equal_raw(storage: &PostgresStorage, from: i64) {
                 resolution,
                 from,
                 i64::MAX / 4,
-                RollupColumns::ALL,
+                RollupColumns::ALL.into(),
             )
             .await
             .unwrap();

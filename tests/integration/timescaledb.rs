@@ -414,7 +414,7 @@ async fn refresh_jobs_fill_both_rollups_with_the_expected_aggregates() {
                 resolution,
                 from,
                 from + 4 * HOUR,
-                RollupColumns::ALL,
+                RollupColumns::ALL.into(),
             )
             .await
             .unwrap();
@@ -449,7 +449,14 @@ async fn answers(storage: &PostgresStorage, from: i64, to: i64) -> String {
     }
     for resolution in Resolution::ALL {
         for s in storage
-            .select_rollups(&tenant, &matchers, resolution, from, to, RollupColumns::ALL)
+            .select_rollups(
+                &tenant,
+                &matchers,
+                resolution,
+                from,
+                to,
+                RollupColumns::ALL.into(),
+            )
             .await
             .unwrap()
         {

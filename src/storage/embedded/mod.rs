@@ -20,9 +20,9 @@ mod wal;
 pub use wal::FsyncPolicy;
 
 use super::{
-    AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig, RollupColumns,
-    RollupRow, SelectHints, SeriesQuery, SeriesRollups, Storage, StorageError, StorageResult,
-    StorageStats, WriteBatch,
+    AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig, RollupRead, RollupRow,
+    SelectHints, SeriesQuery, SeriesRollups, Storage, StorageError, StorageResult, StorageStats,
+    WriteBatch,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId, TimestampMs,
@@ -977,7 +977,7 @@ impl Storage for EmbeddedStorage {
         resolution: Resolution,
         start: TimestampMs,
         end: TimestampMs,
-        _columns: RollupColumns,
+        read: RollupRead,
     ) -> StorageResult<Vec<SeriesRollups>> {
         // Rollup runs decode whole; every aggregate comes at no extra cost.
         let (start, end) = (resolution.bucket(start), resolution.bucket(end));
@@ -986,19 +986,32 @@ impl Storage for EmbeddedStorage {
         let mut ids = head.matching(tenant.as_str(), matchers);
         ids.sort_unstable();
         let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
+        // Rows so far, checked after each block against `read.max_rows` (0: no limit).
+        let mut loaded = 0usize;
         for block in &set.blocks {
             block
                 .read_rollups(&ids, resolution, start, end, &mut rows)
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
+            if read.max_rows > 0 {
+                loaded = rows.values().map(Vec::len).sum();
+                if loaded > read.max_rows {
+                    return Err(StorageError::TooManySamples);
+                }
+            }
         }
-        // Samples not in blocks yet are aggregated here.
+        // Samples not in blocks yet are aggregated here, within what is left.
+        let left = if read.max_rows > 0 {
+            (read.max_rows - loaded).max(1)
+        } else {
+            0
+        };
         let (raw, _) = self.samples_of(
             &head,
             &[],
             &set.flushing,
             &ids,
             (start, end.saturating_add(resolution.ms() - 1)),
-            0,
+            left,
         )?;
         for (id, samples) in raw {
             let fresh: Vec<RollupRow> = super::rollup(&samples, resolution)
@@ -1085,7 +1098,7 @@ impl Storage for EmbeddedStorage {
 mod tests {
     use super::*;
     use crate::model::Label;
-    use crate::storage::SeriesWrite;
+    use crate::storage::{RollupColumns, SeriesWrite};
 
     const HOUR: i64 = 3_600_000;
     const DAY: i64 = 24 * HOUR;
@@ -1166,7 +1179,7 @@ mod tests {
                         r,
                         0,
                         now,
-                        RollupColumns::ALL,
+                        RollupColumns::ALL.into(),
                     )
                     .await
                     .unwrap();
@@ -1243,7 +1256,7 @@ mod tests {
                 Resolution::OneHour,
                 0,
                 20 * DAY,
-                RollupColumns::ALL,
+                RollupColumns::ALL.into(),
             )
             .await
             .unwrap();
@@ -1376,7 +1389,7 @@ mod tests {
                 Resolution::OneHour,
                 0,
                 10 * HOUR,
-                RollupColumns::ALL,
+                RollupColumns::ALL.into(),
             )
             .await
             .unwrap();

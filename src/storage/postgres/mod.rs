@@ -21,7 +21,7 @@ pub use lifecycle::{LifecycleReport, Mode, TimescaleMode};
 pub use timescaledb::{Job, JobChange};
 
 use super::{
-    AppendOutcome, ExemplarWrite, Resolution, RetentionConfig, RollupColumns, SelectHints,
+    AppendOutcome, ExemplarWrite, Resolution, RetentionConfig, RollupRead, SelectHints,
     SeriesQuery, SeriesRollups, Storage, StorageError, StorageResult, StorageStats, WriteBatch,
 };
 use crate::model::{
@@ -376,9 +376,9 @@ impl Storage for PostgresStorage {
         resolution: Resolution,
         start: TimestampMs,
         end: TimestampMs,
-        columns: RollupColumns,
+        read: RollupRead,
     ) -> StorageResult<Vec<SeriesRollups>> {
-        self.select_rollup_rows(tenant, matchers, resolution, start, end, columns)
+        self.select_rollup_rows(tenant, matchers, resolution, (start, end), read)
             .await
     }
 

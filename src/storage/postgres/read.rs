@@ -10,7 +10,7 @@ use crate::model::{
     METRIC_NAME_LABEL,
 };
 use crate::storage::{
-    rollup, Resolution, RollupColumns, RollupRow, SelectHints, SeriesQuery, SeriesRollups,
+    rollup, Resolution, RollupRead, RollupRow, SelectHints, SeriesQuery, SeriesRollups,
     StorageError, StorageResult,
 };
 use chrono::{DateTime, Utc};
@@ -427,10 +427,14 @@ impl PostgresStorage {
         tenant: &TenantId,
         matchers: &[Matcher],
         resolution: Resolution,
-        start: TimestampMs,
-        end: TimestampMs,
-        columns: RollupColumns,
+        (start, end): (TimestampMs, TimestampMs),
+        read: RollupRead,
     ) -> StorageResult<Vec<SeriesRollups>> {
+        let columns = read.columns;
+        // Rows read so far, against `read.max_rows` (0: no limit).
+        let mut loaded = 0usize;
+        let left =
+            |loaded: usize| (read.max_rows > 0).then(|| read.max_rows.saturating_sub(loaded));
         let start = resolution.bucket(start.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS));
         let end = resolution
             .bucket(end.clamp(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS))
@@ -513,7 +517,7 @@ impl PostgresStorage {
                     timestamp_literal(start),
                     timestamp_literal(table_end)
                 );
-                copy_rows(
+                loaded += copy_rows(
                     guard.conn(),
                     &sql,
                     fields,
@@ -535,7 +539,7 @@ impl PostgresStorage {
                             });
                         }
                     },
-                    None,
+                    left(loaded),
                 )
                 .await?;
             }
@@ -549,8 +553,10 @@ impl PostgresStorage {
             }
         }
         if table_end < end {
+            // The raw tail is charged what is left (0 means no limit, so at least 1).
+            let budget = left(loaded).map_or(0, |n| n.max(1));
             for raw in self
-                .select_where(series.clone(), table_end, end - 1, None, 0)
+                .select_where(series.clone(), table_end, end - 1, None, budget)
                 .await?
             {
                 if let Ok(i) = series.binary_search_by(|(_, l)| l.cmp(&raw.labels)) {
