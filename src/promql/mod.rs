@@ -11,6 +11,7 @@ mod binary;
 mod eval;
 mod functions;
 pub mod limits;
+mod plan;
 mod rollups;
 mod value;
 
