@@ -244,6 +244,7 @@ pub(super) async fn fetch(
                 crate::storage::RollupRead {
                     columns: plan.func.columns(),
                     max_rows: options.max_samples.saturating_sub(total).max(1),
+                    warnings: warnings.clone(),
                 },
             )
             .await?;

@@ -247,11 +247,13 @@ pub struct RollupColumns {
     pub first: bool,
 }
 
-/// What a rollup read fetches: the aggregates wanted and the most rows (0: no limit).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a rollup read fetches: the aggregates wanted and the most rows (0: no limit), and
+/// where the backend reports what the answer lacks.
+#[derive(Clone, Debug)]
 pub struct RollupRead {
     pub columns: RollupColumns,
     pub max_rows: usize,
+    pub warnings: Warnings,
 }
 
 impl From<RollupColumns> for RollupRead {
@@ -260,6 +262,7 @@ impl From<RollupColumns> for RollupRead {
         RollupRead {
             columns,
             max_rows: 0,
+            warnings: Warnings::default(),
         }
     }
 }
@@ -501,6 +504,7 @@ pub trait Storage: Send + Sync + 'static {
             start,
             end: resolution.bucket(end).saturating_add(resolution.ms() - 1),
             max_samples: read.max_rows,
+            warnings: read.warnings.clone(),
             ..SelectHints::default()
         };
         Ok(self

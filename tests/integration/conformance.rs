@@ -664,8 +664,8 @@ async fn rollups_equal_aggregates_of_the_raw_samples() {
                 T0 + 5 * 3_600_000,
                 T0 + 40 * 3_600_000,
                 secumon::storage::RollupRead {
-                    columns: RollupColumns::ALL,
                     max_rows: 100,
+                    ..RollupColumns::ALL.into()
                 },
             )
             .await;

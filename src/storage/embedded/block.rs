@@ -394,7 +394,8 @@ impl Block {
     }
 
     /// Rollup rows with bucket starts in `[start, end]`, merged into `out` per series. Reads
-    /// the block's rollup file, or aggregates its raw chunks if the rollup is gone.
+    /// the block's rollup file, or aggregates its raw chunks if the rollup is gone. Returns
+    /// the damaged runs it skipped (logged; the other series are answered).
     pub fn read_rollups(
         &self,
         ids: &[u64],
@@ -402,13 +403,13 @@ impl Block {
         start: TimestampMs,
         end: TimestampMs,
         out: &mut BTreeMap<u64, Vec<RollupRow>>,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         if self.meta.max_t < start || self.meta.min_t > end.saturating_add(resolution.ms()) {
-            return Ok(());
+            return Ok(0);
         }
         let Some(file) = self.rollup_file(resolution) else {
             let mut raw = BTreeMap::new();
-            self.read_samples(
+            let stats = self.read_samples(
                 ids,
                 start,
                 end.saturating_add(resolution.ms() - 1),
@@ -422,8 +423,9 @@ impl Block {
                     .collect();
                 merge_into(out, id, &rows);
             }
-            return Ok(());
+            return Ok(stats.damaged);
         };
+        let mut damaged = 0;
         let mut reader = file.reader();
         for entry in file.lookup(ids)? {
             if entry.max_t < start || entry.min_t > end {
@@ -437,10 +439,13 @@ impl Block {
                         .collect();
                     merge_into(out, entry.series, &rows);
                 }
-                Err(e) => tracing::error!(error = %e, "skipping a damaged rollup run"),
+                Err(e) => {
+                    tracing::error!(error = %e, block = %self.dir.display(), series = entry.series, "skipping a damaged rollup run");
+                    damaged += 1;
+                }
             }
         }
-        Ok(())
+        Ok(damaged)
     }
 
     /// Which of `ids` (sorted) have raw samples overlapping `[start, end]`, by the index.
