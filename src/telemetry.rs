@@ -39,6 +39,8 @@ pub struct Metrics {
     registry: Registry,
     pub samples_ingested: Family<ProtocolLabels, Counter>,
     pub samples_rejected: Family<RejectLabels, Counter>,
+    /// Exemplars dropped past the per-series limit of a request, by ingest protocol.
+    pub exemplars_dropped: Family<ProtocolLabels, Counter>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub query_duration: Family<QueryLabels, Histogram>,
     pub query_rollup_selects: Family<ResolutionLabels, Counter>,
@@ -122,6 +124,12 @@ impl Metrics {
             "Samples refused, by ingest protocol and reason",
             samples_rejected.clone(),
         );
+        let exemplars_dropped = Family::<ProtocolLabels, Counter>::default();
+        registry.register(
+            "exemplars_dropped",
+            "Exemplars dropped past --ingest-max-exemplars-per-series, by ingest protocol",
+            exemplars_dropped.clone(),
+        );
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -197,6 +205,7 @@ impl Metrics {
             storage_disk_bytes,
             samples_ingested,
             samples_rejected,
+            exemplars_dropped,
             http_requests,
             query_duration,
             query_rollup_selects,

@@ -19,9 +19,6 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 use prost::Message;
 use secumon_proto::google_rpc::Status as RpcStatus;
 
-/// Seconds a client should wait before retrying when storage is unavailable.
-const RETRY_AFTER_SECS: &str = "1";
-
 /// gRPC codes used in OTLP/HTTP error bodies.
 const CODE_INVALID_ARGUMENT: i32 = 3;
 const CODE_RESOURCE_EXHAUSTED: i32 = 8;
@@ -119,6 +116,20 @@ fn reply(status: StatusCode, encoding: Encoding, body: Vec<u8>) -> Response {
         .into_response()
 }
 
+/// 503 `UNAVAILABLE` with `Retry-After`: OTLP/HTTP clients retry it.
+fn retry_later(encoding: Encoding, message: String) -> Response {
+    let mut response = reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        encoding,
+        status_body(CODE_UNAVAILABLE, message, encoding),
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
+    );
+    response
+}
+
 /// The OTLP/HTTP metrics endpoint.
 pub(super) async fn http_export(
     State(state): State<SharedState>,
@@ -138,19 +149,7 @@ pub(super) async fn http_export(
         .map(str::to_owned);
     let _slot = match state.ingester.slot().await {
         Ok(slot) => slot,
-        Err(busy) => {
-            // OTLP/HTTP: 503 with Retry-After is retryable.
-            let mut response = reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                encoding,
-                status_body(CODE_UNAVAILABLE, busy.to_string(), encoding),
-            );
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
-            );
-            return response;
-        }
+        Err(busy) => return retry_later(encoding, busy.to_string()),
     };
     match export(&state, body, content_encoding, encoding).await {
         Ok(summary) => reply(
@@ -169,20 +168,7 @@ pub(super) async fn http_export(
             status_body(CODE_INVALID_ARGUMENT, e.to_string(), encoding),
         ),
         Err(ExportError::Storage(e @ StorageError::Unavailable(_))) => {
-            let mut response = reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                encoding,
-                status_body(
-                    CODE_UNAVAILABLE,
-                    super::errors::client_message(&e, "OTLP export"),
-                    encoding,
-                ),
-            );
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
-            response
+            retry_later(encoding, super::errors::client_message(&e, "OTLP export"))
         }
         Err(ExportError::Storage(e)) => reply(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -66,16 +66,21 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The per-request query settings: `timeout` and `max_source_resolution` (`raw`, `5m`, `1h`
-/// or `auto`, named as in Thanos).
-pub(super) fn query_options(params: &Params) -> Result<promql::QueryOptions, ApiError> {
-    let timeout = match params.get("timeout") {
-        "" => None,
+/// The `timeout` parameter, if given (the configured timeout bounds it).
+fn timeout_param(params: &Params) -> Result<Option<Duration>, ApiError> {
+    match params.get("timeout") {
+        "" => Ok(None),
         value => {
             let ms = parse_duration(value).map_err(|e| ApiError::invalid_param("timeout", e))?;
-            Some(Duration::from_millis(ms.max(0) as u64))
+            Ok(Some(Duration::from_millis(ms.max(0) as u64)))
         }
-    };
+    }
+}
+
+/// The per-request query settings: `timeout` and `max_source_resolution` (`raw`, `5m`, `1h`
+/// or `auto`, named as in Thanos).
+fn query_options(params: &Params) -> Result<promql::QueryOptions, ApiError> {
+    let timeout = timeout_param(params)?;
     let max_source_resolution = match params.get("max_source_resolution") {
         "" => None,
         value => Some(
@@ -239,9 +244,9 @@ pub(super) async fn series(
         return Err(ApiError::bad_data("no match[] parameter provided"));
     }
     let query = series_query(&state.engine, &params, true)?;
-    let timeout = query_options(&params)?.timeout;
-    let engine = &state.engine;
-    let series = engine
+    let timeout = timeout_param(&params)?;
+    let series = state
+        .engine
         .limited(timeout, state.storage.series(&state.tenant(), &query))
         .await?;
     let mut data = String::from("[");
@@ -263,9 +268,9 @@ pub(super) async fn labels(
 ) -> Result<Response, ApiError> {
     let params = params(&uri, &headers, &body);
     let query = series_query(&state.engine, &params, false)?;
-    let timeout = query_options(&params)?.timeout;
-    let engine = &state.engine;
-    let names = engine
+    let timeout = timeout_param(&params)?;
+    let names = state
+        .engine
         .limited(timeout, state.storage.label_names(&state.tenant(), &query))
         .await?;
     Ok(success_json(serde_json::json!(names)))
@@ -282,9 +287,9 @@ pub(super) async fn label_values(
     }
     let params = params(&uri, &headers, &Bytes::new());
     let query = series_query(&state.engine, &params, false)?;
-    let timeout = query_options(&params)?.timeout;
-    let engine = &state.engine;
-    let values = engine
+    let timeout = timeout_param(&params)?;
+    let values = state
+        .engine
         .limited(
             timeout,
             state.storage.label_values(&state.tenant(), &name, &query),
@@ -309,9 +314,9 @@ pub(super) async fn metadata(
         return Ok(success_json(serde_json::json!({})));
     }
     let metric = Some(params.get("metric")).filter(|m| !m.is_empty());
-    let timeout = query_options(&params)?.timeout;
-    let engine = &state.engine;
-    let rows = engine
+    let timeout = timeout_param(&params)?;
+    let rows = state
+        .engine
         .limited(
             timeout,
             state
@@ -372,12 +377,12 @@ pub(super) async fn query_exemplars(
         end,
         limit: 0,
     };
-    let timeout = query_options(&params)?.timeout;
-    let engine = &state.engine;
+    let timeout = timeout_param(&params)?;
     let series = if query.matcher_sets.is_empty() {
         Vec::new()
     } else {
-        engine
+        state
+            .engine
             .limited(timeout, state.storage.exemplars(&state.tenant(), &query))
             .await?
     };

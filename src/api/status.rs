@@ -79,8 +79,8 @@ pub(super) async fn tsdb(State(state): State<SharedState>) -> Result<Response, A
         end: MAX_TIME_MS,
         limit: 0,
     };
-    let engine = &state.engine;
-    let series = engine
+    let series = state
+        .engine
         .limited(None, state.storage.series(&state.tenant(), &query))
         .await?;
     let mut by_metric: HashMap<String, u64> = HashMap::new();

@@ -75,7 +75,8 @@ pub struct IngestConfig {
         default_value_t = 2_000_000
     )]
     pub max_samples_per_request: usize,
-    /// Most exemplars kept per series of one request; the rest are dropped and counted.
+    /// Most exemplars kept per series of one request; the rest are dropped and counted in
+    /// `secumon_exemplars_dropped_total`.
     #[arg(
         id = "ingest.max_exemplars_per_series",
         long = "ingest-max-exemplars-per-series",
@@ -210,6 +211,8 @@ pub struct Batch {
     pub exemplars: Vec<ExemplarWrite>,
     pub metadata: Vec<MetricMetadata>,
     pub rejections: Vec<Rejection>,
+    /// Exemplars left out past the per-series limit (the samples are stored all the same).
+    pub dropped_exemplars: usize,
 }
 
 impl Batch {
@@ -279,7 +282,8 @@ pub struct Ingester {
 /// How long an ingest request waits for a slot before it is answered "retry later".
 const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Seconds a client is asked to wait (`Retry-After`) when every slot is taken.
+/// Seconds a client is asked to wait (`Retry-After`) when every slot is taken or storage is
+/// unavailable.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
 /// Every ingest slot was taken for [`SLOT_WAIT`]: the client should retry later.
@@ -306,10 +310,6 @@ impl Ingester {
         }
     }
 
-    pub fn config(&self) -> &IngestConfig {
-        &self.config
-    }
-
     /// The bounds of a request arriving now.
     pub fn limits(&self) -> RequestLimits {
         self.config
@@ -320,10 +320,7 @@ impl Ingester {
     pub async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Busy> {
         match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
-            _ => {
-                self.metrics.rejected("any", "too_many_requests", 0);
-                Err(Busy(self.config.max_inflight_requests))
-            }
+            _ => Err(Busy(self.config.max_inflight_requests)),
         }
     }
 
@@ -374,6 +371,12 @@ impl Ingester {
             if summary.first_error.is_none() {
                 summary.first_error = Some(rejection.message.clone());
             }
+        }
+        if batch.dropped_exemplars > 0 {
+            self.metrics
+                .exemplars_dropped
+                .get_or_create(&crate::telemetry::ProtocolLabels { protocol })
+                .inc_by(batch.dropped_exemplars as u64);
         }
         let fresh = self.new_metadata(tenant, batch.metadata);
         if !fresh.is_empty() {

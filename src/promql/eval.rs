@@ -5,10 +5,7 @@
 //! which is how Prometheus's `rangeEval` defines their semantics.
 
 use super::functions;
-use super::plan::subquery_range;
-pub(super) use super::plan::{
-    at_ms, duration_ms, fetch, node_key, offset_ms, Loaded, LoadedRollups,
-};
+use super::plan::{at_ms, duration_ms, node_key, offset_ms, subquery_range, Loaded, LoadedRollups};
 use super::rollups::{RollupLoad, SourceResolution};
 use super::value::{Value, VectorBuilder};
 use super::{aggregate, binary, EvalRange, QueryError};

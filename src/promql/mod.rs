@@ -390,9 +390,7 @@ impl Engine {
 
     /// Parses a series selector (`match[]` of the metadata endpoints) within the same limits.
     pub fn parse_selector(&self, text: &str) -> Result<Vec<Matcher>, String> {
-        limits::check_text(text, self.config.max_length_bytes, self.max_depth())
-            .map_err(|e| e.to_string())?;
-        match parse_text(text)? {
+        match self.parse(text).map_err(|e| e.to_string())? {
             Expr::VectorSelector(vs) => Ok(selector_matchers(&vs)),
             _ => Err(format!(
                 "invalid series selector {text:?}: not a vector selector"
@@ -455,7 +453,7 @@ impl Engine {
         let expr = Box::new(expr);
         let data = tokio::time::timeout(
             remaining,
-            eval::fetch(
+            plan::fetch(
                 &self.storage,
                 tenant,
                 &expr,

@@ -15,8 +15,9 @@
 //! This module must never change an answer in the exact mode: anything it cannot prove
 //! aligned is left to raw evaluation.
 
-use super::eval::{at_ms, check_unique_labels, duration_ms, offset_ms, Evaluator};
+use super::eval::{check_unique_labels, Evaluator};
 use super::functions::kahan_inc;
+use super::plan::{at_ms, duration_ms, offset_ms};
 use super::{EvalRange, QueryError};
 use crate::model::{is_stale_nan, Labels, Sample, SeriesSamples};
 use crate::storage::{Resolution, RollupColumns, RollupRow, SeriesRollups};
@@ -721,7 +722,8 @@ mod tests {
         steps: EvalRange,
         samples: &[Sample],
     ) -> (Vec<SeriesSamples>, Vec<SeriesSamples>, Resolution) {
-        use super::super::eval::{node_key, EvalOptions, Loaded};
+        use super::super::eval::EvalOptions;
+        use super::super::plan::{node_key, Loaded};
         use super::super::value::Value;
         let expr = Box::new(promql_parser::parser::parse(query).unwrap());
         let Expr::Call(call) = expr.as_ref() else {

@@ -32,8 +32,9 @@ pub struct HttpConfig {
         default_value_t = 512
     )]
     pub max_connections: usize,
-    /// Seconds a client has to send a request's headers, counted from when the server waits
-    /// for them; the connection is closed after that.
+    /// Seconds a client has to send a request's headers, counted from its first byte (for
+    /// OTLP/gRPC: a connection's first byte, from the accept); the connection is closed after
+    /// that.
     #[arg(
         id = "http.header_timeout_secs",
         long = "http-header-timeout-secs",

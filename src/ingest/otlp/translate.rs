@@ -144,11 +144,8 @@ impl Builder<'_> {
     fn add_exemplars(&mut self, series: usize, mut exemplars: Vec<Exemplar>) {
         let limit = self.limits.max_exemplars_per_series;
         if exemplars.len() > limit {
-            let dropped = exemplars.len() - limit;
+            self.batch.dropped_exemplars += exemplars.len() - limit;
             exemplars.truncate(limit);
-            self.batch.reject("too_many_exemplars", 0, || {
-                format!("{dropped} exemplars dropped: more than {limit} for one point (--ingest-max-exemplars-per-series)")
-            });
         }
         if !exemplars.is_empty() {
             self.batch.exemplars.push(ExemplarWrite {

@@ -245,12 +245,7 @@ fn read_request(raw: &[u8], limits: &RequestLimits) -> Result<Batch, DecodeError
 
 /// Validates one series read into `scratch` and adds it to the batch, or records why not.
 fn add_series(batch: &mut Batch, scratch: &mut SeriesScratch<'_>, limits: &RequestLimits) {
-    if scratch.dropped_exemplars > 0 {
-        let (dropped, limit) = (scratch.dropped_exemplars, limits.max_exemplars_per_series);
-        batch.reject("too_many_exemplars", 0, || {
-            format!("{dropped} exemplars dropped: more than {limit} for one series (--ingest-max-exemplars-per-series)")
-        });
-    }
+    batch.dropped_exemplars += scratch.dropped_exemplars;
     let sample_count = scratch.samples.len();
     if scratch.histograms > 0 {
         let count = scratch.histograms;

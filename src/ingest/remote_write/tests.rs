@@ -482,3 +482,31 @@ fn keeps_valid_series_and_reports_invalid_ones() {
         [("duplicate_label_name", 2), ("invalid_label_name", 1)]
     );
 }
+
+#[test]
+fn exemplars_past_the_per_series_limit_are_dropped_and_counted_not_refused() {
+    let mut ts = series(&[("__name__", "up")], &[(1000, 1.0)]);
+    ts.exemplars = (0..5)
+        .map(|i| pb::Exemplar {
+            labels: vec![PbLabel {
+                name: "trace_id".into(),
+                value: format!("t{i}"),
+            }],
+            value: 1.0,
+            timestamp: 1000 + i,
+        })
+        .collect();
+    let request = WriteRequest {
+        timeseries: vec![ts],
+        metadata: vec![],
+    };
+    let limits = RequestLimits {
+        max_exemplars_per_series: 2,
+        ..RequestLimits::NONE
+    };
+    let batch = read_request(&request.encode_to_vec(), &limits).unwrap();
+    assert_eq!(batch.dropped_exemplars, 3);
+    assert_eq!(batch.exemplars[0].exemplars.len(), 2);
+    assert!(batch.rejections.is_empty(), "{:?}", batch.rejections);
+    assert_eq!(batch.series.sample_count(), 1);
+}
