@@ -97,6 +97,16 @@ pub struct SelectHints {
     pub warnings: Warnings,
 }
 
+/// What is left of a read budget of `max` rows or samples (0: no limit) after `used`: never 0
+/// while limited (a reader given 0 would read without limit), 0 when unlimited.
+pub fn budget_left(max: usize, used: usize) -> usize {
+    if max == 0 {
+        0
+    } else {
+        max.saturating_sub(used).max(1)
+    }
+}
+
 /// Warnings gathered while answering one query, shared by the calls it makes.
 #[derive(Clone, Debug, Default)]
 pub struct Warnings(std::sync::Arc<std::sync::Mutex<Vec<String>>>);

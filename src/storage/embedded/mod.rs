@@ -20,9 +20,9 @@ mod wal;
 pub use wal::FsyncPolicy;
 
 use super::{
-    AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig, RollupRead, RollupRow,
-    SelectHints, SeriesQuery, SeriesRollups, Storage, StorageError, StorageResult, StorageStats,
-    WriteBatch,
+    budget_left, AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig,
+    RollupRead, RollupRow, SelectHints, SeriesQuery, SeriesRollups, Storage, StorageError,
+    StorageResult, StorageStats, WriteBatch,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId, TimestampMs,
@@ -447,14 +447,8 @@ impl EmbeddedStorage {
         let (mut damaged, mut loaded) = (0, 0usize);
         let over = |loaded: usize| max_samples > 0 && loaded > max_samples;
         for block in blocks {
-            // What is left of the budget (never 0, which means no limit): `loaded` is within it.
-            let left = if max_samples > 0 {
-                (max_samples - loaded).max(1)
-            } else {
-                0
-            };
             let stats = block
-                .read_samples(ids, start, end, left, &mut out)
+                .read_samples(ids, start, end, budget_left(max_samples, loaded), &mut out)
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
             damaged += stats.damaged;
             loaded += stats.samples;
@@ -1005,18 +999,13 @@ impl Storage for EmbeddedStorage {
             ));
         }
         // Samples not in blocks yet are aggregated here, within what is left.
-        let left = if read.max_rows > 0 {
-            (read.max_rows - loaded).max(1)
-        } else {
-            0
-        };
         let (raw, _) = self.samples_of(
             &head,
             &[],
             &set.flushing,
             &ids,
             (start, end.saturating_add(resolution.ms() - 1)),
-            left,
+            budget_left(read.max_rows, loaded),
         )?;
         for (id, samples) in raw {
             let fresh: Vec<RollupRow> = super::rollup(&samples, resolution)

@@ -553,8 +553,8 @@ impl PostgresStorage {
             }
         }
         if table_end < end {
-            // The raw tail is charged what is left (0 means no limit, so at least 1).
-            let budget = left(loaded).map_or(0, |n| n.max(1));
+            // The raw tail is charged what is left.
+            let budget = crate::storage::budget_left(read.max_rows, loaded);
             for raw in self
                 .select_where(series.clone(), table_end, end - 1, None, budget)
                 .await?
