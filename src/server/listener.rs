@@ -142,14 +142,14 @@ impl Activity {
 }
 
 /// A connection counted against its listener's limit, noting when bytes arrive.
-pub struct Limited {
+pub struct CountedConn {
     stream: TcpStream,
     activity: Arc<Activity>,
     epoch: Instant,
     _permit: OwnedSemaphorePermit,
 }
 
-impl AsyncRead for Limited {
+impl AsyncRead for CountedConn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -164,7 +164,7 @@ impl AsyncRead for Limited {
     }
 }
 
-impl AsyncWrite for Limited {
+impl AsyncWrite for CountedConn {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -202,7 +202,7 @@ impl AsyncWrite for Limited {
     }
 }
 
-impl tonic::transport::server::Connected for Limited {
+impl tonic::transport::server::Connected for CountedConn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -227,7 +227,7 @@ impl Acceptor {
         }
     }
 
-    pub async fn accept(&self) -> std::io::Result<(Limited, SocketAddr)> {
+    pub async fn accept(&self) -> std::io::Result<(CountedConn, SocketAddr)> {
         let permit = self
             .permits
             .clone()
@@ -243,7 +243,7 @@ impl Acceptor {
                         .last_ms
                         .store(now_ms(self.epoch), Ordering::Relaxed);
                     return Ok((
-                        Limited {
+                        CountedConn {
                             stream,
                             activity,
                             epoch: self.epoch,
@@ -271,7 +271,7 @@ impl Acceptor {
     pub fn into_stream(
         self,
         first_byte: Duration,
-    ) -> impl futures::Stream<Item = std::io::Result<Limited>> + Send + 'static {
+    ) -> impl futures::Stream<Item = std::io::Result<CountedConn>> + Send + 'static {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             loop {
@@ -400,7 +400,7 @@ const WATCHDOG_TICK: Duration = Duration::from_millis(250);
 /// progress; a connection still open one header timeout later (a client that does not read
 /// its response, say) is dropped.
 async fn watch_connection<S>(
-    connection: hyper::server::conn::http1::Connection<TokioIo<Limited>, S>,
+    connection: hyper::server::conn::http1::Connection<TokioIo<CountedConn>, S>,
     activity: Arc<Activity>,
     epoch: Instant,
     timeouts: Timeouts,
@@ -510,7 +510,7 @@ async fn read_charged(
         if data.is_empty() {
             continue;
         }
-        // Limited has refused anything past max_bytes, which the budget covers.
+        // The length limit has refused anything past max_bytes, which the budget covers.
         let permits = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let permit = limits
             .budget
