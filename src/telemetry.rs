@@ -19,6 +19,11 @@ pub struct RejectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub handler: String,
     pub code: u16,
@@ -41,6 +46,9 @@ pub struct Metrics {
     pub samples_rejected: Family<RejectLabels, Counter>,
     /// Exemplars dropped past the per-series limit of a request, by ingest protocol.
     pub exemplars_dropped: Family<ProtocolLabels, Counter>,
+    /// Series with a sample in the last hour, by tenant, while `--ingest-max-series-per-tenant`
+    /// is on.
+    pub active_series: Family<TenantLabels, prometheus_client::metrics::gauge::Gauge>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub query_duration: Family<QueryLabels, Histogram>,
     pub query_rollup_selects: Family<ResolutionLabels, Counter>,
@@ -127,8 +135,15 @@ impl Metrics {
         let exemplars_dropped = Family::<ProtocolLabels, Counter>::default();
         registry.register(
             "exemplars_dropped",
-            "Exemplars dropped past --ingest-max-exemplars-per-series, by ingest protocol",
+            "Exemplars dropped past --ingest-max-exemplars-per-series or with a series refused by --ingest-max-series-per-tenant, by ingest protocol",
             exemplars_dropped.clone(),
+        );
+        let active_series =
+            Family::<TenantLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "active_series",
+            "Series that received a sample in the last hour, by tenant (counted while --ingest-max-series-per-tenant is not 0)",
+            active_series.clone(),
         );
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -198,6 +213,7 @@ impl Metrics {
             lifecycle,
             registry,
             damaged_bytes_recovered,
+            active_series,
             query_warnings,
             storage_series,
             storage_blocks,

@@ -87,13 +87,20 @@ fn response_for(summary: &WriteSummary) -> ExportMetricsServiceResponse {
     }
 }
 
-/// The success body; in JSON an absent partial success is an absent field, not `null`.
+/// The success body; in JSON an absent partial success is an absent field, not `null`, and
+/// the int64 count is a decimal string, as the protobuf JSON mapping (and so the collector)
+/// writes it.
 fn response_body(response: &ExportMetricsServiceResponse, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Protobuf => response.encode_to_vec(),
         Encoding::Json => match &response.partial_success {
             None => b"{}".to_vec(),
-            Some(_) => serde_json::to_vec(response).unwrap_or_default(),
+            Some(partial) => serde_json::json!({"partialSuccess": {
+                "rejectedDataPoints": partial.rejected_data_points.to_string(),
+                "errorMessage": partial.error_message,
+            }})
+            .to_string()
+            .into_bytes(),
         },
     }
 }

@@ -2,6 +2,7 @@
 //! valid series. It keeps whatever is valid in a request and reports the rest with reasons;
 //! it never knows which backend stores the data.
 
+pub mod active_series;
 pub mod otlp;
 pub mod remote_write;
 
@@ -93,6 +94,16 @@ pub struct IngestConfig {
         default_value_t = 600
     )]
     pub max_future_secs: u64,
+    /// Most active series per tenant (a sample in the last hour, as Mimir's
+    /// `max_global_series_per_user`); a request's new series past it are refused, its known
+    /// series stored. 0: no limit.
+    #[arg(
+        id = "ingest.max_series_per_tenant",
+        long = "ingest-max-series-per-tenant",
+        env = "SECUMON_INGEST_MAX_SERIES_PER_TENANT",
+        default_value_t = 5_000_000
+    )]
+    pub max_series_per_tenant: usize,
     /// Ingest requests handled at once (remote-write, OTLP over HTTP and gRPC); more wait
     /// up to a second, then get 503 (gRPC `UNAVAILABLE`) with `Retry-After`.
     #[arg(
@@ -165,6 +176,9 @@ impl RequestLimits {
         }
     }
 }
+
+/// Rejection reason of the samples of a series past `--ingest-max-series-per-tenant`.
+pub const SERIES_LIMIT: &str = "per_tenant_series_limit";
 
 /// Rejection reasons of sample times.
 pub const TOO_OLD: &str = "too_old";
@@ -272,6 +286,8 @@ pub struct Ingester {
     config: IngestConfig,
     /// Days raw samples are kept: older samples are refused at the door.
     raw_days: u32,
+    /// Active series of each tenant, for `--ingest-max-series-per-tenant`.
+    active: Arc<active_series::ActiveSeries>,
     /// One permit per ingest request being handled.
     slots: Arc<tokio::sync::Semaphore>,
     /// Metadata already stored, by [`metadata_key`]: OTLP repeats it with every export,
@@ -303,6 +319,9 @@ impl Ingester {
             metrics,
             slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_inflight_requests.max(1),
+            )),
+            active: Arc::new(active_series::ActiveSeries::new(
+                config.max_series_per_tenant,
             )),
             config,
             raw_days,
@@ -355,14 +374,61 @@ impl Ingester {
         stored.extend(keys);
     }
 
+    /// Holds `batch` to its tenant's active-series limit: the series (and exemplars) of new
+    /// series past it are taken out and counted as refused.
+    fn admit(&self, tenant: &TenantId, batch: &mut Batch) {
+        let limit = self.active.limit();
+        if limit == 0 {
+            return;
+        }
+        let (refused, mut active) = self
+            .active
+            .admit(tenant, batch.series.iter().map(|s| s.fingerprint));
+        if let Some(&first) = refused.first() {
+            let mut samples = 0;
+            let mut example = String::new();
+            for (i, series) in batch.series.iter().enumerate() {
+                if refused.binary_search(&i).is_ok() {
+                    samples += series.samples.len();
+                    if i == first {
+                        example = series.labels.to_string();
+                    }
+                }
+            }
+            batch.reject(SERIES_LIMIT, samples, || {
+                format!(
+                    "series {example} is new and tenant {tenant} has {limit} active series, the limit (--ingest-max-series-per-tenant)"
+                )
+            });
+            batch.series = batch.series.without(&refused);
+        }
+        if !batch.exemplars.is_empty() {
+            let (refused, after) = self.active.admit(
+                tenant,
+                batch.exemplars.iter().map(|e| e.series.fingerprint()),
+            );
+            active = after;
+            for &i in refused.iter().rev() {
+                batch.dropped_exemplars += batch.exemplars.swap_remove(i).exemplars.len();
+            }
+        }
+        self.metrics
+            .active_series
+            .get_or_create(&crate::telemetry::TenantLabels {
+                tenant: tenant.as_str().to_owned(),
+            })
+            .set(active as i64);
+    }
+
     /// Stores the valid part of `batch`. Fails only when storage fails; then nothing in the
     /// error is claimed stored and the client may retry if the error says so.
     pub async fn write(
         &self,
         protocol: &'static str,
         tenant: &TenantId,
-        batch: Batch,
+        mut batch: Batch,
     ) -> Result<WriteSummary, StorageError> {
+        self.admit(tenant, &mut batch);
         let mut summary = WriteSummary::default();
         for rejection in &batch.rejections {
             self.metrics

@@ -112,6 +112,20 @@ impl WriteBatch {
         })
     }
 
+    /// This batch without the series at `positions` (ascending, as [`WriteBatch::iter`]
+    /// numbers them).
+    pub fn without(&self, positions: &[usize]) -> WriteBatch {
+        let mut out = WriteBatch::with_capacity(self.len(), self.sample_count());
+        let mut skip = positions.iter().peekable();
+        for (i, series) in self.iter().enumerate() {
+            if skip.next_if_eq(&&i).is_some() {
+                continue;
+            }
+            out.push(series.labels.iter(), series.samples.iter().copied());
+        }
+        out
+    }
+
     /// Number of series entries.
     pub fn len(&self) -> usize {
         self.series.len()
@@ -170,6 +184,14 @@ mod tests {
                 (down.clone(), down.fingerprint(), vec![]),
                 (up.clone(), up.fingerprint(), vec![3]),
             ]
+        );
+        let rest = batch.without(&[0, 2]);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest.sample_count(), 0);
+        let only = rest.iter().next().unwrap();
+        assert_eq!(
+            (only.labels.to_labels(), only.fingerprint),
+            (down.clone(), down.fingerprint())
         );
         let first = batch.iter().next().unwrap();
         assert_eq!(first.labels.to_string(), up.to_string());

@@ -1044,3 +1044,141 @@ async fn ingest_requests_past_the_inflight_limit_are_asked_to_retry() {
         .await;
     assert_eq!(status, 204, "{text}");
 }
+
+/// A tenant's active series are bounded on every backend: past the limit a request's new
+/// series are refused by name (remote-write 400, OTLP partial success) while its known series,
+/// and every later sample of them, are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_series_past_the_tenant_limit_are_refused_and_known_ones_stored() {
+    use crate::support::Backend;
+    for backend in [Backend::Embedded, Backend::Postgres] {
+        let s = crate::support::Secumon::start_on(backend, |c| {
+            c.ingest.max_series_per_tenant = 100;
+        })
+        .await;
+        let now = chrono::Utc::now().timestamp_millis() - 60_000;
+        let named = |name: &str, n: usize, t: i64| -> Vec<_> {
+            (0..n)
+                .map(|i| series(&[("__name__", name), ("i", &i.to_string())], &[(t, 1.0)]))
+                .collect()
+        };
+        let (status, text) = s
+            .write_raw(encode(&request(named("known", 80, now), vec![])))
+            .await;
+        assert_eq!(status, 204, "{backend:?}: {text}");
+
+        // 80 known series and 40 new ones: 20 new fit, 20 are refused.
+        let mut body = named("known", 80, now + 1000);
+        body.extend(named("fresh", 40, now + 1000));
+        let (status, text) = s.write_raw(encode(&request(body, vec![]))).await;
+        assert_eq!(status, 400, "{backend:?}: {text}");
+        assert!(
+            text.starts_with("100 samples stored, 20 refused; first refused: series {__name__=\"fresh\", i=\"20\"} is new and tenant default has 100 active series, the limit (--ingest-max-series-per-tenant)"),
+            "{backend:?}: {text}"
+        );
+        let count = |q: &'static str| {
+            let s = &s;
+            async move {
+                let t = format!("{}", (now + 1000) as f64 / 1000.0);
+                let (status, body) = s
+                    .get_json("/api/v1/query", &[("query", q), ("time", t.as_str())])
+                    .await;
+                assert_eq!(status, 200, "{body}");
+                body["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .unwrap_or("none")
+                    .to_owned()
+            }
+        };
+        assert_eq!(count("count(known)").await, "80", "{backend:?}");
+        assert_eq!(count("count(fresh)").await, "20", "{backend:?}");
+
+        // Over OTLP/HTTP: a new series is refused as a partial success naming the limit.
+        let point = json_point(now + 2000);
+        let (status, answer) = otlp_json(&s, "otlp_new", &point).await;
+        assert_eq!(status, 200, "{backend:?}: {answer}");
+        assert_eq!(
+            answer["partialSuccess"]["rejectedDataPoints"], "1",
+            "{backend:?}: {answer}"
+        );
+        assert!(
+            answer["partialSuccess"]["errorMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("--ingest-max-series-per-tenant"),
+            "{backend:?}: {answer}"
+        );
+
+        // A refused series' exemplars go with it: dropped and counted.
+        let mut traced = series(&[("__name__", "traced_new")], &[(now + 2000, 1.0)]);
+        traced.exemplars = vec![secumon_proto::prometheus::Exemplar {
+            labels: vec![secumon_proto::prometheus::Label {
+                name: "trace_id".into(),
+                value: "abc".into(),
+            }],
+            value: 1.0,
+            timestamp: now + 2000,
+        }];
+        let (status, text) = s.write_raw(encode(&request(vec![traced], vec![]))).await;
+        assert_eq!(status, 400, "{backend:?}: {text}");
+        let (start, end) = (format!("{}", now / 1000), format!("{}", now / 1000 + 10));
+        let (status, body) = s
+            .get_json(
+                "/api/v1/query_exemplars",
+                &[("query", "traced_new"), ("start", &start), ("end", &end)],
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"], serde_json::json!([]), "{backend:?}: {body}");
+
+        // Known series keep being stored at the limit.
+        let (status, text) = s
+            .write_raw(encode(&request(named("known", 80, now + 3000), vec![])))
+            .await;
+        assert_eq!(status, 204, "{backend:?}: {text}");
+        let metrics = s.metrics_text().await;
+        assert!(
+            metrics.contains("secumon_active_series{tenant=\"default\"} 100"),
+            "{backend:?}: {metrics}"
+        );
+        assert!(
+            metrics.contains(
+                "secumon_samples_rejected_total{protocol=\"remote_write\",reason=\"per_tenant_series_limit\"} 21"
+            ),
+            "{backend:?}: {metrics}"
+        );
+        assert!(
+            metrics.contains("secumon_exemplars_dropped_total{protocol=\"remote_write\"} 1"),
+            "{backend:?}: {metrics}"
+        );
+    }
+}
+
+/// One OTLP/JSON gauge point at `t_ms`.
+fn json_point(t_ms: i64) -> serde_json::Value {
+    serde_json::json!([{"timeUnixNano": (t_ms * 1_000_000).to_string(), "asDouble": 1.0}])
+}
+
+async fn otlp_json(
+    s: &crate::support::Secumon,
+    name: &str,
+    points: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({"resourceMetrics": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "limit"}}]},
+        "scopeMetrics": [{"metrics": [{"name": name, "gauge": {"dataPoints": points}}]}]
+    }]});
+    let response = s
+        .http
+        .post(format!(
+            "http://{}/v1/metrics",
+            s.server.otlp_http_addr.unwrap()
+        ))
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
