@@ -91,6 +91,8 @@ pub struct Config {
     pub otlp: OtlpConfig,
     #[command(flatten, next_help_heading = "Queries")]
     pub query: EngineConfig,
+    #[command(flatten, next_help_heading = "Authentication")]
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for Config {
@@ -126,12 +128,41 @@ pub struct Cli {
     pub settings: Config,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Run the server (default).
     Serve,
     /// Apply database migrations to the PostgreSQL given by --storage, then exit.
     Migrate,
+    /// Manage API tokens in the catalog of --storage (the server may be running).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it once on stdout.
+    Create {
+        /// Tenant the token belongs to.
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated scopes: ingest, read, admin, operator.
+        #[arg(long)]
+        scopes: String,
+        /// A name to tell the token apart (who or what uses it).
+        #[arg(long)]
+        name: String,
+        /// Lifetime (`30d`, `12h`, `90m`); none by default.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List tokens (of one tenant with --tenant).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke (delete) the token with this id.
+    Revoke { id: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,11 +209,15 @@ where
     T: Into<OsString> + Clone,
 {
     let matches = command().try_get_matches_from(args)?;
-    let (action, matches) = match matches.subcommand() {
-        Some(("migrate", sub)) => (Command::Migrate, sub),
-        Some((_, sub)) => (Command::Serve, sub),
-        None => (Command::Serve, &matches),
+    let action = match matches.subcommand() {
+        Some(_) => Command::from_arg_matches(&matches)?,
+        None => Command::Serve,
     };
+    // Settings are global: their values are on the innermost subcommand's matches.
+    let mut matches = &matches;
+    while let Some((_, sub)) = matches.subcommand() {
+        matches = sub;
+    }
     let path = matches.get_one::<PathBuf>("config").cloned();
     Ok((action, load(path.as_deref(), matches)?))
 }
@@ -224,7 +259,10 @@ mod tests {
     use crate::storage::embedded::FsyncPolicy;
 
     /// Keys named apart from the rule, kept as the contract names them.
-    const CONTRACT_NAMES: [(&str, &str); 1] = [("postgres.timescaledb", "timescaledb")];
+    const CONTRACT_NAMES: [(&str, &str); 2] = [
+        ("postgres.timescaledb", "timescaledb"),
+        ("auth.mode", "auth"),
+    ];
 
     #[test]
     fn flags_override_the_environment_the_file_and_defaults() {

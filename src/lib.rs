@@ -4,6 +4,8 @@
 //! backends. `model` (and `varint`) is shared by all.
 
 pub mod api;
+pub mod auth;
+pub mod catalog;
 pub mod config;
 pub mod ingest;
 pub mod model;

@@ -1,4 +1,4 @@
-use secumon::config::{self, Command, ConfigError};
+use secumon::config::{self, Command, ConfigError, TokenCommand};
 use secumon::server;
 use secumon::storage::postgres::{Mode, PostgresStorage};
 use std::process::ExitCode;
@@ -74,15 +74,14 @@ async fn run(allocator_warning: Option<String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let migrate_only = command == Command::Migrate;
     secumon::telemetry::init_logging(&config.log_level, config.log_format);
     if let Some(warning) = allocator_warning {
         tracing::warn!("{warning}");
     }
-    let result = if migrate_only {
-        migrate(&config).await
-    } else {
-        server::serve(config).await
+    let result = match command {
+        Command::Migrate => migrate(&config).await,
+        Command::Token(action) => token(&config, action).await,
+        Command::Serve => server::serve(config).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,6 +113,68 @@ async fn migrate(config: &secumon::config::Config) -> anyhow::Result<()> {
             config.retention.rollup_5m_days,
             config.retention.rollup_1h_days
         ),
+    }
+    Ok(())
+}
+
+/// `secumon token …`: manages the tokens of the catalog of `--storage`.
+async fn token(config: &secumon::config::Config, action: TokenCommand) -> anyhow::Result<()> {
+    let catalog = secumon::catalog::open(&config.storage).await?;
+    match action {
+        TokenCommand::Create {
+            tenant,
+            scopes,
+            name,
+            expires,
+        } => {
+            let scopes: secumon::auth::Scopes = scopes.parse().map_err(anyhow::Error::msg)?;
+            let lifetime = expires
+                .map(|e| {
+                    secumon::api::params::parse_duration(&e)
+                        .map_err(|m| anyhow::anyhow!("--expires {e:?}: {m}"))
+                })
+                .transpose()?;
+            let (token, record) =
+                secumon::auth::create_token(catalog.as_ref(), &tenant, scopes, &name, lifetime)
+                    .await?;
+            eprintln!(
+                "token {} of tenant {} ({}) created; it is shown this once:",
+                record.id, record.tenant, record.scopes
+            );
+            println!("{token}");
+        }
+        TokenCommand::List { tenant } => {
+            let tenant = tenant.map(secumon::model::TenantId::new);
+            let tokens = catalog.list_tokens(tenant.as_ref()).await?;
+            println!("ID\tTENANT\tSCOPES\tNAME\tCREATED\tEXPIRES\tLAST USED");
+            let time = |ms: Option<i64>| {
+                ms.and_then(chrono::DateTime::from_timestamp_millis)
+                    .map_or_else(
+                        || "-".to_owned(),
+                        |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    )
+            };
+            for t in tokens {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    t.id,
+                    t.tenant,
+                    t.scopes,
+                    t.name,
+                    time(Some(t.created_at)),
+                    time(t.expires_at),
+                    time(t.last_used_at)
+                );
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            if !catalog.delete_token(&id, None).await? {
+                anyhow::bail!("no token with id {id}");
+            }
+            eprintln!(
+                "token {id} revoked; servers that checked it lately accept it for up to --auth-cache-secs more"
+            );
+        }
     }
     Ok(())
 }

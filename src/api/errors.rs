@@ -16,6 +16,10 @@ pub enum ErrorType {
     Internal,
     NotFound,
     Unavailable,
+    /// No or bad credentials (not a Prometheus error type: Prometheus has no authentication).
+    Unauthorized,
+    /// Credentials without the scope the endpoint needs.
+    Forbidden,
 }
 
 impl ErrorType {
@@ -28,6 +32,8 @@ impl ErrorType {
             ErrorType::Internal => "internal",
             ErrorType::NotFound => "not_found",
             ErrorType::Unavailable => "unavailable",
+            ErrorType::Unauthorized => "unauthorized",
+            ErrorType::Forbidden => "forbidden",
         }
     }
 
@@ -41,6 +47,8 @@ impl ErrorType {
             // may succeed (the backend is unreachable, not broken).
             ErrorType::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorType::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorType::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorType::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 }

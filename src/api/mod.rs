@@ -2,6 +2,7 @@
 //! `/ready` and `/metrics`. Handlers translate between HTTP and the `ingest` and `promql`
 //! layers; they never touch a storage backend directly beyond the storage trait.
 
+mod auth;
 pub mod errors;
 pub mod json;
 pub mod otlp;
@@ -11,7 +12,6 @@ mod status;
 mod write;
 
 use crate::ingest::{IngestConfig, Ingester};
-use crate::model::TenantId;
 use crate::promql::Engine;
 use crate::storage::DynStorage;
 use crate::telemetry::{Metrics, RequestLabels};
@@ -35,23 +35,21 @@ pub struct AppState {
     /// Label sets of OTLP series seen before.
     pub otlp_labels: Arc<crate::ingest::otlp::LabelCache>,
     pub metrics: Arc<Metrics>,
+    /// Checks credentials; every request is the default tenant's when authentication is off.
+    pub auth: Arc<crate::auth::Authenticator>,
+    pub auth_config: crate::auth::AuthConfig,
+    /// Whether a listener is beyond loopback (so authentication off is worth a warning).
+    pub exposed: bool,
+    /// How request bodies are read (after authentication).
+    pub body_limits: crate::server::listener::BodyLimits,
     /// When the server started, for `/api/v1/status/runtimeinfo`.
     pub started: chrono::DateTime<chrono::Utc>,
-}
-
-impl AppState {
-    /// The tenant of a request. Authentication is not built yet: every request belongs to the
-    /// default tenant.
-    fn tenant(&self) -> TenantId {
-        TenantId::default()
-    }
 }
 
 pub type SharedState = Arc<AppState>;
 
 pub fn router(state: SharedState) -> Router {
-    let body_limit = state.ingest_config.max_request_bytes;
-    Router::new()
+    let routes = Router::new()
         .route(
             "/api/v1/query",
             get(prometheus::query).post(prometheus::query),
@@ -86,13 +84,30 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/otlp/v1/metrics", post(otlp::http_export))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    guarded(routes, state)
+}
+
+/// `routes` with what every request goes through, outermost first: counting by route and
+/// status, authentication (before any body is read), then reading the body whole within the
+/// limits (`server::listener`).
+fn guarded(routes: Router<SharedState>, state: SharedState) -> Router {
+    let body_limit = state.ingest_config.max_request_bytes;
+    routes
+        .layer(middleware::from_fn_with_state(
+            state.body_limits.clone(),
+            crate::server::listener::read_body_within,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
-        // Bodies are read whole within the limit before routing (server::listener); this
-        // keeps extractors from refusing what was read.
+        // Bodies are read whole within the limit before the handler runs; this keeps
+        // extractors from refusing what was read.
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -121,17 +136,10 @@ async fn count_requests(
 
 /// The OTLP/HTTP listener's routes: `POST /v1/metrics`, the OpenTelemetry default path.
 pub fn otlp_http_router(state: SharedState) -> Router {
-    let body_limit = state.ingest_config.max_request_bytes;
-    Router::new()
-        .route("/v1/metrics", post(otlp::http_export))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            count_requests,
-        ))
-        // Bodies are read whole within the limit before routing (server::listener); this
-        // keeps extractors from refusing what was read.
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+    guarded(
+        Router::new().route("/v1/metrics", post(otlp::http_export)),
+        state,
+    )
 }
 
 /// A request header as text, or "" when absent or not ASCII.

@@ -5,9 +5,11 @@
 //! `Retry-After` only when storage is unreachable (a retry can succeed), in the request's
 //! encoding.
 
+use super::auth::Tenant;
 use super::SharedState;
 use crate::ingest::otlp::{self, DecodeError, Encoding};
 use crate::ingest::WriteSummary;
+use crate::model::TenantId;
 use crate::storage::StorageError;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -34,6 +36,7 @@ enum ExportError {
 /// Decodes, translates and stores one export request body (already decompressed or not).
 async fn export(
     state: &SharedState,
+    tenant: &TenantId,
     body: Bytes,
     content_encoding: Option<String>,
     encoding: Encoding,
@@ -52,7 +55,7 @@ async fn export(
     .map_err(ExportError::Decode)?;
     state
         .ingester
-        .write(otlp::PROTOCOL, &state.tenant(), batch)
+        .write(otlp::PROTOCOL, tenant, batch)
         .await
         .map_err(ExportError::Storage)
 }
@@ -60,6 +63,7 @@ async fn export(
 /// Stores an already decoded request (gRPC).
 async fn export_decoded(
     state: &SharedState,
+    tenant: &TenantId,
     request: ExportMetricsServiceRequest,
 ) -> Result<WriteSummary, ExportError> {
     let otlp_config = state.otlp_config.clone();
@@ -73,7 +77,7 @@ async fn export_decoded(
     .map_err(ExportError::Decode)?;
     state
         .ingester
-        .write(otlp::PROTOCOL, &state.tenant(), batch)
+        .write(otlp::PROTOCOL, tenant, batch)
         .await
         .map_err(ExportError::Storage)
 }
@@ -105,7 +109,7 @@ fn response_body(response: &ExportMetricsServiceResponse, encoding: Encoding) ->
     }
 }
 
-fn status_body(code: i32, message: String, encoding: Encoding) -> Vec<u8> {
+pub(super) fn status_body(code: i32, message: String, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Protobuf => RpcStatus { code, message }.encode_to_vec(),
         Encoding::Json => serde_json::json!({"code": code, "message": message})
@@ -140,6 +144,7 @@ fn retry_later(encoding: Encoding, message: String) -> Response {
 /// The OTLP/HTTP metrics endpoint.
 pub(super) async fn http_export(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -158,7 +163,7 @@ pub(super) async fn http_export(
         Ok(slot) => slot,
         Err(busy) => return retry_later(encoding, busy.to_string()),
     };
-    match export(&state, body, content_encoding, encoding).await {
+    match export(&state, &tenant, body, content_encoding, encoding).await {
         Ok(summary) => reply(
             StatusCode::OK,
             encoding,
@@ -257,14 +262,14 @@ pub mod grpc {
 
     type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
 
-    struct Export(SharedState);
+    struct Export(SharedState, crate::model::TenantId);
 
     impl tonic::server::UnaryService<Bytes> for Export {
         type Response = ExportMetricsServiceResponse;
         type Future = BoxFuture<Response<Self::Response>, Status>;
 
         fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-            let state = self.0.clone();
+            let (state, tenant) = (self.0.clone(), self.1.clone());
             Box::pin(async move {
                 let bytes = request.into_inner();
                 let decoded =
@@ -273,7 +278,7 @@ pub mod grpc {
                         .map_err(|e| Status::internal(e.to_string()))?;
                 let request =
                     decoded.map_err(|e| Status::invalid_argument(format!("protobuf: {e}")))?;
-                match export_decoded(&state, request).await {
+                match export_decoded(&state, &tenant, request).await {
                     Ok(summary) => Ok(Response::new(response_for(&summary))),
                     Err(super::ExportError::Decode(e)) => {
                         Err(Status::invalid_argument(e.to_string()))
@@ -286,6 +291,16 @@ pub mod grpc {
                     )),
                 }
             })
+        }
+    }
+
+    /// The gRPC status of refused credentials.
+    fn refused(e: &crate::auth::AuthError) -> Status {
+        use crate::auth::AuthError;
+        match e {
+            AuthError::Unauthenticated(m) => Status::unauthenticated(*m),
+            AuthError::Forbidden(m) => Status::permission_denied(m.clone()),
+            AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
         }
     }
 
@@ -326,6 +341,15 @@ pub mod grpc {
                 );
             }
             Box::pin(async move {
+                // Checked before anything else: an unknown client costs no slot and no body.
+                let caller = match state.auth.authenticate(request.headers()).await {
+                    Ok(caller) => caller.require(crate::auth::Scope::Ingest).map(|()| caller),
+                    Err(e) => Err(e),
+                };
+                let tenant = match caller {
+                    Ok(caller) => caller.tenant,
+                    Err(e) => return Ok(refused(&e).into_http()),
+                };
                 // Taken before the body is read: a busy server reads no more bodies.
                 let _slot = match state.ingester.slot().await {
                     Ok(slot) => slot,
@@ -357,7 +381,7 @@ pub mod grpc {
                 let mut grpc = tonic::server::Grpc::new(BytesCodec)
                     .apply_compression_config(accept, EnabledCompressionEncodings::default())
                     .apply_max_message_size_config(Some(limit), None);
-                Ok(grpc.unary(Export(state), request).await)
+                Ok(grpc.unary(Export(state, tenant), request).await)
             })
         }
     }

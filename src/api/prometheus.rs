@@ -1,6 +1,7 @@
 //! The Prometheus HTTP API (`/api/v1/...`): the same parameters, envelope, error types and
 //! status codes as Prometheus 2.42's web/api/v1/api.go.
 
+use super::auth::Tenant;
 use super::errors::ApiError;
 use super::json;
 use super::params::{
@@ -98,6 +99,7 @@ fn query_options(params: &Params) -> Result<promql::QueryOptions, ApiError> {
 
 pub(super) async fn query(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -113,7 +115,7 @@ pub(super) async fn query(
     let started = Instant::now();
     let value = state
         .engine
-        .instant_query(&state.tenant(), expr, t, options.clone())
+        .instant_query(&tenant, expr, t, options.clone())
         .await;
     observe(&state, "instant", started);
     let mut data = String::new();
@@ -123,6 +125,7 @@ pub(super) async fn query(
 
 pub(super) async fn query_range(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -160,7 +163,7 @@ pub(super) async fn query_range(
     let value = state
         .engine
         .range_query(
-            &state.tenant(),
+            &tenant,
             expr,
             EvalRange { start, end, step },
             options.clone(),
@@ -235,6 +238,7 @@ fn series_query(
 
 pub(super) async fn series(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -247,7 +251,7 @@ pub(super) async fn series(
     let timeout = timeout_param(&params)?;
     let series = state
         .engine
-        .limited(timeout, state.storage.series(&state.tenant(), &query))
+        .limited(timeout, state.storage.series(&tenant, &query))
         .await?;
     let mut data = String::from("[");
     for (i, labels) in series.iter().enumerate() {
@@ -262,6 +266,7 @@ pub(super) async fn series(
 
 pub(super) async fn labels(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -271,13 +276,14 @@ pub(super) async fn labels(
     let timeout = timeout_param(&params)?;
     let names = state
         .engine
-        .limited(timeout, state.storage.label_names(&state.tenant(), &query))
+        .limited(timeout, state.storage.label_names(&tenant, &query))
         .await?;
     Ok(success_json(serde_json::json!(names)))
 }
 
 pub(super) async fn label_values(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     Path(name): Path<String>,
     uri: Uri,
     headers: HeaderMap,
@@ -290,16 +296,14 @@ pub(super) async fn label_values(
     let timeout = timeout_param(&params)?;
     let values = state
         .engine
-        .limited(
-            timeout,
-            state.storage.label_values(&state.tenant(), &name, &query),
-        )
+        .limited(timeout, state.storage.label_values(&tenant, &name, &query))
         .await?;
     Ok(success_json(serde_json::json!(values)))
 }
 
 pub(super) async fn metadata(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -321,7 +325,7 @@ pub(super) async fn metadata(
             timeout,
             state
                 .storage
-                .metadata(&state.tenant(), metric, limit.max(0) as usize),
+                .metadata(&tenant, metric, limit.max(0) as usize),
         )
         .await?;
     let mut families: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
@@ -359,6 +363,7 @@ pub(super) async fn format_query(
 /// in `[start, end]`.
 pub(super) async fn query_exemplars(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -383,7 +388,7 @@ pub(super) async fn query_exemplars(
     } else {
         state
             .engine
-            .limited(timeout, state.storage.exemplars(&state.tenant(), &query))
+            .limited(timeout, state.storage.exemplars(&tenant, &query))
             .await?
     };
     let mut data = String::from("[");

@@ -1,6 +1,7 @@
 //! `/api/v1/status/*`: what Prometheus reports about itself, where it means something for
 //! SecuMon.
 
+use super::auth::Tenant;
 use super::errors::ApiError;
 use super::params::{MAX_TIME_MS, MIN_TIME_MS};
 use super::SharedState;
@@ -42,6 +43,11 @@ pub(super) async fn flags(State(state): State<SharedState>) -> Response {
         "query.max-samples": query.max_samples.to_string(),
         "query.timeout": format!("{}s", query.timeout_secs),
         "web.enable-remote-write-receiver": "true",
+        "auth": match (state.auth.required(), state.exposed) {
+            (true, _) => "on",
+            (false, false) => "off",
+            (false, true) => "off (WARNING: listening beyond loopback without authentication)",
+        },
     }))
 }
 
@@ -72,7 +78,10 @@ fn top(counts: HashMap<String, u64>) -> serde_json::Value {
 }
 
 /// Cardinality statistics over the tenant's series (Prometheus reports its head block).
-pub(super) async fn tsdb(State(state): State<SharedState>) -> Result<Response, ApiError> {
+pub(super) async fn tsdb(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+) -> Result<Response, ApiError> {
     let query = SeriesQuery {
         matcher_sets: Vec::new(),
         start: MIN_TIME_MS,
@@ -81,7 +90,7 @@ pub(super) async fn tsdb(State(state): State<SharedState>) -> Result<Response, A
     };
     let series = state
         .engine
-        .limited(None, state.storage.series(&state.tenant(), &query))
+        .limited(None, state.storage.series(&tenant, &query))
         .await?;
     let mut by_metric: HashMap<String, u64> = HashMap::new();
     let mut values_by_name: HashMap<String, std::collections::HashSet<String>> = HashMap::new();

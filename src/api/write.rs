@@ -3,6 +3,7 @@
 //! retry; the valid part of the request is stored all the same), 5xx only when a retry can
 //! succeed.
 
+use super::auth::Tenant;
 use super::SharedState;
 use crate::ingest::remote_write;
 use crate::storage::StorageError;
@@ -22,6 +23,7 @@ fn text(status: StatusCode, message: String) -> Response {
 
 pub(super) async fn remote_write(
     State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -63,7 +65,7 @@ pub(super) async fn remote_write(
     };
     match state
         .ingester
-        .write(remote_write::PROTOCOL, &state.tenant(), batch)
+        .write(remote_write::PROTOCOL, &tenant, batch)
         .await
     {
         Ok(summary) if summary.rejected == 0 => StatusCode::NO_CONTENT.into_response(),

@@ -319,12 +319,10 @@ pub async fn serve_http(
     acceptor: Acceptor,
     app: axum::Router,
     config: HttpConfig,
-    body: BodyLimits,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let header_ms = config.header_timeout_secs.max(1) * 1000;
     let idle_ms = config.idle_timeout_secs.max(1) * 1000;
-    let app = app.layer(axum::middleware::from_fn_with_state(body, read_body_within));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -458,7 +456,7 @@ async fn watch_connection<S>(
 /// it is kept, and the charge is held until the response is made: past the budget, reading
 /// waits (the client's TCP window fills) instead of memory growing. Every endpoint reads
 /// whole bodies anyway; handlers then get them at once.
-async fn read_body_within(
+pub async fn read_body_within(
     axum::extract::State(limits): axum::extract::State<BodyLimits>,
     request: Request,
     next: axum::middleware::Next,

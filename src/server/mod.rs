@@ -77,7 +77,6 @@ async fn serve_http(
     address: &str,
     app: axum::Router,
     config: &Config,
-    budget: &Arc<tokio::sync::Semaphore>,
     stop: &tokio::sync::watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
@@ -88,11 +87,6 @@ async fn serve_http(
         acceptor,
         app,
         config.http.clone(),
-        listener::BodyLimits {
-            timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),
-            max_bytes: config.ingest.max_request_bytes,
-            budget: budget.clone(),
-        },
         stop.clone(),
     )));
     Ok(addr)
@@ -101,6 +95,28 @@ async fn serve_http(
 /// Resolves when `shutdown` turns true.
 async fn shutdown_requested(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// How often tokens' last use is written to the catalog.
+const LAST_USED_EVERY: Duration = Duration::from_secs(30);
+
+/// Writes tokens' last use to the catalog every [`LAST_USED_EVERY`], and once more at
+/// shutdown.
+async fn last_used_loop(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(LAST_USED_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown_requested(stop.clone()) => true,
+        };
+        if let Err(e) = state.auth.flush_last_used().await {
+            tracing::warn!(error = %e, "cannot record when tokens were last used");
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 /// Runs the storage's data lifecycle (flush, compaction, retention) every `every` until
@@ -125,11 +141,60 @@ async fn maintenance_loop(
     }
 }
 
+/// The addresses the configured listeners name (a host name resolved; one that does not
+/// resolve counts as beyond loopback, so `--auth auto` errs towards requiring tokens).
+fn listen_addresses(config: &Config) -> Vec<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    [
+        &config.http_listen,
+        &config.otlp_grpc_listen,
+        &config.otlp_http_listen,
+    ]
+    .into_iter()
+    .filter(|a| !a.is_empty())
+    .flat_map(|a| {
+        a.to_socket_addrs()
+            .map(Iterator::collect::<Vec<_>>)
+            .unwrap_or_else(|_| vec![SocketAddr::from(([0, 0, 0, 0], 0))])
+    })
+    .collect()
+}
+
 /// Binds the HTTP listener and serves in a background task.
 pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
     metrics.observe_storage(storage.as_ref());
+    let catalog = crate::catalog::open(&config.storage)
+        .await
+        .context("cannot open the catalog")?;
+    let listening = listen_addresses(config);
+    let required = config.auth.required(&listening);
+    let exposed = listening.iter().any(|a| !a.ip().is_loopback());
+    if !required && exposed {
+        tracing::warn!(
+            "authentication is off (--auth off) while listening beyond loopback: anyone who can reach the server reads and writes every series"
+        );
+    }
+    let body_budget = Arc::new(tokio::sync::Semaphore::new(
+        config
+            .ingest
+            .max_inflight_bytes
+            .max(config.ingest.max_request_bytes)
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let state = Arc::new(AppState {
+        auth: Arc::new(crate::auth::Authenticator::new(
+            catalog,
+            required,
+            &config.auth,
+        )),
+        auth_config: config.auth.clone(),
+        exposed,
+        body_limits: listener::BodyLimits {
+            timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),
+            max_bytes: config.ingest.max_request_bytes,
+            budget: body_budget.clone(),
+        },
         engine: Engine::new(storage.clone(), config.query.clone(), metrics.clone()),
         ingester: Ingester::new(
             storage.clone(),
@@ -138,13 +203,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
             config.retention.raw_days,
         ),
         ingest_config: config.ingest.clone(),
-        body_budget: Arc::new(tokio::sync::Semaphore::new(
-            config
-                .ingest
-                .max_inflight_bytes
-                .max(config.ingest.max_request_bytes)
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
-        )),
+        body_budget,
         otlp_config: config.otlp.clone(),
         otlp_labels: Arc::default(),
         storage,
@@ -153,6 +212,9 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     });
     let (shutdown, stop) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    if state.auth.required() {
+        tasks.push(tokio::spawn(last_used_loop(state.clone(), stop.clone())));
+    }
     if let Some(every) = state.storage.maintenance_interval() {
         tasks.push(tokio::spawn(maintenance_loop(
             state.clone(),
@@ -165,7 +227,6 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         &config.http_listen,
         api::router(state.clone()),
         config,
-        &state.body_budget,
         &stop,
         &mut tasks,
     )
@@ -173,17 +234,8 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     let mut otlp_http_addr = None;
     if !config.otlp_http_listen.is_empty() {
         let app = api::otlp_http_router(state.clone());
-        otlp_http_addr = Some(
-            serve_http(
-                &config.otlp_http_listen,
-                app,
-                config,
-                &state.body_budget,
-                &stop,
-                &mut tasks,
-            )
-            .await?,
-        );
+        otlp_http_addr =
+            Some(serve_http(&config.otlp_http_listen, app, config, &stop, &mut tasks).await?);
     }
 
     let mut otlp_grpc_addr = None;

@@ -4,6 +4,8 @@
 mod support;
 
 mod api;
+mod auth;
+mod catalog;
 mod conformance;
 mod crash;
 mod e2e_prometheus;

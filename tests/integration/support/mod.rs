@@ -232,6 +232,8 @@ impl Backend {
 pub struct Secumon {
     pub server: RunningServer,
     pub base: String,
+    /// The `--storage` it runs on (its catalog is there too).
+    pub storage: String,
     /// The PostgreSQL database, when the backend is PostgreSQL.
     pub database_url: Option<String>,
     pub http: reqwest::Client,
@@ -290,12 +292,14 @@ impl Secumon {
             config.postgres.copy_writes = false;
         }
         customize(&mut config);
+        let storage_setting = config.storage.clone();
         let storage = server::open_storage(&config).await.expect("open storage");
         let server = server::start(&config, storage).await.expect("start server");
         let base = format!("http://{}", server.addr);
         Secumon {
             server,
             base,
+            storage: storage_setting,
             database_url,
             http: reqwest::Client::new(),
             _data: data,

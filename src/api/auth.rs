@@ -1,0 +1,176 @@
+//! Authentication of HTTP requests, before their bodies are read: which scope each endpoint
+//! needs, and a refusal in the endpoint's own error format (Prometheus's JSON envelope,
+//! remote-write's plain text, OTLP's `google.rpc.Status` in the request's encoding), 401 with
+//! `WWW-Authenticate` or 403. The caller is handed to handlers as a request extension, read
+//! with the [`Tenant`] extractor.
+
+use super::errors::{ApiError, ErrorType};
+use super::SharedState;
+use crate::auth::{AuthError, Caller, Scope};
+use crate::ingest::otlp::Encoding;
+use crate::model::TenantId;
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+/// How an endpoint answers errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Prometheus,
+    RemoteWrite,
+    Otlp,
+}
+
+/// The scope a route needs (`None`: open to everyone) and its error format.
+fn route_needs(path: &str, protect_metrics: bool) -> (Option<Scope>, Format) {
+    match path {
+        "/health" | "/ready" => (None, Format::RemoteWrite),
+        "/metrics" => (protect_metrics.then_some(Scope::Read), Format::RemoteWrite),
+        "/api/v1/write" => (Some(Scope::Ingest), Format::RemoteWrite),
+        "/api/v1/otlp/v1/metrics" | "/v1/metrics" => (Some(Scope::Ingest), Format::Otlp),
+        _ => (Some(Scope::Read), Format::Prometheus),
+    }
+}
+
+/// gRPC status codes OTLP uses for refused credentials.
+const CODE_PERMISSION_DENIED: i32 = 7;
+const CODE_UNAVAILABLE: i32 = 14;
+const CODE_UNAUTHENTICATED: i32 = 16;
+
+/// Checks the request's credentials against the scope of its route.
+pub(super) async fn authenticate(
+    State(state): State<SharedState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let path = request.extensions().get::<MatchedPath>().map_or_else(
+        || request.uri().path().to_owned(),
+        |p| p.as_str().to_owned(),
+    );
+    let (need, format) = route_needs(&path, state.auth_config.protect_metrics);
+    let Some(scope) = need else {
+        return next.run(request).await;
+    };
+    let checked = match state.auth.authenticate(request.headers()).await {
+        Ok(caller) => caller.require(scope).map(|()| caller),
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(e) => {
+            let encoding = Encoding::from_content_type(super::header_str(
+                request.headers(),
+                header::CONTENT_TYPE,
+            ))
+            .unwrap_or(Encoding::Protobuf);
+            refuse(&e, format, encoding)
+        }
+    }
+}
+
+/// The answer to a refused request.
+fn refuse(e: &AuthError, format: Format, encoding: Encoding) -> Response {
+    let message = e.to_string();
+    let (status, kind, code) = match e {
+        AuthError::Unauthenticated(_) => (
+            StatusCode::UNAUTHORIZED,
+            ErrorType::Unauthorized,
+            CODE_UNAUTHENTICATED,
+        ),
+        AuthError::Forbidden(_) => (
+            StatusCode::FORBIDDEN,
+            ErrorType::Forbidden,
+            CODE_PERMISSION_DENIED,
+        ),
+        AuthError::Unavailable(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorType::Unavailable,
+            CODE_UNAVAILABLE,
+        ),
+    };
+    let mut response = match format {
+        Format::Prometheus => ApiError { kind, message }.into_response(),
+        Format::RemoteWrite => (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            message + "\n",
+        )
+            .into_response(),
+        Format::Otlp => (
+            status,
+            [(header::CONTENT_TYPE, encoding.content_type())],
+            super::otlp::status_body(code, message, encoding),
+        )
+            .into_response(),
+    };
+    let headers = response.headers_mut();
+    match e {
+        AuthError::Unauthenticated(_) => {
+            headers.append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"secumon\""),
+            );
+            headers.append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"secumon\""),
+            );
+        }
+        AuthError::Unavailable(_) => {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
+            );
+        }
+        AuthError::Forbidden(_) => {}
+    }
+    response
+}
+
+/// The tenant of an authenticated request.
+pub struct Tenant(pub TenantId);
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // Every route that reads or writes data is behind `authenticate`, which always puts
+        // a caller in; a route without one is a wiring mistake, refused rather than served
+        // in some tenant.
+        parts
+            .extensions
+            .get::<Caller>()
+            .map(|c| Tenant(c.tenant.clone()))
+            .ok_or_else(|| ApiError {
+                kind: ErrorType::Internal,
+                message: "request without an authenticated caller".into(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_data_route_needs_a_scope_and_only_health_is_open() {
+        for (path, scope) in [
+            ("/api/v1/query", Some(Scope::Read)),
+            ("/api/v1/label/{name}/values", Some(Scope::Read)),
+            ("/api/v1/status/tsdb", Some(Scope::Read)),
+            ("/api/v1/write", Some(Scope::Ingest)),
+            ("/v1/metrics", Some(Scope::Ingest)),
+            ("/api/v1/otlp/v1/metrics", Some(Scope::Ingest)),
+            ("/health", None),
+            ("/ready", None),
+            ("/metrics", None),
+        ] {
+            assert_eq!(route_needs(path, false).0, scope, "{path}");
+        }
+        assert_eq!(route_needs("/metrics", true).0, Some(Scope::Read));
+    }
+}

@@ -1,0 +1,434 @@
+//! Who is calling: credentials as clients send them (`Authorization: Bearer <token>`, or HTTP
+//! basic auth with the token as password), checked against the catalog's token hashes, to a
+//! [`Caller`] with a tenant and scopes. Protocol handlers turn an [`AuthError`] into their own
+//! error format; this module knows no protocol.
+//!
+//! A check costs a SHA-256 and a map lookup: tokens are cached by hash for
+//! `--auth-cache-secs` (so a revoked token stops working within that time on every server
+//! sharing the catalog), and their last use is written to the catalog in batches.
+
+pub mod token;
+
+pub use token::{Scope, Scopes};
+
+use crate::catalog::{CatalogError, DynCatalog, TokenRecord};
+use crate::model::TenantId;
+use http::HeaderMap;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// When requests must carry a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Off while every listener is on a loopback address, required as soon as one is not.
+    Auto,
+    On,
+    /// Off, even beyond loopback (warned at start and in `/api/v1/status/flags`).
+    Off,
+}
+
+/// Authentication settings.
+#[derive(Clone, Debug, serde::Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether requests need a token: `auto` requires one as soon as a listener is not on a
+    /// loopback address; `on`; `off` (warned at start when listening beyond loopback).
+    #[arg(
+        id = "auth.mode",
+        long = "auth",
+        env = "SECUMON_AUTH",
+        value_enum,
+        default_value_t = AuthMode::Auto
+    )]
+    pub mode: AuthMode,
+    /// Seconds a token checked against the catalog is trusted before it is looked up again:
+    /// the longest a revoked token keeps working.
+    #[arg(
+        id = "auth.cache_secs",
+        long = "auth-cache-secs",
+        env = "SECUMON_AUTH_CACHE_SECS",
+        default_value_t = 10
+    )]
+    pub cache_secs: u64,
+    /// Require a token with the `read` scope for `/metrics` too (open by default, as
+    /// Prometheus's own; note it names tenants in `secumon_active_series`).
+    #[arg(
+        id = "auth.protect_metrics",
+        long = "auth-protect-metrics",
+        env = "SECUMON_AUTH_PROTECT_METRICS",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub protect_metrics: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        crate::config::clap_defaults()
+    }
+}
+
+impl AuthConfig {
+    /// Whether requests need a token when the server listens on `addresses`.
+    pub fn required(&self, addresses: &[std::net::SocketAddr]) -> bool {
+        match self.mode {
+            AuthMode::On => true,
+            AuthMode::Off => false,
+            AuthMode::Auto => addresses.iter().any(|a| !a.ip().is_loopback()),
+        }
+    }
+}
+
+/// The header naming the tenant a request of an operator token acts in (Mimir's and Cortex's).
+pub const TENANT_HEADER: &str = "x-scope-orgid";
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: TenantId,
+    pub scopes: Scopes,
+    /// The token's id; `None` when authentication is off.
+    pub token_id: Option<String>,
+}
+
+impl Caller {
+    /// The caller of every request while authentication is off.
+    pub fn anonymous() -> Caller {
+        Caller {
+            tenant: TenantId::default(),
+            scopes: Scopes::all(),
+            token_id: None,
+        }
+    }
+
+    /// Whether the caller may do what `scope` allows.
+    pub fn require(&self, scope: Scope) -> Result<(), AuthError> {
+        if self.scopes.allows(scope) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(format!(
+                "the token has scopes {}; this needs {}",
+                self.scopes,
+                scope.as_str()
+            )))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials, or credentials that are not a valid token: 401.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// A valid token without the scope, or naming a tenant it may not act in: 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The catalog could not be read: 503, the client may retry.
+    #[error("cannot check the token now: {0}")]
+    Unavailable(String),
+}
+
+/// Tenant ids as Mimir accepts them: 1 to 150 characters of letters, digits and `!-_.*'()`,
+/// not `.` or `..`.
+pub fn valid_tenant(id: &str) -> bool {
+    (1..=150).contains(&id.len())
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!-_.*'()".contains(&b))
+}
+
+/// A token looked up in the catalog, or known not to be there, with when that was learnt.
+struct Cached {
+    record: Option<TokenRecord>,
+    at: Instant,
+}
+
+/// Most tokens (valid or not) remembered; past it the cache starts over.
+const CACHE_ENTRIES: usize = 100_000;
+
+/// Checks credentials against the catalog.
+pub struct Authenticator {
+    catalog: DynCatalog,
+    /// Whether requests need a token; when not, every request is [`Caller::anonymous`].
+    required: bool,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, Cached>>,
+    /// Last use of each token since the last flush (token id, Unix ms).
+    used: Mutex<HashMap<String, i64>>,
+}
+
+impl Authenticator {
+    pub fn new(catalog: DynCatalog, required: bool, config: &AuthConfig) -> Authenticator {
+        Authenticator {
+            catalog,
+            required,
+            ttl: Duration::from_secs(config.cache_secs),
+            cache: Mutex::default(),
+            used: Mutex::default(),
+        }
+    }
+
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    pub fn catalog(&self) -> &DynCatalog {
+        &self.catalog
+    }
+
+    /// The caller of a request with these headers.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
+        if !self.required {
+            return Ok(Caller::anonymous());
+        }
+        let token = credentials(headers)?;
+        if !token::well_formed(&token) {
+            return Err(AuthError::Unauthenticated("invalid token"));
+        }
+        let hash = token::hash(&token);
+        let record = self.lookup(&hash).await?;
+        let record = record.ok_or(AuthError::Unauthenticated("invalid token"))?;
+        // The lookup was by hash; comparing in constant time as well costs nothing.
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            record.hash.as_bytes(),
+            hash.as_bytes(),
+        )) {
+            return Err(AuthError::Unauthenticated("invalid token"));
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        if record.expires_at.is_some_and(|at| at <= now) {
+            return Err(AuthError::Unauthenticated("token expired"));
+        }
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.id.clone(), now);
+        let mut tenant = record.tenant;
+        if let Some(asked) = headers.get(TENANT_HEADER) {
+            let asked = asked.to_str().unwrap_or_default();
+            if asked != tenant.as_str() {
+                if !record.scopes.contains(Scope::Operator) {
+                    return Err(AuthError::Forbidden(format!(
+                        "the token belongs to tenant {tenant}; only an operator token may name another in X-Scope-OrgID"
+                    )));
+                }
+                if !valid_tenant(asked) {
+                    return Err(AuthError::Forbidden(format!(
+                        "X-Scope-OrgID {asked:?} is not a valid tenant id"
+                    )));
+                }
+                tenant = TenantId::new(asked);
+            }
+        }
+        Ok(Caller {
+            tenant,
+            scopes: record.scopes,
+            token_id: Some(record.id),
+        })
+    }
+
+    async fn lookup(&self, hash: &str) -> Result<Option<TokenRecord>, AuthError> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(cached) = cache.get(hash) {
+                if cached.at.elapsed() < self.ttl {
+                    return Ok(cached.record.clone());
+                }
+            }
+        }
+        let record = self
+            .catalog
+            .token_by_hash(hash)
+            .await
+            .map_err(|e| match e {
+                CatalogError::Unavailable(m) => AuthError::Unavailable(m),
+                other => AuthError::Unavailable(other.to_string()),
+            })?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(
+            hash.to_owned(),
+            Cached {
+                record: record.clone(),
+                at: Instant::now(),
+            },
+        );
+        Ok(record)
+    }
+
+    /// Forgets every cached token (after this server revoked one).
+    pub fn forget_cached(&self) {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Writes the last use of the tokens used since the last call to the catalog.
+    pub async fn flush_last_used(&self) -> Result<(), CatalogError> {
+        let used: Vec<(String, i64)> =
+            std::mem::take(&mut *self.used.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
+        if used.is_empty() {
+            return Ok(());
+        }
+        self.catalog.touch_tokens(&used).await
+    }
+}
+
+/// The token a request carries: `Authorization: Bearer <token>`, or `Basic` with the token as
+/// password (any user name, as Grafana's and many scrapers' basic auth send it).
+fn credentials(headers: &HeaderMap) -> Result<Cow<'_, str>, AuthError> {
+    const MALFORMED_BASIC: AuthError = AuthError::Unauthenticated("malformed basic credentials");
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or(AuthError::Unauthenticated(
+            "no credentials: send Authorization: Bearer <token>",
+        ))?
+        .to_str()
+        .map_err(|_| AuthError::Unauthenticated("malformed Authorization header"))?;
+    let (scheme, rest) = value
+        .split_once(' ')
+        .ok_or(AuthError::Unauthenticated("malformed Authorization header"))?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(Cow::Borrowed(rest.trim()));
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .map_err(|_| MALFORMED_BASIC)?;
+        let text = String::from_utf8(decoded).map_err(|_| MALFORMED_BASIC)?;
+        let (_, password) = text.split_once(':').ok_or(MALFORMED_BASIC)?;
+        return Ok(Cow::Owned(password.to_owned()));
+    }
+    Err(AuthError::Unauthenticated(
+        "unsupported Authorization scheme: use Bearer or Basic",
+    ))
+}
+
+/// Longest token name, in characters.
+pub const MAX_TOKEN_NAME: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("cannot draw random bytes: {0}")]
+    Random(#[from] std::io::Error),
+}
+
+/// Creates a token of `tenant` with `scopes`, valid for `lifetime_ms` when given. Returns the
+/// token, to be shown once, and what the catalog keeps of it.
+pub async fn create_token(
+    catalog: &dyn crate::catalog::Catalog,
+    tenant: &str,
+    scopes: Scopes,
+    name: &str,
+    lifetime_ms: Option<i64>,
+) -> Result<(String, TokenRecord), CreateError> {
+    if !valid_tenant(tenant) {
+        return Err(CreateError::Invalid(format!(
+            "invalid tenant {tenant:?}: 1 to 150 letters, digits or !-_.*'() (not . or ..)"
+        )));
+    }
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_TOKEN_NAME {
+        return Err(CreateError::Invalid(format!(
+            "a token needs a name of 1 to {MAX_TOKEN_NAME} characters"
+        )));
+    }
+    if scopes.is_empty() {
+        return Err(CreateError::Invalid(
+            "a token needs at least one scope".into(),
+        ));
+    }
+    if lifetime_ms.is_some_and(|ms| ms <= 0) {
+        return Err(CreateError::Invalid(
+            "a token's lifetime must be positive".into(),
+        ));
+    }
+    let text = token::generate()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let record = TokenRecord {
+        id: token::generate_id()?,
+        tenant: TenantId::new(tenant),
+        name: name.to_owned(),
+        scopes,
+        hash: token::hash(&text),
+        created_at: now,
+        expires_at: lifetime_ms.map(|ms| now.saturating_add(ms)),
+        last_used_at: None,
+    };
+    catalog.insert_token(&record).await?;
+    Ok((text, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn credentials_are_read_from_bearer_and_basic_auth() {
+        let bearer = headers(&[("authorization", "Bearer smn_x ")]);
+        assert_eq!(credentials(&bearer).unwrap(), "smn_x");
+        let lower = headers(&[("authorization", "bearer smn_y")]);
+        assert_eq!(credentials(&lower).unwrap(), "smn_y");
+        // `grafana:smn_z`
+        let basic = headers(&[("authorization", "Basic Z3JhZmFuYTpzbW5feg==")]);
+        assert_eq!(credentials(&basic).unwrap(), "smn_z");
+        for bad in ["Basic !!!", "Basic Z3JhZmFuYQ==", "Digest x", "Bearer"] {
+            assert!(
+                credentials(&headers(&[("authorization", bad)])).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(credentials(&HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn tenant_ids_follow_mimirs_rules() {
+        for good in ["default", "team-a", "a.b_c", "x!*'()", &"t".repeat(150)] {
+            assert!(valid_tenant(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"t".repeat(151)] {
+            assert!(!valid_tenant(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn auto_mode_requires_tokens_once_a_listener_leaves_loopback() {
+        let mut config = AuthConfig::default();
+        let local: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:8080".parse().unwrap(),
+            "[::1]:4317".parse().unwrap(),
+        ];
+        let wide: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:8080".parse().unwrap(),
+            "0.0.0.0:4317".parse().unwrap(),
+        ];
+        assert!(!config.required(&local) && config.required(&wide));
+        config.mode = AuthMode::On;
+        assert!(config.required(&local));
+        config.mode = AuthMode::Off;
+        assert!(!config.required(&wide));
+    }
+}
