@@ -1,1 +1,519 @@
+//! Authentication and tenants over real HTTP and gRPC: every endpoint refuses a request
+//! without, with a wrong, an expired, a revoked or a wrong-scope token in its own error format,
+//! and takes the right one; two tenants writing the same series names each read only their own
+//! through every read endpoint, on every backend.
 
+use crate::support::raw_grpc;
+use crate::support::remote_write::{encode, request, series};
+use crate::support::{Backend, Secumon};
+use prost::Message;
+use secumon::auth::AuthMode;
+use secumon::catalog::DynCatalog;
+use secumon_proto::prometheus::{Exemplar, Label, MetricMetadata};
+use std::time::{Duration, Instant};
+
+/// A server requiring tokens, looking each up on every request (so a revocation is seen at
+/// once), and its catalog.
+async fn start(
+    backend: Backend,
+    customize: impl FnOnce(&mut secumon::config::Config),
+) -> (Secumon, DynCatalog) {
+    let s = Secumon::start_on(backend, |c| {
+        c.auth.mode = AuthMode::On;
+        c.auth.cache_secs = 0;
+        customize(c);
+    })
+    .await;
+    let catalog = secumon::catalog::open(&s.storage).await.unwrap();
+    (s, catalog)
+}
+
+async fn mint(
+    catalog: &DynCatalog,
+    tenant: &str,
+    scopes: &str,
+    lifetime_ms: Option<i64>,
+) -> String {
+    secumon::auth::create_token(
+        catalog.as_ref(),
+        tenant,
+        scopes.parse().unwrap(),
+        "test",
+        lifetime_ms,
+    )
+    .await
+    .unwrap()
+    .0
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Format {
+    Prometheus,
+    Text,
+    OtlpJson,
+    OtlpProtobuf,
+}
+
+struct Endpoint {
+    method: reqwest::Method,
+    url: String,
+    body: Vec<u8>,
+    content_type: &'static str,
+    ingest: bool,
+    format: Format,
+    /// The status of an authorized request.
+    ok: u16,
+}
+
+fn endpoints(s: &Secumon) -> Vec<Endpoint> {
+    let get = |path: &str| Endpoint {
+        method: reqwest::Method::GET,
+        url: s.url(path),
+        body: Vec::new(),
+        content_type: "",
+        ingest: false,
+        format: Format::Prometheus,
+        ok: 200,
+    };
+    let mut all: Vec<Endpoint> = [
+        "/api/v1/query?query=up",
+        "/api/v1/query_range?query=up&start=0&end=60&step=15",
+        "/api/v1/series?match[]=up",
+        "/api/v1/labels",
+        "/api/v1/label/job/values",
+        "/api/v1/metadata",
+        "/api/v1/query_exemplars?query=up&start=0&end=60",
+        "/api/v1/format_query?query=up",
+        "/api/v1/status/tsdb",
+        "/api/v1/status/flags",
+        "/api/v1/status/buildinfo",
+    ]
+    .into_iter()
+    .map(get)
+    .collect();
+    all.push(Endpoint {
+        method: reqwest::Method::POST,
+        url: s.url("/api/v1/query"),
+        body: b"query=up".to_vec(),
+        content_type: "application/x-www-form-urlencoded",
+        ..get("/")
+    });
+    all.push(Endpoint {
+        method: reqwest::Method::POST,
+        url: s.url("/api/v1/write"),
+        body: encode(&request(vec![], vec![])),
+        content_type: "application/x-protobuf",
+        ingest: true,
+        format: Format::Text,
+        ok: 204,
+    });
+    all.push(Endpoint {
+        method: reqwest::Method::POST,
+        url: s.url("/api/v1/otlp/v1/metrics"),
+        body: b"{}".to_vec(),
+        content_type: "application/json",
+        ingest: true,
+        format: Format::OtlpJson,
+        ok: 200,
+    });
+    all.push(Endpoint {
+        method: reqwest::Method::POST,
+        url: format!("http://{}/v1/metrics", s.server.otlp_http_addr.unwrap()),
+        body: Vec::new(),
+        content_type: "application/x-protobuf",
+        ingest: true,
+        format: Format::OtlpProtobuf,
+        ok: 200,
+    });
+    all
+}
+
+/// Sends `e` with `authorization` (a header value) and checks a refusal's status, format and
+/// challenge, or that an accepted request got its endpoint's answer.
+async fn check(s: &Secumon, e: &Endpoint, authorization: Option<&str>, want: u16, why: &str) {
+    let mut request = s
+        .http
+        .request(e.method.clone(), &e.url)
+        .body(e.body.clone());
+    if !e.content_type.is_empty() {
+        request = request.header("Content-Type", e.content_type);
+    }
+    if let Some(value) = authorization {
+        request = request.header("Authorization", value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let challenges: Vec<String> = response
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = response.bytes().await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, want, "{why}: {} {}: {text}", e.method, e.url);
+    if want != 401 && want != 403 {
+        return;
+    }
+    assert_eq!(
+        !challenges.is_empty(),
+        want == 401,
+        "{why}: {}: challenges {challenges:?}",
+        e.url
+    );
+    if want == 401 {
+        assert!(
+            challenges.iter().any(|c| c.starts_with("Bearer")),
+            "{challenges:?}"
+        );
+    }
+    match e.format {
+        Format::Prometheus => {
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["status"], "error", "{why}: {text}");
+            let kind = if want == 401 {
+                "unauthorized"
+            } else {
+                "forbidden"
+            };
+            assert_eq!(json["errorType"], kind, "{why}: {text}");
+        }
+        Format::Text => assert!(
+            content_type.starts_with("text/plain"),
+            "{why}: {content_type}"
+        ),
+        Format::OtlpJson => {
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                json["code"],
+                if want == 401 { 16 } else { 7 },
+                "{why}: {text}"
+            );
+        }
+        Format::OtlpProtobuf => {
+            let status = secumon_proto::google_rpc::Status::decode(&body[..]).unwrap();
+            assert_eq!(
+                status.code,
+                if want == 401 { 16 } else { 7 },
+                "{why}: {status:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_refuses_missing_wrong_expired_revoked_and_wrong_scope_tokens() {
+    let (s, catalog) = start(Backend::Embedded, |_| {}).await;
+    let read = mint(&catalog, "team-a", "read", None).await;
+    let ingest = mint(&catalog, "team-a", "ingest", None).await;
+    let expired = mint(&catalog, "team-a", "ingest,read", Some(1)).await;
+    let revoked = mint(&catalog, "team-a", "ingest,read", None).await;
+    let operator = mint(&catalog, "ops", "operator", None).await;
+    let id = catalog
+        .list_tokens(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.hash == secumon::auth::token::hash(&revoked))
+        .unwrap()
+        .id;
+    assert!(catalog.delete_token(&id, None).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A token of the right form that the catalog does not know.
+    let unknown = secumon::auth::token::generate().unwrap();
+    let bearer = |t: &str| format!("Bearer {t}");
+    for e in endpoints(&s) {
+        check(&s, &e, None, 401, "no credentials").await;
+        check(&s, &e, Some("Bearer smn_nonsense"), 401, "malformed").await;
+        check(&s, &e, Some(&bearer(&unknown)), 401, "unknown").await;
+        check(&s, &e, Some(&bearer(&expired)), 401, "expired").await;
+        check(&s, &e, Some(&bearer(&revoked)), 401, "revoked").await;
+        let (right, wrong) = if e.ingest {
+            (&ingest, &read)
+        } else {
+            (&read, &ingest)
+        };
+        check(&s, &e, Some(&bearer(wrong)), 403, "wrong scope").await;
+        check(&s, &e, Some(&bearer(right)), e.ok, "right scope").await;
+        check(&s, &e, Some(&bearer(&operator)), e.ok, "operator").await;
+        // Basic auth with the token as password, as Grafana sends it.
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("grafana:{right}"));
+        check(&s, &e, Some(&format!("Basic {basic}")), e.ok, "basic").await;
+    }
+    // Health, readiness and the server's metrics stay open.
+    for path in ["/health", "/ready", "/metrics"] {
+        let status = s.http.get(s.url(path)).send().await.unwrap().status();
+        assert_eq!(status.as_u16(), 200, "{path}");
+    }
+
+    // OTLP/gRPC: UNAUTHENTICATED, PERMISSION_DENIED, then accepted.
+    let grpc = s.server.otlp_grpc_addr.unwrap();
+    for (authorization, code) in [
+        (None, tonic::Code::Unauthenticated),
+        (Some(bearer(&unknown)), tonic::Code::Unauthenticated),
+        (Some(bearer(&expired)), tonic::Code::Unauthenticated),
+        (Some(bearer(&revoked)), tonic::Code::Unauthenticated),
+        (Some(bearer(&read)), tonic::Code::PermissionDenied),
+    ] {
+        let answer = raw_grpc::export_authorized(grpc, Vec::new(), authorization.as_deref()).await;
+        assert_eq!(answer.unwrap_err().code(), code, "{authorization:?}");
+    }
+    raw_grpc::export_authorized(grpc, Vec::new(), Some(&bearer(&ingest)))
+        .await
+        .unwrap();
+
+    // Only an operator token may name another tenant.
+    let e = &endpoints(&s)[0];
+    let named = |token: &str| {
+        s.http
+            .get(&e.url)
+            .header("Authorization", bearer(token))
+            .header("X-Scope-OrgID", "team-b")
+            .send()
+    };
+    assert_eq!(named(&read).await.unwrap().status().as_u16(), 403);
+    assert_eq!(named(&operator).await.unwrap().status().as_u16(), 200);
+
+    // Last use reaches the catalog (at the latest at shutdown).
+    s.server.stop().await;
+    let tokens = catalog.list_tokens(None).await.unwrap();
+    let used = |t: &str| {
+        let hash = secumon::auth::token::hash(t);
+        tokens.iter().find(|r| r.hash == hash).unwrap().last_used_at
+    };
+    assert!(used(&read).is_some() && used(&operator).is_some());
+    assert_eq!(used(&expired), None);
+}
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+
+/// What tenant `who` writes: `iso{who}` only it has, `same{job}` both have (with the tenant's
+/// value), metadata and an exemplar of its own.
+fn tenant_write(who: &str, value: f64, h0: i64) -> Vec<u8> {
+    let samples: Vec<(i64, f64)> = (0..=120).map(|i| (h0 + i * MINUTE, value)).collect();
+    let mut same = series(&[("__name__", "same"), ("job", "x")], &samples);
+    same.exemplars = vec![Exemplar {
+        labels: vec![Label {
+            name: "trace_id".into(),
+            value: format!("trace-{who}"),
+        }],
+        value,
+        timestamp: h0 + 60 * MINUTE,
+    }];
+    let only = series(&[("__name__", "iso"), ("only", who)], &samples);
+    let metadata = MetricMetadata {
+        r#type: secumon_proto::prometheus::metric_metadata::MetricType::Gauge as i32,
+        metric_family_name: "same".into(),
+        help: format!("help of {who}"),
+        unit: String::new(),
+    };
+    encode(&request(vec![same, only], vec![metadata]))
+}
+
+/// Makes rollups of what was written readable: TimescaleDB's refresh jobs run (PGlite runs no
+/// background jobs); the embedded engine and plain PostgreSQL do it themselves.
+async fn materialize(s: &Secumon, backend: Backend) {
+    if backend != Backend::TimescaleDb {
+        return;
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(s.database_url.as_deref().unwrap())
+        .await
+        .unwrap();
+    let jobs: Vec<i32> = sqlx::query_scalar(
+        "SELECT job_id FROM timescaledb_information.jobs
+         WHERE proc_name = 'policy_refresh_continuous_aggregate' ORDER BY job_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for id in jobs {
+        sqlx::raw_sql(&format!("CALL run_job({id})"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+}
+
+fn rollup_selects(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("secumon_query_rollup_selects_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn tenants_read_only_their_own(backend: Backend) {
+    let (s, catalog) = start(backend, |c| {
+        c.embedded.flush_interval_secs = 1;
+        c.postgres.lifecycle_interval_secs = 1;
+    })
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let h0 = (now - 4 * HOUR).div_euclid(HOUR) * HOUR;
+    let mut tokens = Vec::new();
+    for (who, value) in [("a", 1.0), ("b", 2.0)] {
+        let ingest = mint(&catalog, &format!("team-{who}"), "ingest", None).await;
+        let response = s
+            .http
+            .post(s.url("/api/v1/write"))
+            .header("Authorization", format!("Bearer {ingest}"))
+            .body(tenant_write(who, value, h0))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 204, "{backend:?} {who}");
+        tokens.push((
+            who,
+            value,
+            mint(&catalog, &format!("team-{who}"), "read", None).await,
+        ));
+    }
+    materialize(&s, backend).await;
+    let (start, end) = (
+        (h0 / 1000).to_string(),
+        ((h0 + 2 * HOUR) / 1000).to_string(),
+    );
+    let at = ((h0 + 2 * HOUR) / 1000).to_string();
+    for (who, value, token) in &tokens {
+        let other = if *who == "a" { "b" } else { "a" };
+        let get = |path: &'static str, params: Vec<(&'static str, String)>| {
+            let token = token.clone();
+            let s = &s;
+            async move {
+                let response = s
+                    .http
+                    .get(s.url(path))
+                    .query(&params)
+                    .header("Authorization", format!("Bearer {token}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status().as_u16(), 200, "{path}");
+                response.json::<serde_json::Value>().await.unwrap()["data"].clone()
+            }
+        };
+        let why = format!("{backend:?} tenant {who}");
+        let v = get(
+            "/api/v1/query",
+            vec![("query", "same".into()), ("time", at.clone())],
+        )
+        .await;
+        assert_eq!(v["result"].as_array().unwrap().len(), 1, "{why}: {v}");
+        assert_eq!(v["result"][0]["value"][1], value.to_string(), "{why}: {v}");
+        let v = get(
+            "/api/v1/query_range",
+            vec![
+                ("query", "count(iso)".into()),
+                ("start", start.clone()),
+                ("end", end.clone()),
+                ("step", "600".into()),
+            ],
+        )
+        .await;
+        assert!(
+            v["result"][0]["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p[1] == "1"),
+            "{why}: {v}"
+        );
+        let v = get(
+            "/api/v1/series",
+            vec![
+                ("match[]", "{__name__=~\".+\"}".into()),
+                ("start", start.clone()),
+                ("end", end.clone()),
+            ],
+        )
+        .await;
+        let names: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(names.len(), 2, "{why}: {v}");
+        assert!(
+            !v.to_string().contains(&format!("\"only\":\"{other}\"")),
+            "{why}: {v}"
+        );
+        let v = get(
+            "/api/v1/labels",
+            vec![("start", start.clone()), ("end", end.clone())],
+        )
+        .await;
+        assert_eq!(v, serde_json::json!(["__name__", "job", "only"]), "{why}");
+        let v = get(
+            "/api/v1/label/only/values",
+            vec![("start", start.clone()), ("end", end.clone())],
+        )
+        .await;
+        assert_eq!(v, serde_json::json!([who]), "{why}");
+        let v = get("/api/v1/metadata", vec![]).await;
+        assert_eq!(v["same"][0]["help"], format!("help of {who}"), "{why}: {v}");
+        assert_eq!(v["same"].as_array().unwrap().len(), 1, "{why}: {v}");
+        let v = get(
+            "/api/v1/query_exemplars",
+            vec![
+                ("query", "same".into()),
+                ("start", start.clone()),
+                ("end", end.clone()),
+            ],
+        )
+        .await;
+        assert_eq!(v.as_array().unwrap().len(), 1, "{why}: {v}");
+        assert_eq!(
+            v[0]["exemplars"][0]["labels"]["trace_id"],
+            format!("trace-{who}"),
+            "{why}: {v}"
+        );
+        let v = get("/api/v1/status/tsdb", vec![]).await;
+        assert_eq!(v["headStats"]["numSeries"], 2, "{why}: {v}");
+
+        // Rollup reads: an aligned max_over_time is answered from rollups once they exist.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let before = rollup_selects(&s.metrics_text().await);
+            let v = get(
+                "/api/v1/query",
+                vec![
+                    ("query", "max_over_time(same[1h])".into()),
+                    ("time", ((h0 + HOUR) / 1000).to_string()),
+                ],
+            )
+            .await;
+            assert_eq!(v["result"].as_array().unwrap().len(), 1, "{why}: {v}");
+            assert_eq!(v["result"][0]["value"][1], value.to_string(), "{why}: {v}");
+            if rollup_selects(&s.metrics_text().await) > before {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{why}: rollups never answered");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_read_only_their_own_on_the_embedded_engine() {
+    tenants_read_only_their_own(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_read_only_their_own_on_postgresql() {
+    tenants_read_only_their_own(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_read_only_their_own_on_timescaledb() {
+    tenants_read_only_their_own(Backend::TimescaleDb).await;
+}

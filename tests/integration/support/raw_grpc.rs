@@ -51,6 +51,15 @@ pub async fn export(
     addr: std::net::SocketAddr,
     body: Vec<u8>,
 ) -> Result<ExportMetricsServiceResponse, Status> {
+    export_authorized(addr, body, None).await
+}
+
+/// [`export`] with an `authorization` metadata value, as OTLP exporters send their headers.
+pub async fn export_authorized(
+    addr: std::net::SocketAddr,
+    body: Vec<u8>,
+    authorization: Option<&str>,
+) -> Result<ExportMetricsServiceResponse, Status> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -59,7 +68,13 @@ pub async fn export(
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static(EXPORT);
-    grpc.unary(tonic::Request::new(Bytes::from(body)), path, RawCodec)
+    let mut request = tonic::Request::new(Bytes::from(body));
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    grpc.unary(request, path, RawCodec)
         .await
         .map(|r| r.into_inner())
 }
