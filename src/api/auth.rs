@@ -30,6 +30,7 @@ fn route_needs(path: &str, protect_metrics: bool) -> (Option<Scope>, Format) {
         "/metrics" => (protect_metrics.then_some(Scope::Read), Format::RemoteWrite),
         "/api/v1/write" => (Some(Scope::Ingest), Format::RemoteWrite),
         "/api/v1/otlp/v1/metrics" | "/v1/metrics" => (Some(Scope::Ingest), Format::Otlp),
+        p if p.starts_with("/api/v1/admin/") => (Some(Scope::Admin), Format::Prometheus),
         _ => (Some(Scope::Read), Format::Prometheus),
     }
 }
@@ -131,6 +132,30 @@ fn refuse(e: &AuthError, format: Format, encoding: Encoding) -> Response {
     response
 }
 
+/// The caller of an authenticated request.
+pub struct Authenticated(pub Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .map(|c| Authenticated(c.clone()))
+            .ok_or_else(no_caller)
+    }
+}
+
+/// Every route that reads or writes data is behind `authenticate`, which always puts a caller
+/// in; a route without one is a wiring mistake, refused rather than served in some tenant.
+fn no_caller() -> ApiError {
+    ApiError {
+        kind: ErrorType::Internal,
+        message: "request without an authenticated caller".into(),
+    }
+}
+
 /// The tenant of an authenticated request.
 pub struct Tenant(pub TenantId);
 
@@ -138,17 +163,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        // Every route that reads or writes data is behind `authenticate`, which always puts
-        // a caller in; a route without one is a wiring mistake, refused rather than served
-        // in some tenant.
         parts
             .extensions
             .get::<Caller>()
             .map(|c| Tenant(c.tenant.clone()))
-            .ok_or_else(|| ApiError {
-                kind: ErrorType::Internal,
-                message: "request without an authenticated caller".into(),
-            })
+            .ok_or_else(no_caller)
     }
 }
 
@@ -165,6 +184,8 @@ mod tests {
             ("/api/v1/write", Some(Scope::Ingest)),
             ("/v1/metrics", Some(Scope::Ingest)),
             ("/api/v1/otlp/v1/metrics", Some(Scope::Ingest)),
+            ("/api/v1/admin/tokens", Some(Scope::Admin)),
+            ("/api/v1/admin/tokens/{id}", Some(Scope::Admin)),
             ("/health", None),
             ("/ready", None),
             ("/metrics", None),

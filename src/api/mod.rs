@@ -2,6 +2,7 @@
 //! `/ready` and `/metrics`. Handlers translate between HTTP and the `ingest` and `promql`
 //! layers; they never touch a storage backend directly beyond the storage trait.
 
+mod admin;
 mod auth;
 pub mod errors;
 pub mod json;
@@ -84,7 +85,12 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/otlp/v1/metrics", post(otlp::http_export))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/api/v1/admin/tokens", get(admin::list).post(admin::create))
+        .route(
+            "/api/v1/admin/tokens/{id}",
+            axum::routing::delete(admin::revoke),
+        );
     guarded(routes, state)
 }
 

@@ -517,3 +517,137 @@ async fn tenants_read_only_their_own_on_postgresql() {
 async fn tenants_read_only_their_own_on_timescaledb() {
     tenants_read_only_their_own(Backend::TimescaleDb).await;
 }
+
+/// The admin API creates, lists and revokes a tenant's tokens; it hands out no more than the
+/// caller holds and touches no other tenant's tokens; a revoked token stops working on this
+/// server at once, however long tokens are cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_manages_only_its_tenants_tokens() {
+    let (s, catalog) = start(Backend::Embedded, |c| c.auth.cache_secs = 3600).await;
+    let admin = mint(&catalog, "team-a", "admin", None).await;
+    let read = mint(&catalog, "team-a", "read", None).await;
+    let other = mint(&catalog, "team-b", "read", None).await;
+    let send =
+        |method: reqwest::Method, path: String, token: String, body: Option<serde_json::Value>| {
+            let s = &s;
+            async move {
+                let mut request = s
+                    .http
+                    .request(method, s.url(&path))
+                    .header("Authorization", format!("Bearer {token}"));
+                if let Some(body) = body {
+                    request = request.body(body.to_string());
+                }
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                (
+                    status,
+                    response
+                        .json::<serde_json::Value>()
+                        .await
+                        .unwrap_or_default(),
+                )
+            }
+        };
+    let (status, created) = send(
+        reqwest::Method::POST,
+        "/api/v1/admin/tokens".into(),
+        admin.clone(),
+        Some(serde_json::json!({"name": "grafana", "scopes": ["read"], "expires": "1h"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let data = &created["data"];
+    assert_eq!(data["tenant"], "team-a");
+    assert_eq!(data["scopes"], serde_json::json!(["read"]));
+    assert!(data["expiresAt"].is_string(), "{created}");
+    let new = data["token"].as_str().unwrap().to_owned();
+    let id = data["id"].as_str().unwrap().to_owned();
+    let query = |token: String| {
+        let s = &s;
+        async move {
+            s.http
+                .get(s.url("/api/v1/labels"))
+                .header("Authorization", format!("Bearer {token}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(query(new.clone()).await, 200);
+
+    let (status, listed) = send(
+        reqwest::Method::GET,
+        "/api/v1/admin/tokens".into(),
+        admin.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let listed = listed["data"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed
+        .iter()
+        .all(|t| t["tenant"] == "team-a" && t.get("token").is_none()));
+
+    for (token, body, want) in [
+        (
+            admin.clone(),
+            serde_json::json!({"name": "x", "scopes": ["operator"]}),
+            403,
+        ),
+        (
+            read.clone(),
+            serde_json::json!({"name": "x", "scopes": ["read"]}),
+            403,
+        ),
+        (
+            admin.clone(),
+            serde_json::json!({"name": "x", "scopes": ["write"]}),
+            400,
+        ),
+        (
+            admin.clone(),
+            serde_json::json!({"name": "", "scopes": ["read"]}),
+            400,
+        ),
+        (admin.clone(), serde_json::json!({"scopes": ["read"]}), 400),
+    ] {
+        let (status, answer) = send(
+            reqwest::Method::POST,
+            "/api/v1/admin/tokens".into(),
+            token,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status, want, "{body}: {answer}");
+    }
+
+    // Another tenant's token is not found; the tenant's own is revoked and refused at once.
+    let other_id = catalog
+        .list_tokens(Some(&secumon::model::TenantId::new("team-b")))
+        .await
+        .unwrap()[0]
+        .id
+        .clone();
+    let (status, _) = send(
+        reqwest::Method::DELETE,
+        format!("/api/v1/admin/tokens/{other_id}"),
+        admin.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(query(other.clone()).await, 200);
+    let (status, _) = send(
+        reqwest::Method::DELETE,
+        format!("/api/v1/admin/tokens/{id}"),
+        admin.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(query(new).await, 401);
+}

@@ -1,0 +1,158 @@
+//! `/api/v1/admin/tokens`: a tenant's API tokens over HTTP, for callers with the `admin` scope
+//! (in their own tenant) or `operator` (in the tenant `X-Scope-OrgID` names). A new token is in
+//! the creation answer only; the catalog keeps its hash.
+
+use super::auth::Authenticated;
+use super::errors::{ApiError, ErrorType};
+use super::SharedState;
+use crate::auth::{CreateError, Scope, Scopes};
+use crate::catalog::{CatalogError, TokenRecord};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+fn answer(status: StatusCode, data: serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"status": "success", "data": data}).to_string(),
+    )
+        .into_response()
+}
+
+fn time(ms: Option<i64>) -> serde_json::Value {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or(serde_json::Value::Null, |t| {
+            json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        })
+}
+
+fn describe(t: &TokenRecord) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "tenant": t.tenant.as_str(),
+        "name": t.name,
+        "scopes": t.scopes.to_string().split(',').collect::<Vec<_>>(),
+        "createdAt": time(Some(t.created_at)),
+        "expiresAt": time(t.expires_at),
+        "lastUsedAt": time(t.last_used_at),
+    })
+}
+
+fn catalog_error(e: CatalogError) -> ApiError {
+    let kind = match e {
+        CatalogError::Unavailable(_) => ErrorType::Unavailable,
+        CatalogError::Internal(_) | CatalogError::Conflict => ErrorType::Internal,
+    };
+    let id = super::errors::incident_id();
+    tracing::error!(request_id = %id, error = %e, "token administration failed");
+    ApiError {
+        kind,
+        message: format!("catalog error (request id {id})"),
+    }
+}
+
+/// `GET /api/v1/admin/tokens`: the tenant's tokens, oldest first.
+pub(super) async fn list(
+    State(state): State<SharedState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Response, ApiError> {
+    let tokens = state
+        .auth
+        .catalog()
+        .list_tokens(Some(&caller.tenant))
+        .await
+        .map_err(catalog_error)?;
+    Ok(answer(
+        StatusCode::OK,
+        tokens.iter().map(describe).collect(),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateRequest {
+    name: String,
+    scopes: Vec<String>,
+    /// A Prometheus duration (`30d`); none: the token does not expire.
+    #[serde(default)]
+    expires: Option<String>,
+}
+
+/// `POST /api/v1/admin/tokens` with `{"name", "scopes": [...], "expires"?}`: 201 with the
+/// token's description and, this once, the token.
+pub(super) async fn create(
+    State(state): State<SharedState>,
+    Authenticated(caller): Authenticated,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: CreateRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_data(format!("invalid token request: {e}")))?;
+    let scopes: Scopes = request
+        .scopes
+        .join(",")
+        .parse()
+        .map_err(ApiError::bad_data)?;
+    // No one hands out more than they hold.
+    if scopes.contains(Scope::Operator) && !caller.scopes.contains(Scope::Operator) {
+        return Err(ApiError {
+            kind: ErrorType::Forbidden,
+            message: "only an operator token may create operator tokens".into(),
+        });
+    }
+    let lifetime = request
+        .expires
+        .as_deref()
+        .map(|e| {
+            super::params::parse_duration(e).map_err(|m| ApiError::invalid_param("expires", m))
+        })
+        .transpose()?;
+    let created = crate::auth::create_token(
+        state.auth.catalog().as_ref(),
+        caller.tenant.as_str(),
+        scopes,
+        &request.name,
+        lifetime,
+    )
+    .await;
+    let (token, record) = match created {
+        Ok(done) => done,
+        Err(CreateError::Invalid(m)) => return Err(ApiError::bad_data(m)),
+        Err(CreateError::Catalog(e)) => return Err(catalog_error(e)),
+        Err(CreateError::Random(e)) => {
+            return Err(ApiError {
+                kind: ErrorType::Internal,
+                message: e.to_string(),
+            })
+        }
+    };
+    tracing::info!(id = %record.id, tenant = %record.tenant, scopes = %record.scopes, by = ?caller.token_id, "token created");
+    let mut data = describe(&record);
+    data["token"] = json!(token);
+    Ok(answer(StatusCode::CREATED, data))
+}
+
+/// `DELETE /api/v1/admin/tokens/{id}`: revokes a token of the tenant (404 if it has none by
+/// that id). This server forgets it at once; others within `--auth-cache-secs`.
+pub(super) async fn revoke(
+    State(state): State<SharedState>,
+    Authenticated(caller): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let deleted = state
+        .auth
+        .catalog()
+        .delete_token(&id, Some(&caller.tenant))
+        .await
+        .map_err(catalog_error)?;
+    if !deleted {
+        return Err(ApiError {
+            kind: ErrorType::NotFound,
+            message: format!("tenant {} has no token {id:?}", caller.tenant),
+        });
+    }
+    state.auth.forget_cached();
+    tracing::info!(%id, tenant = %caller.tenant, by = ?caller.token_id, "token revoked");
+    Ok(answer(StatusCode::OK, json!({"id": id})))
+}
