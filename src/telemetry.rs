@@ -19,6 +19,11 @@ pub struct RejectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantLabels {
     pub tenant: String,
 }
@@ -50,6 +55,8 @@ pub struct Metrics {
     /// is on.
     pub active_series: Family<TenantLabels, prometheus_client::metrics::gauge::Gauge>,
     pub http_requests: Family<RequestLabels, Counter>,
+    /// Requests refused by authentication, by reason.
+    pub auth_refused: Family<ReasonLabels, Counter>,
     pub query_duration: Family<QueryLabels, Histogram>,
     pub query_rollup_selects: Family<ResolutionLabels, Counter>,
     pub damaged_bytes_recovered: prometheus_client::metrics::gauge::Gauge,
@@ -145,6 +152,12 @@ impl Metrics {
             "Series that received a sample in the last hour, by tenant (counted while --ingest-max-series-per-tenant is not 0)",
             active_series.clone(),
         );
+        let auth_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "auth_refused",
+            "Requests refused by authentication, by reason (unauthenticated, forbidden, throttled, unavailable)",
+            auth_refused.clone(),
+        );
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -214,6 +227,7 @@ impl Metrics {
             registry,
             damaged_bytes_recovered,
             active_series,
+            auth_refused,
             query_warnings,
             storage_series,
             storage_blocks,

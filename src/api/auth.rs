@@ -37,6 +37,7 @@ fn route_needs(path: &str, protect_metrics: bool) -> (Option<Scope>, Format) {
 
 /// gRPC status codes OTLP uses for refused credentials.
 const CODE_PERMISSION_DENIED: i32 = 7;
+const CODE_RESOURCE_EXHAUSTED: i32 = 8;
 const CODE_UNAVAILABLE: i32 = 14;
 const CODE_UNAUTHENTICATED: i32 = 16;
 
@@ -54,7 +55,11 @@ pub(super) async fn authenticate(
     let Some(scope) = need else {
         return next.run(request).await;
     };
-    let checked = match state.auth.authenticate(request.headers()).await {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let checked = match state.auth.authenticate(request.headers(), peer).await {
         Ok(caller) => caller.require(scope).map(|()| caller),
         Err(e) => Err(e),
     };
@@ -64,6 +69,11 @@ pub(super) async fn authenticate(
             next.run(request).await
         }
         Err(e) => {
+            state
+                .metrics
+                .auth_refused
+                .get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() })
+                .inc();
             let encoding = Encoding::from_content_type(super::header_str(
                 request.headers(),
                 header::CONTENT_TYPE,
@@ -92,6 +102,11 @@ fn refuse(e: &AuthError, format: Format, encoding: Encoding) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorType::Unavailable,
             CODE_UNAVAILABLE,
+        ),
+        AuthError::Throttled(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorType::TooManyRequests,
+            CODE_RESOURCE_EXHAUSTED,
         ),
     };
     let mut response = match format {
@@ -126,6 +141,9 @@ fn refuse(e: &AuthError, format: Format, encoding: Encoding) -> Response {
                 header::RETRY_AFTER,
                 HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
             );
+        }
+        AuthError::Throttled(wait) => {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*wait));
         }
         AuthError::Forbidden(_) => {}
     }

@@ -20,6 +20,8 @@ pub enum ErrorType {
     Unauthorized,
     /// Credentials without the scope the endpoint needs.
     Forbidden,
+    /// Refused for a while (too many failed authentications).
+    TooManyRequests,
 }
 
 impl ErrorType {
@@ -34,6 +36,7 @@ impl ErrorType {
             ErrorType::Unavailable => "unavailable",
             ErrorType::Unauthorized => "unauthorized",
             ErrorType::Forbidden => "forbidden",
+            ErrorType::TooManyRequests => "too_many_requests",
         }
     }
 
@@ -49,6 +52,7 @@ impl ErrorType {
             ErrorType::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorType::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorType::Forbidden => StatusCode::FORBIDDEN,
+            ErrorType::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

@@ -301,6 +301,7 @@ pub mod grpc {
             AuthError::Unauthenticated(m) => Status::unauthenticated(*m),
             AuthError::Forbidden(m) => Status::permission_denied(m.clone()),
             AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
+            AuthError::Throttled(_) => Status::resource_exhausted(e.to_string()),
         }
     }
 
@@ -342,13 +343,25 @@ pub mod grpc {
             }
             Box::pin(async move {
                 // Checked before anything else: an unknown client costs no slot and no body.
-                let caller = match state.auth.authenticate(request.headers()).await {
+                let peer = request
+                    .extensions()
+                    .get::<tonic::transport::server::TcpConnectInfo>()
+                    .and_then(|c| c.remote_addr())
+                    .map(|a| a.ip());
+                let caller = match state.auth.authenticate(request.headers(), peer).await {
                     Ok(caller) => caller.require(crate::auth::Scope::Ingest).map(|()| caller),
                     Err(e) => Err(e),
                 };
                 let tenant = match caller {
                     Ok(caller) => caller.tenant,
-                    Err(e) => return Ok(refused(&e).into_http()),
+                    Err(e) => {
+                        state
+                            .metrics
+                            .auth_refused
+                            .get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() })
+                            .inc();
+                        return Ok(refused(&e).into_http());
+                    }
                 };
                 // Taken before the body is read: a busy server reads no more bodies.
                 let _slot = match state.ingester.slot().await {

@@ -63,6 +63,16 @@ pub struct AuthConfig {
         action = clap::ArgAction::Set
     )]
     pub protect_metrics: bool,
+    /// Failed authentications one client address may make in a minute; past it, its requests
+    /// are refused with 429 (gRPC `RESOURCE_EXHAUSTED`) until the minute is over, valid token
+    /// or not. 0: no limit.
+    #[arg(
+        id = "auth.max_failures_per_minute",
+        long = "auth-max-failures-per-minute",
+        env = "SECUMON_AUTH_MAX_FAILURES_PER_MINUTE",
+        default_value_t = 20
+    )]
+    pub max_failures_per_minute: u32,
 }
 
 impl Default for AuthConfig {
@@ -126,9 +136,25 @@ pub enum AuthError {
     /// A valid token without the scope, or naming a tenant it may not act in: 403.
     #[error("{0}")]
     Forbidden(String),
+    /// Too many failed authentications from the client's address lately: 429 with
+    /// `Retry-After` (seconds).
+    #[error("too many failed authentications from this address; retry in {0} s")]
+    Throttled(u64),
     /// The catalog could not be read: 503, the client may retry.
     #[error("cannot check the token now: {0}")]
     Unavailable(String),
+}
+
+impl AuthError {
+    /// The `reason` label of `secumon_auth_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Unauthenticated(_) => "unauthenticated",
+            AuthError::Forbidden(_) => "forbidden",
+            AuthError::Throttled(_) => "throttled",
+            AuthError::Unavailable(_) => "unavailable",
+        }
+    }
 }
 
 /// Tenant ids as Mimir accepts them: 1 to 150 characters of letters, digits and `!-_.*'()`,
@@ -160,7 +186,22 @@ pub struct Authenticator {
     cache: Mutex<HashMap<String, Cached>>,
     /// Last use of each token since the last flush (token id, Unix ms).
     used: Mutex<HashMap<String, i64>>,
+    /// Failed authentications per client address in the current minute of each.
+    failures: Mutex<HashMap<std::net::IpAddr, Failures>>,
+    max_failures: u32,
 }
+
+/// Failed authentications of one address since `since`.
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+/// The span failed authentications are counted over.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Most addresses whose failures are remembered; past it expired entries go, then all.
+const FAILURE_ENTRIES: usize = 100_000;
 
 impl Authenticator {
     pub fn new(catalog: DynCatalog, required: bool, config: &AuthConfig) -> Authenticator {
@@ -170,6 +211,8 @@ impl Authenticator {
             ttl: Duration::from_secs(config.cache_secs),
             cache: Mutex::default(),
             used: Mutex::default(),
+            failures: Mutex::default(),
+            max_failures: config.max_failures_per_minute,
         }
     }
 
@@ -181,11 +224,64 @@ impl Authenticator {
         &self.catalog
     }
 
-    /// The caller of a request with these headers.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
+    /// The caller of a request with these headers from `peer`. Failures are counted per
+    /// address; past `--auth-max-failures-per-minute` the address is refused for the rest of
+    /// its minute.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Caller, AuthError> {
         if !self.required {
             return Ok(Caller::anonymous());
         }
+        if let Some(wait) = peer.and_then(|ip| self.throttled(ip)) {
+            return Err(AuthError::Throttled(wait));
+        }
+        let checked = self.check(headers).await;
+        if let (Err(AuthError::Unauthenticated(_)), Some(ip)) = (&checked, peer) {
+            self.failed(ip);
+        }
+        checked
+    }
+
+    /// Seconds left in the address's minute if it is over its failures.
+    fn throttled(&self, ip: std::net::IpAddr) -> Option<u64> {
+        if self.max_failures == 0 {
+            return None;
+        }
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let f = failures.get(&ip)?;
+        let elapsed = f.since.elapsed();
+        (f.count >= self.max_failures && elapsed < FAILURE_WINDOW)
+            .then(|| (FAILURE_WINDOW - elapsed).as_secs().max(1))
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) {
+        if self.max_failures == 0 {
+            return;
+        }
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() >= FAILURE_ENTRIES && !failures.contains_key(&ip) {
+            failures.retain(|_, f| f.since.elapsed() < FAILURE_WINDOW);
+            if failures.len() >= FAILURE_ENTRIES {
+                failures.clear();
+            }
+        }
+        let f = failures.entry(ip).or_insert(Failures {
+            count: 0,
+            since: Instant::now(),
+        });
+        if f.since.elapsed() >= FAILURE_WINDOW {
+            *f = Failures {
+                count: 0,
+                since: Instant::now(),
+            };
+        }
+        f.count = f.count.saturating_add(1);
+    }
+
+    async fn check(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let token = credentials(headers)?;
         if !token::well_formed(&token) {
             return Err(AuthError::Unauthenticated("invalid token"));

@@ -329,8 +329,8 @@ pub async fn serve_http(
             accepted = acceptor.accept() => accepted,
             _ = stop.wait_for(|stop| *stop) => break,
         };
-        let conn = match accepted {
-            Ok((conn, _)) => conn,
+        let (conn, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::error!(error = %e, "cannot accept connections");
                 break;
@@ -349,7 +349,10 @@ pub async fn serve_http(
                 async move {
                     activity.in_flight.fetch_add(1, Ordering::Relaxed);
                     activity.receiving_since_ms.store(0, Ordering::Relaxed);
-                    let request = request.map(axum::body::Body::new);
+                    let mut request = request.map(axum::body::Body::new);
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
                     let response = tower_service::Service::call(&mut app, request).await;
                     activity.in_flight.fetch_sub(1, Ordering::Relaxed);
                     activity.moved(now_ms(epoch), false);

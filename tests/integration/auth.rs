@@ -208,7 +208,8 @@ async fn check(s: &Secumon, e: &Endpoint, authorization: Option<&str>, want: u16
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_refuses_missing_wrong_expired_revoked_and_wrong_scope_tokens() {
-    let (s, catalog) = start(Backend::Embedded, |_| {}).await;
+    // Dozens of failures from one address: the brute-force limit is the next test's.
+    let (s, catalog) = start(Backend::Embedded, |c| c.auth.max_failures_per_minute = 0).await;
     let read = mint(&catalog, "team-a", "read", None).await;
     let ingest = mint(&catalog, "team-a", "ingest", None).await;
     let expired = mint(&catalog, "team-a", "ingest,read", Some(1)).await;
@@ -650,4 +651,61 @@ async fn the_admin_api_manages_only_its_tenants_tokens() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(query(new).await, 401);
+}
+
+/// Past `--auth-max-failures-per-minute` failures from one address, over HTTP or gRPC, the
+/// address is refused with 429 (gRPC `RESOURCE_EXHAUSTED`), even with a valid token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_past_its_failures_is_refused_for_the_rest_of_the_minute() {
+    let (s, catalog) = start(Backend::Embedded, |c| c.auth.max_failures_per_minute = 5).await;
+    let read = mint(&catalog, "team-a", "read,ingest", None).await;
+    let wrong = format!("Bearer {}", secumon::auth::token::generate().unwrap());
+    let grpc = s.server.otlp_grpc_addr.unwrap();
+    for _ in 0..3 {
+        let answer = raw_grpc::export_authorized(grpc, Vec::new(), Some(&wrong)).await;
+        assert_eq!(answer.unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+    let labels = |authorization: String| {
+        let s = &s;
+        async move {
+            s.http
+                .get(s.url("/api/v1/labels"))
+                .header("Authorization", authorization)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        labels(format!("Bearer {read}")).await.status().as_u16(),
+        200
+    );
+    for _ in 0..2 {
+        assert_eq!(labels(wrong.clone()).await.status().as_u16(), 401);
+    }
+    let throttled = labels(format!("Bearer {read}")).await;
+    assert_eq!(throttled.status().as_u16(), 429);
+    let wait: u64 = throttled.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let body: serde_json::Value = throttled.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("too many failed"),
+        "{body}"
+    );
+    let answer =
+        raw_grpc::export_authorized(grpc, Vec::new(), Some(&format!("Bearer {read}"))).await;
+    assert_eq!(answer.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    let metrics = s.metrics_text().await;
+    assert!(
+        metrics.contains("secumon_auth_refused_total{reason=\"unauthenticated\"} 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("secumon_auth_refused_total{reason=\"throttled\"} 2"),
+        "{metrics}"
+    );
 }
