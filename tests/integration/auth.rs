@@ -709,3 +709,84 @@ async fn an_address_past_its_failures_is_refused_for_the_rest_of_the_minute() {
         "{metrics}"
     );
 }
+
+/// The real clients, configured the way their users configure them: Prometheus 2.42 with
+/// `remote_write.authorization.credentials`, the OpenTelemetry Python SDK with
+/// `OTEL_EXPORTER_OTLP_HEADERS` over gRPC and HTTP; each lands in its token's tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_and_the_opentelemetry_sdk_write_into_their_tenants() {
+    let (s, catalog) = start(Backend::Embedded, |_| {}).await;
+    let sdk_ingest = mint(&catalog, "apps", "ingest", None).await;
+    let sdk_read = mint(&catalog, "apps", "read", None).await;
+    let prom_ingest = mint(&catalog, "infra", "ingest", None).await;
+    let prom_read = mint(&catalog, "infra", "read", None).await;
+
+    let headers = format!("authorization=Bearer%20{sdk_ingest}");
+    let env = [("OTEL_EXPORTER_OTLP_HEADERS", headers.as_str())];
+    let grpc = format!("http://{}", s.server.otlp_grpc_addr.unwrap());
+    let (ok, log) = crate::otlp::python_export_with("grpc", &grpc, "cumulative", "grpc-run", &env);
+    assert!(ok, "gRPC export failed: {log}");
+    let http = format!("http://{}", s.server.otlp_http_addr.unwrap());
+    let (ok, log) = crate::otlp::python_export_with("http", &http, "cumulative", "http-run", &env);
+    assert!(ok, "HTTP export failed: {log}");
+    // Without the header the SDK's export fails.
+    let (ok, _) = crate::otlp::python_export_with("http", &http, "cumulative", "anon-run", &[]);
+    assert!(!ok, "an export without a token was accepted");
+
+    let write_url = s.url("/api/v1/write");
+    let _prometheus = crate::support::Prometheus::start(|port| {
+        format!(
+            r#"
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: prometheus
+    static_configs: [{{targets: ["127.0.0.1:{port}"]}}]
+remote_write:
+  - url: {write_url}
+    authorization: {{credentials: {prom_ingest}}}
+    queue_config: {{batch_send_deadline: 500ms, min_backoff: 100ms, max_backoff: 1s}}
+"#
+        )
+    });
+
+    let query = |token: String, q: &'static str| {
+        let s = &s;
+        async move {
+            let response = s
+                .http
+                .get(s.url("/api/v1/query"))
+                .query(&[("query", q)])
+                .header("Authorization", format!("Bearer {token}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            let body: serde_json::Value = response.json().await.unwrap();
+            body["data"]["result"].clone()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while query(prom_read.clone(), "up{job=\"prometheus\"}").await[0]["value"][1] != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus's samples never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let runs = query(sdk_read.clone(), "count by (instance) (requests_total)").await;
+    let mut instances: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metric"]["instance"].as_str().unwrap())
+        .collect();
+    instances.sort();
+    assert_eq!(instances, ["grpc-run", "http-run"], "{runs}");
+    // Neither tenant sees the other's series.
+    assert_eq!(query(sdk_read, "up").await, serde_json::json!([]));
+    assert_eq!(
+        query(prom_read, "requests_total").await,
+        serde_json::json!([])
+    );
+}

@@ -11,9 +11,21 @@ const PIP_INSTALL: &str =
 
 /// Runs tests/otlp/export.py; fails loudly when Python or the SDK is missing.
 fn python_export(protocol: &str, endpoint: &str, temporality: &str, run: &str) -> (bool, String) {
+    python_export_with(protocol, endpoint, temporality, run, &[])
+}
+
+/// [`python_export`] with more environment, such as `OTEL_EXPORTER_OTLP_HEADERS`.
+pub(crate) fn python_export_with(
+    protocol: &str,
+    endpoint: &str,
+    temporality: &str,
+    run: &str,
+    env: &[(&str, &str)],
+) -> (bool, String) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp/export.py");
     let output = Command::new("python3")
         .args([script, protocol, endpoint, temporality, run])
+        .envs(env.iter().copied())
         // Record exemplars without a sampled trace, so the export carries some.
         .env("OTEL_METRICS_EXEMPLAR_FILTER", "always_on")
         .output()
