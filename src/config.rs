@@ -93,6 +93,8 @@ pub struct Config {
     pub query: EngineConfig,
     #[command(flatten, next_help_heading = "Authentication")]
     pub auth: crate::auth::AuthConfig,
+    #[command(flatten, next_help_heading = "TLS")]
+    pub tls: crate::server::tls::TlsConfig,
 }
 
 impl Default for Config {

@@ -210,6 +210,103 @@ impl tonic::transport::server::Connected for CountedConn {
     }
 }
 
+/// A served connection: plain, or TLS over a counted connection (so the limits and timeouts
+/// see the TCP bytes, handshake included).
+pub enum Conn {
+    Plain(CountedConn),
+    Tls(Box<tokio_rustls::server::TlsStream<CountedConn>>),
+}
+
+impl Conn {
+    /// Completes the TLS handshake within `within` when `tls` is given.
+    async fn open(
+        conn: CountedConn,
+        tls: Option<&tokio_rustls::TlsAcceptor>,
+        within: Duration,
+    ) -> Option<Conn> {
+        let Some(tls) = tls else {
+            return Some(Conn::Plain(conn));
+        };
+        match tokio::time::timeout(within, tls.accept(conn)).await {
+            Ok(Ok(stream)) => Some(Conn::Tls(Box::new(stream))),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            Conn::Tls(c) => Pin::new(c.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            Conn::Tls(c) => Pin::new(c.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_flush(cx),
+            Conn::Tls(c) => Pin::new(c.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            Conn::Tls(c) => Pin::new(c.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            Conn::Tls(c) => Pin::new(c.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(c) => c.is_write_vectored(),
+            Conn::Tls(c) => c.is_write_vectored(),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Conn::Plain(c) => c.connect_info(),
+            Conn::Tls(c) => c.get_ref().0.connect_info(),
+        }
+    }
+}
+
 /// Accepts connections while fewer than `limit` are open: past it, the next accept waits for
 /// one to close (as Go's `netutil.LimitListener`, which Prometheus uses).
 pub struct Acceptor {
@@ -271,7 +368,8 @@ impl Acceptor {
     pub fn into_stream(
         self,
         first_byte: Duration,
-    ) -> impl futures::Stream<Item = std::io::Result<CountedConn>> + Send + 'static {
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> impl futures::Stream<Item = std::io::Result<Conn>> + Send + 'static {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             loop {
@@ -282,11 +380,15 @@ impl Acceptor {
                 match accepted {
                     Ok((conn, _)) => {
                         let tx = tx.clone();
+                        let tls = tls.clone();
                         tokio::spawn(async move {
                             let mut byte = [0u8; 1];
                             let peeked =
                                 tokio::time::timeout(first_byte, conn.stream.peek(&mut byte)).await;
-                            if matches!(peeked, Ok(Ok(n)) if n > 0) {
+                            if !matches!(peeked, Ok(Ok(n)) if n > 0) {
+                                return;
+                            }
+                            if let Some(conn) = Conn::open(conn, tls.as_ref(), first_byte).await {
                                 let _ = tx.send(Ok(conn)).await;
                             }
                         });
@@ -319,6 +421,7 @@ pub async fn serve_http(
     acceptor: Acceptor,
     app: axum::Router,
     config: HttpConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let header_ms = config.header_timeout_secs.max(1) * 1000;
@@ -361,15 +464,24 @@ pub async fn serve_http(
             })
         };
         let stop = stop.clone();
-        connections.spawn(watch_connection(
-            hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(conn), service),
-            activity,
-            epoch,
-            Timeouts { header_ms, idle_ms },
-            stop,
-        ));
+        let tls = tls.clone();
+        connections.spawn(async move {
+            // The handshake counts against the header timeout.
+            let Some(conn) = Conn::open(conn, tls.as_ref(), Duration::from_millis(header_ms)).await
+            else {
+                return;
+            };
+            watch_connection(
+                hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(conn), service),
+                activity,
+                epoch,
+                Timeouts { header_ms, idle_ms },
+                stop,
+            )
+            .await
+        });
     }
     while connections.join_next().await.is_some() {}
 }
@@ -401,7 +513,7 @@ const WATCHDOG_TICK: Duration = Duration::from_millis(250);
 /// progress; a connection still open one header timeout later (a client that does not read
 /// its response, say) is dropped.
 async fn watch_connection<S>(
-    connection: hyper::server::conn::http1::Connection<TokioIo<CountedConn>, S>,
+    connection: hyper::server::conn::http1::Connection<TokioIo<Conn>, S>,
     activity: Arc<Activity>,
     epoch: Instant,
     timeouts: Timeouts,

@@ -2,6 +2,7 @@
 //! shutdown.
 
 pub mod listener;
+pub mod tls;
 
 pub use listener::{GrpcConfig, HttpConfig};
 
@@ -77,6 +78,7 @@ async fn serve_http(
     address: &str,
     app: axum::Router,
     config: &Config,
+    tls: Option<&tls::Tls>,
     stop: &tokio::sync::watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
@@ -87,6 +89,7 @@ async fn serve_http(
         acceptor,
         app,
         config.http.clone(),
+        tls.map(tls::Tls::http_acceptor),
         stop.clone(),
     )));
     Ok(addr)
@@ -164,6 +167,7 @@ fn listen_addresses(config: &Config) -> Vec<SocketAddr> {
 pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
     metrics.observe_storage(storage.as_ref());
+    let tls = tls::Tls::load(&config.tls)?;
     let catalog = crate::catalog::open(&config.storage)
         .await
         .context("cannot open the catalog")?;
@@ -215,6 +219,9 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     if state.auth.required() {
         tasks.push(tokio::spawn(last_used_loop(state.clone(), stop.clone())));
     }
+    if let Some(tls) = &tls {
+        tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
+    }
     if let Some(every) = state.storage.maintenance_interval() {
         tasks.push(tokio::spawn(maintenance_loop(
             state.clone(),
@@ -227,6 +234,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         &config.http_listen,
         api::router(state.clone()),
         config,
+        tls.as_ref(),
         &stop,
         &mut tasks,
     )
@@ -234,8 +242,17 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     let mut otlp_http_addr = None;
     if !config.otlp_http_listen.is_empty() {
         let app = api::otlp_http_router(state.clone());
-        otlp_http_addr =
-            Some(serve_http(&config.otlp_http_listen, app, config, &stop, &mut tasks).await?);
+        otlp_http_addr = Some(
+            serve_http(
+                &config.otlp_http_listen,
+                app,
+                config,
+                tls.as_ref(),
+                &stop,
+                &mut tasks,
+            )
+            .await?,
+        );
     }
 
     let mut otlp_grpc_addr = None;
@@ -243,8 +260,10 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         let listener = bind(&config.otlp_grpc_listen).await?;
         otlp_grpc_addr = Some(listener.local_addr()?);
         let service = api::otlp::grpc::MetricsService::new(state.clone());
-        let incoming = listener::Acceptor::new(listener, config.http.max_connections)
-            .into_stream(Duration::from_secs(config.http.header_timeout_secs.max(1)));
+        let incoming = listener::Acceptor::new(listener, config.http.max_connections).into_stream(
+            Duration::from_secs(config.http.header_timeout_secs.max(1)),
+            tls.as_ref().map(tls::Tls::grpc_acceptor),
+        );
         let stopped = shutdown_requested(stop.clone());
         let grpc = &config.grpc;
         let builder = tonic::transport::Server::builder()
