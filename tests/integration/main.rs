@@ -16,3 +16,4 @@ mod promql_diff;
 mod remote_write;
 mod rollup_queries;
 mod timescaledb;
+mod tls;

@@ -25,6 +25,9 @@ pub(crate) fn python_export_with(
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp/export.py");
     let output = Command::new("python3")
         .args([script, protocol, endpoint, temporality, run])
+        // requests lets these override the exporter's own CA (OTEL_EXPORTER_OTLP_CERTIFICATE).
+        .env_remove("REQUESTS_CA_BUNDLE")
+        .env_remove("CURL_CA_BUNDLE")
         .envs(env.iter().copied())
         // Record exemplars without a sampled trace, so the export carries some.
         .env("OTEL_METRICS_EXEMPLAR_FILTER", "always_on")

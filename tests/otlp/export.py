@@ -39,7 +39,12 @@ preferred = {
 if protocol == "grpc":
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-    exporter = OTLPMetricExporter(endpoint=endpoint, insecure=True, preferred_temporality=preferred)
+    # https:// endpoints use TLS, trusting OTEL_EXPORTER_OTLP_CERTIFICATE when set.
+    exporter = OTLPMetricExporter(
+        endpoint=endpoint,
+        insecure=not endpoint.startswith("https://"),
+        preferred_temporality=preferred,
+    )
 else:
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 

@@ -72,6 +72,16 @@ impl Postgres {
     }
 
     fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// A PostgreSQL of its own that accepts TLS with this PEM certificate and key (and plain
+    /// connections too, as `ssl=on` does).
+    pub fn start_tls(cert: &str, key: &str) -> Postgres {
+        Postgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Postgres {
         let bindir = postgres_bindir();
         let dir = process::temp_dir("secumon-pg");
         let data = dir.join("data");
@@ -100,6 +110,19 @@ impl Postgres {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "max_connections=300"])
             .args(["-c", "shared_buffers=256MB"]);
+        if let Some((cert, key)) = tls {
+            let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&cert_path, cert).expect("write server.crt");
+            std::fs::write(&key_path, key).expect("write server.key");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod server.key");
+            process::chown_to(&cert_path, user);
+            process::chown_to(&key_path, user);
+            cmd.args(["-c", "ssl=on"])
+                .args(["-c", &format!("ssl_cert_file={}", cert_path.display())])
+                .args(["-c", &format!("ssl_key_file={}", key_path.display())]);
+        }
         // Tests need no durability; benchmarks keep PostgreSQL's defaults.
         if std::env::var_os("SECUMON_PG_DURABLE").is_none() {
             cmd.args([
