@@ -31,6 +31,24 @@ const CODE_UNAVAILABLE: i32 = 14;
 enum ExportError {
     Decode(DecodeError),
     Storage(StorageError),
+    /// The tenant is over its ingest rate: retry later.
+    RateLimited(crate::ingest::rate::RateLimited),
+}
+
+/// Takes the batch's samples from the tenant's rate, counting a refusal.
+fn take_rate(
+    state: &SharedState,
+    tenant: &TenantId,
+    batch: &crate::ingest::Batch,
+) -> Result<(), ExportError> {
+    state.ingester.take_rate(tenant, batch).map_err(|limited| {
+        state.metrics.rejected(
+            otlp::PROTOCOL,
+            crate::ingest::RATE_LIMITED,
+            batch.series.sample_count(),
+        );
+        ExportError::RateLimited(limited)
+    })
 }
 
 /// Decodes, translates and stores one export request body (already decompressed or not).
@@ -53,6 +71,7 @@ async fn export(
     .await
     .map_err(|e| ExportError::Storage(StorageError::Internal(e.to_string())))?
     .map_err(ExportError::Decode)?;
+    take_rate(state, tenant, &batch)?;
     state
         .ingester
         .write(otlp::PROTOCOL, tenant, batch)
@@ -75,6 +94,7 @@ async fn export_decoded(
     .await
     .map_err(|e| ExportError::Storage(StorageError::Internal(e.to_string())))?
     .map_err(ExportError::Decode)?;
+    take_rate(state, tenant, &batch)?;
     state
         .ingester
         .write(otlp::PROTOCOL, tenant, batch)
@@ -182,6 +202,19 @@ pub(super) async fn http_export(
         Err(ExportError::Storage(e @ StorageError::Unavailable(_))) => {
             retry_later(encoding, super::errors::client_message(&e, "OTLP export"))
         }
+        // OTLP/HTTP: 429 is retryable, after Retry-After.
+        Err(ExportError::RateLimited(limited)) => {
+            let mut response = reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                encoding,
+                status_body(CODE_RESOURCE_EXHAUSTED, limited.to_string(), encoding),
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(limited.retry_after_secs),
+            );
+            response
+        }
         Err(ExportError::Storage(e)) => reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             encoding,
@@ -282,6 +315,9 @@ pub mod grpc {
                     Ok(summary) => Ok(Response::new(response_for(&summary))),
                     Err(super::ExportError::Decode(e)) => {
                         Err(Status::invalid_argument(e.to_string()))
+                    }
+                    Err(super::ExportError::RateLimited(limited)) => {
+                        Err(Status::resource_exhausted(limited.to_string()))
                     }
                     Err(super::ExportError::Storage(e @ StorageError::Unavailable(_))) => Err(
                         Status::unavailable(crate::api::errors::client_message(&e, "OTLP export")),

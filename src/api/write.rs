@@ -63,6 +63,20 @@ pub(super) async fn remote_write(
             );
         }
     };
+    if let Err(limited) = state.ingester.take_rate(&tenant, &batch) {
+        state.metrics.rejected(
+            remote_write::PROTOCOL,
+            crate::ingest::RATE_LIMITED,
+            batch.series.sample_count(),
+        );
+        // The remote-write spec: 429 is retried; Retry-After says when.
+        let mut response = text(StatusCode::TOO_MANY_REQUESTS, limited.to_string());
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(limited.retry_after_secs),
+        );
+        return response;
+    }
     match state
         .ingester
         .write(remote_write::PROTOCOL, &tenant, batch)

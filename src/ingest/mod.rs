@@ -4,6 +4,7 @@
 
 pub mod active_series;
 pub mod otlp;
+pub mod rate;
 pub mod remote_write;
 
 use crate::model::{MetricMetadata, TenantId};
@@ -104,6 +105,25 @@ pub struct IngestConfig {
         default_value_t = 5_000_000
     )]
     pub max_series_per_tenant: usize,
+    /// Samples a second each tenant may write, over every protocol (Mimir's
+    /// `ingestion_rate`); a request past it is refused whole with 429 (gRPC
+    /// `RESOURCE_EXHAUSTED`) and `Retry-After`. 0: no limit.
+    #[arg(
+        id = "ingest.tenant_samples_per_second",
+        long = "ingest-tenant-samples-per-second",
+        env = "SECUMON_INGEST_TENANT_SAMPLES_PER_SECOND",
+        default_value_t = 0
+    )]
+    pub tenant_samples_per_second: u64,
+    /// Samples a tenant may write at once above its rate (Mimir's `ingestion_burst_size`);
+    /// at least --ingest-max-samples-per-request.
+    #[arg(
+        id = "ingest.tenant_burst_samples",
+        long = "ingest-tenant-burst-samples",
+        env = "SECUMON_INGEST_TENANT_BURST_SAMPLES",
+        default_value_t = 2_000_000
+    )]
+    pub tenant_burst_samples: u64,
     /// Ingest requests handled at once (remote-write, OTLP over HTTP and gRPC); more wait
     /// up to a second, then get 503 (gRPC `UNAVAILABLE`) with `Retry-After`.
     #[arg(
@@ -176,6 +196,9 @@ impl RequestLimits {
         }
     }
 }
+
+/// Rejection reason of the samples of a request past `--ingest-tenant-samples-per-second`.
+pub const RATE_LIMITED: &str = "rate_limited";
 
 /// Rejection reason of the samples of a series past `--ingest-max-series-per-tenant`.
 pub const SERIES_LIMIT: &str = "per_tenant_series_limit";
@@ -288,6 +311,8 @@ pub struct Ingester {
     raw_days: u32,
     /// Active series of each tenant, for `--ingest-max-series-per-tenant`.
     active: Arc<active_series::ActiveSeries>,
+    /// Each tenant's ingest rate, for `--ingest-tenant-samples-per-second`.
+    rates: Arc<rate::TenantRates>,
     /// One permit per ingest request being handled.
     slots: Arc<tokio::sync::Semaphore>,
     /// Metadata already stored, by [`metadata_key`]: OTLP repeats it with every export,
@@ -319,6 +344,11 @@ impl Ingester {
             metrics,
             slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_inflight_requests.max(1),
+            )),
+            rates: Arc::new(rate::TenantRates::new(
+                config.tenant_samples_per_second,
+                config.tenant_burst_samples,
+                config.max_samples_per_request,
             )),
             active: Arc::new(active_series::ActiveSeries::new(
                 config.max_series_per_tenant,
@@ -372,6 +402,11 @@ impl Ingester {
             stored.clear();
         }
         stored.extend(keys);
+    }
+
+    /// Takes a request's samples from its tenant's rate, or says when to retry.
+    pub fn take_rate(&self, tenant: &TenantId, batch: &Batch) -> Result<(), rate::RateLimited> {
+        self.rates.take(tenant, batch.series.sample_count())
     }
 
     /// Holds `batch` to its tenant's active-series limit: the series (and exemplars) of new

@@ -790,3 +790,93 @@ remote_write:
         serde_json::json!([])
     );
 }
+
+/// Each tenant has its own ingest rate: past it a request is refused whole with 429 and
+/// `Retry-After` (gRPC `RESOURCE_EXHAUSTED`) while other tenants write on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_is_held_to_its_own_ingest_rate() {
+    let (s, catalog) = start(Backend::Embedded, |c| {
+        c.ingest.tenant_samples_per_second = 100;
+        c.ingest.tenant_burst_samples = 1_000;
+        c.ingest.max_samples_per_request = 1_000;
+    })
+    .await;
+    let a = mint(&catalog, "team-a", "ingest", None).await;
+    let b = mint(&catalog, "team-b", "ingest", None).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let body = |n: i64| {
+        let samples: Vec<(i64, f64)> = (0..1_000)
+            .map(|i| (now - 100_000 + i * 10 + n, 1.0))
+            .collect();
+        encode(&request(
+            vec![series(&[("__name__", "rated")], &samples)],
+            vec![],
+        ))
+    };
+    let write = |token: &str, body: Vec<u8>| {
+        s.http
+            .post(s.url("/api/v1/write"))
+            .header("Authorization", format!("Bearer {token}"))
+            .body(body)
+            .send()
+    };
+    assert_eq!(write(&a, body(0)).await.unwrap().status().as_u16(), 204);
+    let limited = write(&a, body(1)).await.unwrap();
+    assert_eq!(limited.status().as_u16(), 429);
+    let wait: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((9..=11).contains(&wait), "retry after {wait}");
+    assert!(limited
+        .text()
+        .await
+        .unwrap()
+        .contains("--ingest-tenant-samples-per-second"));
+    assert_eq!(write(&b, body(0)).await.unwrap().status().as_u16(), 204);
+
+    // OTLP/HTTP and gRPC for the tenant over its rate: 500 points the bucket does not hold.
+    let points: Vec<serde_json::Value> = (0..500)
+        .map(|i| {
+            let t = (now - 50_000 + i * 10) as u64 * 1_000_000;
+            serde_json::json!({"timeUnixNano": t.to_string(), "asDouble": 1.0})
+        })
+        .collect();
+    let point = serde_json::json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"name": "g",
+        "gauge": {"dataPoints": points}}]}]}]});
+    let response = s
+        .http
+        .post(format!(
+            "http://{}/v1/metrics",
+            s.server.otlp_http_addr.unwrap()
+        ))
+        .header("Authorization", format!("Bearer {a}"))
+        .header("Content-Type", "application/json")
+        .body(point.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    let status: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status["code"], 8, "{status}");
+    let mut export = Vec::new();
+    let sample = serde_json::from_value::<
+        opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+    >(point)
+    .unwrap();
+    sample.encode(&mut export).unwrap();
+    let answer = raw_grpc::export_authorized(
+        s.server.otlp_grpc_addr.unwrap(),
+        export,
+        Some(&format!("Bearer {a}")),
+    )
+    .await;
+    assert_eq!(answer.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    let metrics = s.metrics_text().await;
+    assert!(
+        metrics.contains("secumon_samples_rejected_total{protocol=\"remote_write\",reason=\"rate_limited\"} 1000"),
+        "{metrics}"
+    );
+}
