@@ -197,6 +197,16 @@ pub struct Outcome {
 }
 
 pub fn push(url: &str, bodies: Arc<Vec<Vec<u8>>>, o: &Options) -> Outcome {
+    push_with(url, bodies, o, None)
+}
+
+/// [`push`] with an `Authorization` header value on every request.
+pub fn push_with(
+    url: &str,
+    bodies: Arc<Vec<Vec<u8>>>,
+    o: &Options,
+    authorization: Option<String>,
+) -> Outcome {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -219,6 +229,7 @@ pub fn push(url: &str, bodies: Arc<Vec<Vec<u8>>>, o: &Options) -> Outcome {
         let done: Arc<Vec<AtomicUsize>> =
             Arc::new((0..blocks).map(|_| AtomicUsize::new(0)).collect());
         for _ in 0..connections {
+            let authorization = authorization.clone();
             let (client, bodies, accepted, refused, url, next, done) = (
                 client.clone(),
                 bodies.clone(),
@@ -239,8 +250,11 @@ pub fn push(url: &str, bodies: Arc<Vec<Vec<u8>>>, o: &Options) -> Outcome {
                         tokio::task::yield_now().await;
                     }
                     let body = &bodies[i];
-                    let response = client
-                        .post(&url)
+                    let mut request = client.post(&url);
+                    if let Some(value) = &authorization {
+                        request = request.header("Authorization", value);
+                    }
+                    let response = request
                         .header("Content-Type", "application/x-protobuf")
                         .header("Content-Encoding", "snappy")
                         .header("X-Prometheus-Remote-Write-Version", "0.1.0")

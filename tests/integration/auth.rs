@@ -880,3 +880,43 @@ async fn each_tenant_is_held_to_its_own_ingest_rate() {
         "{metrics}"
     );
 }
+
+/// `--auth auto` (the default) requires tokens as soon as a listener leaves loopback; `--auth
+/// off` there is served, with a warning in `/api/v1/status/flags`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_requires_tokens_beyond_loopback() {
+    let s = Secumon::start_on(Backend::Embedded, |c| c.http_listen = "0.0.0.0:0".into()).await;
+    let url = format!(
+        "http://127.0.0.1:{}/api/v1/status/flags",
+        s.server.addr.port()
+    );
+    let response = s.http.get(&url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+
+    let open = Secumon::start_on(Backend::Embedded, |c| {
+        c.http_listen = "0.0.0.0:0".into();
+        c.auth.mode = AuthMode::Off;
+    })
+    .await;
+    let url = format!(
+        "http://127.0.0.1:{}/api/v1/status/flags",
+        open.server.addr.port()
+    );
+    let flags: serde_json::Value = open
+        .http
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        flags["data"]["auth"].as_str().unwrap().contains("WARNING"),
+        "{flags}"
+    );
+    // On loopback, auto leaves it off.
+    let local = Secumon::start_on(Backend::Embedded, |_| {}).await;
+    let (status, flags) = local.get_json("/api/v1/status/flags", &[]).await;
+    assert_eq!((status, flags["data"]["auth"].as_str()), (200, Some("off")));
+}

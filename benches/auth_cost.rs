@@ -1,0 +1,112 @@
+//! What authentication and the per-tenant series limit cost at ingest: the same pre-encoded
+//! remote-write bodies pushed into the embedded engine (release binary, a fresh data directory
+//! each run) with `--auth off --ingest-max-series-per-tenant 0` (neither), `--auth off` with the
+//! default series limit, and `--auth on` with it (every request carries a bearer token),
+//! alternated run by run. Reports accepted samples per second and server CPU-seconds per
+//! million samples for each run.
+//!
+//! `cargo bench --bench auth_cost [-- --series N --rounds N --connections N --repeat N]`
+
+mod common;
+#[path = "../tests/integration/support/mod.rs"]
+mod support;
+
+use common::{cpu_seconds, push_with, Options};
+use std::sync::Arc;
+use support::process::{free_port, spawn_secumon};
+
+/// A token of tenant `bench` with the ingest scope, made in the catalog of `dir` by the same
+/// binary the server runs.
+fn create_token(dir: &str) -> String {
+    let binary = std::env::var_os("SECUMON_BENCH_BINARY").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_BIN_EXE_secumon")),
+        std::path::PathBuf::from,
+    );
+    let output = std::process::Command::new(binary)
+        .args(["token", "create", "--storage", dir, "--tenant", "bench"])
+        .args([
+            "--scopes",
+            "ingest",
+            "--name",
+            "bench",
+            "--log-level",
+            "warn",
+        ])
+        .output()
+        .expect("run secumon token create");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+fn main() {
+    let o = Options::from_args(Options {
+        series: 10_000,
+        series_per_request: 1_000,
+        samples_per_series: 2,
+        rounds: 100,
+        connections: 5,
+    });
+    let args: Vec<String> = std::env::args().collect();
+    let repeat: usize = args
+        .iter()
+        .position(|a| a == "--repeat")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(3);
+    let t0 = chrono::Utc::now().timestamp_millis()
+        - (o.rounds * o.samples_per_series) as i64 * 15_000
+        - 300_000;
+    let bodies = Arc::new(common::encode_requests(&o, t0, 15_000, |i, n| {
+        (n / o.samples_per_series * 10 + n % o.samples_per_series + i) as f64 * 0.5
+    }));
+    println!(
+        "\n{} series, {} series x {} samples per request, {} connections, {} samples, embedded engine\n",
+        o.series,
+        o.series_per_request,
+        o.samples_per_series,
+        o.connections,
+        o.total_samples()
+    );
+    println!("| run | configuration | accepted samples/s | server CPU-s per 1M samples |");
+    println!("|---|---|---|---|");
+    let configurations: [(&str, &[&str], bool); 3] = [
+        (
+            "auth off, no series limit",
+            &["--auth", "off", "--ingest-max-series-per-tenant", "0"],
+            false,
+        ),
+        ("auth off, series limit on", &["--auth", "off"], false),
+        ("auth on, series limit on", &["--auth", "on"], true),
+    ];
+    let mut sums = [0.0f64; 3];
+    for run in 1..=repeat {
+        for (k, (name, flags, auth)) in configurations.iter().enumerate() {
+            let data = tempfile::tempdir().expect("temp dir");
+            let dir = data.path().display().to_string();
+            let authorization = auth.then(|| format!("Bearer {}", create_token(&dir)));
+            let port = free_port();
+            let secumon = spawn_secumon(&dir, port, flags);
+            let before = cpu_seconds(secumon.pid());
+            let outcome = push_with(
+                &format!("http://127.0.0.1:{port}/api/v1/write"),
+                bodies.clone(),
+                &o,
+                authorization,
+            );
+            let cpu = cpu_seconds(secumon.pid()) - before;
+            assert_eq!(outcome.refused_requests, 0, "{name}: requests refused");
+            let per_million = cpu / (outcome.accepted as f64 / 1e6);
+            sums[k] += per_million;
+            println!(
+                "| {run} | {name} | {:.0} | {per_million:.3} |",
+                outcome.accepted as f64 / outcome.seconds
+            );
+        }
+    }
+    println!();
+    for (k, (name, _, _)) in configurations.iter().enumerate() {
+        println!(
+            "mean CPU-s per 1M samples, {name}: {:.3}",
+            sums[k] / repeat as f64
+        );
+    }
+}
