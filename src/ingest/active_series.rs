@@ -99,7 +99,10 @@ impl ActiveSeries {
         for (i, fp) in fingerprints.enumerate() {
             let key = fp as u64;
             if let Some(seen) = t.last_seen.get_mut(&key) {
-                *seen = now;
+                // Most series come every scrape: write only when the second changed.
+                if *seen != now {
+                    *seen = now;
+                }
                 continue;
             }
             if t.last_seen.len() >= self.limit
