@@ -63,6 +63,16 @@ pub struct AuthConfig {
         action = clap::ArgAction::Set
     )]
     pub protect_metrics: bool,
+    /// Addresses of authenticating proxies (comma-separated IPs or CIDR ranges): a request
+    /// from one of them that names its tenant in `X-Scope-OrgID` (as Mimir and Cortex take it)
+    /// is served in that tenant with the ingest and read scopes, without a token.
+    #[arg(
+        id = "auth.trusted_proxies",
+        long = "auth-trusted-proxies",
+        env = "SECUMON_AUTH_TRUSTED_PROXIES",
+        default_value = ""
+    )]
+    pub trusted_proxies: String,
     /// Failed authentications one client address may make in a minute; past it, its requests
     /// are refused with 429 (gRPC `RESOURCE_EXHAUSTED`) until the minute is over, valid token
     /// or not. 0: no limit.
@@ -189,6 +199,23 @@ pub struct Authenticator {
     /// Failed authentications per client address in the current minute of each.
     failures: Mutex<HashMap<std::net::IpAddr, Failures>>,
     max_failures: u32,
+    /// `--auth-trusted-proxies`.
+    proxies: Vec<ipnet::IpNet>,
+}
+
+/// Parses `--auth-trusted-proxies`: IPs (a host each) or CIDR ranges, comma-separated.
+pub fn parse_proxies(text: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<ipnet::IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    format!("--auth-trusted-proxies: {p:?} is not an IP address or CIDR range")
+                })
+        })
+        .collect()
 }
 
 /// Failed authentications of one address since `since`.
@@ -204,8 +231,12 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 const FAILURE_ENTRIES: usize = 100_000;
 
 impl Authenticator {
-    pub fn new(catalog: DynCatalog, required: bool, config: &AuthConfig) -> Authenticator {
-        Authenticator {
+    pub fn new(
+        catalog: DynCatalog,
+        required: bool,
+        config: &AuthConfig,
+    ) -> Result<Authenticator, String> {
+        Ok(Authenticator {
             catalog,
             required,
             ttl: Duration::from_secs(config.cache_secs),
@@ -213,7 +244,8 @@ impl Authenticator {
             used: Mutex::default(),
             failures: Mutex::default(),
             max_failures: config.max_failures_per_minute,
-        }
+            proxies: parse_proxies(&config.trusted_proxies)?,
+        })
     }
 
     pub fn required(&self) -> bool {
@@ -235,6 +267,10 @@ impl Authenticator {
         if !self.required {
             return Ok(Caller::anonymous());
         }
+        // A proxy's own requests are not held to the failure limit its clients' are.
+        if let Some(caller) = self.from_proxy(headers, peer)? {
+            return Ok(caller);
+        }
         if let Some(wait) = peer.and_then(|ip| self.throttled(ip)) {
             return Err(AuthError::Throttled(wait));
         }
@@ -243,6 +279,38 @@ impl Authenticator {
             self.failed(ip);
         }
         checked
+    }
+
+    /// The caller a trusted proxy names in `X-Scope-OrgID`, when the request comes from one
+    /// and names a tenant.
+    fn from_proxy(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Option<Caller>, AuthError> {
+        let Some(ip) = peer else { return Ok(None) };
+        // An IPv4 client seen through an IPv6 socket is `::ffff:a.b.c.d`.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        if !self.proxies.iter().any(|net| net.contains(&ip)) {
+            return Ok(None);
+        }
+        let Some(tenant) = headers.get(TENANT_HEADER) else {
+            return Ok(None);
+        };
+        let tenant = tenant.to_str().unwrap_or_default();
+        if !valid_tenant(tenant) {
+            return Err(AuthError::Forbidden(format!(
+                "X-Scope-OrgID {tenant:?} is not a valid tenant id"
+            )));
+        }
+        Ok(Some(Caller {
+            tenant: TenantId::new(tenant),
+            scopes: [Scope::Ingest, Scope::Read].into_iter().collect(),
+            token_id: None,
+        }))
     }
 
     /// Seconds left in the address's minute if it is over its failures.
@@ -498,6 +566,18 @@ mod tests {
             );
         }
         assert!(credentials(&HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        let nets = parse_proxies(" 10.0.0.0/8, 192.168.1.5 ,::1").unwrap();
+        assert_eq!(nets.len(), 3);
+        assert!(nets[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        assert!(!nets[1].contains(&"192.168.1.6".parse::<std::net::IpAddr>().unwrap()));
+        assert!(parse_proxies("").unwrap().is_empty());
+        assert!(parse_proxies("10.0.0.0/33")
+            .unwrap_err()
+            .contains("10.0.0.0/33"));
     }
 
     #[test]

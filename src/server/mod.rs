@@ -187,11 +187,10 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
             .min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
     let state = Arc::new(AppState {
-        auth: Arc::new(crate::auth::Authenticator::new(
-            catalog,
-            required,
-            &config.auth,
-        )),
+        auth: Arc::new(
+            crate::auth::Authenticator::new(catalog, required, &config.auth)
+                .map_err(anyhow::Error::msg)?,
+        ),
         auth_config: config.auth.clone(),
         exposed,
         body_limits: listener::BodyLimits {

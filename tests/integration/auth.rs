@@ -920,3 +920,84 @@ async fn auto_mode_requires_tokens_beyond_loopback() {
     let (status, flags) = local.get_json("/api/v1/status/flags", &[]).await;
     assert_eq!((status, flags["data"]["auth"].as_str()), (200, Some("off")));
 }
+
+/// Behind an authenticating proxy: requests from `--auth-trusted-proxies` that name a tenant in
+/// `X-Scope-OrgID` are served in it without a token; from elsewhere the header grants nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_names_the_tenant() {
+    let (s, _) = start(Backend::Embedded, |c| {
+        c.auth.trusted_proxies = "127.0.0.0/8".into()
+    })
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let send = |tenant: &'static str, body: Vec<u8>| {
+        s.http
+            .post(s.url("/api/v1/write"))
+            .header("X-Scope-OrgID", tenant)
+            .body(body)
+            .send()
+    };
+    let body = |v: f64| {
+        encode(&request(
+            vec![series(&[("__name__", "proxied")], &[(now, v)])],
+            vec![],
+        ))
+    };
+    assert_eq!(
+        send("team-a", body(1.0)).await.unwrap().status().as_u16(),
+        204
+    );
+    assert_eq!(
+        send("team-b", body(2.0)).await.unwrap().status().as_u16(),
+        204
+    );
+    assert_eq!(send("a/b", body(3.0)).await.unwrap().status().as_u16(), 403);
+    for (tenant, value) in [("team-a", "1"), ("team-b", "2")] {
+        let answer: serde_json::Value = s
+            .http
+            .get(s.url("/api/v1/query"))
+            .query(&[("query", "proxied")])
+            .header("X-Scope-OrgID", tenant)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["data"]["result"][0]["value"][1], value, "{answer}");
+    }
+    // Without the header, a token is needed; admin is not granted through the proxy.
+    let status = s
+        .http
+        .get(s.url("/api/v1/labels"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 401);
+    let status = s
+        .http
+        .get(s.url("/api/v1/admin/tokens"))
+        .header("X-Scope-OrgID", "team-a")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 403);
+
+    // A server that trusts another address takes the header from no one.
+    let (other, _) = start(Backend::Embedded, |c| {
+        c.auth.trusted_proxies = "10.0.0.1".into()
+    })
+    .await;
+    let status = other
+        .http
+        .post(other.url("/api/v1/write"))
+        .header("X-Scope-OrgID", "team-a")
+        .body(body(1.0))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 401);
+}
