@@ -268,7 +268,7 @@ impl Authenticator {
             return Ok(Caller::anonymous());
         }
         // A proxy's own requests are not held to the failure limit its clients' are.
-        if let Some(caller) = self.from_proxy(headers, peer)? {
+        if let Some(caller) = self.proxied_caller(headers, peer)? {
             return Ok(caller);
         }
         if let Some(wait) = peer.and_then(|ip| self.throttled(ip)) {
@@ -283,7 +283,7 @@ impl Authenticator {
 
     /// The caller a trusted proxy names in `X-Scope-OrgID`, when the request comes from one
     /// and names a tenant.
-    fn from_proxy(
+    fn proxied_caller(
         &self,
         headers: &HeaderMap,
         peer: Option<std::net::IpAddr>,
