@@ -3,7 +3,9 @@
 //! each run) with `--auth off --ingest-max-series-per-tenant 0` (neither), `--auth off` with the
 //! default series limit, and `--auth on` with it (every request carries a bearer token),
 //! alternated run by run. Reports accepted samples per second and server CPU-seconds per
-//! million samples for each run.
+//! million samples for each run. Then queries: the same small instant query (`sum(up)`)
+//! 2,000 times over one kept-alive connection with auth off and on, alternated, in
+//! microseconds per request (client-side latency) and server CPU microseconds per request.
 //!
 //! `cargo bench --bench auth_cost [-- --series N --rounds N --connections N --repeat N]`
 
@@ -108,5 +110,51 @@ fn main() {
             "mean CPU-s per 1M samples, {name}: {:.3}",
             sums[k] / repeat as f64
         );
+    }
+
+    println!("\n| run | queries | µs per request (median of 2,000) | server CPU µs per request |");
+    println!("|---|---|---|---|");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for run in 1..=repeat {
+        for auth in [false, true] {
+            let data = tempfile::tempdir().expect("temp dir");
+            let dir = data.path().display().to_string();
+            let token = auth.then(|| create_token(&dir));
+            let port = free_port();
+            let secumon = spawn_secumon(&dir, port, &["--auth", if auth { "on" } else { "off" }]);
+            let url = format!("http://127.0.0.1:{port}/api/v1/query");
+            let (latencies, cpu) = runtime.block_on(async {
+                let client = reqwest::Client::new();
+                let query = || {
+                    let mut request = client.get(&url).query(&[("query", "sum(up)")]);
+                    if let Some(token) = &token {
+                        request = request.header("Authorization", format!("Bearer {token}"));
+                    }
+                    request.send()
+                };
+                // Warm the connection and the token cache.
+                for _ in 0..50 {
+                    assert!(query().await.unwrap().status().is_success());
+                }
+                let before = cpu_seconds(secumon.pid());
+                let mut latencies = Vec::with_capacity(2_000);
+                for _ in 0..2_000 {
+                    let started = std::time::Instant::now();
+                    let response = query().await.unwrap();
+                    assert!(response.status().is_success());
+                    response.bytes().await.unwrap();
+                    latencies.push(started.elapsed().as_secs_f64() * 1e6);
+                }
+                (latencies, cpu_seconds(secumon.pid()) - before)
+            });
+            let mut sorted = latencies;
+            sorted.sort_by(f64::total_cmp);
+            println!(
+                "| {run} | auth {} | {:.0} | {:.0} |",
+                if auth { "on" } else { "off" },
+                sorted[sorted.len() / 2],
+                cpu / 2_000.0 * 1e6
+            );
+        }
     }
 }
