@@ -5,7 +5,7 @@
 use super::auth::Authenticated;
 use super::errors::{ApiError, ErrorType};
 use super::SharedState;
-use crate::auth::{CreateError, Scope, Scopes};
+use crate::auth::{Caller, CreateError, Scope, Scopes};
 use crate::catalog::{CatalogError, TokenRecord};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -53,17 +53,42 @@ fn catalog_error(e: CatalogError) -> ApiError {
     }
 }
 
-/// `GET /api/v1/admin/tokens`: the tenant's tokens, oldest first.
-pub(super) async fn list(
-    State(state): State<SharedState>,
-    Authenticated(caller): Authenticated,
-) -> Result<Response, ApiError> {
+/// Token administration over HTTP needs authentication on: with it off every request would
+/// be an operator, free to mint tokens that work once it is turned on.
+fn enabled(state: &SharedState) -> Result<(), ApiError> {
+    if state.auth.required() {
+        Ok(())
+    } else {
+        Err(ApiError {
+            kind: ErrorType::Forbidden,
+            message: "token administration over HTTP needs authentication on (--auth on); use `secumon token` on the server".into(),
+        })
+    }
+}
+
+/// The tenant's tokens `caller` may see: operator tokens only to operators (a tenant's
+/// admins must not revoke the operator's access).
+async fn visible(state: &SharedState, caller: &Caller) -> Result<Vec<TokenRecord>, ApiError> {
     let tokens = state
         .auth
         .catalog()
         .list_tokens(Some(&caller.tenant))
         .await
         .map_err(catalog_error)?;
+    let operator = caller.scopes.contains(Scope::Operator);
+    Ok(tokens
+        .into_iter()
+        .filter(|t| operator || !t.scopes.contains(Scope::Operator))
+        .collect())
+}
+
+/// `GET /api/v1/admin/tokens`: the tenant's tokens, oldest first.
+pub(super) async fn list(
+    State(state): State<SharedState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Response, ApiError> {
+    enabled(&state)?;
+    let tokens = visible(&state, &caller).await?;
     Ok(answer(
         StatusCode::OK,
         tokens.iter().map(describe).collect(),
@@ -87,6 +112,7 @@ pub(super) async fn create(
     Authenticated(caller): Authenticated,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    enabled(&state)?;
     let request: CreateRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_data(format!("invalid token request: {e}")))?;
     let scopes: Scopes = request
@@ -94,7 +120,7 @@ pub(super) async fn create(
         .join(",")
         .parse()
         .map_err(ApiError::bad_data)?;
-    // No one hands out more than they hold.
+    // Only operators create operator tokens.
     if scopes.contains(Scope::Operator) && !caller.scopes.contains(Scope::Operator) {
         return Err(ApiError {
             kind: ErrorType::Forbidden,
@@ -140,6 +166,14 @@ pub(super) async fn revoke(
     Authenticated(caller): Authenticated,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    enabled(&state)?;
+    let not_found = || ApiError {
+        kind: ErrorType::NotFound,
+        message: format!("tenant {} has no token {id:?}", caller.tenant),
+    };
+    if !visible(&state, &caller).await?.iter().any(|t| t.id == id) {
+        return Err(not_found());
+    }
     let deleted = state
         .auth
         .catalog()
@@ -147,12 +181,9 @@ pub(super) async fn revoke(
         .await
         .map_err(catalog_error)?;
     if !deleted {
-        return Err(ApiError {
-            kind: ErrorType::NotFound,
-            message: format!("tenant {} has no token {id:?}", caller.tenant),
-        });
+        return Err(not_found());
     }
-    state.auth.forget_cached();
+    state.auth.forget_token(&id);
     tracing::info!(%id, tenant = %caller.tenant, by = ?caller.token_id, "token revoked");
     Ok(answer(StatusCode::OK, json!({"id": id})))
 }

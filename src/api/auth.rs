@@ -84,9 +84,22 @@ pub(super) async fn authenticate(
     }
 }
 
+/// What a client is told of a refusal: a catalog failure's detail goes to the log under a
+/// request id, never to a client that may not even have a token.
+pub(super) fn client_text(e: &AuthError) -> String {
+    match e {
+        AuthError::Unavailable(detail) => {
+            let id = super::errors::incident_id();
+            tracing::warn!(request_id = %id, error = %detail, "cannot check a token");
+            format!("cannot check the token now, retry later (request id {id})")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The answer to a refused request.
 fn refuse(e: &AuthError, format: Format, encoding: Encoding) -> Response {
-    let message = e.to_string();
+    let message = client_text(e);
     let (status, kind, code) = match e {
         AuthError::Unauthenticated(_) => (
             StatusCode::UNAUTHORIZED,

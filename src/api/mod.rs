@@ -3,7 +3,7 @@
 //! layers; they never touch a storage backend directly beyond the storage trait.
 
 mod admin;
-mod auth;
+pub(crate) mod auth;
 pub mod errors;
 pub mod json;
 pub mod otlp;

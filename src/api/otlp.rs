@@ -317,7 +317,7 @@ pub mod grpc {
                         Err(Status::invalid_argument(e.to_string()))
                     }
                     Err(super::ExportError::RateLimited(limited)) => {
-                        Err(Status::resource_exhausted(limited.to_string()))
+                        Err(retry_in(limited.to_string(), limited.retry_after_secs))
                     }
                     Err(super::ExportError::Storage(e @ StorageError::Unavailable(_))) => Err(
                         Status::unavailable(crate::api::errors::client_message(&e, "OTLP export")),
@@ -330,14 +330,25 @@ pub mod grpc {
         }
     }
 
+    /// `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo`: the OTLP specification makes it
+    /// retryable only with one, after its delay.
+    fn retry_in(message: String, secs: u64) -> Status {
+        use tonic_types::{ErrorDetails, StatusExt};
+        Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            message,
+            ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(secs))),
+        )
+    }
+
     /// The gRPC status of refused credentials.
     fn refused(e: &crate::auth::AuthError) -> Status {
         use crate::auth::AuthError;
         match e {
             AuthError::Unauthenticated(m) => Status::unauthenticated(*m),
             AuthError::Forbidden(m) => Status::permission_denied(m.clone()),
-            AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
-            AuthError::Throttled(_) => Status::resource_exhausted(e.to_string()),
+            AuthError::Unavailable(_) => Status::unavailable(crate::api::auth::client_text(e)),
+            AuthError::Throttled(wait) => retry_in(e.to_string(), *wait),
         }
     }
 

@@ -93,11 +93,15 @@ impl Default for AuthConfig {
 
 impl AuthConfig {
     /// Whether requests need a token when the server listens on `addresses`.
+    /// (Trusted proxies require it too: the tenant they name is only read when tokens are.)
     pub fn required(&self, addresses: &[std::net::SocketAddr]) -> bool {
         match self.mode {
             AuthMode::On => true,
             AuthMode::Off => false,
-            AuthMode::Auto => addresses.iter().any(|a| !a.ip().is_loopback()),
+            AuthMode::Auto => {
+                !self.trusted_proxies.trim().is_empty()
+                    || addresses.iter().any(|a| !a.ip().is_loopback())
+            }
         }
     }
 }
@@ -167,6 +171,26 @@ impl AuthError {
     }
 }
 
+/// An IPv4 client seen through an IPv6 socket (`::ffff:a.b.c.d`) as the IPv4 address.
+fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The address failures are counted under: an IPv4 address, or the /64 of an IPv6 one (a
+/// single host commonly holds a whole /64).
+fn failure_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Tenant ids as Mimir accepts them: 1 to 150 characters of letters, digits and `!-_.*'()`,
 /// not `.` or `..`.
 pub fn valid_tenant(id: &str) -> bool {
@@ -178,14 +202,38 @@ pub fn valid_tenant(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!-_.*'()".contains(&b))
 }
 
-/// A token looked up in the catalog, or known not to be there, with when that was learnt.
+/// A token found in the catalog, with when it was read.
 struct Cached {
-    record: Option<TokenRecord>,
+    record: TokenRecord,
     at: Instant,
 }
 
-/// Most tokens (valid or not) remembered; past it the cache starts over.
+/// Tokens the catalog had and had not, by hash, each trusted for the cache time. Hashes not
+/// found are kept apart and fewer, so made-up tokens never push out real ones.
+#[derive(Default)]
+struct TokenCache {
+    found: HashMap<String, Cached>,
+    missing: HashMap<String, Instant>,
+}
+
+/// Most found tokens remembered (past it, the expired go, then the oldest half).
 const CACHE_ENTRIES: usize = 100_000;
+/// Most hashes remembered as missing from the catalog.
+const MISSING_ENTRIES: usize = 10_000;
+
+/// Keeps `map` under `most` entries: drops those older than `ttl`, then the older half.
+fn trim<V>(map: &mut HashMap<String, V>, most: usize, ttl: Duration, at: impl Fn(&V) -> Instant) {
+    if map.len() < most {
+        return;
+    }
+    map.retain(|_, v| at(v).elapsed() < ttl);
+    if map.len() >= most {
+        let mut ages: Vec<Instant> = map.values().map(&at).collect();
+        ages.sort_unstable();
+        let cut = ages[ages.len() / 2];
+        map.retain(|_, v| at(v) > cut);
+    }
+}
 
 /// Checks credentials against the catalog.
 pub struct Authenticator {
@@ -193,7 +241,9 @@ pub struct Authenticator {
     /// Whether requests need a token; when not, every request is [`Caller::anonymous`].
     required: bool,
     ttl: Duration,
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: Mutex<TokenCache>,
+    /// Bumped by every revocation, so a lookup that began before one does not cache its answer.
+    generation: std::sync::atomic::AtomicU64,
     /// Last use of each token since the last flush (token id, Unix ms).
     used: Mutex<HashMap<String, i64>>,
     /// Failed authentications per client address in the current minute of each.
@@ -241,6 +291,7 @@ impl Authenticator {
             required,
             ttl: Duration::from_secs(config.cache_secs),
             cache: Mutex::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
             used: Mutex::default(),
             failures: Mutex::default(),
             max_failures: config.max_failures_per_minute,
@@ -256,9 +307,11 @@ impl Authenticator {
         &self.catalog
     }
 
-    /// The caller of a request with these headers from `peer`. Failures are counted per
-    /// address; past `--auth-max-failures-per-minute` the address is refused for the rest of
-    /// its minute.
+    /// The caller of a request with these headers from `peer`. Guesses (tokens of a wrong
+    /// form or unknown to the catalog) are counted per client address (an IPv6 /64 counts as
+    /// one); past `--auth-max-failures-per-minute` the address may still use tokens this
+    /// server already knows valid, but nothing it would have to look up, for the rest of its
+    /// minute. Missing credentials and expired tokens are refused without counting.
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
@@ -267,18 +320,38 @@ impl Authenticator {
         if !self.required {
             return Ok(Caller::anonymous());
         }
-        // A proxy's own requests are not held to the failure limit its clients' are.
         if let Some(caller) = self.proxied_caller(headers, peer)? {
             return Ok(caller);
         }
-        if let Some(wait) = peer.and_then(|ip| self.throttled(ip)) {
-            return Err(AuthError::Throttled(wait));
+        // A proxy's own requests are not held to the failure limit: it speaks for many.
+        let counted = peer
+            .map(unmapped)
+            .filter(|ip| !self.is_proxy(*ip))
+            .map(failure_key);
+        let token = credentials(headers)?;
+        let guessed = |e: AuthError| {
+            if let Some(key) = counted {
+                self.failed(key);
+            }
+            e
+        };
+        if !token::well_formed(&token) {
+            return Err(guessed(AuthError::Unauthenticated("invalid token")));
         }
-        let checked = self.check(headers).await;
-        if let (Err(AuthError::Unauthenticated(_)), Some(ip)) = (&checked, peer) {
-            self.failed(ip);
-        }
-        checked
+        let hash = token::hash(&token);
+        let record = match counted.and_then(|key| self.throttled(key)) {
+            Some(wait) => self.cached(&hash).ok_or(AuthError::Throttled(wait))?,
+            None => self
+                .lookup(&hash)
+                .await?
+                .ok_or_else(|| guessed(AuthError::Unauthenticated("invalid token")))?,
+        };
+        self.caller(record, &hash, headers)
+    }
+
+    /// Whether `ip` is one of `--auth-trusted-proxies`.
+    fn is_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.proxies.iter().any(|net| net.contains(&ip))
     }
 
     /// The caller a trusted proxy names in `X-Scope-OrgID`, when the request comes from one
@@ -288,13 +361,10 @@ impl Authenticator {
         headers: &HeaderMap,
         peer: Option<std::net::IpAddr>,
     ) -> Result<Option<Caller>, AuthError> {
-        let Some(ip) = peer else { return Ok(None) };
-        // An IPv4 client seen through an IPv6 socket is `::ffff:a.b.c.d`.
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
-            v4 => v4,
+        let Some(ip) = peer.map(unmapped) else {
+            return Ok(None);
         };
-        if !self.proxies.iter().any(|net| net.contains(&ip)) {
+        if !self.is_proxy(ip) {
             return Ok(None);
         }
         let Some(tenant) = headers.get(TENANT_HEADER) else {
@@ -322,7 +392,7 @@ impl Authenticator {
         let f = failures.get(&ip)?;
         let elapsed = f.since.elapsed();
         (f.count >= self.max_failures && elapsed < FAILURE_WINDOW)
-            .then(|| (FAILURE_WINDOW - elapsed).as_secs().max(1))
+            .then(|| (FAILURE_WINDOW - elapsed).as_secs_f64().ceil().max(1.0) as u64)
     }
 
     fn failed(&self, ip: std::net::IpAddr) {
@@ -332,6 +402,11 @@ impl Authenticator {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         if failures.len() >= FAILURE_ENTRIES && !failures.contains_key(&ip) {
             failures.retain(|_, f| f.since.elapsed() < FAILURE_WINDOW);
+            // Still full: forget the addresses not refused yet before any refused one.
+            let most = self.max_failures;
+            if failures.len() >= FAILURE_ENTRIES {
+                failures.retain(|_, f| f.count >= most);
+            }
             if failures.len() >= FAILURE_ENTRIES {
                 failures.clear();
             }
@@ -349,14 +424,14 @@ impl Authenticator {
         f.count = f.count.saturating_add(1);
     }
 
-    async fn check(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
-        let token = credentials(headers)?;
-        if !token::well_formed(&token) {
-            return Err(AuthError::Unauthenticated("invalid token"));
-        }
-        let hash = token::hash(&token);
-        let record = self.lookup(&hash).await?;
-        let record = record.ok_or(AuthError::Unauthenticated("invalid token"))?;
+    /// The caller of a token found in the catalog, once its expiry and `X-Scope-OrgID` are
+    /// judged.
+    fn caller(
+        &self,
+        record: TokenRecord,
+        hash: &str,
+        headers: &HeaderMap,
+    ) -> Result<Caller, AuthError> {
         // The lookup was by hash; comparing in constant time as well costs nothing.
         if !bool::from(subtle::ConstantTimeEq::ct_eq(
             record.hash.as_bytes(),
@@ -396,40 +471,69 @@ impl Authenticator {
         })
     }
 
+    /// The token of `hash` if this server found it in the catalog within the cache time.
+    fn cached(&self, hash: &str) -> Option<TokenRecord> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .found
+            .get(hash)
+            .filter(|c| c.at.elapsed() < self.ttl)
+            .map(|c| c.record.clone())
+    }
+
     async fn lookup(&self, hash: &str) -> Result<Option<TokenRecord>, AuthError> {
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(cached) = cache.get(hash) {
-                if cached.at.elapsed() < self.ttl {
-                    return Ok(cached.record.clone());
-                }
+            if let Some(cached) = cache.found.get(hash).filter(|c| c.at.elapsed() < self.ttl) {
+                return Ok(Some(cached.record.clone()));
+            }
+            if cache
+                .missing
+                .get(hash)
+                .is_some_and(|at| at.elapsed() < self.ttl)
+            {
+                return Ok(None);
             }
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let record = self
             .catalog
             .token_by_hash(hash)
             .await
-            .map_err(|e| match e {
-                CatalogError::Unavailable(m) => AuthError::Unavailable(m),
-                other => AuthError::Unavailable(other.to_string()),
-            })?;
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
+        // A revocation since the lookup began may have removed what it found.
+        if generation == self.generation.load(std::sync::atomic::Ordering::SeqCst) {
+            let now = Instant::now();
+            match &record {
+                Some(record) => {
+                    trim(&mut cache.found, CACHE_ENTRIES, self.ttl, |c| c.at);
+                    cache.found.insert(
+                        hash.to_owned(),
+                        Cached {
+                            record: record.clone(),
+                            at: now,
+                        },
+                    );
+                }
+                None => {
+                    trim(&mut cache.missing, MISSING_ENTRIES, self.ttl, |at| *at);
+                    cache.missing.insert(hash.to_owned(), now);
+                }
+            }
         }
-        cache.insert(
-            hash.to_owned(),
-            Cached {
-                record: record.clone(),
-                at: Instant::now(),
-            },
-        );
         Ok(record)
     }
 
-    /// Forgets every cached token (after this server revoked one).
-    pub fn forget_cached(&self) {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    /// Forgets the cached token `id` (this server revoked it): refused from now on.
+    pub fn forget_token(&self, id: &str) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .found
+            .retain(|_, c| c.record.id != id);
     }
 
     /// Writes the last use of the tokens used since the last call to the catalog.

@@ -40,6 +40,8 @@ impl Tenant {
 /// Active series of every tenant; 0 as the limit turns counting off.
 pub struct ActiveSeries {
     limit: usize,
+    /// When every tenant was last swept (seconds since `epoch`).
+    swept_all: std::sync::atomic::AtomicU32,
     /// Seconds are counted from here, so a last-seen time fits in 32 bits.
     epoch: std::time::Instant,
     /// Seconds added to the clock (tests move time with it).
@@ -51,6 +53,7 @@ impl ActiveSeries {
     pub fn new(limit: usize) -> ActiveSeries {
         ActiveSeries {
             limit,
+            swept_all: std::sync::atomic::AtomicU32::new(0),
             epoch: std::time::Instant::now(),
             offset: 0,
             tenants: Mutex::default(),
@@ -119,6 +122,54 @@ impl ActiveSeries {
         (refused, t.last_seen.len())
     }
 
+    /// Every [`SWEEP_EVERY_SECS`], sweeps every tenant's idle series and forgets the tenants
+    /// left with none (a tenant that stopped writing is otherwise swept only when it writes
+    /// again). Returns the forgotten tenants.
+    pub fn forget_idle_tenants(&self) -> Vec<String> {
+        use std::sync::atomic::Ordering;
+        let now = self.now();
+        let last = self.swept_all.load(Ordering::Relaxed);
+        if self.limit == 0
+            || now.saturating_sub(last) < SWEEP_EVERY_SECS
+            || self
+                .swept_all
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return Vec::new();
+        }
+        let tenants: Vec<(String, Arc<Mutex<Tenant>>)> = self
+            .tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, t)| (name.clone(), t.clone()))
+            .collect();
+        let mut idle = Vec::new();
+        for (name, tenant) in tenants {
+            let mut t = tenant.lock().unwrap_or_else(|e| e.into_inner());
+            t.sweep(now);
+            if t.last_seen.is_empty() {
+                idle.push(name);
+            }
+        }
+        let mut all = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|name| {
+            // A tenant that wrote since its sweep is kept.
+            let empty = all.get(name).is_some_and(|t| {
+                t.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_seen
+                    .is_empty()
+            });
+            if empty {
+                all.remove(name);
+            }
+            empty
+        });
+        idle
+    }
+
     #[cfg(test)]
     fn advance(&mut self, secs: u32) {
         self.offset += secs;
@@ -153,6 +204,20 @@ mod tests {
         // 2 left the count, so 3 now fits; 2 comes back as a new series, past the limit.
         assert_eq!(active.admit(&t, [3].into_iter()), (vec![], 2));
         assert_eq!(active.admit(&t, [2].into_iter()), (vec![0], 2));
+    }
+
+    #[test]
+    fn tenants_that_stopped_writing_are_forgotten() {
+        let mut active = ActiveSeries::new(10);
+        let (a, b) = (TenantId::new("a"), TenantId::new("b"));
+        active.admit(&a, [1].into_iter());
+        active.admit(&b, [1].into_iter());
+        assert!(active.forget_idle_tenants().is_empty());
+        active.advance(WINDOW_SECS - 10);
+        active.admit(&b, [1].into_iter());
+        active.advance(20);
+        assert_eq!(active.forget_idle_tenants(), ["a"]);
+        assert_eq!(active.tenants.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -453,6 +453,11 @@ impl Ingester {
                 tenant: tenant.as_str().to_owned(),
             })
             .set(active as i64);
+        for idle in self.active.forget_idle_tenants() {
+            self.metrics
+                .active_series
+                .remove(&crate::telemetry::TenantLabels { tenant: idle });
+        }
     }
 
     /// Stores the valid part of `batch`. Fails only when storage fails; then nothing in the

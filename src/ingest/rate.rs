@@ -26,8 +26,19 @@ pub struct TenantRates {
     /// Samples a second; 0: no limit.
     rate: u64,
     burst: f64,
-    buckets: Mutex<FxHashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
 }
+
+#[derive(Default)]
+struct Buckets {
+    by_tenant: FxHashMap<String, Bucket>,
+    /// When buckets that have filled up again were last dropped.
+    swept: Option<Instant>,
+}
+
+/// How often full buckets are dropped (a full bucket is what a new tenant gets anyway), so
+/// tenants that stopped writing cost nothing.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl TenantRates {
     /// `burst` is raised to `largest_request` so that every request the other limits let
@@ -49,7 +60,18 @@ impl TenantRates {
         if self.rate == 0 || samples == 0 {
             return Ok(());
         }
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if all
+            .swept
+            .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY)
+        {
+            let (rate, burst) = (self.rate as f64, self.burst);
+            all.by_tenant.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
+            });
+            all.swept = Some(now);
+        }
+        let buckets = &mut all.by_tenant;
         if !buckets.contains_key(tenant.as_str()) {
             buckets.insert(
                 tenant.as_str().to_owned(),
@@ -66,11 +88,14 @@ impl TenantRates {
         bucket.tokens = (bucket.tokens + refill).min(self.burst);
         bucket.at = now;
         let wanted = samples as f64;
-        if bucket.tokens >= wanted {
+        // A request larger than the burst (OTLP counts its limit in data points, a histogram
+        // point is several samples) passes when the bucket is full, leaving it in debt:
+        // refusing it would ask for a retry that could never succeed.
+        if bucket.tokens >= wanted.min(self.burst) {
             bucket.tokens -= wanted;
             return Ok(());
         }
-        let missing = wanted - bucket.tokens;
+        let missing = wanted.min(self.burst) - bucket.tokens;
         Err(RateLimited {
             tenant: tenant.clone(),
             rate: self.rate,
@@ -96,12 +121,24 @@ mod tests {
         // Two seconds refill 200.
         assert!(rates.take_at(&a, 200, t0 + Duration::from_secs(2)).is_ok());
         assert!(rates.take_at(&a, 1, t0 + Duration::from_secs(2)).is_err());
-        // Never more than the burst.
+        // An hour refills the burst, not more.
+        let later = t0 + Duration::from_secs(3600);
+        assert!(rates.take_at(&a, 1_000, later).is_ok());
+        assert!(rates.take_at(&a, 1, later).is_err());
+    }
+
+    #[test]
+    fn a_request_past_the_burst_passes_on_a_full_bucket_and_leaves_a_debt() {
+        let rates = TenantRates::new(100, 1_000, 0);
+        let (t, t0) = (TenantId::default(), Instant::now());
+        assert!(rates.take_at(&t, 1_500, t0).is_ok());
+        // 500 in debt: 1,000 more need 15 s.
+        assert_eq!(
+            rates.take_at(&t, 1_000, t0).unwrap_err().retry_after_secs,
+            15
+        );
         assert!(rates
-            .take_at(&a, 1_001, t0 + Duration::from_secs(3600))
-            .is_err());
-        assert!(rates
-            .take_at(&a, 1_000, t0 + Duration::from_secs(3600))
+            .take_at(&t, 1_000, t0 + Duration::from_secs(15))
             .is_ok());
     }
 

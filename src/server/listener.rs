@@ -106,6 +106,16 @@ pub struct GrpcConfig {
         default_value_t = 60
     )]
     pub request_timeout_secs: u64,
+    /// Seconds a gRPC connection may live; then the server asks the client to reconnect
+    /// (HTTP/2 GOAWAY) and closes it once its requests are done, or --grpc-request-timeout-secs
+    /// later. Bounds how long any client, busy or idle, holds a connection slot. 0: no limit.
+    #[arg(
+        id = "grpc.max_connection_age_secs",
+        long = "grpc-max-connection-age-secs",
+        env = "SECUMON_GRPC_MAX_CONNECTION_AGE_SECS",
+        default_value_t = 1800
+    )]
+    pub max_connection_age_secs: u64,
 }
 
 impl Default for GrpcConfig {
@@ -211,30 +221,59 @@ impl tonic::transport::server::Connected for CountedConn {
 }
 
 /// A served connection: plain, or TLS over a counted connection (so the limits and timeouts
-/// see the TCP bytes, handshake included).
-pub enum Conn {
+/// see the TCP bytes, handshake included), with any bytes read ahead to check them (the
+/// HTTP/2 preface) given back first.
+pub struct Conn {
+    io: Io,
+    unread: Vec<u8>,
+    unread_at: usize,
+}
+
+enum Io {
     Plain(CountedConn),
     Tls(Box<tokio_rustls::server::TlsStream<CountedConn>>),
 }
 
+/// What every HTTP/2 client sends first (RFC 9113, 3.4).
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 impl Conn {
-    /// Completes the TLS handshake within `within` when `tls` is given.
+    /// Completes the TLS handshake by `deadline` when `tls` is given.
     async fn open(
         conn: CountedConn,
         tls: Option<&tokio_rustls::TlsAcceptor>,
-        within: Duration,
+        deadline: tokio::time::Instant,
     ) -> Option<Conn> {
-        let Some(tls) = tls else {
-            return Some(Conn::Plain(conn));
+        let io = match tls {
+            None => Io::Plain(conn),
+            Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(conn)).await {
+                Ok(Ok(stream)) => Io::Tls(Box::new(stream)),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return None;
+                }
+                Err(_) => return None,
+            },
         };
-        match tokio::time::timeout(within, tls.accept(conn)).await {
-            Ok(Ok(stream)) => Some(Conn::Tls(Box::new(stream))),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                None
-            }
-            Err(_) => None,
+        Some(Conn {
+            io,
+            unread: Vec::new(),
+            unread_at: 0,
+        })
+    }
+
+    /// Reads the HTTP/2 client preface by `deadline` (hyper waits for it without a limit),
+    /// keeping it to be read again; whether it came, and right.
+    async fn expect_http2_preface(&mut self, deadline: tokio::time::Instant) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut preface = [0u8; 24];
+        let read = tokio::time::timeout_at(deadline, self.read_exact(&mut preface)).await;
+        if !matches!(read, Ok(Ok(_))) || &preface != HTTP2_PREFACE {
+            return false;
         }
+        self.unread = preface.to_vec();
+        self.unread_at = 0;
+        true
     }
 }
 
@@ -244,9 +283,16 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(c) => Pin::new(c).poll_read(cx, buf),
-            Conn::Tls(c) => Pin::new(c.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        if this.unread_at < this.unread.len() {
+            let n = (this.unread.len() - this.unread_at).min(buf.remaining());
+            buf.put_slice(&this.unread[this.unread_at..this.unread_at + n]);
+            this.unread_at += n;
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.io {
+            Io::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            Io::Tls(c) => Pin::new(c.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -257,23 +303,23 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(c) => Pin::new(c).poll_write(cx, buf),
-            Conn::Tls(c) => Pin::new(c.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            Io::Tls(c) => Pin::new(c.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(c) => Pin::new(c).poll_flush(cx),
-            Conn::Tls(c) => Pin::new(c.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(c) => Pin::new(c).poll_flush(cx),
+            Io::Tls(c) => Pin::new(c.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(c) => Pin::new(c).poll_shutdown(cx),
-            Conn::Tls(c) => Pin::new(c.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            Io::Tls(c) => Pin::new(c.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -282,16 +328,16 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
-            Conn::Tls(c) => Pin::new(c.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            Io::Tls(c) => Pin::new(c.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(c) => c.is_write_vectored(),
-            Conn::Tls(c) => c.is_write_vectored(),
+        match &self.io {
+            Io::Plain(c) => c.is_write_vectored(),
+            Io::Tls(c) => c.is_write_vectored(),
         }
     }
 }
@@ -300,9 +346,9 @@ impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            Conn::Plain(c) => c.connect_info(),
-            Conn::Tls(c) => c.get_ref().0.connect_info(),
+        match &self.io {
+            Io::Plain(c) => c.connect_info(),
+            Io::Tls(c) => c.get_ref().0.connect_info(),
         }
     }
 }
@@ -382,13 +428,21 @@ impl Acceptor {
                         let tx = tx.clone();
                         let tls = tls.clone();
                         tokio::spawn(async move {
+                            // The first byte, the TLS handshake and the HTTP/2 preface all
+                            // within `first_byte` of the accept.
+                            let deadline = tokio::time::Instant::now() + first_byte;
                             let mut byte = [0u8; 1];
                             let peeked =
-                                tokio::time::timeout(first_byte, conn.stream.peek(&mut byte)).await;
+                                tokio::time::timeout_at(deadline, conn.stream.peek(&mut byte))
+                                    .await;
                             if !matches!(peeked, Ok(Ok(n)) if n > 0) {
                                 return;
                             }
-                            if let Some(conn) = Conn::open(conn, tls.as_ref(), first_byte).await {
+                            let Some(mut conn) = Conn::open(conn, tls.as_ref(), deadline).await
+                            else {
+                                return;
+                            };
+                            if conn.expect_http2_preface(deadline).await {
                                 let _ = tx.send(Ok(conn)).await;
                             }
                         });
@@ -467,8 +521,8 @@ pub async fn serve_http(
         let tls = tls.clone();
         connections.spawn(async move {
             // The handshake counts against the header timeout.
-            let Some(conn) = Conn::open(conn, tls.as_ref(), Duration::from_millis(header_ms)).await
-            else {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(header_ms);
+            let Some(conn) = Conn::open(conn, tls.as_ref(), deadline).await else {
                 return;
             };
             watch_connection(

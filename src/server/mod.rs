@@ -171,6 +171,9 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     let catalog = crate::catalog::open(&config.storage)
         .await
         .context("cannot open the catalog")?;
+    if config.auth.mode == crate::auth::AuthMode::Off && !config.auth.trusted_proxies.is_empty() {
+        anyhow::bail!("--auth-trusted-proxies needs authentication: drop --auth off");
+    }
     let listening = listen_addresses(config);
     let required = config.auth.required(&listening);
     let exposed = listening.iter().any(|a| !a.ip().is_loopback());
@@ -274,6 +277,13 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
                 grpc.keepalive_timeout_secs.max(1),
             )))
             .timeout(Duration::from_secs(grpc.request_timeout_secs.max(1)));
+        let builder = if grpc.max_connection_age_secs > 0 {
+            builder
+                .max_connection_age(Duration::from_secs(grpc.max_connection_age_secs))
+                .max_connection_age_grace(Duration::from_secs(grpc.request_timeout_secs.max(1)))
+        } else {
+            builder
+        };
         tasks.push(tokio::spawn(async move {
             let mut builder = builder;
             let served = builder

@@ -52,8 +52,13 @@ struct Reloading {
     key: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
     /// Modification times of the pair last loaded.
-    loaded: RwLock<(Option<SystemTime>, Option<SystemTime>)>,
+    loaded: RwLock<Stamps>,
+    /// Modification times of a pair that failed to load, so it is reported once while it is
+    /// tried again at every look.
+    failed: RwLock<Option<Stamps>>,
 }
+
+type Stamps = (Option<SystemTime>, Option<SystemTime>);
 
 impl ResolvesServerCert for Reloading {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -123,6 +128,7 @@ impl Tls {
         let pair = load_pair(&cert, &key)?;
         let reloading = Arc::new(Reloading {
             loaded: RwLock::new((modified(&cert), modified(&key))),
+            failed: RwLock::new(None),
             cert,
             key,
             current: RwLock::new(pair),
@@ -164,7 +170,8 @@ impl Tls {
         tokio_rustls::TlsAcceptor::from(self.grpc.clone())
     }
 
-    /// Reads the pair again; on failure the one in use stays.
+    /// Reads the pair again; on failure the one in use stays (and the failure is logged once
+    /// per version of the files).
     pub fn reload(&self) {
         let r = &self.reloading;
         let stamps = (modified(&r.cert), modified(&r.key));
@@ -172,11 +179,15 @@ impl Tls {
             Ok(pair) => {
                 *r.current.write().unwrap_or_else(|e| e.into_inner()) = pair;
                 *r.loaded.write().unwrap_or_else(|e| e.into_inner()) = stamps;
+                *r.failed.write().unwrap_or_else(|e| e.into_inner()) = None;
                 tracing::info!(cert = %r.cert.display(), "TLS certificate loaded");
             }
             Err(e) => {
-                *r.loaded.write().unwrap_or_else(|e| e.into_inner()) = stamps;
-                tracing::error!(error = %format!("{e:#}"), "cannot load the new TLS certificate; keeping the one in use");
+                let mut failed = r.failed.write().unwrap_or_else(|e| e.into_inner());
+                if *failed != Some(stamps) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot load the new TLS certificate; keeping the one in use");
+                    *failed = Some(stamps);
+                }
             }
         }
     }

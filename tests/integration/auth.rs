@@ -626,6 +626,41 @@ async fn the_admin_api_manages_only_its_tenants_tokens() {
         assert_eq!(status, want, "{body}: {answer}");
     }
 
+    // An operator token kept in the tenant is neither listed to nor revocable by its admins.
+    let operator = mint(&catalog, "team-a", "operator", None).await;
+    let operator_id = catalog
+        .list_tokens(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.hash == secumon::auth::token::hash(&operator))
+        .unwrap()
+        .id;
+    let (_, listed) = send(
+        reqwest::Method::GET,
+        "/api/v1/admin/tokens".into(),
+        admin.clone(),
+        None,
+    )
+    .await;
+    assert!(!listed.to_string().contains(&operator_id), "{listed}");
+    let (status, _) = send(
+        reqwest::Method::DELETE,
+        format!("/api/v1/admin/tokens/{operator_id}"),
+        admin.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (_, listed) = send(
+        reqwest::Method::GET,
+        "/api/v1/admin/tokens".into(),
+        operator.clone(),
+        None,
+    )
+    .await;
+    assert!(listed.to_string().contains(&operator_id), "{listed}");
+
     // Another tenant's token is not found; the tenant's own is revoked and refused at once.
     let other_id = catalog
         .list_tokens(Some(&secumon::model::TenantId::new("team-b")))
@@ -651,39 +686,81 @@ async fn the_admin_api_manages_only_its_tenants_tokens() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(query(new).await, 401);
+
+    // With authentication off every caller would be an operator: no token administration.
+    let open = Secumon::start_on(Backend::Embedded, |_| {}).await;
+    let response = open
+        .http
+        .post(open.url("/api/v1/admin/tokens"))
+        .body(serde_json::json!({"name": "x", "scopes": ["operator"]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
 }
 
-/// Past `--auth-max-failures-per-minute` failures from one address, over HTTP or gRPC, the
-/// address is refused with 429 (gRPC `RESOURCE_EXHAUSTED`), even with a valid token.
+/// Past `--auth-max-failures-per-minute` guesses from one address, over HTTP or gRPC, the
+/// address may still use tokens this server checked lately, but anything it would have to look
+/// up is refused with 429 (gRPC `RESOURCE_EXHAUSTED` with `RetryInfo`) for the rest of the
+/// minute. Missing credentials and expired tokens are not guesses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_address_past_its_failures_is_refused_for_the_rest_of_the_minute() {
-    let (s, catalog) = start(Backend::Embedded, |c| c.auth.max_failures_per_minute = 5).await;
+async fn an_address_past_its_guesses_is_refused_for_the_rest_of_the_minute() {
+    let (s, catalog) = start(Backend::Embedded, |c| {
+        c.auth.max_failures_per_minute = 5;
+        c.auth.cache_secs = 3600;
+    })
+    .await;
     let read = mint(&catalog, "team-a", "read,ingest", None).await;
+    let fresh = mint(&catalog, "team-a", "read,ingest", None).await;
+    let expired = mint(&catalog, "team-a", "read", Some(1)).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let wrong = format!("Bearer {}", secumon::auth::token::generate().unwrap());
+    let labels = |authorization: Option<String>| {
+        let s = &s;
+        async move {
+            let mut request = s.http.get(s.url("/api/v1/labels"));
+            if let Some(value) = authorization {
+                request = request.header("Authorization", value);
+            }
+            request.send().await.unwrap()
+        }
+    };
+    // Not guesses: no credentials, an expired token.
+    for _ in 0..10 {
+        assert_eq!(labels(None).await.status().as_u16(), 401);
+        assert_eq!(
+            labels(Some(format!("Bearer {expired}")))
+                .await
+                .status()
+                .as_u16(),
+            401
+        );
+    }
+    assert_eq!(
+        labels(Some(format!("Bearer {read}")))
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+
     let grpc = s.server.otlp_grpc_addr.unwrap();
     for _ in 0..3 {
         let answer = raw_grpc::export_authorized(grpc, Vec::new(), Some(&wrong)).await;
         assert_eq!(answer.unwrap_err().code(), tonic::Code::Unauthenticated);
     }
-    let labels = |authorization: String| {
-        let s = &s;
-        async move {
-            s.http
-                .get(s.url("/api/v1/labels"))
-                .header("Authorization", authorization)
-                .send()
-                .await
-                .unwrap()
-        }
-    };
+    for _ in 0..2 {
+        assert_eq!(labels(Some(wrong.clone())).await.status().as_u16(), 401);
+    }
+    // Throttled: a token checked lately still works, one to look up does not.
     assert_eq!(
-        labels(format!("Bearer {read}")).await.status().as_u16(),
+        labels(Some(format!("Bearer {read}")))
+            .await
+            .status()
+            .as_u16(),
         200
     );
-    for _ in 0..2 {
-        assert_eq!(labels(wrong.clone()).await.status().as_u16(), 401);
-    }
-    let throttled = labels(format!("Bearer {read}")).await;
+    let throttled = labels(Some(format!("Bearer {fresh}"))).await;
     assert_eq!(throttled.status().as_u16(), 429);
     let wait: u64 = throttled.headers()["retry-after"]
         .to_str()
@@ -696,12 +773,15 @@ async fn an_address_past_its_failures_is_refused_for_the_rest_of_the_minute() {
         body["error"].as_str().unwrap().contains("too many failed"),
         "{body}"
     );
-    let answer =
-        raw_grpc::export_authorized(grpc, Vec::new(), Some(&format!("Bearer {read}"))).await;
-    assert_eq!(answer.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    let refused = raw_grpc::export_authorized(grpc, Vec::new(), Some(&format!("Bearer {fresh}")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    use tonic_types::StatusExt;
+    assert!(refused.get_details_retry_info().is_some(), "{refused:?}");
     let metrics = s.metrics_text().await;
     assert!(
-        metrics.contains("secumon_auth_refused_total{reason=\"unauthenticated\"} 5"),
+        metrics.contains("secumon_auth_refused_total{reason=\"unauthenticated\"} 25"),
         "{metrics}"
     );
     assert!(
@@ -873,7 +953,14 @@ async fn each_tenant_is_held_to_its_own_ingest_rate() {
         Some(&format!("Bearer {a}")),
     )
     .await;
-    assert_eq!(answer.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    let refused = answer.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    use tonic_types::StatusExt;
+    let retry = refused.get_details_retry_info().expect("RetryInfo");
+    assert!(
+        retry.retry_delay.is_some_and(|d| d.as_secs() >= 1),
+        "{retry:?}"
+    );
     let metrics = s.metrics_text().await;
     assert!(
         metrics.contains("secumon_samples_rejected_total{protocol=\"remote_write\",reason=\"rate_limited\"} 1000"),

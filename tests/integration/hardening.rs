@@ -453,11 +453,16 @@ async fn slow_clients_are_cut_off_and_the_connection_limit_recovers() {
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(1_500), "{took:?}");
 
-    // gRPC: every connection slot taken by clients that never send a byte; a real export
-    // gets through once they are dropped at the header timeout.
+    // gRPC: every connection slot taken by clients that never send a byte or stop within
+    // the HTTP/2 preface; a real export gets through once they are dropped at the header
+    // timeout.
     let mut silent = Vec::new();
-    for _ in 0..6 {
-        silent.push(tokio::net::TcpStream::connect(&grpc_listen).await.unwrap());
+    for i in 0..6 {
+        let mut c = tokio::net::TcpStream::connect(&grpc_listen).await.unwrap();
+        if i % 2 == 0 {
+            c.write_all(b"PRI * HTTP/2.0").await.unwrap();
+        }
+        silent.push(c);
     }
     let started = Instant::now();
     let addr: std::net::SocketAddr = grpc_listen.parse().unwrap();
@@ -473,6 +478,15 @@ async fn slow_clients_are_cut_off_and_the_connection_limit_recovers() {
         "{:?}",
         started.elapsed()
     );
+    // Those that stopped within the preface were closed by the server, not left to hyper.
+    for (i, c) in silent.iter_mut().enumerate().filter(|(i, _)| i % 2 == 0) {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), c.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "connection {i} stopped within the preface is still open: {read:?}"
+        );
+    }
     drop(silent);
     s.assert_healthy(200).await;
 }
