@@ -28,16 +28,23 @@ const FLAG_NO_RECORDED_VALUE: u32 = 1;
 /// Label sets already built, by a hash of everything they are built from (resource identity,
 /// series name, extra label, raw attributes in the order sent). Exporters send the same series
 /// with every export; normalizing and validating their attributes once saves most of the
-/// translation's cost. Bounded: emptied when full.
+/// translation's cost. Bounded: emptied when full. The hash is seeded at random per process,
+/// so no client can craft attributes whose key collides with another series' (another
+/// tenant's, maybe) and be given its labels.
 pub struct LabelCache {
     capacity: usize,
+    seed: u64,
     map: std::sync::RwLock<HashMap<u128, Labels>>,
 }
 
 impl LabelCache {
     pub fn new(capacity: usize) -> Self {
+        let mut seed = [0u8; 8];
+        // Without randomness the fixed seed is still correct, only predictable.
+        let _ = getrandom::getrandom(&mut seed);
         Self {
             capacity,
+            seed: u64::from_le_bytes(seed),
             map: std::sync::RwLock::new(HashMap::new()),
         }
     }
@@ -120,7 +127,7 @@ impl Builder<'_> {
         name: &str,
         extra: Option<(&str, String)>,
     ) -> Result<usize, LabelError> {
-        let key = label_key(resource, attributes, name, &extra);
+        let key = label_key(self.cache.seed, resource, attributes, name, &extra);
         if let Some(&i) = self.index.get(&key) {
             return Ok(i);
         }
@@ -304,12 +311,13 @@ impl ResourceLabels {
 
 /// The cache key of a point's labels.
 fn label_key(
+    seed: u64,
     resource: &ResourceLabels,
     attributes: &[KeyValue],
     name: &str,
     extra: &Option<(&str, String)>,
 ) -> u128 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = xxhash_rust::xxh3::Xxh3::with_seed(seed);
     let mut field = |bytes: &[u8]| {
         h.update(&(bytes.len() as u64).to_le_bytes());
         h.update(bytes);
