@@ -17,7 +17,7 @@ use common::{cpu_seconds, push_with, Options};
 use std::sync::Arc;
 use support::process::{free_port, spawn_secumon};
 
-/// A token of tenant `bench` with the ingest scope, made in the catalog of `dir` by the same
+/// A token of tenant `bench` with the ingest and read scopes, made in the catalog of `dir` by the same
 /// binary the server runs.
 fn create_token(dir: &str) -> String {
     let binary = std::env::var_os("SECUMON_BENCH_BINARY").map_or_else(
@@ -28,7 +28,7 @@ fn create_token(dir: &str) -> String {
         .args(["token", "create", "--storage", dir, "--tenant", "bench"])
         .args([
             "--scopes",
-            "ingest",
+            "ingest,read",
             "--name",
             "bench",
             "--log-level",
@@ -81,10 +81,13 @@ fn main() {
     ];
     let mut sums = [0.0f64; 3];
     for run in 1..=repeat {
-        for (k, (name, flags, auth)) in configurations.iter().enumerate() {
+        // The order turns with each repetition, so no configuration always runs first or last.
+        for k in (0..3).map(|i| (i + run - 1) % 3) {
+            let (name, flags, auth) = &configurations[k];
             let data = tempfile::tempdir().expect("temp dir");
             let dir = data.path().display().to_string();
             let authorization = auth.then(|| format!("Bearer {}", create_token(&dir)));
+            let flags: &[&str] = flags;
             let port = free_port();
             let secumon = spawn_secumon(&dir, port, flags);
             let before = cpu_seconds(secumon.pid());
@@ -111,6 +114,12 @@ fn main() {
             sums[k] / repeat as f64
         );
     }
+
+    // The token check alone, in process: one authenticate() of a cached token.
+    let checks = runtime_check();
+    println!("\none token check (Authorization header to caller, token cached): {checks:.0} ns");
+    let admit = active_series_check();
+    println!("active-series count, per series of a 1,000-series request over 10,000 known: {admit:.1} ns");
 
     println!("\n| run | queries | µs per request (median of 2,000) | server CPU µs per request |");
     println!("|---|---|---|---|");
@@ -157,4 +166,60 @@ fn main() {
             );
         }
     }
+}
+
+/// Nanoseconds one `Authenticator::authenticate` of a cached, valid bearer token takes.
+fn runtime_check() -> f64 {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = secumon::catalog::open(&dir.path().display().to_string())
+            .await
+            .unwrap();
+        let (token, _) = secumon::auth::create_token(
+            catalog.as_ref(),
+            "bench",
+            "ingest".parse().unwrap(),
+            "bench",
+            None,
+        )
+        .await
+        .unwrap();
+        let config = secumon::auth::AuthConfig {
+            cache_secs: 3600,
+            ..Default::default()
+        };
+        let auth = secumon::auth::Authenticator::new(catalog, true, &config).unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        let peer = Some(std::net::IpAddr::from([10, 0, 0, 1]));
+        auth.authenticate(&headers, peer).await.unwrap();
+        let n = 200_000;
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(auth.authenticate(&headers, peer).await.unwrap());
+        }
+        started.elapsed().as_nanos() as f64 / n as f64
+    })
+}
+
+/// Nanoseconds the active-series count takes per series of a request of 1,000 known series
+/// (of 10,000), as a scrape's remote-write brings them.
+fn active_series_check() -> f64 {
+    let active = secumon::ingest::active_series::ActiveSeries::new(5_000_000);
+    let tenant = secumon::model::TenantId::default();
+    let fingerprints: Vec<u128> = (0..10_000u128)
+        .map(|i| xxhash_rust::xxh3::xxh3_128(&i.to_le_bytes()))
+        .collect();
+    active.admit(&tenant, fingerprints.iter().copied());
+    let rounds = 2_000;
+    let started = std::time::Instant::now();
+    for r in 0..rounds {
+        let block = &fingerprints[(r % 10) * 1_000..(r % 10 + 1) * 1_000];
+        std::hint::black_box(active.admit(&tenant, block.iter().copied()));
+    }
+    started.elapsed().as_nanos() as f64 / (rounds * 1_000) as f64
 }
