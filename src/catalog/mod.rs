@@ -7,8 +7,11 @@
 //! The catalog stores what it is given: it never sees a token, only its hash, and it judges
 //! nothing (expiry and scopes are the `auth` module's).
 
+pub mod agents;
 mod postgres;
 mod sqlite;
+
+pub use agents::{AgentRecord, AgentStatus, AgentUpdate};
 
 pub use postgres::PostgresCatalog;
 pub use sqlite::SqliteCatalog;
@@ -81,6 +84,35 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Records when tokens were last used (id, Unix ms); a later time never goes back.
     async fn touch_tokens(&self, used: &[(String, i64)]) -> CatalogResult<()>;
+
+    /// Stores a new agent; [`CatalogError::Conflict`] when its id, or its `agent_id` in its
+    /// tenant, is taken.
+    async fn insert_agent(&self, agent: &AgentRecord) -> CatalogResult<()>;
+
+    /// The tenant's agent by registry id.
+    async fn agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<Option<AgentRecord>>;
+
+    /// The tenant's agent by its own identity (`agent_id`).
+    async fn agent_by_agent_id(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+    ) -> CatalogResult<Option<AgentRecord>>;
+
+    /// A page of the tenant's agents, oldest first (then by id).
+    async fn list_agents(
+        &self,
+        tenant: &TenantId,
+        limit: i64,
+        offset: i64,
+    ) -> CatalogResult<Vec<AgentRecord>>;
+
+    /// Stores `agent`'s fields if it is still at `revision`; the revision then goes up by one
+    /// (`agent.revision` is not read).
+    async fn update_agent(&self, agent: &AgentRecord, revision: i64) -> CatalogResult<AgentUpdate>;
+
+    /// Deletes the tenant's agent `id`; whether there was one.
+    async fn delete_agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<bool>;
 }
 
 pub type DynCatalog = Arc<dyn Catalog>;

@@ -41,6 +41,8 @@ impl RowLike for sqlx::postgres::PgRow {
     }
 }
 
+super::agents::agent_store!(PostgresCatalog, str::to_owned);
+
 const COLUMNS: &str = "id, tenant_id, name, scopes, hash, created_at, expires_at, last_used_at";
 
 #[async_trait]
@@ -105,5 +107,46 @@ impl Catalog for PostgresCatalog {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn insert_agent(&self, agent: &super::AgentRecord) -> CatalogResult<()> {
+        self.insert_agent_row(agent).await
+    }
+
+    async fn agent(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> CatalogResult<Option<super::AgentRecord>> {
+        self.agent_where(tenant, "id", id).await
+    }
+
+    async fn agent_by_agent_id(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+    ) -> CatalogResult<Option<super::AgentRecord>> {
+        self.agent_where(tenant, "agent_id", agent_id).await
+    }
+
+    async fn list_agents(
+        &self,
+        tenant: &TenantId,
+        limit: i64,
+        offset: i64,
+    ) -> CatalogResult<Vec<super::AgentRecord>> {
+        self.agent_page(tenant, limit, offset).await
+    }
+
+    async fn update_agent(
+        &self,
+        agent: &super::AgentRecord,
+        revision: i64,
+    ) -> CatalogResult<super::AgentUpdate> {
+        self.update_agent_row(agent, revision).await
+    }
+
+    async fn delete_agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<bool> {
+        self.delete_agent_row(tenant, id).await
     }
 }

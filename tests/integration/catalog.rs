@@ -1,9 +1,12 @@
 //! One conformance suite for both catalogs: the embedded SQLite file and the PostgreSQL tables
-//! must store, find, list, delete and touch tokens identically.
+//! must store, find, list, delete and touch tokens, and keep the agents registry, identically.
 
 use crate::support::Postgres;
 use secumon::auth::Scopes;
-use secumon::catalog::{Catalog, CatalogError, PostgresCatalog, SqliteCatalog, TokenRecord};
+use secumon::catalog::{
+    AgentRecord, AgentStatus, AgentUpdate, Catalog, CatalogError, PostgresCatalog, SqliteCatalog,
+    TokenRecord,
+};
 use secumon::model::TenantId;
 
 fn token(id: &str, tenant: &str, hash: &str, created_at: i64) -> TokenRecord {
@@ -89,6 +92,139 @@ async fn conforms(catalog: &dyn Catalog, store: &str) {
     assert_eq!(left, ["c"], "{store}");
 }
 
+fn agent(id: &str, tenant: &str, agent_id: &str, created_at: i64) -> AgentRecord {
+    AgentRecord {
+        id: id.into(),
+        tenant: TenantId::new(tenant),
+        agent_id: agent_id.into(),
+        name: format!("agent {agent_id}"),
+        hostname: format!("{agent_id}.example"),
+        ip_address: "10.0.0.1".into(),
+        os: "linux".into(),
+        os_version: "6.1".into(),
+        agent_type: "secumon-agent".into(),
+        agent_version: "0.1.0".into(),
+        status: AgentStatus::Active,
+        auto_registered: id.ends_with('2'),
+        tags: [("env".to_string(), "prod".to_string())].into(),
+        health: r#"{"healthy":true}"#.into(),
+        effective_config: String::new(),
+        remote_config: String::new(),
+        heartbeat_secs: 30,
+        created_at,
+        updated_at: created_at,
+        last_seen_at: (id == "a1").then_some(created_at + 5),
+        revision: 0,
+    }
+}
+
+async fn agents_conform(catalog: &dyn Catalog, store: &str) {
+    let (t1, t2) = (TenantId::new("t1"), TenantId::new("t2"));
+    let (a1, a2, b1) = (
+        agent("a1", "t1", "host-a", 10),
+        agent("a2", "t1", "host-b", 20),
+        agent("b1", "t2", "host-a", 5),
+    );
+    for a in [&a2, &a1, &b1] {
+        catalog.insert_agent(a).await.unwrap();
+    }
+    // One agent_id per tenant; one id in all.
+    for clash in [
+        agent("a3", "t1", "host-a", 30),
+        agent("a1", "t2", "host-z", 30),
+    ] {
+        assert!(
+            matches!(
+                catalog.insert_agent(&clash).await,
+                Err(CatalogError::Conflict)
+            ),
+            "{store}: {clash:?}"
+        );
+    }
+    assert_eq!(
+        catalog.agent(&t1, "a1").await.unwrap().as_ref(),
+        Some(&a1),
+        "{store}"
+    );
+    assert_eq!(
+        catalog.agent(&t2, "a1").await.unwrap(),
+        None,
+        "{store}: other tenant"
+    );
+    assert_eq!(
+        catalog
+            .agent_by_agent_id(&t1, "host-b")
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&a2),
+        "{store}"
+    );
+    assert_eq!(
+        catalog
+            .agent_by_agent_id(&t2, "host-a")
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&b1),
+        "{store}"
+    );
+    assert_eq!(
+        catalog.list_agents(&t1, 10, 0).await.unwrap(),
+        [a1.clone(), a2.clone()],
+        "{store}"
+    );
+    assert_eq!(
+        catalog.list_agents(&t1, 1, 1).await.unwrap(),
+        [a2.clone()],
+        "{store}"
+    );
+    assert!(
+        catalog.list_agents(&t1, 10, 2).await.unwrap().is_empty(),
+        "{store}"
+    );
+
+    // Updates are conditional on the revision the caller saw.
+    let mut changed = a1.clone();
+    changed.name = "renamed".into();
+    changed.status = AgentStatus::Inactive;
+    changed.tags.insert("team".into(), "infra".into());
+    changed.updated_at = 99;
+    assert_eq!(
+        catalog.update_agent(&changed, 0).await.unwrap(),
+        AgentUpdate::Updated(1),
+        "{store}"
+    );
+    let stored = catalog.agent(&t1, "a1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            stored.name.as_str(),
+            stored.status,
+            stored.tags.len(),
+            stored.updated_at,
+            stored.revision
+        ),
+        ("renamed", AgentStatus::Inactive, 2, 99, 1),
+        "{store}"
+    );
+    assert_eq!(
+        catalog.update_agent(&changed, 0).await.unwrap(),
+        AgentUpdate::Stale,
+        "{store}"
+    );
+    let mut elsewhere = changed.clone();
+    elsewhere.tenant = t2.clone();
+    assert_eq!(
+        catalog.update_agent(&elsewhere, 1).await.unwrap(),
+        AgentUpdate::Missing,
+        "{store}"
+    );
+
+    assert!(!catalog.delete_agent(&t2, "a1").await.unwrap(), "{store}");
+    assert!(catalog.delete_agent(&t1, "a1").await.unwrap(), "{store}");
+    assert_eq!(catalog.agent(&t1, "a1").await.unwrap(), None, "{store}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_and_postgresql_catalogs_conform() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,6 +232,7 @@ async fn sqlite_and_postgresql_catalogs_conform() {
         .await
         .unwrap();
     conforms(&sqlite, "sqlite").await;
+    agents_conform(&sqlite, "sqlite").await;
     // Reopened, it has what it had.
     drop(sqlite);
     let again = SqliteCatalog::open(&dir.path().join("catalog.db"))
@@ -106,4 +243,5 @@ async fn sqlite_and_postgresql_catalogs_conform() {
     let url = Postgres::shared().database().await;
     let postgres = PostgresCatalog::connect(&url).await.unwrap();
     conforms(&postgres, "postgresql").await;
+    agents_conform(&postgres, "postgresql").await;
 }
