@@ -176,7 +176,7 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
     );
     assert_eq!(
         catalog.list_agents(&t1, 1, 1).await.unwrap(),
-        [a2.clone()],
+        std::slice::from_ref(&a2),
         "{store}"
     );
     assert!(
