@@ -23,9 +23,23 @@ enum Format {
     Otlp,
 }
 
-/// The scope a route needs (`None`: open to everyone) and its error format.
-fn route_needs(path: &str, protect_metrics: bool) -> (Option<Scope>, Format) {
+/// The scope a route needs (`None`: open to everyone) and its error format. SecuMon's own
+/// resources (`/api/v1/agents…`) are read with `read` and changed with `admin`.
+fn route_needs(
+    method: &axum::http::Method,
+    path: &str,
+    protect_metrics: bool,
+) -> (Option<Scope>, Format) {
+    use axum::http::Method;
     match path {
+        p if p.starts_with("/api/v1/agents") => {
+            let scope = if method == Method::GET || method == Method::HEAD {
+                Scope::Read
+            } else {
+                Scope::Admin
+            };
+            (Some(scope), Format::Prometheus)
+        }
         "/health" | "/ready" => (None, Format::RemoteWrite),
         "/metrics" => (protect_metrics.then_some(Scope::Read), Format::RemoteWrite),
         "/api/v1/write" => (Some(Scope::Ingest), Format::RemoteWrite),
@@ -51,7 +65,7 @@ pub(super) async fn authenticate(
         || request.uri().path().to_owned(),
         |p| p.as_str().to_owned(),
     );
-    let (need, format) = route_needs(&path, state.auth_config.protect_metrics);
+    let (need, format) = route_needs(request.method(), &path, state.auth_config.protect_metrics);
     let Some(scope) = need else {
         return next.run(request).await;
     };
@@ -208,6 +222,7 @@ mod tests {
 
     #[test]
     fn every_data_route_needs_a_scope_and_only_health_is_open() {
+        use axum::http::Method;
         for (path, scope) in [
             ("/api/v1/query", Some(Scope::Read)),
             ("/api/v1/label/{name}/values", Some(Scope::Read)),
@@ -221,8 +236,22 @@ mod tests {
             ("/ready", None),
             ("/metrics", None),
         ] {
-            assert_eq!(route_needs(path, false).0, scope, "{path}");
+            assert_eq!(route_needs(&Method::GET, path, false).0, scope, "{path}");
         }
-        assert_eq!(route_needs("/metrics", true).0, Some(Scope::Read));
+        assert_eq!(
+            route_needs(&Method::GET, "/metrics", true).0,
+            Some(Scope::Read)
+        );
+        for (method, scope) in [
+            (Method::GET, Scope::Read),
+            (Method::POST, Scope::Admin),
+            (Method::PATCH, Scope::Admin),
+            (Method::DELETE, Scope::Admin),
+        ] {
+            assert_eq!(
+                route_needs(&method, "/api/v1/agents/{id}", false).0,
+                Some(scope)
+            );
+        }
     }
 }

@@ -22,6 +22,10 @@ pub enum ErrorType {
     Forbidden,
     /// Refused for a while (too many failed authentications).
     TooManyRequests,
+    /// The resource exists already (a duplicate identity).
+    Conflict,
+    /// `If-Match` names a version that is no longer current.
+    PreconditionFailed,
 }
 
 impl ErrorType {
@@ -37,6 +41,8 @@ impl ErrorType {
             ErrorType::Unauthorized => "unauthorized",
             ErrorType::Forbidden => "forbidden",
             ErrorType::TooManyRequests => "too_many_requests",
+            ErrorType::Conflict => "conflict",
+            ErrorType::PreconditionFailed => "precondition_failed",
         }
     }
 
@@ -53,6 +59,8 @@ impl ErrorType {
             ErrorType::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorType::Forbidden => StatusCode::FORBIDDEN,
             ErrorType::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ErrorType::Conflict => StatusCode::CONFLICT,
+            ErrorType::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         }
     }
 }

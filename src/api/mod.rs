@@ -3,6 +3,7 @@
 //! layers; they never touch a storage backend directly beyond the storage trait.
 
 mod admin;
+mod agents;
 pub(crate) mod auth;
 pub mod errors;
 pub mod json;
@@ -90,6 +91,14 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/api/v1/admin/tokens/{id}",
             axum::routing::delete(admin::revoke),
+        )
+        .route("/api/v1/agents", get(agents::list).post(agents::create))
+        .route(
+            "/api/v1/agents/{id}",
+            get(agents::get_one)
+                .put(agents::replace)
+                .patch(agents::patch)
+                .delete(agents::delete),
         );
     guarded(routes, state)
 }
