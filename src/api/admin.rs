@@ -34,9 +34,9 @@ fn describe(t: &TokenRecord) -> serde_json::Value {
         "tenant": t.tenant.as_str(),
         "name": t.name,
         "scopes": t.scopes.to_string().split(',').collect::<Vec<_>>(),
-        "createdAt": time(Some(t.created_at)),
-        "expiresAt": time(t.expires_at),
-        "lastUsedAt": time(t.last_used_at),
+        "created_at": time(Some(t.created_at)),
+        "expires_at": time(t.expires_at),
+        "last_used_at": time(t.last_used_at),
     })
 }
 

@@ -561,7 +561,7 @@ async fn the_admin_api_manages_only_its_tenants_tokens() {
     let data = &created["data"];
     assert_eq!(data["tenant"], "team-a");
     assert_eq!(data["scopes"], serde_json::json!(["read"]));
-    assert!(data["expiresAt"].is_string(), "{created}");
+    assert!(data["expires_at"].is_string(), "{created}");
     let new = data["token"].as_str().unwrap().to_owned();
     let id = data["id"].as_str().unwrap().to_owned();
     let query = |token: String| {
