@@ -219,7 +219,7 @@ fn parse_fields(body: &[u8]) -> Result<AgentFields, Invalid> {
 /// A new agent of `tenant`, pre-registered by an operator, before its fields are applied.
 fn blank(tenant: &crate::model::TenantId, now: i64) -> AgentRecord {
     AgentRecord {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: uuid::Uuid::now_v7().to_string(),
         tenant: tenant.clone(),
         agent_id: String::new(),
         name: String::new(),
@@ -440,6 +440,40 @@ pub(super) async fn delete(
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         json!({"status": "success", "data": {"id": id}}).to_string(),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/agents/stats`: counts of the tenant's agents: total, active, inactive, online,
+/// offline, and per operating system and agent version.
+pub(super) async fn stats(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+) -> Result<Response, ApiError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let s = state
+        .auth
+        .catalog()
+        .agent_stats(&tenant, now, ONLINE_HEARTBEATS)
+        .await
+        .map_err(catalog_error)?;
+    let counts = |key: &str, rows: &[(String, i64)]| -> Vec<serde_json::Value> {
+        rows.iter()
+            .map(|(value, n)| json!({key: value, "agents": n}))
+            .collect()
+    };
+    let data = json!({
+        "total": s.total,
+        "active": s.active,
+        "inactive": s.total - s.active,
+        "online": s.online,
+        "offline": s.total - s.online,
+        "by_os": counts("os", &s.by_os),
+        "by_version": counts("agent_version", &s.by_version),
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"status": "success", "data": data}).to_string(),
     )
         .into_response())
 }

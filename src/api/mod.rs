@@ -93,6 +93,7 @@ pub fn router(state: SharedState) -> Router {
             axum::routing::delete(admin::revoke),
         )
         .route("/api/v1/agents", get(agents::list).post(agents::create))
+        .route("/api/v1/agents/stats", get(agents::stats))
         .route(
             "/api/v1/agents/{id}",
             get(agents::get_one)

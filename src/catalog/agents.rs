@@ -32,7 +32,7 @@ impl AgentStatus {
 /// One agent of a tenant. Text the agent has not reported is empty.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRecord {
-    /// The registry's id (a UUID).
+    /// The registry's id: a UUIDv7, so ids sort in the order agents were registered.
     pub id: String,
     pub tenant: TenantId,
     /// The agent's own identity, unique in its tenant: an OpAMP `instance_uid`, or an id an
@@ -63,6 +63,17 @@ pub struct AgentRecord {
     pub last_seen_at: Option<i64>,
     /// Bumped by every change; the agent's ETag.
     pub revision: i64,
+}
+
+/// Counts of a tenant's agents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    pub total: i64,
+    pub active: i64,
+    pub online: i64,
+    /// Agents per operating system and per agent version, most first (then by name).
+    pub by_os: Vec<(String, i64)>,
+    pub by_version: Vec<(String, i64)>,
 }
 
 /// What an update of an agent did.
@@ -279,6 +290,49 @@ macro_rules! agent_store {
                 } else {
                     AgentUpdate::Missing
                 })
+            }
+
+            pub(super) async fn agent_stats_rows(
+                &self,
+                tenant: &$crate::model::TenantId,
+                now_ms: i64,
+                online_heartbeats: i64,
+            ) -> $crate::catalog::CatalogResult<$crate::catalog::agents::AgentStats> {
+                use sqlx::Row;
+                let sql = $sql(
+                    "SELECT COUNT(*) AS total, \
+                     COALESCE(SUM(CASE WHEN status = 'active' THEN 1 ELSE 0 END), 0) AS active, \
+                     COALESCE(SUM(CASE WHEN last_seen_at IS NOT NULL AND \
+                         $2 - last_seen_at <= heartbeat_secs * $3 * 1000 THEN 1 ELSE 0 END), 0) \
+                         AS online \
+                     FROM agents WHERE tenant_id = $1",
+                );
+                let row = sqlx::query(&sql)
+                    .bind(tenant.as_str())
+                    .bind(now_ms)
+                    .bind(online_heartbeats)
+                    .fetch_one(&self.pool)
+                    .await?;
+                let mut stats = $crate::catalog::agents::AgentStats {
+                    total: row.try_get("total")?,
+                    active: row.try_get("active")?,
+                    online: row.try_get("online")?,
+                    ..Default::default()
+                };
+                for (column, into) in [("os", &mut stats.by_os), ("agent_version", &mut stats.by_version)] {
+                    let sql = $sql(&format!(
+                        "SELECT {column} AS value, COUNT(*) AS n FROM agents WHERE tenant_id = $1 \
+                         GROUP BY {column} ORDER BY n DESC, value"
+                    ));
+                    for row in sqlx::query(&sql)
+                        .bind(tenant.as_str())
+                        .fetch_all(&self.pool)
+                        .await?
+                    {
+                        into.push((row.try_get("value")?, row.try_get("n")?));
+                    }
+                }
+                Ok(stats)
             }
 
             pub(super) async fn delete_agent_row(

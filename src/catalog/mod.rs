@@ -11,7 +11,7 @@ pub mod agents;
 mod postgres;
 mod sqlite;
 
-pub use agents::{AgentRecord, AgentStatus, AgentUpdate};
+pub use agents::{AgentRecord, AgentStats, AgentStatus, AgentUpdate};
 
 pub use postgres::PostgresCatalog;
 pub use sqlite::SqliteCatalog;
@@ -113,6 +113,15 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Deletes the tenant's agent `id`; whether there was one.
     async fn delete_agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<bool>;
+
+    /// Counts of the tenant's agents at `now_ms`; online means seen within
+    /// `online_heartbeats` of the agent's heartbeat.
+    async fn agent_stats(
+        &self,
+        tenant: &TenantId,
+        now_ms: i64,
+        online_heartbeats: i64,
+    ) -> CatalogResult<AgentStats>;
 }
 
 pub type DynCatalog = Arc<dyn Catalog>;

@@ -179,4 +179,14 @@ impl Catalog for SqliteCatalog {
     async fn delete_agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<bool> {
         self.delete_agent_row(tenant, id).await
     }
+
+    async fn agent_stats(
+        &self,
+        tenant: &TenantId,
+        now_ms: i64,
+        online_heartbeats: i64,
+    ) -> CatalogResult<super::AgentStats> {
+        self.agent_stats_rows(tenant, now_ms, online_heartbeats)
+            .await
+    }
 }

@@ -251,6 +251,30 @@ async fn the_agents_registry_over_rest() {
         .await;
     assert_eq!(status, 400);
 
+    let (status, _, stats) = reader
+        .send(Method::GET, "/api/v1/agents/stats", None, None)
+        .await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(
+        (
+            &stats["data"]["total"],
+            &stats["data"]["active"],
+            &stats["data"]["online"],
+            &stats["data"]["offline"]
+        ),
+        (&json!(5), &json!(5), &json!(0), &json!(5)),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["data"]["by_os"],
+        json!([{"os": "", "agents": 5}]),
+        "{stats}"
+    );
+    let (_, _, theirs) = other
+        .send(Method::GET, "/api/v1/agents/stats", None, None)
+        .await;
+    assert_eq!(theirs["data"]["total"], 1, "{theirs}");
+
     let (status, _, _) = reader.send(Method::DELETE, &path, None, None).await;
     assert_eq!(status, 403);
     let (status, _, _) = admin.send(Method::DELETE, &path, None, None).await;

@@ -220,6 +220,25 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         "{store}"
     );
 
+    // a1 is inactive now; a1 was seen at 15 with a 30 s heartbeat, a2 never.
+    let stats = catalog.agent_stats(&t1, 15 + 90_000, 3).await.unwrap();
+    assert_eq!(
+        (stats.total, stats.active, stats.online),
+        (2, 1, 1),
+        "{store}: {stats:?}"
+    );
+    assert_eq!(stats.by_os, [("linux".to_string(), 2)], "{store}");
+    let later = catalog.agent_stats(&t1, 15 + 90_001, 3).await.unwrap();
+    assert_eq!(later.online, 0, "{store}: one ms past three heartbeats");
+    assert_eq!(
+        catalog
+            .agent_stats(&TenantId::new("t3"), 0, 3)
+            .await
+            .unwrap(),
+        Default::default(),
+        "{store}"
+    );
+
     assert!(!catalog.delete_agent(&t2, "a1").await.unwrap(), "{store}");
     assert!(catalog.delete_agent(&t1, "a1").await.unwrap(), "{store}");
     assert_eq!(catalog.agent(&t1, "a1").await.unwrap(), None, "{store}");
