@@ -346,16 +346,18 @@ fn precondition_failed() -> ApiError {
     }
 }
 
-/// PUT (`replace`: the settable fields start from their defaults) or PATCH (the given fields
-/// only), conditional on `If-Match` when given and always on the revision read.
-async fn change(
-    state: SharedState,
-    tenant: crate::model::TenantId,
-    id: String,
+/// `PUT /api/v1/agents/{id}` (the settable fields start from their defaults) and `PATCH`
+/// (the given fields only), conditional on `If-Match` when given and always on the revision
+/// read.
+pub(super) async fn change(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    method: axum::http::Method,
     headers: HeaderMap,
     body: axum::body::Bytes,
-    replace: bool,
 ) -> Result<Response, Response> {
+    let replace = method == axum::http::Method::PUT;
     let fields = parse_fields(&body).map_err(IntoResponse::into_response)?;
     let wanted = if_match(&headers).map_err(IntoResponse::into_response)?;
     let catalog = state.auth.catalog();
@@ -398,28 +400,6 @@ async fn change(
         .into_response()),
         Err(e) => Err(catalog_error(e).into_response()),
     }
-}
-
-/// `PUT /api/v1/agents/{id}`.
-pub(super) async fn replace(
-    State(state): State<SharedState>,
-    Tenant(tenant): Tenant,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, Response> {
-    change(state, tenant, id, headers, body, true).await
-}
-
-/// `PATCH /api/v1/agents/{id}`.
-pub(super) async fn patch(
-    State(state): State<SharedState>,
-    Tenant(tenant): Tenant,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, Response> {
-    change(state, tenant, id, headers, body, false).await
 }
 
 /// `DELETE /api/v1/agents/{id}`.

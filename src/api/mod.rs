@@ -97,8 +97,8 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/api/v1/agents/{id}",
             get(agents::get_one)
-                .put(agents::replace)
-                .patch(agents::patch)
+                .put(agents::change)
+                .patch(agents::change)
                 .delete(agents::delete),
         );
     guarded(routes, state)

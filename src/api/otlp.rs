@@ -395,20 +395,16 @@ pub mod grpc {
                     .get::<tonic::transport::server::TcpConnectInfo>()
                     .and_then(|c| c.remote_addr())
                     .map(|a| a.ip());
-                let caller = match state.auth.authenticate(request.headers(), peer).await {
-                    Ok(caller) => caller.require(crate::auth::Scope::Ingest).map(|()| caller),
-                    Err(e) => Err(e),
-                };
+                let caller = crate::api::auth::caller_for(
+                    &state,
+                    request.headers(),
+                    peer,
+                    crate::auth::Scope::Ingest,
+                )
+                .await;
                 let tenant = match caller {
                     Ok(caller) => caller.tenant,
-                    Err(e) => {
-                        state
-                            .metrics
-                            .auth_refused
-                            .get_or_create(&crate::telemetry::ReasonLabels { reason: e.reason() })
-                            .inc();
-                        return Ok(refused(&e).into_http());
-                    }
+                    Err(e) => return Ok(refused(&e).into_http()),
                 };
                 // Taken before the body is read: a busy server reads no more bodies.
                 let _slot = match state.ingester.slot().await {

@@ -216,8 +216,9 @@ macro_rules! agent_from_row {
 /// (the text as written for PostgreSQL, or [`for_sqlite`]).
 macro_rules! agent_store {
     ($store:ty, $sql:expr) => {
-        impl $store {
-            pub(super) async fn insert_agent_row(
+        #[async_trait::async_trait]
+        impl $crate::catalog::Agents for $store {
+            async fn insert_agent(
                 &self,
                 agent: &$crate::catalog::agents::AgentRecord,
             ) -> $crate::catalog::CatalogResult<()> {
@@ -228,27 +229,23 @@ macro_rules! agent_store {
                 Ok(())
             }
 
-            pub(super) async fn agent_where(
+            async fn agent(
                 &self,
                 tenant: &$crate::model::TenantId,
-                column: &str,
-                value: &str,
+                id: &str,
             ) -> $crate::catalog::CatalogResult<Option<$crate::catalog::agents::AgentRecord>> {
-                let sql = $sql(&$crate::catalog::agents::select_sql(&format!(
-                    "tenant_id = $1 AND {column} = $2"
-                )));
-                let row = sqlx::query(&sql)
-                    .bind(tenant.as_str())
-                    .bind(value)
-                    .fetch_optional(&self.pool)
-                    .await?;
-                Ok(match row {
-                    Some(row) => Some($crate::catalog::agents::agent_from_row!(&row)),
-                    None => None,
-                })
+                agent_where(self, tenant, "id", id).await
             }
 
-            pub(super) async fn agent_page(
+            async fn agent_by_agent_id(
+                &self,
+                tenant: &$crate::model::TenantId,
+                agent_id: &str,
+            ) -> $crate::catalog::CatalogResult<Option<$crate::catalog::agents::AgentRecord>> {
+                agent_where(self, tenant, "agent_id", agent_id).await
+            }
+
+            async fn list_agents(
                 &self,
                 tenant: &$crate::model::TenantId,
                 limit: i64,
@@ -270,7 +267,7 @@ macro_rules! agent_store {
                 Ok(agents)
             }
 
-            pub(super) async fn update_agent_row(
+            async fn update_agent(
                 &self,
                 agent: &$crate::catalog::agents::AgentRecord,
                 revision: i64,
@@ -284,7 +281,7 @@ macro_rules! agent_store {
                 if done.rows_affected() == 1 {
                     return Ok(AgentUpdate::Updated(revision + 1));
                 }
-                let exists = self.agent_where(&agent.tenant, "id", &agent.id).await?;
+                let exists = agent_where(self, &agent.tenant, "id", &agent.id).await?;
                 Ok(if exists.is_some() {
                     AgentUpdate::Stale
                 } else {
@@ -292,7 +289,7 @@ macro_rules! agent_store {
                 })
             }
 
-            pub(super) async fn agent_stats_rows(
+            async fn agent_stats(
                 &self,
                 tenant: &$crate::model::TenantId,
                 now_ms: i64,
@@ -335,7 +332,7 @@ macro_rules! agent_store {
                 Ok(stats)
             }
 
-            pub(super) async fn delete_agent_row(
+            async fn delete_agent(
                 &self,
                 tenant: &$crate::model::TenantId,
                 id: &str,
@@ -349,6 +346,26 @@ macro_rules! agent_store {
                 Ok(done.rows_affected() > 0)
             }
         }
+
+            async fn agent_where(
+                store: &$store,
+                tenant: &$crate::model::TenantId,
+                column: &str,
+                value: &str,
+            ) -> $crate::catalog::CatalogResult<Option<$crate::catalog::agents::AgentRecord>> {
+                let sql = $sql(&$crate::catalog::agents::select_sql(&format!(
+                    "tenant_id = $1 AND {column} = $2"
+                )));
+                let row = sqlx::query(&sql)
+                    .bind(tenant.as_str())
+                    .bind(value)
+                    .fetch_optional(&store.pool)
+                    .await?;
+                Ok(match row {
+                    Some(row) => Some($crate::catalog::agents::agent_from_row!(&row)),
+                    None => None,
+                })
+            }
     };
 }
 

@@ -68,23 +68,9 @@ impl From<sqlx::Error> for CatalogError {
 
 pub type CatalogResult<T> = Result<T, CatalogError>;
 
+/// The agents registry of a catalog.
 #[async_trait]
-pub trait Catalog: Send + Sync + 'static {
-    /// Stores a new token.
-    async fn insert_token(&self, token: &TokenRecord) -> CatalogResult<()>;
-
-    /// The token of this hash, if one is stored.
-    async fn token_by_hash(&self, hash: &str) -> CatalogResult<Option<TokenRecord>>;
-
-    /// Tokens of one tenant, or of every tenant, oldest first.
-    async fn list_tokens(&self, tenant: Option<&TenantId>) -> CatalogResult<Vec<TokenRecord>>;
-
-    /// Deletes the token `id` (of `tenant` when given); whether one was deleted.
-    async fn delete_token(&self, id: &str, tenant: Option<&TenantId>) -> CatalogResult<bool>;
-
-    /// Records when tokens were last used (id, Unix ms); a later time never goes back.
-    async fn touch_tokens(&self, used: &[(String, i64)]) -> CatalogResult<()>;
-
+pub trait Agents: Send + Sync {
     /// Stores a new agent; [`CatalogError::Conflict`] when its id, or its `agent_id` in its
     /// tenant, is taken.
     async fn insert_agent(&self, agent: &AgentRecord) -> CatalogResult<()>;
@@ -122,6 +108,24 @@ pub trait Catalog: Send + Sync + 'static {
         now_ms: i64,
         online_heartbeats: i64,
     ) -> CatalogResult<AgentStats>;
+}
+
+#[async_trait]
+pub trait Catalog: Agents + Send + Sync + 'static {
+    /// Stores a new token.
+    async fn insert_token(&self, token: &TokenRecord) -> CatalogResult<()>;
+
+    /// The token of this hash, if one is stored.
+    async fn token_by_hash(&self, hash: &str) -> CatalogResult<Option<TokenRecord>>;
+
+    /// Tokens of one tenant, or of every tenant, oldest first.
+    async fn list_tokens(&self, tenant: Option<&TenantId>) -> CatalogResult<Vec<TokenRecord>>;
+
+    /// Deletes the token `id` (of `tenant` when given); whether one was deleted.
+    async fn delete_token(&self, id: &str, tenant: Option<&TenantId>) -> CatalogResult<bool>;
+
+    /// Records when tokens were last used (id, Unix ms); a later time never goes back.
+    async fn touch_tokens(&self, used: &[(String, i64)]) -> CatalogResult<()>;
 }
 
 pub type DynCatalog = Arc<dyn Catalog>;

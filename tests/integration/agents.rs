@@ -3,7 +3,6 @@
 //! nothing of the first.
 
 use crate::support::{Backend, Secumon};
-use secumon::auth::AuthMode;
 use serde_json::{json, Value};
 
 struct Client<'a> {
@@ -42,23 +41,8 @@ impl Client<'_> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_registry_over_rest() {
-    let s = Secumon::start_on(Backend::Embedded, |c| c.auth.mode = AuthMode::On).await;
-    let catalog = secumon::catalog::open(&s.storage).await.unwrap();
-    let mint = |tenant: &'static str, scopes: &'static str| {
-        let catalog = catalog.clone();
-        async move {
-            secumon::auth::create_token(
-                catalog.as_ref(),
-                tenant,
-                scopes.parse().unwrap(),
-                "t",
-                None,
-            )
-            .await
-            .unwrap()
-            .0
-        }
-    };
+    let (s, catalog) = crate::auth::start(Backend::Embedded, |_| {}).await;
+    let mint = |tenant, scopes| crate::auth::mint(&catalog, tenant, scopes, None);
     let admin = Client {
         s: &s,
         token: mint("team-a", "admin,read").await,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 /// A server requiring tokens, looking each up on every request (so a revocation is seen at
 /// once), and its catalog.
-async fn start(
+pub(crate) async fn start(
     backend: Backend,
     customize: impl FnOnce(&mut secumon::config::Config),
 ) -> (Secumon, DynCatalog) {
@@ -28,7 +28,7 @@ async fn start(
     (s, catalog)
 }
 
-async fn mint(
+pub(crate) async fn mint(
     catalog: &DynCatalog,
     tenant: &str,
     scopes: &str,
