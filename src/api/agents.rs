@@ -378,6 +378,7 @@ pub(super) async fn change(
         fresh.effective_config = current.effective_config.clone();
         fresh.remote_config = current.remote_config.clone();
         fresh.last_seen_at = current.last_seen_at;
+        fresh.revision = current.revision;
         fresh
     } else {
         current.clone()
@@ -386,7 +387,7 @@ pub(super) async fn change(
         .apply(&mut agent)
         .map_err(IntoResponse::into_response)?;
     agent.updated_at = chrono::Utc::now().timestamp_millis();
-    match catalog.update_agent(&agent, current.revision).await {
+    match catalog.update_agent(&agent).await {
         Ok(AgentUpdate::Updated(revision)) => {
             agent.revision = revision;
             Ok(agent_answer(StatusCode::OK, &agent))

@@ -99,13 +99,15 @@ pub(super) fn insert_sql() -> String {
     )
 }
 
-/// Every column an update may change ($4 to $19), for the agent $1 of tenant $2 at revision
-/// $3; the revision goes up by one.
-pub(super) const UPDATE_SQL: &str = "UPDATE agents SET name = $4, hostname = $5, \
-     ip_address = $6, os = $7, os_version = $8, agent_type = $9, agent_version = $10, \
-     status = $11, tags = $12, health = $13, effective_config = $14, remote_config = $15, \
-     heartbeat_secs = $16, updated_at = $17, last_seen_at = $18, agent_id = $19, \
-     revision = revision + 1 WHERE id = $1 AND tenant_id = $2 AND revision = $3";
+/// Every column but the agent's ids, bound as [`bind_agent!`] binds them, for the agent $1
+/// of tenant $2 still at revision $21 (the revision the caller read); the revision goes up by
+/// one.
+pub(super) const UPDATE_SQL: &str = "UPDATE agents SET agent_id = $3, name = $4, \
+     hostname = $5, ip_address = $6, os = $7, os_version = $8, agent_type = $9, \
+     agent_version = $10, status = $11, auto_registered = $12, tags = $13, health = $14, \
+     effective_config = $15, remote_config = $16, heartbeat_secs = $17, created_at = $18, \
+     updated_at = $19, last_seen_at = $20, revision = revision + 1 \
+     WHERE id = $1 AND tenant_id = $2 AND revision = $21";
 
 pub(super) fn select_sql(condition: &str) -> String {
     format!("SELECT {COLUMNS} FROM agents WHERE {condition}")
@@ -120,7 +122,8 @@ pub(super) fn tags_json(tags: &BTreeMap<String, String>) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "{}".into())
 }
 
-/// Binds an agent's columns in [`COLUMNS`] order.
+/// Binds an agent's columns in [`COLUMNS`] order (as [`insert_sql`] and [`UPDATE_SQL`] take
+/// them).
 macro_rules! bind_agent {
     ($query:expr, $a:expr) => {
         $query
@@ -145,32 +148,6 @@ macro_rules! bind_agent {
             .bind($a.updated_at)
             .bind($a.last_seen_at)
             .bind($a.revision)
-    };
-}
-
-/// Binds an update's columns in [`UPDATE_SQL`] order.
-macro_rules! bind_update {
-    ($query:expr, $a:expr, $revision:expr) => {
-        $query
-            .bind(&$a.id)
-            .bind($a.tenant.as_str())
-            .bind($revision)
-            .bind(&$a.name)
-            .bind(&$a.hostname)
-            .bind(&$a.ip_address)
-            .bind(&$a.os)
-            .bind(&$a.os_version)
-            .bind(&$a.agent_type)
-            .bind(&$a.agent_version)
-            .bind($a.status.as_str())
-            .bind($crate::catalog::agents::tags_json(&$a.tags))
-            .bind(&$a.health)
-            .bind(&$a.effective_config)
-            .bind(&$a.remote_config)
-            .bind($a.heartbeat_secs)
-            .bind($a.updated_at)
-            .bind($a.last_seen_at)
-            .bind(&$a.agent_id)
     };
 }
 
@@ -270,16 +247,14 @@ macro_rules! agent_store {
             async fn update_agent(
                 &self,
                 agent: &$crate::catalog::agents::AgentRecord,
-                revision: i64,
             ) -> $crate::catalog::CatalogResult<$crate::catalog::agents::AgentUpdate> {
                 use $crate::catalog::agents::AgentUpdate;
                 let sql = $sql($crate::catalog::agents::UPDATE_SQL);
-                let done =
-                    $crate::catalog::agents::bind_update!(sqlx::query(&sql), agent, revision)
-                        .execute(&self.pool)
-                        .await?;
+                let done = $crate::catalog::agents::bind_agent!(sqlx::query(&sql), agent)
+                    .execute(&self.pool)
+                    .await?;
                 if done.rows_affected() == 1 {
-                    return Ok(AgentUpdate::Updated(revision + 1));
+                    return Ok(AgentUpdate::Updated(agent.revision + 1));
                 }
                 let exists = agent_where(self, &agent.tenant, "id", &agent.id).await?;
                 Ok(if exists.is_some() {
@@ -369,4 +344,4 @@ macro_rules! agent_store {
     };
 }
 
-pub(super) use {agent_from_row, agent_store, bind_agent, bind_update};
+pub(super) use {agent_from_row, agent_store, bind_agent};

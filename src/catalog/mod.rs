@@ -93,9 +93,9 @@ pub trait Agents: Send + Sync {
         offset: i64,
     ) -> CatalogResult<Vec<AgentRecord>>;
 
-    /// Stores `agent`'s fields if it is still at `revision`; the revision then goes up by one
-    /// (`agent.revision` is not read).
-    async fn update_agent(&self, agent: &AgentRecord, revision: i64) -> CatalogResult<AgentUpdate>;
+    /// Stores `agent`'s fields if the stored agent is still at `agent.revision` (the revision
+    /// the caller read); the stored revision then goes up by one.
+    async fn update_agent(&self, agent: &AgentRecord) -> CatalogResult<AgentUpdate>;
 
     /// Deletes the tenant's agent `id`; whether there was one.
     async fn delete_agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<bool>;

@@ -191,7 +191,7 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
     changed.tags.insert("team".into(), "infra".into());
     changed.updated_at = 99;
     assert_eq!(
-        catalog.update_agent(&changed, 0).await.unwrap(),
+        catalog.update_agent(&changed).await.unwrap(),
         AgentUpdate::Updated(1),
         "{store}"
     );
@@ -208,14 +208,15 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         "{store}"
     );
     assert_eq!(
-        catalog.update_agent(&changed, 0).await.unwrap(),
+        catalog.update_agent(&changed).await.unwrap(),
         AgentUpdate::Stale,
         "{store}"
     );
     let mut elsewhere = changed.clone();
     elsewhere.tenant = t2.clone();
+    elsewhere.revision = 1;
     assert_eq!(
-        catalog.update_agent(&elsewhere, 1).await.unwrap(),
+        catalog.update_agent(&elsewhere).await.unwrap(),
         AgentUpdate::Missing,
         "{store}"
     );
