@@ -25,6 +25,8 @@ const DEFAULT_HEARTBEAT_SECS: i64 = 30;
 const MAX_HEARTBEAT_SECS: i64 = 86_400;
 /// An agent is online while seen within this many heartbeats.
 pub const ONLINE_HEARTBEATS: i64 = 3;
+/// Most agents one tenant may register: bounds what a client can make the registry hold.
+pub const MAX_AGENTS_PER_TENANT: i64 = 100_000;
 /// Default and largest page of `GET /api/v1/agents`.
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1_000;
@@ -296,7 +298,22 @@ pub(super) async fn create(
     fields
         .apply(&mut agent)
         .map_err(IntoResponse::into_response)?;
-    match state.auth.catalog().insert_agent(&agent).await {
+    let catalog = state.auth.catalog();
+    let held = catalog
+        .agent_stats(&tenant, agent.created_at, ONLINE_HEARTBEATS)
+        .await
+        .map_err(|e| catalog_error(e).into_response())?
+        .total;
+    if held >= MAX_AGENTS_PER_TENANT {
+        return Err(ApiError {
+            kind: ErrorType::Conflict,
+            message: format!(
+                "tenant {tenant} has {held} agents, the most it may register ({MAX_AGENTS_PER_TENANT}); delete some first"
+            ),
+        }
+        .into_response());
+    }
+    match catalog.insert_agent(&agent).await {
         Ok(()) => Ok(agent_answer(StatusCode::CREATED, &agent)),
         Err(CatalogError::Conflict) => Err(ApiError {
             kind: ErrorType::Conflict,

@@ -583,6 +583,10 @@ fn credentials(headers: &HeaderMap) -> Result<Cow<'_, str>, AuthError> {
 /// Longest token name, in characters.
 pub const MAX_TOKEN_NAME: usize = 200;
 
+/// Most tokens one tenant may have: bounds what an admin (or a script gone wrong) can make
+/// the catalog hold.
+pub const MAX_TOKENS_PER_TENANT: usize = 1_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
     #[error("{0}")]
@@ -622,6 +626,15 @@ pub async fn create_token(
         return Err(CreateError::Invalid(
             "a token's lifetime must be positive".into(),
         ));
+    }
+    let held = catalog
+        .list_tokens(Some(&TenantId::new(tenant)))
+        .await?
+        .len();
+    if held >= MAX_TOKENS_PER_TENANT {
+        return Err(CreateError::Invalid(format!(
+            "tenant {tenant} has {held} tokens, the most it may have ({MAX_TOKENS_PER_TENANT}); revoke some first"
+        )));
     }
     let text = token::generate()?;
     let now = chrono::Utc::now().timestamp_millis();

@@ -1088,3 +1088,26 @@ async fn a_trusted_proxy_names_the_tenant() {
         .status();
     assert_eq!(status.as_u16(), 401);
 }
+
+/// A tenant holds at most `MAX_TOKENS_PER_TENANT` tokens; another tenant is not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holds_a_bounded_number_of_tokens() {
+    use secumon::auth::{create_token, CreateError, MAX_TOKENS_PER_TENANT};
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = secumon::catalog::open(&dir.path().display().to_string())
+        .await
+        .unwrap();
+    let read = || "read".parse().unwrap();
+    for _ in 0..MAX_TOKENS_PER_TENANT {
+        create_token(catalog.as_ref(), "full", read(), "t", None)
+            .await
+            .unwrap();
+    }
+    match create_token(catalog.as_ref(), "full", read(), "t", None).await {
+        Err(CreateError::Invalid(m)) => assert!(m.contains("1000 tokens"), "{m}"),
+        other => panic!("token past the limit: {other:?}"),
+    }
+    create_token(catalog.as_ref(), "other", read(), "t", None)
+        .await
+        .unwrap();
+}
