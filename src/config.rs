@@ -95,6 +95,8 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     #[command(flatten, next_help_heading = "TLS")]
     pub tls: crate::server::tls::TlsConfig,
+    #[command(flatten, next_help_heading = "Fleet")]
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 impl Default for Config {

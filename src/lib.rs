@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod fleet;
 pub mod ingest;
 pub mod model;
 pub mod promql;

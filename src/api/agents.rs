@@ -7,7 +7,10 @@
 use super::auth::Tenant;
 use super::errors::{ApiError, ErrorType};
 use super::SharedState;
-use crate::catalog::{AgentRecord, AgentStatus, AgentUpdate, CatalogError};
+use crate::catalog::{
+    AgentQuery, AgentRecord, AgentSort, AgentStatus, AgentUpdate, CatalogError, SortKey,
+};
+use crate::fleet::FleetConfig;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -23,8 +26,6 @@ const MAX_TAG_VALUE: usize = 512;
 /// The heartbeat an agent is assumed to have until it says otherwise, and the longest allowed.
 const DEFAULT_HEARTBEAT_SECS: i64 = 30;
 const MAX_HEARTBEAT_SECS: i64 = 86_400;
-/// An agent is online while seen within this many heartbeats.
-pub const ONLINE_HEARTBEATS: i64 = 3;
 /// Most agents one tenant may register: bounds what a client can make the registry hold.
 pub const MAX_AGENTS_PER_TENANT: i64 = 100_000;
 /// Default and largest page of `GET /api/v1/agents`.
@@ -38,10 +39,8 @@ fn time(ms: Option<i64>) -> serde_json::Value {
         })
 }
 
-fn describe(a: &AgentRecord, now: i64) -> serde_json::Value {
-    let online = a
-        .last_seen_at
-        .is_some_and(|seen| now - seen <= a.heartbeat_secs * ONLINE_HEARTBEATS * 1000);
+fn describe(a: &AgentRecord, now: i64, fleet: &FleetConfig) -> serde_json::Value {
+    let online = fleet.online(a.last_seen_at, a.heartbeat_secs, now);
     json!({
         "id": a.id,
         "tenant_id": a.tenant.as_str(),
@@ -71,12 +70,12 @@ fn etag(revision: i64) -> HeaderValue {
 }
 
 /// One agent with its ETag.
-fn agent_answer(status: StatusCode, agent: &AgentRecord) -> Response {
+fn agent_answer(status: StatusCode, agent: &AgentRecord, fleet: &FleetConfig) -> Response {
     let now = chrono::Utc::now().timestamp_millis();
     let mut response = (
         status,
         [(header::CONTENT_TYPE, "application/json")],
-        json!({"status": "success", "data": describe(agent, now)}).to_string(),
+        json!({"status": "success", "data": describe(agent, now, fleet)}).to_string(),
     )
         .into_response();
     response
@@ -245,40 +244,176 @@ fn blank(tenant: &crate::model::TenantId, now: i64) -> AgentRecord {
     }
 }
 
+/// The query string of `GET /api/v1/agents`.
 #[derive(serde::Deserialize)]
-pub(super) struct Page {
+pub(super) struct ListParams {
     limit: Option<i64>,
     offset: Option<i64>,
+    cursor: Option<String>,
+    status: Option<String>,
+    online: Option<String>,
+    /// `key:value`.
+    tag: Option<String>,
+    hostname: Option<String>,
+    /// A sort key, `-` first for descending.
+    sort: Option<String>,
 }
 
-/// `GET /api/v1/agents?limit=&offset=`: a page of the tenant's agents, oldest first.
+/// Where the next page of a listing starts: the last agent's sort key and id, and the order
+/// they belong to. Opaque to clients (URL-safe base64 of JSON).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Cursor {
+    sort: String,
+    key: SortKey,
+    id: String,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(self).expect("a cursor serialises"))
+    }
+
+    fn decode(text: &str) -> Option<Cursor> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// The listing a query string asks for, or what is wrong with it.
+fn list_query(params: ListParams, fleet: &FleetConfig, now: i64) -> Result<AgentQuery, Invalid> {
+    let mut errors = Vec::new();
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        errors.push(("limit", format!("from 1 to {MAX_LIMIT}")));
+    }
+    let offset = params.offset.unwrap_or(0);
+    if offset < 0 {
+        errors.push(("offset", "must not be negative".into()));
+    }
+    let sort_text = params.sort.as_deref().unwrap_or("created_at");
+    let (descending, sort_name) = match sort_text.strip_prefix('-') {
+        Some(name) => (true, name),
+        None => (false, sort_text),
+    };
+    let sort = AgentSort::parse(sort_name).unwrap_or_else(|| {
+        let keys: Vec<&str> = AgentSort::ALL.iter().map(|s| s.as_str()).collect();
+        errors.push((
+            "sort",
+            format!("one of {}, with - first for descending", keys.join(", ")),
+        ));
+        AgentSort::CreatedAt
+    });
+    let mut after = None;
+    if let Some(text) = &params.cursor {
+        match Cursor::decode(text) {
+            Some(cursor) if cursor.sort == sort_text => after = Some((cursor.key, cursor.id)),
+            Some(cursor) => errors.push((
+                "cursor",
+                format!(
+                    "belongs to sort={}: repeat the sort the first page used",
+                    cursor.sort
+                ),
+            )),
+            None => errors.push(("cursor", "not a cursor this server gave".into())),
+        }
+        if params.offset.is_some() {
+            errors.push(("offset", "cannot be combined with a cursor".into()));
+        }
+    }
+    let status = params.status.as_deref().and_then(|text| {
+        let status = AgentStatus::parse(text);
+        if status.is_none() {
+            errors.push(("status", "active or inactive".into()));
+        }
+        status
+    });
+    let online = params.online.as_deref().and_then(|text| match text {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => {
+            errors.push(("online", "true or false".into()));
+            None
+        }
+    });
+    let tag = params.tag.and_then(|text| match text.split_once(':') {
+        Some((key, value))
+            if !key.is_empty() && key.len() <= MAX_TAG_KEY && value.len() <= MAX_TAG_VALUE =>
+        {
+            Some((key.to_owned(), value.to_owned()))
+        }
+        _ => {
+            errors.push((
+                "tag",
+                format!("key:value, a key of 1 to {MAX_TAG_KEY} bytes"),
+            ));
+            None
+        }
+    });
+    let hostname = params.hostname.filter(|text| {
+        let fits = text.chars().count() <= MAX_TEXT;
+        if !fits {
+            errors.push(("hostname", format!("at most {MAX_TEXT} characters")));
+        }
+        fits && !text.is_empty()
+    });
+    if !errors.is_empty() {
+        return Err(Invalid(errors));
+    }
+    Ok(AgentQuery {
+        status,
+        online,
+        now_ms: now,
+        online_heartbeats: fleet.online_heartbeats,
+        tag,
+        hostname,
+        sort,
+        descending,
+        after,
+        // One more than the page, to know whether another follows.
+        limit: limit + 1,
+        offset,
+    })
+}
+
+/// `GET /api/v1/agents`: a page of the tenant's agents (filters `status`, `online`,
+/// `tag=key:value`, `hostname` (contains, ignoring case); `sort` (`created_at` by default, `-`
+/// first for descending); `limit` with `offset` or the `next_cursor` of the page before).
 pub(super) async fn list(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
-    Query(page): Query<Page>,
-) -> Result<Response, ApiError> {
-    let limit = page.limit.unwrap_or(DEFAULT_LIMIT);
-    let offset = page.offset.unwrap_or(0);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::invalid_param(
-            "limit",
-            format!("from 1 to {MAX_LIMIT}"),
-        ));
-    }
-    if offset < 0 {
-        return Err(ApiError::invalid_param("offset", "must not be negative"));
-    }
-    let agents = state
+    Query(params): Query<ListParams>,
+) -> Result<Response, Response> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let sort_text = params.sort.clone().unwrap_or_else(|| "created_at".into());
+    let query = list_query(params, &state.fleet, now).map_err(IntoResponse::into_response)?;
+    let (mut agents, total) = state
         .auth
         .catalog()
-        .list_agents(&tenant, limit, offset)
+        .list_agents(&tenant, &query)
         .await
-        .map_err(catalog_error)?;
-    let now = chrono::Utc::now().timestamp_millis();
+        .map_err(|e| catalog_error(e).into_response())?;
+    let limit = query.limit - 1;
+    let next_cursor = (agents.len() as i64 > limit).then(|| {
+        agents.truncate(limit as usize);
+        let last = agents.last().expect("a full page has a last agent");
+        Cursor {
+            sort: sort_text,
+            key: query.sort.key_of(last),
+            id: last.id.clone(),
+        }
+        .encode()
+    });
     let data = json!({
-        "agents": agents.iter().map(|a| describe(a, now)).collect::<Vec<_>>(),
+        "agents": agents.iter().map(|a| describe(a, now, &state.fleet)).collect::<Vec<_>>(),
+        "total": total,
         "limit": limit,
-        "offset": offset,
+        "offset": query.offset,
+        "next_cursor": next_cursor,
     });
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
@@ -300,7 +435,7 @@ pub(super) async fn create(
         .map_err(IntoResponse::into_response)?;
     let catalog = state.auth.catalog();
     let held = catalog
-        .agent_stats(&tenant, agent.created_at, ONLINE_HEARTBEATS)
+        .agent_stats(&tenant, agent.created_at, state.fleet.online_heartbeats)
         .await
         .map_err(|e| catalog_error(e).into_response())?
         .total;
@@ -314,7 +449,7 @@ pub(super) async fn create(
         .into_response());
     }
     match catalog.insert_agent(&agent).await {
-        Ok(()) => Ok(agent_answer(StatusCode::CREATED, &agent)),
+        Ok(()) => Ok(agent_answer(StatusCode::CREATED, &agent, &state.fleet)),
         Err(CatalogError::Conflict) => Err(ApiError {
             kind: ErrorType::Conflict,
             message: format!("agent_id {:?} is registered already", agent.agent_id),
@@ -337,7 +472,7 @@ pub(super) async fn get_one(
         .await
         .map_err(catalog_error)?
         .ok_or_else(|| not_found(&id))?;
-    Ok(agent_answer(StatusCode::OK, &agent))
+    Ok(agent_answer(StatusCode::OK, &agent, &state.fleet))
 }
 
 /// The revision an `If-Match` names, if the request has one (`*` matches any).
@@ -407,7 +542,7 @@ pub(super) async fn change(
     match catalog.update_agent(&agent).await {
         Ok(AgentUpdate::Updated(revision)) => {
             agent.revision = revision;
-            Ok(agent_answer(StatusCode::OK, &agent))
+            Ok(agent_answer(StatusCode::OK, &agent, &state.fleet))
         }
         Ok(AgentUpdate::Stale) => Err(precondition_failed().into_response()),
         Ok(AgentUpdate::Missing) => Err(not_found(&id).into_response()),
@@ -452,7 +587,7 @@ pub(super) async fn stats(
     let s = state
         .auth
         .catalog()
-        .agent_stats(&tenant, now, ONLINE_HEARTBEATS)
+        .agent_stats(&tenant, now, state.fleet.online_heartbeats)
         .await
         .map_err(catalog_error)?;
     let counts = |key: &str, rows: &[(String, i64)]| -> Vec<serde_json::Value> {

@@ -40,6 +40,8 @@ pub struct AppState {
     /// Checks credentials; every request is the default tenant's when authentication is off.
     pub auth: Arc<crate::auth::Authenticator>,
     pub auth_config: crate::auth::AuthConfig,
+    /// When agents count as online.
+    pub fleet: crate::fleet::FleetConfig,
     /// Whether a listener is beyond loopback (so authentication off is worth a warning).
     pub exposed: bool,
     /// How request bodies are read (after authentication).

@@ -113,9 +113,238 @@ pub(super) fn select_sql(condition: &str) -> String {
     format!("SELECT {COLUMNS} FROM agents WHERE {condition}")
 }
 
-/// `sql` with SQLite's numbered placeholders.
-pub(super) fn for_sqlite(sql: &str) -> String {
-    sql.replace('$', "?")
+/// What differs between the two stores' SQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    /// `sql` (written with PostgreSQL's `$n` placeholders) for this store: SQLite numbers its
+    /// `?n` alike.
+    pub(super) fn sql(self, sql: &str) -> String {
+        match self {
+            Dialect::Postgres => sql.to_owned(),
+            Dialect::Sqlite => sql.replace('$', "?"),
+        }
+    }
+
+    /// A condition true when the agent's JSON `tags` hold key `$key` with value `$value`.
+    fn tag_is(self, key: usize, value: usize) -> String {
+        match self {
+            Dialect::Postgres => format!(
+                "EXISTS (SELECT 1 FROM jsonb_each_text(agents.tags::jsonb) t \
+                 WHERE t.key = ${key} AND t.value = ${value})"
+            ),
+            Dialect::Sqlite => format!(
+                "EXISTS (SELECT 1 FROM json_each(agents.tags) t \
+                 WHERE t.key = ${key} AND t.value = ${value})"
+            ),
+        }
+    }
+
+    /// `column` compared byte by byte, as SQLite compares text, so both stores sort alike.
+    fn bytewise(self, column: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("{column} COLLATE \"C\""),
+            Dialect::Sqlite => column.to_owned(),
+        }
+    }
+}
+
+/// The order `GET /api/v1/agents` lists agents in; ties go by registry id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentSort {
+    CreatedAt,
+    Name,
+    Hostname,
+    AgentId,
+    /// Never-seen agents count as seen before any other.
+    LastSeenAt,
+}
+
+impl AgentSort {
+    pub const ALL: [AgentSort; 5] = [
+        AgentSort::CreatedAt,
+        AgentSort::Name,
+        AgentSort::Hostname,
+        AgentSort::AgentId,
+        AgentSort::LastSeenAt,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentSort::CreatedAt => "created_at",
+            AgentSort::Name => "name",
+            AgentSort::Hostname => "hostname",
+            AgentSort::AgentId => "agent_id",
+            AgentSort::LastSeenAt => "last_seen_at",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<AgentSort> {
+        AgentSort::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// The agent's value of this key, as a cursor carries it.
+    pub fn key_of(self, agent: &AgentRecord) -> SortKey {
+        match self {
+            AgentSort::CreatedAt => SortKey::Int(agent.created_at),
+            AgentSort::Name => SortKey::Text(agent.name.clone()),
+            AgentSort::Hostname => SortKey::Text(agent.hostname.clone()),
+            AgentSort::AgentId => SortKey::Text(agent.agent_id.clone()),
+            AgentSort::LastSeenAt => SortKey::Int(agent.last_seen_at.unwrap_or(-1)),
+        }
+    }
+
+    fn expression(self, dialect: Dialect) -> String {
+        match self {
+            AgentSort::CreatedAt => "created_at".into(),
+            AgentSort::Name => dialect.bytewise("name"),
+            AgentSort::Hostname => dialect.bytewise("hostname"),
+            AgentSort::AgentId => dialect.bytewise("agent_id"),
+            AgentSort::LastSeenAt => "COALESCE(last_seen_at, -1)".into(),
+        }
+    }
+}
+
+/// A sort key's value.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SortKey {
+    Int(i64),
+    Text(String),
+}
+
+/// Which of a tenant's agents to list, in what order, from where.
+#[derive(Clone, Debug)]
+pub struct AgentQuery {
+    pub status: Option<AgentStatus>,
+    /// Online (`true`) or offline (`false`) at `now_ms`, as [`AgentQuery::online_heartbeats`]
+    /// counts it.
+    pub online: Option<bool>,
+    pub now_ms: i64,
+    pub online_heartbeats: i64,
+    /// Agents with this tag (key, value).
+    pub tag: Option<(String, String)>,
+    /// Agents whose hostname contains this text, ignoring ASCII case.
+    pub hostname: Option<String>,
+    pub sort: AgentSort,
+    pub descending: bool,
+    /// Keyset pagination: agents after this (sort key, registry id) in the listing's order.
+    pub after: Option<(SortKey, String)>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+impl Default for AgentQuery {
+    /// The first 100 agents, oldest first.
+    fn default() -> Self {
+        AgentQuery {
+            status: None,
+            online: None,
+            now_ms: 0,
+            online_heartbeats: 3,
+            tag: None,
+            hostname: None,
+            sort: AgentSort::CreatedAt,
+            descending: false,
+            after: None,
+            limit: 100,
+            offset: 0,
+        }
+    }
+}
+
+/// A value bound to a listing's statement.
+pub(super) enum Param {
+    Int(i64),
+    Text(String),
+}
+
+/// The `WHERE` conditions of `query` (after `tenant_id = $1`), with the values they bind from
+/// `$2` on; the cursor's condition only when `with_cursor`.
+fn conditions(query: &AgentQuery, dialect: Dialect, with_cursor: bool) -> (String, Vec<Param>) {
+    let mut sql = String::from("tenant_id = $1");
+    let mut params = Vec::new();
+    let next = |params: &mut Vec<Param>, p: Param| {
+        params.push(p);
+        params.len() + 1
+    };
+    if let Some(status) = query.status {
+        let n = next(&mut params, Param::Text(status.as_str().into()));
+        sql += &format!(" AND status = ${n}");
+    }
+    if let Some(online) = query.online {
+        let now = next(&mut params, Param::Int(query.now_ms));
+        let k = next(&mut params, Param::Int(query.online_heartbeats));
+        sql += &if online {
+            format!(
+                " AND last_seen_at IS NOT NULL AND ${now} - last_seen_at <= heartbeat_secs * ${k} * 1000"
+            )
+        } else {
+            format!(
+                " AND (last_seen_at IS NULL OR ${now} - last_seen_at > heartbeat_secs * ${k} * 1000)"
+            )
+        };
+    }
+    if let Some((key, value)) = &query.tag {
+        let k = next(&mut params, Param::Text(key.clone()));
+        let v = next(&mut params, Param::Text(value.clone()));
+        sql += &format!(" AND {}", dialect.tag_is(k, v));
+    }
+    if let Some(text) = &query.hostname {
+        let mut pattern = String::from("%");
+        for c in text.to_ascii_lowercase().chars() {
+            if matches!(c, '%' | '_' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('%');
+        let n = next(&mut params, Param::Text(pattern));
+        sql += &format!(" AND LOWER(hostname) LIKE ${n} ESCAPE '\\'");
+    }
+    if let (true, Some((key, id))) = (with_cursor, &query.after) {
+        let expression = query.sort.expression(dialect);
+        let v = next(
+            &mut params,
+            match key {
+                SortKey::Int(i) => Param::Int(*i),
+                SortKey::Text(t) => Param::Text(t.clone()),
+            },
+        );
+        let i = next(&mut params, Param::Text(id.clone()));
+        let op = if query.descending { "<" } else { ">" };
+        sql += &format!(" AND ({expression} {op} ${v} OR ({expression} = ${v} AND id {op} ${i}))");
+    }
+    (sql, params)
+}
+
+/// The statement listing `query`'s page (`limit` rows from `offset`), and its values after
+/// the tenant's.
+pub(super) fn list_sql(query: &AgentQuery, dialect: Dialect) -> (String, Vec<Param>) {
+    let (mut sql, mut params) = conditions(query, dialect, true);
+    let direction = if query.descending { "DESC" } else { "ASC" };
+    sql = select_sql(&format!(
+        "{sql} ORDER BY {} {direction}, id {direction}",
+        query.sort.expression(dialect)
+    ));
+    params.push(Param::Int(query.limit));
+    let limit = params.len() + 1;
+    params.push(Param::Int(query.offset));
+    sql += &format!(" LIMIT ${limit} OFFSET ${}", limit + 1);
+    (dialect.sql(&sql), params)
+}
+
+/// The statement counting the agents `query` matches, whatever the page.
+pub(super) fn count_sql(query: &AgentQuery, dialect: Dialect) -> (String, Vec<Param>) {
+    let (sql, params) = conditions(query, dialect, false);
+    (
+        dialect.sql(&format!("SELECT COUNT(*) AS n FROM agents WHERE {sql}")),
+        params,
+    )
 }
 
 pub(super) fn tags_json(tags: &BTreeMap<String, String>) -> String {
@@ -189,17 +418,30 @@ macro_rules! agent_from_row {
     }};
 }
 
-/// The registry's queries for a store type with a `pool` field, its SQL passed through `$sql`
-/// (the text as written for PostgreSQL, or [`for_sqlite`]).
+/// Binds a listing's values after the tenant's.
+macro_rules! bind_params {
+    ($query:expr, $params:expr) => {{
+        let mut query = $query;
+        for param in $params {
+            query = match param {
+                $crate::catalog::agents::Param::Int(i) => query.bind(*i),
+                $crate::catalog::agents::Param::Text(t) => query.bind(t.as_str()),
+            };
+        }
+        query
+    }};
+}
+
+/// The registry's queries for a store type with a `pool` field, in `$dialect`'s SQL.
 macro_rules! agent_store {
-    ($store:ty, $sql:expr) => {
+    ($store:ty, $dialect:expr) => {
         #[async_trait::async_trait]
         impl $crate::catalog::Agents for $store {
             async fn insert_agent(
                 &self,
                 agent: &$crate::catalog::agents::AgentRecord,
             ) -> $crate::catalog::CatalogResult<()> {
-                let sql = $sql(&$crate::catalog::agents::insert_sql());
+                let sql = $dialect.sql(&$crate::catalog::agents::insert_sql());
                 $crate::catalog::agents::bind_agent!(sqlx::query(&sql), agent)
                     .execute(&self.pool)
                     .await?;
@@ -225,23 +467,30 @@ macro_rules! agent_store {
             async fn list_agents(
                 &self,
                 tenant: &$crate::model::TenantId,
-                limit: i64,
-                offset: i64,
-            ) -> $crate::catalog::CatalogResult<Vec<$crate::catalog::agents::AgentRecord>> {
-                let sql = $sql(&$crate::catalog::agents::select_sql(
-                    "tenant_id = $1 ORDER BY created_at, id LIMIT $2 OFFSET $3",
-                ));
-                let rows = sqlx::query(&sql)
-                    .bind(tenant.as_str())
-                    .bind(limit)
-                    .bind(offset)
-                    .fetch_all(&self.pool)
-                    .await?;
+                query: &$crate::catalog::agents::AgentQuery,
+            ) -> $crate::catalog::CatalogResult<(Vec<$crate::catalog::agents::AgentRecord>, i64)>
+            {
+                use sqlx::Row;
+                let (sql, params) = $crate::catalog::agents::list_sql(query, $dialect);
+                let rows = $crate::catalog::agents::bind_params!(
+                    sqlx::query(&sql).bind(tenant.as_str()),
+                    &params
+                )
+                .fetch_all(&self.pool)
+                .await?;
                 let mut agents = Vec::with_capacity(rows.len());
                 for row in &rows {
                     agents.push($crate::catalog::agents::agent_from_row!(row));
                 }
-                Ok(agents)
+                let (sql, params) = $crate::catalog::agents::count_sql(query, $dialect);
+                let total: i64 = $crate::catalog::agents::bind_params!(
+                    sqlx::query(&sql).bind(tenant.as_str()),
+                    &params
+                )
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?;
+                Ok((agents, total))
             }
 
             async fn update_agent(
@@ -249,7 +498,7 @@ macro_rules! agent_store {
                 agent: &$crate::catalog::agents::AgentRecord,
             ) -> $crate::catalog::CatalogResult<$crate::catalog::agents::AgentUpdate> {
                 use $crate::catalog::agents::AgentUpdate;
-                let sql = $sql($crate::catalog::agents::UPDATE_SQL);
+                let sql = $dialect.sql($crate::catalog::agents::UPDATE_SQL);
                 let done = $crate::catalog::agents::bind_agent!(sqlx::query(&sql), agent)
                     .execute(&self.pool)
                     .await?;
@@ -271,7 +520,7 @@ macro_rules! agent_store {
                 online_heartbeats: i64,
             ) -> $crate::catalog::CatalogResult<$crate::catalog::agents::AgentStats> {
                 use sqlx::Row;
-                let sql = $sql(
+                let sql = $dialect.sql(
                     "SELECT COUNT(*) AS total, \
                      COALESCE(SUM(CASE WHEN status = 'active' THEN 1 ELSE 0 END), 0) AS active, \
                      COALESCE(SUM(CASE WHEN last_seen_at IS NOT NULL AND \
@@ -292,7 +541,7 @@ macro_rules! agent_store {
                     ..Default::default()
                 };
                 for (column, into) in [("os", &mut stats.by_os), ("agent_version", &mut stats.by_version)] {
-                    let sql = $sql(&format!(
+                    let sql = $dialect.sql(&format!(
                         "SELECT {column} AS value, COUNT(*) AS n FROM agents WHERE tenant_id = $1 \
                          GROUP BY {column} ORDER BY n DESC, value"
                     ));
@@ -312,7 +561,7 @@ macro_rules! agent_store {
                 tenant: &$crate::model::TenantId,
                 id: &str,
             ) -> $crate::catalog::CatalogResult<bool> {
-                let sql = $sql("DELETE FROM agents WHERE tenant_id = $1 AND id = $2");
+                let sql = $dialect.sql("DELETE FROM agents WHERE tenant_id = $1 AND id = $2");
                 let done = sqlx::query(&sql)
                     .bind(tenant.as_str())
                     .bind(id)
@@ -328,7 +577,7 @@ macro_rules! agent_store {
                 column: &str,
                 value: &str,
             ) -> $crate::catalog::CatalogResult<Option<$crate::catalog::agents::AgentRecord>> {
-                let sql = $sql(&$crate::catalog::agents::select_sql(&format!(
+                let sql = $dialect.sql(&$crate::catalog::agents::select_sql(&format!(
                     "tenant_id = $1 AND {column} = $2"
                 )));
                 let row = sqlx::query(&sql)
@@ -344,4 +593,4 @@ macro_rules! agent_store {
     };
 }
 
-pub(super) use {agent_from_row, agent_store, bind_agent};
+pub(super) use {agent_from_row, agent_store, bind_agent, bind_params};

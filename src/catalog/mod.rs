@@ -11,7 +11,9 @@ pub mod agents;
 mod postgres;
 mod sqlite;
 
-pub use agents::{AgentRecord, AgentStats, AgentStatus, AgentUpdate};
+pub use agents::{
+    AgentQuery, AgentRecord, AgentSort, AgentStats, AgentStatus, AgentUpdate, SortKey,
+};
 
 pub use postgres::PostgresCatalog;
 pub use sqlite::SqliteCatalog;
@@ -85,13 +87,13 @@ pub trait Agents: Send + Sync {
         agent_id: &str,
     ) -> CatalogResult<Option<AgentRecord>>;
 
-    /// A page of the tenant's agents, oldest first (then by id).
+    /// The page of the tenant's agents that `query` selects, and how many agents match its
+    /// filters in all.
     async fn list_agents(
         &self,
         tenant: &TenantId,
-        limit: i64,
-        offset: i64,
-    ) -> CatalogResult<Vec<AgentRecord>>;
+        query: &AgentQuery,
+    ) -> CatalogResult<(Vec<AgentRecord>, i64)>;
 
     /// Stores `agent`'s fields if the stored agent is still at `agent.revision` (the revision
     /// the caller read); the stored revision then goes up by one.

@@ -41,7 +41,7 @@ impl RowLike for sqlx::postgres::PgRow {
     }
 }
 
-super::agents::agent_store!(PostgresCatalog, str::to_owned);
+super::agents::agent_store!(PostgresCatalog, super::agents::Dialect::Postgres);
 
 const COLUMNS: &str = "id, tenant_id, name, scopes, hash, created_at, expires_at, last_used_at";
 

@@ -52,7 +52,7 @@ impl RowLike for sqlx::sqlite::SqliteRow {
     }
 }
 
-super::agents::agent_store!(SqliteCatalog, super::agents::for_sqlite);
+super::agents::agent_store!(SqliteCatalog, super::agents::Dialect::Sqlite);
 
 const COLUMNS: &str = "id, tenant_id, name, scopes, hash, created_at, expires_at, last_used_at";
 

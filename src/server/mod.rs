@@ -195,6 +195,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
                 .map_err(anyhow::Error::msg)?,
         ),
         auth_config: config.auth.clone(),
+        fleet: config.fleet.clone(),
         exposed,
         body_limits: listener::BodyLimits {
             timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),

@@ -213,7 +213,10 @@ async fn the_agents_registry_over_rest() {
             .send(
                 Method::POST,
                 "/api/v1/agents",
-                Some(json!({"agent_id": format!("host-{n}")})),
+                Some(
+                    json!({"agent_id": format!("host-{n}"), "hostname": format!("Node-{n}.dc1"),
+                    "tags": {"rack": (n % 2).to_string()}}),
+                ),
                 None,
             )
             .await;
@@ -234,6 +237,87 @@ async fn the_agents_registry_over_rest() {
         .send(Method::GET, "/api/v1/agents?limit=0", None, None)
         .await;
     assert_eq!(status, 400);
+    assert_eq!(page["data"]["total"], 5, "{page}");
+
+    // A cursor walks the listing newest first, two at a time, to a last page without one.
+    let mut walked = Vec::new();
+    let mut next = "/api/v1/agents?limit=2&sort=-created_at".to_string();
+    loop {
+        let (status, _, page) = reader.send(Method::GET, &next, None, None).await;
+        assert_eq!(status, 200, "{page}");
+        walked.extend(
+            page["data"]["agents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["agent_id"].as_str().unwrap().to_owned()),
+        );
+        match page["data"]["next_cursor"].as_str() {
+            Some(cursor) => {
+                next = format!("/api/v1/agents?limit=2&sort=-created_at&cursor={cursor}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(walked, ["host-5", "host-4", "host-3", "host-2", "host-1"]);
+    let (_, _, first) = reader
+        .send(Method::GET, "/api/v1/agents?limit=2", None, None)
+        .await;
+    let cursor = first["data"]["next_cursor"].as_str().unwrap().to_owned();
+    // Filters: tag, hostname, status, online.
+    let listed = |page: &Value| -> Vec<String> {
+        page["data"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["agent_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, _, tagged) = reader
+        .send(Method::GET, "/api/v1/agents?tag=rack:0", None, None)
+        .await;
+    assert_eq!(listed(&tagged), ["host-2", "host-4"], "{tagged}");
+    let (_, _, found) = reader
+        .send(
+            Method::GET,
+            "/api/v1/agents?hostname=NODE-3&tag=rack:1",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(listed(&found), ["host-3"], "{found}");
+    let (_, _, offline) = reader
+        .send(
+            Method::GET,
+            "/api/v1/agents?online=false&status=active",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(offline["data"]["total"], 5, "{offline}");
+    // Every bad parameter is named, in one answer.
+    let (status, _, bad) = reader
+        .send(
+            Method::GET,
+            &format!(
+                "/api/v1/agents?sort=name&cursor={cursor}&status=gone&online=maybe&tag=novalue"
+            ),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    let fields: Vec<&str> = bad["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["cursor", "status", "online", "tag"], "{bad}");
+    let (status, _, _) = reader
+        .send(Method::GET, "/api/v1/agents?cursor=bm90LWpzb24", None, None)
+        .await;
+    assert_eq!(status, 400, "a cursor the server did not give");
 
     let (status, _, stats) = reader
         .send(Method::GET, "/api/v1/agents/stats", None, None)

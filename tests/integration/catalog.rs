@@ -4,8 +4,8 @@
 use crate::support::Postgres;
 use secumon::auth::Scopes;
 use secumon::catalog::{
-    AgentRecord, AgentStatus, AgentUpdate, Catalog, CatalogError, PostgresCatalog, SqliteCatalog,
-    TokenRecord,
+    AgentQuery, AgentRecord, AgentSort, AgentStatus, AgentUpdate, Catalog, CatalogError,
+    PostgresCatalog, SqliteCatalog, TokenRecord,
 };
 use secumon::model::TenantId;
 
@@ -169,18 +169,28 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         Some(&b1),
         "{store}"
     );
+    let page = |limit, offset| AgentQuery {
+        limit,
+        offset,
+        ..Default::default()
+    };
     assert_eq!(
-        catalog.list_agents(&t1, 10, 0).await.unwrap(),
-        [a1.clone(), a2.clone()],
+        catalog.list_agents(&t1, &page(10, 0)).await.unwrap(),
+        (vec![a1.clone(), a2.clone()], 2),
         "{store}"
     );
     assert_eq!(
-        catalog.list_agents(&t1, 1, 1).await.unwrap(),
-        std::slice::from_ref(&a2),
+        catalog.list_agents(&t1, &page(1, 1)).await.unwrap(),
+        (vec![a2.clone()], 2),
         "{store}"
     );
     assert!(
-        catalog.list_agents(&t1, 10, 2).await.unwrap().is_empty(),
+        catalog
+            .list_agents(&t1, &page(10, 2))
+            .await
+            .unwrap()
+            .0
+            .is_empty(),
         "{store}"
     );
 
@@ -240,9 +250,125 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         "{store}"
     );
 
+    listings_conform(catalog, store, &t1).await;
+
     assert!(!catalog.delete_agent(&t2, "a1").await.unwrap(), "{store}");
     assert!(catalog.delete_agent(&t1, "a1").await.unwrap(), "{store}");
     assert_eq!(catalog.agent(&t1, "a1").await.unwrap(), None, "{store}");
+}
+
+/// Filters, orders and cursors of a listing, over the agents `agents_conform` left: a1
+/// (inactive, renamed, tagged team=infra) and a2 (never seen), plus three more.
+async fn listings_conform(catalog: &dyn Catalog, store: &str, t1: &TenantId) {
+    for (id, agent_id, name, seen) in [
+        ("a4", "host-c", "Zeta", Some(40)),
+        ("a5", "host_d", "alpha", Some(50)),
+        ("a6", "HOST-E", "beta", None),
+    ] {
+        let mut a = agent(id, "t1", agent_id, 100);
+        a.name = name.into();
+        a.last_seen_at = seen;
+        catalog.insert_agent(&a).await.unwrap();
+    }
+    let ids = |listed: (Vec<AgentRecord>, i64)| -> (Vec<String>, i64) {
+        (listed.0.into_iter().map(|a| a.id).collect(), listed.1)
+    };
+    let list =
+        |query: AgentQuery| async move { ids(catalog.list_agents(t1, &query).await.unwrap()) };
+    let all = AgentQuery::default;
+    let names = |expected: &[&str], total: i64| -> (Vec<String>, i64) {
+        (expected.iter().map(|s| s.to_string()).collect(), total)
+    };
+    assert_eq!(
+        list(all()).await,
+        names(&["a1", "a2", "a4", "a5", "a6"], 5),
+        "{store}"
+    );
+    let inactive = AgentQuery {
+        status: Some(AgentStatus::Inactive),
+        ..all()
+    };
+    assert_eq!(list(inactive).await, names(&["a1"], 1), "{store}");
+    // a1 seen at 15 with a 30 s heartbeat is online until 90,015 over three heartbeats.
+    let at = |now_ms, online| AgentQuery {
+        online: Some(online),
+        now_ms,
+        ..all()
+    };
+    assert_eq!(
+        list(at(90_015, true)).await,
+        names(&["a1", "a4", "a5"], 3),
+        "{store}"
+    );
+    assert_eq!(list(at(90_045, true)).await, names(&["a5"], 1), "{store}");
+    assert_eq!(
+        list(at(90_045, false)).await,
+        names(&["a1", "a2", "a4", "a6"], 4),
+        "{store}"
+    );
+    let tagged = |key: &str, value: &str| AgentQuery {
+        tag: Some((key.into(), value.into())),
+        ..all()
+    };
+    assert_eq!(
+        list(tagged("team", "infra")).await,
+        names(&["a1"], 1),
+        "{store}"
+    );
+    assert_eq!(list(tagged("env", "prod")).await.1, 5, "{store}");
+    assert_eq!(list(tagged("env", "dev")).await.1, 0, "{store}");
+    assert_eq!(list(tagged("prod", "env")).await.1, 0, "{store}");
+    let host = |text: &str| AgentQuery {
+        hostname: Some(text.into()),
+        ..all()
+    };
+    // Contains, ignoring ASCII case; `%` and `_` are themselves, not patterns.
+    assert_eq!(list(host("host-E")).await, names(&["a6"], 1), "{store}");
+    assert_eq!(list(host("_")).await, names(&["a5"], 1), "{store}");
+    assert_eq!(list(host("%")).await.1, 0, "{store}");
+    assert_eq!(list(host(".EXAMPLE")).await.1, 5, "{store}");
+    // Names byte by byte in both stores: upper case before lower.
+    let sorted = |sort, descending| AgentQuery {
+        sort,
+        descending,
+        ..all()
+    };
+    assert_eq!(
+        list(sorted(AgentSort::Name, false)).await,
+        names(&["a4", "a2", "a5", "a6", "a1"], 5),
+        "{store}"
+    );
+    assert_eq!(
+        list(sorted(AgentSort::LastSeenAt, true)).await,
+        names(&["a5", "a4", "a1", "a6", "a2"], 5),
+        "{store}: never seen last, ties by id"
+    );
+    // A cursor walks every order to its end with no repeat and no gap, in both directions.
+    for sort in AgentSort::ALL {
+        for descending in [false, true] {
+            let whole = list(sorted(sort, descending)).await.0;
+            let mut walked = Vec::new();
+            let mut after = None;
+            loop {
+                let query = AgentQuery {
+                    sort,
+                    descending,
+                    after: after.clone(),
+                    limit: 2,
+                    ..all()
+                };
+                let (agents, total) = catalog.list_agents(t1, &query).await.unwrap();
+                assert_eq!(total, 5, "{store}");
+                let Some(last) = agents.last() else { break };
+                after = Some((sort.key_of(last), last.id.clone()));
+                walked.extend(agents.iter().map(|a| a.id.clone()));
+            }
+            assert_eq!(walked, whole, "{store}: {sort:?} descending {descending}");
+        }
+    }
+    for id in ["a4", "a5", "a6"] {
+        assert!(catalog.delete_agent(t1, id).await.unwrap(), "{store}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,37 @@
+//! The fleet: agents that report to this server, as the registry (in the catalog) knows them,
+//! and the OpAMP server they talk to.
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Settings of the fleet: when an agent counts as online, and the bounds of what agents send.
+#[derive(Clone, Debug, Deserialize, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// An agent is online while seen within this many of its heartbeat intervals (an OpAMP
+    /// agent's is the interval it reports at, else 30 s).
+    #[arg(
+        id = "fleet.online_heartbeats",
+        long = "fleet-online-heartbeats",
+        env = "SECUMON_FLEET_ONLINE_HEARTBEATS",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(i64).range(1..=1000)
+    )]
+    pub online_heartbeats: i64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        crate::config::clap_defaults()
+    }
+}
+
+impl FleetConfig {
+    /// Whether an agent last seen at `last_seen_ms` (Unix ms) with this heartbeat is online at
+    /// `now_ms`.
+    pub fn online(&self, last_seen_ms: Option<i64>, heartbeat_secs: i64, now_ms: i64) -> bool {
+        last_seen_ms.is_some_and(|seen| {
+            now_ms - seen <= heartbeat_secs.saturating_mul(self.online_heartbeats) * 1000
+        })
+    }
+}
