@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/prometheus/remote.proto",
         "proto/prometheus/types.proto",
         "proto/google/rpc/status.proto",
+        "proto/opamp/opamp.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

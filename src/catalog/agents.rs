@@ -53,8 +53,18 @@ pub struct AgentRecord {
     pub health: String,
     /// The configuration the agent reports running.
     pub effective_config: String,
-    /// The configuration an operator set for it.
+    /// The configuration an operator set for it (JSON: `{"config_map": {name: {"body",
+    /// "content_type"}}}`), empty when none.
     pub remote_config: String,
+    /// How the agent last reported that configuration (JSON), empty before it did.
+    pub remote_config_status: String,
+    /// The OpAMP capabilities bits the agent last reported.
+    pub capabilities: i64,
+    /// The OpAMP `sequence_num` of the agent's last message; `None` before its first, and
+    /// after it disconnected.
+    pub sequence_num: Option<i64>,
+    /// Every attribute of the agent's description (JSON object), `{}` when none.
+    pub attributes: String,
     /// How often the agent reports; it is online while seen within a multiple of this.
     pub heartbeat_secs: i64,
     /// Unix milliseconds.
@@ -90,12 +100,12 @@ pub enum AgentUpdate {
 pub(super) const COLUMNS: &str = "id, tenant_id, agent_id, name, hostname, ip_address, os, \
      os_version, agent_type, agent_version, status, auto_registered, tags, health, \
      effective_config, remote_config, heartbeat_secs, created_at, updated_at, last_seen_at, \
-     revision";
+     revision, remote_config_status, capabilities, sequence_num, attributes";
 
 pub(super) fn insert_sql() -> String {
     format!(
         "INSERT INTO agents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-         $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+         $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
     )
 }
 
@@ -106,7 +116,8 @@ pub(super) const UPDATE_SQL: &str = "UPDATE agents SET agent_id = $3, name = $4,
      hostname = $5, ip_address = $6, os = $7, os_version = $8, agent_type = $9, \
      agent_version = $10, status = $11, auto_registered = $12, tags = $13, health = $14, \
      effective_config = $15, remote_config = $16, heartbeat_secs = $17, created_at = $18, \
-     updated_at = $19, last_seen_at = $20, revision = revision + 1 \
+     updated_at = $19, last_seen_at = $20, remote_config_status = $22, capabilities = $23, \
+     sequence_num = $24, attributes = $25, revision = revision + 1 \
      WHERE id = $1 AND tenant_id = $2 AND revision = $21";
 
 pub(super) fn select_sql(condition: &str) -> String {
@@ -377,6 +388,10 @@ macro_rules! bind_agent {
             .bind($a.updated_at)
             .bind($a.last_seen_at)
             .bind($a.revision)
+            .bind(&$a.remote_config_status)
+            .bind($a.capabilities)
+            .bind($a.sequence_num)
+            .bind(&$a.attributes)
     };
 }
 
@@ -413,6 +428,10 @@ macro_rules! agent_from_row {
             updated_at: row.try_get("updated_at")?,
             last_seen_at: row.try_get("last_seen_at")?,
             revision: row.try_get("revision")?,
+            remote_config_status: row.try_get("remote_config_status")?,
+            capabilities: row.try_get("capabilities")?,
+            sequence_num: row.try_get("sequence_num")?,
+            attributes: row.try_get("attributes")?,
             id,
         }
     }};
@@ -554,6 +573,27 @@ macro_rules! agent_store {
                     }
                 }
                 Ok(stats)
+            }
+
+            async fn touch_agent(
+                &self,
+                tenant: &$crate::model::TenantId,
+                id: &str,
+                last_seen_at: i64,
+                sequence_num: Option<i64>,
+            ) -> $crate::catalog::CatalogResult<bool> {
+                let sql = $dialect.sql(
+                    "UPDATE agents SET last_seen_at = $3, sequence_num = $4 \
+                     WHERE tenant_id = $1 AND id = $2",
+                );
+                let done = sqlx::query(&sql)
+                    .bind(tenant.as_str())
+                    .bind(id)
+                    .bind(last_seen_at)
+                    .bind(sequence_num)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() > 0)
             }
 
             async fn delete_agent(

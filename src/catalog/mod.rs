@@ -99,6 +99,17 @@ pub trait Agents: Send + Sync {
     /// the caller read); the stored revision then goes up by one.
     async fn update_agent(&self, agent: &AgentRecord) -> CatalogResult<AgentUpdate>;
 
+    /// Records that the tenant's agent `id` was heard from at `last_seen_at`, with this
+    /// OpAMP sequence number; the revision stays (a heartbeat is no change an operator's
+    /// `If-Match` should trip on). Whether there was such an agent.
+    async fn touch_agent(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        last_seen_at: i64,
+        sequence_num: Option<i64>,
+    ) -> CatalogResult<bool>;
+
     /// Deletes the tenant's agent `id`; whether there was one.
     async fn delete_agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<bool>;
 

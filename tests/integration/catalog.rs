@@ -110,6 +110,10 @@ fn agent(id: &str, tenant: &str, agent_id: &str, created_at: i64) -> AgentRecord
         health: r#"{"healthy":true}"#.into(),
         effective_config: String::new(),
         remote_config: String::new(),
+        remote_config_status: String::new(),
+        capabilities: 0x2001,
+        sequence_num: Some(7),
+        attributes: r#"{"host.name":"h"}"#.into(),
         heartbeat_secs: 30,
         created_at,
         updated_at: created_at,
@@ -249,6 +253,25 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         Default::default(),
         "{store}"
     );
+
+    // A heartbeat moves last_seen_at and the sequence number, not the revision.
+    let before = catalog.agent(&t1, "a2").await.unwrap().unwrap();
+    assert!(catalog.touch_agent(&t1, "a2", 77, Some(8)).await.unwrap(), "{store}");
+    assert!(!catalog.touch_agent(&t2, "a2", 77, Some(8)).await.unwrap(), "{store}");
+    let after = catalog.agent(&t1, "a2").await.unwrap().unwrap();
+    assert_eq!(
+        (after.last_seen_at, after.sequence_num, after.revision),
+        (Some(77), Some(8), before.revision),
+        "{store}"
+    );
+    assert_eq!(
+        (after.capabilities, after.attributes.as_str()),
+        (0x2001, r#"{"host.name":"h"}"#),
+        "{store}"
+    );
+    let mut reset = after.clone();
+    reset.last_seen_at = None;
+    catalog.update_agent(&reset).await.unwrap();
 
     listings_conform(catalog, store, &t1).await;
 
