@@ -10,6 +10,7 @@ use super::SharedState;
 use crate::catalog::{
     AgentQuery, AgentRecord, AgentSort, AgentStatus, AgentUpdate, CatalogError, SortKey,
 };
+use crate::fleet::remote::{hex, ConfigStatus, RemoteConfig};
 use crate::fleet::FleetConfig;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -56,12 +57,30 @@ fn describe(a: &AgentRecord, now: i64, fleet: &FleetConfig) -> serde_json::Value
         "auto_registered": a.auto_registered,
         "tags": a.tags,
         "health": serde_json::from_str::<serde_json::Value>(&a.health).unwrap_or(serde_json::Value::Null),
-        "effective_config": a.effective_config,
+        "effective_config": serde_json::from_str::<serde_json::Value>(&a.effective_config).unwrap_or(serde_json::Value::Null),
+        "attributes": serde_json::from_str::<serde_json::Value>(&a.attributes).unwrap_or(serde_json::Value::Null),
+        "capabilities": a.capabilities,
+        "remote_config": remote_summary(a),
         "heartbeat_secs": a.heartbeat_secs,
         "online": online,
         "created_at": time(Some(a.created_at)),
         "updated_at": time(Some(a.updated_at)),
         "last_seen_at": time(a.last_seen_at),
+    })
+}
+
+/// The remote configuration of an agent in brief: its hash and how the agent reported it.
+fn remote_summary(a: &AgentRecord) -> serde_json::Value {
+    let Some(config) = RemoteConfig::from_stored(&a.remote_config) else {
+        return serde_json::Value::Null;
+    };
+    let hash = hex(&config.hash());
+    let status = ConfigStatus::from_stored(&a.remote_config_status);
+    json!({
+        "config_hash": hash,
+        "files": config.config_map.len(),
+        // What the agent said of this configuration; null until it reports this hash.
+        "status": status.filter(|s| s.config_hash == hash),
     })
 }
 
@@ -131,7 +150,7 @@ impl IntoResponse for Invalid {
 
 /// The fields a client may set, each optional (PATCH sets those given; PUT and POST start
 /// from the defaults).
-#[derive(Default, serde::Deserialize)]
+#[derive(Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AgentFields {
     agent_id: Option<String>,
@@ -516,47 +535,156 @@ pub(super) async fn change(
     let replace = method == axum::http::Method::PUT;
     let fields = parse_fields(&body).map_err(IntoResponse::into_response)?;
     let wanted = if_match(&headers).map_err(IntoResponse::into_response)?;
+    change_agent(&state, &tenant, &id, wanted, |current| {
+        let mut agent = if replace {
+            let mut fresh = blank(&tenant, current.created_at);
+            // What the agent reports and the registry keeps stay; the operator's fields
+            // reset.
+            fresh.id = current.id.clone();
+            fresh.auto_registered = current.auto_registered;
+            fresh.health = current.health.clone();
+            fresh.effective_config = current.effective_config.clone();
+            fresh.remote_config = current.remote_config.clone();
+            fresh.remote_config_status = current.remote_config_status.clone();
+            fresh.capabilities = current.capabilities;
+            fresh.sequence_num = current.sequence_num;
+            fresh.attributes = current.attributes.clone();
+            fresh.last_seen_at = current.last_seen_at;
+            fresh.revision = current.revision;
+            fresh
+        } else {
+            current.clone()
+        };
+        fields.clone().apply(&mut agent)?;
+        Ok(agent)
+    })
+    .await
+}
+
+/// Changes the tenant's agent `id` with `edit`, answering the changed agent. With an
+/// `If-Match`, the agent must still be at that revision (else 412); without one the caller
+/// asked for no precondition, so an agent's report that lands between the read and the write
+/// is merged by starting over from the stored agent.
+async fn change_agent(
+    state: &SharedState,
+    tenant: &crate::model::TenantId,
+    id: &str,
+    wanted: Option<i64>,
+    edit: impl Fn(&AgentRecord) -> Result<AgentRecord, Invalid>,
+) -> Result<Response, Response> {
+    let mut attempts = 0;
+    loop {
+        match change_once(state, tenant, id, wanted, &edit).await {
+            Err(Changed::Stale) if wanted.is_none() && attempts < 5 => attempts += 1,
+            Err(Changed::Stale) => return Err(precondition_failed().into_response()),
+            Err(Changed::Refused(response)) => return Err(response),
+            Ok(agent) => return Ok(agent_answer(StatusCode::OK, &agent, &state.fleet)),
+        }
+    }
+}
+
+/// Why [`change_once`] did not store a change.
+enum Changed {
+    /// The agent changed after it was read.
+    Stale,
+    Refused(Response),
+}
+
+/// Reads the tenant's agent `id`, checks the `If-Match` revision, makes the changed agent
+/// with `edit` and stores it if nothing changed it meanwhile.
+async fn change_once(
+    state: &SharedState,
+    tenant: &crate::model::TenantId,
+    id: &str,
+    wanted: Option<i64>,
+    edit: &impl Fn(&AgentRecord) -> Result<AgentRecord, Invalid>,
+) -> Result<AgentRecord, Changed> {
     let catalog = state.auth.catalog();
     let current = catalog
-        .agent(&tenant, &id)
+        .agent(tenant, id)
         .await
-        .map_err(|e| catalog_error(e).into_response())?
-        .ok_or_else(|| not_found(&id).into_response())?;
+        .map_err(|e| Changed::Refused(catalog_error(e).into_response()))?
+        .ok_or_else(|| Changed::Refused(not_found(id).into_response()))?;
     if wanted.is_some_and(|r| r != current.revision) {
-        return Err(precondition_failed().into_response());
+        return Err(Changed::Refused(precondition_failed().into_response()));
     }
-    let mut agent = if replace {
-        let mut fresh = blank(&tenant, current.created_at);
-        // What the agent reports and the registry keeps stay; the operator's fields reset.
-        fresh.id = current.id.clone();
-        fresh.auto_registered = current.auto_registered;
-        fresh.health = current.health.clone();
-        fresh.effective_config = current.effective_config.clone();
-        fresh.remote_config = current.remote_config.clone();
-        fresh.last_seen_at = current.last_seen_at;
-        fresh.revision = current.revision;
-        fresh
-    } else {
-        current.clone()
-    };
-    fields
-        .apply(&mut agent)
-        .map_err(IntoResponse::into_response)?;
+    let mut agent = edit(&current).map_err(|e| Changed::Refused(e.into_response()))?;
     agent.updated_at = chrono::Utc::now().timestamp_millis();
     match catalog.update_agent(&agent).await {
         Ok(AgentUpdate::Updated(revision)) => {
             agent.revision = revision;
-            Ok(agent_answer(StatusCode::OK, &agent, &state.fleet))
+            Ok(agent)
         }
-        Ok(AgentUpdate::Stale) => Err(precondition_failed().into_response()),
-        Ok(AgentUpdate::Missing) => Err(not_found(&id).into_response()),
-        Err(CatalogError::Conflict) => Err(ApiError {
-            kind: ErrorType::Conflict,
-            message: format!("agent_id {:?} is registered already", agent.agent_id),
-        }
-        .into_response()),
-        Err(e) => Err(catalog_error(e).into_response()),
+        Ok(AgentUpdate::Stale) => Err(Changed::Stale),
+        Ok(AgentUpdate::Missing) => Err(Changed::Refused(not_found(id).into_response())),
+        Err(CatalogError::Conflict) => Err(Changed::Refused(
+            ApiError {
+                kind: ErrorType::Conflict,
+                message: format!("agent_id {:?} is registered already", agent.agent_id),
+            }
+            .into_response(),
+        )),
+        Err(e) => Err(Changed::Refused(catalog_error(e).into_response())),
     }
+}
+
+/// `GET /api/v1/agents/{id}/config`: the remote configuration set for the agent (404 when
+/// none), its hash, and what the agent reported of it.
+pub(super) async fn get_config(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let agent = state
+        .auth
+        .catalog()
+        .agent(&tenant, &id)
+        .await
+        .map_err(catalog_error)?
+        .ok_or_else(|| not_found(&id))?;
+    let config = RemoteConfig::from_stored(&agent.remote_config).ok_or_else(|| ApiError {
+        kind: ErrorType::NotFound,
+        message: format!("agent {id:?} has no remote configuration"),
+    })?;
+    let mut data = serde_json::to_value(&config).expect("a configuration serialises");
+    data["config_hash"] = json!(hex(&config.hash()));
+    data["reported"] = json!(ConfigStatus::from_stored(&agent.remote_config_status));
+    let mut response = (
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"status": "success", "data": data}).to_string(),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(agent.revision));
+    Ok(response)
+}
+
+/// `PUT /api/v1/agents/{id}/config` (`{"config_map": {name: {"body", "content_type"}}}`)
+/// sets the configuration the OpAMP server offers the agent; `DELETE` stops offering one.
+/// Both take `If-Match` as the agent's other changes do.
+pub(super) async fn set_config(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, Response> {
+    let stored = if method == axum::http::Method::DELETE {
+        String::new()
+    } else {
+        RemoteConfig::parse(&body, state.fleet.max_config_bytes)
+            .map_err(|e| Invalid(vec![("config_map", e)]).into_response())?
+            .to_stored()
+    };
+    let wanted = if_match(&headers).map_err(IntoResponse::into_response)?;
+    change_agent(&state, &tenant, &id, wanted, |current| {
+        let mut agent = current.clone();
+        agent.remote_config = stored.clone();
+        Ok(agent)
+    })
+    .await
 }
 
 /// `DELETE /api/v1/agents/{id}`.

@@ -42,7 +42,7 @@ fn route_needs(
         }
         "/health" | "/ready" => (None, Format::RemoteWrite),
         "/metrics" => (protect_metrics.then_some(Scope::Read), Format::RemoteWrite),
-        "/api/v1/write" => (Some(Scope::Ingest), Format::RemoteWrite),
+        "/api/v1/write" | "/v1/opamp" => (Some(Scope::Ingest), Format::RemoteWrite),
         "/api/v1/otlp/v1/metrics" | "/v1/metrics" => (Some(Scope::Ingest), Format::Otlp),
         p if p.starts_with("/api/v1/admin/") => (Some(Scope::Admin), Format::Prometheus),
         _ => (Some(Scope::Read), Format::Prometheus),
@@ -242,6 +242,7 @@ mod tests {
             ("/api/v1/status/tsdb", Some(Scope::Read)),
             ("/api/v1/write", Some(Scope::Ingest)),
             ("/v1/metrics", Some(Scope::Ingest)),
+            ("/v1/opamp", Some(Scope::Ingest)),
             ("/api/v1/otlp/v1/metrics", Some(Scope::Ingest)),
             ("/api/v1/admin/tokens", Some(Scope::Admin)),
             ("/api/v1/admin/tokens/{id}", Some(Scope::Admin)),

@@ -7,6 +7,7 @@ mod agents;
 pub(crate) mod auth;
 pub mod errors;
 pub mod json;
+mod opamp;
 pub mod otlp;
 pub mod params;
 mod prometheus;
@@ -86,6 +87,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/status/tsdb", get(status::tsdb))
         .route("/api/v1/write", post(write::remote_write))
         .route("/api/v1/otlp/v1/metrics", post(otlp::http_export))
+        .route("/v1/opamp", post(opamp::http))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -102,6 +104,12 @@ pub fn router(state: SharedState) -> Router {
                 .put(agents::change)
                 .patch(agents::change)
                 .delete(agents::delete),
+        )
+        .route(
+            "/api/v1/agents/{id}/config",
+            get(agents::get_config)
+                .put(agents::set_config)
+                .delete(agents::set_config),
         );
     guarded(routes, state)
 }

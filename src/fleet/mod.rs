@@ -1,6 +1,9 @@
 //! The fleet: agents that report to this server, as the registry (in the catalog) knows them,
 //! and the OpAMP server they talk to.
 
+pub mod opamp;
+pub mod remote;
+
 use clap::Args;
 use serde::Deserialize;
 
@@ -18,6 +21,23 @@ pub struct FleetConfig {
         value_parser = clap::value_parser!(i64).range(1..=1000)
     )]
     pub online_heartbeats: i64,
+    /// Largest OpAMP message an agent may send, in bytes after decompression (413 past it).
+    #[arg(
+        id = "fleet.opamp_max_message_bytes",
+        long = "fleet-opamp-max-message-bytes",
+        env = "SECUMON_FLEET_OPAMP_MAX_MESSAGE_BYTES",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub opamp_max_message_bytes: usize,
+    /// Most bytes of file bodies in a remote configuration an operator sets, and in an
+    /// effective configuration an agent reports that is kept (a larger one is noted by size).
+    #[arg(
+        id = "fleet.max_config_bytes",
+        long = "fleet-max-config-bytes",
+        env = "SECUMON_FLEET_MAX_CONFIG_BYTES",
+        default_value_t = 256 * 1024
+    )]
+    pub max_config_bytes: usize,
 }
 
 impl Default for FleetConfig {

@@ -256,8 +256,14 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
 
     // A heartbeat moves last_seen_at and the sequence number, not the revision.
     let before = catalog.agent(&t1, "a2").await.unwrap().unwrap();
-    assert!(catalog.touch_agent(&t1, "a2", 77, Some(8)).await.unwrap(), "{store}");
-    assert!(!catalog.touch_agent(&t2, "a2", 77, Some(8)).await.unwrap(), "{store}");
+    assert!(
+        catalog.touch_agent(&t1, "a2", 77, Some(8)).await.unwrap(),
+        "{store}"
+    );
+    assert!(
+        !catalog.touch_agent(&t2, "a2", 77, Some(8)).await.unwrap(),
+        "{store}"
+    );
     let after = catalog.agent(&t1, "a2").await.unwrap().unwrap();
     assert_eq!(
         (after.last_seen_at, after.sequence_num, after.revision),

@@ -1,0 +1,620 @@
+//! The OpAMP server (opentelemetry.io/docs/specs/opamp): each `AgentToServer` an agent sends
+//! is answered with one `ServerToAgent`. The registry row of the agent (its `agent_id` is the
+//! `instance_uid` as a UUID string) is created on first contact and kept up to date from the
+//! agent's reports; the remote configuration an operator set is offered until the agent
+//! reports its hash back.
+//!
+//! Status compression as the specification has it: an agent may leave out whatever did not
+//! change, so the server asks for the full state (`ReportFullState`) whenever it may have
+//! missed something: a `sequence_num` that is not one more than the last, or the first message
+//! of an agent it has no description of.
+
+use super::remote::{truncate, ConfigStatus, RemoteConfig};
+use super::FleetConfig;
+use crate::catalog::{AgentRecord, AgentStatus, AgentUpdate, Catalog, CatalogError};
+use crate::model::TenantId;
+use secumon_proto::opamp::{
+    self, any_value, AgentCapabilities, AgentToServerFlags, ServerCapabilities,
+    ServerErrorResponseType, ServerToAgentFlags,
+};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// What this server does: accepts status and effective configuration, offers remote
+/// configuration.
+pub const SERVER_CAPABILITIES: u64 = ServerCapabilities::AcceptsStatus as u64
+    | ServerCapabilities::OffersRemoteConfig as u64
+    | ServerCapabilities::AcceptsEffectiveConfig as u64;
+
+/// The heartbeat the specification recommends, which agents keep unless told otherwise.
+pub const DEFAULT_HEARTBEAT_SECS: i64 = 30;
+/// Most description attributes kept per agent; longest attribute value kept, in bytes.
+const MAX_ATTRIBUTES: usize = 128;
+const MAX_ATTRIBUTE_BYTES: usize = 512;
+/// Longest descriptive text (hostname, versions, …) kept, in bytes.
+const MAX_TEXT_BYTES: usize = 256;
+/// Deepest component nesting and most components of a health report kept.
+const MAX_HEALTH_DEPTH: usize = 8;
+const MAX_HEALTH_COMPONENTS: usize = 256;
+/// How often a change is retried when an operator changed the agent at the same moment.
+const UPDATE_ATTEMPTS: usize = 5;
+
+/// One message from an agent, and who sent it.
+pub struct Exchange<'a> {
+    pub catalog: &'a dyn Catalog,
+    pub fleet: &'a FleetConfig,
+    pub tenant: &'a TenantId,
+    /// The address the request came from (the agent's own unless it reports one).
+    pub peer: Option<IpAddr>,
+    pub now_ms: i64,
+    /// Most agents the tenant may have (auto-registration stops there).
+    pub max_agents: i64,
+}
+
+/// An answer that carries only an error.
+pub fn error_answer(
+    instance_uid: Vec<u8>,
+    kind: ServerErrorResponseType,
+    message: impl Into<String>,
+) -> opamp::ServerToAgent {
+    opamp::ServerToAgent {
+        instance_uid,
+        error_response: Some(opamp::ServerErrorResponse {
+            r#type: kind as i32,
+            error_message: message.into(),
+            details: None,
+        }),
+        ..Default::default()
+    }
+}
+
+impl Exchange<'_> {
+    /// Processes `message` and makes the answer. A catalog that cannot be reached is the
+    /// error (the transport answers 503, so the agent retries).
+    pub async fn answer(
+        &self,
+        message: &opamp::AgentToServer,
+    ) -> Result<opamp::ServerToAgent, CatalogError> {
+        let uid = message.instance_uid.clone();
+        let Ok(instance) = uuid::Uuid::from_slice(&message.instance_uid) else {
+            return Ok(error_answer(
+                uid,
+                ServerErrorResponseType::BadRequest,
+                format!(
+                    "instance_uid must be 16 bytes, not {}",
+                    message.instance_uid.len()
+                ),
+            ));
+        };
+        let mut answer = opamp::ServerToAgent {
+            instance_uid: uid,
+            capabilities: SERVER_CAPABILITIES,
+            ..Default::default()
+        };
+        let mut agent_id = instance.to_string();
+        let mut known = self
+            .catalog
+            .agent_by_agent_id(self.tenant, &agent_id)
+            .await?;
+        // A new identity when the agent asks for one, or when its uid is another running
+        // agent's (a cloned machine): a different host, while that one is online.
+        let requested = message.flags & AgentToServerFlags::RequestInstanceUid as u64 != 0;
+        let duplicate = known.as_ref().is_some_and(|agent| {
+            let host = message
+                .agent_description
+                .as_ref()
+                .and_then(|d| attribute_text(d, "host.name"));
+            host.is_some_and(|h| !agent.hostname.is_empty() && h != agent.hostname)
+                && self
+                    .fleet
+                    .online(agent.last_seen_at, agent.heartbeat_secs, self.now_ms)
+        });
+        if requested || duplicate {
+            let new = uuid::Uuid::now_v7();
+            answer.agent_identification = Some(opamp::AgentIdentification {
+                new_instance_uid: new.as_bytes().to_vec(),
+            });
+            agent_id = new.to_string();
+            if duplicate {
+                tracing::warn!(tenant = %self.tenant, instance_uid = %instance, new_instance_uid = %new,
+                    "two agents report the same instance_uid from different hosts; the newer one gets a new uid");
+                known = None;
+            } else if let Some(agent) = &mut known {
+                // The old uid was the agent's temporary one: the row moves to the new uid.
+                agent.agent_id = agent_id.clone();
+            }
+        }
+        let full_state_missing = match &known {
+            Some(agent) => match agent.sequence_num {
+                Some(last) => message.sequence_num as i64 != last.wrapping_add(1),
+                None => message.agent_description.is_none(),
+            },
+            None => message.agent_description.is_none(),
+        };
+        if full_state_missing {
+            answer.flags |= ServerToAgentFlags::ReportFullState as u64;
+        }
+        let disconnect = message.agent_disconnect.is_some();
+        let sequence = (!disconnect).then_some(message.sequence_num as i64);
+
+        let agent = match known {
+            Some(agent) => self.report(agent, message, sequence).await?,
+            None => match self.register(agent_id, message, sequence).await? {
+                Ok(agent) => agent,
+                Err(refusal) => {
+                    return Ok(error_answer(
+                        answer.instance_uid,
+                        ServerErrorResponseType::Unknown,
+                        refusal,
+                    ))
+                }
+            },
+        };
+        if !disconnect {
+            answer.remote_config = self.offer(&agent, message);
+        }
+        Ok(answer)
+    }
+
+    /// Registers an agent heard from for the first time (marked auto-registered).
+    async fn register(
+        &self,
+        agent_id: String,
+        message: &opamp::AgentToServer,
+        sequence: Option<i64>,
+    ) -> Result<Result<AgentRecord, String>, CatalogError> {
+        let held = self
+            .catalog
+            .agent_stats(self.tenant, self.now_ms, self.fleet.online_heartbeats)
+            .await?
+            .total;
+        if held >= self.max_agents {
+            return Ok(Err(format!(
+                "tenant {} has {held} agents, the most it may register",
+                self.tenant
+            )));
+        }
+        let mut agent = AgentRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            tenant: self.tenant.clone(),
+            agent_id,
+            name: String::new(),
+            hostname: String::new(),
+            ip_address: String::new(),
+            os: String::new(),
+            os_version: String::new(),
+            agent_type: String::new(),
+            agent_version: String::new(),
+            status: AgentStatus::Active,
+            auto_registered: true,
+            tags: BTreeMap::new(),
+            health: String::new(),
+            effective_config: String::new(),
+            remote_config: String::new(),
+            remote_config_status: String::new(),
+            capabilities: 0,
+            sequence_num: None,
+            attributes: "{}".into(),
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            created_at: self.now_ms,
+            updated_at: self.now_ms,
+            last_seen_at: None,
+            revision: 0,
+        };
+        self.apply(&mut agent, message, sequence);
+        match self.catalog.insert_agent(&agent).await {
+            Ok(()) => Ok(Ok(agent)),
+            // Registered meanwhile (the same agent's retry, or another server node): report.
+            Err(CatalogError::Conflict) => {
+                match self
+                    .catalog
+                    .agent_by_agent_id(self.tenant, &agent.agent_id)
+                    .await?
+                {
+                    Some(known) => Ok(Ok(self.report(known, message, sequence).await?)),
+                    None => Err(CatalogError::Conflict),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a known agent's message: only `last_seen_at` and the sequence number when
+    /// nothing else changed (no new revision), else the whole row, retried when an operator
+    /// changed the agent at the same moment.
+    async fn report(
+        &self,
+        mut agent: AgentRecord,
+        message: &opamp::AgentToServer,
+        sequence: Option<i64>,
+    ) -> Result<AgentRecord, CatalogError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let before = agent.clone();
+            self.apply(&mut agent, message, sequence);
+            let mut unchanged = before.clone();
+            unchanged.last_seen_at = agent.last_seen_at;
+            unchanged.sequence_num = agent.sequence_num;
+            if unchanged == agent {
+                self.catalog
+                    .touch_agent(self.tenant, &agent.id, self.now_ms, sequence)
+                    .await?;
+                return Ok(agent);
+            }
+            agent.updated_at = self.now_ms;
+            match self.catalog.update_agent(&agent).await? {
+                AgentUpdate::Updated(revision) => {
+                    agent.revision = revision;
+                    return Ok(agent);
+                }
+                AgentUpdate::Stale | AgentUpdate::Missing => {
+                    let Some(fresh) = self.catalog.agent(self.tenant, &agent.id).await? else {
+                        // Deleted by an operator meanwhile: the agent registers anew.
+                        return Ok(agent);
+                    };
+                    // Keep an identity change made by this message.
+                    let agent_id = agent.agent_id.clone();
+                    agent = fresh;
+                    agent.agent_id = agent_id;
+                }
+            }
+        }
+        Err(CatalogError::Unavailable(
+            "the agent changed on every attempt to record its report".into(),
+        ))
+    }
+
+    /// Writes what `message` reports into `agent`.
+    fn apply(
+        &self,
+        agent: &mut AgentRecord,
+        message: &opamp::AgentToServer,
+        sequence: Option<i64>,
+    ) {
+        agent.last_seen_at = Some(self.now_ms);
+        agent.sequence_num = sequence;
+        agent.capabilities = message.capabilities as i64;
+        if let Some(description) = &message.agent_description {
+            describe(agent, description, self.peer);
+        }
+        if let Some(health) = &message.health {
+            let mut components = 0;
+            agent.health = health_json(health, 0, &mut components).to_string();
+        }
+        if let Some(config) = &message.effective_config {
+            agent.effective_config = effective_config_json(config, self.fleet.max_config_bytes);
+        }
+        if let Some(status) = &message.remote_config_status {
+            agent.remote_config_status = ConfigStatus::from_report(status).to_stored();
+        }
+    }
+
+    /// The remote configuration to offer with the answer: the operator's, when the agent
+    /// accepts remote configuration and has not reported its hash back.
+    fn offer(
+        &self,
+        agent: &AgentRecord,
+        message: &opamp::AgentToServer,
+    ) -> Option<opamp::AgentRemoteConfig> {
+        if message.capabilities & AgentCapabilities::AcceptsRemoteConfig as u64 == 0 {
+            return None;
+        }
+        let config = RemoteConfig::from_stored(&agent.remote_config)?;
+        let hash = config.hash();
+        let reported = match &message.remote_config_status {
+            Some(status) => Some(status.last_remote_config_hash.clone()),
+            None => ConfigStatus::from_stored(&agent.remote_config_status)
+                .map(|s| s.config_hash)
+                .map(|h| decode_hex(&h)),
+        };
+        (reported.as_deref() != Some(hash.as_slice())).then(|| config.to_offer())
+    }
+}
+
+fn decode_hex(text: &str) -> Vec<u8> {
+    (0..text.len() / 2)
+        .filter_map(|i| u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok())
+        .collect()
+}
+
+/// The text of a string attribute of the description.
+fn attribute_text<'a>(description: &'a opamp::AgentDescription, key: &str) -> Option<&'a str> {
+    description
+        .identifying_attributes
+        .iter()
+        .chain(&description.non_identifying_attributes)
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.as_str()),
+            _ => None,
+        })
+}
+
+/// An attribute value as JSON (nested values as arrays and objects), strings cut to
+/// [`MAX_ATTRIBUTE_BYTES`].
+fn value_json(value: Option<&opamp::AnyValue>, depth: usize) -> serde_json::Value {
+    use serde_json::Value;
+    let Some(value) = value.and_then(|v| v.value.as_ref()) else {
+        return Value::Null;
+    };
+    match value {
+        any_value::Value::StringValue(s) => Value::String(truncate(s, MAX_ATTRIBUTE_BYTES)),
+        any_value::Value::BoolValue(b) => Value::Bool(*b),
+        any_value::Value::IntValue(i) => Value::from(*i),
+        any_value::Value::DoubleValue(d) => Value::from(*d),
+        any_value::Value::BytesValue(b) => Value::String(super::remote::hex(&b[..b.len().min(64)])),
+        _ if depth >= 2 => Value::Null,
+        any_value::Value::ArrayValue(a) => Value::Array(
+            a.values
+                .iter()
+                .take(16)
+                .map(|v| value_json(Some(v), depth + 1))
+                .collect(),
+        ),
+        any_value::Value::KvlistValue(l) => Value::Object(
+            l.values
+                .iter()
+                .take(16)
+                .map(|kv| {
+                    (
+                        truncate(&kv.key, 128),
+                        value_json(kv.value.as_ref(), depth + 1),
+                    )
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Sets the registry fields an OpAMP description gives (OpenTelemetry resource conventions:
+/// `service.name` is the agent type, `service.version` its version, `host.name`, `os.type`,
+/// `os.version` or `os.description`, `host.ip`), and keeps every attribute.
+fn describe(agent: &mut AgentRecord, description: &opamp::AgentDescription, peer: Option<IpAddr>) {
+    let text = |key| attribute_text(description, key).map(|s| truncate(s, MAX_TEXT_BYTES));
+    let mut attributes = serde_json::Map::new();
+    for kv in description
+        .identifying_attributes
+        .iter()
+        .chain(&description.non_identifying_attributes)
+        .take(MAX_ATTRIBUTES)
+    {
+        attributes.insert(truncate(&kv.key, 128), value_json(kv.value.as_ref(), 0));
+    }
+    agent.attributes = serde_json::Value::Object(attributes).to_string();
+    if let Some(v) = text("service.name") {
+        agent.agent_type = v;
+    }
+    if let Some(v) = text("service.version") {
+        agent.agent_version = v;
+    }
+    if let Some(v) = text("host.name") {
+        agent.hostname = v;
+    }
+    if let Some(v) = text("os.type") {
+        agent.os = v;
+    }
+    if let Some(v) = text("os.version").or_else(|| text("os.description")) {
+        agent.os_version = v;
+    }
+    if agent.name.is_empty() {
+        agent.name = text("host.name")
+            .or_else(|| text("service.name"))
+            .unwrap_or_default();
+    }
+    // host.ip is a list in the conventions; a single string is taken too.
+    let reported_ip = description
+        .non_identifying_attributes
+        .iter()
+        .chain(&description.identifying_attributes)
+        .find(|kv| kv.key == "host.ip")
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            any_value::Value::ArrayValue(a) => a.values.iter().find_map(|v| match &v.value {
+                Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .and_then(|s| s.parse::<IpAddr>().ok());
+    if let Some(ip) = reported_ip.or(peer) {
+        agent.ip_address = ip.to_string();
+    }
+}
+
+/// A health report as JSON: `healthy`, `status`, `last_error`, `start_time` and
+/// `status_time` (RFC 3339, absent when 0), and `components` by name, bounded in depth and
+/// count.
+fn health_json(
+    health: &opamp::ComponentHealth,
+    depth: usize,
+    components: &mut usize,
+) -> serde_json::Value {
+    let time = |nanos: u64| {
+        (nanos != 0)
+            .then(|| chrono::DateTime::from_timestamp_nanos(nanos as i64))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    };
+    let mut json = serde_json::json!({
+        "healthy": health.healthy,
+        "status": truncate(&health.status, MAX_TEXT_BYTES),
+        "last_error": truncate(&health.last_error, 1024),
+        "start_time": time(health.start_time_unix_nano),
+        "status_time": time(health.status_time_unix_nano),
+    });
+    if !health.component_health_map.is_empty() && depth < MAX_HEALTH_DEPTH {
+        let mut map = serde_json::Map::new();
+        let mut names: Vec<&String> = health.component_health_map.keys().collect();
+        names.sort();
+        for name in names {
+            if *components >= MAX_HEALTH_COMPONENTS {
+                break;
+            }
+            *components += 1;
+            let child = &health.component_health_map[name];
+            map.insert(
+                truncate(name, MAX_TEXT_BYTES),
+                health_json(child, depth + 1, components),
+            );
+        }
+        json["components"] = serde_json::Value::Object(map);
+    }
+    json
+}
+
+/// An effective configuration as JSON (`{"config_map": {name: {"body", "content_type"}}}`,
+/// bodies as text), or a note of its size when it is over `max_bytes`.
+fn effective_config_json(config: &opamp::EffectiveConfig, max_bytes: usize) -> String {
+    let files = config
+        .config_map
+        .as_ref()
+        .map(|m| &m.config_map)
+        .cloned()
+        .unwrap_or_default();
+    let bytes: usize = files.values().map(|f| f.body.len()).sum();
+    if bytes > max_bytes || files.len() > super::remote::MAX_FILES {
+        return serde_json::json!({"truncated": true, "files": files.len(), "bytes": bytes})
+            .to_string();
+    }
+    let map: BTreeMap<String, serde_json::Value> = files
+        .into_iter()
+        .map(|(name, file)| {
+            (
+                truncate(&name, super::remote::MAX_NAME_BYTES),
+                serde_json::json!({
+                    "body": String::from_utf8_lossy(&file.body),
+                    "content_type": truncate(&file.content_type, super::remote::MAX_NAME_BYTES),
+                }),
+            )
+        })
+        .collect();
+    serde_json::json!({ "config_map": map }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn depth(json: &serde_json::Value) -> usize {
+        json.get("components")
+            .and_then(|c| c.as_object())
+            .map_or(0, |m| 1 + m.values().map(depth).max().unwrap_or(0))
+    }
+
+    fn count(json: &serde_json::Value) -> usize {
+        json.get("components")
+            .and_then(|c| c.as_object())
+            .map_or(0, |m| m.len() + m.values().map(count).sum::<usize>())
+    }
+
+    #[test]
+    fn health_reports_are_bounded_in_depth_and_count() {
+        let mut deep = opamp::ComponentHealth::default();
+        for level in 0..60 {
+            deep = opamp::ComponentHealth {
+                healthy: level % 2 == 0,
+                component_health_map: [("c".to_string(), deep)].into(),
+                ..Default::default()
+            };
+        }
+        let mut n = 0;
+        assert_eq!(depth(&health_json(&deep, 0, &mut n)), MAX_HEALTH_DEPTH);
+        let wide = opamp::ComponentHealth {
+            component_health_map: (0..1000)
+                .map(|i| (format!("c{i:04}"), opamp::ComponentHealth::default()))
+                .collect(),
+            status_time_unix_nano: 1_700_000_000_000_000_000,
+            ..Default::default()
+        };
+        let mut n = 0;
+        let json = health_json(&wide, 0, &mut n);
+        assert_eq!(count(&json), MAX_HEALTH_COMPONENTS);
+        assert_eq!(json["status_time"], "2023-11-14T22:13:20.000Z");
+        assert!(
+            json["components"].get("c0000").is_some(),
+            "kept in name order"
+        );
+    }
+
+    #[test]
+    fn a_description_sets_the_registry_fields() {
+        let kv = |k: &str, v: any_value::Value| opamp::KeyValue {
+            key: k.into(),
+            value: Some(opamp::AnyValue { value: Some(v) }),
+        };
+        let s = |t: &str| any_value::Value::StringValue(t.into());
+        let description = opamp::AgentDescription {
+            identifying_attributes: vec![
+                kv("service.name", s("io.opentelemetry.collector")),
+                kv("service.version", s("0.99.0")),
+            ],
+            non_identifying_attributes: vec![
+                kv("host.name", s("db-1")),
+                kv("os.type", s("linux")),
+                kv("os.version", s("6.1")),
+                kv("os.description", s("Debian 12")),
+                kv(
+                    "host.ip",
+                    any_value::Value::ArrayValue(opamp::ArrayValue {
+                        values: vec![opamp::AnyValue {
+                            value: Some(s("10.1.2.3")),
+                        }],
+                    }),
+                ),
+                kv("long", s(&"é".repeat(1000))),
+            ],
+        };
+        let mut agent = AgentRecord {
+            id: String::new(),
+            tenant: TenantId::new("t"),
+            agent_id: String::new(),
+            name: "chosen".into(),
+            hostname: String::new(),
+            ip_address: String::new(),
+            os: String::new(),
+            os_version: String::new(),
+            agent_type: String::new(),
+            agent_version: String::new(),
+            status: AgentStatus::Active,
+            auto_registered: true,
+            tags: BTreeMap::new(),
+            health: String::new(),
+            effective_config: String::new(),
+            remote_config: String::new(),
+            remote_config_status: String::new(),
+            capabilities: 0,
+            sequence_num: None,
+            attributes: "{}".into(),
+            heartbeat_secs: 30,
+            created_at: 0,
+            updated_at: 0,
+            last_seen_at: None,
+            revision: 0,
+        };
+        describe(&mut agent, &description, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(
+            (
+                agent.name.as_str(),
+                agent.hostname.as_str(),
+                agent.agent_type.as_str(),
+                agent.agent_version.as_str(),
+                agent.os.as_str(),
+                agent.os_version.as_str(),
+                agent.ip_address.as_str()
+            ),
+            (
+                "chosen",
+                "db-1",
+                "io.opentelemetry.collector",
+                "0.99.0",
+                "linux",
+                "6.1",
+                "10.1.2.3"
+            )
+        );
+        let attributes: serde_json::Value = serde_json::from_str(&agent.attributes).unwrap();
+        assert_eq!(attributes["host.ip"], serde_json::json!(["10.1.2.3"]));
+        assert_eq!(
+            attributes["long"].as_str().unwrap().len(),
+            MAX_ATTRIBUTE_BYTES
+        );
+    }
+}

@@ -1,0 +1,513 @@
+//! OpAMP over HTTP (`POST /v1/opamp`): the official OpenTelemetry Python OpAMP client
+//! registers, heartbeats and applies a remote configuration an operator set over REST; and the
+//! protocol's edges with hand-made messages: sequence gaps, instance-uid requests and
+//! duplicates, malformed and oversized messages, gzip, tokens and tenants.
+
+use crate::support::{Backend, Secumon};
+use prost::Message;
+use secumon_proto::opamp::{
+    any_value, AgentDescription, AgentToServer, AnyValue, KeyValue, RemoteConfigStatus,
+    ServerToAgent,
+};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PIP_INSTALL: &str = "python3 -m pip install opentelemetry-opamp-client";
+
+/// Flag and capability bits of the specification.
+const REPORT_FULL_STATE: u64 = 1;
+const REQUEST_INSTANCE_UID: u64 = 1;
+const REPORTS_STATUS: u64 = 0x1;
+const ACCEPTS_REMOTE_CONFIG: u64 = 0x2;
+const BAD_REQUEST: i32 = 1;
+
+async fn get(s: &Secumon, token: &str, path: &str) -> (u16, Value) {
+    let response = s
+        .http
+        .get(s.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// Sends one OpAMP message as bytes; the HTTP status and the decoded answer (if 200).
+async fn post(s: &Secumon, token: &str, body: Vec<u8>, gzip: bool) -> (u16, Option<ServerToAgent>) {
+    let mut request = s
+        .http
+        .post(s.url("/v1/opamp"))
+        .bearer_auth(token)
+        .header("Content-Type", "application/x-protobuf");
+    let body = if gzip {
+        request = request.header("Content-Encoding", "gzip");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(&body).unwrap();
+        encoder.finish().unwrap()
+    } else {
+        body
+    };
+    let response = request.body(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.unwrap();
+    (
+        status,
+        (status == 200).then(|| ServerToAgent::decode(bytes.as_ref()).unwrap()),
+    )
+}
+
+fn text(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+    }
+}
+
+fn message(uid: &uuid::Uuid, sequence_num: u64, host: Option<&str>) -> AgentToServer {
+    AgentToServer {
+        instance_uid: uid.as_bytes().to_vec(),
+        sequence_num,
+        capabilities: REPORTS_STATUS | ACCEPTS_REMOTE_CONFIG,
+        agent_description: host.map(|h| AgentDescription {
+            identifying_attributes: vec![text("service.name", "hand-made")],
+            non_identifying_attributes: vec![text("host.name", h)],
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_opamp_client_registers_and_applies_a_remote_configuration() {
+    let (s, catalog) = crate::auth::start(Backend::Embedded, |_| {}).await;
+    let agent_token = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
+    let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
+    let other = crate::auth::mint(&catalog, "team-b", "admin,read", None).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/opamp/agent.py");
+    let mut child = Command::new("python3")
+        .args([script, &s.url("/v1/opamp"), &agent_token, "py-host"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("python3 not found ({e}): install Python 3, then `{PIP_INSTALL}`")
+        });
+    let (events, receive) = std::sync::mpsc::channel::<Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(event) = serde_json::from_str(&line) {
+                if events.send(event).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let next_event = |wait: Duration| receive.recv_timeout(wait).ok();
+    let Some(first) = next_event(Duration::from_secs(30)) else {
+        let output = child.wait_with_output().unwrap();
+        panic!(
+            "the OpAMP agent did not start; is the client installed (`{PIP_INSTALL}`)?\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    assert_eq!(first["event"], "uid", "{first}");
+    let uid = first["instance_uid"].as_str().unwrap().to_owned();
+
+    // Registered from its first (full state) message, and seen again with each poll.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let agent = loop {
+        let (status, page) = get(&s, &admin, "/api/v1/agents").await;
+        assert_eq!(status, 200, "{page}");
+        if let Some(agent) = page["data"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["agent_id"] == uid.as_str())
+        {
+            break agent.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never registered: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (
+            &agent["auto_registered"],
+            &agent["hostname"],
+            &agent["name"],
+            &agent["agent_type"],
+            &agent["agent_version"],
+            &agent["os"],
+            &agent["os_version"],
+            &agent["ip_address"],
+            &agent["online"],
+        ),
+        (
+            &json!(true),
+            &json!("py-host"),
+            &json!("py-host"),
+            &json!("python-opamp-test"),
+            &json!("1.2.3"),
+            &json!("linux"),
+            &json!("Debian GNU/Linux 12"),
+            &json!("127.0.0.1"),
+            &json!(true),
+        ),
+        "{agent}"
+    );
+    assert_eq!(agent["attributes"]["service.version"], "1.2.3", "{agent}");
+    let id = agent["id"].as_str().unwrap().to_owned();
+    let first_seen = agent["last_seen_at"].as_str().unwrap().to_owned();
+
+    // An operator sets a remote configuration; the agent receives it with its next poll,
+    // applies it and reports so.
+    let config = json!({"config_map": {"": {"body": "{\"sampler\": \"always_on\"}",
+        "content_type": "application/json"}}});
+    let response = s
+        .http
+        .put(s.url(&format!("/api/v1/agents/{id}/config")))
+        .bearer_auth(&admin)
+        .body(config.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = loop {
+        let Some(event) = next_event(Duration::from_secs(20)) else {
+            panic!("no remote configuration reached the agent");
+        };
+        if event["event"] == "config" {
+            break event;
+        }
+        assert_ne!(event["event"], "error", "{event}");
+    };
+    assert_eq!(
+        received["files"][""],
+        json!({"sampler": "always_on"}),
+        "{received}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get(&s, &admin, &format!("/api/v1/agents/{id}/config")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["data"]["config_hash"], received["config_hash"],
+            "{body}"
+        );
+        if body["data"]["reported"]["status"] == "applied" {
+            assert_eq!(
+                body["data"]["reported"]["config_hash"], received["config_hash"],
+                "{body}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reported applied: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, agent) = get(&s, &admin, &format!("/api/v1/agents/{id}")).await;
+    let agent = &agent["data"];
+    assert_eq!(
+        agent["effective_config"]["config_map"][""]["body"], "{\"sampler\": \"always_on\"}",
+        "{agent}"
+    );
+    assert_eq!(
+        agent["remote_config"]["status"]["status"], "applied",
+        "{agent}"
+    );
+    assert!(
+        agent["last_seen_at"].as_str().unwrap() > first_seen.as_str(),
+        "{agent}"
+    );
+    // Applied once: no more offers of the same configuration.
+    assert!(
+        next_event(Duration::from_millis(2500)).is_none_or(|e| e["event"] != "config"),
+        "offered again after it was applied"
+    );
+
+    // Another tenant sees none of it.
+    let (_, theirs) = get(&s, &other, "/api/v1/agents").await;
+    assert_eq!(theirs["data"]["total"], 0, "{theirs}");
+    let (status, _) = get(&s, &other, &format!("/api/v1/agents/{id}/config")).await;
+    assert_eq!(status, 404);
+
+    drop(child.stdin.take());
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opamp_edges_sequence_uids_malformed_and_tenants() {
+    let (s, catalog) = crate::auth::start(Backend::Embedded, |c| {
+        c.fleet.opamp_max_message_bytes = 64 * 1024;
+    })
+    .await;
+    let token = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
+    let reader = crate::auth::mint(&catalog, "team-a", "read", None).await;
+    let other = crate::auth::mint(&catalog, "team-b", "ingest", None).await;
+    let uid = uuid::Uuid::now_v7();
+
+    // A first message without a description: registered, and asked for the full state.
+    let (status, answer) = post(&s, &token, message(&uid, 0, None).encode_to_vec(), false).await;
+    assert_eq!(status, 200);
+    let answer = answer.unwrap();
+    assert_eq!(answer.instance_uid, uid.as_bytes());
+    assert_eq!(answer.flags & REPORT_FULL_STATE, REPORT_FULL_STATE);
+    assert_eq!(
+        answer.capabilities & 0x7,
+        0x7,
+        "status, remote config, effective config"
+    );
+    assert!(answer.error_response.is_none());
+    // The full state, in sequence and gzipped: nothing more asked.
+    let (_, answer) = post(
+        &s,
+        &token,
+        message(&uid, 1, Some("h1")).encode_to_vec(),
+        true,
+    )
+    .await;
+    assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, 0);
+    let (_, answer) = post(&s, &token, message(&uid, 2, None).encode_to_vec(), false).await;
+    assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, 0, "a plain poll");
+    // A gap in the sequence: the server may have missed a report, so it asks again.
+    let (_, answer) = post(&s, &token, message(&uid, 5, None).encode_to_vec(), false).await;
+    assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, REPORT_FULL_STATE);
+
+    // The same uid from another host while the first is online: the newcomer gets a new uid
+    // and its own row.
+    let (_, answer) = post(
+        &s,
+        &token,
+        message(&uid, 0, Some("h2")).encode_to_vec(),
+        false,
+    )
+    .await;
+    let answer = answer.unwrap();
+    let new_uid = answer
+        .agent_identification
+        .expect("a duplicate gets a new instance_uid")
+        .new_instance_uid;
+    assert_eq!(new_uid.len(), 16);
+    assert_eq!(
+        answer.instance_uid,
+        uid.as_bytes(),
+        "answers the uid it was sent"
+    );
+    let new_uid = uuid::Uuid::from_slice(&new_uid).unwrap();
+    let (_, page) = get(&s, &reader, "/api/v1/agents?sort=hostname").await;
+    let rows: Vec<(&str, &str)> = page["data"]["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["agent_id"].as_str().unwrap(),
+                a["hostname"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (uid.to_string().as_str(), "h1"),
+            (new_uid.to_string().as_str(), "h2")
+        ],
+        "{page}"
+    );
+
+    // An agent that asks for a uid gets one, and is registered under it.
+    let temporary = uuid::Uuid::now_v7();
+    let mut asking = message(&temporary, 0, Some("h3"));
+    asking.flags = REQUEST_INSTANCE_UID;
+    let (_, answer) = post(&s, &token, asking.encode_to_vec(), false).await;
+    let assigned = uuid::Uuid::from_slice(
+        &answer
+            .unwrap()
+            .agent_identification
+            .unwrap()
+            .new_instance_uid,
+    )
+    .unwrap();
+    let (_, page) = get(&s, &reader, "/api/v1/agents?hostname=h3").await;
+    assert_eq!(
+        page["data"]["agents"][0]["agent_id"],
+        assigned.to_string(),
+        "{page}"
+    );
+
+    // Remote configuration: offered to an agent that accepts it until it reports the hash.
+    let admin = crate::auth::mint(&catalog, "team-a", "admin", None).await;
+    let id = page["data"]["agents"][0]["id"].as_str().unwrap().to_owned();
+    let response = s
+        .http
+        .put(s.url(&format!("/api/v1/agents/{id}/config")))
+        .bearer_auth(&admin)
+        .body(
+            r#"{"config_map":{"agent.yaml":{"body":"interval: 10s","content_type":"text/yaml"}}}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, answer) = post(
+        &s,
+        &token,
+        message(&assigned, 1, None).encode_to_vec(),
+        false,
+    )
+    .await;
+    let offer = answer
+        .unwrap()
+        .remote_config
+        .expect("the configuration is offered");
+    let file = &offer.config.as_ref().unwrap().config_map["agent.yaml"];
+    assert_eq!(
+        (file.body.as_slice(), file.content_type.as_str()),
+        (&b"interval: 10s"[..], "text/yaml")
+    );
+    let mut applied = message(&assigned, 2, None);
+    applied.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: offer.config_hash.clone(),
+        status: 1,
+        error_message: String::new(),
+    });
+    let (_, answer) = post(&s, &token, applied.encode_to_vec(), false).await;
+    assert!(
+        answer.unwrap().remote_config.is_none(),
+        "applied: not offered again"
+    );
+    let (_, answer) = post(
+        &s,
+        &token,
+        message(&assigned, 3, None).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert!(
+        answer.unwrap().remote_config.is_none(),
+        "the stored status counts"
+    );
+    let mut refusing = message(&assigned, 4, None);
+    refusing.capabilities = REPORTS_STATUS;
+    let response = s
+        .http
+        .put(s.url(&format!("/api/v1/agents/{id}/config")))
+        .bearer_auth(&admin)
+        .body(r#"{"config_map":{"agent.yaml":{"body":"interval: 20s"}}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, answer) = post(&s, &token, refusing.encode_to_vec(), false).await;
+    assert!(
+        answer.unwrap().remote_config.is_none(),
+        "never offered to an agent that does not accept remote configuration"
+    );
+    let response = s
+        .http
+        .put(s.url(&format!("/api/v1/agents/{id}/config")))
+        .bearer_auth(&admin)
+        .body(r#"{"config_map":{}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    // Malformed: answered in the protocol, BadRequest.
+    for bad in [
+        vec![0xff, 0xff, 0xff],
+        message(&uid, 6, None).encode_to_vec()[2..].to_vec(),
+    ] {
+        let (status, answer) = post(&s, &token, bad, false).await;
+        assert_eq!(status, 200);
+        let error = answer.unwrap().error_response.expect("an error answer");
+        assert_eq!(error.r#type, BAD_REQUEST, "{}", error.error_message);
+    }
+    let mut short = message(&uid, 6, None);
+    short.instance_uid = vec![1, 2, 3];
+    let (_, answer) = post(&s, &token, short.encode_to_vec(), false).await;
+    let error = answer.unwrap().error_response.unwrap();
+    assert!(
+        error.error_message.contains("16 bytes"),
+        "{}",
+        error.error_message
+    );
+    // Too large, before or after decompression: 413.
+    let mut large = message(&uid, 7, Some("h1"));
+    large
+        .agent_description
+        .as_mut()
+        .unwrap()
+        .non_identifying_attributes = vec![text("big", &"x".repeat(100 * 1024))];
+    let (status, _) = post(&s, &token, large.encode_to_vec(), false).await;
+    assert_eq!(status, 413);
+    let (status, _) = post(&s, &token, large.encode_to_vec(), true).await;
+    assert_eq!(status, 413, "a gzip bomb stops at the limit");
+    let response = s
+        .http
+        .post(s.url("/v1/opamp"))
+        .bearer_auth(&token)
+        .header("Content-Type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+
+    // Tokens: none is 401, a read-only one 403; another tenant's agents are its own.
+    let response = s
+        .http
+        .post(s.url("/v1/opamp"))
+        .header("Content-Type", "application/x-protobuf")
+        .body(message(&uid, 8, None).encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let (status, _) = post(&s, &reader, message(&uid, 8, None).encode_to_vec(), false).await;
+    assert_eq!(status, 403);
+    let (_, answer) = post(
+        &s,
+        &other,
+        message(&uid, 0, Some("h1")).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert!(
+        answer.unwrap().agent_identification.is_none(),
+        "the same uid in another tenant is another agent"
+    );
+    let other_reader = crate::auth::mint(&catalog, "team-b", "read", None).await;
+    let (_, page) = get(&s, &other_reader, "/api/v1/agents").await;
+    assert_eq!(page["data"]["total"], 1, "{page}");
+    let (_, page) = get(&s, &reader, "/api/v1/agents").await;
+    assert_eq!(page["data"]["total"], 3, "{page}");
+
+    // A disconnect ends the sequence: the next message starts a new one with no gap.
+    let mut bye = message(&uid, 9, None);
+    bye.agent_disconnect = Some(Default::default());
+    let (_, answer) = post(&s, &token, bye.encode_to_vec(), false).await;
+    assert!(answer.unwrap().error_response.is_none());
+    let (_, answer) = post(
+        &s,
+        &token,
+        message(&uid, 0, Some("h1")).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, 0);
+}
