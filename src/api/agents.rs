@@ -103,7 +103,7 @@ fn agent_answer(status: StatusCode, agent: &AgentRecord, fleet: &FleetConfig) ->
     response
 }
 
-fn catalog_error(e: CatalogError) -> ApiError {
+pub(super) fn catalog_error(e: CatalogError) -> ApiError {
     let id = super::errors::incident_id();
     tracing::error!(request_id = %id, error = %e, "agents registry failed");
     ApiError {

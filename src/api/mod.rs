@@ -3,6 +3,7 @@
 //! layers; they never touch a storage backend directly beyond the storage trait.
 
 mod admin;
+mod agent_metrics;
 mod agents;
 pub(crate) mod auth;
 pub mod errors;
@@ -104,6 +105,11 @@ pub fn router(state: SharedState) -> Router {
                 .put(agents::change)
                 .patch(agents::change)
                 .delete(agents::delete),
+        )
+        .route("/api/v1/metrics/latest/{agent}", get(agent_metrics::latest))
+        .route(
+            "/api/v1/metrics/history/{agent}",
+            get(agent_metrics::history),
         )
         .route(
             "/api/v1/agents/{id}/config",

@@ -596,6 +596,34 @@ macro_rules! agent_store {
                 Ok(done.rows_affected() > 0)
             }
 
+            async fn agents_after(
+                &self,
+                after: Option<(&$crate::model::TenantId, &str)>,
+                limit: i64,
+            ) -> $crate::catalog::CatalogResult<Vec<$crate::catalog::agents::AgentRecord>> {
+                // The (tenant_id, agent_id) unique index serves this order.
+                let (tenant, agent_id) = after.map_or(("", ""), |(t, a)| (t.as_str(), a));
+                let condition = if after.is_some() {
+                    "(tenant_id > $1 OR (tenant_id = $1 AND agent_id > $2))"
+                } else {
+                    "$1 = $1 AND $2 = $2"
+                };
+                let sql = $dialect.sql(&$crate::catalog::agents::select_sql(&format!(
+                    "{condition} ORDER BY tenant_id, agent_id LIMIT $3"
+                )));
+                let rows = sqlx::query(&sql)
+                    .bind(tenant)
+                    .bind(agent_id)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut agents = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    agents.push($crate::catalog::agents::agent_from_row!(row));
+                }
+                Ok(agents)
+            }
+
             async fn delete_agent(
                 &self,
                 tenant: &$crate::model::TenantId,

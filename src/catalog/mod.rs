@@ -110,6 +110,14 @@ pub trait Agents: Send + Sync {
         sequence_num: Option<i64>,
     ) -> CatalogResult<bool>;
 
+    /// Up to `limit` agents of every tenant, in (tenant, `agent_id`) order, after the agent
+    /// `after` names (from the first when `None`).
+    async fn agents_after(
+        &self,
+        after: Option<(&TenantId, &str)>,
+        limit: i64,
+    ) -> CatalogResult<Vec<AgentRecord>>;
+
     /// Deletes the tenant's agent `id`; whether there was one.
     async fn delete_agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<bool>;
 

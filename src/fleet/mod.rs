@@ -3,6 +3,7 @@
 
 pub mod opamp;
 pub mod remote;
+pub mod status;
 
 use clap::Args;
 use serde::Deserialize;
@@ -38,6 +39,15 @@ pub struct FleetConfig {
         default_value_t = 256 * 1024
     )]
     pub max_config_bytes: usize,
+    /// Seconds between writes of `secumon_agent_up` and
+    /// `secumon_agent_last_seen_timestamp_seconds` for every agent into its tenant (0: never).
+    #[arg(
+        id = "fleet.status_interval_secs",
+        long = "fleet-status-interval-secs",
+        env = "SECUMON_FLEET_STATUS_INTERVAL_SECS",
+        default_value_t = 15
+    )]
+    pub status_interval_secs: u64,
 }
 
 impl Default for FleetConfig {

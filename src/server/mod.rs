@@ -122,6 +122,31 @@ async fn last_used_loop(state: Arc<AppState>, stop: tokio::sync::watch::Receiver
     }
 }
 
+/// Writes the fleet's status series every `--fleet-status-interval-secs`, on the interval's
+/// boundaries, until shutdown.
+async fn fleet_status_loop(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) {
+    let every_ms = state.fleet.status_interval_secs.max(1) * 1000;
+    loop {
+        let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let wait = every_ms - now % every_ms;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
+            _ = shutdown_requested(stop.clone()) => return,
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        if let Err(e) = crate::fleet::status::write_all(
+            state.auth.catalog().as_ref(),
+            &state.ingester,
+            &state.fleet,
+            now,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "cannot write the fleet's status series; retrying at the next interval");
+        }
+    }
+}
+
 /// Runs the storage's data lifecycle (flush, compaction, retention) every `every` until
 /// shutdown; a run in progress finishes first.
 async fn maintenance_loop(
@@ -224,6 +249,9 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     }
     if let Some(tls) = &tls {
         tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
+    }
+    if state.fleet.status_interval_secs > 0 {
+        tasks.push(tokio::spawn(fleet_status_loop(state.clone(), stop.clone())));
     }
     if let Some(every) = state.storage.maintenance_interval() {
         tasks.push(tokio::spawn(maintenance_loop(

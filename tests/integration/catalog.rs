@@ -173,6 +173,28 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         Some(&b1),
         "{store}"
     );
+    // Every tenant's agents, in (tenant, agent_id) order, page by page.
+    let all: Vec<String> = catalog
+        .agents_after(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(all, ["a1", "a2", "b1"], "{store}");
+    let rest: Vec<String> = catalog
+        .agents_after(Some((&t1, "host-b")), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(rest, ["b1"], "{store}");
+    assert_eq!(
+        catalog.agents_after(None, 1).await.unwrap().len(),
+        1,
+        "{store}"
+    );
     let page = |limit, offset| AgentQuery {
         limit,
         offset,

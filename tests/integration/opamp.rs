@@ -511,3 +511,220 @@ async fn opamp_edges_sequence_uids_malformed_and_tenants() {
     .await;
     assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, 0);
 }
+
+/// The instant vector `query` gives to `token`'s tenant, as (labels, value) pairs.
+async fn instant(s: &Secumon, token: &str, query: &str) -> Vec<(Value, f64)> {
+    let response = s
+        .http
+        .get(s.url("/api/v1/query"))
+        .query(&[("query", query)])
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "success", "{query}: {body}");
+    body["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["metric"].clone(),
+                r["value"][1].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_health_is_written_as_series_into_each_tenant() {
+    let (s, catalog) = crate::auth::start(Backend::Embedded, |c| {
+        c.fleet.status_interval_secs = 1;
+    })
+    .await;
+    let token = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
+    let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
+    let other = crate::auth::mint(&catalog, "team-b", "read", None).await;
+    let uid = uuid::Uuid::now_v7();
+    let (_, answer) = post(
+        &s,
+        &token,
+        message(&uid, 0, Some("web-1")).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert!(answer.unwrap().error_response.is_none());
+    // Pre-registered, never seen: down.
+    let response = s
+        .http
+        .post(s.url("/api/v1/agents"))
+        .bearer_auth(&admin)
+        .body(r#"{"agent_id": "planned-1", "hostname": "db-9"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let up = loop {
+        let up = instant(&s, &admin, "secumon_agent_up").await;
+        if up.len() == 2 {
+            break up;
+        }
+        assert!(Instant::now() < deadline, "no fleet series: {up:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let by_host = |host: &str| {
+        up.iter()
+            .find(|(labels, _)| labels["hostname"] == host)
+            .unwrap_or_else(|| panic!("{host}: {up:?}"))
+    };
+    let (labels, value) = by_host("web-1");
+    assert_eq!(*value, 1.0, "{labels}");
+    assert_eq!(
+        (
+            &labels["job"],
+            &labels["instance"],
+            &labels["agent_id"],
+            &labels["agent_type"],
+            &labels["status"]
+        ),
+        (
+            &json!("secumon-fleet"),
+            &json!(uid.to_string()),
+            &json!(uid.to_string()),
+            &json!("hand-made"),
+            &json!("active")
+        ),
+        "{labels}"
+    );
+    assert_eq!(by_host("db-9").1, 0.0);
+    let seen = instant(&s, &admin, "secumon_agent_last_seen_timestamp_seconds").await;
+    assert_eq!(seen.len(), 1, "only agents ever seen: {seen:?}");
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!((now - seen[0].1).abs() < 30.0, "{seen:?} at {now}");
+    assert!(
+        instant(&s, &other, "secumon_agent_up").await.is_empty(),
+        "another tenant's fleet is not in team-b"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_latest_values_and_history() {
+    use crate::support::remote_write::{encode, request, series};
+    let (s, catalog) = crate::auth::start(Backend::Embedded, |c| {
+        c.fleet.status_interval_secs = 0;
+    })
+    .await;
+    let token = crate::auth::mint(&catalog, "team-a", "ingest,read", None).await;
+    let other = crate::auth::mint(&catalog, "team-b", "ingest,read", None).await;
+    let uid = uuid::Uuid::now_v7();
+    let (_, answer) = post(
+        &s,
+        &token,
+        message(&uid, 0, Some("web-1")).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert!(answer.unwrap().error_response.is_none());
+    let instance = uid.to_string();
+    // Whole seconds, so the history's steps (given in seconds) fall on the samples.
+    let now = chrono::Utc::now().timestamp() * 1000;
+    let minute = |n: i64| now - 60_000 * (10 - n);
+    let body = encode(&request(
+        vec![
+            series(
+                &[
+                    ("__name__", "cpu_seconds_total"),
+                    ("instance", &instance),
+                    ("mode", "idle"),
+                ],
+                &(0..10)
+                    .map(|n| (minute(n), n as f64 * 10.0))
+                    .collect::<Vec<_>>(),
+            ),
+            series(
+                &[("__name__", "load1"), ("instance", &instance)],
+                &[(minute(8), 0.5), (minute(9), f64::NAN)],
+            ),
+            // Another host's series, and one too old for "latest".
+            series(
+                &[("__name__", "load1"), ("instance", "elsewhere")],
+                &[(minute(9), 9.0)],
+            ),
+            series(
+                &[("__name__", "stale_gauge"), ("instance", &instance)],
+                &[(now - 3_600_000, 1.0)],
+            ),
+        ],
+        vec![],
+    ));
+    let response = s
+        .http
+        .post(s.url("/api/v1/write"))
+        .bearer_auth(&token)
+        .header("Content-Type", "application/x-protobuf")
+        .header("Content-Encoding", "snappy")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204, "{}", response.text().await.unwrap());
+
+    let (status, latest) = get(&s, &token, &format!("/api/v1/metrics/latest/{instance}")).await;
+    assert_eq!(status, 200, "{latest}");
+    assert_eq!(
+        latest["data"]["metrics"],
+        json!([
+            {"name": "cpu_seconds_total", "labels": {"instance": instance, "mode": "idle"},
+             "value": 90.0, "timestamp": minute(9)},
+            {"name": "load1", "labels": {"instance": instance}, "value": "NaN", "timestamp": minute(9)},
+        ]),
+        "{latest}"
+    );
+    // By registry id too.
+    let (_, page) = get(&s, &token, "/api/v1/agents").await;
+    let id = page["data"]["agents"][0]["id"].as_str().unwrap().to_owned();
+    let (status, by_id) = get(&s, &token, &format!("/api/v1/metrics/latest/{id}")).await;
+    assert_eq!((status, &by_id["data"]), (200, &latest["data"]));
+
+    let range = format!(
+        "/api/v1/metrics/history/{instance}?metric=cpu_seconds_total&start={}&end={}&step=120",
+        minute(0) / 1000,
+        minute(9) / 1000
+    );
+    let (status, history) = get(&s, &token, &range).await;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["data"]["resultType"], "matrix", "{history}");
+    let values: Vec<&str> = history["data"]["result"][0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[1].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["0", "20", "40", "60", "80"], "{history}");
+
+    // Bad parameters, another tenant, an unknown agent.
+    for (path, want) in [
+        (format!("/api/v1/metrics/history/{instance}"), 400),
+        (
+            format!("/api/v1/metrics/history/{instance}?metric=rate(x[1m])"),
+            400,
+        ),
+        (
+            format!("/api/v1/metrics/history/{instance}?metric=up&step=0"),
+            400,
+        ),
+        (
+            format!("/api/v1/metrics/history/{instance}?metric=up&start=0&end=100000&step=1"),
+            400,
+        ),
+        ("/api/v1/metrics/latest/nobody".to_string(), 404),
+    ] {
+        let (status, body) = get(&s, &token, &path).await;
+        assert_eq!(status, want, "{path}: {body}");
+    }
+    let (status, _) = get(&s, &other, &format!("/api/v1/metrics/latest/{instance}")).await;
+    assert_eq!(status, 404, "another tenant's agent is not found");
+}

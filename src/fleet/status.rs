@@ -1,0 +1,118 @@
+//! Fleet health as series: every `--fleet-status-interval-secs` the server writes, into each
+//! agent's tenant, `secumon_agent_up` (1 while the agent is online, else 0) and
+//! `secumon_agent_last_seen_timestamp_seconds` (once it was seen), so Grafana panels and
+//! alerting rules use the fleet like any other metric.
+//!
+//! Labels: `job="secumon-fleet"`, `instance` and `agent_id` (the agent's own id, which is the
+//! `service.instance.id`, so the `instance` its telemetry carries), and `hostname`, `name`,
+//! `agent_type`, `agent_version`, `os`, `status` when not empty. Sample times are aligned to
+//! the interval, so several server nodes writing the same fleet write the same samples.
+
+use super::FleetConfig;
+use crate::catalog::{AgentRecord, Catalog, CatalogError};
+use crate::ingest::{Batch, Ingester};
+use crate::model::{Label, Labels, Sample, TenantId};
+use crate::storage::{SeriesWrite, WriteBatch};
+
+/// The protocol name the written samples are counted under in `/metrics`.
+pub const PROTOCOL: &str = "fleet";
+pub const JOB: &str = "secumon-fleet";
+/// Agents read from the catalog at once.
+const PAGE: i64 = 1_000;
+
+/// The two series of `agent` at `t_ms`.
+pub fn agent_series(
+    agent: &AgentRecord,
+    fleet: &FleetConfig,
+    now_ms: i64,
+    t_ms: i64,
+) -> Vec<SeriesWrite> {
+    let labels = |name: &str| {
+        let mut labels = vec![
+            Label::new("__name__", name),
+            Label::new("job", JOB),
+            Label::new("instance", agent.agent_id.as_str()),
+            Label::new("agent_id", agent.agent_id.as_str()),
+            Label::new("status", agent.status.as_str()),
+        ];
+        for (label, value) in [
+            ("hostname", &agent.hostname),
+            ("name", &agent.name),
+            ("agent_type", &agent.agent_type),
+            ("agent_version", &agent.agent_version),
+            ("os", &agent.os),
+        ] {
+            if !value.is_empty() {
+                labels.push(Label::new(label, value.as_str()));
+            }
+        }
+        Labels::from_trusted(labels)
+    };
+    let up = fleet.online(agent.last_seen_at, agent.heartbeat_secs, now_ms);
+    let mut series = vec![SeriesWrite {
+        labels: labels("secumon_agent_up"),
+        samples: vec![Sample {
+            t: t_ms,
+            v: if up { 1.0 } else { 0.0 },
+        }],
+    }];
+    if let Some(seen) = agent.last_seen_at {
+        series.push(SeriesWrite {
+            labels: labels("secumon_agent_last_seen_timestamp_seconds"),
+            samples: vec![Sample {
+                t: t_ms,
+                v: seen as f64 / 1000.0,
+            }],
+        });
+    }
+    series
+}
+
+/// Writes the status series of every agent of every tenant at `now_ms`; how many agents.
+pub async fn write_all(
+    catalog: &dyn Catalog,
+    ingester: &Ingester,
+    fleet: &FleetConfig,
+    now_ms: i64,
+) -> Result<usize, String> {
+    let every_ms = fleet.status_interval_secs.max(1) as i64 * 1000;
+    let t_ms = now_ms - now_ms.rem_euclid(every_ms);
+    let mut after: Option<(TenantId, String)> = None;
+    let mut agents = 0;
+    loop {
+        let page = catalog
+            .agents_after(after.as_ref().map(|(t, a)| (t, a.as_str())), PAGE)
+            .await
+            .map_err(|e: CatalogError| e.to_string())?;
+        let Some(last) = page.last() else {
+            return Ok(agents);
+        };
+        after = Some((last.tenant.clone(), last.agent_id.clone()));
+        agents += page.len();
+        // One write per tenant on the page.
+        let mut start = 0;
+        while start < page.len() {
+            let tenant = page[start].tenant.clone();
+            let end = page[start..]
+                .iter()
+                .position(|a| a.tenant != tenant)
+                .map_or(page.len(), |n| start + n);
+            let series: Vec<SeriesWrite> = page[start..end]
+                .iter()
+                .flat_map(|a| agent_series(a, fleet, now_ms, t_ms))
+                .collect();
+            let batch = Batch {
+                series: WriteBatch::from_series(&series),
+                ..Default::default()
+            };
+            ingester
+                .write(PROTOCOL, &tenant, batch)
+                .await
+                .map_err(|e| format!("tenant {tenant}: {e}"))?;
+            start = end;
+        }
+        if (page.len() as i64) < PAGE {
+            return Ok(agents);
+        }
+    }
+}
