@@ -263,9 +263,10 @@ mod tests {
     use crate::storage::embedded::FsyncPolicy;
 
     /// Keys named apart from the rule, kept as the contract names them.
-    const CONTRACT_NAMES: [(&str, &str); 2] = [
+    const CONTRACT_NAMES: [(&str, &str); 3] = [
         ("postgres.timescaledb", "timescaledb"),
         ("auth.mode", "auth"),
+        ("fleet.live_interval", "live-interval"),
     ];
 
     #[test]

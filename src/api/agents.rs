@@ -10,6 +10,7 @@ use super::SharedState;
 use crate::catalog::{
     AgentQuery, AgentRecord, AgentSort, AgentStatus, AgentUpdate, CatalogError, SortKey,
 };
+use crate::fleet::live::AgentEventKind;
 use crate::fleet::remote::{hex, ConfigStatus, RemoteConfig};
 use crate::fleet::FleetConfig;
 use axum::extract::{Path, Query, State};
@@ -40,7 +41,7 @@ fn time(ms: Option<i64>) -> serde_json::Value {
         })
 }
 
-fn describe(a: &AgentRecord, now: i64, fleet: &FleetConfig) -> serde_json::Value {
+pub(super) fn describe(a: &AgentRecord, now: i64, fleet: &FleetConfig) -> serde_json::Value {
     let online = fleet.online(a.last_seen_at, a.heartbeat_secs, now);
     json!({
         "id": a.id,
@@ -472,7 +473,10 @@ pub(super) async fn create(
         .into_response());
     }
     match catalog.insert_agent(&agent).await {
-        Ok(()) => Ok(agent_answer(StatusCode::CREATED, &agent, &state.fleet)),
+        Ok(()) => {
+            state.live.agent_event(AgentEventKind::Registered, &agent);
+            Ok(agent_answer(StatusCode::CREATED, &agent, &state.fleet))
+        }
         Err(CatalogError::Conflict) => Err(ApiError {
             kind: ErrorType::Conflict,
             message: format!("agent_id {:?} is registered already", agent.agent_id),
@@ -578,7 +582,10 @@ async fn change_agent(
             Err(Changed::Stale) if wanted.is_none() && attempts < 5 => attempts += 1,
             Err(Changed::Stale) => return Err(precondition_failed().into_response()),
             Err(Changed::Refused(response)) => return Err(response),
-            Ok(agent) => return Ok(agent_answer(StatusCode::OK, &agent, &state.fleet)),
+            Ok(agent) => {
+                state.live.agent_event(AgentEventKind::Updated, &agent);
+                return Ok(agent_answer(StatusCode::OK, &agent, &state.fleet));
+            }
         }
     }
 }
@@ -693,15 +700,20 @@ pub(super) async fn delete(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let deleted = state
-        .auth
-        .catalog()
+    let catalog = state.auth.catalog();
+    let agent = catalog
+        .agent(&tenant, &id)
+        .await
+        .map_err(catalog_error)?
+        .ok_or_else(|| not_found(&id))?;
+    let deleted = catalog
         .delete_agent(&tenant, &id)
         .await
         .map_err(catalog_error)?;
     if !deleted {
         return Err(not_found(&id));
     }
+    state.live.agent_event(AgentEventKind::Deleted, &agent);
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         json!({"status": "success", "data": {"id": id}}).to_string(),

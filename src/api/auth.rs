@@ -77,6 +77,29 @@ pub(crate) async fn caller_for(
     checked
 }
 
+/// The live feed's browser clients cannot set `Authorization` on a WebSocket; they offer the
+/// token as a subprotocol instead, `bearer.<token>` beside `secumon.v1` (the server answers
+/// with `secumon.v1` alone, never echoing the token). Unlike a query parameter, the token stays
+/// out of URLs, so out of access logs, proxies' logs and browser history. For a `/ws/` request
+/// without `Authorization`, the headers with the token moved there.
+fn websocket_token(path: &str, headers: &axum::http::HeaderMap) -> Option<axum::http::HeaderMap> {
+    if !path.starts_with("/ws/") || headers.contains_key(header::AUTHORIZATION) {
+        return None;
+    }
+    let token = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("bearer."))?;
+    let mut headers = headers.clone();
+    headers.insert(
+        header::AUTHORIZATION,
+        axum::http::HeaderValue::from_str(&format!("Bearer {token}")).ok()?,
+    );
+    Some(headers)
+}
+
 /// Checks the request's credentials against the scope of its route.
 pub(super) async fn authenticate(
     State(state): State<SharedState>,
@@ -95,7 +118,12 @@ pub(super) async fn authenticate(
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
-    match caller_for(&state, request.headers(), peer, scope).await {
+    let from_protocol = websocket_token(&path, request.headers());
+    let headers = match &from_protocol {
+        Some(headers) => headers,
+        None => request.headers(),
+    };
+    match caller_for(&state, headers, peer, scope).await {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await

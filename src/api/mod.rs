@@ -8,6 +8,7 @@ mod agents;
 pub(crate) mod auth;
 pub mod errors;
 pub mod json;
+mod live;
 mod opamp;
 pub mod otlp;
 pub mod params;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub auth_config: crate::auth::AuthConfig,
     /// When agents count as online.
     pub fleet: crate::fleet::FleetConfig,
+    /// The live feed's hub.
+    pub live: Arc<crate::fleet::live::LiveHub>,
     /// Whether a listener is beyond loopback (so authentication off is worth a warning).
     pub exposed: bool,
     /// How request bodies are read (after authentication).
@@ -89,6 +92,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/write", post(write::remote_write))
         .route("/api/v1/otlp/v1/metrics", post(otlp::http_export))
         .route("/v1/opamp", post(opamp::http))
+        .route("/ws/metrics/{agent}", get(live::metrics))
+        .route("/ws/agents", get(live::agents))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -100,6 +100,7 @@ pub(super) async fn http(
         peer,
         now_ms: chrono::Utc::now().timestamp_millis(),
         max_agents: super::agents::MAX_AGENTS_PER_TENANT,
+        live: Some(&state.live),
     };
     match exchange.answer(&message).await {
         Ok(answer) => protobuf(StatusCode::OK, &answer),

@@ -1,6 +1,7 @@
 //! The fleet: agents that report to this server, as the registry (in the catalog) knows them,
 //! and the OpAMP server they talk to.
 
+pub mod live;
 pub mod opamp;
 pub mod remote;
 pub mod status;
@@ -48,6 +49,52 @@ pub struct FleetConfig {
         default_value_t = 15
     )]
     pub status_interval_secs: u64,
+    /// How often the live feed sends each watched agent's new readings (a Prometheus
+    /// duration: `2s`, `500ms`): its readings are coalesced to one message per interval.
+    #[arg(
+        id = "fleet.live_interval",
+        long = "live-interval",
+        env = "SECUMON_LIVE_INTERVAL",
+        default_value = "2s",
+        value_parser = parse_interval
+    )]
+    #[serde(deserialize_with = "deserialize_interval")]
+    pub live_interval: std::time::Duration,
+    /// Most live-feed WebSocket clients connected at once (each also holds one of the HTTP
+    /// listener's `--http-max-connections`); past it, an upgrade is answered 503.
+    #[arg(
+        id = "fleet.live_max_clients",
+        long = "fleet-live-max-clients",
+        env = "SECUMON_FLEET_LIVE_MAX_CLIENTS",
+        default_value_t = 256
+    )]
+    pub live_max_clients: usize,
+    /// Messages queued for one live-feed client; a client further behind is told how many it
+    /// lost (`{"type":"lagged"}`) and closed.
+    #[arg(
+        id = "fleet.live_queue",
+        long = "fleet-live-queue",
+        env = "SECUMON_FLEET_LIVE_QUEUE",
+        default_value_t = 16
+    )]
+    pub live_queue: usize,
+}
+
+/// A live interval from 10 ms to an hour.
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let ms = crate::api::params::parse_prometheus_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 2s or 500ms"))?;
+    if !(10..=3_600_000).contains(&ms) {
+        return Err(format!("{text:?}: from 10ms to 1h"));
+    }
+    Ok(std::time::Duration::from_millis(ms as u64))
+}
+
+fn deserialize_interval<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_interval(&text).map_err(serde::de::Error::custom)
 }
 
 impl Default for FleetConfig {

@@ -49,6 +49,8 @@ pub struct Exchange<'a> {
     pub now_ms: i64,
     /// Most agents the tenant may have (auto-registration stops there).
     pub max_agents: i64,
+    /// Where registrations and changes are announced (`/ws/agents`).
+    pub live: Option<&'a super::live::LiveHub>,
 }
 
 /// An answer that carries only an error.
@@ -203,7 +205,10 @@ impl Exchange<'_> {
         };
         self.apply(&mut agent, message, sequence);
         match self.catalog.insert_agent(&agent).await {
-            Ok(()) => Ok(Ok(agent)),
+            Ok(()) => {
+                self.announce(super::live::AgentEventKind::Registered, &agent);
+                Ok(Ok(agent))
+            }
             // Registered meanwhile (the same agent's retry, or another server node): report.
             Err(CatalogError::Conflict) => {
                 match self
@@ -244,6 +249,7 @@ impl Exchange<'_> {
             match self.catalog.update_agent(&agent).await? {
                 AgentUpdate::Updated(revision) => {
                     agent.revision = revision;
+                    self.announce(super::live::AgentEventKind::Updated, &agent);
                     return Ok(agent);
                 }
                 AgentUpdate::Stale | AgentUpdate::Missing => {
@@ -261,6 +267,12 @@ impl Exchange<'_> {
         Err(CatalogError::Unavailable(
             "the agent changed on every attempt to record its report".into(),
         ))
+    }
+
+    fn announce(&self, kind: super::live::AgentEventKind, agent: &AgentRecord) {
+        if let Some(live) = self.live {
+            live.agent_event(kind, agent);
+        }
     }
 
     /// Writes what `message` reports into `agent`.

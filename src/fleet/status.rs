@@ -8,11 +8,13 @@
 //! `agent_type`, `agent_version`, `os`, `status` when not empty. Sample times are aligned to
 //! the interval, so several server nodes writing the same fleet write the same samples.
 
+use super::live::{AgentEventKind, LiveHub};
 use super::FleetConfig;
 use crate::catalog::{AgentRecord, Catalog, CatalogError};
 use crate::ingest::{Batch, Ingester};
 use crate::model::{Label, Labels, Sample, TenantId};
 use crate::storage::{SeriesWrite, WriteBatch};
+use std::collections::HashMap;
 
 /// The protocol name the written samples are counted under in `/metrics`.
 pub const PROTOCOL: &str = "fleet";
@@ -68,13 +70,38 @@ pub fn agent_series(
     series
 }
 
-/// Writes the status series of every agent of every tenant at `now_ms`; how many agents.
+/// Whether each agent was online at the previous run, to announce changes on `/ws/agents`.
+#[derive(Default)]
+pub struct Presence(HashMap<(TenantId, String), bool>);
+
+impl Presence {
+    /// Records `agent`'s state; its change since the previous run, if any (not on the first).
+    fn observe(&mut self, agent: &AgentRecord, online: bool) -> Option<AgentEventKind> {
+        let before = self
+            .0
+            .insert((agent.tenant.clone(), agent.id.clone()), online);
+        match before {
+            Some(was) if was != online => Some(if online {
+                AgentEventKind::Online
+            } else {
+                AgentEventKind::Offline
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Writes the status series of every agent of every tenant at `now_ms`, and announces agents
+/// that came online or went offline since the previous run; how many agents.
 pub async fn write_all(
     catalog: &dyn Catalog,
     ingester: &Ingester,
     fleet: &FleetConfig,
+    live: Option<(&LiveHub, &mut Presence)>,
     now_ms: i64,
 ) -> Result<usize, String> {
+    let mut live = live;
+    let mut seen = std::collections::HashSet::new();
     let every_ms = fleet.status_interval_secs.max(1) as i64 * 1000;
     let t_ms = now_ms - now_ms.rem_euclid(every_ms);
     let mut after: Option<(TenantId, String)> = None;
@@ -85,10 +112,20 @@ pub async fn write_all(
             .await
             .map_err(|e: CatalogError| e.to_string())?;
         let Some(last) = page.last() else {
+            forget_gone(&mut live, &seen);
             return Ok(agents);
         };
         after = Some((last.tenant.clone(), last.agent_id.clone()));
         agents += page.len();
+        if let Some((hub, presence)) = live.as_mut() {
+            for agent in &page {
+                seen.insert((agent.tenant.clone(), agent.id.clone()));
+                let online = fleet.online(agent.last_seen_at, agent.heartbeat_secs, now_ms);
+                if let Some(kind) = presence.observe(agent, online) {
+                    hub.agent_event(kind, agent);
+                }
+            }
+        }
         // One write per tenant on the page.
         let mut start = 0;
         while start < page.len() {
@@ -112,7 +149,18 @@ pub async fn write_all(
             start = end;
         }
         if (page.len() as i64) < PAGE {
+            forget_gone(&mut live, &seen);
             return Ok(agents);
         }
+    }
+}
+
+/// Drops deleted agents from `presence`.
+fn forget_gone(
+    live: &mut Option<(&LiveHub, &mut Presence)>,
+    seen: &std::collections::HashSet<(TenantId, String)>,
+) {
+    if let Some((_, presence)) = live {
+        presence.0.retain(|key, _| seen.contains(key));
     }
 }

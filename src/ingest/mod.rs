@@ -318,6 +318,8 @@ pub struct Ingester {
     /// Metadata already stored, by [`metadata_key`]: OTLP repeats it with every export,
     /// remote-write every minute.
     stored_metadata: Arc<std::sync::Mutex<std::collections::HashSet<u128>>>,
+    /// Where stored samples of watched agents go (the live feed).
+    live: Option<Arc<crate::fleet::live::LiveHub>>,
 }
 
 /// How long an ingest request waits for a slot before it is answered "retry later".
@@ -356,7 +358,14 @@ impl Ingester {
             config,
             raw_days,
             stored_metadata: Arc::default(),
+            live: None,
         }
+    }
+
+    /// This ingester, telling `hub` of every batch it stores.
+    pub fn with_live(mut self, hub: Arc<crate::fleet::live::LiveHub>) -> Ingester {
+        self.live = Some(hub);
+        self
     }
 
     /// The bounds of a request arriving now.
@@ -497,6 +506,9 @@ impl Ingester {
         }
         if !batch.series.is_empty() {
             let outcome = self.storage.append_batch(tenant, &batch.series).await?;
+            if let Some(live) = &self.live {
+                live.publish(tenant, &batch.series);
+            }
             for (reason, count) in &outcome.rejected {
                 self.metrics.rejected(protocol, reason.as_str(), *count);
             }

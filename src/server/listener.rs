@@ -528,7 +528,9 @@ pub async fn serve_http(
             watch_connection(
                 hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(conn), service),
+                    .serve_connection(TokioIo::new(conn), service)
+                    // The live feed's WebSockets: the upgraded stream leaves this task.
+                    .with_upgrades(),
                 activity,
                 epoch,
                 Timeouts { header_ms, idle_ms },
@@ -567,7 +569,7 @@ const WATCHDOG_TICK: Duration = Duration::from_millis(250);
 /// progress; a connection still open one header timeout later (a client that does not read
 /// its response, say) is dropped.
 async fn watch_connection<S>(
-    connection: hyper::server::conn::http1::Connection<TokioIo<Conn>, S>,
+    connection: hyper::server::conn::http1::UpgradeableConnection<TokioIo<Conn>, S>,
     activity: Arc<Activity>,
     epoch: Instant,
     timeouts: Timeouts,

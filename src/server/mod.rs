@@ -126,6 +126,7 @@ async fn last_used_loop(state: Arc<AppState>, stop: tokio::sync::watch::Receiver
 /// boundaries, until shutdown.
 async fn fleet_status_loop(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) {
     let every_ms = state.fleet.status_interval_secs.max(1) * 1000;
+    let mut presence = crate::fleet::status::Presence::default();
     loop {
         let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
         let wait = every_ms - now % every_ms;
@@ -138,6 +139,7 @@ async fn fleet_status_loop(state: Arc<AppState>, stop: tokio::sync::watch::Recei
             state.auth.catalog().as_ref(),
             &state.ingester,
             &state.fleet,
+            Some((&state.live, &mut presence)),
             now,
         )
         .await
@@ -214,6 +216,11 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
             .max(config.ingest.max_request_bytes)
             .min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
+    let live = Arc::new(crate::fleet::live::LiveHub::new(
+        config.fleet.live_interval,
+        config.fleet.live_queue,
+        config.fleet.live_max_clients,
+    ));
     let state = Arc::new(AppState {
         auth: Arc::new(
             crate::auth::Authenticator::new(catalog, required, &config.auth)
@@ -221,6 +228,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         ),
         auth_config: config.auth.clone(),
         fleet: config.fleet.clone(),
+        live: live.clone(),
         exposed,
         body_limits: listener::BodyLimits {
             timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),
@@ -233,7 +241,8 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
             metrics.clone(),
             config.ingest.clone(),
             config.retention.raw_days,
-        ),
+        )
+        .with_live(live.clone()),
         ingest_config: config.ingest.clone(),
         body_budget,
         otlp_config: config.otlp.clone(),
@@ -250,6 +259,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     if let Some(tls) = &tls {
         tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
     }
+    tasks.push(tokio::spawn(live.clone().run(stop.clone())));
     if state.fleet.status_interval_secs > 0 {
         tasks.push(tokio::spawn(fleet_status_loop(state.clone(), stop.clone())));
     }

@@ -12,6 +12,7 @@ mod crash;
 mod e2e_prometheus;
 mod hardening;
 mod lifecycle;
+mod live;
 mod opamp;
 mod otlp;
 mod promql_diff;

@@ -1,0 +1,369 @@
+//! The live feed over WebSocket (`read` scope): `GET /ws/metrics/{agent}` pushes an agent's
+//! readings as they are ingested, `GET /ws/agents` the tenant's registry changes. What the
+//! hub does is `fleet::live`'s; this is the socket side: subprotocol, subscriptions,
+//! keep-alive, and closing a client that cannot keep up (it never slows anyone else).
+//!
+//! Messages from the server: `{"type":"subscribed",…}` once the feed is set up (and after each
+//! `subscribe`), `{"type":"metrics",…}` or `{"type":<registry change>,"agent":{…}}`,
+//! `{"type":"error","error":…}` for a bad client message, and `{"type":"lagged","dropped":N}`
+//! just before a close with code 4429 when the client fell more than `--fleet-live-queue`
+//! messages behind. A client whose socket takes no message for that many intervals (at least
+//! a second) has stopped reading: it is dropped without a word, as none would reach it. Close codes: 4404 unknown agent (or another tenant's),
+//! 4429 too slow, 1001 server stopping or client silent past the keep-alive.
+
+use super::auth::Tenant;
+use super::SharedState;
+use crate::fleet::live::{AgentEvent, Client};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
+
+/// The subprotocol of the feed (a browser offers it beside `bearer.<token>`).
+pub const PROTOCOL: &str = "secumon.v1";
+/// Largest message a client may send.
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Most name patterns in one subscription, and the longest.
+const MAX_PATTERNS: usize = 64;
+const MAX_PATTERN_BYTES: usize = 256;
+/// A ping every so often; a client silent for three is gone.
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// Longest a close may wait for the client's socket.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least time a message may wait for the client's socket; the most is `--fleet-live-queue`
+/// intervals, as far behind as a client may fall.
+const MIN_STALL: Duration = Duration::from_secs(1);
+
+pub const CLOSE_UNKNOWN_AGENT: u16 = 4404;
+pub const CLOSE_TOO_SLOW: u16 = 4429;
+const CLOSE_GOING_AWAY: u16 = 1001;
+
+fn busy() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many live-feed clients (--fleet-live-max-clients); retry later\n",
+    )
+        .into_response()
+}
+
+fn upgrade(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    ws.protocols([PROTOCOL])
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+}
+
+/// `GET /ws/metrics/{agent}` (the registry `id` or the `agent_id`).
+pub(super) async fn metrics(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path(key): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(client) = state.live.join() else {
+        return busy();
+    };
+    let agent = super::agent_metrics::find_agent(&state, &tenant, &key).await;
+    upgrade(ws).on_upgrade(move |mut socket| async move {
+        let agent = match agent {
+            Ok(agent) => agent,
+            Err(e) => {
+                close(&mut socket, CLOSE_UNKNOWN_AGENT, &e.message).await;
+                return;
+            }
+        };
+        let subscription = state.live.subscribe(&tenant, &agent.agent_id);
+        Feed::new(socket, &state, client)
+            .metrics(subscription, &agent.agent_id)
+            .await;
+    })
+}
+
+/// `GET /ws/agents`: the tenant's registry changes.
+pub(super) async fn agents(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(client) = state.live.join() else {
+        return busy();
+    };
+    let events = state.live.watch_agents(&tenant);
+    upgrade(ws).on_upgrade(move |socket| async move {
+        Feed::new(socket, &state, client).agents(events).await;
+    })
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    // A close reason is at most 123 bytes.
+    let reason = crate::fleet::remote::truncate(reason, 123);
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    }));
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await;
+}
+
+/// What a client said.
+enum Heard {
+    Nothing,
+    Text(String),
+    Gone,
+}
+
+/// One connected client.
+struct Feed {
+    socket: WebSocket,
+    state: SharedState,
+    _client: Client,
+    last_heard: Instant,
+    /// How long one message may wait for the client's socket: a client that takes longer
+    /// (it stopped reading, and the buffers between are full) is dropped, with no notice, as
+    /// none can reach it.
+    stall: Duration,
+    ping: tokio::time::Interval,
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Feed {
+    fn new(socket: WebSocket, state: &SharedState, client: Client) -> Feed {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Feed {
+            socket,
+            state: state.clone(),
+            _client: client,
+            last_heard: Instant::now(),
+            stall: (state.live.interval() * state.fleet.live_queue.max(1) as u32).max(MIN_STALL),
+            ping,
+            closing: state.live.closing(),
+        }
+    }
+
+    /// Sends `text`; false when the client is gone or did not take it in time.
+    async fn send(&mut self, text: String) -> bool {
+        matches!(
+            tokio::time::timeout(self.stall, self.socket.send(Message::Text(text.into()))).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn lagged(&mut self, dropped: u64) {
+        let notice = json!({"type": "lagged", "dropped": dropped}).to_string();
+        if self.send(notice).await {
+            close(
+                &mut self.socket,
+                CLOSE_TOO_SLOW,
+                &format!("client too slow: {dropped} messages dropped"),
+            )
+            .await;
+        }
+    }
+
+    /// Handles what arrives from the client or the clock; `Gone` ends the feed.
+    fn heard(&mut self, message: Option<Result<Message, axum::Error>>) -> Heard {
+        match message {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Heard::Gone,
+            Some(Ok(Message::Text(text))) => {
+                self.last_heard = Instant::now();
+                Heard::Text(text.to_string())
+            }
+            // Pongs (and pings, which the library answers) keep the client alive.
+            Some(Ok(_)) => {
+                self.last_heard = Instant::now();
+                Heard::Nothing
+            }
+        }
+    }
+
+    /// Sends a ping, or closes a client silent for three.
+    async fn keep_alive(&mut self) -> bool {
+        if self.last_heard.elapsed() > PING_EVERY * 3 {
+            close(&mut self.socket, CLOSE_GOING_AWAY, "no pong").await;
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(
+                SEND_TIMEOUT,
+                self.socket.send(Message::Ping(Default::default()))
+            )
+            .await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn metrics(mut self, mut subscription: crate::fleet::live::Subscription, agent_id: &str) {
+        let interval_ms = self.state.live.interval().as_millis() as u64;
+        let subscribed = |patterns: &[String]| {
+            json!({"type": "subscribed", "agent_id": agent_id, "metrics": patterns,
+                "interval_ms": interval_ms})
+            .to_string()
+        };
+        if !self.send(subscribed(&[])).await {
+            return;
+        }
+        let filter = std::sync::Mutex::new(None::<regex::Regex>);
+        self.run(
+            &mut subscription.receiver,
+            |snapshot| snapshot.to_json(filter.lock().expect("filter lock").as_ref()),
+            |text| match parse_subscribe(text) {
+                Ok((patterns, regex)) => {
+                    *filter.lock().expect("filter lock") = regex;
+                    subscribed(&patterns)
+                }
+                Err(e) => json!({"type": "error", "error": e}).to_string(),
+            },
+        )
+        .await;
+    }
+
+    async fn agents(mut self, mut events: tokio::sync::broadcast::Receiver<Arc<AgentEvent>>) {
+        if !self
+            .send(json!({"type": "subscribed", "agents": "all"}).to_string())
+            .await
+        {
+            return;
+        }
+        let fleet = self.state.fleet.clone();
+        self.run(
+            &mut events,
+            |event| {
+                let now = chrono::Utc::now().timestamp_millis();
+                Some(
+                    json!({
+                        "type": event.kind.as_str(),
+                        "agent": super::agents::describe(&event.agent, now, &fleet),
+                    })
+                    .to_string(),
+                )
+            },
+            |_| json!({"type": "error", "error": "/ws/agents takes no messages"}).to_string(),
+        )
+        .await;
+    }
+
+    /// Sends what `item` makes of each message of `receiver`, answers each text from the
+    /// client with what `text` makes of it, keeps the connection alive, and ends when either
+    /// side goes, the client falls behind, or the server stops.
+    async fn run<T: Clone>(
+        mut self,
+        receiver: &mut tokio::sync::broadcast::Receiver<T>,
+        item: impl Fn(T) -> Option<String>,
+        text: impl Fn(&str) -> String,
+    ) {
+        enum Event<T> {
+            Received(Result<T, RecvError>),
+            Message(Option<Result<Message, axum::Error>>),
+            Ping,
+            Closing,
+        }
+        loop {
+            let event = tokio::select! {
+                received = receiver.recv() => Event::Received(received),
+                message = self.socket.recv() => Event::Message(message),
+                _ = self.ping.tick() => Event::Ping,
+                _ = self.closing.wait_for(|c| *c) => Event::Closing,
+            };
+            match event {
+                Event::Received(Ok(value)) => {
+                    if let Some(message) = item(value) {
+                        if !self.send(message).await {
+                            return;
+                        }
+                    }
+                }
+                Event::Received(Err(RecvError::Lagged(dropped))) => {
+                    return self.lagged(dropped).await
+                }
+                Event::Received(Err(RecvError::Closed)) => return,
+                Event::Message(message) => match self.heard(message) {
+                    Heard::Gone => return,
+                    Heard::Nothing => {}
+                    Heard::Text(said) => {
+                        let answer = text(&said);
+                        if !self.send(answer).await {
+                            return;
+                        }
+                    }
+                },
+                Event::Ping => {
+                    if !self.keep_alive().await {
+                        return;
+                    }
+                }
+                Event::Closing => {
+                    close(&mut self.socket, CLOSE_GOING_AWAY, "server stopping").await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `{"type":"subscribe","metrics":[<pattern>, …]}`: metric names matching any pattern (an
+/// anchored regular expression, as PromQL's `=~` takes one); none means every metric.
+fn parse_subscribe(text: &str) -> Result<(Vec<String>, Option<regex::Regex>), String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Subscribe {
+        r#type: String,
+        #[serde(default)]
+        metrics: Vec<String>,
+    }
+    let message: Subscribe = serde_json::from_str(text)
+        .map_err(|e| format!("expected {{\"type\":\"subscribe\",\"metrics\":[…]}}: {e}"))?;
+    if message.r#type != "subscribe" {
+        return Err(format!("unknown message type {:?}", message.r#type));
+    }
+    if message.metrics.len() > MAX_PATTERNS {
+        return Err(format!("more than {MAX_PATTERNS} patterns"));
+    }
+    if let Some(long) = message.metrics.iter().find(|p| p.len() > MAX_PATTERN_BYTES) {
+        return Err(format!(
+            "pattern {long:?} is longer than {MAX_PATTERN_BYTES} bytes"
+        ));
+    }
+    if message.metrics.is_empty() {
+        return Ok((message.metrics, None));
+    }
+    let alternatives: Vec<String> = message.metrics.iter().map(|p| format!("(?:{p})")).collect();
+    let regex = regex::RegexBuilder::new(&format!("^(?:{})$", alternatives.join("|")))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("bad pattern: {e}"))?;
+    Ok((message.metrics, Some(regex)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_subscribe;
+
+    #[test]
+    fn subscriptions_are_anchored_patterns_within_bounds() {
+        let (_, regex) =
+            parse_subscribe(r#"{"type":"subscribe","metrics":["cpu.*","load1"]}"#).unwrap();
+        let regex = regex.unwrap();
+        assert!(regex.is_match("cpu_seconds_total"));
+        assert!(regex.is_match("load1"));
+        assert!(!regex.is_match("load15"));
+        assert!(!regex.is_match("node_cpu"));
+        assert!(parse_subscribe(r#"{"type":"subscribe"}"#)
+            .unwrap()
+            .1
+            .is_none());
+        for bad in [
+            r#"{"type":"unsubscribe","metrics":[]}"#,
+            r#"{"type":"subscribe","metrics":["("]}"#,
+            r#"{"type":"subscribe","metrics":"cpu"}"#,
+            "not json",
+        ] {
+            assert!(parse_subscribe(bad).is_err(), "{bad}");
+        }
+        let many = format!(r#"{{"type":"subscribe","metrics":{:?}}}"#, vec!["a"; 65]);
+        assert!(parse_subscribe(&many).is_err());
+    }
+}

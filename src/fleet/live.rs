@@ -1,0 +1,446 @@
+//! The live hub: samples as they are ingested, coalesced per agent and pushed to WebSocket
+//! clients (`/ws/metrics/{agent}`), and registry changes pushed to fleet pages
+//! (`/ws/agents`). Ingest never waits for a client: it records the latest sample of each
+//! watched series in the agent's pending map (a short lock), and a ticker sends each agent's
+//! pending readings once per `--live-interval` over a bounded broadcast channel; a client that
+//! falls behind loses messages, is told how many, and is closed.
+//!
+//! An agent's series are those whose `instance` label is its `agent_id`, as for the metrics
+//! API. Nothing is kept for agents nobody watches: with no client, ingest pays one atomic load.
+
+use crate::catalog::AgentRecord;
+use crate::model::{LabelsRef, TenantId};
+use crate::storage::WriteBatch;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Most distinct series pending for one agent between two sends; more are dropped until the
+/// next send (and counted).
+pub const MAX_PENDING_SERIES: usize = 10_000;
+
+/// The latest reading of one series.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading {
+    pub name: String,
+    pub value: f64,
+    pub t: i64,
+}
+
+/// One coalesced message for an agent: the latest reading of each series that had one since
+/// the previous message.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub agent_id: String,
+    /// When it was made (Unix ms).
+    pub timestamp: i64,
+    /// By series key (`name{label="value",…}`), in key order.
+    pub readings: Vec<(String, Reading)>,
+    /// The unfiltered message, made once for every client that wants all of it.
+    whole: OnceLock<String>,
+}
+
+/// A sample value as JSON: a number, or `"NaN"`, `"+Inf"`, `"-Inf"`.
+pub fn value_json(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        serde_json::json!(v)
+    } else if v.is_nan() {
+        serde_json::json!("NaN")
+    } else if v > 0.0 {
+        serde_json::json!("+Inf")
+    } else {
+        serde_json::json!("-Inf")
+    }
+}
+
+impl Snapshot {
+    /// The envelope `{"type":"metrics","agent_id","timestamp","data":{key:{"value","timestamp"}}}`
+    /// with the readings whose metric name `filter` matches (all without one); `None` when none
+    /// does.
+    pub fn to_json(&self, filter: Option<&regex::Regex>) -> Option<String> {
+        let Some(filter) = filter else {
+            return Some(self.whole.get_or_init(|| self.render(None)).clone());
+        };
+        self.readings
+            .iter()
+            .any(|(_, r)| filter.is_match(&r.name))
+            .then(|| self.render(Some(filter)))
+    }
+
+    fn render(&self, filter: Option<&regex::Regex>) -> String {
+        let data: serde_json::Map<String, serde_json::Value> = self
+            .readings
+            .iter()
+            .filter(|(_, r)| filter.is_none_or(|f| f.is_match(&r.name)))
+            .map(|(key, r)| {
+                (
+                    key.clone(),
+                    serde_json::json!({"value": value_json(r.value), "timestamp": r.t}),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "type": "metrics",
+            "agent_id": self.agent_id,
+            "timestamp": self.timestamp,
+            "data": data,
+        })
+        .to_string()
+    }
+}
+
+/// A change in a tenant's registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentEventKind {
+    Registered,
+    Updated,
+    Deleted,
+    Online,
+    Offline,
+}
+
+impl AgentEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentEventKind::Registered => "registered",
+            AgentEventKind::Updated => "updated",
+            AgentEventKind::Deleted => "deleted",
+            AgentEventKind::Online => "online",
+            AgentEventKind::Offline => "offline",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentEvent {
+    pub kind: AgentEventKind,
+    pub agent: AgentRecord,
+}
+
+/// The agents watched in one tenant.
+struct Topic {
+    pending: Mutex<HashMap<String, Reading>>,
+    sender: broadcast::Sender<Arc<Snapshot>>,
+}
+
+pub struct LiveHub {
+    interval: Duration,
+    queue: usize,
+    max_clients: usize,
+    clients: AtomicUsize,
+    /// Agents watched, in every tenant (ingest's fast path reads this alone).
+    watched: AtomicUsize,
+    /// Watched agents by tenant and `agent_id`.
+    topics: RwLock<HashMap<TenantId, HashMap<String, Arc<Topic>>>>,
+    /// Registry changes by tenant, while someone watches.
+    registries: Mutex<HashMap<TenantId, broadcast::Sender<Arc<AgentEvent>>>>,
+    /// Readings left out past [`MAX_PENDING_SERIES`].
+    pub dropped_readings: AtomicUsize,
+    /// Set when the server stops: clients close with 1001.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+/// A connected client's place in the hub; leaving (drop) frees it.
+pub struct Client {
+    hub: Arc<LiveHub>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.hub.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client's subscription to one agent's readings; dropping it stops the hub keeping them
+/// once no one else watches that agent.
+pub struct Subscription {
+    hub: Arc<LiveHub>,
+    tenant: TenantId,
+    agent_id: String,
+    pub receiver: broadcast::Receiver<Arc<Snapshot>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut topics = self.hub.topics.write().expect("live topics lock");
+        let Some(agents) = topics.get_mut(&self.tenant) else {
+            return;
+        };
+        // Under the write lock no one subscribes: 1 is this subscription's own receiver.
+        if agents
+            .get(&self.agent_id)
+            .is_some_and(|t| t.sender.receiver_count() <= 1)
+        {
+            agents.remove(&self.agent_id);
+            self.hub.watched.fetch_sub(1, Ordering::Relaxed);
+            if agents.is_empty() {
+                topics.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// `name{label="value", …}` without `__name__`, as Prometheus writes a series.
+fn series_key(name: &str, labels: &LabelsRef<'_>) -> String {
+    let mut key = String::with_capacity(64);
+    key.push_str(name);
+    key.push('{');
+    let mut first = true;
+    for (n, v) in labels.iter() {
+        if n == crate::model::METRIC_NAME_LABEL {
+            continue;
+        }
+        if !first {
+            key.push(',');
+        }
+        first = false;
+        key.push_str(n);
+        key.push('=');
+        key.push_str(&format!("{v:?}"));
+    }
+    key.push('}');
+    key
+}
+
+impl LiveHub {
+    pub fn new(interval: Duration, queue: usize, max_clients: usize) -> LiveHub {
+        LiveHub {
+            interval: interval.max(Duration::from_millis(10)),
+            queue: queue.max(1),
+            max_clients,
+            clients: AtomicUsize::new(0),
+            watched: AtomicUsize::new(0),
+            topics: RwLock::default(),
+            registries: Mutex::default(),
+            dropped_readings: AtomicUsize::new(0),
+            closing: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Changes to `true` when the server stops.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// A place for one more client, unless `--fleet-live-max-clients` are connected.
+    pub fn join(self: &Arc<Self>) -> Option<Client> {
+        let joined = self
+            .clients
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_clients).then_some(n + 1)
+            })
+            .is_ok();
+        joined.then(|| Client { hub: self.clone() })
+    }
+
+    /// Watches the readings of the tenant's agent `agent_id`.
+    pub fn subscribe(self: &Arc<Self>, tenant: &TenantId, agent_id: &str) -> Subscription {
+        let mut topics = self.topics.write().expect("live topics lock");
+        let agents = topics.entry(tenant.clone()).or_default();
+        let topic = agents.entry(agent_id.to_owned()).or_insert_with(|| {
+            self.watched.fetch_add(1, Ordering::Relaxed);
+            Arc::new(Topic {
+                pending: Mutex::default(),
+                sender: broadcast::channel(self.queue).0,
+            })
+        });
+        Subscription {
+            hub: self.clone(),
+            tenant: tenant.clone(),
+            agent_id: agent_id.to_owned(),
+            receiver: topic.sender.subscribe(),
+        }
+    }
+
+    /// Records the last sample of each series of `batch` (just stored for `tenant`) whose
+    /// agent someone watches.
+    pub fn publish(&self, tenant: &TenantId, batch: &WriteBatch) {
+        if self.watched.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let topics = self.topics.read().expect("live topics lock");
+        let Some(agents) = topics.get(tenant) else {
+            return;
+        };
+        for series in batch.iter() {
+            let Some(topic) = series.labels.get("instance").and_then(|i| agents.get(i)) else {
+                continue;
+            };
+            let Some(last) = series.samples.last() else {
+                continue;
+            };
+            let name = series.labels.metric_name().unwrap_or_default();
+            let key = series_key(name, &series.labels);
+            let mut pending = topic.pending.lock().expect("live pending lock");
+            let full = pending.len() >= MAX_PENDING_SERIES;
+            match pending.get_mut(&key) {
+                Some(reading) if reading.t <= last.t => {
+                    reading.value = last.v;
+                    reading.t = last.t;
+                }
+                Some(_) => {}
+                None if full => {
+                    self.dropped_readings.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    pending.insert(
+                        key,
+                        Reading {
+                            name: name.to_owned(),
+                            value: last.v,
+                            t: last.t,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends every watched agent's pending readings (one message each), as the ticker does
+    /// every interval.
+    pub fn send_pending(&self, now_ms: i64) {
+        let topics: Vec<(String, Arc<Topic>)> = {
+            let topics = self.topics.read().expect("live topics lock");
+            topics
+                .values()
+                .flat_map(|agents| agents.iter().map(|(id, t)| (id.clone(), t.clone())))
+                .collect()
+        };
+        for (agent_id, topic) in topics {
+            let pending = std::mem::take(&mut *topic.pending.lock().expect("live pending lock"));
+            if pending.is_empty() {
+                continue;
+            }
+            let mut readings: Vec<(String, Reading)> = pending.into_iter().collect();
+            readings.sort_by(|a, b| a.0.cmp(&b.0));
+            // No receiver left: the message goes nowhere, as it should.
+            let _ = topic.sender.send(Arc::new(Snapshot {
+                agent_id,
+                timestamp: now_ms,
+                readings,
+                whole: OnceLock::new(),
+            }));
+        }
+    }
+
+    /// Sends pending readings every interval until `stop`.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.send_pending(chrono::Utc::now().timestamp_millis()),
+                _ = stop.wait_for(|stop| *stop) => {
+                    self.closing.send_replace(true);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Watches the tenant's registry changes.
+    pub fn watch_agents(&self, tenant: &TenantId) -> broadcast::Receiver<Arc<AgentEvent>> {
+        self.registries
+            .lock()
+            .expect("live registries lock")
+            .entry(tenant.clone())
+            .or_insert_with(|| broadcast::channel(self.queue.max(64)).0)
+            .subscribe()
+    }
+
+    /// Tells the tenant's registry watchers of a change.
+    pub fn agent_event(&self, kind: AgentEventKind, agent: &AgentRecord) {
+        let mut registries = self.registries.lock().expect("live registries lock");
+        let Some(sender) = registries.get(&agent.tenant) else {
+            return;
+        };
+        if sender.receiver_count() == 0 {
+            registries.remove(&agent.tenant);
+            return;
+        }
+        let _ = sender.send(Arc::new(AgentEvent {
+            kind,
+            agent: agent.clone(),
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Label, Labels, Sample};
+    use crate::storage::SeriesWrite;
+
+    fn batch(instance: &str, samples: &[(i64, f64)]) -> WriteBatch {
+        WriteBatch::from_series(&[SeriesWrite {
+            labels: Labels::from_trusted(vec![
+                Label::new("__name__", "cpu"),
+                Label::new("instance", instance),
+                Label::new("mode", "idle"),
+            ]),
+            samples: samples.iter().map(|&(t, v)| Sample { t, v }).collect(),
+        }])
+    }
+
+    #[tokio::test]
+    async fn readings_are_coalesced_per_agent_and_only_for_watched_ones() {
+        let hub = Arc::new(LiveHub::new(Duration::from_secs(2), 4, 10));
+        let tenant = TenantId::new("t");
+        hub.publish(&tenant, &batch("a", &[(1, 1.0)]));
+        assert_eq!(hub.watched.load(Ordering::Relaxed), 0);
+        let mut subscription = hub.subscribe(&tenant, "a");
+        hub.publish(&tenant, &batch("a", &[(1, 1.0), (2, 2.0)]));
+        hub.publish(&tenant, &batch("a", &[(3, 3.0)]));
+        hub.publish(&tenant, &batch("b", &[(3, 9.0)]));
+        hub.publish(&TenantId::new("other"), &batch("a", &[(4, 9.0)]));
+        hub.send_pending(10);
+        let snapshot = subscription.receiver.try_recv().unwrap();
+        assert_eq!(
+            snapshot.readings,
+            [(
+                r#"cpu{instance="a",mode="idle"}"#.to_string(),
+                Reading {
+                    name: "cpu".into(),
+                    value: 3.0,
+                    t: 3
+                }
+            )]
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&snapshot.to_json(None).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "metrics", "agent_id": "a", "timestamp": 10,
+                "data": {"cpu{instance=\"a\",mode=\"idle\"}": {"value": 3.0, "timestamp": 3}}})
+        );
+        let other = regex::Regex::new("^(?:mem.*)$").unwrap();
+        assert!(snapshot.to_json(Some(&other)).is_none());
+        // Nothing new: nothing sent.
+        hub.send_pending(20);
+        assert!(subscription.receiver.try_recv().is_err());
+        drop(subscription);
+        assert_eq!(hub.watched.load(Ordering::Relaxed), 0);
+        assert!(hub.topics.read().unwrap().is_empty());
+    }
+
+    #[test]
+    fn clients_are_bounded() {
+        let hub = Arc::new(LiveHub::new(Duration::from_secs(2), 4, 2));
+        let a = hub.join().unwrap();
+        let _b = hub.join().unwrap();
+        assert!(hub.join().is_none());
+        drop(a);
+        assert!(hub.join().is_some());
+    }
+}
