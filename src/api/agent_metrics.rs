@@ -34,7 +34,10 @@ pub(super) async fn find_agent(
     let catalog = state.auth.catalog();
     let found = match catalog.agent(tenant, key).await {
         Ok(Some(agent)) => Some(agent),
-        Ok(None) => catalog.agent_by_agent_id(tenant, key).await.ok().flatten(),
+        Ok(None) => catalog
+            .agent_by_agent_id(tenant, key)
+            .await
+            .map_err(super::agents::catalog_error)?,
         Err(e) => return Err(super::agents::catalog_error(e)),
     };
     found.ok_or_else(|| ApiError {
@@ -49,19 +52,6 @@ fn selector(name: &str, agent: &AgentRecord) -> String {
         "{name}{{instance={}}}",
         serde_json::to_string(&agent.agent_id).expect("a string serialises")
     )
-}
-
-/// A sample value as JSON: a number, or `"NaN"`, `"+Inf"`, `"-Inf"`.
-fn value_json(v: f64) -> serde_json::Value {
-    if v.is_finite() {
-        json!(v)
-    } else if v.is_nan() {
-        json!("NaN")
-    } else if v > 0.0 {
-        json!("+Inf")
-    } else {
-        json!("-Inf")
-    }
 }
 
 /// `GET /api/v1/metrics/latest/{agent}`: `{"agent_id", "metrics": [{"name", "labels", "value",
@@ -103,7 +93,7 @@ pub(super) async fn latest(
             let key = format!("{name}{}", serde_json::Value::Object(labels.clone()));
             Some((
                 key,
-                json!({"name": name, "labels": labels, "value": value_json(last.v), "timestamp": last.t}),
+                json!({"name": name, "labels": labels, "value": crate::fleet::live::value_json(last.v), "timestamp": last.t}),
             ))
         })
         .collect();
@@ -147,12 +137,13 @@ pub(super) async fn history(
         text => parse_time(text).map_err(|e| ApiError::invalid_param(name, e)),
     };
     let end = time("end", now)?;
-    let start = time("start", end - DEFAULT_RANGE_MS)?;
+    let start = time("start", end.saturating_sub(DEFAULT_RANGE_MS))?;
     if end < start {
         return Err(ApiError::invalid_param("end", "before start"));
     }
     let step = match params.get("step") {
-        "" => ((end - start) / DEFAULT_POINTS).max(1000),
+        "" => ((i128::from(end) - i128::from(start)) / i128::from(DEFAULT_POINTS))
+            .clamp(1000, i128::from(i64::MAX)) as i64,
         text => parse_duration(text).map_err(|e| ApiError::invalid_param("step", e))?,
     };
     if step <= 0 {

@@ -26,10 +26,7 @@ const MAX_TAGS: usize = 64;
 const MAX_TAG_KEY: usize = 128;
 const MAX_TAG_VALUE: usize = 512;
 /// The heartbeat an agent is assumed to have until it says otherwise, and the longest allowed.
-const DEFAULT_HEARTBEAT_SECS: i64 = 30;
 const MAX_HEARTBEAT_SECS: i64 = 86_400;
-/// Most agents one tenant may register: bounds what a client can make the registry hold.
-pub const MAX_AGENTS_PER_TENANT: i64 = 100_000;
 /// Default and largest page of `GET /api/v1/agents`.
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1_000;
@@ -41,9 +38,16 @@ fn time(ms: Option<i64>) -> serde_json::Value {
         })
 }
 
-pub(super) fn describe(a: &AgentRecord, now: i64, fleet: &FleetConfig) -> serde_json::Value {
+/// An agent as JSON; `full` adds what its own page shows beyond a listing's: health,
+/// effective configuration, description attributes and the remote configuration's summary.
+pub(super) fn describe(
+    a: &AgentRecord,
+    now: i64,
+    fleet: &FleetConfig,
+    full: bool,
+) -> serde_json::Value {
     let online = fleet.online(a.last_seen_at, a.heartbeat_secs, now);
-    json!({
+    let mut json = json!({
         "id": a.id,
         "tenant_id": a.tenant.as_str(),
         "agent_id": a.agent_id,
@@ -57,17 +61,23 @@ pub(super) fn describe(a: &AgentRecord, now: i64, fleet: &FleetConfig) -> serde_
         "status": a.status.as_str(),
         "auto_registered": a.auto_registered,
         "tags": a.tags,
-        "health": serde_json::from_str::<serde_json::Value>(&a.health).unwrap_or(serde_json::Value::Null),
-        "effective_config": serde_json::from_str::<serde_json::Value>(&a.effective_config).unwrap_or(serde_json::Value::Null),
-        "attributes": serde_json::from_str::<serde_json::Value>(&a.attributes).unwrap_or(serde_json::Value::Null),
         "capabilities": a.capabilities,
-        "remote_config": remote_summary(a),
         "heartbeat_secs": a.heartbeat_secs,
         "online": online,
         "created_at": time(Some(a.created_at)),
         "updated_at": time(Some(a.updated_at)),
         "last_seen_at": time(a.last_seen_at),
-    })
+    });
+    if full {
+        let parsed = |text: &str| {
+            serde_json::from_str::<serde_json::Value>(text).unwrap_or(serde_json::Value::Null)
+        };
+        json["health"] = parsed(&a.health);
+        json["effective_config"] = parsed(&a.effective_config);
+        json["attributes"] = parsed(&a.attributes);
+        json["remote_config"] = remote_summary(a);
+    }
+    json
 }
 
 /// The remote configuration of an agent in brief: its hash and how the agent reported it.
@@ -95,7 +105,7 @@ fn agent_answer(status: StatusCode, agent: &AgentRecord, fleet: &FleetConfig) ->
     let mut response = (
         status,
         [(header::CONTENT_TYPE, "application/json")],
-        json!({"status": "success", "data": describe(agent, now, fleet)}).to_string(),
+        json!({"status": "success", "data": describe(agent, now, fleet, true)}).to_string(),
     )
         .into_response();
     response
@@ -239,33 +249,7 @@ fn parse_fields(body: &[u8]) -> Result<AgentFields, Invalid> {
 
 /// A new agent of `tenant`, pre-registered by an operator, before its fields are applied.
 fn blank(tenant: &crate::model::TenantId, now: i64) -> AgentRecord {
-    AgentRecord {
-        id: uuid::Uuid::now_v7().to_string(),
-        tenant: tenant.clone(),
-        agent_id: String::new(),
-        name: String::new(),
-        hostname: String::new(),
-        ip_address: String::new(),
-        os: String::new(),
-        os_version: String::new(),
-        agent_type: String::new(),
-        agent_version: String::new(),
-        status: AgentStatus::Active,
-        auto_registered: false,
-        tags: BTreeMap::new(),
-        health: String::new(),
-        effective_config: String::new(),
-        remote_config: String::new(),
-        remote_config_status: String::new(),
-        capabilities: 0,
-        sequence_num: None,
-        attributes: "{}".into(),
-        heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
-        created_at: now,
-        updated_at: now,
-        last_seen_at: None,
-        revision: 0,
-    }
+    AgentRecord::new(tenant, "", now)
 }
 
 /// The query string of `GET /api/v1/agents`.
@@ -335,7 +319,11 @@ fn list_query(params: ListParams, fleet: &FleetConfig, now: i64) -> Result<Agent
     let mut after = None;
     if let Some(text) = &params.cursor {
         match Cursor::decode(text) {
-            Some(cursor) if cursor.sort == sort_text => after = Some((cursor.key, cursor.id)),
+            // The key's type is checked too: a forged cursor must not reach SQL as text
+            // compared with a number.
+            Some(cursor) if cursor.sort == sort_text && sort.fits(&cursor.key) => {
+                after = Some((cursor.key, cursor.id))
+            }
             Some(cursor) => errors.push((
                 "cursor",
                 format!(
@@ -433,7 +421,7 @@ pub(super) async fn list(
         .encode()
     });
     let data = json!({
-        "agents": agents.iter().map(|a| describe(a, now, &state.fleet)).collect::<Vec<_>>(),
+        "agents": agents.iter().map(|a| describe(a, now, &state.fleet, false)).collect::<Vec<_>>(),
         "total": total,
         "limit": limit,
         "offset": query.offset,
@@ -458,17 +446,13 @@ pub(super) async fn create(
         .apply(&mut agent)
         .map_err(IntoResponse::into_response)?;
     let catalog = state.auth.catalog();
-    let held = catalog
-        .agent_stats(&tenant, agent.created_at, state.fleet.online_heartbeats)
+    if let Err(full) = crate::fleet::room_for_agent(catalog.as_ref(), &tenant)
         .await
         .map_err(|e| catalog_error(e).into_response())?
-        .total;
-    if held >= MAX_AGENTS_PER_TENANT {
+    {
         return Err(ApiError {
             kind: ErrorType::Conflict,
-            message: format!(
-                "tenant {tenant} has {held} agents, the most it may register ({MAX_AGENTS_PER_TENANT}); delete some first"
-            ),
+            message: full,
         }
         .into_response());
     }
@@ -551,7 +535,10 @@ pub(super) async fn change(
             fresh.remote_config = current.remote_config.clone();
             fresh.remote_config_status = current.remote_config_status.clone();
             fresh.capabilities = current.capabilities;
-            fresh.sequence_num = current.sequence_num;
+            // What the agent described is reset too: its next message is asked for its
+            // full state (ReportFullState) and describes it again.
+            fresh.sequence_num = None;
+            fresh.token_id = current.token_id.clone();
             fresh.attributes = current.attributes.clone();
             fresh.last_seen_at = current.last_seen_at;
             fresh.revision = current.revision;
@@ -617,7 +604,7 @@ async fn change_once(
     }
     let mut agent = edit(&current).map_err(|e| Changed::Refused(e.into_response()))?;
     agent.updated_at = chrono::Utc::now().timestamp_millis();
-    match catalog.update_agent(&agent).await {
+    match catalog.update_agent(&agent, false).await {
         Ok(AgentUpdate::Updated(revision)) => {
             agent.revision = revision;
             Ok(agent)

@@ -30,6 +30,8 @@ const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 /// Most name patterns in one subscription, and the longest.
 const MAX_PATTERNS: usize = 64;
 const MAX_PATTERN_BYTES: usize = 256;
+/// The least time between two subscriptions of one client.
+const SUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
 /// A ping every so often; a client silent for three is gone.
 const PING_EVERY: Duration = Duration::from_secs(20);
 /// Longest a close may wait for the client's socket.
@@ -207,15 +209,26 @@ impl Feed {
             return;
         }
         let filter = std::sync::Mutex::new(None::<regex::Regex>);
+        // Patterns are compiled at most once a second, so a client cannot keep a worker busy.
+        let last_subscribe = std::sync::Mutex::new(None::<Instant>);
         self.run(
             &mut subscription.receiver,
             |snapshot| snapshot.to_json(filter.lock().expect("filter lock").as_ref()),
-            |text| match parse_subscribe(text) {
-                Ok((patterns, regex)) => {
-                    *filter.lock().expect("filter lock") = regex;
-                    subscribed(&patterns)
+            |text| {
+                let mut last = last_subscribe.lock().expect("subscribe lock");
+                if last.is_some_and(|at| at.elapsed() < SUBSCRIBE_EVERY) {
+                    return json!({"type": "error",
+                        "error": "at most one subscribe a second; the subscription is unchanged"})
+                    .to_string();
                 }
-                Err(e) => json!({"type": "error", "error": e}).to_string(),
+                *last = Some(Instant::now());
+                match parse_subscribe(text) {
+                    Ok((patterns, regex)) => {
+                        *filter.lock().expect("filter lock") = regex;
+                        subscribed(&patterns)
+                    }
+                    Err(e) => json!({"type": "error", "error": e}).to_string(),
+                }
             },
         )
         .await;
@@ -236,7 +249,7 @@ impl Feed {
                 Some(
                     json!({
                         "type": event.kind.as_str(),
-                        "agent": super::agents::describe(&event.agent, now, &fleet),
+                        "agent": super::agents::describe(&event.agent, now, &fleet, false),
                     })
                     .to_string(),
                 )

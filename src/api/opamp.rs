@@ -2,7 +2,7 @@
 //! (gzip allowed), the answer one `ServerToAgent`; the agent's token gives its tenant (scope
 //! `ingest`, the one agents hold). What the server does with a message is `fleet::opamp`'s.
 
-use super::auth::Tenant;
+use super::auth::Authenticated;
 use super::SharedState;
 use crate::fleet::opamp::{error_answer, Exchange};
 use axum::body::Bytes;
@@ -26,7 +26,7 @@ fn protobuf(status: StatusCode, message: &ServerToAgent) -> Response {
 /// The OpAMP HTTP endpoint.
 pub(super) async fn http(
     State(state): State<SharedState>,
-    Tenant(tenant): Tenant,
+    Authenticated(caller): Authenticated,
     extensions: axum::http::Extensions,
     headers: HeaderMap,
     body: Bytes,
@@ -96,10 +96,10 @@ pub(super) async fn http(
     let exchange = Exchange {
         catalog: state.auth.catalog().as_ref(),
         fleet: &state.fleet,
-        tenant: &tenant,
+        tenant: &caller.tenant,
+        token_id: caller.token_id.as_deref(),
         peer,
         now_ms: chrono::Utc::now().timestamp_millis(),
-        max_agents: super::agents::MAX_AGENTS_PER_TENANT,
         live: Some(&state.live),
     };
     match exchange.answer(&message).await {

@@ -65,6 +65,8 @@ pub struct AgentRecord {
     pub sequence_num: Option<i64>,
     /// Every attribute of the agent's description (JSON object), `{}` when none.
     pub attributes: String,
+    /// The API token the agent's OpAMP messages must come with (empty: any of the tenant's).
+    pub token_id: String,
     /// How often the agent reports; it is online while seen within a multiple of this.
     pub heartbeat_secs: i64,
     /// Unix milliseconds.
@@ -73,6 +75,45 @@ pub struct AgentRecord {
     pub last_seen_at: Option<i64>,
     /// Bumped by every change; the agent's ETag.
     pub revision: i64,
+}
+
+/// The heartbeat an agent is assumed to have until an operator says otherwise: OpAMP's
+/// default polling interval.
+pub const DEFAULT_HEARTBEAT_SECS: i64 = 30;
+
+impl AgentRecord {
+    /// A new active agent of `tenant` with its own id `agent_id`, registered at `now` (Unix
+    /// ms), nothing else known.
+    pub fn new(tenant: &TenantId, agent_id: impl Into<String>, now: i64) -> AgentRecord {
+        AgentRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            tenant: tenant.clone(),
+            agent_id: agent_id.into(),
+            name: String::new(),
+            hostname: String::new(),
+            ip_address: String::new(),
+            os: String::new(),
+            os_version: String::new(),
+            agent_type: String::new(),
+            agent_version: String::new(),
+            status: AgentStatus::Active,
+            auto_registered: false,
+            tags: BTreeMap::new(),
+            health: String::new(),
+            effective_config: String::new(),
+            remote_config: String::new(),
+            remote_config_status: String::new(),
+            capabilities: 0,
+            sequence_num: None,
+            attributes: "{}".into(),
+            token_id: String::new(),
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            created_at: now,
+            updated_at: now,
+            last_seen_at: None,
+            revision: 0,
+        }
+    }
 }
 
 /// Counts of a tenant's agents.
@@ -100,28 +141,44 @@ pub enum AgentUpdate {
 pub(super) const COLUMNS: &str = "id, tenant_id, agent_id, name, hostname, ip_address, os, \
      os_version, agent_type, agent_version, status, auto_registered, tags, health, \
      effective_config, remote_config, heartbeat_secs, created_at, updated_at, last_seen_at, \
-     revision, remote_config_status, capabilities, sequence_num, attributes";
+     revision, remote_config_status, capabilities, sequence_num, attributes, token_id";
+
+/// [`COLUMNS`] with the large ones an agent reports (health, configurations, attributes) left
+/// empty: what listings read.
+pub(super) const SLIM_COLUMNS: &str = "id, tenant_id, agent_id, name, hostname, ip_address, \
+     os, os_version, agent_type, agent_version, status, auto_registered, tags, '' AS health, \
+     '' AS effective_config, '' AS remote_config, heartbeat_secs, created_at, updated_at, \
+     last_seen_at, revision, '' AS remote_config_status, capabilities, sequence_num, \
+     '{}' AS attributes, token_id";
 
 pub(super) fn insert_sql() -> String {
     format!(
         "INSERT INTO agents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-         $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+         $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
     )
 }
 
 /// Every column but the agent's ids, bound as [`bind_agent!`] binds them, for the agent $1
 /// of tenant $2 still at revision $21 (the revision the caller read); the revision goes up by
-/// one.
+/// one. `last_seen_at` and `sequence_num` are written only when $27 (the change is an agent's
+/// report): an operator's change, made from a read that heartbeats may have overtaken (they
+/// move those two without a new revision), keeps the stored ones.
 pub(super) const UPDATE_SQL: &str = "UPDATE agents SET agent_id = $3, name = $4, \
      hostname = $5, ip_address = $6, os = $7, os_version = $8, agent_type = $9, \
      agent_version = $10, status = $11, auto_registered = $12, tags = $13, health = $14, \
      effective_config = $15, remote_config = $16, heartbeat_secs = $17, created_at = $18, \
-     updated_at = $19, last_seen_at = $20, remote_config_status = $22, capabilities = $23, \
-     sequence_num = $24, attributes = $25, revision = revision + 1 \
+     updated_at = $19, last_seen_at = CASE WHEN $27 THEN $20 ELSE last_seen_at END, \
+     remote_config_status = $22, capabilities = $23, \
+     sequence_num = CASE WHEN $27 THEN $24 ELSE sequence_num END, attributes = $25, \
+     token_id = $26, revision = revision + 1 \
      WHERE id = $1 AND tenant_id = $2 AND revision = $21";
 
 pub(super) fn select_sql(condition: &str) -> String {
     format!("SELECT {COLUMNS} FROM agents WHERE {condition}")
+}
+
+pub(super) fn select_slim_sql(condition: &str) -> String {
+    format!("SELECT {SLIM_COLUMNS} FROM agents WHERE {condition}")
 }
 
 /// What differs between the two stores' SQL.
@@ -196,6 +253,15 @@ impl AgentSort {
 
     pub fn parse(text: &str) -> Option<AgentSort> {
         AgentSort::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Whether `key` is of this key's type (text or a number).
+    pub fn fits(self, key: &SortKey) -> bool {
+        let text = matches!(
+            self,
+            AgentSort::Name | AgentSort::Hostname | AgentSort::AgentId
+        );
+        text == matches!(key, SortKey::Text(_))
     }
 
     /// The agent's value of this key, as a cursor carries it.
@@ -338,7 +404,7 @@ fn conditions(query: &AgentQuery, dialect: Dialect, with_cursor: bool) -> (Strin
 pub(super) fn list_sql(query: &AgentQuery, dialect: Dialect) -> (String, Vec<Param>) {
     let (mut sql, mut params) = conditions(query, dialect, true);
     let direction = if query.descending { "DESC" } else { "ASC" };
-    sql = select_sql(&format!(
+    sql = select_slim_sql(&format!(
         "{sql} ORDER BY {} {direction}, id {direction}",
         query.sort.expression(dialect)
     ));
@@ -392,6 +458,7 @@ macro_rules! bind_agent {
             .bind($a.capabilities)
             .bind($a.sequence_num)
             .bind(&$a.attributes)
+            .bind(&$a.token_id)
     };
 }
 
@@ -432,6 +499,7 @@ macro_rules! agent_from_row {
             capabilities: row.try_get("capabilities")?,
             sequence_num: row.try_get("sequence_num")?,
             attributes: row.try_get("attributes")?,
+            token_id: row.try_get("token_id")?,
             id,
         }
     }};
@@ -515,10 +583,12 @@ macro_rules! agent_store {
             async fn update_agent(
                 &self,
                 agent: &$crate::catalog::agents::AgentRecord,
+                reported: bool,
             ) -> $crate::catalog::CatalogResult<$crate::catalog::agents::AgentUpdate> {
                 use $crate::catalog::agents::AgentUpdate;
                 let sql = $dialect.sql($crate::catalog::agents::UPDATE_SQL);
                 let done = $crate::catalog::agents::bind_agent!(sqlx::query(&sql), agent)
+                    .bind(reported)
                     .execute(&self.pool)
                     .await?;
                 if done.rows_affected() == 1 {
@@ -575,6 +645,19 @@ macro_rules! agent_store {
                 Ok(stats)
             }
 
+            async fn count_agents(
+                &self,
+                tenant: &$crate::model::TenantId,
+            ) -> $crate::catalog::CatalogResult<i64> {
+                use sqlx::Row;
+                let sql = $dialect.sql("SELECT COUNT(*) AS n FROM agents WHERE tenant_id = $1");
+                Ok(sqlx::query(&sql)
+                    .bind(tenant.as_str())
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("n")?)
+            }
+
             async fn touch_agent(
                 &self,
                 tenant: &$crate::model::TenantId,
@@ -604,11 +687,11 @@ macro_rules! agent_store {
                 // The (tenant_id, agent_id) unique index serves this order.
                 let (tenant, agent_id) = after.map_or(("", ""), |(t, a)| (t.as_str(), a));
                 let condition = if after.is_some() {
-                    "(tenant_id > $1 OR (tenant_id = $1 AND agent_id > $2))"
+                    "(tenant_id, agent_id) > ($1, $2)"
                 } else {
                     "$1 = $1 AND $2 = $2"
                 };
-                let sql = $dialect.sql(&$crate::catalog::agents::select_sql(&format!(
+                let sql = $dialect.sql(&$crate::catalog::agents::select_slim_sql(&format!(
                     "{condition} ORDER BY tenant_id, agent_id LIMIT $3"
                 )));
                 let rows = sqlx::query(&sql)

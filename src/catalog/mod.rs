@@ -13,6 +13,7 @@ mod sqlite;
 
 pub use agents::{
     AgentQuery, AgentRecord, AgentSort, AgentStats, AgentStatus, AgentUpdate, SortKey,
+    DEFAULT_HEARTBEAT_SECS,
 };
 
 pub use postgres::PostgresCatalog;
@@ -88,7 +89,8 @@ pub trait Agents: Send + Sync {
     ) -> CatalogResult<Option<AgentRecord>>;
 
     /// The page of the tenant's agents that `query` selects, and how many agents match its
-    /// filters in all.
+    /// filters in all. Listed agents leave out the large fields agents report (`health`,
+    /// `effective_config`, `remote_config`, `remote_config_status`, `attributes` are empty).
     async fn list_agents(
         &self,
         tenant: &TenantId,
@@ -96,8 +98,14 @@ pub trait Agents: Send + Sync {
     ) -> CatalogResult<(Vec<AgentRecord>, i64)>;
 
     /// Stores `agent`'s fields if the stored agent is still at `agent.revision` (the revision
-    /// the caller read); the stored revision then goes up by one.
-    async fn update_agent(&self, agent: &AgentRecord) -> CatalogResult<AgentUpdate>;
+    /// the caller read); the stored revision then goes up by one. `last_seen_at` and
+    /// `sequence_num` are stored only for an agent's own report (`reported`), never from an
+    /// operator's change.
+    async fn update_agent(&self, agent: &AgentRecord, reported: bool)
+        -> CatalogResult<AgentUpdate>;
+
+    /// How many agents the tenant has.
+    async fn count_agents(&self, tenant: &TenantId) -> CatalogResult<i64>;
 
     /// Records that the tenant's agent `id` was heard from at `last_seen_at`, with this
     /// OpAMP sequence number; the revision stays (a heartbeat is no change an operator's
@@ -111,7 +119,7 @@ pub trait Agents: Send + Sync {
     ) -> CatalogResult<bool>;
 
     /// Up to `limit` agents of every tenant, in (tenant, `agent_id`) order, after the agent
-    /// `after` names (from the first when `None`).
+    /// `after` names (from the first when `None`), without the large fields (as listed).
     async fn agents_after(
         &self,
         after: Option<(&TenantId, &str)>,

@@ -355,7 +355,8 @@ impl LiveHub {
             .lock()
             .expect("live registries lock")
             .entry(tenant.clone())
-            .or_insert_with(|| broadcast::channel(self.queue.max(64)).0)
+            // Deeper than the metrics queue: a network blip turns many agents offline at once.
+            .or_insert_with(|| broadcast::channel(self.queue.max(1024)).0)
             .subscribe()
     }
 

@@ -6,8 +6,29 @@ pub mod opamp;
 pub mod remote;
 pub mod status;
 
+use crate::catalog::{Catalog, CatalogError};
+use crate::model::TenantId;
 use clap::Args;
 use serde::Deserialize;
+
+/// Most agents one tenant may have: bounds what clients (operators over REST, agents over
+/// OpAMP) can make the registry hold.
+pub const MAX_AGENTS_PER_TENANT: i64 = 100_000;
+
+/// Whether the tenant may register one more agent: `Err` says why not.
+pub async fn room_for_agent(
+    catalog: &dyn Catalog,
+    tenant: &TenantId,
+) -> Result<Result<(), String>, CatalogError> {
+    let held = catalog.count_agents(tenant).await?;
+    Ok(if held >= MAX_AGENTS_PER_TENANT {
+        Err(format!(
+            "tenant {tenant} has {held} agents, the most it may register ({MAX_AGENTS_PER_TENANT}); delete some first"
+        ))
+    } else {
+        Ok(())
+    })
+}
 
 /// Settings of the fleet: when an agent counts as online, and the bounds of what agents send.
 #[derive(Clone, Debug, Deserialize, Args)]

@@ -11,7 +11,7 @@
 
 use super::remote::{truncate, ConfigStatus, RemoteConfig};
 use super::FleetConfig;
-use crate::catalog::{AgentRecord, AgentStatus, AgentUpdate, Catalog, CatalogError};
+use crate::catalog::{AgentRecord, AgentUpdate, Catalog, CatalogError};
 use crate::model::TenantId;
 use secumon_proto::opamp::{
     self, any_value, AgentCapabilities, AgentToServerFlags, ServerCapabilities,
@@ -26,10 +26,10 @@ pub const SERVER_CAPABILITIES: u64 = ServerCapabilities::AcceptsStatus as u64
     | ServerCapabilities::OffersRemoteConfig as u64
     | ServerCapabilities::AcceptsEffectiveConfig as u64;
 
-/// The heartbeat the specification recommends, which agents keep unless told otherwise.
-pub const DEFAULT_HEARTBEAT_SECS: i64 = 30;
-/// Most description attributes kept per agent; longest attribute value kept, in bytes.
+/// Most description attributes kept per agent, most bytes they take as JSON, and the longest
+/// attribute value kept, in bytes.
 const MAX_ATTRIBUTES: usize = 128;
+const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
 const MAX_ATTRIBUTE_BYTES: usize = 512;
 /// Longest descriptive text (hostname, versions, …) kept, in bytes.
 const MAX_TEXT_BYTES: usize = 256;
@@ -47,8 +47,9 @@ pub struct Exchange<'a> {
     /// The address the request came from (the agent's own unless it reports one).
     pub peer: Option<IpAddr>,
     pub now_ms: i64,
-    /// Most agents the tenant may have (auto-registration stops there).
-    pub max_agents: i64,
+    /// The API token the message came with (`None` when authentication is off or a trusted
+    /// proxy named the tenant).
+    pub token_id: Option<&'a str>,
     /// Where registrations and changes are announced (`/ws/agents`).
     pub live: Option<&'a super::live::LiveHub>,
 }
@@ -98,19 +99,34 @@ impl Exchange<'_> {
             .catalog
             .agent_by_agent_id(self.tenant, &agent_id)
             .await?;
+        if let Some(agent) = &known {
+            if let Err(refusal) = self.may_speak_for(agent).await? {
+                return Ok(error_answer(
+                    answer.instance_uid,
+                    ServerErrorResponseType::Unknown,
+                    refusal,
+                ));
+            }
+        }
         // A new identity when the agent asks for one, or when its uid is another running
-        // agent's (a cloned machine): a different host, while that one is online.
+        // agent's (a cloned machine): another host.name than the one that agent reported,
+        // while that one is online.
         let requested = message.flags & AgentToServerFlags::RequestInstanceUid as u64 != 0;
         let duplicate = known.as_ref().is_some_and(|agent| {
-            let host = message
+            let reported = message
                 .agent_description
                 .as_ref()
-                .and_then(|d| attribute_text(d, "host.name"));
-            host.is_some_and(|h| !agent.hostname.is_empty() && h != agent.hostname)
+                .and_then(|d| attribute_text(d, "host.name"))
+                .map(|h| truncate(h, MAX_ATTRIBUTE_BYTES));
+            let registered = serde_json::from_str::<serde_json::Value>(&agent.attributes)
+                .ok()
+                .and_then(|a| a.get("host.name")?.as_str().map(str::to_owned));
+            matches!((reported, registered), (Some(r), Some(k)) if r != k)
                 && self
                     .fleet
                     .online(agent.last_seen_at, agent.heartbeat_secs, self.now_ms)
         });
+        let mut renamed = None;
         if requested || duplicate {
             let new = uuid::Uuid::now_v7();
             answer.agent_identification = Some(opamp::AgentIdentification {
@@ -121,9 +137,9 @@ impl Exchange<'_> {
                 tracing::warn!(tenant = %self.tenant, instance_uid = %instance, new_instance_uid = %new,
                     "two agents report the same instance_uid from different hosts; the newer one gets a new uid");
                 known = None;
-            } else if let Some(agent) = &mut known {
+            } else if known.is_some() {
                 // The old uid was the agent's temporary one: the row moves to the new uid.
-                agent.agent_id = agent_id.clone();
+                renamed = Some(agent_id.clone());
             }
         }
         let full_state_missing = match &known {
@@ -140,7 +156,7 @@ impl Exchange<'_> {
         let sequence = (!disconnect).then_some(message.sequence_num as i64);
 
         let agent = match known {
-            Some(agent) => self.report(agent, message, sequence).await?,
+            Some(agent) => self.report(agent, message, sequence, renamed).await?,
             None => match self.register(agent_id, message, sequence).await? {
                 Ok(agent) => agent,
                 Err(refusal) => {
@@ -158,51 +174,20 @@ impl Exchange<'_> {
         Ok(answer)
     }
 
-    /// Registers an agent heard from for the first time (marked auto-registered).
+    /// Registers an agent heard from for the first time (marked auto-registered), bound to
+    /// the token it came with.
     async fn register(
         &self,
         agent_id: String,
         message: &opamp::AgentToServer,
         sequence: Option<i64>,
     ) -> Result<Result<AgentRecord, String>, CatalogError> {
-        let held = self
-            .catalog
-            .agent_stats(self.tenant, self.now_ms, self.fleet.online_heartbeats)
-            .await?
-            .total;
-        if held >= self.max_agents {
-            return Ok(Err(format!(
-                "tenant {} has {held} agents, the most it may register",
-                self.tenant
-            )));
+        if let Err(full) = super::room_for_agent(self.catalog, self.tenant).await? {
+            return Ok(Err(full));
         }
-        let mut agent = AgentRecord {
-            id: uuid::Uuid::now_v7().to_string(),
-            tenant: self.tenant.clone(),
-            agent_id,
-            name: String::new(),
-            hostname: String::new(),
-            ip_address: String::new(),
-            os: String::new(),
-            os_version: String::new(),
-            agent_type: String::new(),
-            agent_version: String::new(),
-            status: AgentStatus::Active,
-            auto_registered: true,
-            tags: BTreeMap::new(),
-            health: String::new(),
-            effective_config: String::new(),
-            remote_config: String::new(),
-            remote_config_status: String::new(),
-            capabilities: 0,
-            sequence_num: None,
-            attributes: "{}".into(),
-            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
-            created_at: self.now_ms,
-            updated_at: self.now_ms,
-            last_seen_at: None,
-            revision: 0,
-        };
+        let mut agent = AgentRecord::new(self.tenant, agent_id, self.now_ms);
+        agent.auto_registered = true;
+        agent.token_id = self.token_id.unwrap_or_default().to_owned();
         self.apply(&mut agent, message, sequence);
         match self.catalog.insert_agent(&agent).await {
             Ok(()) => {
@@ -216,12 +201,40 @@ impl Exchange<'_> {
                     .agent_by_agent_id(self.tenant, &agent.agent_id)
                     .await?
                 {
-                    Some(known) => Ok(Ok(self.report(known, message, sequence).await?)),
+                    Some(known) => match self.may_speak_for(&known).await? {
+                        Ok(()) => Ok(Ok(self.report(known, message, sequence, None).await?)),
+                        Err(refusal) => Ok(Err(refusal)),
+                    },
                     None => Err(CatalogError::Conflict),
                 }
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether this message's token may speak for `agent`: the token the agent is bound to,
+    /// or any while it is bound to none, or to a token that no longer exists (revoked or
+    /// expired away: the agent's token was rotated). Authentication off binds nothing.
+    async fn may_speak_for(&self, agent: &AgentRecord) -> Result<Result<(), String>, CatalogError> {
+        let Some(token) = self.token_id else {
+            return Ok(Ok(()));
+        };
+        if agent.token_id.is_empty() || agent.token_id == token {
+            return Ok(Ok(()));
+        }
+        let tokens = self.catalog.list_tokens(Some(self.tenant)).await?;
+        let now = self.now_ms;
+        let bound_lives = tokens
+            .iter()
+            .any(|t| t.id == agent.token_id && t.expires_at.is_none_or(|at| at > now));
+        Ok(if bound_lives {
+            Err(format!(
+                "instance_uid {} belongs to an agent bound to another API token; use that token, or revoke it to rebind",
+                agent.agent_id
+            ))
+        } else {
+            Ok(())
+        })
     }
 
     /// Records a known agent's message: only `last_seen_at` and the sequence number when
@@ -232,9 +245,16 @@ impl Exchange<'_> {
         mut agent: AgentRecord,
         message: &opamp::AgentToServer,
         sequence: Option<i64>,
+        renamed: Option<String>,
     ) -> Result<AgentRecord, CatalogError> {
         for _ in 0..UPDATE_ATTEMPTS {
             let before = agent.clone();
+            if let Some(agent_id) = &renamed {
+                agent.agent_id = agent_id.clone();
+            }
+            if let Some(token) = self.token_id {
+                agent.token_id = token.to_owned();
+            }
             self.apply(&mut agent, message, sequence);
             let mut unchanged = before.clone();
             unchanged.last_seen_at = agent.last_seen_at;
@@ -246,7 +266,7 @@ impl Exchange<'_> {
                 return Ok(agent);
             }
             agent.updated_at = self.now_ms;
-            match self.catalog.update_agent(&agent).await? {
+            match self.catalog.update_agent(&agent, true).await? {
                 AgentUpdate::Updated(revision) => {
                     agent.revision = revision;
                     self.announce(super::live::AgentEventKind::Updated, &agent);
@@ -257,10 +277,7 @@ impl Exchange<'_> {
                         // Deleted by an operator meanwhile: the agent registers anew.
                         return Ok(agent);
                     };
-                    // Keep an identity change made by this message.
-                    let agent_id = agent.agent_id.clone();
                     agent = fresh;
-                    agent.agent_id = agent_id;
                 }
             }
         }
@@ -383,13 +400,19 @@ fn value_json(value: Option<&opamp::AnyValue>, depth: usize) -> serde_json::Valu
 fn describe(agent: &mut AgentRecord, description: &opamp::AgentDescription, peer: Option<IpAddr>) {
     let text = |key| attribute_text(description, key).map(|s| truncate(s, MAX_TEXT_BYTES));
     let mut attributes = serde_json::Map::new();
+    let mut bytes = 0;
     for kv in description
         .identifying_attributes
         .iter()
         .chain(&description.non_identifying_attributes)
         .take(MAX_ATTRIBUTES)
     {
-        attributes.insert(truncate(&kv.key, 128), value_json(kv.value.as_ref(), 0));
+        let value = value_json(kv.value.as_ref(), 0);
+        bytes += kv.key.len().min(128) + value.to_string().len();
+        if bytes > MAX_ATTRIBUTES_BYTES {
+            break;
+        }
+        attributes.insert(truncate(&kv.key, 128), value);
     }
     agent.attributes = serde_json::Value::Object(attributes).to_string();
     if let Some(v) = text("service.name") {
@@ -574,33 +597,8 @@ mod tests {
                 kv("long", s(&"é".repeat(1000))),
             ],
         };
-        let mut agent = AgentRecord {
-            id: String::new(),
-            tenant: TenantId::new("t"),
-            agent_id: String::new(),
-            name: "chosen".into(),
-            hostname: String::new(),
-            ip_address: String::new(),
-            os: String::new(),
-            os_version: String::new(),
-            agent_type: String::new(),
-            agent_version: String::new(),
-            status: AgentStatus::Active,
-            auto_registered: true,
-            tags: BTreeMap::new(),
-            health: String::new(),
-            effective_config: String::new(),
-            remote_config: String::new(),
-            remote_config_status: String::new(),
-            capabilities: 0,
-            sequence_num: None,
-            attributes: "{}".into(),
-            heartbeat_secs: 30,
-            created_at: 0,
-            updated_at: 0,
-            last_seen_at: None,
-            revision: 0,
-        };
+        let mut agent = AgentRecord::new(&TenantId::new("t"), "", 0);
+        agent.name = "chosen".into();
         describe(&mut agent, &description, Some("192.0.2.1".parse().unwrap()));
         assert_eq!(
             (

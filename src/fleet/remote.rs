@@ -118,7 +118,10 @@ impl ConfigStatus {
             _ => "unset",
         };
         ConfigStatus {
-            config_hash: hex(&report.last_remote_config_hash),
+            // Our hashes are 32 bytes; a longer one is no hash of ours, and is not kept whole.
+            config_hash: hex(
+                &report.last_remote_config_hash[..report.last_remote_config_hash.len().min(64)]
+            ),
             status: status.into(),
             error_message: truncate(&report.error_message, 1024),
         }

@@ -142,10 +142,10 @@ pub async fn write_all(
                 series: WriteBatch::from_series(&series),
                 ..Default::default()
             };
-            ingester
-                .write(PROTOCOL, &tenant, batch)
-                .await
-                .map_err(|e| format!("tenant {tenant}: {e}"))?;
+            // One tenant's failure (its storage, its limits) does not hold up the others.
+            if let Err(e) = ingester.write(PROTOCOL, &tenant, batch).await {
+                tracing::warn!(tenant = %tenant, error = %e, "cannot write the fleet's status series");
+            }
             start = end;
         }
         if (page.len() as i64) < PAGE {

@@ -92,6 +92,18 @@ async fn conforms(catalog: &dyn Catalog, store: &str) {
     assert_eq!(left, ["c"], "{store}");
 }
 
+/// `a` as a listing reads it: without the large fields agents report.
+fn slim(a: &AgentRecord) -> AgentRecord {
+    AgentRecord {
+        health: String::new(),
+        effective_config: String::new(),
+        remote_config: String::new(),
+        remote_config_status: String::new(),
+        attributes: "{}".into(),
+        ..a.clone()
+    }
+}
+
 fn agent(id: &str, tenant: &str, agent_id: &str, created_at: i64) -> AgentRecord {
     AgentRecord {
         id: id.into(),
@@ -114,6 +126,7 @@ fn agent(id: &str, tenant: &str, agent_id: &str, created_at: i64) -> AgentRecord
         capabilities: 0x2001,
         sequence_num: Some(7),
         attributes: r#"{"host.name":"h"}"#.into(),
+        token_id: "token-1".into(),
         heartbeat_secs: 30,
         created_at,
         updated_at: created_at,
@@ -202,12 +215,12 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
     };
     assert_eq!(
         catalog.list_agents(&t1, &page(10, 0)).await.unwrap(),
-        (vec![a1.clone(), a2.clone()], 2),
-        "{store}"
+        (vec![slim(&a1), slim(&a2)], 2),
+        "{store}: listings leave the large fields out"
     );
     assert_eq!(
         catalog.list_agents(&t1, &page(1, 1)).await.unwrap(),
-        (vec![a2.clone()], 2),
+        (vec![slim(&a2)], 2),
         "{store}"
     );
     assert!(
@@ -227,7 +240,7 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
     changed.tags.insert("team".into(), "infra".into());
     changed.updated_at = 99;
     assert_eq!(
-        catalog.update_agent(&changed).await.unwrap(),
+        catalog.update_agent(&changed, true).await.unwrap(),
         AgentUpdate::Updated(1),
         "{store}"
     );
@@ -244,7 +257,7 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         "{store}"
     );
     assert_eq!(
-        catalog.update_agent(&changed).await.unwrap(),
+        catalog.update_agent(&changed, true).await.unwrap(),
         AgentUpdate::Stale,
         "{store}"
     );
@@ -252,7 +265,7 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
     elsewhere.tenant = t2.clone();
     elsewhere.revision = 1;
     assert_eq!(
-        catalog.update_agent(&elsewhere).await.unwrap(),
+        catalog.update_agent(&elsewhere, true).await.unwrap(),
         AgentUpdate::Missing,
         "{store}"
     );
@@ -297,9 +310,25 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         (0x2001, r#"{"host.name":"h"}"#),
         "{store}"
     );
-    let mut reset = after.clone();
+    // An operator's change made from a read older than the heartbeat keeps the heartbeat.
+    let mut renamed = before.clone();
+    renamed.name = "renamed by an operator".into();
+    renamed.last_seen_at = None;
+    renamed.sequence_num = None;
+    assert!(matches!(
+        catalog.update_agent(&renamed, false).await.unwrap(),
+        AgentUpdate::Updated(_)
+    ));
+    let kept = catalog.agent(&t1, "a2").await.unwrap().unwrap();
+    assert_eq!(
+        (kept.name.as_str(), kept.last_seen_at, kept.sequence_num),
+        ("renamed by an operator", Some(77), Some(8)),
+        "{store}"
+    );
+    assert_eq!(catalog.count_agents(&t1).await.unwrap(), 2, "{store}");
+    let mut reset = kept.clone();
     reset.last_seen_at = None;
-    catalog.update_agent(&reset).await.unwrap();
+    catalog.update_agent(&reset, true).await.unwrap();
 
     listings_conform(catalog, store, &t1).await;
 
@@ -309,7 +338,8 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
 }
 
 /// Filters, orders and cursors of a listing, over the agents `agents_conform` left: a1
-/// (inactive, renamed, tagged team=infra) and a2 (never seen), plus three more.
+/// (inactive, "renamed", tagged team=infra) and a2 ("renamed by an operator", never seen),
+/// plus three more.
 async fn listings_conform(catalog: &dyn Catalog, store: &str, t1: &TenantId) {
     for (id, agent_id, name, seen) in [
         ("a4", "host-c", "Zeta", Some(40)),
@@ -386,7 +416,7 @@ async fn listings_conform(catalog: &dyn Catalog, store: &str, t1: &TenantId) {
     };
     assert_eq!(
         list(sorted(AgentSort::Name, false)).await,
-        names(&["a4", "a2", "a5", "a6", "a1"], 5),
+        names(&["a4", "a5", "a6", "a1", "a2"], 5),
         "{store}"
     );
     assert_eq!(

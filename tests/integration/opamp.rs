@@ -165,8 +165,10 @@ async fn the_python_opamp_client_registers_and_applies_a_remote_configuration() 
         ),
         "{agent}"
     );
-    assert_eq!(agent["attributes"]["service.version"], "1.2.3", "{agent}");
+    assert!(agent.get("attributes").is_none(), "listings are slim: {agent}");
     let id = agent["id"].as_str().unwrap().to_owned();
+    let (_, full) = get(&s, &admin, &format!("/api/v1/agents/{id}")).await;
+    assert_eq!(full["data"]["attributes"]["service.version"], "1.2.3", "{full}");
     let first_seen = agent["last_seen_at"].as_str().unwrap().to_owned();
 
     // An operator sets a remote configuration; the agent receives it with its next poll,
@@ -727,4 +729,109 @@ async fn an_agents_latest_values_and_history() {
     }
     let (status, _) = get(&s, &other, &format!("/api/v1/metrics/latest/{instance}")).await;
     assert_eq!(status, 404, "another tenant's agent is not found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_bound_to_its_token_and_keeps_its_row_when_renamed() {
+    let (s, catalog) = crate::auth::start(Backend::Embedded, |c| {
+        c.fleet.status_interval_secs = 0;
+    })
+    .await;
+    // The agent's own token lives 3 s; another host's token of the same tenant.
+    let own = crate::auth::mint(&catalog, "team-a", "ingest", Some(3_000)).await;
+    let neighbour = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
+    let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
+    let uid = uuid::Uuid::now_v7();
+    let (_, answer) = post(
+        &s,
+        &own,
+        message(&uid, 0, Some("h1")).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert!(answer.unwrap().error_response.is_none());
+    let (_, page) = get(&s, &admin, "/api/v1/agents").await;
+    let id = page["data"]["agents"][0]["id"].as_str().unwrap().to_owned();
+    let response = s
+        .http
+        .put(s.url(&format!("/api/v1/agents/{id}/config")))
+        .bearer_auth(&admin)
+        .body(r#"{"config_map":{"":{"body":"secret: 1"}}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Another token speaking for the uid gets neither the configuration nor the row.
+    let mut impostor = message(&uid, 1, Some("h1"));
+    impostor.flags = REQUEST_INSTANCE_UID;
+    let (_, answer) = post(&s, &neighbour, impostor.encode_to_vec(), false).await;
+    let answer = answer.unwrap();
+    let error = answer.error_response.expect("refused");
+    assert!(
+        error.error_message.contains("another API token"),
+        "{}",
+        error.error_message
+    );
+    assert!(answer.remote_config.is_none() && answer.agent_identification.is_none());
+    let (_, agent) = get(&s, &admin, &format!("/api/v1/agents/{id}")).await;
+    assert_eq!(agent["data"]["agent_id"], uid.to_string(), "{agent}");
+
+    // Its own token may rename it: the same row moves to the new uid, and stays there.
+    let mut asking = message(&uid, 1, None);
+    asking.flags = REQUEST_INSTANCE_UID;
+    let (_, answer) = post(&s, &own, asking.encode_to_vec(), false).await;
+    let answer = answer.unwrap();
+    assert!(
+        answer.remote_config.is_some(),
+        "its own token is offered its configuration"
+    );
+    let new_uid = uuid::Uuid::from_slice(
+        &answer
+            .agent_identification
+            .expect("a new uid")
+            .new_instance_uid,
+    )
+    .unwrap();
+    let (_, answer) = post(&s, &own, message(&new_uid, 2, None).encode_to_vec(), false).await;
+    assert_eq!(
+        answer.unwrap().flags & REPORT_FULL_STATE,
+        0,
+        "{new_uid} is the same agent"
+    );
+    let (_, page) = get(&s, &admin, "/api/v1/agents").await;
+    assert_eq!(page["data"]["total"], 1, "{page}");
+    assert_eq!(
+        (
+            &page["data"]["agents"][0]["id"],
+            &page["data"]["agents"][0]["agent_id"]
+        ),
+        (&json!(id), &json!(new_uid.to_string())),
+        "{page}"
+    );
+
+    // Once its token is gone (rotated: expired or revoked), a new one may take the agent over.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let (_, answer) = post(
+        &s,
+        &neighbour,
+        message(&new_uid, 3, None).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert!(answer.unwrap().error_response.is_none());
+    let (_, answer) = post(&s, &own, message(&new_uid, 4, None).encode_to_vec(), false).await;
+    assert_eq!(answer, None, "the expired token is refused at the door");
+
+    // A forged cursor whose key does not fit its sort is refused, not sent to SQL.
+    use base64::Engine;
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(r#"{"sort":"name","key":5,"id":"x"}"#);
+    let (status, body) = get(
+        &s,
+        &admin,
+        &format!("/api/v1/agents?sort=name&cursor={forged}"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
 }

@@ -1,0 +1,324 @@
+//! The fleet side under load: the live feed's cost and delay, and the registry's listing time.
+//!
+//! 1. Registry: 10,000 agents pre-registered over REST, then `GET /api/v1/agents` (the first
+//!    page of 100, a page of 1,000, a hostname search with a tag filter, the offline agents by
+//!    last seen), each repeated, client-side p50 and p99 in ms (one kept-alive connection).
+//! 2. Live feed: `--agents` agents (100) each remote-write `--series` series (300) every
+//!    `--interval-secs` (10, staggered evenly), for `--seconds` (60) with no WebSocket client,
+//!    then for as long with `--clients` (1,000) clients subscribed across the agents (10 each),
+//!    then again with none. Reported for each window: server CPU-seconds per million samples
+//!    (the whole process: ingest, the hub, every socket write), ingest request p50/p99; for the
+//!    window with clients, the delay from a sample's timestamp (stamped when its request was
+//!    sent) to its arrival at a client, p50/p99/max, messages received, and server RSS per
+//!    connected client (RSS with the clients connected, minus before, over the clients).
+//!
+//! The release binary on the embedded engine, auth off, `--live-interval 2s`; the clients run
+//! in this process on the same machine.
+//!
+//! `cargo bench --bench fleet_live [-- --agents N --series N --clients N --seconds N --interval-secs N]`
+
+mod common;
+#[path = "../tests/integration/support/mod.rs"]
+mod support;
+
+use futures::StreamExt;
+use prost::Message;
+use secumon_proto::prometheus::{Label, Sample, TimeSeries, WriteRequest};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::process::{free_port, spawn_secumon, temp_dir};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn body(agent: usize, series: usize, t: i64, round: u64) -> Vec<u8> {
+    let instance = format!("agent-{agent}");
+    let request = WriteRequest {
+        timeseries: (0..series)
+            .map(|i| TimeSeries {
+                labels: vec![
+                    Label {
+                        name: "__name__".into(),
+                        value: format!("host_metric_{}", i % 30),
+                    },
+                    Label {
+                        name: "instance".into(),
+                        value: instance.clone(),
+                    },
+                    Label {
+                        name: "job".into(),
+                        value: "secumon-agent".into(),
+                    },
+                    Label {
+                        name: "k".into(),
+                        value: (i / 30).to_string(),
+                    },
+                ],
+                samples: vec![Sample {
+                    value: (round as f64) + i as f64,
+                    timestamp: t,
+                }],
+                ..Default::default()
+            })
+            .collect(),
+        metadata: vec![],
+    };
+    snap::raw::Encoder::new()
+        .compress_vec(&request.encode_to_vec())
+        .unwrap()
+}
+
+struct Window {
+    cpu: f64,
+    samples: usize,
+    latencies: Vec<f64>,
+}
+
+/// Every agent writes its series once per interval, staggered, for `seconds`.
+async fn ingest(
+    http: &reqwest::Client,
+    url: &str,
+    pid: u32,
+    agents: usize,
+    series: usize,
+    interval: Duration,
+    seconds: u64,
+) -> Window {
+    let cpu0 = common::cpu_seconds(pid);
+    let started = Instant::now();
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let samples = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for agent in 0..agents {
+        let (http, url) = (http.clone(), url.to_owned());
+        let (latencies, samples) = (latencies.clone(), samples.clone());
+        let offset = interval.mul_f64(agent as f64 / agents as f64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            let mut tick = tokio::time::interval(interval);
+            let mut round = 0;
+            while started.elapsed() < Duration::from_secs(seconds) {
+                tick.tick().await;
+                let now = chrono::Utc::now().timestamp_millis();
+                let sent = Instant::now();
+                let response = http
+                    .post(&url)
+                    .header("Content-Type", "application/x-protobuf")
+                    .header("Content-Encoding", "snappy")
+                    .body(body(agent, series, now, round))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 204);
+                latencies
+                    .lock()
+                    .unwrap()
+                    .push(sent.elapsed().as_secs_f64() * 1000.0);
+                samples.fetch_add(series, Ordering::Relaxed);
+                round += 1;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
+    latencies.sort_by(f64::total_cmp);
+    Window {
+        cpu: common::cpu_seconds(pid) - cpu0,
+        samples: samples.load(Ordering::Relaxed),
+        latencies,
+    }
+}
+
+fn report(name: &str, w: &Window) {
+    println!(
+        "{name}: {} samples, server CPU {:.2} s = {:.3} CPU-s per 1 M samples; ingest request p50 {:.1} ms, p99 {:.1} ms",
+        w.samples,
+        w.cpu,
+        w.cpu / w.samples as f64 * 1e6,
+        percentile(&w.latencies, 0.5),
+        percentile(&w.latencies, 0.99)
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let agents = arg("--agents", 100) as usize;
+    let series = arg("--series", 300) as usize;
+    let clients = arg("--clients", 1000) as usize;
+    let seconds = arg("--seconds", 60);
+    let interval = Duration::from_secs(arg("--interval-secs", 10));
+    let registry = arg("--registry", 10_000) as usize;
+
+    let dir = temp_dir("secumon-fleet-bench");
+    let port = free_port();
+    let connections = (clients + 256).to_string();
+    let _server = spawn_secumon(
+        dir.to_str().unwrap(),
+        port,
+        &[
+            "--auth",
+            "off",
+            "--http-max-connections",
+            &connections,
+            "--fleet-live-max-clients",
+            &connections,
+        ],
+    );
+    let pid = common::listener_pid(port);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    // 1. The registry.
+    let made = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (http, base, next) = (http.clone(), base.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= registry {
+                    return;
+                }
+                let agent = serde_json::json!({"agent_id": format!("agent-{i}"),
+                    "hostname": format!("host-{i}.example"), "os": "linux",
+                    "tags": {"rack": (i % 10).to_string()}});
+                let response = http
+                    .post(format!("{base}/api/v1/agents"))
+                    .body(agent.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 201);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    println!(
+        "registry: {registry} agents registered over REST in {:.1} s",
+        made.elapsed().as_secs_f64()
+    );
+    for (what, path, times) in [
+        ("first page (100)", "/api/v1/agents", 200),
+        ("page of 1,000", "/api/v1/agents?limit=1000", 50),
+        (
+            "hostname search + tag",
+            "/api/v1/agents?hostname=HOST-99&tag=rack:9",
+            200,
+        ),
+        (
+            "offline, by last seen",
+            "/api/v1/agents?online=false&sort=-last_seen_at",
+            200,
+        ),
+    ] {
+        let mut ms = Vec::new();
+        for _ in 0..times {
+            let started = Instant::now();
+            let response = http.get(format!("{base}{path}")).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap();
+            ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "GET {path} ({what}) over {registry} agents: p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&ms, 0.5),
+            percentile(&ms, 0.99)
+        );
+    }
+
+    // 2. The live feed.
+    let write_url = format!("{base}/api/v1/write");
+    let off = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
+    report("feed off", &off);
+
+    let rss_before = rss_mib(pid);
+    let delays = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let messages = Arc::new(AtomicUsize::new(0));
+    let mut sockets = Vec::new();
+    for c in 0..clients {
+        let url = format!("ws://127.0.0.1:{port}/ws/metrics/agent-{}", c % agents);
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let (delays, messages) = (delays.clone(), messages.clone());
+        sockets.push(tokio::spawn(async move {
+            let (_, mut read) = socket.split();
+            while let Some(Ok(message)) = read.next().await {
+                let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+                    continue;
+                };
+                let now = chrono::Utc::now().timestamp_millis();
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if value["type"] != "metrics" {
+                    continue;
+                }
+                messages.fetch_add(1, Ordering::Relaxed);
+                let oldest = value["data"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .filter_map(|r| r["timestamp"].as_i64())
+                    .min()
+                    .unwrap_or(now);
+                delays.lock().unwrap().push((now - oldest) as f64);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_with = rss_mib(pid);
+    let on = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
+    report(&format!("feed on, {clients} clients"), &on);
+    let mut delay = std::mem::take(&mut *delays.lock().unwrap());
+    delay.sort_by(f64::total_cmp);
+    println!(
+        "delay from sample to client: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} messages; server RSS {:.1} MiB before the clients, {:.1} MiB with them: {:.1} KiB per client",
+        percentile(&delay, 0.5),
+        percentile(&delay, 0.99),
+        delay.last().copied().unwrap_or(f64::NAN),
+        messages.load(Ordering::Relaxed),
+        rss_before,
+        rss_with,
+        (rss_with - rss_before) * 1024.0 / clients as f64
+    );
+    for socket in sockets {
+        socket.abort();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
+    report("feed off again", &after);
+    println!(
+        "whole-process CPU per sample, feed on over the mean of the two windows without: {:+.1} %",
+        ((on.cpu / on.samples as f64)
+            / ((off.cpu + after.cpu) / (off.samples + after.samples) as f64)
+            - 1.0)
+            * 100.0
+    );
+}
