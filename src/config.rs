@@ -263,10 +263,11 @@ mod tests {
     use crate::storage::embedded::FsyncPolicy;
 
     /// Keys named apart from the rule, kept as the contract names them.
-    const CONTRACT_NAMES: [(&str, &str); 3] = [
+    const CONTRACT_NAMES: [(&str, &str); 4] = [
         ("postgres.timescaledb", "timescaledb"),
         ("auth.mode", "auth"),
         ("fleet.live_interval", "live-interval"),
+        ("fleet.nats_url", "nats-url"),
     ];
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub storage_block_samples: prometheus_client::metrics::gauge::Gauge,
     pub storage_disk_bytes: Family<DiskLabels, prometheus_client::metrics::gauge::Gauge>,
     pub lifecycle: LifecycleMetrics,
+    /// Live-feed WebSocket clients connected now.
+    pub live_clients: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Progress of a lifecycle the server runs itself (plain PostgreSQL).
@@ -220,9 +222,16 @@ impl Metrics {
             "Bytes on disk by kind (chunks: raw samples in blocks, rollups, wal) of the embedded engine",
             storage_disk_bytes.clone(),
         );
+        let live_clients = gauge();
+        registry.register(
+            "live_clients",
+            "Live-feed WebSocket clients connected now (/ws/metrics, /ws/agents)",
+            live_clients.clone(),
+        );
         let lifecycle = LifecycleMetrics::default();
         lifecycle.register(&mut registry);
         Metrics {
+            live_clients,
             lifecycle,
             registry,
             damaged_bytes_recovered,

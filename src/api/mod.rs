@@ -206,6 +206,7 @@ async fn ready(State(state): State<SharedState>) -> Response {
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {
+    state.metrics.live_clients.set(state.live.clients() as i64);
     (
         [(
             header::CONTENT_TYPE,

@@ -30,7 +30,7 @@ impl AgentStatus {
 }
 
 /// One agent of a tenant. Text the agent has not reported is empty.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AgentRecord {
     /// The registry's id: a UUIDv7, so ids sort in the order agents were registered.
     pub id: String,

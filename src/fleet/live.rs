@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 pub const MAX_PENDING_SERIES: usize = 10_000;
 
 /// The latest reading of one series.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reading {
     pub name: String,
     pub value: f64,
@@ -56,6 +56,15 @@ pub fn value_json(v: f64) -> serde_json::Value {
 }
 
 impl Snapshot {
+    pub fn new(agent_id: String, timestamp: i64, readings: Vec<(String, Reading)>) -> Snapshot {
+        Snapshot {
+            agent_id,
+            timestamp,
+            readings,
+            whole: OnceLock::new(),
+        }
+    }
+
     /// The envelope `{"type":"metrics","agent_id","timestamp","data":{key:{"value","timestamp"}}}`
     /// with the readings whose metric name `filter` matches (all without one); `None` when none
     /// does.
@@ -92,7 +101,8 @@ impl Snapshot {
 }
 
 /// A change in a tenant's registry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AgentEventKind {
     Registered,
     Updated,
@@ -113,7 +123,7 @@ impl AgentEventKind {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AgentEvent {
     pub kind: AgentEventKind,
     pub agent: AgentRecord,
@@ -123,7 +133,26 @@ pub struct AgentEvent {
 struct Topic {
     pending: Mutex<HashMap<String, Reading>>,
     sender: broadcast::Sender<Arc<Snapshot>>,
+    /// Until when (Unix ms) a client on another server node watches this agent: its readings
+    /// are then also sent to NATS.
+    remote_until: std::sync::atomic::AtomicI64,
 }
+
+impl Topic {
+    fn remotely_watched(&self, now_ms: i64) -> bool {
+        self.remote_until.load(Ordering::Relaxed) > now_ms
+    }
+}
+
+/// What this node tells the other nodes (over NATS), queued without waiting.
+#[derive(Debug)]
+pub enum Outbound {
+    Readings(TenantId, Arc<Snapshot>),
+    Event(Arc<AgentEvent>),
+}
+
+/// Most messages queued for NATS; more are dropped (and counted) rather than waited for.
+const OUTBOUND_QUEUE: usize = 4096;
 
 pub struct LiveHub {
     interval: Duration,
@@ -140,6 +169,10 @@ pub struct LiveHub {
     pub dropped_readings: AtomicUsize,
     /// Set when the server stops: clients close with 1001.
     closing: tokio::sync::watch::Sender<bool>,
+    /// To the NATS bridge, when there is one.
+    outbound: OnceLock<tokio::sync::mpsc::Sender<Outbound>>,
+    /// Messages for NATS dropped because the bridge was behind.
+    pub outbound_dropped: AtomicUsize,
 }
 
 /// A connected client's place in the hub; leaving (drop) frees it.
@@ -169,9 +202,10 @@ impl Drop for Subscription {
             return;
         };
         // Under the write lock no one subscribes: 1 is this subscription's own receiver.
+        let now = chrono::Utc::now().timestamp_millis();
         if agents
             .get(&self.agent_id)
-            .is_some_and(|t| t.sender.receiver_count() <= 1)
+            .is_some_and(|t| t.sender.receiver_count() <= 1 && !t.remotely_watched(now))
         {
             agents.remove(&self.agent_id);
             self.hub.watched.fetch_sub(1, Ordering::Relaxed);
@@ -216,7 +250,90 @@ impl LiveHub {
             registries: Mutex::default(),
             dropped_readings: AtomicUsize::new(0),
             closing: tokio::sync::watch::channel(false).0,
+            outbound: OnceLock::new(),
+            outbound_dropped: AtomicUsize::new(0),
         }
+    }
+
+    /// Connects the hub to other server nodes: what it must tell them comes out of the
+    /// returned queue (the NATS bridge drains it).
+    pub fn bridge(&self) -> tokio::sync::mpsc::Receiver<Outbound> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(OUTBOUND_QUEUE);
+        assert!(self.outbound.set(sender).is_ok(), "the hub has one bridge");
+        receiver
+    }
+
+    fn send_out(&self, message: Outbound) {
+        if let Some(outbound) = self.outbound.get() {
+            if outbound.try_send(message).is_err() {
+                self.outbound_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The agents clients of this node watch, to tell the other nodes.
+    pub fn local_interest(&self) -> Vec<(TenantId, String)> {
+        let topics = self.topics.read().expect("live topics lock");
+        topics
+            .iter()
+            .flat_map(|(tenant, agents)| {
+                agents
+                    .iter()
+                    .filter(|(_, t)| t.sender.receiver_count() > 0)
+                    .map(|(id, _)| (tenant.clone(), id.clone()))
+            })
+            .collect()
+    }
+
+    /// Another node's clients watch the tenant's agent `agent_id` until `until_ms`: this node
+    /// keeps its readings and sends them out until then.
+    pub fn watch_remotely(&self, tenant: &TenantId, agent_id: &str, until_ms: i64) {
+        let mut topics = self.topics.write().expect("live topics lock");
+        let topic = topics
+            .entry(tenant.clone())
+            .or_default()
+            .entry(agent_id.to_owned())
+            .or_insert_with(|| {
+                self.watched.fetch_add(1, Ordering::Relaxed);
+                Arc::new(self.topic())
+            });
+        topic.remote_until.fetch_max(until_ms, Ordering::Relaxed);
+    }
+
+    /// Readings another node sent: to this node's clients of that agent, if any.
+    pub fn deliver(&self, tenant: &TenantId, snapshot: Snapshot) {
+        let topics = self.topics.read().expect("live topics lock");
+        if let Some(topic) = topics.get(tenant).and_then(|a| a.get(&snapshot.agent_id)) {
+            let _ = topic.sender.send(Arc::new(snapshot));
+        }
+    }
+
+    /// A registry change another node made: to this node's watchers of the tenant.
+    pub fn deliver_event(&self, event: AgentEvent) {
+        self.event_here(Arc::new(event));
+    }
+
+    fn topic(&self) -> Topic {
+        Topic {
+            pending: Mutex::default(),
+            sender: broadcast::channel(self.queue).0,
+            remote_until: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Drops topics no client here or elsewhere watches any more.
+    fn sweep(&self, now_ms: i64) {
+        let mut topics = self.topics.write().expect("live topics lock");
+        for agents in topics.values_mut() {
+            agents.retain(|_, t| {
+                let keep = t.sender.receiver_count() > 0 || t.remotely_watched(now_ms);
+                if !keep {
+                    self.watched.fetch_sub(1, Ordering::Relaxed);
+                }
+                keep
+            });
+        }
+        topics.retain(|_, agents| !agents.is_empty());
     }
 
     /// Changes to `true` when the server stops.
@@ -250,10 +367,7 @@ impl LiveHub {
         let agents = topics.entry(tenant.clone()).or_default();
         let topic = agents.entry(agent_id.to_owned()).or_insert_with(|| {
             self.watched.fetch_add(1, Ordering::Relaxed);
-            Arc::new(Topic {
-                pending: Mutex::default(),
-                sender: broadcast::channel(self.queue).0,
-            })
+            Arc::new(self.topic())
         });
         Subscription {
             hub: self.clone(),
@@ -310,28 +424,32 @@ impl LiveHub {
     /// Sends every watched agent's pending readings (one message each), as the ticker does
     /// every interval.
     pub fn send_pending(&self, now_ms: i64) {
-        let topics: Vec<(String, Arc<Topic>)> = {
+        let topics: Vec<(TenantId, String, Arc<Topic>)> = {
             let topics = self.topics.read().expect("live topics lock");
             topics
-                .values()
-                .flat_map(|agents| agents.iter().map(|(id, t)| (id.clone(), t.clone())))
+                .iter()
+                .flat_map(|(tenant, agents)| {
+                    agents
+                        .iter()
+                        .map(|(id, t)| (tenant.clone(), id.clone(), t.clone()))
+                })
                 .collect()
         };
-        for (agent_id, topic) in topics {
+        for (tenant, agent_id, topic) in topics {
             let pending = std::mem::take(&mut *topic.pending.lock().expect("live pending lock"));
             if pending.is_empty() {
                 continue;
             }
             let mut readings: Vec<(String, Reading)> = pending.into_iter().collect();
             readings.sort_by(|a, b| a.0.cmp(&b.0));
-            // No receiver left: the message goes nowhere, as it should.
-            let _ = topic.sender.send(Arc::new(Snapshot {
-                agent_id,
-                timestamp: now_ms,
-                readings,
-                whole: OnceLock::new(),
-            }));
+            let snapshot = Arc::new(Snapshot::new(agent_id, now_ms, readings));
+            if topic.remotely_watched(now_ms) {
+                self.send_out(Outbound::Readings(tenant, snapshot.clone()));
+            }
+            // No receiver here: the message goes nowhere, as it should.
+            let _ = topic.sender.send(snapshot);
         }
+        self.sweep(now_ms);
     }
 
     /// Sends pending readings every interval until `stop`.
@@ -360,20 +478,30 @@ impl LiveHub {
             .subscribe()
     }
 
-    /// Tells the tenant's registry watchers of a change.
+    /// Tells the tenant's registry watchers of a change, here and (for changes made here:
+    /// registrations, updates, deletions) on the other nodes. Online and offline are noticed
+    /// by every node itself.
     pub fn agent_event(&self, kind: AgentEventKind, agent: &AgentRecord) {
+        let event = Arc::new(AgentEvent {
+            kind,
+            agent: agent.clone(),
+        });
+        if !matches!(kind, AgentEventKind::Online | AgentEventKind::Offline) {
+            self.send_out(Outbound::Event(event.clone()));
+        }
+        self.event_here(event);
+    }
+
+    fn event_here(&self, event: Arc<AgentEvent>) {
         let mut registries = self.registries.lock().expect("live registries lock");
-        let Some(sender) = registries.get(&agent.tenant) else {
+        let Some(sender) = registries.get(&event.agent.tenant) else {
             return;
         };
         if sender.receiver_count() == 0 {
-            registries.remove(&agent.tenant);
+            registries.remove(&event.agent.tenant);
             return;
         }
-        let _ = sender.send(Arc::new(AgentEvent {
-            kind,
-            agent: agent.clone(),
-        }));
+        let _ = sender.send(event);
     }
 }
 

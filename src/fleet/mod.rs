@@ -2,6 +2,7 @@
 //! and the OpAMP server they talk to.
 
 pub mod live;
+pub mod nats;
 pub mod opamp;
 pub mod remote;
 pub mod status;
@@ -99,6 +100,15 @@ pub struct FleetConfig {
         default_value_t = 16
     )]
     pub live_queue: usize,
+    /// A NATS server (`nats://host:4222`) through which several server nodes share the live
+    /// feed and registry changes; empty: this node works alone.
+    #[arg(
+        id = "fleet.nats_url",
+        long = "nats-url",
+        env = "SECUMON_NATS_URL",
+        default_value = ""
+    )]
+    pub nats_url: String,
 }
 
 /// A live interval from 10 ms to an hour.

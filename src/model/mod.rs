@@ -26,7 +26,10 @@ pub fn is_stale_nan(v: f64) -> bool {
 }
 
 /// The tenant that owns a series. Every read and write is scoped to one.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct TenantId(String);
 
 impl TenantId {

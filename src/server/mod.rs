@@ -260,6 +260,15 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
     }
     tasks.push(tokio::spawn(live.clone().run(stop.clone())));
+    if !config.fleet.nats_url.is_empty() {
+        let client = crate::fleet::nats::connect(&config.fleet.nats_url).await?;
+        let (hub, outbound, stop) = (live.clone(), live.bridge(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::fleet::nats::run(client, hub, outbound, stop).await {
+                tracing::error!(error = %e, "the NATS bridge stopped: this node's live feed now works alone");
+            }
+        }));
+    }
     if state.fleet.status_interval_secs > 0 {
         tasks.push(tokio::spawn(fleet_status_loop(state.clone(), stop.clone())));
     }

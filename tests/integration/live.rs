@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-type Socket =
+pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connects as a browser does: the token as a subprotocol beside `secumon.v1`.
@@ -75,6 +75,33 @@ async fn closed_with(socket: &mut Socket) -> CloseCode {
             other => panic!("expected a close frame, got {other:?}"),
         }
     }
+}
+
+/// Writes one sample of `cpu_seconds_total{instance, mode="idle"}`.
+pub(crate) async fn write_one(s: &Secumon, token: &str, instance: &str, value: f64) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let body = encode(&request(
+        vec![series(
+            &[
+                ("__name__", "cpu_seconds_total"),
+                ("instance", instance),
+                ("mode", "idle"),
+            ],
+            &[(now, value)],
+        )],
+        vec![],
+    ));
+    let response = s
+        .http
+        .post(s.url("/api/v1/write"))
+        .bearer_auth(token)
+        .header("Content-Type", "application/x-protobuf")
+        .header("Content-Encoding", "snappy")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
 }
 
 async fn write(s: &Secumon, token: &str, instance: &str, series_count: usize, value: f64) {
@@ -187,6 +214,13 @@ async fn the_live_feed_pushes_ingested_samples_to_its_clients() {
         .unwrap();
     let error = next(&mut narrow, Duration::from_secs(5)).await;
     assert_eq!(error["type"], "error", "{error}");
+
+    // Both are counted in /metrics (the two closed ones no longer).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.metrics_text().await.contains("secumon_live_clients 2\n") {
+        assert!(Instant::now() < deadline, "{}", s.metrics_text().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Remote-write reaches the feed within 3 s.
     let sent = Instant::now();

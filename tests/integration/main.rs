@@ -13,6 +13,7 @@ mod e2e_prometheus;
 mod hardening;
 mod lifecycle;
 mod live;
+mod nats;
 mod opamp;
 mod otlp;
 mod promql_diff;

@@ -165,10 +165,16 @@ async fn the_python_opamp_client_registers_and_applies_a_remote_configuration() 
         ),
         "{agent}"
     );
-    assert!(agent.get("attributes").is_none(), "listings are slim: {agent}");
+    assert!(
+        agent.get("attributes").is_none(),
+        "listings are slim: {agent}"
+    );
     let id = agent["id"].as_str().unwrap().to_owned();
     let (_, full) = get(&s, &admin, &format!("/api/v1/agents/{id}")).await;
-    assert_eq!(full["data"]["attributes"]["service.version"], "1.2.3", "{full}");
+    assert_eq!(
+        full["data"]["attributes"]["service.version"], "1.2.3",
+        "{full}"
+    );
     let first_seen = agent["last_seen_at"].as_str().unwrap().to_owned();
 
     // An operator sets a remote configuration; the agent receives it with its next poll,
