@@ -83,6 +83,8 @@ async fn visible(state: &SharedState, caller: &Caller) -> Result<Vec<TokenRecord
 }
 
 /// `GET /api/v1/admin/tokens`: the tenant's tokens, oldest first.
+#[utoipa::path(get, path = "/api/v1/admin/tokens", tag = "admin",
+    responses((status = 200, description = "The tokens the caller may see", body = super::openapi::TokenListAnswer)))]
 pub(super) async fn list(
     State(state): State<SharedState>,
     Authenticated(caller): Authenticated,
@@ -95,7 +97,7 @@ pub(super) async fn list(
     ))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateRequest {
     name: String,
@@ -107,6 +109,10 @@ pub(super) struct CreateRequest {
 
 /// `POST /api/v1/admin/tokens` with `{"name", "scopes": [...], "expires"?}`: 201 with the
 /// token's description and, this once, the token.
+#[utoipa::path(post, path = "/api/v1/admin/tokens", tag = "admin", request_body = CreateRequest,
+    responses(
+        (status = 201, description = "Created; the token is in the answer this once", body = super::openapi::TokenAnswer),
+        (status = 400, description = "Invalid request", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn create(
     State(state): State<SharedState>,
     Authenticated(caller): Authenticated,
@@ -161,6 +167,11 @@ pub(super) async fn create(
 
 /// `DELETE /api/v1/admin/tokens/{id}`: revokes a token of the tenant (404 if it has none by
 /// that id). This server forgets it at once; others within `--auth-cache-secs`.
+#[utoipa::path(delete, path = "/api/v1/admin/tokens/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 200, description = "Revoked", body = super::openapi::DeletedAnswer),
+        (status = 404, description = "No such token", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn revoke(
     State(state): State<SharedState>,
     Authenticated(caller): Authenticated,

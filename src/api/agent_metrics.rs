@@ -57,6 +57,11 @@ fn selector(name: &str, agent: &AgentRecord) -> String {
 /// `GET /api/v1/metrics/latest/{agent}`: `{"agent_id", "metrics": [{"name", "labels", "value",
 /// "timestamp"}]}` (timestamps in Unix ms), for every series of the agent with a sample
 /// within the lookback (`--query-lookback-delta-secs`), by name then labels.
+#[utoipa::path(get, path = "/api/v1/metrics/latest/{agent}", tag = "metrics",
+    params(("agent" = String, Path, description = "The registry id or the agent_id")),
+    responses(
+        (status = 200, description = "The latest sample of each of the agent's series", body = super::openapi::LatestAnswer),
+        (status = 404, description = "The tenant has no such agent", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn latest(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -112,6 +117,16 @@ pub(super) async fn latest(
 /// `GET /api/v1/metrics/history/{agent}?metric=<name>&start=&end=&step=`: the metric's series
 /// of the agent as a range query answers them (Prometheus's `matrix`). `end` defaults to now,
 /// `start` to an hour before `end`, `step` to a 240th of the range (at least a second).
+#[utoipa::path(get, path = "/api/v1/metrics/history/{agent}", tag = "metrics",
+    params(("agent" = String, Path, description = "The registry id or the agent_id"),
+        ("metric" = String, Query, description = "A metric name"),
+        ("start" = Option<String>, Query, description = "A Prometheus time; an hour before end by default"),
+        ("end" = Option<String>, Query, description = "A Prometheus time; now by default"),
+        ("step" = Option<String>, Query, description = "A Prometheus duration; a 240th of the range by default")),
+    responses(
+        (status = 200, description = "The metric's series of the agent over the range", body = super::openapi::HistoryAnswer),
+        (status = 400, description = "Invalid parameters", body = super::openapi::ErrorAnswer),
+        (status = 404, description = "The tenant has no such agent", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn history(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,

@@ -11,6 +11,8 @@ use crate::catalog::{
     AgentQuery, AgentRecord, AgentSort, AgentStatus, AgentUpdate, CatalogError, SortKey,
 };
 use crate::fleet::live::AgentEventKind;
+#[allow(unused_imports)]
+use crate::fleet::remote::ConfigFile;
 use crate::fleet::remote::{hex, ConfigStatus, RemoteConfig};
 use crate::fleet::FleetConfig;
 use axum::extract::{Path, Query, State};
@@ -161,7 +163,7 @@ impl IntoResponse for Invalid {
 
 /// The fields a client may set, each optional (PATCH sets those given; PUT and POST start
 /// from the defaults).
-#[derive(Clone, Default, serde::Deserialize)]
+#[derive(Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AgentFields {
     agent_id: Option<String>,
@@ -253,17 +255,24 @@ fn blank(tenant: &crate::model::TenantId, now: i64) -> AgentRecord {
 }
 
 /// The query string of `GET /api/v1/agents`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListParams {
+    /// 1 to 1,000; 100 by default.
     limit: Option<i64>,
     offset: Option<i64>,
+    /// The `next_cursor` of the page before (not with `offset`).
     cursor: Option<String>,
+    /// `active` or `inactive`.
     status: Option<String>,
+    /// `true` or `false`.
     online: Option<String>,
     /// `key:value`.
     tag: Option<String>,
+    /// Contained in the hostname, ASCII case ignored.
     hostname: Option<String>,
-    /// A sort key, `-` first for descending.
+    /// `created_at` (default), `name`, `hostname`, `agent_id` or `last_seen_at`, `-` first
+    /// for descending.
     sort: Option<String>,
 }
 
@@ -395,6 +404,10 @@ fn list_query(params: ListParams, fleet: &FleetConfig, now: i64) -> Result<Agent
 /// `GET /api/v1/agents`: a page of the tenant's agents (filters `status`, `online`,
 /// `tag=key:value`, `hostname` (contains, ignoring case); `sort` (`created_at` by default, `-`
 /// first for descending); `limit` with `offset` or the `next_cursor` of the page before).
+#[utoipa::path(get, path = "/api/v1/agents", tag = "agents", params(ListParams),
+    responses(
+        (status = 200, description = "A page of the tenant's agents", body = super::openapi::AgentPageAnswer),
+        (status = 400, description = "Invalid parameters, each named in `errors`", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn list(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -435,6 +448,11 @@ pub(super) async fn list(
 }
 
 /// `POST /api/v1/agents`: pre-registers an agent (201; 409 when its `agent_id` is taken).
+#[utoipa::path(post, path = "/api/v1/agents", tag = "agents", request_body = AgentFields,
+    responses(
+        (status = 201, description = "Registered, with its ETag", body = super::openapi::AgentAnswer),
+        (status = 400, description = "Invalid fields, each named in `errors`", body = super::openapi::ErrorAnswer),
+        (status = 409, description = "The agent_id is taken, or the tenant holds the most agents it may", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn create(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -471,6 +489,11 @@ pub(super) async fn create(
 }
 
 /// `GET /api/v1/agents/{id}`, with its ETag.
+#[utoipa::path(get, path = "/api/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "The registry id")),
+    responses(
+        (status = 200, description = "The agent, with its ETag", body = super::openapi::AgentAnswer),
+        (status = 404, description = "The tenant has no such agent", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn get_one(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -512,6 +535,16 @@ fn precondition_failed() -> ApiError {
 /// `PUT /api/v1/agents/{id}` (the settable fields start from their defaults) and `PATCH`
 /// (the given fields only), conditional on `If-Match` when given and always on the revision
 /// read.
+#[utoipa::path(method(put, patch), path = "/api/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "The registry id"),
+        ("If-Match" = Option<String>, Header, description = "The ETag the change is made from")),
+    request_body = AgentFields,
+    responses(
+        (status = 200, description = "Changed (PUT: every operator field, PATCH: those given)", body = super::openapi::AgentAnswer),
+        (status = 400, description = "Invalid fields", body = super::openapi::ErrorAnswer),
+        (status = 404, description = "No such agent", body = super::openapi::ErrorAnswer),
+        (status = 409, description = "The agent_id is taken", body = super::openapi::ErrorAnswer),
+        (status = 412, description = "The agent changed since the If-Match ETag", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn change(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -624,6 +657,11 @@ async fn change_once(
 
 /// `GET /api/v1/agents/{id}/config`: the remote configuration set for the agent (404 when
 /// none), its hash, and what the agent reported of it.
+#[utoipa::path(get, path = "/api/v1/agents/{id}/config", tag = "agents",
+    params(("id" = String, Path, description = "The registry id")),
+    responses(
+        (status = 200, description = "The remote configuration set for the agent", body = super::openapi::AgentConfigAnswer),
+        (status = 404, description = "No such agent, or none set", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn get_config(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -657,6 +695,15 @@ pub(super) async fn get_config(
 /// `PUT /api/v1/agents/{id}/config` (`{"config_map": {name: {"body", "content_type"}}}`)
 /// sets the configuration the OpAMP server offers the agent; `DELETE` stops offering one.
 /// Both take `If-Match` as the agent's other changes do.
+#[utoipa::path(method(put, delete), path = "/api/v1/agents/{id}/config", tag = "agents",
+    params(("id" = String, Path, description = "The registry id"),
+        ("If-Match" = Option<String>, Header, description = "The ETag the change is made from")),
+    request_body(content = RemoteConfig, description = "PUT: the configuration to offer; DELETE: none"),
+    responses(
+        (status = 200, description = "Set (or removed)", body = super::openapi::AgentAnswer),
+        (status = 400, description = "Invalid configuration", body = super::openapi::ErrorAnswer),
+        (status = 404, description = "No such agent", body = super::openapi::ErrorAnswer),
+        (status = 412, description = "The agent changed since the If-Match ETag", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn set_config(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -682,6 +729,11 @@ pub(super) async fn set_config(
 }
 
 /// `DELETE /api/v1/agents/{id}`.
+#[utoipa::path(delete, path = "/api/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "The registry id")),
+    responses(
+        (status = 200, description = "Deleted", body = super::openapi::DeletedAnswer),
+        (status = 404, description = "No such agent", body = super::openapi::ErrorAnswer)))]
 pub(super) async fn delete(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -710,6 +762,8 @@ pub(super) async fn delete(
 
 /// `GET /api/v1/agents/stats`: counts of the tenant's agents: total, active, inactive, online,
 /// offline, and per operating system and agent version.
+#[utoipa::path(get, path = "/api/v1/agents/stats", tag = "agents",
+    responses((status = 200, description = "Counts of the tenant's agents", body = super::openapi::AgentStatsAnswer)))]
 pub(super) async fn stats(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,

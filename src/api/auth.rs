@@ -40,7 +40,8 @@ fn route_needs(
             };
             (Some(scope), Format::Prometheus)
         }
-        "/health" | "/ready" => (None, Format::RemoteWrite),
+        // The API's description: no tenant's data.
+        "/health" | "/ready" | "/api/v1/openapi.json" => (None, Format::RemoteWrite),
         "/metrics" => (protect_metrics.then_some(Scope::Read), Format::RemoteWrite),
         "/api/v1/write" | "/v1/opamp" => (Some(Scope::Ingest), Format::RemoteWrite),
         "/api/v1/otlp/v1/metrics" | "/v1/metrics" => (Some(Scope::Ingest), Format::Otlp),
@@ -276,6 +277,7 @@ mod tests {
             ("/api/v1/admin/tokens/{id}", Some(Scope::Admin)),
             ("/health", None),
             ("/ready", None),
+            ("/api/v1/openapi.json", None),
             ("/metrics", None),
         ] {
             assert_eq!(route_needs(&Method::GET, path, false).0, scope, "{path}");

@@ -59,6 +59,12 @@ fn upgrade(ws: WebSocketUpgrade) -> WebSocketUpgrade {
 }
 
 /// `GET /ws/metrics/{agent}` (the registry `id` or the `agent_id`).
+#[utoipa::path(get, path = "/ws/metrics/{agent}", tag = "live",
+    params(("agent" = String, Path, description = "The registry id or the agent_id")),
+    responses(
+        (status = 101, description = "A WebSocket (subprotocol secumon.v1) of the agent's readings: see docs/api.md"),
+        (status = 401, description = "No valid token"),
+        (status = 503, description = "Too many live-feed clients")))]
 pub(super) async fn metrics(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
@@ -85,6 +91,11 @@ pub(super) async fn metrics(
 }
 
 /// `GET /ws/agents`: the tenant's registry changes.
+#[utoipa::path(get, path = "/ws/agents", tag = "live",
+    responses(
+        (status = 101, description = "A WebSocket (subprotocol secumon.v1) of the tenant's registry changes"),
+        (status = 401, description = "No valid token"),
+        (status = 503, description = "Too many live-feed clients")))]
 pub(super) async fn agents(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,

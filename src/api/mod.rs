@@ -10,6 +10,7 @@ pub mod errors;
 pub mod json;
 mod live;
 mod opamp;
+pub mod openapi;
 pub mod otlp;
 pub mod params;
 mod prometheus;
@@ -92,6 +93,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/write", post(write::remote_write))
         .route("/api/v1/otlp/v1/metrics", post(otlp::http_export))
         .route("/v1/opamp", post(opamp::http))
+        .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .route("/ws/metrics/{agent}", get(live::metrics))
         .route("/ws/agents", get(live::agents))
         .route("/health", get(health))

@@ -24,6 +24,13 @@ fn protobuf(status: StatusCode, message: &ServerToAgent) -> Response {
 }
 
 /// The OpAMP HTTP endpoint.
+#[utoipa::path(post, path = "/v1/opamp", tag = "opamp",
+    request_body(content = Vec<u8>, content_type = "application/x-protobuf", description = "One OpAMP AgentToServer message (gzip allowed)"),
+    responses(
+        (status = 200, description = "One OpAMP ServerToAgent message (a malformed message is answered with error_response)", content_type = "application/x-protobuf"),
+        (status = 413, description = "Over --fleet-opamp-max-message-bytes"),
+        (status = 415, description = "Not application/x-protobuf, or an unknown content encoding"),
+        (status = 503, description = "The registry cannot be written now; retry after Retry-After")))]
 pub(super) async fn http(
     State(state): State<SharedState>,
     Authenticated(caller): Authenticated,

@@ -12,7 +12,7 @@ pub const MAX_FILES: usize = 64;
 pub const MAX_NAME_BYTES: usize = 256;
 
 /// One file (or section) of a configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// The file's text.
@@ -24,7 +24,7 @@ pub struct ConfigFile {
 
 /// A configuration: files by name (an agent with one file may name it `""`), kept in name
 /// order so that its stored text, and so its hash, depend on its content alone.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteConfig {
     pub config_map: BTreeMap<String, ConfigFile>,
@@ -98,7 +98,7 @@ impl RemoteConfig {
 }
 
 /// How the agent last reported the remote configuration, as the catalog keeps it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigStatus {
     /// Hex of the hash the agent reported.
     pub config_hash: String,

@@ -15,6 +15,7 @@ mod lifecycle;
 mod live;
 mod nats;
 mod opamp;
+mod openapi;
 mod otlp;
 mod promql_diff;
 mod remote_write;

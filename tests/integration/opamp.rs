@@ -36,7 +36,12 @@ async fn get(s: &Secumon, token: &str, path: &str) -> (u16, Value) {
 }
 
 /// Sends one OpAMP message as bytes; the HTTP status and the decoded answer (if 200).
-async fn post(s: &Secumon, token: &str, body: Vec<u8>, gzip: bool) -> (u16, Option<ServerToAgent>) {
+pub(crate) async fn post(
+    s: &Secumon,
+    token: &str,
+    body: Vec<u8>,
+    gzip: bool,
+) -> (u16, Option<ServerToAgent>) {
     let mut request = s
         .http
         .post(s.url("/v1/opamp"))
@@ -68,7 +73,7 @@ fn text(key: &str, value: &str) -> KeyValue {
     }
 }
 
-fn message(uid: &uuid::Uuid, sequence_num: u64, host: Option<&str>) -> AgentToServer {
+pub(crate) fn message(uid: &uuid::Uuid, sequence_num: u64, host: Option<&str>) -> AgentToServer {
     AgentToServer {
         instance_uid: uid.as_bytes().to_vec(),
         sequence_num,
