@@ -720,12 +720,17 @@ pub(super) async fn set_config(
             .to_stored()
     };
     let wanted = if_match(&headers).map_err(IntoResponse::into_response)?;
-    change_agent(&state, &tenant, &id, wanted, |current| {
+    let answer = change_agent(&state, &tenant, &id, wanted, |current| {
         let mut agent = current.clone();
         agent.remote_config = stored.clone();
         Ok(agent)
     })
-    .await
+    .await?;
+    // An agent connected over OpAMP's WebSocket transport gets it now.
+    if let Ok(Some(agent)) = state.auth.catalog().agent(&tenant, &id).await {
+        state.opamp_sessions.poke(&tenant, &agent.agent_id);
+    }
+    Ok(answer)
 }
 
 /// `DELETE /api/v1/agents/{id}`.

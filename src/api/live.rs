@@ -56,6 +56,10 @@ fn upgrade(ws: WebSocketUpgrade) -> WebSocketUpgrade {
     ws.protocols([PROTOCOL])
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
+        // Clients send little: a small read buffer (the default is 128 KiB a connection), and
+        // each message written at once rather than gathered.
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
 }
 
 /// `GET /ws/metrics/{agent}` (the registry `id` or the `agent_id`).

@@ -48,6 +48,8 @@ pub struct AppState {
     pub fleet: crate::fleet::FleetConfig,
     /// The live feed's hub.
     pub live: Arc<crate::fleet::live::LiveHub>,
+    /// Agents connected over OpAMP's WebSocket transport.
+    pub opamp_sessions: Arc<crate::fleet::opamp::Sessions>,
     /// Whether a listener is beyond loopback (so authentication off is worth a warning).
     pub exposed: bool,
     /// How request bodies are read (after authentication).
@@ -92,7 +94,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/status/tsdb", get(status::tsdb))
         .route("/api/v1/write", post(write::remote_write))
         .route("/api/v1/otlp/v1/metrics", post(otlp::http_export))
-        .route("/v1/opamp", post(opamp::http))
+        .route("/v1/opamp", post(opamp::http).get(opamp::websocket))
         .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .route("/ws/metrics/{agent}", get(live::metrics))
         .route("/ws/agents", get(live::agents))

@@ -298,6 +298,7 @@ impl Modify for BearerAuth {
         super::live::metrics,
         super::live::agents,
         super::opamp::http,
+        super::opamp::websocket,
         super::admin::list,
         super::admin::create,
         super::admin::revoke,

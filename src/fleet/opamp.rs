@@ -169,7 +169,11 @@ impl Exchange<'_> {
             },
         };
         if !disconnect {
-            answer.remote_config = self.offer(&agent, message);
+            answer.remote_config = offer(
+                &agent,
+                message.capabilities,
+                message.remote_config_status.as_ref(),
+            );
         }
         Ok(answer)
     }
@@ -316,27 +320,28 @@ impl Exchange<'_> {
             agent.remote_config_status = ConfigStatus::from_report(status).to_stored();
         }
     }
+}
 
-    /// The remote configuration to offer with the answer: the operator's, when the agent
-    /// accepts remote configuration and has not reported its hash back.
-    fn offer(
-        &self,
-        agent: &AgentRecord,
-        message: &opamp::AgentToServer,
-    ) -> Option<opamp::AgentRemoteConfig> {
-        if message.capabilities & AgentCapabilities::AcceptsRemoteConfig as u64 == 0 {
-            return None;
-        }
-        let config = RemoteConfig::from_stored(&agent.remote_config)?;
-        let hash = config.hash();
-        let reported = match &message.remote_config_status {
-            Some(status) => Some(status.last_remote_config_hash.clone()),
-            None => ConfigStatus::from_stored(&agent.remote_config_status)
-                .map(|s| s.config_hash)
-                .map(|h| decode_hex(&h)),
-        };
-        (reported.as_deref() != Some(hash.as_slice())).then(|| config.to_offer())
+/// The remote configuration to offer `agent` (with these capabilities, having just reported
+/// `reported`, or else what it reported before): the operator's, when the agent accepts
+/// remote configuration and has not reported its hash back.
+fn offer(
+    agent: &AgentRecord,
+    capabilities: u64,
+    reported: Option<&opamp::RemoteConfigStatus>,
+) -> Option<opamp::AgentRemoteConfig> {
+    if capabilities & AgentCapabilities::AcceptsRemoteConfig as u64 == 0 {
+        return None;
     }
+    let config = RemoteConfig::from_stored(&agent.remote_config)?;
+    let hash = config.hash();
+    let reported = match reported {
+        Some(status) => Some(status.last_remote_config_hash.clone()),
+        None => ConfigStatus::from_stored(&agent.remote_config_status)
+            .map(|s| s.config_hash)
+            .map(|h| decode_hex(&h)),
+    };
+    (reported.as_deref() != Some(hash.as_slice())).then(|| config.to_offer())
 }
 
 fn decode_hex(text: &str) -> Vec<u8> {
@@ -522,6 +527,98 @@ fn effective_config_json(config: &opamp::EffectiveConfig, max_bytes: usize) -> S
         })
         .collect();
     serde_json::json!({ "config_map": map }).to_string()
+}
+
+/// Agents connected over OpAMP's WebSocket transport, by tenant and `agent_id`: an operator's
+/// new remote configuration is pushed to them at once (over HTTP, agents get it with their
+/// next poll).
+#[derive(Default)]
+pub struct Sessions {
+    next: std::sync::atomic::AtomicU64,
+    by_agent: std::sync::Mutex<std::collections::HashMap<(TenantId, String), Vec<Poke>>>,
+}
+
+/// A session (by its number) and how to tell it its agent's configuration changed.
+type Poke = (u64, tokio::sync::mpsc::Sender<()>);
+
+/// A session's place in [`Sessions`]; dropping it removes it.
+pub struct Registration {
+    sessions: std::sync::Arc<Sessions>,
+    key: (TenantId, String),
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut by_agent = self.sessions.by_agent.lock().expect("sessions lock");
+        if let Some(list) = by_agent.get_mut(&self.key) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                by_agent.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Sessions {
+    /// Registers a session of the tenant's agent `agent_id`; the receiver hears of changes to
+    /// its remote configuration.
+    pub fn register(
+        self: &std::sync::Arc<Self>,
+        tenant: &TenantId,
+        agent_id: &str,
+    ) -> (Registration, tokio::sync::mpsc::Receiver<()>) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = (tenant.clone(), agent_id.to_owned());
+        self.by_agent
+            .lock()
+            .expect("sessions lock")
+            .entry(key.clone())
+            .or_default()
+            .push((id, sender));
+        (
+            Registration {
+                sessions: self.clone(),
+                key,
+                id,
+            },
+            receiver,
+        )
+    }
+
+    /// Tells the sessions of the tenant's agent `agent_id` that its configuration changed (a
+    /// session already told and not yet done is told once).
+    pub fn poke(&self, tenant: &TenantId, agent_id: &str) {
+        let by_agent = self.by_agent.lock().expect("sessions lock");
+        if let Some(list) = by_agent.get(&(tenant.clone(), agent_id.to_owned())) {
+            for (_, sender) in list {
+                let _ = sender.try_send(());
+            }
+        }
+    }
+}
+
+/// The answer that offers the tenant's agent `agent_id` its remote configuration now, when it
+/// accepts one and has not reported having it; `None` otherwise.
+pub async fn push_offer(
+    catalog: &dyn Catalog,
+    tenant: &TenantId,
+    agent_id: &str,
+) -> Result<Option<opamp::ServerToAgent>, CatalogError> {
+    let Some(agent) = catalog.agent_by_agent_id(tenant, agent_id).await? else {
+        return Ok(None);
+    };
+    let Ok(uid) = uuid::Uuid::parse_str(&agent.agent_id) else {
+        return Ok(None);
+    };
+    let remote_config = offer(&agent, agent.capabilities as u64, None);
+    Ok(remote_config.map(|remote_config| opamp::ServerToAgent {
+        instance_uid: uid.as_bytes().to_vec(),
+        capabilities: SERVER_CAPABILITIES,
+        remote_config: Some(remote_config),
+        ..Default::default()
+    }))
 }
 
 #[cfg(test)]

@@ -229,6 +229,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         auth_config: config.auth.clone(),
         fleet: config.fleet.clone(),
         live: live.clone(),
+        opamp_sessions: Arc::default(),
         exposed,
         body_limits: listener::BodyLimits {
             timeout: Duration::from_secs(config.http.body_timeout_secs.max(1)),

@@ -77,34 +77,15 @@ async fn closed_with(socket: &mut Socket) -> CloseCode {
     }
 }
 
-/// Writes one sample of `cpu_seconds_total{instance, mode="idle"}`.
-pub(crate) async fn write_one(s: &Secumon, token: &str, instance: &str, value: f64) {
-    let now = chrono::Utc::now().timestamp_millis();
-    let body = encode(&request(
-        vec![series(
-            &[
-                ("__name__", "cpu_seconds_total"),
-                ("instance", instance),
-                ("mode", "idle"),
-            ],
-            &[(now, value)],
-        )],
-        vec![],
-    ));
-    let response = s
-        .http
-        .post(s.url("/api/v1/write"))
-        .bearer_auth(token)
-        .header("Content-Type", "application/x-protobuf")
-        .header("Content-Encoding", "snappy")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 204);
-}
-
-async fn write(s: &Secumon, token: &str, instance: &str, series_count: usize, value: f64) {
+/// Writes one sample of each of `series_count` series `cpu_seconds_total{cpu, instance,
+/// mode="idle"}`, checking the write answers within 2 s.
+pub(crate) async fn write(
+    s: &Secumon,
+    token: &str,
+    instance: &str,
+    series_count: usize,
+    value: f64,
+) {
     let now = chrono::Utc::now().timestamp_millis();
     let body = encode(&request(
         (0..series_count)
@@ -155,15 +136,18 @@ async fn the_live_feed_pushes_ingested_samples_to_its_clients() {
     let reader = mint("team-a", "read").await;
     let admin = mint("team-a", "admin,read").await;
     let outsider = mint("team-b", "read").await;
-    let response = s
-        .http
-        .post(s.url("/api/v1/agents"))
-        .bearer_auth(&admin)
-        .body(r#"{"agent_id": "host-1"}"#)
-        .send()
+    assert_eq!(
+        crate::opamp::send(
+            &s,
+            &admin,
+            reqwest::Method::POST,
+            "/api/v1/agents",
+            r#"{"agent_id": "host-1"}"#
+        )
         .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+        .0,
+        201
+    );
 
     // No token: refused before the upgrade. An unknown agent, or another tenant's: 4404.
     let anonymous = s
@@ -326,15 +310,18 @@ async fn a_client_that_stops_reading_is_dropped_and_slows_no_one() {
     let ingest = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
     let reader = crate::auth::mint(&catalog, "team-a", "read", None).await;
     let admin = crate::auth::mint(&catalog, "team-a", "admin", None).await;
-    let response = s
-        .http
-        .post(s.url("/api/v1/agents"))
-        .bearer_auth(&admin)
-        .body(r#"{"agent_id": "host-1"}"#)
-        .send()
+    assert_eq!(
+        crate::opamp::send(
+            &s,
+            &admin,
+            reqwest::Method::POST,
+            "/api/v1/agents",
+            r#"{"agent_id": "host-1"}"#
+        )
         .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+        .0,
+        201
+    );
 
     // The stuck client: a tiny receive window, and it never reads.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

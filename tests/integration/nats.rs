@@ -63,19 +63,16 @@ async fn a_client_of_one_node_sees_what_another_node_ingests() {
     .await;
     let ingest = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
     let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
-    let response = a
-        .http
-        .post(a.url("/api/v1/agents"))
-        .bearer_auth(&admin)
-        .body(r#"{"agent_id": "host-1"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let id = response.json::<Value>().await.unwrap()["data"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (status, created) = crate::opamp::send(
+        &a,
+        &admin,
+        reqwest::Method::POST,
+        "/api/v1/agents",
+        r#"{"agent_id": "host-1"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["data"]["id"].as_str().unwrap().to_owned();
 
     let mut feed = connect(&b, "/ws/metrics/host-1", &admin).await;
     assert_eq!(
@@ -90,7 +87,7 @@ async fn a_client_of_one_node_sees_what_another_node_ingests() {
 
     // Node A learns of B's client within an interval or two; until then its samples reach B's
     // client only if A already knew, so write until one arrives.
-    let key = r#"cpu_seconds_total{instance="host-1",mode="idle"}"#;
+    let key = r#"cpu_seconds_total{cpu="0",instance="host-1",mode="idle"}"#;
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut value = 0.0;
     let reading = loop {
@@ -99,7 +96,7 @@ async fn a_client_of_one_node_sees_what_another_node_ingests() {
             "nothing from node A reached node B's client"
         );
         value += 1.0;
-        crate::live::write_one(&a, &ingest, "host-1", value).await;
+        crate::live::write(&a, &ingest, "host-1", 1, value).await;
         if let Some(message) = next(&mut feed, Duration::from_millis(700)).await {
             assert_eq!(message["type"], "metrics", "{message}");
             if let Some(reading) = message["data"].get(key) {
@@ -110,7 +107,7 @@ async fn a_client_of_one_node_sees_what_another_node_ingests() {
     assert!(reading["value"].as_f64().unwrap() >= 1.0, "{reading}");
     // Once interest is known, a sample written on A reaches B's client within 3 s.
     let sent = Instant::now();
-    crate::live::write_one(&a, &ingest, "host-1", 1000.0).await;
+    crate::live::write(&a, &ingest, "host-1", 1, 1000.0).await;
     loop {
         let message = next(&mut feed, Duration::from_secs(3))
             .await
@@ -122,15 +119,18 @@ async fn a_client_of_one_node_sees_what_another_node_ingests() {
     assert!(sent.elapsed() < Duration::from_secs(3));
 
     // A registry change made on node A reaches node B's fleet page.
-    let response = a
-        .http
-        .patch(a.url(&format!("/api/v1/agents/{id}")))
-        .bearer_auth(&admin)
-        .body(r#"{"name": "renamed on A"}"#)
-        .send()
+    assert_eq!(
+        crate::opamp::send(
+            &a,
+            &admin,
+            reqwest::Method::PATCH,
+            &format!("/api/v1/agents/{id}"),
+            r#"{"name": "renamed on A"}"#
+        )
         .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+        .0,
+        200
+    );
     let event = next(&mut fleet, Duration::from_secs(5))
         .await
         .expect("no registry change reached node B");

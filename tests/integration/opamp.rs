@@ -35,6 +35,26 @@ async fn get(s: &Secumon, token: &str, path: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or_default())
 }
 
+/// Sends `body` (JSON text) with `token`; the status and the answer as JSON.
+pub(crate) async fn send(
+    s: &Secumon,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: impl Into<String>,
+) -> (u16, Value) {
+    let response = s
+        .http
+        .request(method, s.url(path))
+        .bearer_auth(token)
+        .body(body.into())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
 /// Sends one OpAMP message as bytes; the HTTP status and the decoded answer (if 200).
 pub(crate) async fn post(
     s: &Secumon,
@@ -186,15 +206,18 @@ async fn the_python_opamp_client_registers_and_applies_a_remote_configuration() 
     // applies it and reports so.
     let config = json!({"config_map": {"": {"body": "{\"sampler\": \"always_on\"}",
         "content_type": "application/json"}}});
-    let response = s
-        .http
-        .put(s.url(&format!("/api/v1/agents/{id}/config")))
-        .bearer_auth(&admin)
-        .body(config.to_string())
-        .send()
+    assert_eq!(
+        crate::opamp::send(
+            &s,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("/api/v1/agents/{id}/config"),
+            config.to_string()
+        )
         .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+        .0,
+        200
+    );
     let received = loop {
         let Some(event) = next_event(Duration::from_secs(20)) else {
             panic!("no remote configuration reached the agent");
@@ -227,8 +250,19 @@ async fn the_python_opamp_client_registers_and_applies_a_remote_configuration() 
         assert!(Instant::now() < deadline, "never reported applied: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (_, agent) = get(&s, &admin, &format!("/api/v1/agents/{id}")).await;
-    let agent = &agent["data"];
+    // The effective configuration follows in the agent's next full state.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let agent = loop {
+        let (_, agent) = get(&s, &admin, &format!("/api/v1/agents/{id}")).await;
+        if !agent["data"]["effective_config"].is_null() {
+            break agent["data"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no effective configuration: {agent}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(
         agent["effective_config"]["config_map"][""]["body"], "{\"sampler\": \"always_on\"}",
         "{agent}"
@@ -365,17 +399,18 @@ async fn opamp_edges_sequence_uids_malformed_and_tenants() {
     // Remote configuration: offered to an agent that accepts it until it reports the hash.
     let admin = crate::auth::mint(&catalog, "team-a", "admin", None).await;
     let id = page["data"]["agents"][0]["id"].as_str().unwrap().to_owned();
-    let response = s
-        .http
-        .put(s.url(&format!("/api/v1/agents/{id}/config")))
-        .bearer_auth(&admin)
-        .body(
-            r#"{"config_map":{"agent.yaml":{"body":"interval: 10s","content_type":"text/yaml"}}}"#,
+    assert_eq!(
+        crate::opamp::send(
+            &s,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("/api/v1/agents/{id}/config"),
+            r#"{"config_map":{"agent.yaml":{"body":"interval: 10s","content_type":"text/yaml"}}}"#
         )
-        .send()
         .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+        .0,
+        200
+    );
     let (_, answer) = post(
         &s,
         &token,
@@ -416,29 +451,35 @@ async fn opamp_edges_sequence_uids_malformed_and_tenants() {
     );
     let mut refusing = message(&assigned, 4, None);
     refusing.capabilities = REPORTS_STATUS;
-    let response = s
-        .http
-        .put(s.url(&format!("/api/v1/agents/{id}/config")))
-        .bearer_auth(&admin)
-        .body(r#"{"config_map":{"agent.yaml":{"body":"interval: 20s"}}}"#)
-        .send()
+    assert_eq!(
+        crate::opamp::send(
+            &s,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("/api/v1/agents/{id}/config"),
+            r#"{"config_map":{"agent.yaml":{"body":"interval: 20s"}}}"#
+        )
         .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+        .0,
+        200
+    );
     let (_, answer) = post(&s, &token, refusing.encode_to_vec(), false).await;
     assert!(
         answer.unwrap().remote_config.is_none(),
         "never offered to an agent that does not accept remote configuration"
     );
-    let response = s
-        .http
-        .put(s.url(&format!("/api/v1/agents/{id}/config")))
-        .bearer_auth(&admin)
-        .body(r#"{"config_map":{}}"#)
-        .send()
+    assert_eq!(
+        crate::opamp::send(
+            &s,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("/api/v1/agents/{id}/config"),
+            r#"{"config_map":{}}"#
+        )
         .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+        .0,
+        400
+    );
 
     // Malformed: answered in the protocol, BadRequest.
     for bad in [
@@ -569,15 +610,18 @@ async fn fleet_health_is_written_as_series_into_each_tenant() {
     .await;
     assert!(answer.unwrap().error_response.is_none());
     // Pre-registered, never seen: down.
-    let response = s
-        .http
-        .post(s.url("/api/v1/agents"))
-        .bearer_auth(&admin)
-        .body(r#"{"agent_id": "planned-1", "hostname": "db-9"}"#)
-        .send()
+    assert_eq!(
+        crate::opamp::send(
+            &s,
+            &admin,
+            reqwest::Method::POST,
+            "/api/v1/agents",
+            r#"{"agent_id": "planned-1", "hostname": "db-9"}"#
+        )
         .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+        .0,
+        201
+    );
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let up = loop {
@@ -763,15 +807,18 @@ async fn an_agent_is_bound_to_its_token_and_keeps_its_row_when_renamed() {
     assert!(answer.unwrap().error_response.is_none());
     let (_, page) = get(&s, &admin, "/api/v1/agents").await;
     let id = page["data"]["agents"][0]["id"].as_str().unwrap().to_owned();
-    let response = s
-        .http
-        .put(s.url(&format!("/api/v1/agents/{id}/config")))
-        .bearer_auth(&admin)
-        .body(r#"{"config_map":{"":{"body":"secret: 1"}}}"#)
-        .send()
+    assert_eq!(
+        crate::opamp::send(
+            &s,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("/api/v1/agents/{id}/config"),
+            r#"{"config_map":{"":{"body":"secret: 1"}}}"#
+        )
         .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+        .0,
+        200
+    );
 
     // Another token speaking for the uid gets neither the configuration nor the row.
     let mut impostor = message(&uid, 1, Some("h1"));
@@ -845,4 +892,82 @@ async fn an_agent_is_bound_to_its_token_and_keeps_its_row_when_renamed() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_transport_answers_and_pushes_a_new_configuration() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let (s, catalog) = crate::auth::start(Backend::Embedded, |c| {
+        c.fleet.status_interval_secs = 0;
+    })
+    .await;
+    let token = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
+    let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
+    let mut request = s
+        .url("/v1/opamp")
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (mut sink, mut stream) = socket.split();
+    // Every message: a 0 header byte, then the protobuf.
+    let framed = |message: &AgentToServer| {
+        let mut bytes = vec![0u8];
+        bytes.extend(message.encode_to_vec());
+        Ws::binary(bytes)
+    };
+    let mut receive = async || -> ServerToAgent {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("no answer in time")
+                .unwrap()
+                .unwrap();
+            if let Ws::Binary(bytes) = message {
+                assert_eq!(bytes[0], 0, "the header");
+                return ServerToAgent::decode(&bytes[1..]).unwrap();
+            }
+        }
+    };
+    let uid = uuid::Uuid::now_v7();
+    sink.send(framed(&message(&uid, 0, Some("ws-host"))))
+        .await
+        .unwrap();
+    let answer = receive().await;
+    assert!(answer.error_response.is_none());
+    assert_eq!(answer.instance_uid, uid.as_bytes());
+    let (_, page) = get(&s, &admin, "/api/v1/agents?hostname=ws-host").await;
+    let id = page["data"]["agents"][0]["id"].as_str().unwrap().to_owned();
+
+    // An operator's new configuration arrives without the agent asking.
+    assert_eq!(
+        send(
+            &s,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("/api/v1/agents/{id}/config"),
+            r#"{"config_map":{"":{"body":"pushed: true"}}}"#
+        )
+        .await
+        .0,
+        200
+    );
+    let pushed = receive().await;
+    assert_eq!(pushed.instance_uid, uid.as_bytes());
+    let offered = pushed.remote_config.expect("the configuration is pushed");
+    assert_eq!(offered.config.unwrap().config_map[""].body, b"pushed: true");
+
+    // A header other than 0, or a text message: BadRequest, and the session goes on.
+    sink.send(Ws::binary(vec![1u8, 2, 3])).await.unwrap();
+    let error = receive().await.error_response.expect("an error answer");
+    assert_eq!(error.r#type, BAD_REQUEST, "{}", error.error_message);
+    sink.send(Ws::text("hello")).await.unwrap();
+    assert_eq!(receive().await.error_response.unwrap().r#type, BAD_REQUEST);
+    sink.send(framed(&message(&uid, 1, None))).await.unwrap();
+    assert!(receive().await.error_response.is_none());
 }

@@ -3,7 +3,7 @@
 
 Usage: agent.py <endpoint> <token> <host.name>
 
-Connects with a full state report, then polls every second. Prints one JSON line per event on
+Connects with a full state report, reports its health, then polls every second. Prints one JSON line per event on
 stdout: {"event": "uid", "instance_uid": "<uuid>"} first, then {"event": "config", ...} for each
 remote configuration received (which it applies, reporting APPLIED and the new effective
 configuration), and {"event": "error", ...} for an error answer. Stops (sending AgentDisconnect)
@@ -12,6 +12,7 @@ when stdin closes.
 
 import json
 import sys
+import time
 import uuid
 
 from opentelemetry._opamp.agent import OpAMPAgent
@@ -63,6 +64,20 @@ def main():
     emit(event="uid", instance_uid=str(uuid.UUID(bytes=client._instance_uid)))
     agent = OpAMPAgent(interval=1, callbacks=Callbacks(), client=client, initial_backoff=0.2)
     agent.start()
+    # The client has no health API yet: report health with its own protobuf types, sent through
+    # its own transport and sequence.
+    health = opamp_pb2.AgentToServer(
+        instance_uid=client._instance_uid,
+        sequence_num=client._sequence_num,
+        capabilities=client._capabilities | opamp_pb2.AgentCapabilities_ReportsHealth,
+        health=opamp_pb2.ComponentHealth(
+            healthy=True,
+            status="running",
+            start_time_unix_nano=time.time_ns(),
+            component_health_map={"exporter": opamp_pb2.ComponentHealth(healthy=False, last_error="queue full")},
+        ),
+    )
+    agent.send(health.SerializeToString())
     sys.stdin.read()
     agent.stop(timeout=5)
 
