@@ -257,8 +257,11 @@ async fn main() {
         );
     }
 
-    // 2. The live feed.
+    // 2. The live feed, after an unmeasured round that creates every series (the agents' and
+    // the registry's status series) and lets the first status writes pass.
     let write_url = format!("{base}/api/v1/write");
+    let warm = ingest(&http, &write_url, pid, agents, series, interval, 20).await;
+    println!("(warm-up: {} samples)", warm.samples);
     let off = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
     report("feed off", &off);
 

@@ -162,7 +162,7 @@ impl Feed {
     }
 
     /// Sends `text`; false when the client is gone or did not take it in time.
-    async fn send(&mut self, text: String) -> bool {
+    async fn send(&mut self, text: impl Into<Utf8Bytes>) -> bool {
         matches!(
             tokio::time::timeout(self.stall, self.socket.send(Message::Text(text.into()))).await,
             Ok(Ok(()))
@@ -228,7 +228,12 @@ impl Feed {
         let last_subscribe = std::sync::Mutex::new(None::<Instant>);
         self.run(
             &mut subscription.receiver,
-            |snapshot| snapshot.to_json(filter.lock().expect("filter lock").as_ref()),
+            |snapshot| {
+                // Shared bytes, not a copy per client: the hub made them from a String.
+                snapshot
+                    .to_json(filter.lock().expect("filter lock").as_ref())
+                    .map(|json| Utf8Bytes::try_from(json).expect("JSON is UTF-8"))
+            },
             |text| {
                 let mut last = last_subscribe.lock().expect("subscribe lock");
                 if last.is_some_and(|at| at.elapsed() < SUBSCRIBE_EVERY) {
@@ -277,10 +282,10 @@ impl Feed {
     /// Sends what `item` makes of each message of `receiver`, answers each text from the
     /// client with what `text` makes of it, keeps the connection alive, and ends when either
     /// side goes, the client falls behind, or the server stops.
-    async fn run<T: Clone>(
+    async fn run<T: Clone, M: Into<Utf8Bytes>>(
         mut self,
         receiver: &mut tokio::sync::broadcast::Receiver<T>,
-        item: impl Fn(T) -> Option<String>,
+        item: impl Fn(T) -> Option<M>,
         text: impl Fn(&str) -> String,
     ) {
         enum Event<T> {

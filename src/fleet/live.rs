@@ -38,8 +38,9 @@ pub struct Snapshot {
     pub timestamp: i64,
     /// By series key (`name{label="value",…}`), in key order.
     pub readings: Vec<(String, Reading)>,
-    /// The unfiltered message, made once for every client that wants all of it.
-    whole: OnceLock<String>,
+    /// The unfiltered message, made once and shared (not copied) by every client that wants
+    /// all of it.
+    whole: OnceLock<bytes::Bytes>,
 }
 
 /// A sample value as JSON: a number, or `"NaN"`, `"+Inf"`, `"-Inf"`.
@@ -68,14 +69,15 @@ impl Snapshot {
     /// The envelope `{"type":"metrics","agent_id","timestamp","data":{key:{"value","timestamp"}}}`
     /// with the readings whose metric name `filter` matches (all without one); `None` when none
     /// does.
-    pub fn to_json(&self, filter: Option<&regex::Regex>) -> Option<String> {
+    /// (UTF-8 JSON text.)
+    pub fn to_json(&self, filter: Option<&regex::Regex>) -> Option<bytes::Bytes> {
         let Some(filter) = filter else {
-            return Some(self.whole.get_or_init(|| self.render(None)).clone());
+            return Some(self.whole.get_or_init(|| self.render(None).into()).clone());
         };
         self.readings
             .iter()
             .any(|(_, r)| filter.is_match(&r.name))
-            .then(|| self.render(Some(filter)))
+            .then(|| self.render(Some(filter)).into())
     }
 
     fn render(&self, filter: Option<&regex::Regex>) -> String {
@@ -547,7 +549,7 @@ mod tests {
             )]
         );
         let json: serde_json::Value =
-            serde_json::from_str(&snapshot.to_json(None).unwrap()).unwrap();
+            serde_json::from_slice(&snapshot.to_json(None).unwrap()).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"type": "metrics", "agent_id": "a", "timestamp": 10,
