@@ -38,6 +38,9 @@ pub struct Snapshot {
     pub timestamp: i64,
     /// By series key (`name{label="value",…}`), in key order.
     pub readings: Vec<(String, Reading)>,
+    /// The readings' distinct metric names: a client's filter is checked once per name, not
+    /// once per reading.
+    names: Vec<String>,
     /// The unfiltered message, made once and shared (not copied) by every client that wants
     /// all of it.
     whole: OnceLock<bytes::Bytes>,
@@ -58,10 +61,14 @@ pub fn value_json(v: f64) -> serde_json::Value {
 
 impl Snapshot {
     pub fn new(agent_id: String, timestamp: i64, readings: Vec<(String, Reading)>) -> Snapshot {
+        let mut names: Vec<String> = readings.iter().map(|(_, r)| r.name.clone()).collect();
+        names.sort_unstable();
+        names.dedup();
         Snapshot {
             agent_id,
             timestamp,
             readings,
+            names,
             whole: OnceLock::new(),
         }
     }
@@ -74,17 +81,21 @@ impl Snapshot {
         let Some(filter) = filter else {
             return Some(self.whole.get_or_init(|| self.render(None).into()).clone());
         };
-        self.readings
+        let wanted: std::collections::HashSet<&str> = self
+            .names
             .iter()
-            .any(|(_, r)| filter.is_match(&r.name))
-            .then(|| self.render(Some(filter)).into())
+            .filter(|name| filter.is_match(name))
+            .map(String::as_str)
+            .collect();
+        (!wanted.is_empty()).then(|| self.render(Some(&wanted)).into())
     }
 
-    fn render(&self, filter: Option<&regex::Regex>) -> String {
+    /// The envelope with every reading, or those of the `wanted` names.
+    fn render(&self, wanted: Option<&std::collections::HashSet<&str>>) -> String {
         let data: serde_json::Map<String, serde_json::Value> = self
             .readings
             .iter()
-            .filter(|(_, r)| filter.is_none_or(|f| f.is_match(&r.name)))
+            .filter(|(_, r)| wanted.is_none_or(|w| w.contains(r.name.as_str())))
             .map(|(key, r)| {
                 (
                     key.clone(),
