@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
-/// Most distinct series pending for one agent between two sends; more are dropped until the
-/// next send (and counted).
+/// Most distinct series kept for one watched agent; readings of more are dropped (and
+/// counted) until no one watches it.
 pub const MAX_PENDING_SERIES: usize = 10_000;
 
 /// The latest reading of one series.
@@ -144,7 +144,7 @@ pub struct AgentEvent {
 
 /// The agents watched in one tenant.
 struct Topic {
-    pending: Mutex<HashMap<String, Reading>>,
+    pending: Mutex<Pending>,
     sender: broadcast::Sender<Arc<Snapshot>>,
     /// Until when (Unix ms) a client on another server node watches this agent: its readings
     /// are then also sent to NATS.
@@ -155,6 +155,14 @@ impl Topic {
     fn remotely_watched(&self, now_ms: i64) -> bool {
         self.remote_until.load(Ordering::Relaxed) > now_ms
     }
+}
+
+/// An agent's readings since the last message, by series fingerprint, and the series' keys
+/// and names, made once per series while the agent is watched (not once per sample).
+#[derive(Default)]
+struct Pending {
+    known: HashMap<u128, (Arc<str>, Arc<str>)>,
+    readings: HashMap<u128, (f64, i64)>,
 }
 
 /// What this node tells the other nodes (over NATS), queued without waiting.
@@ -407,28 +415,26 @@ impl LiveHub {
             let Some(last) = series.samples.last() else {
                 continue;
             };
-            let name = series.labels.metric_name().unwrap_or_default();
-            let key = series_key(name, &series.labels);
             let mut pending = topic.pending.lock().expect("live pending lock");
-            let full = pending.len() >= MAX_PENDING_SERIES;
-            match pending.get_mut(&key) {
-                Some(reading) if reading.t <= last.t => {
-                    reading.value = last.v;
-                    reading.t = last.t;
-                }
-                Some(_) => {}
-                None if full => {
+            if !pending.known.contains_key(&series.fingerprint) {
+                if pending.known.len() >= MAX_PENDING_SERIES {
                     self.dropped_readings.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
-                None => {
-                    pending.insert(
-                        key,
-                        Reading {
-                            name: name.to_owned(),
-                            value: last.v,
-                            t: last.t,
-                        },
-                    );
+                let name = series.labels.metric_name().unwrap_or_default();
+                let key = series_key(name, &series.labels);
+                pending
+                    .known
+                    .insert(series.fingerprint, (key.into(), name.into()));
+            }
+            match pending.readings.entry(series.fingerprint) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    if e.get().1 <= last.t {
+                        e.insert((last.v, last.t));
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((last.v, last.t));
                 }
             }
         }
@@ -449,11 +455,27 @@ impl LiveHub {
                 .collect()
         };
         for (tenant, agent_id, topic) in topics {
-            let pending = std::mem::take(&mut *topic.pending.lock().expect("live pending lock"));
-            if pending.is_empty() {
+            let mut readings: Vec<(String, Reading)> = {
+                let mut pending = topic.pending.lock().expect("live pending lock");
+                let taken = std::mem::take(&mut pending.readings);
+                taken
+                    .into_iter()
+                    .filter_map(|(fingerprint, (value, t))| {
+                        let (key, name) = pending.known.get(&fingerprint)?;
+                        Some((
+                            key.to_string(),
+                            Reading {
+                                name: name.to_string(),
+                                value,
+                                t,
+                            },
+                        ))
+                    })
+                    .collect()
+            };
+            if readings.is_empty() {
                 continue;
             }
-            let mut readings: Vec<(String, Reading)> = pending.into_iter().collect();
             readings.sort_by(|a, b| a.0.cmp(&b.0));
             let snapshot = Arc::new(Snapshot::new(agent_id, now_ms, readings));
             if topic.remotely_watched(now_ms) {
