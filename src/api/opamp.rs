@@ -24,6 +24,30 @@ fn protobuf(status: StatusCode, message: &ServerToAgent) -> Response {
         .into_response()
 }
 
+/// The address a request came from.
+fn peer_of(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// What the server does with a message of `caller`'s, now.
+fn exchange<'a>(
+    state: &'a SharedState,
+    caller: &'a crate::auth::Caller,
+    peer: Option<std::net::IpAddr>,
+) -> Exchange<'a> {
+    Exchange {
+        catalog: state.auth.catalog().as_ref(),
+        fleet: &state.fleet,
+        tenant: &caller.tenant,
+        token_id: caller.token_id.as_deref(),
+        peer,
+        now_ms: chrono::Utc::now().timestamp_millis(),
+        live: Some(&state.live),
+    }
+}
+
 /// The OpAMP HTTP endpoint.
 #[utoipa::path(post, path = "/v1/opamp", tag = "opamp",
     request_body(content = Vec<u8>, content_type = "application/x-protobuf", description = "One OpAMP AgentToServer message (gzip allowed)"),
@@ -98,19 +122,10 @@ pub(super) async fn http(
             )
         }
     };
-    let peer = extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
-    let exchange = Exchange {
-        catalog: state.auth.catalog().as_ref(),
-        fleet: &state.fleet,
-        tenant: &caller.tenant,
-        token_id: caller.token_id.as_deref(),
-        peer,
-        now_ms: chrono::Utc::now().timestamp_millis(),
-        live: Some(&state.live),
-    };
-    match exchange.answer(&message).await {
+    match exchange(&state, &caller, peer_of(&extensions))
+        .answer(&message)
+        .await
+    {
         Ok(answer) => protobuf(StatusCode::OK, &answer),
         Err(e) => {
             let id = super::errors::incident_id();
@@ -147,9 +162,7 @@ pub(super) async fn websocket(
     extensions: axum::http::Extensions,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Response {
-    let peer = extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
+    let peer = peer_of(&extensions);
     let limit = state.fleet.opamp_max_message_bytes;
     ws.max_message_size(limit + 16)
         .max_frame_size(limit + 16)
@@ -229,16 +242,7 @@ async fn session(
                 match message {
                     Err(e) => error_answer(Vec::new(), ServerErrorResponseType::BadRequest, e),
                     Ok(message) => {
-                        let exchange = Exchange {
-                            catalog: state.auth.catalog().as_ref(),
-                            fleet: &state.fleet,
-                            tenant: &caller.tenant,
-                            token_id: caller.token_id.as_deref(),
-                            peer,
-                            now_ms: chrono::Utc::now().timestamp_millis(),
-                            live: Some(&state.live),
-                        };
-                        match exchange.answer(&message).await {
+                        match exchange(&state, &caller, peer).answer(&message).await {
                             Ok(answer) => {
                                 if answer.error_response.is_none() {
                                     let uid = answer

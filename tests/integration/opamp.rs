@@ -55,6 +55,22 @@ pub(crate) async fn send(
     (status, response.json().await.unwrap_or_default())
 }
 
+/// Registers a new agent on `host` over OpAMP (its first message, with a description); its
+/// instance uid.
+pub(crate) async fn register(s: &Secumon, token: &str, host: &str) -> uuid::Uuid {
+    let uid = uuid::Uuid::now_v7();
+    let (status, answer) = post(
+        s,
+        token,
+        message(&uid, 0, Some(host)).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(answer.unwrap().error_response.is_none());
+    uid
+}
+
 /// Sends one OpAMP message as bytes; the HTTP status and the decoded answer (if 200).
 pub(crate) async fn post(
     s: &Secumon,
@@ -600,15 +616,7 @@ async fn fleet_health_is_written_as_series_into_each_tenant() {
     let token = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
     let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
     let other = crate::auth::mint(&catalog, "team-b", "read", None).await;
-    let uid = uuid::Uuid::now_v7();
-    let (_, answer) = post(
-        &s,
-        &token,
-        message(&uid, 0, Some("web-1")).encode_to_vec(),
-        false,
-    )
-    .await;
-    assert!(answer.unwrap().error_response.is_none());
+    let uid = register(&s, &token, "web-1").await;
     // Pre-registered, never seen: down.
     assert_eq!(
         crate::opamp::send(
@@ -676,15 +684,7 @@ async fn an_agents_latest_values_and_history() {
     .await;
     let token = crate::auth::mint(&catalog, "team-a", "ingest,read", None).await;
     let other = crate::auth::mint(&catalog, "team-b", "ingest,read", None).await;
-    let uid = uuid::Uuid::now_v7();
-    let (_, answer) = post(
-        &s,
-        &token,
-        message(&uid, 0, Some("web-1")).encode_to_vec(),
-        false,
-    )
-    .await;
-    assert!(answer.unwrap().error_response.is_none());
+    let uid = register(&s, &token, "web-1").await;
     let instance = uid.to_string();
     // Whole seconds, so the history's steps (given in seconds) fall on the samples.
     let now = chrono::Utc::now().timestamp() * 1000;
@@ -796,15 +796,7 @@ async fn an_agent_is_bound_to_its_token_and_keeps_its_row_when_renamed() {
     let own = crate::auth::mint(&catalog, "team-a", "ingest", Some(3_000)).await;
     let neighbour = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
     let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
-    let uid = uuid::Uuid::now_v7();
-    let (_, answer) = post(
-        &s,
-        &own,
-        message(&uid, 0, Some("h1")).encode_to_vec(),
-        false,
-    )
-    .await;
-    assert!(answer.unwrap().error_response.is_none());
+    let uid = register(&s, &own, "h1").await;
     let (_, page) = get(&s, &admin, "/api/v1/agents").await;
     let id = page["data"]["agents"][0]["id"].as_str().unwrap().to_owned();
     assert_eq!(
