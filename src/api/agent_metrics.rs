@@ -31,19 +31,16 @@ pub(super) async fn find_agent(
     tenant: &TenantId,
     key: &str,
 ) -> Result<AgentRecord, ApiError> {
-    let catalog = state.auth.catalog();
-    let found = match catalog.agent(tenant, key).await {
-        Ok(Some(agent)) => Some(agent),
-        Ok(None) => catalog
+    match super::agents::load_agent(state, tenant, key).await {
+        Err(e) if e.kind == ErrorType::NotFound => state
+            .auth
+            .catalog()
             .agent_by_agent_id(tenant, key)
             .await
-            .map_err(super::agents::catalog_error)?,
-        Err(e) => return Err(super::agents::catalog_error(e)),
-    };
-    found.ok_or_else(|| ApiError {
-        kind: ErrorType::NotFound,
-        message: format!("no agent {key:?}"),
-    })
+            .map_err(super::agents::catalog_error)?
+            .ok_or(e),
+        found => found,
+    }
 }
 
 /// `{instance="<agent_id>"}` with the id quoted as a PromQL string (JSON's escapes are Go's).

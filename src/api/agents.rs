@@ -488,6 +488,21 @@ pub(super) async fn create(
     }
 }
 
+/// The tenant's agent by registry id; 404 when it has none.
+pub(super) async fn load_agent(
+    state: &SharedState,
+    tenant: &crate::model::TenantId,
+    id: &str,
+) -> Result<AgentRecord, ApiError> {
+    state
+        .auth
+        .catalog()
+        .agent(tenant, id)
+        .await
+        .map_err(catalog_error)?
+        .ok_or_else(|| not_found(id))
+}
+
 /// `GET /api/v1/agents/{id}`, with its ETag.
 #[utoipa::path(get, path = "/api/v1/agents/{id}", tag = "agents",
     params(("id" = String, Path, description = "The registry id")),
@@ -499,13 +514,7 @@ pub(super) async fn get_one(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let agent = state
-        .auth
-        .catalog()
-        .agent(&tenant, &id)
-        .await
-        .map_err(catalog_error)?
-        .ok_or_else(|| not_found(&id))?;
+    let agent = load_agent(&state, &tenant, &id).await?;
     Ok(agent_answer(StatusCode::OK, &agent, &state.fleet))
 }
 
@@ -556,7 +565,7 @@ pub(super) async fn change(
     let replace = method == axum::http::Method::PUT;
     let fields = parse_fields(&body).map_err(IntoResponse::into_response)?;
     let wanted = if_match(&headers).map_err(IntoResponse::into_response)?;
-    change_agent(&state, &tenant, &id, wanted, |current| {
+    let agent = change_agent(&state, &tenant, &id, wanted, |current| {
         let mut agent = if replace {
             let mut fresh = blank(&tenant, current.created_at);
             // What the agent reports and the registry keeps stay; the operator's fields
@@ -582,10 +591,11 @@ pub(super) async fn change(
         fields.clone().apply(&mut agent)?;
         Ok(agent)
     })
-    .await
+    .await?;
+    Ok(agent_answer(StatusCode::OK, &agent, &state.fleet))
 }
 
-/// Changes the tenant's agent `id` with `edit`, answering the changed agent. With an
+/// Changes the tenant's agent `id` with `edit`; the stored agent. With an
 /// `If-Match`, the agent must still be at that revision (else 412); without one the caller
 /// asked for no precondition, so an agent's report that lands between the read and the write
 /// is merged by starting over from the stored agent.
@@ -595,7 +605,7 @@ async fn change_agent(
     id: &str,
     wanted: Option<i64>,
     edit: impl Fn(&AgentRecord) -> Result<AgentRecord, Invalid>,
-) -> Result<Response, Response> {
+) -> Result<AgentRecord, Response> {
     let mut attempts = 0;
     loop {
         match change_once(state, tenant, id, wanted, &edit).await {
@@ -604,7 +614,7 @@ async fn change_agent(
             Err(Changed::Refused(response)) => return Err(response),
             Ok(agent) => {
                 state.live.agent_event(AgentEventKind::Updated, &agent);
-                return Ok(agent_answer(StatusCode::OK, &agent, &state.fleet));
+                return Ok(agent);
             }
         }
     }
@@ -626,12 +636,10 @@ async fn change_once(
     wanted: Option<i64>,
     edit: &impl Fn(&AgentRecord) -> Result<AgentRecord, Invalid>,
 ) -> Result<AgentRecord, Changed> {
-    let catalog = state.auth.catalog();
-    let current = catalog
-        .agent(tenant, id)
+    let current = load_agent(state, tenant, id)
         .await
-        .map_err(|e| Changed::Refused(catalog_error(e).into_response()))?
-        .ok_or_else(|| Changed::Refused(not_found(id).into_response()))?;
+        .map_err(|e| Changed::Refused(e.into_response()))?;
+    let catalog = state.auth.catalog();
     if wanted.is_some_and(|r| r != current.revision) {
         return Err(Changed::Refused(precondition_failed().into_response()));
     }
@@ -667,13 +675,7 @@ pub(super) async fn get_config(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let agent = state
-        .auth
-        .catalog()
-        .agent(&tenant, &id)
-        .await
-        .map_err(catalog_error)?
-        .ok_or_else(|| not_found(&id))?;
+    let agent = load_agent(&state, &tenant, &id).await?;
     let config = RemoteConfig::from_stored(&agent.remote_config).ok_or_else(|| ApiError {
         kind: ErrorType::NotFound,
         message: format!("agent {id:?} has no remote configuration"),
@@ -720,17 +722,15 @@ pub(super) async fn set_config(
             .to_stored()
     };
     let wanted = if_match(&headers).map_err(IntoResponse::into_response)?;
-    let answer = change_agent(&state, &tenant, &id, wanted, |current| {
+    let agent = change_agent(&state, &tenant, &id, wanted, |current| {
         let mut agent = current.clone();
         agent.remote_config = stored.clone();
         Ok(agent)
     })
     .await?;
     // An agent connected over OpAMP's WebSocket transport gets it now.
-    if let Ok(Some(agent)) = state.auth.catalog().agent(&tenant, &id).await {
-        state.opamp_sessions.poke(&tenant, &agent.agent_id);
-    }
-    Ok(answer)
+    state.opamp_sessions.poke(&tenant, &agent.agent_id);
+    Ok(agent_answer(StatusCode::OK, &agent, &state.fleet))
 }
 
 /// `DELETE /api/v1/agents/{id}`.
@@ -744,13 +744,10 @@ pub(super) async fn delete(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let catalog = state.auth.catalog();
-    let agent = catalog
-        .agent(&tenant, &id)
-        .await
-        .map_err(catalog_error)?
-        .ok_or_else(|| not_found(&id))?;
-    let deleted = catalog
+    let agent = load_agent(&state, &tenant, &id).await?;
+    let deleted = state
+        .auth
+        .catalog()
         .delete_agent(&tenant, &id)
         .await
         .map_err(catalog_error)?;

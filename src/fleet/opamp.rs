@@ -333,15 +333,21 @@ fn offer(
     if capabilities & AgentCapabilities::AcceptsRemoteConfig as u64 == 0 {
         return None;
     }
-    let config = RemoteConfig::from_stored(&agent.remote_config)?;
-    let hash = config.hash();
+    if agent.remote_config.is_empty() {
+        return None;
+    }
+    // Every poll comes here: the stored text is hashed as it is, and read only to be offered.
+    let hash = super::remote::hash_stored(&agent.remote_config);
     let reported = match reported {
         Some(status) => Some(status.last_remote_config_hash.clone()),
         None => ConfigStatus::from_stored(&agent.remote_config_status)
             .map(|s| s.config_hash)
             .map(|h| decode_hex(&h)),
     };
-    (reported.as_deref() != Some(hash.as_slice())).then(|| config.to_offer())
+    if reported.as_deref() == Some(hash.as_slice()) {
+        return None;
+    }
+    RemoteConfig::from_stored(&agent.remote_config).map(|config| config.to_offer())
 }
 
 fn decode_hex(text: &str) -> Vec<u8> {

@@ -71,7 +71,7 @@ impl RemoteConfig {
 
     /// The hash the agent reports back: SHA-256 of the stored text.
     pub fn hash(&self) -> Vec<u8> {
-        Sha256::digest(self.to_stored().as_bytes()).to_vec()
+        hash_stored(&self.to_stored())
     }
 
     /// The offer of this configuration to an agent.
@@ -95,6 +95,12 @@ impl RemoteConfig {
             config_hash: self.hash(),
         }
     }
+}
+
+/// The hash of the configuration kept as `stored` (its text is canonical: what
+/// [`RemoteConfig::to_stored`] wrote), without reading it back.
+pub fn hash_stored(stored: &str) -> Vec<u8> {
+    Sha256::digest(stored.as_bytes()).to_vec()
 }
 
 /// How the agent last reported the remote configuration, as the catalog keeps it.
@@ -170,6 +176,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.hash(), b.hash(), "file order and key order do not count");
         assert_eq!(a.hash().len(), 32);
+        assert_eq!(hash_stored(&a.to_stored()), a.hash());
         assert_eq!(RemoteConfig::from_stored(&a.to_stored()), Some(a.clone()));
         let offer = a.to_offer();
         assert_eq!(offer.config.unwrap().config_map["a"].body, b"{}");
