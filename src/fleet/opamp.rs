@@ -252,7 +252,16 @@ impl Exchange<'_> {
         renamed: Option<String>,
     ) -> Result<AgentRecord, CatalogError> {
         for _ in 0..UPDATE_ATTEMPTS {
-            let before = agent.clone();
+            // Most messages are polls that carry nothing new: no copy of the agent is made to
+            // tell what changed.
+            let poll = message.agent_description.is_none()
+                && message.health.is_none()
+                && message.effective_config.is_none()
+                && message.remote_config_status.is_none()
+                && renamed.is_none()
+                && agent.capabilities == message.capabilities as i64
+                && self.token_id.is_none_or(|t| t == agent.token_id);
+            let before = (!poll).then(|| agent.clone());
             if let Some(agent_id) = &renamed {
                 agent.agent_id = agent_id.clone();
             }
@@ -260,10 +269,12 @@ impl Exchange<'_> {
                 agent.token_id = token.to_owned();
             }
             self.apply(&mut agent, message, sequence);
-            let mut unchanged = before.clone();
-            unchanged.last_seen_at = agent.last_seen_at;
-            unchanged.sequence_num = agent.sequence_num;
-            if unchanged == agent {
+            let unchanged = before.is_none_or(|mut before| {
+                before.last_seen_at = agent.last_seen_at;
+                before.sequence_num = agent.sequence_num;
+                before == agent
+            });
+            if unchanged {
                 self.catalog
                     .touch_agent(self.tenant, &agent.id, self.now_ms, sequence)
                     .await?;

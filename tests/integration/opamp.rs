@@ -893,6 +893,7 @@ async fn the_websocket_transport_answers_and_pushes_a_new_configuration() {
     use tokio_tungstenite::tungstenite::Message as Ws;
     let (s, catalog) = crate::auth::start(Backend::Embedded, |c| {
         c.fleet.status_interval_secs = 0;
+        c.fleet.opamp_max_message_bytes = 64 * 1024;
     })
     .await;
     let token = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
@@ -962,4 +963,20 @@ async fn the_websocket_transport_answers_and_pushes_a_new_configuration() {
     assert_eq!(receive().await.error_response.unwrap().r#type, BAD_REQUEST);
     sink.send(framed(&message(&uid, 1, None))).await.unwrap();
     assert!(receive().await.error_response.is_none());
+
+    // A message over --fleet-opamp-max-message-bytes ends the session instead of being read.
+    let _ = sink.send(Ws::binary(vec![0u8; 200 * 1024])).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.next().await {
+                None | Some(Err(_)) | Some(Ok(Ws::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "an oversized message did not end the session"
+    );
 }
