@@ -1,0 +1,453 @@
+//! Sending readings to the server: OTLP/gRPC (default) or OTLP/HTTP protobuf, gzip, TLS with
+//! an optional CA file and client certificate, a bearer token read from a file at each send.
+//!
+//! Every answer is sorted into what the OTLP specification says to do with it
+//! (opentelemetry-proto `docs/specification.md`, "Failures"): delivered (perhaps with some
+//! points refused: logged and counted), retry later (gRPC UNAVAILABLE, RESOURCE_EXHAUSTED and
+//! the other retryable codes; HTTP 429, 502, 503, 504; no answer at all), or refused for good
+//! (anything else: dropped and counted, as retrying cannot help).
+
+use crate::config::{Config, Protocol};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    metrics_service_client::MetricsServiceClient, ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+};
+use prost::Message;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What became of one send.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// The server took the reading; `rejected` of its points it refused (partial success).
+    Delivered { rejected: i64, message: String },
+    /// Try again later: after `after` if the server said (`Retry-After`, gRPC `RetryInfo`).
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// The server will never take this reading.
+    Refused { reason: String },
+}
+
+/// Longest `Retry-After` honoured: a server asking for more is asked again sooner.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+pub struct Exporter {
+    transport: Transport,
+    token_file: Option<PathBuf>,
+    timeout: Duration,
+}
+
+enum Transport {
+    Grpc {
+        client: MetricsServiceClient<tonic::transport::Channel>,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        gzip: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn read_file(path: &PathBuf) -> Result<Vec<u8>, ExportError> {
+    std::fs::read(path).map_err(|source| ExportError::Read {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// The OTLP/HTTP URL for a configured server: `/v1/metrics` added when it has no path.
+pub fn http_metrics_url(server: &str) -> String {
+    let after_scheme = server.split_once("://").map_or(server, |(_, rest)| rest);
+    if after_scheme.trim_end_matches('/').contains('/') {
+        server.to_owned()
+    } else {
+        format!("{}/v1/metrics", server.trim_end_matches('/'))
+    }
+}
+
+impl Exporter {
+    pub fn new(config: &Config) -> Result<Exporter, ExportError> {
+        let export = &config.export;
+        let ca = export.ca_file.as_ref().map(read_file).transpose()?;
+        let identity = match (&export.client_cert, &export.client_key) {
+            (Some(cert), Some(key)) => Some((read_file(cert)?, read_file(key)?)),
+            _ => None,
+        };
+        let transport = match config.protocol {
+            Protocol::Grpc => {
+                let mut endpoint = tonic::transport::Endpoint::from_shared(config.server.clone())
+                    .map_err(|e| ExportError::Setup(format!("server {:?}: {e}", config.server)))?
+                    .connect_timeout(export.timeout)
+                    .timeout(export.timeout);
+                if config.server.starts_with("https://") {
+                    let mut tls = tonic::transport::ClientTlsConfig::new();
+                    tls = match &ca {
+                        Some(pem) => {
+                            tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                        }
+                        None => tls.with_native_roots(),
+                    };
+                    if let Some((cert, key)) = &identity {
+                        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+                    }
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| ExportError::Setup(format!("TLS: {e}")))?;
+                }
+                let mut client = MetricsServiceClient::new(endpoint.connect_lazy())
+                    // The server's own limit applies; ours only guards against a huge answer.
+                    .max_decoding_message_size(4 << 20);
+                if export.gzip {
+                    client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
+                Transport::Grpc { client }
+            }
+            Protocol::Http => {
+                let mut builder = reqwest::Client::builder()
+                    .use_rustls_tls()
+                    .timeout(export.timeout)
+                    .connect_timeout(export.timeout)
+                    .user_agent(concat!("secumon-agent/", env!("CARGO_PKG_VERSION")));
+                if let Some(pem) = &ca {
+                    let cert = reqwest::Certificate::from_pem(pem)
+                        .map_err(|e| ExportError::Setup(format!("CA file: {e}")))?;
+                    builder = builder
+                        .tls_built_in_root_certs(false)
+                        .add_root_certificate(cert);
+                }
+                if let Some((cert, key)) = &identity {
+                    let mut pem = cert.clone();
+                    pem.push(b'\n');
+                    pem.extend_from_slice(key);
+                    let id = reqwest::Identity::from_pem(&pem)
+                        .map_err(|e| ExportError::Setup(format!("client certificate: {e}")))?;
+                    builder = builder.identity(id);
+                }
+                let client = builder
+                    .build()
+                    .map_err(|e| ExportError::Setup(e.to_string()))?;
+                Transport::Http {
+                    client,
+                    url: http_metrics_url(&config.server),
+                    gzip: export.gzip,
+                }
+            }
+        };
+        Ok(Exporter {
+            transport,
+            token_file: export.token_file.clone(),
+            timeout: export.timeout,
+        })
+    }
+
+    fn token(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("token file {}: {e}", path.display()))?;
+        Ok(Some(text.trim().to_owned()))
+    }
+
+    /// Sends one queued reading (an encoded `ExportMetricsServiceRequest`).
+    pub async fn send(&mut self, payload: &[u8]) -> Outcome {
+        let token = match self.token() {
+            Ok(token) => token,
+            // A missing token file may be written by the operator soon: try again later.
+            Err(reason) => {
+                return Outcome::Retry {
+                    after: None,
+                    reason,
+                }
+            }
+        };
+        let timeout = self.timeout;
+        match &mut self.transport {
+            Transport::Grpc { client } => {
+                let request = match ExportMetricsServiceRequest::decode(payload) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Outcome::Refused {
+                            reason: format!("queued reading does not decode: {e}"),
+                        }
+                    }
+                };
+                let mut request = tonic::Request::new(request);
+                request.set_timeout(timeout);
+                if let Some(token) = token {
+                    match format!("Bearer {token}").parse() {
+                        Ok(value) => {
+                            request.metadata_mut().insert("authorization", value);
+                        }
+                        Err(_) => {
+                            return Outcome::Retry {
+                                after: None,
+                                reason: "token file holds characters a header cannot".into(),
+                            }
+                        }
+                    }
+                }
+                match client.export(request).await {
+                    Ok(response) => delivered(response.into_inner()),
+                    Err(status) => grpc_outcome(&status),
+                }
+            }
+            Transport::Http { client, url, gzip } => {
+                let mut request = client
+                    .post(url.as_str())
+                    .header("content-type", "application/x-protobuf");
+                let body = if *gzip {
+                    let mut encoder =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    if encoder.write_all(payload).is_err() {
+                        return Outcome::Retry {
+                            after: None,
+                            reason: "gzip failed".into(),
+                        };
+                    }
+                    request = request.header("content-encoding", "gzip");
+                    encoder.finish().unwrap_or_default()
+                } else {
+                    payload.to_vec()
+                };
+                if let Some(token) = token {
+                    request = request.bearer_auth(token);
+                }
+                match request.body(body).send().await {
+                    Err(e) => Outcome::Retry {
+                        after: None,
+                        reason: format!("no answer: {e}"),
+                    },
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let retry_after = response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                            .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+                        let body = response.bytes().await.unwrap_or_default();
+                        http_outcome(status, retry_after, &body)
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn delivered(response: ExportMetricsServiceResponse) -> Outcome {
+    let (rejected, message) = response.partial_success.map_or((0, String::new()), |p| {
+        (p.rejected_data_points, p.error_message)
+    });
+    Outcome::Delivered { rejected, message }
+}
+
+/// What an OTLP/gRPC status means for the reading.
+pub fn grpc_outcome(status: &tonic::Status) -> Outcome {
+    use tonic::Code;
+    let reason = format!("{:?}: {}", status.code(), status.message());
+    match status.code() {
+        Code::Unavailable
+        | Code::ResourceExhausted
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::DataLoss
+        | Code::Unknown => Outcome::Retry {
+            after: retry_info(status),
+            reason,
+        },
+        _ => Outcome::Refused { reason },
+    }
+}
+
+/// The `google.rpc.RetryInfo` delay in a status's details, if any.
+fn retry_info(status: &tonic::Status) -> Option<Duration> {
+    let details = RpcStatus::decode(status.details()).ok()?;
+    details.details.iter().find_map(|any| {
+        if !any.type_url.ends_with("google.rpc.RetryInfo") {
+            return None;
+        }
+        // RetryInfo { Duration retry_delay = 1; } with Duration { int64 seconds = 1; int32 nanos = 2; }
+        let info = RetryInfo::decode(any.value.as_slice()).ok()?;
+        let delay = info.retry_delay?;
+        Some(
+            Duration::new(delay.seconds.max(0) as u64, delay.nanos.max(0) as u32)
+                .min(MAX_RETRY_AFTER),
+        )
+    })
+}
+
+/// `google.rpc.Status` with its `details` (the shared proto leaves them out).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(repeated, message, tag = "3")]
+    details: Vec<ProtoAny>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProtoAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<ProtoDuration>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProtoDuration {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
+}
+
+/// What an OTLP/HTTP answer means for the reading.
+pub fn http_outcome(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
+    match status {
+        200..=299 => delivered(ExportMetricsServiceResponse::decode(body).unwrap_or_default()),
+        429 | 502 | 503 | 504 => Outcome::Retry {
+            after: retry_after,
+            reason: format!("HTTP {status}"),
+        },
+        _ => {
+            let message = secumon_proto::google_rpc::Status::decode(body)
+                .map(|s| s.message)
+                .unwrap_or_else(|_| {
+                    String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()
+                });
+            Outcome::Refused {
+                reason: format!("HTTP {status}: {message}"),
+            }
+        }
+    }
+}
+
+/// The wait before retry number `attempt` (0 first): doubling from `initial` up to `max`,
+/// each drawn uniformly from its upper half, so agents that failed together spread out.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let ceiling = initial
+        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+        .min(max);
+    let mut random = [0u8; 4];
+    let _ = getrandom::getrandom(&mut random);
+    let fraction = 0.5 + 0.5 * (u32::from_le_bytes(random) as f64 / u32::MAX as f64);
+    ceiling.mul_f64(fraction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http_path_is_added_only_when_missing() {
+        assert_eq!(
+            http_metrics_url("http://h:4318"),
+            "http://h:4318/v1/metrics"
+        );
+        assert_eq!(
+            http_metrics_url("http://h:4318/"),
+            "http://h:4318/v1/metrics"
+        );
+        assert_eq!(
+            http_metrics_url("https://h/otlp/v1/metrics"),
+            "https://h/otlp/v1/metrics"
+        );
+    }
+
+    #[test]
+    fn answers_are_sorted_as_the_otlp_specification_says() {
+        assert!(matches!(
+            http_outcome(200, None, b""),
+            Outcome::Delivered { rejected: 0, .. }
+        ));
+        assert_eq!(
+            http_outcome(503, Some(Duration::from_secs(7)), b""),
+            Outcome::Retry {
+                after: Some(Duration::from_secs(7)),
+                reason: "HTTP 503".into()
+            }
+        );
+        assert!(matches!(
+            http_outcome(429, None, b""),
+            Outcome::Retry { .. }
+        ));
+        assert!(matches!(
+            http_outcome(400, None, b"bad"),
+            Outcome::Refused { .. }
+        ));
+        assert!(matches!(
+            http_outcome(401, None, b""),
+            Outcome::Refused { .. }
+        ));
+        assert!(matches!(
+            http_outcome(500, None, b""),
+            Outcome::Refused { .. }
+        ));
+        let partial = ExportMetricsServiceResponse {
+            partial_success: Some(
+                opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsPartialSuccess {
+                    rejected_data_points: 3,
+                    error_message: "3 too old".into(),
+                },
+            ),
+        };
+        assert_eq!(
+            http_outcome(200, None, &partial.encode_to_vec()),
+            Outcome::Delivered {
+                rejected: 3,
+                message: "3 too old".into()
+            }
+        );
+        assert!(matches!(
+            grpc_outcome(&tonic::Status::unavailable("down")),
+            Outcome::Retry { .. }
+        ));
+        assert!(matches!(
+            grpc_outcome(&tonic::Status::resource_exhausted("slow down")),
+            Outcome::Retry { .. }
+        ));
+        assert!(matches!(
+            grpc_outcome(&tonic::Status::invalid_argument("bad")),
+            Outcome::Refused { .. }
+        ));
+        assert!(matches!(
+            grpc_outcome(&tonic::Status::unauthenticated("who")),
+            Outcome::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let (initial, max) = (Duration::from_secs(1), Duration::from_secs(30));
+        for attempt in 0..10 {
+            let ceiling = Duration::from_secs(1 << attempt).min(max);
+            let wait = backoff(attempt, initial, max);
+            assert!(
+                wait <= ceiling && wait >= ceiling / 2,
+                "attempt {attempt}: {wait:?}"
+            );
+        }
+        assert!(backoff(1000, initial, max) <= max);
+    }
+}
