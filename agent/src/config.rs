@@ -298,6 +298,23 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(total_ms))
 }
 
+/// A duration as [`parse_duration`] reads it, in its largest exact unit (`90s` is `90s`,
+/// `120s` is `2m`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, per) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= per && ms % per == 0 {
+            return format!("{}{unit}", ms / per);
+        }
+    }
+    format!("{ms}ms")
+}
+
 /// A duration of at least one second (what every interval and timeout of the agent needs).
 fn parse_interval(text: &str) -> Result<Duration, String> {
     let d = parse_duration(text)?;

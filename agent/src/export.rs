@@ -117,29 +117,7 @@ impl Exporter {
                 Transport::Grpc { client }
             }
             Protocol::Http => {
-                let mut builder = reqwest::Client::builder()
-                    .use_rustls_tls()
-                    .timeout(export.timeout)
-                    .connect_timeout(export.timeout)
-                    .user_agent(concat!("secumon-agent/", env!("CARGO_PKG_VERSION")));
-                if let Some(pem) = &ca {
-                    let cert = reqwest::Certificate::from_pem(pem)
-                        .map_err(|e| ExportError::Setup(format!("CA file: {e}")))?;
-                    builder = builder
-                        .tls_built_in_root_certs(false)
-                        .add_root_certificate(cert);
-                }
-                if let Some((cert, key)) = &identity {
-                    let mut pem = cert.clone();
-                    pem.push(b'\n');
-                    pem.extend_from_slice(key);
-                    let id = reqwest::Identity::from_pem(&pem)
-                        .map_err(|e| ExportError::Setup(format!("client certificate: {e}")))?;
-                    builder = builder.identity(id);
-                }
-                let client = builder
-                    .build()
-                    .map_err(|e| ExportError::Setup(e.to_string()))?;
+                let client = http_client(config)?;
                 Transport::Http {
                     client,
                     url: http_metrics_url(&config.server),
@@ -154,18 +132,9 @@ impl Exporter {
         })
     }
 
-    fn token(&self) -> Result<Option<String>, String> {
-        let Some(path) = &self.token_file else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("token file {}: {e}", path.display()))?;
-        Ok(Some(text.trim().to_owned()))
-    }
-
     /// Sends one queued reading (an encoded `ExportMetricsServiceRequest`).
     pub async fn send(&mut self, payload: &[u8]) -> Outcome {
-        let token = match self.token() {
+        let token = match read_token(self.token_file.as_ref()) {
             Ok(token) => token,
             // A missing token file may be written by the operator soon: try again later.
             Err(reason) => {
@@ -247,6 +216,43 @@ impl Exporter {
             }
         }
     }
+}
+
+/// The bearer token in `path` (read at each use, so a rotated token is picked up).
+pub fn read_token(path: Option<&PathBuf>) -> Result<Option<String>, String> {
+    let Some(path) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    Ok(Some(text.trim().to_owned()))
+}
+
+/// An HTTP client with the export's TLS settings (OTLP/HTTP and OpAMP share it).
+pub fn http_client(config: &Config) -> Result<reqwest::Client, ExportError> {
+    let export = &config.export;
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(export.timeout)
+        .connect_timeout(export.timeout)
+        .user_agent(concat!("secumon-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &export.ca_file {
+        let pem = read_file(path)?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| ExportError::Setup(format!("CA file: {e}")))?;
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(cert);
+    }
+    if let (Some(cert), Some(key)) = (&export.client_cert, &export.client_key) {
+        let mut pem = read_file(cert)?;
+        pem.push(b'\n');
+        pem.extend_from_slice(&read_file(key)?);
+        let id = reqwest::Identity::from_pem(&pem)
+            .map_err(|e| ExportError::Setup(format!("client certificate: {e}")))?;
+        builder = builder.identity(id);
+    }
+    builder
+        .build()
+        .map_err(|e| ExportError::Setup(e.to_string()))
 }
 
 fn delivered(response: ExportMetricsServiceResponse) -> Outcome {

@@ -6,6 +6,7 @@ mod collect;
 mod config;
 mod export;
 mod names;
+mod opamp;
 mod otlp;
 mod queue;
 mod run;

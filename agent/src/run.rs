@@ -5,8 +5,8 @@ use crate::collect::Collector;
 use crate::config::{CollectorsConfig, Config, Naming};
 use crate::export::{backoff, Exporter, Outcome};
 use crate::names::{self, Kind, Metric};
-use crate::otlp;
 use crate::queue::Queue;
+use crate::{opamp, otlp};
 use anyhow::Context;
 use prost::Message;
 use std::path::Path;
@@ -50,6 +50,45 @@ struct Shared {
     wake: Notify,
     stats: Stats,
     started: SystemTime,
+    health: Arc<Health>,
+    /// The agent id (the OpAMP server may replace it).
+    identity: Arc<std::sync::RwLock<String>>,
+}
+
+/// Whether readings reach the server, as OpAMP reports the agent's health.
+#[derive(Default)]
+pub struct Health {
+    /// The reason exports fail, `None` while they work.
+    failing: Mutex<Option<String>>,
+    changed: Notify,
+}
+
+impl Health {
+    /// (healthy, status, last error).
+    pub fn report(&self) -> (bool, String, String) {
+        match &*self.failing.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => (true, "exporting".into(), String::new()),
+            Some(reason) => (
+                false,
+                "export failing; readings queued on disk".into(),
+                reason.clone(),
+            ),
+        }
+    }
+
+    /// Records the export's state; wakes the OpAMP client when it flips.
+    fn set(&self, failing: Option<String>) {
+        let mut current = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let flipped = current.is_some() != failing.is_some();
+        *current = failing;
+        if flipped {
+            self.changed.notify_one();
+        }
+    }
+
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
 }
 
 fn now_ms() -> u64 {
@@ -60,6 +99,13 @@ fn now_ms() -> u64 {
 
 /// The agent's id: a UUID made at first start and kept in the state directory. It is the
 /// OpAMP `instance_uid` and the `service.instance.id` (so `instance`) of every series.
+/// Replaces the kept agent id (the OpAMP server gave the agent a new one).
+pub fn store_agent_id(state_dir: &Path, id: &str) -> std::io::Result<()> {
+    let tmp = state_dir.join("agent-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::rename(&tmp, state_dir.join("agent-id"))
+}
+
 pub fn agent_id(state_dir: &Path, create: bool) -> anyhow::Result<Option<String>> {
     let path = state_dir.join("agent-id");
     match std::fs::read_to_string(&path) {
@@ -73,9 +119,7 @@ pub fn agent_id(state_dir: &Path, create: bool) -> anyhow::Result<Option<String>
             std::fs::create_dir_all(state_dir)
                 .with_context(|| format!("creating {}", state_dir.display()))?;
             let id = uuid::Uuid::new_v4().to_string();
-            let tmp = state_dir.join("agent-id.tmp");
-            std::fs::write(&tmp, format!("{id}\n"))?;
-            std::fs::rename(&tmp, &path)?;
+            store_agent_id(state_dir, &id)?;
             Ok(Some(id))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -117,22 +161,59 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .with_context(|| format!("opening the queue in {}", config.state_dir.display()))?;
     let exporter = Exporter::new(&config)?;
     let collector = Collector::new(&config.root_path, config.collectors.clone())?;
-    tracing::info!(agent_id = %id, server = %config.server, protocol = ?config.protocol, interval = ?config.interval, naming = ?config.naming, "secumon-agent started");
+    // A remote configuration applied before a restart applies again at once.
+    let remote = opamp::load_stored(&config.state_dir);
+    let mut initial = Settings::of(&config);
+    if let Some(stored) = remote.as_ref().filter(|r| r.status == "APPLIED") {
+        match opamp::apply_remote(&initial, &stored.body) {
+            Ok(settings) => initial = settings,
+            Err(e) => tracing::warn!(
+                "the kept remote configuration no longer applies ({e}); local settings used"
+            ),
+        }
+    }
+    tracing::info!(agent_id = %id, server = %config.server, protocol = ?config.protocol, interval = ?initial.interval, naming = ?initial.naming, "secumon-agent started");
+    let host = collector.host().clone();
     let shared = Arc::new(Shared {
         queue: Mutex::new(queue),
         wake: Notify::new(),
         stats: Stats::default(),
         started: SystemTime::now(),
+        health: Arc::new(Health::default()),
+        identity: Arc::new(std::sync::RwLock::new(id.clone())),
     });
-    let (_settings_tx, settings) = watch::channel(Settings::of(&config));
+    let (settings_tx, settings) = watch::channel(initial);
+    let (stop_tx, stop) = watch::channel(false);
+    let opamp_task = if config.opamp.url.is_empty() {
+        None
+    } else {
+        let client = opamp::Client::new(
+            &config,
+            crate::export::http_client(&config)?,
+            settings_tx.clone(),
+            shared.identity.clone(),
+            otlp::resource(&host, &id),
+            shared.health.clone(),
+            remote,
+        );
+        Some(tokio::spawn(client.run(stop)))
+    };
     let export_task = tokio::spawn(export_loop(shared.clone(), exporter, config.clone()));
-    let collect = collect_loop(shared.clone(), collector, settings, id);
-    tokio::select! {
-        result = collect => result?,
-        result = export_task => result.context("export loop")?,
-        _ = shutdown_signal() => tracing::info!("stopping; unsent readings stay queued on disk"),
+    let collect = collect_loop(shared.clone(), collector, settings);
+    let result = tokio::select! {
+        result = collect => result,
+        result = export_task => result.context("export loop"),
+        _ = shutdown_signal() => {
+            tracing::info!("stopping; unsent readings stay queued on disk");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    if let Some(task) = opamp_task {
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
-    Ok(())
+    drop(settings_tx);
+    result
 }
 
 async fn shutdown_signal() {
@@ -160,7 +241,6 @@ async fn collect_loop(
     shared: Arc<Shared>,
     collector: Collector,
     mut settings: watch::Receiver<Settings>,
-    id: String,
 ) -> anyhow::Result<()> {
     let collector = Arc::new(Mutex::new(collector));
     loop {
@@ -174,8 +254,7 @@ async fn collect_loop(
         }
         let shared = shared.clone();
         let collector = collector.clone();
-        let id = id.clone();
-        tokio::task::spawn_blocking(move || take_reading(&shared, &collector, &current, &id, at))
+        tokio::task::spawn_blocking(move || take_reading(&shared, &collector, &current, at))
             .await
             .context("collection task")??;
     }
@@ -186,7 +265,6 @@ fn take_reading(
     shared: &Shared,
     collector: &Mutex<Collector>,
     settings: &Settings,
-    id: &str,
     at: SystemTime,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
@@ -200,7 +278,12 @@ fn take_reading(
     let took = started.elapsed();
     let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
     metrics.extend(self_metrics(shared, &queue, took));
-    let resource = otlp::resource(&facts.host, id);
+    let id = shared
+        .identity
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let resource = otlp::resource(&facts.host, &id);
     let payload = otlp::request(&resource, at, &metrics).encode_to_vec();
     let created = at
         .duration_since(UNIX_EPOCH)
@@ -299,6 +382,7 @@ async fn export_loop(shared: Arc<Shared>, mut exporter: Exporter, config: Config
                 if attempt > 0 {
                     tracing::info!(after_attempts = attempt, "export works again");
                 }
+                shared.health.set(None);
                 attempt = 0;
                 true
             }
@@ -310,6 +394,7 @@ async fn export_loop(shared: Arc<Shared>, mut exporter: Exporter, config: Config
             }
             Outcome::Retry { after, reason } => {
                 stats.retried.fetch_add(1, Ordering::Relaxed);
+                shared.health.set(Some(reason.clone()));
                 let wait = after.unwrap_or_else(|| {
                     backoff(
                         attempt,

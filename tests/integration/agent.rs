@@ -226,9 +226,19 @@ fn agent_id(dir: &Path) -> String {
 
 /// An instant query against the server at `base`.
 async fn query(base: &str, q: &str) -> Vec<Value> {
-    let url = format!("{base}/api/v1/query");
-    let (status, body) =
-        crate::support::get_json(&reqwest::Client::new(), &url, &[("query", q)]).await;
+    query_as(base, None, q).await
+}
+
+async fn query_as(base: &str, token: Option<&str>, q: &str) -> Vec<Value> {
+    let mut request = reqwest::Client::new()
+        .get(format!("{base}/api/v1/query"))
+        .query(&[("query", q)]);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
     assert_eq!(status, 200, "{q}: {body}");
     body["data"]["result"]
         .as_array()
@@ -499,4 +509,208 @@ async fn outage_loses_nothing(outage: Duration) {
 #[tokio::test]
 async fn a_30_second_outage_loses_no_reading() {
     outage_loses_nothing(Duration::from_secs(30)).await;
+}
+
+async fn rest(
+    s: &Secumon,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let mut request = s.http.request(method, s.url(path)).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    assert!(status < 300, "{path}: {status} {body}");
+    body
+}
+
+/// Seconds between the agent's last readings (`system_uptime_seconds` timestamps).
+async fn spacing(s: &Secumon, token: &str, id: &str) -> Vec<i64> {
+    let result = query_as(
+        &s.base,
+        Some(token),
+        &format!("system_uptime_seconds{{instance=\"{id}\"}}[8s]"),
+    )
+    .await;
+    let Some(series) = result.first() else {
+        return Vec::new();
+    };
+    let times: Vec<i64> = series["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[0].as_f64().unwrap().round() as i64)
+        .collect();
+    times.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// Waits until the agent's readings come every `seconds`.
+async fn readings_every(s: &Secumon, token: &str, id: &str, seconds: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let gaps = spacing(s, token, id).await;
+        if gaps.len() >= 2 && gaps.iter().all(|&g| g == seconds) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readings not every {seconds}s: gaps {gaps:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until the agent reports the remote configuration's status `status`; the report.
+async fn reported(s: &Secumon, admin: &str, row: &str, status: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = rest(
+            s,
+            admin,
+            reqwest::Method::GET,
+            &format!("/api/v1/agents/{row}/config"),
+            None,
+        )
+        .await;
+        if body["data"]["reported"]["status"] == status
+            && body["data"]["reported"]["config_hash"] == body["data"]["config_hash"]
+        {
+            return body["data"]["reported"].clone();
+        }
+        assert!(Instant::now() < deadline, "never reported {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opamp_registers_heartbeats_and_applies_a_remote_interval() {
+    let (s, catalog) = crate::auth::start(crate::support::Backend::Embedded, |_| {}).await;
+    let ingest = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
+    let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
+    let dir = temp_dir("secumon-agent-opamp");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{ingest}\n")).unwrap();
+    let grpc = format!("http://{}", s.server.otlp_grpc_addr.unwrap());
+    let opamp_url = s.url("/v1/opamp");
+    let args = [
+        "--interval",
+        "2s",
+        "--export-token-file",
+        token_file.to_str().unwrap(),
+        "--opamp-url",
+        &opamp_url,
+        "--opamp-heartbeat",
+        "1s",
+    ];
+    let start = || {
+        let mut cmd = Command::new(agent_binary());
+        cmd.args(["--server", &grpc, "--log-level", "debug"])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(args);
+        Managed::spawn("secumon-agent", cmd, None)
+    };
+    let mut agent = start();
+    let id = agent_id(&dir);
+
+    // Registered under its own id, described, healthy, and seen again at each heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let row = loop {
+        let page = rest(&s, &admin, reqwest::Method::GET, "/api/v1/agents", None).await;
+        if let Some(agent) = page["data"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["agent_id"] == id.as_str())
+        {
+            break agent.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never registered: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(row["hostname"], hostname.trim(), "{row}");
+    assert_eq!(row["agent_type"], "secumon-agent", "{row}");
+    assert_eq!(row["agent_version"], env!("CARGO_PKG_VERSION"), "{row}");
+    assert_eq!(row["os"], "linux", "{row}");
+    assert_eq!(row["online"], true, "{row}");
+    let row_id = row["id"].as_str().unwrap().to_owned();
+    let first_seen = row["last_seen_at"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let full = loop {
+        let full = rest(
+            &s,
+            &admin,
+            reqwest::Method::GET,
+            &format!("/api/v1/agents/{row_id}"),
+            None,
+        )
+        .await;
+        if full["data"]["last_seen_at"].as_str().unwrap() > first_seen.as_str()
+            && full["data"]["health"]["healthy"] == true
+        {
+            break full["data"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat, or never healthy: {full}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let effective = full["effective_config"]["config_map"]["agent.toml"]["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(effective.contains("interval = \"2s\""), "{full}");
+    readings_every(&s, &admin, &id, 2).await;
+
+    // The operator halves the interval: the agent applies it without a restart, says so, and
+    // the data shows it.
+    let config = serde_json::json!({"config_map": {"agent.toml": {"body": "interval = \"1s\"\n", "content_type": "text/toml"}}});
+    rest(
+        &s,
+        &admin,
+        reqwest::Method::PUT,
+        &format!("/api/v1/agents/{row_id}/config"),
+        Some(config),
+    )
+    .await;
+    reported(&s, &admin, &row_id, "applied").await;
+    readings_every(&s, &admin, &id, 1).await;
+
+    // Restarted, it keeps the remote interval.
+    drop(agent);
+    agent = start();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    readings_every(&s, &admin, &id, 1).await;
+
+    // A configuration it cannot apply is refused with the reason; the running one stays.
+    let bad = serde_json::json!({"config_map": {"agent.toml": {"body": "server = \"http://elsewhere\"\n", "content_type": "text/toml"}}});
+    rest(
+        &s,
+        &admin,
+        reqwest::Method::PUT,
+        &format!("/api/v1/agents/{row_id}/config"),
+        Some(bad),
+    )
+    .await;
+    let report = reported(&s, &admin, &row_id, "failed").await;
+    assert!(
+        report["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be set remotely"),
+        "{report}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    readings_every(&s, &admin, &id, 1).await;
+    drop(agent);
 }

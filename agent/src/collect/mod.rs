@@ -127,6 +127,11 @@ impl Collector {
         })
     }
 
+    /// The host's identity, read at start.
+    pub fn host(&self) -> &HostInfo {
+        &self.host
+    }
+
     /// Applies a collectors configuration (from a remote configuration) when it differs from
     /// the one in use; a configuration whose patterns do not compile leaves the old one.
     pub fn reconfigure_if_changed(
