@@ -322,12 +322,11 @@ impl Client {
     fn handle(&mut self, answer: ServerToAgent) -> Result<Duration, Failure> {
         if let Some(error) = answer.error_response {
             self.full_state = true;
-            let retry = match error.details {
-                Some(secumon_proto::opamp::server_error_response::Details::RetryInfo(info)) => {
-                    Some(Duration::from_nanos(info.retry_after_nanoseconds))
+            let retry = error.details.map(|details| match details {
+                secumon_proto::opamp::server_error_response::Details::RetryInfo(info) => {
+                    Duration::from_nanos(info.retry_after_nanoseconds)
                 }
-                None => None,
-            };
+            });
             if error.r#type == ServerErrorResponseType::Unavailable as i32 {
                 return Err(Failure {
                     reason: format!("server unavailable: {}", error.error_message),
