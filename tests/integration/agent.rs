@@ -714,3 +714,89 @@ async fn opamp_registers_heartbeats_and_applies_a_remote_interval() {
     readings_every(&s, &admin, &id, 1).await;
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_over_mutual_tls_on_both_transports() {
+    use crate::tls::{write, Ca};
+    let dir = temp_dir("secumon-agent-tls");
+    let ca = Ca::new("secumon test CA");
+    let clients = Ca::new("secumon clients CA");
+    let (cert, key) = ca.issue(false);
+    let (cert_path, key_path) = (
+        write(&dir, "server.crt", &cert),
+        write(&dir, "server.key", &key),
+    );
+    let clients_path = write(&dir, "clients.pem", &clients.pem());
+    let ca_path = write(&dir, "ca.pem", &ca.pem());
+    let (mine, mine_key) = clients.issue(true);
+    let (mine_path, mine_key_path) = (
+        write(&dir, "agent.crt", &mine),
+        write(&dir, "agent.key", &mine_key),
+    );
+    let s = Secumon::start_on(crate::support::Backend::Embedded, |c| {
+        c.tls.cert = cert_path.display().to_string();
+        c.tls.key = key_path.display().to_string();
+        c.tls.client_ca = clients_path.display().to_string();
+    })
+    .await;
+    let tls = [
+        "--export-ca-file",
+        ca_path.to_str().unwrap(),
+        "--export-client-cert",
+        mine_path.to_str().unwrap(),
+        "--export-client-key",
+        mine_key_path.to_str().unwrap(),
+    ];
+    let grpc = format!(
+        "https://localhost:{}",
+        s.server.otlp_grpc_addr.unwrap().port()
+    );
+    let http = format!(
+        "https://localhost:{}",
+        s.server.otlp_http_addr.unwrap().port()
+    );
+    let (grpc_dir, http_dir) = (dir.join("grpc"), dir.join("http"));
+    let _grpc_agent = start_agent(&grpc_dir, &grpc, &tls);
+    let _http_agent = start_agent(
+        &http_dir,
+        &http,
+        &[&tls[..], &["--protocol", "http"]].concat(),
+    );
+    // The query API serves TLS too, to clients of the client CA.
+    let api = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .identity(reqwest::Identity::from_pem(format!("{mine}{mine_key}").as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    for id in [agent_id(&grpc_dir), agent_id(&http_dir)] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let body: Value = api
+                .get(format!(
+                    "https://localhost:{}/api/v1/query",
+                    s.server.addr.port()
+                ))
+                .query(&[(
+                    "query",
+                    format!("system_uptime_seconds{{instance=\"{id}\"}}"),
+                )])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if body["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing from agent {id} over TLS"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
