@@ -132,8 +132,8 @@ impl Exporter {
         })
     }
 
-    /// Sends one queued reading (an encoded `ExportMetricsServiceRequest`).
-    pub async fn send(&mut self, payload: &[u8]) -> Outcome {
+    /// Sends one queued reading (a gzip-compressed `ExportMetricsServiceRequest`).
+    pub async fn send(&mut self, compressed: &[u8]) -> Outcome {
         let token = match read_token(self.token_file.as_ref()) {
             Ok(token) => token,
             // A missing token file may be written by the operator soon: try again later.
@@ -147,7 +147,11 @@ impl Exporter {
         let timeout = self.timeout;
         match &mut self.transport {
             Transport::Grpc { client } => {
-                let request = match ExportMetricsServiceRequest::decode(payload) {
+                let decoded = gunzip(compressed).and_then(|payload| {
+                    ExportMetricsServiceRequest::decode(payload.as_slice())
+                        .map_err(|e| e.to_string())
+                });
+                let request = match decoded {
                     Ok(r) => r,
                     Err(e) => {
                         return Outcome::Refused {
@@ -180,18 +184,17 @@ impl Exporter {
                     .post(url.as_str())
                     .header("content-type", "application/x-protobuf");
                 let body = if *gzip {
-                    let mut encoder =
-                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-                    if encoder.write_all(payload).is_err() {
-                        return Outcome::Retry {
-                            after: None,
-                            reason: "gzip failed".into(),
-                        };
-                    }
                     request = request.header("content-encoding", "gzip");
-                    encoder.finish().unwrap_or_default()
+                    compressed.to_vec()
                 } else {
-                    payload.to_vec()
+                    match gunzip(compressed) {
+                        Ok(payload) => payload,
+                        Err(e) => {
+                            return Outcome::Refused {
+                                reason: format!("queued reading does not decode: {e}"),
+                            }
+                        }
+                    }
                 };
                 if let Some(token) = token {
                     request = request.bearer_auth(token);
@@ -216,6 +219,31 @@ impl Exporter {
             }
         }
     }
+}
+
+/// Largest reading a queued record may expand to (a reading is tens of KiB).
+const MAX_READING_BYTES: u64 = 64 << 20;
+
+/// A reading as the queue keeps it.
+pub fn gzip(payload: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(payload.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder
+        .write_all(payload)
+        .expect("writing to a Vec cannot fail");
+    encoder.finish().expect("writing to a Vec cannot fail")
+}
+
+fn gunzip(compressed: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(compressed)
+        .take(MAX_READING_BYTES)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("gzip: {e}"))?;
+    Ok(out)
 }
 
 /// The bearer token in `path` (read at each use, so a rotated token is picked up).

@@ -284,7 +284,10 @@ fn take_reading(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let resource = otlp::resource(&facts.host, &id);
-    let payload = otlp::request(&resource, at, &metrics).encode_to_vec();
+    let encoded = otlp::request(&resource, at, &metrics).encode_to_vec();
+    // Queued gzip-compressed (about 6 times smaller): the queue holds days, not hours, and
+    // OTLP/HTTP with gzip sends the record as it is.
+    let payload = crate::export::gzip(&encoded);
     let created = at
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -295,7 +298,8 @@ fn take_reading(
     shared.wake.notify_one();
     tracing::debug!(
         metrics = metrics.len(),
-        bytes = payload.len(),
+        bytes = encoded.len(),
+        queued_bytes = payload.len(),
         ?took,
         "reading queued"
     );

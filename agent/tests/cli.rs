@@ -87,3 +87,26 @@ fn a_configuration_that_cannot_work_is_refused_with_exit_code_2() {
         assert!(!output.stderr.is_empty());
     }
 }
+
+#[test]
+fn docs_agent_md_lists_every_flag() {
+    let help = agent().arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/agent.md")).unwrap();
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches([',', '`', ')']))
+        .filter(|w| !matches!(*w, "--help" | "--version"))
+        .collect();
+    assert!(flags.len() > 30, "{flags:?}");
+    let missing: Vec<&&str> = flags
+        .iter()
+        .filter(|f| !docs.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/agent.md does not list {missing:?}"
+    );
+}
