@@ -215,6 +215,9 @@ pub struct CollectorsConfig {
     pub network_exclude_devices: String,
 }
 
+/// Smallest queue: room for a few hundred readings (a reading is a few KiB compressed).
+const MIN_QUEUE_BYTES: u64 = 1 << 20;
+
 /// node_exporter 1.5's `--collector.filesystem.fs-types-exclude`.
 const FS_TYPES_EXCLUDE: &str = "^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs|iso9660|mqueue|nsfs|overlay|proc|procfs|pstore|rpc_pipefs|securityfs|selinuxfs|squashfs|sysfs|tracefs)$";
 /// node_exporter 1.5's `--collector.filesystem.mount-points-exclude`.
@@ -423,6 +426,12 @@ fn load(path: Option<&Path>, matches: &ArgMatches) -> Result<Config, ConfigError
 impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.collectors.validate().map_err(ConfigError::Invalid)?;
+        if self.queue.max_bytes < MIN_QUEUE_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "queue.max_bytes {} is below {MIN_QUEUE_BYTES} (1 MiB)",
+                self.queue.max_bytes
+            )));
+        }
         if self.export.client_cert.is_some() != self.export.client_key.is_some() {
             return Err(ConfigError::Invalid(
                 "export.client_cert and export.client_key go together".into(),
@@ -479,7 +488,7 @@ mod tests {
     fn defaults_then_file_then_flags() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("agent.toml");
-        std::fs::write(&file, "interval = \"30s\"\nnaming = \"node_exporter\"\n[collectors]\ntop_n = 3\ncpu = false\n[queue]\nmax_bytes = 1000\n").unwrap();
+        std::fs::write(&file, "interval = \"30s\"\nnaming = \"node_exporter\"\n[collectors]\ntop_n = 3\ncpu = false\n[queue]\nmax_bytes = 2000000\n").unwrap();
         let defaults = parse(["secumon-agent"]).unwrap().config;
         assert_eq!(defaults.interval, Duration::from_secs(10));
         assert_eq!(defaults.collectors.top_n, 10);
@@ -509,7 +518,7 @@ mod tests {
         );
         assert_eq!(config.collectors.top_n, 3);
         assert!(!config.collectors.cpu && !config.collectors.load && config.collectors.memory);
-        assert_eq!(config.queue.max_bytes, 1000);
+        assert_eq!(config.queue.max_bytes, 2_000_000);
     }
 
     #[test]
@@ -537,6 +546,7 @@ mod tests {
             ("[export]\nclient_cert = \"c.pem\"\n", "go together"),
             ("server = \"127.0.0.1:4317\"\n", "http://"),
             ("interval = \"0s\"\n", "at least 1s"),
+            ("[queue]\nmax_bytes = 1000\n", "below"),
         ] {
             std::fs::write(&file, text).unwrap();
             let error = parse(["secumon-agent", "--config", file.to_str().unwrap()])

@@ -238,6 +238,10 @@ pub fn gzip(payload: &[u8]) -> Vec<u8> {
 
 fn gunzip(compressed: &[u8]) -> Result<Vec<u8>, String> {
     use std::io::Read;
+    // gzip's magic number; anything else is a reading queued before compression.
+    if !compressed.starts_with(&[0x1f, 0x8b]) {
+        return Ok(compressed.to_vec());
+    }
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(compressed)
         .take(MAX_READING_BYTES)
@@ -294,18 +298,23 @@ fn delivered(response: ExportMetricsServiceResponse) -> Outcome {
 pub fn grpc_outcome(status: &tonic::Status) -> Outcome {
     use tonic::Code;
     let reason = format!("{:?}: {}", status.code(), status.message());
+    let after = retry_info(status);
     match status.code() {
+        // The specification's retryable codes; RESOURCE_EXHAUSTED only when the server says
+        // it will recover (RetryInfo).
         Code::Unavailable
-        | Code::ResourceExhausted
         | Code::Cancelled
         | Code::DeadlineExceeded
         | Code::Aborted
         | Code::OutOfRange
-        | Code::DataLoss
-        | Code::Unknown => Outcome::Retry {
-            after: retry_info(status),
-            reason,
-        },
+        | Code::DataLoss => Outcome::Retry { after, reason },
+        Code::ResourceExhausted if after.is_some() => Outcome::Retry { after, reason },
+        // Not the server refusing the reading but the way to it being wrong (a token, a
+        // URL, a proxy that ends the stream without a status, which tonic reads as UNKNOWN):
+        // the operator fixes it and the queue is still there.
+        Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented | Code::Unknown => {
+            Outcome::Retry { after, reason }
+        }
         _ => Outcome::Refused { reason },
     }
 }
@@ -363,6 +372,15 @@ pub fn http_outcome(status: u16, retry_after: Option<Duration>, body: &[u8]) -> 
         429 | 502 | 503 | 504 => Outcome::Retry {
             after: retry_after,
             reason: format!("HTTP {status}"),
+        },
+        // The way to the server is wrong (token, URL, a proxy's method filter), not the
+        // reading: held for the operator to fix, as for gRPC.
+        401 | 403 | 404 | 405 => Outcome::Retry {
+            after: retry_after,
+            reason: format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(256)])
+            ),
         },
         _ => {
             let message = secumon_proto::google_rpc::Status::decode(body)
@@ -422,22 +440,29 @@ mod tests {
                 reason: "HTTP 503".into()
             }
         );
-        assert!(matches!(
-            http_outcome(429, None, b""),
-            Outcome::Retry { .. }
-        ));
-        assert!(matches!(
-            http_outcome(400, None, b"bad"),
-            Outcome::Refused { .. }
-        ));
-        assert!(matches!(
-            http_outcome(401, None, b""),
-            Outcome::Refused { .. }
-        ));
-        assert!(matches!(
-            http_outcome(500, None, b""),
-            Outcome::Refused { .. }
-        ));
+        let retry = |o: &Outcome| matches!(o, Outcome::Retry { .. });
+        let refused = |o: &Outcome| matches!(o, Outcome::Refused { .. });
+        for (status, is_retry) in [
+            (429, true),
+            (502, true),
+            (504, true),
+            (401, true),
+            (403, true),
+            (404, true),
+            (400, false),
+            (413, false),
+            (500, false),
+        ] {
+            let outcome = http_outcome(status, None, b"");
+            assert!(
+                if is_retry {
+                    retry(&outcome)
+                } else {
+                    refused(&outcome)
+                },
+                "HTTP {status}: {outcome:?}"
+            );
+        }
         let partial = ExportMetricsServiceResponse {
             partial_success: Some(
                 opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsPartialSuccess {
@@ -453,22 +478,57 @@ mod tests {
                 message: "3 too old".into()
             }
         );
-        assert!(matches!(
-            grpc_outcome(&tonic::Status::unavailable("down")),
-            Outcome::Retry { .. }
-        ));
-        assert!(matches!(
-            grpc_outcome(&tonic::Status::resource_exhausted("slow down")),
-            Outcome::Retry { .. }
-        ));
-        assert!(matches!(
-            grpc_outcome(&tonic::Status::invalid_argument("bad")),
-            Outcome::Refused { .. }
-        ));
-        assert!(matches!(
-            grpc_outcome(&tonic::Status::unauthenticated("who")),
-            Outcome::Refused { .. }
-        ));
+        use tonic::{Code, Status};
+        for (code, is_retry) in [
+            (Code::Unavailable, true),
+            (Code::DeadlineExceeded, true),
+            (Code::Unauthenticated, true),
+            (Code::Unknown, true),
+            (Code::ResourceExhausted, false),
+            (Code::InvalidArgument, false),
+            (Code::FailedPrecondition, false),
+        ] {
+            let outcome = grpc_outcome(&Status::new(code, "x"));
+            assert!(
+                if is_retry {
+                    retry(&outcome)
+                } else {
+                    refused(&outcome)
+                },
+                "{code:?}: {outcome:?}"
+            );
+        }
+        // RESOURCE_EXHAUSTED with RetryInfo: retried after the server's delay.
+        let info = RetryInfo {
+            retry_delay: Some(ProtoDuration {
+                seconds: 3,
+                nanos: 0,
+            }),
+        };
+        let details = RpcStatus {
+            details: vec![ProtoAny {
+                type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+                value: info.encode_to_vec(),
+            }],
+        };
+        let status = Status::with_details(
+            Code::ResourceExhausted,
+            "slow down",
+            details.encode_to_vec().into(),
+        );
+        assert_eq!(
+            grpc_outcome(&status),
+            Outcome::Retry {
+                after: Some(Duration::from_secs(3)),
+                reason: "ResourceExhausted: slow down".into()
+            }
+        );
+    }
+
+    #[test]
+    fn queued_readings_decompress_and_raw_ones_pass() {
+        assert_eq!(gunzip(&gzip(b"reading")).unwrap(), b"reading");
+        assert_eq!(gunzip(b"\x0a\x02raw").unwrap(), b"\x0a\x02raw");
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub struct Queue {
     pub dropped: Dropped,
 }
 
+/// Makes a created or renamed file's directory entry durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 fn segment_name(id: u64) -> String {
     format!("{id:020}.seg")
 }
@@ -115,10 +120,23 @@ impl Queue {
             {
                 queue.cursor = (first, 0);
             }
-            None => queue.cursor = (1, 0),
+            // Empty: the next segment is numbered after any the cursor names, so a cursor left
+            // from before can never point into a new segment.
+            None => queue.cursor = (queue.cursor.0.saturating_add(1).max(1), 0),
             _ => {}
         }
+        queue.write_cursor()?;
         Ok(queue)
+    }
+
+    /// Opens segment `id` for appending, its directory entry made durable.
+    fn open_segment(&self, id: u64) -> io::Result<File> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(id))?;
+        sync_dir(&self.dir)?;
+        Ok(file)
     }
 
     fn path(&self, id: u64) -> PathBuf {
@@ -140,7 +158,8 @@ impl Queue {
         let mut f = File::create(&tmp)?;
         writeln!(f, "{} {}", self.cursor.0, self.cursor.1)?;
         f.sync_data()?;
-        std::fs::rename(tmp, self.dir.join("cursor"))
+        std::fs::rename(tmp, self.dir.join("cursor"))?;
+        sync_dir(&self.dir)
     }
 
     /// Bytes of the longest run of whole, checksummed records from the segment's start.
@@ -176,6 +195,13 @@ impl Queue {
     /// Appends a reading and syncs it to disk.
     pub fn push(&mut self, created_ms: u64, payload: &[u8]) -> io::Result<()> {
         let record_len = HEADER_BYTES + payload.len() as u64;
+        if record_len > self.max_bytes {
+            // It could never fit: dropped (and counted) rather than emptying the queue for it.
+            self.dropped.full += 1;
+            return Ok(());
+        }
+        // Only segments other than the one written to can go; once none is left, the one
+        // written to is emptied too and the record fits (it is below max_bytes).
         while !self.segments.is_empty() && self.bytes() + record_len > self.max_bytes {
             self.drop_oldest_segment()?;
         }
@@ -192,12 +218,7 @@ impl Queue {
             if needs_new {
                 self.segments.push_back((id, 0));
             }
-            self.writer = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.path(id))?,
-            );
+            self.writer = Some(self.open_segment(id)?);
         }
         let mut record = Vec::with_capacity(record_len as usize);
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -216,6 +237,8 @@ impl Queue {
 
     /// The oldest unsent reading, after dropping those older than `max_age` at `now_ms`.
     pub fn peek(&mut self, now_ms: u64) -> io::Result<Option<Record>> {
+        // Readings dropped for age move the cursor; it is written once, not once each.
+        let mut expired = false;
         loop {
             let Some(&(seg, len)) = self.segments.iter().find(|s| s.0 == self.cursor.0) else {
                 return Ok(None);
@@ -223,6 +246,9 @@ impl Queue {
             let is_last = self.segments.back().map(|s| s.0) == Some(seg);
             if self.cursor.1 >= len {
                 if is_last {
+                    if expired {
+                        self.write_cursor()?;
+                    }
                     return Ok(None);
                 }
                 self.advance_to_next_segment(seg)?;
@@ -235,8 +261,11 @@ impl Queue {
                     if now_ms.saturating_sub(created_ms) > self.max_age.as_millis() as u64 {
                         self.dropped.age += 1;
                         self.cursor.1 = next_offset;
-                        self.write_cursor()?;
+                        expired = true;
                         continue;
+                    }
+                    if expired {
+                        self.write_cursor()?;
                     }
                     return Ok(Some(Record {
                         created_ms,
@@ -245,6 +274,7 @@ impl Queue {
                         next_offset,
                     }));
                 }
+                Err(e) if !is_damage(&e) => return Err(e),
                 _ => {
                     // Corrupt from here to the segment's end: count what can be told apart.
                     self.dropped.corrupt += 1;
@@ -258,12 +288,7 @@ impl Queue {
                         // New readings must not land after the damage: start a new segment.
                         self.writer = None;
                         self.segments.push_back((seg + 1, 0));
-                        self.writer = Some(
-                            OpenOptions::new()
-                                .create(true)
-                                .append(true)
-                                .open(self.path(seg + 1))?,
-                        );
+                        self.writer = Some(self.open_segment(seg + 1)?);
                     }
                     self.write_cursor()?;
                 }
@@ -309,12 +334,7 @@ impl Queue {
             self.writer = None;
             self.segments.pop_front();
             self.segments.push_back((old + 1, 0));
-            self.writer = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.path(old + 1))?,
-            );
+            self.writer = Some(self.open_segment(old + 1)?);
         } else {
             self.segments.pop_front();
         }
@@ -342,6 +362,19 @@ impl Queue {
 
 type Read_ = Option<(u64, Option<(u64, Vec<u8>)>)>;
 
+/// Whether a read failed on what the file holds (a torn or damaged record), not on the
+/// reading itself (an I/O error, which is returned for the exporter to try again).
+fn is_damage(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+    )
+}
+
+fn damaged(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
 /// The record at `offset`: its payload length and, when `load`, its time and payload.
 /// `Ok(None)` at the end; `Err` for a torn or corrupt record. Without `load` the checksum is
 /// still verified (the payload is read and dropped).
@@ -357,7 +390,7 @@ fn read_at(file: &mut (impl Read + Seek), offset: u64, load: bool) -> io::Result
             return if file.read(&mut probe)? == 0 {
                 Ok(None)
             } else {
-                Err(io::Error::other("torn header"))
+                Err(damaged("torn header"))
             };
         }
         Err(e) => return Err(e),
@@ -368,7 +401,7 @@ fn read_at(file: &mut (impl Read + Seek), offset: u64, load: bool) -> io::Result
     let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
     let created_ms = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     if len > MAX_RECORD_BYTES {
-        return Err(io::Error::other("record length out of range"));
+        return Err(damaged("record length out of range"));
     }
     let mut payload = vec![0u8; len as usize];
     file.read_exact(&mut payload)?;
@@ -376,7 +409,7 @@ fn read_at(file: &mut (impl Read + Seek), offset: u64, load: bool) -> io::Result
     hasher.update(&header[8..16]);
     hasher.update(&payload);
     if hasher.finalize() != crc {
-        return Err(io::Error::other("checksum mismatch"));
+        return Err(damaged("checksum mismatch"));
     }
     Ok(Some((len, load.then_some((created_ms, payload)))))
 }
@@ -489,6 +522,29 @@ mod tests {
             times.windows(2).all(|w| w[0] + 1 == w[1]),
             "in order, no hole: {times:?}"
         );
+    }
+
+    #[test]
+    fn a_reading_larger_than_the_whole_queue_is_dropped_not_looped_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path(), 1000, DAY).unwrap();
+        q.push(1, &[0; 500]).unwrap();
+        q.push(2, &[0; 2000]).unwrap();
+        assert_eq!(q.dropped.full, 1);
+        q.push(3, &[0; 600]).unwrap();
+        assert_eq!(q.dropped.full, 2, "the first went to make room");
+        assert_eq!(drain(&mut q, 10), vec![vec![0; 600]]);
+    }
+
+    #[test]
+    fn a_stale_cursor_never_points_into_new_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cursor"), "1 40\n").unwrap();
+        let mut q = Queue::open(dir.path(), 1 << 30, DAY).unwrap();
+        q.push(1, b"first").unwrap();
+        drop(q);
+        let mut q = Queue::open(dir.path(), 1 << 30, DAY).unwrap();
+        assert_eq!(drain(&mut q, 10), vec![b"first".to_vec()]);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Stats {
     refused: AtomicU64,
     rejected_points: AtomicU64,
     export_nanos: AtomicU64,
+    /// Readings lost before they reached the queue (it could not be written).
+    unqueued: AtomicU64,
     /// Creation time (Unix ms) of the oldest unsent reading; 0 when none waits.
     oldest_unsent_ms: AtomicU64,
 }
@@ -164,7 +166,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // A remote configuration applied before a restart applies again at once.
     let remote = opamp::load_stored(&config.state_dir);
     let mut initial = Settings::of(&config);
-    if let Some(stored) = remote.as_ref().filter(|r| r.status == "APPLIED") {
+    // The body kept is the last one applied (a refused offer keeps the one before it).
+    if let Some(stored) = remote.as_ref().filter(|r| !r.body.is_empty()) {
         match opamp::apply_remote(&initial, &stored.body) {
             Ok(settings) => initial = settings,
             Err(e) => tracing::warn!(
@@ -243,20 +246,45 @@ async fn collect_loop(
     mut settings: watch::Receiver<Settings>,
 ) -> anyhow::Result<()> {
     let collector = Arc::new(Mutex::new(collector));
+    let mut last: Option<SystemTime> = None;
     loop {
         let current = settings.borrow_and_update().clone();
-        let at = next_boundary(SystemTime::now(), current.interval);
+        let mut at = next_boundary(SystemTime::now(), current.interval);
+        if let Some(last) = last {
+            // The wall clock stepped back: readings keep moving forward, or the server would
+            // refuse them as out of order.
+            if at <= last {
+                at = next_boundary(last, current.interval);
+            } else if at.duration_since(last).unwrap_or_default() > current.interval * 2 {
+                tracing::warn!(
+                    skipped = at.duration_since(last).unwrap_or_default().as_secs() / current.interval.as_secs().max(1) - 1,
+                    "readings skipped: a collection took longer than the interval, or the clock jumped"
+                );
+            }
+        }
         let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             // A new interval or naming applies from the next boundary of the new interval.
             _ = settings.changed() => continue,
         }
-        let shared = shared.clone();
+        last = Some(at);
+        let shared_ = shared.clone();
         let collector = collector.clone();
-        tokio::task::spawn_blocking(move || take_reading(&shared, &collector, &current, at))
-            .await
-            .context("collection task")??;
+        let taken =
+            tokio::task::spawn_blocking(move || take_reading(&shared_, &collector, &current, at))
+                .await;
+        // One reading that fails (a full disk, a collector's panic) costs that reading, counted;
+        // the agent goes on, and so does the export of what is queued.
+        let failure = match taken {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(format!("collection panicked: {e}")),
+        };
+        if let Some(reason) = failure {
+            shared.stats.unqueued.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%reason, "a reading was lost before it was queued");
+        }
     }
 }
 
@@ -330,7 +358,8 @@ fn self_metrics(shared: &Shared, queue: &Queue, collection: Duration) -> Vec<Met
             .int(names::attrs([("reason", "full")]), d.full, start)
             .int(names::attrs([("reason", "age")]), d.age, start)
             .int(names::attrs([("reason", "corrupt")]), d.corrupt, start)
-            .int(names::attrs([("reason", "refused")]), load(&stats.refused), start),
+            .int(names::attrs([("reason", "refused")]), load(&stats.refused), start)
+            .int(names::attrs([("reason", "unqueued")]), load(&stats.unqueued), start),
         Metric::new("secumon.agent.export.requests", "Export attempts by result.", "{requests}", Kind::Counter)
             .int(names::attrs([("result", "delivered")]), load(&stats.delivered), start)
             .int(names::attrs([("result", "retried")]), load(&stats.retried), start)
@@ -347,10 +376,16 @@ fn self_metrics(shared: &Shared, queue: &Queue, collection: Duration) -> Vec<Met
 async fn export_loop(shared: Arc<Shared>, mut exporter: Exporter, config: Config) {
     let mut attempt = 0u32;
     loop {
-        let peeked = {
-            let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.peek(now_ms())
-        };
+        // Queue reads and cursor writes touch the disk: off the runtime's one thread.
+        let from = shared.clone();
+        let peeked = tokio::task::spawn_blocking(move || {
+            from.queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .peek(now_ms())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         let record = match peeked {
             Ok(Some(record)) => record,
             Ok(None) => {
@@ -393,19 +428,20 @@ async fn export_loop(shared: Arc<Shared>, mut exporter: Exporter, config: Config
             Outcome::Refused { reason } => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%reason, "the server refused a reading for good; dropped");
+                shared.health.set(Some(format!("refused: {reason}")));
                 attempt = 0;
                 true
             }
             Outcome::Retry { after, reason } => {
                 stats.retried.fetch_add(1, Ordering::Relaxed);
                 shared.health.set(Some(reason.clone()));
-                let wait = after.unwrap_or_else(|| {
-                    backoff(
-                        attempt,
-                        config.export.initial_backoff,
-                        config.export.max_backoff,
-                    )
-                });
+                // The server's delay when it gives one, but never a tight loop on `0`.
+                let wait = backoff(
+                    attempt,
+                    config.export.initial_backoff,
+                    config.export.max_backoff,
+                )
+                .max(after.unwrap_or_default());
                 if attempt == 0 {
                     tracing::warn!(%reason, ?wait, "export failed; readings stay queued and are retried");
                 } else {
@@ -417,8 +453,15 @@ async fn export_loop(shared: Arc<Shared>, mut exporter: Exporter, config: Config
             }
         };
         if done {
-            let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = queue.ack(&record) {
+            let to = shared.clone();
+            let acked = tokio::task::spawn_blocking(move || {
+                to.queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ack(&record)
+            })
+            .await;
+            if let Ok(Err(e)) | Err(e) = acked.map_err(|e| std::io::Error::other(e.to_string())) {
                 tracing::error!("recording a sent reading in the queue: {e}");
             }
         }

@@ -21,8 +21,9 @@ pub fn read_devices(roots: &Roots, exclude: Option<&regex::Regex>) -> io::Result
     Ok(devices)
 }
 
-/// The kernel's TCP states (`include/net/tcp_states.h`), by their number in the `st` column.
-const TCP_STATES: [&str; 12] = [
+/// The kernel's TCP states (`include/net/tcp_states.h`), by their number in the `st` column
+/// less one. `NEW_SYN_RECV` (12) lives only in the request table, never in these files.
+const KERNEL_TCP_STATES: [&str; 11] = [
     "ESTABLISHED",
     "SYN_SENT",
     "SYN_RECV",
@@ -34,14 +35,31 @@ const TCP_STATES: [&str; 12] = [
     "LAST_ACK",
     "LISTEN",
     "CLOSING",
-    "NEW_SYN_RECV",
+];
+
+/// The hostmetrics receiver's states (its `allTCPStates`): every one is reported, 0 when
+/// none; `DELETE` is a Windows state, always 0 here.
+const REPORTED_TCP_STATES: [&str; 12] = [
+    "CLOSE",
+    "CLOSE_WAIT",
+    "CLOSING",
+    "DELETE",
+    "ESTABLISHED",
+    "FIN_WAIT_1",
+    "FIN_WAIT_2",
+    "LAST_ACK",
+    "LISTEN",
+    "SYN_RECV",
+    "SYN_SENT",
+    "TIME_WAIT",
 ];
 
 /// TCP connections of both families by state; every state appears, with 0 when none.
 /// The tables are streamed line by line: a host with 100,000 connections has files of
 /// megabytes that are never held whole.
 pub fn read_tcp_states(roots: &Roots) -> io::Result<BTreeMap<&'static str, u64>> {
-    let mut states: BTreeMap<&'static str, u64> = TCP_STATES.iter().map(|s| (*s, 0)).collect();
+    let mut states: BTreeMap<&'static str, u64> =
+        REPORTED_TCP_STATES.iter().map(|s| (*s, 0)).collect();
     let mut read_any = false;
     for file in ["net/tcp", "net/tcp6"] {
         let Ok(f) = std::fs::File::open(roots.proc.join(file)) else {
@@ -66,7 +84,7 @@ fn count_states(reader: impl BufRead, states: &mut BTreeMap<&'static str, u64>) 
             continue;
         };
         if let Ok(n) = u8::from_str_radix(st, 16) {
-            if let Some(name) = TCP_STATES.get(usize::from(n).wrapping_sub(1)) {
+            if let Some(name) = KERNEL_TCP_STATES.get(usize::from(n).wrapping_sub(1)) {
                 *states.entry(name).or_default() += 1;
             }
         }
@@ -85,7 +103,7 @@ mod tests {
    1: 0100007F:0CEA 0100007F:9C40 01 00000000:00000000 00:00000000 00000000   0        0 2 1 0 20 4 30 10 -1\n\
    2: 0100007F:9C40 0100007F:0CEA 01 00000000:00000000 00:00000000 00000000   0        0 3 1 0 20 4 30 10 -1\n\
    3: 0100007F:9C41 0100007F:0CEA 06 00000000:00000000 03:00000000 00000000   0        0 0 3 0\n";
-        let mut states = TCP_STATES.iter().map(|s| (*s, 0)).collect();
+        let mut states = REPORTED_TCP_STATES.iter().map(|s| (*s, 0)).collect();
         count_states(table.as_bytes(), &mut states).unwrap();
         assert_eq!(states["ESTABLISHED"], 2);
         assert_eq!(states["LISTEN"], 1);
@@ -96,6 +114,7 @@ mod tests {
     #[test]
     fn reads_this_hosts_tables() {
         let states = read_tcp_states(&Roots::new(std::path::Path::new("/"))).unwrap();
-        assert_eq!(states.len(), TCP_STATES.len());
+        assert_eq!(states.len(), REPORTED_TCP_STATES.len());
+        assert_eq!(states["DELETE"], 0);
     }
 }

@@ -19,6 +19,8 @@ pub struct ProcessCounts {
     pub procs_blocked: u64,
     pub context_switches: u64,
     pub interrupts: u64,
+    /// Scheduling entities (threads) the kernel has, from `/proc/loadavg`.
+    pub tasks: Option<u64>,
 }
 
 /// One of the top processes.
@@ -32,6 +34,8 @@ pub struct ProcessInfo {
     pub owner: String,
     pub user_seconds: f64,
     pub system_seconds: f64,
+    /// Seconds waiting for block I/O (`delayacct_blkio_ticks`, when the kernel keeps it).
+    pub wait_seconds: Option<f64>,
     /// Resident and virtual memory, bytes.
     pub rss: u64,
     pub virtual_bytes: u64,
@@ -73,6 +77,16 @@ impl Tracker {
             counts.context_switches = stat.context_switches;
             counts.interrupts = stat.interrupts;
         }
+        counts.tasks = std::fs::read_to_string(roots.proc.join("loadavg"))
+            .ok()
+            .and_then(|text| {
+                text.split_ascii_whitespace()
+                    .nth(3)?
+                    .split_once('/')?
+                    .1
+                    .parse()
+                    .ok()
+            });
         let mut seen = Vec::new();
         let mut cpu_now = HashMap::new();
         let processes = procfs::process::all_processes_with_root(&roots.proc)
@@ -145,6 +159,7 @@ impl Tracker {
                         .unwrap_or_else(|| p.uid.to_string()),
                     user_seconds: p.stat.utime as f64 / ticks,
                     system_seconds: p.stat.stime as f64 / ticks,
+                    wait_seconds: p.stat.delayacct_blkio_ticks.map(|t| t as f64 / ticks),
                     rss: p.stat.rss.saturating_mul(page),
                     virtual_bytes: p.stat.vsize,
                     threads: p.stat.num_threads.max(0) as u64,

@@ -88,7 +88,7 @@ pub fn metrics(f: &HostFacts) -> Vec<Metric> {
         }
     }
     if let Some(disks) = &f.disks {
-        let counters: [Field<DiskStat, f64>; 11] = [
+        let counters: [Field<DiskStat, f64>; 10] = [
             (
                 "node_disk_reads_completed_total",
                 "The total number of reads completed successfully.",
@@ -139,16 +139,53 @@ pub fn metrics(f: &HostFacts) -> Vec<Metric> {
                 "The weighted # of seconds spent doing I/Os.",
                 |d| d.weighted_time_in_progress as f64 / 1000.0,
             ),
-            (
-                "node_disk_discarded_sectors_total",
-                "The total number of sectors discarded successfully.",
-                |d| d.sectors_discarded.unwrap_or(0) as f64,
-            ),
         ];
         for (name, help, value) in counters {
             let mut m = Metric::new(name, help, "", Kind::Counter);
             for d in disks {
                 m = m.double(attrs([("device", d.name.as_str())]), value(d), None);
+            }
+            out.push(m);
+        }
+        // Counters newer kernels add (4.18: discards, 5.5: flushes): only where present.
+        let newer: [Field<DiskStat, Option<f64>>; 6] = [
+            (
+                "node_disk_discards_completed_total",
+                "The total number of discards completed successfully.",
+                |d| d.discards.map(|v| v as f64),
+            ),
+            (
+                "node_disk_discards_merged_total",
+                "The total number of discards merged.",
+                |d| d.discards_merged.map(|v| v as f64),
+            ),
+            (
+                "node_disk_discarded_sectors_total",
+                "The total number of sectors discarded successfully.",
+                |d| d.sectors_discarded.map(|v| v as f64),
+            ),
+            (
+                "node_disk_discard_time_seconds_total",
+                "This is the total number of seconds spent by all discards.",
+                |d| d.time_discarding.map(|v| v as f64 / 1000.0),
+            ),
+            (
+                "node_disk_flush_requests_total",
+                "The total number of flush requests completed successfully",
+                |d| d.flushes.map(|v| v as f64),
+            ),
+            (
+                "node_disk_flush_requests_time_seconds_total",
+                "This is the total number of seconds spent by all flush requests.",
+                |d| d.time_flushing.map(|v| v as f64 / 1000.0),
+            ),
+        ];
+        for (name, help, value) in newer {
+            let mut m = Metric::new(name, help, "", Kind::Counter);
+            for d in disks {
+                if let Some(v) = value(d) {
+                    m = m.double(attrs([("device", d.name.as_str())]), v, None);
+                }
             }
             out.push(m);
         }
@@ -251,8 +288,11 @@ pub fn metrics(f: &HostFacts) -> Vec<Metric> {
             "",
             Kind::Gauge,
         );
-        for (state, count) in states {
-            m = m.int(attrs([("state", node_tcp_state(state))]), *count, None);
+        // node_exporter's tcpstat reports the states that have connections.
+        for (state, count) in states.iter().filter(|(_, n)| **n > 0) {
+            if let Some(name) = node_tcp_state(state) {
+                m = m.int(attrs([("state", name)]), *count, None);
+            }
         }
         out.push(m);
     }
@@ -381,8 +421,8 @@ pub fn metrics(f: &HostFacts) -> Vec<Metric> {
 }
 
 /// node_exporter's tcpstat state names.
-fn node_tcp_state(state: &str) -> &'static str {
-    match state {
+fn node_tcp_state(state: &str) -> Option<&'static str> {
+    Some(match state {
         "ESTABLISHED" => "established",
         "SYN_SENT" => "syn_sent",
         "SYN_RECV" => "syn_recv",
@@ -394,6 +434,6 @@ fn node_tcp_state(state: &str) -> &'static str {
         "LAST_ACK" => "last_ack",
         "LISTEN" => "listen",
         "CLOSING" => "closing",
-        _ => "new_syn_recv",
-    }
+        _ => return None,
+    })
 }

@@ -68,9 +68,10 @@ pub fn metrics(f: &HostFacts) -> Vec<Metric> {
         let total = mem.get("MemTotal");
         let free = mem.get("MemFree");
         let buffered = mem.get("Buffers");
-        let cached = mem.get("Cached");
-        // As gopsutil (and so the collector) reports it: used, free, buffered and cached add
-        // up to the total; the slab states are parts of used.
+        // As gopsutil (and so the collector) reports it: cached includes the reclaimable slab,
+        // and used, free, buffered and cached add up to the total; the slab states overlap
+        // cached (reclaimable) and used (unreclaimable).
+        let cached = mem.get("Cached") + mem.get("SReclaimable");
         let used = total.saturating_sub(free + buffered + cached);
         let states = [
             ("used", used),
@@ -294,10 +295,12 @@ pub fn metrics(f: &HostFacts) -> Vec<Metric> {
             inodes = inodes
                 .int(labels("used"), fs.files.saturating_sub(fs.files_free), None)
                 .int(labels("free"), fs.files_free, None);
-            if fs.size > 0 {
+            // gopsutil's UsedPercent: of what users can have (used + available), so a disk
+            // full for users reads 1 even with root's reserve left.
+            if used + fs.avail > 0 {
                 let mut l = labels("");
                 l.pop();
-                util = util.double(l, used as f64 / fs.size as f64, None);
+                util = util.double(l, used as f64 / (used + fs.avail) as f64, None);
             }
         }
         out.extend([usage, inodes, util]);
@@ -369,9 +372,22 @@ pub fn metrics(f: &HostFacts) -> Vec<Metric> {
             "{processes}",
             Kind::UpDownCounter,
         );
+        // As the collector does: counts by each process's state, then running and blocked
+        // from /proc/stat (one read, more exact than the walk), and `unknown` what the
+        // kernel's task count (loadavg) has beyond the known ones.
         let mut by_status = std::collections::BTreeMap::<&str, u64>::new();
         for (state, n) in &p.by_state {
             *by_status.entry(process_status(*state)).or_default() += n;
+        }
+        by_status.insert("running", p.procs_running);
+        by_status.insert("blocked", p.procs_blocked);
+        let known: u64 = by_status.values().sum();
+        if let Some(unknown) = p
+            .tasks
+            .and_then(|t| t.checked_sub(known))
+            .filter(|&u| u > 0)
+        {
+            *by_status.entry("unknown").or_default() += unknown;
         }
         for (status, n) in by_status {
             count = count.int(attrs([("status", status)]), n, None);
@@ -437,6 +453,9 @@ pub fn metrics(f: &HostFacts) -> Vec<Metric> {
             cpu = cpu
                 .double(with_state("user"), p.user_seconds, Some(p.start_time))
                 .double(with_state("system"), p.system_seconds, Some(p.start_time));
+            if let Some(wait) = p.wait_seconds {
+                cpu = cpu.double(with_state("wait"), wait, Some(p.start_time));
+            }
             rss = rss.int(id(), p.rss, None);
             virt = virt.int(id(), p.virtual_bytes, None);
             threads = threads.int(id(), p.threads, None);
