@@ -511,6 +511,14 @@ async fn a_30_second_outage_loses_no_reading() {
     outage_loses_nothing(Duration::from_secs(30)).await;
 }
 
+/// scripts/test runs this one beside the rest of the suite (`--ignored`), not in its turn:
+/// it waits out ten minutes of outage.
+#[tokio::test]
+#[ignore = "ten minutes long: scripts/test runs it beside the suite; alone: cargo test --test integration agent::a_10_minute -- --ignored"]
+async fn a_10_minute_outage_loses_no_reading() {
+    outage_loses_nothing(Duration::from_secs(600)).await;
+}
+
 async fn rest(
     s: &Secumon,
     token: &str,
