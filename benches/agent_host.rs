@@ -94,7 +94,7 @@ fn scrape(port: u16) -> (u64, u64) {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain;version=0.0.4\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: text/plain;version=0.0.4\r\nAccept-Encoding: gzip\r\n\r\n"
     )
     .unwrap();
     let mut response = Vec::new();

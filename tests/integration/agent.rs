@@ -679,6 +679,31 @@ async fn opamp_registers_heartbeats_and_applies_a_remote_interval() {
         .to_owned();
     assert!(effective.contains("interval = \"2s\""), "{full}");
     readings_every(&s, &admin, &id, 2).await;
+    // The registry row finds the agent's readings (its instance uid is its `instance`).
+    let latest = rest(
+        &s,
+        &admin,
+        reqwest::Method::GET,
+        &format!("/api/v1/metrics/latest/{row_id}"),
+        None,
+    )
+    .await;
+    let names: BTreeSet<&str> = latest["data"]["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "system_cpu_time_seconds_total",
+        "system_memory_usage_bytes",
+        "system_uptime_seconds",
+    ] {
+        assert!(
+            names.contains(name),
+            "{name} not in the agent's latest metrics: {names:?}"
+        );
+    }
 
     // The operator halves the interval: the agent applies it without a restart, says so, and
     // the data shows it.

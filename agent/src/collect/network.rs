@@ -1,5 +1,10 @@
-//! Network I/O per interface (`/proc/net/dev`) and TCP connections by state
-//! (`/proc/net/tcp`, `/proc/net/tcp6`).
+//! Network I/O per interface (`/proc/net/dev`) and TCP connections by state (sock_diag
+//! netlink, else `/proc/net/tcp` and `/proc/net/tcp6`).
+//!
+//! Counting TCP states costs a walk of the kernel's whole established-connections hash table
+//! (262,144 buckets on a 24 GiB machine, about 1.7 ms each), however few connections there
+//! are. Reading `/proc/net/tcp` to its end walks it twice (once more for the read that finds
+//! the end); a sock_diag dump walks it once per family, halving the collector's cost.
 
 use super::Roots;
 use procfs::FromRead;
@@ -60,6 +65,14 @@ const REPORTED_TCP_STATES: [&str; 12] = [
 pub fn read_tcp_states(roots: &Roots) -> io::Result<BTreeMap<&'static str, u64>> {
     let mut states: BTreeMap<&'static str, u64> =
         REPORTED_TCP_STATES.iter().map(|s| (*s, 0)).collect();
+    match sock_diag_states(&mut states) {
+        Ok(()) => return Ok(states),
+        Err(e) => {
+            // Netlink refused (a seccomp profile, an old kernel): the tables in /proc count the same.
+            tracing::debug!(error = %e, "sock_diag unavailable; reading /proc/net/tcp");
+            states.values_mut().for_each(|v| *v = 0);
+        }
+    }
     let mut read_any = false;
     for file in ["net/tcp", "net/tcp6"] {
         let Ok(f) = std::fs::File::open(roots.proc.join(file)) else {
@@ -75,6 +88,75 @@ pub fn read_tcp_states(roots: &Roots) -> io::Result<BTreeMap<&'static str, u64>>
         ));
     }
     Ok(states)
+}
+
+/// Counts TCP sockets by state over NETLINK_SOCK_DIAG, IPv4 then IPv6.
+fn sock_diag_states(states: &mut BTreeMap<&'static str, u64>) -> io::Result<()> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    };
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut receive = vec![0u8; 32 * 1024];
+    for (family, socket_id) in [
+        (AF_INET, SocketId::new_v4()),
+        (AF_INET6, SocketId::new_v6()),
+    ] {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let request = SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id,
+        });
+        let mut packet = NetlinkMessage::new(header, request.into());
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        socket.send(&buf, 0)?;
+        'dump: loop {
+            let size = socket.recv(&mut &mut receive[..], 0)?;
+            if size == 0 {
+                return Err(io::Error::other(
+                    "sock_diag: the dump ended without NLMSG_DONE",
+                ));
+            }
+            let mut offset = 0;
+            while offset < size {
+                let message =
+                    <NetlinkMessage<SockDiagMessage>>::deserialize(&receive[offset..size])
+                        .map_err(|e| io::Error::other(format!("sock_diag: {e}")))?;
+                let length = message.header.length as usize;
+                match message.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                        if let Some(name) = KERNEL_TCP_STATES
+                            .get(usize::from(response.header.state).wrapping_sub(1))
+                        {
+                            *states.entry(name).or_default() += 1;
+                        }
+                    }
+                    NetlinkPayload::Done(_) => break 'dump,
+                    NetlinkPayload::Error(e) => {
+                        return Err(io::Error::other(format!("sock_diag: {e:?}")))
+                    }
+                    _ => {}
+                }
+                if length == 0 {
+                    break;
+                }
+                offset += length;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn count_states(reader: impl BufRead, states: &mut BTreeMap<&'static str, u64>) -> io::Result<()> {
@@ -109,6 +191,34 @@ mod tests {
         assert_eq!(states["LISTEN"], 1);
         assert_eq!(states["TIME_WAIT"], 1);
         assert_eq!(states["CLOSE_WAIT"], 0);
+    }
+
+    #[test]
+    fn netlink_and_proc_count_the_same_connections() {
+        // Connections that stay put while both are read: a listener and one established pair.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _server = listener.accept().unwrap();
+        let mut netlink: BTreeMap<&'static str, u64> =
+            REPORTED_TCP_STATES.iter().map(|s| (*s, 0)).collect();
+        sock_diag_states(&mut netlink).unwrap();
+        let mut proc: BTreeMap<&'static str, u64> =
+            REPORTED_TCP_STATES.iter().map(|s| (*s, 0)).collect();
+        for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            if let Ok(f) = std::fs::File::open(file) {
+                count_states(io::BufReader::new(f), &mut proc).unwrap();
+            }
+        }
+        assert!(
+            netlink["LISTEN"] >= 1 && netlink["ESTABLISHED"] >= 2,
+            "{netlink:?}"
+        );
+        // Other tests open and close connections meanwhile: the stable states must agree
+        // within what they may change.
+        assert!(
+            netlink["LISTEN"].abs_diff(proc["LISTEN"]) <= 8,
+            "{netlink:?} vs {proc:?}"
+        );
     }
 
     #[test]
