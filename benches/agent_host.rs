@@ -24,25 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::process::{free_port, spawn_secumon, temp_dir, wait_for_port, Managed};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// Relays 127.0.0.1:`listen` to 127.0.0.1:`to`, counting the bytes the client sends.
 fn relay(listen: u16, to: u16, sent: Arc<AtomicU64>) {
     let listener = std::net::TcpListener::bind(("127.0.0.1", listen)).unwrap();
@@ -110,8 +91,8 @@ fn scrape(port: u16) -> (u64, u64) {
 }
 
 fn main() {
-    let seconds = arg("--seconds", 600);
-    let interval = arg("--interval-secs", 10);
+    let seconds = common::arg("--seconds", 600);
+    let interval = common::arg("--interval-secs", 10);
     let agent_bin = PathBuf::from(env!("CARGO_BIN_EXE_secumon")).with_file_name("secumon-agent");
     assert!(
         agent_bin.is_file(),
@@ -154,8 +135,8 @@ fn main() {
         scraped += bytes;
         scrape_samples = samples;
         scrapes += 1;
-        agent_rss.push(rss_mib(agent_pid));
-        node_rss.push(rss_mib(node_pid));
+        agent_rss.push(common::rss_mib(agent_pid));
+        node_rss.push(common::rss_mib(node_pid));
         let next = Duration::from_secs(interval * scrapes);
         if let Some(wait) = next.checked_sub(start.elapsed()) {
             std::thread::sleep(wait);

@@ -30,30 +30,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::process::{free_port, spawn_secumon, temp_dir};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(default)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn body(agent: usize, series: usize, t: i64, round: u64) -> Vec<u8> {
@@ -169,12 +150,12 @@ fn report(name: &str, w: &Window) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let agents = arg("--agents", 100) as usize;
-    let series = arg("--series", 300) as usize;
-    let clients = arg("--clients", 1000) as usize;
-    let seconds = arg("--seconds", 60);
-    let interval = Duration::from_secs(arg("--interval-secs", 10));
-    let registry = arg("--registry", 10_000) as usize;
+    let agents = common::arg("--agents", 100) as usize;
+    let series = common::arg("--series", 300) as usize;
+    let clients = common::arg("--clients", 1000) as usize;
+    let seconds = common::arg("--seconds", 60);
+    let interval = Duration::from_secs(common::arg("--interval-secs", 10));
+    let registry = common::arg("--registry", 10_000) as usize;
 
     let dir = temp_dir("secumon-fleet-bench");
     let port = free_port();
@@ -265,7 +246,7 @@ async fn main() {
     let off = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
     report("feed off", &off);
 
-    let rss_before = rss_mib(pid);
+    let rss_before = common::rss_mib(pid);
     let delays = Arc::new(Mutex::new(Vec::<f64>::new()));
     let messages = Arc::new(AtomicUsize::new(0));
     let mut sockets = Vec::new();
@@ -299,7 +280,7 @@ async fn main() {
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_with = rss_mib(pid);
+    let rss_with = common::rss_mib(pid);
     let on = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
     report(&format!("feed on, {clients} clients"), &on);
     let mut delay = std::mem::take(&mut *delays.lock().unwrap());

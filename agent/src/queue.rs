@@ -301,6 +301,10 @@ impl Queue {
         if record.segment == self.cursor.0 && record.next_offset > self.cursor.1 {
             self.cursor.1 = record.next_offset;
             self.write_cursor()?;
+        } else if record.segment < self.cursor.0 {
+            // Its segment was dropped for room while it was being sent, and it was counted as
+            // dropped then; it was sent (or refused) after all.
+            self.dropped.full = self.dropped.full.saturating_sub(1);
         }
         Ok(())
     }
@@ -534,6 +538,21 @@ mod tests {
         q.push(3, &[0; 600]).unwrap();
         assert_eq!(q.dropped.full, 2, "the first went to make room");
         assert_eq!(drain(&mut q, 10), vec![vec![0; 600]]);
+    }
+
+    #[test]
+    fn a_reading_sent_while_its_segment_is_dropped_is_not_counted_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = vec![7u8; 3 << 20];
+        let mut q = Queue::open(dir.path(), 8 << 20, DAY).unwrap();
+        q.push(1, &payload).unwrap();
+        let in_flight = q.peek(10).unwrap().unwrap();
+        q.push(2, &payload).unwrap();
+        q.push(3, &payload).unwrap(); // drops segment 1, with the reading being sent
+        assert_eq!(q.dropped.full, 1);
+        q.ack(&in_flight).unwrap();
+        assert_eq!(q.dropped.full, 0, "it was delivered after all");
+        assert_eq!(drain(&mut q, 10).len(), 2);
     }
 
     #[test]
