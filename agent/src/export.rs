@@ -109,8 +109,8 @@ impl Exporter {
                         .map_err(|e| ExportError::Setup(format!("TLS: {e}")))?;
                 }
                 let mut client = MetricsServiceClient::new(endpoint.connect_lazy())
-                    // The server's own limit applies; ours only guards against a huge answer.
-                    .max_decoding_message_size(4 << 20);
+                    // An answer is a few bytes: a larger one is refused, not read.
+                    .max_decoding_message_size(MAX_ANSWER_BYTES);
                 if export.gzip {
                     client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
                 }
@@ -212,13 +212,39 @@ impl Exporter {
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.trim().parse::<u64>().ok())
                             .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
-                        let body = response.bytes().await.unwrap_or_default();
+                        // An answer is a few bytes; a server (or a proxy) sending more is not
+                        // read past the limit.
+                        let body = read_limited(response, MAX_ANSWER_BYTES)
+                            .await
+                            .unwrap_or_default();
                         http_outcome(status, retry_after, &body)
                     }
                 }
             }
         }
     }
+}
+
+/// Most bytes of an HTTP answer read (an OTLP answer or an OpAMP message is a few KiB).
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// The body of `response`, up to `limit` bytes; an error past it.
+pub async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("answer over {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Largest reading a queued record may expand to (a reading is tens of KiB).

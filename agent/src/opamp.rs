@@ -11,7 +11,7 @@
 //! reason, and the running configuration stays.
 
 use crate::config::{CollectorsConfig, Config, Naming};
-use crate::export::{backoff, read_token};
+use crate::export::{backoff, read_limited, read_token, MAX_ANSWER_BYTES};
 use crate::run::{Health, Settings};
 use prost::Message;
 use secumon_proto::opamp::{
@@ -26,8 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
-/// Largest answer read from the server (a remote configuration is a few KiB).
-const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Longest wait a server may ask for before the next exchange.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// The name the effective configuration is reported under.
@@ -295,22 +293,18 @@ impl Client {
             .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            let text: String = text.chars().take(300).collect();
+            let text = read_limited(response, MAX_ANSWER_BYTES)
+                .await
+                .unwrap_or_default();
+            let text: String = String::from_utf8_lossy(&text).chars().take(300).collect();
             return Err(Failure {
                 reason: format!("HTTP {status}: {text}"),
                 retry_after,
             });
         }
-        let body = response
-            .bytes()
+        let body = read_limited(response, MAX_ANSWER_BYTES)
             .await
-            .map_err(|e| Failure::from(format!("reading the answer: {e}")))?;
-        if body.len() > MAX_ANSWER_BYTES {
-            return Err(
-                format!("answer of {} bytes is over {MAX_ANSWER_BYTES}", body.len()).into(),
-            );
-        }
+            .map_err(Failure::from)?;
         let answer = ServerToAgent::decode(body.as_ref())
             .map_err(|e| Failure::from(format!("answer does not decode: {e}")))?;
         // Delivered: the next message is the next in sequence, and only what changed.
