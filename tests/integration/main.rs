@@ -11,6 +11,7 @@ mod catalog;
 mod conformance;
 mod crash;
 mod e2e_prometheus;
+mod grafana;
 mod hardening;
 mod lifecycle;
 mod live;
