@@ -89,6 +89,8 @@ pub fn router(state: SharedState) -> Router {
             get(prometheus::query_exemplars).post(prometheus::query_exemplars),
         )
         .route("/api/v1/status/buildinfo", get(status::buildinfo))
+        .route("/api/v1/rules", get(status::rules))
+        .route("/api/v1/alerts", get(status::alerts))
         .route("/api/v1/status/flags", get(status::flags))
         .route("/api/v1/status/runtimeinfo", get(status::runtimeinfo))
         .route("/api/v1/status/tsdb", get(status::tsdb))

@@ -1,5 +1,6 @@
 //! End to end: a real Prometheus 2.42 scrapes itself and node exporter and remote-writes
-//! everything to SecuMon; then the same queries go to both and must get the same JSON.
+//! everything to SecuMon; then the same queries go to both and must get the same JSON; and
+//! the requests Grafana's Prometheus data source makes get answers of the same shape.
 
 use crate::support::{get_json, post_form, NodeExporter, Prometheus, Secumon};
 use std::time::{Duration, Instant};
@@ -75,8 +76,9 @@ async fn assert_same(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prometheus_remote_writes_and_both_answer_alike() {
+/// SecuMon, node exporter, and a Prometheus 2.42 scraping itself and node exporter every second
+/// and remote-writing everything to SecuMon, with ten seconds of data in both.
+async fn start_pair() -> (Secumon, NodeExporter, Prometheus, reqwest::Client) {
     let secumon = Secumon::start().await;
     let node = NodeExporter::start();
     let write_url = secumon.url("/api/v1/write");
@@ -115,6 +117,12 @@ remote_write:
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
+    (secumon, node, prometheus, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_remote_writes_and_both_answer_alike() {
+    let (secumon, _node, prometheus, http) = start_pair().await;
     let now = chrono::Utc::now().timestamp_millis();
     let t = secs(now - 3_000);
     let start = secs(now - 9_000);
@@ -200,4 +208,115 @@ remote_write:
     )
     .await;
     assert_eq!(failed["data"]["result"][0]["value"][1], "0", "{failed}");
+}
+
+/// A JSON value's shape: object keys with their values' shapes, an array's first element's
+/// shape, and the type of anything else.
+fn shape(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{json, Value};
+    match v {
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), shape(v))).collect())
+        }
+        Value::Array(items) => json!([items.first().map(shape)]),
+        Value::String(_) => json!("string"),
+        Value::Number(_) => json!("number"),
+        Value::Bool(_) => json!("bool"),
+        Value::Null => Value::Null,
+    }
+}
+
+/// What Grafana's Prometheus data source (prometheusType Prometheus, version 2.42) sends: on
+/// "Save & test" (an instant `1+1`, build info), on dashboard load and in the query editor
+/// (rules, exemplars, the metrics browser's labels and label values with `match[]`, series,
+/// metadata, range queries as form POST). SecuMon and Prometheus, fed the same data, must answer
+/// each with the same status and the same shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_data_source_requests_get_prometheus_shaped_answers() {
+    let (secumon, _node, prometheus, http) = start_pair().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let (start, end) = (secs(now - 9_000), secs(now - 3_000));
+    let requests: Vec<(&str, bool, Vec<(&str, &str)>)> = vec![
+        (
+            "/api/v1/query",
+            true,
+            vec![("query", "1+1"), ("time", &end)],
+        ),
+        ("/api/v1/status/buildinfo", false, vec![]),
+        ("/api/v1/rules", false, vec![]),
+        ("/api/v1/alerts", false, vec![]),
+        (
+            "/api/v1/query_exemplars",
+            true,
+            vec![("query", "node_load1"), ("start", &start), ("end", &end)],
+        ),
+        (
+            "/api/v1/labels",
+            false,
+            vec![("start", &start), ("end", &end)],
+        ),
+        (
+            "/api/v1/label/__name__/values",
+            false,
+            vec![("start", &start), ("end", &end)],
+        ),
+        (
+            "/api/v1/label/job/values",
+            false,
+            vec![("match[]", "up"), ("start", &start), ("end", &end)],
+        ),
+        (
+            "/api/v1/series",
+            true,
+            vec![("match[]", "node_load1"), ("start", &start), ("end", &end)],
+        ),
+        ("/api/v1/metadata", false, vec![("limit", "5")]),
+        ("/api/v1/metadata", false, vec![("metric", "node_load1")]),
+        (
+            "/api/v1/query_range",
+            true,
+            vec![
+                ("query", "sum by (mode) (rate(node_cpu_seconds_total[4s]))"),
+                ("start", &start),
+                ("end", &end),
+                ("step", "1"),
+            ],
+        ),
+    ];
+    for (path, post, params) in requests {
+        let (ours, theirs) = if post {
+            (
+                post_form(&http, &secumon.url(path), &params).await,
+                post_form(&http, &prometheus.url(path), &params).await,
+            )
+        } else {
+            (
+                get_json(&http, &secumon.url(path), &params).await,
+                get_json(&http, &prometheus.url(path), &params).await,
+            )
+        };
+        assert_eq!(
+            ours.0, theirs.0,
+            "{path} {params:?}: status\nSecuMon: {}\nPrometheus: {}",
+            ours.1, theirs.1
+        );
+        // Metadata is keyed by metric name, and a `limit` picks any of them: its shape is the
+        // shape of one entry.
+        let one_entry = |mut v: serde_json::Value| {
+            if path == "/api/v1/metadata" {
+                let first = v["data"]
+                    .as_object()
+                    .and_then(|m| m.values().next().cloned());
+                v["data"] = serde_json::json!({ "<metric>": first });
+            }
+            v
+        };
+        assert_eq!(
+            shape(&one_entry(ours.1.clone())),
+            shape(&one_entry(theirs.1.clone())),
+            "{path} {params:?}: shape\nSecuMon: {}\nPrometheus: {}",
+            ours.1,
+            theirs.1
+        );
+    }
 }
