@@ -210,6 +210,9 @@ async fn prometheus_remote_writes_and_both_answer_alike() {
     assert_eq!(failed["data"]["result"][0]["value"][1], "0", "{failed}");
 }
 
+/// A request Grafana makes: path, sent as form POST, parameters.
+type GrafanaRequest<'a> = (&'a str, bool, Vec<(&'a str, &'a str)>);
+
 /// A JSON value's shape: object keys with their values' shapes, an array's first element's
 /// shape, and the type of anything else.
 fn shape(v: &serde_json::Value) -> serde_json::Value {
@@ -236,7 +239,7 @@ async fn grafana_data_source_requests_get_prometheus_shaped_answers() {
     let (secumon, _node, prometheus, http) = start_pair().await;
     let now = chrono::Utc::now().timestamp_millis();
     let (start, end) = (secs(now - 9_000), secs(now - 3_000));
-    let requests: Vec<(&str, bool, Vec<(&str, &str)>)> = vec![
+    let requests: Vec<GrafanaRequest> = vec![
         (
             "/api/v1/query",
             true,
