@@ -751,6 +751,7 @@ async fn opamp_registers_heartbeats_and_applies_a_remote_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_over_mutual_tls_on_both_transports() {
     use crate::tls::{write, Ca};
+
     let dir = temp_dir("secumon-agent-tls");
     let ca = Ca::new("secumon test CA");
     let clients = Ca::new("secumon clients CA");
@@ -796,11 +797,7 @@ async fn exports_over_mutual_tls_on_both_transports() {
         &[&tls[..], &["--protocol", "http"]].concat(),
     );
     // The query API serves TLS too, to clients of the client CA.
-    let api = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
-        .identity(reqwest::Identity::from_pem(format!("{mine}{mine_key}").as_bytes()).unwrap())
-        .build()
-        .unwrap();
+    let api = crate::tls::client(&ca, Some((&mine, &mine_key)));
     for id in [agent_id(&grpc_dir), agent_id(&http_dir)] {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

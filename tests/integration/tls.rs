@@ -54,7 +54,7 @@ pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn client(ca: &Ca, identity: Option<(&str, &str)>) -> reqwest::Client {
+pub(crate) fn client(ca: &Ca, identity: Option<(&str, &str)>) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
         .timeout(Duration::from_secs(10));
