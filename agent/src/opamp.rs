@@ -175,6 +175,13 @@ pub struct Client {
     started: SystemTime,
     sequence: u64,
     full_state: bool,
+    /// The health last delivered and since when it holds: a message carries health only when
+    /// it changed (or with the full state), as the specification's compressed messages do, so a
+    /// heartbeat is recorded by the server as a heartbeat, not as a change.
+    health_sent: Option<(bool, String, String)>,
+    /// The health at the last message built, and when it last changed.
+    health_seen: Option<(bool, String, String)>,
+    health_since: SystemTime,
     remote: Option<StoredRemote>,
 }
 
@@ -205,6 +212,9 @@ impl Client {
             started: SystemTime::now(),
             sequence: 0,
             full_state: true,
+            health_sent: None,
+            health_seen: None,
+            health_since: SystemTime::now(),
             remote,
         }
     }
@@ -220,12 +230,23 @@ impl Client {
             .unwrap_or_default()
     }
 
-    fn message(&self, disconnect: bool) -> AgentToServer {
+    fn message(&mut self, disconnect: bool) -> AgentToServer {
+        let report = self.health.report();
+        if self
+            .health_seen
+            .as_ref()
+            .is_some_and(|seen| *seen != report)
+        {
+            self.health_since = SystemTime::now();
+        }
+        self.health_seen = Some(report.clone());
+        let changed = self.health_sent.as_ref() != Some(&report);
+        let health = (self.full_state || changed).then(|| self.health_report(&report));
         let mut message = AgentToServer {
             instance_uid: self.instance_uid(),
             sequence_num: self.sequence,
             capabilities: CAPABILITIES,
-            health: Some(self.health_report()),
+            health,
             ..Default::default()
         };
         if disconnect {
@@ -259,14 +280,16 @@ impl Client {
         message
     }
 
-    fn health_report(&self) -> ComponentHealth {
-        let (healthy, status, last_error) = self.health.report();
+    fn health_report(
+        &self,
+        (healthy, status, last_error): &(bool, String, String),
+    ) -> ComponentHealth {
         ComponentHealth {
-            healthy,
+            healthy: *healthy,
             start_time_unix_nano: unix_nanos(self.started),
-            status,
-            last_error,
-            status_time_unix_nano: unix_nanos(SystemTime::now()),
+            status: status.clone(),
+            last_error: last_error.clone(),
+            status_time_unix_nano: unix_nanos(self.health_since),
             ..Default::default()
         }
     }
@@ -310,6 +333,9 @@ impl Client {
         // Delivered: the next message is the next in sequence, and only what changed.
         self.sequence += 1;
         self.full_state = false;
+        if let Some(h) = &message.health {
+            self.health_sent = Some((h.healthy, h.status.clone(), h.last_error.clone()));
+        }
         self.handle(answer)
     }
 

@@ -678,6 +678,24 @@ async fn opamp_registers_heartbeats_and_applies_a_remote_interval() {
         .unwrap_or_default()
         .to_owned();
     assert!(effective.contains("interval = \"2s\""), "{full}");
+    // Heartbeats are heartbeats: seen again, nothing changed (health is sent when it changes).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = rest(
+        &s,
+        &admin,
+        reqwest::Method::GET,
+        &format!("/api/v1/agents/{row_id}"),
+        None,
+    )
+    .await;
+    assert!(
+        later["data"]["last_seen_at"].as_str() > full["last_seen_at"].as_str(),
+        "{later}"
+    );
+    assert_eq!(
+        later["data"]["updated_at"], full["updated_at"],
+        "a heartbeat changed the row: {later}"
+    );
     readings_every(&s, &admin, &id, 2).await;
     // The registry row finds the agent's readings (its instance uid is its `instance`).
     let latest = rest(
