@@ -8,6 +8,7 @@ mod agents;
 mod api;
 mod auth;
 mod catalog;
+mod compose;
 mod conformance;
 mod crash;
 mod e2e_prometheus;
