@@ -551,6 +551,45 @@ mod tests {
         );
     }
 
+    /// A one-shot HTTP server on loopback answering 200 with `body_len` bytes; its URL.
+    fn serve_once(body_len: usize) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\nConnection: close\r\n\r\n"
+            );
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = body_len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if stream.write_all(&chunk[..n]).is_err() {
+                    break; // the client stopped reading: what the limit is for
+                }
+                left -= n;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_only_up_to_the_limit() {
+        let client = reqwest::Client::new();
+        let small = client.get(serve_once(1000)).send().await.unwrap();
+        assert_eq!(
+            read_limited(small, MAX_ANSWER_BYTES).await.unwrap().len(),
+            1000
+        );
+        let huge = client.get(serve_once(64 << 20)).send().await.unwrap();
+        let error = read_limited(huge, MAX_ANSWER_BYTES).await.unwrap_err();
+        assert!(error.contains("over 1048576 bytes"), "{error}");
+    }
+
     #[test]
     fn queued_readings_decompress_and_raw_ones_pass() {
         assert_eq!(gunzip(&gzip(b"reading")).unwrap(), b"reading");

@@ -7,63 +7,67 @@ fn agent() -> Command {
     Command::new(env!("CARGO_BIN_EXE_secumon-agent"))
 }
 
+/// `secumon-agent --once` with `args` (it must succeed): the snapshot it prints.
+fn once(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let output = agent().arg("--once").args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn os<'a>(args: &[&'a str]) -> Vec<&'a std::ffi::OsStr> {
+    args.iter().map(|a| std::ffi::OsStr::new(*a)).collect()
+}
+
+/// The names of a snapshot's metrics.
+fn metric_names(snapshot: &serde_json::Value) -> Vec<String> {
+    snapshot["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[test]
 fn once_prints_one_reading_as_json_in_either_naming() {
     for (naming, expected) in [
         ("otel", "system.cpu.time"),
         ("node_exporter", "node_cpu_seconds_total"),
     ] {
-        let output = agent()
-            .args(["--once", "--naming", naming])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let snapshot: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let snapshot = once(&os(&["--naming", naming]));
         assert_eq!(snapshot["naming"], naming);
         assert_eq!(snapshot["resource"]["service.name"], "secumon-agent");
         assert!(snapshot["resource"]["host.name"]
             .as_str()
             .is_some_and(|h| !h.is_empty()));
-        let names: Vec<&str> = snapshot["metrics"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["name"].as_str().unwrap())
-            .collect();
-        assert!(names.contains(&expected), "{naming}: {names:?}");
+        let names = metric_names(&snapshot);
+        assert!(names.iter().any(|n| n == expected), "{naming}: {names:?}");
     }
 }
 
 #[test]
 fn collectors_can_be_turned_off() {
-    let output = agent()
-        .args([
-            "--once",
-            "--collectors-cpu",
-            "false",
-            "--collectors-top-processes",
-            "false",
-        ])
-        .output()
-        .unwrap();
-    let snapshot: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let names: Vec<&str> = snapshot["metrics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
+    let snapshot = once(&os(&[
+        "--collectors-cpu",
+        "false",
+        "--collectors-top-processes",
+        "false",
+    ]));
+    let names = metric_names(&snapshot);
     assert!(
         !names
             .iter()
             .any(|n| n.starts_with("system.cpu.time") || n.starts_with("process.")),
         "{names:?}"
     );
-    assert!(names.contains(&"system.memory.usage"));
+    assert!(
+        names.iter().any(|n| n == "system.memory.usage"),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -142,24 +146,15 @@ fn root_path_reads_the_host_mounted_there() {
             ("etc/machine-id", "0123456789abcdef0123456789abcdef\n"),
         ],
     );
-    let output = agent()
-        .args([
-            "--once",
-            "--collectors-top-processes",
-            "false",
-            "--collectors-processes",
-            "false",
-            "--root-path",
-        ])
-        .arg(root)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let snapshot: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut args = os(&[
+        "--collectors-top-processes",
+        "false",
+        "--collectors-processes",
+        "false",
+        "--root-path",
+    ]);
+    args.push(root.as_os_str());
+    let snapshot = once(&args);
     assert_eq!(snapshot["resource"]["host.name"], "mounted-host");
     assert_eq!(
         snapshot["resource"]["host.id"],

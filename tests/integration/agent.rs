@@ -230,7 +230,17 @@ async fn query(base: &str, q: &str) -> Vec<Value> {
 }
 
 async fn query_as(base: &str, token: Option<&str>, q: &str) -> Vec<Value> {
-    let mut request = reqwest::Client::new()
+    query_with(&reqwest::Client::new(), base, token, q).await
+}
+
+/// An instant query with `client` (a TLS client, say), as `token` if given.
+async fn query_with(
+    client: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    q: &str,
+) -> Vec<Value> {
+    let mut request = client
         .get(format!("{base}/api/v1/query"))
         .query(&[("query", q)]);
     if let Some(token) = token {
@@ -248,9 +258,13 @@ async fn query_as(base: &str, token: Option<&str>, q: &str) -> Vec<Value> {
 
 /// Waits until `q` has a result; the result.
 async fn eventually(s: &str, q: &str) -> Vec<Value> {
+    eventually_with(&reqwest::Client::new(), s, q).await
+}
+
+async fn eventually_with(client: &reqwest::Client, s: &str, q: &str) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let result = query(s, q).await;
+        let result = query_with(client, s, None, q).await;
         if !result.is_empty() {
             return result;
         }
@@ -511,10 +525,9 @@ async fn a_30_second_outage_loses_no_reading() {
     outage_loses_nothing(Duration::from_secs(30)).await;
 }
 
-/// scripts/test runs this one beside the rest of the suite (`--ignored`), not in its turn:
-/// it waits out ten minutes of outage.
+/// Ten minutes of waiting, mostly asleep: its name sorts it first in the suite, so it runs on
+/// one test thread while the rest of the suite goes on beside it.
 #[tokio::test]
-#[ignore = "ten minutes long: scripts/test runs it beside the suite; alone: cargo test --test integration agent::a_10_minute -- --ignored"]
 async fn a_10_minute_outage_loses_no_reading() {
     outage_loses_nothing(Duration::from_secs(600)).await;
 }
@@ -571,6 +584,19 @@ async fn readings_every(s: &Secumon, token: &str, id: &str, seconds: i64) {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// An operator sets the agent's remote configuration: one TOML file, `agent.toml`.
+async fn set_config(s: &Secumon, admin: &str, row: &str, toml: &str) {
+    let config = serde_json::json!({"config_map": {"agent.toml": {"body": toml, "content_type": "text/toml"}}});
+    rest(
+        s,
+        admin,
+        reqwest::Method::PUT,
+        &format!("/api/v1/agents/{row}/config"),
+        Some(config),
+    )
+    .await;
 }
 
 /// Waits until the agent reports the remote configuration's status `status`; the report.
@@ -725,15 +751,7 @@ async fn opamp_registers_heartbeats_and_applies_a_remote_interval() {
 
     // The operator halves the interval: the agent applies it without a restart, says so, and
     // the data shows it.
-    let config = serde_json::json!({"config_map": {"agent.toml": {"body": "interval = \"1s\"\n", "content_type": "text/toml"}}});
-    rest(
-        &s,
-        &admin,
-        reqwest::Method::PUT,
-        &format!("/api/v1/agents/{row_id}/config"),
-        Some(config),
-    )
-    .await;
+    set_config(&s, &admin, &row_id, "interval = \"1s\"\n").await;
     reported(&s, &admin, &row_id, "applied").await;
     readings_every(&s, &admin, &id, 1).await;
 
@@ -744,15 +762,7 @@ async fn opamp_registers_heartbeats_and_applies_a_remote_interval() {
     readings_every(&s, &admin, &id, 1).await;
 
     // A configuration it cannot apply is refused with the reason; the running one stays.
-    let bad = serde_json::json!({"config_map": {"agent.toml": {"body": "server = \"http://elsewhere\"\n", "content_type": "text/toml"}}});
-    rest(
-        &s,
-        &admin,
-        reqwest::Method::PUT,
-        &format!("/api/v1/agents/{row_id}/config"),
-        Some(bad),
-    )
-    .await;
+    set_config(&s, &admin, &row_id, "server = \"http://elsewhere\"\n").await;
     let report = reported(&s, &admin, &row_id, "failed").await;
     assert!(
         report["error_message"]
@@ -816,35 +826,13 @@ async fn exports_over_mutual_tls_on_both_transports() {
     );
     // The query API serves TLS too, to clients of the client CA.
     let api = crate::tls::client(&ca, Some((&mine, &mine_key)));
+    let base = format!("https://localhost:{}", s.server.addr.port());
     for id in [agent_id(&grpc_dir), agent_id(&http_dir)] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let body: Value = api
-                .get(format!(
-                    "https://localhost:{}/api/v1/query",
-                    s.server.addr.port()
-                ))
-                .query(&[(
-                    "query",
-                    format!("system_uptime_seconds{{instance=\"{id}\"}}"),
-                )])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if body["data"]["result"]
-                .as_array()
-                .is_some_and(|r| !r.is_empty())
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nothing from agent {id} over TLS"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        eventually_with(
+            &api,
+            &base,
+            &format!("system_uptime_seconds{{instance=\"{id}\"}}"),
+        )
+        .await;
     }
 }
