@@ -35,8 +35,8 @@ pub async fn room_for_agent(
 #[derive(Clone, Debug, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct FleetConfig {
-    /// An agent is online while seen within this many of its heartbeat intervals (an OpAMP
-    /// agent's is the interval it reports at, else 30 s).
+    /// An agent is online while seen within this many of its heartbeat intervals (1 to 1,000;
+    /// an OpAMP agent's interval is the one it reports at, else 30 s).
     #[arg(
         id = "fleet.online_heartbeats",
         long = "fleet-online-heartbeats",
@@ -45,7 +45,8 @@ pub struct FleetConfig {
         value_parser = clap::value_parser!(i64).range(1..=1000)
     )]
     pub online_heartbeats: i64,
-    /// Largest OpAMP message an agent may send, in bytes after decompression (413 past it).
+    /// Largest OpAMP message an agent may send, in bytes after decompression: 413 past it (the
+    /// request body is also bounded by `--ingest-max-request-bytes`).
     #[arg(
         id = "fleet.opamp_max_message_bytes",
         long = "fleet-opamp-max-message-bytes",
@@ -53,8 +54,9 @@ pub struct FleetConfig {
         default_value_t = 4 * 1024 * 1024
     )]
     pub opamp_max_message_bytes: usize,
-    /// Most bytes of file bodies in a remote configuration an operator sets, and in an
-    /// effective configuration an agent reports that is kept (a larger one is noted by size).
+    /// Most bytes of file bodies in a remote configuration an operator sets (400 past it), and
+    /// in an effective configuration an agent reports that is kept (a larger one is kept as a
+    /// note of its size).
     #[arg(
         id = "fleet.max_config_bytes",
         long = "fleet-max-config-bytes",
@@ -63,7 +65,8 @@ pub struct FleetConfig {
     )]
     pub max_config_bytes: usize,
     /// Seconds between writes of `secumon_agent_up` and
-    /// `secumon_agent_last_seen_timestamp_seconds` for every agent into its tenant (0: never).
+    /// `secumon_agent_last_seen_timestamp_seconds` for every agent into its tenant (docs/fleet.md,
+    /// "Fleet health as series"); 0: never.
     #[arg(
         id = "fleet.status_interval_secs",
         long = "fleet-status-interval-secs",
@@ -71,8 +74,8 @@ pub struct FleetConfig {
         default_value_t = 15
     )]
     pub status_interval_secs: u64,
-    /// How often the live feed sends each watched agent's new readings (a Prometheus
-    /// duration: `2s`, `500ms`): its readings are coalesced to one message per interval.
+    /// How often the live feed sends each watched agent's new readings (a Prometheus duration
+    /// from `10ms` to `1h`): readings are coalesced to one message per interval.
     #[arg(
         id = "fleet.live_interval",
         long = "live-interval",
@@ -82,8 +85,9 @@ pub struct FleetConfig {
     )]
     #[serde(deserialize_with = "deserialize_interval")]
     pub live_interval: std::time::Duration,
-    /// Most live-feed WebSocket clients connected at once (each also holds one of the HTTP
-    /// listener's `--http-max-connections`); past it, an upgrade is answered 503.
+    /// Most live-feed WebSocket clients (`/ws/metrics/…`, `/ws/agents`) at once; each also
+    /// holds one of `--http-max-connections`, so keep it below that. Past it, an upgrade is
+    /// answered 503.
     #[arg(
         id = "fleet.live_max_clients",
         long = "fleet-live-max-clients",
@@ -91,8 +95,8 @@ pub struct FleetConfig {
         default_value_t = 256
     )]
     pub live_max_clients: usize,
-    /// Messages queued for one live-feed client; a client further behind is told how many it
-    /// lost (`{"type":"lagged"}`) and closed.
+    /// Messages queued for one live-feed client; a client further behind gets
+    /// `{"type":"lagged","dropped":N}` and is closed (code 4429).
     #[arg(
         id = "fleet.live_queue",
         long = "fleet-live-queue",
@@ -101,7 +105,8 @@ pub struct FleetConfig {
     )]
     pub live_queue: usize,
     /// A NATS server (`nats://host:4222`) through which several server nodes share the live
-    /// feed and registry changes; empty: this node works alone.
+    /// feed and registry changes (docs/fleet.md, "Several server nodes"); empty: this node
+    /// works alone. The server does not start when it cannot connect.
     #[arg(
         id = "fleet.nats_url",
         long = "nats-url",

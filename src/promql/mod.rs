@@ -354,15 +354,27 @@ impl Engine {
         timeout: Option<Duration>,
         work: impl std::future::Future<Output = Result<Vec<T>, StorageError>>,
     ) -> Result<Vec<T>, QueryError> {
-        let (_slot, deadline) = self.slot(timeout).await?;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let items = tokio::time::timeout(remaining, work)
-            .await
-            .map_err(|_| QueryError::Timeout("metadata read"))??;
-        if items.len() > self.config.max_series {
-            return Err(QueryError::TooManySeries(self.config.max_series));
+        let result = async {
+            let (_slot, deadline) = self.slot(timeout).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let items = tokio::time::timeout(remaining, work)
+                .await
+                .map_err(|_| QueryError::Timeout("metadata read"))??;
+            if items.len() > self.config.max_series {
+                return Err(QueryError::TooManySeries(self.config.max_series));
+            }
+            Ok(items)
         }
-        Ok(items)
+        .await;
+        self.counted(result)
+    }
+
+    /// `result`, with a refusal by a limit counted in `/metrics`.
+    fn counted<T>(&self, result: Result<T, QueryError>) -> Result<T, QueryError> {
+        if let Err(e) = &result {
+            self.metrics.query_refused(e);
+        }
+        result
     }
 
     /// One of the evaluation slots, waited for within the query's timeout (the request's if
@@ -406,8 +418,10 @@ impl Engine {
         t: i64,
         options: QueryOptions,
     ) -> Result<QueryValue, QueryError> {
-        self.exec(tenant, expr, EvalRange::instant(t), true, options)
-            .await
+        let result = self
+            .exec(tenant, expr, EvalRange::instant(t), true, options)
+            .await;
+        self.counted(result)
     }
 
     /// Evaluates `expr` at every step of the range; the expression must yield a scalar or an
@@ -426,7 +440,8 @@ impl Engine {
                 documented_type(value_type)
             )));
         }
-        self.exec(tenant, expr, range, false, options).await
+        let result = self.exec(tenant, expr, range, false, options).await;
+        self.counted(result)
     }
 
     async fn exec(

@@ -149,6 +149,46 @@ async fn fleet_status_loop(state: Arc<AppState>, stop: tokio::sync::watch::Recei
     }
 }
 
+/// Records the server's own metrics into its own storage every `--self-monitor-interval-secs`,
+/// on the interval's boundaries, until shutdown (docs/operations.md, "Self-monitoring").
+async fn self_monitor_loop(
+    state: Arc<AppState>,
+    every_secs: u64,
+    tenant: crate::model::TenantId,
+    instance: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every_ms = every_secs.max(1) * 1000;
+    loop {
+        let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let wait = every_ms - now % every_ms;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
+            _ = shutdown_requested(stop.clone()) => return,
+        }
+        // Storage sizes take the engine's locks: off the async threads.
+        let observed = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            observed.metrics.observe_storage(observed.storage.as_ref());
+        })
+        .await;
+        state.metrics.live_clients.set(state.live.clients() as i64);
+        let now = chrono::Utc::now().timestamp_millis();
+        let t_ms = now - now.rem_euclid(every_ms as i64);
+        if let Err(e) = crate::telemetry::record::record(
+            &state.metrics,
+            &state.ingester,
+            &tenant,
+            &instance,
+            t_ms,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "cannot record the server's own metrics; retrying at the next interval");
+        }
+    }
+}
+
 /// Runs the storage's data lifecycle (flush, compaction, retention) every `every` until
 /// shutdown; a run in progress finishes first.
 async fn maintenance_loop(
@@ -195,6 +235,10 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     let metrics = Arc::new(Metrics::new());
     metrics.observe_storage(storage.as_ref());
     let tls = tls::Tls::load(&config.tls)?;
+    let self_monitor_tenant = config
+        .self_monitor
+        .tenant_id()
+        .map_err(anyhow::Error::msg)?;
     let catalog = crate::catalog::open(&config.storage)
         .await
         .context("cannot open the catalog")?;
@@ -290,6 +334,15 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         &mut tasks,
     )
     .await?;
+    if config.self_monitor.interval_secs > 0 {
+        tasks.push(tokio::spawn(self_monitor_loop(
+            state.clone(),
+            config.self_monitor.interval_secs,
+            self_monitor_tenant,
+            crate::telemetry::record::instance(addr.port()),
+            stop.clone(),
+        )));
+    }
     let mut otlp_http_addr = None;
     if !config.otlp_http_listen.is_empty() {
         let app = api::otlp_http_router(state.clone());

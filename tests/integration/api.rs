@@ -240,6 +240,9 @@ async fn the_sample_limit_fails_a_query_with_execution_error() {
         .get_json("/api/v1/query", &[("query", "m[1m]"), ("time", t.as_str())])
         .await;
     assert_eq!(status, 200);
+    let metrics = s.metrics_text().await;
+    let refused = r#"secumon_queries_refused_total{reason="too_many_samples"} 1"#;
+    assert!(metrics.contains(refused), "{refused} not in:\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,6 +264,99 @@ async fn health_ready_metrics_and_buildinfo() {
     let (status, body) = s.get_json("/api/v1/status/buildinfo", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(body["data"]["version"], env!("CARGO_PKG_VERSION"));
+}
+
+/// The server records what `/metrics` shows into its own storage, as `job="secumon"` of the
+/// configured tenant, with the exposition's metadata; other tenants do not see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_records_its_own_metrics() {
+    let s = Secumon::start_with(|c| {
+        c.self_monitor.interval_secs = 1;
+        c.self_monitor.tenant = "ops".into();
+        // Tenants are told apart by a trusted proxy's X-Scope-OrgID.
+        c.auth.mode = secumon::auth::AuthMode::On;
+        c.auth.trusted_proxies = "127.0.0.0/8".into();
+    })
+    .await;
+    let port = s.server.addr.port();
+    let ops = |path: &str| s.http.get(s.url(path)).header("X-Scope-OrgID", "ops");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Two recordings, so a rate has two points.
+    let query = r#"rate(secumon_http_requests_total{job="secumon"}[10s])"#;
+    let body = loop {
+        let body: serde_json::Value = ops("/api/v1/query")
+            .query(&[("query", query)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["data"]["result"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+        {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recording of {query}: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    let series = &body["data"]["result"][0]["metric"];
+    let instance = series["instance"].as_str().unwrap();
+    assert!(instance.ends_with(&format!(":{port}")), "{series}");
+    for query in [
+        r#"process_resident_memory_bytes{job="secumon"} > 1e6"#,
+        r#"process_cpu_seconds_total{job="secumon"} > 0"#,
+        r#"secumon_queries_refused_total{job="secumon",reason="timeout"} == 0"#,
+        r#"secumon_storage_series_in_memory{job="secumon"}"#,
+    ] {
+        let body: serde_json::Value = ops("/api/v1/query")
+            .query(&[("query", query)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            body["data"]["result"].as_array().map(Vec::len),
+            Some(1),
+            "{query}: {body}"
+        );
+    }
+    let metadata: serde_json::Value = ops("/api/v1/metadata")
+        .query(&[("metric", "process_cpu_seconds")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        metadata["data"]["process_cpu_seconds"][0]["type"], "counter",
+        "{metadata}"
+    );
+    // Not in another tenant.
+    let body: serde_json::Value = s
+        .http
+        .get(s.url("/api/v1/query"))
+        .header("X-Scope-OrgID", "default")
+        .query(&[("query", "process_cpu_seconds_total")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["data"]["result"], serde_json::json!([]), "{body}");
+    let metrics = s.metrics_text().await;
+    assert!(
+        metrics.contains(r#"secumon_samples_ingested_total{protocol="self"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

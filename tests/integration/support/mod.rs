@@ -307,6 +307,11 @@ impl Secumon {
                 rollup_5m_days: 100_000,
                 rollup_1h_days: 100_000,
             },
+            // Tests count series: the server's own are recorded only where a test asks.
+            self_monitor: secumon::telemetry::record::SelfMonitorConfig {
+                interval_secs: 0,
+                ..Default::default()
+            },
             ..Config::default()
         };
         if backend == Backend::TimescaleDb {

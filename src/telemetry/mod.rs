@@ -1,6 +1,9 @@
 //! The server's own metrics (served on `/metrics` in the Prometheus text exposition format) and
 //! log setup. Metric names follow Prometheus conventions with a `secumon_` prefix.
 
+pub mod process;
+pub mod record;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +43,11 @@ pub struct QueryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResolutionLabels {
     pub resolution: &'static str,
 }
@@ -58,6 +66,8 @@ pub struct Metrics {
     /// Requests refused by authentication, by reason.
     pub auth_refused: Family<ReasonLabels, Counter>,
     pub query_duration: Family<QueryLabels, Histogram>,
+    /// Queries and metadata reads refused by a limit, by which.
+    pub queries_refused: Family<RefusedLabels, Counter>,
     pub query_rollup_selects: Family<ResolutionLabels, Counter>,
     pub damaged_bytes_recovered: prometheus_client::metrics::gauge::Gauge,
     /// Query answers sent with a warning (damaged data skipped).
@@ -128,7 +138,10 @@ fn query_buckets() -> impl Iterator<Item = f64> {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("secumon");
+        // The process metrics keep their standard names; the server's own are `secumon_*`.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("secumon");
         let samples_ingested = Family::<ProtocolLabels, Counter>::default();
         registry.register(
             "samples_ingested",
@@ -174,6 +187,15 @@ impl Metrics {
             "PromQL evaluation latency, by query kind (instant, range)",
             query_duration.clone(),
         );
+        let queries_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "queries_refused",
+            "Queries and metadata reads refused by a limit: too_many_samples (--query-max-samples), too_many_series (--query-max-series), timeout (--query-timeout-secs, waiting or running)",
+            queries_refused.clone(),
+        );
+        for reason in ["too_many_samples", "too_many_series", "timeout"] {
+            let _ = queries_refused.get_or_create(&RefusedLabels { reason });
+        }
         let query_rollup_selects = Family::<ResolutionLabels, Counter>::default();
         registry.register(
             "query_rollup_selects",
@@ -229,11 +251,12 @@ impl Metrics {
             live_clients.clone(),
         );
         let lifecycle = LifecycleMetrics::default();
-        lifecycle.register(&mut registry);
+        lifecycle.register(registry);
         Metrics {
             live_clients,
             lifecycle,
-            registry,
+            registry: root,
+            queries_refused,
             damaged_bytes_recovered,
             active_series,
             auth_refused,
@@ -296,6 +319,20 @@ impl Metrics {
             lifecycle.failures.set(clamp(stats.lifecycle_failures));
             lifecycle.runs.set(clamp(stats.lifecycle_runs));
         }
+    }
+
+    /// Counts a query refused by a limit (other failures are not counted here).
+    pub fn query_refused(&self, error: &crate::promql::QueryError) {
+        use crate::promql::QueryError;
+        let reason = match error {
+            QueryError::TooManySamples => "too_many_samples",
+            QueryError::TooManySeries(_) => "too_many_series",
+            QueryError::Timeout(_) => "timeout",
+            _ => return,
+        };
+        self.queries_refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
     }
 
     pub fn rejected(&self, protocol: &'static str, reason: &'static str, count: usize) {
