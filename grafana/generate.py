@@ -204,7 +204,88 @@ def fleet_overview():
                      panels, [], ["secumon", "fleet"])
 
 
-DASHBOARDS = {"host-overview.json": host_overview, "fleet-overview.json": fleet_overview}
+SELF = 'job="secumon",instance=~"$instance"'
+
+
+def secumon_itself():
+    l = Layout()
+
+    def by(labels, metric, selector=SELF):
+        return f"sum by ({labels}) ({rate(metric, selector)})"
+
+    gradient = {"options": {"orientation": "horizontal", "displayMode": "gradient"}}
+    panels = [
+        panel(l, "stat", "Uptime", [target(f"time() - max(process_start_time_seconds{{{SELF}}})")], unit="s", width=4, height=4),
+        panel(l, "stat", "Version", [target(f"count by (version) (secumon_build_info{{{SELF}}})", "{{version}}", instant=True)],
+              width=4, height=4, extra={"options": {"textMode": "name", "reduceOptions": {"fields": "/^version$/", "values": True}}}),
+        panel(l, "stat", "Samples stored per second", [target(f"sum({rate('secumon_samples_ingested_total', SELF)})")],
+              unit="short", width=4, height=4),
+        panel(l, "stat", "Series in memory", [target(f"sum(secumon_storage_series_in_memory{{{SELF}}})")], width=4, height=4),
+        panel(l, "stat", "Live-feed clients", [target(f"sum(secumon_live_clients{{{SELF}}})")], width=4, height=4),
+        panel(l, "stat", "Resident memory", [target(f"sum(process_resident_memory_bytes{{{SELF}}})")], unit="bytes", width=4, height=4),
+        # Ingest
+        panel(l, "timeseries", "Samples stored by protocol",
+              [target(by("protocol", "secumon_samples_ingested_total"), "{{protocol}}")], unit="short",
+              description="remote_write, otlp, fleet (agent status series), self (this server's own metrics)."),
+        panel(l, "timeseries", "Samples refused by reason",
+              [target(by("protocol, reason", "secumon_samples_rejected_total"), "{{protocol}} {{reason}}")], unit="short",
+              description="Empty while nothing is refused: out_of_order, too_old, too_far_in_future, series_limit, rate_limited, ... (docs/operations.md).",
+              may_be_empty=True),
+        panel(l, "timeseries", "Active series by tenant",
+              [target(f"sum by (tenant) (secumon_active_series{{{SELF}}})", "{{tenant}}")],
+              description="Series with a sample in the last hour, against --ingest-max-series-per-tenant."),
+        panel(l, "timeseries", "Requests refused by authentication",
+              [target(by("reason", "secumon_auth_refused_total"), "{{reason}}")], unit="reqps",
+              description="Empty while every request is authenticated (or authentication is off).", may_be_empty=True),
+        # Queries
+        panel(l, "timeseries", "Queries per second",
+              [target(by("kind", "secumon_query_duration_seconds_count"), "{{kind}}")], unit="reqps"),
+        panel(l, "timeseries", "Query latency",
+              [target(f"histogram_quantile(0.5, {by('le', 'secumon_query_duration_seconds_bucket')})", "p50"),
+               target(f"histogram_quantile(0.99, {by('le', 'secumon_query_duration_seconds_bucket')})", "p99")], unit="s"),
+        panel(l, "timeseries", "Queries refused by limit",
+              [target(by("reason", "secumon_queries_refused_total"), "{{reason}}")], unit="reqps",
+              description="too_many_samples (--query-max-samples), too_many_series (--query-max-series), timeout (--query-timeout-secs)."),
+        panel(l, "timeseries", "HTTP requests by handler and code",
+              [target(f"topk(15, {by('handler, code', 'secumon_http_requests_total')})", "{{handler}} {{code}}")], unit="reqps"),
+        # Storage
+        panel(l, "timeseries", "Bytes on disk",
+              [target(f"sum by (kind) (secumon_storage_disk_bytes{{{SELF}}})", "{{kind}}")], unit="bytes",
+              description="Embedded engine: raw chunks in blocks, rollups, write-ahead log. Empty on PostgreSQL (ask the database).",
+              may_be_empty=True),
+        panel(l, "timeseries", "Blocks and samples in blocks",
+              [target(f"sum(secumon_storage_blocks{{{SELF}}})", "blocks"),
+               target(f"sum(secumon_storage_block_samples{{{SELF}}})", "samples")],
+              description="Embedded engine: blocks fall as compaction merges them."),
+        panel(l, "timeseries", "PostgreSQL lifecycle runs and failures",
+              [target(f"sum(increase(secumon_storage_lifecycle_runs{{{SELF}}}[$__rate_interval]))", "runs"),
+               target(f"sum(increase(secumon_storage_lifecycle_failures{{{SELF}}}[$__rate_interval]))", "failures")],
+              description="Plain PostgreSQL lifecycle job (partitions, rollups, retention); flat at zero on the embedded engine and TimescaleDB."),
+        panel(l, "timeseries", "Rollup lag",
+              [target(f"time() - max by (relation) (secumon_rollup_watermark_seconds{{{SELF}}})", "{{relation}}")], unit="s",
+              description="Plain PostgreSQL: how far behind now each rollup relation is materialized. Empty on other backends.",
+              may_be_empty=True),
+        panel(l, "stat", "Damaged bytes recovered", [target(f"sum(secumon_storage_damaged_bytes_recovered{{{SELF}}})")],
+              unit="bytes", width=6, height=4, description="Non-zero after a torn write or a damaged block: the intact rest was recovered."),
+        panel(l, "stat", "Query answers with warnings", [target(f"sum(increase(secumon_query_warnings_total{{{SELF}}}[$__range]))")],
+              width=6, height=4),
+        # Process
+        panel(l, "timeseries", "CPU (cores busy)", [target(f"sum by (instance) ({rate('process_cpu_seconds_total', SELF)})", "{{instance}}")]),
+        panel(l, "timeseries", "Memory", [target(f"sum by (instance) (process_resident_memory_bytes{{{SELF}}})", "{{instance}} resident")],
+              unit="bytes"),
+        panel(l, "timeseries", "Open files and threads",
+              [target(f"sum by (instance) (process_open_fds{{{SELF}}})", "{{instance}} files"),
+               target(f"sum by (instance) (process_threads{{{SELF}}})", "{{instance}} threads")]),
+        panel(l, "timeseries", "Live-feed clients", [target(f"sum by (instance) (secumon_live_clients{{{SELF}}})", "{{instance}}")]),
+    ]
+    variables = [query_variable("instance", "Server", 'label_values(secumon_build_info{job="secumon"}, instance)')]
+    return dashboard("secumon-itself", "SecuMon",
+                     "The server itself, from the metrics it records into its own storage (--self-monitor-interval-secs).",
+                     panels, variables, ["secumon"])
+
+
+DASHBOARDS = {"host-overview.json": host_overview, "fleet-overview.json": fleet_overview,
+              "secumon.json": secumon_itself}
 
 
 def main():

@@ -252,6 +252,14 @@ impl Metrics {
         );
         let lifecycle = LifecycleMetrics::default();
         lifecycle.register(registry);
+        registry.register(
+            "build",
+            "The running build: 1, with its version (as prometheus_build_info)",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
+        );
         Metrics {
             live_clients,
             lifecycle,

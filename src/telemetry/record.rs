@@ -238,6 +238,8 @@ mod tests {
             1.0
         );
         assert!(find("process_resident_memory_bytes", ("job", "secumon")).samples[0].v > 0.0);
+        let build = find("secumon_build_info", ("version", env!("CARGO_PKG_VERSION")));
+        assert_eq!(build.samples[0].v, 1.0);
         assert!(find("process_cpu_seconds_total", ("job", "secumon")).samples[0].v >= 0.0);
         let counter = metadata
             .iter()

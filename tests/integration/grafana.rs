@@ -1,4 +1,5 @@
-//! The Grafana dashboards (grafana/dashboards) against the real server fed by the real agent:
+//! The Grafana dashboards (grafana/dashboards) against the real server fed by the real agent
+//! (and by its own metrics, for the SecuMon dashboard):
 //! every template variable and every panel query, with Grafana's variables substituted as
 //! Grafana substitutes them, parses and returns data (unless the panel is marked as rightly
 //! empty); and the JSON files are what grafana/generate.py writes.
@@ -47,7 +48,10 @@ fn the_dashboards_are_what_the_generator_writes() {
         String::from_utf8_lossy(&output.stderr)
     );
     let names: Vec<String> = dashboards().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, ["fleet-overview.json", "host-overview.json"]);
+    assert_eq!(
+        names,
+        ["fleet-overview.json", "host-overview.json", "secumon.json"]
+    );
 }
 
 /// Grafana's multi-value formatting for a regex matcher (`prometheusSpecialRegexEscape` of its
@@ -144,7 +148,11 @@ fn unix_now() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_returns_data_from_the_agent() {
-    let s = Secumon::start_on(Backend::Embedded, |c| c.fleet.status_interval_secs = 1).await;
+    let s = Secumon::start_on(Backend::Embedded, |c| {
+        c.fleet.status_interval_secs = 1;
+        c.self_monitor.interval_secs = SCRAPE_SECONDS;
+    })
+    .await;
     let dir = crate::support::process::temp_dir("secumon-grafana-agent");
     let agent_bin = Path::new(env!("CARGO_BIN_EXE_secumon")).with_file_name("secumon-agent");
     assert!(
