@@ -21,6 +21,7 @@ mod opamp;
 mod openapi;
 mod otlp;
 mod promql_diff;
+mod readme;
 mod remote_write;
 mod rollup_queries;
 mod timescaledb;
