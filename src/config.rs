@@ -97,6 +97,8 @@ pub struct Config {
     pub tls: crate::server::tls::TlsConfig,
     #[command(flatten, next_help_heading = "Fleet")]
     pub fleet: crate::fleet::FleetConfig,
+    #[command(flatten, next_help_heading = "Rules")]
+    pub rules: crate::rules::RulesConfig,
     #[command(flatten, next_help_heading = "Self-monitoring")]
     pub self_monitor: crate::telemetry::record::SelfMonitorConfig,
 }
@@ -143,6 +145,19 @@ pub enum Command {
     /// Manage API tokens in the catalog of --storage (the server may be running).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Check files as the server reads them, with `promtool check`'s output and exit codes.
+    #[command(subcommand)]
+    Check(CheckCommand),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
+pub enum CheckCommand {
+    /// Check rule files (Prometheus's format): `SUCCESS: N rules found`, or each problem.
+    Rules {
+        /// Rule files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
@@ -336,7 +351,8 @@ mod tests {
     use crate::storage::embedded::FsyncPolicy;
 
     /// Keys named apart from the rule, kept as the contract names them.
-    const CONTRACT_NAMES: [(&str, &str); 4] = [
+    const CONTRACT_NAMES: [(&str, &str); 5] = [
+        ("rules.files", "rules"),
         ("postgres.timescaledb", "timescaledb"),
         ("auth.mode", "auth"),
         ("fleet.live_interval", "live-interval"),

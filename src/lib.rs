@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod ingest;
 pub mod model;
 pub mod promql;
+pub mod rules;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

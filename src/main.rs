@@ -1,4 +1,4 @@
-use secumon::config::{self, Command, ConfigError, TokenCommand};
+use secumon::config::{self, CheckCommand, Command, ConfigError, TokenCommand};
 use secumon::server;
 use secumon::storage::postgres::{Mode, PostgresStorage};
 use std::process::ExitCode;
@@ -78,7 +78,11 @@ async fn run(allocator_warning: Option<String>) -> ExitCode {
     if let Some(warning) = allocator_warning {
         tracing::warn!("{warning}");
     }
+    if let Command::Check(CheckCommand::Rules { files }) = &command {
+        return check_rules(files, config.rules.max_file_bytes);
+    }
     let result = match command {
+        Command::Check(_) => Ok(()),
         Command::Migrate => migrate(&config).await,
         Command::Token(action) => token(&config, action).await,
         Command::Serve => server::serve(config).await,
@@ -90,6 +94,36 @@ async fn run(allocator_warning: Option<String>) -> ExitCode {
             eprintln!("secumon: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `secumon check rules`: each file's verdict as `promtool check rules` prints it (its name on
+/// stdout, then `  SUCCESS: N rules found` on stdout or `  FAILED:` and every problem on
+/// stderr); exit code 1 when a file failed.
+fn check_rules(files: &[std::path::PathBuf], max_bytes: u64) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        let name = file.display().to_string();
+        println!("Checking {name}");
+        match secumon::rules::read(&name, max_bytes) {
+            Ok(groups) => {
+                let rules: usize = groups.groups.iter().map(|g| g.rules.len()).sum();
+                println!("  SUCCESS: {rules} rules found");
+            }
+            Err(invalid) => {
+                failed = true;
+                eprintln!("  FAILED:");
+                for problem in &invalid.0 {
+                    eprintln!("{name}: {problem}");
+                }
+            }
+        }
+        println!();
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod otlp;
 pub mod params;
 mod prometheus;
+mod rules;
 mod status;
 mod write;
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub body_limits: crate::server::listener::BodyLimits,
     /// When the server started, for `/api/v1/status/runtimeinfo`.
     pub started: chrono::DateTime<chrono::Utc>,
+    /// Recording and alerting rule groups.
+    pub rules: Arc<crate::rules::Manager>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -89,8 +92,9 @@ pub fn router(state: SharedState) -> Router {
             get(prometheus::query_exemplars).post(prometheus::query_exemplars),
         )
         .route("/api/v1/status/buildinfo", get(status::buildinfo))
-        .route("/api/v1/rules", get(status::rules))
-        .route("/api/v1/alerts", get(status::alerts))
+        .route("/api/v1/rules", get(rules::rules).post(rules::rules))
+        .route("/api/v1/alerts", get(rules::alerts))
+        .route("/-/reload", post(rules::reload).put(rules::reload))
         .route("/api/v1/status/flags", get(status::flags))
         .route("/api/v1/status/runtimeinfo", get(status::runtimeinfo))
         .route("/api/v1/status/tsdb", get(status::tsdb))

@@ -34,17 +34,6 @@ pub(super) async fn buildinfo() -> Response {
     }))
 }
 
-/// `/api/v1/rules`: no recording or alerting rule is evaluated yet, so the answer is
-/// Prometheus's with no rule files, which Grafana's data source and alerting views read.
-pub(super) async fn rules() -> Response {
-    success(json!({ "groups": [] }))
-}
-
-/// `/api/v1/alerts`: no alerting rule, so no alert (Prometheus's answer with no rule files).
-pub(super) async fn alerts() -> Response {
-    success(json!({ "alerts": [] }))
-}
-
 /// The settings that shape query answers, under Prometheus's flag names where one exists.
 pub(super) async fn flags(State(state): State<SharedState>) -> Response {
     let query = state.engine.config();

@@ -149,6 +149,30 @@ async fn fleet_status_loop(state: Arc<AppState>, stop: tokio::sync::watch::Recei
     }
 }
 
+/// Reads the rule files again on SIGHUP, until shutdown; then stops every group.
+async fn rules_loop(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        tokio::select! {
+            _ = async {
+                match hangup.as_mut() {
+                    Some(signal) => { signal.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                match state.rules.reload(&state, false).await {
+                    Ok(groups) => tracing::info!(groups, "rule files reloaded"),
+                    Err(e) => tracing::error!(error = %e, "rule files not reloaded"),
+                }
+            }
+            _ = shutdown_requested(stop.clone()) => {
+                state.rules.stop();
+                return;
+            }
+        }
+    }
+}
+
 /// Records the server's own metrics into its own storage every `--self-monitor-interval-secs`,
 /// on the interval's boundaries, until shutdown (docs/operations.md, "Self-monitoring").
 async fn self_monitor_loop(
@@ -295,7 +319,16 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         storage,
         metrics,
         started: chrono::Utc::now(),
+        rules: Arc::new(
+            crate::rules::Manager::new(config.rules.clone()).map_err(anyhow::Error::msg)?,
+        ),
     });
+    // Rule files that do not load stop the start, as they stop Prometheus's.
+    state
+        .rules
+        .reload(&state, true)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (shutdown, stop) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     if state.auth.required() {
@@ -304,6 +337,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     if let Some(tls) = &tls {
         tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
     }
+    tasks.push(tokio::spawn(rules_loop(state.clone(), stop.clone())));
     tasks.push(tokio::spawn(live.clone().run(stop.clone())));
     if !config.fleet.nats_url.is_empty() {
         let client = crate::fleet::nats::connect(&config.fleet.nats_url).await?;

@@ -24,5 +24,6 @@ mod promql_diff;
 mod readme;
 mod remote_write;
 mod rollup_queries;
+mod rules;
 mod timescaledb;
 mod tls;

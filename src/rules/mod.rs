@@ -1,0 +1,790 @@
+//! Recording and alerting rules, as Prometheus 2.42 evaluates them (`rules/manager.go`,
+//! `recording.go`, `alerting.go`): groups loaded from rule files (`--rules`), each evaluated on
+//! its own schedule, at the times Prometheus would pick for the same file and group name;
+//! recording rules written back through the ingest path into `--rules-tenant`; alert states
+//! inactive, pending and firing with `for` and `keep_firing_for`, and the `ALERTS` and
+//! `ALERTS_FOR_STATE` series. docs/alerting.md says what is built and what is not yet.
+
+pub mod file;
+pub mod template;
+
+use crate::ingest::Batch;
+use crate::model::{Label, Labels, Sample, TenantId, STALE_NAN_BITS};
+use crate::promql::{Engine, QueryOptions, QueryValue};
+use crate::storage::{SeriesWrite, WriteBatch};
+use clap::Args;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+/// The protocol rule output is counted under in `secumon_samples_ingested_total`.
+pub const PROTOCOL: &str = "rules";
+/// How long a resolved alert is kept (and sent as resolved), as Prometheus's
+/// `resolvedRetention`.
+const RESOLVED_RETENTION_MS: i64 = 15 * 60 * 1000;
+
+/// Rules settings (`[rules]` in the config file).
+#[derive(Clone, Debug, Deserialize, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Rule files in Prometheus's format, comma-separated; each may be a glob
+    /// (`/etc/secumon/rules/*.yml`). Read at start, again on SIGHUP and on `POST /-/reload`.
+    #[arg(
+        id = "rules.files",
+        long = "rules",
+        env = "SECUMON_RULES",
+        default_value = "",
+        value_delimiter = ','
+    )]
+    pub files: Vec<String>,
+    /// How often a group without its own `interval` is evaluated (Prometheus's global
+    /// `evaluation_interval`).
+    #[arg(
+        id = "rules.evaluation_interval",
+        long = "rules-evaluation-interval",
+        env = "SECUMON_RULES_EVALUATION_INTERVAL",
+        default_value = "1m",
+        value_parser = parse_interval
+    )]
+    #[serde(deserialize_with = "deserialize_interval")]
+    pub evaluation_interval: std::time::Duration,
+    /// Tenant whose series the rules of `--rules` files read and into which they write.
+    #[arg(
+        id = "rules.tenant",
+        long = "rules-tenant",
+        env = "SECUMON_RULES_TENANT",
+        default_value = TenantId::DEFAULT
+    )]
+    pub tenant: String,
+    /// The URL users reach SecuMon at, for `$externalURL`, `externalURL` and `pathPrefix` in
+    /// templates (Prometheus's `--web.external-url`).
+    #[arg(
+        id = "rules.external_url",
+        long = "rules-external-url",
+        env = "SECUMON_RULES_EXTERNAL_URL",
+        default_value = ""
+    )]
+    pub external_url: String,
+    /// Largest rule file read, in bytes; a larger one is refused as invalid.
+    #[arg(
+        id = "rules.max_file_bytes",
+        long = "rules-max-file-bytes",
+        env = "SECUMON_RULES_MAX_FILE_BYTES",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub max_file_bytes: u64,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        crate::config::clap_defaults()
+    }
+}
+
+/// An evaluation interval from 1 s to a day.
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let ms = file::parse_duration(text)?;
+    if !(1_000..=86_400_000).contains(&ms) {
+        return Err(format!("{text:?}: from 1s to 1d"));
+    }
+    Ok(std::time::Duration::from_millis(ms as u64))
+}
+
+fn deserialize_interval<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_interval(&text).map_err(serde::de::Error::custom)
+}
+
+/// `ok`, `err`, or `unknown` before the first evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Unknown,
+    Good,
+    Bad,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Good => "ok",
+            Health::Bad => "err",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AlertState {
+    Inactive,
+    Pending,
+    Firing,
+}
+
+impl AlertState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertState::Inactive => "inactive",
+            AlertState::Pending => "pending",
+            AlertState::Firing => "firing",
+        }
+    }
+}
+
+/// One alert of an alerting rule: a series of its result, with the rule's labels.
+#[derive(Clone, Debug)]
+pub struct Alert {
+    pub state: AlertState,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub value: f64,
+    /// Evaluation times, in milliseconds.
+    pub active_at: i64,
+    pub fired_at: Option<i64>,
+    pub resolved_at: Option<i64>,
+    pub keep_firing_since: Option<i64>,
+    pub last_sent_at: Option<i64>,
+    pub valid_until: Option<i64>,
+}
+
+/// What a rule's last evaluation left.
+#[derive(Debug)]
+pub struct RuleStatus {
+    pub health: Health,
+    pub last_error: Option<String>,
+    pub evaluation_seconds: f64,
+    pub last_evaluation: Option<chrono::DateTime<chrono::Utc>>,
+    /// Series written by the previous successful evaluation (to mark those that went away).
+    previous: HashMap<u128, Labels>,
+    /// Alerts by the fingerprint of their labels.
+    pub active: HashMap<u128, Alert>,
+}
+
+/// A rule of a loaded group.
+#[derive(Debug)]
+pub struct LoadedRule {
+    pub rule: file::Rule,
+    pub expr: promql_parser::parser::Expr,
+    /// The expression as Prometheus prints it (`query` in the API).
+    pub query: String,
+    pub status: Mutex<RuleStatus>,
+}
+
+impl LoadedRule {
+    /// The highest state of its alerts, resolved ones included (Prometheus's `State()`).
+    pub fn state(&self) -> AlertState {
+        lock(&self.status)
+            .active
+            .values()
+            .map(|a| a.state)
+            .max()
+            .unwrap_or(AlertState::Inactive)
+    }
+}
+
+/// A loaded group.
+#[derive(Debug)]
+pub struct Group {
+    pub file: String,
+    pub name: String,
+    pub interval_ms: i64,
+    pub limit: u64,
+    pub tenant: TenantId,
+    pub rules: Vec<LoadedRule>,
+    pub status: Mutex<GroupStatus>,
+    /// ALERTS and ALERTS_FOR_STATE are written once the group has evaluated twice after
+    /// the server started, as Prometheus writes them once its `for` state is restored.
+    restored: std::sync::atomic::AtomicBool,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+pub struct GroupStatus {
+    pub evaluation_seconds: f64,
+    pub last_evaluation: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Group {
+    /// Prometheus's `Group.hash`: xxhash64 of the labels `file` and `name`.
+    fn hash(&self) -> u64 {
+        let mut bytes = Vec::new();
+        for (name, value) in [("file", &self.file), ("name", &self.name)] {
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.push(0xff);
+            bytes.extend_from_slice(value.as_bytes());
+            bytes.push(0xff);
+        }
+        xxhash_rust::xxh64::xxh64(&bytes, 0)
+    }
+
+    /// The evaluation slot at or before `now_ns` (`Group.EvalTimestamp`): slots are offset
+    /// from the interval's boundaries by the group's hash, so groups spread over the interval
+    /// and Prometheus evaluates the same group at the same times.
+    pub fn eval_timestamp_ns(&self, now_ns: i128) -> i128 {
+        let interval = i128::from(self.interval_ms) * 1_000_000;
+        let offset = i128::from(self.hash() % interval as u64);
+        let adjusted = now_ns - offset;
+        adjusted - adjusted.rem_euclid(interval) + offset
+    }
+}
+
+/// The groups being evaluated, and how to reload them.
+pub struct Manager {
+    config: RulesConfig,
+    groups: Mutex<Vec<Arc<Group>>>,
+    /// Serialises reloads.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// Why a reload failed: the files' problems (the groups running before stay).
+#[derive(Debug, thiserror::Error)]
+#[error("error loading rules, previous rule set restored: {0}")]
+pub struct LoadError(pub String);
+
+impl Manager {
+    pub fn new(config: RulesConfig) -> Result<Manager, String> {
+        if !crate::auth::valid_tenant(&config.tenant) {
+            return Err(format!(
+                "--rules-tenant {:?} is not a valid tenant id",
+                config.tenant
+            ));
+        }
+        Ok(Manager {
+            config,
+            groups: Mutex::new(Vec::new()),
+            reloading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The groups, sorted by file and name.
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        lock(&self.groups).clone()
+    }
+
+    /// The files `--rules` names, globs expanded, sorted, each once.
+    fn files(&self) -> Result<Vec<String>, String> {
+        let mut files = Vec::new();
+        for pattern in self.config.files.iter().filter(|p| !p.is_empty()) {
+            let paths = glob::glob(pattern).map_err(|e| format!("{pattern}: {e}"))?;
+            for path in paths {
+                let path = path.map_err(|e| e.to_string())?;
+                files.push(path.display().to_string());
+            }
+        }
+        files.sort();
+        files.dedup();
+        Ok(files)
+    }
+
+    /// Reads every rule file and, when all are valid, replaces the running groups with theirs
+    /// (a group whose file, name, interval, limit and rules are unchanged keeps running with
+    /// its state). `state` is what evaluations run with; `first` tells whether this is the
+    /// load at start.
+    pub async fn reload(
+        self: &Arc<Self>,
+        state: &Arc<crate::api::AppState>,
+        first: bool,
+    ) -> Result<usize, LoadError> {
+        let _one = self.reloading.lock().await;
+        let files = self.files().map_err(LoadError)?;
+        let mut parsed = Vec::new();
+        let mut errors = Vec::new();
+        for path in &files {
+            match read(path, self.config.max_file_bytes) {
+                Ok(groups) => parsed.push((path.clone(), groups)),
+                Err(e) => errors.extend(e.0.into_iter().map(|m| format!("{path}: {m}"))),
+            }
+        }
+        if !errors.is_empty() {
+            for e in &errors {
+                tracing::error!(error = %e, "loading rule groups failed");
+            }
+            return Err(LoadError(errors.join("; ")));
+        }
+        let tenant = TenantId::new(self.config.tenant.as_str());
+        let default_interval = self.config.evaluation_interval.as_millis() as i64;
+        let old = self.groups();
+        let mut new_groups = Vec::new();
+        let mut started = Vec::new();
+        for (path, groups) in parsed {
+            for g in groups.groups {
+                let interval_ms = g.interval.filter(|i| *i > 0).unwrap_or(default_interval);
+                let same = old.iter().find(|o| {
+                    o.file == path
+                        && o.name == g.name
+                        && o.interval_ms == interval_ms
+                        && o.limit == g.limit
+                        && o.rules.iter().map(|r| &r.rule).eq(g.rules.iter())
+                });
+                if let Some(same) = same {
+                    new_groups.push(same.clone());
+                    continue;
+                }
+                let rules = g
+                    .rules
+                    .into_iter()
+                    .map(|rule| {
+                        // Checked when the file was read.
+                        let expr = crate::promql::parse(&rule.expr).expect("validated expression");
+                        LoadedRule {
+                            query: expr.to_string(),
+                            expr,
+                            rule,
+                            status: Mutex::new(RuleStatus {
+                                health: Health::Unknown,
+                                last_error: None,
+                                evaluation_seconds: 0.0,
+                                last_evaluation: None,
+                                previous: HashMap::new(),
+                                active: HashMap::new(),
+                            }),
+                        }
+                    })
+                    .collect();
+                let group = Arc::new(Group {
+                    file: path.clone(),
+                    name: g.name,
+                    interval_ms,
+                    limit: g.limit,
+                    tenant: tenant.clone(),
+                    rules,
+                    status: Mutex::new(GroupStatus::default()),
+                    restored: std::sync::atomic::AtomicBool::new(!first),
+                    stop: tokio::sync::watch::channel(false).0,
+                });
+                started.push(group.clone());
+                new_groups.push(group);
+            }
+        }
+        new_groups.sort_by(|a, b| (&a.file, &a.name).cmp(&(&b.file, &b.name)));
+        for gone in old
+            .iter()
+            .filter(|o| !new_groups.iter().any(|n| Arc::ptr_eq(n, o)))
+        {
+            let _ = gone.stop.send(true);
+        }
+        let count = new_groups.len();
+        *lock(&self.groups) = new_groups;
+        for group in started {
+            tokio::spawn(run(group, state.clone()));
+        }
+        Ok(count)
+    }
+
+    /// Stops every group.
+    pub fn stop(&self) {
+        for group in lock(&self.groups).drain(..) {
+            let _ = group.stop.send(true);
+        }
+    }
+}
+
+/// A rule file read and checked, within `max_bytes`.
+pub fn read(path: &str, max_bytes: u64) -> Result<file::RuleGroups, file::Invalid> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| file::Invalid(vec![e.to_string()]))?;
+    let mut text = String::new();
+    f.take(max_bytes + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| file::Invalid(vec![e.to_string()]))?;
+    if text.len() as u64 > max_bytes {
+        return Err(file::Invalid(vec![format!(
+            "larger than --rules-max-file-bytes ({max_bytes} bytes)"
+        )]));
+    }
+    file::parse(&text)
+}
+
+/// Evaluates `group` on its schedule until it is stopped (`Group.run`).
+async fn run(group: Arc<Group>, state: Arc<crate::api::AppState>) {
+    let mut stop = group.stop.subscribe();
+    let interval_ns = i128::from(group.interval_ms) * 1_000_000;
+    let now_ns = || {
+        chrono::Utc::now()
+            .timestamp_nanos_opt()
+            .map_or(0, i128::from)
+    };
+    let mut slot = group.eval_timestamp_ns(now_ns()) + interval_ns;
+    let mut evaluations = 0u64;
+    loop {
+        let wait = (slot - now_ns()).max(0) as u64;
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_nanos(wait)) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if stopped {
+            mark_gone_stale(&group, &state, now_ns()).await;
+            return;
+        }
+        // Slots missed while the previous evaluation ran are skipped, not caught up.
+        let behind = (now_ns() - slot) / interval_ns;
+        if behind > 0 {
+            slot += behind * interval_ns;
+        }
+        evaluate(&group, &state, (slot / 1_000_000) as i64).await;
+        evaluations += 1;
+        if evaluations == 2 {
+            group
+                .restored
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        slot += interval_ns;
+    }
+}
+
+/// Writes stale markers for everything a removed group wrote last.
+async fn mark_gone_stale(group: &Group, state: &crate::api::AppState, now_ns: i128) {
+    let t = (now_ns / 1_000_000) as i64;
+    let mut series = Vec::new();
+    for rule in &group.rules {
+        let status = lock(&rule.status);
+        series.extend(status.previous.values().map(|labels| SeriesWrite {
+            labels: labels.clone(),
+            samples: vec![Sample {
+                t,
+                v: f64::from_bits(STALE_NAN_BITS),
+            }],
+        }));
+    }
+    write(state, &group.tenant, &series).await;
+}
+
+async fn write(state: &crate::api::AppState, tenant: &TenantId, series: &[SeriesWrite]) {
+    if series.is_empty() {
+        return;
+    }
+    let batch = Batch {
+        series: WriteBatch::from_series(series),
+        ..Default::default()
+    };
+    if let Err(e) = state.ingester.write(PROTOCOL, tenant, batch).await {
+        tracing::warn!(tenant = %tenant, error = %e, "cannot write rule results");
+    }
+}
+
+/// One evaluation of every rule of `group` at `t` (ms), in order (`Group.Eval`).
+pub async fn evaluate(group: &Group, state: &crate::api::AppState, t: i64) {
+    let started = std::time::Instant::now();
+    let wall = chrono::Utc::now();
+    let restored = group.restored.load(std::sync::atomic::Ordering::Relaxed);
+    for rule in &group.rules {
+        let rule_started = std::time::Instant::now();
+        let rule_wall = chrono::Utc::now();
+        let result = if rule.rule.is_alerting() {
+            eval_alerting(rule, &state.engine, group, t, restored).await
+        } else {
+            eval_recording(rule, &state.engine, group, t).await
+        };
+        let outcome = match result {
+            Ok(series) => {
+                let stale = {
+                    let mut status = lock(&rule.status);
+                    let current: HashMap<u128, Labels> = series
+                        .iter()
+                        .map(|s| (s.labels.fingerprint(), s.labels.clone()))
+                        .collect();
+                    let stale: Vec<SeriesWrite> = status
+                        .previous
+                        .iter()
+                        .filter(|(fp, _)| !current.contains_key(*fp))
+                        .map(|(_, labels)| SeriesWrite {
+                            labels: labels.clone(),
+                            samples: vec![Sample {
+                                t,
+                                v: f64::from_bits(STALE_NAN_BITS),
+                            }],
+                        })
+                        .collect();
+                    status.previous = current;
+                    stale
+                };
+                write(state, &group.tenant, &series).await;
+                write(state, &group.tenant, &stale).await;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(group = %group.name, rule = %rule.rule.name(), error = %e, "evaluating rule failed");
+                Err(e)
+            }
+        };
+        let mut status = lock(&rule.status);
+        match outcome {
+            Ok(()) => {
+                status.health = Health::Good;
+                status.last_error = None;
+            }
+            Err(e) => {
+                status.health = Health::Bad;
+                status.last_error = Some(e);
+            }
+        }
+        status.evaluation_seconds = rule_started.elapsed().as_secs_f64();
+        status.last_evaluation = Some(rule_wall);
+    }
+    let mut status = lock(&group.status);
+    status.evaluation_seconds = started.elapsed().as_secs_f64();
+    status.last_evaluation = Some(wall);
+}
+
+/// The rule's expression at `t` as a vector (a scalar is one series without labels).
+async fn query(
+    engine: &Engine,
+    tenant: &TenantId,
+    rule: &LoadedRule,
+    t: i64,
+) -> Result<Vec<(Labels, f64)>, String> {
+    let value = engine
+        .instant_query(tenant, rule.expr.clone(), t, QueryOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    match value {
+        QueryValue::Vector(samples) => Ok(samples.into_iter().map(|(l, s)| (l, s.v)).collect()),
+        QueryValue::Scalar { v, .. } => Ok(vec![(Labels::empty(), v)]),
+        _ => Err("rule result is not a vector or scalar".into()),
+    }
+}
+
+/// Labels with `overrides` applied: set, or removed when empty (Prometheus's label builder).
+fn with_labels(
+    base: impl Iterator<Item = (String, String)>,
+    overrides: impl Iterator<Item = (String, String)>,
+) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = base.collect();
+    for (name, value) in overrides {
+        if value.is_empty() {
+            labels.remove(&name);
+        } else {
+            labels.insert(name, value);
+        }
+    }
+    labels.retain(|_, v| !v.is_empty());
+    labels
+}
+
+fn to_labels(map: &BTreeMap<String, String>) -> Labels {
+    Labels::from_trusted(
+        map.iter()
+            .map(|(k, v)| Label::new(k.as_str(), v.as_str()))
+            .collect(),
+    )
+}
+
+fn pairs(labels: &Labels) -> impl Iterator<Item = (String, String)> + '_ {
+    labels.pairs().map(|(n, v)| (n.to_owned(), v.to_owned()))
+}
+
+/// `RecordingRule.Eval`: the result renamed and relabelled, one sample each at `t`.
+async fn eval_recording(
+    rule: &LoadedRule,
+    engine: &Engine,
+    group: &Group,
+    t: i64,
+) -> Result<Vec<SeriesWrite>, String> {
+    let vector = query(engine, &group.tenant, rule, t).await?;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(vector.len());
+    for (labels, v) in vector {
+        let map = with_labels(
+            pairs(&labels).chain([("__name__".to_owned(), rule.rule.record.clone())]),
+            rule.rule.labels.clone().into_iter(),
+        );
+        let labels = to_labels(&map);
+        if !seen.insert(labels.fingerprint()) {
+            return Err(
+                "vector contains metrics with the same labelset after applying rule labels".into(),
+            );
+        }
+        out.push(SeriesWrite {
+            labels,
+            samples: vec![Sample { t, v }],
+        });
+    }
+    if group.limit > 0 && out.len() as u64 > group.limit {
+        return Err(format!(
+            "exceeded limit of {} with {} series",
+            group.limit,
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// `AlertingRule.Eval`: the state machine, and the ALERTS and ALERTS_FOR_STATE samples of the
+/// pending and firing alerts.
+async fn eval_alerting(
+    rule: &LoadedRule,
+    engine: &Engine,
+    group: &Group,
+    t: i64,
+    restored: bool,
+) -> Result<Vec<SeriesWrite>, String> {
+    let vector = query(engine, &group.tenant, rule, t).await?;
+    let name = rule.rule.alert.as_str();
+    let no_labels = BTreeMap::new();
+    let mut current: HashMap<u128, Alert> = HashMap::new();
+    for (series, value) in vector {
+        let series_map: BTreeMap<String, String> = pairs(&series).collect();
+        let data = template::AlertData {
+            labels: &series_map,
+            external_labels: &no_labels,
+            external_url: "",
+            value,
+        };
+        let expanded = rule
+            .rule
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), template::expand(name, v, &data)));
+        let mut labels = with_labels(pairs(&series).filter(|(n, _)| n != "__name__"), expanded);
+        labels.insert("alertname".into(), name.to_owned());
+        let annotations = rule
+            .rule
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), template::expand(name, v, &data)))
+            .collect();
+        let fingerprint = to_labels(&labels).fingerprint();
+        if current.contains_key(&fingerprint) {
+            return Err(
+                "vector contains metrics with the same labelset after applying alert labels".into(),
+            );
+        }
+        current.insert(
+            fingerprint,
+            Alert {
+                state: AlertState::Pending,
+                labels,
+                annotations,
+                value,
+                active_at: t,
+                fired_at: None,
+                resolved_at: None,
+                keep_firing_since: None,
+                last_sent_at: None,
+                valid_until: None,
+            },
+        );
+    }
+    let hold = rule.rule.r#for;
+    let keep_firing_for = rule.rule.keep_firing_for;
+    let mut status = lock(&rule.status);
+    let present: std::collections::HashSet<u128> = current.keys().copied().collect();
+    for (fp, alert) in current {
+        match status.active.get_mut(&fp) {
+            Some(known) if known.state != AlertState::Inactive => {
+                known.value = alert.value;
+                known.annotations = alert.annotations;
+            }
+            _ => {
+                status.active.insert(fp, alert);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut pending_or_firing = 0u64;
+    let mut remove = Vec::new();
+    for (fp, alert) in status.active.iter_mut() {
+        if !present.contains(fp) {
+            let mut keep_firing = false;
+            if alert.state == AlertState::Firing && keep_firing_for > 0 {
+                let since = *alert.keep_firing_since.get_or_insert(t);
+                keep_firing = t - since < keep_firing_for;
+            }
+            if alert.state == AlertState::Pending
+                || alert
+                    .resolved_at
+                    .is_some_and(|r| t - r > RESOLVED_RETENTION_MS)
+            {
+                remove.push(*fp);
+            }
+            if alert.state != AlertState::Inactive && !keep_firing {
+                alert.state = AlertState::Inactive;
+                alert.resolved_at = Some(t);
+            }
+            if !keep_firing {
+                continue;
+            }
+        } else {
+            alert.keep_firing_since = None;
+        }
+        pending_or_firing += 1;
+        if alert.state == AlertState::Pending && t - alert.active_at >= hold {
+            alert.state = AlertState::Firing;
+            alert.fired_at = Some(t);
+        }
+        if restored {
+            out.extend(alert_series(rule, alert, t));
+        }
+    }
+    for fp in remove {
+        status.active.remove(&fp);
+    }
+    if group.limit > 0 && pending_or_firing > group.limit {
+        status.active.clear();
+        return Err(format!(
+            "exceeded limit of {} with {pending_or_firing} alerts",
+            group.limit
+        ));
+    }
+    Ok(out)
+}
+
+/// `ALERTS` (1) and `ALERTS_FOR_STATE` (when it became active, in seconds) of `alert`: the
+/// rule's labels as written (templates unexpanded), then the alert's.
+fn alert_series(rule: &LoadedRule, alert: &Alert, t: i64) -> [SeriesWrite; 2] {
+    let base = |metric: &str, state: Option<&str>| {
+        let mut map = with_labels(
+            rule.rule.labels.clone().into_iter(),
+            alert.labels.clone().into_iter(),
+        );
+        map.insert("__name__".into(), metric.to_owned());
+        map.insert("alertname".into(), rule.rule.alert.clone());
+        if let Some(state) = state {
+            map.insert("alertstate".into(), state.to_owned());
+        }
+        to_labels(&map)
+    };
+    [
+        SeriesWrite {
+            labels: base("ALERTS", Some(alert.state.as_str())),
+            samples: vec![Sample { t, v: 1.0 }],
+        },
+        SeriesWrite {
+            labels: base("ALERTS_FOR_STATE", None),
+            samples: vec![Sample {
+                t,
+                v: alert.active_at.div_euclid(1000) as f64,
+            }],
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_evaluated_at_prometheus_s_times() {
+        // Prometheus 2.42 evaluated the group "alerts" of "rules.yml" every 10 s at
+        // ...x1.188674269 s.
+        let group = Group {
+            file: "rules.yml".into(),
+            name: "alerts".into(),
+            interval_ms: 10_000,
+            limit: 0,
+            tenant: TenantId::default(),
+            rules: Vec::new(),
+            status: Mutex::default(),
+            restored: std::sync::atomic::AtomicBool::new(true),
+            stop: tokio::sync::watch::channel(false).0,
+        };
+        assert_eq!(group.hash() % 10_000_000_000, 1_188_674_269);
+        let now = 1_796_512_805_000_000_000i128;
+        assert_eq!(group.eval_timestamp_ns(now), 1_796_512_801_188_674_269);
+    }
+}

@@ -1,0 +1,339 @@
+//! Rules against Prometheus 2.42: the same rule file evaluated by both over the same
+//! remote-written data gives the same recorded series, the same ALERTS and ALERTS_FOR_STATE
+//! samples at the same evaluation times, and the same `/api/v1/rules` and `/api/v1/alerts`
+//! documents up to timestamps; `secumon check rules` accepts and refuses what
+//! `promtool check rules` does.
+
+use crate::support::dataset::load_into_both;
+use crate::support::remote_write::{request, series};
+use crate::support::{find_binary, get_json, Prometheus, Secumon};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const RULES: &str = r#"groups:
+  - name: recording
+    interval: 1s
+    rules:
+      - record: job:m:sum
+        expr: sum by (job) (m)
+      - record: m_doubled
+        expr: m * 2
+        labels:
+          source: rule
+  - name: alerts
+    interval: 1s
+    rules:
+      - alert: High
+        expr: m > 5
+        for: 3s
+        labels:
+          severity: page
+        annotations:
+          summary: "{{ $labels.instance }} is at {{ $value | humanize }}"
+          value: "{{ $value }}"
+      - alert: Sticky
+        expr: m > 8
+        keep_firing_for: 4s
+      - alert: Always
+        expr: vector(1)
+        labels:
+          team: "{{ $labels.nothing }}"
+"#;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// `m` of two instances, a sample a second for 40 s from `t0`: instance a goes over 5 (High
+/// pending, then firing), over 8 (Sticky fires, then keeps firing after it drops), back to 1
+/// (both resolve) and over 5 again; b stays at 1.
+fn dataset(t0: i64) -> Vec<secumon_proto::prometheus::TimeSeries> {
+    let a: Vec<(i64, f64)> = (0..40)
+        .map(|i| {
+            let v = match i {
+                0..=4 => 1.0,
+                5..=14 => 7.0,
+                15..=19 => 9.5,
+                20..=29 => 1.0,
+                _ => 7.25,
+            };
+            (t0 + i * 1000, v)
+        })
+        .collect();
+    let b: Vec<(i64, f64)> = (0..40).map(|i| (t0 + i * 1000, 1.0)).collect();
+    vec![
+        series(&[("__name__", "m"), ("job", "j"), ("instance", "a")], &a),
+        series(&[("__name__", "m"), ("job", "j"), ("instance", "b")], &b),
+    ]
+}
+
+/// Every raw sample of the rules' output over the last two minutes, by series.
+async fn outputs(
+    http: &reqwest::Client,
+    base: &str,
+    at: i64,
+) -> BTreeMap<String, Vec<(i64, String)>> {
+    let (status, body) = get_json(
+        http,
+        &format!("{base}/api/v1/query"),
+        &[
+            (
+                "query",
+                r#"{__name__=~"ALERTS|ALERTS_FOR_STATE|job:m:sum|m_doubled"}[2m]"#,
+            ),
+            ("time", &format!("{}", at as f64 / 1000.0)),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut out = BTreeMap::new();
+    for s in body["data"]["result"].as_array().unwrap() {
+        let samples = s["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    (p[0].as_f64().unwrap() * 1000.0).round() as i64,
+                    p[1].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        out.insert(s["metric"].to_string(), samples);
+    }
+    out
+}
+
+/// A rules or alerts document with what differs between runs taken out: evaluation times
+/// and durations, and the sub-millisecond digits of activation times (Prometheus keeps
+/// nanoseconds of its evaluation slot, SecuMon milliseconds).
+fn normalized(mut doc: Value) -> Value {
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                map.remove("evaluationTime");
+                map.remove("lastEvaluation");
+                for key in ["activeAt", "keepFiringSince"] {
+                    if let Some(Value::String(t)) = map.get_mut(key) {
+                        if let Some((head, fraction)) = t.trim_end_matches('Z').split_once('.') {
+                            let ms: String =
+                                fraction.chars().chain("000".chars()).take(3).collect();
+                            *t = format!("{head}.{ms}Z");
+                        }
+                    }
+                }
+                for value in map.values_mut() {
+                    walk(value);
+                }
+            }
+            Value::Array(items) => {
+                for item in items.iter_mut() {
+                    walk(item);
+                }
+                // Alert order is unspecified in Prometheus.
+                items.sort_by_key(|i| i.to_string());
+            }
+            _ => {}
+        }
+    }
+    walk(&mut doc);
+    doc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_evaluate_as_prometheus_evaluates_them() {
+    let dir = crate::support::process::temp_dir("secumon-rules");
+    let file = dir.join("rules.yml");
+    std::fs::write(&file, RULES).unwrap();
+    let path = file.display().to_string();
+    let secumon = Secumon::start_with(|c| {
+        c.rules.files = vec![path.clone()];
+        c.rules.evaluation_interval = Duration::from_secs(1);
+    })
+    .await;
+    let prometheus = Prometheus::start(|_| {
+        format!("global:\n  evaluation_interval: 1s\nrule_files:\n  - {path}\n")
+    });
+    // Both have evaluated every group several times (ALERTS are written from the third
+    // evaluation on, as Prometheus writes them once its `for` state is restored) before the
+    // data starts.
+    let t0 = (now_ms() / 1000 + 6) * 1000;
+    load_into_both(&secumon, &prometheus, vec![request(dataset(t0), vec![])]).await;
+    let end = t0 + 40_000;
+    tokio::time::sleep(Duration::from_millis((end + 3_000 - now_ms()).max(0) as u64)).await;
+
+    let http = reqwest::Client::new();
+    let expected = outputs(&http, &prometheus.base, end).await;
+    let actual = outputs(&http, &secumon.base, end).await;
+    assert!(
+        expected.len() >= 8,
+        "Prometheus's rules wrote too little: {expected:#?}"
+    );
+    // Samples from t0 on: before it, each server's first evaluations depend on when it
+    // started.
+    let from_t0 =
+        |m: &BTreeMap<String, Vec<(i64, String)>>| -> BTreeMap<String, Vec<(i64, String)>> {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.iter()
+                            .filter(|(t, _)| *t >= t0)
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .filter(|(_, v): &(String, Vec<(i64, String)>)| !v.is_empty())
+                .collect()
+        };
+    let (expected, actual) = (from_t0(&expected), from_t0(&actual));
+    for (series, samples) in &expected {
+        assert_eq!(
+            actual.get(series),
+            Some(samples),
+            "{series}: SecuMon differs from Prometheus"
+        );
+    }
+    assert_eq!(
+        actual.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+
+    for path in ["/api/v1/rules", "/api/v1/alerts"] {
+        let (_, p) = get_json(&http, &prometheus.url(path), &[]).await;
+        let (_, s) = get_json(&http, &secumon.url(path), &[]).await;
+        assert_eq!(normalized(s), normalized(p), "{path}");
+    }
+    let (status, body) = get_json(&http, &secumon.url("/api/v1/rules"), &[("type", "foo")]).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["error"],
+        "invalid parameter \"type\": not supported value \"foo\""
+    );
+}
+
+/// Files and the verdict both tools must give.
+const CHECKED: &[(&str, &str)] = &[
+    ("good.yml", RULES),
+    ("empty.yml", ""),
+    (
+        "both.yml",
+        "groups:\n  - name: g\n    rules:\n      - record: a\n        alert: A\n        expr: up\n",
+    ),
+    ("neither.yml", "groups:\n  - name: g\n    rules:\n      - expr: up\n"),
+    ("noexpr.yml", "groups:\n  - name: g\n    rules:\n      - record: a\n"),
+    ("badexpr.yml", "groups:\n  - name: g\n    rules:\n      - record: a\n        expr: sum(up\n"),
+    ("badname.yml", "groups:\n  - name: g\n    rules:\n      - record: bad-name\n        expr: up\n"),
+    ("forrecord.yml", "groups:\n  - name: g\n    rules:\n      - record: a\n        expr: up\n        for: 1m\n"),
+    ("badlabel.yml", "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        labels:\n          bad-label: x\n"),
+    ("namelabel.yml", "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        labels:\n          __name__: x\n"),
+    ("badtemplate.yml", "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        annotations:\n          s: \"{{ $foo }}\"\n"),
+    ("unclosed.yml", "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        annotations:\n          s: \"{{ humanize $value \"\n"),
+    ("dupgroup.yml", "groups:\n  - name: g\n    rules: []\n  - name: g\n    rules: []\n"),
+    ("nogroupname.yml", "groups:\n  - rules: []\n"),
+    ("unknown.yml", "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        annotation: {}\n"),
+    ("baddur.yml", "groups:\n  - name: g\n    interval: 5 minutes\n    rules: []\n"),
+    ("notyaml.yml", "groups: [\n"),
+    ("templatesok.yml", "groups:\n  - name: g\n    rules:\n      - alert: A 1\n        expr: up == 0\n        for: 5m\n        keep_firing_for: 1m\n        labels:\n          s: \"{{ if gt $value 1.0 }}hi{{ else }}lo{{ end }}\"\n        annotations:\n          d: '{{ $labels.instance | toUpper }} {{ printf \"%.2f\" $value }} {{ humanizeDuration 90 }}'\n"),
+];
+
+/// The problems promtool reports, and how SecuMon words each.
+const PROBLEMS: &[(&str, &str)] = &[
+    (
+        "only one of 'record' and 'alert' must be set",
+        "only one of 'record' and 'alert' must be set",
+    ),
+    (
+        "one of 'record' or 'alert' must be set",
+        "one of 'record' or 'alert' must be set",
+    ),
+    (
+        "field 'expr' must be set in rule",
+        "field 'expr' must be set in rule",
+    ),
+    ("could not parse expression", "could not parse expression"),
+    (
+        "invalid field 'for' in recording rule",
+        "invalid field 'for' in recording rule",
+    ),
+    (
+        "invalid recording rule name: bad-name",
+        "invalid recording rule name: bad-name",
+    ),
+    (
+        "invalid label name: bad-label",
+        "invalid label name: bad-label",
+    ),
+    (
+        "invalid label name: __name__",
+        "invalid label name: __name__",
+    ),
+    ("undefined variable \"$foo\"", "undefined variable \"$foo\""),
+    ("annotation \"s\": template", "annotation \"s\": template"),
+    (
+        "groupname: \"g\" is repeated in the same file",
+        "groupname: \"g\" is repeated in the same file",
+    ),
+    ("Groupname must not be empty", "Groupname must not be empty"),
+    (
+        "field annotation not found in type",
+        "unknown field `annotation`",
+    ),
+    (
+        "not a valid duration string: \"5 minutes\"",
+        "not a valid duration string: \"5 minutes\"",
+    ),
+];
+
+#[test]
+fn secumon_check_rules_agrees_with_promtool() {
+    let promtool = find_binary("promtool", "apt-get install -y prometheus");
+    let dir = crate::support::process::temp_dir("secumon-check-rules");
+    for (name, text) in CHECKED {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let run = |program: &Path, args: &[&str]| {
+            let out = Command::new(program)
+                .args(args)
+                .arg(&path)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let (p_code, p_out, p_err) = run(&promtool, &["check", "rules"]);
+        let (s_code, s_out, s_err) = run(
+            Path::new(env!("CARGO_BIN_EXE_secumon")),
+            &["check", "rules"],
+        );
+        assert_eq!(
+            s_code, p_code,
+            "{name}: promtool said {p_out}{p_err}; SecuMon said {s_out}{s_err}"
+        );
+        if p_code == Some(0) {
+            assert_eq!(s_out, p_out, "{name}");
+        } else {
+            assert!(s_err.starts_with("  FAILED:\n"), "{name}: {s_err}");
+            // Every problem promtool names is named too (YAML syntax errors aside: each
+            // parser words them its own way).
+            for (promtool_says, secumon_says) in PROBLEMS {
+                if p_err.contains(promtool_says) {
+                    assert!(
+                        s_err.contains(secumon_says),
+                        "{name}: promtool says {p_err}; SecuMon says {s_err}"
+                    );
+                }
+            }
+        }
+    }
+}
