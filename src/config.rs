@@ -351,8 +351,9 @@ mod tests {
     use crate::storage::embedded::FsyncPolicy;
 
     /// Keys named apart from the rule, kept as the contract names them.
-    const CONTRACT_NAMES: [(&str, &str); 5] = [
+    const CONTRACT_NAMES: [(&str, &str); 6] = [
         ("rules.files", "rules"),
+        ("rules.alertmanager_urls", "alertmanager-url"),
         ("postgres.timescaledb", "timescaledb"),
         ("auth.mode", "auth"),
         ("fleet.live_interval", "live-interval"),

@@ -6,6 +6,7 @@
 //! `ALERTS_FOR_STATE` series. docs/alerting.md says what is built and what is not yet.
 
 pub mod file;
+pub mod notify;
 pub mod template;
 
 use crate::ingest::Batch;
@@ -73,6 +74,37 @@ pub struct RulesConfig {
         default_value_t = 4 * 1024 * 1024
     )]
     pub max_file_bytes: u64,
+    /// Alertmanagers alerts are sent to (their base URLs, comma-separated:
+    /// `http://alertmanager:9093`), on its v2 API; none: alerts are only shown.
+    #[arg(
+        id = "rules.alertmanager_urls",
+        long = "alertmanager-url",
+        env = "SECUMON_ALERTMANAGER_URL",
+        default_value = "",
+        value_delimiter = ','
+    )]
+    pub alertmanager_urls: Vec<String>,
+    /// Least time between two sends of the same firing or resolved alert (Prometheus's
+    /// `--rules.alert.resend-delay`).
+    #[arg(
+        id = "rules.resend_delay",
+        long = "rules-resend-delay",
+        env = "SECUMON_RULES_RESEND_DELAY",
+        default_value = "1m",
+        value_parser = parse_interval
+    )]
+    #[serde(deserialize_with = "deserialize_interval")]
+    pub resend_delay: std::time::Duration,
+    /// How long one send to an Alertmanager may take.
+    #[arg(
+        id = "rules.alertmanager_timeout",
+        long = "rules-alertmanager-timeout",
+        env = "SECUMON_RULES_ALERTMANAGER_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_interval
+    )]
+    #[serde(deserialize_with = "deserialize_interval")]
+    pub alertmanager_timeout: std::time::Duration,
 }
 
 impl Default for RulesConfig {
@@ -184,7 +216,6 @@ impl LoadedRule {
 }
 
 /// A loaded group.
-#[derive(Debug)]
 pub struct Group {
     pub file: String,
     pub name: String,
@@ -193,6 +224,11 @@ pub struct Group {
     pub tenant: TenantId,
     pub rules: Vec<LoadedRule>,
     pub status: Mutex<GroupStatus>,
+    /// Where alerts go, and how often they are sent again.
+    notifier: Arc<notify::Notifier>,
+    resend_delay_ms: i64,
+    external_url: String,
+    metrics: Arc<crate::telemetry::Metrics>,
     /// ALERTS and ALERTS_FOR_STATE are written once the group has evaluated twice after
     /// the server started, as Prometheus writes them once its `for` state is restored.
     restored: std::sync::atomic::AtomicBool,
@@ -210,6 +246,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Group {
+    /// The `rule_group` label of its metrics: `file;name`, as Prometheus's.
+    fn key(&self) -> crate::telemetry::RuleGroupLabels {
+        crate::telemetry::RuleGroupLabels {
+            rule_group: format!("{};{}", self.file, self.name),
+        }
+    }
+
     /// Prometheus's `Group.hash`: xxhash64 of the labels `file` and `name`.
     fn hash(&self) -> u64 {
         let mut bytes = Vec::new();
@@ -236,6 +279,8 @@ impl Group {
 /// The groups being evaluated, and how to reload them.
 pub struct Manager {
     config: RulesConfig,
+    pub notifier: Arc<notify::Notifier>,
+    metrics: Arc<crate::telemetry::Metrics>,
     groups: Mutex<Vec<Arc<Group>>>,
     /// Serialises reloads.
     reloading: tokio::sync::Mutex<()>,
@@ -247,15 +292,25 @@ pub struct Manager {
 pub struct LoadError(pub String);
 
 impl Manager {
-    pub fn new(config: RulesConfig) -> Result<Manager, String> {
+    pub fn new(
+        config: RulesConfig,
+        metrics: Arc<crate::telemetry::Metrics>,
+    ) -> Result<Manager, String> {
         if !crate::auth::valid_tenant(&config.tenant) {
             return Err(format!(
                 "--rules-tenant {:?} is not a valid tenant id",
                 config.tenant
             ));
         }
+        let notifier = Arc::new(notify::Notifier::new(
+            &config.alertmanager_urls,
+            config.alertmanager_timeout,
+            metrics.clone(),
+        )?);
         Ok(Manager {
             config,
+            notifier,
+            metrics,
             groups: Mutex::new(Vec::new()),
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -354,6 +409,10 @@ impl Manager {
                     tenant: tenant.clone(),
                     rules,
                     status: Mutex::new(GroupStatus::default()),
+                    notifier: self.notifier.clone(),
+                    resend_delay_ms: self.config.resend_delay.as_millis() as i64,
+                    external_url: self.config.external_url.clone(),
+                    metrics: self.metrics.clone(),
                     restored: std::sync::atomic::AtomicBool::new(!first),
                     stop: tokio::sync::watch::channel(false).0,
                 });
@@ -425,6 +484,12 @@ async fn run(group: Arc<Group>, state: Arc<crate::api::AppState>) {
         let behind = (now_ns() - slot) / interval_ns;
         if behind > 0 {
             slot += behind * interval_ns;
+            group
+                .metrics
+                .rules
+                .missed
+                .get_or_create(&group.key())
+                .inc_by(behind as u64);
         }
         evaluate(&group, &state, (slot / 1_000_000) as i64).await;
         evaluations += 1;
@@ -480,6 +545,20 @@ pub async fn evaluate(group: &Group, state: &crate::api::AppState, t: i64) {
         } else {
             eval_recording(rule, &state.engine, group, t).await
         };
+        let key = group.key();
+        group.metrics.rules.evaluations.get_or_create(&key).inc();
+        if result.is_err() {
+            group.metrics.rules.failures.get_or_create(&key).inc();
+        } else if rule.rule.is_alerting() {
+            let due = notify::due(
+                &mut lock(&rule.status).active,
+                t,
+                group.resend_delay_ms,
+                group.interval_ms,
+                &notify::generator_url(&group.external_url, &rule.query),
+            );
+            group.notifier.send(due);
+        }
         let outcome = match result {
             Ok(series) => {
                 let stale = {
@@ -529,6 +608,19 @@ pub async fn evaluate(group: &Group, state: &crate::api::AppState, t: i64) {
     let mut status = lock(&group.status);
     status.evaluation_seconds = started.elapsed().as_secs_f64();
     status.last_evaluation = Some(wall);
+    let key = group.key();
+    group
+        .metrics
+        .rules
+        .last_duration
+        .get_or_create(&key)
+        .set(status.evaluation_seconds);
+    group
+        .metrics
+        .rules
+        .last_evaluation
+        .get_or_create(&key)
+        .set(wall.timestamp_millis() as f64 / 1000.0);
 }
 
 /// The rule's expression at `t` as a vector (a scalar is one series without labels).
@@ -780,6 +872,13 @@ mod tests {
             tenant: TenantId::default(),
             rules: Vec::new(),
             status: Mutex::default(),
+            notifier: Arc::new(
+                notify::Notifier::new(&[], std::time::Duration::from_secs(1), Arc::default())
+                    .unwrap(),
+            ),
+            resend_delay_ms: 60_000,
+            external_url: String::new(),
+            metrics: Arc::default(),
             restored: std::sync::atomic::AtomicBool::new(true),
             stop: tokio::sync::watch::channel(false).0,
         };

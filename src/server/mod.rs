@@ -257,6 +257,7 @@ fn listen_addresses(config: &Config) -> Vec<SocketAddr> {
 /// Binds the HTTP listener and serves in a background task.
 pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
+    let engine_metrics = metrics.clone();
     metrics.observe_storage(storage.as_ref());
     let tls = tls::Tls::load(&config.tls)?;
     let self_monitor_tenant = config
@@ -320,7 +321,8 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         metrics,
         started: chrono::Utc::now(),
         rules: Arc::new(
-            crate::rules::Manager::new(config.rules.clone()).map_err(anyhow::Error::msg)?,
+            crate::rules::Manager::new(config.rules.clone(), engine_metrics.clone())
+                .map_err(anyhow::Error::msg)?,
         ),
     });
     // Rule files that do not load stop the start, as they stop Prometheus's.
@@ -338,6 +340,11 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
         tasks.push(tokio::spawn(tls.clone().watch(stop.clone())));
     }
     tasks.push(tokio::spawn(rules_loop(state.clone(), stop.clone())));
+    let notifier = state.rules.notifier.clone();
+    let notifier_stop = stop.clone();
+    tasks.push(tokio::spawn(
+        async move { notifier.run(notifier_stop).await },
+    ));
     tasks.push(tokio::spawn(live.clone().run(stop.clone())));
     if !config.fleet.nats_url.is_empty() {
         let client = crate::fleet::nats::connect(&config.fleet.nats_url).await?;

@@ -48,6 +48,16 @@ pub struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertmanagerLabels {
+    pub alertmanager: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleGroupLabels {
+    pub rule_group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResolutionLabels {
     pub resolution: &'static str,
 }
@@ -79,6 +89,27 @@ pub struct Metrics {
     pub lifecycle: LifecycleMetrics,
     /// Live-feed WebSocket clients connected now.
     pub live_clients: prometheus_client::metrics::gauge::Gauge,
+    pub rules: RuleMetrics,
+    pub notifications_sent: Family<AlertmanagerLabels, Counter>,
+    pub notification_errors: Family<AlertmanagerLabels, Counter>,
+    pub notifications_dropped: Counter,
+    pub notification_queue: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Rule evaluation, by group (`file;name`, Prometheus's `rule_group` label).
+#[derive(Default)]
+pub struct RuleMetrics {
+    pub evaluations: Family<RuleGroupLabels, Counter>,
+    pub failures: Family<RuleGroupLabels, Counter>,
+    pub missed: Family<RuleGroupLabels, Counter>,
+    pub last_duration: Family<
+        RuleGroupLabels,
+        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    >,
+    pub last_evaluation: Family<
+        RuleGroupLabels,
+        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    >,
 }
 
 /// Progress of a lifecycle the server runs itself (plain PostgreSQL).
@@ -252,6 +283,56 @@ impl Metrics {
         );
         let lifecycle = LifecycleMetrics::default();
         lifecycle.register(registry);
+        let rules = RuleMetrics::default();
+        registry.register(
+            "rule_evaluations",
+            "Rule evaluations, by group",
+            rules.evaluations.clone(),
+        );
+        registry.register(
+            "rule_evaluation_failures",
+            "Rule evaluations that failed, by group (the rule's lastError on /api/v1/rules says why)",
+            rules.failures.clone(),
+        );
+        registry.register(
+            "rule_group_iterations_missed",
+            "Group evaluations skipped because the one before ran past its slot, by group",
+            rules.missed.clone(),
+        );
+        registry.register(
+            "rule_group_last_duration_seconds",
+            "How long the group's last evaluation took",
+            rules.last_duration.clone(),
+        );
+        registry.register(
+            "rule_group_last_evaluation_timestamp_seconds",
+            "When the group was last evaluated",
+            rules.last_evaluation.clone(),
+        );
+        let notifications_sent = Family::<AlertmanagerLabels, Counter>::default();
+        registry.register(
+            "notifications_sent",
+            "Alerts an Alertmanager took, by Alertmanager",
+            notifications_sent.clone(),
+        );
+        let notification_errors = Family::<AlertmanagerLabels, Counter>::default();
+        registry.register(
+            "notification_errors",
+            "Batches of alerts an Alertmanager did not take, by Alertmanager",
+            notification_errors.clone(),
+        );
+        let notifications_dropped = Counter::default();
+        registry.register(
+            "notifications_dropped",
+            "Alerts dropped: the queue was full, or no Alertmanager took them after every attempt",
+            notifications_dropped.clone(),
+        );
+        let notification_queue = gauge();
+        registry.register(
+            "notification_queue_length",
+            "Alerts waiting to be sent",
+            notification_queue.clone(),
+        );
         registry.register(
             "build",
             "The running build: 1, with its version (as prometheus_build_info)",
@@ -261,6 +342,11 @@ impl Metrics {
             )]),
         );
         Metrics {
+            rules,
+            notifications_sent,
+            notification_errors,
+            notifications_dropped,
+            notification_queue,
             live_clients,
             lifecycle,
             registry: root,

@@ -13,6 +13,71 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// A real Alertmanager (Debian's `prometheus-alertmanager`) that routes every alert to a
+/// receiver that does nothing, so its API shows what it was sent.
+struct Alertmanager {
+    base: String,
+    _process: crate::support::process::Managed,
+}
+
+impl Alertmanager {
+    fn start() -> Alertmanager {
+        let binary = find_binary(
+            "prometheus-alertmanager",
+            "apt-get install -y prometheus-alertmanager",
+        );
+        let dir = crate::support::process::temp_dir("secumon-am");
+        let config = dir.join("alertmanager.yml");
+        std::fs::write(
+            &config,
+            "route:\n  receiver: \"null\"\n  group_wait: 0s\nreceivers:\n  - name: \"null\"\n",
+        )
+        .unwrap();
+        let port = crate::support::process::free_port();
+        let mut cmd = Command::new(binary);
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .arg("--log.level=warn");
+        let process = crate::support::process::Managed::spawn("alertmanager", cmd, Some(dir));
+        crate::support::process::wait_for_port(port, Duration::from_secs(30), "alertmanager");
+        Alertmanager {
+            base: format!("http://127.0.0.1:{port}"),
+            _process: process,
+        }
+    }
+
+    /// The alerts it holds, as compared: labels, annotations, start and end, state; the
+    /// generator URL without the sender's own address.
+    async fn alerts(&self, http: &reqwest::Client) -> Vec<Value> {
+        let alerts: Vec<Value> = http
+            .get(format!("{}/api/v2/alerts", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut out: Vec<Value> = alerts
+            .iter()
+            .map(|a| {
+                let url = a["generatorURL"].as_str().unwrap_or("");
+                serde_json::json!({
+                    "labels": a["labels"],
+                    "annotations": a["annotations"],
+                    "startsAt": a["startsAt"],
+                    "endsAt": a["endsAt"],
+                    "state": a["status"]["state"],
+                    "generator": url.find("/graph").map_or(url, |i| &url[i..]),
+                })
+            })
+            .collect();
+        out.sort_by_key(|a| a.to_string());
+        out
+    }
+}
+
 const RULES: &str = r#"groups:
   - name: recording
     interval: 1s
@@ -152,13 +217,18 @@ async fn rules_evaluate_as_prometheus_evaluates_them() {
     let file = dir.join("rules.yml");
     std::fs::write(&file, RULES).unwrap();
     let path = file.display().to_string();
+    let (am_secumon, am_prometheus) = (Alertmanager::start(), Alertmanager::start());
     let secumon = Secumon::start_with(|c| {
         c.rules.files = vec![path.clone()];
         c.rules.evaluation_interval = Duration::from_secs(1);
+        c.rules.alertmanager_urls = vec![am_secumon.base.clone()];
     })
     .await;
     let prometheus = Prometheus::start(|_| {
-        format!("global:\n  evaluation_interval: 1s\nrule_files:\n  - {path}\n")
+        format!(
+            "global:\n  evaluation_interval: 1s\nrule_files:\n  - {path}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"{}\"]\n",
+            am_prometheus.base.trim_start_matches("http://")
+        )
     });
     // Both have evaluated every group several times (ALERTS are written from the third
     // evaluation on, as Prometheus writes them once its `for` state is restored) before the
@@ -210,6 +280,33 @@ async fn rules_evaluate_as_prometheus_evaluates_them() {
         let (_, s) = get_json(&http, &secumon.url(path), &[]).await;
         assert_eq!(normalized(s), normalized(p), "{path}");
     }
+    // Both Alertmanagers were sent the same alerts, at the same times: those that started
+    // firing with the data (Prometheus drops what fires before it has discovered its
+    // Alertmanager, and sends it again only a resend delay later).
+    let since_t0 = |alerts: Vec<Value>| -> Vec<Value> {
+        alerts
+            .into_iter()
+            .filter(|a| {
+                chrono::DateTime::parse_from_rfc3339(a["startsAt"].as_str().unwrap())
+                    .unwrap()
+                    .timestamp_millis()
+                    >= t0
+            })
+            .collect()
+    };
+    let expected = since_t0(am_prometheus.alerts(&http).await);
+    assert!(!expected.is_empty(), "Prometheus sent nothing");
+    let sent = am_secumon.alerts(&http).await;
+    assert!(
+        sent.iter().any(|a| a["labels"]["alertname"] == "Always"),
+        "{sent:#?}"
+    );
+    assert_eq!(since_t0(sent), expected);
+    let metrics = secumon.metrics_text().await;
+    assert!(
+        metrics.contains("secumon_notifications_sent_total{alertmanager="),
+        "{metrics}"
+    );
     let (status, body) = get_json(&http, &secumon.url("/api/v1/rules"), &[("type", "foo")]).await;
     assert_eq!(status, 400);
     assert_eq!(
