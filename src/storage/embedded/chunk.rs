@@ -452,7 +452,7 @@ mod tests {
                 t += (x % 100_000) as i64 + 1;
                 Sample {
                     t,
-                    v: if x % 5 == 0 {
+                    v: if x.is_multiple_of(5) {
                         f64::from_bits(x)
                     } else {
                         (x % 1000) as f64 / 7.0
