@@ -105,6 +105,28 @@ pub struct RulesConfig {
     )]
     #[serde(deserialize_with = "deserialize_interval")]
     pub alertmanager_timeout: std::time::Duration,
+    /// Longest outage of the server after which an alert's `for` state is still restored from
+    /// `ALERTS_FOR_STATE` (Prometheus's `--rules.alert.for-outage-tolerance`).
+    #[arg(
+        id = "rules.for_outage_tolerance",
+        long = "rules-for-outage-tolerance",
+        env = "SECUMON_RULES_FOR_OUTAGE_TOLERANCE",
+        default_value = "1h",
+        value_parser = parse_interval
+    )]
+    #[serde(deserialize_with = "deserialize_interval")]
+    pub for_outage_tolerance: std::time::Duration,
+    /// Least time between a restart and a restored alert firing; only alerts whose `for` is
+    /// longer are restored (Prometheus's `--rules.alert.for-grace-period`).
+    #[arg(
+        id = "rules.for_grace_period",
+        long = "rules-for-grace-period",
+        env = "SECUMON_RULES_FOR_GRACE_PERIOD",
+        default_value = "10m",
+        value_parser = parse_interval
+    )]
+    #[serde(deserialize_with = "deserialize_interval")]
+    pub for_grace_period: std::time::Duration,
 }
 
 impl Default for RulesConfig {
@@ -229,6 +251,9 @@ pub struct Group {
     resend_delay_ms: i64,
     external_url: String,
     metrics: Arc<crate::telemetry::Metrics>,
+    /// `--rules-for-outage-tolerance` and `--rules-for-grace-period`, in ms.
+    outage_tolerance_ms: i64,
+    grace_period_ms: i64,
     /// ALERTS and ALERTS_FOR_STATE are written once the group has evaluated twice after
     /// the server started, as Prometheus writes them once its `for` state is restored.
     restored: std::sync::atomic::AtomicBool,
@@ -413,6 +438,8 @@ impl Manager {
                     resend_delay_ms: self.config.resend_delay.as_millis() as i64,
                     external_url: self.config.external_url.clone(),
                     metrics: self.metrics.clone(),
+                    outage_tolerance_ms: self.config.for_outage_tolerance.as_millis() as i64,
+                    grace_period_ms: self.config.for_grace_period.as_millis() as i64,
                     restored: std::sync::atomic::AtomicBool::new(!first),
                     stop: tokio::sync::watch::channel(false).0,
                 });
@@ -493,12 +520,79 @@ async fn run(group: Arc<Group>, state: Arc<crate::api::AppState>) {
         }
         evaluate(&group, &state, (slot / 1_000_000) as i64).await;
         evaluations += 1;
-        if evaluations == 2 {
+        if evaluations == 2 && !group.restored.load(std::sync::atomic::Ordering::Relaxed) {
+            restore_for_state(&group, &state, chrono::Utc::now().timestamp_millis()).await;
             group
                 .restored
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         slot += interval_ns;
+    }
+}
+
+/// Restores when the alerts of `group` became active from the `ALERTS_FOR_STATE` series
+/// written before the server restarted (`Group.RestoreForState`): an alert that was pending
+/// keeps the time it had spent pending before the outage, one that was firing fires again at
+/// once, and none fires sooner than `--rules-for-grace-period` after the restart. Only alerts
+/// whose `for` is at least the grace period are restored; an outage longer than
+/// `--rules-for-outage-tolerance` restores nothing.
+async fn restore_for_state(group: &Group, state: &crate::api::AppState, now: i64) {
+    for rule in group.rules.iter().filter(|r| r.rule.is_alerting()) {
+        let hold = rule.rule.r#for;
+        if hold < group.grace_period_ms {
+            continue;
+        }
+        let alerts: Vec<(u128, Alert)> = lock(&rule.status)
+            .active
+            .iter()
+            .filter(|(_, a)| a.state != AlertState::Inactive)
+            .map(|(fp, a)| (*fp, a.clone()))
+            .collect();
+        for (fp, alert) in alerts {
+            let [_, for_state] = alert_series(rule, &alert, now);
+            let matchers: Vec<crate::model::Matcher> = for_state
+                .labels
+                .pairs()
+                .map(|(n, v)| crate::model::Matcher::equal(n, v))
+                .collect();
+            let hints = crate::storage::SelectHints {
+                start: now - group.outage_tolerance_ms,
+                end: now,
+                range: group.outage_tolerance_ms,
+                ..Default::default()
+            };
+            let series = match state.storage.select(&group.tenant, &matchers, &hints).await {
+                Ok(series) => series,
+                Err(e) => {
+                    tracing::warn!(rule = %rule.rule.alert, error = %e, "failed to restore 'for' state");
+                    continue;
+                }
+            };
+            // The series with exactly these labels, not one with more.
+            let Some(last) = series
+                .iter()
+                .find(|s| s.labels.len() == matchers.len())
+                .and_then(|s| s.samples.iter().rev().find(|p| p.t <= now))
+            else {
+                continue;
+            };
+            if crate::model::is_stale_nan(last.v) {
+                continue;
+            }
+            let down_at = last.t.div_euclid(1000) * 1000;
+            let mut active_at = last.v as i64 * 1000;
+            let remaining = hold - (down_at - active_at);
+            if remaining <= 0 {
+                // It was firing: it fires again at the next evaluation.
+            } else if remaining < group.grace_period_ms {
+                active_at = now + group.grace_period_ms - hold;
+            } else {
+                active_at += now - down_at;
+            }
+            if let Some(a) = lock(&rule.status).active.get_mut(&fp) {
+                a.active_at = active_at;
+            }
+        }
     }
 }
 
@@ -879,6 +973,8 @@ mod tests {
             resend_delay_ms: 60_000,
             external_url: String::new(),
             metrics: Arc::default(),
+            outage_tolerance_ms: 3_600_000,
+            grace_period_ms: 600_000,
             restored: std::sync::atomic::AtomicBool::new(true),
             stop: tokio::sync::watch::channel(false).0,
         };

@@ -434,3 +434,127 @@ fn secumon_check_rules_agrees_with_promtool() {
         }
     }
 }
+
+const RESTART_RULES: &str = r#"groups:
+  - name: restart
+    interval: 1s
+    rules:
+      - alert: Pending
+        expr: m > 0
+        for: 20s
+      - alert: Firing
+        expr: m > 0
+        for: 5s
+"#;
+
+/// The alerts `/api/v1/alerts` shows, by name: state and when active (ms).
+async fn alerts_by_name(http: &reqwest::Client, base: &str) -> BTreeMap<String, (String, i64)> {
+    let (_, body) = get_json(http, &format!("{base}/api/v1/alerts"), &[]).await;
+    body["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let at = chrono::DateTime::parse_from_rfc3339(a["activeAt"].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis();
+            (
+                a["labels"]["alertname"].as_str().unwrap().to_owned(),
+                (a["state"].as_str().unwrap().to_owned(), at),
+            )
+        })
+        .collect()
+}
+
+/// A restart in the middle of a `for`: after it, the alert that was pending keeps the time it
+/// had spent pending (its activation moves forward by the outage) and the one that was
+/// firing fires again at once, as Prometheus's restore of `ALERTS_FOR_STATE` gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_the_middle_of_a_for_keeps_its_state() {
+    use crate::support::process::{free_port, spawn_secumon};
+    let dir = crate::support::process::temp_dir("secumon-rules-restart");
+    let file = dir.join("rules.yml");
+    std::fs::write(&file, RESTART_RULES).unwrap();
+    let data = dir.join("data").display().to_string();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let rules = file.display().to_string();
+    let args = [
+        "--rules",
+        rules.as_str(),
+        "--rules-evaluation-interval",
+        "1s",
+        "--rules-for-grace-period",
+        "4s",
+    ];
+    let http = reqwest::Client::new();
+    let server = spawn_secumon(&data, port, &args);
+    // `m` is 1 from now on, for longer than the test.
+    let start = now_ms() / 1000 * 1000;
+    let samples: Vec<(i64, f64)> = (0..180).map(|i| (start + i * 1000, 1.0)).collect();
+    let body = crate::support::remote_write::encode(&request(
+        vec![series(&[("__name__", "m")], &samples)],
+        vec![],
+    ));
+    let response = http
+        .post(format!("{base}/api/v1/write"))
+        .header("Content-Encoding", "snappy")
+        .header("Content-Type", "application/x-protobuf")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 204);
+    // Until Firing fires and ALERTS_FOR_STATE has been written a few times.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let alerts = alerts_by_name(&http, &base).await;
+        if alerts.get("Firing").is_some_and(|(s, _)| s == "firing")
+            && alerts
+                .get("Pending")
+                .is_some_and(|(_, at)| now_ms() - at > 8_000)
+        {
+            break alerts;
+        }
+        assert!(std::time::Instant::now() < deadline, "{alerts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(before["Pending"].0, "pending");
+    drop(server);
+    let stopped = now_ms();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let restarted = now_ms();
+    let _server = spawn_secumon(&data, port, &args);
+
+    // After its second evaluation the server restores; by its third both alerts show it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let alerts = alerts_by_name(&http, &base).await;
+        if alerts.get("Firing").is_some_and(|(s, _)| s == "firing") {
+            break alerts;
+        }
+        assert!(std::time::Instant::now() < deadline, "{alerts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let fired_after = now_ms() - restarted;
+    // Restored to its first activation, in whole seconds (as ALERTS_FOR_STATE keeps it),
+    // so it fired at the third evaluation, not `for` (5 s) after the restart.
+    assert_eq!(
+        after["Firing"].1,
+        before["Firing"].1 / 1000 * 1000,
+        "{after:?}"
+    );
+    assert!(
+        fired_after < 5_000,
+        "fired {fired_after} ms after the restart"
+    );
+    // Pending moved forward by the outage: what it had spent pending before is kept.
+    let (state, active_at) = &after["Pending"];
+    assert_eq!(state, "pending");
+    let shift = active_at - before["Pending"].1 / 1000 * 1000;
+    let outage = restarted - stopped;
+    assert!(
+        shift >= outage - 1_000 && shift <= outage + 6_000,
+        "activation moved {shift} ms for an outage of {outage} ms"
+    );
+}
