@@ -46,6 +46,14 @@ fn route_needs(
         "/api/v1/write" | "/v1/opamp" => (Some(Scope::Ingest), Format::RemoteWrite),
         "/api/v1/otlp/v1/metrics" | "/v1/metrics" => (Some(Scope::Ingest), Format::Otlp),
         p if p.starts_with("/api/v1/admin/") => (Some(Scope::Admin), Format::Prometheus),
+        p if p.starts_with("/api/v1/rules/") => {
+            let scope = if method == Method::GET || method == Method::HEAD {
+                Scope::Read
+            } else {
+                Scope::Admin
+            };
+            (Some(scope), Format::Prometheus)
+        }
         // Reads the server's rule files: every tenant's.
         "/-/reload" => (Some(Scope::Operator), Format::Prometheus),
         _ => (Some(Scope::Read), Format::Prometheus),

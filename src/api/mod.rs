@@ -94,6 +94,16 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/v1/status/buildinfo", get(status::buildinfo))
         .route("/api/v1/rules", get(rules::rules).post(rules::rules))
         .route("/api/v1/alerts", get(rules::alerts))
+        .route(
+            "/api/v1/rules/{namespace}",
+            get(rules::get_namespace)
+                .post(rules::set_group)
+                .delete(rules::delete_namespace),
+        )
+        .route(
+            "/api/v1/rules/{namespace}/{group}",
+            get(rules::get_group).delete(rules::delete_group),
+        )
         .route("/-/reload", post(rules::reload).put(rules::reload))
         .route("/api/v1/status/flags", get(status::flags))
         .route("/api/v1/status/runtimeinfo", get(status::runtimeinfo))

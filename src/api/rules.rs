@@ -252,3 +252,222 @@ mod tests {
         assert_eq!(seconds(0.5), json!(0.5));
     }
 }
+
+// The ruler API (Mimir's and Cortex's shape): each tenant's rule groups, by namespace, as
+// Prometheus YAML, stored in the catalog and evaluated like the groups of rule files.
+
+use super::errors::ErrorType;
+use axum::extract::Path;
+
+fn catalog_error(e: crate::catalog::CatalogError) -> ApiError {
+    let id = super::errors::incident_id();
+    tracing::error!(request_id = %id, error = %e, "rule group storage failed");
+    ApiError {
+        kind: match e {
+            crate::catalog::CatalogError::Unavailable(_) => ErrorType::Unavailable,
+            _ => ErrorType::Internal,
+        },
+        message: format!("catalog error (request id {id})"),
+    }
+}
+
+fn not_found(message: &str) -> ApiError {
+    ApiError {
+        kind: ErrorType::NotFound,
+        message: message.to_owned(),
+    }
+}
+
+/// A namespace: 1 to 256 bytes, no `/` (it is a path segment) and no control character.
+fn check_namespace(namespace: &str) -> Result<(), ApiError> {
+    if namespace.is_empty()
+        || namespace.len() > 256
+        || namespace.chars().any(|c| c == '/' || c.is_control())
+    {
+        return Err(ApiError::bad_data(
+            "invalid namespace: 1 to 256 bytes, without '/' or control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn yaml(text: String, status: StatusCode) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/yaml")], text).into_response()
+}
+
+/// `{namespace: [group, ...]}` in YAML.
+fn namespace_yaml(
+    namespace: &str,
+    bodies: &[crate::rules::file::RuleGroup],
+) -> Result<String, ApiError> {
+    let mut map = std::collections::BTreeMap::new();
+    map.insert(namespace.to_owned(), bodies.to_vec());
+    yaml_serde::to_string(&map).map_err(|e| ApiError {
+        kind: ErrorType::Internal,
+        message: e.to_string(),
+    })
+}
+
+async fn stored(
+    state: &SharedState,
+    tenant: &crate::model::TenantId,
+    namespace: &str,
+) -> Result<Vec<crate::rules::file::RuleGroup>, ApiError> {
+    let records = state
+        .auth
+        .catalog()
+        .rule_groups(Some(tenant))
+        .await
+        .map_err(catalog_error)?;
+    Ok(records
+        .iter()
+        .filter(|r| r.namespace == namespace)
+        .filter_map(|r| crate::rules::parse_group(&r.body).ok())
+        .collect())
+}
+
+/// `GET /api/v1/rules/{namespace}`: the namespace's groups.
+pub(super) async fn get_namespace(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path(namespace): Path<String>,
+) -> Result<Response, ApiError> {
+    check_namespace(&namespace)?;
+    let groups = stored(&state, &tenant, &namespace).await?;
+    if groups.is_empty() {
+        return Err(not_found("no rule groups found"));
+    }
+    Ok(yaml(namespace_yaml(&namespace, &groups)?, StatusCode::OK))
+}
+
+/// `GET /api/v1/rules/{namespace}/{group}`: one group.
+pub(super) async fn get_group(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_namespace(&namespace)?;
+    let group = stored(&state, &tenant, &namespace)
+        .await?
+        .into_iter()
+        .find(|g| g.name == name)
+        .ok_or_else(|| not_found("group does not exist"))?;
+    let text = yaml_serde::to_string(&group).map_err(|e| ApiError {
+        kind: ErrorType::Internal,
+        message: e.to_string(),
+    })?;
+    Ok(yaml(text, StatusCode::OK))
+}
+
+fn accepted() -> Response {
+    (
+        StatusCode::ACCEPTED,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"status": "success", "data": null, "errorType": "", "error": ""}).to_string(),
+    )
+        .into_response()
+}
+
+/// Evaluation follows a change at once; a reload that fails leaves the groups running.
+async fn apply(state: &SharedState) {
+    if let Err(e) = state.rules.reload(state, false).await {
+        tracing::error!(error = %e, "rule groups not reloaded after a ruler API change");
+    }
+}
+
+/// `POST /api/v1/rules/{namespace}`: stores the group in the body (YAML), replacing the one
+/// of the same name; 202 once stored.
+pub(super) async fn set_group(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path(namespace): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_namespace(&namespace)?;
+    let limits = state.rules.config();
+    if body.len() as u64 > limits.max_file_bytes {
+        return Err(ApiError::bad_data(format!(
+            "rule group larger than --rules-max-file-bytes ({} bytes)",
+            limits.max_file_bytes
+        )));
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_data("the rule group is not UTF-8"))?;
+    let group = crate::rules::parse_group(text).map_err(|e| ApiError::bad_data(e.to_string()))?;
+    if group.rules.len() > limits.max_rules_per_group {
+        return Err(ApiError::bad_data(format!(
+            "per-user rules per rule group limit (limit: {}) exceeded",
+            limits.max_rules_per_group
+        )));
+    }
+    let catalog = state.auth.catalog();
+    let existing = catalog
+        .rule_groups(Some(&tenant))
+        .await
+        .map_err(catalog_error)?;
+    let replaces = existing
+        .iter()
+        .any(|r| r.namespace == namespace && r.name == group.name);
+    if !replaces && existing.len() >= limits.max_groups_per_tenant {
+        return Err(ApiError::bad_data(format!(
+            "per-user rule groups limit (limit: {}) exceeded",
+            limits.max_groups_per_tenant
+        )));
+    }
+    let body = yaml_serde::to_string(&group).map_err(|e| ApiError {
+        kind: ErrorType::Internal,
+        message: e.to_string(),
+    })?;
+    catalog
+        .put_rule_group(&crate::catalog::rules::RuleGroupRecord {
+            tenant,
+            namespace,
+            name: group.name.clone(),
+            body,
+            updated_at: chrono::Utc::now().timestamp_millis(),
+        })
+        .await
+        .map_err(catalog_error)?;
+    apply(&state).await;
+    Ok(accepted())
+}
+
+/// `DELETE /api/v1/rules/{namespace}`: every group of the namespace.
+pub(super) async fn delete_namespace(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path(namespace): Path<String>,
+) -> Result<Response, ApiError> {
+    check_namespace(&namespace)?;
+    let deleted = state
+        .auth
+        .catalog()
+        .delete_rule_groups(&tenant, &namespace, None)
+        .await
+        .map_err(catalog_error)?;
+    if deleted == 0 {
+        return Err(not_found("no rule groups found"));
+    }
+    apply(&state).await;
+    Ok(accepted())
+}
+
+/// `DELETE /api/v1/rules/{namespace}/{group}`: one group.
+pub(super) async fn delete_group(
+    State(state): State<SharedState>,
+    Tenant(tenant): Tenant,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_namespace(&namespace)?;
+    let deleted = state
+        .auth
+        .catalog()
+        .delete_rule_groups(&tenant, &namespace, Some(&name))
+        .await
+        .map_err(catalog_error)?;
+    if deleted == 0 {
+        return Err(not_found("group does not exist"));
+    }
+    apply(&state).await;
+    Ok(accepted())
+}

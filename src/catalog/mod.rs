@@ -9,6 +9,7 @@
 
 pub mod agents;
 mod postgres;
+pub mod rules;
 mod sqlite;
 
 pub use agents::{
@@ -140,7 +141,7 @@ pub trait Agents: Send + Sync {
 }
 
 #[async_trait]
-pub trait Catalog: Agents + Send + Sync + 'static {
+pub trait Catalog: Agents + rules::RuleGroups + Send + Sync + 'static {
     /// Stores a new token.
     async fn insert_token(&self, token: &TokenRecord) -> CatalogResult<()>;
 

@@ -8,7 +8,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
 
 pub struct PostgresCatalog {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl PostgresCatalog {

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub struct SqliteCatalog {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
 }
 
 /// How long a statement waits for another process's write to finish.

@@ -127,6 +127,24 @@ pub struct RulesConfig {
     )]
     #[serde(deserialize_with = "deserialize_interval")]
     pub for_grace_period: std::time::Duration,
+    /// Most rule groups a tenant may store over the ruler API (Mimir's
+    /// `ruler_max_rule_groups_per_tenant`).
+    #[arg(
+        id = "rules.max_groups_per_tenant",
+        long = "rules-max-groups-per-tenant",
+        env = "SECUMON_RULES_MAX_GROUPS_PER_TENANT",
+        default_value_t = 70
+    )]
+    pub max_groups_per_tenant: usize,
+    /// Most rules in a group stored over the ruler API (Mimir's
+    /// `ruler_max_rules_per_rule_group`).
+    #[arg(
+        id = "rules.max_rules_per_group",
+        long = "rules-max-rules-per-group",
+        env = "SECUMON_RULES_MAX_RULES_PER_GROUP",
+        default_value_t = 20
+    )]
+    pub max_rules_per_group: usize,
 }
 
 impl Default for RulesConfig {
@@ -387,15 +405,42 @@ impl Manager {
             return Err(LoadError(errors.join("; ")));
         }
         let tenant = TenantId::new(self.config.tenant.as_str());
+        let mut sources: Vec<(TenantId, String, file::RuleGroups)> = parsed
+            .into_iter()
+            .map(|(path, groups)| (tenant.clone(), path, groups))
+            .collect();
+        // Groups stored over the ruler API: each tenant's, its namespace as their file. They
+        // were checked when stored; one that no longer reads is left out, not the others.
+        let stored = state
+            .auth
+            .catalog()
+            .rule_groups(None)
+            .await
+            .map_err(|e| LoadError(format!("cannot read the stored rule groups: {e}")))?;
+        for record in stored {
+            match parse_group(&record.body) {
+                Ok(group) => sources.push((
+                    record.tenant,
+                    record.namespace,
+                    file::RuleGroups {
+                        groups: vec![group],
+                    },
+                )),
+                Err(e) => {
+                    tracing::error!(tenant = %record.tenant, namespace = %record.namespace, group = %record.name, error = %e, "a stored rule group does not load")
+                }
+            }
+        }
         let default_interval = self.config.evaluation_interval.as_millis() as i64;
         let old = self.groups();
         let mut new_groups = Vec::new();
         let mut started = Vec::new();
-        for (path, groups) in parsed {
+        for (tenant, path, groups) in sources {
             for g in groups.groups {
                 let interval_ms = g.interval.filter(|i| *i > 0).unwrap_or(default_interval);
                 let same = old.iter().find(|o| {
-                    o.file == path
+                    o.tenant == tenant
+                        && o.file == path
                         && o.name == g.name
                         && o.interval_ms == interval_ms
                         && o.limit == g.limit
@@ -447,7 +492,8 @@ impl Manager {
                 new_groups.push(group);
             }
         }
-        new_groups.sort_by(|a, b| (&a.file, &a.name).cmp(&(&b.file, &b.name)));
+        new_groups
+            .sort_by(|a, b| (&a.tenant, &a.file, &a.name).cmp(&(&b.tenant, &b.file, &b.name)));
         for gone in old
             .iter()
             .filter(|o| !new_groups.iter().any(|n| Arc::ptr_eq(n, o)))
@@ -467,6 +513,26 @@ impl Manager {
         for group in lock(&self.groups).drain(..) {
             let _ = group.stop.send(true);
         }
+    }
+}
+
+/// One group in Prometheus's YAML (a ruler API body), checked as a file's groups are.
+pub fn parse_group(text: &str) -> Result<file::RuleGroup, file::Invalid> {
+    let group: file::RuleGroup =
+        yaml_serde::from_str(text).map_err(|e| file::Invalid(vec![e.to_string()]))?;
+    let wrapped = file::RuleGroups {
+        groups: vec![group],
+    };
+    let errors = file::validate(&wrapped);
+    if !errors.is_empty() {
+        return Err(file::Invalid(errors));
+    }
+    Ok(wrapped.groups.into_iter().next().expect("one group"))
+}
+
+impl Manager {
+    pub fn config(&self) -> &RulesConfig {
+        &self.config
     }
 }
 

@@ -558,3 +558,126 @@ async fn a_restart_in_the_middle_of_a_for_keeps_its_state() {
         "activation moved {shift} ms for an outage of {outage} ms"
     );
 }
+
+/// The ruler API: each tenant stores, reads and deletes its own groups, which are evaluated in
+/// its tenant only; bad groups and groups past the limits are refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ruler_api_manages_each_tenant_s_groups() {
+    let (s, catalog) = crate::auth::start(crate::support::Backend::of_run(), |c| {
+        c.rules.max_rules_per_group = 2;
+    })
+    .await;
+    let t1 = crate::auth::mint(&catalog, "t1", "read,admin", None).await;
+    let t2 = crate::auth::mint(&catalog, "t2", "read,admin", None).await;
+    let reader = crate::auth::mint(&catalog, "t1", "read", None).await;
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, token: &str, body: &str| {
+        http.request(method, s.url(path))
+            .bearer_auth(token)
+            .body(body.to_owned())
+            .send()
+    };
+    let group = "name: g\ninterval: 1s\nrules:\n  - record: t1:one\n    expr: vector(1)\n    labels:\n      from: ruler\n";
+    let r = call(reqwest::Method::POST, "/api/v1/rules/ns1", &t1, group)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+    // A read-only token cannot write.
+    let r = call(reqwest::Method::POST, "/api/v1/rules/ns1", &reader, group)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+
+    let r = call(reqwest::Method::GET, "/api/v1/rules/ns1", &t1, "")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.starts_with("ns1:\n") && text.contains("record: t1:one"),
+        "{text}"
+    );
+    let r = call(reqwest::Method::GET, "/api/v1/rules/ns1/g", &t1, "")
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().starts_with("name: g\n"));
+    // Another tenant sees none of it.
+    let r = call(reqwest::Method::GET, "/api/v1/rules/ns1", &t2, "")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+
+    // Evaluated in its tenant, shown on its /api/v1/rules with the namespace as the file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let body: Value = call(reqwest::Method::GET, "/api/v1/query?query=t1:one", &t1, "")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["data"]["result"]
+            .as_array()
+            .is_some_and(|r| r.len() == 1)
+        {
+            assert_eq!(body["data"]["result"][0]["metric"]["from"], "ruler");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let other: Value = call(reqwest::Method::GET, "/api/v1/query?query=t1:one", &t2, "")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(other["data"]["result"], serde_json::json!([]));
+    let rules: Value = call(reqwest::Method::GET, "/api/v1/rules", &t1, "")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rules["data"]["groups"][0]["file"], "ns1");
+    assert_eq!(rules["data"]["groups"][0]["rules"][0]["health"], "ok");
+    let rules: Value = call(reqwest::Method::GET, "/api/v1/rules", &t2, "")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rules["data"]["groups"], serde_json::json!([]));
+
+    // Refused with the reason: a bad expression, too many rules, a bad namespace.
+    for (path, body, reason) in [
+        ("/api/v1/rules/ns1", "name: bad\nrules:\n  - record: x\n    expr: sum(\n", "could not parse expression"),
+        (
+            "/api/v1/rules/ns1",
+            "name: big\nrules:\n  - record: a\n    expr: up\n  - record: b\n    expr: up\n  - record: c\n    expr: up\n",
+            "rules per rule group limit (limit: 2)",
+        ),
+        ("/api/v1/rules/ns1", "name: x\nrules: []\nunknown: 1\n", "unknown field `unknown`"),
+    ] {
+        let r = call(reqwest::Method::POST, path, &t1, body).await.unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        let error: Value = r.json().await.unwrap();
+        assert!(error["error"].as_str().unwrap().contains(reason), "{error}");
+    }
+
+    let r = call(reqwest::Method::DELETE, "/api/v1/rules/ns1/g", &t1, "")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let r = call(reqwest::Method::DELETE, "/api/v1/rules/ns1/g", &t1, "")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let rules: Value = call(reqwest::Method::GET, "/api/v1/rules", &t1, "")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rules["data"]["groups"], serde_json::json!([]));
+}
