@@ -3,12 +3,12 @@
 //! `POST /-/reload`, which reads the rule files again.
 
 use super::auth::Tenant;
-use super::errors::ApiError;
+use super::errors::{ApiError, ErrorType};
 use super::params::Params;
 use super::SharedState;
 use crate::rules::{Alert, AlertState, Group, LoadedRule};
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
@@ -231,33 +231,8 @@ pub(super) async fn reload(State(state): State<SharedState>) -> Response {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_and_times_print_as_go_prints_them() {
-        assert_eq!(go_exponent(42.5), "4.25e+01");
-        assert_eq!(go_exponent(1.0), "1e+00");
-        assert_eq!(go_exponent(1.187999963760376), "1.187999963760376e+00");
-        assert_eq!(go_exponent(0.000125), "1.25e-04");
-        assert_eq!(go_exponent(f64::NAN), "NaN");
-        assert_eq!(go_exponent(f64::INFINITY), "+Inf");
-        assert_eq!(go_time(None), json!("0001-01-01T00:00:00Z"));
-        assert_eq!(
-            go_time(chrono::DateTime::from_timestamp(1_796_512_841, 189_553_340)),
-            json!("2026-12-05T23:20:41.18955334Z")
-        );
-        assert_eq!(seconds(10.0), json!(10));
-        assert_eq!(seconds(0.5), json!(0.5));
-    }
-}
-
 // The ruler API (Mimir's and Cortex's shape): each tenant's rule groups, by namespace, as
 // Prometheus YAML, stored in the catalog and evaluated like the groups of rule files.
-
-use super::errors::ErrorType;
-use axum::extract::Path;
 
 fn catalog_error(e: crate::catalog::CatalogError) -> ApiError {
     let id = super::errors::incident_id();
@@ -470,4 +445,26 @@ pub(super) async fn delete_group(
     }
     apply(&state).await;
     Ok(accepted())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_and_times_print_as_go_prints_them() {
+        assert_eq!(go_exponent(42.5), "4.25e+01");
+        assert_eq!(go_exponent(1.0), "1e+00");
+        assert_eq!(go_exponent(1.187999963760376), "1.187999963760376e+00");
+        assert_eq!(go_exponent(0.000125), "1.25e-04");
+        assert_eq!(go_exponent(f64::NAN), "NaN");
+        assert_eq!(go_exponent(f64::INFINITY), "+Inf");
+        assert_eq!(go_time(None), json!("0001-01-01T00:00:00Z"));
+        assert_eq!(
+            go_time(chrono::DateTime::from_timestamp(1_796_512_841, 189_553_340)),
+            json!("2026-12-05T23:20:41.18955334Z")
+        );
+        assert_eq!(seconds(10.0), json!(10));
+        assert_eq!(seconds(0.5), json!(0.5));
+    }
 }
