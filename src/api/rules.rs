@@ -133,7 +133,7 @@ fn rule_json(rule: &LoadedRule) -> Value {
     if let Some(e) = last_error {
         out.insert("lastError".into(), json!(e));
     }
-    out.insert("evaluationTime".into(), json!(evaluation));
+    out.insert("evaluationTime".into(), seconds(evaluation));
     out.insert("lastEvaluation".into(), go_time(last));
     out.insert(
         "type".into(),
@@ -154,7 +154,7 @@ fn group_json(group: &Group, rules: Vec<Value>) -> Value {
         "rules": rules,
         "interval": seconds(group.interval_ms as f64 / 1000.0),
         "limit": group.limit,
-        "evaluationTime": status.evaluation_seconds,
+        "evaluationTime": seconds(status.evaluation_seconds),
         "lastEvaluation": go_time(status.last_evaluation),
     })
 }
@@ -369,6 +369,15 @@ pub(super) async fn set_group(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_data("the rule group is not UTF-8"))?;
     let group = crate::rules::parse_group(text).map_err(|e| ApiError::bad_data(e.to_string()))?;
+    if group
+        .interval
+        .is_some_and(|i| i < limits.min_interval.as_millis() as i64)
+    {
+        return Err(ApiError::bad_data(format!(
+            "interval below --rules-min-interval ({})",
+            crate::rules::file::format_duration(limits.min_interval.as_millis() as i64)
+        )));
+    }
     if group.rules.len() > limits.max_rules_per_group {
         return Err(ApiError::bad_data(format!(
             "per-user rules per rule group limit (limit: {}) exceeded",

@@ -111,10 +111,22 @@ mod duration_opt {
     }
 }
 
+/// The longest rule expression, in bytes, and its deepest nesting: the bounds of the query
+/// API's defaults (`--query-max-length-bytes`, `--query-max-depth`), checked on the text before
+/// the parser recurses, so no rule can exhaust the parser's stack.
+pub const MAX_EXPR_BYTES: usize = 65_536;
+pub const MAX_EXPR_DEPTH: usize = 200;
+/// The longest duration Prometheus takes (`model.ParseDuration`: what fits in nanoseconds).
+const MAX_DURATION_MS: i64 = i64::MAX / 1_000_000;
+
 /// A duration as Prometheus's `model.ParseDuration` takes it.
 pub fn parse_duration(text: &str) -> Result<i64, String> {
-    crate::api::params::parse_prometheus_duration(text)
-        .ok_or_else(|| format!("not a valid duration string: {text:?}"))
+    let ms = crate::api::params::parse_prometheus_duration(text)
+        .ok_or_else(|| format!("not a valid duration string: {text:?}"))?;
+    if ms > MAX_DURATION_MS {
+        return Err("duration out of range".into());
+    }
+    Ok(ms)
 }
 
 /// A duration as Prometheus's `model.Duration.String` writes it: `1h30m`, `90s` is `1m30s`,
@@ -208,7 +220,13 @@ fn validate_rule(rule: &Rule) -> Vec<String> {
     }
     if rule.expr.is_empty() {
         errors.push("field 'expr' must be set in rule".into());
-    } else if let Err(e) = crate::promql::parse(&rule.expr) {
+    } else if let Err(e) = crate::promql::limits::check_text(
+        &rule.expr,
+        MAX_EXPR_BYTES,
+        crate::promql::limits::MAX_DEPTH_CEILING.min(MAX_EXPR_DEPTH),
+    )
+    .and_then(|()| crate::promql::parse(&rule.expr))
+    {
         errors.push(format!("could not parse expression: {e}"));
     }
     if !rule.record.is_empty() {

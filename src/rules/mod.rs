@@ -127,6 +127,17 @@ pub struct RulesConfig {
     )]
     #[serde(deserialize_with = "deserialize_interval")]
     pub for_grace_period: std::time::Duration,
+    /// Shortest evaluation interval of a group stored over the ruler API; a shorter one is
+    /// refused (files, the operator's, may use any).
+    #[arg(
+        id = "rules.min_interval",
+        long = "rules-min-interval",
+        env = "SECUMON_RULES_MIN_INTERVAL",
+        default_value = "10s",
+        value_parser = parse_interval
+    )]
+    #[serde(deserialize_with = "deserialize_interval")]
+    pub min_interval: std::time::Duration,
     /// Most rule groups a tenant may store over the ruler API (Mimir's
     /// `ruler_max_rule_groups_per_tenant`).
     #[arg(
@@ -255,6 +266,19 @@ impl LoadedRule {
     }
 }
 
+/// Why a group's evaluation ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// A reload dropped it: what it wrote is marked stale two intervals later, as Prometheus
+    /// marks it.
+    Removed,
+    /// A reload changed it: the new group carries its state on.
+    Replaced,
+    /// The server stops: nothing is marked stale, so a restart restores the alerts' state.
+    Shutdown,
+}
+
 /// A loaded group.
 pub struct Group {
     pub file: String,
@@ -275,7 +299,12 @@ pub struct Group {
     /// ALERTS and ALERTS_FOR_STATE are written once the group has evaluated twice after
     /// the server started, as Prometheus writes them once its `for` state is restored.
     restored: std::sync::atomic::AtomicBool,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<Stop>,
+    /// Stored over the ruler API (a tenant's), not read from a file (the operator's).
+    pub from_api: bool,
+    /// Series of rules a reload removed from the group, marked stale after its first
+    /// evaluation (Prometheus's `staleSeries`).
+    stale: Mutex<Vec<Labels>>,
 }
 
 #[derive(Debug, Default)]
@@ -292,8 +321,20 @@ impl Group {
     /// The `rule_group` label of its metrics: `file;name`, as Prometheus's.
     fn key(&self) -> crate::telemetry::RuleGroupLabels {
         crate::telemetry::RuleGroupLabels {
+            tenant: self.tenant.to_string(),
             rule_group: format!("{};{}", self.file, self.name),
         }
+    }
+
+    /// Drops the group's series from `/metrics`.
+    fn forget_metrics(&self) {
+        let key = self.key();
+        let rules = &self.metrics.rules;
+        rules.evaluations.remove(&key);
+        rules.failures.remove(&key);
+        rules.missed.remove(&key);
+        rules.last_duration.remove(&key);
+        rules.last_evaluation.remove(&key);
     }
 
     /// Prometheus's `Group.hash`: xxhash64 of the labels `file` and `name`.
@@ -322,6 +363,8 @@ impl Group {
 /// The groups being evaluated, and how to reload them.
 pub struct Manager {
     config: RulesConfig,
+    /// Set at shutdown: reloads then do nothing.
+    stopping: std::sync::atomic::AtomicBool,
     pub notifier: Arc<notify::Notifier>,
     metrics: Arc<crate::telemetry::Metrics>,
     groups: Mutex<Vec<Arc<Group>>>,
@@ -339,6 +382,7 @@ impl Manager {
         config: RulesConfig,
         metrics: Arc<crate::telemetry::Metrics>,
     ) -> Result<Manager, String> {
+        let stopping = std::sync::atomic::AtomicBool::new(false);
         if !crate::auth::valid_tenant(&config.tenant) {
             return Err(format!(
                 "--rules-tenant {:?} is not a valid tenant id",
@@ -354,6 +398,7 @@ impl Manager {
             config,
             notifier,
             metrics,
+            stopping,
             groups: Mutex::new(Vec::new()),
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -389,6 +434,9 @@ impl Manager {
         first: bool,
     ) -> Result<usize, LoadError> {
         let _one = self.reloading.lock().await;
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LoadError("the server is stopping".into()));
+        }
         let files = self.files().map_err(LoadError)?;
         let mut parsed = Vec::new();
         let mut errors = Vec::new();
@@ -405,9 +453,9 @@ impl Manager {
             return Err(LoadError(errors.join("; ")));
         }
         let tenant = TenantId::new(self.config.tenant.as_str());
-        let mut sources: Vec<(TenantId, String, file::RuleGroups)> = parsed
+        let mut sources: Vec<(TenantId, String, file::RuleGroups, bool)> = parsed
             .into_iter()
-            .map(|(path, groups)| (tenant.clone(), path, groups))
+            .map(|(path, groups)| (tenant.clone(), path, groups, false))
             .collect();
         // Groups stored over the ruler API: each tenant's, its namespace as their file. They
         // were checked when stored; one that no longer reads is left out, not the others.
@@ -425,6 +473,7 @@ impl Manager {
                     file::RuleGroups {
                         groups: vec![group],
                     },
+                    true,
                 )),
                 Err(e) => {
                     tracing::error!(tenant = %record.tenant, namespace = %record.namespace, group = %record.name, error = %e, "a stored rule group does not load")
@@ -435,11 +484,17 @@ impl Manager {
         let old = self.groups();
         let mut new_groups = Vec::new();
         let mut started = Vec::new();
-        for (tenant, path, groups) in sources {
+        let mut replaced: Vec<Arc<Group>> = Vec::new();
+        let min_api_interval = self.config.min_interval.as_millis() as i64;
+        for (tenant, path, groups, from_api) in sources {
             for g in groups.groups {
-                let interval_ms = g.interval.filter(|i| *i > 0).unwrap_or(default_interval);
+                let mut interval_ms = g.interval.filter(|i| *i > 0).unwrap_or(default_interval);
+                if from_api {
+                    interval_ms = interval_ms.max(min_api_interval);
+                }
                 let same = old.iter().find(|o| {
                     o.tenant == tenant
+                        && o.from_api == from_api
                         && o.file == path
                         && o.name == g.name
                         && o.interval_ms == interval_ms
@@ -447,7 +502,10 @@ impl Manager {
                         && o.rules.iter().map(|r| &r.rule).eq(g.rules.iter())
                 });
                 if let Some(same) = same {
-                    new_groups.push(same.clone());
+                    // Each group once, even where a ruler namespace repeats a file's path.
+                    if !new_groups.iter().any(|n: &Arc<Group>| Arc::ptr_eq(n, same)) {
+                        new_groups.push(same.clone());
+                    }
                     continue;
                 }
                 let rules = g
@@ -486,8 +544,20 @@ impl Manager {
                     outage_tolerance_ms: self.config.for_outage_tolerance.as_millis() as i64,
                     grace_period_ms: self.config.for_grace_period.as_millis() as i64,
                     restored: std::sync::atomic::AtomicBool::new(!first),
-                    stop: tokio::sync::watch::channel(false).0,
+                    stop: tokio::sync::watch::channel(Stop::Running).0,
+                    from_api,
+                    stale: Mutex::new(Vec::new()),
                 });
+                // A changed group keeps the state of the one it replaces.
+                if let Some(before) = old.iter().find(|o| {
+                    o.tenant == group.tenant
+                        && o.from_api == group.from_api
+                        && o.file == group.file
+                        && o.name == group.name
+                }) {
+                    copy_state(before, &group);
+                    replaced.push(before.clone());
+                }
                 started.push(group.clone());
                 new_groups.push(group);
             }
@@ -498,7 +568,12 @@ impl Manager {
             .iter()
             .filter(|o| !new_groups.iter().any(|n| Arc::ptr_eq(n, o)))
         {
-            let _ = gone.stop.send(true);
+            let reason = if replaced.iter().any(|r| Arc::ptr_eq(r, gone)) {
+                Stop::Replaced
+            } else {
+                Stop::Removed
+            };
+            let _ = gone.stop.send(reason);
         }
         let count = new_groups.len();
         *lock(&self.groups) = new_groups;
@@ -508,12 +583,47 @@ impl Manager {
         Ok(count)
     }
 
-    /// Stops every group.
+    /// Stops every group, for good: a reload after this loads nothing.
     pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for group in lock(&self.groups).drain(..) {
-            let _ = group.stop.send(true);
+            let _ = group.stop.send(Stop::Shutdown);
         }
     }
+}
+
+/// Carries the state of `before` on to `after`, its new version (`Group.CopyState`): each rule
+/// takes the alerts and written series of the rule of the same name and labels (in order);
+/// the series of rules that are gone are marked stale after `after`'s first evaluation.
+fn copy_state(before: &Group, after: &Group) {
+    let mut taken = vec![false; before.rules.len()];
+    for rule in &after.rules {
+        let found = before.rules.iter().enumerate().find(|(i, old)| {
+            !taken[*i] && old.rule.name() == rule.rule.name() && old.rule.labels == rule.rule.labels
+        });
+        if let Some((i, old)) = found {
+            taken[i] = true;
+            let mut from = lock(&old.status);
+            let mut to = lock(&rule.status);
+            to.previous = std::mem::take(&mut from.previous);
+            to.active = std::mem::take(&mut from.active);
+        }
+    }
+    let mut stale = lock(&after.stale);
+    for (i, old) in before.rules.iter().enumerate() {
+        if !taken[i] {
+            stale.extend(lock(&old.status).previous.values().cloned());
+        }
+    }
+    let (evaluation_seconds, last_evaluation) = {
+        let status = lock(&before.status);
+        (status.evaluation_seconds, status.last_evaluation)
+    };
+    *lock(&after.status) = GroupStatus {
+        evaluation_seconds,
+        last_evaluation,
+    };
 }
 
 /// One group in Prometheus's YAML (a ruler API body), checked as a file's groups are.
@@ -567,10 +677,22 @@ async fn run(group: Arc<Group>, state: Arc<crate::api::AppState>) {
         let wait = (slot - now_ns()).max(0) as u64;
         let stopped = tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_nanos(wait)) => false,
-            _ = stop.wait_for(|s| *s) => true,
+            _ = stop.wait_for(|s| *s != Stop::Running) => true,
         };
         if stopped {
-            mark_gone_stale(&group, &state, now_ns()).await;
+            let reason = *stop.borrow();
+            if reason == Stop::Removed {
+                // Two intervals later, unless the server stops first.
+                let wait = std::time::Duration::from_millis(2 * group.interval_ms as u64);
+                let shutdown = tokio::select! {
+                    _ = tokio::time::sleep(wait) => false,
+                    _ = stop.wait_for(|s| *s == Stop::Shutdown) => true,
+                };
+                if !shutdown {
+                    mark_gone_stale(&group, &state, now_ns()).await;
+                }
+                group.forget_metrics();
+            }
             return;
         }
         // Slots missed while the previous evaluation ran are skipped, not caught up.
@@ -586,6 +708,17 @@ async fn run(group: Arc<Group>, state: Arc<crate::api::AppState>) {
         }
         evaluate(&group, &state, (slot / 1_000_000) as i64).await;
         evaluations += 1;
+        let stale: Vec<SeriesWrite> = std::mem::take(&mut *lock(&group.stale))
+            .into_iter()
+            .map(|labels| SeriesWrite {
+                labels,
+                samples: vec![Sample {
+                    t: (slot / 1_000_000) as i64,
+                    v: f64::from_bits(STALE_NAN_BITS),
+                }],
+            })
+            .collect();
+        write(&state, &group.tenant, &stale).await;
         if evaluations == 2 && !group.restored.load(std::sync::atomic::Ordering::Relaxed) {
             restore_for_state(&group, &state, chrono::Utc::now().timestamp_millis()).await;
             group
@@ -642,7 +775,8 @@ async fn restore_for_state(group: &Group, state: &crate::api::AppState, now: i64
             else {
                 continue;
             };
-            if crate::model::is_stale_nan(last.v) {
+            // A value no evaluation writes (one remote-written by hand) restores nothing.
+            if crate::model::is_stale_nan(last.v) || !(0.0..=1e12).contains(&last.v) {
                 continue;
             }
             let down_at = last.t.div_euclid(1000) * 1000;
@@ -709,7 +843,9 @@ pub async fn evaluate(group: &Group, state: &crate::api::AppState, t: i64) {
         group.metrics.rules.evaluations.get_or_create(&key).inc();
         if result.is_err() {
             group.metrics.rules.failures.get_or_create(&key).inc();
-        } else if rule.rule.is_alerting() {
+        } else if rule.rule.is_alerting() && !group.from_api {
+            // A tenant's alerts (ruler API) are shown, not sent: the Alertmanagers of
+            // --alertmanager-url are the operator's (docs/alerting.md).
             let due = notify::due(
                 &mut lock(&rule.status).active,
                 t,
@@ -884,7 +1020,7 @@ async fn eval_alerting(
         let data = template::AlertData {
             labels: &series_map,
             external_labels: &no_labels,
-            external_url: "",
+            external_url: &group.external_url,
             value,
         };
         let expanded = rule
@@ -1042,7 +1178,9 @@ mod tests {
             outage_tolerance_ms: 3_600_000,
             grace_period_ms: 600_000,
             restored: std::sync::atomic::AtomicBool::new(true),
-            stop: tokio::sync::watch::channel(false).0,
+            stop: tokio::sync::watch::channel(Stop::Running).0,
+            from_api: false,
+            stale: Mutex::default(),
         };
         assert_eq!(group.hash() % 10_000_000_000, 1_188_674_269);
         let now = 1_796_512_805_000_000_000i128;

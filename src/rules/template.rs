@@ -16,6 +16,28 @@ const DEFS: &str = "{{$labels := .Labels}}{{$externalLabels := .ExternalLabels}}
 /// The function appended to every printing action: prints a value as Go's `fmt.Print`.
 const PRINT: &str = "__secumon_print";
 
+/// The most bytes one expansion may write, and `{{range}}` iterations it may run: a template
+/// (which a tenant may write over the ruler API) cannot take more than this of memory or CPU.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+pub const MAX_RANGE_ITERATIONS: u64 = 1_000;
+
+/// A `fmt::Write` that refuses to grow past [`MAX_OUTPUT_BYTES`].
+struct Bounded {
+    out: String,
+    overflowed: bool,
+}
+
+impl std::fmt::Write for Bounded {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.out.len() + s.len() > MAX_OUTPUT_BYTES {
+            self.overflowed = true;
+            return Err(std::fmt::Error);
+        }
+        self.out.push_str(s);
+        Ok(())
+    }
+}
+
 /// What an alert template sees.
 pub struct AlertData<'a> {
     pub labels: &'a BTreeMap<String, String>,
@@ -50,9 +72,18 @@ pub fn expand(rule: &str, text: &str, data: &AlertData<'_>) -> String {
             Value::String(Arc::from(data.external_url)),
         );
         root.insert(Arc::from("Value"), Value::Float(data.value));
-        template
-            .execute_template_to_string(&name, &Value::Map(Arc::new(root)))
-            .map_err(|e| format!("error executing template {name}: {e}"))
+        let mut out = Bounded {
+            out: String::new(),
+            overflowed: false,
+        };
+        let result = template.execute_template_fmt(&mut out, &name, &Value::Map(Arc::new(root)));
+        match result {
+            Ok(()) => Ok(out.out),
+            Err(_) if out.overflowed => Err(format!(
+                "error executing template {name}: output longer than {MAX_OUTPUT_BYTES} bytes"
+            )),
+            Err(e) => Err(format!("error executing template {name}: {e}")),
+        }
     };
     run().unwrap_or_else(|e| format!("<error expanding template: {e}>"))
 }
@@ -62,6 +93,7 @@ pub fn expand(rule: &str, text: &str, data: &AlertData<'_>) -> String {
 fn template(name: &str, text: &str, external_url: &str) -> Result<Template, String> {
     let source = format!("{DEFS}{text}");
     let template = with_functions(Template::new(name), external_url)
+        .max_range_iters(MAX_RANGE_ITERATIONS)
         .parse(&source)
         .map_err(|e| e.to_string())?;
     let mut tree = template
@@ -698,6 +730,20 @@ mod tests {
         ] {
             assert_eq!(run(text, 42.5), expected, "{text}");
         }
+    }
+
+    #[test]
+    fn a_template_cannot_take_unbounded_memory_or_time() {
+        let out = run(
+            "{{ range $i, $x := (args 1 2 3 4 5 6 7 8 9 10) }}{{ printf \"%65535d\" 1 }}{{ end }}",
+            1.0,
+        );
+        assert!(
+            out.starts_with("<error expanding template:"),
+            "{}",
+            &out[..80.min(out.len())]
+        );
+        assert!(out.len() < 1024);
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub struct AlertmanagerLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleGroupLabels {
+    pub tenant: String,
     pub rule_group: String,
 }
 

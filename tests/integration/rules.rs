@@ -520,6 +520,17 @@ async fn a_restart_in_the_middle_of_a_for_keeps_its_state() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(before["Pending"].0, "pending");
+    // A graceful stop (SIGTERM), which must not mark the alerts' series stale.
+    // SAFETY: kill sends a signal to a process this test started.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(server);
     let stopped = now_ms();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -565,6 +576,7 @@ async fn a_restart_in_the_middle_of_a_for_keeps_its_state() {
 async fn the_ruler_api_manages_each_tenant_s_groups() {
     let (s, catalog) = crate::auth::start(crate::support::Backend::of_run(), |c| {
         c.rules.max_rules_per_group = 2;
+        c.rules.min_interval = Duration::from_secs(1);
     })
     .await;
     let t1 = crate::auth::mint(&catalog, "t1", "read,admin", None).await;
@@ -658,12 +670,55 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
             "rules per rule group limit (limit: 2)",
         ),
         ("/api/v1/rules/ns1", "name: x\nrules: []\nunknown: 1\n", "unknown field `unknown`"),
+        ("/api/v1/rules/ns1", "name: x\ninterval: 500ms\nrules: []\n", "interval below --rules-min-interval (1s)"),
     ] {
         let r = call(reqwest::Method::POST, path, &t1, body).await.unwrap();
         assert_eq!(r.status().as_u16(), 400);
         let error: Value = r.json().await.unwrap();
         assert!(error["error"].as_str().unwrap().contains(reason), "{error}");
     }
+
+    // A changed group keeps its alerts' state (Prometheus's CopyState).
+    let alerting = "name: a\ninterval: 1s\nrules:\n  - alert: On\n    expr: vector(1)\n";
+    let r = call(reqwest::Method::POST, "/api/v1/rules/ns2", &t1, alerting)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let active_at = loop {
+        let body: Value = call(reqwest::Method::GET, "/api/v1/alerts", &t1, "")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(alert) = body["data"]["alerts"].as_array().and_then(|a| a.first()) {
+            assert_eq!(alert["state"], "firing");
+            break alert["activeAt"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let changed = format!("{alerting}    annotations:\n      summary: changed\n");
+    let r = call(reqwest::Method::POST, "/api/v1/rules/ns2", &t1, &changed)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let body: Value = call(reqwest::Method::GET, "/api/v1/alerts", &t1, "")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alert = &body["data"]["alerts"][0];
+    assert_eq!(alert["annotations"]["summary"], "changed", "{body}");
+    assert_eq!(alert["activeAt"], active_at, "{body}");
+    assert_eq!(alert["state"], "firing");
+    let r = call(reqwest::Method::DELETE, "/api/v1/rules/ns2", &t1, "")
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
 
     let r = call(reqwest::Method::DELETE, "/api/v1/rules/ns1/g", &t1, "")
         .await
