@@ -279,19 +279,28 @@ async fn the_server_records_its_own_metrics() {
     })
     .await;
     let port = s.server.addr.port();
-    let ops = |path: &str| s.http.get(s.url(path)).header("X-Scope-OrgID", "ops");
+    // A GET in `tenant`, named by the trusted proxy's header; its JSON.
+    let in_tenant = |tenant: &'static str, path: &str, params: Vec<(&'static str, &str)>| {
+        let request = s
+            .http
+            .get(s.url(path))
+            .header("X-Scope-OrgID", tenant)
+            .query(&params);
+        async move {
+            request
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     // Two recordings, so a rate has two points.
     let query = r#"rate(secumon_http_requests_total{job="secumon"}[10s])"#;
     let body = loop {
-        let body: serde_json::Value = ops("/api/v1/query")
-            .query(&[("query", query)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = in_tenant("ops", "/api/v1/query", vec![("query", query)]).await;
         if body["data"]["result"]
             .as_array()
             .is_some_and(|r| !r.is_empty())
@@ -313,44 +322,30 @@ async fn the_server_records_its_own_metrics() {
         r#"secumon_queries_refused_total{job="secumon",reason="timeout"} == 0"#,
         r#"secumon_storage_series_in_memory{job="secumon"}"#,
     ] {
-        let body: serde_json::Value = ops("/api/v1/query")
-            .query(&[("query", query)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = in_tenant("ops", "/api/v1/query", vec![("query", query)]).await;
         assert_eq!(
             body["data"]["result"].as_array().map(Vec::len),
             Some(1),
             "{query}: {body}"
         );
     }
-    let metadata: serde_json::Value = ops("/api/v1/metadata")
-        .query(&[("metric", "process_cpu_seconds")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let metadata = in_tenant(
+        "ops",
+        "/api/v1/metadata",
+        vec![("metric", "process_cpu_seconds")],
+    )
+    .await;
     assert_eq!(
         metadata["data"]["process_cpu_seconds"][0]["type"], "counter",
         "{metadata}"
     );
     // Not in another tenant.
-    let body: serde_json::Value = s
-        .http
-        .get(s.url("/api/v1/query"))
-        .header("X-Scope-OrgID", "default")
-        .query(&[("query", "process_cpu_seconds_total")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = in_tenant(
+        "default",
+        "/api/v1/query",
+        vec![("query", "process_cpu_seconds_total")],
+    )
+    .await;
     assert_eq!(body["data"]["result"], serde_json::json!([]), "{body}");
     let metrics = s.metrics_text().await;
     assert!(

@@ -589,6 +589,10 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
             .body(body.to_owned())
             .send()
     };
+    let get_as = |path: &str, token: &str| {
+        let response = call(reqwest::Method::GET, path, token, "");
+        async move { response.await.unwrap().json::<Value>().await.unwrap() }
+    };
     let group = "name: g\ninterval: 1s\nrules:\n  - record: t1:one\n    expr: vector(1)\n    labels:\n      from: ruler\n";
     let r = call(reqwest::Method::POST, "/api/v1/rules/ns1", &t1, group)
         .await
@@ -622,12 +626,7 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
     // Evaluated in its tenant, shown on its /api/v1/rules with the namespace as the file.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let body: Value = call(reqwest::Method::GET, "/api/v1/query?query=t1:one", &t1, "")
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: Value = get_as("/api/v1/query?query=t1:one", &t1).await;
         if body["data"]["result"]
             .as_array()
             .is_some_and(|r| r.len() == 1)
@@ -638,27 +637,12 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
         assert!(std::time::Instant::now() < deadline, "{body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let other: Value = call(reqwest::Method::GET, "/api/v1/query?query=t1:one", &t2, "")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let other: Value = get_as("/api/v1/query?query=t1:one", &t2).await;
     assert_eq!(other["data"]["result"], serde_json::json!([]));
-    let rules: Value = call(reqwest::Method::GET, "/api/v1/rules", &t1, "")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rules: Value = get_as("/api/v1/rules", &t1).await;
     assert_eq!(rules["data"]["groups"][0]["file"], "ns1");
     assert_eq!(rules["data"]["groups"][0]["rules"][0]["health"], "ok");
-    let rules: Value = call(reqwest::Method::GET, "/api/v1/rules", &t2, "")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rules: Value = get_as("/api/v1/rules", &t2).await;
     assert_eq!(rules["data"]["groups"], serde_json::json!([]));
 
     // Refused with the reason: a bad expression, too many rules, a bad namespace.
@@ -686,12 +670,7 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
     assert_eq!(r.status().as_u16(), 202);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let active_at = loop {
-        let body: Value = call(reqwest::Method::GET, "/api/v1/alerts", &t1, "")
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: Value = get_as("/api/v1/alerts", &t1).await;
         if let Some(alert) = body["data"]["alerts"].as_array().and_then(|a| a.first()) {
             assert_eq!(alert["state"], "firing");
             break alert["activeAt"].clone();
@@ -705,12 +684,7 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 202);
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let body: Value = call(reqwest::Method::GET, "/api/v1/alerts", &t1, "")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = get_as("/api/v1/alerts", &t1).await;
     let alert = &body["data"]["alerts"][0];
     assert_eq!(alert["annotations"]["summary"], "changed", "{body}");
     assert_eq!(alert["activeAt"], active_at, "{body}");
@@ -728,11 +702,6 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
-    let rules: Value = call(reqwest::Method::GET, "/api/v1/rules", &t1, "")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rules: Value = get_as("/api/v1/rules", &t1).await;
     assert_eq!(rules["data"]["groups"], serde_json::json!([]));
 }
