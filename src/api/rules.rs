@@ -220,7 +220,11 @@ pub(super) async fn alerts(State(state): State<SharedState>, Tenant(tenant): Ten
 /// `POST /-/reload`: reads the rule files again; 500 with the reason when one is invalid
 /// (the groups running before keep running), as Prometheus answers.
 pub(super) async fn reload(State(state): State<SharedState>) -> Response {
-    match state.rules.reload(&state, false).await {
+    match state
+        .rules
+        .reload(&state, false, crate::rules::Files::Read)
+        .await
+    {
         Ok(_) => StatusCode::OK.into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -345,7 +349,11 @@ fn accepted() -> Response {
 
 /// Evaluation follows a change at once; a reload that fails leaves the groups running.
 async fn apply(state: &SharedState) {
-    if let Err(e) = state.rules.reload(state, false).await {
+    if let Err(e) = state
+        .rules
+        .reload(state, false, crate::rules::Files::Keep)
+        .await
+    {
         tracing::error!(error = %e, "rule groups not reloaded after a ruler API change");
     }
 }
@@ -368,7 +376,8 @@ pub(super) async fn set_group(
     }
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_data("the rule group is not UTF-8"))?;
-    let group = crate::rules::parse_group(text).map_err(|e| ApiError::bad_data(e.to_string()))?;
+    let group = crate::rules::parse_group_within(text, limits.max_rules_per_group)
+        .map_err(|e| ApiError::bad_data(e.to_string()))?;
     if group
         .interval
         .is_some_and(|i| i < limits.min_interval.as_millis() as i64)
@@ -384,6 +393,7 @@ pub(super) async fn set_group(
             limits.max_rules_per_group
         )));
     }
+    let _one_at_a_time = state.rules.ruler_writes.lock().await;
     let catalog = state.auth.catalog();
     let existing = catalog
         .rule_groups(Some(&tenant))

@@ -363,6 +363,11 @@ impl Group {
 /// The groups being evaluated, and how to reload them.
 pub struct Manager {
     config: RulesConfig,
+    /// The groups of the rule files as last read without error.
+    last_files: Mutex<Vec<(String, file::RuleGroups)>>,
+    /// Held by a ruler API write from its limit checks to its store, so concurrent writes
+    /// cannot pass a limit together.
+    pub ruler_writes: tokio::sync::Mutex<()>,
     /// Set at shutdown: reloads then do nothing.
     stopping: std::sync::atomic::AtomicBool,
     pub notifier: Arc<notify::Notifier>,
@@ -370,6 +375,14 @@ pub struct Manager {
     groups: Mutex<Vec<Arc<Group>>>,
     /// Serialises reloads.
     reloading: tokio::sync::Mutex<()>,
+}
+
+/// Whether a reload reads the rule files again or keeps the groups last read from them (a
+/// ruler API change: a file broken since does not hold it up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Files {
+    Read,
+    Keep,
 }
 
 /// Why a reload failed: the files' problems (the groups running before stay).
@@ -395,6 +408,8 @@ impl Manager {
             metrics.clone(),
         )?);
         Ok(Manager {
+            last_files: Mutex::new(Vec::new()),
+            ruler_writes: tokio::sync::Mutex::new(()),
             config,
             notifier,
             metrics,
@@ -432,26 +447,39 @@ impl Manager {
         self: &Arc<Self>,
         state: &Arc<crate::api::AppState>,
         first: bool,
+        files: Files,
     ) -> Result<usize, LoadError> {
         let _one = self.reloading.lock().await;
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(LoadError("the server is stopping".into()));
         }
-        let files = self.files().map_err(LoadError)?;
-        let mut parsed = Vec::new();
-        let mut errors = Vec::new();
-        for path in &files {
-            match read(path, self.config.max_file_bytes) {
-                Ok(groups) => parsed.push((path.clone(), groups)),
-                Err(e) => errors.extend(e.0.into_iter().map(|m| format!("{path}: {m}"))),
+        let parsed = if files == Files::Read {
+            let files = self.files().map_err(LoadError)?;
+            let max_bytes = self.config.max_file_bytes;
+            let (parsed, errors) = tokio::task::spawn_blocking(move || {
+                let mut parsed = Vec::new();
+                let mut errors = Vec::new();
+                for path in &files {
+                    match read(path, max_bytes) {
+                        Ok(groups) => parsed.push((path.clone(), groups)),
+                        Err(e) => errors.extend(e.0.into_iter().map(|m| format!("{path}: {m}"))),
+                    }
+                }
+                (parsed, errors)
+            })
+            .await
+            .map_err(|e| LoadError(e.to_string()))?;
+            if !errors.is_empty() {
+                for e in &errors {
+                    tracing::error!(error = %e, "loading rule groups failed");
+                }
+                return Err(LoadError(errors.join("; ")));
             }
-        }
-        if !errors.is_empty() {
-            for e in &errors {
-                tracing::error!(error = %e, "loading rule groups failed");
-            }
-            return Err(LoadError(errors.join("; ")));
-        }
+            *lock(&self.last_files) = parsed.clone();
+            parsed
+        } else {
+            lock(&self.last_files).clone()
+        };
         let tenant = TenantId::new(self.config.tenant.as_str());
         let mut sources: Vec<(TenantId, String, file::RuleGroups, bool)> = parsed
             .into_iter()
@@ -628,8 +656,18 @@ fn copy_state(before: &Group, after: &Group) {
 
 /// One group in Prometheus's YAML (a ruler API body), checked as a file's groups are.
 pub fn parse_group(text: &str) -> Result<file::RuleGroup, file::Invalid> {
+    parse_group_within(text, usize::MAX)
+}
+
+/// [`parse_group`], refusing more than `max_rules` rules before checking any.
+pub fn parse_group_within(text: &str, max_rules: usize) -> Result<file::RuleGroup, file::Invalid> {
     let group: file::RuleGroup =
         yaml_serde::from_str(text).map_err(|e| file::Invalid(vec![e.to_string()]))?;
+    if group.rules.len() > max_rules {
+        return Err(file::Invalid(vec![format!(
+            "per-user rules per rule group limit (limit: {max_rules}) exceeded"
+        )]));
+    }
     let wrapped = file::RuleGroups {
         groups: vec![group],
     };

@@ -160,7 +160,7 @@ async fn rules_loop(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<boo
                     None => std::future::pending::<()>().await,
                 }
             } => {
-                match state.rules.reload(&state, false).await {
+                match state.rules.reload(&state, false, crate::rules::Files::Read).await {
                     Ok(groups) => tracing::info!(groups, "rule files reloaded"),
                     Err(e) => tracing::error!(error = %e, "rule files not reloaded"),
                 }
@@ -328,7 +328,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     // Rule files that do not load stop the start, as they stop Prometheus's.
     state
         .rules
-        .reload(&state, true)
+        .reload(&state, true, crate::rules::Files::Read)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (shutdown, stop) = tokio::sync::watch::channel(false);
