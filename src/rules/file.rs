@@ -29,9 +29,10 @@ pub struct RuleGroup {
     )]
     pub interval: Option<i64>,
     /// Most series an alerting rule may yield or a recording rule may write in one evaluation
-    /// (0: no limit); past it the rule's whole evaluation fails.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub limit: u64,
+    /// (0 or less: no limit, as Prometheus takes it); past it the rule's whole evaluation
+    /// fails.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub limit: i64,
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
@@ -69,10 +70,6 @@ impl Rule {
     pub fn is_alerting(&self) -> bool {
         !self.alert.is_empty()
     }
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
 }
 
 fn is_zero_i64(v: &i64) -> bool {
@@ -281,6 +278,14 @@ mod tests {
         assert_eq!(g.rules[1].r#for, 300_000);
         assert_eq!(g.rules[1].keep_firing_for, 60_000);
         assert_eq!(parse("").unwrap(), RuleGroups::default());
+        // Prometheus takes a negative limit as none.
+        assert_eq!(
+            parse("groups:\n  - name: g\n    limit: -1\n    rules: []\n")
+                .unwrap()
+                .groups[0]
+                .limit,
+            -1
+        );
         assert_eq!(format_duration(5_400_000), "1h30m");
         assert_eq!(format_duration(0), "0s");
     }

@@ -284,7 +284,7 @@ pub struct Group {
     pub file: String,
     pub name: String,
     pub interval_ms: i64,
-    pub limit: u64,
+    pub limit: i64,
     pub tenant: TenantId,
     pub rules: Vec<LoadedRule>,
     pub status: Mutex<GroupStatus>,
@@ -756,7 +756,8 @@ async fn run(group: Arc<Group>, state: Arc<crate::api::AppState>) {
                 }],
             })
             .collect();
-        write(&state, &group.tenant, &stale).await;
+        // Logged by `write`; a series that could not be marked stale ends at its lookback.
+        let _ = write(&state, &group.tenant, &stale).await;
         if evaluations == 2 && !group.restored.load(std::sync::atomic::Ordering::Relaxed) {
             restore_for_state(&group, &state, chrono::Utc::now().timestamp_millis()).await;
             group
@@ -848,19 +849,32 @@ async fn mark_gone_stale(group: &Group, state: &crate::api::AppState, now_ns: i1
             }],
         }));
     }
-    write(state, &group.tenant, &series).await;
+    let _ = write(state, &group.tenant, &series).await;
 }
 
-async fn write(state: &crate::api::AppState, tenant: &TenantId, series: &[SeriesWrite]) {
+/// Writes rule output; a storage failure or a refused sample is the error (Prometheus sets the
+/// rule's health from its appender's errors the same way).
+async fn write(
+    state: &crate::api::AppState,
+    tenant: &TenantId,
+    series: &[SeriesWrite],
+) -> Result<(), String> {
     if series.is_empty() {
-        return;
+        return Ok(());
     }
     let batch = Batch {
         series: WriteBatch::from_series(series),
         ..Default::default()
     };
-    if let Err(e) = state.ingester.write(PROTOCOL, tenant, batch).await {
-        tracing::warn!(tenant = %tenant, error = %e, "cannot write rule results");
+    match state.ingester.write(PROTOCOL, tenant, batch).await {
+        Ok(summary) => match summary.first_error {
+            Some(e) if summary.rejected > 0 => Err(e),
+            _ => Ok(()),
+        },
+        Err(e) => {
+            tracing::warn!(tenant = %tenant, error = %e, "cannot write rule results");
+            Err(e.to_string())
+        }
     }
 }
 
@@ -916,9 +930,9 @@ pub async fn evaluate(group: &Group, state: &crate::api::AppState, t: i64) {
                     status.previous = current;
                     stale
                 };
-                write(state, &group.tenant, &series).await;
-                write(state, &group.tenant, &stale).await;
-                Ok(())
+                let written = write(state, &group.tenant, &series).await;
+                let marked = write(state, &group.tenant, &stale).await;
+                written.and(marked)
             }
             Err(e) => {
                 tracing::warn!(group = %group.name, rule = %rule.rule.name(), error = %e, "evaluating rule failed");
@@ -1030,7 +1044,7 @@ async fn eval_recording(
             samples: vec![Sample { t, v }],
         });
     }
-    if group.limit > 0 && out.len() as u64 > group.limit {
+    if group.limit > 0 && out.len() as i64 > group.limit {
         return Err(format!(
             "exceeded limit of {} with {} series",
             group.limit,
@@ -1112,7 +1126,7 @@ async fn eval_alerting(
         }
     }
     let mut out = Vec::new();
-    let mut pending_or_firing = 0u64;
+    let mut pending_or_firing = 0i64;
     let mut remove = Vec::new();
     for (fp, alert) in status.active.iter_mut() {
         if !present.contains(fp) {
