@@ -248,6 +248,9 @@ pub struct RuleStatus {
 #[derive(Debug)]
 pub struct LoadedRule {
     pub rule: file::Rule,
+    /// An alerting rule's label and annotation templates, parsed once.
+    label_templates: Vec<(String, template::Compiled)>,
+    annotation_templates: Vec<(String, template::Compiled)>,
     pub expr: promql_parser::parser::Expr,
     /// The expression as Prometheus prints it (`query` in the API).
     pub query: String,
@@ -542,7 +545,24 @@ impl Manager {
                     .map(|rule| {
                         // Checked when the file was read.
                         let expr = crate::promql::parse(&rule.expr).expect("validated expression");
+                        let compile = |map: &BTreeMap<String, String>| {
+                            if !rule.is_alerting() {
+                                return Vec::new();
+                            }
+                            map.iter()
+                                .map(|(k, v)| {
+                                    let t = template::Compiled::new(
+                                        &rule.alert,
+                                        v,
+                                        &self.config.external_url,
+                                    );
+                                    (k.clone(), t)
+                                })
+                                .collect()
+                        };
                         LoadedRule {
+                            label_templates: compile(&rule.labels),
+                            annotation_templates: compile(&rule.annotations),
                             query: expr.to_string(),
                             expr,
                             rule,
@@ -1069,24 +1089,22 @@ async fn eval_alerting(
     let mut current: HashMap<u128, Alert> = HashMap::new();
     for (series, value) in vector {
         let series_map: BTreeMap<String, String> = pairs(&series).collect();
-        let data = template::AlertData {
+        let data = template::data(&template::AlertData {
             labels: &series_map,
             external_labels: &no_labels,
             external_url: &group.external_url,
             value,
-        };
+        });
         let expanded = rule
-            .rule
-            .labels
+            .label_templates
             .iter()
-            .map(|(k, v)| (k.clone(), template::expand(name, v, &data)));
+            .map(|(k, t)| (k.clone(), t.expand(&data)));
         let mut labels = with_labels(pairs(&series).filter(|(n, _)| n != "__name__"), expanded);
         labels.insert("alertname".into(), name.to_owned());
         let annotations = rule
-            .rule
-            .annotations
+            .annotation_templates
             .iter()
-            .map(|(k, v)| (k.clone(), template::expand(name, v, &data)))
+            .map(|(k, t)| (k.clone(), t.expand(&data)))
             .collect();
         let fingerprint = to_labels(&labels).fingerprint();
         if current.contains_key(&fingerprint) {

@@ -51,41 +51,77 @@ pub fn check(rule: &str, text: &str) -> Result<(), String> {
     template(&format!("__alert_{rule}"), text, "").map(|_| ())
 }
 
-/// Expands `text` for the alert rule `rule`: its result, or `<error expanding template: ...>`.
-pub fn expand(rule: &str, text: &str, data: &AlertData<'_>) -> String {
-    let name = format!("__alert_{rule}");
-    let run = || -> Result<String, String> {
-        let template = template(&name, text, data.external_url)
-            .map_err(|e| format!("error parsing template {name}: {e}"))?;
-        let map = |m: &BTreeMap<String, String>| {
-            Value::Map(Arc::new(
-                m.iter()
-                    .map(|(k, v)| (Arc::from(k.as_str()), Value::String(Arc::from(v.as_str()))))
-                    .collect(),
-            ))
+/// An alert template parsed once, when its rule is loaded, and expanded for every series of
+/// every evaluation.
+pub struct Compiled {
+    name: String,
+    template: Result<Template, String>,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Compiled {
+    /// `text` as a template of the alert rule `rule` (a parse failure is kept, and is what
+    /// every expansion gives, as Prometheus reports it).
+    pub fn new(rule: &str, text: &str, external_url: &str) -> Compiled {
+        let name = format!("__alert_{rule}");
+        let template = template(&name, text, external_url)
+            .map_err(|e| format!("error parsing template {name}: {e}"));
+        Compiled { name, template }
+    }
+
+    /// The expansion with `data` (from [`data`]), or `<error expanding template: ...>`.
+    pub fn expand(&self, data: &Value) -> String {
+        let name = &self.name;
+        let run = || -> Result<String, String> {
+            let template = self.template.as_ref().map_err(Clone::clone)?;
+            let mut out = Bounded {
+                out: String::new(),
+                overflowed: false,
+            };
+            match template.execute_template_fmt(&mut out, name, data) {
+                Ok(()) => Ok(out.out),
+                Err(_) if out.overflowed => Err(format!(
+                    "error executing template {name}: output longer than {MAX_OUTPUT_BYTES} bytes"
+                )),
+                Err(e) => Err(format!("error executing template {name}: {e}")),
+            }
         };
-        let mut root = BTreeMap::new();
-        root.insert(Arc::from("Labels"), map(data.labels));
-        root.insert(Arc::from("ExternalLabels"), map(data.external_labels));
-        root.insert(
-            Arc::from("ExternalURL"),
-            Value::String(Arc::from(data.external_url)),
-        );
-        root.insert(Arc::from("Value"), Value::Float(data.value));
-        let mut out = Bounded {
-            out: String::new(),
-            overflowed: false,
-        };
-        let result = template.execute_template_fmt(&mut out, &name, &Value::Map(Arc::new(root)));
-        match result {
-            Ok(()) => Ok(out.out),
-            Err(_) if out.overflowed => Err(format!(
-                "error executing template {name}: output longer than {MAX_OUTPUT_BYTES} bytes"
-            )),
-            Err(e) => Err(format!("error executing template {name}: {e}")),
-        }
+        run().unwrap_or_else(|e| format!("<error expanding template: {e}>"))
+    }
+}
+
+/// What the templates of one alert see (`.Labels`, `.ExternalLabels`, `.ExternalURL`,
+/// `.Value`), built once per alert for all its templates.
+pub fn data(data: &AlertData<'_>) -> Value {
+    let map = |m: &BTreeMap<String, String>| {
+        Value::Map(Arc::new(
+            m.iter()
+                .map(|(k, v)| (Arc::from(k.as_str()), Value::String(Arc::from(v.as_str()))))
+                .collect(),
+        ))
     };
-    run().unwrap_or_else(|e| format!("<error expanding template: {e}>"))
+    let mut root = BTreeMap::new();
+    root.insert(Arc::from("Labels"), map(data.labels));
+    root.insert(Arc::from("ExternalLabels"), map(data.external_labels));
+    root.insert(
+        Arc::from("ExternalURL"),
+        Value::String(Arc::from(data.external_url)),
+    );
+    root.insert(Arc::from("Value"), Value::Float(data.value));
+    Value::Map(Arc::new(root))
+}
+
+/// Parses and expands `text` for the alert rule `rule` in one go.
+#[cfg(test)]
+fn expand(rule: &str, text: &str, d: &AlertData<'_>) -> String {
+    Compiled::new(rule, text, d.external_url).expand(&data(d))
 }
 
 /// The parsed template, with Prometheus's functions and every printing action ending in
