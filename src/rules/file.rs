@@ -313,6 +313,17 @@ mod tests {
             unknown[0].contains("unknown field `annotation`"),
             "{unknown:?}"
         );
+        // Bounded before parsing: a nesting far past the limit is refused, not parsed.
+        let deep = format!(
+            "groups:\n  - name: g\n    rules:\n      - record: a\n        expr: {}1\n",
+            "-".repeat(100_000)
+        );
+        assert!(
+            problems(&deep)[0].contains("could not parse expression"),
+            "refused"
+        );
+        let far = problems("groups:\n  - name: g\n    interval: 300000y\n    rules: []\n");
+        assert!(far[0].contains("duration out of range"), "{far:?}");
         let template = problems("groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        labels: {x: \"{{ $nope }}\"}\n");
         assert!(
             template[0]

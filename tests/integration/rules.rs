@@ -576,6 +576,7 @@ async fn a_restart_in_the_middle_of_a_for_keeps_its_state() {
 async fn the_ruler_api_manages_each_tenant_s_groups() {
     let (s, catalog) = crate::auth::start(crate::support::Backend::of_run(), |c| {
         c.rules.max_rules_per_group = 2;
+        c.rules.max_groups_per_tenant = 2;
         c.rules.min_interval = Duration::from_secs(1);
     })
     .await;
@@ -678,6 +679,24 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
         assert!(std::time::Instant::now() < deadline, "{body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Two groups stored: a third is refused, replacing one is not.
+    let r = call(
+        reqwest::Method::POST,
+        "/api/v1/rules/ns3",
+        &t1,
+        "name: x\nrules: []\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let error: Value = r.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("rule groups limit (limit: 2)"),
+        "{error}"
+    );
     let changed = format!("{alerting}    annotations:\n      summary: changed\n");
     let r = call(reqwest::Method::POST, "/api/v1/rules/ns2", &t1, &changed)
         .await
