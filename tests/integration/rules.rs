@@ -102,8 +102,8 @@ const RULES: &str = r#"groups:
       - alert: Sticky
         expr: m > 8
         keep_firing_for: 4s
-      - alert: Always
-        expr: vector(1)
+      - alert: Present
+        expr: count(m) >= 1
         labels:
           team: "{{ $labels.nothing }}"
 "#;
@@ -117,7 +117,9 @@ fn now_ms() -> i64 {
 
 /// `m` of two instances, a sample a second for 40 s from `t0`: instance a goes over 5 (High
 /// pending, then firing), over 8 (Sticky fires, then keeps firing after it drops), back to 1
-/// (both resolve) and over 5 again; b stays at 1.
+/// (both resolve) and over 5 again; b stays at 1. `Present` fires from the first evaluation
+/// that sees the data: its activation time, unlike that of an alert on `vector(1)`, does not
+/// depend on when each server started.
 fn dataset(t0: i64) -> Vec<secumon_proto::prometheus::TimeSeries> {
     let a: Vec<(i64, f64)> = (0..40)
         .map(|i| {
@@ -298,7 +300,7 @@ async fn rules_evaluate_as_prometheus_evaluates_them() {
     assert!(!expected.is_empty(), "Prometheus sent nothing");
     let sent = am_secumon.alerts(&http).await;
     assert!(
-        sent.iter().any(|a| a["labels"]["alertname"] == "Always"),
+        sent.iter().any(|a| a["labels"]["alertname"] == "Present"),
         "{sent:#?}"
     );
     assert_eq!(since_t0(sent), expected);
