@@ -351,9 +351,10 @@ mod tests {
     use crate::storage::embedded::FsyncPolicy;
 
     /// Keys named apart from the rule, kept as the contract names them.
-    const CONTRACT_NAMES: [(&str, &str); 6] = [
+    const CONTRACT_NAMES: [(&str, &str); 7] = [
         ("rules.files", "rules"),
         ("rules.alertmanager_urls", "alertmanager-url"),
+        ("rules.alert_receivers", "alert-receivers"),
         ("postgres.timescaledb", "timescaledb"),
         ("auth.mode", "auth"),
         ("fleet.live_interval", "live-interval"),

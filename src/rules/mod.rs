@@ -7,6 +7,7 @@
 
 pub mod file;
 pub mod notify;
+pub mod receivers;
 pub mod template;
 
 use crate::ingest::Batch;
@@ -84,6 +85,16 @@ pub struct RulesConfig {
         value_delimiter = ','
     )]
     pub alertmanager_urls: Vec<String>,
+    /// A file in Alertmanager's format whose route and webhook and email receivers SecuMon
+    /// notifies itself, for users without an Alertmanager (docs/alerting.md says which keys
+    /// it reads). Read with the rule files.
+    #[arg(
+        id = "rules.alert_receivers",
+        long = "alert-receivers",
+        env = "SECUMON_ALERT_RECEIVERS",
+        default_value = ""
+    )]
+    pub alert_receivers: String,
     /// Least time between two sends of the same firing or resolved alert (Prometheus's
     /// `--rules.alert.resend-delay`).
     #[arg(
@@ -408,6 +419,7 @@ impl Manager {
         let notifier = Arc::new(notify::Notifier::new(
             &config.alertmanager_urls,
             config.alertmanager_timeout,
+            &config.external_url,
             metrics.clone(),
         )?);
         Ok(Manager {
@@ -440,6 +452,23 @@ impl Manager {
         files.sort();
         files.dedup();
         Ok(files)
+    }
+
+    /// The `--alert-receivers` file, parsed, or `None` when there is none.
+    async fn read_receivers(&self) -> Result<Option<receivers::Config>, String> {
+        let path = self.config.alert_receivers.clone();
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let (max_bytes, timeout) = (self.config.max_file_bytes, self.config.alertmanager_timeout);
+        tokio::task::spawn_blocking(move || {
+            let text = read_text(&path, max_bytes).map_err(|e| format!("{path}: {e}"))?;
+            receivers::Config::parse(&text, timeout)
+                .map(Some)
+                .map_err(|e| format!("{path}: {e}"))
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Reads every rule file and, when all are valid, replaces the running groups with theirs
@@ -478,6 +507,11 @@ impl Manager {
                 }
                 return Err(LoadError(errors.join("; ")));
             }
+            let receivers = self.read_receivers().await.map_err(|e| {
+                tracing::error!(error = %e, "loading the alert receivers failed");
+                LoadError(e)
+            })?;
+            self.notifier.receivers.configure(receivers);
             *lock(&self.last_files) = parsed.clone();
             parsed
         } else {
@@ -706,18 +740,24 @@ impl Manager {
 
 /// A rule file read and checked, within `max_bytes`.
 pub fn read(path: &str, max_bytes: u64) -> Result<file::RuleGroups, file::Invalid> {
+    let text = read_text(path, max_bytes).map_err(|e| file::Invalid(vec![e]))?;
+    file::parse(&text)
+}
+
+/// A file's text, refused past `max_bytes` (`--rules-max-file-bytes`).
+fn read_text(path: &str, max_bytes: u64) -> Result<String, String> {
     use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| file::Invalid(vec![e.to_string()]))?;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut text = String::new();
     f.take(max_bytes + 1)
         .read_to_string(&mut text)
-        .map_err(|e| file::Invalid(vec![e.to_string()]))?;
+        .map_err(|e| e.to_string())?;
     if text.len() as u64 > max_bytes {
-        return Err(file::Invalid(vec![format!(
+        return Err(format!(
             "larger than --rules-max-file-bytes ({max_bytes} bytes)"
-        )]));
+        ));
     }
-    file::parse(&text)
+    Ok(text)
 }
 
 /// Evaluates `group` on its schedule until it is stopped (`Group.run`).
@@ -1239,7 +1279,7 @@ mod tests {
             rules: Vec::new(),
             status: Mutex::default(),
             notifier: Arc::new(
-                notify::Notifier::new(&[], std::time::Duration::from_secs(1), Arc::default())
+                notify::Notifier::new(&[], std::time::Duration::from_secs(1), "", Arc::default())
                     .unwrap(),
             ),
             resend_delay_ms: 60_000,

@@ -116,6 +116,8 @@ pub fn generator_url(external_url: &str, query: &str) -> String {
 /// The queue of alerts and the Alertmanagers they go to.
 pub struct Notifier {
     urls: Vec<String>,
+    /// The built-in receivers (`--alert-receivers`), which get every alert sent too.
+    pub receivers: std::sync::Arc<super::receivers::Dispatcher>,
     queue: Mutex<VecDeque<Notification>>,
     more: tokio::sync::Notify,
     http: reqwest::Client,
@@ -126,6 +128,7 @@ impl Notifier {
     pub fn new(
         urls: &[String],
         timeout: Duration,
+        external_url: &str,
         metrics: std::sync::Arc<crate::telemetry::Metrics>,
     ) -> Result<Notifier, String> {
         let urls = urls
@@ -147,6 +150,10 @@ impl Notifier {
             .map_err(|e| e.to_string())?;
         Ok(Notifier {
             urls,
+            receivers: std::sync::Arc::new(super::receivers::Dispatcher::new(
+                external_url,
+                metrics.clone(),
+            )),
             queue: Mutex::new(VecDeque::new()),
             more: tokio::sync::Notify::new(),
             http,
@@ -158,9 +165,14 @@ impl Notifier {
         !self.urls.is_empty()
     }
 
-    /// Queues `alerts`; past the capacity the oldest are dropped (and counted).
+    /// Queues `alerts` for the Alertmanagers (past the capacity the oldest are dropped, and
+    /// counted) and hands them to the built-in receivers.
     pub fn send(&self, alerts: Vec<Notification>) {
-        if alerts.is_empty() || !self.enabled() {
+        if alerts.is_empty() {
+            return;
+        }
+        self.receivers.receive(&alerts);
+        if !self.enabled() {
             return;
         }
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -179,9 +191,11 @@ impl Notifier {
         self.more.notify_one();
     }
 
-    /// Sends batches as they come, until `stop`.
+    /// Sends batches as they come, and runs the built-in receivers, until `stop`.
     pub async fn run(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        let receivers = tokio::spawn(self.receivers.clone().run(stop.clone()));
         if !self.enabled() {
+            let _ = receivers.await;
             return;
         }
         let mut stop = stop;

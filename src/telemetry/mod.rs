@@ -53,6 +53,12 @@ pub struct AlertmanagerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiverLabels {
+    pub receiver: String,
+    pub integration: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleGroupLabels {
     pub tenant: String,
     pub rule_group: String,
@@ -95,6 +101,10 @@ pub struct Metrics {
     pub notification_errors: Family<AlertmanagerLabels, Counter>,
     pub notifications_dropped: Counter,
     pub notification_queue: prometheus_client::metrics::gauge::Gauge,
+    pub receiver_notifications: Family<ReceiverLabels, Counter>,
+    pub receiver_notifications_failed: Family<ReceiverLabels, Counter>,
+    pub receiver_requests: Family<ReceiverLabels, Counter>,
+    pub receiver_requests_failed: Family<ReceiverLabels, Counter>,
 }
 
 /// Rule evaluation, by group (`file;name`, Prometheus's `rule_group` label).
@@ -334,6 +344,30 @@ impl Metrics {
             "Alerts waiting to be sent",
             notification_queue.clone(),
         );
+        let receiver_notifications = Family::<ReceiverLabels, Counter>::default();
+        registry.register(
+            "receiver_notifications",
+            "Notifications of the built-in receivers (--alert-receivers), by receiver and integration (as alertmanager_notifications_total)",
+            receiver_notifications.clone(),
+        );
+        let receiver_notifications_failed = Family::<ReceiverLabels, Counter>::default();
+        registry.register(
+            "receiver_notifications_failed",
+            "Notifications that failed after every attempt, by receiver and integration",
+            receiver_notifications_failed.clone(),
+        );
+        let receiver_requests = Family::<ReceiverLabels, Counter>::default();
+        registry.register(
+            "receiver_notification_requests",
+            "Attempts at notifications, retries included, by receiver and integration",
+            receiver_requests.clone(),
+        );
+        let receiver_requests_failed = Family::<ReceiverLabels, Counter>::default();
+        registry.register(
+            "receiver_notification_requests_failed",
+            "Attempts at notifications that failed, by receiver and integration",
+            receiver_requests_failed.clone(),
+        );
         registry.register(
             "build",
             "The running build: 1, with its version (as prometheus_build_info)",
@@ -348,6 +382,10 @@ impl Metrics {
             notification_errors,
             notifications_dropped,
             notification_queue,
+            receiver_notifications,
+            receiver_notifications_failed,
+            receiver_requests,
+            receiver_requests_failed,
             live_clients,
             lifecycle,
             registry: root,

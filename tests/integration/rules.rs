@@ -17,22 +17,26 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// receiver that does nothing, so its API shows what it was sent.
 struct Alertmanager {
     base: String,
+    log: std::path::PathBuf,
     _process: crate::support::process::Managed,
 }
 
 impl Alertmanager {
+    /// One that routes every alert to a receiver that does nothing.
     fn start() -> Alertmanager {
+        Alertmanager::start_with(
+            "route:\n  receiver: \"null\"\n  group_wait: 0s\nreceivers:\n  - name: \"null\"\n",
+        )
+    }
+
+    fn start_with(config_text: &str) -> Alertmanager {
         let binary = find_binary(
             "prometheus-alertmanager",
             "apt-get install -y prometheus-alertmanager",
         );
         let dir = crate::support::process::temp_dir("secumon-am");
         let config = dir.join("alertmanager.yml");
-        std::fs::write(
-            &config,
-            "route:\n  receiver: \"null\"\n  group_wait: 0s\nreceivers:\n  - name: \"null\"\n",
-        )
-        .unwrap();
+        std::fs::write(&config, config_text).unwrap();
         let port = crate::support::process::free_port();
         let mut cmd = Command::new(binary);
         cmd.arg(format!("--config.file={}", config.display()))
@@ -40,10 +44,12 @@ impl Alertmanager {
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--cluster.listen-address=")
             .arg("--log.level=warn");
-        let process = crate::support::process::Managed::spawn("alertmanager", cmd, Some(dir));
+        let process =
+            crate::support::process::Managed::spawn("alertmanager", cmd, Some(dir.clone()));
         crate::support::process::wait_for_port(port, Duration::from_secs(30), "alertmanager");
         Alertmanager {
             base: format!("http://127.0.0.1:{port}"),
+            log: dir.join("alertmanager.log"),
             _process: process,
         }
     }
@@ -725,4 +731,324 @@ async fn the_ruler_api_manages_each_tenant_s_groups() {
     assert_eq!(r.status().as_u16(), 404);
     let rules: Value = get_as("/api/v1/rules", &t1).await;
     assert_eq!(rules["data"]["groups"], serde_json::json!([]));
+}
+
+/// What a webhook receiver was sent, by the path it was sent to; the first request to
+/// `/secumon` is answered 500, so that SecuMon must try again.
+struct WebhookSink {
+    base: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+}
+
+impl WebhookSink {
+    async fn start() -> WebhookSink {
+        use axum::extract::{Path as UrlPath, State};
+        type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+        let received: Received = Default::default();
+        let failed_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let app = axum::Router::new()
+            .route(
+                "/{sender}",
+                axum::routing::post(
+                    |State((received, failed_once)): State<(
+                        Received,
+                        std::sync::Arc<std::sync::atomic::AtomicBool>,
+                    )>,
+                     UrlPath(sender): UrlPath<String>,
+                     body: String| async move {
+                        if sender == "secumon"
+                            && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst)
+                        {
+                            return http::StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        let body: Value = serde_json::from_str(&body).unwrap();
+                        received.lock().unwrap().push((sender, body));
+                        http::StatusCode::OK
+                    },
+                ),
+            )
+            .with_state((received.clone(), failed_once));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        WebhookSink { base, received }
+    }
+
+    fn from(&self, sender: &str) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(s, _)| s == sender)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+}
+
+/// An SMTP server that takes mail only over STARTTLS from one authenticated user
+/// (tests/smtp/sink.py, Python's aiosmtpd); each message it took, as a JSON object.
+struct SmtpSink {
+    port: u16,
+    child: std::process::Child,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+const AIOSMTPD: &str = "python3 -m pip install aiosmtpd";
+
+impl SmtpSink {
+    fn start(cert: &Path, key: &Path, user: &str, password: &str) -> SmtpSink {
+        use std::io::BufRead;
+        let port = crate::support::process::free_port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp/sink.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(cert)
+            .arg(key)
+            .args([user, password])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("python3 not found ({e}): install Python 3, then `{AIOSMTPD}`")
+            });
+        let received: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+        let (ready, is_ready) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(message) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if message["ready"] == true {
+                    let _ = ready.send(());
+                } else {
+                    sink.lock().unwrap().push(message);
+                }
+            }
+        });
+        if is_ready.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "the SMTP sink did not start; is aiosmtpd installed (`{AIOSMTPD}`)?\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        SmtpSink {
+            port,
+            child,
+            received,
+        }
+    }
+
+    fn to(&self, address: &str) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m["to"][0] == address)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A webhook message with what differs between senders taken out: each one's own URL, and
+/// times below the millisecond (Prometheus keeps nanoseconds of its evaluation slot).
+fn webhook_normalized(mut message: Value) -> Value {
+    message.as_object_mut().unwrap().remove("externalURL");
+    for alert in message["alerts"].as_array_mut().unwrap() {
+        let url = alert["generatorURL"].as_str().unwrap_or("").to_owned();
+        alert["generatorURL"] = Value::from(url.find("/graph").map_or(url.as_str(), |i| &url[i..]));
+        for key in ["startsAt", "endsAt"] {
+            let ms = chrono::DateTime::parse_from_rfc3339(alert[key].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis();
+            alert[key] = Value::from(ms);
+        }
+    }
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_receivers_notify_as_alertmanager_does() {
+    let dir = crate::support::process::temp_dir("secumon-receivers");
+    let ca = crate::tls::Ca::new("receivers test CA");
+    let (cert, key) = ca.issue(false);
+    let ca_file = crate::tls::write(&dir, "ca.pem", &ca.pem());
+    let cert_file = crate::tls::write(&dir, "smtp.pem", &cert);
+    let key_file = crate::tls::write(&dir, "smtp.key", &key);
+    let smtp = SmtpSink::start(&cert_file, &key_file, "alerts", "s3cret");
+    let hook = WebhookSink::start().await;
+    // One configuration in Alertmanager's format for both, apart from where it goes.
+    let receivers = |sender: &str| {
+        format!(
+            "global:
+  smtp_smarthost: 127.0.0.1:{port}
+  smtp_from: alerts@example.com
+  smtp_auth_username: alerts
+  smtp_auth_password: s3cret
+route:
+  receiver: team
+  group_by: [alertname]
+  group_wait: 1s
+  group_interval: 2s
+  repeat_interval: 5s
+receivers:
+  - name: team
+    webhook_configs:
+      - url: {hook}/{sender}
+    email_configs:
+      - to: {sender}@example.com
+        tls_config:
+          ca_file: {ca}
+",
+            port = smtp.port,
+            hook = hook.base,
+            ca = ca_file.display()
+        )
+    };
+    let rules = dir.join("rules.yml");
+    std::fs::write(
+        &rules,
+        r#"groups:
+  - name: receivers
+    interval: 1s
+    rules:
+      - alert: High
+        expr: m > 5
+        labels:
+          severity: page
+        annotations:
+          summary: "{{ $labels.instance }} is at {{ $value }}"
+"#,
+    )
+    .unwrap();
+    let receivers_file = crate::tls::write(&dir, "receivers.yml", &receivers("secumon"));
+    let alertmanager = Alertmanager::start_with(&receivers("alertmanager"));
+    let rules_path = rules.display().to_string();
+    let secumon = Secumon::start_with(|c| {
+        c.rules.files = vec![rules_path.clone()];
+        c.rules.evaluation_interval = Duration::from_secs(1);
+        c.rules.alert_receivers = receivers_file.display().to_string();
+        c.rules.external_url = "http://secumon.example:9090".into();
+    })
+    .await;
+    let prometheus = Prometheus::start(|_| {
+        format!(
+            "global:\n  evaluation_interval: 1s\nrule_files:\n  - {rules_path}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"{}\"]\n",
+            alertmanager.base.trim_start_matches("http://")
+        )
+    });
+    // Instance a over 5 for 10 s, b for 14 s: both fire together, are notified, notified
+    // again after the repeat interval, then each resolves. Groups are looked at an odd number
+    // of seconds after the first evaluation that fires, so changes at even ones are a second
+    // from any look.
+    let t0 = (now_ms() / 1000 + 6) * 1000;
+    let at = |until: i64| -> Vec<(i64, f64)> {
+        (0..30)
+            .map(|i| (t0 + i * 1000, if i < until { 7.0 } else { 1.0 }))
+            .collect()
+    };
+    load_into_both(
+        &secumon,
+        &prometheus,
+        vec![request(
+            vec![
+                series(
+                    &[("__name__", "m"), ("job", "j"), ("instance", "a")],
+                    &at(10),
+                ),
+                series(
+                    &[("__name__", "m"), ("job", "j"), ("instance", "b")],
+                    &at(14),
+                ),
+            ],
+            vec![],
+        )],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis((t0 + 24_000 - now_ms()).max(0) as u64)).await;
+
+    let expected: Vec<Value> = hook
+        .from("alertmanager")
+        .into_iter()
+        .map(webhook_normalized)
+        .collect();
+    let actual: Vec<Value> = hook
+        .from("secumon")
+        .into_iter()
+        .map(webhook_normalized)
+        .collect();
+    let statuses: Vec<(&str, usize)> = expected
+        .iter()
+        .map(|m| {
+            (
+                m["status"].as_str().unwrap(),
+                m["alerts"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [("firing", 2), ("firing", 2), ("firing", 2), ("resolved", 1)],
+        "Alertmanager's notifications: {expected:#?}\nits log: {}",
+        std::fs::read_to_string(&alertmanager.log).unwrap_or_default()
+    );
+    assert_eq!(actual, expected);
+    assert_eq!(expected[0]["groupKey"], "{}:{alertname=\"High\"}");
+
+    // Email: the same subjects (resolved alerts are not emailed by default), over STARTTLS
+    // as the configured user; SecuMon's as plain text.
+    let subjects = |to: &str| -> Vec<String> {
+        smtp.to(to)
+            .iter()
+            .map(|m| m["subject"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        subjects("alertmanager@example.com"),
+        [
+            "[FIRING:2] High (j page)",
+            "[FIRING:2] High (j page)",
+            "[FIRING:1] High (b j page)"
+        ]
+    );
+    assert_eq!(
+        subjects("secumon@example.com"),
+        subjects("alertmanager@example.com")
+    );
+    let mail = &smtp.to("secumon@example.com")[0];
+    assert_eq!(mail["login"], "alerts");
+    assert_eq!(mail["tls"], true);
+    assert_eq!(mail["from"], "alerts@example.com");
+    assert_eq!(mail["content_type"], "text/plain");
+    let body = mail["body"].as_str().unwrap();
+    assert!(
+        body.contains("Firing alerts: 2") && body.contains("summary = a is at 7"),
+        "{body}"
+    );
+
+    // The webhook's first answer was an error: tried again, and counted.
+    let metrics = secumon.metrics_text().await;
+    for line in [
+        "secumon_receiver_notification_requests_failed_total{receiver=\"team\",integration=\"webhook\"} 1",
+        "secumon_receiver_notifications_total{receiver=\"team\",integration=\"webhook\"} 4",
+        "secumon_receiver_notifications_total{receiver=\"team\",integration=\"email\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("secumon_receiver_notifications_failed_total{"),
+        "{metrics}"
+    );
 }
