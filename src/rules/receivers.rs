@@ -173,12 +173,6 @@ struct EmailConfig {
     send_resolved: bool,
 }
 
-/// Reads a secret from a `*_file` setting, trimmed of its final newline.
-fn read_secret(path: &str, what: &str) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{what} {path:?}: {e}"))?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
-}
-
 fn duration(text: Option<&str>, default_ms: i64, what: &str) -> Result<Duration, String> {
     let ms = match text {
         Some(t) => super::file::parse_duration(t).map_err(|e| format!("{what}: {e}"))?,
@@ -195,9 +189,12 @@ pub struct Config {
     group_wait: Duration,
     group_interval: Duration,
     repeat_interval: Duration,
+    /// Bounds each attempt at a notification (`--rules-alertmanager-timeout`).
+    timeout: Duration,
     integrations: Vec<Integration>,
-    /// The file's text: a reload with the same text changes nothing.
-    text: String,
+    /// The file's text and that of every file it names (secrets, CAs): a reload that finds
+    /// them all unchanged changes nothing.
+    identity: String,
 }
 
 /// One webhook or email of the route's receiver.
@@ -229,6 +226,7 @@ struct Email {
 impl Config {
     /// Parses and checks `text`; `timeout` bounds each request to a receiver.
     pub fn parse(text: &str, timeout: Duration) -> Result<Config, String> {
+        let mut files = Files::default();
         let file: FileConfig = yaml_serde::from_str(text).map_err(|e| {
             let message = e.to_string();
             if message.contains("unknown field") {
@@ -273,11 +271,26 @@ impl Config {
             }
             let mut labels = route.group_by.clone();
             labels.sort();
-            labels.dedup();
+            if let Some(twice) = labels.windows(2).find(|w| w[0] == w[1]) {
+                return Err(format!("duplicated label {:?} in group_by", twice[0]));
+            }
             Some(labels)
         };
+        if route.receiver.is_empty() {
+            return Err("root route must specify a default receiver".into());
+        }
+        let global = &file.global;
+        if !global.smtp_auth_password.is_empty() && !global.smtp_auth_password_file.is_empty() {
+            return Err(
+                "at most one of smtp_auth_password & smtp_auth_password_file must be configured"
+                    .into(),
+            );
+        }
         let mut names = BTreeSet::new();
         for r in &file.receivers {
+            if r.name.is_empty() {
+                return Err("missing name on receiver".into());
+            }
             if !names.insert(r.name.as_str()) {
                 return Err(format!(
                     "notification config name {:?} is not unique",
@@ -290,24 +303,32 @@ impl Config {
             .iter()
             .find(|r| r.name == route.receiver)
             .ok_or_else(|| format!("undefined receiver {:?} used in route", route.receiver))?;
+        // Every receiver is checked, as Alertmanager checks them; the route's is kept.
         let mut integrations = Vec::new();
-        for (index, w) in receiver.webhook_configs.iter().enumerate() {
-            let what = format!("receiver {:?} webhook_configs[{index}]", receiver.name);
-            integrations.push(Integration {
-                kind: "webhook",
-                index,
-                send_resolved: w.send_resolved,
-                target: webhook(w, timeout).map_err(|e| format!("{what}: {e}"))?,
-            });
-        }
-        for (index, e) in receiver.email_configs.iter().enumerate() {
-            let what = format!("receiver {:?} email_configs[{index}]", receiver.name);
-            integrations.push(Integration {
-                kind: "email",
-                index,
-                send_resolved: e.send_resolved,
-                target: email(e, &file.global, timeout).map_err(|e| format!("{what}: {e}"))?,
-            });
+        for r in &file.receivers {
+            let mut built = Vec::new();
+            for (index, w) in r.webhook_configs.iter().enumerate() {
+                let what = format!("receiver {:?} webhook_configs[{index}]", r.name);
+                built.push(Integration {
+                    kind: "webhook",
+                    index,
+                    send_resolved: w.send_resolved,
+                    target: webhook(w, timeout, &mut files).map_err(|e| format!("{what}: {e}"))?,
+                });
+            }
+            for (index, e) in r.email_configs.iter().enumerate() {
+                let what = format!("receiver {:?} email_configs[{index}]", r.name);
+                built.push(Integration {
+                    kind: "email",
+                    index,
+                    send_resolved: e.send_resolved,
+                    target: email(e, global, timeout, &mut files)
+                        .map_err(|e| format!("{what}: {e}"))?,
+                });
+            }
+            if r.name == receiver.name {
+                integrations = built;
+            }
         }
         Ok(Config {
             receiver: receiver.name.clone(),
@@ -316,12 +337,36 @@ impl Config {
             group_interval,
             repeat_interval,
             integrations,
-            text: text.to_owned(),
+            identity: format!("{text}\0{}", files.0),
+            timeout,
         })
     }
 }
 
-fn webhook(w: &WebhookConfig, timeout: Duration) -> Result<Target, String> {
+/// The contents of the files a configuration read, in order.
+#[derive(Default)]
+struct Files(String);
+
+impl Files {
+    fn read(&mut self, path: &str, what: &str) -> Result<Vec<u8>, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{what} {path:?}: {e}"))?;
+        self.0.push_str(path);
+        self.0.push('\0');
+        self.0.push_str(&String::from_utf8_lossy(&bytes));
+        self.0.push('\0');
+        Ok(bytes)
+    }
+
+    /// A secret from a `*_file` setting, trimmed of its final newline.
+    fn secret(&mut self, path: &str, what: &str) -> Result<String, String> {
+        let bytes = self.read(path, what)?;
+        Ok(String::from_utf8_lossy(&bytes)
+            .trim_end_matches(['\n', '\r'])
+            .to_owned())
+    }
+}
+
+fn webhook(w: &WebhookConfig, timeout: Duration, files: &mut Files) -> Result<Target, String> {
     let url: reqwest::Url = w.url.parse().map_err(|e| format!("url {:?}: {e}", w.url))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!("url {:?}: not an http:// or https:// URL", w.url));
@@ -330,19 +375,39 @@ fn webhook(w: &WebhookConfig, timeout: Duration) -> Result<Target, String> {
     if http.authorization.is_some() && http.basic_auth.is_some() {
         return Err("at most one of basic_auth and authorization must be configured".into());
     }
+    if !http.tls_config.server_name.is_empty() {
+        return Err("tls_config.server_name is not supported for webhooks".into());
+    }
     let authorization = if let Some(a) = &http.authorization {
+        if a.kind.eq_ignore_ascii_case("basic") {
+            return Err(
+                "authorization type cannot be set to \"basic\", use \"basic_auth\" instead".into(),
+            );
+        }
+        if !a.credentials.is_empty() && !a.credentials_file.is_empty() {
+            return Err(
+                "at most one of authorization credentials & credentials_file must be configured"
+                    .into(),
+            );
+        }
         let credentials = if a.credentials_file.is_empty() {
             a.credentials.clone()
         } else {
-            read_secret(&a.credentials_file, "authorization.credentials_file")?
+            files.secret(&a.credentials_file, "authorization.credentials_file")?
         };
-        Some(format!("{} {credentials}", a.kind))
+        let kind = if a.kind.is_empty() { "Bearer" } else { &a.kind };
+        Some(format!("{kind} {credentials}"))
     } else if let Some(b) = &http.basic_auth {
         use base64::Engine;
+        if !b.password.is_empty() && !b.password_file.is_empty() {
+            return Err(
+                "at most one of basic_auth password & password_file must be configured".into(),
+            );
+        }
         let password = if b.password_file.is_empty() {
             b.password.clone()
         } else {
-            read_secret(&b.password_file, "basic_auth.password_file")?
+            files.secret(&b.password_file, "basic_auth.password_file")?
         };
         Some(format!(
             "Basic {}",
@@ -356,8 +421,7 @@ fn webhook(w: &WebhookConfig, timeout: Duration) -> Result<Target, String> {
         .user_agent(concat!("SecuMon/", env!("CARGO_PKG_VERSION")))
         .danger_accept_invalid_certs(http.tls_config.insecure_skip_verify);
     if !http.tls_config.ca_file.is_empty() {
-        let pem = std::fs::read(&http.tls_config.ca_file)
-            .map_err(|e| format!("tls_config.ca_file {:?}: {e}", http.tls_config.ca_file))?;
+        let pem = files.read(&http.tls_config.ca_file, "tls_config.ca_file")?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| format!("tls_config.ca_file: {e}"))?;
         client = client.tls_built_in_root_certs(false);
@@ -373,7 +437,12 @@ fn webhook(w: &WebhookConfig, timeout: Duration) -> Result<Target, String> {
     })
 }
 
-fn email(e: &EmailConfig, global: &Global, timeout: Duration) -> Result<Target, String> {
+fn email(
+    e: &EmailConfig,
+    global: &Global,
+    timeout: Duration,
+    files: &mut Files,
+) -> Result<Target, String> {
     use lettre::transport::smtp::{authentication::Credentials, client, extension::ClientId};
     let pick = |own: &Option<String>, global: &str| -> String {
         own.clone()
@@ -414,8 +483,7 @@ fn email(e: &EmailConfig, global: &Global, timeout: Duration) -> Result<Target, 
     let mut params = client::TlsParameters::builder(server_name)
         .dangerous_accept_invalid_certs(tls.insecure_skip_verify);
     if !tls.ca_file.is_empty() {
-        let pem = std::fs::read(&tls.ca_file)
-            .map_err(|err| format!("tls_config.ca_file {:?}: {err}", tls.ca_file))?;
+        let pem = files.read(&tls.ca_file, "tls_config.ca_file")?;
         let cert = client::Certificate::from_pem(&pem)
             .map_err(|err| format!("tls_config.ca_file: {err}"))?;
         params = params
@@ -452,11 +520,26 @@ fn email(e: &EmailConfig, global: &Global, timeout: Duration) -> Result<Target, 
                 "auth_username is set but require_tls is false: the password would cross the network to {host} in clear text"
             ));
         }
-        let file = pick(&e.auth_password_file, &global.smtp_auth_password_file);
-        let password = if file.is_empty() {
-            pick(&e.auth_password, &global.smtp_auth_password)
+        // As Alertmanager: the email's own password or password file, else the global ones.
+        let own_password = e.auth_password.as_deref().unwrap_or_default();
+        let own_file = e.auth_password_file.as_deref().unwrap_or_default();
+        if !own_password.is_empty() && !own_file.is_empty() {
+            return Err(
+                "at most one of auth_password & auth_password_file must be configured".into(),
+            );
+        }
+        let (password, file) = if own_password.is_empty() && own_file.is_empty() {
+            (
+                global.smtp_auth_password.as_str(),
+                global.smtp_auth_password_file.as_str(),
+            )
         } else {
-            read_secret(&file, "auth_password_file")?
+            (own_password, own_file)
+        };
+        let password = if file.is_empty() {
+            password.to_owned()
+        } else {
+            files.secret(file, "auth_password_file")?
         };
         builder = builder.credentials(Credentials::new(username, password));
     }
@@ -493,11 +576,56 @@ pub fn fingerprint(labels: &BTreeMap<String, String>) -> u64 {
 
 /// `model.LabelSet.String`: `{a="1", b="2"}`.
 fn label_set_string(labels: &BTreeMap<String, String>) -> String {
-    let pairs: Vec<String> = labels
+    let mut pairs: Vec<String> = labels
         .iter()
-        .map(|(k, v)| format!("{k}={}", serde_json::to_string(v).unwrap_or_default()))
+        .map(|(k, v)| format!("{k}={}", go_quote(v)))
         .collect();
+    // Go sorts the `name="value"` strings, not the names.
+    pairs.sort();
     format!("{{{}}}", pairs.join(", "))
+}
+
+/// Go's `%q` of a string: `\"`, `\\`, the usual escapes, `\xNN` for other control bytes.
+fn go_quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\u{b}' => out.push_str("\\v"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Alertmanager's `regexp.QuoteMeta` of the receiver name in its messages.
+fn quote_meta(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `model.LabelSet.Before`: fewer labels first, then by sorted names and values.
+fn labels_before(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 /// An alert as a group holds it.
@@ -556,6 +684,9 @@ fn needs_update(
     now.duration_since(entry.at) > repeat
 }
 
+/// Most notifications being sent at once, across groups and integrations.
+const MAX_CONCURRENT_SENDS: usize = 16;
+
 /// A notification log entry's key: group key, receiver name, integration kind and index.
 type LogKey = (String, String, &'static str, usize);
 
@@ -565,6 +696,10 @@ pub struct Dispatcher {
     groups: Mutex<HashMap<String, Group>>,
     log: Mutex<HashMap<LogKey, Logged>>,
     wake: tokio::sync::Notify,
+    /// Bumped by each new configuration: a flush begun under an older one leaves the groups
+    /// as they are.
+    generation: std::sync::atomic::AtomicU64,
+    sending: tokio::sync::Semaphore,
     external_url: String,
     metrics: Arc<crate::telemetry::Metrics>,
 }
@@ -576,6 +711,8 @@ impl Dispatcher {
             groups: Mutex::new(HashMap::new()),
             log: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            sending: tokio::sync::Semaphore::new(MAX_CONCURRENT_SENDS),
             external_url: external_url.trim_end_matches('/').to_owned(),
             metrics,
         }
@@ -590,19 +727,52 @@ impl Dispatcher {
     /// integration was last told is kept, so nothing unchanged is notified again early.
     pub fn configure(&self, config: Option<Config>) {
         let mut current = lock(&self.config);
-        if current.as_ref().map(|c| c.text.as_str()) == config.as_ref().map(|c| c.text.as_str()) {
+        if current.as_ref().map(|c| c.identity.as_str())
+            == config.as_ref().map(|c| c.identity.as_str())
+        {
             return;
         }
         *current = config.map(Arc::new);
-        let held: Vec<Notification> = lock(&self.groups)
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut groups = lock(&self.groups);
+        // A group still being flushed stays marked so under its key until that flush ends,
+        // so two flushes never notify one group at once.
+        let flushing: BTreeSet<String> = groups
+            .iter()
+            .filter(|(_, g)| g.flushing)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let held: Vec<Notification> = groups
             .drain()
             .flat_map(|(_, g)| g.alerts.into_values().map(|h| h.alert))
             .collect();
+        drop(groups);
         let config = current.clone();
         drop(current);
-        if let Some(config) = config {
-            self.insert(&config, held);
+        if let Some(config) = &config {
+            self.insert(config, held);
         }
+        let groups = lock(&self.groups);
+        let mut log = lock(&self.log);
+        log.retain(|(key, receiver, kind, index), _| {
+            groups.contains_key(key)
+                && config.as_ref().is_some_and(|c| {
+                    &c.receiver == receiver
+                        && c.integrations
+                            .iter()
+                            .any(|i| i.kind == *kind && i.index == *index)
+                })
+        });
+        drop(log);
+        drop(groups);
+        let mut groups = lock(&self.groups);
+        for key in flushing {
+            if let Some(g) = groups.get_mut(&key) {
+                g.flushing = true;
+            }
+        }
+        drop(groups);
         self.wake.notify_one();
     }
 
@@ -701,6 +871,7 @@ impl Dispatcher {
 
     /// One flush of a group (`aggrGroup.flush` and the notification pipeline).
     async fn flush(&self, config: &Config, key: String) {
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let now = Instant::now();
         let now_ms = chrono::Utc::now().timestamp_millis();
         let Some((labels, alerts)) = lock(&self.groups)
@@ -781,8 +952,12 @@ impl Dispatcher {
             return;
         };
         group.flushing = false;
-        group.has_flushed = true;
         group.next_flush = now + config.group_interval;
+        if generation != self.generation.load(std::sync::atomic::Ordering::SeqCst) {
+            // Regrouped since this flush began: its alerts are the new configuration's.
+            return;
+        }
+        group.has_flushed = true;
         if all_ok {
             // Resolved alerts notified, and not updated since, leave the group.
             for fp in &resolved {
@@ -814,6 +989,10 @@ impl Dispatcher {
             receiver: config.receiver.clone(),
             integration: integration.kind,
         };
+        let max_alerts = match &integration.target {
+            Target::Webhook { max_alerts, .. } => *max_alerts,
+            Target::Email(_) => 0,
+        };
         let data = Data::new(
             &config.receiver,
             key,
@@ -821,6 +1000,7 @@ impl Dispatcher {
             alerts,
             now_ms,
             &self.external_url,
+            max_alerts,
         );
         self.metrics
             .receiver_notifications
@@ -828,20 +1008,26 @@ impl Dispatcher {
             .inc();
         let mut backoff = Duration::from_millis(500);
         loop {
-            self.metrics.receiver_requests.get_or_create(&labels).inc();
+            // Each attempt within the timeout and the flush's deadline, with a bounded number
+            // under way at once: a receiver that stalls or streams holds little for long.
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let attempt = tokio::time::timeout(remaining, send(integration, &data)).await;
-            let error = match attempt {
+            let attempt = tokio::time::timeout(remaining.min(config.timeout), async {
+                let _permit = self.sending.acquire().await;
+                self.metrics.receiver_requests.get_or_create(&labels).inc();
+                send(integration, &data).await
+            })
+            .await;
+            let (error, retry) = match attempt {
                 Ok(Ok(())) => return true,
                 Ok(Err(e)) => e,
-                Err(_) => "timed out".to_owned(),
+                Err(_) => ("timed out".to_owned(), true),
             };
             self.metrics
                 .receiver_requests_failed
                 .get_or_create(&labels)
                 .inc();
             let wait = backoff.min(deadline.saturating_duration_since(Instant::now()));
-            if wait.is_zero() {
+            if wait.is_zero() || !retry {
                 tracing::error!(receiver = %config.receiver, integration = integration.kind, error = %error, "notification failed, giving up until the next group interval");
                 self.metrics
                     .receiver_notifications_failed
@@ -887,6 +1073,8 @@ fn merge(old: &Notification, new: Notification, now_ms: i64) -> Notification {
 /// Alertmanager's `template.Data`, which the webhook sends and emails are written from.
 struct Data {
     receiver: String,
+    /// Alerts left out by a webhook's `max_alerts`.
+    truncated: usize,
     group_key: String,
     status: &'static str,
     alerts: Vec<Value>,
@@ -936,6 +1124,7 @@ impl Data {
         alerts: &[&Notification],
         now_ms: i64,
         external_url: &str,
+        max_alerts: usize,
     ) -> Data {
         let resolved = |a: &Notification| a.ends_at.is_some_and(|t| t <= now_ms);
         // In Alertmanager's order (`types.AlertSlice`): by job, then instance (an alert
@@ -950,8 +1139,14 @@ impl Data {
             };
             by("job")
                 .then_with(|| by("instance"))
-                .then_with(|| a.labels.cmp(&b.labels))
+                .then_with(|| labels_before(&a.labels, &b.labels))
         });
+        // A webhook's `max_alerts` keeps the first ones; the rest is computed from those.
+        let mut truncated = 0;
+        if max_alerts > 0 && sorted.len() > max_alerts {
+            truncated = sorted.len() - max_alerts;
+            sorted.truncate(max_alerts);
+        }
         let firing = sorted.iter().filter(|a| !resolved(a)).count();
         let json_alerts = sorted
             .iter()
@@ -972,7 +1167,8 @@ impl Data {
         let annotations: Vec<&BTreeMap<String, String>> =
             sorted.iter().map(|a| &a.annotations).collect();
         Data {
-            receiver: receiver.to_owned(),
+            receiver: quote_meta(receiver),
+            truncated,
             group_key: group_key.to_owned(),
             status: if firing > 0 { "firing" } else { "resolved" },
             alerts: json_alerts,
@@ -984,14 +1180,10 @@ impl Data {
         }
     }
 
-    /// Alertmanager's webhook message, version 4, with at most `max_alerts` alerts (0: all).
-    fn webhook(&self, max_alerts: usize) -> Value {
-        let mut alerts = self.alerts.clone();
-        let mut truncated = 0;
-        if max_alerts > 0 && alerts.len() > max_alerts {
-            truncated = alerts.len() - max_alerts;
-            alerts.truncate(max_alerts);
-        }
+    /// Alertmanager's webhook message, version 4.
+    fn webhook(&self) -> Value {
+        let alerts = self.alerts.clone();
+        let truncated = self.truncated;
         let mut out = Map::new();
         out.insert("receiver".into(), json!(self.receiver));
         out.insert("status".into(), json!(self.status));
@@ -1020,6 +1212,8 @@ impl Data {
         let values: Vec<&str> = self.group_labels.values().map(String::as_str).collect();
         out.push(' ');
         out.push_str(&values.join(" "));
+        // The template's space, there whether or not a parenthesis follows.
+        out.push(' ');
         if self.common_labels.len() > self.group_labels.len() {
             let rest: Vec<&str> = self
                 .common_labels
@@ -1027,7 +1221,7 @@ impl Data {
                 .filter(|(k, _)| !self.group_labels.contains_key(*k))
                 .map(|(_, v)| v.as_str())
                 .collect();
-            out.push_str(&format!(" ({})", rest.join(" ")));
+            out.push_str(&format!("({})", rest.join(" ")));
         }
         out
     }
@@ -1083,29 +1277,31 @@ impl Data {
     }
 }
 
-/// One attempt at one integration.
-async fn send(integration: &Integration, data: &Data) -> Result<(), String> {
+/// One attempt at one integration; an error says whether trying again may help (as
+/// Alertmanager: not after a 4xx answer).
+async fn send(integration: &Integration, data: &Data) -> Result<(), (String, bool)> {
     match &integration.target {
         Target::Webhook {
             url,
-            max_alerts,
             client,
             authorization,
+            ..
         } => {
             let mut request = client
                 .post(url)
                 .header("Content-Type", "application/json")
-                .body(data.webhook(*max_alerts).to_string());
+                .body(data.webhook().to_string());
             if let Some(a) = authorization {
                 request = request.header("Authorization", a);
             }
-            let response = request.send().await.map_err(|e| e.to_string())?;
-            if response.status().is_success() {
+            let response = request.send().await.map_err(|e| (e.to_string(), true))?;
+            let status = response.status();
+            if status.is_success() {
                 Ok(())
             } else {
-                Err(format!(
-                    "unexpected status code {}",
-                    response.status().as_u16()
+                Err((
+                    format!("unexpected status code {}", status.as_u16()),
+                    !status.is_client_error(),
                 ))
             }
         }
@@ -1120,13 +1316,13 @@ async fn send(integration: &Integration, data: &Data) -> Result<(), String> {
             let message = message
                 .header(lettre::message::header::ContentType::TEXT_PLAIN)
                 .body(data.email_body())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (e.to_string(), false))?;
             email
                 .transport
                 .send(message)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| (e.to_string(), true))
         }
     }
 }
@@ -1147,8 +1343,18 @@ mod tests {
         // Values from Alertmanager's own webhook payloads (`model.LabelSet.Fingerprint`).
         assert_eq!(fingerprint(&BTreeMap::new()), 0xcbf2_9ce4_8422_2325);
         assert_eq!(
-            label_set_string(&labels(&[("alertname", "High"), ("job", "a\"b")])),
-            r#"{alertname="High", job="a\"b"}"#
+            label_set_string(&labels(&[("alertname", "High"), ("job", "a\"b\u{1}")])),
+            r#"{alertname="High", job="a\"b\x01"}"#
+        );
+        // Go sorts `name="value"` strings: `env2=` before `env=`.
+        assert_eq!(
+            label_set_string(&labels(&[("env", "x"), ("env2", "y")])),
+            r#"{env2="y", env="x"}"#
+        );
+        assert_eq!(quote_meta("a.b*(c)"), r"a\.b\*\(c\)");
+        assert_eq!(
+            labels_before(&labels(&[("z", "1")]), &labels(&[("a", "1"), ("b", "1")])),
+            std::cmp::Ordering::Less
         );
         assert_eq!(go_time(Some(1_500)), "1970-01-01T00:00:01.5Z");
         assert_eq!(go_time(Some(2_000)), "1970-01-01T00:00:02Z");
@@ -1246,30 +1452,38 @@ mod tests {
         b.labels.insert("instance".into(), "b".into());
         b.ends_at = Some(5_000);
         let group = labels(&[("alertname", "High")]);
-        let data = Data::new(
-            "team",
-            "{}:{alertname=\"High\"}",
-            &group,
-            &[&b, &a],
-            10_000,
-            "http://s",
-        );
+        let key = "{}:{alertname=\"High\"}";
+        let data = Data::new("team.a", key, &group, &[&b, &a], 10_000, "http://s", 0);
         assert_eq!(data.subject(), "[FIRING:1] High (page)");
-        let message = data.webhook(1);
-        assert_eq!(message["truncatedAlerts"], 1);
+        let message = data.webhook();
+        assert_eq!(message["receiver"], "team\\.a");
+        assert_eq!(message["truncatedAlerts"], 0);
         assert_eq!(message["alerts"][0]["labels"]["instance"], "a");
         assert_eq!(message["alerts"][0]["status"], "firing");
+        assert_eq!(message["alerts"][0]["endsAt"], "0001-01-01T00:00:00Z");
+        assert_eq!(message["alerts"][1]["endsAt"], "1970-01-01T00:00:05Z");
         assert_eq!(
             message["commonLabels"],
             json!({"alertname": "High", "severity": "page"})
         );
+        // max_alerts: the first alerts kept, and what is common computed from them.
+        let truncated = Data::new("team", key, &group, &[&b, &a], 10_000, "", 1).webhook();
+        assert_eq!(truncated["truncatedAlerts"], 1);
+        assert_eq!(truncated["commonLabels"]["instance"], "a");
         assert_eq!(
             message["commonAnnotations"],
             json!({"summary": "a is high"})
         );
         assert_eq!(message["version"], "4");
-        let resolved = Data::new("team", "k", &group, &[&b], 10_000, "");
+        let resolved = Data::new("team", "k", &group, &[&b], 10_000, "", 0);
         assert_eq!(resolved.subject(), "[RESOLVED] High (b page)");
+        let only_group = Data::new("team", "k", &group, &[&b], 10_000, "", 0);
+        let mut bare = b.clone();
+        bare.labels = group.clone();
+        let bare = Data::new("team", "k", &group, &[&bare], 10_000, "", 0);
+        // Alertmanager's template keeps its space when no parenthesis follows.
+        assert_eq!(bare.subject(), "[RESOLVED] High ");
+        assert_ne!(only_group.subject(), bare.subject());
         assert!(resolved.email_body().contains("Resolved alerts: 1"));
     }
 
@@ -1303,6 +1517,28 @@ mod tests {
                 "not an http",
             ),
             ("route:\n  receiver: x\n  group_interval: 0s\nreceivers:\n  - name: x\n", "cannot be zero"),
+            ("route:\n  receiver: x\n  group_by: [a, a]\nreceivers:\n  - name: x\n", "duplicated label \"a\""),
+            ("route:\n  receiver: ''\nreceivers:\n  - name: x\n", "default receiver"),
+            (
+                "route:\n  receiver: x\nreceivers:\n  - name: x\n  - name: y\n    webhook_configs:\n      - url: ftp://y\n",
+                "receiver \"y\" webhook_configs[0]: url",
+            ),
+            (
+                "route:\n  receiver: x\nreceivers:\n  - name: x\n    webhook_configs:\n      - url: http://x\n        http_config:\n          authorization: {type: Basic, credentials: c}\n",
+                "use \"basic_auth\"",
+            ),
+            (
+                "route:\n  receiver: x\nreceivers:\n  - name: x\n    webhook_configs:\n      - url: http://x\n        http_config:\n          authorization: {credentials: c, credentials_file: /f}\n",
+                "at most one of authorization credentials",
+            ),
+            (
+                "route:\n  receiver: x\nreceivers:\n  - name: x\n    webhook_configs:\n      - url: https://x\n        http_config:\n          tls_config: {server_name: y}\n",
+                "server_name is not supported",
+            ),
+            (
+                "global:\n  smtp_auth_password: a\n  smtp_auth_password_file: /f\nroute:\n  receiver: x\nreceivers:\n  - name: x\n",
+                "at most one of smtp_auth_password",
+            ),
         ];
         for (text, message) in bad {
             let error = Config::parse(text, timeout).err().unwrap_or_default();
