@@ -67,6 +67,17 @@ pub struct RulesConfig {
         default_value = ""
     )]
     pub external_url: String,
+    /// Labels added to every alert sent (when it lacks them) and shown to templates as
+    /// `$externalLabels`, comma-separated `name=value` pairs (Prometheus's
+    /// `global.external_labels`).
+    #[arg(
+        id = "rules.external_labels",
+        long = "rules-external-labels",
+        env = "SECUMON_RULES_EXTERNAL_LABELS",
+        default_value = "",
+        value_delimiter = ','
+    )]
+    pub external_labels: Vec<String>,
     /// Largest rule file read, in bytes; a larger one is refused as invalid.
     #[arg(
         id = "rules.max_file_bytes",
@@ -306,6 +317,7 @@ pub struct Group {
     notifier: Arc<notify::Notifier>,
     resend_delay_ms: i64,
     external_url: String,
+    external_labels: Arc<BTreeMap<String, String>>,
     metrics: Arc<crate::telemetry::Metrics>,
     /// `--rules-for-outage-tolerance` and `--rules-for-grace-period`, in ms.
     outage_tolerance_ms: i64,
@@ -377,6 +389,8 @@ impl Group {
 /// The groups being evaluated, and how to reload them.
 pub struct Manager {
     config: RulesConfig,
+    /// `--rules-external-labels`, parsed.
+    external_labels: Arc<BTreeMap<String, String>>,
     /// The groups of the rule files as last read without error.
     last_files: Mutex<Vec<(String, file::RuleGroups)>>,
     /// Held by a ruler API write from its limit checks to its store, so concurrent writes
@@ -416,6 +430,23 @@ impl Manager {
                 config.tenant
             ));
         }
+        let mut external_labels = BTreeMap::new();
+        for pair in config.external_labels.iter().filter(|p| !p.is_empty()) {
+            let (name, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("--rules-external-labels {pair:?}: not name=value"))?;
+            if !crate::model::labels::is_valid_label_name(name) || name.starts_with("__") {
+                return Err(format!(
+                    "--rules-external-labels: {name:?} is not a valid label name"
+                ));
+            }
+            if external_labels
+                .insert(name.to_owned(), value.to_owned())
+                .is_some()
+            {
+                return Err(format!("--rules-external-labels: {name:?} is given twice"));
+            }
+        }
         let notifier = Arc::new(notify::Notifier::new(
             &config.alertmanager_urls,
             config.alertmanager_timeout,
@@ -423,6 +454,7 @@ impl Manager {
             metrics.clone(),
         )?);
         Ok(Manager {
+            external_labels: Arc::new(external_labels),
             last_files: Mutex::new(Vec::new()),
             ruler_writes: tokio::sync::Mutex::new(()),
             config,
@@ -622,6 +654,7 @@ impl Manager {
                     notifier: self.notifier.clone(),
                     resend_delay_ms: self.config.resend_delay.as_millis() as i64,
                     external_url: self.config.external_url.clone(),
+                    external_labels: self.external_labels.clone(),
                     metrics: self.metrics.clone(),
                     outage_tolerance_ms: self.config.for_outage_tolerance.as_millis() as i64,
                     grace_period_ms: self.config.for_grace_period.as_millis() as i64,
@@ -958,13 +991,22 @@ pub async fn evaluate(group: &Group, state: &crate::api::AppState, t: i64) {
         } else if rule.rule.is_alerting() && !group.from_api {
             // A tenant's alerts (ruler API) are shown, not sent: the Alertmanagers of
             // --alertmanager-url are the operator's (docs/alerting.md).
-            let due = notify::due(
+            let mut due = notify::due(
                 &mut lock(&rule.status).active,
                 t,
                 group.resend_delay_ms,
                 group.interval_ms,
                 &notify::generator_url(&group.external_url, &rule.query),
             );
+            // External labels, where the alert has none of that name (Prometheus's notifier).
+            for alert in &mut due {
+                for (name, value) in group.external_labels.iter() {
+                    alert
+                        .labels
+                        .entry(name.clone())
+                        .or_insert_with(|| value.clone());
+                }
+            }
             group.notifier.send(due);
         }
         let outcome = match result {
@@ -1125,49 +1167,13 @@ async fn eval_alerting(
 ) -> Result<Vec<SeriesWrite>, String> {
     let vector = query(engine, &group.tenant, rule, t).await?;
     let name = rule.rule.alert.as_str();
-    let no_labels = BTreeMap::new();
-    let mut current: HashMap<u128, Alert> = HashMap::new();
-    for (series, value) in vector {
-        let series_map: BTreeMap<String, String> = pairs(&series).collect();
-        let data = template::data(&template::AlertData {
-            labels: &series_map,
-            external_labels: &no_labels,
-            external_url: &group.external_url,
-            value,
-        });
-        let expanded = rule
-            .label_templates
-            .iter()
-            .map(|(k, t)| (k.clone(), t.expand(&data)));
-        let mut labels = with_labels(pairs(&series).filter(|(n, _)| n != "__name__"), expanded);
-        labels.insert("alertname".into(), name.to_owned());
-        let annotations = rule
-            .annotation_templates
-            .iter()
-            .map(|(k, t)| (k.clone(), t.expand(&data)))
-            .collect();
-        let fingerprint = to_labels(&labels).fingerprint();
-        if current.contains_key(&fingerprint) {
-            return Err(
-                "vector contains metrics with the same labelset after applying alert labels".into(),
-            );
-        }
-        current.insert(
-            fingerprint,
-            Alert {
-                state: AlertState::Pending,
-                labels,
-                annotations,
-                value,
-                active_at: t,
-                fired_at: None,
-                resolved_at: None,
-                keep_firing_since: None,
-                last_sent_at: None,
-                valid_until: None,
-            },
-        );
-    }
+    let context = template::QueryContext {
+        engine: engine.clone(),
+        tenant: group.tenant.clone(),
+        t,
+    };
+    // Templates run synchronously, their `query` calls at this evaluation's time.
+    let current = template::with_query(context, || alerts_of(rule, group, name, vector, t))?;
     let hold = rule.rule.r#for;
     let keep_firing_for = rule.rule.keep_firing_for;
     let mut status = lock(&rule.status);
@@ -1232,6 +1238,60 @@ async fn eval_alerting(
     Ok(out)
 }
 
+/// The alerts of one evaluation's result: labels and annotations expanded, as new pending
+/// alerts.
+fn alerts_of(
+    rule: &LoadedRule,
+    group: &Group,
+    name: &str,
+    vector: Vec<(Labels, f64)>,
+    t: i64,
+) -> Result<HashMap<u128, Alert>, String> {
+    let mut current: HashMap<u128, Alert> = HashMap::new();
+    for (series, value) in vector {
+        let series_map: BTreeMap<String, String> = pairs(&series).collect();
+        let data = template::data(&template::AlertData {
+            labels: &series_map,
+            external_labels: &group.external_labels,
+            external_url: &group.external_url,
+            value,
+        });
+        let expanded = rule
+            .label_templates
+            .iter()
+            .map(|(k, t)| (k.clone(), t.expand(&data)));
+        let mut labels = with_labels(pairs(&series).filter(|(n, _)| n != "__name__"), expanded);
+        labels.insert("alertname".into(), name.to_owned());
+        let annotations = rule
+            .annotation_templates
+            .iter()
+            .map(|(k, t)| (k.clone(), t.expand(&data)))
+            .collect();
+        let fingerprint = to_labels(&labels).fingerprint();
+        if current.contains_key(&fingerprint) {
+            return Err(
+                "vector contains metrics with the same labelset after applying alert labels".into(),
+            );
+        }
+        current.insert(
+            fingerprint,
+            Alert {
+                state: AlertState::Pending,
+                labels,
+                annotations,
+                value,
+                active_at: t,
+                fired_at: None,
+                resolved_at: None,
+                keep_firing_since: None,
+                last_sent_at: None,
+                valid_until: None,
+            },
+        );
+    }
+    Ok(current)
+}
+
 /// `ALERTS` (1) and `ALERTS_FOR_STATE` (when it became active, in seconds) of `alert`: the
 /// rule's labels as written (templates unexpanded), then the alert's.
 fn alert_series(rule: &LoadedRule, alert: &Alert, t: i64) -> [SeriesWrite; 2] {
@@ -1284,6 +1344,7 @@ mod tests {
             ),
             resend_delay_ms: 60_000,
             external_url: String::new(),
+            external_labels: Arc::default(),
             metrics: Arc::default(),
             outage_tolerance_ms: 3_600_000,
             grace_period_ms: 600_000,

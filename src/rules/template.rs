@@ -38,6 +38,93 @@ impl std::fmt::Write for Bounded {
     }
 }
 
+/// What the `query` function runs against: set on the evaluating thread around the
+/// expansions of one evaluation (`with_query`).
+pub struct QueryContext {
+    pub engine: crate::promql::Engine,
+    pub tenant: crate::model::TenantId,
+    /// The evaluation time, in ms: a template's query is evaluated at it, as in Prometheus.
+    pub t: i64,
+}
+
+thread_local! {
+    static QUERY: std::cell::RefCell<Option<QueryContext>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (template expansions, which are synchronous) with `context` available to the
+/// `query` function.
+pub fn with_query<R>(context: QueryContext, f: impl FnOnce() -> R) -> R {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            QUERY.with(|q| *q.borrow_mut() = None);
+        }
+    }
+    QUERY.with(|q| *q.borrow_mut() = Some(context));
+    let _clear = Clear;
+    f()
+}
+
+/// Prometheus's `query`: the expression evaluated at the rule's evaluation time, as a list of
+/// samples (`.Labels`, `.Value`). The engine is asynchronous and templates are not: the
+/// evaluating worker thread hands its other tasks off while it waits (`block_in_place`).
+fn run_query(text: &str) -> Result<Value, String> {
+    let context = QUERY.with(|q| {
+        q.borrow()
+            .as_ref()
+            .map(|c| (c.engine.clone(), c.tenant.clone(), c.t))
+    });
+    let Some((engine, tenant, t)) = context else {
+        return Err("query is only available when a rule is evaluated".into());
+    };
+    let handle = tokio::runtime::Handle::try_current()
+        .ok()
+        .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        .ok_or("query needs the server's multi-threaded runtime")?;
+    let expr = engine.parse(text).map_err(|e| e.to_string())?;
+    let value = tokio::task::block_in_place(|| {
+        handle.block_on(engine.instant_query(
+            &tenant,
+            expr,
+            t,
+            crate::promql::QueryOptions::default(),
+        ))
+    })
+    .map_err(|e| e.to_string())?;
+    let samples: Vec<(Vec<(String, String)>, f64)> = match value {
+        crate::promql::QueryValue::Vector(samples) => samples
+            .into_iter()
+            .map(|(labels, s)| {
+                (
+                    labels
+                        .iter()
+                        .map(|l| (l.name.to_string(), l.value.to_string()))
+                        .collect(),
+                    s.v,
+                )
+            })
+            .collect(),
+        crate::promql::QueryValue::Scalar { v, .. } => vec![(Vec::new(), v)],
+        _ => return Err("rule result is not a vector or scalar".into()),
+    };
+    Ok(Value::List(
+        samples
+            .into_iter()
+            .map(|(labels, v)| {
+                let labels: BTreeMap<Arc<str>, Value> = labels
+                    .into_iter()
+                    .map(|(k, v)| (Arc::from(k.as_str()), Value::String(Arc::from(v.as_str()))))
+                    .collect();
+                let mut sample = BTreeMap::new();
+                sample.insert(Arc::from("Labels"), Value::Map(Arc::new(labels)));
+                sample.insert(Arc::from("Value"), Value::Float(v));
+                Value::Map(Arc::new(sample))
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    ))
+}
+
 /// What an alert template sees.
 pub struct AlertData<'a> {
     pub labels: &'a BTreeMap<String, String>,
@@ -619,8 +706,8 @@ fn with_functions(template: Template, external_url: &str) -> Template {
                 other => Ok(other),
             }
         })
-        .func("query", |_| {
-            Err(err("query is not supported in SecuMon's templates yet"))
+        .func("query", |args| {
+            run_query(&text_of(&arg(args, 0, "query")?)).map_err(err)
         })
         .func("graphLink", |args| {
             Ok(string(&query_link(

@@ -105,6 +105,7 @@ const RULES: &str = r#"groups:
         annotations:
           summary: "{{ $labels.instance }} is at {{ $value | humanize }}"
           value: "{{ $value }}"
+          total: "{{ with query \"sum(m)\" }}{{ . | first | value }}{{ end }} in {{ $externalLabels.cluster }}"
       - alert: Sticky
         expr: m > 8
         keep_firing_for: 4s
@@ -230,11 +231,12 @@ async fn rules_evaluate_as_prometheus_evaluates_them() {
         c.rules.files = vec![path.clone()];
         c.rules.evaluation_interval = Duration::from_secs(1);
         c.rules.alertmanager_urls = vec![am_secumon.base.clone()];
+        c.rules.external_labels = vec!["cluster=c1".into()];
     })
     .await;
     let prometheus = Prometheus::start(|_| {
         format!(
-            "global:\n  evaluation_interval: 1s\nrule_files:\n  - {path}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"{}\"]\n",
+            "global:\n  evaluation_interval: 1s\n  external_labels:\n    cluster: c1\nrule_files:\n  - {path}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [\"{}\"]\n",
             am_prometheus.base.trim_start_matches("http://")
         )
     });
