@@ -69,7 +69,7 @@ pub struct RulesConfig {
     pub external_url: String,
     /// Labels added to every alert sent (when it lacks them) and shown to templates as
     /// `$externalLabels`, comma-separated `name=value` pairs (Prometheus's
-    /// `global.external_labels`).
+    /// `global.external_labels`; a value cannot hold a comma).
     #[arg(
         id = "rules.external_labels",
         long = "rules-external-labels",
@@ -435,7 +435,7 @@ impl Manager {
             let (name, value) = pair
                 .split_once('=')
                 .ok_or_else(|| format!("--rules-external-labels {pair:?}: not name=value"))?;
-            if !crate::model::labels::is_valid_label_name(name) || name.starts_with("__") {
+            if !crate::model::labels::is_valid_label_name(name) {
                 return Err(format!(
                     "--rules-external-labels: {name:?} is not a valid label name"
                 ));
@@ -998,9 +998,10 @@ pub async fn evaluate(group: &Group, state: &crate::api::AppState, t: i64) {
                 group.interval_ms,
                 &notify::generator_url(&group.external_url, &rule.query),
             );
-            // External labels, where the alert has none of that name (Prometheus's notifier).
+            // External labels, where the alert has none of that name (Prometheus's notifier;
+            // an empty one sets nothing).
             for alert in &mut due {
-                for (name, value) in group.external_labels.iter() {
+                for (name, value) in group.external_labels.iter().filter(|(_, v)| !v.is_empty()) {
                     alert
                         .labels
                         .entry(name.clone())

@@ -47,6 +47,12 @@ pub struct QueryContext {
     pub t: i64,
 }
 
+/// Most template queries under way at once, across all rules: each holds a thread while it
+/// runs, so past this one fails at once rather than waiting.
+pub const MAX_TEMPLATE_QUERIES: usize = 4;
+static TEMPLATE_QUERIES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_TEMPLATE_QUERIES);
+
 thread_local! {
     static QUERY: std::cell::RefCell<Option<QueryContext>> = const { std::cell::RefCell::new(None) };
 }
@@ -82,6 +88,9 @@ fn run_query(text: &str) -> Result<Value, String> {
         .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
         .ok_or("query needs the server's multi-threaded runtime")?;
     let expr = engine.parse(text).map_err(|e| e.to_string())?;
+    let _permit = TEMPLATE_QUERIES.try_acquire().map_err(|_| {
+        format!("more than {MAX_TEMPLATE_QUERIES} template queries at once; try again at the next evaluation")
+    })?;
     let value = tokio::task::block_in_place(|| {
         handle.block_on(engine.instant_query(
             &tenant,
