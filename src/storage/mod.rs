@@ -6,6 +6,7 @@
 
 mod batch;
 pub mod embedded;
+pub(crate) mod encoding;
 pub mod postgres;
 
 pub use batch::{SeriesRef, SeriesWrite, WriteBatch};

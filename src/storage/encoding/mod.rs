@@ -14,8 +14,10 @@
 //! The idea is VictoriaMetrics's (decimal mantissas, deltas, zstd); the numbers that justify it
 //! are in docs/storage.md and docs/benchmarks.md.
 
-use super::chunk::Chunk;
+pub(crate) mod chunk;
+
 use crate::model::Sample;
+use chunk::Chunk;
 use std::io;
 
 const ZSTD_LEVEL: i32 = 3;

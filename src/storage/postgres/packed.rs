@@ -28,7 +28,7 @@ use super::read::{copy_rows, timestamp_literal};
 use super::write::to_datetime;
 use super::{db_error, PostgresStorage};
 use crate::model::{Sample, TimestampMs};
-use crate::storage::embedded::codec;
+use crate::storage::encoding as codec;
 use crate::storage::{StorageError, StorageResult};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;

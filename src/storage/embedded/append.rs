@@ -1,0 +1,136 @@
+//! Appending: series resolved, records logged, then applied to the head, in one order.
+
+use super::open::apply;
+use super::*;
+
+impl EmbeddedStorage {
+    /// Series ids for the series of a batch, with the records of the new ones (ids not yet
+    /// taken); only a new series' labels are copied.
+    pub(super) fn resolve(
+        &self,
+        head: &Head,
+        tenant: &str,
+        batch: &WriteBatch,
+        records: &mut Vec<Record>,
+    ) -> Vec<u64> {
+        let index = head.tenants.get(tenant);
+        let mut fresh: HashMap<u128, u64> = HashMap::default();
+        let mut next = head.next_id;
+        batch
+            .iter()
+            .map(|series| {
+                let fp = series.fingerprint;
+                if let Some(&id) = index.and_then(|i| i.by_fingerprint.get(&fp)) {
+                    return id;
+                }
+                *fresh.entry(fp).or_insert_with(|| {
+                    let id = next;
+                    next += 1;
+                    records.push(Record::Series {
+                        tenant: tenant.to_owned(),
+                        id,
+                        labels: series.labels.to_labels(),
+                    });
+                    id
+                })
+            })
+            .collect()
+    }
+
+    /// Logs `records` and applies them to the head with the log held (so the next writer
+    /// judges its samples against these), then lets the log go and waits until the records
+    /// are durable (by policy) before the caller acknowledges: concurrent writers share one
+    /// fsync (group commit). If that fsync fails the log refuses writes until a restart, so
+    /// nothing is acknowledged that a restart would not find.
+    pub(super) fn commit(
+        &self,
+        mut wal: std::sync::MutexGuard<'_, Wal>,
+        records: Vec<Record>,
+    ) -> StorageResult<()> {
+        let end = if records.is_empty() {
+            // Nothing new, but what this request repeats may still be waiting for its fsync.
+            wal.end()
+        } else {
+            tokio::task::block_in_place(|| wal.append(&records)).map_err(io_error)?
+        };
+        if !records.is_empty() {
+            let mut head = self.write();
+            let none = HashMap::default();
+            for record in records {
+                apply(&mut head, record, &none);
+            }
+        }
+        let (policy, syncer) = (wal.fsync_policy(), wal.syncer());
+        drop(wal);
+        if policy == FsyncPolicy::Always {
+            tokio::task::block_in_place(|| syncer.sync_to(end)).map_err(io_error)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn append_sync(
+        &self,
+        tenant: &TenantId,
+        batch: &WriteBatch,
+    ) -> StorageResult<AppendOutcome> {
+        let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut outcome = AppendOutcome::default();
+        let mut records = Vec::new();
+        let mut accepted: Vec<(u64, i64, f64)> = Vec::new();
+        {
+            let head = self.read();
+            let ids = self.resolve(&head, tenant.as_str(), batch, &mut records);
+            // Samples of this batch per series, to judge repeats inside the batch too; only
+            // needed for a series that comes twice or whose samples are not strictly in order.
+            let mut pending: HashMap<u64, Vec<Sample>> = HashMap::default();
+            let mut occurrences: HashMap<u64, u32> = HashMap::default();
+            for &id in &ids {
+                *occurrences.entry(id).or_default() += 1;
+            }
+            accepted.reserve(batch.sample_count());
+            let empty = SampleStore::default();
+            for (series, &id) in batch.iter().zip(&ids) {
+                let (stored, flushed_until) = head
+                    .series
+                    .get(&id)
+                    .map_or((&empty, i64::MIN), |s| (&s.samples, s.flushed_until));
+                let simple = occurrences.get(&id) == Some(&1)
+                    && series.samples.windows(2).all(|w| w[0].t < w[1].t);
+                for sample in series.samples {
+                    let placement = match place(stored, flushed_until, sample, self.window_ms) {
+                        Placement::Insert if simple => Placement::Insert,
+                        Placement::Insert => place_sorted(pending.entry(id).or_default(), sample),
+                        other => other,
+                    };
+                    match placement {
+                        Placement::Insert => {
+                            if !simple {
+                                insert_sample(pending.entry(id).or_default(), *sample);
+                            }
+                            accepted.push((id, sample.t, sample.v));
+                            outcome.accepted += 1;
+                        }
+                        Placement::Duplicate => outcome.accepted += 1,
+                        Placement::Conflict => outcome.reject(RejectReason::DuplicateTimestamp, 1, || {
+                            format!(
+                                "duplicate sample for timestamp {} with a different value, series {}",
+                                sample.t, series.labels
+                            )
+                        }),
+                        Placement::TooOld => outcome.reject(RejectReason::OutOfOrder, 1, || {
+                            format!(
+                                "out of order sample: timestamp {} is older than the out-of-order window, series {}",
+                                sample.t, series.labels
+                            )
+                        }),
+                    }
+                }
+            }
+        }
+        if !accepted.is_empty() {
+            records.push(Record::Samples { samples: accepted });
+        }
+        self.commit(wal, records)?;
+        Ok(outcome)
+    }
+}

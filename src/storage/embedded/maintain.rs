@@ -1,0 +1,317 @@
+//! Maintenance: flushing the head into blocks with a checkpoint of the log, compaction,
+//! retention, and the sizes of what is stored.
+
+use super::*;
+
+impl EmbeddedStorage {
+    /// One maintenance run at `now` (ms): flush the head up to the out-of-order window
+    /// behind its newest sample, checkpoint and shorten the log, compact closed windows,
+    /// apply retention.
+    pub fn maintain(&self, now: TimestampMs) -> StorageResult<MaintenanceReport> {
+        let cutoff = {
+            let head = self.read();
+            match head.max_t {
+                Some(max_t) => max_t.min(now).saturating_sub(self.window_ms),
+                None => i64::MIN,
+            }
+        };
+        self.maintain_with_cutoff(now, cutoff)
+    }
+
+    /// Like [`EmbeddedStorage::maintain`] with an explicit flush cutoff: every head sample
+    /// older than `cutoff` goes to disk (later samples at or before a series' flushed ones
+    /// are refused as out of order). `i64::MAX` flushes everything.
+    pub fn maintain_with_cutoff(
+        &self,
+        now: TimestampMs,
+        cutoff: TimestampMs,
+    ) -> StorageResult<MaintenanceReport> {
+        let _one = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = MaintenanceReport::default();
+        let internal =
+            |what: &str, e: std::io::Error| StorageError::Internal(format!("{what}: {e}"));
+        // Each step runs whatever the one before returned: a flush that keeps failing must
+        // not stop retention from freeing disk.
+        let flushed = self.flush(cutoff, &mut report);
+        let compacted = self.compact(cutoff, &mut report);
+        let retained = self.apply_retention(now, &mut report);
+        flushed?;
+        compacted.map_err(|e| internal("compaction", e))?;
+        retained.map_err(|e| internal("retention", e))?;
+        Ok(report)
+    }
+
+    pub(super) fn flush(
+        &self,
+        cutoff: TimestampMs,
+        report: &mut MaintenanceReport,
+    ) -> StorageResult<()> {
+        // Move the samples out of the head and start a new log segment, with writers held.
+        let (segment, checkpoint) = {
+            let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            let mut head = self.write();
+            let mut set = self.blocks_write();
+            for (&id, series) in head.series.iter_mut() {
+                let chunks = series.samples.split_before(cutoff);
+                if let Some(last) = chunks.last() {
+                    series.flushed_until = last.max_t;
+                    report.flushed_samples +=
+                        chunks.iter().map(|c| u64::from(c.count)).sum::<u64>();
+                    set.flushing.entry(id).or_default().extend(chunks);
+                }
+            }
+            if set.flushing.is_empty() {
+                return Ok(());
+            }
+            tokio::task::block_in_place(|| {
+                let segment = wal.rotate()?;
+                // Written (not yet synced) while writers wait, so it holds exactly what the
+                // rotated segments hold; it is committed once the block is in.
+                let mut checkpoint = wal::CheckpointWriter::create(&self.dir.join("wal"))?;
+                checkpoint_records(&head, &mut checkpoint)?;
+                Ok::<_, std::io::Error>((segment, checkpoint))
+            })
+            .map_err(io_error)?
+        };
+        // Write the block; readers keep seeing the samples in `flushing` until it is in.
+        // A directory number is used once, even when writing there fails.
+        let number = {
+            let mut set = self.blocks_write();
+            set.next_dir += 1;
+            set.next_dir - 1
+        };
+        let block = {
+            let set = self.blocks_read();
+            let dir = self.dir.join("blocks").join(format!("{number:010}"));
+            let series = set
+                .flushing
+                .iter()
+                .map(|(&id, chunks)| Ok((id, chunks_range(chunks, i64::MIN, i64::MAX))));
+            tokio::task::block_in_place(|| {
+                Block::write(&dir, set.next_order, 1, Vec::new(), series)
+            })
+            .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
+        };
+        {
+            let mut set = self.blocks_write();
+            set.flushing.clear();
+            set.next_order += 1;
+            if let Some(block) = block {
+                set.blocks.push(block);
+                report.blocks_written += 1;
+            }
+        }
+        // The log's samples older than the cutoff are on disk now: checkpoint what else the
+        // old segments hold (series, metadata, exemplars) and delete them.
+        tokio::task::block_in_place(|| checkpoint.commit(segment))
+            .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let old = wal.deletable(segment, cutoff);
+        wal.remove(&old, segment)
+            .map_err(|e| StorageError::Internal(format!("log truncation: {e}")))?;
+        report.wal_segments_deleted += old.len();
+        Ok(())
+    }
+
+    /// Merges runs of consecutive blocks that lie in one closed aligned window.
+    pub(super) fn compact(
+        &self,
+        cutoff: TimestampMs,
+        report: &mut MaintenanceReport,
+    ) -> std::io::Result<()> {
+        for span in COMPACTION_SPANS_MS {
+            loop {
+                let group = {
+                    let set = self.blocks_read();
+                    compaction_group(&set.blocks, span, cutoff, &set.not_compactable)
+                };
+                let Some(range) = group else { break };
+                let number = {
+                    let mut set = self.blocks_write();
+                    set.next_dir += 1;
+                    set.next_dir - 1
+                };
+                let merged = {
+                    let set = self.blocks_read();
+                    let dir = self.dir.join("blocks").join(format!("{number:010}"));
+                    let group: Vec<&Block> = set.blocks[range.clone()].iter().collect();
+                    tokio::task::block_in_place(|| block::compact(&dir, &group))
+                };
+                let mut set = self.blocks_write();
+                let merged = match merged {
+                    Ok(merged) => merged,
+                    Err(e) => {
+                        // A damaged run must not stop every later compaction: leave these
+                        // blocks as they are (until a restart) and go on.
+                        tracing::error!(error = %e, "compaction failed; its blocks stay as they are");
+                        let dirs: Vec<PathBuf> =
+                            set.blocks[range].iter().map(|b| b.dir.clone()).collect();
+                        set.not_compactable.extend(dirs);
+                        continue;
+                    }
+                };
+                let old: Vec<Block> = set.blocks.drain(range.clone()).collect();
+                if let Some(merged) = merged {
+                    set.blocks.insert(range.start, merged);
+                }
+                drop(set);
+                report.blocks_compacted += old.len();
+                for block in old {
+                    std::fs::remove_dir_all(&block.dir)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes raw chunks and rollups of blocks entirely older than their retention.
+    pub(super) fn apply_retention(
+        &self,
+        now: TimestampMs,
+        report: &mut MaintenanceReport,
+    ) -> std::io::Result<()> {
+        let mut set = self.blocks_write();
+        for block in &mut set.blocks {
+            for resolution in [
+                None,
+                Some(Resolution::FiveMinutes),
+                Some(Resolution::OneHour),
+            ] {
+                let present = match resolution {
+                    None => block.chunks.is_some(),
+                    Some(r) => block.rollup_file(r).is_some(),
+                };
+                let horizon = now.saturating_sub(self.retention.keep_ms(resolution));
+                if present && block.meta.max_t < horizon {
+                    block.drop_file(resolution)?;
+                    report.files_deleted += 1;
+                }
+            }
+        }
+        let (empty, kept): (Vec<Block>, Vec<Block>) = std::mem::take(&mut set.blocks)
+            .into_iter()
+            .partition(Block::is_empty);
+        set.blocks = kept;
+        drop(set);
+        for block in empty {
+            std::fs::remove_dir_all(&block.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Sizes of what is stored.
+    pub fn sizes(&self) -> StorageStats {
+        // The log first: the lock order is log, head, blocks.
+        let wal_bytes = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disk_bytes();
+        let series_in_memory = self.read().series.len() as u64;
+        let set = self.blocks_read();
+        StorageStats {
+            series_in_memory,
+            blocks: set.blocks.len() as u64,
+            block_samples: set
+                .blocks
+                .iter()
+                .filter(|b| b.chunks.is_some())
+                .map(|b| b.meta.samples)
+                .sum(),
+            block_bytes: set.blocks.iter().map(|b| b.size(false)).sum(),
+            rollup_bytes: set.blocks.iter().map(|b| b.size(true)).sum(),
+            wal_bytes,
+            ..StorageStats::default()
+        }
+    }
+}
+
+/// The first run of consecutive blocks whose data starts in the same aligned window of `span`
+/// and which all still hold raw chunks: all of them (at least two) once the window is closed
+/// (its end at or before `cutoff`); while it is open, at least two consecutive small ones
+/// (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
+pub(super) fn compaction_group(
+    blocks: &[Block],
+    span: i64,
+    cutoff: TimestampMs,
+    excluded: &std::collections::HashSet<PathBuf>,
+) -> Option<std::ops::Range<usize>> {
+    let window = |b: &Block| b.meta.min_t.div_euclid(span);
+    let mut i = 0;
+    while i < blocks.len() {
+        let w = window(&blocks[i]);
+        let mut j = i + 1;
+        while j < blocks.len() && window(&blocks[j]) == w {
+            j += 1;
+        }
+        let window_end = (w + 1).saturating_mul(span);
+        let compactable = |b: &Block| {
+            b.chunks.is_some() && !excluded.contains(&b.dir) && b.meta.max_t < window_end + span
+        };
+        if window_end <= cutoff {
+            if j - i >= 2 && blocks[i..j].iter().all(compactable) {
+                return Some(i..j);
+            }
+        } else {
+            let small = |b: &Block| {
+                compactable(b)
+                    && b.meta.samples < SMALL_BLOCK_SAMPLES_PER_SERIES * b.meta.series.max(1)
+            };
+            let mut k = i;
+            while k < j {
+                let mut l = k;
+                while l < j && small(&blocks[l]) {
+                    l += 1;
+                }
+                if l - k >= 2 {
+                    return Some(k..l);
+                }
+                k = l + 1;
+            }
+        }
+        i = j;
+    }
+    None
+}
+
+/// Writes what a checkpoint keeps of the deleted log segments — every series, metadata and
+/// exemplar — as log records, encoded straight from the head (no copies of label sets).
+pub(super) fn checkpoint_records(
+    head: &Head,
+    out: &mut wal::CheckpointWriter,
+) -> std::io::Result<()> {
+    let mut tenant_of: HashMap<u64, &str> = HashMap::default();
+    for (tenant, index) in &head.tenants {
+        for &id in &index.all {
+            tenant_of.insert(id, tenant.as_str());
+        }
+        for entries in index.metadata.values() {
+            for m in entries {
+                out.record(&Record::Metadata {
+                    tenant: tenant.clone(),
+                    metadata: m.clone(),
+                })?;
+            }
+        }
+    }
+    let mut ids: Vec<u64> = head.series.keys().copied().collect();
+    ids.sort_unstable();
+    let mut marks = Vec::new();
+    for id in ids {
+        let series = &head.series[&id];
+        let tenant = tenant_of.get(&id).copied().unwrap_or_default();
+        out.series(tenant, id, &series.labels)?;
+        if series.flushed_until > i64::MIN {
+            marks.push((id, series.flushed_until));
+        }
+    }
+    // In the ring's order, so that replay keeps the same exemplars as the oldest.
+    let exemplars = head.exemplar_entries();
+    if !exemplars.is_empty() {
+        out.record(&Record::Exemplars { exemplars })?;
+    }
+    if !marks.is_empty() {
+        out.record(&Record::Flushed { marks })?;
+    }
+    Ok(())
+}
