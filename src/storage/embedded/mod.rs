@@ -264,27 +264,33 @@ impl Storage for EmbeddedStorage {
         matchers: &[Matcher],
         hints: &SelectHints,
     ) -> StorageResult<Vec<SeriesSamples>> {
-        let head = self.read();
-        let set = self.blocks_read();
-        let mut ids = head.matching(tenant.as_str(), matchers);
-        ids.sort_unstable();
-        let mut loaded = 0usize;
-        let mut out = Vec::new();
-        let (read, damaged) = self.samples_of(
-            &head,
-            &set.blocks,
-            &set.flushing,
-            &ids,
+        // The head first, then the blocks, with no lock on the head while blocks are read.
+        let view = self.head_view(
+            tenant,
+            matchers,
             (hints.start, hints.end),
             hints.max_samples,
         )?;
+        let set = self.blocks_read();
+        let mut loaded = 0usize;
+        let mut out = Vec::new();
+        let (read, damaged) = self.samples_of(
+            view.samples,
+            &set.blocks,
+            &set.flushing,
+            &view.ids,
+            (hints.start, hints.end),
+            hints.max_samples,
+        )?;
+        drop(set);
         if damaged > 0 {
             hints.warnings.push(format!(
                 "{damaged} damaged block runs skipped: the answer may lack samples of some series (the server log names them)"
             ));
         }
+        let mut labels = view.labels;
         for (id, samples) in read {
-            let Some(series) = head.series.get(&id) else {
+            let Some(labels) = labels.remove(&id) else {
                 continue;
             };
             if samples.is_empty() {
@@ -294,10 +300,7 @@ impl Storage for EmbeddedStorage {
             if hints.max_samples > 0 && loaded > hints.max_samples {
                 return Err(StorageError::TooManySamples);
             }
-            out.push(SeriesSamples {
-                labels: series.labels.to_labels(),
-                samples,
-            });
+            out.push(SeriesSamples { labels, samples });
         }
         out.sort_by(|a, b| a.labels.cmp(&b.labels));
         Ok(out)
@@ -314,16 +317,18 @@ impl Storage for EmbeddedStorage {
     ) -> StorageResult<Vec<SeriesRollups>> {
         // Rollup runs decode whole; every aggregate comes at no extra cost.
         let (start, end) = (resolution.bucket(start), resolution.bucket(end));
-        let head = self.read();
+        // The head first (its samples not in blocks yet are aggregated below), then the
+        // blocks, with no lock on the head while blocks are read.
+        let raw_range = (start, end.saturating_add(resolution.ms() - 1));
+        let view = self.head_view(tenant, matchers, raw_range, read.max_rows)?;
+        let ids = &view.ids;
         let set = self.blocks_read();
-        let mut ids = head.matching(tenant.as_str(), matchers);
-        ids.sort_unstable();
         let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
         // Rows so far, checked after each block against `read.max_rows` (0: no limit).
         let (mut loaded, mut damaged) = (0usize, 0usize);
         for block in &set.blocks {
             damaged += block
-                .read_rollups(&ids, resolution, start, end, &mut rows)
+                .read_rollups(ids, resolution, start, end, &mut rows)
                 .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
             if read.max_rows > 0 {
                 loaded = rows.values().map(Vec::len).sum();
@@ -339,13 +344,14 @@ impl Storage for EmbeddedStorage {
         }
         // Samples not in blocks yet are aggregated here, within what is left.
         let (raw, _) = self.samples_of(
-            &head,
+            view.samples,
             &[],
             &set.flushing,
-            &ids,
-            (start, end.saturating_add(resolution.ms() - 1)),
+            ids,
+            raw_range,
             budget_left(read.max_rows, loaded),
         )?;
+        drop(set);
         for (id, samples) in raw {
             let fresh: Vec<RollupRow> = super::rollup(&samples, resolution)
                 .into_iter()
@@ -354,12 +360,13 @@ impl Storage for EmbeddedStorage {
             let entry = rows.entry(id).or_default();
             *entry = super::merge_rollups(std::mem::take(entry), &fresh);
         }
+        let mut labels = view.labels;
         let mut out: Vec<SeriesRollups> = rows
             .into_iter()
             .filter(|(_, rows)| !rows.is_empty())
             .filter_map(|(id, rows)| {
                 Some(SeriesRollups {
-                    labels: head.series.get(&id)?.labels.to_labels(),
+                    labels: labels.remove(&id)?,
                     rows,
                 })
             })
@@ -369,12 +376,7 @@ impl Storage for EmbeddedStorage {
     }
 
     async fn series(&self, tenant: &TenantId, query: &SeriesQuery) -> StorageResult<Vec<Labels>> {
-        let head = self.read();
-        let mut out: Vec<Labels> = self
-            .series_ids(&head, tenant, query)?
-            .into_iter()
-            .filter_map(|id| head.series.get(&id).map(|s| s.labels.to_labels()))
-            .collect();
+        let mut out: Vec<Labels> = self.series_labels(tenant, query)?;
         out.sort();
         if query.limit > 0 {
             out.truncate(query.limit);

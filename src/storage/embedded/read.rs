@@ -1,16 +1,69 @@
 //! Reading: the series a query matches and their samples, from blocks, samples being
 //! flushed and the head.
+//!
+//! A read takes what it needs from the head first, under the head's read lock for as long as
+//! copying it takes ([`HeadView`]), and lets go before it reads any block, so a long read
+//! never holds up writers, who need the head's write lock for every append. Taking the head
+//! first and the blocks after is what keeps the answer whole: a flush moves samples from the
+//! head into `flushing` under both locks at once, and a block replaces its `flushing`
+//! samples under the blocks' lock, so a sample that left the head after the copy is in
+//! `flushing` or a block when the blocks are read (one seen twice is read once).
 
 use super::*;
 
+/// What a read takes from the head: the series that match (sorted ids), their labels, and
+/// their head samples in the range.
+pub(super) struct HeadView {
+    pub ids: Vec<u64>,
+    pub labels: HashMap<u64, Labels>,
+    pub samples: HashMap<u64, Vec<Sample>>,
+}
+
 impl EmbeddedStorage {
+    /// The head's part of a read of `matchers` over `[start, end]`, copied under its read
+    /// lock; fails as soon as more than `max_samples` (0: no limit) were copied.
+    pub(super) fn head_view(
+        &self,
+        tenant: &TenantId,
+        matchers: &[Matcher],
+        (start, end): (TimestampMs, TimestampMs),
+        max_samples: usize,
+    ) -> StorageResult<HeadView> {
+        let head = self.read();
+        let mut ids = head.matching(tenant.as_str(), matchers);
+        ids.sort_unstable();
+        let mut labels = HashMap::default();
+        let mut samples: HashMap<u64, Vec<Sample>> = HashMap::default();
+        let mut copied = 0usize;
+        for &id in &ids {
+            let Some(series) = head.series.get(&id) else {
+                continue;
+            };
+            labels.insert(id, series.labels.to_labels());
+            let mut range = Vec::new();
+            series.samples.range_into(start, end, &mut range);
+            if !range.is_empty() {
+                copied += range.len();
+                if max_samples > 0 && copied > max_samples {
+                    return Err(StorageError::TooManySamples);
+                }
+                samples.insert(id, range);
+            }
+        }
+        Ok(HeadView {
+            ids,
+            labels,
+            samples,
+        })
+    }
+
     /// Raw samples of `ids` (sorted) in `[start, end]` from blocks, samples being flushed and
-    /// the head, per series in time order, with the damaged runs skipped. Fails with
+    /// `head` (the head's samples in the range, taken before), per series in time order, with the damaged runs skipped. Fails with
     /// [`StorageError::TooManySamples`] as soon as more than `max_samples` were read (0: no
     /// limit), before reading the rest.
     pub(super) fn samples_of(
         &self,
-        head: &Head,
+        mut head: HashMap<u64, Vec<Sample>>,
         blocks: &[Block],
         flushing: &BTreeMap<u64, Vec<Chunk>>,
         ids: &[u64],
@@ -32,7 +85,7 @@ impl EmbeddedStorage {
         }
         for &id in ids {
             let flushing = flushing.get(&id);
-            let in_head = head.series.get(&id);
+            let in_head = head.remove(&id);
             if flushing.is_none() && in_head.is_none() {
                 continue;
             }
@@ -41,8 +94,8 @@ impl EmbeddedStorage {
             if let Some(chunks) = flushing {
                 chunks_range_into(chunks, start, end, samples);
             }
-            if let Some(series) = in_head {
-                series.samples.range_into(start, end, samples);
+            if let Some(head_samples) = in_head {
+                samples.extend(head_samples);
             }
             loaded += samples.len() - before;
             if over(loaded) {
@@ -58,32 +111,40 @@ impl EmbeddedStorage {
         Ok((out, damaged))
     }
 
-    pub(super) fn series_ids(
+    /// The labels of the series of `query` that have samples in its range, in the head, in
+    /// samples being flushed or in a block; the head's part taken (and its lock let go)
+    /// before any block is read.
+    pub(super) fn series_labels(
         &self,
-        head: &Head,
         tenant: &TenantId,
         query: &SeriesQuery,
-    ) -> StorageResult<Vec<u64>> {
-        let mut ids: BTreeSet<u64> = BTreeSet::new();
-        if query.matcher_sets.is_empty() {
-            ids.extend(head.matching(tenant.as_str(), &[]));
-        }
-        for set in &query.matcher_sets {
-            ids.extend(head.matching(tenant.as_str(), set));
-        }
-        let ids: Vec<u64> = ids.into_iter().collect();
+    ) -> StorageResult<Vec<Labels>> {
+        let (ids, mut labels, mut found) = {
+            let head = self.read();
+            let mut ids: BTreeSet<u64> = BTreeSet::new();
+            if query.matcher_sets.is_empty() {
+                ids.extend(head.matching(tenant.as_str(), &[]));
+            }
+            for set in &query.matcher_sets {
+                ids.extend(head.matching(tenant.as_str(), set));
+            }
+            let labels: HashMap<u64, Labels> = ids
+                .iter()
+                .filter_map(|id| Some((*id, head.series.get(id)?.labels.to_labels())))
+                .collect();
+            let found: BTreeSet<u64> = ids
+                .iter()
+                .copied()
+                .filter(|&id| head.has_samples(id, query.start, query.end))
+                .collect();
+            (ids.into_iter().collect::<Vec<u64>>(), labels, found)
+        };
         let set = self.blocks_read();
-        let mut found: BTreeSet<u64> = ids
-            .iter()
-            .copied()
-            .filter(|&id| {
-                head.has_samples(id, query.start, query.end)
-                    || set
-                        .flushing
-                        .get(&id)
-                        .is_some_and(|chunks| chunks_any_in(chunks, query.start, query.end))
-            })
-            .collect();
+        found.extend(ids.iter().copied().filter(|id| {
+            set.flushing
+                .get(id)
+                .is_some_and(|chunks| chunks_any_in(chunks, query.start, query.end))
+        }));
         for block in &set.blocks {
             let rest: Vec<u64> = ids
                 .iter()
@@ -99,6 +160,7 @@ impl EmbeddedStorage {
                     .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?,
             );
         }
-        Ok(found.into_iter().collect())
+        drop(set);
+        Ok(found.into_iter().filter_map(|id| labels.remove(&id)).collect())
     }
 }
