@@ -336,6 +336,11 @@ impl Block {
         }
     }
 
+    /// The path of its raw chunks (`None`) or of a rollup file.
+    pub fn file_path(&self, resolution: Option<Resolution>) -> PathBuf {
+        self.dir.join(file_name(resolution))
+    }
+
     /// Deletes the raw chunks (`None`) or a rollup file from disk.
     pub fn drop_file(&mut self, resolution: Option<Resolution>) -> io::Result<()> {
         let path = self.dir.join(file_name(resolution));

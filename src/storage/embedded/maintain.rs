@@ -97,7 +97,7 @@ impl EmbeddedStorage {
             set.flushing.clear();
             set.next_order += 1;
             if let Some(block) = block {
-                set.blocks.push(block);
+                set.blocks.push(Arc::new(block));
                 report.blocks_written += 1;
             }
         }
@@ -131,12 +131,15 @@ impl EmbeddedStorage {
                     set.next_dir += 1;
                     set.next_dir - 1
                 };
+                // The blocks are shared: the set's lock is not held while they are merged (only
+                // maintenance, one run at a time, changes the set, so `range` stays valid).
+                let group: Vec<Arc<Block>> = self.blocks_read().blocks[range.clone()].to_vec();
                 let merged = {
-                    let set = self.blocks_read();
                     let dir = self.dir.join("blocks").join(format!("{number:010}"));
-                    let group: Vec<&Block> = set.blocks[range.clone()].iter().collect();
+                    let group: Vec<&Block> = group.iter().map(|b| &**b).collect();
                     tokio::task::block_in_place(|| block::compact(&dir, &group))
                 };
+                drop(group);
                 let mut set = self.blocks_write();
                 let merged = match merged {
                     Ok(merged) => merged,
@@ -150,9 +153,9 @@ impl EmbeddedStorage {
                         continue;
                     }
                 };
-                let old: Vec<Block> = set.blocks.drain(range.clone()).collect();
+                let old: Vec<Arc<Block>> = set.blocks.drain(range.clone()).collect();
                 if let Some(merged) = merged {
-                    set.blocks.insert(range.start, merged);
+                    set.blocks.insert(range.start, Arc::new(merged));
                 }
                 drop(set);
                 report.blocks_compacted += old.len();
@@ -183,14 +186,27 @@ impl EmbeddedStorage {
                 };
                 let horizon = now.saturating_sub(self.retention.keep_ms(resolution));
                 if present && block.meta.max_t < horizon {
-                    block.drop_file(resolution)?;
+                    match Arc::get_mut(block) {
+                        Some(only) => only.drop_file(resolution)?,
+                        None => {
+                            // A read holds this block: the file goes, and the block is opened
+                            // again without it; the read keeps its open file to the end.
+                            match std::fs::remove_file(block.file_path(resolution)) {
+                                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                    return Err(e)
+                                }
+                                _ => {}
+                            }
+                            *block = Arc::new(Block::open(&block.dir)?.0);
+                        }
+                    }
                     report.files_deleted += 1;
                 }
             }
         }
-        let (empty, kept): (Vec<Block>, Vec<Block>) = std::mem::take(&mut set.blocks)
+        let (empty, kept): (Vec<Arc<Block>>, Vec<Arc<Block>>) = std::mem::take(&mut set.blocks)
             .into_iter()
-            .partition(Block::is_empty);
+            .partition(|b| b.is_empty());
         set.blocks = kept;
         drop(set);
         for block in empty {
@@ -231,7 +247,7 @@ impl EmbeddedStorage {
 /// (its end at or before `cutoff`); while it is open, at least two consecutive small ones
 /// (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
 pub(super) fn compaction_group(
-    blocks: &[Block],
+    blocks: &[Arc<Block>],
     span: i64,
     cutoff: TimestampMs,
     excluded: &std::collections::HashSet<PathBuf>,
@@ -245,7 +261,7 @@ pub(super) fn compaction_group(
             j += 1;
         }
         let window_end = (w + 1).saturating_mul(span);
-        let compactable = |b: &Block| {
+        let compactable = |b: &Arc<Block>| {
             b.chunks.is_some() && !excluded.contains(&b.dir) && b.meta.max_t < window_end + span
         };
         if window_end <= cutoff {
@@ -253,7 +269,7 @@ pub(super) fn compaction_group(
                 return Some(i..j);
             }
         } else {
-            let small = |b: &Block| {
+            let small = |b: &Arc<Block>| {
                 compactable(b)
                     && b.meta.samples < SMALL_BLOCK_SAMPLES_PER_SERIES * b.meta.series.max(1)
             };

@@ -51,7 +51,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use wal::{Record, Wal};
 
@@ -119,8 +119,9 @@ const SMALL_BLOCK_SAMPLES_PER_SERIES: u64 = 120;
 /// The blocks on disk and the samples on their way there.
 #[derive(Default)]
 struct BlockSet {
-    /// Sorted by `meta.order`.
-    blocks: Vec<Block>,
+    /// Sorted by `meta.order`; shared, so a read holds the blocks it reads without holding
+    /// this set's lock, and a block replaced meanwhile stays readable until it is done.
+    blocks: Vec<Arc<Block>>,
     /// Samples taken out of the head whose block is not written yet (kept here, readable,
     /// when writing it failed, and written with the next flush).
     flushing: BTreeMap<u64, Vec<Chunk>>,
@@ -271,7 +272,7 @@ impl Storage for EmbeddedStorage {
             (hints.start, hints.end),
             hints.max_samples,
         )?;
-        let set = self.blocks_read();
+        let set = self.blocks_view(&view.ids);
         let mut loaded = 0usize;
         let mut out = Vec::new();
         let (read, damaged) = self.samples_of(
@@ -322,7 +323,7 @@ impl Storage for EmbeddedStorage {
         let raw_range = (start, end.saturating_add(resolution.ms() - 1));
         let view = self.head_view(tenant, matchers, raw_range, read.max_rows)?;
         let ids = &view.ids;
-        let set = self.blocks_read();
+        let set = self.blocks_view(ids);
         let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
         // Rows so far, checked after each block against `read.max_rows` (0: no limit).
         let (mut loaded, mut damaged) = (0usize, 0usize);
@@ -579,9 +580,21 @@ mod tests {
         assert!(wal_files <= 3, "log segments left: {wal_files}");
         // Retention at day 14: raw of days 10 and 11 leave disk, rollups stay longer.
         let bytes_before = stats.block_bytes;
+        // A read under way holds the blocks it reads: retention deletes their files all the
+        // same, and the read goes on reading what it holds.
+        let held: Vec<Arc<Block>> = s.blocks_read().blocks.clone();
+        let ids: Vec<u64> = s.read().series.keys().copied().collect();
         let report = s.maintain_with_cutoff(14 * DAY, i64::MIN).unwrap();
         assert_eq!(report.files_deleted, 2 + 1, "raw of two days, 5m of one");
         assert!(s.sizes().block_bytes < bytes_before);
+        assert!(!held[0].file_path(None).exists());
+        let mut read = BTreeMap::new();
+        held[0]
+            .read_samples(&ids, 0, i64::MAX, 0, &mut read)
+            .unwrap();
+        assert_eq!(read.values().map(Vec::len).sum::<usize>(), 4 * 720);
+        assert!(s.blocks_read().blocks[0].chunks.is_none());
+        drop(held);
         let left = everything(&s).await;
         assert_eq!(left[0].samples.first().unwrap().t, 12 * DAY);
         let hourly = s

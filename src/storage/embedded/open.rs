@@ -100,7 +100,7 @@ pub(super) fn open_blocks(dir: &Path) -> std::io::Result<(BlockSet, u64)> {
         match Block::open(&path) {
             Ok((block, bytes)) => {
                 damaged += bytes;
-                set.blocks.push(block);
+                set.blocks.push(Arc::new(block));
             }
             Err(e) => {
                 let aside = path.with_extension("damaged");

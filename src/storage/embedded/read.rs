@@ -19,7 +19,29 @@ pub(super) struct HeadView {
     pub samples: HashMap<u64, Vec<Sample>>,
 }
 
+/// What a read takes from the blocks' set, under its lock for no longer than cloning takes:
+/// the blocks (shared) and the samples being flushed of the series read.
+pub(super) struct BlocksView {
+    pub blocks: Vec<Arc<Block>>,
+    pub flushing: BTreeMap<u64, Vec<Chunk>>,
+}
+
 impl EmbeddedStorage {
+    /// The blocks' part of a read of `ids`; taken after the head's ([`HeadView`]).
+    pub(super) fn blocks_view(&self, ids: &[u64]) -> BlocksView {
+        let set = self.blocks_read();
+        BlocksView {
+            blocks: set.blocks.clone(),
+            flushing: if set.flushing.is_empty() {
+                BTreeMap::new()
+            } else {
+                ids.iter()
+                    .filter_map(|id| Some((*id, set.flushing.get(id)?.clone())))
+                    .collect()
+            },
+        }
+    }
+
     /// The head's part of a read of `matchers` over `[start, end]`, copied under its read
     /// lock; fails as soon as more than `max_samples` (0: no limit) were copied.
     pub(super) fn head_view(
@@ -64,7 +86,7 @@ impl EmbeddedStorage {
     pub(super) fn samples_of(
         &self,
         mut head: HashMap<u64, Vec<Sample>>,
-        blocks: &[Block],
+        blocks: &[Arc<Block>],
         flushing: &BTreeMap<u64, Vec<Chunk>>,
         ids: &[u64],
         (start, end): (TimestampMs, TimestampMs),
@@ -139,7 +161,7 @@ impl EmbeddedStorage {
                 .collect();
             (ids.into_iter().collect::<Vec<u64>>(), labels, found)
         };
-        let set = self.blocks_read();
+        let set = self.blocks_view(&ids);
         found.extend(ids.iter().copied().filter(|id| {
             set.flushing
                 .get(id)
@@ -161,6 +183,9 @@ impl EmbeddedStorage {
             );
         }
         drop(set);
-        Ok(found.into_iter().filter_map(|id| labels.remove(&id)).collect())
+        Ok(found
+            .into_iter()
+            .filter_map(|id| labels.remove(&id))
+            .collect())
     }
 }
