@@ -50,7 +50,7 @@ use rustc_hash::FxHashMap as HashMap;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use wal::{Record, Wal};
@@ -275,15 +275,16 @@ impl Storage for EmbeddedStorage {
         let set = self.blocks_view(&view.ids);
         let mut loaded = 0usize;
         let mut out = Vec::new();
-        let (read, damaged) = self.samples_of(
+        let (ids, head, range, max) = (
+            view.ids,
             view.samples,
-            &set.blocks,
-            &set.flushing,
-            &view.ids,
             (hints.start, hints.end),
             hints.max_samples,
-        )?;
-        drop(set);
+        );
+        let (read, damaged) = read::off_runtime(move |stop| {
+            read::samples_of(head, &set.blocks, &set.flushing, &ids, range, max, stop)
+        })
+        .await?;
         if damaged > 0 {
             hints.warnings.push(format!(
                 "{damaged} damaged block runs skipped: the answer may lack samples of some series (the server log names them)"
@@ -322,37 +323,42 @@ impl Storage for EmbeddedStorage {
         // blocks, with no lock on the head while blocks are read.
         let raw_range = (start, end.saturating_add(resolution.ms() - 1));
         let view = self.head_view(tenant, matchers, raw_range, read.max_rows)?;
-        let ids = &view.ids;
-        let set = self.blocks_view(ids);
-        let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
-        // Rows so far, checked after each block against `read.max_rows` (0: no limit).
-        let (mut loaded, mut damaged) = (0usize, 0usize);
-        for block in &set.blocks {
-            damaged += block
-                .read_rollups(ids, resolution, start, end, &mut rows)
-                .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
-            if read.max_rows > 0 {
-                loaded = rows.values().map(Vec::len).sum();
-                if loaded > read.max_rows {
-                    return Err(StorageError::TooManySamples);
+        let set = self.blocks_view(&view.ids);
+        let (ids, head, max_rows) = (view.ids, view.samples, read.max_rows);
+        let (mut rows, raw, damaged) = read::off_runtime(move |stop| {
+            let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
+            // Rows so far, checked after each block against `max_rows` (0: no limit).
+            let (mut loaded, mut damaged) = (0usize, 0usize);
+            for block in &set.blocks {
+                read::stopped(stop)?;
+                damaged += block
+                    .read_rollups(&ids, resolution, start, end, &mut rows)
+                    .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
+                if max_rows > 0 {
+                    loaded = rows.values().map(Vec::len).sum();
+                    if loaded > max_rows {
+                        return Err(StorageError::TooManySamples);
+                    }
                 }
             }
-        }
+            // Samples not in blocks yet are aggregated below, within what is left.
+            let (raw, _) = read::samples_of(
+                head,
+                &[],
+                &set.flushing,
+                &ids,
+                raw_range,
+                budget_left(max_rows, loaded),
+                stop,
+            )?;
+            Ok((rows, raw, damaged))
+        })
+        .await?;
         if damaged > 0 {
             read.warnings.push(format!(
                 "{damaged} damaged block runs skipped: the answer may lack rollups of some series (the server log names them)"
             ));
         }
-        // Samples not in blocks yet are aggregated here, within what is left.
-        let (raw, _) = self.samples_of(
-            view.samples,
-            &[],
-            &set.flushing,
-            ids,
-            raw_range,
-            budget_left(read.max_rows, loaded),
-        )?;
-        drop(set);
         for (id, samples) in raw {
             let fresh: Vec<RollupRow> = super::rollup(&samples, resolution)
                 .into_iter()
@@ -377,7 +383,7 @@ impl Storage for EmbeddedStorage {
     }
 
     async fn series(&self, tenant: &TenantId, query: &SeriesQuery) -> StorageResult<Vec<Labels>> {
-        let mut out: Vec<Labels> = self.series_labels(tenant, query)?;
+        let mut out: Vec<Labels> = self.series_labels(tenant, query).await?;
         out.sort();
         if query.limit > 0 {
             out.truncate(query.limit);

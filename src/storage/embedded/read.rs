@@ -79,64 +79,10 @@ impl EmbeddedStorage {
         })
     }
 
-    /// Raw samples of `ids` (sorted) in `[start, end]` from blocks, samples being flushed and
-    /// `head` (the head's samples in the range, taken before), per series in time order, with the damaged runs skipped. Fails with
-    /// [`StorageError::TooManySamples`] as soon as more than `max_samples` were read (0: no
-    /// limit), before reading the rest.
-    pub(super) fn samples_of(
-        &self,
-        mut head: HashMap<u64, Vec<Sample>>,
-        blocks: &[Arc<Block>],
-        flushing: &BTreeMap<u64, Vec<Chunk>>,
-        ids: &[u64],
-        (start, end): (TimestampMs, TimestampMs),
-        max_samples: usize,
-    ) -> StorageResult<(BTreeMap<u64, Vec<Sample>>, usize)> {
-        let mut out: BTreeMap<u64, Vec<Sample>> = BTreeMap::new();
-        let (mut damaged, mut loaded) = (0, 0usize);
-        let over = |loaded: usize| max_samples > 0 && loaded > max_samples;
-        for block in blocks {
-            let stats = block
-                .read_samples(ids, start, end, budget_left(max_samples, loaded), &mut out)
-                .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
-            damaged += stats.damaged;
-            loaded += stats.samples;
-            if over(loaded) {
-                return Err(StorageError::TooManySamples);
-            }
-        }
-        for &id in ids {
-            let flushing = flushing.get(&id);
-            let in_head = head.remove(&id);
-            if flushing.is_none() && in_head.is_none() {
-                continue;
-            }
-            let samples = out.entry(id).or_default();
-            let before = samples.len();
-            if let Some(chunks) = flushing {
-                chunks_range_into(chunks, start, end, samples);
-            }
-            if let Some(head_samples) = in_head {
-                samples.extend(head_samples);
-            }
-            loaded += samples.len() - before;
-            if over(loaded) {
-                return Err(StorageError::TooManySamples);
-            }
-        }
-        for samples in out.values_mut() {
-            if !samples.windows(2).all(|w| w[0].t < w[1].t) {
-                samples.sort_by_key(|s| s.t);
-                samples.dedup_by_key(|s| s.t);
-            }
-        }
-        Ok((out, damaged))
-    }
-
     /// The labels of the series of `query` that have samples in its range, in the head, in
     /// samples being flushed or in a block; the head's part taken (and its lock let go)
     /// before any block is read.
-    pub(super) fn series_labels(
+    pub(super) async fn series_labels(
         &self,
         tenant: &TenantId,
         query: &SeriesQuery,
@@ -162,30 +108,155 @@ impl EmbeddedStorage {
             (ids.into_iter().collect::<Vec<u64>>(), labels, found)
         };
         let set = self.blocks_view(&ids);
-        found.extend(ids.iter().copied().filter(|id| {
-            set.flushing
-                .get(id)
-                .is_some_and(|chunks| chunks_any_in(chunks, query.start, query.end))
-        }));
-        for block in &set.blocks {
-            let rest: Vec<u64> = ids
-                .iter()
-                .copied()
-                .filter(|id| !found.contains(id))
-                .collect();
-            if rest.is_empty() {
-                break;
+        let (start, end) = (query.start, query.end);
+        let found = off_runtime(move |stop| {
+            found.extend(ids.iter().copied().filter(|id| {
+                set.flushing
+                    .get(id)
+                    .is_some_and(|chunks| chunks_any_in(chunks, start, end))
+            }));
+            for block in &set.blocks {
+                stopped(stop)?;
+                let rest: Vec<u64> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !found.contains(id))
+                    .collect();
+                if rest.is_empty() {
+                    break;
+                }
+                found.extend(
+                    block
+                        .series_in_range(&rest, start, end)
+                        .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?,
+                );
             }
-            found.extend(
-                block
-                    .series_in_range(&rest, query.start, query.end)
-                    .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?,
-            );
-        }
-        drop(set);
+            Ok(found)
+        })
+        .await?;
         Ok(found
             .into_iter()
             .filter_map(|id| labels.remove(&id))
             .collect())
+    }
+}
+
+/// Raw samples of `ids` (sorted) in `[start, end]` from blocks, samples being flushed and
+/// `head` (the head's samples in the range, taken before), per series in time order, with the damaged runs skipped. Fails with
+/// [`StorageError::TooManySamples`] as soon as more than `max_samples` were read (0: no
+/// limit), before reading the rest.
+pub(super) fn samples_of(
+    mut head: HashMap<u64, Vec<Sample>>,
+    blocks: &[Arc<Block>],
+    flushing: &BTreeMap<u64, Vec<Chunk>>,
+    ids: &[u64],
+    (start, end): (TimestampMs, TimestampMs),
+    max_samples: usize,
+    stop: &AtomicBool,
+) -> StorageResult<(BTreeMap<u64, Vec<Sample>>, usize)> {
+    let mut out: BTreeMap<u64, Vec<Sample>> = BTreeMap::new();
+    let (mut damaged, mut loaded) = (0, 0usize);
+    let over = |loaded: usize| max_samples > 0 && loaded > max_samples;
+    for block in blocks {
+        stopped(stop)?;
+        let stats = block
+            .read_samples(ids, start, end, budget_left(max_samples, loaded), &mut out)
+            .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?;
+        damaged += stats.damaged;
+        loaded += stats.samples;
+        if over(loaded) {
+            return Err(StorageError::TooManySamples);
+        }
+    }
+    for &id in ids {
+        let flushing = flushing.get(&id);
+        let in_head = head.remove(&id);
+        if flushing.is_none() && in_head.is_none() {
+            continue;
+        }
+        let samples = out.entry(id).or_default();
+        let before = samples.len();
+        if let Some(chunks) = flushing {
+            chunks_range_into(chunks, start, end, samples);
+        }
+        if let Some(head_samples) = in_head {
+            samples.extend(head_samples);
+        }
+        loaded += samples.len() - before;
+        if over(loaded) {
+            return Err(StorageError::TooManySamples);
+        }
+    }
+    for samples in out.values_mut() {
+        if !samples.windows(2).all(|w| w[0].t < w[1].t) {
+            samples.sort_by_key(|s| s.t);
+            samples.dedup_by_key(|s| s.t);
+        }
+    }
+    Ok((out, damaged))
+}
+
+/// Fails once the caller has stopped waiting for a read (its query timed out or went away).
+pub(super) fn stopped(stop: &AtomicBool) -> StorageResult<()> {
+    if stop.load(Ordering::Relaxed) {
+        return Err(StorageError::Internal("read abandoned".into()));
+    }
+    Ok(())
+}
+
+/// Runs a read of blocks on a blocking thread, off the runtime's workers (which serve
+/// ingest), and tells it to stop when the caller stops waiting: a query that times out or
+/// whose client goes away stops reading at the next block.
+pub(super) async fn off_runtime<T: Send + 'static>(
+    read: impl FnOnce(&AtomicBool) -> StorageResult<T> + Send + 'static,
+) -> StorageResult<T> {
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = Stop(Arc::new(AtomicBool::new(false)));
+    let flag = stop.0.clone();
+    let result = tokio::task::spawn_blocking(move || read(&flag))
+        .await
+        .map_err(|e| StorageError::Internal(format!("a read failed: {e}")))?;
+    drop(stop);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_the_caller_stops_waiting_for_stops() {
+        let saw_stop = Arc::new(AtomicBool::new(false));
+        let seen = saw_stop.clone();
+        let read = off_runtime(move |stop| {
+            // A read of many blocks: it checks between blocks.
+            for _ in 0..10_000 {
+                if stopped(stop).is_err() {
+                    seen.store(true, Ordering::SeqCst);
+                    return Err(StorageError::Internal("stopped".into()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(())
+        });
+        // The query's timeout drops the read.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), read)
+                .await
+                .is_err()
+        );
+        let waited = std::time::Instant::now();
+        while !saw_stop.load(Ordering::SeqCst) {
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(5),
+                "the read went on after its caller stopped waiting"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 }
