@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Samples per separately decodable piece of a run.
 const PIECE_SAMPLES: usize = 720;
@@ -186,8 +187,9 @@ pub(crate) struct Meta {
 pub(super) struct Block {
     pub dir: PathBuf,
     pub meta: Meta,
-    pub chunks: Option<RunFile>,
-    pub rollups: Vec<(Resolution, RunFile)>,
+    /// Shared, so a block without one of its files is made without opening the others.
+    pub chunks: Option<Arc<RunFile>>,
+    pub rollups: Vec<(Resolution, Arc<RunFile>)>,
 }
 
 fn file_name(resolution: Option<Resolution>) -> &'static str {
@@ -276,7 +278,7 @@ impl Block {
         let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json"))?)
             .map_err(|e| damaged(format!("{}: meta.json: {e}", dir.display())))?;
         let mut damaged_bytes = 0;
-        let mut open = |name: &str| -> io::Result<Option<RunFile>> {
+        let mut open = |name: &str| -> io::Result<Option<Arc<RunFile>>> {
             let path = dir.join(name);
             if !path.exists() {
                 return Ok(None);
@@ -295,7 +297,7 @@ impl Block {
                 );
             }
             damaged_bytes += opened.damaged_bytes;
-            Ok(Some(opened.file))
+            Ok(Some(Arc::new(opened.file)))
         };
         let chunks = open(file_name(None))?;
         let mut rollups = Vec::new();
@@ -324,7 +326,7 @@ impl Block {
         self.rollups
             .iter()
             .find(|(r, _)| *r == resolution)
-            .map(|(_, f)| f)
+            .map(|(_, f)| &**f)
     }
 
     /// Bytes on disk of the raw chunks, or of the rollups.
@@ -332,7 +334,7 @@ impl Block {
         if rollups {
             self.rollups.iter().map(|(_, f)| f.size()).sum()
         } else {
-            self.chunks.iter().map(RunFile::size).sum()
+            self.chunks.iter().map(|f| f.size()).sum()
         }
     }
 
@@ -341,9 +343,25 @@ impl Block {
         self.dir.join(file_name(resolution))
     }
 
+    /// This block without its raw chunks (`None`) or one rollup file, its other files shared:
+    /// for retention while a read still holds the block. No I/O.
+    pub fn without(&self, resolution: Option<Resolution>) -> Block {
+        Block {
+            dir: self.dir.clone(),
+            meta: self.meta.clone(),
+            chunks: self.chunks.clone().filter(|_| resolution.is_some()),
+            rollups: self
+                .rollups
+                .iter()
+                .filter(|(r, _)| Some(*r) != resolution)
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// Deletes the raw chunks (`None`) or a rollup file from disk.
     pub fn drop_file(&mut self, resolution: Option<Resolution>) -> io::Result<()> {
-        let path = self.dir.join(file_name(resolution));
+        let path = self.file_path(resolution);
         match resolution {
             None => self.chunks = None,
             Some(r) => self.rollups.retain(|(x, _)| *x != r),

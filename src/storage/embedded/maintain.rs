@@ -186,20 +186,14 @@ impl EmbeddedStorage {
                 };
                 let horizon = now.saturating_sub(self.retention.keep_ms(resolution));
                 if present && block.meta.max_t < horizon {
-                    match Arc::get_mut(block) {
-                        Some(only) => only.drop_file(resolution)?,
-                        None => {
-                            // A read holds this block: the file goes, and the block is opened
-                            // again without it; the read keeps its open file to the end.
-                            match std::fs::remove_file(block.file_path(resolution)) {
-                                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                                    return Err(e)
-                                }
-                                _ => {}
-                            }
-                            *block = Arc::new(Block::open(&block.dir)?.0);
-                        }
+                    if Arc::get_mut(block).is_none() {
+                        // A read holds this block: it keeps the file open to its end, and the
+                        // set gets the block without it.
+                        *block = Arc::new(block.without(resolution));
                     }
+                    Arc::get_mut(block)
+                        .expect("a block just made is not shared")
+                        .drop_file(resolution)?;
                     report.files_deleted += 1;
                 }
             }

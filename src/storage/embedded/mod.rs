@@ -272,7 +272,7 @@ impl Storage for EmbeddedStorage {
             (hints.start, hints.end),
             hints.max_samples,
         )?;
-        let set = self.blocks_view(&view.ids);
+        let set = view.set;
         let mut loaded = 0usize;
         let mut out = Vec::new();
         let (ids, head, range, max) = (
@@ -290,7 +290,7 @@ impl Storage for EmbeddedStorage {
                 "{damaged} damaged block runs skipped: the answer may lack samples of some series (the server log names them)"
             ));
         }
-        let mut labels = view.labels;
+        let mut labels = self.labels_of(read.keys().copied());
         for (id, samples) in read {
             let Some(labels) = labels.remove(&id) else {
                 continue;
@@ -323,7 +323,7 @@ impl Storage for EmbeddedStorage {
         // blocks, with no lock on the head while blocks are read.
         let raw_range = (start, end.saturating_add(resolution.ms() - 1));
         let view = self.head_view(tenant, matchers, raw_range, read.max_rows)?;
-        let set = self.blocks_view(&view.ids);
+        let set = view.set;
         let (ids, head, max_rows) = (view.ids, view.samples, read.max_rows);
         let (mut rows, raw, damaged) = read::off_runtime(move |stop| {
             let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
@@ -367,7 +367,7 @@ impl Storage for EmbeddedStorage {
             let entry = rows.entry(id).or_default();
             *entry = super::merge_rollups(std::mem::take(entry), &fresh);
         }
-        let mut labels = view.labels;
+        let mut labels = self.labels_of(rows.keys().copied());
         let mut out: Vec<SeriesRollups> = rows
             .into_iter()
             .filter(|(_, rows)| !rows.is_empty())

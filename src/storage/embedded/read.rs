@@ -1,22 +1,23 @@
 //! Reading: the series a query matches and their samples, from blocks, samples being
 //! flushed and the head.
 //!
-//! A read takes what it needs from the head first, under the head's read lock for as long as
-//! copying it takes ([`HeadView`]), and lets go before it reads any block, so a long read
-//! never holds up writers, who need the head's write lock for every append. Taking the head
-//! first and the blocks after is what keeps the answer whole: a flush moves samples from the
-//! head into `flushing` under both locks at once, and a block replaces its `flushing`
-//! samples under the blocks' lock, so a sample that left the head after the copy is in
-//! `flushing` or a block when the blocks are read (one seen twice is read once).
+//! A read takes what it needs under the head's read lock, for as long as copying it takes
+//! ([`HeadView`]): the matching series, their head samples in the range, and (taking the
+//! blocks' lock inside, in the order a flush takes them) the list of blocks and the samples
+//! being flushed. It lets go before reading any block, so a long read never holds up writers,
+//! who need the head's write lock for every append. Both copies come from one moment: a flush
+//! moves samples from the head into `flushing` under both locks, so each sample is in exactly
+//! one of the copies (a sample rolled up twice would be counted twice). Labels are fetched
+//! afterwards for the series in the answer only (series never leave the head).
 
 use super::*;
 
-/// What a read takes from the head: the series that match (sorted ids), their labels, and
-/// their head samples in the range.
+/// What a read takes at one moment: the series that match (sorted ids), their head samples
+/// in the range, and the blocks' part.
 pub(super) struct HeadView {
     pub ids: Vec<u64>,
-    pub labels: HashMap<u64, Labels>,
     pub samples: HashMap<u64, Vec<Sample>>,
+    pub set: BlocksView,
 }
 
 /// What a read takes from the blocks' set, under its lock for no longer than cloning takes:
@@ -27,8 +28,9 @@ pub(super) struct BlocksView {
 }
 
 impl EmbeddedStorage {
-    /// The blocks' part of a read of `ids`; taken after the head's ([`HeadView`]).
-    pub(super) fn blocks_view(&self, ids: &[u64]) -> BlocksView {
+    /// The blocks' part of a read of `ids` over `[start, end]`; taken with the head's read
+    /// lock held ([`HeadView`]).
+    fn blocks_view(&self, ids: &[u64], (start, end): (TimestampMs, TimestampMs)) -> BlocksView {
         let set = self.blocks_read();
         BlocksView {
             blocks: set.blocks.clone(),
@@ -36,10 +38,26 @@ impl EmbeddedStorage {
                 BTreeMap::new()
             } else {
                 ids.iter()
-                    .filter_map(|id| Some((*id, set.flushing.get(id)?.clone())))
+                    .filter_map(|id| {
+                        let chunks: Vec<Chunk> = set
+                            .flushing
+                            .get(id)?
+                            .iter()
+                            .filter(|c| c.max_t >= start && c.min_t <= end)
+                            .cloned()
+                            .collect();
+                        (!chunks.is_empty()).then_some((*id, chunks))
+                    })
                     .collect()
             },
         }
+    }
+
+    /// The labels of `ids` (series never leave the head).
+    pub(super) fn labels_of(&self, ids: impl Iterator<Item = u64>) -> HashMap<u64, Labels> {
+        let head = self.read();
+        ids.filter_map(|id| Some((id, head.series.get(&id)?.labels.to_labels())))
+            .collect()
     }
 
     /// The head's part of a read of `matchers` over `[start, end]`, copied under its read
@@ -54,14 +72,12 @@ impl EmbeddedStorage {
         let head = self.read();
         let mut ids = head.matching(tenant.as_str(), matchers);
         ids.sort_unstable();
-        let mut labels = HashMap::default();
         let mut samples: HashMap<u64, Vec<Sample>> = HashMap::default();
         let mut copied = 0usize;
         for &id in &ids {
             let Some(series) = head.series.get(&id) else {
                 continue;
             };
-            labels.insert(id, series.labels.to_labels());
             let mut range = Vec::new();
             series.samples.range_into(start, end, &mut range);
             if !range.is_empty() {
@@ -72,11 +88,9 @@ impl EmbeddedStorage {
                 samples.insert(id, range);
             }
         }
-        Ok(HeadView {
-            ids,
-            labels,
-            samples,
-        })
+        let set = self.blocks_view(&ids, (start, end));
+        drop(head);
+        Ok(HeadView { ids, samples, set })
     }
 
     /// The labels of the series of `query` that have samples in its range, in the head, in
@@ -87,7 +101,7 @@ impl EmbeddedStorage {
         tenant: &TenantId,
         query: &SeriesQuery,
     ) -> StorageResult<Vec<Labels>> {
-        let (ids, mut labels, mut found) = {
+        let (ids, mut found, set) = {
             let head = self.read();
             let mut ids: BTreeSet<u64> = BTreeSet::new();
             if query.matcher_sets.is_empty() {
@@ -96,18 +110,15 @@ impl EmbeddedStorage {
             for set in &query.matcher_sets {
                 ids.extend(head.matching(tenant.as_str(), set));
             }
-            let labels: HashMap<u64, Labels> = ids
-                .iter()
-                .filter_map(|id| Some((*id, head.series.get(id)?.labels.to_labels())))
-                .collect();
             let found: BTreeSet<u64> = ids
                 .iter()
                 .copied()
                 .filter(|&id| head.has_samples(id, query.start, query.end))
                 .collect();
-            (ids.into_iter().collect::<Vec<u64>>(), labels, found)
+            let ids: Vec<u64> = ids.into_iter().collect();
+            let set = self.blocks_view(&ids, (query.start, query.end));
+            (ids, found, set)
         };
-        let set = self.blocks_view(&ids);
         let (start, end) = (query.start, query.end);
         let found = off_runtime(move |stop| {
             found.extend(ids.iter().copied().filter(|id| {
@@ -134,6 +145,7 @@ impl EmbeddedStorage {
             Ok(found)
         })
         .await?;
+        let mut labels = self.labels_of(found.iter().copied());
         Ok(found
             .into_iter()
             .filter_map(|id| labels.remove(&id))
