@@ -8,6 +8,8 @@
 #[path = "../tests/integration/support/mod.rs"]
 mod support;
 
+mod common;
+
 use prost::Message;
 use secumon_proto::prometheus::{Label, Sample, TimeSeries, WriteRequest};
 use std::time::Instant;
@@ -94,33 +96,6 @@ fn bodies(start: i64, workers: usize) -> Vec<Vec<Vec<u8>>> {
     out
 }
 
-async fn load(url: &str, bodies: &[Vec<Vec<u8>>]) {
-    let client = reqwest::Client::new();
-    let tasks = bodies.iter().cloned().map(|block| {
-        let (client, url) = (client.clone(), url.to_owned());
-        tokio::spawn(async move {
-            for body in block {
-                let response = client
-                    .post(&url)
-                    .header("Content-Encoding", "snappy")
-                    .header("Content-Type", "application/x-protobuf")
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("write");
-                assert!(
-                    response.status().is_success(),
-                    "write refused: {}",
-                    response.status()
-                );
-            }
-        })
-    });
-    for task in futures::future::join_all(tasks).await {
-        task.unwrap();
-    }
-}
-
 /// `secumon_storage_lifecycle_runs` of the server at `base`.
 async fn lifecycle_runs(base: &str) -> u64 {
     let text = reqwest::get(format!("{base}/metrics"))
@@ -193,15 +168,24 @@ fn main() {
     });
 
     let loaded = Instant::now();
-    runtime.block_on(load(&format!("{secumon}/api/v1/write"), &bodies));
+    runtime.block_on(common::post_blocks(
+        &format!("{secumon}/api/v1/write"),
+        bodies.clone(),
+    ));
     eprintln!("SecuMon loaded in {:.1} s", loaded.elapsed().as_secs_f64());
     // Steady state: the lifecycle job (every 60 s by default) has run once since the load,
     // as it has on a server that ingests continuously (it vacuums the partitions being
     // written, so reads are index-only scans).
     let runs_after_load = runtime.block_on(lifecycle_runs(&secumon));
-    runtime.block_on(load(&format!("{embedded}/api/v1/write"), &bodies));
+    runtime.block_on(common::post_blocks(
+        &format!("{embedded}/api/v1/write"),
+        bodies.clone(),
+    ));
     let loaded = Instant::now();
-    runtime.block_on(load(&prometheus.url("/api/v1/write"), &bodies));
+    runtime.block_on(common::post_blocks(
+        &prometheus.url("/api/v1/write"),
+        bodies.clone(),
+    ));
     eprintln!(
         "Prometheus loaded in {:.1} s",
         loaded.elapsed().as_secs_f64()

@@ -111,37 +111,6 @@ fn bodies(start: i64, points: i64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-async fn load(url: &str, bodies: Vec<Vec<u8>>) {
-    let client = reqwest::Client::new();
-    let half = bodies.len() / 2;
-    let mut bodies = bodies;
-    let second = bodies.split_off(half);
-    let tasks = [bodies, second].into_iter().map(|block| {
-        let (client, url) = (client.clone(), url.to_owned());
-        tokio::spawn(async move {
-            for body in block {
-                let response = client
-                    .post(&url)
-                    .header("Content-Encoding", "snappy")
-                    .header("Content-Type", "application/x-protobuf")
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("write");
-                let status = response.status();
-                assert!(
-                    status.is_success(),
-                    "write refused: {status} {}",
-                    response.text().await.unwrap_or_default()
-                );
-            }
-        })
-    });
-    for task in futures::future::join_all(tasks).await {
-        task.unwrap();
-    }
-}
-
 /// The values of the series of `/metrics` whose name is `name` (any labels).
 async fn metric_values(base: &str, name: &str) -> Vec<f64> {
     let text = reqwest::get(format!("{base}/metrics"))
@@ -199,7 +168,12 @@ fn measure(
     let points = 13 * 60_000 / STEP_MS;
     let bodies = bodies(start, points);
     let loaded = Instant::now();
-    runtime.block_on(load(&format!("{base}/api/v1/write"), bodies));
+    let mut first = bodies;
+    let second = first.split_off(first.len() / 2);
+    runtime.block_on(common::post_blocks(
+        &format!("{base}/api/v1/write"),
+        vec![first, second],
+    ));
     eprintln!(
         "{name}: {} series x {points} samples loaded in {:.1} s",
         METRICS * SHARDS * INSTANCES,
@@ -214,34 +188,23 @@ fn measure(
     // SAFETY: kill has no memory preconditions; pid is the server's.
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
     std::thread::sleep(SETTLE);
-    let groups = runtime.block_on(metric_values(
-        base,
-        &format!("{prefix}_rule_group_last_duration_seconds"),
-    ));
-    assert_eq!(groups.len(), METRICS, "{name}: the groups did not load");
-    let missed_before: f64 = runtime
-        .block_on(metric_values(
-            base,
-            &format!("{prefix}_rule_group_iterations_missed_total"),
-        ))
-        .iter()
-        .sum();
-    let failures_before: f64 = runtime
-        .block_on(metric_values(
-            base,
-            &format!("{prefix}_rule_evaluation_failures_total"),
-        ))
-        .iter()
-        .sum();
+    let values =
+        |metric: &str| runtime.block_on(metric_values(base, &format!("{prefix}_{metric}")));
+    let sum = |metric: &str| values(metric).iter().sum::<f64>();
+    let durations = || values("rule_group_last_duration_seconds");
+    assert_eq!(
+        durations().len(),
+        METRICS,
+        "{name}: the groups did not load"
+    );
+    let missed_before = sum("rule_group_iterations_missed_total");
+    let failures_before = sum("rule_evaluation_failures_total");
     let before = cpu();
     let started = Instant::now();
     let (mut slowest, mut mean_sum, mut mean_n) = (0.0f64, 0.0f64, 0.0f64);
     while started.elapsed() < RULES_WINDOW {
         std::thread::sleep(Duration::from_secs(5));
-        let durations = runtime.block_on(metric_values(
-            base,
-            &format!("{prefix}_rule_group_last_duration_seconds"),
-        ));
+        let durations = durations();
         for d in &durations {
             slowest = slowest.max(*d);
         }
@@ -249,22 +212,8 @@ fn measure(
         mean_n += 1.0;
     }
     let used = cpu() - before;
-    let missed: f64 = runtime
-        .block_on(metric_values(
-            base,
-            &format!("{prefix}_rule_group_iterations_missed_total"),
-        ))
-        .iter()
-        .sum::<f64>()
-        - missed_before;
-    let failures: f64 = runtime
-        .block_on(metric_values(
-            base,
-            &format!("{prefix}_rule_evaluation_failures_total"),
-        ))
-        .iter()
-        .sum::<f64>()
-        - failures_before;
+    let missed = sum("rule_group_iterations_missed_total") - missed_before;
+    let failures = sum("rule_evaluation_failures_total") - failures_before;
     let recorded = runtime.block_on(instant(base, "count({__name__=~\"job_shard:.+\"})"));
     let firing = runtime.block_on(instant(base, "count(ALERTS{alertstate=\"firing\"})"));
     let intervals = RULES_WINDOW.as_secs_f64() / 15.0;
@@ -279,6 +228,19 @@ fn measure(
         recorded,
         firing,
     }
+}
+
+/// SecuMon on `storage` with the rule file `rules` (self-monitoring off, as Prometheus here
+/// scrapes nothing), and its port.
+fn secumon(storage: &str, rules: &Path) -> (support::process::Managed, u16) {
+    let port = free_port();
+    let rules = rules.display().to_string();
+    let server = spawn_secumon(
+        storage,
+        port,
+        &["--rules", &rules, "--self-monitor-interval-secs", "0"],
+    );
+    (server, port)
 }
 
 fn main() {
@@ -296,17 +258,7 @@ fn main() {
         let file = dir.path().join("embedded.yml");
         std::fs::write(&file, empty).unwrap();
         let data = dir.path().join("embedded-data");
-        let port = free_port();
-        let server = spawn_secumon(
-            &data.display().to_string(),
-            port,
-            &[
-                "--rules",
-                &file.display().to_string(),
-                "--self-monitor-interval-secs",
-                "0",
-            ],
-        );
+        let (server, port) = secumon(&data.display().to_string(), &file);
         let pid = server.pid();
         figures.push(measure(
             &runtime,
@@ -323,17 +275,7 @@ fn main() {
         let database = runtime.block_on(postgres.database());
         let file = dir.path().join("postgres.yml");
         std::fs::write(&file, empty).unwrap();
-        let port = free_port();
-        let server = spawn_secumon(
-            &database,
-            port,
-            &[
-                "--rules",
-                &file.display().to_string(),
-                "--self-monitor-interval-secs",
-                "0",
-            ],
-        );
+        let (server, port) = secumon(&database, &file);
         let pid = server.pid();
         let postmaster = listener_pid(postgres.port);
         figures.push(measure(

@@ -343,3 +343,33 @@ pub fn listener_pid(port: u16) -> u32 {
     }
     panic!("no process listens on port {port}")
 }
+
+/// Posts each block of snappy remote-write bodies in order over its own connection, the blocks
+/// at once; any refused write fails the bench with the server's answer.
+pub async fn post_blocks(url: &str, blocks: Vec<Vec<Vec<u8>>>) {
+    let client = reqwest::Client::new();
+    let tasks = blocks.into_iter().map(|block| {
+        let (client, url) = (client.clone(), url.to_owned());
+        tokio::spawn(async move {
+            for body in block {
+                let response = client
+                    .post(&url)
+                    .header("Content-Encoding", "snappy")
+                    .header("Content-Type", "application/x-protobuf")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("write");
+                let status = response.status();
+                assert!(
+                    status.is_success(),
+                    "write refused: {status} {}",
+                    response.text().await.unwrap_or_default()
+                );
+            }
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
+}
