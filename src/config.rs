@@ -109,6 +109,31 @@ impl Default for Config {
     }
 }
 
+/// A setting's Prometheus duration (`500ms`, `90s`, `1h30m`) within `min_ms..=max_ms`;
+/// `range` says the bounds in the error (`"from 1s to 1d"`).
+pub fn duration_within(
+    text: &str,
+    min_ms: i64,
+    max_ms: i64,
+    range: &str,
+) -> Result<std::time::Duration, String> {
+    let ms = crate::api::params::parse_prometheus_duration(text)
+        .ok_or_else(|| format!("not a valid duration string: {text:?}"))?;
+    if !(min_ms..=max_ms).contains(&ms) {
+        return Err(format!("{text:?}: {range}"));
+    }
+    Ok(std::time::Duration::from_millis(ms as u64))
+}
+
+/// A duration setting in the config file, read with the flag's own parser.
+pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+    parse: fn(&str) -> Result<std::time::Duration, String>,
+) -> Result<std::time::Duration, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+    parse(&text).map_err(serde::de::Error::custom)
+}
+
 /// The value every key of `T` takes when neither a file, the environment nor a flag sets it:
 /// clap's declared defaults, with the environment ignored.
 pub fn clap_defaults<T: Args + FromArgMatches>() -> T {

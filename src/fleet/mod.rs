@@ -118,19 +118,13 @@ pub struct FleetConfig {
 
 /// A live interval from 10 ms to an hour.
 fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
-    let ms = crate::api::params::parse_prometheus_duration(text)
-        .ok_or_else(|| format!("{text:?} is not a duration such as 2s or 500ms"))?;
-    if !(10..=3_600_000).contains(&ms) {
-        return Err(format!("{text:?}: from 10ms to 1h"));
-    }
-    Ok(std::time::Duration::from_millis(ms as u64))
+    crate::config::duration_within(text, 10, 3_600_000, "from 10ms to 1h")
 }
 
 fn deserialize_interval<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<std::time::Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    parse_interval(&text).map_err(serde::de::Error::custom)
+    crate::config::deserialize_duration(deserializer, parse_interval)
 }
 
 impl Default for FleetConfig {

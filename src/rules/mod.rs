@@ -188,18 +188,13 @@ impl Default for RulesConfig {
 
 /// An evaluation interval from 1 s to a day.
 fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
-    let ms = file::parse_duration(text)?;
-    if !(1_000..=86_400_000).contains(&ms) {
-        return Err(format!("{text:?}: from 1s to 1d"));
-    }
-    Ok(std::time::Duration::from_millis(ms as u64))
+    crate::config::duration_within(text, 1_000, 86_400_000, "from 1s to 1d")
 }
 
 fn deserialize_interval<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<std::time::Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    parse_interval(&text).map_err(serde::de::Error::custom)
+    crate::config::deserialize_duration(deserializer, parse_interval)
 }
 
 /// `ok`, `err`, or `unknown` before the first evaluation.
