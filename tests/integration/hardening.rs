@@ -837,14 +837,18 @@ async fn damaged_data_met_by_a_query_is_reported_in_warnings() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 204);
-    // Wait for the block, then stop the server and flip a byte in its runs.
+    // Wait for the block, then stop the server and flip a byte in its runs. A block is written
+    // under `<name>.tmp` and renamed once whole (its `meta.json` last): only a renamed one counts.
     let blocks = dir.path().join("blocks");
     let deadline = Instant::now() + Duration::from_secs(20);
     let chunks = loop {
         let found = std::fs::read_dir(&blocks).ok().and_then(|entries| {
             entries
                 .filter_map(|e| e.ok())
-                .map(|e| e.path().join("chunks"))
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_none_or(|x| x != "tmp"))
+                .filter(|p| p.join("meta.json").exists())
+                .map(|p| p.join("chunks"))
                 .find(|p| p.exists())
         });
         if let Some(found) = found {
