@@ -574,17 +574,7 @@ pub trait Storage: Send + Sync + 'static {
         tenant: &TenantId,
         query: &SeriesQuery,
     ) -> StorageResult<Vec<String>> {
-        let all = SeriesQuery {
-            limit: 0,
-            ..query.clone()
-        };
-        let names: std::collections::BTreeSet<String> = self
-            .series(tenant, &all)
-            .await?
-            .iter()
-            .flat_map(|labels| labels.iter().map(|l| l.name.clone()))
-            .collect();
-        Ok(limited(names, query.limit))
+        label_names_of_series(self, tenant, query).await
     }
 
     /// Values of label `name` over the series with samples in the range, sorted. Derived from
@@ -595,17 +585,7 @@ pub trait Storage: Send + Sync + 'static {
         name: &str,
         query: &SeriesQuery,
     ) -> StorageResult<Vec<String>> {
-        let all = SeriesQuery {
-            limit: 0,
-            ..query.clone()
-        };
-        let values: std::collections::BTreeSet<String> = self
-            .series(tenant, &all)
-            .await?
-            .iter()
-            .filter_map(|labels| labels.get(name).map(str::to_owned))
-            .collect();
-        Ok(limited(values, query.limit))
+        label_values_of_series(self, tenant, name, query).await
     }
 
     /// Metadata per metric family, optionally of one metric only. `limit` bounds the number of
@@ -645,8 +625,47 @@ pub trait Storage: Send + Sync + 'static {
 
 pub type DynStorage = Arc<dyn Storage>;
 
+/// Label names of the series [`Storage::series`] finds.
+pub async fn label_names_of_series<S: Storage + ?Sized>(
+    storage: &S,
+    tenant: &TenantId,
+    query: &SeriesQuery,
+) -> StorageResult<Vec<String>> {
+    let all = SeriesQuery {
+        limit: 0,
+        ..query.clone()
+    };
+    let names: std::collections::BTreeSet<String> = storage
+        .series(tenant, &all)
+        .await?
+        .iter()
+        .flat_map(|labels| labels.iter().map(|l| l.name.clone()))
+        .collect();
+    Ok(limited(names, query.limit))
+}
+
+/// Values of label `name` over the series [`Storage::series`] finds.
+pub async fn label_values_of_series<S: Storage + ?Sized>(
+    storage: &S,
+    tenant: &TenantId,
+    name: &str,
+    query: &SeriesQuery,
+) -> StorageResult<Vec<String>> {
+    let all = SeriesQuery {
+        limit: 0,
+        ..query.clone()
+    };
+    let values: std::collections::BTreeSet<String> = storage
+        .series(tenant, &all)
+        .await?
+        .iter()
+        .filter_map(|labels| labels.get(name).map(str::to_owned))
+        .collect();
+    Ok(limited(values, query.limit))
+}
+
 /// The first `limit` items (all when 0), in order.
-fn limited(items: std::collections::BTreeSet<String>, limit: usize) -> Vec<String> {
+pub(crate) fn limited(items: std::collections::BTreeSet<String>, limit: usize) -> Vec<String> {
     let take = if limit == 0 { usize::MAX } else { limit };
     items.into_iter().take(take).collect()
 }

@@ -4,19 +4,25 @@ use super::open::apply;
 use super::*;
 
 impl EmbeddedStorage {
-    /// Series ids for the series of a batch, with the records of the new ones (ids not yet
-    /// taken); only a new series' labels are copied.
+    /// Series ids for the series of a batch, with the records of the new ones; only a new
+    /// series' labels are copied. A series the head forgot but a block holds comes back with
+    /// its id, and with its samples up to its latest one in blocks refused as out of order
+    /// (its entry in `returning`); any other new series gets an id not taken yet.
     pub(super) fn resolve(
         &self,
         head: &Head,
         tenant: &str,
         batch: &WriteBatch,
         records: &mut Vec<Record>,
+        returning: &mut HashMap<u64, TimestampMs>,
     ) -> Vec<u64> {
         let index = head.tenants.get(tenant);
         let mut fresh: HashMap<u128, u64> = HashMap::default();
         let mut next = head.next_id;
-        batch
+        // Blocks whose series are not all in the head, newest first (read order).
+        let mut beyond: Option<Vec<Arc<Block>>> = None;
+        let mut marks = Vec::new();
+        let ids = batch
             .iter()
             .map(|series| {
                 let fp = series.fingerprint;
@@ -24,17 +30,44 @@ impl EmbeddedStorage {
                     return id;
                 }
                 *fresh.entry(fp).or_insert_with(|| {
-                    let id = next;
-                    next += 1;
+                    let labels = series.labels.to_labels();
+                    let blocks = beyond.get_or_insert_with(|| {
+                        let set = self.blocks_read();
+                        set.blocks
+                            .iter()
+                            .rev()
+                            .filter(|b| b.index_beyond_head().is_some())
+                            .cloned()
+                            .collect()
+                    });
+                    let found = blocks.iter().find_map(|b| {
+                        let id = b.index_beyond_head()?.find(tenant, fp, &labels).ok()??;
+                        Some((id, b.latest_sample_of(id)))
+                    });
+                    let id = match found {
+                        Some((id, until)) => {
+                            returning.insert(id, until);
+                            marks.push((id, until));
+                            id
+                        }
+                        None => {
+                            next += 1;
+                            next - 1
+                        }
+                    };
                     records.push(Record::Series {
                         tenant: tenant.to_owned(),
                         id,
-                        labels: series.labels.to_labels(),
+                        labels,
                     });
                     id
                 })
             })
-            .collect()
+            .collect();
+        if !marks.is_empty() {
+            records.push(Record::Flushed { marks });
+        }
+        ids
     }
 
     /// Logs `records` and applies them to the head with the log held (so the next writer
@@ -79,7 +112,8 @@ impl EmbeddedStorage {
         let mut accepted: Vec<(u64, i64, f64)> = Vec::new();
         {
             let head = self.read();
-            let ids = self.resolve(&head, tenant.as_str(), batch, &mut records);
+            let mut returning = HashMap::default();
+            let ids = self.resolve(&head, tenant.as_str(), batch, &mut records, &mut returning);
             // Samples of this batch per series, to judge repeats inside the batch too; only
             // needed for a series that comes twice or whose samples are not strictly in order.
             let mut pending: HashMap<u64, Vec<Sample>> = HashMap::default();
@@ -90,10 +124,10 @@ impl EmbeddedStorage {
             accepted.reserve(batch.sample_count());
             let empty = SampleStore::default();
             for (series, &id) in batch.iter().zip(&ids) {
-                let (stored, flushed_until) = head
-                    .series
-                    .get(&id)
-                    .map_or((&empty, i64::MIN), |s| (&s.samples, s.flushed_until));
+                let (stored, flushed_until) = head.series.get(&id).map_or_else(
+                    || (&empty, returning.get(&id).copied().unwrap_or(i64::MIN)),
+                    |s| (&s.samples, s.flushed_until),
+                );
                 let simple = occurrences.get(&id) == Some(&1)
                     && series.samples.windows(2).all(|w| w[0].t < w[1].t);
                 for sample in series.samples {

@@ -6,13 +6,15 @@
 //! rollups of the same time range stay. The container format of those files is `runfile.rs`.
 
 use super::codec;
+use super::index::{self, BlockIndex};
 use super::runfile::{damaged, RunFile, RunWriter, TimeRange};
-use crate::model::{Sample, TimestampMs};
+use crate::model::{Labels, Sample, TimestampMs};
 use crate::storage::{merge_rollups, rollup, Resolution, RollupRow};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Samples per separately decodable piece of a run.
@@ -190,7 +192,18 @@ pub(super) struct Block {
     /// Shared, so a block without one of its files is made without opening the others.
     pub chunks: Option<Arc<RunFile>>,
     pub rollups: Vec<(Resolution, Arc<RunFile>)>,
+    /// The labels of its series (`index.rs`); `None` for blocks written before blocks had
+    /// one (while such a block exists, the head forgets no series).
+    pub index: Option<Arc<BlockIndex>>,
+    /// Whether every series of the block is in the head: reads and new series then need not
+    /// look at its index. Cleared when the head forgets one of them.
+    pub all_in_head: AtomicBool,
 }
+
+/// Labels of the series a block is written with: (id, tenant, labels) of the given ids
+/// (ascending), those known.
+pub(super) type LabelSource<'a> =
+    &'a mut dyn FnMut(&[u64]) -> io::Result<Vec<(u64, String, Labels)>>;
 
 fn file_name(resolution: Option<Resolution>) -> &'static str {
     resolution.map_or("chunks", Resolution::name)
@@ -215,6 +228,7 @@ impl Block {
         sources: u64,
         replaces: Vec<u64>,
         series: impl Iterator<Item = io::Result<(u64, Vec<Sample>)>>,
+        labels: LabelSource,
     ) -> io::Result<Option<Block>> {
         let tmp = dir.with_extension("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
@@ -233,12 +247,14 @@ impl Block {
             sources,
             replaces,
         };
+        let mut ids = Vec::new();
         for item in series {
             let (id, samples) = item?;
             let samples = samples.as_slice();
             let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
                 continue;
             };
+            ids.push(id);
             chunks.add(id, first.t, last.t, &encode_samples(samples))?;
             for (resolution, writer) in &mut rollups {
                 let rows = rollup(samples, *resolution);
@@ -260,6 +276,23 @@ impl Block {
             .into_iter()
             .map(|(r, w)| Ok((r, w.finish()?)))
             .collect::<io::Result<Vec<_>>>()?;
+        // The index, when every series' labels are known (else the block is read as the
+        // blocks before indexes were, and the head keeps every series).
+        let known = labels(&ids)?;
+        if known.len() == ids.len() {
+            let rows: Vec<(u64, &str, &Labels)> = known
+                .iter()
+                .map(|(id, t, l)| (*id, t.as_str(), l))
+                .collect();
+            index::write(&tmp.join(index::FILE_NAME), &rows)?;
+        } else {
+            tracing::warn!(
+                block = %dir.display(),
+                series = ids.len(),
+                labelled = known.len(),
+                "writing a block without a series index: labels of some series are unknown"
+            );
+        }
         let meta_path = tmp.join("meta.json");
         let mut f = File::create(&meta_path)?;
         f.write_all(&serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?)?;
@@ -306,12 +339,27 @@ impl Block {
                 rollups.push((r, f));
             }
         }
+        let path = dir.join(index::FILE_NAME);
+        let index = match path.exists().then(|| BlockIndex::open(&path)).transpose() {
+            Ok(index) => index.map(|(index, bytes)| {
+                damaged_bytes += bytes;
+                Arc::new(index)
+            }),
+            Err(e) => {
+                // Its samples stay readable; the head keeps every series while it is there.
+                tracing::error!(file = %path.display(), error = %e, "block index unreadable: the block is read without it");
+                damaged_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+                None
+            }
+        };
         Ok((
             Block {
                 dir: dir.to_owned(),
                 meta,
                 chunks,
                 rollups,
+                index,
+                all_in_head: AtomicBool::new(true),
             },
             damaged_bytes,
         ))
@@ -329,12 +377,13 @@ impl Block {
             .map(|(_, f)| &**f)
     }
 
-    /// Bytes on disk of the raw chunks, or of the rollups.
+    /// Bytes on disk of the raw chunks and the series index, or of the rollups.
     pub fn size(&self, rollups: bool) -> u64 {
         if rollups {
             self.rollups.iter().map(|(_, f)| f.size()).sum()
         } else {
-            self.chunks.iter().map(|f| f.size()).sum()
+            self.chunks.iter().map(|f| f.size()).sum::<u64>()
+                + self.index.as_ref().map_or(0, |i| i.size())
         }
     }
 
@@ -356,7 +405,28 @@ impl Block {
                 .filter(|(r, _)| Some(*r) != resolution)
                 .cloned()
                 .collect(),
+            index: self.index.clone(),
+            all_in_head: AtomicBool::new(self.all_in_head()),
         }
+    }
+
+    /// The latest sample time this block holds of a series: from its raw chunks' index, or
+    /// the block's end once they are gone.
+    pub fn latest_sample_of(&self, id: u64) -> TimestampMs {
+        self.chunks
+            .as_ref()
+            .and_then(|file| file.lookup(&[id]).ok()?.pop())
+            .map_or(self.meta.max_t, |e| e.max_t)
+    }
+
+    pub fn all_in_head(&self) -> bool {
+        self.all_in_head.load(Ordering::Relaxed)
+    }
+
+    /// The index to consult for series the head may not hold (`None` when the head holds
+    /// every series of the block).
+    pub fn index_beyond_head(&self) -> Option<&BlockIndex> {
+        self.index.as_deref().filter(|_| !self.all_in_head())
     }
 
     /// Deletes the raw chunks (`None`) or a rollup file from disk.
@@ -372,6 +442,7 @@ impl Block {
         }
     }
 
+    /// Whether no samples are left (its index alone is no reason to keep it).
     pub fn is_empty(&self) -> bool {
         self.chunks.is_none() && self.rollups.is_empty()
     }
@@ -503,22 +574,31 @@ impl Block {
         Ok(out)
     }
 
-    /// The latest raw sample time per series, for replay (samples up to it are on disk).
+    /// The latest raw sample time per series, for replay (samples up to it were flushed:
+    /// the log's copies are not replayed). Once retention deleted the raw chunks, the block's
+    /// end for each series of its index: their samples left with the chunks and must not come
+    /// back from a log segment that outlived them.
     pub fn max_times(&self) -> io::Result<Vec<(u64, TimestampMs)>> {
-        Ok(match &self.chunks {
-            Some(file) => file
+        Ok(match (&self.chunks, &self.index) {
+            (Some(file), _) => file
                 .all_entries()?
                 .iter()
                 .map(|e| (e.series, e.max_t))
                 .collect(),
-            None => Vec::new(),
+            (None, Some(index)) => index.ids().map(|id| (id, self.meta.max_t)).collect(),
+            (None, None) => Vec::new(),
         })
     }
 }
 
 /// Merges blocks (consecutive in read order, all with raw chunks) into one block at `dir`,
-/// one series at a time: chunks are re-cut to full size and rollups recomputed.
-pub(super) fn compact(dir: &Path, blocks: &[&Block]) -> io::Result<Option<Block>> {
+/// one series at a time: chunks are re-cut to full size and rollups recomputed. Labels come
+/// from the blocks' indexes, else from `labels` (the head).
+pub(super) fn compact(
+    dir: &Path,
+    blocks: &[&Block],
+    labels: LabelSource,
+) -> io::Result<Option<Block>> {
     let mut indexes = Vec::with_capacity(blocks.len());
     for block in blocks {
         let file = block
@@ -555,7 +635,40 @@ pub(super) fn compact(dir: &Path, blocks: &[&Block]) -> io::Result<Option<Block>
         Ok((id, samples))
     });
     let replaces = blocks.iter().filter_map(|b| b.number()).collect();
-    Block::write(dir, order, sources, replaces, series)
+    let mut from_sources = |ids: &[u64]| -> io::Result<Vec<(u64, String, Labels)>> {
+        let mut found: BTreeMap<u64, (String, Labels)> = BTreeMap::new();
+        for block in blocks {
+            let Some(index) = &block.index else { continue };
+            let rest: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| !found.contains_key(id))
+                .collect();
+            if rest.is_empty() {
+                break;
+            }
+            for (id, tenant, l) in index.labels(&rest)? {
+                found.insert(id, (tenant, l));
+            }
+        }
+        let rest: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !found.contains_key(id))
+            .collect();
+        if !rest.is_empty() {
+            for (id, tenant, l) in labels(&rest)? {
+                found.insert(id, (tenant, l));
+            }
+        }
+        Ok(found.into_iter().map(|(id, (t, l))| (id, t, l)).collect())
+    };
+    let merged = Block::write(dir, order, sources, replaces, series, &mut from_sources)?;
+    if let Some(merged) = &merged {
+        let all_in_head = blocks.iter().all(|b| b.all_in_head());
+        merged.all_in_head.store(all_in_head, Ordering::Relaxed);
+    }
+    Ok(merged)
 }
 
 fn merge_into(out: &mut BTreeMap<u64, Vec<RollupRow>>, id: u64, rows: &[RollupRow]) {
@@ -614,6 +727,11 @@ mod tests {
             .collect()
     }
 
+    /// Blocks written without labels (so without an index), as before blocks had one.
+    fn no_labels(_: &[u64]) -> io::Result<Vec<(u64, String, Labels)>> {
+        Ok(Vec::new())
+    }
+
     #[test]
     fn blocks_round_trip_samples_and_rollups() {
         let dir = tempfile::tempdir().unwrap();
@@ -625,6 +743,7 @@ mod tests {
             1,
             Vec::new(),
             [Ok((3u64, a.clone())), Ok((9u64, b.clone()))].into_iter(),
+            &mut no_labels,
         )
         .unwrap()
         .unwrap();
@@ -747,10 +866,11 @@ mod tests {
             1,
             Vec::new(),
             [Ok((3u64, b.clone()))].into_iter(),
+            &mut no_labels,
         )
         .unwrap()
         .unwrap();
-        let merged = compact(&dir.path().join("3"), &[&old, &new])
+        let merged = compact(&dir.path().join("3"), &[&old, &new], &mut no_labels)
             .unwrap()
             .unwrap();
         let all: Vec<Sample> = a.iter().chain(&b).copied().collect();

@@ -8,9 +8,12 @@ use crate::model::{
     SeriesExemplars, TimestampMs,
 };
 use rustc_hash::FxHashMap as HashMap;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 pub(super) struct SeriesData {
+    /// Shared with the tenant's index.
+    pub tenant: Arc<str>,
     /// Packed: one allocation instead of two strings per label.
     pub labels: PackedLabels,
     pub samples: SampleStore,
@@ -23,6 +26,7 @@ pub(super) struct SeriesData {
 
 #[derive(Default)]
 pub(super) struct TenantIndex {
+    pub tenant: Arc<str>,
     pub by_fingerprint: HashMap<u128, u64>,
     /// hash of (label name, value) → series ids (ascending). Keyed by a hash so the strings
     /// are not held twice; a collision only adds candidates, which the matchers then drop.
@@ -164,7 +168,6 @@ impl SampleStore {
     }
 
     /// Whether the store holds nothing.
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.chunks.is_empty() && self.open.is_empty()
     }
@@ -328,7 +331,13 @@ pub(super) fn insert_sample(samples: &mut Vec<Sample>, sample: Sample) {
 
 impl Head {
     pub fn create_series(&mut self, tenant: &str, id: u64, labels: &Labels) {
-        let index = self.tenants.entry(tenant.to_owned()).or_default();
+        let index = self
+            .tenants
+            .entry(tenant.to_owned())
+            .or_insert_with(|| TenantIndex {
+                tenant: Arc::from(tenant),
+                ..TenantIndex::default()
+            });
         index.by_fingerprint.insert(labels.fingerprint(), id);
         for (name, value) in labels.pairs() {
             index
@@ -341,6 +350,7 @@ impl Head {
         self.series.insert(
             id,
             SeriesData {
+                tenant: index.tenant.clone(),
                 labels: PackedLabels::from(labels),
                 samples: SampleStore::default(),
                 exemplars: VecDeque::new(),
@@ -348,6 +358,53 @@ impl Head {
             },
         );
         self.next_id = self.next_id.max(id + 1);
+    }
+
+    /// Forgets the series with no sample in the head and no exemplar (Prometheus's head
+    /// garbage collection after compaction): their samples are in blocks, whose indexes keep
+    /// their labels, and one that receives samples again comes back with its id. Returns the
+    /// ids dropped, ascending. Costs one pass over the series and over the postings lists
+    /// the dropped ones were in.
+    pub fn drop_empty_series(&mut self) -> Vec<u64> {
+        let mut dropped: Vec<u64> = self
+            .series
+            .iter()
+            .filter(|(_, s)| s.samples.is_empty() && s.exemplars.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        if dropped.is_empty() {
+            return dropped;
+        }
+        dropped.sort_unstable();
+        let gone: HashSet<u64> = dropped.iter().copied().collect();
+        // Per tenant, the postings lists to prune.
+        let mut touched: HashMap<Arc<str>, HashSet<u64>> = HashMap::default();
+        for id in &dropped {
+            let Some(series) = self.series.remove(id) else {
+                continue;
+            };
+            let Some(index) = self.tenants.get_mut(&*series.tenant) else {
+                continue;
+            };
+            index.by_fingerprint.remove(&series.labels.fingerprint());
+            let keys = touched.entry(series.tenant.clone()).or_default();
+            keys.extend(series.labels.pairs().map(|(n, v)| posting_key(n, v)));
+        }
+        for (tenant, keys) in touched {
+            let Some(index) = self.tenants.get_mut(&*tenant) else {
+                continue;
+            };
+            for key in keys {
+                if let Some(ids) = index.postings.get_mut(&key) {
+                    ids.retain(|id| !gone.contains(id));
+                    if ids.is_empty() {
+                        index.postings.remove(&key);
+                    }
+                }
+            }
+            index.all.retain(|id| !gone.contains(id));
+        }
+        dropped
     }
 
     pub fn add_metadata(&mut self, tenant: &str, metadata: MetricMetadata) {

@@ -46,8 +46,9 @@ impl EmbeddedStorage {
         cutoff: TimestampMs,
         report: &mut MaintenanceReport,
     ) -> StorageResult<()> {
-        // Move the samples out of the head and start a new log segment, with writers held.
-        let (segment, checkpoint) = {
+        // Move the samples out of the head and start a new log segment, with writers held for
+        // no longer than that takes.
+        let segment = {
             let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             let mut head = self.write();
             let mut set = self.blocks_write();
@@ -63,22 +64,25 @@ impl EmbeddedStorage {
             if set.flushing.is_empty() {
                 return Ok(());
             }
-            tokio::task::block_in_place(|| {
-                let segment = wal.rotate()?;
-                // Written (not yet synced) while writers wait, so it holds exactly what the
-                // rotated segments hold; it is committed once the block is in.
-                let mut checkpoint = wal::CheckpointWriter::create(&self.dir.join("wal"))?;
-                checkpoint_records(&head, &mut checkpoint)?;
-                Ok::<_, std::io::Error>((segment, checkpoint))
-            })
-            .map_err(io_error)?
+            tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?
         };
         // Write the block; readers keep seeing the samples in `flushing` until it is in.
-        // A directory number is used once, even when writing there fails.
+        // A directory number is used once, even when writing there fails. The series' labels
+        // are copied first (series leave the head only below, in this maintenance run).
         let number = {
             let mut set = self.blocks_write();
             set.next_dir += 1;
             set.next_dir - 1
+        };
+        let ids: Vec<u64> = self.blocks_read().flushing.keys().copied().collect();
+        let known: Vec<(u64, Arc<str>, PackedLabels)> = {
+            let head = self.read();
+            ids.iter()
+                .filter_map(|id| {
+                    let s = head.series.get(id)?;
+                    Some((*id, s.tenant.clone(), s.labels.clone()))
+                })
+                .collect()
         };
         let block = {
             let set = self.blocks_read();
@@ -87,12 +91,19 @@ impl EmbeddedStorage {
                 .flushing
                 .iter()
                 .map(|(&id, chunks)| Ok((id, chunks_range(chunks, i64::MIN, i64::MAX))));
+            let mut labels = |ids: &[u64]| Ok(labels_among(&known, ids));
             tokio::task::block_in_place(|| {
-                Block::write(&dir, set.next_order, 1, Vec::new(), series)
+                Block::write(&dir, set.next_order, 1, Vec::new(), series, &mut labels)
             })
             .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
         };
+        drop(known);
+        // The block in, the head forgets the series it no longer holds samples of (when every
+        // block has an index to keep their labels). With the log held: a writer resolves its
+        // series and applies its samples under it, so none is forgotten in between.
         {
+            let _wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            let mut head = self.write();
             let mut set = self.blocks_write();
             set.flushing.clear();
             set.next_order += 1;
@@ -100,17 +111,46 @@ impl EmbeddedStorage {
                 set.blocks.push(Arc::new(block));
                 report.blocks_written += 1;
             }
+            if set.blocks.iter().all(|b| b.index.is_some()) {
+                let dropped = head.drop_empty_series();
+                report.series_dropped += dropped.len();
+                if !dropped.is_empty() {
+                    // Reads and returning series now look at the blocks' indexes.
+                    for block in &set.blocks {
+                        block.all_in_head.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
         }
         // The log's samples older than the cutoff are on disk now: checkpoint what else the
-        // old segments hold (series, metadata, exemplars) and delete them.
-        tokio::task::block_in_place(|| checkpoint.commit(segment))
-            .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
+        // old segments hold (series, metadata, exemplars), from a copy of the head taken under
+        // its read lock and written with no lock held, and delete them. The copy is of a
+        // moment after the rotation: replaying the segments from there on on top of it
+        // changes nothing they already set.
+        let snapshot = CheckpointSnapshot::of(&self.read());
+        tokio::task::block_in_place(|| {
+            let mut checkpoint = wal::CheckpointWriter::create(&self.dir.join("wal"))?;
+            snapshot.write(&mut checkpoint)?;
+            checkpoint.commit(segment)
+        })
+        .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let old = wal.deletable(segment, cutoff);
         wal.remove(&old, segment)
             .map_err(|e| StorageError::Internal(format!("log truncation: {e}")))?;
         report.wal_segments_deleted += old.len();
         Ok(())
+    }
+
+    /// (id, tenant, labels) of the given series (ascending) that the head holds.
+    pub(super) fn head_labels(&self, ids: &[u64]) -> Vec<(u64, String, Labels)> {
+        let head = self.read();
+        ids.iter()
+            .filter_map(|id| {
+                let s = head.series.get(id)?;
+                Some((*id, s.tenant.to_string(), s.labels.to_labels()))
+            })
+            .collect()
     }
 
     /// Merges runs of consecutive blocks that lie in one closed aligned window.
@@ -137,7 +177,8 @@ impl EmbeddedStorage {
                 let merged = {
                     let dir = self.dir.join("blocks").join(format!("{number:010}"));
                     let group: Vec<&Block> = group.iter().map(|b| &**b).collect();
-                    tokio::task::block_in_place(|| block::compact(&dir, &group))
+                    let mut labels = |ids: &[u64]| Ok(self.head_labels(ids));
+                    tokio::task::block_in_place(|| block::compact(&dir, &group, &mut labels))
                 };
                 drop(group);
                 let mut set = self.blocks_write();
@@ -284,44 +325,79 @@ pub(super) fn compaction_group(
     None
 }
 
-/// Writes what a checkpoint keeps of the deleted log segments — every series, metadata and
-/// exemplar — as log records, encoded straight from the head (no copies of label sets).
-pub(super) fn checkpoint_records(
-    head: &Head,
-    out: &mut wal::CheckpointWriter,
-) -> std::io::Result<()> {
-    let mut tenant_of: HashMap<u64, &str> = HashMap::default();
-    for (tenant, index) in &head.tenants {
-        for &id in &index.all {
-            tenant_of.insert(id, tenant.as_str());
-        }
-        for entries in index.metadata.values() {
-            for m in entries {
-                out.record(&Record::Metadata {
-                    tenant: tenant.clone(),
-                    metadata: m.clone(),
-                })?;
+/// (id, tenant, labels) of `ids` (ascending) among `known` (ascending by id).
+fn labels_among(
+    known: &[(u64, Arc<str>, PackedLabels)],
+    ids: &[u64],
+) -> Vec<(u64, String, Labels)> {
+    ids.iter()
+        .filter_map(|id| {
+            let i = known.binary_search_by_key(id, |k| k.0).ok()?;
+            Some((*id, known[i].1.to_string(), known[i].2.to_labels()))
+        })
+        .collect()
+}
+
+/// What a checkpoint keeps of the deleted log segments — every series the head holds,
+/// metadata, exemplars and flushed times — copied from the head (label sets shared in their
+/// packed form), to be written with no lock held.
+pub(super) struct CheckpointSnapshot {
+    metadata: Vec<Record>,
+    series: Vec<(u64, Arc<str>, PackedLabels)>,
+    marks: Vec<(u64, TimestampMs)>,
+    exemplars: Vec<(u64, TimestampMs, f64, Labels)>,
+}
+
+impl CheckpointSnapshot {
+    pub fn of(head: &Head) -> CheckpointSnapshot {
+        let mut metadata = Vec::new();
+        for (tenant, index) in &head.tenants {
+            for entries in index.metadata.values() {
+                for m in entries {
+                    metadata.push(Record::Metadata {
+                        tenant: tenant.clone(),
+                        metadata: m.clone(),
+                    });
+                }
             }
         }
-    }
-    let mut ids: Vec<u64> = head.series.keys().copied().collect();
-    ids.sort_unstable();
-    let mut marks = Vec::new();
-    for id in ids {
-        let series = &head.series[&id];
-        let tenant = tenant_of.get(&id).copied().unwrap_or_default();
-        out.series(tenant, id, &series.labels)?;
-        if series.flushed_until > i64::MIN {
-            marks.push((id, series.flushed_until));
+        let mut series: Vec<(u64, Arc<str>, PackedLabels)> = head
+            .series
+            .iter()
+            .map(|(&id, s)| (id, s.tenant.clone(), s.labels.clone()))
+            .collect();
+        series.sort_unstable_by_key(|s| s.0);
+        let mut marks: Vec<(u64, TimestampMs)> = head
+            .series
+            .iter()
+            .filter(|(_, s)| s.flushed_until > i64::MIN)
+            .map(|(&id, s)| (id, s.flushed_until))
+            .collect();
+        marks.sort_unstable();
+        CheckpointSnapshot {
+            metadata,
+            series,
+            marks,
+            // In the ring's order, so that replay keeps the same exemplars as the oldest.
+            exemplars: head.exemplar_entries(),
         }
     }
-    // In the ring's order, so that replay keeps the same exemplars as the oldest.
-    let exemplars = head.exemplar_entries();
-    if !exemplars.is_empty() {
-        out.record(&Record::Exemplars { exemplars })?;
+
+    pub fn write(self, out: &mut wal::CheckpointWriter) -> std::io::Result<()> {
+        for record in &self.metadata {
+            out.record(record)?;
+        }
+        for (id, tenant, labels) in &self.series {
+            out.series(tenant, *id, labels)?;
+        }
+        if !self.exemplars.is_empty() {
+            out.record(&Record::Exemplars {
+                exemplars: self.exemplars,
+            })?;
+        }
+        if !self.marks.is_empty() {
+            out.record(&Record::Flushed { marks: self.marks })?;
+        }
+        Ok(())
     }
-    if !marks.is_empty() {
-        out.record(&Record::Flushed { marks })?;
-    }
-    Ok(())
 }

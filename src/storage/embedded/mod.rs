@@ -19,6 +19,7 @@ mod append;
 mod block;
 mod frames;
 mod head;
+mod index;
 mod lock;
 mod maintain;
 mod open;
@@ -37,7 +38,8 @@ use super::{
     StorageResult, StorageStats, WriteBatch,
 };
 use crate::model::{
-    Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId, TimestampMs,
+    Labels, Matcher, MetricMetadata, PackedLabels, Sample, SeriesExemplars, SeriesSamples,
+    TenantId, TimestampMs,
 };
 use async_trait::async_trait;
 use block::Block;
@@ -139,6 +141,8 @@ pub struct MaintenanceReport {
     pub blocks_compacted: usize,
     pub files_deleted: usize,
     pub wal_segments_deleted: usize,
+    /// Series the head forgot (no sample left in it; their labels are in blocks' indexes).
+    pub series_dropped: usize,
 }
 
 pub struct EmbeddedStorage {
@@ -226,7 +230,13 @@ impl Storage for EmbeddedStorage {
         let exemplars: Vec<(u64, i64, f64, Labels)> = {
             let head = self.read();
             let series = WriteBatch::of_labels(batch.iter().map(|w| &w.series));
-            let ids = self.resolve(&head, tenant.as_str(), &series, &mut records);
+            let ids = self.resolve(
+                &head,
+                tenant.as_str(),
+                &series,
+                &mut records,
+                &mut HashMap::default(),
+            );
             batch
                 .iter()
                 .zip(ids)
@@ -281,8 +291,20 @@ impl Storage for EmbeddedStorage {
             (hints.start, hints.end),
             hints.max_samples,
         );
-        let (read, damaged) = read::off_runtime(move |stop| {
-            read::samples_of(head, &set.blocks, &set.flushing, &ids, range, max, stop)
+        let (tenant_name, matchers_owned) = (tenant.as_str().to_owned(), matchers.to_vec());
+        let (read, damaged, mut labels) = read::off_runtime(move |stop| {
+            let beyond = read::block_series(
+                &set.blocks,
+                &tenant_name,
+                &matchers_owned,
+                range,
+                &ids,
+                stop,
+            )?;
+            let ids = read::with_ids(ids, &beyond);
+            let (read, damaged) =
+                read::samples_of(head, &set.blocks, &set.flushing, &ids, range, max, stop)?;
+            Ok((read, damaged, beyond))
         })
         .await?;
         if damaged > 0 {
@@ -290,7 +312,12 @@ impl Storage for EmbeddedStorage {
                 "{damaged} damaged block runs skipped: the answer may lack samples of some series (the server log names them)"
             ));
         }
-        let mut labels = self.labels_of(read.keys().copied());
+        let in_head: Vec<u64> = read
+            .keys()
+            .copied()
+            .filter(|id| !labels.contains_key(id))
+            .collect();
+        labels.extend(self.labels_of(in_head.into_iter()).await?);
         for (id, samples) in read {
             let Some(labels) = labels.remove(&id) else {
                 continue;
@@ -325,7 +352,17 @@ impl Storage for EmbeddedStorage {
         let view = self.head_view(tenant, matchers, raw_range, read.max_rows)?;
         let set = view.set;
         let (ids, head, max_rows) = (view.ids, view.samples, read.max_rows);
-        let (mut rows, raw, damaged) = read::off_runtime(move |stop| {
+        let (tenant_name, matchers_owned) = (tenant.as_str().to_owned(), matchers.to_vec());
+        let (mut rows, raw, damaged, mut labels) = read::off_runtime(move |stop| {
+            let beyond = read::block_series(
+                &set.blocks,
+                &tenant_name,
+                &matchers_owned,
+                raw_range,
+                &ids,
+                stop,
+            )?;
+            let ids = read::with_ids(ids, &beyond);
             let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
             // Rows so far, checked after each block against `max_rows` (0: no limit).
             let (mut loaded, mut damaged) = (0usize, 0usize);
@@ -351,7 +388,7 @@ impl Storage for EmbeddedStorage {
                 budget_left(max_rows, loaded),
                 stop,
             )?;
-            Ok((rows, raw, damaged))
+            Ok((rows, raw, damaged, beyond))
         })
         .await?;
         if damaged > 0 {
@@ -367,7 +404,12 @@ impl Storage for EmbeddedStorage {
             let entry = rows.entry(id).or_default();
             *entry = super::merge_rollups(std::mem::take(entry), &fresh);
         }
-        let mut labels = self.labels_of(rows.keys().copied());
+        let in_head: Vec<u64> = rows
+            .keys()
+            .copied()
+            .filter(|id| !labels.contains_key(id))
+            .collect();
+        labels.extend(self.labels_of(in_head.into_iter()).await?);
         let mut out: Vec<SeriesRollups> = rows
             .into_iter()
             .filter(|(_, rows)| !rows.is_empty())
@@ -389,6 +431,35 @@ impl Storage for EmbeddedStorage {
             out.truncate(query.limit);
         }
         Ok(out)
+    }
+
+    async fn label_names(
+        &self,
+        tenant: &TenantId,
+        query: &SeriesQuery,
+    ) -> StorageResult<Vec<String>> {
+        if query.matcher_sets.is_empty() {
+            let range = (query.start, query.end);
+            if let Some(names) = self.indexed_label_values(tenant, None, range).await? {
+                return Ok(super::limited(names, query.limit));
+            }
+        }
+        super::label_names_of_series(self, tenant, query).await
+    }
+
+    async fn label_values(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        query: &SeriesQuery,
+    ) -> StorageResult<Vec<String>> {
+        if query.matcher_sets.is_empty() {
+            let range = (query.start, query.end);
+            if let Some(values) = self.indexed_label_values(tenant, Some(name), range).await? {
+                return Ok(super::limited(values, query.limit));
+            }
+        }
+        super::label_values_of_series(self, tenant, name, query).await
     }
 
     async fn metadata(
@@ -478,6 +549,165 @@ mod tests {
         s.select(&TenantId::default(), &[Matcher::equal("job", "a")], &hints)
             .await
             .unwrap()
+    }
+
+    /// Every series of `job` with its samples, in the whole time range.
+    async fn job_series(s: &EmbeddedStorage, matchers: &[Matcher]) -> Vec<SeriesSamples> {
+        let hints = SelectHints {
+            start: i64::MIN,
+            end: i64::MAX,
+            ..SelectHints::default()
+        };
+        s.select(&TenantId::default(), matchers, &hints)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_head_forgets_series_without_samples_and_blocks_answer_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let start = 10 * DAY;
+        // Four generations of 50 series, each alive one hour; a flush after each hour.
+        let generation = |g: i64| -> Vec<SeriesWrite> {
+            (0..50)
+                .map(|i| {
+                    let from = start + g * HOUR;
+                    series("proc", &format!("g{g}-{i}"), from, from + HOUR - 1, 60_000)
+                })
+                .collect()
+        };
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let mut written: Vec<SeriesWrite> = Vec::new();
+        for g in 0..4 {
+            s.append(&tenant, &generation(g)).await.unwrap();
+            written.extend(generation(g));
+            let report = s
+                .maintain_with_cutoff(start, start + (g + 1) * HOUR)
+                .unwrap();
+            assert_eq!(report.series_dropped, 50, "generation {g}");
+            assert_eq!(s.sizes().series_in_memory, 0);
+        }
+        let want = |matchers: &[Matcher]| -> Vec<(Labels, usize)> {
+            let mut out: Vec<(Labels, usize)> = written
+                .iter()
+                .filter(|w| crate::model::matches_all(matchers, &w.labels))
+                .map(|w| (w.labels.clone(), w.samples.len()))
+                .collect();
+            out.sort();
+            out
+        };
+        let got = |answer: Vec<SeriesSamples>| -> Vec<(Labels, usize)> {
+            answer
+                .into_iter()
+                .map(|s| (s.labels, s.samples.len()))
+                .collect()
+        };
+        let cases = [
+            vec![Matcher::equal("__name__", "proc")],
+            vec![Matcher::regex("job", "g1-.*|g3-4.", false).unwrap()],
+            vec![
+                Matcher::equal("__name__", "proc"),
+                Matcher::regex("job", "g[023]-.*", true).unwrap(),
+            ],
+        ];
+        for matchers in &cases {
+            assert_eq!(
+                got(job_series(&s, matchers).await),
+                want(matchers),
+                "{matchers:?}"
+            );
+        }
+        // A series comes back: same id, its flushed samples refused, new ones kept.
+        let back = series("proc", "g0-7", start, start + 2 * HOUR, 60_000);
+        let outcome = s
+            .append(&tenant, std::slice::from_ref(&back))
+            .await
+            .unwrap();
+        assert_eq!(outcome.accepted, 61, "{outcome:?}");
+        assert_eq!(outcome.rejected_total(), 60);
+        assert_eq!(s.sizes().series_in_memory, 1);
+        let one = job_series(&s, &[Matcher::equal("job", "g0-7")]).await;
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].samples, back.samples);
+        // A new series takes an id no block holds.
+        s.append(
+            &tenant,
+            &[series(
+                "proc",
+                "new",
+                start + 5 * HOUR,
+                start + 5 * HOUR,
+                60_000,
+            )],
+        )
+        .await
+        .unwrap();
+        let ids: BTreeSet<u64> = s.read().series.keys().copied().collect();
+        assert_eq!(ids.len(), 2);
+        // Series, labels and rollups find the forgotten series too.
+        let query = SeriesQuery {
+            matcher_sets: vec![vec![Matcher::regex("job", "g2-.*", false).unwrap()]],
+            start: i64::MIN,
+            end: i64::MAX,
+            limit: 0,
+        };
+        assert_eq!(s.series(&tenant, &query).await.unwrap().len(), 50);
+        let values = s
+            .label_values(
+                &tenant,
+                "job",
+                &SeriesQuery {
+                    matcher_sets: vec![],
+                    ..query.clone()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(values.len(), 201);
+        let hourly = s
+            .select_rollups(
+                &tenant,
+                &[Matcher::regex("job", "g3-.*", false).unwrap()],
+                Resolution::OneHour,
+                0,
+                20 * DAY,
+                RollupColumns::ALL.into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(hourly.len(), 50);
+        assert!(hourly
+            .iter()
+            .all(|s| s.rows.len() == 1 && s.rows[0].count == 60.0));
+        // After a restart the head holds only what the log still has of active series; the
+        // forgotten ones answer from blocks, and ids go on after every block's.
+        s.maintain_with_cutoff(start, start + 6 * HOUR).unwrap();
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert!(s.sizes().series_in_memory <= 2);
+        let mut expected = want(&cases[0]);
+        for (labels, n) in &mut expected {
+            if labels.get("job") == Some("g0-7") {
+                *n = 121;
+            }
+        }
+        expected.push((series("proc", "new", 0, 0, 1).labels, 1));
+        expected.sort();
+        assert_eq!(got(job_series(&s, &cases[0]).await), expected);
+        assert_eq!(s.read().next_id, 201, "200 series, then one new");
+        // Compaction of the day merges blocks whose series the head forgot: their labels come
+        // from the blocks' indexes.
+        s.maintain_with_cutoff(start, start + 2 * DAY).unwrap();
+        assert_eq!(s.sizes().blocks, 1);
+        assert_eq!(got(job_series(&s, &cases[0]).await), expected);
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(got(job_series(&s, &cases[1]).await), {
+            let mut w = want(&cases[1]);
+            w.sort();
+            w
+        });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,7 +819,10 @@ mod tests {
         // A read under way holds the blocks it reads: retention deletes their files all the
         // same, and the read goes on reading what it holds.
         let held: Vec<Arc<Block>> = s.blocks_read().blocks.clone();
-        let ids: Vec<u64> = s.read().series.keys().copied().collect();
+        // The head forgot the series (no sample left in it): the block's index has it.
+        assert_eq!(s.sizes().series_in_memory, 0);
+        let ids: Vec<u64> = held[0].index.as_ref().unwrap().ids().collect();
+        assert_eq!(ids.len(), 1);
         let report = s.maintain_with_cutoff(14 * DAY, i64::MIN).unwrap();
         assert_eq!(report.files_deleted, 2 + 1, "raw of two days, 5m of one");
         assert!(s.sizes().block_bytes < bytes_before);

@@ -32,6 +32,25 @@ impl EmbeddedStorage {
             apply(&mut head, record, &flushed)
         })
         .map_err(fail)?;
+        // The head holds the series of the checkpoint and the log; the blocks may hold more
+        // (series the head forgot): ids go on after theirs, and reads and returning series
+        // consult the indexes of the blocks whose series are not all in the head.
+        let block_ids = flushed.keys().copied().chain(
+            set.blocks
+                .iter()
+                .filter_map(|b| b.index.as_ref())
+                .flat_map(|index| index.ids()),
+        );
+        if let Some(max) = block_ids.max() {
+            head.next_id = head.next_id.max(max + 1);
+        }
+        for block in &set.blocks {
+            let all_in_head = block
+                .index
+                .as_ref()
+                .is_none_or(|index| index.ids().all(|id| head.series.contains_key(&id)));
+            block.all_in_head.store(all_in_head, Ordering::Relaxed);
+        }
         if let Some((path, bytes)) = &report.truncated {
             tracing::warn!(
                 segment = %path.display(),

@@ -53,11 +53,44 @@ impl EmbeddedStorage {
         }
     }
 
-    /// The labels of `ids` (series never leave the head).
-    pub(super) fn labels_of(&self, ids: impl Iterator<Item = u64>) -> HashMap<u64, Labels> {
-        let head = self.read();
-        ids.filter_map(|id| Some((id, head.series.get(&id)?.labels.to_labels())))
+    /// The labels of `ids`: from the head, else (a series the head forgot since the read
+    /// began) from the blocks' indexes.
+    pub(super) async fn labels_of(
+        &self,
+        ids: impl Iterator<Item = u64>,
+    ) -> StorageResult<HashMap<u64, Labels>> {
+        let mut missing = Vec::new();
+        let mut out: HashMap<u64, Labels> = {
+            let head = self.read();
+            ids.filter_map(|id| match head.series.get(&id) {
+                Some(s) => Some((id, s.labels.to_labels())),
+                None => {
+                    missing.push(id);
+                    None
+                }
+            })
             .collect()
+        };
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        missing.sort_unstable();
+        let blocks = self.blocks_read().blocks.clone();
+        let found = off_runtime(move |stop| {
+            let mut found = Vec::new();
+            for index in blocks.iter().rev().filter_map(|b| b.index.as_ref()) {
+                stopped(stop)?;
+                missing.retain(|id| !found.iter().any(|(f, _, _)| f == id));
+                if missing.is_empty() {
+                    break;
+                }
+                found.extend(index.labels(&missing).map_err(block_error)?);
+            }
+            Ok(found)
+        })
+        .await?;
+        out.extend(found.into_iter().map(|(id, _, labels)| (id, labels)));
+        Ok(out)
     }
 
     /// The head's part of a read of `matchers` over `[start, end]`, copied under its read
@@ -120,7 +153,29 @@ impl EmbeddedStorage {
             (ids, found, set)
         };
         let (start, end) = (query.start, query.end);
-        let found = off_runtime(move |stop| {
+        let tenant = tenant.as_str().to_owned();
+        let matcher_sets = if query.matcher_sets.is_empty() {
+            vec![Vec::new()]
+        } else {
+            query.matcher_sets.clone()
+        };
+        let (found, mut labels) = off_runtime(move |stop| {
+            // Series only blocks hold, with their labels.
+            let mut beyond: BTreeMap<u64, Labels> = BTreeMap::new();
+            for matchers in &matcher_sets {
+                let known: Vec<u64> = ids.iter().copied().chain(beyond.keys().copied()).collect();
+                beyond.extend(block_series(
+                    &set.blocks,
+                    &tenant,
+                    matchers,
+                    (start, end),
+                    &known,
+                    stop,
+                )?);
+            }
+            let mut ids = ids;
+            ids.extend(beyond.keys().copied());
+            ids.sort_unstable();
             found.extend(ids.iter().copied().filter(|id| {
                 set.flushing
                     .get(id)
@@ -139,18 +194,140 @@ impl EmbeddedStorage {
                 found.extend(
                     block
                         .series_in_range(&rest, start, end)
-                        .map_err(|e| StorageError::Internal(format!("reading a block: {e}")))?,
+                        .map_err(block_error)?,
                 );
             }
-            Ok(found)
+            Ok((found, beyond))
         })
         .await?;
-        let mut labels = self.labels_of(found.iter().copied());
+        let in_head: Vec<u64> = found
+            .iter()
+            .copied()
+            .filter(|id| !labels.contains_key(id))
+            .collect();
+        labels.extend(self.labels_of(in_head.into_iter()).await?);
         Ok(found
             .into_iter()
             .filter_map(|id| labels.remove(&id))
             .collect())
     }
+}
+
+impl EmbeddedStorage {
+    /// Label names (`name` is `None`) or the values of one label, for a query without
+    /// matchers, from indexes: the head's series with samples in `[start, end]`, and the
+    /// indexes of the blocks overlapping it. As Prometheus answers from a block's index, a
+    /// block contributes every series it holds, wherever in the block their samples lie.
+    /// `None` when a block overlapping the range has no index (the caller derives the answer
+    /// from the series instead).
+    pub(super) async fn indexed_label_values(
+        &self,
+        tenant: &TenantId,
+        name: Option<&str>,
+        (start, end): (TimestampMs, TimestampMs),
+    ) -> StorageResult<Option<BTreeSet<String>>> {
+        let (mut out, blocks) = {
+            let head = self.read();
+            let set = self.blocks_read();
+            let blocks: Vec<Arc<Block>> = set
+                .blocks
+                .iter()
+                .filter(|b| b.meta.max_t >= start && b.meta.min_t <= end)
+                .cloned()
+                .collect();
+            if blocks.iter().any(|b| b.index.is_none()) {
+                return Ok(None);
+            }
+            let mut found: BTreeSet<&str> = BTreeSet::new();
+            if let Some(index) = head.tenants.get(tenant.as_str()) {
+                for id in &index.all {
+                    let Some(series) = head.series.get(id) else {
+                        continue;
+                    };
+                    let in_range = series.samples.any_in(start, end)
+                        || set
+                            .flushing
+                            .get(id)
+                            .is_some_and(|chunks| chunks_any_in(chunks, start, end));
+                    if !in_range {
+                        continue;
+                    }
+                    match name {
+                        None => found.extend(series.labels.pairs().map(|(n, _)| n)),
+                        Some(name) => found.extend(series.labels.get(name)),
+                    }
+                }
+            }
+            let out: BTreeSet<String> = found.into_iter().map(str::to_owned).collect();
+            (out, blocks)
+        };
+        let (tenant, name) = (tenant.as_str().to_owned(), name.map(str::to_owned));
+        off_runtime(move |stop| {
+            for block in &blocks {
+                stopped(stop)?;
+                let index = block.index.as_ref().expect("checked above");
+                out.extend(
+                    match &name {
+                        None => index.names(&tenant),
+                        Some(name) => index.values(&tenant, name),
+                    }
+                    .map_err(block_error)?,
+                );
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+}
+
+fn block_error(e: std::io::Error) -> StorageError {
+    StorageError::Internal(format!("reading a block: {e}"))
+}
+
+/// The series of a tenant that `matchers` select in the blocks overlapping `[start, end]`
+/// whose series are not all in the head, other than `known` (sorted; the head's), with their
+/// labels. Each block's index answers for its own series.
+pub(super) fn block_series(
+    blocks: &[Arc<Block>],
+    tenant: &str,
+    matchers: &[Matcher],
+    (start, end): (TimestampMs, TimestampMs),
+    known: &[u64],
+    stop: &AtomicBool,
+) -> StorageResult<BTreeMap<u64, Labels>> {
+    let mut out: BTreeMap<u64, Labels> = BTreeMap::new();
+    for block in blocks {
+        stopped(stop)?;
+        let Some(index) = block.index_beyond_head() else {
+            continue;
+        };
+        if block.meta.max_t < start || block.meta.min_t > end {
+            continue;
+        }
+        let ids: Vec<u64> = index
+            .matching(tenant, matchers)
+            .map_err(block_error)?
+            .into_iter()
+            .filter(|id| known.binary_search(id).is_err() && !out.contains_key(id))
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        for (id, _, labels) in index.labels(&ids).map_err(block_error)? {
+            out.insert(id, labels);
+        }
+    }
+    Ok(out)
+}
+
+/// `a` (sorted) with the keys of `b`, sorted.
+pub(super) fn with_ids(mut a: Vec<u64>, b: &BTreeMap<u64, Labels>) -> Vec<u64> {
+    if !b.is_empty() {
+        a.extend(b.keys().copied());
+        a.sort_unstable();
+        a.dedup();
+    }
+    a
 }
 
 /// Raw samples of `ids` (sorted) in `[start, end]` from blocks, samples being flushed and

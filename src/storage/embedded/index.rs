@@ -1,0 +1,549 @@
+//! Each block's series index (`blocks/<id>/index`): the label set and tenant of every series
+//! the block holds, and per tenant its label names, the values of each name and the postings
+//! (series ids) of each pair. It lets the head forget series that stopped receiving samples
+//! (their labels live on here) and lets a read find a block's series without the head.
+//!
+//! The file is a run file (`runfile/`, version 3: checksummed frames of zstd-compressed runs,
+//! an index sorted by key, recovery of a damaged file), keyed two ways:
+//!
+//! ```text
+//! key < 2^63 (a series id): str tenant | varint n | (str name | str value){n}
+//! key = 2^63 | xxh3(kind, tenant, name, value) >> 1: tables, each
+//!     u8 kind | str tenant | str name | str value | varint len | bytes
+//!   (several when their keys collide), where bytes are, by kind:
+//!     1 names of a tenant:            varint n | str{n}, sorted
+//!     2 values of a (tenant, name):    varint n | str{n}, sorted
+//!     3 postings of (tenant, name, value) and 4 every series of a tenant:
+//!                                      varint n | varint id delta{n}, ascending
+//!     5 every series of the block (tenant and name empty): varint n |
+//!                                      (u64 le fingerprint | varint id){n}, by fingerprint
+//! str = varint len | UTF-8 bytes
+//! ```
+//!
+//! Memory holds the run file's page positions and the block's (fingerprint, id) table, 16
+//! bytes a series: a series that comes back after the head forgot it is found there and keeps
+//! its id. Everything else is read from the file when a query needs it.
+
+use super::codec::{put_varint, Reader};
+use super::runfile::{damaged, RunFile, RunWriter};
+use crate::model::{Label, Labels, MatchOp, Matcher};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+pub(super) const FILE_NAME: &str = "index";
+
+/// Keys at or above this are tables; below, series ids.
+const TABLE: u64 = 1 << 63;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Names = 1,
+    Values = 2,
+    Postings = 3,
+    All = 4,
+    Fingerprints = 5,
+}
+
+fn table_key(kind: Kind, tenant: &str, name: &str, value: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&[kind as u8]);
+    for part in [tenant, name, value] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    TABLE | (h.digest() >> 1)
+}
+
+/// The 64-bit fingerprint of a tenant's series, for the block's lookup table.
+pub(super) fn fingerprint(tenant: &str, fingerprint: u128) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(tenant.len() as u64).to_le_bytes());
+    h.update(tenant.as_bytes());
+    h.update(&fingerprint.to_le_bytes());
+    h.digest()
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn take_str<'a>(r: &mut Reader<'a>) -> io::Result<&'a str> {
+    let len = usize::try_from(r.varint()?).map_err(|_| damaged("bad string".into()))?;
+    if r.0.len() < len {
+        return Err(damaged("string cut short".into()));
+    }
+    let (s, rest) = r.0.split_at(len);
+    r.0 = rest;
+    std::str::from_utf8(s).map_err(|_| damaged("string not UTF-8".into()))
+}
+
+fn count(r: &mut Reader) -> io::Result<usize> {
+    // Every item takes at least a byte: a count beyond what is left is damage, not an
+    // allocation to make.
+    let n = usize::try_from(r.varint()?).map_err(|_| damaged("bad count".into()))?;
+    if n > r.0.len() {
+        return Err(damaged("count beyond the table".into()));
+    }
+    Ok(n)
+}
+
+fn put_ids(out: &mut Vec<u8>, ids: &[u64]) {
+    put_varint(out, ids.len() as u64);
+    let mut last = 0;
+    for &id in ids {
+        put_varint(out, id - last);
+        last = id;
+    }
+}
+
+fn take_ids(bytes: &[u8]) -> io::Result<Vec<u64>> {
+    let mut r = Reader(bytes);
+    let n = count(&mut r)?;
+    let mut out = Vec::with_capacity(n);
+    let mut last = 0u64;
+    for _ in 0..n {
+        last = last
+            .checked_add(r.varint()?)
+            .ok_or_else(|| damaged("bad id".into()))?;
+        out.push(last);
+    }
+    Ok(out)
+}
+
+fn put_strs<'a>(out: &mut Vec<u8>, items: impl ExactSizeIterator<Item = &'a str>) {
+    put_varint(out, items.len() as u64);
+    for s in items {
+        put_str(out, s);
+    }
+}
+
+fn take_strs(bytes: &[u8]) -> io::Result<Vec<String>> {
+    let mut r = Reader(bytes);
+    let n = count(&mut r)?;
+    (0..n)
+        .map(|_| take_str(&mut r).map(str::to_owned))
+        .collect()
+}
+
+/// One tenant's part while writing: name → value → ids (ascending, as series come in id
+/// order).
+type TenantPostings<'a> = BTreeMap<&'a str, BTreeMap<&'a str, Vec<u64>>>;
+
+/// Writes the index of a block's series: `(id, tenant, labels)`, ascending by id.
+pub(super) fn write(path: &Path, series: &[(u64, &str, &Labels)]) -> io::Result<BlockIndex> {
+    let mut writer = RunWriter::create(path)?;
+    let mut tenants: BTreeMap<&str, (TenantPostings, Vec<u64>)> = BTreeMap::new();
+    let mut fingerprints = Vec::with_capacity(series.len());
+    let mut run = Vec::new();
+    for &(id, tenant, labels) in series {
+        if id >= TABLE {
+            return Err(damaged(format!("series id {id} out of range")));
+        }
+        run.clear();
+        put_str(&mut run, tenant);
+        put_varint(&mut run, labels.len() as u64);
+        for (name, value) in labels.pairs() {
+            put_str(&mut run, name);
+            put_str(&mut run, value);
+        }
+        writer.add(id, 0, 0, &run)?;
+        let (postings, all) = tenants.entry(tenant).or_default();
+        for (name, value) in labels.pairs() {
+            postings
+                .entry(name)
+                .or_default()
+                .entry(value)
+                .or_default()
+                .push(id);
+        }
+        all.push(id);
+        fingerprints.push((fingerprint(tenant, labels.fingerprint()), id));
+    }
+    fingerprints.sort_unstable();
+    let mut tables: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut table = |kind: Kind, tenant: &str, name: &str, value: &str, bytes: &[u8]| {
+        let out = tables
+            .entry(table_key(kind, tenant, name, value))
+            .or_default();
+        out.push(kind as u8);
+        put_str(out, tenant);
+        put_str(out, name);
+        put_str(out, value);
+        put_varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    };
+    let mut bytes = Vec::new();
+    for (tenant, (postings, all)) in &tenants {
+        bytes.clear();
+        put_strs(&mut bytes, postings.keys().copied());
+        table(Kind::Names, tenant, "", "", &bytes);
+        bytes.clear();
+        put_ids(&mut bytes, all);
+        table(Kind::All, tenant, "", "", &bytes);
+        for (name, values) in postings {
+            bytes.clear();
+            put_strs(&mut bytes, values.keys().copied());
+            table(Kind::Values, tenant, name, "", &bytes);
+            for (value, ids) in values {
+                bytes.clear();
+                put_ids(&mut bytes, ids);
+                table(Kind::Postings, tenant, name, value, &bytes);
+            }
+        }
+    }
+    bytes.clear();
+    put_varint(&mut bytes, fingerprints.len() as u64);
+    for &(fp, id) in &fingerprints {
+        bytes.extend_from_slice(&fp.to_le_bytes());
+        put_varint(&mut bytes, id);
+    }
+    table(Kind::Fingerprints, "", "", "", &bytes);
+    for (key, payload) in &tables {
+        writer.add(*key, 0, 0, payload)?;
+    }
+    Ok(BlockIndex {
+        file: Arc::new(writer.finish()?),
+        fingerprints,
+    })
+}
+
+/// A block's series index, open for reading.
+pub(super) struct BlockIndex {
+    file: Arc<RunFile>,
+    /// (fingerprint of tenant and labels, id), sorted.
+    fingerprints: Vec<(u64, u64)>,
+}
+
+impl BlockIndex {
+    /// Opens an index file: (index, damaged bytes recovered).
+    pub fn open(path: &Path) -> io::Result<(BlockIndex, u64)> {
+        let opened = RunFile::open(path, |_| Some((0, 0)))?;
+        let mut index = BlockIndex {
+            file: Arc::new(opened.file),
+            fingerprints: Vec::new(),
+        };
+        let bytes = index
+            .table(Kind::Fingerprints, "", "", "")?
+            .ok_or_else(|| damaged(format!("{}: no fingerprint table", path.display())))?;
+        let mut r = Reader(&bytes);
+        let n = count(&mut r)?;
+        index.fingerprints.reserve_exact(n);
+        for _ in 0..n {
+            if r.0.len() < 8 {
+                return Err(damaged("fingerprint table cut short".into()));
+            }
+            let (fp, rest) = r.0.split_at(8);
+            r.0 = rest;
+            let fp = u64::from_le_bytes(fp.try_into().expect("8 bytes"));
+            index.fingerprints.push((fp, r.varint()?));
+        }
+        Ok((index, opened.damaged_bytes))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.file.size()
+    }
+
+    /// Every series id of the block, in no order.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.fingerprints.iter().map(|&(_, id)| id)
+    }
+
+    fn table(
+        &self,
+        kind: Kind,
+        tenant: &str,
+        name: &str,
+        value: &str,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let key = table_key(kind, tenant, name, value);
+        let Some(entry) = self.file.lookup(&[key])?.pop() else {
+            return Ok(None);
+        };
+        let mut reader = self.file.reader();
+        let payload = reader.read(&entry)?;
+        let mut r = Reader(&payload);
+        while !r.0.is_empty() {
+            let k = *r.0.first().expect("not empty");
+            r.0 = &r.0[1..];
+            let (t, n, v) = (take_str(&mut r)?, take_str(&mut r)?, take_str(&mut r)?);
+            let len = usize::try_from(r.varint()?).map_err(|_| damaged("bad table".into()))?;
+            if r.0.len() < len {
+                return Err(damaged("table cut short".into()));
+            }
+            let (bytes, rest) = r.0.split_at(len);
+            if k == kind as u8 && (t, n, v) == (tenant, name, value) {
+                return Ok(Some(bytes.to_vec()));
+            }
+            r.0 = rest;
+        }
+        Ok(None)
+    }
+
+    /// The label names of a tenant's series, sorted.
+    pub fn names(&self, tenant: &str) -> io::Result<Vec<String>> {
+        self.table(Kind::Names, tenant, "", "")?
+            .map_or(Ok(Vec::new()), |b| take_strs(&b))
+    }
+
+    /// The values of a label among a tenant's series, sorted.
+    pub fn values(&self, tenant: &str, name: &str) -> io::Result<Vec<String>> {
+        self.table(Kind::Values, tenant, name, "")?
+            .map_or(Ok(Vec::new()), |b| take_strs(&b))
+    }
+
+    fn postings(&self, tenant: &str, name: &str, value: &str) -> io::Result<Vec<u64>> {
+        self.table(Kind::Postings, tenant, name, value)?
+            .map_or(Ok(Vec::new()), |b| take_ids(&b))
+    }
+
+    /// The ids of a tenant's series that every matcher accepts, ascending.
+    pub fn matching(&self, tenant: &str, matchers: &[Matcher]) -> io::Result<Vec<u64>> {
+        postings_for_matchers(
+            matchers,
+            PostingsSource {
+                all: &|| {
+                    self.table(Kind::All, tenant, "", "")?
+                        .map_or(Ok(Vec::new()), |b| take_ids(&b))
+                },
+                values: &|name| self.values(tenant, name),
+                postings: &|name, value| self.postings(tenant, name, value),
+            },
+        )
+    }
+
+    /// (tenant, labels) of the given series (ascending), those the block holds.
+    pub fn labels(&self, ids: &[u64]) -> io::Result<Vec<(u64, String, Labels)>> {
+        let mut reader = self.file.reader();
+        let mut out = Vec::new();
+        for entry in self.file.lookup(ids)? {
+            let payload = reader.read(&entry)?;
+            let mut r = Reader(&payload);
+            let tenant = take_str(&mut r)?.to_owned();
+            let n = count(&mut r)?;
+            let mut labels = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = take_str(&mut r)?;
+                labels.push(Label::new(name, take_str(&mut r)?));
+            }
+            out.push((entry.series, tenant, Labels::from_trusted(labels)));
+        }
+        Ok(out)
+    }
+
+    /// The id this block gives a tenant's series (`fingerprint`: its labels'), if it holds
+    /// it: the fingerprint table in memory says whether it may, its labels on disk whether it
+    /// does.
+    pub fn find(
+        &self,
+        tenant: &str,
+        fingerprint_: u128,
+        labels: &Labels,
+    ) -> io::Result<Option<u64>> {
+        let fp = fingerprint(tenant, fingerprint_);
+        let from = self.fingerprints.partition_point(|&(f, _)| f < fp);
+        let mut candidates: Vec<u64> = self.fingerprints[from..]
+            .iter()
+            .take_while(|&&(f, _)| f == fp)
+            .map(|&(_, id)| id)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        candidates.sort_unstable();
+        Ok(self
+            .labels(&candidates)?
+            .into_iter()
+            .find(|(_, t, l)| t == tenant && l == labels)
+            .map(|(id, _, _)| id))
+    }
+}
+
+/// What [`postings_for_matchers`] reads from an index.
+pub(super) struct PostingsSource<'a> {
+    /// Every series id, ascending.
+    pub all: &'a dyn Fn() -> io::Result<Vec<u64>>,
+    /// The values a label takes.
+    pub values: &'a dyn Fn(&str) -> io::Result<Vec<String>>,
+    /// The series ids with a label pair, ascending.
+    pub postings: &'a dyn Fn(&str, &str) -> io::Result<Vec<u64>>,
+}
+
+/// The series every matcher accepts, ascending, from postings alone (Prometheus's
+/// `PostingsForMatchers`): an equality matcher reads its pair's postings; any other matcher
+/// runs over the label's values, not over series. A matcher that accepts the empty value
+/// (`!=`, `!~`, or one that also matches a missing label) takes away the series whose value it
+/// refuses, from the others' result or from every series when no matcher selects by value.
+pub(super) fn postings_for_matchers(
+    matchers: &[Matcher],
+    source: PostingsSource,
+) -> io::Result<Vec<u64>> {
+    let mut selected: Option<Vec<u64>> = None;
+    let mut refused: Vec<Vec<u64>> = Vec::new();
+    let union_of =
+        |values: &mut dyn Iterator<Item = &String>, name: &str| -> io::Result<Vec<u64>> {
+            let mut out = BTreeSet::new();
+            for value in values {
+                out.extend((source.postings)(name, value)?);
+            }
+            Ok(out.into_iter().collect())
+        };
+    for m in matchers {
+        let ids = match &m.op {
+            MatchOp::Equal(value) if !value.is_empty() => (source.postings)(&m.name, value)?,
+            _ if !m.matches_empty() => {
+                let values = (source.values)(&m.name)?;
+                union_of(&mut values.iter().filter(|v| m.matches_value(v)), &m.name)?
+            }
+            _ => {
+                let values = (source.values)(&m.name)?;
+                refused.push(union_of(
+                    &mut values.iter().filter(|v| !m.matches_value(v)),
+                    &m.name,
+                )?);
+                continue;
+            }
+        };
+        let next = match selected.take() {
+            None => ids,
+            Some(current) => intersect(&current, &ids),
+        };
+        if next.is_empty() {
+            return Ok(next);
+        }
+        selected = Some(next);
+    }
+    let mut ids = match selected {
+        Some(ids) => ids,
+        None => (source.all)()?,
+    };
+    for refused in refused {
+        ids = difference(&ids, &refused);
+    }
+    Ok(ids)
+}
+
+/// Ids in both (ascending) lists.
+pub(super) fn intersect(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Ids of `a` not in `b` (both ascending).
+fn difference(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut j = 0;
+    a.iter()
+        .copied()
+        .filter(|&id| {
+            while j < b.len() && b[j] < id {
+                j += 1;
+            }
+            b.get(j) != Some(&id)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::matches_all;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        Labels::from_trusted(pairs.iter().map(|(n, v)| Label::new(*n, *v)).collect())
+    }
+
+    #[test]
+    fn matchers_over_postings_select_what_matching_each_label_set_selects() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut series = Vec::new();
+        for i in 0..300u64 {
+            let job = format!("job{}", i % 7);
+            let pid = i.to_string();
+            let mut pairs = vec![
+                ("__name__", if i % 3 == 0 { "a" } else { "b" }),
+                ("job", job.as_str()),
+            ];
+            // Unique label sets: series without `pid` have `seq`.
+            pairs.push((if i % 5 != 0 { "pid" } else { "seq" }, pid.as_str()));
+            pairs.sort();
+            let tenant = if i % 11 == 0 { "other" } else { "t" };
+            series.push((i * 2 + 1, tenant.to_owned(), labels(&pairs)));
+        }
+        let rows: Vec<(u64, &str, &Labels)> = series
+            .iter()
+            .map(|(id, t, l)| (*id, t.as_str(), l))
+            .collect();
+        let path = dir.path().join(FILE_NAME);
+        write(&path, &rows).unwrap();
+        let (index, damaged) = BlockIndex::open(&path).unwrap();
+        assert_eq!(damaged, 0);
+        let re = |name: &str, pattern: &str, negate| Matcher::regex(name, pattern, negate).unwrap();
+        let not_equal = |name: &str, value: &str| Matcher {
+            name: name.into(),
+            op: MatchOp::NotEqual(value.into()),
+        };
+        let cases: Vec<Vec<Matcher>> = vec![
+            vec![Matcher::equal("__name__", "a")],
+            vec![
+                Matcher::equal("__name__", "a"),
+                Matcher::equal("job", "job3"),
+            ],
+            vec![re("job", "job[12]", false)],
+            vec![re("job", "job[12]", true)],
+            vec![Matcher::equal("pid", "")],
+            vec![not_equal("pid", "")],
+            vec![re("pid", "1.*|", false)],
+            vec![re("pid", ".*", false), Matcher::equal("__name__", "b")],
+            vec![not_equal("job", "job0"), re("pid", "2.*", true)],
+            vec![Matcher::equal("job", "nope")],
+            vec![],
+        ];
+        for matchers in &cases {
+            for tenant in ["t", "other", "none"] {
+                let want: Vec<u64> = series
+                    .iter()
+                    .filter(|(_, t, l)| t == tenant && matches_all(matchers, l))
+                    .map(|(id, _, _)| *id)
+                    .collect();
+                assert_eq!(
+                    index.matching(tenant, matchers).unwrap(),
+                    want,
+                    "{tenant} {matchers:?}"
+                );
+            }
+        }
+        let jobs: Vec<String> = (0..7).map(|i| format!("job{i}")).collect();
+        assert_eq!(index.values("t", "job").unwrap(), jobs);
+        assert_eq!(index.names("t").unwrap(), ["__name__", "job", "pid", "seq"]);
+        assert!(index.names("none").unwrap().is_empty());
+        for (id, tenant, l) in &series {
+            assert_eq!(index.find(tenant, l.fingerprint(), l).unwrap(), Some(*id));
+            // The same labels in the other tenant are another series.
+            let other = if tenant == "t" { "other" } else { "t" };
+            let want = series.iter().find(|(_, t, x)| t == other && x == l);
+            assert_eq!(
+                index.find(other, l.fingerprint(), l).unwrap(),
+                want.map(|s| s.0)
+            );
+        }
+        let got = index.labels(&[1, 3, 4, 599]).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1].2, series[1].2);
+        assert_eq!(index.ids().count(), series.len());
+    }
+}
