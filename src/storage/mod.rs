@@ -359,6 +359,9 @@ pub fn merge_rollups(earlier: Vec<RollupRow>, later: &[RollupRow]) -> Vec<Rollup
 pub struct StorageStats {
     /// Series held in memory.
     pub series_in_memory: u64,
+    /// Since start: series the embedded engine's head forgot after a flush (no sample left in
+    /// memory; their labels live on in the blocks' indexes).
+    pub head_series_removed: u64,
     /// On-disk blocks and the raw samples in them.
     pub blocks: u64,
     pub block_samples: u64,
@@ -369,7 +372,8 @@ pub struct StorageStats {
     /// Rollup relations maintained incrementally: every bucket before the watermark is there.
     pub rollup_watermarks: Vec<(Resolution, TimestampMs)>,
     /// Since start: partitions dropped by retention, rollup rows written, lifecycle runs that
-    /// failed and that completed (not counting runs left to another server holding the job).
+    /// failed and that completed (not counting runs left to another server holding the job;
+    /// for the embedded engine, its maintenance runs: flush, compaction, retention).
     pub partitions_dropped: u64,
     pub rollup_rows_written: u64,
     pub lifecycle_failures: u64,

@@ -90,6 +90,7 @@ pub struct Metrics {
     /// Query answers sent with a warning (damaged data skipped).
     pub query_warnings: Counter,
     pub storage_series: prometheus_client::metrics::gauge::Gauge,
+    storage_head_series_removed: prometheus_client::metrics::gauge::Gauge,
     pub storage_blocks: prometheus_client::metrics::gauge::Gauge,
     pub storage_block_samples: prometheus_client::metrics::gauge::Gauge,
     pub storage_disk_bytes: Family<DiskLabels, prometheus_client::metrics::gauge::Gauge>,
@@ -269,6 +270,12 @@ impl Metrics {
             "Series the storage holds in memory",
             storage_series.clone(),
         );
+        let storage_head_series_removed = gauge();
+        registry.register(
+            "storage_head_series_removed",
+            "Series the embedded engine's head forgot since start (no sample left in memory; their labels live on in the blocks' indexes)",
+            storage_head_series_removed.clone(),
+        );
         registry.register(
             "storage_blocks",
             "On-disk blocks of the embedded engine",
@@ -395,6 +402,7 @@ impl Metrics {
             auth_refused,
             query_warnings,
             storage_series,
+            storage_head_series_removed,
             storage_blocks,
             storage_block_samples,
             storage_disk_bytes,
@@ -423,6 +431,8 @@ impl Metrics {
             .set(clamp(storage.damaged_bytes_recovered()));
         if let Some(stats) = storage.stats() {
             self.storage_series.set(clamp(stats.series_in_memory));
+            self.storage_head_series_removed
+                .set(clamp(stats.head_series_removed));
             self.storage_blocks.set(clamp(stats.blocks));
             self.storage_block_samples.set(clamp(stats.block_samples));
             for (kind, bytes) in [

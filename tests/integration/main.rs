@@ -12,6 +12,7 @@ mod compose;
 mod conformance;
 mod crash;
 mod e2e_prometheus;
+mod embedded;
 mod grafana;
 mod hardening;
 mod lifecycle;

@@ -330,14 +330,12 @@ pub(super) fn insert_sample(samples: &mut Vec<Sample>, sample: Sample) {
 }
 
 impl Head {
+    fn tenant_mut(&mut self, tenant: &str) -> &mut TenantIndex {
+        tenant_entry(&mut self.tenants, tenant)
+    }
+
     pub fn create_series(&mut self, tenant: &str, id: u64, labels: &Labels) {
-        let index = self
-            .tenants
-            .entry(tenant.to_owned())
-            .or_insert_with(|| TenantIndex {
-                tenant: Arc::from(tenant),
-                ..TenantIndex::default()
-            });
+        let index = tenant_entry(&mut self.tenants, tenant);
         index.by_fingerprint.insert(labels.fingerprint(), id);
         for (name, value) in labels.pairs() {
             index
@@ -409,9 +407,7 @@ impl Head {
 
     pub fn add_metadata(&mut self, tenant: &str, metadata: MetricMetadata) {
         let entries = self
-            .tenants
-            .entry(tenant.to_owned())
-            .or_default()
+            .tenant_mut(tenant)
             .metadata
             .entry(metadata.metric_family_name.clone())
             .or_default();
@@ -522,6 +518,19 @@ impl Head {
             exemplars,
         })
     }
+}
+
+/// A tenant's index, made when it is first needed.
+fn tenant_entry<'a>(
+    tenants: &'a mut HashMap<String, TenantIndex>,
+    tenant: &str,
+) -> &'a mut TenantIndex {
+    tenants
+        .entry(tenant.to_owned())
+        .or_insert_with(|| TenantIndex {
+            tenant: Arc::from(tenant),
+            ..TenantIndex::default()
+        })
 }
 
 fn posting_key(name: &str, value: &str) -> u64 {

@@ -35,6 +35,14 @@ impl EmbeddedStorage {
         let flushed = self.flush(cutoff, &mut report);
         let compacted = self.compact(cutoff, &mut report);
         let retained = self.apply_retention(now, &mut report);
+        self.series_removed
+            .fetch_add(report.series_dropped as u64, Ordering::Relaxed);
+        let counter = if flushed.is_ok() && compacted.is_ok() && retained.is_ok() {
+            &self.maintenance_runs
+        } else {
+            &self.maintenance_failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         flushed?;
         compacted.map_err(|e| internal("compaction", e))?;
         retained.map_err(|e| internal("retention", e))?;
@@ -163,7 +171,8 @@ impl EmbeddedStorage {
             loop {
                 let group = {
                     let set = self.blocks_read();
-                    compaction_group(&set.blocks, span, cutoff, &set.not_compactable)
+                    let merge_small = span == COMPACTION_SPANS_MS[0];
+                    compaction_group(&set.blocks, span, cutoff, merge_small, &set.not_compactable)
                 };
                 let Some(range) = group else { break };
                 let number = {
@@ -272,6 +281,9 @@ impl EmbeddedStorage {
             block_bytes: set.blocks.iter().map(|b| b.size(false)).sum(),
             rollup_bytes: set.blocks.iter().map(|b| b.size(true)).sum(),
             wal_bytes,
+            head_series_removed: self.series_removed.load(Ordering::Relaxed),
+            lifecycle_runs: self.maintenance_runs.load(Ordering::Relaxed),
+            lifecycle_failures: self.maintenance_failures.load(Ordering::Relaxed),
             ..StorageStats::default()
         }
     }
@@ -279,12 +291,15 @@ impl EmbeddedStorage {
 
 /// The first run of consecutive blocks whose data starts in the same aligned window of `span`
 /// and which all still hold raw chunks: all of them (at least two) once the window is closed
-/// (its end at or before `cutoff`); while it is open, at least two consecutive small ones
-/// (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
+/// (its end at or before `cutoff`); while it is open and `merge_small` (the smallest span
+/// only), at least two consecutive small ones (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
+/// Small blocks of an open day are not merged: series with few samples each (short-lived
+/// ones) keep blocks small, and the day's block would be rewritten at every flush.
 pub(super) fn compaction_group(
     blocks: &[Arc<Block>],
     span: i64,
     cutoff: TimestampMs,
+    merge_small: bool,
     excluded: &std::collections::HashSet<PathBuf>,
 ) -> Option<std::ops::Range<usize>> {
     let window = |b: &Block| b.meta.min_t.div_euclid(span);
@@ -303,7 +318,7 @@ pub(super) fn compaction_group(
             if j - i >= 2 && blocks[i..j].iter().all(compactable) {
                 return Some(i..j);
             }
-        } else {
+        } else if merge_small {
             let small = |b: &Arc<Block>| {
                 compactable(b)
                     && b.meta.samples < SMALL_BLOCK_SAMPLES_PER_SERIES * b.meta.series.max(1)

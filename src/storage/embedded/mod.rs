@@ -158,6 +158,10 @@ pub struct EmbeddedStorage {
     retention: RetentionConfig,
     /// Bytes of damaged data found (log tails cut, block files recovered).
     damaged_bytes: AtomicU64,
+    /// Since start: maintenance runs completed and failed, series the head forgot.
+    maintenance_runs: AtomicU64,
+    maintenance_failures: AtomicU64,
+    series_removed: AtomicU64,
     /// Held while the storage is open: no second server on the directory.
     _lock: lock::DirLock,
 }
@@ -499,9 +503,11 @@ impl Storage for EmbeddedStorage {
 
     async fn run_maintenance(&self) -> StorageResult<()> {
         let now = chrono::Utc::now().timestamp_millis();
+        let began = std::time::Instant::now();
         let report = tokio::task::block_in_place(|| self.maintain(now))?;
         if report != MaintenanceReport::default() {
-            tracing::info!(?report, "embedded storage maintenance");
+            let seconds = began.elapsed().as_secs_f64();
+            tracing::info!(?report, seconds, "embedded storage maintenance");
         }
         Ok(())
     }

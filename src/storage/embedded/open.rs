@@ -76,6 +76,9 @@ impl EmbeddedStorage {
             flush_interval: Duration::from_secs(config.flush_interval_secs.max(1)),
             retention: retention.clone(),
             damaged_bytes: AtomicU64::new(damaged),
+            maintenance_runs: AtomicU64::new(0),
+            maintenance_failures: AtomicU64::new(0),
+            series_removed: AtomicU64::new(0),
             _lock: lock,
         })
     }
