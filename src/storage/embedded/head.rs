@@ -3,9 +3,10 @@
 //! the write-ahead log on start.
 
 use super::chunk::{Appender, Chunk};
+use super::index::{postings_for_matchers, PostingsSource};
 use crate::model::{
-    matches_all, Exemplar, Labels, MatchOp, Matcher, MetricMetadata, PackedLabels, Sample,
-    SeriesExemplars, TimestampMs,
+    matches_all, Exemplar, Labels, Matcher, MetricMetadata, PackedLabels, Sample, SeriesExemplars,
+    TimestampMs,
 };
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -31,6 +32,10 @@ pub(super) struct TenantIndex {
     /// hash of (label name, value) → series ids (ascending). Keyed by a hash so the strings
     /// are not held twice; a collision only adds candidates, which the matchers then drop.
     pub postings: HashMap<u64, Vec<u64>>,
+    /// label name → the postings keys of its values: a matcher other than `=` runs over a
+    /// label's values (each read from the first series of its postings), not over series.
+    pub names: HashMap<Box<str>, HashSet<u64>>,
+    /// Ascending.
     pub all: Vec<u64>,
     pub metadata: BTreeMap<String, Vec<MetricMetadata>>,
 }
@@ -338,13 +343,21 @@ impl Head {
         let index = tenant_entry(&mut self.tenants, tenant);
         index.by_fingerprint.insert(labels.fingerprint(), id);
         for (name, value) in labels.pairs() {
-            index
-                .postings
-                .entry(posting_key(name, value))
-                .or_default()
-                .push(id);
+            let key = posting_key(name, value);
+            let ids = index.postings.entry(key).or_default();
+            if ids.is_empty() {
+                match index.names.get_mut(name) {
+                    Some(keys) => {
+                        keys.insert(key);
+                    }
+                    None => {
+                        index.names.insert(name.into(), HashSet::from_iter([key]));
+                    }
+                }
+            }
+            insert_id(ids, id);
         }
-        index.all.push(id);
+        insert_id(&mut index.all, id);
         self.series.insert(
             id,
             SeriesData {
@@ -375,8 +388,8 @@ impl Head {
         }
         dropped.sort_unstable();
         let gone: HashSet<u64> = dropped.iter().copied().collect();
-        // Per tenant, the postings lists to prune.
-        let mut touched: HashMap<Arc<str>, HashSet<u64>> = HashMap::default();
+        // Per tenant, the postings lists to prune (key → label name).
+        let mut touched: HashMap<Arc<str>, HashMap<u64, Box<str>>> = HashMap::default();
         for id in &dropped {
             let Some(series) = self.series.remove(id) else {
                 continue;
@@ -386,17 +399,28 @@ impl Head {
             };
             index.by_fingerprint.remove(&series.labels.fingerprint());
             let keys = touched.entry(series.tenant.clone()).or_default();
-            keys.extend(series.labels.pairs().map(|(n, v)| posting_key(n, v)));
+            keys.extend(
+                series
+                    .labels
+                    .pairs()
+                    .map(|(n, v)| (posting_key(n, v), Box::from(n))),
+            );
         }
         for (tenant, keys) in touched {
             let Some(index) = self.tenants.get_mut(&*tenant) else {
                 continue;
             };
-            for key in keys {
+            for (key, name) in keys {
                 if let Some(ids) = index.postings.get_mut(&key) {
                     ids.retain(|id| !gone.contains(id));
                     if ids.is_empty() {
                         index.postings.remove(&key);
+                        if let Some(keys) = index.names.get_mut(&name) {
+                            keys.remove(&key);
+                            if keys.is_empty() {
+                                index.names.remove(&name);
+                            }
+                        }
                     }
                 }
             }
@@ -416,30 +440,42 @@ impl Head {
         }
     }
 
-    /// Series ids of a tenant matching every matcher: postings intersect the equality
-    /// matchers; the rest are checked on the labels.
+    /// Series ids of a tenant matching every matcher (ascending), from postings: an equality
+    /// matcher reads its pair's postings, any other runs over the label's values
+    /// ([`postings_for_matchers`]); the candidates' label sets are checked at the end (a
+    /// postings key is a hash: a collision adds candidates, never drops one).
     pub fn matching(&self, tenant: &str, matchers: &[Matcher]) -> Vec<u64> {
         let Some(index) = self.tenants.get(tenant) else {
             return Vec::new();
         };
-        let mut candidates: Option<Vec<u64>> = None;
-        for m in matchers {
-            if let MatchOp::Equal(value) = &m.op {
-                if value.is_empty() {
-                    continue;
-                }
-                let ids = index
-                    .postings
-                    .get(&posting_key(&m.name, value))
-                    .cloned()
-                    .unwrap_or_default();
-                candidates = Some(match candidates {
-                    None => ids,
-                    Some(current) => intersect(&current, &ids),
-                });
-            }
-        }
-        let candidates = candidates.unwrap_or_else(|| index.all.clone());
+        let values = |name: &str| -> std::io::Result<Vec<String>> {
+            let Some(keys) = index.names.get(name) else {
+                return Ok(Vec::new());
+            };
+            Ok(keys
+                .iter()
+                .filter_map(|key| {
+                    let first = index.postings.get(key)?.first()?;
+                    Some(self.series.get(first)?.labels.get(name)?.to_owned())
+                })
+                .collect())
+        };
+        let postings = |name: &str, value: &str| -> std::io::Result<Vec<u64>> {
+            Ok(index
+                .postings
+                .get(&posting_key(name, value))
+                .cloned()
+                .unwrap_or_default())
+        };
+        let candidates = postings_for_matchers(
+            matchers,
+            PostingsSource {
+                all: &|| Ok(index.all.clone()),
+                values: &values,
+                postings: &postings,
+            },
+        )
+        .unwrap_or_default();
         candidates
             .into_iter()
             .filter(|id| {
@@ -541,20 +577,17 @@ fn posting_key(name: &str, value: &str) -> u64 {
     h.digest()
 }
 
-fn intersect(a: &[u64], b: &[u64]) -> Vec<u64> {
-    let (mut i, mut j, mut out) = (0, 0, Vec::new());
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                out.push(a[i]);
-                i += 1;
-                j += 1;
+/// Adds an id to an ascending list: at the end for a new series (ids grow), in its place for
+/// one the head forgot and that came back with its id.
+fn insert_id(ids: &mut Vec<u64>, id: u64) {
+    match ids.last() {
+        Some(&last) if last >= id => {
+            if let Err(at) = ids.binary_search(&id) {
+                ids.insert(at, id);
             }
         }
+        _ => ids.push(id),
     }
-    out
 }
 
 #[cfg(test)]
@@ -711,7 +744,54 @@ mod tests {
     }
 
     #[test]
-    fn postings_intersect() {
-        assert_eq!(intersect(&[1, 3, 5, 7], &[3, 4, 5, 8]), [3, 5]);
+    fn head_matchers_run_over_postings_and_values_and_agree_with_the_label_sets() {
+        let mut head = Head::default();
+        let mut all = Vec::new();
+        // Ids out of order (a series that came back keeps its older id).
+        for (n, id) in [5u64, 1, 9, 3, 7, 2, 8].iter().enumerate() {
+            let job = format!("j{}", n % 3);
+            let mut pairs = vec![
+                crate::model::Label::new("__name__", "m"),
+                crate::model::Label::new("job", &job),
+            ];
+            if n % 2 == 0 {
+                pairs.push(crate::model::Label::new("pid", n.to_string()));
+            }
+            let labels = Labels::from_trusted(pairs);
+            head.create_series("t", *id, &labels);
+            all.push((*id, labels));
+        }
+        let re = |name: &str, p: &str, negate| Matcher::regex(name, p, negate).unwrap();
+        for matchers in [
+            vec![Matcher::equal("job", "j1")],
+            vec![re("job", "j[02]", false)],
+            vec![re("pid", ".+", false), re("job", "j0", true)],
+            vec![Matcher::equal("pid", "")],
+            vec![],
+        ] {
+            let mut want: Vec<u64> = all
+                .iter()
+                .filter(|(_, l)| matches_all(&matchers, l))
+                .map(|(id, _)| *id)
+                .collect();
+            want.sort_unstable();
+            assert_eq!(head.matching("t", &matchers), want, "{matchers:?}");
+        }
+        assert!(head.tenants["t"].all.is_sorted());
+        // Forgetting series prunes postings and the values' keys.
+        for (id, _) in &all {
+            if let Some(s) = head.series.get_mut(id) {
+                if *id != 8 {
+                    s.samples.insert(Sample { t: 1, v: 1.0 });
+                }
+            }
+        }
+        assert_eq!(head.drop_empty_series(), [8]);
+        assert_eq!(
+            head.matching("t", &[Matcher::equal("pid", "6")]),
+            Vec::<u64>::new()
+        );
+        assert!(!head.tenants["t"].names["pid"].contains(&posting_key("pid", "6")));
+        assert_eq!(head.matching("t", &[Matcher::equal("job", "j0")]), [3, 5]);
     }
 }
