@@ -16,45 +16,21 @@
 //! (`apt-get install prometheus victoria-metrics` first).
 
 mod common;
+#[path = "common/peers.rs"]
+mod peers;
 #[path = "../tests/integration/support/mod.rs"]
 mod support;
 
-use common::{cpu_seconds, listener_pid, peak_rss_mib, push, Options};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use common::{
+    cpu_seconds, dir_bytes, get, listener_pid, metric, peak_rss_mib, push, time_query, value,
+    wait_stable, Options,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::process::{free_port, spawn_secumon, temp_dir, wait_for_port, Managed};
+use support::process::{free_port, spawn_secumon, temp_dir};
 
 /// One sample a minute per series.
 const INTERVAL_MS: i64 = 60_000;
-const QUERY_RUNS: usize = 21;
-
-/// A deterministic hash of (series, n) for jitter.
-fn mix(i: usize, n: usize) -> u64 {
-    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (n as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    x ^= x >> 31;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^ (x >> 29)
-}
-
-/// The n-th value of series i: half busy counters (integer increments), a quarter slow
-/// counters (like histogram buckets that rarely move), a quarter gauges with two decimals.
-fn value(i: usize, n: usize) -> f64 {
-    match i % 4 {
-        0 | 1 => {
-            let rate = 1 + (i as u64 * 7) % 50;
-            let jitter = mix(i, n) % rate;
-            ((i as u64 % 1000) * 1000 + n as u64 * rate + jitter) as f64
-        }
-        2 => ((n as u64 + mix(i, n) % 3) / 3) as f64,
-        _ => {
-            let wave = 50.0 + 30.0 * ((n as f64) / 17.0 + i as f64).sin();
-            ((wave + (mix(i, n) % 100) as f64 / 100.0) * 100.0).round() / 100.0
-        }
-    }
-}
 
 struct Measured {
     name: &'static str,
@@ -64,92 +40,6 @@ struct Measured {
     dir_bytes_per_sample: f64,
     rss_mib: f64,
     queries_ms: Vec<f64>,
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(meta) = entry.metadata() else { continue };
-        total += if meta.is_dir() {
-            dir_bytes(&entry.path())
-        } else {
-            meta.len()
-        };
-    }
-    total
-}
-
-fn get(url: &str) -> String {
-    let output = Command::new("curl")
-        .args(["-sf", "--max-time", "600", url])
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// A gauge's value from a `/metrics` page.
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Waits until `read` gives the same positive value twice `every` apart.
-fn wait_stable(what: &str, every: Duration, limit: Duration, read: impl Fn() -> f64) -> f64 {
-    let deadline = Instant::now() + limit;
-    let mut last = read();
-    loop {
-        std::thread::sleep(every);
-        let now = read();
-        if now > 0.0 && now == last {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "{what} did not settle");
-        last = now;
-    }
-}
-
-/// Median wall time in ms of a range query, after one warm-up; and the series it returned.
-/// Timed from the request to the last byte of the answer over one kept-alive connection, as a
-/// dashboard asks (a process started per query would add its own start-up to every figure).
-fn time_query(base: &str, query: &str, start: i64, end: i64) -> (f64, usize) {
-    let url = format!(
-        "{base}/api/v1/query_range?query={}&start={}&end={}&step=60",
-        form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>(),
-        start / 1000,
-        end / 1000
-    );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = reqwest::Client::new();
-        let fetch = || async {
-            let response = client.get(&url).send().await.expect("query");
-            assert!(
-                response.status().is_success(),
-                "{url}: {}",
-                response.status()
-            );
-            response.bytes().await.expect("query body")
-        };
-        let body = fetch().await;
-        let series = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["data"]["result"].as_array().map(Vec::len))
-            .unwrap_or(0);
-        let mut times = Vec::with_capacity(QUERY_RUNS);
-        for _ in 0..QUERY_RUNS {
-            let started = Instant::now();
-            fetch().await;
-            times.push(started.elapsed().as_secs_f64() * 1000.0);
-        }
-        times.sort_by(f64::total_cmp);
-        (times[QUERY_RUNS / 2], series)
-    })
 }
 
 fn queries(end: i64) -> Vec<(&'static str, String, i64)> {
@@ -182,7 +72,7 @@ fn run_queries(name: &str, base: &str, end: i64) -> Vec<f64> {
     queries(end)
         .into_iter()
         .map(|(label, q, start)| {
-            let (ms, series) = time_query(base, &q, start, end);
+            let (ms, series) = time_query(base, &q, start, end, 60);
             eprintln!("{name}: {label}: {ms:.1} ms, {series} series");
             assert!(series > 0, "{name} answered {label} with nothing");
             ms
@@ -286,29 +176,7 @@ fn main() {
         let outcome = push(&prometheus.url("/api/v1/write"), bodies.clone(), &o);
         let cpu = cpu_seconds(pid) - cpu_before;
         let data = prometheus.data_dir.clone();
-        let (block_bytes, block_samples) = {
-            let blocks = || -> (u64, u64) {
-                let mut bytes = 0;
-                let mut samples = 0;
-                for entry in std::fs::read_dir(&data).into_iter().flatten().flatten() {
-                    let meta = entry.path().join("meta.json");
-                    let Ok(text) = std::fs::read_to_string(&meta) else {
-                        continue;
-                    };
-                    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                    samples += v["stats"]["numSamples"].as_u64().unwrap_or(0);
-                    bytes += dir_bytes(&entry.path());
-                }
-                (bytes, samples)
-            };
-            wait_stable(
-                "Prometheus's head compaction",
-                Duration::from_secs(15),
-                Duration::from_secs(900),
-                || blocks().1 as f64,
-            );
-            blocks()
-        };
+        let (block_bytes, block_samples) = peers::prometheus_blocks_settled(&data);
         let queries_ms = run_queries("Prometheus", &prometheus.base, end);
         results.push(Measured {
             name: "Prometheus 2.42",
@@ -322,39 +190,15 @@ fn main() {
     }
 
     // VictoriaMetrics 1.79: everything goes to compressed parts; force the flush and merge.
-    // Its rollup result cache is off so that repeated queries are computed, as for the others.
     {
-        let binary =
-            support::find_binary("victoria-metrics", "apt-get install -y victoria-metrics");
-        let dir = temp_dir("secumon-vm");
-        let data: PathBuf = dir.join("data");
-        let port = free_port();
-        let mut cmd = Command::new(binary);
-        cmd.arg(format!("-storageDataPath={}", data.display()))
-            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-            .arg("-retentionPeriod=1y")
-            .arg("-search.latencyOffset=0s")
-            .arg("-search.disableCache")
-            .arg("-loggerLevel=ERROR");
-        let server = Managed::spawn("victoria-metrics", cmd, Some(dir));
-        wait_for_port(port, Duration::from_secs(60), "victoria-metrics");
-        let base = url_of(port);
-        let pid = server.pid();
+        let vm = peers::VictoriaMetrics::start();
+        let pid = vm.server.pid();
         let cpu_before = cpu_seconds(pid);
-        let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
-        get(&format!("{base}/internal/force_flush"));
+        let outcome = push(&format!("{}/api/v1/write", vm.base), bodies.clone(), &o);
+        get(&format!("{}/internal/force_flush", vm.base));
         let cpu = cpu_seconds(pid) - cpu_before;
-        let month = chrono::Utc::now().format("%Y_%m").to_string();
-        get(&format!(
-            "{base}/internal/force_merge?partition_prefix={month}"
-        ));
-        let bytes = wait_stable(
-            "VictoriaMetrics's merge",
-            Duration::from_secs(10),
-            Duration::from_secs(600),
-            || dir_bytes(&data) as f64,
-        );
-        let queries_ms = run_queries("VictoriaMetrics", &base, end);
+        let bytes = vm.settle();
+        let queries_ms = run_queries("VictoriaMetrics", &vm.base, end);
         results.push(Measured {
             name: "VictoriaMetrics 1.79",
             rate: outcome.accepted as f64 / outcome.seconds,

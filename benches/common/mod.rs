@@ -5,9 +5,14 @@
 
 use prost::Message;
 use secumon_proto::prometheus::{Label, Sample, TimeSeries, WriteRequest};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Timed runs of each query, after one warm-up; the median is reported.
+pub const QUERY_RUNS: usize = 21;
 
 pub struct Options {
     pub series: usize,
@@ -372,4 +377,123 @@ pub async fn post_blocks(url: &str, blocks: Vec<Vec<Vec<u8>>>) {
     for task in futures::future::join_all(tasks).await {
         task.unwrap();
     }
+}
+
+/// A deterministic hash of (series, n) for jitter.
+pub fn mix(i: usize, n: usize) -> u64 {
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (n as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 29)
+}
+
+/// The n-th value of series i: half busy counters (integer increments), a quarter slow
+/// counters (like histogram buckets that rarely move), a quarter gauges with two decimals.
+pub fn value(i: usize, n: usize) -> f64 {
+    match i % 4 {
+        0 | 1 => {
+            let rate = 1 + (i as u64 * 7) % 50;
+            let jitter = mix(i, n) % rate;
+            ((i as u64 % 1000) * 1000 + n as u64 * rate + jitter) as f64
+        }
+        2 => ((n as u64 + mix(i, n) % 3) / 3) as f64,
+        _ => {
+            let wave = 50.0 + 30.0 * ((n as f64) / 17.0 + i as f64).sin();
+            ((wave + (mix(i, n) % 100) as f64 / 100.0) * 100.0).round() / 100.0
+        }
+    }
+}
+
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+pub fn get(url: &str) -> String {
+    let output = Command::new("curl")
+        .args(["-sf", "--max-time", "600", url])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A gauge's value from a `/metrics` page.
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until `read` gives the same positive value twice `every` apart.
+pub fn wait_stable(what: &str, every: Duration, limit: Duration, read: impl Fn() -> f64) -> f64 {
+    let deadline = Instant::now() + limit;
+    let mut last = read();
+    loop {
+        std::thread::sleep(every);
+        let now = read();
+        if now > 0.0 && now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what} did not settle");
+        last = now;
+    }
+}
+
+/// Median wall time in ms of a range query (`step_secs` apart), after one warm-up; and the
+/// series it returned.
+/// Timed from the request to the last byte of the answer over one kept-alive connection, as a
+/// dashboard asks (a process started per query would add its own start-up to every figure).
+pub fn time_query(base: &str, query: &str, start: i64, end: i64, step_secs: u64) -> (f64, usize) {
+    let url = format!(
+        "{base}/api/v1/query_range?query={}&start={}&end={}&step={step_secs}",
+        form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>(),
+        start / 1000,
+        end / 1000
+    );
+    let (ms, body) = time_get(&url);
+    let series = body["data"]["result"].as_array().map_or(0, Vec::len);
+    (ms, series)
+}
+
+/// Median wall time in ms of a GET answered with JSON, after one warm-up, and the answer.
+/// Timed from the request to the last byte over one kept-alive connection, as a dashboard
+/// asks.
+pub fn time_get(url: &str) -> (f64, serde_json::Value) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let fetch = || async {
+            let response = client.get(url).send().await.expect("query");
+            assert!(
+                response.status().is_success(),
+                "{url}: {}",
+                response.status()
+            );
+            response.bytes().await.expect("query body")
+        };
+        let body = fetch().await;
+        let answer = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+        let mut times = Vec::with_capacity(QUERY_RUNS);
+        for _ in 0..QUERY_RUNS {
+            let started = Instant::now();
+            fetch().await;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        (times[QUERY_RUNS / 2], answer)
+    })
 }
