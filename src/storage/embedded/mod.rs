@@ -189,6 +189,14 @@ impl EmbeddedStorage {
     }
 }
 
+/// The first `limit` of sorted items (all when 0).
+fn limited(mut items: Vec<String>, limit: usize) -> Vec<String> {
+    if limit > 0 {
+        items.truncate(limit);
+    }
+    items
+}
+
 #[async_trait]
 impl Storage for EmbeddedStorage {
     async fn append_batch(
@@ -445,7 +453,7 @@ impl Storage for EmbeddedStorage {
         if query.matcher_sets.is_empty() {
             let range = (query.start, query.end);
             if let Some(names) = self.indexed_label_values(tenant, None, range).await? {
-                return Ok(super::limited(names, query.limit));
+                return Ok(limited(names, query.limit));
             }
         }
         super::label_names_of_series(self, tenant, query).await
@@ -460,7 +468,7 @@ impl Storage for EmbeddedStorage {
         if query.matcher_sets.is_empty() {
             let range = (query.start, query.end);
             if let Some(values) = self.indexed_label_values(tenant, Some(name), range).await? {
-                return Ok(super::limited(values, query.limit));
+                return Ok(limited(values, query.limit));
             }
         }
         super::label_values_of_series(self, tenant, name, query).await

@@ -225,7 +225,7 @@ impl EmbeddedStorage {
         tenant: &TenantId,
         name: Option<&str>,
         (start, end): (TimestampMs, TimestampMs),
-    ) -> StorageResult<Option<BTreeSet<String>>> {
+    ) -> StorageResult<Option<Vec<String>>> {
         let (mut out, blocks) = {
             let head = self.read();
             let set = self.blocks_read();
@@ -238,27 +238,50 @@ impl EmbeddedStorage {
             if blocks.iter().any(|b| b.index.is_none()) {
                 return Ok(None);
             }
-            let mut found: BTreeSet<&str> = BTreeSet::new();
+            let in_range = |id: &u64| {
+                head.series
+                    .get(id)
+                    .is_some_and(|s| s.samples.any_in(start, end))
+                    || set
+                        .flushing
+                        .get(id)
+                        .is_some_and(|chunks| chunks_any_in(chunks, start, end))
+            };
+            // A name or value counts when one of its series has samples in the range: most
+            // often the first one looked at, so this costs about one check per value.
+            let mut out: Vec<String> = Vec::new();
             if let Some(index) = head.tenants.get(tenant.as_str()) {
-                for id in &index.all {
-                    let Some(series) = head.series.get(id) else {
-                        continue;
-                    };
-                    let in_range = series.samples.any_in(start, end)
-                        || set
-                            .flushing
-                            .get(id)
-                            .is_some_and(|chunks| chunks_any_in(chunks, start, end));
-                    if !in_range {
-                        continue;
-                    }
-                    match name {
-                        None => found.extend(series.labels.pairs().map(|(n, _)| n)),
-                        Some(name) => found.extend(series.labels.get(name)),
+                let used = |key: &u64| {
+                    index
+                        .postings
+                        .get(key)
+                        .is_some_and(|ids| ids.iter().any(&in_range))
+                };
+                match name {
+                    None => out.extend(
+                        index
+                            .names
+                            .iter()
+                            .filter(|(_, keys)| keys.iter().any(used))
+                            .map(|(name, _)| name.to_string()),
+                    ),
+                    Some(name) => {
+                        for key in index.names.get(name).into_iter().flatten() {
+                            let Some(ids) = index.postings.get(key) else {
+                                continue;
+                            };
+                            if let Some(id) = ids.iter().find(|id| in_range(id)) {
+                                out.extend(
+                                    head.series
+                                        .get(id)
+                                        .and_then(|s| s.labels.get(name))
+                                        .map(str::to_owned),
+                                );
+                            }
+                        }
                     }
                 }
             }
-            let out: BTreeSet<String> = found.into_iter().map(str::to_owned).collect();
             (out, blocks)
         };
         let (tenant, name) = (tenant.as_str().to_owned(), name.map(str::to_owned));
@@ -274,6 +297,8 @@ impl EmbeddedStorage {
                     .map_err(block_error)?,
                 );
             }
+            out.sort_unstable();
+            out.dedup();
             Ok(Some(out))
         })
         .await
