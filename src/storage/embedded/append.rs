@@ -15,13 +15,14 @@ impl EmbeddedStorage {
         batch: &WriteBatch,
         records: &mut Vec<Record>,
         returning: &mut HashMap<u64, TimestampMs>,
-    ) -> Vec<u64> {
+    ) -> StorageResult<Vec<u64>> {
         let index = head.tenants.get(tenant);
         let mut fresh: HashMap<u128, u64> = HashMap::default();
         let mut next = head.next_id;
         // Blocks whose series are not all in the head, newest first (read order).
         let mut beyond: Option<Vec<Arc<Block>>> = None;
         let mut marks = Vec::new();
+        let mut failed: Option<std::io::Error> = None;
         let ids = batch
             .iter()
             .map(|series| {
@@ -40,10 +41,25 @@ impl EmbeddedStorage {
                             .cloned()
                             .collect()
                     });
-                    let found = blocks.iter().find_map(|b| {
-                        let id = b.index_beyond_head()?.find(tenant, fp, &labels).ok()??;
-                        Some((id, b.latest_sample_of(id)))
-                    });
+                    let mut found = None;
+                    for block in blocks.iter() {
+                        let Some(index) = block.index_beyond_head() else {
+                            continue;
+                        };
+                        match index.find(tenant, fp, &labels) {
+                            Ok(Some(id)) => {
+                                found = Some((id, block.latest_sample_of(id)));
+                                break;
+                            }
+                            Ok(None) => {}
+                            // Unknown whether the series is there: a new id could make two
+                            // series of one label set. The sender retries.
+                            Err(e) => {
+                                failed.get_or_insert(e);
+                                break;
+                            }
+                        }
+                    }
                     let id = match found {
                         Some((id, until)) => {
                             returning.insert(id, until);
@@ -64,10 +80,15 @@ impl EmbeddedStorage {
                 })
             })
             .collect();
+        if let Some(e) = failed {
+            return Err(StorageError::Unavailable(format!(
+                "reading a block's series index: {e}"
+            )));
+        }
         if !marks.is_empty() {
             records.push(Record::Flushed { marks });
         }
-        ids
+        Ok(ids)
     }
 
     /// Logs `records` and applies them to the head with the log held (so the next writer
@@ -113,7 +134,7 @@ impl EmbeddedStorage {
         {
             let head = self.read();
             let mut returning = HashMap::default();
-            let ids = self.resolve(&head, tenant.as_str(), batch, &mut records, &mut returning);
+            let ids = self.resolve(&head, tenant.as_str(), batch, &mut records, &mut returning)?;
             // Samples of this batch per series, to judge repeats inside the batch too; only
             // needed for a series that comes twice or whose samples are not strictly in order.
             let mut pending: HashMap<u64, Vec<Sample>> = HashMap::default();

@@ -183,6 +183,10 @@ pub(crate) struct Meta {
     /// there when the engine opens (a crash before they were deleted), they are deleted then.
     #[serde(default)]
     pub replaces: Vec<u64>,
+    /// The largest series id it holds: new series take ids past it even when its files
+    /// cannot be read (absent in blocks written before).
+    #[serde(default)]
+    pub max_series_id: Option<u64>,
 }
 
 /// A block on disk.
@@ -246,6 +250,7 @@ impl Block {
             samples: 0,
             sources,
             replaces,
+            max_series_id: None,
         };
         let mut ids = Vec::new();
         for item in series {
@@ -278,6 +283,9 @@ impl Block {
             .collect::<io::Result<Vec<_>>>()?;
         // The index, when every series' labels are known (else the block is read as the
         // blocks before indexes were, and the head keeps every series).
+        // With no labels at all (blocks from before indexes, merged while the head still
+        // holds every series, or tests), no index; with some unknown, no block: its series
+        // would be unreachable once the head forgets them (a source's index is damaged).
         let known = labels(&ids)?;
         if known.len() == ids.len() {
             let rows: Vec<(u64, &str, &Labels)> = known
@@ -285,14 +293,15 @@ impl Block {
                 .map(|(id, t, l)| (*id, t.as_str(), l))
                 .collect();
             index::write(&tmp.join(index::FILE_NAME), &rows)?;
-        } else {
-            tracing::warn!(
-                block = %dir.display(),
-                series = ids.len(),
-                labelled = known.len(),
-                "writing a block without a series index: labels of some series are unknown"
-            );
+        } else if !known.is_empty() {
+            std::fs::remove_dir_all(&tmp)?;
+            return Err(damaged(format!(
+                "labels of {} of {} series unknown: a series index is damaged",
+                ids.len() - known.len(),
+                ids.len()
+            )));
         }
+        meta.max_series_id = ids.iter().copied().max();
         let meta_path = tmp.join("meta.json");
         let mut f = File::create(&meta_path)?;
         f.write_all(&serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?)?;
@@ -647,7 +656,7 @@ pub(super) fn compact(
             if rest.is_empty() {
                 break;
             }
-            for (id, tenant, l) in index.labels(&rest)? {
+            for (id, tenant, l) in index.labels(&rest)?.0 {
                 found.insert(id, (tenant, l));
             }
         }
@@ -845,6 +854,7 @@ mod tests {
             samples: 1000,
             sources: 1,
             replaces: Vec::new(),
+            max_series_id: None,
         };
         std::fs::write(
             old_dir.join("meta.json"),

@@ -30,6 +30,7 @@ use crate::model::{Label, Labels, MatchOp, Matcher};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub(super) const FILE_NAME: &str = "index";
@@ -211,6 +212,9 @@ pub(super) fn write(path: &Path, series: &[(u64, &str, &Labels)]) -> io::Result<
     })
 }
 
+/// (id, tenant, labels) of series read from an index, and the damaged runs skipped.
+pub(super) type SeriesRead = (Vec<(u64, String, Labels)>, usize);
+
 /// A block's series index, open for reading.
 pub(super) struct BlockIndex {
     file: Arc<RunFile>,
@@ -226,12 +230,29 @@ impl BlockIndex {
             file: Arc::new(opened.file),
             fingerprints: Vec::new(),
         };
-        let bytes = index
+        match index.read_fingerprints() {
+            Ok(fingerprints) => index.fingerprints = fingerprints,
+            Err(e) => {
+                // Derived data: rebuilt from the series' runs (a damaged one is left out).
+                tracing::warn!(file = %path.display(), error = %e, "series index: fingerprint table unreadable; rebuilt from the series");
+                let (series, _) = index.scan()?;
+                index.fingerprints = series
+                    .iter()
+                    .map(|(id, tenant, labels)| (fingerprint(tenant, labels.fingerprint()), *id))
+                    .collect();
+                index.fingerprints.sort_unstable();
+            }
+        }
+        Ok((index, opened.damaged_bytes))
+    }
+
+    fn read_fingerprints(&self) -> io::Result<Vec<(u64, u64)>> {
+        let bytes = self
             .table(Kind::Fingerprints, "", "", "")?
-            .ok_or_else(|| damaged(format!("{}: no fingerprint table", path.display())))?;
+            .ok_or_else(|| damaged("no fingerprint table".into()))?;
         let mut r = Reader(&bytes);
         let n = count(&mut r)?;
-        index.fingerprints.reserve_exact(n);
+        let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             if r.0.len() < 8 {
                 return Err(damaged("fingerprint table cut short".into()));
@@ -239,9 +260,22 @@ impl BlockIndex {
             let (fp, rest) = r.0.split_at(8);
             r.0 = rest;
             let fp = u64::from_le_bytes(fp.try_into().expect("8 bytes"));
-            index.fingerprints.push((fp, r.varint()?));
+            out.push((fp, r.varint()?));
         }
-        Ok((index, opened.damaged_bytes))
+        Ok(out)
+    }
+
+    /// Every series whose run reads, and the number of damaged runs skipped: what a damaged
+    /// table falls back on.
+    fn scan(&self) -> io::Result<SeriesRead> {
+        let ids: Vec<u64> = self
+            .file
+            .all_entries()?
+            .iter()
+            .map(|e| e.series)
+            .filter(|&id| id < TABLE)
+            .collect();
+        self.labels(&ids)
     }
 
     pub fn size(&self) -> u64 {
@@ -284,16 +318,51 @@ impl BlockIndex {
         Ok(None)
     }
 
-    /// The label names of a tenant's series, sorted.
+    /// The label names of a tenant's series, sorted (from the series themselves when the
+    /// table is damaged).
     pub fn names(&self, tenant: &str) -> io::Result<Vec<String>> {
-        self.table(Kind::Names, tenant, "", "")?
-            .map_or(Ok(Vec::new()), |b| take_strs(&b))
+        self.table(Kind::Names, tenant, "", "")
+            .and_then(|t| t.map_or(Ok(Vec::new()), |b| take_strs(&b)))
+            .or_else(|e| {
+                self.answer_from_series(e, tenant, |l, out| {
+                    out.extend(l.iter().map(|l| l.name.clone()))
+                })
+            })
     }
 
-    /// The values of a label among a tenant's series, sorted.
+    /// The values of a label among a tenant's series, sorted (from the series themselves when
+    /// the table is damaged).
     pub fn values(&self, tenant: &str, name: &str) -> io::Result<Vec<String>> {
-        self.table(Kind::Values, tenant, name, "")?
-            .map_or(Ok(Vec::new()), |b| take_strs(&b))
+        self.table(Kind::Values, tenant, name, "")
+            .and_then(|t| t.map_or(Ok(Vec::new()), |b| take_strs(&b)))
+            .or_else(|e| {
+                self.answer_from_series(e, tenant, |l, out| {
+                    out.extend(l.get(name).map(str::to_owned))
+                })
+            })
+    }
+
+    /// What `pick` takes from each of a tenant's series, sorted and distinct: the answer of a
+    /// damaged table, logged (`error`).
+    fn answer_from_series(
+        &self,
+        error: io::Error,
+        tenant: &str,
+        pick: impl Fn(&Labels, &mut Vec<String>),
+    ) -> io::Result<Vec<String>> {
+        if error.kind() == io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+        tracing::warn!(error = %error, "series index: a table is unreadable; answering from the series");
+        let mut out = Vec::new();
+        for (_, t, labels) in self.scan()?.0 {
+            if t == tenant {
+                pick(&labels, &mut out);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 
     fn postings(&self, tenant: &str, name: &str, value: &str) -> io::Result<Vec<u64>> {
@@ -301,8 +370,21 @@ impl BlockIndex {
             .map_or(Ok(Vec::new()), |b| take_ids(&b))
     }
 
-    /// The ids of a tenant's series that every matcher accepts, ascending.
-    pub fn matching(&self, tenant: &str, matchers: &[Matcher]) -> io::Result<Vec<u64>> {
+    /// The ids of a tenant's series that every matcher accepts, ascending. Fails (with
+    /// `Interrupted`) once `stop` is set: a regex over many values reads many postings.
+    pub fn matching(
+        &self,
+        tenant: &str,
+        matchers: &[Matcher],
+        stop: &AtomicBool,
+    ) -> io::Result<Vec<u64>> {
+        let stopped = || {
+            if stop.load(Ordering::Relaxed) {
+                Err(io::Error::new(io::ErrorKind::Interrupted, "read abandoned"))
+            } else {
+                Ok(())
+            }
+        };
         postings_for_matchers(
             matchers,
             PostingsSource {
@@ -310,29 +392,58 @@ impl BlockIndex {
                     self.table(Kind::All, tenant, "", "")?
                         .map_or(Ok(Vec::new()), |b| take_ids(&b))
                 },
-                values: &|name| self.values(tenant, name),
-                postings: &|name, value| self.postings(tenant, name, value),
+                values: &|name| {
+                    stopped()?;
+                    self.values(tenant, name)
+                },
+                postings: &|name, value| {
+                    stopped()?;
+                    self.postings(tenant, name, value)
+                },
             },
         )
+        .or_else(|e| {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            // A damaged table: the series' own labels answer (derived data, rebuilt here).
+            tracing::warn!(error = %e, "series index: a table is unreadable; matching the series");
+            Ok(self
+                .scan()?
+                .0
+                .into_iter()
+                .filter(|(_, t, labels)| t == tenant && crate::model::matches_all(matchers, labels))
+                .map(|(id, _, _)| id)
+                .collect())
+        })
     }
 
-    /// (tenant, labels) of the given series (ascending), those the block holds.
-    pub fn labels(&self, ids: &[u64]) -> io::Result<Vec<(u64, String, Labels)>> {
+    /// (tenant, labels) of the given series (ascending), those the block holds, and the
+    /// number of damaged runs skipped (logged).
+    pub fn labels(&self, ids: &[u64]) -> io::Result<SeriesRead> {
         let mut reader = self.file.reader();
-        let mut out = Vec::new();
+        let (mut out, mut skipped) = (Vec::new(), 0);
         for entry in self.file.lookup(ids)? {
-            let payload = reader.read(&entry)?;
-            let mut r = Reader(&payload);
-            let tenant = take_str(&mut r)?.to_owned();
-            let n = count(&mut r)?;
-            let mut labels = Vec::with_capacity(n);
-            for _ in 0..n {
-                let name = take_str(&mut r)?;
-                labels.push(Label::new(name, take_str(&mut r)?));
+            let read = reader.read(&entry).and_then(|payload| {
+                let mut r = Reader(&payload);
+                let tenant = take_str(&mut r)?.to_owned();
+                let n = count(&mut r)?;
+                let mut labels = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = take_str(&mut r)?;
+                    labels.push(Label::new(name, take_str(&mut r)?));
+                }
+                Ok((tenant, Labels::from_trusted(labels)))
+            });
+            match read {
+                Ok((tenant, labels)) => out.push((entry.series, tenant, labels)),
+                Err(e) => {
+                    tracing::error!(error = %e, series = entry.series, "series index: skipping a damaged run");
+                    skipped += 1;
+                }
             }
-            out.push((entry.series, tenant, Labels::from_trusted(labels)));
         }
-        Ok(out)
+        Ok((out, skipped))
     }
 
     /// The id this block gives a tenant's series (`fingerprint`: its labels'), if it holds
@@ -355,8 +466,11 @@ impl BlockIndex {
             return Ok(None);
         }
         candidates.sort_unstable();
+        // A candidate whose run is damaged cannot be this series' home any more: its labels
+        // answer no query.
         Ok(self
             .labels(&candidates)?
+            .0
             .into_iter()
             .find(|(_, t, l)| t == tenant && l == labels)
             .map(|(id, _, _)| id))
@@ -521,7 +635,9 @@ mod tests {
                     .map(|(id, _, _)| *id)
                     .collect();
                 assert_eq!(
-                    index.matching(tenant, matchers).unwrap(),
+                    index
+                        .matching(tenant, matchers, &AtomicBool::new(false))
+                        .unwrap(),
                     want,
                     "{tenant} {matchers:?}"
                 );
@@ -541,7 +657,7 @@ mod tests {
                 want.map(|s| s.0)
             );
         }
-        let got = index.labels(&[1, 3, 4, 599]).unwrap();
+        let got = index.labels(&[1, 3, 4, 599]).unwrap().0;
         assert_eq!(got.len(), 3);
         assert_eq!(got[1].2, series[1].2);
         assert_eq!(index.ids().count(), series.len());

@@ -248,7 +248,7 @@ impl Storage for EmbeddedStorage {
                 &series,
                 &mut records,
                 &mut HashMap::default(),
-            );
+            )?;
             batch
                 .iter()
                 .zip(ids)
@@ -305,7 +305,7 @@ impl Storage for EmbeddedStorage {
         );
         let (tenant_name, matchers_owned) = (tenant.as_str().to_owned(), matchers.to_vec());
         let (read, damaged, mut labels) = read::off_runtime(move |stop| {
-            let beyond = read::block_series(
+            let (beyond, damaged_indexes) = read::block_series(
                 &set.blocks,
                 &tenant_name,
                 &matchers_owned,
@@ -316,7 +316,7 @@ impl Storage for EmbeddedStorage {
             let ids = read::with_ids(ids, &beyond);
             let (read, damaged) =
                 read::samples_of(head, &set.blocks, &set.flushing, &ids, range, max, stop)?;
-            Ok((read, damaged, beyond))
+            Ok((read, damaged + damaged_indexes, beyond))
         })
         .await?;
         if damaged > 0 {
@@ -366,7 +366,7 @@ impl Storage for EmbeddedStorage {
         let (ids, head, max_rows) = (view.ids, view.samples, read.max_rows);
         let (tenant_name, matchers_owned) = (tenant.as_str().to_owned(), matchers.to_vec());
         let (mut rows, raw, damaged, mut labels) = read::off_runtime(move |stop| {
-            let beyond = read::block_series(
+            let (beyond, damaged_indexes) = read::block_series(
                 &set.blocks,
                 &tenant_name,
                 &matchers_owned,
@@ -377,7 +377,7 @@ impl Storage for EmbeddedStorage {
             let ids = read::with_ids(ids, &beyond);
             let mut rows: BTreeMap<u64, Vec<RollupRow>> = BTreeMap::new();
             // Rows so far, checked after each block against `max_rows` (0: no limit).
-            let (mut loaded, mut damaged) = (0usize, 0usize);
+            let (mut loaded, mut damaged) = (0usize, damaged_indexes);
             for block in &set.blocks {
                 read::stopped(stop)?;
                 damaged += block
@@ -1008,6 +1008,70 @@ mod tests {
             .collect();
         s.append(tenant, &batch).await.unwrap();
         s.maintain_with_cutoff(0, i64::MAX).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_damaged_series_index_answers_from_what_it_still_holds() {
+        let tenant = TenantId::default();
+        let hints = || SelectHints {
+            start: i64::MIN,
+            end: i64::MAX,
+            ..SelectHints::default()
+        };
+        // A byte flipped at several places of the index (series runs, tables): every time
+        // the read succeeds, and whatever it lacks is said in a warning.
+        for at in [0.2, 0.5, 0.8, 0.95] {
+            let dir = tempfile::tempdir().unwrap();
+            write_one_block_of_300_series(dir.path(), &tenant).await;
+            let block = std::fs::read_dir(dir.path().join("blocks"))
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path();
+            let path = block.join(index::FILE_NAME);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let footer = &bytes[bytes.len() - 32..];
+            let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
+            bytes[(index_offset as f64 * at) as usize] ^= 0xff;
+            std::fs::write(&path, &bytes).unwrap();
+            let s =
+                EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+            assert_eq!(
+                s.sizes().series_in_memory,
+                0,
+                "the series live in the index"
+            );
+            let hints = hints();
+            let read = s
+                .select(
+                    &tenant,
+                    &[Matcher::regex("job", "j.*", false).unwrap()],
+                    &hints,
+                )
+                .await
+                .unwrap();
+            let warnings = hints.warnings.take();
+            assert!(
+                read.len() == 300 || (!read.is_empty() && !warnings.is_empty()),
+                "at {at}: {} series, warnings {warnings:?}",
+                read.len()
+            );
+            let values = s
+                .label_values(
+                    &tenant,
+                    "job",
+                    &SeriesQuery {
+                        matcher_sets: vec![],
+                        start: i64::MIN,
+                        end: i64::MAX,
+                        limit: 0,
+                    },
+                )
+                .await
+                .unwrap();
+            assert!(values.len() >= read.len(), "at {at}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread")]

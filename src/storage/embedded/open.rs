@@ -35,12 +35,16 @@ impl EmbeddedStorage {
         // The head holds the series of the checkpoint and the log; the blocks may hold more
         // (series the head forgot): ids go on after theirs, and reads and returning series
         // consult the indexes of the blocks whose series are not all in the head.
-        let block_ids = flushed.keys().copied().chain(
-            set.blocks
-                .iter()
-                .filter_map(|b| b.index.as_ref())
-                .flat_map(|index| index.ids()),
-        );
+        let block_ids = flushed
+            .keys()
+            .copied()
+            .chain(set.blocks.iter().filter_map(|b| b.meta.max_series_id))
+            .chain(
+                set.blocks
+                    .iter()
+                    .filter_map(|b| b.index.as_ref())
+                    .flat_map(|index| index.ids()),
+            );
         if let Some(max) = block_ids.max() {
             head.next_id = head.next_id.max(max + 1);
         }

@@ -11,6 +11,7 @@
 //! afterwards for the series in the answer only (series never leave the head).
 
 use super::*;
+use std::collections::HashSet;
 
 /// What a read takes at one moment: the series that match (sorted ids), their head samples
 /// in the range, and the blocks' part.
@@ -77,19 +78,23 @@ impl EmbeddedStorage {
         missing.sort_unstable();
         let blocks = self.blocks_read().blocks.clone();
         let found = off_runtime(move |stop| {
-            let mut found = Vec::new();
+            let mut found: HashMap<u64, Labels> = HashMap::default();
             for index in blocks.iter().rev().filter_map(|b| b.index.as_ref()) {
                 stopped(stop)?;
-                missing.retain(|id| !found.iter().any(|(f, _, _)| f == id));
+                missing.retain(|id| !found.contains_key(id));
                 if missing.is_empty() {
                     break;
                 }
-                found.extend(index.labels(&missing).map_err(block_error)?);
+                // A damaged index leaves its series out of the answer, as a damaged run does.
+                match index.labels(&missing) {
+                    Ok((labels, _)) => found.extend(labels.into_iter().map(|(id, _, l)| (id, l))),
+                    Err(e) => tracing::error!(error = %e, "skipping a damaged series index"),
+                }
             }
             Ok(found)
         })
         .await?;
-        out.extend(found.into_iter().map(|(id, _, labels)| (id, labels)));
+        out.extend(found);
         Ok(out)
     }
 
@@ -163,15 +168,13 @@ impl EmbeddedStorage {
             // Series only blocks hold, with their labels.
             let mut beyond: BTreeMap<u64, Labels> = BTreeMap::new();
             for matchers in &matcher_sets {
-                let known: Vec<u64> = ids.iter().copied().chain(beyond.keys().copied()).collect();
-                beyond.extend(block_series(
-                    &set.blocks,
-                    &tenant,
-                    matchers,
-                    (start, end),
-                    &known,
-                    stop,
-                )?);
+                let mut known: Vec<u64> =
+                    ids.iter().copied().chain(beyond.keys().copied()).collect();
+                known.sort_unstable();
+                // Damaged indexes are logged; `/series` has no warnings to carry them.
+                let (found, _damaged) =
+                    block_series(&set.blocks, &tenant, matchers, (start, end), &known, stop)?;
+                beyond.extend(found);
             }
             let mut ids = ids;
             ids.extend(beyond.keys().copied());
@@ -238,42 +241,50 @@ impl EmbeddedStorage {
             if blocks.iter().any(|b| b.index.is_none()) {
                 return Ok(None);
             }
-            let in_range = |id: &u64| {
-                head.series
-                    .get(id)
-                    .is_some_and(|s| s.samples.any_in(start, end))
-                    || set
-                        .flushing
-                        .get(id)
-                        .is_some_and(|chunks| chunks_any_in(chunks, start, end))
-            };
-            // A name or value counts when one of its series has samples in the range: most
-            // often the first one looked at, so this costs about one check per value.
+            // As Prometheus answers from its head and blocks, a series counts when the span
+            // of its samples overlaps the range (bounds only, nothing decoded), checked once
+            // per series under the lock; then a name or value counts when one of its series
+            // does.
             let mut out: Vec<String> = Vec::new();
             if let Some(index) = head.tenants.get(tenant.as_str()) {
+                let overlapping: HashSet<u64> = index
+                    .all
+                    .iter()
+                    .copied()
+                    .filter(|id| {
+                        head.series
+                            .get(id)
+                            .is_some_and(|s| s.samples.overlaps(start, end))
+                            || set.flushing.get(id).is_some_and(|chunks| {
+                                chunks.iter().any(|c| c.min_t <= end && c.max_t >= start)
+                            })
+                    })
+                    .collect();
+                let every = overlapping.len() == index.all.len();
                 let used = |key: &u64| {
-                    index
-                        .postings
-                        .get(key)
-                        .is_some_and(|ids| ids.iter().any(&in_range))
+                    every
+                        || index
+                            .postings
+                            .get(key)
+                            .is_some_and(|ids| ids.iter().any(|id| overlapping.contains(id)))
                 };
-                match name {
-                    None => out.extend(
-                        index
-                            .names
-                            .iter()
-                            .filter(|(_, keys)| keys.iter().any(used))
-                            .map(|(name, _)| name.to_string()),
-                    ),
-                    Some(name) => {
-                        for key in index.names.get(name).into_iter().flatten() {
-                            let Some(ids) = index.postings.get(key) else {
-                                continue;
-                            };
-                            if let Some(id) = ids.iter().find(|id| in_range(id)) {
+                if !overlapping.is_empty() {
+                    match name {
+                        None => out.extend(
+                            index
+                                .names
+                                .iter()
+                                .filter(|(_, keys)| keys.iter().any(used))
+                                .map(|(name, _)| name.to_string()),
+                        ),
+                        Some(name) => {
+                            for key in index.names.get(name).into_iter().flatten() {
+                                let first = index.postings.get(key).and_then(|ids| {
+                                    ids.iter().find(|id| every || overlapping.contains(id))
+                                });
                                 out.extend(
-                                    head.series
-                                        .get(id)
+                                    first
+                                        .and_then(|id| head.series.get(id))
                                         .and_then(|s| s.labels.get(name))
                                         .map(str::to_owned),
                                 );
@@ -282,6 +293,8 @@ impl EmbeddedStorage {
                     }
                 }
             }
+            out.sort_unstable();
+            out.dedup();
             (out, blocks)
         };
         let (tenant, name) = (tenant.as_str().to_owned(), name.map(str::to_owned));
@@ -289,20 +302,45 @@ impl EmbeddedStorage {
             for block in &blocks {
                 stopped(stop)?;
                 let index = block.index.as_ref().expect("checked above");
-                out.extend(
-                    match &name {
-                        None => index.names(&tenant),
-                        Some(name) => index.values(&tenant, name),
-                    }
-                    .map_err(block_error)?,
-                );
+                let sorted = match &name {
+                    None => index.names(&tenant),
+                    Some(name) => index.values(&tenant, name),
+                }
+                .map_err(block_error)?;
+                // Merged as they come, so memory holds the distinct values, not every
+                // block's copy of them.
+                out = merge_sorted(out, sorted);
             }
-            out.sort_unstable();
-            out.dedup();
             Ok(Some(out))
         })
         .await
     }
+}
+
+/// Two ascending lists of distinct strings as one.
+fn merge_sorted(a: Vec<String>, b: Vec<String>) -> Vec<String> {
+    if a.is_empty() {
+        return b;
+    }
+    let mut out = Vec::with_capacity(a.len().max(b.len()));
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => match x.cmp(y) {
+                std::cmp::Ordering::Less => a.next(),
+                std::cmp::Ordering::Greater => b.next(),
+                std::cmp::Ordering::Equal => {
+                    b.next();
+                    a.next()
+                }
+            },
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => break,
+        };
+        out.extend(next);
+    }
+    out
 }
 
 fn block_error(e: std::io::Error) -> StorageError {
@@ -311,7 +349,8 @@ fn block_error(e: std::io::Error) -> StorageError {
 
 /// The series of a tenant that `matchers` select in the blocks overlapping `[start, end]`
 /// whose series are not all in the head, other than `known` (sorted; the head's), with their
-/// labels. Each block's index answers for its own series.
+/// labels, and the number of indexes that could not be read (logged and skipped, as damaged
+/// runs are: the answer lacks their series). Each block's index answers for its own series.
 pub(super) fn block_series(
     blocks: &[Arc<Block>],
     tenant: &str,
@@ -319,8 +358,9 @@ pub(super) fn block_series(
     (start, end): (TimestampMs, TimestampMs),
     known: &[u64],
     stop: &AtomicBool,
-) -> StorageResult<BTreeMap<u64, Labels>> {
+) -> StorageResult<(BTreeMap<u64, Labels>, usize)> {
     let mut out: BTreeMap<u64, Labels> = BTreeMap::new();
+    let mut damaged = 0;
     for block in blocks {
         stopped(stop)?;
         let Some(index) = block.index_beyond_head() else {
@@ -329,20 +369,30 @@ pub(super) fn block_series(
         if block.meta.max_t < start || block.meta.min_t > end {
             continue;
         }
-        let ids: Vec<u64> = index
-            .matching(tenant, matchers)
-            .map_err(block_error)?
-            .into_iter()
-            .filter(|id| known.binary_search(id).is_err() && !out.contains_key(id))
-            .collect();
-        if ids.is_empty() {
-            continue;
-        }
-        for (id, _, labels) in index.labels(&ids).map_err(block_error)? {
-            out.insert(id, labels);
+        let read = || -> std::io::Result<index::SeriesRead> {
+            let ids: Vec<u64> = index
+                .matching(tenant, matchers, stop)?
+                .into_iter()
+                .filter(|id| known.binary_search(id).is_err() && !out.contains_key(id))
+                .collect();
+            if ids.is_empty() {
+                return Ok((Vec::new(), 0));
+            }
+            index.labels(&ids)
+        };
+        match read() {
+            Ok((found, skipped)) => {
+                damaged += skipped;
+                out.extend(found.into_iter().map(|(id, _, labels)| (id, labels)));
+            }
+            Err(_) if stop.load(Ordering::Relaxed) => stopped(stop)?,
+            Err(e) => {
+                tracing::error!(error = %e, block = %block.dir.display(), "skipping a damaged series index");
+                damaged += 1;
+            }
         }
     }
-    Ok(out)
+    Ok((out, damaged))
 }
 
 /// `a` (sorted) with the keys of `b`, sorted.
