@@ -236,7 +236,14 @@ fn main() {
         let server = spawn_secumon(
             &dir.join("data").display().to_string(),
             port,
-            &["--embedded-flush-interval-secs", "10"],
+            // A label of a million values answers past the default metadata limit (500,000):
+            // Prometheus 2.42 and VictoriaMetrics 1.79 have none for label values.
+            &[
+                "--embedded-flush-interval-secs",
+                "10",
+                "--query-max-series",
+                "2000000",
+            ],
         );
         let base = format!("http://127.0.0.1:{port}");
         let sampler = RssSampler::start(server.pid());
