@@ -10,8 +10,7 @@ mod support;
 
 mod common;
 
-use prost::Message;
-use secumon_proto::prometheus::{Label, Sample, TimeSeries, WriteRequest};
+use secumon_proto::prometheus::{Label, Sample, TimeSeries};
 use std::time::Instant;
 use support::process::{free_port, spawn_secumon};
 
@@ -82,15 +81,7 @@ fn bodies(start: i64, workers: usize) -> Vec<Vec<Vec<u8>>> {
                     ..Default::default()
                 })
                 .collect();
-            let request = WriteRequest {
-                timeseries,
-                metadata: vec![],
-            };
-            out[w].push(
-                snap::raw::Encoder::new()
-                    .compress_vec(&request.encode_to_vec())
-                    .unwrap(),
-            );
+            out[w].push(common::snappy_body(timeseries));
         }
     }
     out

@@ -111,18 +111,21 @@ pub fn encode_requests(
                     ..Default::default()
                 })
                 .collect();
-            let request = WriteRequest {
-                timeseries,
-                metadata: vec![],
-            };
-            bodies.push(
-                snap::raw::Encoder::new()
-                    .compress_vec(&request.encode_to_vec())
-                    .unwrap(),
-            );
+            bodies.push(snappy_body(timeseries));
         }
     }
     bodies
+}
+
+/// A remote-write body: the request of `timeseries`, snappy-compressed.
+pub fn snappy_body(timeseries: Vec<TimeSeries>) -> Vec<u8> {
+    let request = WriteRequest {
+        timeseries,
+        metadata: vec![],
+    };
+    snap::raw::Encoder::new()
+        .compress_vec(&request.encode_to_vec())
+        .unwrap()
 }
 
 /// The number after `name` on the command line, else `default`.

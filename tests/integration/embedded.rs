@@ -31,6 +31,19 @@ fn start(dir: &std::path::Path, port: u16) -> Managed {
     )
 }
 
+/// An HTTP client with a generous timeout, and the wall clock's time in ms.
+fn client_and_now() -> (reqwest::Client, i64) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    (http, now)
+}
+
 fn rss_mib(process: &Managed) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid()))
         .expect("server process alive");
@@ -117,14 +130,7 @@ async fn a_million_series_churn_through_with_memory_bounded_by_the_active_set() 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let (http, now) = client_and_now();
     // Data time: 30 days ago, on the hour; generation g lives in hour g (two samples).
     let t0 = (now - 30 * 24 * HOUR) / HOUR * HOUR;
     let mut server = start(dir.path(), port);
@@ -223,14 +229,7 @@ async fn long_queries_do_not_stall_ingest_or_other_queries() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let (http, now) = client_and_now();
     let t0 = (now - 10 * 24 * HOUR) / HOUR * HOUR;
     let _server = start(dir.path(), port);
     // 20,000 series of 240 samples (an hour at 15 s), flushed to blocks.

@@ -47,6 +47,8 @@ pub(super) struct Head {
     pub next_id: u64,
     /// The latest sample time ever applied.
     pub max_t: Option<TimestampMs>,
+    /// No sample in the head is older (recomputed at each flush; `None`: none applied yet).
+    pub min_t: Option<TimestampMs>,
     /// Every exemplar kept, (series, time), oldest stored first: a ring of at most
     /// `exemplar_limit`, as Prometheus's circular exemplar storage
     /// (`--storage.tsdb.max-exemplars`); storing one more drops the oldest.
@@ -214,6 +216,14 @@ impl SampleStore {
         if open {
             self.open.decode_range_into(start, end, out);
         }
+    }
+
+    /// The time of its first sample.
+    pub fn first(&self) -> Option<TimestampMs> {
+        self.chunks
+            .first()
+            .map(|c| c.min_t)
+            .or_else(|| (!self.open.is_empty()).then(|| self.open.min_t()))
     }
 
     /// Whether the span of its samples (first to last, not whether one lies inside)

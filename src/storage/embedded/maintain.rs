@@ -60,6 +60,7 @@ impl EmbeddedStorage {
             let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             let mut head = self.write();
             let mut set = self.blocks_write();
+            let mut min_t: Option<TimestampMs> = None;
             for (&id, series) in head.series.iter_mut() {
                 let chunks = series.samples.split_before(cutoff);
                 if let Some(last) = chunks.last() {
@@ -68,7 +69,11 @@ impl EmbeddedStorage {
                         chunks.iter().map(|c| u64::from(c.count)).sum::<u64>();
                     set.flushing.entry(id).or_default().extend(chunks);
                 }
+                if let Some(first) = series.samples.first() {
+                    min_t = Some(min_t.map_or(first, |m| m.min(first)));
+                }
             }
+            head.min_t = min_t;
             if set.flushing.is_empty() {
                 return Ok(());
             }

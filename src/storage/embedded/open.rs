@@ -159,6 +159,7 @@ pub(super) fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, Time
                     if t > series.flushed_until {
                         series.samples.insert(Sample { t, v });
                         head.max_t = Some(head.max_t.map_or(t, |m| m.max(t)));
+                        head.min_t = Some(head.min_t.map_or(t, |m| m.min(t)));
                     }
                 }
             }

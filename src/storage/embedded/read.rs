@@ -11,7 +11,6 @@
 //! afterwards for the series in the answer only (series never leave the head).
 
 use super::*;
-use std::collections::HashSet;
 
 /// What a read takes at one moment: the series that match (sorted ids), their head samples
 /// in the range, and the blocks' part.
@@ -242,49 +241,50 @@ impl EmbeddedStorage {
                 return Ok(None);
             }
             // As Prometheus answers from its head and blocks, a series counts when the span
-            // of its samples overlaps the range (bounds only, nothing decoded), checked once
-            // per series under the lock; then a name or value counts when one of its series
-            // does.
+            // of its samples overlaps the range (bounds only, nothing decoded). When the
+            // head's whole span lies in the range (a dashboard's usual question), every name
+            // and value of the head counts with no series looked at; when it lies outside,
+            // none; else a name or value counts once one of its series does (most often the
+            // first looked at).
             let mut out: Vec<String> = Vec::new();
             if let Some(index) = head.tenants.get(tenant.as_str()) {
-                let overlapping: HashSet<u64> = index
-                    .all
-                    .iter()
-                    .copied()
-                    .filter(|id| {
-                        head.series
-                            .get(id)
-                            .is_some_and(|s| s.samples.overlaps(start, end))
-                            || set.flushing.get(id).is_some_and(|chunks| {
-                                chunks.iter().any(|c| c.min_t <= end && c.max_t >= start)
-                            })
-                    })
-                    .collect();
-                let every = overlapping.len() == index.all.len();
-                let used = |key: &u64| {
-                    every
-                        || index
-                            .postings
-                            .get(key)
-                            .is_some_and(|ids| ids.iter().any(|id| overlapping.contains(id)))
+                let overlaps = |id: &u64| {
+                    head.series
+                        .get(id)
+                        .is_some_and(|s| s.samples.overlaps(start, end))
+                        || set.flushing.get(id).is_some_and(|chunks| {
+                            chunks.iter().any(|c| c.min_t <= end && c.max_t >= start)
+                        })
                 };
-                if !overlapping.is_empty() {
+                let (every, none) = match (head.min_t, head.max_t) {
+                    (Some(lo), Some(hi)) => (
+                        lo >= start && hi <= end,
+                        (hi < start || lo > end) && set.flushing.is_empty(),
+                    ),
+                    _ => (false, set.flushing.is_empty()),
+                };
+                let first_used = |key: &u64| -> Option<u64> {
+                    let ids = index.postings.get(key)?;
+                    if every {
+                        ids.first().copied()
+                    } else {
+                        ids.iter().copied().find(|id| overlaps(id))
+                    }
+                };
+                if !none {
                     match name {
                         None => out.extend(
                             index
                                 .names
                                 .iter()
-                                .filter(|(_, keys)| keys.iter().any(used))
+                                .filter(|(_, keys)| keys.iter().any(|k| first_used(k).is_some()))
                                 .map(|(name, _)| name.to_string()),
                         ),
                         Some(name) => {
                             for key in index.names.get(name).into_iter().flatten() {
-                                let first = index.postings.get(key).and_then(|ids| {
-                                    ids.iter().find(|id| every || overlapping.contains(id))
-                                });
                                 out.extend(
-                                    first
-                                        .and_then(|id| head.series.get(id))
+                                    first_used(key)
+                                        .and_then(|id| head.series.get(&id))
                                         .and_then(|s| s.labels.get(name))
                                         .map(str::to_owned),
                                 );
