@@ -69,6 +69,10 @@ pub(super) enum Placement {
     TooOld,
 }
 
+/// Series few enough that checking a query's other matchers on their label sets beats reading
+/// the postings of every value those matchers accept.
+const FEW_CANDIDATES: usize = 4096;
+
 /// Samples per compressed chunk: Prometheus's 120 (two hours at one-minute scrapes).
 const CHUNK_SAMPLES: usize = 120;
 
@@ -491,6 +495,36 @@ impl Head {
                 .cloned()
                 .unwrap_or_default())
         };
+        // Equality matchers first: when they leave few series, checking the other matchers
+        // on those label sets (in memory) costs less than the union of every matching
+        // value's postings (`path=~"/a/1.*"` beside a metric name: hundreds of postings lists
+        // for a few hundred series).
+        let equal: Vec<Matcher> = matchers
+            .iter()
+            .filter(|m| matches!(&m.op, crate::model::MatchOp::Equal(v) if !v.is_empty()))
+            .cloned()
+            .collect();
+        if !equal.is_empty() && equal.len() < matchers.len() {
+            let narrowed = postings_for_matchers(
+                &equal,
+                PostingsSource {
+                    all: &|| Ok(index.all.clone()),
+                    values: &values,
+                    postings: &postings,
+                },
+            )
+            .unwrap_or_default();
+            if narrowed.len() <= FEW_CANDIDATES {
+                return narrowed
+                    .into_iter()
+                    .filter(|id| {
+                        self.series
+                            .get(id)
+                            .is_some_and(|s| matches_all(matchers, &s.labels))
+                    })
+                    .collect();
+            }
+        }
         let candidates = postings_for_matchers(
             matchers,
             PostingsSource {
@@ -791,6 +825,8 @@ mod tests {
             vec![re("job", "j[02]", false)],
             vec![re("pid", ".+", false), re("job", "j0", true)],
             vec![Matcher::equal("pid", "")],
+            vec![Matcher::equal("__name__", "m"), re("job", "j[02]", false)],
+            vec![Matcher::equal("job", "j0"), re("pid", "", true)],
             vec![],
         ] {
             let mut want: Vec<u64> = all
