@@ -669,7 +669,7 @@ pub async fn label_values_of_series<S: Storage + ?Sized>(
 }
 
 /// The first `limit` items (all when 0), in order.
-fn limited(items: std::collections::BTreeSet<String>, limit: usize) -> Vec<String> {
+pub(crate) fn limited(items: impl IntoIterator<Item = String>, limit: usize) -> Vec<String> {
     let take = if limit == 0 { usize::MAX } else { limit };
     items.into_iter().take(take).collect()
 }

@@ -233,12 +233,7 @@ impl SampleStore {
     /// Whether the span of its samples (first to last, not whether one lies inside)
     /// overlaps `[start, end]`: from the chunks' bounds, with nothing decoded.
     pub fn overlaps(&self, start: TimestampMs, end: TimestampMs) -> bool {
-        let first = self
-            .chunks
-            .first()
-            .map(|c| c.min_t)
-            .or_else(|| (!self.open.is_empty()).then(|| self.open.min_t()));
-        match (first, self.latest()) {
+        match (self.first(), self.latest()) {
             (Some(first), Some(last)) => first <= end && last >= start,
             _ => false,
         }

@@ -189,14 +189,6 @@ impl EmbeddedStorage {
     }
 }
 
-/// The first `limit` of sorted items (all when 0).
-fn limited(mut items: Vec<String>, limit: usize) -> Vec<String> {
-    if limit > 0 {
-        items.truncate(limit);
-    }
-    items
-}
-
 #[async_trait]
 impl Storage for EmbeddedStorage {
     async fn append_batch(
@@ -453,7 +445,7 @@ impl Storage for EmbeddedStorage {
         if query.matcher_sets.is_empty() {
             let range = (query.start, query.end);
             if let Some(names) = self.indexed_label_values(tenant, None, range).await? {
-                return Ok(limited(names, query.limit));
+                return Ok(super::limited(names, query.limit));
             }
         }
         super::label_names_of_series(self, tenant, query).await
@@ -468,7 +460,7 @@ impl Storage for EmbeddedStorage {
         if query.matcher_sets.is_empty() {
             let range = (query.start, query.end);
             if let Some(values) = self.indexed_label_values(tenant, Some(name), range).await? {
-                return Ok(limited(values, query.limit));
+                return Ok(super::limited(values, query.limit));
             }
         }
         super::label_values_of_series(self, tenant, name, query).await
@@ -1001,6 +993,26 @@ mod tests {
     }
 
     /// Writes 300 series of two hours into `dir` and flushes them to one block.
+    /// The one block directory under `dir`.
+    fn only_block(dir: &Path) -> PathBuf {
+        std::fs::read_dir(dir.join("blocks"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+    }
+
+    /// Flips the byte of a run file at `at` (0..1) of the way through its runs, before its
+    /// index: the frame holding it fails its checksum.
+    fn flip_a_runs_byte(path: &Path, at: f64) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let footer = &bytes[bytes.len() - 32..];
+        let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
+        bytes[(index_offset as f64 * at) as usize] ^= 0xff;
+        std::fs::write(path, &bytes).unwrap();
+    }
+
     async fn write_one_block_of_300_series(dir: &Path, tenant: &TenantId) {
         let s = EmbeddedStorage::open(dir, &config(), &RetentionConfig::default()).unwrap();
         let batch: Vec<SeriesWrite> = (0..300)
@@ -1023,18 +1035,7 @@ mod tests {
         for at in [0.2, 0.5, 0.8, 0.95] {
             let dir = tempfile::tempdir().unwrap();
             write_one_block_of_300_series(dir.path(), &tenant).await;
-            let block = std::fs::read_dir(dir.path().join("blocks"))
-                .unwrap()
-                .next()
-                .unwrap()
-                .unwrap()
-                .path();
-            let path = block.join(index::FILE_NAME);
-            let mut bytes = std::fs::read(&path).unwrap();
-            let footer = &bytes[bytes.len() - 32..];
-            let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
-            bytes[(index_offset as f64 * at) as usize] ^= 0xff;
-            std::fs::write(&path, &bytes).unwrap();
+            flip_a_runs_byte(&only_block(dir.path()).join(index::FILE_NAME), at);
             let s =
                 EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
             assert_eq!(
@@ -1079,19 +1080,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
         write_one_block_of_300_series(dir.path(), &tenant).await;
-        let block = std::fs::read_dir(dir.path().join("blocks"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let chunks = block.join("chunks");
+        let block = only_block(dir.path());
         // Flip a byte in the middle of the runs: the frame holding it fails its checksum.
-        let mut bytes = std::fs::read(&chunks).unwrap();
-        let footer = &bytes[bytes.len() - 32..];
-        let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
-        bytes[index_offset / 2] ^= 0xff;
-        std::fs::write(&chunks, &bytes).unwrap();
+        flip_a_runs_byte(&block.join("chunks"), 0.5);
         let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
         let hints = SelectHints {
             start: i64::MIN,
@@ -1117,12 +1108,7 @@ mod tests {
         drop(s);
 
         // The same in the block's 5-minute rollups.
-        let rollups = block.join(Resolution::FiveMinutes.name());
-        let mut bytes = std::fs::read(&rollups).unwrap();
-        let footer = &bytes[bytes.len() - 32..];
-        let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
-        bytes[index_offset / 2] ^= 0xff;
-        std::fs::write(&rollups, &bytes).unwrap();
+        flip_a_runs_byte(&block.join(Resolution::FiveMinutes.name()), 0.5);
         let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
         let read: RollupRead = RollupColumns::ALL.into();
         let rows = s
