@@ -346,31 +346,37 @@ fn main() {
         .map(|q| q.0)
         .chain(LABEL_QUERIES.iter().map(|q| q.0))
         .collect();
-    println!(
-        "| server | RSS at end MiB | peak RSS MiB | RSS slope MiB per simulated h | bytes/sample whole dir | samples/s | CPU-s per 1M samples | {} |",
-        names.iter().map(|n| format!("{n} ms")).collect::<Vec<_>>().join(" | ")
-    );
-    println!(
-        "|---|---|---|---|---|---|---|{}",
-        "---|".repeat(names.len())
-    );
-    for r in &results {
-        println!(
-            "| {} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} | {:.2} | {} |",
-            r.name,
-            r.rss_end_mib,
-            r.rss_peak_mib,
-            r.rss_slope,
-            r.dir_bytes_per_sample,
-            r.rate,
-            r.cpu_per_million,
-            r.latencies_ms
-                .iter()
-                .map(|ms| format!("{ms:.1}"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-    }
+    let headers: Vec<String> = [
+        "server",
+        "RSS at end MiB",
+        "peak RSS MiB",
+        "RSS slope MiB per simulated h",
+        "bytes/sample whole dir",
+        "samples/s",
+        "CPU-s per 1M samples",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain(names.iter().map(|n| format!("{n} ms")))
+    .collect();
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            [
+                r.name.to_owned(),
+                format!("{:.0}", r.rss_end_mib),
+                format!("{:.0}", r.rss_peak_mib),
+                format!("{:.1}", r.rss_slope),
+                format!("{:.2}", r.dir_bytes_per_sample),
+                format!("{:.0}", r.rate),
+                format!("{:.2}", r.cpu_per_million),
+            ]
+            .into_iter()
+            .chain(r.latencies_ms.iter().map(|ms| format!("{ms:.1}")))
+            .collect()
+        })
+        .collect();
+    common::print_table(&headers, &rows);
     let (s, p, v) = (&results[0], &results[1], &results[2]);
     println!("\nratios (SecuMon / peer; below 1 is better for SecuMon):");
     for (what, ours, theirs) in [

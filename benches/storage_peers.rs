@@ -220,31 +220,37 @@ fn main() {
         o.connections
     );
     let names: Vec<&str> = queries(end).iter().map(|q| q.0).collect();
-    println!(
-        "| server | samples/s | CPU-s per 1M samples | bytes/sample persisted | bytes/sample whole dir | peak RSS MiB | RSS KiB per series | {} |",
-        names.iter().map(|n| format!("{n} ms")).collect::<Vec<_>>().join(" | ")
-    );
-    println!(
-        "|---|---|---|---|---|---|---|{}",
-        "---|".repeat(names.len())
-    );
-    for r in &results {
-        println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {} |",
-            r.name,
-            r.rate,
-            r.cpu_per_million,
-            r.persisted_bytes_per_sample,
-            r.dir_bytes_per_sample,
-            r.rss_mib,
-            r.rss_mib * 1024.0 / o.series as f64,
-            r.queries_ms
-                .iter()
-                .map(|ms| format!("{ms:.1}"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-    }
+    let headers: Vec<String> = [
+        "server",
+        "samples/s",
+        "CPU-s per 1M samples",
+        "bytes/sample persisted",
+        "bytes/sample whole dir",
+        "peak RSS MiB",
+        "RSS KiB per series",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain(names.iter().map(|n| format!("{n} ms")))
+    .collect();
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            [
+                r.name.to_owned(),
+                format!("{:.0}", r.rate),
+                format!("{:.2}", r.cpu_per_million),
+                format!("{:.2}", r.persisted_bytes_per_sample),
+                format!("{:.2}", r.dir_bytes_per_sample),
+                format!("{:.0}", r.rss_mib),
+                format!("{:.2}", r.rss_mib * 1024.0 / o.series as f64),
+            ]
+            .into_iter()
+            .chain(r.queries_ms.iter().map(|ms| format!("{ms:.1}")))
+            .collect()
+        })
+        .collect();
+    common::print_table(&headers, &rows);
     let (s, p, v) = (&results[0], &results[1], &results[2]);
     println!("\nratios (SecuMon / peer; below 1 is better for SecuMon):");
     println!(

@@ -500,3 +500,12 @@ pub fn time_get(url: &str) -> (f64, serde_json::Value) {
         (times[QUERY_RUNS / 2], answer)
     })
 }
+
+/// Prints a Markdown table: a header row, its separator, then the rows.
+pub fn print_table(headers: &[String], rows: &[Vec<String>]) {
+    println!("| {} |", headers.join(" | "));
+    println!("|{}", "---|".repeat(headers.len()));
+    for row in rows {
+        println!("| {} |", row.join(" | "));
+    }
+}
