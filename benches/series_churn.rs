@@ -15,7 +15,8 @@
 //!   24 h, and of `/api/v1/label/job/values` (20 values), `/api/v1/label/pid/values` (one a
 //!   series) and `/api/v1/labels` over the 24 h (1,050,000 series in the index).
 //!
-//! `cargo bench --bench series_churn [-- --hours N]`
+//! `cargo bench --bench series_churn [-- --hours N] [--hold]`
+//! (`--hold` keeps the loaded SecuMon up for ten minutes after its phase, for profiling)
 //! (`apt-get install prometheus victoria-metrics` first).
 
 mod common;
@@ -287,6 +288,12 @@ fn main() {
             rss_slope,
             latencies_ms: measure_queries("SecuMon", &base, end, hours),
         });
+        if std::env::args().any(|a| a == "--hold") {
+            // For profiling: keep the loaded server up for ten minutes.
+            eprintln!("holding SecuMon at {base} (pid {})", server.pid());
+            std::thread::sleep(Duration::from_secs(600));
+            return;
+        }
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -2,6 +2,7 @@
 
 use crate::varint::{put_varint, take_varint, varint_len};
 use std::fmt;
+use std::sync::Arc;
 
 /// The label that carries the metric name.
 pub const METRIC_NAME_LABEL: &str = "__name__";
@@ -453,8 +454,10 @@ impl LabelLookup for PackedLabels {
 /// keeps one per series): each label as varint name length, name, varint value length, value,
 /// sorted by name as [`Labels`]. About a third of the memory of a [`Labels`], whose every name
 /// and value is a `String` of its own (Prometheus's `stringlabels` build packs the same way).
+/// Shared: a clone (a flush's or checkpoint's copy of the head's sets) costs a reference
+/// count, not the set.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PackedLabels(Box<[u8]>);
+pub struct PackedLabels(Arc<[u8]>);
 
 impl PackedLabels {
     /// Packs a set valid as [`Labels`] (sorted by name, unique, no empty values): lookups
@@ -477,7 +480,7 @@ impl PackedLabels {
             put_varint(&mut out, part.len() as u64);
             out.extend_from_slice(part.as_bytes());
         }
-        PackedLabels(out.into_boxed_slice())
+        PackedLabels(out.into())
     }
 
     /// The labels as (name, value) pairs, in order.
@@ -523,6 +526,34 @@ impl PackedLabels {
 
     pub fn fingerprint(&self) -> u128 {
         fingerprint_of(self.pairs())
+    }
+
+    /// The packed form: (varint length, bytes) of each name and value in turn, as files
+    /// that store label sets (the embedded engine's series indexes) write them.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A set from its packed form ([`PackedLabels::as_bytes`]), if `bytes` are exactly
+    /// `count` pairs of UTF-8 with names in strictly ascending order.
+    pub fn from_bytes(bytes: &[u8], count: usize) -> Option<PackedLabels> {
+        fn part<'a>(rest: &mut &'a [u8]) -> Option<&'a str> {
+            let len = usize::try_from(take_varint(rest)?).ok()?;
+            let (part, after) = (rest.get(..len)?, &rest[len..]);
+            *rest = after;
+            std::str::from_utf8(part).ok()
+        }
+        let mut rest = bytes;
+        let mut previous: Option<&str> = None;
+        for _ in 0..count {
+            let name = part(&mut rest)?;
+            part(&mut rest)?;
+            if previous.is_some_and(|p| p >= name) {
+                return None;
+            }
+            previous = Some(name);
+        }
+        rest.is_empty().then(|| PackedLabels(bytes.into()))
     }
 }
 
@@ -743,7 +774,35 @@ mod tests {
             }
             let text: usize = labels.pairs().map(|(n, v)| n.len() + v.len()).sum();
             assert!(packed.0.len() <= text + 3 * 2 * labels.len());
+            let bytes = packed.as_bytes();
+            assert_eq!(
+                PackedLabels::from_bytes(bytes, labels.len()),
+                Some(packed.clone())
+            );
+            // Wrong count, cut short, trailing bytes: refused.
+            assert_eq!(PackedLabels::from_bytes(bytes, labels.len() + 1), None);
+            if !bytes.is_empty() {
+                assert_eq!(
+                    PackedLabels::from_bytes(&bytes[..bytes.len() - 1], labels.len()),
+                    None
+                );
+            }
+            assert_eq!(
+                PackedLabels::from_bytes(&[bytes, &[0, 0]].concat(), labels.len()),
+                None
+            );
         }
+        // Names out of order, and bytes that are not UTF-8, are refused.
+        assert_eq!(
+            PackedLabels::from_bytes(&[1, b'b', 1, b'1', 1, b'a', 1, b'2'], 2),
+            None
+        );
+        assert_eq!(
+            PackedLabels::from_bytes(&[1, b'a', 1, b'1', 1, b'a', 1, b'2'], 2),
+            None
+        );
+        assert_eq!(PackedLabels::from_bytes(&[1, b'a', 1, 0xff], 1), None);
+        assert!(PackedLabels::from_bytes(&[1, b'a', 1, b'1', 1, b'b', 1, b'2'], 2).is_some());
         let packed = PackedLabels::from(&sets[2]);
         assert_eq!(packed.get("b").map(str::len), Some(20_000));
         let m = crate::model::Matcher::regex("a", "x+", false).unwrap();

@@ -8,7 +8,7 @@
 use super::codec;
 use super::index::{self, BlockIndex};
 use super::runfile::{damaged, RunFile, RunWriter, TimeRange};
-use crate::model::{Labels, Sample, TimestampMs};
+use crate::model::{PackedLabels, Sample, TimestampMs};
 use crate::storage::{merge_rollups, rollup, Resolution, RollupRow};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -206,8 +206,7 @@ pub(super) struct Block {
 
 /// Labels of the series a block is written with: (id, tenant, labels) of the given ids
 /// (ascending), those known.
-pub(super) type LabelSource<'a> =
-    &'a mut dyn FnMut(&[u64]) -> io::Result<Vec<(u64, String, Labels)>>;
+pub(super) type LabelSource<'a> = &'a mut dyn FnMut(&[u64]) -> io::Result<Vec<index::SeriesLabels>>;
 
 fn file_name(resolution: Option<Resolution>) -> &'static str {
     resolution.map_or("chunks", Resolution::name)
@@ -288,11 +287,7 @@ impl Block {
         // would be unreachable once the head forgets them (a source's index is damaged).
         let known = labels(&ids)?;
         if known.len() == ids.len() {
-            let rows: Vec<(u64, &str, &Labels)> = known
-                .iter()
-                .map(|(id, t, l)| (*id, t.as_str(), l))
-                .collect();
-            index::write(&tmp.join(index::FILE_NAME), &rows)?;
+            index::write(&tmp.join(index::FILE_NAME), &known)?;
         } else if !known.is_empty() {
             std::fs::remove_dir_all(&tmp)?;
             return Err(damaged(format!(
@@ -644,8 +639,8 @@ pub(super) fn compact(
         Ok((id, samples))
     });
     let replaces = blocks.iter().filter_map(|b| b.number()).collect();
-    let mut from_sources = |ids: &[u64]| -> io::Result<Vec<(u64, String, Labels)>> {
-        let mut found: BTreeMap<u64, (String, Labels)> = BTreeMap::new();
+    let mut from_sources = |ids: &[u64]| -> io::Result<Vec<index::SeriesLabels>> {
+        let mut found: BTreeMap<u64, (Arc<str>, PackedLabels)> = BTreeMap::new();
         for block in blocks {
             let Some(index) = &block.index else { continue };
             let rest: Vec<u64> = ids
@@ -656,7 +651,7 @@ pub(super) fn compact(
             if rest.is_empty() {
                 break;
             }
-            for (id, tenant, l) in index.labels(&rest)?.0 {
+            for (id, tenant, l) in index.packed_labels(&rest)?.0 {
                 found.insert(id, (tenant, l));
             }
         }
@@ -737,7 +732,7 @@ mod tests {
     }
 
     /// Blocks written without labels (so without an index), as before blocks had one.
-    fn no_labels(_: &[u64]) -> io::Result<Vec<(u64, String, Labels)>> {
+    fn no_labels(_: &[u64]) -> io::Result<Vec<index::SeriesLabels>> {
         Ok(Vec::new())
     }
 

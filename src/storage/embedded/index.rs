@@ -26,7 +26,7 @@
 
 use super::codec::{put_varint, Reader};
 use super::runfile::{damaged, RunFile, RunWriter};
-use crate::model::{Label, Labels, MatchOp, Matcher};
+use crate::model::{Label, Labels, MatchOp, Matcher, PackedLabels};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
@@ -134,23 +134,26 @@ fn take_strs(bytes: &[u8]) -> io::Result<Vec<String>> {
 /// order).
 type TenantPostings<'a> = BTreeMap<&'a str, BTreeMap<&'a str, Vec<u64>>>;
 
-/// Writes the index of a block's series: `(id, tenant, labels)`, ascending by id.
-pub(super) fn write(path: &Path, series: &[(u64, &str, &Labels)]) -> io::Result<BlockIndex> {
+/// (id, tenant, labels) of a series, as flushes and compactions hand them to [`write`]:
+/// packed, so a block of many series costs a flush no more memory than the head's own sets.
+pub(super) type SeriesLabels = (u64, Arc<str>, PackedLabels);
+
+/// Writes the index of a block's series, ascending by id.
+pub(super) fn write(path: &Path, series: &[SeriesLabels]) -> io::Result<BlockIndex> {
     let mut writer = RunWriter::create(path)?;
     let mut tenants: BTreeMap<&str, (TenantPostings, Vec<u64>)> = BTreeMap::new();
     let mut fingerprints = Vec::with_capacity(series.len());
     let mut run = Vec::new();
-    for &(id, tenant, labels) in series {
+    for (id, tenant, labels) in series {
+        let (id, tenant) = (*id, &**tenant);
         if id >= TABLE {
             return Err(damaged(format!("series id {id} out of range")));
         }
+        // The series' run: the tenant, the label count, then the packed set as it is.
         run.clear();
         put_str(&mut run, tenant);
         put_varint(&mut run, labels.len() as u64);
-        for (name, value) in labels.pairs() {
-            put_str(&mut run, name);
-            put_str(&mut run, value);
-        }
+        run.extend_from_slice(labels.as_bytes());
         writer.add(id, 0, 0, &run)?;
         let (postings, all) = tenants.entry(tenant).or_default();
         for (name, value) in labels.pairs() {
@@ -421,22 +424,54 @@ impl BlockIndex {
     /// (tenant, labels) of the given series (ascending), those the block holds, and the
     /// number of damaged runs skipped (logged).
     pub fn labels(&self, ids: &[u64]) -> io::Result<SeriesRead> {
+        let (read, skipped) = self.read_series(ids, |tenant, n, mut r| {
+            let mut labels = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = take_str(&mut r)?;
+                labels.push(Label::new(name, take_str(&mut r)?));
+            }
+            Ok((tenant.to_owned(), Labels::from_trusted(labels)))
+        })?;
+        let read = read.into_iter().map(|(id, (t, l))| (id, t, l)).collect();
+        Ok((read, skipped))
+    }
+
+    /// [`BlockIndex::labels`] packed, for writing another index: no allocation a label, and
+    /// a tenant's name shared by its series.
+    pub fn packed_labels(&self, ids: &[u64]) -> io::Result<(Vec<SeriesLabels>, usize)> {
+        let mut tenant_: Option<Arc<str>> = None;
+        let (read, skipped) = self.read_series(ids, |tenant, n, r| {
+            let labels =
+                PackedLabels::from_bytes(r.0, n).ok_or_else(|| damaged("bad label set".into()))?;
+            let shared = match &tenant_ {
+                Some(t) if &**t == tenant => t.clone(),
+                _ => tenant_.insert(Arc::from(tenant)).clone(),
+            };
+            Ok((shared, labels))
+        })?;
+        let read = read.into_iter().map(|(id, (t, l))| (id, t, l)).collect();
+        Ok((read, skipped))
+    }
+
+    /// The series runs of `ids` (those the block holds), each made into a `T` by `parse`
+    /// from its tenant, label count and the label pairs' bytes; damaged runs are skipped
+    /// (logged) and counted.
+    fn read_series<T>(
+        &self,
+        ids: &[u64],
+        mut parse: impl FnMut(&str, usize, Reader) -> io::Result<T>,
+    ) -> io::Result<(Vec<(u64, T)>, usize)> {
         let mut reader = self.file.reader();
         let (mut out, mut skipped) = (Vec::new(), 0);
         for entry in self.file.lookup(ids)? {
             let read = reader.read(&entry).and_then(|payload| {
                 let mut r = Reader(&payload);
-                let tenant = take_str(&mut r)?.to_owned();
+                let tenant = take_str(&mut r)?;
                 let n = count(&mut r)?;
-                let mut labels = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let name = take_str(&mut r)?;
-                    labels.push(Label::new(name, take_str(&mut r)?));
-                }
-                Ok((tenant, Labels::from_trusted(labels)))
+                parse(tenant, n, r)
             });
             match read {
-                Ok((tenant, labels)) => out.push((entry.series, tenant, labels)),
+                Ok(t) => out.push((entry.series, t)),
                 Err(e) => {
                     tracing::error!(error = %e, series = entry.series, "series index: skipping a damaged run");
                     skipped += 1;
@@ -598,9 +633,9 @@ mod tests {
             let tenant = if i % 11 == 0 { "other" } else { "t" };
             series.push((i * 2 + 1, tenant.to_owned(), labels(&pairs)));
         }
-        let rows: Vec<(u64, &str, &Labels)> = series
+        let rows: Vec<SeriesLabels> = series
             .iter()
-            .map(|(id, t, l)| (*id, t.as_str(), l))
+            .map(|(id, t, l)| (*id, Arc::from(t.as_str()), PackedLabels::from(l)))
             .collect();
         let path = dir.path().join(FILE_NAME);
         write(&path, &rows).unwrap();
@@ -660,6 +695,13 @@ mod tests {
         let got = index.labels(&[1, 3, 4, 599]).unwrap().0;
         assert_eq!(got.len(), 3);
         assert_eq!(got[1].2, series[1].2);
+        let (packed, skipped) = index.packed_labels(&[1, 3, 4, 599]).unwrap();
+        assert_eq!(skipped, 0);
+        let unpacked: Vec<(u64, String, Labels)> = packed
+            .iter()
+            .map(|(id, t, l)| (*id, t.to_string(), l.to_labels()))
+            .collect();
+        assert_eq!(unpacked, got);
         assert_eq!(index.ids().count(), series.len());
     }
 }

@@ -88,7 +88,7 @@ impl EmbeddedStorage {
             set.next_dir - 1
         };
         let ids: Vec<u64> = self.blocks_read().flushing.keys().copied().collect();
-        let known: Vec<(u64, Arc<str>, PackedLabels)> = {
+        let mut known: Vec<index::SeriesLabels> = {
             let head = self.read();
             ids.iter()
                 .filter_map(|id| {
@@ -104,13 +104,13 @@ impl EmbeddedStorage {
                 .flushing
                 .iter()
                 .map(|(&id, chunks)| Ok((id, chunks_range(chunks, i64::MIN, i64::MAX))));
-            let mut labels = |ids: &[u64]| Ok(labels_among(&known, ids));
+            // Called once: the copies move into the index writer.
+            let mut labels = |ids: &[u64]| Ok(labels_among(std::mem::take(&mut known), ids));
             tokio::task::block_in_place(|| {
                 Block::write(&dir, set.next_order, 1, Vec::new(), series, &mut labels)
             })
             .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
         };
-        drop(known);
         // The block in, the head forgets the series it no longer holds samples of (when every
         // block has an index to keep their labels). With the log held: a writer resolves its
         // series and applies its samples under it, so none is forgotten in between.
@@ -156,12 +156,12 @@ impl EmbeddedStorage {
     }
 
     /// (id, tenant, labels) of the given series (ascending) that the head holds.
-    pub(super) fn head_labels(&self, ids: &[u64]) -> Vec<(u64, String, Labels)> {
+    pub(super) fn head_labels(&self, ids: &[u64]) -> Vec<index::SeriesLabels> {
         let head = self.read();
         ids.iter()
             .filter_map(|id| {
                 let s = head.series.get(id)?;
-                Some((*id, s.tenant.to_string(), s.labels.to_labels()))
+                Some((*id, s.tenant.clone(), s.labels.clone()))
             })
             .collect()
     }
@@ -346,16 +346,9 @@ pub(super) fn compaction_group(
 }
 
 /// (id, tenant, labels) of `ids` (ascending) among `known` (ascending by id).
-fn labels_among(
-    known: &[(u64, Arc<str>, PackedLabels)],
-    ids: &[u64],
-) -> Vec<(u64, String, Labels)> {
-    ids.iter()
-        .filter_map(|id| {
-            let i = known.binary_search_by_key(id, |k| k.0).ok()?;
-            Some((*id, known[i].1.to_string(), known[i].2.to_labels()))
-        })
-        .collect()
+fn labels_among(mut known: Vec<index::SeriesLabels>, ids: &[u64]) -> Vec<index::SeriesLabels> {
+    known.retain(|k| ids.binary_search(&k.0).is_ok());
+    known
 }
 
 /// What a checkpoint keeps of the deleted log segments — every series the head holds,
