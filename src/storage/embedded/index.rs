@@ -27,7 +27,7 @@
 use super::codec::{put_varint, Reader};
 use super::runfile::{damaged, RunFile, RunWriter};
 use crate::model::{Label, Labels, MatchOp, Matcher, PackedLabels};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -527,57 +527,89 @@ pub(super) struct PostingsSource<'a> {
 /// runs over the label's values, not over series. A matcher that accepts the empty value
 /// (`!=`, `!~`, or one that also matches a missing label) takes away the series whose value it
 /// refuses, from the others' result or from every series when no matcher selects by value.
+///
+/// Equality matchers go first, so a regex beside a metric name reads each matching value's
+/// postings only to keep what the name's series already selected: a label's values have
+/// disjoint postings, so the union is a concatenation of small parts, sorted once.
 pub(super) fn postings_for_matchers(
     matchers: &[Matcher],
     source: PostingsSource,
 ) -> io::Result<Vec<u64>> {
-    let mut selected: Option<Vec<u64>> = None;
-    let mut refused: Vec<Vec<u64>> = Vec::new();
+    // 0: selects one pair's postings; 1: selects by values; 2: refuses by values.
+    let kind = |m: &Matcher| match &m.op {
+        MatchOp::Equal(value) if !value.is_empty() => 0,
+        _ if !m.matches_empty() => 1,
+        _ => 2,
+    };
+    let mut ordered: Vec<&Matcher> = matchers.iter().collect();
+    ordered.sort_by_key(|m| kind(m));
+    // The postings of a label's values that `keep` accepts, within `within` if given.
     let union_of =
-        |values: &mut dyn Iterator<Item = &String>, name: &str| -> io::Result<Vec<u64>> {
-            let mut out = BTreeSet::new();
-            for value in values {
-                out.extend((source.postings)(name, value)?);
+        |name: &str, keep: &dyn Fn(&str) -> bool, within: Option<&[u64]>| -> io::Result<Vec<u64>> {
+            let mut out = Vec::new();
+            for value in (source.values)(name)?.iter().filter(|v| keep(v)) {
+                let ids = (source.postings)(name, value)?;
+                match within {
+                    Some(within) => out.extend(intersect(within, &ids)),
+                    None => out.extend(ids),
+                }
             }
-            Ok(out.into_iter().collect())
+            out.sort_unstable();
+            out.dedup();
+            Ok(out)
         };
-    for m in matchers {
-        let ids = match &m.op {
-            MatchOp::Equal(value) if !value.is_empty() => (source.postings)(&m.name, value)?,
-            _ if !m.matches_empty() => {
-                let values = (source.values)(&m.name)?;
-                union_of(&mut values.iter().filter(|v| m.matches_value(v)), &m.name)?
+    let mut selected: Option<Vec<u64>> = None;
+    for m in ordered {
+        let next = match kind(m) {
+            0 => {
+                let MatchOp::Equal(value) = &m.op else {
+                    unreachable!("kind 0 is an equality matcher")
+                };
+                let ids = (source.postings)(&m.name, value)?;
+                match &selected {
+                    None => ids,
+                    Some(current) => intersect(current, &ids),
+                }
             }
+            1 => union_of(&m.name, &|v| m.matches_value(v), selected.as_deref())?,
             _ => {
-                let values = (source.values)(&m.name)?;
-                refused.push(union_of(
-                    &mut values.iter().filter(|v| !m.matches_value(v)),
-                    &m.name,
-                )?);
-                continue;
+                let current = match selected.take() {
+                    Some(current) => current,
+                    None => (source.all)()?,
+                };
+                let refused = union_of(&m.name, &|v| !m.matches_value(v), Some(&current))?;
+                difference(&current, &refused)
             }
-        };
-        let next = match selected.take() {
-            None => ids,
-            Some(current) => intersect(&current, &ids),
         };
         if next.is_empty() {
             return Ok(next);
         }
         selected = Some(next);
     }
-    let mut ids = match selected {
-        Some(ids) => ids,
-        None => (source.all)()?,
-    };
-    for refused in refused {
-        ids = difference(&ids, &refused);
+    match selected {
+        Some(ids) => Ok(ids),
+        None => (source.all)(),
     }
-    Ok(ids)
 }
 
-/// Ids in both (ascending) lists.
+/// Ids in both (ascending) lists: a merge, or binary searches from the shorter list when the
+/// other is much longer.
 pub(super) fn intersect(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    if short.len().saturating_mul(16) < long.len() {
+        let mut rest = long;
+        let mut out = Vec::new();
+        for &id in short {
+            match rest.binary_search(&id) {
+                Ok(i) => {
+                    out.push(id);
+                    rest = &rest[i + 1..];
+                }
+                Err(i) => rest = &rest[i..],
+            }
+        }
+        return out;
+    }
     let (mut i, mut j, mut out) = (0, 0, Vec::new());
     while i < a.len() && j < b.len() {
         match a[i].cmp(&b[j]) {
@@ -614,6 +646,27 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         Labels::from_trusted(pairs.iter().map(|(n, v)| Label::new(*n, *v)).collect())
+    }
+
+    #[test]
+    fn intersections_by_merge_and_by_search_agree() {
+        let evens: Vec<u64> = (0..2_000).map(|i| i * 2).collect();
+        for short in [
+            vec![],
+            vec![0],
+            vec![1, 3, 5],
+            vec![2, 3, 4, 3_998, 3_999, 5_000],
+            (0..50).map(|i| i * 37).collect::<Vec<u64>>(),
+            (0..500).map(|i| i * 7).collect(),
+        ] {
+            let want: Vec<u64> = short
+                .iter()
+                .copied()
+                .filter(|i| i % 2 == 0 && *i < 4_000)
+                .collect();
+            assert_eq!(intersect(&short, &evens), want, "{short:?}");
+            assert_eq!(intersect(&evens, &short), want, "{short:?}");
+        }
     }
 
     #[test]
