@@ -143,18 +143,25 @@ pub(super) fn write(path: &Path, series: &[SeriesLabels]) -> io::Result<BlockInd
     let mut writer = RunWriter::create(path)?;
     let mut tenants: BTreeMap<&str, (TenantPostings, Vec<u64>)> = BTreeMap::new();
     let mut fingerprints = Vec::with_capacity(series.len());
+    // The series' runs in label order (as the block's other files): the labels of one
+    // metric's series share frames. Each run: the tenant, the label count, then the packed
+    // set as it is.
+    let mut by_labels: Vec<&SeriesLabels> = series.iter().collect();
+    by_labels
+        .sort_unstable_by(|a, b| (&*a.1, a.2.as_bytes(), a.0).cmp(&(&*b.1, b.2.as_bytes(), b.0)));
     let mut run = Vec::new();
-    for (id, tenant, labels) in series {
-        let (id, tenant) = (*id, &**tenant);
-        if id >= TABLE {
+    for (id, tenant, labels) in by_labels {
+        if *id >= TABLE {
             return Err(damaged(format!("series id {id} out of range")));
         }
-        // The series' run: the tenant, the label count, then the packed set as it is.
         run.clear();
         put_str(&mut run, tenant);
         put_varint(&mut run, labels.len() as u64);
         run.extend_from_slice(labels.as_bytes());
-        writer.add(id, 0, 0, &run)?;
+        writer.add(*id, 0, 0, &run)?;
+    }
+    for (id, tenant, labels) in series {
+        let (id, tenant) = (*id, &**tenant);
         let (postings, all) = tenants.entry(tenant).or_default();
         for (name, value) in labels.pairs() {
             postings
@@ -220,7 +227,7 @@ pub(super) type SeriesRead = (Vec<(u64, String, Labels)>, usize);
 
 /// A block's series index, open for reading.
 pub(super) struct BlockIndex {
-    file: Arc<RunFile>,
+    pub(super) file: Arc<RunFile>,
     /// (fingerprint of tenant and labels, id), sorted.
     fingerprints: Vec<(u64, u64)>,
 }
@@ -453,7 +460,7 @@ impl BlockIndex {
         Ok((read, skipped))
     }
 
-    /// The series runs of `ids` (those the block holds), each made into a `T` by `parse`
+    /// The series runs of `ids` (those the block holds), ascending, each made into a `T` by `parse`
     /// from its tenant, label count and the label pairs' bytes; damaged runs are skipped
     /// (logged) and counted.
     fn read_series<T>(
@@ -463,7 +470,7 @@ impl BlockIndex {
     ) -> io::Result<(Vec<(u64, T)>, usize)> {
         let mut reader = self.file.reader();
         let (mut out, mut skipped) = (Vec::new(), 0);
-        for entry in self.file.lookup(ids)? {
+        for entry in self.file.lookup_in_file_order(ids)? {
             let read = reader.read(&entry).and_then(|payload| {
                 let mut r = Reader(&payload);
                 let tenant = take_str(&mut r)?;
@@ -478,6 +485,8 @@ impl BlockIndex {
                 }
             }
         }
+        // Read in file order (by labels), answered by id.
+        out.sort_unstable_by_key(|(id, _)| *id);
         Ok((out, skipped))
     }
 

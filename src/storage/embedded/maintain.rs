@@ -100,14 +100,24 @@ impl EmbeddedStorage {
         let block = {
             let set = self.blocks_read();
             let dir = self.dir.join("blocks").join(format!("{number:010}"));
-            let series = set
-                .flushing
-                .iter()
-                .map(|(&id, chunks)| Ok((id, chunks_range(chunks, i64::MIN, i64::MAX))));
+            let mut series = |id: u64| {
+                Ok(set
+                    .flushing
+                    .get(&id)
+                    .map_or_else(Vec::new, |chunks| chunks_range(chunks, i64::MIN, i64::MAX)))
+            };
             // Called once: the copies move into the index writer.
             let mut labels = |ids: &[u64]| Ok(labels_among(std::mem::take(&mut known), ids));
             tokio::task::block_in_place(|| {
-                Block::write(&dir, set.next_order, 1, Vec::new(), series, &mut labels)
+                Block::write(
+                    &dir,
+                    set.next_order,
+                    1,
+                    Vec::new(),
+                    &ids,
+                    &mut labels,
+                    &mut series,
+                )
             })
             .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
         };

@@ -183,6 +183,15 @@ impl RunFile {
         Ok(out)
     }
 
+    /// [`RunFile::lookup`] in the order the runs lie in the file, for reading many: runs of
+    /// one frame come together, so a [`RunReader`] decompresses each frame once however the
+    /// writer ordered series into frames.
+    pub fn lookup_in_file_order(&self, ids: &[u64]) -> io::Result<Vec<Entry>> {
+        let mut entries = self.lookup(ids)?;
+        entries.sort_by_key(|e| e.offset);
+        Ok(entries)
+    }
+
     /// A reader for queries: it keeps the last frame it decompressed (version 3) and shares
     /// the frames it reads through the process's frame cache.
     pub fn reader(&self) -> RunReader<'_> {
