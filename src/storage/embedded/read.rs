@@ -370,11 +370,18 @@ pub(super) fn block_series(
             continue;
         }
         let read = || -> std::io::Result<index::SeriesRead> {
-            let ids: Vec<u64> = index
+            let mut ids: Vec<u64> = index
                 .matching(tenant, matchers, stop)?
                 .into_iter()
                 .filter(|id| known.binary_search(id).is_err() && !out.contains_key(id))
                 .collect();
+            // Labels only of series with samples in the range (the block's run index knows
+            // each series' first and last sample): a block that overlaps the range by its
+            // last minutes holds many series that ended before it. Without raw chunks (gone
+            // by retention) its rollups are read, and every series stays.
+            if block.chunks.is_some() && !ids.is_empty() {
+                ids = block.series_in_range(&ids, start, end)?;
+            }
             if ids.is_empty() {
                 return Ok((Vec::new(), 0));
             }
