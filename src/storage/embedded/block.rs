@@ -204,6 +204,29 @@ pub(super) struct Block {
     pub all_in_head: AtomicBool,
 }
 
+/// Where a block comes from: its read order, how many flushes it holds, the blocks it
+/// replaces, and whether its runs go in label order (else id order, as blocks were written
+/// before: a compaction with a source in id order keeps id order, since reading that source
+/// in label order would decompress one of its frames for every series).
+pub(super) struct Lineage {
+    pub order: u64,
+    pub sources: u64,
+    pub replaces: Vec<u64>,
+    pub by_labels: bool,
+}
+
+impl Lineage {
+    /// A flush's block: one source, replacing none, in label order.
+    pub fn flush(order: u64) -> Lineage {
+        Lineage {
+            order,
+            sources: 1,
+            replaces: Vec::new(),
+            by_labels: true,
+        }
+    }
+}
+
 /// Labels of the series a block is written with: (id, tenant, labels) of the given ids
 /// (ascending), those known.
 pub(super) type LabelSource<'a> = &'a mut dyn FnMut(&[u64]) -> io::Result<Vec<index::SeriesLabels>>;
@@ -227,7 +250,8 @@ impl Block {
     /// leaves either the whole block or a `.tmp` directory that opening removes.
     ///
     /// With every series' labels known, the block gets its index and its runs are written in
-    /// label order (tenant, then the packed label set, which begins with the metric name): a
+    /// label order (tenant, then the packed label set's bytes: series with the same first label,
+    /// usually the metric name, lie together): a
     /// metric's series share frames, so a query of one metric decompresses a frame for every
     /// 16 of its series rather than one for each. With no labels (blocks from before indexes,
     /// merged while the head still holds every series, or tests): no index, id order. With
@@ -235,22 +259,27 @@ impl Block {
     /// unreachable once the head forgets them.
     pub fn write(
         dir: &Path,
-        order: u64,
-        sources: u64,
-        replaces: Vec<u64>,
+        lineage: Lineage,
         ids: &[u64],
         labels: LabelSource,
         samples: &mut dyn FnMut(u64) -> io::Result<Vec<Sample>>,
     ) -> io::Result<Option<Block>> {
+        let Lineage {
+            order,
+            sources,
+            replaces,
+            by_labels,
+        } = lineage;
         let mut known = labels(ids)?;
-        if !known.is_empty() && known.len() != ids.len() {
+        known.sort_unstable_by_key(|s| s.0);
+        if !known.is_empty() && !known.iter().map(|s| s.0).eq(ids.iter().copied()) {
             return Err(damaged(format!(
                 "labels of {} of {} series unknown: a series index is damaged",
-                ids.len() - known.len(),
+                ids.len().saturating_sub(known.len()),
                 ids.len()
             )));
         }
-        let in_order: Vec<u64> = if known.is_empty() {
+        let in_order: Vec<u64> = if known.is_empty() || !by_labels {
             ids.to_vec()
         } else {
             let mut by_labels: Vec<&index::SeriesLabels> = known.iter().collect();
@@ -310,7 +339,6 @@ impl Block {
         if !known.is_empty() {
             // The index holds the series written (those with samples), by id.
             known.retain(|s| written.binary_search(&s.0).is_ok());
-            known.sort_unstable_by_key(|s| s.0);
             index::write(&tmp.join(index::FILE_NAME), &known)?;
         }
         drop(known);
@@ -635,6 +663,11 @@ pub(super) fn compact(
         .collect();
     ids.sort_unstable();
     ids.dedup();
+    // Sources written in id order (before blocks were written by labels) are read in id
+    // order: the merged block keeps it. A file of one frame is in both orders.
+    let by_labels = !indexes.iter().any(|(_, entries)| {
+        entries.len() > 16 && entries.windows(2).all(|w| w[0].offset <= w[1].offset)
+    });
     let order = blocks.iter().map(|b| b.meta.order).min().unwrap_or(0);
     let sources = blocks.iter().map(|b| b.meta.sources).sum();
     // Series come in the merged block's order (by labels), which is each source's frame
@@ -684,15 +717,13 @@ pub(super) fn compact(
         }
         Ok(found.into_iter().map(|(id, (t, l))| (id, t, l)).collect())
     };
-    let merged = Block::write(
-        dir,
+    let lineage = Lineage {
         order,
         sources,
         replaces,
-        &ids,
-        &mut from_sources,
-        &mut series,
-    )?;
+        by_labels,
+    };
+    let merged = Block::write(dir, lineage, &ids, &mut from_sources, &mut series)?;
     if let Some(merged) = &merged {
         let all_in_head = blocks.iter().all(|b| b.all_in_head());
         merged.all_in_head.store(all_in_head, Ordering::Relaxed);
@@ -766,10 +797,10 @@ mod tests {
         use crate::model::{Label, Labels};
         // 96 series whose ids alternate between two metrics, as series arrive.
         let labels_of = |id: u64| {
-            let name = if id % 2 == 0 { "a" } else { "b" };
+            let name = if id.is_multiple_of(2) { "a" } else { "b" };
             let labels = Labels::from_trusted(vec![
                 Label::new("__name__", name),
-                Label::new("i", &format!("{id:03}")),
+                Label::new("i", format!("{id:03}")),
             ]);
             (id, Arc::<str>::from("t"), PackedLabels::from(&labels))
         };
@@ -781,7 +812,7 @@ mod tests {
                      ids: &[u64],
                      labels: LabelSource,
                      samples: &mut dyn FnMut(u64) -> io::Result<Vec<Sample>>| {
-            Block::write(&dir.path().join(n), 1, 1, Vec::new(), ids, labels, samples)
+            Block::write(&dir.path().join(n), Lineage::flush(1), ids, labels, samples)
                 .unwrap()
                 .unwrap()
         };
@@ -826,6 +857,29 @@ mod tests {
         ]
         .concat();
         assert_eq!(out[&4], want);
+        // A source in id order (as blocks were written before): the merged block keeps id
+        // order, so compaction reads that source frame by frame; evens then span all 6 frames.
+        let old_order = Block::write(
+            &dir.path().join("4"),
+            Lineage {
+                by_labels: false,
+                ..Lineage::flush(1)
+            },
+            &ids,
+            &mut labels,
+            &mut samples_of,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(frames(old_order.chunks.as_ref().unwrap(), &evens), 6);
+        let kept = compact(&dir.path().join("5"), &[&old_order, &two], &mut no_labels)
+            .unwrap()
+            .unwrap();
+        assert_eq!(frames(kept.chunks.as_ref().unwrap(), &evens), 6);
+        let mut got = BTreeMap::new();
+        kept.read_samples(&ids, 0, i64::MAX, 0, &mut got).unwrap();
+        assert_eq!(got.len(), 96);
+        assert_eq!(got[&4], want);
         assert_eq!(
             merged.index.as_ref().unwrap().labels(&[4]).unwrap().0[0].2,
             labels_of(4).2.to_labels()
@@ -839,9 +893,7 @@ mod tests {
         let b = samples(7_000, 10, 60_000);
         let block = Block::write(
             &dir.path().join("1"),
-            1,
-            1,
-            Vec::new(),
+            Lineage::flush(1),
             &[3, 9],
             &mut no_labels,
             &mut |id| Ok(if id == 3 { a.clone() } else { b.clone() }),
@@ -964,9 +1016,7 @@ mod tests {
         let b = samples(a[999].t + 15_000, 100, 15_000);
         let new = Block::write(
             &dir.path().join("2"),
-            2,
-            1,
-            Vec::new(),
+            Lineage::flush(2),
             &[3],
             &mut no_labels,
             &mut |_| Ok(b.clone()),

@@ -111,9 +111,7 @@ impl EmbeddedStorage {
             tokio::task::block_in_place(|| {
                 Block::write(
                     &dir,
-                    set.next_order,
-                    1,
-                    Vec::new(),
+                    Lineage::flush(set.next_order),
                     &ids,
                     &mut labels,
                     &mut series,

@@ -42,7 +42,7 @@ use crate::model::{
     TenantId, TimestampMs,
 };
 use async_trait::async_trait;
-use block::Block;
+use block::{Block, Lineage};
 use chunk::Chunk;
 use head::{
     chunks_any_in, chunks_range, chunks_range_into, insert_sample, place, place_sorted, Head,

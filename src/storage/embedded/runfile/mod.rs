@@ -33,7 +33,9 @@
 //! ```
 //!
 //! A read decompresses its frame and walks the frame's run headers to its series;
-//! [`RunReader`] keeps the last frame, so reading series in order decompresses each frame once.
+//! [`RunReader`] keeps the last frame, so reading series in file order
+//! ([`RunFile::lookup_in_file_order`]) decompresses each frame once. Runs may be written in any
+//! series order (blocks write theirs by labels); the index is sorted by series either way.
 //!
 //! Version 1 (`SMRUNS01` … `SMINDEX1`, written before) had a fixed 16-byte run header
 //! (series u64 | len u32 | crc32 u32) and fixed 36-byte index entries (series u64 | offset u64 |
