@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 /// mimalloc: ingest decodes and frees many small strings per request (labels, OTLP
 /// attributes); it halves the decode-and-translate time of an OTLP export against the system
-/// allocator (see docs/benchmarks.md).
+/// allocator (see docs/benchmarks.md). The `system-allocator` feature leaves it out, for heap
+/// profilers that watch the C allocator (`heaptrack`).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
