@@ -279,14 +279,13 @@ impl Block {
                 ids.len()
             )));
         }
-        let in_order: Vec<u64> = if known.is_empty() || !by_labels {
+        if by_labels {
+            known.sort_unstable_by(index::label_order);
+        }
+        let in_order: Vec<u64> = if known.is_empty() {
             ids.to_vec()
         } else {
-            let mut by_labels: Vec<&index::SeriesLabels> = known.iter().collect();
-            by_labels.sort_unstable_by(|a, b| {
-                (&*a.1, a.2.as_bytes(), a.0).cmp(&(&*b.1, b.2.as_bytes(), b.0))
-            });
-            by_labels.iter().map(|s| s.0).collect()
+            known.iter().map(|s| s.0).collect()
         };
         let tmp = dir.with_extension("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
@@ -337,7 +336,7 @@ impl Block {
             .collect::<io::Result<Vec<_>>>()?;
         written.sort_unstable();
         if !known.is_empty() {
-            // The index holds the series written (those with samples), by id.
+            // The index holds the series written (those with samples), in the same order.
             known.retain(|s| written.binary_search(&s.0).is_ok());
             index::write(&tmp.join(index::FILE_NAME), &known)?;
         }

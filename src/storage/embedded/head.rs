@@ -465,7 +465,8 @@ impl Head {
 
     /// Series ids of a tenant matching every matcher (ascending), from postings: an equality
     /// matcher reads its pair's postings, any other runs over the label's values
-    /// ([`postings_for_matchers`]); the candidates' label sets are checked at the end (a
+    /// ([`postings_for_matchers`]), unless the matchers applied so far (equality first) leave at most
+    /// [`FEW_CANDIDATES`] series; the candidates' label sets are checked at the end (a
     /// postings key is a hash: a collision adds candidates, never drops one).
     pub fn matching(&self, tenant: &str, matchers: &[Matcher]) -> Vec<u64> {
         let Some(index) = self.tenants.get(tenant) else {
@@ -490,42 +491,13 @@ impl Head {
                 .cloned()
                 .unwrap_or_default())
         };
-        // Equality matchers first: when they leave few series, checking the other matchers
-        // on those label sets (in memory) costs less than the union of every matching
-        // value's postings (`path=~"/a/1.*"` beside a metric name: hundreds of postings lists
-        // for a few hundred series).
-        let equal: Vec<Matcher> = matchers
-            .iter()
-            .filter(|m| matches!(&m.op, crate::model::MatchOp::Equal(v) if !v.is_empty()))
-            .cloned()
-            .collect();
-        if !equal.is_empty() && equal.len() < matchers.len() {
-            let narrowed = postings_for_matchers(
-                &equal,
-                PostingsSource {
-                    all: &|| Ok(index.all.clone()),
-                    values: &values,
-                    postings: &postings,
-                },
-            )
-            .unwrap_or_default();
-            if narrowed.len() <= FEW_CANDIDATES {
-                return narrowed
-                    .into_iter()
-                    .filter(|id| {
-                        self.series
-                            .get(id)
-                            .is_some_and(|s| matches_all(matchers, &s.labels))
-                    })
-                    .collect();
-            }
-        }
         let candidates = postings_for_matchers(
             matchers,
             PostingsSource {
                 all: &|| Ok(index.all.clone()),
                 values: &values,
                 postings: &postings,
+                few: FEW_CANDIDATES,
             },
         )
         .unwrap_or_default();

@@ -138,19 +138,21 @@ type TenantPostings<'a> = BTreeMap<&'a str, BTreeMap<&'a str, Vec<u64>>>;
 /// packed, so a block of many series costs a flush no more memory than the head's own sets.
 pub(super) type SeriesLabels = (u64, Arc<str>, PackedLabels);
 
-/// Writes the index of a block's series, ascending by id.
+/// The order a block writes its series in: by tenant, then by the packed label set's bytes
+/// (series with the same first label, usually the metric name, lie together), then by id.
+pub(super) fn label_order(a: &SeriesLabels, b: &SeriesLabels) -> std::cmp::Ordering {
+    (&*a.1, a.2.as_bytes(), a.0).cmp(&(&*b.1, b.2.as_bytes(), b.0))
+}
+
+/// Writes the index of a block's series, their runs in the order given (the block's other
+/// files' order, [`label_order`] or ids), so the labels of one metric's series share frames.
+/// Each run: the tenant, the label count, then the packed set as it is.
 pub(super) fn write(path: &Path, series: &[SeriesLabels]) -> io::Result<BlockIndex> {
     let mut writer = RunWriter::create(path)?;
     let mut tenants: BTreeMap<&str, (TenantPostings, Vec<u64>)> = BTreeMap::new();
     let mut fingerprints = Vec::with_capacity(series.len());
-    // The series' runs in label order (as the block's other files): the labels of one
-    // metric's series share frames. Each run: the tenant, the label count, then the packed
-    // set as it is.
-    let mut by_labels: Vec<&SeriesLabels> = series.iter().collect();
-    by_labels
-        .sort_unstable_by(|a, b| (&*a.1, a.2.as_bytes(), a.0).cmp(&(&*b.1, b.2.as_bytes(), b.0)));
     let mut run = Vec::new();
-    for (id, tenant, labels) in by_labels {
+    for (id, tenant, labels) in series {
         if *id >= TABLE {
             return Err(damaged(format!("series id {id} out of range")));
         }
@@ -160,7 +162,10 @@ pub(super) fn write(path: &Path, series: &[SeriesLabels]) -> io::Result<BlockInd
         run.extend_from_slice(labels.as_bytes());
         writer.add(*id, 0, 0, &run)?;
     }
-    for (id, tenant, labels) in series {
+    // Postings and the per-tenant lists are by id.
+    let mut by_id: Vec<&SeriesLabels> = series.iter().collect();
+    by_id.sort_unstable_by_key(|s| s.0);
+    for (id, tenant, labels) in by_id {
         let (id, tenant) = (*id, &**tenant);
         let (postings, all) = tenants.entry(tenant).or_default();
         for (name, value) in labels.pairs() {
@@ -410,6 +415,7 @@ impl BlockIndex {
                     stopped()?;
                     self.postings(tenant, name, value)
                 },
+                few: 0,
             },
         )
         .or_else(|e| {
@@ -446,13 +452,13 @@ impl BlockIndex {
     /// [`BlockIndex::labels`] packed, for writing another index: no allocation a label, and
     /// a tenant's name shared by its series.
     pub fn packed_labels(&self, ids: &[u64]) -> io::Result<(Vec<SeriesLabels>, usize)> {
-        let mut tenant_: Option<Arc<str>> = None;
+        let mut last_tenant: Option<Arc<str>> = None;
         let (read, skipped) = self.read_series(ids, |tenant, n, r| {
             let labels =
                 PackedLabels::from_bytes(r.0, n).ok_or_else(|| damaged("bad label set".into()))?;
-            let shared = match &tenant_ {
+            let shared = match &last_tenant {
                 Some(t) if &**t == tenant => t.clone(),
-                _ => tenant_.insert(Arc::from(tenant)).clone(),
+                _ => last_tenant.insert(Arc::from(tenant)).clone(),
             };
             Ok((shared, labels))
         })?;
@@ -529,6 +535,11 @@ pub(super) struct PostingsSource<'a> {
     pub values: &'a dyn Fn(&str) -> io::Result<Vec<String>>,
     /// The series ids with a label pair, ascending.
     pub postings: &'a dyn Fn(&str, &str) -> io::Result<Vec<u64>>,
+    /// When the matchers applied so far (equality first) leave at most this many series and
+    /// others remain, those series are the answer, for the caller to check every matcher on
+    /// their label sets: the head holds them in memory, where that costs less than reading the
+    /// postings of every value a regex accepts. 0: never (a block's label sets are on disk).
+    pub few: usize,
 }
 
 /// The series every matcher accepts, ascending, from postings alone (Prometheus's
@@ -569,6 +580,9 @@ pub(super) fn postings_for_matchers(
         };
     let mut selected: Option<Vec<u64>> = None;
     for m in ordered {
+        if let Some(few) = selected.take_if(|ids| ids.len() <= source.few) {
+            return Ok(few);
+        }
         let next = match kind(m) {
             0 => {
                 let MatchOp::Equal(value) = &m.op else {

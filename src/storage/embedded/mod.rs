@@ -992,7 +992,6 @@ mod tests {
         );
     }
 
-    /// Writes 300 series of two hours into `dir` and flushes them to one block.
     /// The one block directory under `dir`.
     fn only_block(dir: &Path) -> PathBuf {
         std::fs::read_dir(dir.join("blocks"))
@@ -1013,6 +1012,7 @@ mod tests {
         std::fs::write(path, &bytes).unwrap();
     }
 
+    /// Writes 300 series of two hours into `dir` and flushes them to one block.
     async fn write_one_block_of_300_series(dir: &Path, tenant: &TenantId) {
         let s = EmbeddedStorage::open(dir, &config(), &RetentionConfig::default()).unwrap();
         let batch: Vec<SeriesWrite> = (0..300)
