@@ -353,23 +353,10 @@ fn main() {
         .map(|q| q.0)
         .chain(LABEL_QUERIES.iter().map(|q| q.0))
         .collect();
-    let headers: Vec<String> = [
-        "server",
-        "RSS at end MiB",
-        "peak RSS MiB",
-        "RSS slope MiB per simulated h",
-        "bytes/sample whole dir",
-        "samples/s",
-        "CPU-s per 1M samples",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .chain(names.iter().map(|n| format!("{n} ms")))
-    .collect();
-    let rows: Vec<Vec<String>> = results
+    let rows: Vec<(Vec<String>, &[f64])> = results
         .iter()
         .map(|r| {
-            [
+            let cells = vec![
                 r.name.to_owned(),
                 format!("{:.0}", r.rss_end_mib),
                 format!("{:.0}", r.rss_peak_mib),
@@ -377,13 +364,23 @@ fn main() {
                 format!("{:.2}", r.dir_bytes_per_sample),
                 format!("{:.0}", r.rate),
                 format!("{:.2}", r.cpu_per_million),
-            ]
-            .into_iter()
-            .chain(r.latencies_ms.iter().map(|ms| format!("{ms:.1}")))
-            .collect()
+            ];
+            (cells, r.latencies_ms.as_slice())
         })
         .collect();
-    common::print_table(&headers, &rows);
+    common::print_table(
+        &[
+            "server",
+            "RSS at end MiB",
+            "peak RSS MiB",
+            "RSS slope MiB per simulated h",
+            "bytes/sample whole dir",
+            "samples/s",
+            "CPU-s per 1M samples",
+        ],
+        &names,
+        &rows,
+    );
     let (s, p, v) = (&results[0], &results[1], &results[2]);
     println!("\nratios (SecuMon / peer; below 1 is better for SecuMon):");
     for (what, ours, theirs) in [

@@ -4,8 +4,10 @@
 //! pushed through remote-write by the same sender. For each server:
 //!
 //! - ingest: samples/s and server CPU-seconds per million samples;
-//! - disk: bytes per sample once each has flushed and compacted (its compressed, persisted
-//!   part, and its whole data directory over all samples);
+//! - disk: bytes per sample once each has flushed and compacted: its whole data directory
+//!   over all samples (the headline), and its persisted part over the samples in it (SecuMon:
+//!   its blocks whole, raw chunks, rollups and series indexes; Prometheus: its blocks, chunks
+//!   and index; VictoriaMetrics: its whole store, as it has no other part);
 //! - memory: peak RSS per active series;
 //! - query latency (median of warm runs) on the loaded data: a selector, `rate` summed by a
 //!   label, a regex matcher (each a range query over the last hour at 1 min steps), and the
@@ -153,7 +155,7 @@ fn main() {
         let block_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"chunks\"}");
         let rollup_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"rollups\"}");
         eprintln!(
-            "SecuMon: {block_samples} samples in blocks: raw chunks {:.2} bytes/sample, 5m+1h rollups {:.2} bytes/raw sample",
+            "SecuMon: {block_samples} samples in blocks: raw chunks and series indexes {:.2} bytes/sample, 5m+1h rollups {:.2} bytes/raw sample",
             block_bytes / block_samples,
             rollup_bytes / block_samples
         );
@@ -168,7 +170,7 @@ fn main() {
             name: "SecuMon embedded",
             rate,
             cpu_per_million,
-            persisted_bytes_per_sample: block_bytes / block_samples,
+            persisted_bytes_per_sample: (block_bytes + rollup_bytes) / block_samples,
             dir_bytes_per_sample: dir_bytes(&dir.join("data")) as f64 / outcome.accepted as f64,
             rss_mib: peak_rss_mib(server.pid()),
             queries_ms,
@@ -229,23 +231,10 @@ fn main() {
         o.connections
     );
     let names: Vec<&str> = queries(end).iter().map(|q| q.0).collect();
-    let headers: Vec<String> = [
-        "server",
-        "samples/s",
-        "CPU-s per 1M samples",
-        "bytes/sample persisted",
-        "bytes/sample whole dir",
-        "peak RSS MiB",
-        "RSS KiB per series",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .chain(names.iter().map(|n| format!("{n} ms")))
-    .collect();
-    let rows: Vec<Vec<String>> = results
+    let rows: Vec<(Vec<String>, &[f64])> = results
         .iter()
         .map(|r| {
-            [
+            let cells = vec![
                 r.name.to_owned(),
                 format!("{:.0}", r.rate),
                 format!("{:.2}", r.cpu_per_million),
@@ -253,13 +242,23 @@ fn main() {
                 format!("{:.2}", r.dir_bytes_per_sample),
                 format!("{:.0}", r.rss_mib),
                 format!("{:.2}", r.rss_mib * 1024.0 / o.series as f64),
-            ]
-            .into_iter()
-            .chain(r.queries_ms.iter().map(|ms| format!("{ms:.1}")))
-            .collect()
+            ];
+            (cells, r.queries_ms.as_slice())
         })
         .collect();
-    common::print_table(&headers, &rows);
+    common::print_table(
+        &[
+            "server",
+            "samples/s",
+            "CPU-s per 1M samples",
+            "bytes/sample persisted",
+            "bytes/sample whole dir",
+            "peak RSS MiB",
+            "RSS KiB per series",
+        ],
+        &names,
+        &rows,
+    );
     let (s, p, v) = (&results[0], &results[1], &results[2]);
     println!("\nratios (SecuMon / peer; below 1 is better for SecuMon):");
     println!(
@@ -268,7 +267,12 @@ fn main() {
         s.cpu_per_million / v.cpu_per_million
     );
     println!(
-        "- persisted bytes per sample: vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
+        "- whole directory bytes per sample: vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
+        s.dir_bytes_per_sample / p.dir_bytes_per_sample,
+        s.dir_bytes_per_sample / v.dir_bytes_per_sample
+    );
+    println!(
+        "- persisted bytes per sample (SecuMon's blocks with rollups and indexes): vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
         s.persisted_bytes_per_sample / p.persisted_bytes_per_sample,
         s.persisted_bytes_per_sample / v.persisted_bytes_per_sample
     );

@@ -501,11 +501,19 @@ pub fn time_get(url: &str) -> (f64, serde_json::Value) {
     })
 }
 
-/// Prints a Markdown table: a header row, its separator, then the rows.
-pub fn print_table(headers: &[String], rows: &[Vec<String>]) {
+/// Prints a Markdown table of results: the `fixed` columns, then one column of milliseconds
+/// for each of `latencies`; each row gives its fixed cells and its latencies.
+pub fn print_table(fixed: &[&str], latencies: &[&str], rows: &[(Vec<String>, &[f64])]) {
+    let headers: Vec<String> = fixed
+        .iter()
+        .map(|h| h.to_string())
+        .chain(latencies.iter().map(|n| format!("{n} ms")))
+        .collect();
     println!("| {} |", headers.join(" | "));
     println!("|{}", "---|".repeat(headers.len()));
-    for row in rows {
+    for (cells, ms) in rows {
+        let ms = ms.iter().map(|ms| format!("{ms:.1}"));
+        let row: Vec<String> = cells.iter().cloned().chain(ms).collect();
         println!("| {} |", row.join(" | "));
     }
 }
