@@ -274,9 +274,10 @@ fn main() {
         }
         let page = get(&format!("{base}/metrics"));
         eprintln!(
-            "SecuMon: {} series in memory, {} forgotten",
+            "SecuMon: {} series in memory, {} forgotten, longest writer wait on a maintenance step {:.1} ms",
             metric(&page, "secumon_storage_series_in_memory"),
-            metric(&page, "secumon_storage_head_series_removed")
+            metric(&page, "secumon_storage_head_series_removed"),
+            1e3 * metric(&page, "secumon_storage_maintenance_writer_hold_max_seconds")
         );
         results.push(Measured {
             name: "SecuMon embedded",

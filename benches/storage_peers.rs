@@ -159,6 +159,10 @@ fn main() {
             block_bytes / block_samples,
             rollup_bytes / block_samples
         );
+        eprintln!(
+            "SecuMon: longest writer wait on a maintenance step {:.1} ms",
+            1e3 * metric(&page, "secumon_storage_maintenance_writer_hold_max_seconds")
+        );
         let queries_ms = run_queries("SecuMon", &base, end);
         if std::env::args().any(|a| a == "--hold") {
             // For profiling: keep the loaded server up for ten minutes.

@@ -378,6 +378,9 @@ pub struct StorageStats {
     pub rollup_rows_written: u64,
     pub lifecycle_failures: u64,
     pub lifecycle_runs: u64,
+    /// Since start: the longest time writers waited for one step of the embedded engine's
+    /// maintenance (a batch of a flush, a block swapped in).
+    pub maintenance_writer_hold_max: std::time::Duration,
 }
 
 /// How long data is kept, the same for every backend (`[retention]` in the config file).

@@ -93,6 +93,8 @@ pub struct Metrics {
     storage_head_series_removed: prometheus_client::metrics::gauge::Gauge,
     pub storage_blocks: prometheus_client::metrics::gauge::Gauge,
     pub storage_block_samples: prometheus_client::metrics::gauge::Gauge,
+    storage_writer_hold_max:
+        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
     pub storage_disk_bytes: Family<DiskLabels, prometheus_client::metrics::gauge::Gauge>,
     pub lifecycle: LifecycleMetrics,
     /// Live-feed WebSocket clients connected now.
@@ -286,6 +288,14 @@ impl Metrics {
             "Raw samples in on-disk blocks of the embedded engine",
             storage_block_samples.clone(),
         );
+        let storage_writer_hold_max =
+            prometheus_client::metrics::gauge::Gauge::<f64, std::sync::atomic::AtomicU64>::default(
+            );
+        registry.register(
+            "storage_maintenance_writer_hold_max_seconds",
+            "Longest time writers waited for one step of the embedded engine's maintenance since start (a flush works in bounded batches)",
+            storage_writer_hold_max.clone(),
+        );
         let storage_disk_bytes =
             Family::<DiskLabels, prometheus_client::metrics::gauge::Gauge>::default();
         registry.register(
@@ -405,6 +415,7 @@ impl Metrics {
             storage_head_series_removed,
             storage_blocks,
             storage_block_samples,
+            storage_writer_hold_max,
             storage_disk_bytes,
             samples_ingested,
             samples_rejected,
@@ -435,6 +446,8 @@ impl Metrics {
                 .set(clamp(stats.head_series_removed));
             self.storage_blocks.set(clamp(stats.blocks));
             self.storage_block_samples.set(clamp(stats.block_samples));
+            self.storage_writer_hold_max
+                .set(stats.maintenance_writer_hold_max.as_secs_f64());
             for (kind, bytes) in [
                 ("chunks", stats.block_bytes),
                 ("rollups", stats.rollup_bytes),

@@ -49,11 +49,51 @@ pub(super) struct Head {
     pub max_t: Option<TimestampMs>,
     /// No sample in the head is older (recomputed at each flush; `None`: none applied yet).
     pub min_t: Option<TimestampMs>,
+    /// The oldest sample applied since a flush began moving samples out: with the oldest of
+    /// what the flush leaves, the head's new `min_t`.
+    pub applied_min_t: Option<TimestampMs>,
     /// Every exemplar kept, (series, time), oldest stored first: a ring of at most
     /// `exemplar_limit`, as Prometheus's circular exemplar storage
     /// (`--storage.tsdb.max-exemplars`); storing one more drops the oldest.
     pub exemplar_order: VecDeque<(u64, TimestampMs)>,
     pub exemplar_limit: usize,
+}
+
+/// Series taken out of the head whose postings are still to prune ([`Head::forget_empty`]).
+#[derive(Default)]
+pub(super) struct Forgotten {
+    /// Ascending (the order they were forgotten in).
+    pub ids: Vec<u64>,
+    lists: PruneLists,
+}
+
+/// Per tenant, the postings lists to prune: key → label name.
+#[derive(Default)]
+struct PruneLists {
+    lists: HashMap<Arc<str>, HashMap<u64, Box<str>>>,
+    /// The lists being pruned, taken from `lists`, last first: per tenant its list of every
+    /// series (`None`) below its postings lists.
+    queue: Vec<(Arc<str>, PruneList)>,
+}
+
+/// A postings list (key, label name), or (`None`) a tenant's list of every series.
+type PruneList = Option<(u64, Box<str>)>;
+
+impl PruneLists {
+    /// The next list to prune.
+    fn next(&mut self) -> Option<(Arc<str>, PruneList)> {
+        if self.queue.is_empty() {
+            for (tenant, lists) in self.lists.drain() {
+                self.queue.push((tenant.clone(), None));
+                self.queue.extend(
+                    lists
+                        .into_iter()
+                        .map(|(key, name)| (tenant.clone(), Some((key, name)))),
+                );
+            }
+        }
+        self.queue.pop()
+    }
 }
 
 /// Where a sample goes in a series, or why it does not.
@@ -394,62 +434,88 @@ impl Head {
         self.next_id = self.next_id.max(id + 1);
     }
 
-    /// Forgets the series with no sample in the head and no exemplar (Prometheus's head
+    /// Forgets those of `ids` with no sample in the head and no exemplar (Prometheus's head
     /// garbage collection after compaction): their samples are in blocks, whose indexes keep
-    /// their labels, and one that receives samples again comes back with its id. Returns the
-    /// ids dropped, ascending. Costs one pass over the series and over the postings lists
-    /// the dropped ones were in.
-    pub fn drop_empty_series(&mut self) -> Vec<u64> {
-        let mut dropped: Vec<u64> = self
-            .series
-            .iter()
-            .filter(|(_, s)| s.samples.is_empty() && s.exemplars.is_empty())
-            .map(|(&id, _)| id)
-            .collect();
-        if dropped.is_empty() {
-            return dropped;
-        }
-        dropped.sort_unstable();
-        let gone: HashSet<u64> = dropped.iter().copied().collect();
-        // Per tenant, the postings lists to prune (key → label name).
-        let mut touched: HashMap<Arc<str>, HashMap<u64, Box<str>>> = HashMap::default();
-        for id in &dropped {
-            let Some(series) = self.series.remove(id) else {
+    /// their labels, and one that receives samples again comes back with its id. The first of
+    /// two steps, each run in batches by the caller: this one takes the series out of the
+    /// head and its fingerprint table, and notes in `forgotten` their ids and the postings
+    /// lists they were in; [`Head::prune_postings`] then takes the ids out of those lists.
+    /// In between, postings lists may name series the head no longer holds: readers of
+    /// postings check the series (see [`Head::first_live`]).
+    pub fn forget_empty(&mut self, ids: &[u64], forgotten: &mut Forgotten) {
+        for id in ids {
+            let Some(series) = self.series.get(id) else {
                 continue;
             };
+            if !series.samples.is_empty() || !series.exemplars.is_empty() {
+                continue;
+            }
+            let series = self.series.remove(id).expect("just seen");
             let Some(index) = self.tenants.get_mut(&*series.tenant) else {
                 continue;
             };
-            index.by_fingerprint.remove(&series.labels.fingerprint());
-            let keys = touched.entry(series.tenant.clone()).or_default();
-            keys.extend(
-                series
-                    .labels
-                    .pairs()
-                    .map(|(n, v)| (posting_key(n, v), Box::from(n))),
-            );
+            let fingerprint = series.labels.fingerprint();
+            if index.by_fingerprint.get(&fingerprint) == Some(id) {
+                index.by_fingerprint.remove(&fingerprint);
+            }
+            forgotten.ids.push(*id);
+            let lists = forgotten
+                .lists
+                .lists
+                .entry(series.tenant.clone())
+                .or_default();
+            for (name, value) in series.labels.pairs() {
+                lists
+                    .entry(posting_key(name, value))
+                    .or_insert_with(|| Box::from(name));
+            }
         }
-        for (tenant, keys) in touched {
-            let Some(index) = self.tenants.get_mut(&*tenant) else {
+    }
+
+    /// The second step of forgetting: takes `forgotten`'s ids out of the postings lists (and
+    /// the tenants' lists of every series) they were in, a few lists at a time: about
+    /// `budget` ids looked at, or one list. Ids of series that came back in between stay.
+    /// Returns whether lists are left.
+    pub fn prune_postings(&mut self, forgotten: &mut Forgotten, budget: usize) -> bool {
+        let Forgotten { ids: gone, lists } = forgotten;
+        let Head {
+            series, tenants, ..
+        } = self;
+        let mut spent = 0;
+        while spent < budget {
+            let Some((tenant, list)) = lists.next() else {
+                return false;
+            };
+            let Some(index) = tenants.get_mut(&*tenant) else {
                 continue;
             };
-            for (key, name) in keys {
-                if let Some(ids) = index.postings.get_mut(&key) {
-                    ids.retain(|id| !gone.contains(id));
-                    if ids.is_empty() {
-                        index.postings.remove(&key);
-                        if let Some(keys) = index.names.get_mut(&name) {
-                            keys.remove(&key);
-                            if keys.is_empty() {
-                                index.names.remove(&name);
-                            }
-                        }
+            let Some((key, name)) = list else {
+                spent += index.all.len();
+                remove_ids(&mut index.all, gone, |id| series.contains_key(&id));
+                continue;
+            };
+            let Some(ids) = index.postings.get_mut(&key) else {
+                continue;
+            };
+            spent += ids.len();
+            remove_ids(ids, gone, |id| series.contains_key(&id));
+            if ids.is_empty() {
+                index.postings.remove(&key);
+                if let Some(keys) = index.names.get_mut(&name) {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        index.names.remove(&name);
                     }
                 }
             }
-            index.all.retain(|id| !gone.contains(id));
         }
-        dropped
+        true
+    }
+
+    /// The first series of a postings list the head holds (the first, but for series being
+    /// forgotten: see [`Head::forget_empty`]).
+    pub fn first_live(&self, ids: &[u64]) -> Option<&SeriesData> {
+        ids.iter().find_map(|id| self.series.get(id))
     }
 
     pub fn add_metadata(&mut self, tenant: &str, metadata: MetricMetadata) {
@@ -479,8 +545,8 @@ impl Head {
             Ok(keys
                 .iter()
                 .filter_map(|key| {
-                    let first = index.postings.get(key)?.first()?;
-                    Some(self.series.get(first)?.labels.get(name)?.to_owned())
+                    let first = self.first_live(index.postings.get(key)?)?;
+                    Some(first.labels.get(name)?.to_owned())
                 })
                 .collect())
         };
@@ -604,6 +670,16 @@ fn posting_key(name: &str, value: &str) -> u64 {
 
 /// Adds an id to an ascending list: at the end for a new series (ids grow), in its place for
 /// one the head forgot and that came back with its id.
+/// Takes the ids of `gone` (ascending) out of `ids` (ascending), but those `back` keeps;
+/// a binary search in what is left of `gone` for each id, so a short list costs little
+/// however many series went.
+fn remove_ids(ids: &mut Vec<u64>, mut gone: &[u64], back: impl Fn(u64) -> bool) {
+    ids.retain(|&id| {
+        gone = &gone[gone.partition_point(|&g| g < id)..];
+        gone.first() != Some(&id) || back(id)
+    });
+}
+
 fn insert_id(ids: &mut Vec<u64>, id: u64) {
     match ids.last() {
         Some(&last) if last >= id => {
@@ -805,20 +881,58 @@ mod tests {
             assert_eq!(head.matching("t", &matchers), want, "{matchers:?}");
         }
         assert!(head.tenants["t"].all.is_sorted());
-        // Forgetting series prunes postings and the values' keys.
+        // Forgetting series prunes postings and the values' keys, in two steps.
         for (id, _) in &all {
             if let Some(s) = head.series.get_mut(id) {
-                if *id != 8 {
+                if *id != 8 && *id != 2 {
                     s.samples.insert(Sample { t: 1, v: 1.0 });
                 }
             }
         }
-        assert_eq!(head.drop_empty_series(), [8]);
+        let mut forgotten = Forgotten::default();
+        head.forget_empty(&[1, 2, 3], &mut forgotten);
+        head.forget_empty(&[5, 7, 8, 9], &mut forgotten);
+        assert_eq!(forgotten.ids, [2, 8]);
+        // Between the steps, postings name series the head no longer holds (2 is the first of
+        // `job="j2"`): matchers answer as if they were gone.
+        assert_eq!(head.matching("t", &[re("job", "j2", false)]), [9]);
+        assert_eq!(head.matching("t", &[Matcher::equal("pid", "6")]), [0u64; 0]);
+        // One comes back before its postings are pruned: they stay.
+        let eight = all.iter().find(|(id, _)| *id == 8).unwrap().1.clone();
+        head.create_series("t", 8, &eight);
+        while head.prune_postings(&mut forgotten, 1) {}
+        let index = &head.tenants["t"];
+        assert_eq!(index.all, [1, 3, 5, 7, 8, 9]);
+        assert_eq!(index.postings[&posting_key("job", "j2")], [9]);
+        assert_eq!(head.matching("t", &[Matcher::equal("pid", "6")]), [8]);
+        assert_eq!(
+            head.matching("t", &[Matcher::equal("job", "j0")]),
+            [3, 5, 8]
+        );
+        // Forgotten for good: its pair's postings and the value's key go.
+        let mut forgotten = Forgotten::default();
+        head.forget_empty(&[8], &mut forgotten);
+        while head.prune_postings(&mut forgotten, 1_000) {}
         assert_eq!(
             head.matching("t", &[Matcher::equal("pid", "6")]),
             Vec::<u64>::new()
         );
+        assert!(!head.tenants["t"]
+            .postings
+            .contains_key(&posting_key("pid", "6")));
         assert!(!head.tenants["t"].names["pid"].contains(&posting_key("pid", "6")));
         assert_eq!(head.matching("t", &[Matcher::equal("job", "j0")]), [3, 5]);
+    }
+
+    #[test]
+    fn removing_ids_keeps_those_not_gone_and_those_back() {
+        let mut ids: Vec<u64> = (0..100).collect();
+        let gone: Vec<u64> = (0..200).filter(|i| i % 3 == 0).collect();
+        remove_ids(&mut ids, &gone, |id| id == 30);
+        let want: Vec<u64> = (0..100).filter(|i| i % 3 != 0 || *i == 30).collect();
+        assert_eq!(ids, want);
+        let mut short = vec![7u64, 150];
+        remove_ids(&mut short, &gone, |_| false);
+        assert_eq!(short, [7]);
     }
 }

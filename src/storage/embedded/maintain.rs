@@ -37,6 +37,10 @@ impl EmbeddedStorage {
         let retained = self.apply_retention(now, &mut report);
         self.series_removed
             .fetch_add(report.series_dropped as u64, Ordering::Relaxed);
+        self.writer_hold_max_us.fetch_max(
+            u64::try_from(report.longest_writer_hold.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let counter = if flushed.is_ok() && compacted.is_ok() && retained.is_ok() {
             &self.maintenance_runs
         } else {
@@ -49,36 +53,35 @@ impl EmbeddedStorage {
         Ok(report)
     }
 
+    /// Flushes the head's samples older than `cutoff` into a block, checkpoints the log and
+    /// forgets the series left with no sample. Writers wait for one step at a time, each
+    /// bounded ([`FLUSH_BATCH`] series, or about [`PRUNE_BUDGET`] postings entries), never for
+    /// the whole flush: a step's hold is measured in `report`.
     pub(super) fn flush(
         &self,
         cutoff: TimestampMs,
         report: &mut MaintenanceReport,
     ) -> StorageResult<()> {
-        // Move the samples out of the head and start a new log segment, with writers held for
-        // no longer than that takes.
+        if self.read().min_t.is_none_or(|oldest| oldest >= cutoff) {
+            return Ok(());
+        }
+        // A new log segment first: every sample of the segments before it is in the head
+        // already (a writer applies its records with the log held), and each is moved out
+        // below if older than the cutoff, so a segment all of whose samples are older holds
+        // nothing the head still needs once the block is in.
         let segment = {
+            let began = std::time::Instant::now();
             let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-            let mut head = self.write();
-            let mut set = self.blocks_write();
-            let mut min_t: Option<TimestampMs> = None;
-            for (&id, series) in head.series.iter_mut() {
-                let chunks = series.samples.split_before(cutoff);
-                if let Some(last) = chunks.last() {
-                    series.flushed_until = last.max_t;
-                    report.flushed_samples +=
-                        chunks.iter().map(|c| u64::from(c.count)).sum::<u64>();
-                    set.flushing.entry(id).or_default().extend(chunks);
-                }
-                if let Some(first) = series.samples.first() {
-                    min_t = Some(min_t.map_or(first, |m| m.min(first)));
-                }
-            }
-            head.min_t = min_t;
-            if set.flushing.is_empty() {
-                return Ok(());
-            }
-            tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?
+            let segment = tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?;
+            drop(wal);
+            report.held(began, "log rotation");
+            segment
         };
+        let ids = self.head_ids(report);
+        self.move_out(&ids, cutoff, report);
+        if self.blocks_read().flushing.is_empty() {
+            return Ok(());
+        }
         // Write the block; readers keep seeing the samples in `flushing` until it is in.
         // A directory number is used once, even when writing there fails. The series' labels
         // are copied first (series leave the head only below, in this maintenance run).
@@ -87,16 +90,8 @@ impl EmbeddedStorage {
             set.next_dir += 1;
             set.next_dir - 1
         };
-        let ids: Vec<u64> = self.blocks_read().flushing.keys().copied().collect();
-        let mut known: Vec<index::SeriesLabels> = {
-            let head = self.read();
-            ids.iter()
-                .filter_map(|id| {
-                    let s = head.series.get(id)?;
-                    Some((*id, s.tenant.clone(), s.labels.clone()))
-                })
-                .collect()
-        };
+        let in_block: Vec<u64> = self.blocks_read().flushing.keys().copied().collect();
+        let mut known = self.head_labels(&in_block, report);
         let block = {
             let set = self.blocks_read();
             let dir = self.dir.join("blocks").join(format!("{number:010}"));
@@ -112,19 +107,17 @@ impl EmbeddedStorage {
                 Block::write(
                     &dir,
                     Lineage::flush(set.next_order),
-                    &ids,
+                    &in_block,
                     &mut labels,
                     &mut series,
                 )
             })
             .map_err(|e| StorageError::Internal(format!("flush: {e}")))?
         };
-        // The block in, the head forgets the series it no longer holds samples of (when every
-        // block has an index to keep their labels). With the log held: a writer resolves its
-        // series and applies its samples under it, so none is forgotten in between.
-        {
-            let _wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-            let mut head = self.write();
+        // The block in, in place of the samples being flushed (readers see them in one or
+        // the other), then the head forgets the series it no longer holds samples of, when
+        // every block has an index to keep their labels.
+        let forget = {
             let mut set = self.blocks_write();
             set.flushing.clear();
             set.next_order += 1;
@@ -132,23 +125,17 @@ impl EmbeddedStorage {
                 set.blocks.push(Arc::new(block));
                 report.blocks_written += 1;
             }
-            if set.blocks.iter().all(|b| b.index.is_some()) {
-                let dropped = head.drop_empty_series();
-                report.series_dropped += dropped.len();
-                if !dropped.is_empty() {
-                    // Reads and returning series now look at the blocks' indexes.
-                    for block in &set.blocks {
-                        block.all_in_head.store(false, Ordering::Relaxed);
-                    }
-                }
-            }
+            set.blocks.iter().all(|b| b.index.is_some())
+        };
+        if forget {
+            self.forget_empty(&ids, report);
         }
         // The log's samples older than the cutoff are on disk now: checkpoint what else the
-        // old segments hold (series, metadata, exemplars), from a copy of the head taken under
-        // its read lock and written with no lock held, and delete them. The copy is of a
-        // moment after the rotation: replaying the segments from there on on top of it
-        // changes nothing they already set.
-        let snapshot = CheckpointSnapshot::of(&self.read());
+        // old segments hold (series, metadata, exemplars), from a copy of the head taken in
+        // batches and written with no lock held, and delete them. The copy is of moments
+        // after the rotation: replaying the segments from there on on top of it changes
+        // nothing they already set.
+        let snapshot = self.checkpoint_snapshot(report);
         tokio::task::block_in_place(|| {
             let mut checkpoint = wal::CheckpointWriter::create(&self.dir.join("wal"))?;
             snapshot.write(&mut checkpoint)?;
@@ -163,15 +150,137 @@ impl EmbeddedStorage {
         Ok(())
     }
 
-    /// (id, tenant, labels) of the given series (ascending) that the head holds.
-    pub(super) fn head_labels(&self, ids: &[u64]) -> Vec<index::SeriesLabels> {
+    /// Every series id of the head, ascending: the tenants' lists copied under the read
+    /// lock (eight bytes a series; the one step of a flush that grows with the head).
+    fn head_ids(&self, report: &mut MaintenanceReport) -> Vec<u64> {
+        let began = std::time::Instant::now();
         let head = self.read();
-        ids.iter()
-            .filter_map(|id| {
+        let mut ids: Vec<u64> = Vec::with_capacity(head.series.len());
+        for index in head.tenants.values() {
+            ids.extend_from_slice(&index.all);
+        }
+        drop(head);
+        report.held(began, "series ids copied");
+        if !ids.is_sorted() {
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        ids
+    }
+
+    /// Moves the samples of `ids` older than `cutoff` out of the head into `flushing`,
+    /// [`FLUSH_BATCH`] series at a time under the head's and the set's write locks (a reader
+    /// copies both under their read locks, so it sees each sample in one place), and
+    /// recomputes the head's oldest sample time.
+    fn move_out(&self, ids: &[u64], cutoff: TimestampMs, report: &mut MaintenanceReport) {
+        let mut min_t: Option<TimestampMs> = None;
+        for (i, batch) in ids.chunks(FLUSH_BATCH).enumerate() {
+            if i > 0 {
+                // Writers waiting for the lock get it before the next batch.
+                std::thread::yield_now();
+            }
+            let began = std::time::Instant::now();
+            let mut head = self.write();
+            let mut set = self.blocks_write();
+            if i == 0 {
+                head.applied_min_t = None;
+            }
+            for id in batch {
+                let Some(series) = head.series.get_mut(id) else {
+                    continue;
+                };
+                let chunks = series.samples.split_before(cutoff);
+                if let Some(last) = chunks.last() {
+                    series.flushed_until = last.max_t;
+                    report.flushed_samples +=
+                        chunks.iter().map(|c| u64::from(c.count)).sum::<u64>();
+                    set.flushing.entry(*id).or_default().extend(chunks);
+                }
+                if let Some(first) = series.samples.first() {
+                    min_t = Some(min_t.map_or(first, |m| m.min(first)));
+                }
+            }
+            drop((head, set));
+            report.held(began, "samples moved out");
+        }
+        // What the batches left, and what writers applied meanwhile (to series of batches
+        // already done too).
+        let mut head = self.write();
+        head.min_t = match (min_t, head.applied_min_t) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Forgets the series of `ids` left with no sample in the head, in batches: each with
+    /// the log held (a writer resolves its series and applies its samples under it, so none
+    /// is forgotten in between), then their postings pruned a few lists at a time.
+    fn forget_empty(&self, ids: &[u64], report: &mut MaintenanceReport) {
+        let mut forgotten = head::Forgotten::default();
+        for (i, batch) in ids.chunks(FLUSH_BATCH).enumerate() {
+            if i > 0 {
+                std::thread::yield_now();
+            }
+            let began = std::time::Instant::now();
+            let _wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            let mut head = self.write();
+            let before = forgotten.ids.len();
+            if before == 0 {
+                // Reads and returning series look at the blocks' indexes from the first
+                // series forgotten on.
+                for block in &self.blocks_read().blocks {
+                    block.all_in_head.store(false, Ordering::Relaxed);
+                }
+            }
+            head.forget_empty(batch, &mut forgotten);
+            drop(head);
+            report.held(began, "series forgotten");
+        }
+        report.series_dropped += forgotten.ids.len();
+        loop {
+            std::thread::yield_now();
+            let began = std::time::Instant::now();
+            let more = self.write().prune_postings(&mut forgotten, PRUNE_BUDGET);
+            report.held(began, "postings pruned");
+            if !more {
+                break;
+            }
+        }
+    }
+
+    /// What a checkpoint keeps, copied from the head [`FLUSH_BATCH`] series at a time.
+    fn checkpoint_snapshot(&self, report: &mut MaintenanceReport) -> CheckpointSnapshot {
+        let ids = self.head_ids(report);
+        let began = std::time::Instant::now();
+        let mut snapshot = CheckpointSnapshot::of_all_but_series(&self.read());
+        report.held(began, "checkpoint metadata copied");
+        for batch in ids.chunks(FLUSH_BATCH) {
+            let began = std::time::Instant::now();
+            snapshot.add_series(&self.read(), batch);
+            report.held(began, "checkpoint series copied");
+        }
+        snapshot
+    }
+
+    /// (id, tenant, labels) of the given series (ascending) that the head holds, copied
+    /// [`FLUSH_BATCH`] at a time under the head's read lock.
+    pub(super) fn head_labels(
+        &self,
+        ids: &[u64],
+        report: &mut MaintenanceReport,
+    ) -> Vec<index::SeriesLabels> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(FLUSH_BATCH) {
+            let began = std::time::Instant::now();
+            let head = self.read();
+            out.extend(batch.iter().filter_map(|id| {
                 let s = head.series.get(id)?;
                 Some((*id, s.tenant.clone(), s.labels.clone()))
-            })
-            .collect()
+            }));
+            drop(head);
+            report.held(began, "labels copied");
+        }
+        out
     }
 
     /// Merges runs of consecutive blocks that lie in one closed aligned window.
@@ -199,7 +308,7 @@ impl EmbeddedStorage {
                 let merged = {
                     let dir = self.dir.join("blocks").join(format!("{number:010}"));
                     let group: Vec<&Block> = group.iter().map(|b| &**b).collect();
-                    let mut labels = |ids: &[u64]| Ok(self.head_labels(ids));
+                    let mut labels = |ids: &[u64]| Ok(self.head_labels(ids, report));
                     tokio::task::block_in_place(|| block::compact(&dir, &group, &mut labels))
                 };
                 drop(group);
@@ -297,6 +406,9 @@ impl EmbeddedStorage {
             head_series_removed: self.series_removed.load(Ordering::Relaxed),
             lifecycle_runs: self.maintenance_runs.load(Ordering::Relaxed),
             lifecycle_failures: self.maintenance_failures.load(Ordering::Relaxed),
+            maintenance_writer_hold_max: Duration::from_micros(
+                self.writer_hold_max_us.load(Ordering::Relaxed),
+            ),
             ..StorageStats::default()
         }
     }
@@ -370,7 +482,8 @@ pub(super) struct CheckpointSnapshot {
 }
 
 impl CheckpointSnapshot {
-    pub fn of(head: &Head) -> CheckpointSnapshot {
+    /// Metadata and exemplars (both bounded by limits), and no series yet.
+    pub fn of_all_but_series(head: &Head) -> CheckpointSnapshot {
         let mut metadata = Vec::new();
         for (tenant, index) in &head.tenants {
             for entries in index.metadata.values() {
@@ -382,25 +495,26 @@ impl CheckpointSnapshot {
                 }
             }
         }
-        let mut series: Vec<(u64, Arc<str>, PackedLabels)> = head
-            .series
-            .iter()
-            .map(|(&id, s)| (id, s.tenant.clone(), s.labels.clone()))
-            .collect();
-        series.sort_unstable_by_key(|s| s.0);
-        let mut marks: Vec<(u64, TimestampMs)> = head
-            .series
-            .iter()
-            .filter(|(_, s)| s.flushed_until > i64::MIN)
-            .map(|(&id, s)| (id, s.flushed_until))
-            .collect();
-        marks.sort_unstable();
         CheckpointSnapshot {
             metadata,
-            series,
-            marks,
+            series: Vec::new(),
+            marks: Vec::new(),
             // In the ring's order, so that replay keeps the same exemplars as the oldest.
             exemplars: head.exemplar_entries(),
+        }
+    }
+
+    /// Adds the series of `ids` (ascending, after those added before) the head holds, with
+    /// their flushed times.
+    pub fn add_series(&mut self, head: &Head, ids: &[u64]) {
+        for id in ids {
+            let Some(s) = head.series.get(id) else {
+                continue;
+            };
+            self.series.push((*id, s.tenant.clone(), s.labels.clone()));
+            if s.flushed_until > i64::MIN {
+                self.marks.push((*id, s.flushed_until));
+            }
         }
     }
 

@@ -118,6 +118,14 @@ const COMPACTION_SPANS_MS: [i64; 2] = [2 * 3_600_000, 24 * 3_600_000];
 /// few times before then.
 const SMALL_BLOCK_SAMPLES_PER_SERIES: u64 = 120;
 
+/// Series a flush handles under one hold of the head's lock: writers wait for one batch at
+/// most, never for a pass over the whole head.
+const FLUSH_BATCH: usize = 4096;
+
+/// Postings entries a flush prunes of forgotten series under one hold of the head's lock
+/// (or one list, when longer).
+const PRUNE_BUDGET: usize = 65_536;
+
 /// The blocks on disk and the samples on their way there.
 #[derive(Default)]
 struct BlockSet {
@@ -143,6 +151,29 @@ pub struct MaintenanceReport {
     pub wal_segments_deleted: usize,
     /// Series the head forgot (no sample left in it; their labels are in blocks' indexes).
     pub series_dropped: usize,
+    /// The longest time writers waited on this run (the head's lock or the log held), and
+    /// the step that held them.
+    pub longest_writer_hold: Duration,
+    pub longest_writer_hold_step: &'static str,
+}
+
+impl MaintenanceReport {
+    /// Whether the run changed anything.
+    pub fn did_work(&self) -> bool {
+        MaintenanceReport {
+            longest_writer_hold: Duration::ZERO,
+            longest_writer_hold_step: "",
+            ..self.clone()
+        } != MaintenanceReport::default()
+    }
+
+    fn held(&mut self, since: std::time::Instant, step: &'static str) {
+        let held = since.elapsed();
+        if held > self.longest_writer_hold {
+            self.longest_writer_hold = held;
+            self.longest_writer_hold_step = step;
+        }
+    }
 }
 
 pub struct EmbeddedStorage {
@@ -161,6 +192,8 @@ pub struct EmbeddedStorage {
     /// Since start: maintenance runs completed and failed, series the head forgot.
     maintenance_runs: AtomicU64,
     maintenance_failures: AtomicU64,
+    /// Since start: the longest [`MaintenanceReport::longest_writer_hold`], in µs.
+    writer_hold_max_us: AtomicU64,
     series_removed: AtomicU64,
     /// Held while the storage is open: no second server on the directory.
     _lock: lock::DirLock,
@@ -505,7 +538,7 @@ impl Storage for EmbeddedStorage {
         let now = chrono::Utc::now().timestamp_millis();
         let began = std::time::Instant::now();
         let report = tokio::task::block_in_place(|| self.maintain(now))?;
-        if report != MaintenanceReport::default() {
+        if report.did_work() {
             let seconds = began.elapsed().as_secs_f64();
             tracing::info!(?report, seconds, "embedded storage maintenance");
         }
@@ -714,6 +747,112 @@ mod tests {
             w.sort();
             w
         });
+    }
+
+    /// Writers appending while flushes move samples out, forget series and copy the head
+    /// in batches lose nothing and duplicate nothing, before and after a reopen: series
+    /// whose batch is done or still to come, series forgotten and coming back, new series.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_during_batched_flushes_lose_nothing() {
+        use std::sync::atomic::AtomicI64;
+        const SERIES: i64 = 3 * FLUSH_BATCH as i64 + 100;
+        const ROUNDS: i64 = 12;
+        const STEP: i64 = 60_000;
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let t0 = 40 * DAY;
+        let one = |k: i64, r: i64| SeriesWrite {
+            labels: Labels::from_trusted(vec![
+                Label::new("__name__", "m"),
+                Label::new("k", k.to_string()),
+            ]),
+            samples: vec![Sample {
+                t: t0 + r * STEP,
+                v: (k * 1000 + r) as f64,
+            }],
+        };
+        // Round r writes series k unless (k + r) % 4 == 0: a flush then often finds it empty
+        // and forgets it, and it comes back the round after. Round r adds series SERIES + r.
+        let written = |k: i64, r: i64| k < SERIES + r && (k + r) % 4 != 0;
+        let s = Arc::new(
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
+        );
+        // The latest round written whole: flushes move out every round before it.
+        let last_round = Arc::new(AtomicI64::new(i64::MIN));
+        let (done, maintained) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let maintainer = {
+            let (s, last_round) = (s.clone(), last_round.clone());
+            let (done, maintained) = (done.clone(), maintained.clone());
+            tokio::spawn(async move {
+                let (mut runs, mut forgotten) = (0, 0);
+                while !done.load(Ordering::SeqCst) {
+                    let cutoff = last_round.load(Ordering::SeqCst);
+                    if cutoff > i64::MIN {
+                        let report = s.maintain_with_cutoff(t0 + DAY, cutoff).unwrap();
+                        runs += usize::from(report.blocks_written > 0);
+                        forgotten += report.series_dropped;
+                    }
+                    maintained.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+                (runs, forgotten)
+            })
+        };
+        for r in 0..ROUNDS {
+            let batch: Vec<SeriesWrite> = (0..SERIES + r)
+                .filter(|&k| written(k, r))
+                .map(|k| one(k, r))
+                .collect();
+            for part in batch.chunks(500) {
+                let outcome = s.append(&tenant, part).await.unwrap();
+                assert!(
+                    outcome.rejected.is_empty(),
+                    "round {r}: {:?}",
+                    outcome.rejected
+                );
+            }
+            let seen = maintained.load(Ordering::SeqCst);
+            last_round.store(t0 + r * STEP, Ordering::SeqCst);
+            if r % 2 == 0 {
+                // A whole flush before the next round: the series this round skipped are
+                // forgotten (after odd rounds the next one is written during the flush).
+                while maintained.load(Ordering::SeqCst) < seen + 2 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        done.store(true, Ordering::SeqCst);
+        let (runs, forgotten) = maintainer.await.unwrap();
+        assert!(runs >= 2, "{runs} flushes wrote a block");
+        assert!(forgotten > 0, "no series was forgotten");
+        let want: BTreeMap<String, Vec<Sample>> = (0..SERIES + ROUNDS)
+            .filter_map(|k| {
+                let samples: Vec<Sample> = (0..ROUNDS)
+                    .filter(|&r| written(k, r))
+                    .map(|r| one(k, r).samples[0])
+                    .collect();
+                (!samples.is_empty()).then(|| (one(k, 0).labels.to_string(), samples))
+            })
+            .collect();
+        let read = |s: Arc<EmbeddedStorage>| async move {
+            job_series(&s, &[Matcher::equal("__name__", "m")])
+                .await
+                .into_iter()
+                .map(|series| (series.labels.to_string(), series.samples))
+                .collect::<BTreeMap<String, Vec<Sample>>>()
+        };
+        let got = read(s.clone()).await;
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "samples differ after the flushes");
+        drop(s);
+        let s = Arc::new(
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
+        );
+        let got = read(s).await;
+        assert!(got == want, "samples differ after a reopen");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,6 +82,7 @@ impl EmbeddedStorage {
             damaged_bytes: AtomicU64::new(damaged),
             maintenance_runs: AtomicU64::new(0),
             maintenance_failures: AtomicU64::new(0),
+            writer_hold_max_us: AtomicU64::new(0),
             series_removed: AtomicU64::new(0),
             _lock: lock,
         })
@@ -160,6 +161,7 @@ pub(super) fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, Time
                         series.samples.insert(Sample { t, v });
                         head.max_t = Some(head.max_t.map_or(t, |m| m.max(t)));
                         head.min_t = Some(head.min_t.map_or(t, |m| m.min(t)));
+                        head.applied_min_t = Some(head.applied_min_t.map_or(t, |m| m.min(t)));
                     }
                 }
             }

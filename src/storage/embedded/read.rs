@@ -7,8 +7,9 @@
 //! being flushed. It lets go before reading any block, so a long read never holds up writers,
 //! who need the head's write lock for every append. Both copies come from one moment: a flush
 //! moves samples from the head into `flushing` under both locks, so each sample is in exactly
-//! one of the copies (a sample rolled up twice would be counted twice). Labels are fetched
-//! afterwards for the series in the answer only (series never leave the head).
+//! one of the copies (a sample rolled up twice would be counted twice; a flush moves them a
+//! batch of series at a time, each under both locks). Labels are fetched afterwards for the
+//! series in the answer only (from the blocks' indexes for a series the head forgot since).
 
 use super::*;
 
@@ -263,10 +264,12 @@ impl EmbeddedStorage {
                     ),
                     _ => (false, set.flushing.is_empty()),
                 };
+                // (A postings list may still name series being forgotten: the head holds
+                // neither them nor their samples.)
                 let first_used = |key: &u64| -> Option<u64> {
                     let ids = index.postings.get(key)?;
                     if every {
-                        ids.first().copied()
+                        ids.iter().copied().find(|id| head.series.contains_key(id))
                     } else {
                         ids.iter().copied().find(|id| overlaps(id))
                     }
