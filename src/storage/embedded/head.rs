@@ -3,7 +3,7 @@
 //! the write-ahead log on start.
 
 use super::chunk::{Appender, Chunk};
-use super::index::{postings_for_matchers, PostingsSource};
+use super::index::{gallop, postings_for_matchers, PostingsSource};
 use crate::model::{
     matches_all, Exemplar, Labels, Matcher, MetricMetadata, PackedLabels, Sample, SeriesExemplars,
     TimestampMs,
@@ -670,12 +670,12 @@ fn posting_key(name: &str, value: &str) -> u64 {
 
 /// Adds an id to an ascending list: at the end for a new series (ids grow), in its place for
 /// one the head forgot and that came back with its id.
-/// Takes the ids of `gone` (ascending) out of `ids` (ascending), but those `back` keeps;
-/// a binary search in what is left of `gone` for each id, so a short list costs little
-/// however many series went.
+/// Takes the ids of `gone` (ascending) out of `ids` (ascending), but those `back` keeps.
+/// Each id is searched for from where the last one was found ([`gallop`]), so a short list
+/// costs a few searches however many series went, and a long one about a step an id.
 fn remove_ids(ids: &mut Vec<u64>, mut gone: &[u64], back: impl Fn(u64) -> bool) {
     ids.retain(|&id| {
-        gone = &gone[gone.partition_point(|&g| g < id)..];
+        gone = &gone[gallop(gone, id)..];
         gone.first() != Some(&id) || back(id)
     });
 }
@@ -934,5 +934,15 @@ mod tests {
         let mut short = vec![7u64, 150];
         remove_ids(&mut short, &gone, |_| false);
         assert_eq!(short, [7]);
+        // Against a set, over lists and gaps of many lengths.
+        for (len, every, step) in [(1, 1, 1), (50, 7, 3), (1_000, 2, 1), (3, 1_000, 17)] {
+            let list: Vec<u64> = (0..len).map(|i| i * step).collect();
+            let gone: Vec<u64> = (0..len * step + 5).filter(|i| i % every == 0).collect();
+            let set: HashSet<u64> = gone.iter().copied().collect();
+            let mut got = list.clone();
+            remove_ids(&mut got, &gone, |_| false);
+            let want: Vec<u64> = list.into_iter().filter(|i| !set.contains(i)).collect();
+            assert_eq!(got, want, "{len} {every} {step}");
+        }
     }
 }

@@ -615,37 +615,35 @@ pub(super) fn postings_for_matchers(
     }
 }
 
-/// Ids in both (ascending) lists: a merge, or binary searches from the shorter list when the
-/// other is much longer.
+/// Ids in both (ascending) lists: each id of the shorter searched for in the longer from where
+/// the last one was found, galloping ([`gallop`]): about a step an id for lists of one size,
+/// a few for a short list beside a long one.
 pub(super) fn intersect(a: &[u64], b: &[u64]) -> Vec<u64> {
-    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
-    if short.len().saturating_mul(16) < long.len() {
-        let mut rest = long;
-        let mut out = Vec::new();
-        for &id in short {
-            match rest.binary_search(&id) {
-                Ok(i) => {
-                    out.push(id);
-                    rest = &rest[i + 1..];
-                }
-                Err(i) => rest = &rest[i..],
+    let (short, mut long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    let mut out = Vec::new();
+    for &id in short {
+        long = &long[gallop(long, id)..];
+        match long.split_first() {
+            Some((&first, rest)) if first == id => {
+                out.push(id);
+                long = rest;
             }
-        }
-        return out;
-    }
-    let (mut i, mut j, mut out) = (0, 0, Vec::new());
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                out.push(a[i]);
-                i += 1;
-                j += 1;
-            }
+            Some(_) => {}
+            None => break,
         }
     }
     out
+}
+
+/// The position of the first id at or above `id` in `ids` (ascending), searched for over
+/// twice the distance covered so far (exponential search): cheap when it is near the start.
+pub(super) fn gallop(ids: &[u64], id: u64) -> usize {
+    let mut bound = 1;
+    while bound < ids.len() && ids[bound - 1] < id {
+        bound *= 2;
+    }
+    let bound = bound.min(ids.len());
+    ids[..bound].partition_point(|&x| x < id)
 }
 
 /// Ids of `a` not in `b` (both ascending).
@@ -672,7 +670,7 @@ mod tests {
     }
 
     #[test]
-    fn intersections_by_merge_and_by_search_agree() {
+    fn intersections_of_lists_of_any_lengths_are_exact() {
         let evens: Vec<u64> = (0..2_000).map(|i| i * 2).collect();
         for short in [
             vec![],
@@ -681,6 +679,8 @@ mod tests {
             vec![2, 3, 4, 3_998, 3_999, 5_000],
             (0..50).map(|i| i * 37).collect::<Vec<u64>>(),
             (0..500).map(|i| i * 7).collect(),
+            (0..3_000).collect(),
+            (0..9_000).map(|i| i * 3).collect(),
         ] {
             let want: Vec<u64> = short
                 .iter()

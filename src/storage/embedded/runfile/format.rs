@@ -130,14 +130,12 @@ impl Version {
     }
 
     /// Decodes `count` entries from `b`, the start of a page, with the byte position of each
-    /// page in `b`; or fewer, ending with the first entry of series `until` or above.
+    /// page in `b`.
     pub(super) fn decode_entries(
         self,
         b: &[u8],
         count: usize,
-        until: Option<u64>,
     ) -> io::Result<(Vec<Entry>, Vec<u64>)> {
-        let until = |series: u64| until.is_some_and(|until| series >= until);
         let bad = || damaged("index entry cut short".into());
         // `count` comes from the footer: never reserve more than the bytes can hold.
         let mut out: Vec<Entry> = Vec::with_capacity(count.min(b.len() / MIN_ENTRY));
@@ -156,9 +154,6 @@ impl Version {
                         min_t: le_u64(&e[20..28]) as i64,
                         max_t: le_u64(&e[28..36]) as i64,
                     });
-                    if until(series) {
-                        return Ok((out, pages));
-                    }
                 }
             }
             Version::V2 | Version::V3 => {
@@ -192,9 +187,6 @@ impl Version {
                         min_t,
                         max_t,
                     });
-                    if until(series) {
-                        return Ok((out, pages));
-                    }
                 }
             }
         }
