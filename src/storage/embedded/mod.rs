@@ -302,7 +302,7 @@ impl Storage for EmbeddedStorage {
             .into_iter()
             .filter_map(|id| head.exemplars_in(id, query.start, query.end))
             .collect();
-        out.sort_by(|a, b| a.labels.cmp(&b.labels));
+        out.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
         Ok(out)
     }
 
@@ -368,7 +368,7 @@ impl Storage for EmbeddedStorage {
             }
             out.push(SeriesSamples { labels, samples });
         }
-        out.sort_by(|a, b| a.labels.cmp(&b.labels));
+        out.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
         Ok(out)
     }
 
@@ -457,7 +457,7 @@ impl Storage for EmbeddedStorage {
                 })
             })
             .collect();
-        out.sort_by(|a, b| a.labels.cmp(&b.labels));
+        out.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
         Ok(out)
     }
 
