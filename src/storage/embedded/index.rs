@@ -92,15 +92,6 @@ fn count(r: &mut Reader) -> io::Result<usize> {
     Ok(n)
 }
 
-fn put_ids(out: &mut Vec<u8>, ids: &[u64]) {
-    put_varint(out, ids.len() as u64);
-    let mut last = 0;
-    for &id in ids {
-        put_varint(out, id - last);
-        last = id;
-    }
-}
-
 fn take_ids(bytes: &[u8]) -> io::Result<Vec<u64>> {
     let mut r = Reader(bytes);
     let n = count(&mut r)?;
@@ -132,7 +123,7 @@ fn take_strs(bytes: &[u8]) -> io::Result<Vec<String>> {
 
 /// One tenant's part while writing: name → value → ids (ascending, as series come in id
 /// order).
-type TenantPostings<'a> = BTreeMap<&'a str, BTreeMap<&'a str, Vec<u64>>>;
+type TenantPostings<'a> = BTreeMap<&'a str, BTreeMap<&'a str, Posting>>;
 
 /// (id, tenant, labels) of a series, as flushes and compactions hand them to [`write`]:
 /// packed, so a block of many series costs a flush no more memory than the head's own sets.
@@ -147,9 +138,25 @@ pub(super) fn label_order(a: &SeriesLabels, b: &SeriesLabels) -> std::cmp::Order
 /// Writes the index of a block's series, their runs in the order given (the block's other
 /// files' order, [`label_order`] or ids), so the labels of one metric's series share frames.
 /// Each run: the tenant, the label count, then the packed set as it is.
+///
+/// The tables follow, each written as it is encoded, in (tenant, name, value) order (a regex
+/// reads the postings of one label's values from neighbouring frames); were two of their
+/// 64-bit keys to collide, all the tables are gathered by key first, the colliding ones
+/// sharing a run. Postings are built already encoded (varint deltas), a byte or two an id.
 pub(super) fn write(path: &Path, series: &[SeriesLabels]) -> io::Result<BlockIndex> {
+    write_tables_gathered(path, series, false)
+}
+
+/// [`write`], the tables gathered by key before they are written when `gather` is set (or
+/// keys collide).
+fn write_tables_gathered(
+    path: &Path,
+    series: &[SeriesLabels],
+    gather: bool,
+) -> io::Result<BlockIndex> {
     let mut writer = RunWriter::create(path)?;
-    let mut tenants: BTreeMap<&str, (TenantPostings, Vec<u64>)> = BTreeMap::new();
+    writer.reserve(series.len());
+    let mut tenants: BTreeMap<&str, (TenantPostings, Posting)> = BTreeMap::new();
     let mut fingerprints = Vec::with_capacity(series.len());
     let mut run = Vec::new();
     for (id, tenant, labels) in series {
@@ -180,36 +187,61 @@ pub(super) fn write(path: &Path, series: &[SeriesLabels]) -> io::Result<BlockInd
         fingerprints.push((fingerprint(tenant, labels.fingerprint()), id));
     }
     fingerprints.sort_unstable();
-    let mut tables: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut table = |kind: Kind, tenant: &str, name: &str, value: &str, bytes: &[u8]| {
-        let out = tables
-            .entry(table_key(kind, tenant, name, value))
-            .or_default();
+    // Every table, in writing order: (kind, tenant, name, value).
+    let tables = || {
+        tenants.iter().flat_map(|(tenant, (postings, _))| {
+            [(Kind::Names, *tenant, "", ""), (Kind::All, *tenant, "", "")]
+                .into_iter()
+                .chain(postings.iter().flat_map(move |(name, values)| {
+                    std::iter::once((Kind::Values, *tenant, *name, "")).chain(
+                        values
+                            .keys()
+                            .map(move |value| (Kind::Postings, *tenant, *name, *value)),
+                    )
+                }))
+        })
+    };
+    let mut keys: Vec<u64> = tables()
+        .map(|(kind, t, n, v)| table_key(kind, t, n, v))
+        .chain([table_key(Kind::Fingerprints, "", "", "")])
+        .collect();
+    keys.sort_unstable();
+    let collide = gather || keys.windows(2).any(|w| w[0] == w[1]);
+    writer.reserve(keys.len());
+    drop(keys);
+    let mut gathered: Option<BTreeMap<u64, Vec<u8>>> = collide.then(BTreeMap::new);
+    let (mut bytes, mut entry) = (Vec::new(), Vec::new());
+    let mut emit = |kind: Kind, tenant: &str, name: &str, value: &str, bytes: &[u8]| {
+        let key = table_key(kind, tenant, name, value);
+        let out = match &mut gathered {
+            Some(gathered) => gathered.entry(key).or_default(),
+            None => {
+                entry.clear();
+                &mut entry
+            }
+        };
         out.push(kind as u8);
         put_str(out, tenant);
         put_str(out, name);
         put_str(out, value);
         put_varint(out, bytes.len() as u64);
         out.extend_from_slice(bytes);
-    };
-    let mut bytes = Vec::new();
-    for (tenant, (postings, all)) in &tenants {
-        bytes.clear();
-        put_strs(&mut bytes, postings.keys().copied());
-        table(Kind::Names, tenant, "", "", &bytes);
-        bytes.clear();
-        put_ids(&mut bytes, all);
-        table(Kind::All, tenant, "", "", &bytes);
-        for (name, values) in postings {
-            bytes.clear();
-            put_strs(&mut bytes, values.keys().copied());
-            table(Kind::Values, tenant, name, "", &bytes);
-            for (value, ids) in values {
-                bytes.clear();
-                put_ids(&mut bytes, ids);
-                table(Kind::Postings, tenant, name, value, &bytes);
-            }
+        match gathered {
+            Some(_) => Ok(()),
+            None => writer.add(key, 0, 0, &entry),
         }
+    };
+    for (kind, tenant, name, value) in tables() {
+        let (postings, all) = &tenants[tenant];
+        bytes.clear();
+        match kind {
+            Kind::Names => put_strs(&mut bytes, postings.keys().copied()),
+            Kind::All => all.encode(&mut bytes),
+            Kind::Values => put_strs(&mut bytes, postings[name].keys().copied()),
+            Kind::Postings => postings[name][value].encode(&mut bytes),
+            Kind::Fingerprints => unreachable!("not a tenant's table"),
+        }
+        emit(kind, tenant, name, value, &bytes)?;
     }
     bytes.clear();
     put_varint(&mut bytes, fingerprints.len() as u64);
@@ -217,14 +249,37 @@ pub(super) fn write(path: &Path, series: &[SeriesLabels]) -> io::Result<BlockInd
         bytes.extend_from_slice(&fp.to_le_bytes());
         put_varint(&mut bytes, id);
     }
-    table(Kind::Fingerprints, "", "", "", &bytes);
-    for (key, payload) in &tables {
+    emit(Kind::Fingerprints, "", "", "", &bytes)?;
+    for (key, payload) in gathered.iter().flatten() {
         writer.add(*key, 0, 0, payload)?;
     }
     Ok(BlockIndex {
         file: Arc::new(writer.finish()?),
         fingerprints,
     })
+}
+
+/// A postings list being written: ids pushed in ascending order, kept as the table holds
+/// them (varint deltas after a count).
+#[derive(Default)]
+struct Posting {
+    count: u64,
+    last: u64,
+    deltas: Vec<u8>,
+}
+
+impl Posting {
+    fn push(&mut self, id: u64) {
+        put_varint(&mut self.deltas, id - self.last);
+        self.last = id;
+        self.count += 1;
+    }
+
+    /// The table's bytes, as [`take_ids`] reads them.
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.count);
+        out.extend_from_slice(&self.deltas);
+    }
 }
 
 /// (id, tenant, labels) of series read from an index, and the damaged runs skipped.
@@ -713,71 +768,75 @@ mod tests {
             .iter()
             .map(|(id, t, l)| (*id, Arc::from(t.as_str()), PackedLabels::from(l)))
             .collect();
-        let path = dir.path().join(FILE_NAME);
-        write(&path, &rows).unwrap();
-        let (index, damaged) = BlockIndex::open(&path).unwrap();
-        assert_eq!(damaged, 0);
-        let re = |name: &str, pattern: &str, negate| Matcher::regex(name, pattern, negate).unwrap();
-        let not_equal = |name: &str, value: &str| Matcher {
-            name: name.into(),
-            op: MatchOp::NotEqual(value.into()),
-        };
-        let cases: Vec<Vec<Matcher>> = vec![
-            vec![Matcher::equal("__name__", "a")],
-            vec![
-                Matcher::equal("__name__", "a"),
-                Matcher::equal("job", "job3"),
-            ],
-            vec![re("job", "job[12]", false)],
-            vec![re("job", "job[12]", true)],
-            vec![Matcher::equal("pid", "")],
-            vec![not_equal("pid", "")],
-            vec![re("pid", "1.*|", false)],
-            vec![re("pid", ".*", false), Matcher::equal("__name__", "b")],
-            vec![not_equal("job", "job0"), re("pid", "2.*", true)],
-            vec![Matcher::equal("job", "nope")],
-            vec![],
-        ];
-        for matchers in &cases {
-            for tenant in ["t", "other", "none"] {
-                let want: Vec<u64> = series
-                    .iter()
-                    .filter(|(_, t, l)| t == tenant && matches_all(matchers, l))
-                    .map(|(id, _, _)| *id)
-                    .collect();
+        for gather in [false, true] {
+            // Tables written as they are encoded, and gathered by key first (as when keys collide).
+            let path = dir.path().join(format!("{FILE_NAME}-{gather}"));
+            write_tables_gathered(&path, &rows, gather).unwrap();
+            let (index, damaged) = BlockIndex::open(&path).unwrap();
+            assert_eq!(damaged, 0);
+            let re =
+                |name: &str, pattern: &str, negate| Matcher::regex(name, pattern, negate).unwrap();
+            let not_equal = |name: &str, value: &str| Matcher {
+                name: name.into(),
+                op: MatchOp::NotEqual(value.into()),
+            };
+            let cases: Vec<Vec<Matcher>> = vec![
+                vec![Matcher::equal("__name__", "a")],
+                vec![
+                    Matcher::equal("__name__", "a"),
+                    Matcher::equal("job", "job3"),
+                ],
+                vec![re("job", "job[12]", false)],
+                vec![re("job", "job[12]", true)],
+                vec![Matcher::equal("pid", "")],
+                vec![not_equal("pid", "")],
+                vec![re("pid", "1.*|", false)],
+                vec![re("pid", ".*", false), Matcher::equal("__name__", "b")],
+                vec![not_equal("job", "job0"), re("pid", "2.*", true)],
+                vec![Matcher::equal("job", "nope")],
+                vec![],
+            ];
+            for matchers in &cases {
+                for tenant in ["t", "other", "none"] {
+                    let want: Vec<u64> = series
+                        .iter()
+                        .filter(|(_, t, l)| t == tenant && matches_all(matchers, l))
+                        .map(|(id, _, _)| *id)
+                        .collect();
+                    assert_eq!(
+                        index
+                            .matching(tenant, matchers, &AtomicBool::new(false))
+                            .unwrap(),
+                        want,
+                        "{tenant} {matchers:?}"
+                    );
+                }
+            }
+            let jobs: Vec<String> = (0..7).map(|i| format!("job{i}")).collect();
+            assert_eq!(index.values("t", "job").unwrap(), jobs);
+            assert_eq!(index.names("t").unwrap(), ["__name__", "job", "pid", "seq"]);
+            assert!(index.names("none").unwrap().is_empty());
+            for (id, tenant, l) in &series {
+                assert_eq!(index.find(tenant, l.fingerprint(), l).unwrap(), Some(*id));
+                // The same labels in the other tenant are another series.
+                let other = if tenant == "t" { "other" } else { "t" };
+                let want = series.iter().find(|(_, t, x)| t == other && x == l);
                 assert_eq!(
-                    index
-                        .matching(tenant, matchers, &AtomicBool::new(false))
-                        .unwrap(),
-                    want,
-                    "{tenant} {matchers:?}"
+                    index.find(other, l.fingerprint(), l).unwrap(),
+                    want.map(|s| s.0)
                 );
             }
+            let got = index.labels(&[1, 3, 4, 599]).unwrap().0;
+            assert_eq!(got.len(), 3);
+            assert_eq!(got[1].2, series[1].2);
+            let (packed, skipped) = index.packed_labels(&[1, 3, 4, 599]).unwrap();
+            assert_eq!(skipped, 0);
+            let unpacked: Vec<(u64, String, Labels)> = packed
+                .iter()
+                .map(|(id, t, l)| (*id, t.to_string(), l.to_labels()))
+                .collect();
+            assert_eq!(unpacked, got);
+            assert_eq!(index.ids().count(), series.len());
         }
-        let jobs: Vec<String> = (0..7).map(|i| format!("job{i}")).collect();
-        assert_eq!(index.values("t", "job").unwrap(), jobs);
-        assert_eq!(index.names("t").unwrap(), ["__name__", "job", "pid", "seq"]);
-        assert!(index.names("none").unwrap().is_empty());
-        for (id, tenant, l) in &series {
-            assert_eq!(index.find(tenant, l.fingerprint(), l).unwrap(), Some(*id));
-            // The same labels in the other tenant are another series.
-            let other = if tenant == "t" { "other" } else { "t" };
-            let want = series.iter().find(|(_, t, x)| t == other && x == l);
-            assert_eq!(
-                index.find(other, l.fingerprint(), l).unwrap(),
-                want.map(|s| s.0)
-            );
-        }
-        let got = index.labels(&[1, 3, 4, 599]).unwrap().0;
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[1].2, series[1].2);
-        let (packed, skipped) = index.packed_labels(&[1, 3, 4, 599]).unwrap();
-        assert_eq!(skipped, 0);
-        let unpacked: Vec<(u64, String, Labels)> = packed
-            .iter()
-            .map(|(id, t, l)| (*id, t.to_string(), l.to_labels()))
-            .collect();
-        assert_eq!(unpacked, got);
-        assert_eq!(index.ids().count(), series.len());
     }
 }

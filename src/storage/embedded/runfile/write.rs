@@ -42,6 +42,12 @@ impl RunWriter {
         })
     }
 
+    /// Room for `more` runs' index entries (a writer that knows how many avoids the slack
+    /// of a growing list).
+    pub fn reserve(&mut self, more: usize) {
+        self.entries.reserve_exact(more);
+    }
+
     pub fn add(
         &mut self,
         series: u64,
