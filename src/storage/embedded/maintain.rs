@@ -62,7 +62,10 @@ impl EmbeddedStorage {
         cutoff: TimestampMs,
         report: &mut MaintenanceReport,
     ) -> StorageResult<()> {
-        if self.read().min_t.is_none_or(|oldest| oldest >= cutoff) {
+        // Nothing older than the cutoff, and no block left to write by a flush that failed.
+        if self.read().min_t.is_none_or(|oldest| oldest >= cutoff)
+            && self.blocks_read().flushing.is_empty()
+        {
             return Ok(());
         }
         // A new log segment first: every sample of the segments before it is in the head
@@ -225,14 +228,15 @@ impl EmbeddedStorage {
             let _wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             let mut head = self.write();
             let before = forgotten.ids.len();
-            if before == 0 {
+            head.forget_empty(batch, &mut forgotten);
+            if before == 0 && !forgotten.ids.is_empty() {
                 // Reads and returning series look at the blocks' indexes from the first
-                // series forgotten on.
+                // series forgotten on (set before the head's lock is let go: a reader that
+                // misses the series in the head sees it).
                 for block in &self.blocks_read().blocks {
                     block.all_in_head.store(false, Ordering::Relaxed);
                 }
             }
-            head.forget_empty(batch, &mut forgotten);
             drop(head);
             report.held(began, "series forgotten");
         }

@@ -855,6 +855,28 @@ mod tests {
         assert!(got == want, "samples differ after a reopen");
     }
 
+    /// A flush that forgets no series leaves its blocks answered from the head alone: a read
+    /// does not consult their indexes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocks_stay_answered_by_the_head_while_no_series_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 40 * DAY;
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        s.append(
+            &TenantId::default(),
+            &[series("up", "a", now - 3 * HOUR, now, 15_000)],
+        )
+        .await
+        .unwrap();
+        let report = s.maintain(now).unwrap();
+        assert_eq!((report.blocks_written, report.series_dropped), (1, 0));
+        assert!(s.blocks_read().blocks.iter().all(|b| b.all_in_head()));
+        // Once a series is forgotten, reads consult the indexes.
+        let report = s.maintain_with_cutoff(now, i64::MAX).unwrap();
+        assert_eq!(report.series_dropped, 1);
+        assert!(s.blocks_read().blocks.iter().all(|b| !b.all_in_head()));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn flushed_blocks_answer_like_the_head_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
