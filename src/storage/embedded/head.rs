@@ -49,8 +49,8 @@ pub(super) struct Head {
     pub max_t: Option<TimestampMs>,
     /// No sample in the head is older (recomputed at each flush; `None`: none applied yet).
     pub min_t: Option<TimestampMs>,
-    /// The oldest sample applied since a flush began moving samples out: with the oldest of
-    /// what the flush leaves, the head's new `min_t`.
+    /// The oldest sample applied since a flush rotated the log (it resets this then): with
+    /// the oldest of what the flush leaves, the head's new `min_t`.
     pub applied_min_t: Option<TimestampMs>,
     /// Every exemplar kept, (series, time), oldest stored first: a ring of at most
     /// `exemplar_limit`, as Prometheus's circular exemplar storage
@@ -73,26 +73,31 @@ struct PruneLists {
     lists: HashMap<Arc<str>, HashMap<u64, Box<str>>>,
     /// The lists being pruned, taken from `lists`, last first: per tenant its list of every
     /// series (`None`) below its postings lists.
-    queue: Vec<(Arc<str>, PruneList)>,
+    queue: Vec<(Arc<str>, PruneList, u64)>,
 }
 
 /// A postings list (key, label name), or (`None`) a tenant's list of every series.
 type PruneList = Option<(u64, Box<str>)>;
 
 impl PruneLists {
-    /// The next list to prune.
-    fn next(&mut self) -> Option<(Arc<str>, PruneList)> {
+    /// The next list to prune, and the id to start at.
+    fn next(&mut self) -> Option<(Arc<str>, PruneList, u64)> {
         if self.queue.is_empty() {
             for (tenant, lists) in self.lists.drain() {
-                self.queue.push((tenant.clone(), None));
+                self.queue.push((tenant.clone(), None, 0));
                 self.queue.extend(
                     lists
                         .into_iter()
-                        .map(|(key, name)| (tenant.clone(), Some((key, name)))),
+                        .map(|(key, name)| (tenant.clone(), Some((key, name)), 0)),
                 );
             }
         }
         self.queue.pop()
+    }
+
+    /// A list to go on with next, from id `from`.
+    fn resume(&mut self, tenant: Arc<str>, list: PruneList, from: u64) {
+        self.queue.push((tenant, list, from));
     }
 }
 
@@ -473,33 +478,38 @@ impl Head {
     }
 
     /// The second step of forgetting: takes `forgotten`'s ids out of the postings lists (and
-    /// the tenants' lists of every series) they were in, a few lists at a time: about
-    /// `budget` ids looked at, or one list. Ids of series that came back in between stay.
-    /// Returns whether lists are left.
+    /// the tenants' lists of every series) they were in, about `budget` ids looked at a call
+    /// (a long list in several calls, resumed at the id it stopped at). Ids of series that
+    /// came back in between stay. Returns whether lists are left.
     pub fn prune_postings(&mut self, forgotten: &mut Forgotten, budget: usize) -> bool {
         let Forgotten { ids: gone, lists } = forgotten;
         let Head {
             series, tenants, ..
         } = self;
+        let back = |id: u64| series.contains_key(&id);
         let mut spent = 0;
         while spent < budget {
-            let Some((tenant, list)) = lists.next() else {
+            let Some((tenant, list, from)) = lists.next() else {
                 return false;
             };
             let Some(index) = tenants.get_mut(&*tenant) else {
                 continue;
             };
-            let Some((key, name)) = list else {
-                spent += index.all.len();
-                remove_ids(&mut index.all, gone, |id| series.contains_key(&id));
-                continue;
+            let ids = match &list {
+                None => &mut index.all,
+                Some((key, _)) => match index.postings.get_mut(key) {
+                    Some(ids) => ids,
+                    None => continue,
+                },
             };
-            let Some(ids) = index.postings.get_mut(&key) else {
+            let (looked, resume) = remove_ids_from(ids, gone, back, from, budget - spent);
+            spent += looked;
+            let emptied = ids.is_empty();
+            if let Some(resume) = resume {
+                lists.resume(tenant, list, resume);
                 continue;
-            };
-            spent += ids.len();
-            remove_ids(ids, gone, |id| series.contains_key(&id));
-            if ids.is_empty() {
+            }
+            if let (Some((key, name)), true) = (list, emptied) {
                 index.postings.remove(&key);
                 if let Some(keys) = index.names.get_mut(&name) {
                     keys.remove(&key);
@@ -668,18 +678,43 @@ fn posting_key(name: &str, value: &str) -> u64 {
     h.digest()
 }
 
-/// Adds an id to an ascending list: at the end for a new series (ids grow), in its place for
-/// one the head forgot and that came back with its id.
 /// Takes the ids of `gone` (ascending) out of `ids` (ascending), but those `back` keeps.
-/// Each id is searched for from where the last one was found ([`gallop`]), so a short list
-/// costs a few searches however many series went, and a long one about a step an id.
-fn remove_ids(ids: &mut Vec<u64>, mut gone: &[u64], back: impl Fn(u64) -> bool) {
-    ids.retain(|&id| {
-        gone = &gone[gallop(gone, id)..];
-        gone.first() != Some(&id) || back(id)
-    });
+#[cfg(test)]
+fn remove_ids(ids: &mut Vec<u64>, gone: &[u64], back: impl Fn(u64) -> bool) {
+    remove_ids_from(ids, gone, back, 0, usize::MAX);
 }
 
+/// [`remove_ids`] from id `from` on, looking at `at_most` ids (at least one): returns how
+/// many it looked at and, when the list goes on, the id to resume from. Each id is searched
+/// for in `gone` from where the last one was found ([`gallop`]), so a short list costs a few
+/// searches however many series went, and a long one about a step an id (and a move of
+/// the list's tail).
+fn remove_ids_from(
+    ids: &mut Vec<u64>,
+    gone: &[u64],
+    back: impl Fn(u64) -> bool,
+    from: u64,
+    at_most: usize,
+) -> (usize, Option<u64>) {
+    let start = gallop(ids, from);
+    let end = start.saturating_add(at_most.max(1)).min(ids.len());
+    let resume = ids.get(end).copied();
+    let mut gone = &gone[gallop(gone, from)..];
+    let mut kept = start;
+    for i in start..end {
+        let id = ids[i];
+        gone = &gone[gallop(gone, id)..];
+        if gone.first() != Some(&id) || back(id) {
+            ids[kept] = id;
+            kept += 1;
+        }
+    }
+    ids.drain(kept..end);
+    (end - start, resume)
+}
+
+/// Adds an id to an ascending list: at the end for a new series (ids grow), in its place for
+/// one the head forgot and that came back with its id.
 fn insert_id(ids: &mut Vec<u64>, id: u64) {
     match ids.last() {
         Some(&last) if last >= id => {
@@ -934,6 +969,19 @@ mod tests {
         let mut short = vec![7u64, 150];
         remove_ids(&mut short, &gone, |_| false);
         assert_eq!(short, [7]);
+        // In slices, resumed where each stopped, as in one go.
+        let list: Vec<u64> = (0..1_000).collect();
+        let gone: Vec<u64> = (0..1_000).filter(|i| i % 4 != 1).collect();
+        let mut sliced = list.clone();
+        let mut from = Some(0);
+        while let Some(at) = from {
+            let (looked, resume) = remove_ids_from(&mut sliced, &gone, |id| id == 500, at, 7);
+            assert!(looked <= 7);
+            from = resume;
+        }
+        let mut whole = list;
+        remove_ids(&mut whole, &gone, |id| id == 500);
+        assert_eq!(sliced, whole);
         // Against a set, over lists and gaps of many lengths.
         for (len, every, step) in [(1, 1, 1), (50, 7, 3), (1_000, 2, 1), (3, 1_000, 17)] {
             let list: Vec<u64> = (0..len).map(|i| i * step).collect();

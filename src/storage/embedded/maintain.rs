@@ -56,7 +56,8 @@ impl EmbeddedStorage {
     /// Flushes the head's samples older than `cutoff` into a block, checkpoints the log and
     /// forgets the series left with no sample. Writers wait for one step at a time, each
     /// bounded ([`FLUSH_BATCH`] series, or about [`PRUNE_BUDGET`] postings entries), never for
-    /// the whole flush: a step's hold is measured in `report`.
+    /// a pass over the whole head but the copy of its ids ([`EmbeddedStorage::head_ids`]): a
+    /// step's hold (from the moment it has its locks) is measured in `report`.
     pub(super) fn flush(
         &self,
         cutoff: TimestampMs,
@@ -72,10 +73,13 @@ impl EmbeddedStorage {
         // already (a writer applies its records with the log held), and each is moved out
         // below if older than the cutoff, so a segment all of whose samples are older holds
         // nothing the head still needs once the block is in.
+        // The head's oldest sample is recomputed from what the batches leave and what writers
+        // apply from here on (new series included, which the copy of ids below may miss).
         let segment = {
-            let began = std::time::Instant::now();
             let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            let began = std::time::Instant::now();
             let segment = tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?;
+            self.write().applied_min_t = None;
             drop(wal);
             report.held(began, "log rotation");
             segment
@@ -122,13 +126,18 @@ impl EmbeddedStorage {
         // every block has an index to keep their labels.
         let forget = {
             let mut set = self.blocks_write();
+            let began = std::time::Instant::now();
             set.flushing.clear();
             set.next_order += 1;
             if let Some(block) = block {
                 set.blocks.push(Arc::new(block));
                 report.blocks_written += 1;
             }
-            set.blocks.iter().all(|b| b.index.is_some())
+            let forget = set.blocks.iter().all(|b| b.index.is_some());
+            // (Only a returning series' writer waits for the set's lock.)
+            drop(set);
+            report.held(began, "block swapped in");
+            forget
         };
         if forget {
             self.forget_empty(&ids, report);
@@ -154,10 +163,11 @@ impl EmbeddedStorage {
     }
 
     /// Every series id of the head, ascending: the tenants' lists copied under the read
-    /// lock (eight bytes a series; the one step of a flush that grows with the head).
+    /// lock (eight bytes a series, a memory copy: with the pruning of one postings list, the
+    /// steps of a flush that grow with the head; a flush copies the ids twice).
     fn head_ids(&self, report: &mut MaintenanceReport) -> Vec<u64> {
-        let began = std::time::Instant::now();
         let head = self.read();
+        let began = std::time::Instant::now();
         let mut ids: Vec<u64> = Vec::with_capacity(head.series.len());
         for index in head.tenants.values() {
             ids.extend_from_slice(&index.all);
@@ -182,12 +192,9 @@ impl EmbeddedStorage {
                 // Writers waiting for the lock get it before the next batch.
                 std::thread::yield_now();
             }
-            let began = std::time::Instant::now();
             let mut head = self.write();
             let mut set = self.blocks_write();
-            if i == 0 {
-                head.applied_min_t = None;
-            }
+            let began = std::time::Instant::now();
             for id in batch {
                 let Some(series) = head.series.get_mut(id) else {
                     continue;
@@ -224,9 +231,9 @@ impl EmbeddedStorage {
             if i > 0 {
                 std::thread::yield_now();
             }
-            let began = std::time::Instant::now();
             let _wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             let mut head = self.write();
+            let began = std::time::Instant::now();
             let before = forgotten.ids.len();
             head.forget_empty(batch, &mut forgotten);
             if before == 0 && !forgotten.ids.is_empty() {
@@ -243,8 +250,10 @@ impl EmbeddedStorage {
         report.series_dropped += forgotten.ids.len();
         loop {
             std::thread::yield_now();
+            let mut head = self.write();
             let began = std::time::Instant::now();
-            let more = self.write().prune_postings(&mut forgotten, PRUNE_BUDGET);
+            let more = head.prune_postings(&mut forgotten, PRUNE_BUDGET);
+            drop(head);
             report.held(began, "postings pruned");
             if !more {
                 break;
@@ -255,12 +264,16 @@ impl EmbeddedStorage {
     /// What a checkpoint keeps, copied from the head [`FLUSH_BATCH`] series at a time.
     fn checkpoint_snapshot(&self, report: &mut MaintenanceReport) -> CheckpointSnapshot {
         let ids = self.head_ids(report);
+        let head = self.read();
         let began = std::time::Instant::now();
-        let mut snapshot = CheckpointSnapshot::of_all_but_series(&self.read());
+        let mut snapshot = CheckpointSnapshot::of_all_but_series(&head);
+        drop(head);
         report.held(began, "checkpoint metadata copied");
         for batch in ids.chunks(FLUSH_BATCH) {
+            let head = self.read();
             let began = std::time::Instant::now();
-            snapshot.add_series(&self.read(), batch);
+            snapshot.add_series(&head, batch);
+            drop(head);
             report.held(began, "checkpoint series copied");
         }
         snapshot
@@ -275,8 +288,8 @@ impl EmbeddedStorage {
     ) -> Vec<index::SeriesLabels> {
         let mut out = Vec::with_capacity(ids.len());
         for batch in ids.chunks(FLUSH_BATCH) {
-            let began = std::time::Instant::now();
             let head = self.read();
+            let began = std::time::Instant::now();
             out.extend(batch.iter().filter_map(|id| {
                 let s = head.series.get(id)?;
                 Some((*id, s.tenant.clone(), s.labels.clone()))

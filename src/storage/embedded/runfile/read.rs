@@ -161,8 +161,8 @@ impl RunFile {
         Ok(self.version.decode_entries(&buf, self.entries as usize)?.0)
     }
 
-    /// Index entries of `ids` (sorted ascending), each index page read once and decoded only
-    /// as far as the last id it can hold.
+    /// Index entries of `ids` (sorted ascending), each index page looked up once (decoded
+    /// whole and kept in the frame cache on its first read).
     pub fn lookup(&self, ids: &[u64]) -> io::Result<Vec<Entry>> {
         if !ids.is_sorted() {
             let mut sorted = ids.to_vec();
