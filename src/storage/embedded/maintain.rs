@@ -127,7 +127,9 @@ impl EmbeddedStorage {
         let forget = {
             let mut set = self.blocks_write();
             let began = std::time::Instant::now();
-            set.flushing.clear();
+            // Freed after the lock is let go (a hundred thousand series' chunks take tens of
+            // milliseconds to free).
+            let flushed = std::mem::take(&mut set.flushing);
             set.next_order += 1;
             if let Some(block) = block {
                 set.blocks.push(Arc::new(block));
@@ -137,6 +139,7 @@ impl EmbeddedStorage {
             // (Only a returning series' writer waits for the set's lock.)
             drop(set);
             report.held(began, "block swapped in");
+            drop(flushed);
             forget
         };
         if forget {
