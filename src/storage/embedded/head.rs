@@ -114,6 +114,10 @@ pub(super) enum Placement {
     TooOld,
 }
 
+/// What taking a list up costs [`Head::prune_postings`], counted in ids looked at: a million
+/// one-series lists (a `pid` label) cost more than their million ids.
+const PRUNE_LIST_COST: usize = 16;
+
 /// Series few enough that checking a query's other matchers on their label sets beats reading
 /// the postings of every value those matchers accept.
 const FEW_CANDIDATES: usize = 4096;
@@ -479,7 +483,8 @@ impl Head {
 
     /// The second step of forgetting: takes `forgotten`'s ids out of the postings lists (and
     /// the tenants' lists of every series) they were in, about `budget` ids looked at a call
-    /// (a long list in several calls, resumed at the id it stopped at). Ids of series that
+    /// (each list taken up counting [`PRUNE_LIST_COST`] more; a long list in several calls,
+    /// resumed at the id it stopped at). Ids of series that
     /// came back in between stay. Returns whether lists are left.
     pub fn prune_postings(&mut self, forgotten: &mut Forgotten, budget: usize) -> bool {
         let Forgotten { ids: gone, lists } = forgotten;
@@ -503,7 +508,7 @@ impl Head {
                 },
             };
             let (looked, resume) = remove_ids_from(ids, gone, back, from, budget - spent);
-            spent += looked;
+            spent += looked + PRUNE_LIST_COST;
             let emptied = ids.is_empty();
             if let Some(resume) = resume {
                 lists.resume(tenant, list, resume);
