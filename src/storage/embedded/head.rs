@@ -79,18 +79,30 @@ struct PruneLists {
 /// A postings list (key, label name), or (`None`) a tenant's list of every series.
 type PruneList = Option<(u64, Box<str>)>;
 
+impl Forgotten {
+    /// Lines up the lists to prune: with no lock held, before [`Head::prune_postings`] (which
+    /// does it itself otherwise), since it costs a step per list.
+    pub fn line_up(&mut self) {
+        self.lists.line_up();
+    }
+}
+
 impl PruneLists {
+    fn line_up(&mut self) {
+        for (tenant, lists) in self.lists.drain() {
+            self.queue.push((tenant.clone(), None, 0));
+            self.queue.extend(
+                lists
+                    .into_iter()
+                    .map(|(key, name)| (tenant.clone(), Some((key, name)), 0)),
+            );
+        }
+    }
+
     /// The next list to prune, and the id to start at.
     fn next(&mut self) -> Option<(Arc<str>, PruneList, u64)> {
         if self.queue.is_empty() {
-            for (tenant, lists) in self.lists.drain() {
-                self.queue.push((tenant.clone(), None, 0));
-                self.queue.extend(
-                    lists
-                        .into_iter()
-                        .map(|(key, name)| (tenant.clone(), Some((key, name)), 0)),
-                );
-            }
+            self.line_up();
         }
         self.queue.pop()
     }

@@ -251,6 +251,7 @@ impl EmbeddedStorage {
             report.held(began, "series forgotten");
         }
         report.series_dropped += forgotten.ids.len();
+        forgotten.line_up();
         loop {
             std::thread::yield_now();
             let mut head = self.write();
