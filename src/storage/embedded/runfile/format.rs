@@ -146,14 +146,7 @@ impl Version {
                     if i % PAGE == 0 {
                         pages.push((i * 36) as u64);
                     }
-                    let series = le_u64(&e[0..8]);
-                    out.push(Entry {
-                        series,
-                        offset: le_u64(&e[8..16]),
-                        len: le_u32(&e[16..20]),
-                        min_t: le_u64(&e[20..28]) as i64,
-                        max_t: le_u64(&e[28..36]) as i64,
-                    });
+                    out.push(v1_entry(e));
                 }
             }
             Version::V2 | Version::V3 => {
@@ -219,5 +212,17 @@ impl Version {
         let used = b.len() - r.0.len();
         let crc = le_u32(b.get(used..used + 4)?);
         (raw <= MAX_RUN as usize && stored <= raw).then_some((raw, stored, crc, used + 4))
+    }
+}
+
+/// An index entry of version 1: 36 bytes, series, offset, len, min_t, max_t (little endian).
+/// Also the layout an index page is cached in.
+pub(super) fn v1_entry(e: &[u8]) -> Entry {
+    Entry {
+        series: le_u64(&e[0..8]),
+        offset: le_u64(&e[8..16]),
+        len: le_u32(&e[16..20]),
+        min_t: le_u64(&e[20..28]) as i64,
+        max_t: le_u64(&e[28..36]) as i64,
     }
 }

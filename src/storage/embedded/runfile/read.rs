@@ -292,46 +292,28 @@ pub(super) fn frame_runs(lengths: &[u8], crc: u32, raw: usize, stored: Vec<u8>) 
     (runs.len() == raw).then_some(runs)
 }
 
-/// An index page's entries as fixed-width records (series, offset, len, min_t, max_t; little
-/// endian), sorted by series: found by binary search, nothing decoded but what is found.
+/// An index page's entries as fixed-width records, sorted by series: version 1's index
+/// entries (series, offset, len, min_t, max_t; little endian), found by binary search with
+/// nothing decoded but what is found.
 struct Page(Arc<[u8]>);
 
 impl Page {
     const RECORD: usize = 36;
 
     fn of(entries: &[Entry]) -> Page {
-        let mut out = Vec::with_capacity(entries.len() * Page::RECORD);
-        for e in entries {
-            out.extend_from_slice(&e.series.to_le_bytes());
-            out.extend_from_slice(&e.offset.to_le_bytes());
-            out.extend_from_slice(&e.len.to_le_bytes());
-            out.extend_from_slice(&e.min_t.to_le_bytes());
-            out.extend_from_slice(&e.max_t.to_le_bytes());
-        }
-        Page(out.into())
-    }
-
-    fn record(&self, i: usize) -> &[u8] {
-        &self.0[i * Page::RECORD..(i + 1) * Page::RECORD]
+        Page(Version::V1.encode_index(entries).0.into())
     }
 
     fn find(&self, series: u64) -> Option<Entry> {
-        let (mut lo, mut hi) = (0, self.0.len() / Page::RECORD);
+        let count = self.0.len() / Page::RECORD;
+        let record = |i: usize| &self.0[i * Page::RECORD..(i + 1) * Page::RECORD];
+        let (mut lo, mut hi) = (0, count);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            let r = self.record(mid);
-            match le_u64(&r[0..8]).cmp(&series) {
+            match le_u64(&record(mid)[0..8]).cmp(&series) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => {
-                    return Some(Entry {
-                        series,
-                        offset: le_u64(&r[8..16]),
-                        len: le_u32(&r[16..20]),
-                        min_t: le_u64(&r[20..28]) as i64,
-                        max_t: le_u64(&r[28..36]) as i64,
-                    })
-                }
+                std::cmp::Ordering::Equal => return Some(format::v1_entry(record(mid))),
             }
         }
         None
