@@ -79,18 +79,22 @@ pub(super) async fn metrics(
         return busy();
     };
     let agent = super::agent_metrics::find_agent(&state, &tenant, &key).await;
-    upgrade(ws).on_upgrade(move |mut socket| async move {
-        let agent = match agent {
-            Ok(agent) => agent,
-            Err(e) => {
-                close(&mut socket, CLOSE_UNKNOWN_AGENT, &e.message).await;
-                return;
-            }
-        };
-        let subscription = state.live.subscribe(&tenant, &agent.agent_id);
-        Feed::new(socket, &state, client)
-            .metrics(subscription, &agent.agent_id)
-            .await;
+    upgrade(ws).on_upgrade(move |socket| async move {
+        let live = state.live.clone();
+        live.spawn(async move {
+            let mut socket = socket;
+            let agent = match agent {
+                Ok(agent) => agent,
+                Err(e) => {
+                    close(&mut socket, CLOSE_UNKNOWN_AGENT, &e.message).await;
+                    return;
+                }
+            };
+            let subscription = state.live.subscribe(&tenant, &agent.agent_id);
+            Feed::new(socket, &state, client)
+                .metrics(subscription, &agent.agent_id)
+                .await;
+        });
     })
 }
 
@@ -110,7 +114,8 @@ pub(super) async fn agents(
     };
     let events = state.live.watch_agents(&tenant);
     upgrade(ws).on_upgrade(move |socket| async move {
-        Feed::new(socket, &state, client).agents(events).await;
+        let live = state.live.clone();
+        live.spawn(async move { Feed::new(socket, &state, client).agents(events).await });
     })
 }
 
@@ -229,10 +234,8 @@ impl Feed {
         self.run(
             &mut subscription.receiver,
             |snapshot| {
-                // Shared bytes, not a copy per client: the hub made them from a String.
-                snapshot
-                    .to_json(filter.lock().expect("filter lock").as_ref())
-                    .map(|json| Utf8Bytes::try_from(json).expect("JSON is UTF-8"))
+                // Shared bytes, not a copy per client.
+                snapshot.to_json(filter.lock().expect("filter lock").as_ref())
             },
             |text| {
                 let mut last = last_subscribe.lock().expect("subscribe lock");

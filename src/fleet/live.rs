@@ -11,6 +11,7 @@
 use crate::catalog::AgentRecord;
 use crate::model::{LabelsRef, TenantId};
 use crate::storage::WriteBatch;
+use axum::extract::ws::Utf8Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -24,7 +25,8 @@ pub const MAX_PENDING_SERIES: usize = 10_000;
 /// The latest reading of one series.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reading {
-    pub name: String,
+    /// Shared with the hub's record of the series: a message copies no name.
+    pub name: Arc<str>,
     pub value: f64,
     pub t: i64,
 }
@@ -36,80 +38,132 @@ pub struct Snapshot {
     pub agent_id: String,
     /// When it was made (Unix ms).
     pub timestamp: i64,
-    /// By series key (`name{label="value",…}`), in key order.
-    pub readings: Vec<(String, Reading)>,
-    /// The readings' distinct metric names: a client's filter is checked once per name, not
-    /// once per reading.
-    names: Vec<String>,
-    /// The unfiltered message, made once and shared (not copied) by every client that wants
-    /// all of it.
-    whole: OnceLock<bytes::Bytes>,
+    /// By series key (`name{label="value",…}`), each series once, in the order the readings
+    /// arrived (a JSON object's members have no order).
+    pub readings: Vec<(Arc<str>, Reading)>,
+    /// The readings' distinct metric names, made for the first client with a filter: a
+    /// filter is checked once per name, not once per reading.
+    names: OnceLock<Vec<Arc<str>>>,
+    /// The unfiltered message, made once and shared (not copied, nor checked again as UTF-8)
+    /// by every client that wants all of it.
+    whole: OnceLock<Utf8Bytes>,
 }
 
 /// A sample value as JSON: a number, or `"NaN"`, `"+Inf"`, `"-Inf"`.
 pub fn value_json(v: f64) -> serde_json::Value {
-    if v.is_finite() {
-        serde_json::json!(v)
-    } else if v.is_nan() {
-        serde_json::json!("NaN")
-    } else if v > 0.0 {
-        serde_json::json!("+Inf")
-    } else {
-        serde_json::json!("-Inf")
+    serde_json::to_value(JsonValue(v)).expect("a number or a string")
+}
+
+/// A sample value as the feed and the metrics API write it (see [`value_json`]).
+struct JsonValue(f64);
+
+impl serde::Serialize for JsonValue {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        if v.is_finite() {
+            serializer.serialize_f64(v)
+        } else if v.is_nan() {
+            serializer.serialize_str("NaN")
+        } else if v > 0.0 {
+            serializer.serialize_str("+Inf")
+        } else {
+            serializer.serialize_str("-Inf")
+        }
+    }
+}
+
+/// `{"type":"metrics","agent_id":…,"timestamp":…,"data":{key:{"value":…,"timestamp":…}}}`,
+/// written straight into the message's bytes.
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    r#type: &'static str,
+    agent_id: &'a str,
+    timestamp: i64,
+    data: Data<'a>,
+}
+
+/// The readings of a snapshot (those of the `wanted` names, when given) as a JSON object.
+struct Data<'a> {
+    readings: &'a [(Arc<str>, Reading)],
+    wanted: Option<&'a std::collections::HashSet<&'a str>>,
+}
+
+impl serde::Serialize for Data<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Point {
+            value: JsonValue,
+            timestamp: i64,
+        }
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        for (key, reading) in self.readings {
+            if self.wanted.is_none_or(|w| w.contains(&*reading.name)) {
+                let point = Point {
+                    value: JsonValue(reading.value),
+                    timestamp: reading.t,
+                };
+                map.serialize_entry(&**key, &point)?;
+            }
+        }
+        map.end()
     }
 }
 
 impl Snapshot {
-    pub fn new(agent_id: String, timestamp: i64, readings: Vec<(String, Reading)>) -> Snapshot {
-        let mut names: Vec<String> = readings.iter().map(|(_, r)| r.name.clone()).collect();
-        names.sort_unstable();
-        names.dedup();
+    pub fn new(agent_id: String, timestamp: i64, readings: Vec<(Arc<str>, Reading)>) -> Snapshot {
         Snapshot {
             agent_id,
             timestamp,
             readings,
-            names,
+            names: OnceLock::new(),
             whole: OnceLock::new(),
         }
+    }
+
+    fn names(&self) -> &[Arc<str>] {
+        self.names.get_or_init(|| {
+            let mut names: Vec<Arc<str>> =
+                self.readings.iter().map(|(_, r)| r.name.clone()).collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        })
     }
 
     /// The envelope `{"type":"metrics","agent_id","timestamp","data":{key:{"value","timestamp"}}}`
     /// with the readings whose metric name `filter` matches (all without one); `None` when none
     /// does.
-    /// (UTF-8 JSON text.)
-    pub fn to_json(&self, filter: Option<&regex::Regex>) -> Option<bytes::Bytes> {
+    pub fn to_json(&self, filter: Option<&regex::Regex>) -> Option<Utf8Bytes> {
         let Some(filter) = filter else {
-            return Some(self.whole.get_or_init(|| self.render(None).into()).clone());
+            return Some(self.whole.get_or_init(|| self.render(None)).clone());
         };
         let wanted: std::collections::HashSet<&str> = self
-            .names
+            .names()
             .iter()
+            .map(|name| &**name)
             .filter(|name| filter.is_match(name))
-            .map(String::as_str)
             .collect();
-        (!wanted.is_empty()).then(|| self.render(Some(&wanted)).into())
+        (!wanted.is_empty()).then(|| self.render(Some(&wanted)))
     }
 
     /// The envelope with every reading, or those of the `wanted` names.
-    fn render(&self, wanted: Option<&std::collections::HashSet<&str>>) -> String {
-        let data: serde_json::Map<String, serde_json::Value> = self
-            .readings
-            .iter()
-            .filter(|(_, r)| wanted.is_none_or(|w| w.contains(r.name.as_str())))
-            .map(|(key, r)| {
-                (
-                    key.clone(),
-                    serde_json::json!({"value": value_json(r.value), "timestamp": r.t}),
-                )
-            })
-            .collect();
-        serde_json::json!({
-            "type": "metrics",
-            "agent_id": self.agent_id,
-            "timestamp": self.timestamp,
-            "data": data,
-        })
-        .to_string()
+    fn render(&self, wanted: Option<&std::collections::HashSet<&str>>) -> Utf8Bytes {
+        let envelope = Envelope {
+            r#type: "metrics",
+            agent_id: &self.agent_id,
+            timestamp: self.timestamp,
+            data: Data {
+                readings: &self.readings,
+                wanted,
+            },
+        };
+        // About 100 bytes a reading.
+        let mut json = Vec::with_capacity(128 + self.readings.len() * 100);
+        serde_json::to_writer(&mut json, &envelope).expect("a message serialises");
+        String::from_utf8(json)
+            .expect("serde_json writes UTF-8")
+            .into()
     }
 }
 
@@ -157,12 +211,72 @@ impl Topic {
     }
 }
 
-/// An agent's readings since the last message, by series fingerprint, and the series' keys
-/// and names, made once per series while the agent is watched (not once per sample).
+/// The series of a watched agent, each with its key and name (made once per series while the
+/// agent is watched, not once per sample) and its latest reading since the last message.
 #[derive(Default)]
 struct Pending {
-    known: HashMap<u128, (Arc<str>, Arc<str>)>,
-    readings: HashMap<u128, (f64, i64)>,
+    /// Each series' place in `series`, by fingerprint.
+    slots: HashMap<u128, u32>,
+    series: Vec<Watched>,
+    /// The places of the series with a reading since the last message, in the order their
+    /// first reading arrived.
+    fresh: Vec<u32>,
+}
+
+struct Watched {
+    key: Arc<str>,
+    name: Arc<str>,
+    latest: Option<(f64, i64)>,
+}
+
+impl Pending {
+    /// Records `(v, t)` as the series' latest reading unless a later one is there; false when
+    /// the series is new and [`MAX_PENDING_SERIES`] are kept already.
+    fn record(&mut self, series: &crate::storage::SeriesRef<'_>, v: f64, t: i64) -> bool {
+        let slot = match self.slots.get(&series.fingerprint) {
+            Some(&slot) => slot,
+            None => {
+                if self.series.len() >= MAX_PENDING_SERIES {
+                    return false;
+                }
+                let name = series.labels.metric_name().unwrap_or_default();
+                let slot = self.series.len() as u32;
+                self.series.push(Watched {
+                    key: series_key(name, &series.labels).into(),
+                    name: name.into(),
+                    latest: None,
+                });
+                self.slots.insert(series.fingerprint, slot);
+                slot
+            }
+        };
+        let watched = &mut self.series[slot as usize];
+        match watched.latest {
+            None => self.fresh.push(slot),
+            Some((_, latest)) if latest > t => return true,
+            Some(_) => {}
+        }
+        watched.latest = Some((v, t));
+        true
+    }
+
+    /// The readings since the last message, taken.
+    fn take(&mut self) -> Vec<(Arc<str>, Reading)> {
+        let series = &mut self.series;
+        self.fresh
+            .drain(..)
+            .filter_map(|slot| {
+                let watched = &mut series[slot as usize];
+                let (value, t) = watched.latest.take()?;
+                let reading = Reading {
+                    name: watched.name.clone(),
+                    value,
+                    t,
+                };
+                Some((watched.key.clone(), reading))
+            })
+            .collect()
+    }
 }
 
 /// What this node tells the other nodes (over NATS), queued without waiting.
@@ -175,8 +289,48 @@ pub enum Outbound {
 /// Most messages queued for NATS; more are dropped (and counted) rather than waited for.
 const OUTBOUND_QUEUE: usize = 4096;
 
+/// The live feed's own threads (`--fleet-live-threads`): the ticker and every client's socket
+/// run there, not on the workers that serve ingest and queries. They stop when the hub is
+/// dropped.
+struct FeedThreads {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the hub: the runtime then shuts down on its own thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl FeedThreads {
+    /// Thread names (at most 15 bytes, as Linux keeps them): the workers, and the thread that
+    /// holds their runtime.
+    const WORKER: &'static str = "secumon-live";
+    const HOLDER: &'static str = "secumon-live-rt";
+
+    fn start(threads: u16) -> std::io::Result<FeedThreads> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(threads.max(1)))
+            .thread_name(Self::WORKER)
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(Self::HOLDER.into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        Ok(FeedThreads {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
 pub struct LiveHub {
     interval: Duration,
+    /// Where the feed runs; the caller's runtime without them (unit tests).
+    threads: Option<FeedThreads>,
     queue: usize,
     max_clients: usize,
     clients: AtomicUsize,
@@ -263,6 +417,7 @@ impl LiveHub {
     pub fn new(interval: Duration, queue: usize, max_clients: usize) -> LiveHub {
         LiveHub {
             interval: interval.max(Duration::from_millis(10)),
+            threads: None,
             queue: queue.max(1),
             max_clients,
             clients: AtomicUsize::new(0),
@@ -273,6 +428,24 @@ impl LiveHub {
             closing: tokio::sync::watch::channel(false).0,
             outbound: OnceLock::new(),
             outbound_dropped: AtomicUsize::new(0),
+        }
+    }
+
+    /// Runs the feed (the ticker and the clients' sockets) on `threads` threads of its own.
+    pub fn on_threads(mut self, threads: u16) -> std::io::Result<LiveHub> {
+        self.threads = Some(FeedThreads::start(threads)?);
+        Ok(self)
+    }
+
+    /// Runs `task` where the feed runs: on its own threads when it has them.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.threads {
+            Some(threads) => threads.handle.spawn(task),
+            None => tokio::spawn(task),
         }
     }
 
@@ -408,34 +581,26 @@ impl LiveHub {
         let Some(agents) = topics.get(tenant) else {
             return;
         };
+        // A batch usually holds one agent's series: its topic is looked up (and its lock taken)
+        // once per run of series with the same `instance`, not once per series.
+        let mut instance: Option<&str> = None;
+        let mut pending = None;
         for series in batch.iter() {
-            let Some(topic) = series.labels.get("instance").and_then(|i| agents.get(i)) else {
+            let Some(this) = series.labels.get("instance") else {
                 continue;
             };
-            let Some(last) = series.samples.last() else {
-                continue;
-            };
-            let mut pending = topic.pending.lock().expect("live pending lock");
-            if !pending.known.contains_key(&series.fingerprint) {
-                if pending.known.len() >= MAX_PENDING_SERIES {
-                    self.dropped_readings.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let name = series.labels.metric_name().unwrap_or_default();
-                let key = series_key(name, &series.labels);
-                pending
-                    .known
-                    .insert(series.fingerprint, (key.into(), name.into()));
+            if instance != Some(this) {
+                drop(pending.take());
+                instance = Some(this);
+                pending = agents
+                    .get(this)
+                    .map(|topic| topic.pending.lock().expect("live pending lock"));
             }
-            match pending.readings.entry(series.fingerprint) {
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    if e.get().1 <= last.t {
-                        e.insert((last.v, last.t));
-                    }
-                }
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert((last.v, last.t));
-                }
+            let (Some(pending), Some(last)) = (pending.as_mut(), series.samples.last()) else {
+                continue;
+            };
+            if !pending.record(&series, last.v, last.t) {
+                self.dropped_readings.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -455,28 +620,10 @@ impl LiveHub {
                 .collect()
         };
         for (tenant, agent_id, topic) in topics {
-            let mut readings: Vec<(String, Reading)> = {
-                let mut pending = topic.pending.lock().expect("live pending lock");
-                let taken = std::mem::take(&mut pending.readings);
-                taken
-                    .into_iter()
-                    .filter_map(|(fingerprint, (value, t))| {
-                        let (key, name) = pending.known.get(&fingerprint)?;
-                        Some((
-                            key.to_string(),
-                            Reading {
-                                name: name.to_string(),
-                                value,
-                                t,
-                            },
-                        ))
-                    })
-                    .collect()
-            };
+            let readings = topic.pending.lock().expect("live pending lock").take();
             if readings.is_empty() {
                 continue;
             }
-            readings.sort_by(|a, b| a.0.cmp(&b.0));
             let snapshot = Arc::new(Snapshot::new(agent_id, now_ms, readings));
             if topic.remotely_watched(now_ms) {
                 self.send_out(Outbound::Readings(tenant, snapshot.clone()));
@@ -573,7 +720,7 @@ mod tests {
         assert_eq!(
             snapshot.readings,
             [(
-                r#"cpu{instance="a",mode="idle"}"#.to_string(),
+                Arc::from(r#"cpu{instance="a",mode="idle"}"#),
                 Reading {
                     name: "cpu".into(),
                     value: 3.0,
@@ -582,7 +729,7 @@ mod tests {
             )]
         );
         let json: serde_json::Value =
-            serde_json::from_slice(&snapshot.to_json(None).unwrap()).unwrap();
+            serde_json::from_str(snapshot.to_json(None).unwrap().as_str()).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"type": "metrics", "agent_id": "a", "timestamp": 10,
@@ -596,6 +743,29 @@ mod tests {
         drop(subscription);
         assert_eq!(hub.watched.load(Ordering::Relaxed), 0);
         assert!(hub.topics.read().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_feed_runs_on_its_own_threads_and_they_stop_with_the_hub() {
+        let hub = LiveHub::new(Duration::from_secs(2), 4, 10)
+            .on_threads(1)
+            .unwrap();
+        let name = hub
+            .spawn(async { std::thread::current().name().map(str::to_owned) })
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some(FeedThreads::WORKER));
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let pending = hub.spawn(async move {
+            let _ = rx.await;
+        });
+        drop(hub);
+        // The runtime shut down: its unfinished task is cancelled, not left running.
+        let ended = tokio::time::timeout(Duration::from_secs(5), pending).await;
+        assert!(ended
+            .expect("the feed's runtime stops")
+            .unwrap_err()
+            .is_cancelled());
     }
 
     #[test]

@@ -104,6 +104,18 @@ pub struct FleetConfig {
         default_value_t = 16
     )]
     pub live_queue: usize,
+    /// Threads of the live feed's own (1 to 64): every client's socket is written there and
+    /// the coalescing ticker runs there, so the fan-out to many clients takes no time from the
+    /// threads that serve ingest and queries (a feed with more clients than these threads can
+    /// serve drops the slowest clients, code 4429, rather than slowing ingest).
+    #[arg(
+        id = "fleet.live_threads",
+        long = "fleet-live-threads",
+        env = "SECUMON_FLEET_LIVE_THREADS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=64)
+    )]
+    pub live_threads: u16,
     /// A NATS server (`nats://host:4222`) through which several server nodes share the live
     /// feed and registry changes (docs/fleet.md, "Several server nodes"); empty: this node
     /// works alone. The server does not start when it cannot connect.

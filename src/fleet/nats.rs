@@ -38,7 +38,7 @@ struct Readings {
     tenant: TenantId,
     agent_id: String,
     timestamp: i64,
-    readings: Vec<(String, Reading)>,
+    readings: Vec<(std::sync::Arc<str>, Reading)>,
 }
 
 #[derive(Serialize, Deserialize)]

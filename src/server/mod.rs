@@ -285,11 +285,15 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
             .max(config.ingest.max_request_bytes)
             .min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
-    let live = Arc::new(crate::fleet::live::LiveHub::new(
-        config.fleet.live_interval,
-        config.fleet.live_queue,
-        config.fleet.live_max_clients,
-    ));
+    let live = Arc::new(
+        crate::fleet::live::LiveHub::new(
+            config.fleet.live_interval,
+            config.fleet.live_queue,
+            config.fleet.live_max_clients,
+        )
+        .on_threads(config.fleet.live_threads)
+        .map_err(|e| anyhow::anyhow!("cannot start the live feed's threads: {e}"))?,
+    );
     let state = Arc::new(AppState {
         auth: Arc::new(
             crate::auth::Authenticator::new(catalog, required, &config.auth)
@@ -345,7 +349,7 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
     tasks.push(tokio::spawn(
         async move { notifier.run(notifier_stop).await },
     ));
-    tasks.push(tokio::spawn(live.clone().run(stop.clone())));
+    tasks.push(live.spawn(live.clone().run(stop.clone())));
     if !config.fleet.nats_url.is_empty() {
         let client = crate::fleet::nats::connect(&config.fleet.nats_url).await?;
         let (hub, outbound, stop) = (live.clone(), live.bridge(), stop.clone());
