@@ -1,7 +1,7 @@
 //! The live hub: samples as they are ingested, coalesced per agent and pushed to WebSocket
 //! clients (`/ws/metrics/{agent}`), and registry changes pushed to fleet pages
 //! (`/ws/agents`). Ingest never waits for a client: it records the latest sample of each
-//! watched series in the agent's pending map (a short lock), and a ticker sends each agent's
+//! watched series in the agent's slots (a lock held for at most 256 series), and a ticker sends each agent's
 //! pending readings once per `--live-interval` over a bounded broadcast channel; a client that
 //! falls behind loses messages, is told how many, and is closed.
 //!
@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
+
+/// Most series recorded under one hold of an agent's pending lock.
+const PUBLISH_LOCK_RUN: usize = 256;
 
 /// Most distinct series kept for one watched agent; readings of more are dropped (and
 /// counted) until no one watches it.
@@ -305,21 +308,34 @@ impl FeedThreads {
     const HOLDER: &'static str = "secumon-live-rt";
 
     fn start(threads: u16) -> std::io::Result<FeedThreads> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(usize::from(threads.max(1)))
-            .thread_name(Self::WORKER)
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (started, handle) = std::sync::mpsc::channel();
+        // The runtime is made, run and dropped on the holder thread alone: a runtime may not
+        // be dropped on an async task's thread, as a failed start would otherwise do.
         std::thread::Builder::new()
             .name(Self::HOLDER.into())
             .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(usize::from(threads.max(1)))
+                    .thread_name(Self::WORKER)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(runtime.handle().clone()));
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })?;
+        let handle = handle.recv().map_err(|_| {
+            std::io::Error::other("the live feed's runtime thread ended before it started")
+        })??;
         Ok(FeedThreads {
             handle,
             _stop: stop,
@@ -585,11 +601,13 @@ impl LiveHub {
         // once per run of series with the same `instance`, not once per series.
         let mut instance: Option<&str> = None;
         let mut pending = None;
-        for series in batch.iter() {
+        for (i, series) in batch.iter().enumerate() {
             let Some(this) = series.labels.get("instance") else {
                 continue;
             };
-            if instance != Some(this) {
+            // The lock is let go now and then, so the ticker never waits for a whole batch
+            // (the first batch of a newly watched agent makes up to 10,000 keys).
+            if instance != Some(this) || i % PUBLISH_LOCK_RUN == 0 {
                 drop(pending.take());
                 instance = Some(this);
                 pending = agents
@@ -743,6 +761,80 @@ mod tests {
         drop(subscription);
         assert_eq!(hub.watched.load(Ordering::Relaxed), 0);
         assert!(hub.topics.read().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_older_sample_never_replaces_a_newer_one_and_the_series_are_capped() {
+        let hub = Arc::new(LiveHub::new(Duration::from_secs(2), 4, 10));
+        let tenant = TenantId::new("t");
+        let mut subscription = hub.subscribe(&tenant, "a");
+        hub.publish(&tenant, &batch("a", &[(5, 5.0)]));
+        hub.publish(&tenant, &batch("a", &[(4, 4.0)]));
+        hub.send_pending(10);
+        let snapshot = subscription.receiver.try_recv().unwrap();
+        assert_eq!(
+            (snapshot.readings[0].1.t, snapshot.readings[0].1.value),
+            (5, 5.0)
+        );
+
+        let many = WriteBatch::from_series(
+            &(0..MAX_PENDING_SERIES + 3)
+                .map(|i| SeriesWrite {
+                    labels: Labels::from_trusted(vec![
+                        Label::new("__name__", "cpu"),
+                        Label::new("core", format!("{i:05}")),
+                        Label::new("instance", "a"),
+                    ]),
+                    samples: vec![Sample { t: 20, v: i as f64 }],
+                })
+                .collect::<Vec<_>>(),
+        );
+        hub.publish(&tenant, &many);
+        // The series of the first message holds one of the places.
+        assert_eq!(hub.dropped_readings.load(Ordering::Relaxed), 4);
+        hub.send_pending(30);
+        let snapshot = subscription.receiver.try_recv().unwrap();
+        assert_eq!(snapshot.readings.len(), MAX_PENDING_SERIES - 1);
+        // In the order the readings arrived.
+        assert_eq!(
+            &*snapshot.readings[0].0,
+            r#"cpu{core="00000",instance="a"}"#
+        );
+        assert_eq!(
+            &*snapshot.readings[1].0,
+            r#"cpu{core="00001",instance="a"}"#
+        );
+    }
+
+    #[test]
+    fn messages_are_written_as_the_api_documents_them() {
+        let reading = |name: &str, value: f64| Reading {
+            name: name.into(),
+            value,
+            t: 7,
+        };
+        let snapshot = Snapshot::new(
+            "a\"b".into(),
+            9,
+            vec![
+                (r#"z{q="\""}"#.into(), reading("z", f64::NAN)),
+                ("up{}".into(), reading("up", f64::INFINITY)),
+                ("down{}".into(), reading("down", f64::NEG_INFINITY)),
+                ("zero{}".into(), reading("zero", -0.0)),
+                ("one{}".into(), reading("one", 1.0)),
+            ],
+        );
+        assert_eq!(
+            snapshot.to_json(None).unwrap().as_str(),
+            r#"{"type":"metrics","agent_id":"a\"b","timestamp":9,"data":{"z{q=\"\\\"\"}":{"value":"NaN","timestamp":7},"up{}":{"value":"+Inf","timestamp":7},"down{}":{"value":"-Inf","timestamp":7},"zero{}":{"value":-0.0,"timestamp":7},"one{}":{"value":1.0,"timestamp":7}}}"#
+        );
+        let filter = regex::Regex::new("^(?:up|one)$").unwrap();
+        assert_eq!(
+            snapshot.to_json(Some(&filter)).unwrap().as_str(),
+            r#"{"type":"metrics","agent_id":"a\"b","timestamp":9,"data":{"up{}":{"value":"+Inf","timestamp":7},"one{}":{"value":1.0,"timestamp":7}}}"#
+        );
+        assert_eq!(value_json(f64::NAN), serde_json::json!("NaN"));
+        assert_eq!(value_json(2.5), serde_json::json!(2.5));
     }
 
     #[tokio::test]
