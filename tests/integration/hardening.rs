@@ -840,9 +840,8 @@ async fn damaged_data_met_by_a_query_is_reported_in_warnings() {
     // Wait for the block, then stop the server and flip a byte in its runs. A block is written
     // under `<name>.tmp` and renamed once whole (its `meta.json` last): only a renamed one counts.
     let blocks = dir.path().join("blocks");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let chunks = loop {
-        let found = std::fs::read_dir(&blocks).ok().and_then(|entries| {
+    let find_block = || {
+        std::fs::read_dir(&blocks).ok().and_then(|entries| {
             entries
                 .filter_map(|e| e.ok())
                 .map(|e| e.path())
@@ -850,15 +849,18 @@ async fn damaged_data_met_by_a_query_is_reported_in_warnings() {
                 .filter(|p| p.join("meta.json").exists())
                 .map(|p| p.join("chunks"))
                 .find(|p| p.exists())
-        });
-        if let Some(found) = found {
-            break found;
-        }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while find_block().is_none() {
         assert!(Instant::now() < deadline, "no block was flushed");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(server);
+    // Looked up again with the server stopped: a maintenance run in the meantime may have
+    // compacted the first block into another.
+    let chunks = find_block().expect("a block survives the stop");
     let mut bytes = std::fs::read(&chunks).unwrap();
     let footer = &bytes[bytes.len() - 32..];
     let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
