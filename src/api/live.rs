@@ -14,14 +14,18 @@
 use super::auth::Tenant;
 use super::SharedState;
 use crate::fleet::live::{AgentEvent, Client};
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::broadcast::error::RecvError;
+use tokio_tungstenite::tungstenite::protocol::{frame::CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
 
 /// The subprotocol of the feed (a browser offers it beside `bearer.<token>`).
 pub const PROTOCOL: &str = "secumon.v1";
@@ -52,14 +56,151 @@ fn busy() -> Response {
         .into_response()
 }
 
-fn upgrade(ws: WebSocketUpgrade) -> WebSocketUpgrade {
-    ws.protocols([PROTOCOL])
-        .max_message_size(MAX_CLIENT_MESSAGE)
-        .max_frame_size(MAX_CLIENT_MESSAGE)
+/// What a feed's socket reads from and writes to: the connection itself, moved to the feed's
+/// runtime, or (for a connection not served by our listener) hyper's upgraded stream.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+type WebSocket = WebSocketStream<Box<dyn Stream>>;
+
+/// A WebSocket opening handshake (RFC 6455, 4.2), checked; `accept` answers it and runs the
+/// feed on the feed's own runtime.
+///
+/// axum's `WebSocketUpgrade` would leave the socket registered with the reactor of the HTTP
+/// runtime, where every readiness event of every feed client (a pong, a send buffer that
+/// drained) wakes a worker serving ingest and queries. Here the connection is taken back from
+/// hyper after the 101 and registered with the feed's runtime, TLS state included.
+pub(super) struct Upgrade {
+    key: HeaderValue,
+    /// Whether the client offered `secumon.v1`.
+    protocol: bool,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Upgrade, Response> {
+        let refuse = |status: StatusCode, why: &str| (status, format!("{why}\n")).into_response();
+        if parts.method != Method::GET {
+            return Err(refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket is opened with GET",
+            ));
+        }
+        if !has_token(&parts.headers, header::CONNECTION, "upgrade")
+            || !has_token(&parts.headers, header::UPGRADE, "websocket")
+        {
+            return Err(refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "this endpoint is a WebSocket: send Connection: Upgrade and Upgrade: websocket",
+            ));
+        }
+        if parts
+            .headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Version must be 13",
+            ));
+        }
+        let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "no Sec-WebSocket-Key header",
+            ));
+        };
+        let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+            return Err(refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded to a WebSocket",
+            ));
+        };
+        Ok(Upgrade {
+            key,
+            protocol: has_token(&parts.headers, header::SEC_WEBSOCKET_PROTOCOL, PROTOCOL),
+            on_upgrade,
+        })
+    }
+}
+
+impl Upgrade {
+    /// Answers 101 and, once hyper has handed the connection over, runs `feed` on it on the
+    /// feed's runtime. The subprotocol is `secumon.v1` when offered; a `bearer.<token>`
+    /// offered beside it is never echoed.
+    fn accept<F, Fut>(self, live: &crate::fleet::live::LiveHub, feed: F) -> Response
+    where
+        F: FnOnce(WebSocket) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Upgrade {
+            key,
+            protocol,
+            on_upgrade,
+        } = self;
+        live.spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => feed(open(upgraded).await).await,
+                Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+            }
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut response = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+        if protocol {
+            response = response.header(header::SEC_WEBSOCKET_PROTOCOL, PROTOCOL);
+        }
+        response
+            .body(axum::body::Body::empty())
+            .expect("a valid 101 response")
+    }
+}
+
+/// The WebSocket over an upgraded connection, moved to the runtime this runs on.
+async fn open(upgraded: hyper::upgrade::Upgraded) -> WebSocket {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
         // Clients send little: a small read buffer (the default is 128 KiB a connection), and
         // each message written at once rather than gathered.
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(0);
+    type Served = hyper_util::rt::TokioIo<crate::server::listener::Conn>;
+    match upgraded.downcast::<Served>() {
+        Ok(parts) => {
+            let mut conn = parts.io.into_inner();
+            if let Err(e) = conn.move_to_current_runtime() {
+                // It works where it is, at the HTTP workers' cost.
+                tracing::warn!(error = %e, "live feed socket stays on the HTTP runtime");
+            }
+            let conn: Box<dyn Stream> = Box::new(conn);
+            WebSocketStream::from_partially_read(
+                conn,
+                parts.read_buf.to_vec(),
+                Role::Server,
+                Some(config),
+            )
+            .await
+        }
+        Err(upgraded) => {
+            let io: Box<dyn Stream> = Box::new(hyper_util::rt::TokioIo::new(upgraded));
+            WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+        }
+    }
 }
 
 /// `GET /ws/metrics/{agent}` (the registry `id` or the `agent_id`).
@@ -73,28 +214,25 @@ pub(super) async fn metrics(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
     Path(key): Path<String>,
-    ws: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let Some(client) = state.live.join() else {
         return busy();
     };
     let agent = super::agent_metrics::find_agent(&state, &tenant, &key).await;
-    upgrade(ws).on_upgrade(move |socket| async move {
-        let live = state.live.clone();
-        live.spawn(async move {
-            let mut socket = socket;
-            let agent = match agent {
-                Ok(agent) => agent,
-                Err(e) => {
-                    close(&mut socket, CLOSE_UNKNOWN_AGENT, &e.message).await;
-                    return;
-                }
-            };
-            let subscription = state.live.subscribe(&tenant, &agent.agent_id);
-            Feed::new(socket, &state, client)
-                .metrics(subscription, &agent.agent_id)
-                .await;
-        });
+    let live = state.live.clone();
+    upgrade.accept(&live, move |mut socket| async move {
+        let agent = match agent {
+            Ok(agent) => agent,
+            Err(e) => {
+                close(&mut socket, CLOSE_UNKNOWN_AGENT, &e.message).await;
+                return;
+            }
+        };
+        let subscription = state.live.subscribe(&tenant, &agent.agent_id);
+        Feed::new(socket, &state, client)
+            .metrics(subscription, &agent.agent_id)
+            .await;
     })
 }
 
@@ -107,15 +245,15 @@ pub(super) async fn metrics(
 pub(super) async fn agents(
     State(state): State<SharedState>,
     Tenant(tenant): Tenant,
-    ws: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let Some(client) = state.live.join() else {
         return busy();
     };
     let events = state.live.watch_agents(&tenant);
-    upgrade(ws).on_upgrade(move |socket| async move {
-        let live = state.live.clone();
-        live.spawn(async move { Feed::new(socket, &state, client).agents(events).await });
+    let live = state.live.clone();
+    upgrade.accept(&live, move |socket| async move {
+        Feed::new(socket, &state, client).agents(events).await
     })
 }
 
@@ -123,7 +261,7 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
     // A close reason is at most 123 bytes.
     let reason = crate::fleet::remote::truncate(reason, 123);
     let frame = Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from(reason),
     }));
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await;
@@ -187,7 +325,10 @@ impl Feed {
     }
 
     /// Handles what arrives from the client or the clock; `Gone` ends the feed.
-    fn heard(&mut self, message: Option<Result<Message, axum::Error>>) -> Heard {
+    fn heard(
+        &mut self,
+        message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Heard {
         match message {
             None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Heard::Gone,
             Some(Ok(Message::Text(text))) => {
@@ -293,14 +434,14 @@ impl Feed {
     ) {
         enum Event<T> {
             Received(Result<T, RecvError>),
-            Message(Option<Result<Message, axum::Error>>),
+            Message(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
             Ping,
             Closing,
         }
         loop {
             let event = tokio::select! {
                 received = receiver.recv() => Event::Received(received),
-                message = self.socket.recv() => Event::Message(message),
+                message = self.socket.next() => Event::Message(message),
                 _ = self.ping.tick() => Event::Ping,
                 _ = self.closing.wait_for(|c| *c) => Event::Closing,
             };

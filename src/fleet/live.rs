@@ -11,12 +11,12 @@
 use crate::catalog::AgentRecord;
 use crate::model::{LabelsRef, TenantId};
 use crate::storage::WriteBatch;
-use axum::extract::ws::Utf8Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Most series recorded under one hold of an agent's pending lock.
 const PUBLISH_LOCK_RUN: usize = 256;

@@ -212,6 +212,21 @@ impl AsyncWrite for CountedConn {
     }
 }
 
+impl CountedConn {
+    /// Registers the socket with the reactor of the runtime this is called on, leaving the one
+    /// it was accepted on, so that its readiness events wake that runtime's threads alone (the
+    /// live feed's WebSockets, which would otherwise wake an HTTP worker for every pong and
+    /// every full send buffer). On an error the socket stays where it was.
+    fn move_to_current_runtime(&mut self) -> std::io::Result<()> {
+        // A second descriptor of the same socket, registered here; dropping the first
+        // deregisters it from the old reactor and closes it, the socket stays open.
+        let fd = std::os::fd::AsFd::as_fd(&self.stream).try_clone_to_owned()?;
+        let moved = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+        self.stream = moved;
+        Ok(())
+    }
+}
+
 impl tonic::transport::server::Connected for CountedConn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
@@ -260,6 +275,15 @@ impl Conn {
             unread: Vec::new(),
             unread_at: 0,
         })
+    }
+
+    /// Moves the connection (TLS state and all) to the reactor of the runtime this is called
+    /// on: see `CountedConn::move_to_current_runtime`. It keeps its connection slot.
+    pub fn move_to_current_runtime(&mut self) -> std::io::Result<()> {
+        match &mut self.io {
+            Io::Plain(c) => c.move_to_current_runtime(),
+            Io::Tls(c) => c.get_mut().0.move_to_current_runtime(),
+        }
     }
 
     /// Reads the HTTP/2 client preface by `deadline` (hyper waits for it without a limit),

@@ -161,6 +161,16 @@ async fn the_live_feed_pushes_ingested_samples_to_its_clients() {
         }
         other => panic!("expected 401, got {other:?}"),
     }
+    // A plain GET is told what the endpoint wants.
+    let plain = s
+        .http
+        .get(s.url("/ws/metrics/host-1"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 426);
+    assert!(plain.text().await.unwrap().contains("WebSocket"));
     for (path, token) in [
         ("/ws/metrics/nobody", &reader),
         ("/ws/metrics/host-1", &outsider),

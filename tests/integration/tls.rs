@@ -67,6 +67,15 @@ pub(crate) fn client(ca: &Ca, identity: Option<(&str, &str)>) -> reqwest::Client
 
 /// The certificate the server at `addr` presents (DER).
 async fn served_certificate(addr: std::net::SocketAddr, ca: &Ca) -> Vec<u8> {
+    let tls = tls_connect(addr, ca).await;
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A TLS connection to `addr`, trusting `ca`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert.der().clone()).unwrap();
     #[allow(deprecated)]
@@ -79,8 +88,7 @@ async fn served_certificate(addr: std::net::SocketAddr, ca: &Ca) -> Vec<u8> {
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    connector.connect(name, tcp).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,6 +208,75 @@ async fn a_client_ca_requires_client_certificates() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
+}
+
+/// The next text message of `socket` within 5 s, as JSON (pings skipped).
+async fn next_text<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("no message in time")
+            .expect("the feed ended")
+            .expect("a WebSocket error");
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The live feed's sockets leave the HTTP runtime for the feed's own, TLS state and all: a
+/// `wss://` client is answered, its messages read, and registry changes reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_feed_serves_wss() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("secumon test CA");
+    let (cert, key) = ca.issue(false);
+    let (cert_path, key_path) = (
+        write(dir.path(), "server.crt", &cert),
+        write(dir.path(), "server.key", &key),
+    );
+    let s = Secumon::start_on(Backend::Embedded, |c| {
+        c.tls.cert = cert_path.display().to_string();
+        c.tls.key = key_path.display().to_string();
+    })
+    .await;
+    let mut request = format!("wss://127.0.0.1:{}/ws/agents", s.server.addr.port())
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "secumon.v1".parse().unwrap());
+    let tls = tls_connect(s.server.addr, &ca).await;
+    let (mut socket, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "secumon.v1");
+    assert_eq!(next_text(&mut socket).await["type"], "subscribed");
+    // What the client says is read and answered over the moved connection.
+    socket.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_text(&mut socket).await["type"], "error");
+    let created = client(&ca, None)
+        .post(format!("https://{}/api/v1/agents", s.server.addr))
+        .json(&serde_json::json!({"agent_id": "tls-host"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let event = next_text(&mut socket).await;
+    assert_eq!(
+        (&event["type"], &event["agent"]["agent_id"]),
+        (
+            &serde_json::json!("registered"),
+            &serde_json::json!("tls-host")
+        )
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
