@@ -7,7 +7,8 @@
 //!    `--interval-secs` (10, staggered evenly), for `--seconds` (60) with no WebSocket client,
 //!    then for as long with `--clients` (1,000) clients subscribed across the agents (10 each),
 //!    then with the same clients narrowed to a metric no agent has (the hub keeps and coalesces
-//!    readings but sends nothing: the feed's cost on the ingest side alone), then with none. Reported for each window: server CPU-seconds per million samples
+//!    readings but sends nothing: the feed's cost on the ingest side alone), then with none;
+//!    `--rounds` (1) times over, new clients each round. Reported for each window: server CPU-seconds per million samples
 //!    (the whole process: ingest, the hub, every socket write), ingest request p50/p99; for the
 //!    window with clients, the delay from a sample's timestamp (stamped when its request was
 //!    sent) to its arrival at a client, p50/p99/max, messages received, and server RSS per
@@ -21,7 +22,11 @@
 //! during the windows (`--embedded-flush-interval-secs 3600`); the clients run in this process
 //! on the same machine.
 //!
-//! `cargo bench --bench fleet_live [-- --agents N --series N --clients N --seconds N --interval-secs N]`
+//! The summary compares the windows of each kind added up over the rounds (CPU over samples),
+//! against every window without clients: more rounds, less of the machine's drift between
+//! windows in the figure.
+//!
+//! `cargo bench --bench fleet_live [-- --agents N --series N --clients N --seconds N --interval-secs N --registry N --rounds N]`
 
 mod common;
 #[path = "../tests/integration/support/mod.rs"]
@@ -179,6 +184,7 @@ async fn main() {
     let seconds = common::arg("--seconds", 60);
     let interval = Duration::from_secs(common::arg("--interval-secs", 10));
     let registry = common::arg("--registry", 10_000) as usize;
+    let rounds = common::arg("--rounds", 1).max(1) as usize;
 
     let dir = temp_dir("secumon-fleet-bench");
     let port = free_port();
@@ -270,48 +276,36 @@ async fn main() {
     let write_url = format!("{base}/api/v1/write");
     let warm = ingest(&http, &write_url, pid, agents, series, interval, 20).await;
     println!("(warm-up: {} samples)", warm.samples);
-    let off = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
-    report("feed off", &off);
-
-    let rss_before = common::rss_mib(pid);
-    let delays = Arc::new(Mutex::new(Vec::<f64>::new()));
-    let messages = Arc::new(AtomicUsize::new(0));
-    let mut sockets = Vec::new();
-    let mut writers = Vec::new();
-    for c in 0..clients {
-        let url = format!("ws://127.0.0.1:{port}/ws/metrics/agent-{}", c % agents);
-        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        let (delays, messages) = (delays.clone(), messages.clone());
-        let (write, mut read) = socket.split();
-        writers.push(write);
-        sockets.push(tokio::spawn(async move {
-            while let Some(Ok(message)) = read.next().await {
-                let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
-                    continue;
-                };
-                let now = chrono::Utc::now().timestamp_millis();
-                let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-                if value["type"] != "metrics" {
-                    continue;
-                }
-                messages.fetch_add(1, Ordering::Relaxed);
-                let oldest = value["data"]
-                    .as_object()
-                    .unwrap()
-                    .values()
-                    .filter_map(|r| r["timestamp"].as_i64())
-                    .min()
-                    .unwrap_or(now);
-                delays.lock().unwrap().push((now - oldest) as f64);
-            }
-        }));
+    let mut off = vec![ingest(&http, &write_url, pid, agents, series, interval, seconds).await];
+    report("feed off", &off[0]);
+    let (mut on, mut narrowed) = (Vec::new(), Vec::new());
+    let (mut delay, mut on_messages) = (Vec::new(), 0);
+    let (mut rss_before, mut rss_with) = (0.0, 0.0);
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("round {round} of {rounds}");
+        }
+        let clients = Clients::connect(port, pid, clients, agents).await;
+        if round == 1 {
+            (rss_before, rss_with) = clients.rss;
+        }
+        let window = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
+        report(&format!("feed on, {} clients", clients.count), &window);
+        on.push(window);
+        on_messages += clients.messages.load(Ordering::Relaxed);
+        delay.append(&mut clients.delays.lock().unwrap());
+        let clients = clients.narrow().await;
+        let window = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
+        report(
+            &format!("feed on, {} clients sent nothing", clients.count),
+            &window,
+        );
+        narrowed.push(window);
+        clients.close().await;
+        let window = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
+        report("feed off again", &window);
+        off.push(window);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_with = common::rss_mib(pid);
-    let on = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
-    report(&format!("feed on, {clients} clients"), &on);
-    let on_messages = messages.load(Ordering::Relaxed);
-    let mut delay = std::mem::take(&mut *delays.lock().unwrap());
     delay.sort_by(f64::total_cmp);
     println!(
         "delay from sample to client: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} messages; server RSS {:.1} MiB before the clients, {:.1} MiB with them: {:.1} KiB per client",
@@ -323,42 +317,117 @@ async fn main() {
         rss_with,
         (rss_with - rss_before) * 1024.0 / clients as f64
     );
-    // The same clients, each narrowed to a metric no agent has: the hub still keeps and
-    // coalesces every watched agent's readings, but sends nothing. This is the feed's cost on
-    // the ingest side, without the fan-out to sockets.
-    for write in &mut writers {
-        write
-            .send(tokio_tungstenite::tungstenite::Message::text(
-                r#"{"type":"subscribe","metrics":["no_such_metric"]}"#,
-            ))
-            .await
-            .unwrap();
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let narrowed = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
-    report(
-        &format!("feed on, {clients} clients sent nothing"),
-        &narrowed,
-    );
-    for socket in sockets {
-        socket.abort();
-    }
-    drop(writers);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = ingest(&http, &write_url, pid, agents, series, interval, seconds).await;
-    report("feed off again", &after);
-    let samples = (off.samples + after.samples) as f64;
-    let base = (off.cpu + after.cpu) / samples;
-    let base_ingest = (off.cpu - off.feed_cpu + after.cpu - after.feed_cpu) / samples;
-    let change = |cpu: f64, w: &Window| ((cpu / w.samples as f64) / base - 1.0) * 100.0;
-    let change_ingest =
-        |w: &Window| (((w.cpu - w.feed_cpu) / w.samples as f64) / base_ingest - 1.0) * 100.0;
+    let total = |windows: &[Window]| Window {
+        cpu: windows.iter().map(|w| w.cpu).sum(),
+        feed_cpu: windows.iter().map(|w| w.feed_cpu).sum(),
+        samples: windows.iter().map(|w| w.samples).sum(),
+        latencies: Vec::new(),
+    };
+    let (off, on, narrowed) = (total(&off), total(&on), total(&narrowed));
+    let (base, base_ingest) = off.per_sample();
+    let change = |w: &Window| {
+        let (whole, ingest) = w.per_sample();
+        (
+            (whole / base - 1.0) * 100.0,
+            (ingest / base_ingest - 1.0) * 100.0,
+        )
+    };
+    let ((on_whole, on_ingest), (narrowed_whole, narrowed_ingest)) =
+        (change(&on), change(&narrowed));
     println!(
-        "CPU per sample over the mean of the two windows without clients: whole process: feed on and sending {:+.1} %, feed on but sending nothing {:+.1} %; every thread but the feed's (ingest): sending {:+.1} %, sending nothing {:+.1} %; the feed's threads while sending: {:.1} us per message received",
-        change(on.cpu, &on),
-        change(narrowed.cpu, &narrowed),
-        change_ingest(&on),
-        change_ingest(&narrowed),
+        "CPU per sample over every window without clients ({} windows, {rounds} round(s)): whole process: feed on and sending {on_whole:+.1} %, feed on but sending nothing {narrowed_whole:+.1} %; every thread but the feed's (ingest): sending {on_ingest:+.1} %, sending nothing {narrowed_ingest:+.1} %; the feed's threads while sending: {:.1} us per message received",
+        rounds + 1,
         on.feed_cpu / on_messages.max(1) as f64 * 1e6
     );
+}
+
+/// The WebSocket clients of one round, subscribed across the agents (client `c` to agent
+/// `c % agents`), noting each message's delay from its oldest reading.
+struct Clients {
+    count: usize,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    writers: Vec<
+        futures::stream::SplitSink<
+            tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
+            tokio_tungstenite::tungstenite::Message,
+        >,
+    >,
+    delays: Arc<Mutex<Vec<f64>>>,
+    messages: Arc<AtomicUsize>,
+    /// Server RSS (MiB) before they connected and 2 s after.
+    rss: (f64, f64),
+}
+
+impl Clients {
+    async fn connect(port: u16, pid: u32, count: usize, agents: usize) -> Clients {
+        let rss_before = common::rss_mib(pid);
+        let delays = Arc::new(Mutex::new(Vec::<f64>::new()));
+        let messages = Arc::new(AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        let mut writers = Vec::new();
+        for c in 0..count {
+            let url = format!("ws://127.0.0.1:{port}/ws/metrics/agent-{}", c % agents);
+            let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let (delays, messages) = (delays.clone(), messages.clone());
+            let (write, mut read) = socket.split();
+            writers.push(write);
+            readers.push(tokio::spawn(async move {
+                while let Some(Ok(message)) = read.next().await {
+                    let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+                        continue;
+                    };
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    if value["type"] != "metrics" {
+                        continue;
+                    }
+                    messages.fetch_add(1, Ordering::Relaxed);
+                    let oldest = value["data"]
+                        .as_object()
+                        .unwrap()
+                        .values()
+                        .filter_map(|r| r["timestamp"].as_i64())
+                        .min()
+                        .unwrap_or(now);
+                    delays.lock().unwrap().push((now - oldest) as f64);
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_with = common::rss_mib(pid);
+        Clients {
+            count,
+            readers,
+            writers,
+            delays,
+            messages,
+            rss: (rss_before, rss_with),
+        }
+    }
+
+    /// Narrows every client to a metric no agent has: the hub still keeps and coalesces every
+    /// watched agent's readings, but sends nothing. This is the feed's cost on the ingest
+    /// side, without the fan-out to sockets.
+    async fn narrow(mut self) -> Clients {
+        for write in &mut self.writers {
+            write
+                .send(tokio_tungstenite::tungstenite::Message::text(
+                    r#"{"type":"subscribe","metrics":["no_such_metric"]}"#,
+                ))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        self
+    }
+
+    async fn close(self) {
+        for reader in self.readers {
+            reader.abort();
+        }
+        drop(self.writers);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }

@@ -48,7 +48,7 @@ pub(super) fn describe(
     fleet: &FleetConfig,
     full: bool,
 ) -> serde_json::Value {
-    let online = fleet.online(a.last_seen_at, a.heartbeat_secs, now);
+    let online = fleet.online(a, now);
     let mut json = json!({
         "id": a.id,
         "tenant_id": a.tenant.as_str(),
@@ -464,7 +464,7 @@ pub(super) async fn create(
         .apply(&mut agent)
         .map_err(IntoResponse::into_response)?;
     let catalog = state.auth.catalog();
-    if let Err(full) = crate::fleet::room_for_agent(catalog.as_ref(), &tenant)
+    if let Err(full) = crate::fleet::room_for_agent(catalog.as_ref(), &tenant, &state.fleet)
         .await
         .map_err(|e| catalog_error(e).into_response())?
     {
@@ -748,7 +748,7 @@ pub(super) async fn delete(
     let deleted = state
         .auth
         .catalog()
-        .delete_agent(&tenant, &id)
+        .delete_agent(&tenant, &id, None)
         .await
         .map_err(catalog_error)?;
     if !deleted {

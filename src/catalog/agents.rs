@@ -358,11 +358,13 @@ fn conditions(query: &AgentQuery, dialect: Dialect, with_cursor: bool) -> (Strin
         let k = next(&mut params, Param::Int(query.online_heartbeats));
         sql += &if online {
             format!(
-                " AND last_seen_at IS NOT NULL AND ${now} - last_seen_at <= heartbeat_secs * ${k} * 1000"
+                " AND last_seen_at IS NOT NULL AND sequence_num IS NOT NULL \
+                 AND ${now} - last_seen_at <= heartbeat_secs * ${k} * 1000"
             )
         } else {
             format!(
-                " AND (last_seen_at IS NULL OR ${now} - last_seen_at > heartbeat_secs * ${k} * 1000)"
+                " AND (last_seen_at IS NULL OR sequence_num IS NULL \
+                 OR ${now} - last_seen_at > heartbeat_secs * ${k} * 1000)"
             )
         };
     }
@@ -612,8 +614,8 @@ macro_rules! agent_store {
                 let sql = $dialect.sql(
                     "SELECT COUNT(*) AS total, \
                      COALESCE(SUM(CASE WHEN status = 'active' THEN 1 ELSE 0 END), 0) AS active, \
-                     COALESCE(SUM(CASE WHEN last_seen_at IS NOT NULL AND \
-                         $2 - last_seen_at <= heartbeat_secs * $3 * 1000 THEN 1 ELSE 0 END), 0) \
+                     COALESCE(SUM(CASE WHEN last_seen_at IS NOT NULL AND sequence_num IS NOT NULL \
+                         AND $2 - last_seen_at <= heartbeat_secs * $3 * 1000 THEN 1 ELSE 0 END), 0) \
                          AS online \
                      FROM agents WHERE tenant_id = $1",
                 );
@@ -711,11 +713,16 @@ macro_rules! agent_store {
                 &self,
                 tenant: &$crate::model::TenantId,
                 id: &str,
+                unseen_since_ms: Option<i64>,
             ) -> $crate::catalog::CatalogResult<bool> {
-                let sql = $dialect.sql("DELETE FROM agents WHERE tenant_id = $1 AND id = $2");
+                let sql = $dialect.sql(
+                    "DELETE FROM agents WHERE tenant_id = $1 AND id = $2 \
+                     AND ($3 IS NULL OR (last_seen_at IS NOT NULL AND last_seen_at < $3))",
+                );
                 let done = sqlx::query(&sql)
                     .bind(tenant.as_str())
                     .bind(id)
+                    .bind(unseen_since_ms)
                     .execute(&self.pool)
                     .await?;
                 Ok(done.rows_affected() > 0)

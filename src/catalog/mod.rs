@@ -127,8 +127,14 @@ pub trait Agents: Send + Sync {
         limit: i64,
     ) -> CatalogResult<Vec<AgentRecord>>;
 
-    /// Deletes the tenant's agent `id`; whether there was one.
-    async fn delete_agent(&self, tenant: &TenantId, id: &str) -> CatalogResult<bool>;
+    /// Deletes the tenant's agent `id`; whether there was one. With `unseen_since_ms`, only
+    /// if it was last seen before then (an agent that reported meanwhile stays).
+    async fn delete_agent(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        unseen_since_ms: Option<i64>,
+    ) -> CatalogResult<bool>;
 
     /// Counts of the tenant's agents at `now_ms`; online means seen within
     /// `online_heartbeats` of the agent's heartbeat.

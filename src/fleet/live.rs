@@ -18,11 +18,15 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+/// Longest the server's stop waits for its live-feed clients to be sent their close.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// Most series recorded under one hold of an agent's pending lock.
 const PUBLISH_LOCK_RUN: usize = 256;
 
-/// Most distinct series kept for one watched agent; readings of more are dropped (and
-/// counted) until no one watches it.
+/// Most distinct series kept for one watched agent unless told otherwise
+/// (`--fleet-live-max-series`); readings of more are dropped (and counted) until no one
+/// watches it.
 pub const MAX_PENDING_SERIES: usize = 10_000;
 
 /// The latest reading of one series.
@@ -234,12 +238,18 @@ struct Watched {
 
 impl Pending {
     /// Records `(v, t)` as the series' latest reading unless a later one is there; false when
-    /// the series is new and [`MAX_PENDING_SERIES`] are kept already.
-    fn record(&mut self, series: &crate::storage::SeriesRef<'_>, v: f64, t: i64) -> bool {
+    /// the series is new and `max_series` are kept already.
+    fn record(
+        &mut self,
+        series: &crate::storage::SeriesRef<'_>,
+        v: f64,
+        t: i64,
+        max_series: usize,
+    ) -> bool {
         let slot = match self.slots.get(&series.fingerprint) {
             Some(&slot) => slot,
             None => {
-                if self.series.len() >= MAX_PENDING_SERIES {
+                if self.series.len() >= max_series {
                     return false;
                 }
                 let name = series.labels.metric_name().unwrap_or_default();
@@ -356,8 +366,10 @@ pub struct LiveHub {
     topics: RwLock<HashMap<TenantId, HashMap<String, Arc<Topic>>>>,
     /// Registry changes by tenant, while someone watches.
     registries: Mutex<HashMap<TenantId, broadcast::Sender<Arc<AgentEvent>>>>,
-    /// Readings left out past [`MAX_PENDING_SERIES`].
-    pub dropped_readings: AtomicUsize,
+    /// Most series kept per watched agent.
+    max_series: usize,
+    /// Readings left out past `max_series` (`secumon_live_dropped_readings_total`).
+    dropped_readings: prometheus_client::metrics::counter::Counter,
     /// Set when the server stops: clients close with 1001.
     closing: tokio::sync::watch::Sender<bool>,
     /// To the NATS bridge, when there is one.
@@ -440,11 +452,24 @@ impl LiveHub {
             watched: AtomicUsize::new(0),
             topics: RwLock::default(),
             registries: Mutex::default(),
-            dropped_readings: AtomicUsize::new(0),
+            max_series: MAX_PENDING_SERIES,
+            dropped_readings: Default::default(),
             closing: tokio::sync::watch::channel(false).0,
             outbound: OnceLock::new(),
             outbound_dropped: AtomicUsize::new(0),
         }
+    }
+
+    /// Keeps at most `max_series` series per watched agent (at least 1), counting readings left
+    /// out in `dropped`.
+    pub fn with_max_series(
+        mut self,
+        max_series: usize,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> LiveHub {
+        self.max_series = max_series.max(1);
+        self.dropped_readings = dropped;
+        self
     }
 
     /// Runs the feed (the ticker and the clients' sockets) on `threads` threads of its own.
@@ -617,8 +642,8 @@ impl LiveHub {
             let (Some(pending), Some(last)) = (pending.as_mut(), series.samples.last()) else {
                 continue;
             };
-            if !pending.record(&series, last.v, last.t) {
-                self.dropped_readings.fetch_add(1, Ordering::Relaxed);
+            if !pending.record(&series, last.v, last.t, self.max_series) {
+                self.dropped_readings.inc();
             }
         }
     }
@@ -659,11 +684,15 @@ impl LiveHub {
         loop {
             tokio::select! {
                 _ = tick.tick() => self.send_pending(chrono::Utc::now().timestamp_millis()),
-                _ = stop.wait_for(|stop| *stop) => {
-                    self.closing.send_replace(true);
-                    return;
-                }
+                _ = stop.wait_for(|stop| *stop) => break,
             }
+        }
+        self.closing.send_replace(true);
+        // Every client's task now sends its close (1001) and ends. The server's stop waits
+        // for them, a bounded time, so that clients see a close frame rather than a reset.
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while self.clients() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -765,7 +794,11 @@ mod tests {
 
     #[test]
     fn an_older_sample_never_replaces_a_newer_one_and_the_series_are_capped() {
-        let hub = Arc::new(LiveHub::new(Duration::from_secs(2), 4, 10));
+        let max = 100;
+        let dropped = prometheus_client::metrics::counter::Counter::default();
+        let hub = Arc::new(
+            LiveHub::new(Duration::from_secs(2), 4, 10).with_max_series(max, dropped.clone()),
+        );
         let tenant = TenantId::new("t");
         let mut subscription = hub.subscribe(&tenant, "a");
         hub.publish(&tenant, &batch("a", &[(5, 5.0)]));
@@ -778,7 +811,7 @@ mod tests {
         );
 
         let many = WriteBatch::from_series(
-            &(0..MAX_PENDING_SERIES + 3)
+            &(0..max + 3)
                 .map(|i| SeriesWrite {
                     labels: Labels::from_trusted(vec![
                         Label::new("__name__", "cpu"),
@@ -791,10 +824,14 @@ mod tests {
         );
         hub.publish(&tenant, &many);
         // The series of the first message holds one of the places.
-        assert_eq!(hub.dropped_readings.load(Ordering::Relaxed), 4);
+        assert_eq!(
+            dropped.get(),
+            4,
+            "counted where the server's metric reads it"
+        );
         hub.send_pending(30);
         let snapshot = subscription.receiver.try_recv().unwrap();
-        assert_eq!(snapshot.readings.len(), MAX_PENDING_SERIES - 1);
+        assert_eq!(snapshot.readings.len(), max - 1);
         // In the order the readings arrived.
         assert_eq!(
             &*snapshot.readings[0].0,

@@ -12,19 +12,18 @@ use crate::model::TenantId;
 use clap::Args;
 use serde::Deserialize;
 
-/// Most agents one tenant may have: bounds what clients (operators over REST, agents over
-/// OpAMP) can make the registry hold.
-pub const MAX_AGENTS_PER_TENANT: i64 = 100_000;
-
-/// Whether the tenant may register one more agent: `Err` says why not.
+/// Whether the tenant may register one more agent (`--fleet-max-agents-per-tenant`): `Err`
+/// says why not.
 pub async fn room_for_agent(
     catalog: &dyn Catalog,
     tenant: &TenantId,
+    fleet: &FleetConfig,
 ) -> Result<Result<(), String>, CatalogError> {
     let held = catalog.count_agents(tenant).await?;
-    Ok(if held >= MAX_AGENTS_PER_TENANT {
+    let most = fleet.max_agents_per_tenant;
+    Ok(if held >= most {
         Err(format!(
-            "tenant {tenant} has {held} agents, the most it may register ({MAX_AGENTS_PER_TENANT}); delete some first"
+            "tenant {tenant} has {held} agents, the most it may register ({most}, --fleet-max-agents-per-tenant); delete some first"
         ))
     } else {
         Ok(())
@@ -85,6 +84,43 @@ pub struct FleetConfig {
     )]
     #[serde(deserialize_with = "deserialize_interval")]
     pub live_interval: std::time::Duration,
+    /// Most agents one tenant may have, pre-registered by operators or registered by their
+    /// own first OpAMP message: past it, a registration is refused (409 over REST, an error
+    /// answer over OpAMP). Bounds what clients can make the registry hold.
+    #[arg(
+        id = "fleet.max_agents_per_tenant",
+        long = "fleet-max-agents-per-tenant",
+        env = "SECUMON_FLEET_MAX_AGENTS_PER_TENANT",
+        default_value_t = 100_000,
+        value_parser = clap::value_parser!(i64).range(1..)
+    )]
+    pub max_agents_per_tenant: i64,
+    /// Most series of one watched agent whose latest reading the live feed keeps (1 to
+    /// 1,000,000): readings of further series are left out of its messages while it is
+    /// watched (counted in `secumon_live_dropped_readings_total`). Bounds the feed's memory
+    /// per watched agent, whatever its clients ingest.
+    #[arg(
+        id = "fleet.live_max_series",
+        long = "fleet-live-max-series",
+        env = "SECUMON_FLEET_LIVE_MAX_SERIES",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    pub live_max_series: u32,
+    /// Removes an agent that registered itself over OpAMP once it has not been heard from for
+    /// this long (a Prometheus duration such as `7d`; `0s`, the default: never): collectors
+    /// that make a new `instance_uid` at every start leave a row per start. Agents an operator
+    /// registered are never removed. Checked at each `--fleet-status-interval-secs` run (so
+    /// never when that is 0); each removal is a `deleted` event on `/ws/agents`.
+    #[arg(
+        id = "fleet.forget_auto_registered_after",
+        long = "fleet-forget-auto-registered-after",
+        env = "SECUMON_FLEET_FORGET_AUTO_REGISTERED_AFTER",
+        default_value = "0s",
+        value_parser = parse_forget_after
+    )]
+    #[serde(deserialize_with = "deserialize_forget_after")]
+    pub forget_auto_registered_after: std::time::Duration,
     /// Most live-feed WebSocket clients (`/ws/metrics/…`, `/ws/agents`) at once; each also
     /// holds one of `--http-max-connections`, so keep it below that. Past it, an upgrade is
     /// answered 503.
@@ -133,6 +169,16 @@ fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
     crate::config::duration_within(text, 10, 3_600_000, "from 10ms to 1h")
 }
 
+fn parse_forget_after(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::duration_within(text, 0, 10 * 365 * 86_400_000, "from 0s (never) to 10y")
+}
+
+fn deserialize_forget_after<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<std::time::Duration, D::Error> {
+    crate::config::deserialize_duration(deserializer, parse_forget_after)
+}
+
 fn deserialize_interval<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<std::time::Duration, D::Error> {
@@ -146,11 +192,14 @@ impl Default for FleetConfig {
 }
 
 impl FleetConfig {
-    /// Whether an agent last seen at `last_seen_ms` (Unix ms) with this heartbeat is online at
-    /// `now_ms`.
-    pub fn online(&self, last_seen_ms: Option<i64>, heartbeat_secs: i64, now_ms: i64) -> bool {
-        last_seen_ms.is_some_and(|seen| {
-            now_ms - seen <= heartbeat_secs.saturating_mul(self.online_heartbeats) * 1000
-        })
+    /// Whether `agent` is online at `now_ms` (Unix ms): seen within `online_heartbeats` of its
+    /// heartbeat, and not gone since with an OpAMP `AgentDisconnect` (which ends its sequence:
+    /// an agent that said goodbye is offline at once, as OpAMP servers show it). The catalog's
+    /// `online` filter and counts are the same test in SQL.
+    pub fn online(&self, agent: &crate::catalog::agents::AgentRecord, now_ms: i64) -> bool {
+        agent.sequence_num.is_some()
+            && agent.last_seen_at.is_some_and(|seen| {
+                now_ms - seen <= agent.heartbeat_secs.saturating_mul(self.online_heartbeats) * 1000
+            })
     }
 }

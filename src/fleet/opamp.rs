@@ -122,9 +122,7 @@ impl Exchange<'_> {
                 .ok()
                 .and_then(|a| a.get("host.name")?.as_str().map(str::to_owned));
             matches!((reported, registered), (Some(r), Some(k)) if r != k)
-                && self
-                    .fleet
-                    .online(agent.last_seen_at, agent.heartbeat_secs, self.now_ms)
+                && self.fleet.online(agent, self.now_ms)
         });
         let mut renamed = None;
         if requested || duplicate {
@@ -186,7 +184,7 @@ impl Exchange<'_> {
         message: &opamp::AgentToServer,
         sequence: Option<i64>,
     ) -> Result<Result<AgentRecord, String>, CatalogError> {
-        if let Err(full) = super::room_for_agent(self.catalog, self.tenant).await? {
+        if let Err(full) = super::room_for_agent(self.catalog, self.tenant, self.fleet).await? {
             return Ok(Err(full));
         }
         let mut agent = AgentRecord::new(self.tenant, agent_id, self.now_ms);

@@ -50,7 +50,7 @@ pub fn agent_series(
         }
         Labels::from_trusted(labels)
     };
-    let up = fleet.online(agent.last_seen_at, agent.heartbeat_secs, now_ms);
+    let up = fleet.online(agent, now_ms);
     let mut series = vec![SeriesWrite {
         labels: labels("secumon_agent_up"),
         samples: vec![Sample {
@@ -116,11 +116,20 @@ pub async fn write_all(
             return Ok(agents);
         };
         after = Some((last.tenant.clone(), last.agent_id.clone()));
+        let full_page = page.len() as i64 >= PAGE;
+        let page = forget_stale(
+            catalog,
+            fleet,
+            live.as_ref().map(|(hub, _)| *hub),
+            page,
+            now_ms,
+        )
+        .await;
         agents += page.len();
         if let Some((hub, presence)) = live.as_mut() {
             for agent in &page {
                 seen.insert((agent.tenant.clone(), agent.id.clone()));
-                let online = fleet.online(agent.last_seen_at, agent.heartbeat_secs, now_ms);
+                let online = fleet.online(agent, now_ms);
                 if let Some(kind) = presence.observe(agent, online) {
                     hub.agent_event(kind, agent);
                 }
@@ -148,11 +157,53 @@ pub async fn write_all(
             }
             start = end;
         }
-        if (page.len() as i64) < PAGE {
+        if !full_page {
             forget_gone(&mut live, &seen);
             return Ok(agents);
         }
     }
+}
+
+/// Removes the auto-registered agents of `page` unheard of for
+/// `--fleet-forget-auto-registered-after` (announcing each); the agents left.
+async fn forget_stale(
+    catalog: &dyn Catalog,
+    fleet: &FleetConfig,
+    hub: Option<&LiveHub>,
+    page: Vec<AgentRecord>,
+    now_ms: i64,
+) -> Vec<AgentRecord> {
+    let after = fleet.forget_auto_registered_after;
+    if after.is_zero() {
+        return page;
+    }
+    let cutoff = now_ms.saturating_sub(after.as_millis().min(i64::MAX as u128) as i64);
+    let mut kept = Vec::with_capacity(page.len());
+    for agent in page {
+        if agent.auto_registered && agent.last_seen_at.is_some_and(|seen| seen < cutoff) {
+            // Only if still unseen: it may have reported since the page was read.
+            match catalog
+                .delete_agent(&agent.tenant, &agent.id, Some(cutoff))
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(tenant = %agent.tenant, agent_id = %agent.agent_id,
+                        "removed an auto-registered agent not heard from for --fleet-forget-auto-registered-after");
+                    if let Some(hub) = hub {
+                        hub.agent_event(AgentEventKind::Deleted, &agent);
+                    }
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(tenant = %agent.tenant, agent_id = %agent.agent_id, error = %e,
+                        "cannot remove a stale auto-registered agent; retrying at the next run");
+                }
+            }
+        }
+        kept.push(agent);
+    }
+    kept
 }
 
 /// Drops deleted agents from `presence`.

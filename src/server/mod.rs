@@ -291,6 +291,10 @@ pub async fn start(config: &Config, storage: DynStorage) -> anyhow::Result<Runni
             config.fleet.live_queue,
             config.fleet.live_max_clients,
         )
+        .with_max_series(
+            config.fleet.live_max_series as usize,
+            metrics.live_dropped_readings.clone(),
+        )
         .on_threads(config.fleet.live_threads)
         .map_err(|e| anyhow::anyhow!("cannot start the live feed's threads: {e}"))?,
     );

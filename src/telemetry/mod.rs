@@ -99,6 +99,8 @@ pub struct Metrics {
     pub lifecycle: LifecycleMetrics,
     /// Live-feed WebSocket clients connected now.
     pub live_clients: prometheus_client::metrics::gauge::Gauge,
+    /// Readings the live feed left out of watched agents' messages (`--fleet-live-max-series`).
+    pub live_dropped_readings: Counter,
     pub rules: RuleMetrics,
     pub notifications_sent: Family<AlertmanagerLabels, Counter>,
     pub notification_errors: Family<AlertmanagerLabels, Counter>,
@@ -309,6 +311,12 @@ impl Metrics {
             "Live-feed WebSocket clients connected now (/ws/metrics, /ws/agents)",
             live_clients.clone(),
         );
+        let live_dropped_readings = Counter::default();
+        registry.register(
+            "live_dropped_readings",
+            "Readings the live feed left out of a watched agent's messages: that agent had more series than --fleet-live-max-series",
+            live_dropped_readings.clone(),
+        );
         let lifecycle = LifecycleMetrics::default();
         lifecycle.register(registry);
         let rules = RuleMetrics::default();
@@ -404,6 +412,7 @@ impl Metrics {
             receiver_requests,
             receiver_requests_failed,
             live_clients,
+            live_dropped_readings,
             lifecycle,
             registry: root,
             queries_refused,

@@ -326,14 +326,26 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         "{store}"
     );
     assert_eq!(catalog.count_agents(&t1).await.unwrap(), 2, "{store}");
+    // Deleting an agent unseen since a time leaves one seen then or later.
+    assert!(
+        !catalog.delete_agent(&t1, "a2", Some(77)).await.unwrap(),
+        "{store}"
+    );
+    assert!(catalog.agent(&t1, "a2").await.unwrap().is_some(), "{store}");
     let mut reset = kept.clone();
     reset.last_seen_at = None;
     catalog.update_agent(&reset, true).await.unwrap();
 
     listings_conform(catalog, store, &t1).await;
 
-    assert!(!catalog.delete_agent(&t2, "a1").await.unwrap(), "{store}");
-    assert!(catalog.delete_agent(&t1, "a1").await.unwrap(), "{store}");
+    assert!(
+        !catalog.delete_agent(&t2, "a1", None).await.unwrap(),
+        "{store}"
+    );
+    assert!(
+        catalog.delete_agent(&t1, "a1", None).await.unwrap(),
+        "{store}"
+    );
     assert_eq!(catalog.agent(&t1, "a1").await.unwrap(), None, "{store}");
 }
 
@@ -448,7 +460,7 @@ async fn listings_conform(catalog: &dyn Catalog, store: &str, t1: &TenantId) {
         }
     }
     for id in ["a4", "a5", "a6"] {
-        assert!(catalog.delete_agent(t1, id).await.unwrap(), "{store}");
+        assert!(catalog.delete_agent(t1, id, None).await.unwrap(), "{store}");
     }
 }
 

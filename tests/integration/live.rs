@@ -17,7 +17,7 @@ pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connects as a browser does: the token as a subprotocol beside `secumon.v1`.
-async fn connect(s: &Secumon, path: &str, token: &str) -> Socket {
+pub(crate) async fn connect(s: &Secumon, path: &str, token: &str) -> Socket {
     let mut request = s
         .url(path)
         .replace("http://", "ws://")
@@ -37,7 +37,7 @@ async fn connect(s: &Secumon, path: &str, token: &str) -> Socket {
 }
 
 /// The next JSON message within `wait`, skipping pings.
-async fn next(socket: &mut Socket, wait: Duration) -> Value {
+pub(crate) async fn next(socket: &mut Socket, wait: Duration) -> Value {
     let deadline = Instant::now() + wait;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -307,6 +307,20 @@ async fn the_live_feed_pushes_ingested_samples_to_its_clients() {
     );
     let heard = tokio::time::timeout(Duration::from_millis(500), theirs.next()).await;
     assert!(heard.is_err(), "another tenant hears nothing: {heard:?}");
+
+    // The server's stop sends every client a close (1001) before it returns.
+    s.server.stop().await;
+    for socket in [&mut fleet, &mut theirs, &mut all, &mut narrow] {
+        let code = loop {
+            // What was sent before the close may still be unread.
+            match tokio::time::timeout(Duration::from_secs(1), socket.next()).await {
+                Ok(Some(Ok(Message::Close(Some(frame))))) => break frame.code,
+                Ok(Some(Ok(Message::Text(_) | Message::Ping(_)))) => continue,
+                other => panic!("expected a close frame already sent, got {other:?}"),
+            }
+        };
+        assert_eq!(code, CloseCode::Away);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

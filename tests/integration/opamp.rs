@@ -567,11 +567,37 @@ async fn opamp_edges_sequence_uids_malformed_and_tenants() {
     let (_, page) = get(&s, &reader, "/api/v1/agents").await;
     assert_eq!(page["data"]["total"], 3, "{page}");
 
-    // A disconnect ends the sequence: the next message starts a new one with no gap.
+    // A disconnect ends the sequence, and the agent is offline at once (in the listing's
+    // filter, its own page and the counts); its next message starts a new sequence with no
+    // gap, and it is online again.
+    let listed = async |query: &str| -> bool {
+        let (_, page) = get(&s, &reader, &format!("/api/v1/agents?{query}")).await;
+        page["data"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["agent_id"] == uid.to_string())
+    };
+    let online_count = async || -> i64 {
+        let (_, stats) = get(&s, &reader, "/api/v1/agents/stats").await;
+        stats["data"]["online"].as_i64().unwrap()
+    };
+    assert!(listed("online=true").await && !listed("online=false").await);
+    let online_before = online_count().await;
     let mut bye = message(&uid, 9, None);
     bye.agent_disconnect = Some(Default::default());
     let (_, answer) = post(&s, &token, bye.encode_to_vec(), false).await;
     assert!(answer.unwrap().error_response.is_none());
+    assert!(!listed("online=true").await && listed("online=false").await);
+    assert_eq!(online_count().await, online_before - 1);
+    let (_, page) = get(&s, &reader, "/api/v1/agents?online=false").await;
+    let gone = page["data"]["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent_id"] == uid.to_string())
+        .unwrap();
+    assert_eq!(gone["online"], false, "{gone}");
     let (_, answer) = post(
         &s,
         &token,
@@ -580,6 +606,8 @@ async fn opamp_edges_sequence_uids_malformed_and_tenants() {
     )
     .await;
     assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, 0);
+    assert!(listed("online=true").await);
+    assert_eq!(online_count().await, online_before);
 }
 
 /// The instant vector `query` gives to `token`'s tenant, as (labels, value) pairs.
@@ -979,4 +1007,82 @@ async fn the_websocket_transport_answers_and_pushes_a_new_configuration() {
         ended.is_ok(),
         "an oversized message did not end the session"
     );
+}
+
+/// `--fleet-forget-auto-registered-after`: an agent that registered itself and went silent is
+/// removed (and announced as deleted); one an operator registered, and one that keeps
+/// reporting, stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_auto_registered_agents_are_forgotten() {
+    let (s, catalog) = crate::auth::start(Backend::Embedded, |c| {
+        c.fleet.status_interval_secs = 1;
+        c.fleet.forget_auto_registered_after = Duration::from_secs(2);
+    })
+    .await;
+    let token = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
+    let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
+    let (silent, operators, talking) = (
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    );
+    let body = json!({"agent_id": operators.to_string()}).to_string();
+    assert_eq!(
+        send(&s, &admin, reqwest::Method::POST, "/api/v1/agents", &body)
+            .await
+            .0,
+        201
+    );
+    for (uid, host) in [(&silent, "h1"), (&operators, "h2"), (&talking, "h3")] {
+        let (status, _) = post(
+            &s,
+            &token,
+            message(uid, 0, Some(host)).encode_to_vec(),
+            false,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let mut fleet = crate::live::connect(&s, "/ws/agents", &admin).await;
+    assert_eq!(
+        crate::live::next(&mut fleet, Duration::from_secs(5)).await["type"],
+        "subscribed"
+    );
+    let listed = async || -> Vec<String> {
+        let (_, page) = get(&s, &admin, "/api/v1/agents").await;
+        page["data"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["agent_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut sequence = 1;
+    while listed().await.contains(&silent.to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the silent agent is still listed"
+        );
+        let (status, _) = post(
+            &s,
+            &token,
+            message(&talking, sequence, None).encode_to_vec(),
+            false,
+        )
+        .await;
+        assert_eq!(status, 200);
+        sequence += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let left = listed().await;
+    assert!(left.contains(&operators.to_string()), "{left:?}");
+    assert!(left.contains(&talking.to_string()), "{left:?}");
+    loop {
+        let event = crate::live::next(&mut fleet, Duration::from_secs(5)).await;
+        if event["type"] == "deleted" {
+            assert_eq!(event["agent"]["agent_id"], silent.to_string(), "{event}");
+            break;
+        }
+    }
 }
