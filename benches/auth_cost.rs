@@ -182,6 +182,7 @@ fn runtime_check() -> f64 {
             "ingest".parse().unwrap(),
             "bench",
             None,
+            1_000,
         )
         .await
         .unwrap();

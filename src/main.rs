@@ -170,9 +170,15 @@ async fn token(config: &secumon::config::Config, action: TokenCommand) -> anyhow
                         .map_err(|m| anyhow::anyhow!("--expires {e:?}: {m}"))
                 })
                 .transpose()?;
-            let (token, record) =
-                secumon::auth::create_token(catalog.as_ref(), &tenant, scopes, &name, lifetime)
-                    .await?;
+            let (token, record) = secumon::auth::create_token(
+                catalog.as_ref(),
+                &tenant,
+                scopes,
+                &name,
+                lifetime,
+                config.auth.max_tokens_per_tenant,
+            )
+            .await?;
             eprintln!(
                 "token {} of tenant {} ({}) created; it is shown this once:",
                 record.id, record.tenant, record.scopes

@@ -146,6 +146,7 @@ pub(super) async fn create(
         scopes,
         &request.name,
         lifetime,
+        state.auth.max_tokens_per_tenant(),
     )
     .await;
     let (token, record) = match created {

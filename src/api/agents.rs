@@ -577,11 +577,13 @@ pub(super) async fn change(
             fresh.remote_config = current.remote_config.clone();
             fresh.remote_config_status = current.remote_config_status.clone();
             fresh.capabilities = current.capabilities;
-            // What the agent described is reset too: its next message is asked for its
-            // full state (ReportFullState) and describes it again.
-            fresh.sequence_num = None;
+            // What the agent described is reset too: with no description held, its next
+            // message is asked for its full state (ReportFullState) and describes it again.
+            // Its sequence (and so whether it is online) is the heartbeat's, which an
+            // operator's change never writes.
+            fresh.sequence_num = current.sequence_num;
             fresh.token_id = current.token_id.clone();
-            fresh.attributes = current.attributes.clone();
+            fresh.attributes = "{}".into();
             fresh.last_seen_at = current.last_seen_at;
             fresh.revision = current.revision;
             fresh

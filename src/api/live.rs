@@ -91,6 +91,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Upgrade, Response> {
         let refuse = |status: StatusCode, why: &str| (status, format!("{why}\n")).into_response();
+        // 426 names what to upgrade to (RFC 9110, 15.5.22), and a wrong version the one
+        // spoken here (RFC 6455, 4.4).
+        let upgrade_required = |why: &str| {
+            let mut response = refuse(StatusCode::UPGRADE_REQUIRED, why);
+            let headers = response.headers_mut();
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            response
+        };
         if parts.method != Method::GET {
             return Err(refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -100,8 +113,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
         if !has_token(&parts.headers, header::CONNECTION, "upgrade")
             || !has_token(&parts.headers, header::UPGRADE, "websocket")
         {
-            return Err(refuse(
-                StatusCode::UPGRADE_REQUIRED,
+            return Err(upgrade_required(
                 "this endpoint is a WebSocket: send Connection: Upgrade and Upgrade: websocket",
             ));
         }
@@ -110,26 +122,37 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .get(header::SEC_WEBSOCKET_VERSION)
             .is_none_or(|v| v.as_bytes() != b"13")
         {
-            return Err(refuse(
-                StatusCode::BAD_REQUEST,
-                "Sec-WebSocket-Version must be 13",
-            ));
+            return Err(upgrade_required("Sec-WebSocket-Version must be 13"));
         }
-        let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        // The key is 16 random bytes, base64-encoded (RFC 6455, 4.1).
+        let key = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+        let valid = key.as_ref().is_some_and(|key| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(key.as_bytes())
+                .is_ok_and(|bytes| bytes.len() == 16)
+        });
+        let (Some(key), true) = (key, valid) else {
             return Err(refuse(
                 StatusCode::BAD_REQUEST,
-                "no Sec-WebSocket-Key header",
+                "Sec-WebSocket-Key must be 16 bytes in base64",
             ));
         };
         let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
-            return Err(refuse(
-                StatusCode::UPGRADE_REQUIRED,
+            return Err(upgrade_required(
                 "this connection cannot be upgraded to a WebSocket",
             ));
         };
+        // Subprotocols are compared as sent: a browser checks the answer byte for byte.
+        let protocol = parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .any(|offered| offered.trim_ascii() == PROTOCOL.as_bytes());
         Ok(Upgrade {
             key,
-            protocol: has_token(&parts.headers, header::SEC_WEBSOCKET_PROTOCOL, PROTOCOL),
+            protocol,
             on_upgrade,
         })
     }
@@ -197,6 +220,8 @@ async fn open(upgraded: hyper::upgrade::Upgraded) -> WebSocket {
             .await
         }
         Err(upgraded) => {
+            // Works, but on the HTTP runtime: every event of this socket wakes its workers.
+            tracing::warn!("live feed socket of an unexpected type stays on the HTTP runtime");
             let io: Box<dyn Stream> = Box::new(hyper_util::rt::TokioIo::new(upgraded));
             WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
         }

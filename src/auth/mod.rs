@@ -83,6 +83,17 @@ pub struct AuthConfig {
         default_value_t = 20
     )]
     pub max_failures_per_minute: u32,
+    /// Most API tokens one tenant may hold (revoked ones no longer count): past it, creating
+    /// one is refused (`secumon token create`, `POST /api/v1/admin/tokens`). Bounds what an
+    /// admin, or a script gone wrong, can make the catalog hold.
+    #[arg(
+        id = "auth.max_tokens_per_tenant",
+        long = "auth-max-tokens-per-tenant",
+        env = "SECUMON_AUTH_MAX_TOKENS_PER_TENANT",
+        default_value_t = 1_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_tokens_per_tenant: u32,
 }
 
 impl Default for AuthConfig {
@@ -249,6 +260,8 @@ pub struct Authenticator {
     /// Failed authentications per client address in the current minute of each.
     failures: Mutex<HashMap<std::net::IpAddr, Failures>>,
     max_failures: u32,
+    /// `--auth-max-tokens-per-tenant`.
+    max_tokens: u32,
     /// `--auth-trusted-proxies`.
     proxies: Vec<ipnet::IpNet>,
 }
@@ -295,6 +308,7 @@ impl Authenticator {
             used: Mutex::default(),
             failures: Mutex::default(),
             max_failures: config.max_failures_per_minute,
+            max_tokens: config.max_tokens_per_tenant,
             proxies: parse_proxies(&config.trusted_proxies)?,
         })
     }
@@ -305,6 +319,11 @@ impl Authenticator {
 
     pub fn catalog(&self) -> &DynCatalog {
         &self.catalog
+    }
+
+    /// Most tokens a tenant may hold (`--auth-max-tokens-per-tenant`).
+    pub fn max_tokens_per_tenant(&self) -> u32 {
+        self.max_tokens
     }
 
     /// The caller of a request with these headers from `peer`. Guesses (tokens of a wrong
@@ -583,10 +602,6 @@ fn credentials(headers: &HeaderMap) -> Result<Cow<'_, str>, AuthError> {
 /// Longest token name, in characters.
 pub const MAX_TOKEN_NAME: usize = 200;
 
-/// Most tokens one tenant may have: bounds what an admin (or a script gone wrong) can make
-/// the catalog hold.
-pub const MAX_TOKENS_PER_TENANT: usize = 1_000;
-
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
     #[error("{0}")]
@@ -605,6 +620,7 @@ pub async fn create_token(
     scopes: Scopes,
     name: &str,
     lifetime_ms: Option<i64>,
+    max_tokens: u32,
 ) -> Result<(String, TokenRecord), CreateError> {
     if !valid_tenant(tenant) {
         return Err(CreateError::Invalid(format!(
@@ -631,9 +647,9 @@ pub async fn create_token(
         .list_tokens(Some(&TenantId::new(tenant)))
         .await?
         .len();
-    if held >= MAX_TOKENS_PER_TENANT {
+    if held >= max_tokens as usize {
         return Err(CreateError::Invalid(format!(
-            "tenant {tenant} has {held} tokens, the most it may have ({MAX_TOKENS_PER_TENANT}); revoke some first"
+            "tenant {tenant} has {held} tokens, the most it may have ({max_tokens}, --auth-max-tokens-per-tenant); revoke some first"
         )));
     }
     let text = token::generate()?;

@@ -67,7 +67,8 @@ pub struct AgentRecord {
     pub attributes: String,
     /// The API token the agent's OpAMP messages must come with (empty: any of the tenant's).
     pub token_id: String,
-    /// How often the agent reports; it is online while seen within a multiple of this.
+    /// How often the agent reports; it is online while seen within a multiple of this (and
+    /// not disconnected since: `FleetConfig::online`).
     pub heartbeat_secs: i64,
     /// Unix milliseconds.
     pub created_at: i64,

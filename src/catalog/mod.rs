@@ -137,7 +137,8 @@ pub trait Agents: Send + Sync {
     ) -> CatalogResult<bool>;
 
     /// Counts of the tenant's agents at `now_ms`; online means seen within
-    /// `online_heartbeats` of the agent's heartbeat.
+    /// `online_heartbeats` of the agent's heartbeat and not disconnected since
+    /// (`FleetConfig::online`).
     async fn agent_stats(
         &self,
         tenant: &TenantId,

@@ -110,7 +110,8 @@ pub struct FleetConfig {
     /// Removes an agent that registered itself over OpAMP once it has not been heard from for
     /// this long (a Prometheus duration such as `7d`; `0s`, the default: never): collectors
     /// that make a new `instance_uid` at every start leave a row per start. Agents an operator
-    /// registered are never removed. Checked at each `--fleet-status-interval-secs` run (so
+    /// registered, gave tags or a remote configuration, and agents still online are never
+    /// removed. Checked at each `--fleet-status-interval-secs` run (so
     /// never when that is 0); each removal is a `deleted` event on `/ws/agents`.
     #[arg(
         id = "fleet.forget_auto_registered_after",

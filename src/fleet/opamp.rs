@@ -140,12 +140,19 @@ impl Exchange<'_> {
                 renamed = Some(agent_id.clone());
             }
         }
+        // Asked for when a report may have been missed, or when the registry holds no
+        // description of the agent (a new row, or one an operator replaced) and this message
+        // brings none.
+        let described = message.agent_description.is_some();
         let full_state_missing = match &known {
             Some(agent) => match agent.sequence_num {
-                Some(last) => message.sequence_num as i64 != last.wrapping_add(1),
-                None => message.agent_description.is_none(),
+                Some(last) => {
+                    message.sequence_num as i64 != last.wrapping_add(1)
+                        || (agent.attributes == "{}" && !described)
+                }
+                None => !described,
             },
-            None => message.agent_description.is_none(),
+            None => !described,
         };
         if full_state_missing {
             answer.flags |= ServerToAgentFlags::ReportFullState as u64;

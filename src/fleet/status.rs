@@ -180,7 +180,14 @@ async fn forget_stale(
     let cutoff = now_ms.saturating_sub(after.as_millis().min(i64::MAX as u128) as i64);
     let mut kept = Vec::with_capacity(page.len());
     for agent in page {
-        if agent.auto_registered && agent.last_seen_at.is_some_and(|seen| seen < cutoff) {
+        // One an operator has taken up (tags, a remote configuration) stays, as does one
+        // still counted online (a setting shorter than its heartbeat window).
+        let adopted = !agent.tags.is_empty() || !agent.remote_config.is_empty();
+        if agent.auto_registered
+            && !adopted
+            && !fleet.online(&agent, now_ms)
+            && agent.last_seen_at.is_some_and(|seen| seen < cutoff)
+        {
             // Only if still unseen: it may have reported since the page was read.
             match catalog
                 .delete_agent(&agent.tenant, &agent.id, Some(cutoff))

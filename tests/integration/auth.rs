@@ -40,6 +40,7 @@ pub(crate) async fn mint(
         scopes.parse().unwrap(),
         "test",
         lifetime_ms,
+        secumon::auth::AuthConfig::default().max_tokens_per_tenant,
     )
     .await
     .unwrap()
@@ -1089,25 +1090,28 @@ async fn a_trusted_proxy_names_the_tenant() {
     assert_eq!(status.as_u16(), 401);
 }
 
-/// A tenant holds at most `MAX_TOKENS_PER_TENANT` tokens; another tenant is not held back.
+/// A tenant holds at most `--auth-max-tokens-per-tenant` tokens (1,000 by default); another
+/// tenant is not held back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_holds_a_bounded_number_of_tokens() {
-    use secumon::auth::{create_token, CreateError, MAX_TOKENS_PER_TENANT};
+    use secumon::auth::{create_token, AuthConfig, CreateError};
+    assert_eq!(AuthConfig::default().max_tokens_per_tenant, 1000);
     let dir = tempfile::tempdir().unwrap();
     let catalog = secumon::catalog::open(&dir.path().display().to_string())
         .await
         .unwrap();
     let read = || "read".parse().unwrap();
-    for _ in 0..MAX_TOKENS_PER_TENANT {
-        create_token(catalog.as_ref(), "full", read(), "t", None)
+    let most = 20;
+    for _ in 0..most {
+        create_token(catalog.as_ref(), "full", read(), "t", None, most)
             .await
             .unwrap();
     }
-    match create_token(catalog.as_ref(), "full", read(), "t", None).await {
-        Err(CreateError::Invalid(m)) => assert!(m.contains("1000 tokens"), "{m}"),
+    match create_token(catalog.as_ref(), "full", read(), "t", None, most).await {
+        Err(CreateError::Invalid(m)) => assert!(m.contains("20 tokens"), "{m}"),
         other => panic!("token past the limit: {other:?}"),
     }
-    create_token(catalog.as_ref(), "other", read(), "t", None)
+    create_token(catalog.as_ref(), "other", read(), "t", None, most)
         .await
         .unwrap();
 }

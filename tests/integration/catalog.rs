@@ -342,8 +342,23 @@ async fn agents_conform(catalog: &dyn Catalog, store: &str) {
         !catalog.delete_agent(&t2, "a1", None).await.unwrap(),
         "{store}"
     );
+    // Unseen since a time: an agent never seen is not "unseen since", one seen before is.
+    let never = catalog.agent(&t1, "a2").await.unwrap().unwrap();
+    assert_eq!(never.last_seen_at, None, "{store}");
     assert!(
-        catalog.delete_agent(&t1, "a1", None).await.unwrap(),
+        !catalog
+            .delete_agent(&t1, "a2", Some(i64::MAX))
+            .await
+            .unwrap(),
+        "{store}"
+    );
+    assert!(catalog.touch_agent(&t1, "a1", 50, Some(1)).await.unwrap());
+    assert!(
+        !catalog.delete_agent(&t1, "a1", Some(50)).await.unwrap(),
+        "{store}"
+    );
+    assert!(
+        catalog.delete_agent(&t1, "a1", Some(51)).await.unwrap(),
         "{store}"
     );
     assert_eq!(catalog.agent(&t1, "a1").await.unwrap(), None, "{store}");

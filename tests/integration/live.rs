@@ -36,6 +36,25 @@ pub(crate) async fn connect(s: &Secumon, path: &str, token: &str) -> Socket {
     socket
 }
 
+/// What the server answers a hand-written opening handshake to `/ws/metrics/host-1` (head and
+/// body as text).
+async fn handshake(s: &Secumon, token: &str, version: &str, key: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(s.server.addr).await.unwrap();
+    let request = format!(
+        "GET /ws/metrics/host-1 HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: {version}\r\nSec-WebSocket-Key: {key}\r\n\
+         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// The next JSON message within `wait`, skipping pings.
 pub(crate) async fn next(socket: &mut Socket, wait: Duration) -> Value {
     let deadline = Instant::now() + wait;
@@ -170,7 +189,23 @@ async fn the_live_feed_pushes_ingested_samples_to_its_clients() {
         .await
         .unwrap();
     assert_eq!(plain.status(), 426);
+    assert_eq!(plain.headers()["upgrade"], "websocket");
     assert!(plain.text().await.unwrap().contains("WebSocket"));
+    // A version other than 13 is told the one spoken here; a key that is not 16 bytes in
+    // base64 is refused.
+    for (version, key, status, says) in [
+        (
+            "12",
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "426",
+            "sec-websocket-version: 13",
+        ),
+        ("13", "c2hvcnQ=", "400", "16 bytes in base64"),
+    ] {
+        let head = handshake(&s, &reader, version, key).await.to_lowercase();
+        assert!(head.starts_with(&format!("http/1.1 {status}")), "{head}");
+        assert!(head.contains(says), "{head}");
+    }
     for (path, token) in [
         ("/ws/metrics/nobody", &reader),
         ("/ws/metrics/host-1", &outsider),

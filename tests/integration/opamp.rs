@@ -583,6 +583,43 @@ async fn opamp_edges_sequence_uids_malformed_and_tenants() {
         stats["data"]["online"].as_i64().unwrap()
     };
     assert!(listed("online=true").await && !listed("online=false").await);
+    // A PUT replaces what the agent described: the agent stays online, and its next message
+    // that brings no description is asked for its full state (the poll before it was not).
+    let (_, answer) = post(&s, &token, message(&uid, 6, None).encode_to_vec(), false).await;
+    assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, 0);
+    let (_, page) = get(&s, &reader, "/api/v1/agents?online=true").await;
+    let row = page["data"]["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent_id"] == uid.to_string())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, put) = send(
+        &s,
+        &admin,
+        reqwest::Method::PUT,
+        &format!("/api/v1/agents/{row}"),
+        json!({"agent_id": uid.to_string(), "name": "replaced"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, &put["data"]["online"]),
+        (200, &json!(true)),
+        "{put}"
+    );
+    let (_, answer) = post(&s, &token, message(&uid, 7, None).encode_to_vec(), false).await;
+    assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, REPORT_FULL_STATE);
+    let (_, answer) = post(
+        &s,
+        &token,
+        message(&uid, 8, Some("h1")).encode_to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(answer.unwrap().flags & REPORT_FULL_STATE, 0);
     let online_before = online_count().await;
     let mut bye = message(&uid, 9, None);
     bye.agent_disconnect = Some(Default::default());
@@ -1010,8 +1047,8 @@ async fn the_websocket_transport_answers_and_pushes_a_new_configuration() {
 }
 
 /// `--fleet-forget-auto-registered-after`: an agent that registered itself and went silent is
-/// removed (and announced as deleted); one an operator registered, and one that keeps
-/// reporting, stay.
+/// removed (and announced as deleted); one an operator registered, one an operator tagged, and
+/// one that keeps reporting, stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_auto_registered_agents_are_forgotten() {
     let (s, catalog) = crate::auth::start(Backend::Embedded, |c| {
@@ -1021,11 +1058,7 @@ async fn silent_auto_registered_agents_are_forgotten() {
     .await;
     let token = crate::auth::mint(&catalog, "team-a", "ingest", None).await;
     let admin = crate::auth::mint(&catalog, "team-a", "admin,read", None).await;
-    let (silent, operators, talking) = (
-        uuid::Uuid::now_v7(),
-        uuid::Uuid::now_v7(),
-        uuid::Uuid::now_v7(),
-    );
+    let [silent, operators, tagged, talking] = [(); 4].map(|_| uuid::Uuid::now_v7());
     let body = json!({"agent_id": operators.to_string()}).to_string();
     assert_eq!(
         send(&s, &admin, reqwest::Method::POST, "/api/v1/agents", &body)
@@ -1033,51 +1066,65 @@ async fn silent_auto_registered_agents_are_forgotten() {
             .0,
         201
     );
-    for (uid, host) in [(&silent, "h1"), (&operators, "h2"), (&talking, "h3")] {
-        let (status, _) = post(
-            &s,
-            &token,
-            message(uid, 0, Some(host)).encode_to_vec(),
-            false,
-        )
-        .await;
-        assert_eq!(status, 200);
+    for (uid, host) in [
+        (&silent, "h1"),
+        (&operators, "h2"),
+        (&tagged, "h3"),
+        (&talking, "h4"),
+    ] {
+        let message = message(uid, 0, Some(host)).encode_to_vec();
+        assert_eq!(post(&s, &token, message, false).await.0, 200);
+    }
+    let listed = async || -> Vec<(String, String)> {
+        let (_, page) = get(&s, &admin, "/api/v1/agents").await;
+        page["data"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let field = |name: &str| a[name].as_str().unwrap().to_owned();
+                (field("agent_id"), field("id"))
+            })
+            .collect()
+    };
+    // A 1 s heartbeat, so the silent ones are offline after 3 s (the online rule is tested
+    // apart from the operator's).
+    let rows = listed().await;
+    for (uid, patch) in [
+        (&silent, json!({"heartbeat_secs": 1})),
+        (&operators, json!({"heartbeat_secs": 1})),
+        (
+            &tagged,
+            json!({"heartbeat_secs": 1, "tags": {"keep": "yes"}}),
+        ),
+    ] {
+        let id = &rows.iter().find(|(a, _)| *a == uid.to_string()).unwrap().1;
+        let path = format!("/api/v1/agents/{id}");
+        let (status, answer) =
+            send(&s, &admin, reqwest::Method::PATCH, &path, patch.to_string()).await;
+        assert_eq!(status, 200, "{answer}");
     }
     let mut fleet = crate::live::connect(&s, "/ws/agents", &admin).await;
     assert_eq!(
         crate::live::next(&mut fleet, Duration::from_secs(5)).await["type"],
         "subscribed"
     );
-    let listed = async || -> Vec<String> {
-        let (_, page) = get(&s, &admin, "/api/v1/agents").await;
-        page["data"]["agents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a["agent_id"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(15);
     let mut sequence = 1;
-    while listed().await.contains(&silent.to_string()) {
+    while listed().await.iter().any(|(a, _)| *a == silent.to_string()) {
         assert!(
             Instant::now() < deadline,
             "the silent agent is still listed"
         );
-        let (status, _) = post(
-            &s,
-            &token,
-            message(&talking, sequence, None).encode_to_vec(),
-            false,
-        )
-        .await;
-        assert_eq!(status, 200);
+        let message = message(&talking, sequence, None).encode_to_vec();
+        assert_eq!(post(&s, &token, message, false).await.0, 200);
         sequence += 1;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let left = listed().await;
-    assert!(left.contains(&operators.to_string()), "{left:?}");
-    assert!(left.contains(&talking.to_string()), "{left:?}");
+    let left: Vec<String> = listed().await.into_iter().map(|(a, _)| a).collect();
+    for kept in [operators, tagged, talking] {
+        assert!(left.contains(&kept.to_string()), "{kept} gone: {left:?}");
+    }
     loop {
         let event = crate::live::next(&mut fleet, Duration::from_secs(5)).await;
         if event["type"] == "deleted" {
