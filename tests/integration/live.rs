@@ -56,7 +56,13 @@ async fn handshake(s: &Secumon, token: &str, version: &str, key: &str) -> String
 }
 
 /// The next JSON message within `wait`, skipping pings.
-pub(crate) async fn next(socket: &mut Socket, wait: Duration) -> Value {
+pub(crate) async fn next<S>(
+    socket: &mut tokio_tungstenite::WebSocketStream<S>,
+    wait: Duration,
+) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let deadline = Instant::now() + wait;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

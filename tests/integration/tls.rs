@@ -210,27 +210,6 @@ async fn a_client_ca_requires_client_certificates() {
     assert_eq!(response.status().as_u16(), 200);
 }
 
-/// The next text message of `socket` within 5 s, as JSON (pings skipped).
-async fn next_text<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use futures::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
-            .await
-            .expect("no message in time")
-            .expect("the feed ended")
-            .expect("a WebSocket error");
-        match message {
-            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
 /// The live feed over TLS, through the handover of the connection (TLS state and all) from the
 /// HTTP server to the feed's runtime: a `wss://` client is answered, its messages read, and
 /// registry changes reach it. (That the socket leaves the HTTP runtime's reactor is seen in
@@ -260,10 +239,16 @@ async fn the_live_feed_serves_wss() {
     let tls = tls_connect(s.server.addr, &ca).await;
     let (mut socket, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "secumon.v1");
-    assert_eq!(next_text(&mut socket).await["type"], "subscribed");
+    assert_eq!(
+        crate::live::next(&mut socket, Duration::from_secs(5)).await["type"],
+        "subscribed"
+    );
     // What the client says is read and answered over the moved connection.
     socket.send(Message::text("hello")).await.unwrap();
-    assert_eq!(next_text(&mut socket).await["type"], "error");
+    assert_eq!(
+        crate::live::next(&mut socket, Duration::from_secs(5)).await["type"],
+        "error"
+    );
     let created = client(&ca, None)
         .post(format!("https://{}/api/v1/agents", s.server.addr))
         .json(&serde_json::json!({"agent_id": "tls-host"}))
@@ -271,7 +256,7 @@ async fn the_live_feed_serves_wss() {
         .await
         .unwrap();
     assert_eq!(created.status().as_u16(), 201);
-    let event = next_text(&mut socket).await;
+    let event = crate::live::next(&mut socket, Duration::from_secs(5)).await;
     assert_eq!(
         (&event["type"], &event["agent"]["agent_id"]),
         (
