@@ -13,7 +13,14 @@
 //!   label, a regex matcher (each a range query over the last hour at 1 min steps), and the
 //!   summed rate over all 4 hours (which reads flushed data).
 //!
-//! `cargo bench --bench storage_peers [-- --series N --rounds N --connections N]`
+//! A second load, `--scenario node`: 100,000 node_exporter-like series (1,000 hosts of 64
+//! `node_cpu_seconds_total` series and 36 others), 100 samples each at 15 s, 2,000 series per
+//! request over 2 connections: recent data, all of it within the head's hour; disk is each
+//! server's whole directory 40 s after the load (VictoriaMetrics: flushed and merged), and the
+//! queries (range queries over the last hour at 15 s steps) include the heavy aggregation
+//! `sum by (job) (rate(node_cpu_seconds_total[5m]))` over 64,000 series.
+//!
+//! `cargo bench --bench storage_peers [-- --scenario steady|node --series N --rounds N --connections N]`
 //! (`--hold` keeps the loaded SecuMon up for ten minutes after its phase, for profiling)
 //! (`apt-get install prometheus victoria-metrics` first).
 
@@ -24,15 +31,177 @@ mod peers;
 mod support;
 
 use common::{
-    cpu_seconds, dir_bytes, get, listener_pid, metric, peak_rss_mib, push, time_query, value,
+    cpu_seconds, dir_bytes, get, listener_pid, metric, mix, peak_rss_mib, push, time_query, value,
     wait_stable, Options,
 };
+use secumon_proto::prometheus::Label;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::process::{free_port, spawn_secumon, temp_dir};
 
-/// One sample a minute per series.
-const INTERVAL_MS: i64 = 60_000;
+/// The load: see the module's documentation.
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    Steady,
+    Node,
+}
+
+impl Scenario {
+    fn from_args() -> Scenario {
+        let args: Vec<String> = std::env::args().collect();
+        match args.iter().position(|a| a == "--scenario") {
+            None => Scenario::Steady,
+            Some(i) => match args.get(i + 1).map(String::as_str) {
+                Some("steady") => Scenario::Steady,
+                Some("node") => Scenario::Node,
+                other => panic!("--scenario steady|node, not {other:?}"),
+            },
+        }
+    }
+
+    fn interval_ms(self) -> i64 {
+        match self {
+            Scenario::Steady => 60_000,
+            Scenario::Node => 15_000,
+        }
+    }
+
+    fn defaults(self) -> Options {
+        match self {
+            Scenario::Steady => Options {
+                series: 100_000,
+                series_per_request: 1_000,
+                samples_per_series: 2,
+                rounds: 120,
+                connections: 4,
+            },
+            Scenario::Node => Options {
+                series: 100_000,
+                series_per_request: 2_000,
+                samples_per_series: 1,
+                rounds: 100,
+                connections: 2,
+            },
+        }
+    }
+
+    /// Range queries: label, query, start; each ends at the last sample.
+    fn queries(self, end: i64) -> Vec<(&'static str, String, i64)> {
+        let hour = 3_600_000;
+        match self {
+            Scenario::Steady => vec![
+                (
+                    "selector",
+                    "http_server_requests_seconds_bucket_7".into(),
+                    end - hour,
+                ),
+                (
+                    "sum by (job) (rate)",
+                    "sum by (job) (rate(http_server_requests_seconds_bucket_7[5m]))".into(),
+                    end - hour,
+                ),
+                (
+                    "regex matcher",
+                    "http_server_requests_seconds_bucket_7{path=~\"/api/v1/resource/1.*\"}".into(),
+                    end - hour,
+                ),
+                (
+                    "sum by (job) (rate), 4 h",
+                    "sum by (job) (rate(http_server_requests_seconds_bucket_7[5m]))".into(),
+                    end - 4 * hour,
+                ),
+            ],
+            Scenario::Node => vec![
+                (
+                    "selector",
+                    "node_memory_MemAvailable_bytes".into(),
+                    end - hour,
+                ),
+                (
+                    "sum by (job) (rate(node_cpu_seconds_total[5m])), 64k series",
+                    "sum by (job) (rate(node_cpu_seconds_total[5m]))".into(),
+                    end - hour,
+                ),
+                (
+                    "regex matcher",
+                    "node_filesystem_avail_bytes{device=~\"dev1.*\"}".into(),
+                    end - hour,
+                ),
+                (
+                    "sum by (instance) (rate(network))",
+                    "sum by (instance) (rate(node_network_receive_bytes_total[5m]))".into(),
+                    end - hour,
+                ),
+            ],
+        }
+    }
+
+    fn step_secs(self) -> u64 {
+        self.interval_ms() as u64 / 1000
+    }
+}
+
+/// The modes of `node_cpu_seconds_total` and each one's share of a CPU's time.
+const CPU_MODES: [(&str, f64); 8] = [
+    ("idle", 0.80),
+    ("iowait", 0.01),
+    ("irq", 0.001),
+    ("nice", 0.001),
+    ("softirq", 0.005),
+    ("steal", 0.001),
+    ("system", 0.06),
+    ("user", 0.122),
+];
+
+/// Series `i` of the node load: host `i / 100`; of its 100 series, 64 are
+/// `node_cpu_seconds_total` (8 CPUs, 8 modes), then memory, filesystems, network and disks.
+fn node_labels_of(i: usize) -> Vec<Label> {
+    let host = i / 100;
+    let k = i % 100;
+    let mut labels = vec![
+        label("instance", format!("host-{host:04}:9100")),
+        label(
+            "job",
+            ["node", "node-db", "node-web", "node-cache"][host % 4].into(),
+        ),
+    ];
+    if k < 64 {
+        labels.push(label("__name__", "node_cpu_seconds_total".into()));
+        labels.push(label("cpu", (k / 8).to_string()));
+        labels.push(label("mode", CPU_MODES[k % 8].0.into()));
+    } else if k == 64 {
+        labels.push(label("__name__", "node_memory_MemAvailable_bytes".into()));
+    } else {
+        let name = [
+            "node_filesystem_avail_bytes",
+            "node_network_receive_bytes_total",
+            "node_disk_read_bytes_total",
+        ][(k - 65) % 3];
+        labels.push(label("__name__", name.into()));
+        labels.push(label("device", format!("dev{}", (k - 65) / 3)));
+    }
+    labels.sort_by(|a, b| a.name.cmp(&b.name));
+    labels
+}
+
+fn label(name: &str, value: String) -> Label {
+    Label {
+        name: name.into(),
+        value,
+    }
+}
+
+/// Sample `n` of node series `i`: CPU seconds as node_exporter reports them (a counter with
+/// two decimals growing by its mode's share of each 15 s), the rest as the steady load's.
+fn node_value(i: usize, n: usize) -> f64 {
+    let k = i % 100;
+    if k >= 64 {
+        return value(i, n);
+    }
+    let grown = (i / 100) as f64 * 1000.0 + n as f64 * 15.0 * CPU_MODES[k % 8].1;
+    let jitter = (mix(i, n) % 2) as f64 * 0.01;
+    ((grown + jitter) * 100.0).round() / 100.0
+}
 
 struct Measured {
     name: &'static str,
@@ -44,37 +213,12 @@ struct Measured {
     queries_ms: Vec<f64>,
 }
 
-fn queries(end: i64) -> Vec<(&'static str, String, i64)> {
-    let hour = 3_600_000;
-    vec![
-        (
-            "selector",
-            "http_server_requests_seconds_bucket_7".into(),
-            end - hour,
-        ),
-        (
-            "sum by (job) (rate)",
-            "sum by (job) (rate(http_server_requests_seconds_bucket_7[5m]))".into(),
-            end - hour,
-        ),
-        (
-            "regex matcher",
-            "http_server_requests_seconds_bucket_7{path=~\"/api/v1/resource/1.*\"}".into(),
-            end - hour,
-        ),
-        (
-            "sum by (job) (rate), 4 h",
-            "sum by (job) (rate(http_server_requests_seconds_bucket_7[5m]))".into(),
-            end - 4 * hour,
-        ),
-    ]
-}
-
-fn run_queries(name: &str, base: &str, end: i64) -> Vec<f64> {
-    queries(end)
+fn run_queries(scenario: Scenario, name: &str, base: &str, end: i64) -> Vec<f64> {
+    scenario
+        .queries(end)
         .into_iter()
         .map(|(label, q, start)| {
-            let (ms, series) = time_query(base, &q, start, end, 60);
+            let (ms, series) = time_query(base, &q, start, end, scenario.step_secs());
             eprintln!("{name}: {label}: {ms:.1} ms, {series} series");
             assert!(series > 0, "{name} answered {label} with nothing");
             ms
@@ -83,19 +227,23 @@ fn run_queries(name: &str, base: &str, end: i64) -> Vec<f64> {
 }
 
 fn main() {
-    let o = Options::from_args(Options {
-        series: 100_000,
-        series_per_request: 1_000,
-        samples_per_series: 2,
-        rounds: 120,
-        connections: 4,
-    });
+    let scenario = Scenario::from_args();
+    let o = Options::from_args(scenario.defaults());
+    let interval_ms = scenario.interval_ms();
     let total = o.total_samples();
     let points = (o.rounds * o.samples_per_series) as i64;
-    let t0 = chrono::Utc::now().timestamp_millis() - points * INTERVAL_MS - 120_000;
-    let end = t0 + (points - 1) * INTERVAL_MS;
+    let t0 = chrono::Utc::now().timestamp_millis() - points * interval_ms - 120_000;
+    let end = t0 + (points - 1) * interval_ms;
     eprintln!("encoding {total} samples of {} series", o.series);
-    let bodies = Arc::new(common::encode_requests(&o, t0, INTERVAL_MS, value));
+    let bodies = Arc::new(match scenario {
+        Scenario::Steady => common::encode_requests(&o, t0, interval_ms, value),
+        Scenario::Node => {
+            common::encode_requests_of(&o, t0, interval_ms, node_labels_of, node_value)
+        }
+    });
+    // The node load's figures are read this long after it ends, as a user looking at a
+    // server just loaded would.
+    let after_load = Duration::from_secs(40);
     let url_of = |port: u16| format!("http://127.0.0.1:{port}");
     let mut results = Vec::new();
 
@@ -125,9 +273,16 @@ fn main() {
         let rate = outcome.accepted as f64 / outcome.seconds;
         let cpu_per_million = cpu / (outcome.accepted as f64 / 1e6);
         eprintln!("SecuMon: ingest {rate:.0} samples/s, {cpu_per_million:.2} CPU-s per 1M samples");
+        if scenario == Scenario::Node {
+            std::thread::sleep(after_load);
+        }
         // Everything older than the out-of-order window (1 h) behind the newest sample goes
-        // to blocks: all but the last 61 samples of each series.
-        let expected = (o.series * (points as usize - 61)) as f64;
+        // to blocks: all but the last 61 samples of each series of the steady load, none of
+        // the node load (25 minutes).
+        let expected = match scenario {
+            Scenario::Steady => (o.series * (points as usize).saturating_sub(61)) as f64,
+            Scenario::Node => 0.0,
+        };
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
             let now = metric(
@@ -144,12 +299,14 @@ fn main() {
             std::thread::sleep(Duration::from_secs(2));
         }
         // Then let compaction settle: the block count unchanged over two maintenance runs.
-        wait_stable(
-            "SecuMon's compaction",
-            Duration::from_secs(25),
-            Duration::from_secs(900),
-            || metric(&get(&format!("{base}/metrics")), "secumon_storage_blocks"),
-        );
+        if scenario == Scenario::Steady {
+            wait_stable(
+                "SecuMon's compaction",
+                Duration::from_secs(25),
+                Duration::from_secs(900),
+                || metric(&get(&format!("{base}/metrics")), "secumon_storage_blocks"),
+            );
+        }
         let page = get(&format!("{base}/metrics"));
         let block_samples = metric(&page, "secumon_storage_block_samples");
         let block_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"chunks\"}");
@@ -163,7 +320,7 @@ fn main() {
             "SecuMon: longest writer wait on a maintenance step {:.1} ms",
             1e3 * metric(&page, "secumon_storage_maintenance_writer_hold_max_seconds")
         );
-        let queries_ms = run_queries("SecuMon", &base, end);
+        let queries_ms = run_queries(scenario, "SecuMon", &base, end);
         if std::env::args().any(|a| a == "--hold") {
             // For profiling: keep the loaded server up for ten minutes.
             eprintln!("holding SecuMon at {base} (pid {})", server.pid());
@@ -191,8 +348,15 @@ fn main() {
         let outcome = push(&prometheus.url("/api/v1/write"), bodies.clone(), &o);
         let cpu = cpu_seconds(pid) - cpu_before;
         let data = prometheus.data_dir.clone();
-        let (block_bytes, block_samples) = peers::prometheus_blocks_settled(&data);
-        let queries_ms = run_queries("Prometheus", &prometheus.base, end);
+        let (block_bytes, block_samples) = match scenario {
+            Scenario::Steady => peers::prometheus_blocks_settled(&data),
+            // All in the head: nothing persisted but the WAL.
+            Scenario::Node => {
+                std::thread::sleep(after_load);
+                (0, 0)
+            }
+        };
+        let queries_ms = run_queries(scenario, "Prometheus", &prometheus.base, end);
         results.push(Measured {
             name: "Prometheus 2.42",
             rate: outcome.accepted as f64 / outcome.seconds,
@@ -213,7 +377,7 @@ fn main() {
         get(&format!("{}/internal/force_flush", vm.base));
         let cpu = cpu_seconds(pid) - cpu_before;
         let bytes = vm.settle();
-        let queries_ms = run_queries("VictoriaMetrics", &vm.base, end);
+        let queries_ms = run_queries(scenario, "VictoriaMetrics", &vm.base, end);
         results.push(Measured {
             name: "VictoriaMetrics 1.79",
             rate: outcome.accepted as f64 / outcome.seconds,
@@ -226,15 +390,16 @@ fn main() {
     }
 
     println!(
-        "\n{} series, {} samples ({} per series, one a minute), {} series x {} samples per request, {} connections\n",
+        "\n{} series, {} samples ({} per series, one every {} s), {} series x {} samples per request, {} connections\n",
         o.series,
         total,
         points,
+        interval_ms / 1000,
         o.series_per_request,
         o.samples_per_series,
         o.connections
     );
-    let names: Vec<&str> = queries(end).iter().map(|q| q.0).collect();
+    let names: Vec<&str> = scenario.queries(end).iter().map(|q| q.0).collect();
     let rows: Vec<(Vec<String>, &[f64])> = results
         .iter()
         .map(|r| {
@@ -275,11 +440,13 @@ fn main() {
         s.dir_bytes_per_sample / p.dir_bytes_per_sample,
         s.dir_bytes_per_sample / v.dir_bytes_per_sample
     );
-    println!(
-        "- persisted bytes per sample (SecuMon's blocks with rollups and indexes): vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
-        s.persisted_bytes_per_sample / p.persisted_bytes_per_sample,
-        s.persisted_bytes_per_sample / v.persisted_bytes_per_sample
-    );
+    if scenario == Scenario::Steady {
+        println!(
+            "- persisted bytes per sample (SecuMon's blocks with rollups and indexes): vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
+            s.persisted_bytes_per_sample / p.persisted_bytes_per_sample,
+            s.persisted_bytes_per_sample / v.persisted_bytes_per_sample
+        );
+    }
     println!(
         "- peak RSS: vs Prometheus {:.2}, vs VictoriaMetrics {:.2}",
         s.rss_mib / p.rss_mib,

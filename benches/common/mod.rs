@@ -90,6 +90,17 @@ pub fn encode_requests(
     interval_ms: i64,
     value: impl Fn(usize, usize) -> f64,
 ) -> Vec<Vec<u8>> {
+    encode_requests_of(o, t0, interval_ms, labels_of, value)
+}
+
+/// [`encode_requests`] with the label sets of `labels_of`.
+pub fn encode_requests_of(
+    o: &Options,
+    t0: i64,
+    interval_ms: i64,
+    labels_of: impl Fn(usize) -> Vec<Label>,
+    value: impl Fn(usize, usize) -> f64,
+) -> Vec<Vec<u8>> {
     let labels: Vec<Vec<Label>> = (0..o.series).map(labels_of).collect();
     let mut bodies = Vec::new();
     for round in 0..o.rounds {
