@@ -194,12 +194,13 @@ fn normalized(mut doc: Value) -> Value {
                 map.remove("evaluationTime");
                 map.remove("lastEvaluation");
                 for key in ["activeAt", "keepFiringSince"] {
+                    // To the millisecond, as SecuMon keeps times; a whole second is written
+                    // with no fraction (as Go writes it), and is ".000" here too.
                     if let Some(Value::String(t)) = map.get_mut(key) {
-                        if let Some((head, fraction)) = t.trim_end_matches('Z').split_once('.') {
-                            let ms: String =
-                                fraction.chars().chain("000".chars()).take(3).collect();
-                            *t = format!("{head}.{ms}Z");
-                        }
+                        let trimmed = t.trim_end_matches('Z');
+                        let (head, fraction) = trimmed.split_once('.').unwrap_or((trimmed, ""));
+                        let ms: String = fraction.chars().chain("000".chars()).take(3).collect();
+                        *t = format!("{head}.{ms}Z");
                     }
                 }
                 for value in map.values_mut() {
