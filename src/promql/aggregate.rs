@@ -2,13 +2,16 @@
 //! `topk`, `bottomk`, `quantile`, `count_values`) with `by` and `without`, step by step as
 //! prometheus/promql/engine.go `aggregation` computes them.
 
-use super::eval::Evaluator;
+use super::eval::{Evaluator, Streamed};
 use super::functions::{cmp_nan_last, quantile};
 use super::value::Value;
 use super::QueryError;
-use crate::model::{labels::is_valid_label_name, Label, Labels, SeriesSamples, METRIC_NAME_LABEL};
+use crate::model::{
+    labels::is_valid_label_name, Label, Labels, Sample, SeriesSamples, METRIC_NAME_LABEL,
+};
 use promql_parser::parser::{AggregateExpr, LabelModifier};
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// The output labels of a series' group: `by` keeps the listed labels, `without` drops them and
 /// the metric name.
@@ -79,13 +82,119 @@ fn op_of(agg: &AggregateExpr) -> Result<Op, QueryError> {
         .ok_or_else(|| QueryError::Execution(format!("aggregation {name} is not supported")))
 }
 
-/// Running state of one group at one step.
-struct Group {
+/// Running value of one group at one step for the operators that fold values one by one
+/// (all but topk, bottomk, quantile and count_values): the operations and their order are
+/// engine.go `aggregation`'s, so every path that uses it gives the same bits.
+#[derive(Clone, Copy)]
+struct Acc {
     value: f64,
     mean: f64,
+    /// Values folded; 0: none yet.
     count: usize,
+}
+
+impl Acc {
+    const EMPTY: Acc = Acc {
+        value: 0.0,
+        mean: 0.0,
+        count: 0,
+    };
+
+    /// The state after the group's first value at a step.
+    fn start(op: Op, v: f64) -> Acc {
+        Acc {
+            value: match op {
+                Op::Stddev | Op::Stdvar => 0.0,
+                Op::Group => 1.0,
+                _ => v,
+            },
+            mean: v,
+            count: 1,
+        }
+    }
+
+    /// Folds in one more value (topk, bottomk and quantile keep members instead).
+    fn add(&mut self, op: Op, v: f64) {
+        self.count += 1;
+        match op {
+            Op::Sum => self.value += v,
+            Op::Avg => {
+                // Incremental mean, kept infinite once it is (engine.go AVG).
+                let n = self.count as f64;
+                if self.mean.is_infinite() {
+                    if v.is_infinite() && (self.mean > 0.0) == (v > 0.0) {
+                        return;
+                    }
+                    if !v.is_infinite() && !v.is_nan() {
+                        return;
+                    }
+                }
+                self.mean += v / n - self.mean / n;
+            }
+            Op::Group | Op::Count => {}
+            Op::Max => {
+                if self.value < v || self.value.is_nan() {
+                    self.value = v;
+                }
+            }
+            Op::Min => {
+                if self.value > v || self.value.is_nan() {
+                    self.value = v;
+                }
+            }
+            Op::Stddev | Op::Stdvar => {
+                let delta = v - self.mean;
+                self.mean += delta / self.count as f64;
+                self.value += delta * (v - self.mean);
+            }
+            Op::Topk | Op::Bottomk | Op::Quantile | Op::CountValues => {}
+        }
+    }
+
+    /// The group's value at the step.
+    fn result(&self, op: Op) -> f64 {
+        match op {
+            Op::Avg => self.mean,
+            Op::Count => self.count as f64,
+            Op::Stdvar => self.value / self.count as f64,
+            Op::Stddev => (self.value / self.count as f64).sqrt(),
+            _ => self.value,
+        }
+    }
+}
+
+/// Running state of one group at one step.
+struct Group {
+    acc: Acc,
     /// topk/bottomk members (series index, value), quantile values.
     members: Vec<(usize, f64)>,
+}
+
+/// Each series' group number, and each group's labels in order of first appearance.
+fn groups<'a>(
+    labels: impl Iterator<Item = &'a Labels>,
+    modifier: &Option<LabelModifier>,
+    drops_metric_name: bool,
+) -> (Vec<usize>, Vec<Labels>) {
+    let mut group_of = Vec::new();
+    let mut group_index: HashMap<Labels, usize> = HashMap::new();
+    let mut groups: Vec<Labels> = Vec::new();
+    for labels in labels {
+        let mut labels = group_labels(labels, modifier);
+        if drops_metric_name {
+            labels.drop_metric_name();
+        }
+        let i = match group_index.get(&labels) {
+            Some(&i) => i,
+            None => {
+                group_index.insert(labels.clone(), groups.len());
+                groups.push(labels);
+                groups.len() - 1
+            }
+        };
+        group_of.push(i);
+    }
+    (group_of, groups)
 }
 
 pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, QueryError> {
@@ -103,6 +212,12 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
             }
         }
     }
+    let folds = !matches!(op, Op::Topk | Op::Bottomk | Op::Quantile | Op::CountValues);
+    if folds {
+        if let Some(input) = ev.streamed(&agg.expr)? {
+            return streamed(ev, op, &agg.modifier, input);
+        }
+    }
     let input = ev.eval_vector(&agg.expr)?;
     if op == Op::CountValues {
         let label = param_string.unwrap_or_default();
@@ -115,30 +230,14 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
     }
 
     // Groups are fixed per series: compute each series' group once.
-    let mut group_of = Vec::with_capacity(input.len());
-    let mut group_index: HashMap<Labels, usize> = HashMap::new();
-    let mut groups: Vec<Labels> = Vec::new();
-    for s in &input {
-        let labels = group_labels(&s.labels, &agg.modifier);
-        let i = match group_index.get(&labels) {
-            Some(&i) => i,
-            None => {
-                group_index.insert(labels.clone(), groups.len());
-                groups.push(labels);
-                groups.len() - 1
-            }
-        };
-        group_of.push(i);
-    }
+    let (group_of, groups) = groups(input.iter().map(|s| &s.labels), &agg.modifier, false);
 
     // Per-step state by group number, reused from step to step; `seen_at` tells whether a
     // group already has a value at this step.
-    let keeps_members = matches!(op, Op::Topk | Op::Bottomk | Op::Quantile);
+    let keeps_members = !folds;
     let mut state: Vec<Group> = (0..groups.len())
         .map(|_| Group {
-            value: 0.0,
-            mean: 0.0,
-            count: 0,
+            acc: Acc::EMPTY,
             members: Vec::new(),
         })
         .collect();
@@ -170,64 +269,29 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
             if seen_at[g] != step {
                 seen_at[g] = step;
                 order.push(g);
-                group.value = match op {
-                    Op::Stddev | Op::Stdvar => 0.0,
-                    Op::Group => 1.0,
-                    _ => v,
-                };
-                group.mean = v;
-                group.count = 1;
+                group.acc = Acc::start(op, v);
                 group.members.clear();
                 if keeps_members {
                     group.members.push((i, v));
                 }
                 continue;
             }
-            group.count += 1;
             match op {
-                Op::Sum => group.value += v,
-                Op::Avg => {
-                    // Incremental mean, kept infinite once it is (engine.go AVG).
-                    let n = group.count as f64;
-                    if group.mean.is_infinite() {
-                        if v.is_infinite() && (group.mean > 0.0) == (v > 0.0) {
-                            continue;
-                        }
-                        if !v.is_infinite() && !v.is_nan() {
-                            continue;
-                        }
-                    }
-                    group.mean += v / n - group.mean / n;
+                Op::Topk | Op::Bottomk => {
+                    group.acc.count += 1;
+                    push_k(&mut group.members, (i, v), k, op == Op::Topk)
                 }
-                Op::Group | Op::Count => {}
-                Op::Max => {
-                    if group.value < v || group.value.is_nan() {
-                        group.value = v;
-                    }
+                Op::Quantile => {
+                    group.acc.count += 1;
+                    group.members.push((i, v))
                 }
-                Op::Min => {
-                    if group.value > v || group.value.is_nan() {
-                        group.value = v;
-                    }
-                }
-                Op::Stddev | Op::Stdvar => {
-                    let delta = v - group.mean;
-                    group.mean += delta / group.count as f64;
-                    group.value += delta * (v - group.mean);
-                }
-                Op::Topk | Op::Bottomk => push_k(&mut group.members, (i, v), k, op == Op::Topk),
-                Op::Quantile => group.members.push((i, v)),
-                Op::CountValues => unreachable!("handled above"),
+                _ => group.acc.add(op, v),
             }
         }
         let mut out = Vec::with_capacity(order.len());
         for &g in &order {
             let group = &state[g];
             let value = match op {
-                Op::Avg => group.mean,
-                Op::Count => group.count as f64,
-                Op::Stdvar => group.value / group.count as f64,
-                Op::Stddev => (group.value / group.count as f64).sqrt(),
                 Op::Quantile => quantile(param, group.members.iter().map(|m| m.1).collect()),
                 Op::Topk | Op::Bottomk => {
                     let mut members = group.members.clone();
@@ -239,13 +303,134 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
                     );
                     continue;
                 }
-                _ => group.value,
+                _ => group.acc.result(op),
             };
             out.push((groups[g].clone(), value));
         }
         Ok(out)
     })?;
     Ok(Value::Vector(series))
+}
+
+/// One block of steps of a streamed aggregation: each group's state at each step of the
+/// block (`groups x steps`, by group), and each group's first point in the block as
+/// (step, series index).
+struct Block {
+    steps: Range<usize>,
+    acc: Vec<Acc>,
+    first: Vec<(usize, usize)>,
+}
+
+/// An aggregation that folds values one by one over a [`Streamed`] input: each series'
+/// points are computed and folded into their group's state at once, series after series,
+/// never held. The steps are split into blocks folded on the query threads side by side;
+/// within a block, every group's state at every step sees its values in series order, as
+/// step-by-step evaluation does, so the bits are the same. Groups come out in the order
+/// step-by-step evaluation creates them (first step with a value, then first series at it).
+fn streamed(
+    ev: &mut Evaluator,
+    op: Op,
+    modifier: &Option<LabelModifier>,
+    input: Streamed,
+) -> Result<Value, QueryError> {
+    let Streamed {
+        series,
+        step_fn,
+        drops_metric_name,
+    } = input;
+    let (group_of, groups) = groups(
+        series.iter().map(|s| &s.labels),
+        modifier,
+        drops_metric_name,
+    );
+    let range = ev.range;
+    let steps = range.steps();
+    let points = series.len().saturating_mul(steps);
+    let threads = ev.threads_for(points);
+    let budget = ev.budget();
+    let fold_block = |block: Range<usize>| -> Result<Block, QueryError> {
+        let len = block.len();
+        let mut acc = vec![Acc::EMPTY; groups.len().saturating_mul(len)];
+        let mut first = vec![(usize::MAX, usize::MAX); groups.len()];
+        let mut folded = 0usize;
+        for (i, s) in series.iter().enumerate() {
+            if i % 256 == 0 {
+                budget.check(0)?;
+            }
+            let g = group_of[i];
+            let row = &mut acc[g * len..(g + 1) * len];
+            let first = &mut first[g];
+            step_fn.points(
+                &s.samples,
+                range,
+                block.clone(),
+                |_| budget.check(0),
+                |step, _t, v| {
+                    folded += 1;
+                    let state = &mut row[step - block.start];
+                    if state.count == 0 {
+                        *state = Acc::start(op, v);
+                        if step < first.0 {
+                            *first = (step, i);
+                        }
+                    } else {
+                        state.add(op, v);
+                    }
+                },
+            )?;
+        }
+        // The points the argument produced count as they would have if it were held.
+        budget.charge(folded)?;
+        Ok(Block {
+            steps: block,
+            acc,
+            first,
+        })
+    };
+    let blocks = if threads > 1 && steps > 1 {
+        // Two blocks per thread, so a busy thread holds up the others less; not more, as
+        // every block reads each series again.
+        let n = steps.min(threads * 2);
+        (0..n).map(|b| b * steps / n..(b + 1) * steps / n).collect()
+    } else {
+        std::iter::once(0..steps).collect()
+    };
+    let blocks = ev.map_items(blocks, points, 1, fold_block)?;
+    ev.settle(budget);
+
+    let mut first = vec![(usize::MAX, usize::MAX); groups.len()];
+    for block in &blocks {
+        for (earliest, &f) in first.iter_mut().zip(&block.first) {
+            *earliest = (*earliest).min(f);
+        }
+    }
+    let mut order: Vec<usize> = (0..groups.len())
+        .filter(|&g| first[g].0 != usize::MAX)
+        .collect();
+    order.sort_by_key(|&g| first[g]);
+    let mut out = Vec::with_capacity(order.len());
+    let mut produced = 0usize;
+    for g in order {
+        let mut samples = Vec::new();
+        for block in &blocks {
+            let len = block.steps.len();
+            for (step, state) in block.steps.clone().zip(&block.acc[g * len..(g + 1) * len]) {
+                if state.count > 0 {
+                    samples.push(Sample {
+                        t: range.start + step as i64 * range.step,
+                        v: state.result(op),
+                    });
+                }
+            }
+        }
+        produced += samples.len();
+        out.push(SeriesSamples {
+            labels: groups[g].clone(),
+            samples,
+        });
+    }
+    ev.account(produced)?;
+    Ok(Value::Vector(out))
 }
 
 /// Prometheus's value heap order (engine.go `vectorByValueHeap`, and its reverse for bottomk):

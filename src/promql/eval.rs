@@ -4,14 +4,18 @@
 //! aggregations that combine series run step by step over columns ([`Evaluator::step_eval`]),
 //! which is how Prometheus's `rangeEval` defines their semantics.
 
-use super::functions;
+use super::functions::{self, Fold};
 use super::plan::{at_ms, duration_ms, node_key, offset_ms, subquery_range, Loaded, LoadedRollups};
 use super::rollups::{RollupLoad, SourceResolution};
 use super::value::{Value, VectorBuilder};
 use super::{aggregate, binary, EvalRange, QueryError};
 use crate::model::{is_stale_nan, Labels, Sample, SeriesSamples};
-use promql_parser::parser::{Expr, VectorSelector};
+use promql_parser::parser::{Call, Expr, VectorSelector};
+use rayon::prelude::*;
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Engine settings the evaluator needs, in ms.
@@ -51,6 +55,231 @@ pub(super) type StepColumn = Vec<(usize, f64)>;
 /// microseconds of work, so a query stops well within a second of its deadline.
 pub(super) const STEPS_BETWEEN_CHECKS: usize = 4096;
 
+/// The threads a query's large parts are split over, and how large a part must be (series x
+/// steps) before it is split.
+#[derive(Clone)]
+pub(super) struct Parallel {
+    /// `None`: the process's query threads (rayon's global pool, `--query-threads`), which
+    /// the storage's reads use too.
+    pub pool: Option<Arc<rayon::ThreadPool>>,
+    pub min_points: usize,
+}
+
+impl Parallel {
+    fn threads(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
+    }
+
+    fn install<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(work),
+            None => work(),
+        }
+    }
+}
+
+/// The deadline and the sample limit, checked from every thread working on one part of a query.
+pub(super) struct Budget {
+    deadline: Instant,
+    max_samples: usize,
+    produced: AtomicUsize,
+}
+
+impl Budget {
+    /// Fails once the deadline has passed or `held` more points would exceed the sample limit.
+    pub(super) fn check(&self, held: usize) -> Result<(), QueryError> {
+        if Instant::now() > self.deadline {
+            return Err(QueryError::Timeout("expression evaluation"));
+        }
+        if self.produced.load(Ordering::Relaxed).saturating_add(held) > self.max_samples {
+            return Err(QueryError::TooManySamples);
+        }
+        Ok(())
+    }
+
+    /// Accounts for `points` points produced.
+    pub(super) fn charge(&self, points: usize) -> Result<(), QueryError> {
+        let before = self.produced.fetch_add(points, Ordering::Relaxed);
+        if before.saturating_add(points) > self.max_samples {
+            return Err(QueryError::TooManySamples);
+        }
+        Ok(())
+    }
+}
+
+/// How one series' raw samples become its points at the steps: an instant selector's latest
+/// sample within the lookback, or a range function's fold over sliding windows. Either runs
+/// over any block of steps on its own, so one series can be evaluated in parts, on several
+/// threads, with the same result.
+pub(super) enum StepFn {
+    Select {
+        offset: i64,
+        at: Option<i64>,
+        lookback: i64,
+        /// Each point carries the picked sample's timestamp, in seconds (`timestamp()`).
+        sample_time: bool,
+    },
+    Window {
+        window: i64,
+        offset: i64,
+        at: Option<i64>,
+        fold: Fold,
+        /// Per-step scalar arguments.
+        params: Vec<Vec<f64>>,
+    },
+}
+
+impl StepFn {
+    /// Calls `emit(step, t, v)` for each point of a series (its samples in time order; stale
+    /// markers already removed for a window) at the steps `steps` of `range`, in step order.
+    /// `check(emitted)` runs every [`STEPS_BETWEEN_CHECKS`] steps.
+    pub(super) fn points(
+        &self,
+        samples: &[Sample],
+        range: EvalRange,
+        steps: Range<usize>,
+        check: impl Fn(usize) -> Result<(), QueryError>,
+        mut emit: impl FnMut(usize, i64, f64),
+    ) -> Result<(), QueryError> {
+        if steps.is_empty() {
+            return Ok(());
+        }
+        // Every step lies in [start, end], so the products cannot overflow.
+        let time = |step: usize| range.start + step as i64 * range.step;
+        let mut emitted = 0usize;
+        match self {
+            StepFn::Select {
+                offset,
+                at,
+                lookback,
+                sample_time,
+            } => {
+                let read_at = |t: i64| at.unwrap_or(t).saturating_sub(*offset);
+                // Index of the first sample after the read time.
+                let mut next = count_until(samples, read_at(time(steps.start)));
+                for step in steps {
+                    if step % STEPS_BETWEEN_CHECKS == STEPS_BETWEEN_CHECKS - 1 {
+                        check(emitted)?;
+                    }
+                    let t = time(step);
+                    let read_at = read_at(t);
+                    while next < samples.len() && samples[next].t <= read_at {
+                        next += 1;
+                    }
+                    if next == 0 {
+                        continue;
+                    }
+                    let latest = samples[next - 1];
+                    if latest.t >= read_at.saturating_sub(*lookback) && !is_stale_nan(latest.v) {
+                        let v = if *sample_time {
+                            latest.t as f64 / 1000.0
+                        } else {
+                            latest.v
+                        };
+                        emitted += 1;
+                        emit(step, t, v);
+                    }
+                }
+            }
+            StepFn::Window {
+                window,
+                offset,
+                at,
+                fold,
+                params,
+            } => {
+                let bounds = |t: i64| {
+                    let end = at.unwrap_or(t).saturating_sub(*offset);
+                    (end.saturating_sub(*window), end)
+                };
+                // Two cursors: the window is samples[lo..hi].
+                let (start, end) = bounds(time(steps.start));
+                let mut hi = count_until(samples, end);
+                let mut lo = match start.checked_sub(1) {
+                    Some(before) => count_until(&samples[..hi], before),
+                    None => 0,
+                };
+                let mut step_params = vec![0.0; params.len()];
+                for step in steps {
+                    if step % STEPS_BETWEEN_CHECKS == STEPS_BETWEEN_CHECKS - 1 {
+                        check(emitted)?;
+                    }
+                    let t = time(step);
+                    let (start, end) = bounds(t);
+                    while hi < samples.len() && samples[hi].t <= end {
+                        hi += 1;
+                    }
+                    while lo < hi && samples[lo].t < start {
+                        lo += 1;
+                    }
+                    if lo == hi {
+                        continue;
+                    }
+                    for (slot, values) in step_params.iter_mut().zip(params) {
+                        *slot = values[step];
+                    }
+                    let ctx = WindowCtx {
+                        t,
+                        start,
+                        end,
+                        window: *window,
+                        params: &step_params,
+                    };
+                    if let Some(v) = fold(&samples[lo..hi], &ctx) {
+                        emitted += 1;
+                        emit(step, t, v);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many of `samples` (in time order) are at or before `t`: `partition_point`, but from a
+/// guess made from the first and last times, then a short walk. A binary search over
+/// samples that are not in the cache waits for one line after another; this reads the
+/// ends and the neighbourhood of the answer, which the steps read next anyway.
+fn count_until(samples: &[Sample], t: i64) -> usize {
+    let n = samples.len();
+    if n == 0 || samples[0].t > t {
+        return 0;
+    }
+    let (first, last) = (samples[0].t, samples[n - 1].t);
+    if last <= t {
+        return n;
+    }
+    // first <= t < last, so n >= 2 and the span is positive.
+    let guess = ((t - first) as i128 * (n - 1) as i128 / (last - first) as i128) as usize;
+    let mut i = guess.min(n - 1);
+    const WALK: usize = 8;
+    for _ in 0..WALK {
+        if samples[i].t > t {
+            if i == 0 || samples[i - 1].t <= t {
+                return i;
+            }
+            i -= 1;
+        } else {
+            if samples[i + 1].t > t {
+                return i + 1;
+            }
+            i += 1;
+        }
+    }
+    samples.partition_point(|p| p.t <= t)
+}
+
+/// An instant vector an aggregation can fold one series at a time, never holding every
+/// series' points: a selector, or a range function over a selector.
+pub(super) struct Streamed {
+    pub series: Vec<SeriesSamples>,
+    pub step_fn: StepFn,
+    /// The range function drops the metric name from its output.
+    pub drops_metric_name: bool,
+}
+
 /// Evaluates an AST over the steps of one query.
 pub(super) struct Evaluator {
     /// The steps being evaluated (a subquery's inside a subquery).
@@ -62,6 +291,10 @@ pub(super) struct Evaluator {
     deadline: Instant,
     loaded: Loaded,
     rollups: LoadedRollups,
+    parallel: Option<Parallel>,
+    /// Aggregations fold [`Streamed`] arguments as they are evaluated (off only in tests
+    /// that compare with step-by-step evaluation).
+    streaming: bool,
 }
 
 impl Evaluator {
@@ -79,6 +312,69 @@ impl Evaluator {
             deadline,
             loaded,
             rollups: LoadedRollups::new(),
+            parallel: None,
+            streaming: true,
+        }
+    }
+
+    /// Evaluates every aggregation step by step over its argument's held points.
+    #[cfg(test)]
+    pub(super) fn without_streaming(mut self) -> Self {
+        self.streaming = false;
+        self
+    }
+
+    /// Splits large parts of the evaluation over these threads.
+    pub(super) fn with_parallel(mut self, parallel: Option<Parallel>) -> Self {
+        self.parallel = parallel;
+        self
+    }
+
+    /// The threads to split work of `points` points (series x steps) over, if it is large
+    /// enough and there are several.
+    pub(super) fn pool_for(&self, points: usize) -> Option<&Parallel> {
+        let parallel = self.parallel.as_ref()?;
+        (points >= parallel.min_points && parallel.threads() > 1).then_some(parallel)
+    }
+
+    /// How many threads work of `points` points is split over.
+    pub(super) fn threads_for(&self, points: usize) -> usize {
+        self.pool_for(points).map_or(1, Parallel::threads)
+    }
+
+    /// The deadline and what is left of the sample limit, for work split over threads; give
+    /// it back with [`Evaluator::settle`].
+    pub(super) fn budget(&self) -> Budget {
+        Budget {
+            deadline: self.deadline,
+            max_samples: self.options.max_samples,
+            produced: AtomicUsize::new(self.produced),
+        }
+    }
+
+    /// Takes back the points a [`Budget`] accounted.
+    pub(super) fn settle(&mut self, budget: Budget) {
+        self.produced = budget.produced.into_inner();
+    }
+
+    /// `work` over each item, results in the items' order; on the query threads, at least
+    /// `min_len` items a task, when `points` is large enough.
+    pub(super) fn map_items<I: Send, T: Send>(
+        &self,
+        items: Vec<I>,
+        points: usize,
+        min_len: usize,
+        work: impl Fn(I) -> Result<T, QueryError> + Sync + Send,
+    ) -> Result<Vec<T>, QueryError> {
+        match self.pool_for(points) {
+            Some(parallel) => parallel.install(|| {
+                items
+                    .into_par_iter()
+                    .with_min_len(min_len)
+                    .map(work)
+                    .collect()
+            }),
+            None => items.into_iter().map(work).collect(),
         }
     }
 
@@ -249,43 +545,53 @@ impl Evaluator {
         sample_time: bool,
     ) -> Result<Vec<SeriesSamples>, QueryError> {
         let series = self.loaded_for(vs)?;
-        let offset = offset_ms(&vs.offset);
-        let at = at_ms(&vs.at, self.query);
-        let range = self.range;
-        let lookback = self.options.lookback;
-        let mut out = Vec::with_capacity(series.len());
-        for s in series {
-            self.check_deadline()?;
-            let mut points = Vec::new();
-            let mut next = 0; // index of the first sample after the read time
-            for (step, t) in range.timestamps().enumerate() {
-                self.step_check(step, points.len())?;
-                let read_at = at.unwrap_or(t).saturating_sub(offset);
-                while next < s.samples.len() && s.samples[next].t <= read_at {
-                    next += 1;
-                }
-                if next == 0 {
-                    continue;
-                }
-                let latest = s.samples[next - 1];
-                if latest.t >= read_at.saturating_sub(lookback) && !is_stale_nan(latest.v) {
-                    let v = if sample_time {
-                        latest.t as f64 / 1000.0
-                    } else {
-                        latest.v
-                    };
-                    points.push(Sample { t, v });
-                }
-            }
-            if !points.is_empty() {
-                self.account(points.len())?;
-                out.push(SeriesSamples {
-                    labels: s.labels,
-                    samples: points,
-                });
-            }
+        let step_fn = self.select_fn(vs, sample_time);
+        self.series_points(series, &step_fn, |labels| labels)
+    }
+
+    /// The [`StepFn`] of an instant selector.
+    fn select_fn(&self, vs: &VectorSelector, sample_time: bool) -> StepFn {
+        StepFn::Select {
+            offset: offset_ms(&vs.offset),
+            at: at_ms(&vs.at, self.query),
+            lookback: self.options.lookback,
+            sample_time,
         }
-        Ok(out)
+    }
+
+    /// Each series' points at every step, series in their order, those with no point left
+    /// out, labels mapped by `relabel`; split over the query threads when large.
+    fn series_points(
+        &mut self,
+        series: Vec<SeriesSamples>,
+        step_fn: &StepFn,
+        relabel: impl Fn(Labels) -> Labels + Sync + Send,
+    ) -> Result<Vec<SeriesSamples>, QueryError> {
+        let range = self.range;
+        let steps = range.steps();
+        let budget = self.budget();
+        let points = series.len().saturating_mul(steps);
+        let out = self.map_items(series, points, 16, |s| {
+            budget.check(0)?;
+            let mut points = Vec::new();
+            step_fn.points(
+                &s.samples,
+                range,
+                0..steps,
+                |held| budget.check(held),
+                |_, t, v| points.push(Sample { t, v }),
+            )?;
+            if points.is_empty() {
+                return Ok(None);
+            }
+            budget.charge(points.len())?;
+            Ok(Some(SeriesSamples {
+                labels: relabel(s.labels),
+                samples: points,
+            }))
+        })?;
+        self.settle(budget);
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// A range selector or subquery as a function argument.
@@ -348,57 +654,94 @@ impl Evaluator {
         arg: RangeArg,
         params: &[Vec<f64>],
         keep_metric_name: bool,
-        mut fold: impl FnMut(&[Sample], &WindowCtx) -> Option<f64>,
+        fold: Fold,
     ) -> Result<Vec<SeriesSamples>, QueryError> {
-        let range = self.range;
-        let mut step_params = vec![0.0; params.len()];
-        let mut out = Vec::with_capacity(arg.series.len());
-        for s in arg.series {
-            self.check_deadline()?;
-            let (mut lo, mut hi) = (0, 0);
-            let mut points = Vec::new();
-            for (step, t) in range.timestamps().enumerate() {
-                self.step_check(step, points.len())?;
-                let end = arg.at.unwrap_or(t).saturating_sub(arg.offset);
-                let start = end.saturating_sub(arg.window);
-                while hi < s.samples.len() && s.samples[hi].t <= end {
-                    hi += 1;
-                }
-                while lo < hi && s.samples[lo].t < start {
-                    lo += 1;
-                }
-                if lo == hi {
-                    continue;
-                }
-                for (slot, values) in step_params.iter_mut().zip(params) {
-                    *slot = values[step];
-                }
-                let ctx = WindowCtx {
-                    t,
-                    start,
-                    end,
-                    window: arg.window,
-                    params: &step_params,
-                };
-                if let Some(v) = fold(&s.samples[lo..hi], &ctx) {
-                    points.push(Sample { t, v });
-                }
+        let step_fn = StepFn::Window {
+            window: arg.window,
+            offset: arg.offset,
+            at: arg.at,
+            fold,
+            params: params.to_vec(),
+        };
+        // Series of one metric name stay distinct without it.
+        let unique = keep_metric_name || one_metric_name(&arg.series);
+        let out = self.series_points(arg.series, &step_fn, |labels| {
+            if keep_metric_name {
+                labels
+            } else {
+                labels.without_metric_name()
             }
-            if !points.is_empty() {
-                self.account(points.len())?;
-                let labels = if keep_metric_name {
-                    s.labels
-                } else {
-                    s.labels.without_metric_name()
-                };
-                out.push(SeriesSamples {
-                    labels,
-                    samples: points,
-                });
+        })?;
+        if !unique {
+            check_unique_labels(&out)?;
+        }
+        Ok(out)
+    }
+
+    /// The argument of an aggregation as a [`Streamed`] input, when it is one: a selector, or
+    /// a range function (not answered from rollups) over a selector whose series all have
+    /// one metric name or keep it (so they stay distinct without duplicates to report).
+    /// `None` (nothing evaluated) for anything else.
+    pub(super) fn streamed(&mut self, expr: &Expr) -> Result<Option<Streamed>, QueryError> {
+        if !self.streaming {
+            return Ok(None);
+        }
+        match expr {
+            Expr::Paren(p) => self.streamed(&p.expr),
+            Expr::VectorSelector(vs) => {
+                let step_fn = self.select_fn(vs, false);
+                Ok(Some(Streamed {
+                    series: self.loaded_for(vs)?,
+                    step_fn,
+                    drops_metric_name: false,
+                }))
+            }
+            Expr::Call(call) => self.streamed_call(call),
+            _ => Ok(None),
+        }
+    }
+
+    fn streamed_call(&mut self, call: &Call) -> Result<Option<Streamed>, QueryError> {
+        let Some((fold, keeps_metric_name)) = functions::range_fold(call.func.name) else {
+            return Ok(None);
+        };
+        fn selector(expr: &Expr) -> Option<&VectorSelector> {
+            match expr {
+                Expr::Paren(p) => selector(&p.expr),
+                Expr::MatrixSelector(ms) => Some(&ms.vs),
+                _ => None,
             }
         }
-        check_unique_labels(&out)?;
-        Ok(out)
+        let mut ranges = call.args.args.iter().filter(|a| selector(a).is_some());
+        let (Some(range), None) = (ranges.next(), ranges.next()) else {
+            return Ok(None);
+        };
+        let key = node_key(selector(range).expect("a matrix selector"));
+        if self.rollups.contains_key(&key) {
+            return Ok(None);
+        }
+        match self.loaded.get(&key) {
+            Some(series) if keeps_metric_name || one_metric_name(series) => {}
+            _ => return Ok(None),
+        }
+        let mut params = Vec::new();
+        for arg in &call.args.args {
+            if selector(arg).is_none() {
+                params.push(self.eval_scalar(arg)?);
+            }
+        }
+        let arg = self.eval_range_arg(range)?;
+        Ok(Some(Streamed {
+            series: arg.series,
+            step_fn: StepFn::Window {
+                window: arg.window,
+                offset: arg.offset,
+                at: arg.at,
+                fold,
+                params,
+            },
+            drops_metric_name: !keeps_metric_name,
+        }))
     }
 
     /// Evaluates step by step: at each step, `f` gets the step time and one column per input
@@ -436,6 +779,12 @@ impl Evaluator {
         }
         Ok(builder.finish())
     }
+}
+
+/// Whether every series has the same metric name (or none has one).
+fn one_metric_name(series: &[SeriesSamples]) -> bool {
+    let first = series.first().and_then(|s| s.labels.metric_name());
+    series.iter().all(|s| s.labels.metric_name() == first)
 }
 
 /// Fails when two series of a vector have the same labels.
@@ -685,5 +1034,275 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         let result = Evaluator::new(range, options(1_000), deadline, Loaded::new()).eval(&expr);
         assert!(matches!(result, Err(QueryError::TooManySamples)));
+    }
+
+    /// The first selector of an expression (each test query has one).
+    fn selector_of(expr: &Expr) -> &VectorSelector {
+        match expr {
+            Expr::VectorSelector(vs) => vs,
+            Expr::MatrixSelector(ms) => &ms.vs,
+            Expr::Paren(p) => selector_of(&p.expr),
+            Expr::Aggregate(a) => selector_of(&a.expr),
+            Expr::Call(call) => call
+                .args
+                .args
+                .iter()
+                .find(|a| !matches!(a.as_ref(), Expr::NumberLiteral(_)))
+                .map(|a| selector_of(a))
+                .expect("a selector argument"),
+            other => panic!("unexpected expression {other:?}"),
+        }
+    }
+
+    /// Series of three metric names over a few groups, with NaN, infinities, negative zero,
+    /// counter resets, gaps and staleness markers.
+    fn awkward_series(count: usize) -> Vec<SeriesSamples> {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut out = Vec::new();
+        for i in 0..count {
+            let name = ["a", "b", "c"][i % 3];
+            let labels = Labels::from_trusted(vec![
+                Label::new("__name__", name),
+                Label::new("g", format!("{}", i % 7)),
+                Label::new("h", format!("{}", i % 5)),
+                Label::new("i", format!("{i}")),
+            ]);
+            let mut samples = Vec::new();
+            let mut counter = 0.0;
+            let mut t = (next() % 20_000) as i64;
+            while t < 3_600_000 {
+                let r = next();
+                let v = match r % 97 {
+                    0 => f64::NAN,
+                    1 => f64::INFINITY,
+                    2 => f64::NEG_INFINITY,
+                    3 => -0.0,
+                    4 => f64::from_bits(STALE_NAN_BITS),
+                    5 => {
+                        counter = 0.0;
+                        counter
+                    }
+                    _ => {
+                        counter += (r % 1000) as f64 / 7.0;
+                        counter
+                    }
+                };
+                samples.push(Sample { t, v });
+                t += 10_000 + (r % 50_000) as i64;
+            }
+            out.push(SeriesSamples { labels, samples });
+        }
+        out
+    }
+
+    fn bits(value: Value) -> Vec<(Labels, Vec<(i64, u64)>)> {
+        match value {
+            Value::Vector(s) | Value::Matrix(s) => s
+                .into_iter()
+                .map(|s| {
+                    let points = s.samples.iter().map(|p| (p.t, p.v.to_bits())).collect();
+                    (s.labels, points)
+                })
+                .collect(),
+            other => panic!("not a vector: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn streamed_and_parallel_evaluation_give_the_same_bits_in_the_same_order() {
+        let data = awkward_series(100);
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap(),
+        );
+        let ranges = [
+            EvalRange::instant(1_800_000),
+            EvalRange {
+                start: 0,
+                end: 3_600_000,
+                step: 15_000,
+            },
+            EvalRange {
+                start: 600_000,
+                end: 660_000,
+                step: 30_000,
+            },
+        ];
+        let inners = [
+            "a",
+            "{__name__=~\"a|b\"}",
+            "a offset 1m",
+            "a @ 1000",
+            "rate(a[5m])",
+            "rate({__name__=~\".+\"}[5m])",
+            "increase(b[2m] offset 30s)",
+            "quantile_over_time(0.3, c[3m])",
+            "predict_linear(a[10m], 600)",
+            "last_over_time(a[1m])",
+            "stddev_over_time(a[5m])",
+        ];
+        let mut queries: Vec<String> = inners.iter().map(|q| q.to_string()).collect();
+        for op in [
+            "sum", "avg", "min", "max", "count", "group", "stddev", "stdvar",
+        ] {
+            for inner in inners {
+                for modifier in ["", " by (g)", " without (h, i)", " by (__name__, g)"] {
+                    queries.push(format!("{op}{modifier} ({inner})"));
+                }
+            }
+        }
+        queries.push("topk by (g) (2, rate(a[5m]))".into());
+        queries.push("count_values(\"v\", a)".into());
+        let mut compared = 0;
+        for query in &queries {
+            let expr = Box::new(promql_parser::parser::parse(query).unwrap());
+            let vs = selector_of(&expr);
+            for range in ranges {
+                let run = |streaming: bool, parallel: bool| {
+                    let loaded = Loaded::from([(node_key(vs), data.clone())]);
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    let mut ev = Evaluator::new(range, options(100_000_000), deadline, loaded);
+                    if !streaming {
+                        ev = ev.without_streaming();
+                    }
+                    if parallel {
+                        ev = ev.with_parallel(Some(Parallel {
+                            pool: Some(pool.clone()),
+                            min_points: 0,
+                        }));
+                    }
+                    ev.eval(&expr).map(bits).map_err(|e| e.to_string())
+                };
+                let reference = run(false, false);
+                for (streaming, parallel) in [(true, false), (false, true), (true, true)] {
+                    assert_eq!(
+                        run(streaming, parallel),
+                        reference,
+                        "{query} over {range:?}, streaming {streaming}, parallel {parallel}"
+                    );
+                }
+                if let Ok(series) = &reference {
+                    compared += series.len();
+                }
+            }
+        }
+        // The data makes the comparisons mean something: answers, and an error case.
+        assert!(compared > 5_000, "{compared}");
+        // Series of two names that are equal without them: the argument is refused whole.
+        let mut twins = awkward_series(2);
+        let labels = twins[0].labels.clone().without_metric_name();
+        twins[0].labels = Labels::from_trusted(
+            std::iter::once(Label::new("__name__", "a"))
+                .chain(labels.iter().cloned())
+                .collect(),
+        );
+        twins[1].labels = Labels::from_trusted(
+            std::iter::once(Label::new("__name__", "b"))
+                .chain(labels.iter().cloned())
+                .collect(),
+        );
+        let duplicate = run_once(&twins, "sum(rate({__name__=~\".+\"}[5m]))", &pool);
+        assert!(
+            matches!(&duplicate, Err(e) if e.to_string().contains("same labelset")),
+            "{duplicate:?}"
+        );
+    }
+
+    fn run_once(
+        data: &[SeriesSamples],
+        query: &str,
+        pool: &Arc<rayon::ThreadPool>,
+    ) -> Result<Value, QueryError> {
+        let expr = Box::new(promql_parser::parser::parse(query).unwrap());
+        let loaded = Loaded::from([(node_key(selector_of(&expr)), data.to_vec())]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let range = EvalRange {
+            start: 0,
+            end: 3_600_000,
+            step: 15_000,
+        };
+        Evaluator::new(range, options(100_000_000), deadline, loaded)
+            .with_parallel(Some(Parallel {
+                pool: Some(pool.clone()),
+                min_points: 0,
+            }))
+            .eval(&expr)
+    }
+
+    #[test]
+    fn split_evaluation_keeps_the_sample_limit_and_the_deadline() {
+        let data = awkward_series(100);
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap(),
+        );
+        let range = EvalRange {
+            start: 0,
+            end: 3_600_000,
+            step: 15_000,
+        };
+        for query in ["a", "rate(a[5m])", "sum(rate(a[5m]))", "sum(a)"] {
+            let expr = Box::new(promql_parser::parser::parse(query).unwrap());
+            let vs = selector_of(&expr);
+            let parallel = Some(Parallel {
+                pool: Some(pool.clone()),
+                min_points: 0,
+            });
+            let loaded = Loaded::from([(node_key(vs), data.clone())]);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let result = Evaluator::new(range, options(1_000), deadline, loaded)
+                .with_parallel(parallel.clone())
+                .eval(&expr);
+            assert!(
+                matches!(result, Err(QueryError::TooManySamples)),
+                "{query}: {result:?}"
+            );
+            let loaded = Loaded::from([(node_key(vs), data.clone())]);
+            let past = Instant::now() - Duration::from_secs(1);
+            let result = Evaluator::new(range, options(100_000_000), past, loaded)
+                .with_parallel(parallel)
+                .eval(&expr);
+            assert!(
+                matches!(result, Err(QueryError::Timeout(_))),
+                "{query}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn counting_samples_until_a_time_agrees_with_a_binary_search() {
+        let mut seed = 7u64;
+        for n in 0..60 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let mut t = (seed >> 40) as i64 - 5_000;
+            let samples: Vec<Sample> = (0..n)
+                .map(|i| {
+                    // Uneven gaps: some series are regular, some bunch up.
+                    t += 1 + ((seed >> (i % 32)) % if n % 3 == 0 { 3 } else { 40_000 }) as i64;
+                    Sample { t, v: 0.0 }
+                })
+                .collect();
+            let lo = samples.first().map_or(0, |s| s.t) - 10;
+            let hi = samples.last().map_or(0, |s| s.t) + 10;
+            for probe in (lo..=hi).step_by(7).chain(samples.iter().map(|s| s.t)) {
+                assert_eq!(
+                    count_until(&samples, probe),
+                    samples.partition_point(|p| p.t <= probe),
+                    "{n} samples, at {probe}"
+                );
+            }
+        }
     }
 }

@@ -124,6 +124,25 @@ pub struct EngineConfig {
         default_value_t = true
     )]
     pub rollups: bool,
+    /// Threads that evaluate the large parts of queries (selectors, range functions and
+    /// aggregations over many series and steps) side by side; 0: one per core.
+    #[arg(
+        id = "query.threads",
+        long = "query-threads",
+        env = "SECUMON_QUERY_THREADS",
+        default_value_t = 0
+    )]
+    pub threads: usize,
+    /// Points (series x steps) a part of a query must span before it is split over the query
+    /// threads; smaller parts run on one thread, where splitting would cost more than it
+    /// saves. 0 splits every part.
+    #[arg(
+        id = "query.parallel_min_points",
+        long = "query-parallel-min-points",
+        env = "SECUMON_QUERY_PARALLEL_MIN_POINTS",
+        default_value_t = 100_000
+    )]
+    pub parallel_min_points: usize,
 }
 
 impl Default for EngineConfig {
@@ -215,6 +234,8 @@ pub struct Engine {
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Counts reads of rollups (`secumon_query_rollup_selects_total`).
     metrics: Arc<Metrics>,
+    /// The query threads (`--query-threads`), shared by every evaluation.
+    parallel: Option<eval::Parallel>,
 }
 
 /// The model's matchers for a parsed selector, its metric name included.
@@ -328,11 +349,30 @@ fn documented_type(t: ValueType) -> &'static str {
 impl Engine {
     pub fn new(storage: DynStorage, config: EngineConfig, metrics: Arc<Metrics>) -> Engine {
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_concurrency.max(1)));
+        let threads = match config.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        // One pool of query threads for the process: evaluation and the storage's reads
+        // split their large parts over it. Built by the first engine; later ones (tests start
+        // several servers in one process) share it.
+        let built = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("secumon-query-{i}"))
+            .build_global();
+        if let Err(e) = built {
+            tracing::debug!(error = %e, "query threads already started");
+        }
+        let parallel = Some(eval::Parallel {
+            pool: None,
+            min_points: config.parallel_min_points,
+        });
         Engine {
             storage,
             config,
             slots,
             metrics,
+            parallel,
         }
     }
 
@@ -481,9 +521,11 @@ impl Engine {
         .await
         .map_err(|_| QueryError::Timeout("query execution"))??;
         let loaded = Instant::now();
+        let parallel = self.parallel.clone();
         tokio::task::spawn_blocking(move || {
-            let mut evaluator =
-                eval::Evaluator::new(range, options, deadline, data.raw).with_rollups(data.rollups);
+            let mut evaluator = eval::Evaluator::new(range, options, deadline, data.raw)
+                .with_rollups(data.rollups)
+                .with_parallel(parallel);
             let value = evaluator.eval(&expr)?;
             tracing::debug!(eval_ms = loaded.elapsed().as_secs_f64() * 1e3, "evaluated");
             Ok(value::finish(value, range, instant))

@@ -127,6 +127,18 @@ fn lookup(name: &str) -> Option<FunctionImpl> {
     }
 }
 
+/// The fold of a range function (`rate`, `*_over_time`...) and whether it keeps the metric
+/// name; `None` for any other function.
+pub(super) fn range_fold(name: &str) -> Option<(Fold, bool)> {
+    match lookup(name)? {
+        Rollup {
+            fold,
+            keeps_metric_name,
+        } => Some((fold, keeps_metric_name)),
+        _ => None,
+    }
+}
+
 /// Whether Prometheus 2.42 has a function of this name.
 pub(super) fn is_known(name: &str) -> bool {
     lookup(name).is_some()

@@ -12,6 +12,7 @@
 //! series in the answer only (from the blocks' indexes for a series the head forgot since).
 
 use super::*;
+use rayon::prelude::*;
 
 /// What a read takes at one moment: the series that match (sorted ids), their head samples
 /// in the range, and the blocks' part.
@@ -99,7 +100,8 @@ impl EmbeddedStorage {
     }
 
     /// The head's part of a read of `matchers` over `[start, end]`, copied under its read
-    /// lock; fails as soon as more than `max_samples` (0: no limit) were copied.
+    /// lock; fails as soon as more than `max_samples` (0: no limit) were copied (checked
+    /// every [`HEAD_DECODE_SLICE`] series).
     pub(super) fn head_view(
         &self,
         tenant: &TenantId,
@@ -110,21 +112,31 @@ impl EmbeddedStorage {
         let head = self.read();
         let mut ids = head.matching(tenant.as_str(), matchers);
         ids.sort_unstable();
-        let mut samples: HashMap<u64, Vec<Sample>> = HashMap::default();
-        let mut copied = 0usize;
-        for &id in &ids {
-            let Some(series) = head.series.get(&id) else {
-                continue;
-            };
+        let decode = |id: &u64| {
+            let series = head.series.get(id)?;
             let mut range = Vec::new();
             series.samples.range_into(start, end, &mut range);
-            if !range.is_empty() {
-                copied += range.len();
-                if max_samples > 0 && copied > max_samples {
-                    return Err(StorageError::TooManySamples);
-                }
-                samples.insert(id, range);
+            (!range.is_empty()).then_some((*id, range))
+        };
+        let mut samples: HashMap<u64, Vec<Sample>> = HashMap::default();
+        let mut copied = 0usize;
+        // Many series are decoded on the query threads side by side, a slice at a time so
+        // the sample limit stops the read within a slice of it.
+        for slice in ids.chunks(HEAD_DECODE_SLICE) {
+            let decoded: Vec<(u64, Vec<Sample>)> = if slice.len() >= HEAD_PARALLEL_MIN_SERIES {
+                slice
+                    .par_iter()
+                    .with_min_len(64)
+                    .filter_map(decode)
+                    .collect()
+            } else {
+                slice.iter().filter_map(decode).collect()
+            };
+            copied += decoded.iter().map(|(_, s)| s.len()).sum::<usize>();
+            if max_samples > 0 && copied > max_samples {
+                return Err(StorageError::TooManySamples);
             }
+            samples.extend(decoded);
         }
         let set = self.blocks_view(&ids, (start, end));
         drop(head);
@@ -405,6 +417,12 @@ pub(super) fn block_series(
     Ok((out, damaged))
 }
 
+/// Series a head read decodes between checks of the sample limit.
+const HEAD_DECODE_SLICE: usize = 8192;
+
+/// Series a head read must decode before it splits them over the query threads.
+const HEAD_PARALLEL_MIN_SERIES: usize = 512;
+
 /// `a` (sorted) with the keys of `b`, sorted.
 pub(super) fn with_ids(mut a: Vec<u64>, b: &BTreeMap<u64, Labels>) -> Vec<u64> {
     if !b.is_empty() {
@@ -444,11 +462,22 @@ pub(super) fn samples_of(
     }
     for &id in ids {
         let flushing = flushing.get(&id);
-        let in_head = head.remove(&id);
+        let mut in_head = head.remove(&id);
         if flushing.is_none() && in_head.is_none() {
             continue;
         }
         let samples = out.entry(id).or_default();
+        if flushing.is_none() && samples.is_empty() {
+            if let Some(head_samples) = in_head.take() {
+                // Only in the head (the usual case for recent data): moved, not copied.
+                loaded += head_samples.len();
+                *samples = head_samples;
+                if over(loaded) {
+                    return Err(StorageError::TooManySamples);
+                }
+                continue;
+            }
+        }
         let before = samples.len();
         if let Some(chunks) = flushing {
             chunks_range_into(chunks, start, end, samples);
