@@ -46,6 +46,9 @@ pub(super) struct WindowCtx<'a> {
     pub end: i64,
     pub window: i64,
     pub params: &'a [f64],
+    /// No sample of the series is below the one before it (no NaN either): a window of it
+    /// holds no counter reset, and a fold need not look for one.
+    pub ascending: bool,
 }
 
 /// One step of an instant vector: `(index of the series in its input, value)`.
@@ -202,6 +205,7 @@ impl StepFn {
                     None => 0,
                 };
                 let mut step_params = vec![0.0; params.len()];
+                let ascending = samples.windows(2).all(|w| w[1].v >= w[0].v);
                 for step in steps {
                     if step % STEPS_BETWEEN_CHECKS == STEPS_BETWEEN_CHECKS - 1 {
                         check(emitted)?;
@@ -226,6 +230,7 @@ impl StepFn {
                         end,
                         window: *window,
                         params: &step_params,
+                        ascending,
                     };
                     if let Some(v) = fold(&samples[lo..hi], &ctx) {
                         emitted += 1;
@@ -600,8 +605,13 @@ impl Evaluator {
             Expr::Paren(p) => self.eval_range_arg(&p.expr),
             Expr::MatrixSelector(ms) => {
                 let mut series = self.loaded_for(&ms.vs)?;
-                for s in &mut series {
-                    s.samples.retain(|p| !is_stale_nan(p.v));
+                let points = series.iter().map(|s| s.samples.len()).sum();
+                let drop_stale = |s: &mut SeriesSamples| s.samples.retain(|p| !is_stale_nan(p.v));
+                match self.pool_for(points) {
+                    Some(parallel) => parallel.install(|| {
+                        series.par_iter_mut().with_min_len(64).for_each(drop_stale)
+                    }),
+                    None => series.iter_mut().for_each(drop_stale),
                 }
                 series.retain(|s| !s.samples.is_empty());
                 Ok(RangeArg {

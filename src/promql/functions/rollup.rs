@@ -28,7 +28,8 @@ fn extrapolated_rate(
     }
     let (first, last) = (w[0], w[w.len() - 1]);
     let mut result = last.v - first.v;
-    if is_counter {
+    // A series that never decreases has no reset to add back (the loop would add nothing).
+    if is_counter && !ctx.ascending {
         let mut prev = first.v;
         for s in &w[1..] {
             if s.v < prev {
@@ -265,6 +266,7 @@ mod tests {
             end: t,
             window,
             params,
+            ascending: false,
         }
     }
 
@@ -321,5 +323,31 @@ mod tests {
             resets(&samples(&[(0, 3.0), (1, 1.0), (2, 2.0), (3, 0.0)]), &c),
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn a_series_known_to_ascend_skips_the_reset_scan_with_the_same_bits() {
+        let rising = samples(&[(0, 1.0), (15, 1.5), (30, 1.5), (45, 7.25), (60, 1e9)]);
+        for w in [&rising[..], &rising[1..4], &rising[..2]] {
+            let t = w[w.len() - 1].t + 5;
+            let scanned = ctx(t, 70, &[]);
+            let known = WindowCtx {
+                ascending: true,
+                ..ctx(t, 70, &[])
+            };
+            for f in [rate, increase] {
+                assert_eq!(
+                    f(w, &known).map(f64::to_bits),
+                    f(w, &scanned).map(f64::to_bits)
+                );
+            }
+        }
+        // The flag is what tells a reset apart: with it set wrongly a reset would be missed.
+        let reset = samples(&[(0, 5.0), (15, 1.0)]);
+        let known = WindowCtx {
+            ascending: true,
+            ..ctx(20, 70, &[])
+        };
+        assert_ne!(rate(&reset, &known), rate(&reset, &ctx(20, 70, &[])));
     }
 }

@@ -369,7 +369,7 @@ impl Storage for EmbeddedStorage {
             }
             out.push(SeriesSamples { labels, samples });
         }
-        out.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
+        read::sort_by_labels(&mut out);
         Ok(out)
     }
 

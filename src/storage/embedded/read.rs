@@ -417,6 +417,15 @@ pub(super) fn block_series(
     Ok((out, damaged))
 }
 
+/// Sorts series by labels, on the query threads when there are many.
+pub(super) fn sort_by_labels(series: &mut [SeriesSamples]) {
+    if series.len() >= HEAD_PARALLEL_MIN_SERIES {
+        series.par_sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
+    } else {
+        series.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
+    }
+}
+
 /// Series a head read decodes between checks of the sample limit.
 const HEAD_DECODE_SLICE: usize = 8192;
 
