@@ -608,9 +608,8 @@ impl Evaluator {
                 let points = series.iter().map(|s| s.samples.len()).sum();
                 let drop_stale = |s: &mut SeriesSamples| s.samples.retain(|p| !is_stale_nan(p.v));
                 match self.pool_for(points) {
-                    Some(parallel) => parallel.install(|| {
-                        series.par_iter_mut().with_min_len(64).for_each(drop_stale)
-                    }),
+                    Some(parallel) => parallel
+                        .install(|| series.par_iter_mut().with_min_len(64).for_each(drop_stale)),
                     None => series.iter_mut().for_each(drop_stale),
                 }
                 series.retain(|s| !s.samples.is_empty());
