@@ -178,7 +178,7 @@ impl Encoder {
         if v.is_finite() {
             for (places, &scale) in POW10.iter().enumerate().skip(1) {
                 let scaled = (v * scale).round();
-                if !(scaled.abs() < MAX_EXACT) {
+                if scaled.abs() >= MAX_EXACT {
                     break;
                 }
                 let m = scaled as i64;
