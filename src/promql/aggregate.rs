@@ -229,12 +229,24 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
         return count_values(ev, &input, &agg.modifier, &label);
     }
 
+    step_by_step(ev, op, &agg.modifier, param_scalar.as_deref(), input)
+}
+
+/// An aggregation evaluated step by step over its argument's held points (engine.go
+/// `aggregation`): every operator but `count_values`.
+fn step_by_step(
+    ev: &mut Evaluator,
+    op: Op,
+    modifier: &Option<LabelModifier>,
+    param_scalar: Option<&[f64]>,
+    input: Vec<SeriesSamples>,
+) -> Result<Value, QueryError> {
     // Groups are fixed per series: compute each series' group once.
-    let (group_of, groups) = groups(input.iter().map(|s| &s.labels), &agg.modifier, false);
+    let (group_of, groups) = groups(input.iter().map(|s| &s.labels), modifier, false);
 
     // Per-step state by group number, reused from step to step; `seen_at` tells whether a
     // group already has a value at this step.
-    let keeps_members = !folds;
+    let keeps_members = matches!(op, Op::Topk | Op::Bottomk | Op::Quantile);
     let mut state: Vec<Group> = (0..groups.len())
         .map(|_| Group {
             acc: Acc::EMPTY,
@@ -246,7 +258,7 @@ pub(super) fn eval(ev: &mut Evaluator, agg: &AggregateExpr) -> Result<Value, Que
 
     let series = ev.step_eval(&[&input], |step, _t, columns| {
         let column = &columns[0];
-        let param = param_scalar.as_ref().map_or(0.0, |p| p[step]);
+        let param = param_scalar.map_or(0.0, |p| p[step]);
         let k = if matches!(op, Op::Topk | Op::Bottomk) {
             if !(param >= i64::MIN as f64 && param <= i64::MAX as f64) {
                 return Err(QueryError::Execution(format!(
@@ -345,6 +357,20 @@ fn streamed(
     );
     let range = ev.range;
     let steps = range.steps();
+    if series.is_empty() {
+        return Ok(Value::Vector(Vec::new()));
+    }
+    // The state is groups x steps whatever the data: past what is left of the sample limit
+    // (many groups, or a subquery's many steps), hold the points and go step by step, which
+    // fails at the limit as it always did.
+    if groups.len().saturating_mul(steps) > ev.samples_left() {
+        let input = ev.hold(Streamed {
+            series,
+            step_fn,
+            drops_metric_name,
+        })?;
+        return step_by_step(ev, op, modifier, None, input);
+    }
     let points = series.len().saturating_mul(steps);
     let threads = ev.threads_for(points);
     let budget = ev.budget();
@@ -352,7 +378,6 @@ fn streamed(
         let len = block.len();
         let mut acc = vec![Acc::EMPTY; groups.len().saturating_mul(len)];
         let mut first = vec![(usize::MAX, usize::MAX); groups.len()];
-        let mut folded = 0usize;
         for (i, s) in series.iter().enumerate() {
             if i % 256 == 0 {
                 budget.check(0)?;
@@ -360,11 +385,13 @@ fn streamed(
             let g = group_of[i];
             let row = &mut acc[g * len..(g + 1) * len];
             let first = &mut first[g];
+            // The points the argument produces count as they would have if it were held.
+            let mut folded = 0usize;
             step_fn.points(
                 &s.samples,
                 range,
                 block.clone(),
-                |_| budget.check(0),
+                |held| budget.check(held),
                 |step, _t, v| {
                     folded += 1;
                     let state = &mut row[step - block.start];
@@ -378,9 +405,8 @@ fn streamed(
                     }
                 },
             )?;
+            budget.charge(folded)?;
         }
-        // The points the argument produced count as they would have if it were held.
-        budget.charge(folded)?;
         Ok(Block {
             steps: block,
             acc,

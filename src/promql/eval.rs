@@ -257,7 +257,8 @@ fn count_until(samples: &[Sample], t: i64) -> usize {
         return n;
     }
     // first <= t < last, so n >= 2 and the span is positive.
-    let guess = ((t - first) as i128 * (n - 1) as i128 / (last - first) as i128) as usize;
+    let span = i128::from(last) - i128::from(first);
+    let guess = ((i128::from(t) - i128::from(first)) * (n - 1) as i128 / span) as usize;
     let mut i = guess.min(n - 1);
     const WALK: usize = 8;
     for _ in 0..WALK {
@@ -355,6 +356,23 @@ impl Evaluator {
             max_samples: self.options.max_samples,
             produced: AtomicUsize::new(self.produced),
         }
+    }
+
+    /// What is left of the sample limit.
+    pub(super) fn samples_left(&self) -> usize {
+        self.options.max_samples.saturating_sub(self.produced)
+    }
+
+    /// A [`Streamed`] argument's points, held as an instant vector.
+    pub(super) fn hold(&mut self, input: Streamed) -> Result<Vec<SeriesSamples>, QueryError> {
+        let drops = input.drops_metric_name;
+        self.series_points(input.series, &input.step_fn, |labels| {
+            if drops {
+                labels.without_metric_name()
+            } else {
+                labels
+            }
+        })
     }
 
     /// Takes back the points a [`Budget`] accounted.
@@ -1283,6 +1301,28 @@ mod tests {
                 .eval(&expr);
             assert!(
                 matches!(result, Err(QueryError::Timeout(_))),
+                "{query}: {result:?}"
+            );
+        }
+        // An aggregation's state would be groups x steps: past the limit it is not
+        // allocated, and the query fails at the limit as step-by-step evaluation does.
+        let many_steps = EvalRange {
+            start: 0,
+            end: 3_600_000_000,
+            step: 1,
+        };
+        for query in ["sum(a)", "sum by (i) (rate(a[5m]))"] {
+            let expr = Box::new(promql_parser::parser::parse(query).unwrap());
+            let loaded = Loaded::from([(node_key(selector_of(&expr)), data.clone())]);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let result = Evaluator::new(many_steps, options(1_000_000), deadline, loaded)
+                .with_parallel(Some(Parallel {
+                    pool: Some(pool.clone()),
+                    min_points: 0,
+                }))
+                .eval(&expr);
+            assert!(
+                matches!(result, Err(QueryError::TooManySamples)),
                 "{query}: {result:?}"
             );
         }

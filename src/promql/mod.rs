@@ -125,7 +125,8 @@ pub struct EngineConfig {
     )]
     pub rollups: bool,
     /// Threads that evaluate the large parts of queries (selectors, range functions and
-    /// aggregations over many series and steps) side by side; 0: one per core.
+    /// aggregations over many series and steps) side by side, one pool for the process; 0:
+    /// one per core.
     #[arg(
         id = "query.threads",
         long = "query-threads",

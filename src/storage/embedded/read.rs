@@ -120,17 +120,18 @@ impl EmbeddedStorage {
         };
         let mut samples: HashMap<u64, Vec<Sample>> = HashMap::default();
         let mut copied = 0usize;
-        // Many series are decoded on the query threads side by side, a slice at a time so
+        // Many series are decoded on the read threads side by side, a slice at a time so
         // the sample limit stops the read within a slice of it.
         for slice in ids.chunks(HEAD_DECODE_SLICE) {
-            let decoded: Vec<(u64, Vec<Sample>)> = if slice.len() >= HEAD_PARALLEL_MIN_SERIES {
-                slice
-                    .par_iter()
-                    .with_min_len(64)
-                    .filter_map(decode)
-                    .collect()
-            } else {
-                slice.iter().filter_map(decode).collect()
+            let decoded: Vec<(u64, Vec<Sample>)> = match read_pool() {
+                Some(pool) if slice.len() >= HEAD_PARALLEL_MIN_SERIES => pool.install(|| {
+                    slice
+                        .par_iter()
+                        .with_min_len(64)
+                        .filter_map(decode)
+                        .collect()
+                }),
+                _ => slice.iter().filter_map(decode).collect(),
             };
             copied += decoded.iter().map(|(_, s)| s.len()).sum::<usize>();
             if max_samples > 0 && copied > max_samples {
@@ -417,19 +418,40 @@ pub(super) fn block_series(
     Ok((out, damaged))
 }
 
-/// Sorts series by labels, on the query threads when there are many.
+/// Sorts series by labels, on the read threads when there are many.
 pub(super) fn sort_by_labels(series: &mut [SeriesSamples]) {
-    if series.len() >= HEAD_PARALLEL_MIN_SERIES {
-        series.par_sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
-    } else {
-        series.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
+    match read_pool() {
+        Some(pool) if series.len() >= HEAD_PARALLEL_MIN_SERIES => {
+            pool.install(|| series.par_sort_unstable_by(|a, b| a.labels.cmp(&b.labels)))
+        }
+        _ => series.sort_unstable_by(|a, b| a.labels.cmp(&b.labels)),
     }
+}
+
+/// Threads (one per core) that decode a large read's head series while the head's read lock
+/// is held, and sort large answers: the reads' own, not the query threads, so a read holding
+/// the lock never waits behind a query's evaluation for a thread. `None` on one core, or if
+/// the threads cannot be started: reads then decode on their own thread.
+fn read_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if threads < 2 {
+            return None;
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("secumon-read-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
 }
 
 /// Series a head read decodes between checks of the sample limit.
 const HEAD_DECODE_SLICE: usize = 8192;
 
-/// Series a head read must decode before it splits them over the query threads.
+/// Series a head read must decode before it splits them over the read threads.
 const HEAD_PARALLEL_MIN_SERIES: usize = 512;
 
 /// `a` (sorted) with the keys of `b`, sorted.
