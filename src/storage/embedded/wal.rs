@@ -1251,4 +1251,27 @@ mod tests {
         assert_eq!(seen, 0);
         assert!(report.truncated.is_some());
     }
+
+    #[test]
+    fn the_fuzzers_compressed_seeds_are_valid_logs() {
+        // fuzz/corpus/wal_replay: a selector byte, then a log (even) or a checkpoint (odd)
+        // of one compressed frame holding 40 series records and a sample record of decimals.
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/wal_replay");
+        for (seed, file) in [
+            ("compressed-log-seed", "00000001.wal"),
+            ("compressed-checkpoint-seed", "checkpoint.00000001"),
+        ] {
+            let bytes = std::fs::read(corpus.join(seed)).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(file), &bytes[1..]).unwrap();
+            let mut seen = Vec::new();
+            let (_, report) = Wal::open(dir.path(), FsyncPolicy::Never, |r| seen.push(r)).unwrap();
+            assert!(report.truncated.is_none(), "{seed}");
+            assert_eq!(seen.len(), 41, "{seed}");
+            let Some(Record::Samples { samples }) = seen.last() else {
+                panic!("{seed}: {:?}", seen.last());
+            };
+            assert_eq!(samples[1], (1, 1_700_000_000_000, 123.82), "{seed}");
+        }
+    }
 }
