@@ -468,6 +468,12 @@ async fn outage_loses_nothing(outage: Duration) {
 
     let down_at = unix_now();
     drop(server);
+    // The server's ports stay taken while it is down: the suite runs beside this test, and
+    // another test's server given the OTLP port would take (and acknowledge) the agent's
+    // readings. A listener that never answers: the agent's exports time out and fail.
+    let held = [http_port, grpc_port].map(|port| {
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("the stopped server's port")
+    });
     tokio::time::sleep(outage / 2).await;
     // The agent dies (SIGQUIT: no clean shutdown) and comes back during the outage.
     let agent_down = unix_now();
@@ -475,6 +481,7 @@ async fn outage_loses_nothing(outage: Duration) {
     agent = start_agent(&agent_dir, &grpc, &["--export-max-backoff", "2s"]);
     let agent_up = unix_now();
     tokio::time::sleep(outage / 2).await;
+    drop(held);
     let server = serve();
     let up_at = unix_now();
 
