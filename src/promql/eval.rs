@@ -683,21 +683,18 @@ impl Evaluator {
         keep_metric_name: bool,
         fold: Fold,
     ) -> Result<Vec<SeriesSamples>, QueryError> {
-        let step_fn = StepFn::Window {
-            window: arg.window,
-            offset: arg.offset,
-            at: arg.at,
-            fold,
-            params: params.to_vec(),
-        };
         // Series of one metric name stay distinct without it.
         let unique = keep_metric_name || one_metric_name(&arg.series);
-        let out = self.series_points(arg.series, &step_fn, |labels| {
-            if keep_metric_name {
-                labels
-            } else {
-                labels.without_metric_name()
-            }
+        let out = self.hold(Streamed {
+            series: arg.series,
+            step_fn: StepFn::Window {
+                window: arg.window,
+                offset: arg.offset,
+                at: arg.at,
+                fold,
+                params: params.to_vec(),
+            },
+            drops_metric_name: !keep_metric_name,
         })?;
         if !unique {
             check_unique_labels(&out)?;
@@ -1141,15 +1138,22 @@ mod tests {
         }
     }
 
+    /// A pool of `threads` and every part split over it, however small.
+    fn split_over(threads: usize) -> Parallel {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        Parallel {
+            pool: Some(Arc::new(pool)),
+            min_points: 0,
+        }
+    }
+
     #[test]
     fn streamed_and_parallel_evaluation_give_the_same_bits_in_the_same_order() {
         let data = awkward_series(100);
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(3)
-                .build()
-                .unwrap(),
-        );
+        let split = split_over(3);
         let ranges = [
             EvalRange::instant(1_800_000),
             EvalRange {
@@ -1201,10 +1205,7 @@ mod tests {
                         ev = ev.without_streaming();
                     }
                     if parallel {
-                        ev = ev.with_parallel(Some(Parallel {
-                            pool: Some(pool.clone()),
-                            min_points: 0,
-                        }));
+                        ev = ev.with_parallel(Some(split.clone()));
                     }
                     ev.eval(&expr).map(bits).map_err(|e| e.to_string())
                 };
@@ -1236,7 +1237,7 @@ mod tests {
                 .chain(labels.iter().cloned())
                 .collect(),
         );
-        let duplicate = run_once(&twins, "sum(rate({__name__=~\".+\"}[5m]))", &pool);
+        let duplicate = run_once(&twins, "sum(rate({__name__=~\".+\"}[5m]))", &split);
         assert!(
             matches!(&duplicate, Err(e) if e.to_string().contains("same labelset")),
             "{duplicate:?}"
@@ -1246,7 +1247,7 @@ mod tests {
     fn run_once(
         data: &[SeriesSamples],
         query: &str,
-        pool: &Arc<rayon::ThreadPool>,
+        split: &Parallel,
     ) -> Result<Value, QueryError> {
         let expr = Box::new(promql_parser::parser::parse(query).unwrap());
         let loaded = Loaded::from([(node_key(selector_of(&expr)), data.to_vec())]);
@@ -1257,22 +1258,14 @@ mod tests {
             step: 15_000,
         };
         Evaluator::new(range, options(100_000_000), deadline, loaded)
-            .with_parallel(Some(Parallel {
-                pool: Some(pool.clone()),
-                min_points: 0,
-            }))
+            .with_parallel(Some(split.clone()))
             .eval(&expr)
     }
 
     #[test]
     fn split_evaluation_keeps_the_sample_limit_and_the_deadline() {
         let data = awkward_series(100);
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(2)
-                .build()
-                .unwrap(),
-        );
+        let split = split_over(2);
         let range = EvalRange {
             start: 0,
             end: 3_600_000,
@@ -1281,10 +1274,7 @@ mod tests {
         for query in ["a", "rate(a[5m])", "sum(rate(a[5m]))", "sum(a)"] {
             let expr = Box::new(promql_parser::parser::parse(query).unwrap());
             let vs = selector_of(&expr);
-            let parallel = Some(Parallel {
-                pool: Some(pool.clone()),
-                min_points: 0,
-            });
+            let parallel = Some(split.clone());
             let loaded = Loaded::from([(node_key(vs), data.clone())]);
             let deadline = Instant::now() + Duration::from_secs(30);
             let result = Evaluator::new(range, options(1_000), deadline, loaded)
@@ -1316,10 +1306,7 @@ mod tests {
             let loaded = Loaded::from([(node_key(selector_of(&expr)), data.clone())]);
             let deadline = Instant::now() + Duration::from_secs(30);
             let result = Evaluator::new(many_steps, options(1_000_000), deadline, loaded)
-                .with_parallel(Some(Parallel {
-                    pool: Some(pool.clone()),
-                    min_points: 0,
-                }))
+                .with_parallel(Some(split.clone()))
                 .eval(&expr);
             assert!(
                 matches!(result, Err(QueryError::TooManySamples)),

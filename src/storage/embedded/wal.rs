@@ -1176,13 +1176,19 @@ mod tests {
         assert_eq!((seen, report.truncated.is_none()), (records().len(), true));
 
         // Flip a byte inside the first record: replay stops there.
+        assert_eq!(replay_after_damage(dir.path(), 12, 0xff), (0, true));
+    }
+
+    /// Flips `mask` into byte `at` of the first segment, then replays: (records applied,
+    /// whether a cut was reported).
+    fn replay_after_damage(dir: &Path, at: usize, mask: u8) -> (usize, bool) {
+        let path = segment_path(dir, 1);
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes[12] ^= 0xff;
+        bytes[at] ^= mask;
         std::fs::write(&path, bytes).unwrap();
         let mut seen = 0;
-        let (_, report) = Wal::open(dir.path(), FsyncPolicy::Never, |_| seen += 1).unwrap();
-        assert_eq!(seen, 0);
-        assert!(report.truncated.is_some());
+        let (_, report) = Wal::open(dir, FsyncPolicy::Never, |_| seen += 1).unwrap();
+        (seen, report.truncated.is_some())
     }
 
     #[test]
@@ -1242,14 +1248,7 @@ mod tests {
 
         // A damaged byte inside the compressed frame: none of its records is applied, and
         // the log is cut there.
-        let path = segment_path(dir.path(), 1);
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[100] ^= 0x55;
-        std::fs::write(&path, bytes).unwrap();
-        let mut seen = 0;
-        let (_, report) = Wal::open(dir.path(), FsyncPolicy::Never, |_| seen += 1).unwrap();
-        assert_eq!(seen, 0);
-        assert!(report.truncated.is_some());
+        assert_eq!(replay_after_damage(dir.path(), 100, 0x55), (0, true));
     }
 
     #[test]
