@@ -182,6 +182,8 @@ impl EmbeddedStorage {
                 }
             }
         }
+        #[cfg(test)]
+        self.pauses.after_judging.run();
         if !accepted.is_empty() {
             records.push(Record::Samples { samples: accepted });
         }

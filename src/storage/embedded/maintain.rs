@@ -84,6 +84,8 @@ impl EmbeddedStorage {
             report.held(began, "log rotation");
             segment
         };
+        #[cfg(test)]
+        self.pauses.after_rotation.run();
         let ids = self.head_ids(report);
         self.move_out(&ids, cutoff, report);
         if self.blocks_read().flushing.is_empty() {
@@ -188,6 +190,12 @@ impl EmbeddedStorage {
     /// [`FLUSH_BATCH`] series at a time under the head's and the set's write locks (a reader
     /// copies both under their read locks, so it sees each sample in one place), and
     /// recomputes the head's oldest sample time.
+    ///
+    /// Each batch also holds the log: a writer judges its samples against a series' flushed
+    /// time and applies them under the log, and a batch moving out in between could leave an
+    /// accepted sample at or before the new flushed time, which the apply would drop after
+    /// the writer acknowledged it (the cutoff follows the newest sample of any series, a
+    /// series' out-of-order window its own latest one).
     fn move_out(&self, ids: &[u64], cutoff: TimestampMs, report: &mut MaintenanceReport) {
         let mut min_t: Option<TimestampMs> = None;
         for (i, batch) in ids.chunks(FLUSH_BATCH).enumerate() {
@@ -195,6 +203,7 @@ impl EmbeddedStorage {
                 // Writers waiting for the lock get it before the next batch.
                 std::thread::yield_now();
             }
+            let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             let mut head = self.write();
             let mut set = self.blocks_write();
             let began = std::time::Instant::now();
@@ -213,7 +222,7 @@ impl EmbeddedStorage {
                     min_t = Some(min_t.map_or(first, |m| m.min(first)));
                 }
             }
-            drop((head, set));
+            drop((set, head, wal));
             report.held(began, "samples moved out");
         }
         // What the batches left, and what writers applied meanwhile (to series of batches

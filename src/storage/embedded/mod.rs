@@ -180,7 +180,9 @@ impl MaintenanceReport {
 pub struct EmbeddedStorage {
     dir: PathBuf,
     head: RwLock<Head>,
-    /// Serialises writers: classification, logging and applying happen in one order.
+    /// Serialises writers: classification, logging and applying happen in one order. Also
+    /// held by the steps of maintenance that change what a writer judges against (samples
+    /// moving out of the head, series forgotten).
     wal: Mutex<Wal>,
     blocks: RwLock<BlockSet>,
     /// One maintenance run at a time.
@@ -198,6 +200,35 @@ pub struct EmbeddedStorage {
     series_removed: AtomicU64,
     /// Held while the storage is open: no second server on the directory.
     _lock: lock::DirLock,
+    #[cfg(test)]
+    pauses: Pauses,
+}
+
+/// Points where a test runs code of its own, to order a writer and maintenance exactly.
+#[cfg(test)]
+#[derive(Default)]
+struct Pauses {
+    /// In a writer, between judging its samples and logging them.
+    after_judging: Pause,
+    /// In a flush, after the log rotation, before samples move out of the head.
+    after_rotation: Pause,
+}
+
+#[cfg(test)]
+#[derive(Default)]
+struct Pause(Mutex<Option<Box<dyn Fn() + Send + Sync>>>);
+
+#[cfg(test)]
+impl Pause {
+    fn set(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self.0.lock().unwrap() = Some(Box::new(f));
+    }
+
+    fn run(&self) {
+        if let Some(f) = &*self.0.lock().unwrap() {
+            f();
+        }
+    }
 }
 
 fn io_error(e: std::io::Error) -> StorageError {
@@ -854,6 +885,70 @@ mod tests {
         );
         let got = read(s).await;
         assert!(got == want, "samples differ after a reopen");
+    }
+
+    /// A flush that moves a series' samples out between a writer's judgement of an
+    /// out-of-order sample and its apply must not make the apply drop the sample the writer
+    /// acknowledges: the lagging series' sample is inside its own out-of-order window but
+    /// older than the flush cutoff (which follows the newest sample of any series).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_between_judging_and_applying_loses_no_accepted_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let t0 = 20 * DAY;
+        let s = Arc::new(
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
+        );
+        let one = |job: &str, t: i64| SeriesWrite {
+            labels: Labels::from_trusted(vec![Label::new("__name__", "m"), Label::new("job", job)]),
+            samples: vec![Sample { t, v: t as f64 }],
+        };
+        // The lagging series holds t0 and t0 + 2 min; another is 5 hours ahead, so the
+        // cutoff (its newest sample less the 1 h window) is past both.
+        for part in [
+            one("lag", t0),
+            one("lag", t0 + 120_000),
+            one("lead", t0 + 5 * HOUR),
+        ] {
+            let outcome = s.append(&tenant, &[part]).await.unwrap();
+            assert_eq!(outcome.accepted, 1);
+        }
+        let (judged_tx, judged_rx) = std::sync::mpsc::channel::<()>();
+        let (rotated_tx, rotated_rx) = std::sync::mpsc::channel::<()>();
+        let judged_rx = Mutex::new(judged_rx);
+        s.pauses.after_rotation.set(move || {
+            rotated_tx.send(()).unwrap();
+            // Samples move out only once the writer below has judged its sample.
+            judged_rx.lock().unwrap().recv().unwrap();
+        });
+        let judged_tx = Mutex::new(judged_tx);
+        s.pauses.after_judging.set(move || {
+            if judged_tx.lock().unwrap().send(()).is_ok() {
+                // Time for the flush to move the series' samples out, if nothing stops it.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let maintainer = {
+            let s = s.clone();
+            std::thread::spawn(move || s.maintain(t0 + DAY).unwrap())
+        };
+        rotated_rx.recv().unwrap();
+        // Out of order, inside the series' window (2 min behind its latest sample).
+        let outcome = s.append(&tenant, &[one("lag", t0 + 60_000)]).await.unwrap();
+        assert_eq!(outcome.accepted, 1, "{:?}", outcome.rejected);
+        let report = maintainer.join().unwrap();
+        assert!(report.blocks_written > 0, "the flush wrote no block");
+        let times = |got: Vec<SeriesSamples>| -> Vec<i64> {
+            got.into_iter()
+                .flat_map(|series| series.samples.into_iter().map(|s| s.t))
+                .collect()
+        };
+        let want = vec![t0, t0 + 60_000, t0 + 120_000];
+        let lag = [Matcher::equal("job", "lag")];
+        assert_eq!(times(job_series(&s, &lag).await), want, "after the flush");
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(times(job_series(&s, &lag).await), want, "after a reopen");
     }
 
     /// A flush that forgets no series leaves its blocks answered from the head alone: a read

@@ -85,6 +85,8 @@ impl EmbeddedStorage {
             writer_hold_max_us: AtomicU64::new(0),
             series_removed: AtomicU64::new(0),
             _lock: lock,
+            #[cfg(test)]
+            pauses: Pauses::default(),
         })
     }
 }
