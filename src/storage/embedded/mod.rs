@@ -951,6 +951,63 @@ mod tests {
         assert_eq!(times(job_series(&s, &lag).await), want, "after a reopen");
     }
 
+    /// Writers racing on the same series at the same times, each with values of its own:
+    /// every (series, time) is accepted exactly once, the rest refused as conflicts, and what
+    /// is stored is what the log replays (the log's order is the order samples were judged
+    /// and applied in).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn writers_racing_on_the_same_series_accept_each_sample_once() {
+        const WRITERS: i64 = 4;
+        const SERIES: i64 = 200;
+        const ROUNDS: i64 = 150;
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 30 * DAY;
+        let s = Arc::new(
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
+        );
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut accepted = 0;
+                    for r in 0..ROUNDS {
+                        let batch: Vec<SeriesWrite> = (0..SERIES)
+                            .map(|k| SeriesWrite {
+                                labels: Labels::from_trusted(vec![
+                                    Label::new("__name__", "m"),
+                                    Label::new("k", k.to_string()),
+                                ]),
+                                samples: vec![Sample {
+                                    t: t0 + r * 15_000,
+                                    v: (w * 1000 + k) as f64,
+                                }],
+                            })
+                            .collect();
+                        let outcome = s.append(&TenantId::default(), &batch).await.unwrap();
+                        accepted += outcome.accepted;
+                        tokio::task::yield_now().await;
+                    }
+                    accepted
+                })
+            })
+            .collect();
+        let mut accepted = 0;
+        for writer in writers {
+            accepted += writer.await.unwrap();
+        }
+        assert_eq!(accepted as i64, SERIES * ROUNDS, "samples accepted");
+        let all = [Matcher::equal("__name__", "m")];
+        let before = job_series(&s, &all).await;
+        assert_eq!(before.len() as i64, SERIES);
+        assert!(before.iter().all(|x| x.samples.len() as i64 == ROUNDS));
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert!(
+            job_series(&s, &all).await == before,
+            "the log replays other values"
+        );
+    }
+
     /// A flush that forgets no series leaves its blocks answered from the head alone: a read
     /// does not consult their indexes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
