@@ -419,7 +419,7 @@ impl EmbeddedStorage {
 
     /// Sizes of what is stored.
     pub fn sizes(&self) -> StorageStats {
-        // The log's lock is let go before the head's is taken: the order is head, then log.
+        // The log first: the lock order is log, head, blocks.
         let wal_bytes = self
             .wal
             .lock()

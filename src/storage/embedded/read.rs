@@ -4,8 +4,8 @@
 //! A read takes what it needs under the head's read lock, for as long as copying it takes
 //! ([`HeadView`]): the matching series, their head samples in the range, and (taking the
 //! blocks' lock inside, in the order a flush takes them) the list of blocks and the samples
-//! being flushed. It lets go before reading any block, so a long read never holds up writers
-//! (who hold the head shared, or alone for a series new to it) longer than that. Both copies come from one moment: a flush
+//! being flushed. It lets go before reading any block, so a long read never holds up writers,
+//! who need the head's write lock for every append. Both copies come from one moment: a flush
 //! moves samples from the head into `flushing` under both locks, so each sample is in exactly
 //! one of the copies (a sample rolled up twice would be counted twice; a flush moves them a
 //! batch of series at a time, each under both locks). Labels are fetched afterwards for the
