@@ -45,7 +45,7 @@ use async_trait::async_trait;
 use block::{Block, Lineage};
 use chunk::Chunk;
 use head::{
-    chunks_any_in, chunks_range, chunks_range_into, insert_sample, place, place_sorted, Head, Held,
+    chunks_any_in, chunks_range, chunks_range_into, insert_sample, place, place_sorted, Head,
     Placement, SampleStore,
 };
 use rustc_hash::FxHashMap as HashMap;
@@ -53,7 +53,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use wal::{Record, Wal};
 
@@ -180,8 +180,9 @@ impl MaintenanceReport {
 pub struct EmbeddedStorage {
     dir: PathBuf,
     head: RwLock<Head>,
-    /// Taken after the head (shared or alone), for the write to the log alone: see
-    /// [`EmbeddedStorage::append_sync`].
+    /// Serialises writers: classification, logging and applying happen in one order. Also
+    /// held by the steps of maintenance that change what a writer judges against (samples
+    /// moving out of the head, series forgotten).
     wal: Mutex<Wal>,
     blocks: RwLock<BlockSet>,
     /// One maintenance run at a time.
@@ -197,8 +198,6 @@ pub struct EmbeddedStorage {
     /// Since start: the longest [`MaintenanceReport::longest_writer_hold`], in µs.
     writer_hold_max_us: AtomicU64,
     series_removed: AtomicU64,
-    /// Compressors for records packed by writers side by side.
-    packers: wal::Packers,
     /// Held while the storage is open: no second server on the directory.
     _lock: lock::DirLock,
     #[cfg(test)]
@@ -270,8 +269,9 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         metadata: &[MetricMetadata],
     ) -> StorageResult<()> {
-        let head = self.write();
+        let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let records: Vec<Record> = {
+            let head = self.read();
             let known = head.tenants.get(tenant.as_str()).map(|t| &t.metadata);
             metadata
                 .iter()
@@ -286,7 +286,7 @@ impl Storage for EmbeddedStorage {
                 })
                 .collect()
         };
-        self.commit(head, records)
+        self.commit(wal, records)
     }
 
     async fn append_exemplars(
@@ -294,9 +294,10 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         batch: &[ExemplarWrite],
     ) -> StorageResult<()> {
-        let head = self.write();
+        let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let mut records = Vec::new();
         let exemplars: Vec<(u64, i64, f64, Labels)> = {
+            let head = self.read();
             let series = WriteBatch::of_labels(batch.iter().map(|w| &w.series));
             let ids = self.resolve(
                 &head,
@@ -316,7 +317,7 @@ impl Storage for EmbeddedStorage {
                 .collect()
         };
         records.push(Record::Exemplars { exemplars });
-        self.commit(head, records)
+        self.commit(wal, records)
     }
 
     async fn exemplars(

@@ -115,7 +115,7 @@ impl EmbeddedStorage {
         let decode = |id: &u64| {
             let series = head.series.get(id)?;
             let mut range = Vec::new();
-            series.held().samples.range_into(start, end, &mut range);
+            series.samples.range_into(start, end, &mut range);
             (!range.is_empty()).then_some((*id, range))
         };
         let mut samples: HashMap<u64, Vec<Sample>> = HashMap::default();
@@ -265,12 +265,12 @@ impl EmbeddedStorage {
                 let overlaps = |id: &u64| {
                     head.series
                         .get(id)
-                        .is_some_and(|s| s.held().samples.overlaps(start, end))
+                        .is_some_and(|s| s.samples.overlaps(start, end))
                         || set.flushing.get(id).is_some_and(|chunks| {
                             chunks.iter().any(|c| c.min_t <= end && c.max_t >= start)
                         })
                 };
-                let (every, none) = match (head.min_t.get(), head.max_t.get()) {
+                let (every, none) = match (head.min_t, head.max_t) {
                     (Some(lo), Some(hi)) => (
                         lo >= start && hi <= end,
                         (hi < start || lo > end) && set.flushing.is_empty(),
