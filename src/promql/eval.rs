@@ -38,6 +38,23 @@ pub(super) struct RangeArg {
     pub at: Option<i64>,
 }
 
+impl RangeArg {
+    /// These series as a [`Streamed`] input folding each step's window with `fold`.
+    fn streamed(self, fold: Fold, params: Vec<Vec<f64>>, drops_metric_name: bool) -> Streamed {
+        Streamed {
+            series: self.series,
+            step_fn: StepFn::Window {
+                window: self.window,
+                offset: self.offset,
+                at: self.at,
+                fold,
+                params,
+            },
+            drops_metric_name,
+        }
+    }
+}
+
 /// What a rollup sees besides the window: the step time and window bounds (ms), and the
 /// scalar arguments at this step.
 pub(super) struct WindowCtx<'a> {
@@ -685,17 +702,7 @@ impl Evaluator {
     ) -> Result<Vec<SeriesSamples>, QueryError> {
         // Series of one metric name stay distinct without it.
         let unique = keep_metric_name || one_metric_name(&arg.series);
-        let out = self.hold(Streamed {
-            series: arg.series,
-            step_fn: StepFn::Window {
-                window: arg.window,
-                offset: arg.offset,
-                at: arg.at,
-                fold,
-                params: params.to_vec(),
-            },
-            drops_metric_name: !keep_metric_name,
-        })?;
+        let out = self.hold(arg.streamed(fold, params.to_vec(), !keep_metric_name))?;
         if !unique {
             check_unique_labels(&out)?;
         }
@@ -755,17 +762,7 @@ impl Evaluator {
             }
         }
         let arg = self.eval_range_arg(range)?;
-        Ok(Some(Streamed {
-            series: arg.series,
-            step_fn: StepFn::Window {
-                window: arg.window,
-                offset: arg.offset,
-                at: arg.at,
-                fold,
-                params,
-            },
-            drops_metric_name: !keeps_metric_name,
-        }))
+        Ok(Some(arg.streamed(fold, params, !keeps_metric_name)))
     }
 
     /// Evaluates step by step: at each step, `f` gets the step time and one column per input
