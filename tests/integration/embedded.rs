@@ -28,7 +28,7 @@ fn start(dir: &std::path::Path, port: u16) -> Managed {
             "--self-monitor-interval-secs",
             "0",
             // The active-series limit counts a series for an hour of the wall clock after its
-            // last sample (16-32 bytes each): these tests send hours of data time within
+            // last sample (20-40 bytes each): these tests send hours of data time within
             // minutes, so it would count every series ever sent. Its memory is bounded by its
             // limit (docs/operations.md, "Sizing"); here memory must follow the engine's own
             // active set.
