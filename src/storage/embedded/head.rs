@@ -10,19 +10,84 @@ use crate::model::{
 };
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 pub(super) struct SeriesData {
     /// Shared with the tenant's index.
     pub tenant: Arc<str>,
     /// Packed: one allocation instead of two strings per label.
     pub labels: PackedLabels,
-    pub samples: SampleStore,
+    /// Its samples: writers lock it with the head shared, from judging a request's samples
+    /// to applying them, so writers of other series go on side by side.
+    held: Mutex<Held>,
     /// Sorted by time, unique times; in the head's exemplar ring.
     pub exemplars: VecDeque<Exemplar>,
+}
+
+/// What a series holds in the head that writers change.
+pub(super) struct Held {
+    pub samples: SampleStore,
     /// The latest sample time already flushed to a block: samples at or before it are
     /// refused (they would land in a range that is on disk).
     pub flushed_until: TimestampMs,
+}
+
+impl SeriesData {
+    /// Its samples, locked (with the head shared).
+    pub fn held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Its samples, with the head held alone.
+    pub fn held_mut(&mut self) -> &mut Held {
+        self.held.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The latest of the times it is raised to (`None` before any), raised with the head shared.
+pub(super) struct Latest(AtomicI64);
+
+impl Default for Latest {
+    fn default() -> Self {
+        Latest(AtomicI64::new(i64::MIN))
+    }
+}
+
+impl Latest {
+    pub fn get(&self) -> Option<TimestampMs> {
+        let t = self.0.load(Ordering::Relaxed);
+        (t != i64::MIN).then_some(t)
+    }
+
+    pub fn raise(&self, t: TimestampMs) {
+        self.0.fetch_max(t, Ordering::Relaxed);
+    }
+}
+
+/// The earliest of the times it is lowered to (`None` before any, or once reset), lowered
+/// with the head shared.
+pub(super) struct Earliest(AtomicI64);
+
+impl Default for Earliest {
+    fn default() -> Self {
+        Earliest(AtomicI64::new(i64::MAX))
+    }
+}
+
+impl Earliest {
+    pub fn get(&self) -> Option<TimestampMs> {
+        let t = self.0.load(Ordering::Relaxed);
+        (t != i64::MAX).then_some(t)
+    }
+
+    pub fn lower(&self, t: TimestampMs) {
+        self.0.fetch_min(t, Ordering::Relaxed);
+    }
+
+    pub fn set(&self, t: Option<TimestampMs>) {
+        self.0.store(t.unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -46,12 +111,12 @@ pub(super) struct Head {
     pub tenants: HashMap<String, TenantIndex>,
     pub next_id: u64,
     /// The latest sample time ever applied.
-    pub max_t: Option<TimestampMs>,
+    pub max_t: Latest,
     /// No sample in the head is older (recomputed at each flush; `None`: none applied yet).
-    pub min_t: Option<TimestampMs>,
+    pub min_t: Earliest,
     /// The oldest sample applied since a flush rotated the log (it resets this then): with
     /// the oldest of what the flush leaves, the head's new `min_t`.
-    pub applied_min_t: Option<TimestampMs>,
+    pub applied_min_t: Earliest,
     /// Every exemplar kept, (series, time), oldest stored first: a ring of at most
     /// `exemplar_limit`, as Prometheus's circular exemplar storage
     /// (`--storage.tsdb.max-exemplars`); storing one more drops the oldest.
@@ -419,6 +484,15 @@ pub(super) fn insert_sample(samples: &mut Vec<Sample>, sample: Sample) {
 }
 
 impl Head {
+    /// Notes samples applied between `min_t` and `max_t` (none when `min_t > max_t`).
+    pub fn applied(&self, min_t: TimestampMs, max_t: TimestampMs) {
+        if min_t <= max_t {
+            self.max_t.raise(max_t);
+            self.min_t.lower(min_t);
+            self.applied_min_t.lower(min_t);
+        }
+    }
+
     fn tenant_mut(&mut self, tenant: &str) -> &mut TenantIndex {
         tenant_entry(&mut self.tenants, tenant)
     }
@@ -447,9 +521,11 @@ impl Head {
             SeriesData {
                 tenant: index.tenant.clone(),
                 labels: PackedLabels::from(labels),
-                samples: SampleStore::default(),
+                held: Mutex::new(Held {
+                    samples: SampleStore::default(),
+                    flushed_until: i64::MIN,
+                }),
                 exemplars: VecDeque::new(),
-                flushed_until: i64::MIN,
             },
         );
         self.next_id = self.next_id.max(id + 1);
@@ -465,10 +541,10 @@ impl Head {
     /// postings check the series (see [`Head::first_live`]).
     pub fn forget_empty(&mut self, ids: &[u64], forgotten: &mut Forgotten) {
         for id in ids {
-            let Some(series) = self.series.get(id) else {
+            let Some(series) = self.series.get_mut(id) else {
                 continue;
             };
-            if !series.samples.is_empty() || !series.exemplars.is_empty() {
+            if !series.held_mut().samples.is_empty() || !series.exemplars.is_empty() {
                 continue;
             }
             let series = self.series.remove(id).expect("just seen");
@@ -608,7 +684,7 @@ impl Head {
     pub fn has_samples(&self, id: u64, start: TimestampMs, end: TimestampMs) -> bool {
         self.series
             .get(&id)
-            .is_some_and(|s| s.samples.any_in(start, end))
+            .is_some_and(|s| s.held().samples.any_in(start, end))
     }
 
     /// Stores an exemplar of a series (once per time), dropping the oldest exemplar of the
@@ -937,7 +1013,7 @@ mod tests {
         for (id, _) in &all {
             if let Some(s) = head.series.get_mut(id) {
                 if *id != 8 && *id != 2 {
-                    s.samples.insert(Sample { t: 1, v: 1.0 });
+                    s.held_mut().samples.insert(Sample { t: 1, v: 1.0 });
                 }
             }
         }

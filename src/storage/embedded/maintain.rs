@@ -10,7 +10,7 @@ impl EmbeddedStorage {
     pub fn maintain(&self, now: TimestampMs) -> StorageResult<MaintenanceReport> {
         let cutoff = {
             let head = self.read();
-            match head.max_t {
+            match head.max_t.get() {
                 Some(max_t) => max_t.min(now).saturating_sub(self.window_ms),
                 None => i64::MIN,
             }
@@ -64,23 +64,29 @@ impl EmbeddedStorage {
         report: &mut MaintenanceReport,
     ) -> StorageResult<()> {
         // Nothing older than the cutoff, and no block left to write by a flush that failed.
-        if self.read().min_t.is_none_or(|oldest| oldest >= cutoff)
+        if self
+            .read()
+            .min_t
+            .get()
+            .is_none_or(|oldest| oldest >= cutoff)
             && self.blocks_read().flushing.is_empty()
         {
             return Ok(());
         }
         // A new log segment first: every sample of the segments before it is in the head
-        // already (a writer applies its records with the log held), and each is moved out
-        // below if older than the cutoff, so a segment all of whose samples are older holds
-        // nothing the head still needs once the block is in.
+        // already (a writer logs and applies its records holding the head, shared; the
+        // rotation holds it alone), and each is moved out below if older than the cutoff, so
+        // a segment all of whose samples are older holds nothing the head still needs once
+        // the block is in.
         // The head's oldest sample is recomputed from what the batches leave and what writers
         // apply from here on (new series included, which the copy of ids below may miss).
         let segment = {
+            let head = self.write();
             let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             let began = std::time::Instant::now();
             let segment = tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?;
-            self.write().applied_min_t = None;
-            drop(wal);
+            head.applied_min_t.set(None);
+            drop((wal, head));
             report.held(began, "log rotation");
             segment
         };
@@ -191,11 +197,11 @@ impl EmbeddedStorage {
     /// copies both under their read locks, so it sees each sample in one place), and
     /// recomputes the head's oldest sample time.
     ///
-    /// Each batch also holds the log: a writer judges its samples against a series' flushed
-    /// time and applies them under the log, and a batch moving out in between could leave an
-    /// accepted sample at or before the new flushed time, which the apply would drop after
-    /// the writer acknowledged it (the cutoff follows the newest sample of any series, a
-    /// series' out-of-order window its own latest one).
+    /// A writer holds the head (shared) from judging its samples against a series' flushed
+    /// time to applying them: a batch moving out in between could leave an accepted sample
+    /// at or before the new flushed time, which the apply would drop after the writer
+    /// acknowledged it (the cutoff follows the newest sample of any series, a series'
+    /// out-of-order window its own latest one).
     fn move_out(&self, ids: &[u64], cutoff: TimestampMs, report: &mut MaintenanceReport) {
         let mut min_t: Option<TimestampMs> = None;
         for (i, batch) in ids.chunks(FLUSH_BATCH).enumerate() {
@@ -203,7 +209,6 @@ impl EmbeddedStorage {
                 // Writers waiting for the lock get it before the next batch.
                 std::thread::yield_now();
             }
-            let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             let mut head = self.write();
             let mut set = self.blocks_write();
             let began = std::time::Instant::now();
@@ -211,39 +216,40 @@ impl EmbeddedStorage {
                 let Some(series) = head.series.get_mut(id) else {
                     continue;
                 };
-                let chunks = series.samples.split_before(cutoff);
+                let held = series.held_mut();
+                let chunks = held.samples.split_before(cutoff);
                 if let Some(last) = chunks.last() {
-                    series.flushed_until = last.max_t;
+                    held.flushed_until = last.max_t;
                     report.flushed_samples +=
                         chunks.iter().map(|c| u64::from(c.count)).sum::<u64>();
                     set.flushing.entry(*id).or_default().extend(chunks);
                 }
-                if let Some(first) = series.samples.first() {
+                if let Some(first) = held.samples.first() {
                     min_t = Some(min_t.map_or(first, |m| m.min(first)));
                 }
             }
-            drop((set, head, wal));
+            drop((set, head));
             report.held(began, "samples moved out");
         }
         // What the batches left, and what writers applied meanwhile (to series of batches
         // already done too).
-        let mut head = self.write();
-        head.min_t = match (min_t, head.applied_min_t) {
+        let head = self.write();
+        head.min_t.set(match (min_t, head.applied_min_t.get()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
+        });
     }
 
     /// Forgets the series of `ids` left with no sample in the head, in batches: each with
-    /// the log held (a writer resolves its series and applies its samples under it, so none
-    /// is forgotten in between), then their postings pruned a few lists at a time.
+    /// the head held alone (a writer resolves its series and applies its samples holding the
+    /// head, so none is forgotten in between), then their postings pruned a few lists at a
+    /// time.
     fn forget_empty(&self, ids: &[u64], report: &mut MaintenanceReport) {
         let mut forgotten = head::Forgotten::default();
         for (i, batch) in ids.chunks(FLUSH_BATCH).enumerate() {
             if i > 0 {
                 std::thread::yield_now();
             }
-            let _wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             let mut head = self.write();
             let began = std::time::Instant::now();
             let before = forgotten.ids.len();
@@ -413,7 +419,7 @@ impl EmbeddedStorage {
 
     /// Sizes of what is stored.
     pub fn sizes(&self) -> StorageStats {
-        // The log first: the lock order is log, head, blocks.
+        // The log's lock is let go before the head's is taken: the order is head, then log.
         let wal_bytes = self
             .wal
             .lock()
@@ -542,8 +548,9 @@ impl CheckpointSnapshot {
                 continue;
             };
             self.series.push((*id, s.tenant.clone(), s.labels.clone()));
-            if s.flushed_until > i64::MIN {
-                self.marks.push((*id, s.flushed_until));
+            let flushed_until = s.held().flushed_until;
+            if flushed_until > i64::MIN {
+                self.marks.push((*id, flushed_until));
             }
         }
     }

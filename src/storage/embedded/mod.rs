@@ -45,7 +45,7 @@ use async_trait::async_trait;
 use block::{Block, Lineage};
 use chunk::Chunk;
 use head::{
-    chunks_any_in, chunks_range, chunks_range_into, insert_sample, place, place_sorted, Head,
+    chunks_any_in, chunks_range, chunks_range_into, insert_sample, place, place_sorted, Head, Held,
     Placement, SampleStore,
 };
 use rustc_hash::FxHashMap as HashMap;
@@ -53,7 +53,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use wal::{Record, Wal};
 
@@ -180,9 +180,8 @@ impl MaintenanceReport {
 pub struct EmbeddedStorage {
     dir: PathBuf,
     head: RwLock<Head>,
-    /// Serialises writers: classification, logging and applying happen in one order. Also
-    /// held by the steps of maintenance that change what a writer judges against (samples
-    /// moving out of the head, series forgotten).
+    /// Taken after the head (shared or alone), for the write to the log alone: see
+    /// [`EmbeddedStorage::append_sync`].
     wal: Mutex<Wal>,
     blocks: RwLock<BlockSet>,
     /// One maintenance run at a time.
@@ -198,6 +197,13 @@ pub struct EmbeddedStorage {
     /// Since start: the longest [`MaintenanceReport::longest_writer_hold`], in µs.
     writer_hold_max_us: AtomicU64,
     series_removed: AtomicU64,
+    /// Compressors for records packed by writers side by side.
+    packers: wal::Packers,
+    /// What makes each request's samples visible to reads all at once (isolation, as
+    /// Prometheus's head gives an append): writers side by side hold it shared from locking
+    /// their series to the end of their apply, a read holds it alone while it copies the
+    /// head's samples. Taken after the head's lock, before any series' lock.
+    visibility: RwLock<()>,
     /// Held while the storage is open: no second server on the directory.
     _lock: lock::DirLock,
     #[cfg(test)]
@@ -269,9 +275,8 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         metadata: &[MetricMetadata],
     ) -> StorageResult<()> {
-        let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let head = self.write();
         let records: Vec<Record> = {
-            let head = self.read();
             let known = head.tenants.get(tenant.as_str()).map(|t| &t.metadata);
             metadata
                 .iter()
@@ -286,7 +291,7 @@ impl Storage for EmbeddedStorage {
                 })
                 .collect()
         };
-        self.commit(wal, records)
+        self.commit(head, records)
     }
 
     async fn append_exemplars(
@@ -294,10 +299,9 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         batch: &[ExemplarWrite],
     ) -> StorageResult<()> {
-        let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let head = self.write();
         let mut records = Vec::new();
         let exemplars: Vec<(u64, i64, f64, Labels)> = {
-            let head = self.read();
             let series = WriteBatch::of_labels(batch.iter().map(|w| &w.series));
             let ids = self.resolve(
                 &head,
@@ -317,7 +321,7 @@ impl Storage for EmbeddedStorage {
                 .collect()
         };
         records.push(Record::Exemplars { exemplars });
-        self.commit(wal, records)
+        self.commit(head, records)
     }
 
     async fn exemplars(
@@ -1005,6 +1009,69 @@ mod tests {
         assert!(
             job_series(&s, &all).await == before,
             "the log replays other values"
+        );
+    }
+
+    /// A read sees each request whole or not at all, while writers of other series append
+    /// side by side: every request of a writer gives each of its 200 series a sample at the
+    /// same time, so in any read all of a writer's series hold the same number of samples.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_read_sees_each_request_whole_or_not_at_all() {
+        const WRITERS: i64 = 3;
+        const SERIES: i64 = 200;
+        const ROUNDS: i64 = 400;
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 30 * DAY;
+        let s = Arc::new(
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
+        );
+        let labels = |w: i64, k: i64| {
+            Labels::from_trusted(vec![
+                Label::new("__name__", "m"),
+                Label::new("k", k.to_string()),
+                Label::new("w", w.to_string()),
+            ])
+        };
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    for r in 0..ROUNDS {
+                        let batch: Vec<SeriesWrite> = (0..SERIES)
+                            .map(|k| SeriesWrite {
+                                labels: labels(w, k),
+                                samples: vec![Sample {
+                                    t: t0 + r * 15_000,
+                                    v: r as f64,
+                                }],
+                            })
+                            .collect();
+                        let outcome = s.append(&TenantId::default(), &batch).await.unwrap();
+                        assert_eq!(outcome.accepted as i64, SERIES);
+                    }
+                })
+            })
+            .collect();
+        let (mut reads, mut partial) = (0, Vec::new());
+        while !writers.iter().all(|w| w.is_finished()) {
+            for w in 0..WRITERS {
+                let read = job_series(&s, &[Matcher::equal("w", w.to_string())]).await;
+                let counts: BTreeSet<usize> = read.iter().map(|x| x.samples.len()).collect();
+                if counts.len() > 1 {
+                    partial.push(counts);
+                }
+                reads += 1;
+            }
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        assert!(reads > 20, "only {reads} reads while the writers wrote");
+        assert!(
+            partial.is_empty(),
+            "{} of {reads} reads saw part of a request (samples per series: {:?})",
+            partial.len(),
+            &partial[..partial.len().min(5)]
         );
     }
 

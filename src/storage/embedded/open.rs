@@ -84,6 +84,8 @@ impl EmbeddedStorage {
             maintenance_failures: AtomicU64::new(0),
             writer_hold_max_us: AtomicU64::new(0),
             series_removed: AtomicU64::new(0),
+            packers: wal::Packers::default(),
+            visibility: RwLock::default(),
             _lock: lock,
             #[cfg(test)]
             pauses: Pauses::default(),
@@ -152,27 +154,29 @@ pub(super) fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, Time
             if !head.series.contains_key(&id) {
                 head.create_series(&tenant, id, &labels);
                 if let (Some(&t), Some(series)) = (flushed.get(&id), head.series.get_mut(&id)) {
-                    series.flushed_until = t;
+                    series.held_mut().flushed_until = t;
                 }
             }
         }
         Record::Samples { samples } => {
+            let (mut min_t, mut max_t) = (i64::MAX, i64::MIN);
             for (id, t, v) in samples {
                 if let Some(series) = head.series.get_mut(&id) {
-                    if t > series.flushed_until {
-                        series.samples.insert(Sample { t, v });
-                        head.max_t = Some(head.max_t.map_or(t, |m| m.max(t)));
-                        head.min_t = Some(head.min_t.map_or(t, |m| m.min(t)));
-                        head.applied_min_t = Some(head.applied_min_t.map_or(t, |m| m.min(t)));
+                    let held = series.held_mut();
+                    if t > held.flushed_until {
+                        held.samples.insert(Sample { t, v });
+                        (min_t, max_t) = (min_t.min(t), max_t.max(t));
                     }
                 }
             }
+            head.applied(min_t, max_t);
         }
         Record::Metadata { tenant, metadata } => head.add_metadata(&tenant, metadata),
         Record::Flushed { marks } => {
             for (id, t) in marks {
                 if let Some(series) = head.series.get_mut(&id) {
-                    series.flushed_until = series.flushed_until.max(t);
+                    let held = series.held_mut();
+                    held.flushed_until = held.flushed_until.max(t);
                 }
             }
         }

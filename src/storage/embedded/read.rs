@@ -4,8 +4,8 @@
 //! A read takes what it needs under the head's read lock, for as long as copying it takes
 //! ([`HeadView`]): the matching series, their head samples in the range, and (taking the
 //! blocks' lock inside, in the order a flush takes them) the list of blocks and the samples
-//! being flushed. It lets go before reading any block, so a long read never holds up writers,
-//! who need the head's write lock for every append. Both copies come from one moment: a flush
+//! being flushed. It lets go before reading any block, so a long read never holds up writers
+//! (who hold the head shared, or alone for a series new to it) longer than that. Both copies come from one moment: a flush
 //! moves samples from the head into `flushing` under both locks, so each sample is in exactly
 //! one of the copies (a sample rolled up twice would be counted twice; a flush moves them a
 //! batch of series at a time, each under both locks). Labels are fetched afterwards for the
@@ -112,10 +112,13 @@ impl EmbeddedStorage {
         let head = self.read();
         let mut ids = head.matching(tenant.as_str(), matchers);
         ids.sort_unstable();
+        // No writer applies while the samples are copied: each request is seen whole or not
+        // at all (a sum of a host's memory states never mixes two exports).
+        let visible = self.visibility.write().unwrap_or_else(|e| e.into_inner());
         let decode = |id: &u64| {
             let series = head.series.get(id)?;
             let mut range = Vec::new();
-            series.samples.range_into(start, end, &mut range);
+            series.held().samples.range_into(start, end, &mut range);
             (!range.is_empty()).then_some((*id, range))
         };
         let mut samples: HashMap<u64, Vec<Sample>> = HashMap::default();
@@ -139,6 +142,7 @@ impl EmbeddedStorage {
             }
             samples.extend(decoded);
         }
+        drop(visible);
         let set = self.blocks_view(&ids, (start, end));
         drop(head);
         Ok(HeadView { ids, samples, set })
@@ -265,12 +269,12 @@ impl EmbeddedStorage {
                 let overlaps = |id: &u64| {
                     head.series
                         .get(id)
-                        .is_some_and(|s| s.samples.overlaps(start, end))
+                        .is_some_and(|s| s.held().samples.overlaps(start, end))
                         || set.flushing.get(id).is_some_and(|chunks| {
                             chunks.iter().any(|c| c.min_t <= end && c.max_t >= start)
                         })
                 };
-                let (every, none) = match (head.min_t, head.max_t) {
+                let (every, none) = match (head.min_t.get(), head.max_t.get()) {
                     (Some(lo), Some(hi)) => (
                         lo >= start && hi <= end,
                         (hi < start || lo > end) && set.flushing.is_empty(),

@@ -83,6 +83,55 @@ impl Packer {
     }
 }
 
+/// Records framed and compressed as an append writes them, ready to be written by
+/// [`Wal::append_packed`] (built with no lock held).
+pub struct Packed {
+    bytes: Vec<u8>,
+    /// The latest sample time among the records (`i64::MIN` when none has a sample).
+    max_t: i64,
+}
+
+impl Packed {
+    fn of(records: &[Record], packer: &mut Packer) -> io::Result<Packed> {
+        let mut frames = Vec::new();
+        let mut payloads = Vec::new();
+        for record in records {
+            payloads.clear();
+            record.encode_parts(MAX_WRITTEN_PAYLOAD, &mut payloads);
+            for payload in &payloads {
+                frame_payload(&mut frames, payload);
+            }
+        }
+        let mut bytes = Vec::with_capacity(frames.len() / 2);
+        packer.pack(&frames, &mut bytes)?;
+        Ok(Packed {
+            bytes,
+            max_t: records_max_t(records),
+        })
+    }
+}
+
+/// Compressors for writers packing their records side by side: one per writer at a time,
+/// kept for the next (as many as writers ever packed at once).
+#[derive(Default)]
+pub struct Packers(Mutex<Vec<Packer>>);
+
+impl Packers {
+    pub fn pack(&self, records: &[Record]) -> io::Result<Packed> {
+        let taken = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut packer = match taken {
+            Some(packer) => packer,
+            None => Packer::new()?,
+        };
+        let packed = Packed::of(records, &mut packer);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(packer);
+        packed
+    }
+}
+
 /// The records of one frame's payload: itself, or for a [`COMPRESSED`] frame, every frame it
 /// holds; `None` if any of them does not decode (the frame is then damage, as a bad checksum).
 fn unpack(payload: &[u8], decompressor: &mut zstd::bulk::Decompressor) -> Option<Vec<Record>> {
@@ -497,7 +546,6 @@ pub struct Wal {
     /// Set when a failed write could not be undone: the log refuses writes until a restart
     /// (replay then cuts the torn tail).
     broken: bool,
-    packer: Packer,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -623,7 +671,6 @@ impl Wal {
                 size,
                 fsync,
                 broken: false,
-                packer: Packer::new()?,
             },
             report,
         ))
@@ -651,13 +698,20 @@ impl Wal {
     /// Appends records (written, not yet fsynced); returns where they end. On failure (a full
     /// disk, an I/O error) the partial write is cut off again, so the log stays a sequence of
     /// intact records and a later append can succeed.
+    #[cfg(test)]
     pub fn append(&mut self, records: &[Record]) -> io::Result<Position> {
+        let packed = Packed::of(records, &mut Packer::new()?)?;
+        self.append_packed(&packed)
+    }
+
+    /// [`Wal::append`] of records packed beforehand.
+    pub fn append_packed(&mut self, packed: &Packed) -> io::Result<Position> {
         if self.broken || self.syncer.broken.load(Ordering::SeqCst) {
             return Err(io::Error::other(
                 "an earlier write failed and could not be undone; restart to recover",
             ));
         }
-        let result = self.try_append(records);
+        let result = self.try_append(packed);
         if result.is_err() && self.file.set_len(self.size).is_err() {
             self.broken = true;
         }
@@ -741,26 +795,14 @@ impl Wal {
         dir_bytes(&self.dir)
     }
 
-    fn try_append(&mut self, records: &[Record]) -> io::Result<Position> {
+    fn try_append(&mut self, packed: &Packed) -> io::Result<Position> {
         if self.size > SEGMENT_BYTES {
             self.rotate()?;
         }
-        let mut frames = Vec::new();
-        let mut payloads = Vec::new();
-        for record in records {
-            payloads.clear();
-            record.encode_parts(MAX_WRITTEN_PAYLOAD, &mut payloads);
-            for payload in &payloads {
-                frame_payload(&mut frames, payload);
-            }
-        }
-        let mut buf = Vec::with_capacity(frames.len() / 2);
-        self.packer.pack(&frames, &mut buf)?;
-        (&*self.file).write_all(&buf)?;
-        self.size += buf.len() as u64;
-        let t = records_max_t(records);
+        (&*self.file).write_all(&packed.bytes)?;
+        self.size += packed.bytes.len() as u64;
         let seg = self.max_t.entry(self.segment).or_insert(i64::MIN);
-        *seg = (*seg).max(t);
+        *seg = (*seg).max(packed.max_t);
         let end = Position {
             segment: self.segment,
             offset: self.size,
