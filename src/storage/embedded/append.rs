@@ -203,6 +203,7 @@ impl EmbeddedStorage {
             let (stored, flushed_until) = match at {
                 Some(at) => {
                     let series = &held.series[at].1;
+                    series.samples.prefetch_open();
                     (&series.samples, series.flushed_until)
                 }
                 None => (&empty, returning.get(&id).copied().unwrap_or(i64::MIN)),

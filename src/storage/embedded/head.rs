@@ -212,6 +212,11 @@ pub(super) struct SampleStore {
 }
 
 impl SampleStore {
+    /// See [`Appender::prefetch_tail`].
+    pub fn prefetch_open(&self) {
+        self.open.prefetch_tail();
+    }
+
     pub fn latest(&self) -> Option<TimestampMs> {
         if self.open.is_empty() {
             self.chunks.last().map(|c| c.max_t)
