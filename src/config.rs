@@ -463,6 +463,13 @@ mod tests {
             parse(["secumon", "--query-timeout-secs", "soon"]),
             Err(ConfigError::Cli(_))
         ));
+        // Each query thread is a thread of the process: a mistyped count is refused, not
+        // tried.
+        assert!(matches!(
+            parse(["secumon", "--query-threads", "100000"]),
+            Err(ConfigError::Cli(_))
+        ));
+        assert!(parse(["secumon", "--query-threads", "1024"]).is_ok());
     }
 
     /// The settings section of docs/operations.md is [`reference`]'s output, between its

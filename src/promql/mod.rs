@@ -126,12 +126,13 @@ pub struct EngineConfig {
     pub rollups: bool,
     /// Threads that evaluate the large parts of queries (selectors, range functions and
     /// aggregations over many series and steps) side by side, one pool for the process; 0:
-    /// one per core.
+    /// one per core. At most 1,024.
     #[arg(
         id = "query.threads",
         long = "query-threads",
         env = "SECUMON_QUERY_THREADS",
-        default_value_t = 0
+        default_value_t = 0,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1024)
     )]
     pub threads: usize,
     /// Points (series x steps) a part of a query must span before it is split over the query
