@@ -45,48 +45,41 @@ impl SeriesData {
     }
 }
 
-/// The latest of the times it is raised to (`None` before any), raised with the head shared.
-pub(super) struct Latest(AtomicI64);
+/// A time writers change with the head shared; `NONE` stands for no time yet.
+pub(super) struct SharedTime<const NONE: i64>(AtomicI64);
 
-impl Default for Latest {
+/// The latest of the times it is raised to (`None` before any).
+pub(super) type Latest = SharedTime<{ i64::MIN }>;
+
+/// The earliest of the times it is lowered to (`None` before any, or once reset).
+pub(super) type Earliest = SharedTime<{ i64::MAX }>;
+
+impl<const NONE: i64> Default for SharedTime<NONE> {
     fn default() -> Self {
-        Latest(AtomicI64::new(i64::MIN))
+        SharedTime(AtomicI64::new(NONE))
+    }
+}
+
+impl<const NONE: i64> SharedTime<NONE> {
+    pub fn get(&self) -> Option<TimestampMs> {
+        let t = self.0.load(Ordering::Relaxed);
+        (t != NONE).then_some(t)
+    }
+
+    pub fn set(&self, t: Option<TimestampMs>) {
+        self.0.store(t.unwrap_or(NONE), Ordering::Relaxed);
     }
 }
 
 impl Latest {
-    pub fn get(&self) -> Option<TimestampMs> {
-        let t = self.0.load(Ordering::Relaxed);
-        (t != i64::MIN).then_some(t)
-    }
-
     pub fn raise(&self, t: TimestampMs) {
         self.0.fetch_max(t, Ordering::Relaxed);
     }
 }
 
-/// The earliest of the times it is lowered to (`None` before any, or once reset), lowered
-/// with the head shared.
-pub(super) struct Earliest(AtomicI64);
-
-impl Default for Earliest {
-    fn default() -> Self {
-        Earliest(AtomicI64::new(i64::MAX))
-    }
-}
-
 impl Earliest {
-    pub fn get(&self) -> Option<TimestampMs> {
-        let t = self.0.load(Ordering::Relaxed);
-        (t != i64::MAX).then_some(t)
-    }
-
     pub fn lower(&self, t: TimestampMs) {
         self.0.fetch_min(t, Ordering::Relaxed);
-    }
-
-    pub fn set(&self, t: Option<TimestampMs>) {
-        self.0.store(t.unwrap_or(i64::MAX), Ordering::Relaxed);
     }
 }
 

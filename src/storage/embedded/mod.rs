@@ -598,6 +598,44 @@ mod tests {
         }
     }
 
+    /// A store on `dir` with [`config`], shared by the tasks of a test.
+    fn open_shared(dir: &Path) -> Arc<EmbeddedStorage> {
+        Arc::new(EmbeddedStorage::open(dir, &config(), &RetentionConfig::default()).unwrap())
+    }
+
+    /// `writers` tasks, each appending `rounds` requests of `series` series with one sample
+    /// each, `sample(writer, round, series)` giving each its labels and sample; each task
+    /// returns the samples accepted.
+    fn write_rounds(
+        s: &Arc<EmbeddedStorage>,
+        (writers, rounds, series): (i64, i64, i64),
+        sample: fn(i64, i64, i64) -> (Labels, Sample),
+    ) -> Vec<tokio::task::JoinHandle<usize>> {
+        (0..writers)
+            .map(|w| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut accepted = 0;
+                    for r in 0..rounds {
+                        let batch: Vec<SeriesWrite> = (0..series)
+                            .map(|k| {
+                                let (labels, sample) = sample(w, r, k);
+                                SeriesWrite {
+                                    labels,
+                                    samples: vec![sample],
+                                }
+                            })
+                            .collect();
+                        let outcome = s.append(&TenantId::default(), &batch).await.unwrap();
+                        accepted += outcome.accepted;
+                        tokio::task::yield_now().await;
+                    }
+                    accepted
+                })
+            })
+            .collect()
+    }
+
     fn series(name: &str, job: &str, from: i64, to: i64, step: i64) -> SeriesWrite {
         SeriesWrite {
             labels: Labels::from_trusted(vec![
@@ -810,9 +848,7 @@ mod tests {
         // Round r writes series k unless (k + r) % 4 == 0: a flush then often finds it empty
         // and forgets it, and it comes back the round after. Round r adds series SERIES + r.
         let written = |k: i64, r: i64| k < SERIES + r && (k + r) % 4 != 0;
-        let s = Arc::new(
-            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
-        );
+        let s = open_shared(dir.path());
         // The latest round written whole: flushes move out every round before it.
         let last_round = Arc::new(AtomicI64::new(i64::MIN));
         let (done, maintained) = (
@@ -884,9 +920,7 @@ mod tests {
         assert_eq!(got.len(), want.len());
         assert!(got == want, "samples differ after the flushes");
         drop(s);
-        let s = Arc::new(
-            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
-        );
+        let s = open_shared(dir.path());
         let got = read(s).await;
         assert!(got == want, "samples differ after a reopen");
     }
@@ -900,9 +934,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
         let t0 = 20 * DAY;
-        let s = Arc::new(
-            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
-        );
+        let s = open_shared(dir.path());
         let one = |job: &str, t: i64| SeriesWrite {
             labels: Labels::from_trusted(vec![Label::new("__name__", "m"), Label::new("job", job)]),
             samples: vec![Sample { t, v: t as f64 }],
@@ -961,40 +993,25 @@ mod tests {
     /// and applied in).
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn writers_racing_on_the_same_series_accept_each_sample_once() {
-        const WRITERS: i64 = 4;
         const SERIES: i64 = 200;
         const ROUNDS: i64 = 150;
         let dir = tempfile::tempdir().unwrap();
-        let t0 = 30 * DAY;
-        let s = Arc::new(
-            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
-        );
-        let writers: Vec<_> = (0..WRITERS)
-            .map(|w| {
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let mut accepted = 0;
-                    for r in 0..ROUNDS {
-                        let batch: Vec<SeriesWrite> = (0..SERIES)
-                            .map(|k| SeriesWrite {
-                                labels: Labels::from_trusted(vec![
-                                    Label::new("__name__", "m"),
-                                    Label::new("k", k.to_string()),
-                                ]),
-                                samples: vec![Sample {
-                                    t: t0 + r * 15_000,
-                                    v: (w * 1000 + k) as f64,
-                                }],
-                            })
-                            .collect();
-                        let outcome = s.append(&TenantId::default(), &batch).await.unwrap();
-                        accepted += outcome.accepted;
-                        tokio::task::yield_now().await;
-                    }
-                    accepted
-                })
-            })
-            .collect();
+        let s = open_shared(dir.path());
+        // Every writer the same series at the same times, each with values of its own.
+        let writers = write_rounds(&s, (4, ROUNDS, SERIES), |w, r, k| {
+            let labels = Labels::from_trusted(vec![
+                Label::new("__name__", "m"),
+                Label::new("k", k.to_string()),
+            ]);
+            let v = (w * 1000 + k) as f64;
+            (
+                labels,
+                Sample {
+                    t: 30 * DAY + r * 15_000,
+                    v,
+                },
+            )
+        });
         let mut accepted = 0;
         for writer in writers {
             accepted += writer.await.unwrap();
@@ -1018,40 +1035,24 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_read_sees_each_request_whole_or_not_at_all() {
         const WRITERS: i64 = 3;
-        const SERIES: i64 = 200;
-        const ROUNDS: i64 = 400;
         let dir = tempfile::tempdir().unwrap();
-        let t0 = 30 * DAY;
-        let s = Arc::new(
-            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap(),
-        );
-        let labels = |w: i64, k: i64| {
-            Labels::from_trusted(vec![
+        let s = open_shared(dir.path());
+        // Each writer series of its own, all at one time in a request.
+        let writers = write_rounds(&s, (WRITERS, 400, 200), |w, r, k| {
+            let labels = Labels::from_trusted(vec![
                 Label::new("__name__", "m"),
                 Label::new("k", k.to_string()),
                 Label::new("w", w.to_string()),
-            ])
-        };
-        let writers: Vec<_> = (0..WRITERS)
-            .map(|w| {
-                let s = s.clone();
-                tokio::spawn(async move {
-                    for r in 0..ROUNDS {
-                        let batch: Vec<SeriesWrite> = (0..SERIES)
-                            .map(|k| SeriesWrite {
-                                labels: labels(w, k),
-                                samples: vec![Sample {
-                                    t: t0 + r * 15_000,
-                                    v: r as f64,
-                                }],
-                            })
-                            .collect();
-                        let outcome = s.append(&TenantId::default(), &batch).await.unwrap();
-                        assert_eq!(outcome.accepted as i64, SERIES);
-                    }
-                })
-            })
-            .collect();
+            ]);
+            let v = r as f64;
+            (
+                labels,
+                Sample {
+                    t: 30 * DAY + r * 15_000,
+                    v,
+                },
+            )
+        });
         let (mut reads, mut partial) = (0, Vec::new());
         while !writers.iter().all(|w| w.is_finished()) {
             for w in 0..WRITERS {
@@ -1064,7 +1065,7 @@ mod tests {
             }
         }
         for writer in writers {
-            writer.await.unwrap();
+            assert_eq!(writer.await.unwrap(), 400 * 200, "samples accepted");
         }
         assert!(reads > 20, "only {reads} reads while the writers wrote");
         assert!(
