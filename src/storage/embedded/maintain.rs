@@ -157,16 +157,27 @@ impl EmbeddedStorage {
         // old segments hold (series, metadata, exemplars), from a copy of the head taken in
         // batches and written with no lock held, and delete them. The copy is of moments
         // after the rotation: replaying the segments from there on on top of it changes
-        // nothing they already set.
+        // nothing they already set. Segments with samples on both sides of the cutoff go too,
+        // their newer samples carried into the checkpoint (read back from the files, not from
+        // the head, so the checkpoint replays exactly what they did).
         let snapshot = self.checkpoint_snapshot(report);
-        tokio::task::block_in_place(|| {
-            let mut checkpoint = wal::CheckpointWriter::create(&self.dir.join("wal"))?;
+        let plan = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .truncation(segment, cutoff);
+        let dir = self.dir.join("wal");
+        let carried = tokio::task::block_in_place(|| {
+            let mut checkpoint = wal::CheckpointWriter::create(&dir)?;
             snapshot.write(&mut checkpoint)?;
-            checkpoint.commit(segment)
+            let carried = wal::carry_samples(&dir, &plan, cutoff, &mut checkpoint)?;
+            checkpoint.commit(segment)?;
+            Ok::<_, std::io::Error>(carried)
         })
         .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
+        report.wal_samples_carried += carried;
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-        let old = wal.deletable(segment, cutoff);
+        let old: Vec<u64> = plan.delete.iter().chain(&plan.carry).copied().collect();
         wal.remove(&old, segment)
             .map_err(|e| StorageError::Internal(format!("log truncation: {e}")))?;
         report.wal_segments_deleted += old.len();

@@ -150,6 +150,9 @@ pub struct MaintenanceReport {
     pub blocks_compacted: usize,
     pub files_deleted: usize,
     pub wal_segments_deleted: usize,
+    /// Samples of deleted segments (or of the checkpoint before) that the new checkpoint
+    /// holds: newer than the cutoff, they are still in the head.
+    pub wal_samples_carried: u64,
     /// Series the head forgot (no sample left in it; their labels are in blocks' indexes).
     pub series_dropped: usize,
     /// The longest time writers waited on this run (the head's lock or the log held), and
@@ -1283,6 +1286,82 @@ mod tests {
         assert_eq!(all[0].samples.len(), 240);
         assert!(all[0].samples.windows(2).all(|w| w[1].t - w[0].t == 30_000));
         assert_eq!(s.sizes().block_samples, 480);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backfill_s_segments_go_at_the_flush_and_their_newer_samples_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let t0 = 10 * DAY;
+        // A backfill: each request holds hours of its series, so each segment holds samples
+        // on both sides of the cutoff (30 s apart: 120 an hour).
+        for job in ["a", "b"] {
+            s.append(&tenant, &[series("up", job, t0, t0 + 4 * HOUR - 1, 30_000)])
+                .await
+                .unwrap();
+        }
+        let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
+        assert_eq!(report.flushed_samples, 2 * 3 * 120);
+        assert_eq!(report.wal_samples_carried, 2 * 120, "{report:?}");
+        assert_eq!(report.wal_segments_deleted, 1);
+        let segments = |dir: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir.join("wal"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            segments(dir.path()),
+            ["00000002.wal", "checkpoint.00000002"]
+        );
+        s.append(
+            &tenant,
+            &[series("up", "c", t0 + 3 * HOUR, t0 + 5 * HOUR - 1, 30_000)],
+        )
+        .await
+        .unwrap();
+        // The checkpoint's carried samples are carried again as far as they are newer than
+        // the new cutoff, before the next segment's.
+        let report = s
+            .maintain_with_cutoff(t0, t0 + 3 * HOUR + HOUR / 2)
+            .unwrap();
+        assert_eq!(report.wal_samples_carried, 2 * 60 + 180, "{report:?}");
+        assert_eq!(
+            segments(dir.path()),
+            ["00000003.wal", "checkpoint.00000003"]
+        );
+        // Samples written after the flush, one older than the cutoff of the next.
+        s.append(
+            &tenant,
+            &[series("up", "a", t0 + 4 * HOUR, t0 + 4 * HOUR, 1)],
+        )
+        .await
+        .unwrap();
+        async fn all(s: &EmbeddedStorage) -> Vec<(String, Vec<Sample>)> {
+            let hints = SelectHints {
+                start: i64::MIN,
+                end: i64::MAX,
+                ..SelectHints::default()
+            };
+            let matchers = [Matcher::equal("__name__", "up")];
+            let mut back = s
+                .select(&TenantId::default(), &matchers, &hints)
+                .await
+                .unwrap();
+            back.sort_by(|a, b| a.labels.cmp(&b.labels));
+            back.into_iter()
+                .map(|s| (s.labels.get("job").unwrap().to_owned(), s.samples))
+                .collect()
+        }
+        let before = all(&s).await;
+        let counts: Vec<usize> = before.iter().map(|(_, samples)| samples.len()).collect();
+        assert_eq!(counts, [481, 480, 240]);
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(all(&s).await, before, "replay differs");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

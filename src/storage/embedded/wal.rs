@@ -87,8 +87,8 @@ impl Packer {
 /// [`Wal::append_packed`] (built with no lock held).
 pub struct Packed {
     bytes: Vec<u8>,
-    /// The latest sample time among the records (`i64::MIN` when none has a sample).
-    max_t: i64,
+    /// The earliest and latest sample times among the records.
+    span: Span,
 }
 
 impl Packed {
@@ -106,7 +106,7 @@ impl Packed {
         packer.pack(&frames, &mut bytes)?;
         Ok(Packed {
             bytes,
-            max_t: records_max_t(records),
+            span: Span::of(records),
         })
     }
 }
@@ -537,9 +537,10 @@ pub struct Wal {
     file: Arc<File>,
     syncer: Arc<Syncer>,
     segment: u64,
-    /// The latest sample time in each segment (`i64::MIN` when it has none): a segment whose
-    /// samples are all flushed to blocks can go once a checkpoint holds its series.
-    max_t: BTreeMap<u64, i64>,
+    /// The earliest and latest sample times of each segment: a segment whose samples are all
+    /// flushed to blocks can go once a checkpoint holds its series; one whose samples are in
+    /// part, once the checkpoint holds the rest too.
+    spans: BTreeMap<u64, Span>,
     /// Bytes of intact records in the current segment.
     size: u64,
     fsync: FsyncPolicy,
@@ -585,16 +586,51 @@ fn checkpoints(dir: &Path) -> io::Result<Vec<u64>> {
     numbered(dir, |name| name.strip_prefix("checkpoint.")?.parse().ok())
 }
 
-/// The latest sample time of records.
-fn records_max_t(records: &[Record]) -> i64 {
-    records
-        .iter()
-        .filter_map(|r| match r {
-            Record::Samples { samples } => samples.iter().map(|s| s.1).max(),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(i64::MIN)
+/// The earliest and latest sample times of a segment or of records (`EMPTY` when they hold
+/// no sample).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Span {
+    pub min_t: i64,
+    pub max_t: i64,
+}
+
+impl Span {
+    pub const EMPTY: Span = Span {
+        min_t: i64::MAX,
+        max_t: i64::MIN,
+    };
+
+    fn of(records: &[Record]) -> Span {
+        let mut span = Span::EMPTY;
+        for record in records {
+            if let Record::Samples { samples } = record {
+                for s in samples {
+                    span.min_t = span.min_t.min(s.1);
+                    span.max_t = span.max_t.max(s.1);
+                }
+            }
+        }
+        span
+    }
+
+    fn join(self, other: Span) -> Span {
+        Span {
+            min_t: self.min_t.min(other.min_t),
+            max_t: self.max_t.max(other.max_t),
+        }
+    }
+}
+
+/// What a flush with a checkpoint at segment `before` lets go of the log (see
+/// [`Wal::truncation`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Truncation {
+    /// Segments all of whose samples are older than the cutoff.
+    pub delete: Vec<u64>,
+    /// Segments some of whose samples are older than the cutoff and some not, before any
+    /// segment all of whose samples are as new: the checkpoint carries their newer samples,
+    /// in their order, and they go too.
+    pub carry: Vec<u64>,
 }
 
 impl Wal {
@@ -620,12 +656,12 @@ impl Wal {
         }
         let list = segments(dir)?;
         let mut last = 0;
-        let mut max_t = BTreeMap::new();
+        let mut spans = BTreeMap::new();
         for (i, &n) in list.iter().enumerate() {
             let path = segment_path(dir, n);
-            let (records, valid_len, file_len, seg_max_t) = replay_segment(&path, &mut apply)?;
+            let (records, valid_len, file_len, span) = replay_segment(&path, &mut apply)?;
             report.records += records;
-            max_t.insert(n, seg_max_t);
+            spans.insert(n, span);
             last = n;
             if valid_len < file_len {
                 OpenOptions::new()
@@ -651,7 +687,7 @@ impl Wal {
             File::open(parent)?.sync_all()?;
         }
         let size = file.metadata()?.len();
-        max_t.entry(segment).or_insert(i64::MIN);
+        spans.entry(segment).or_insert(Span::EMPTY);
         let end = Position {
             segment,
             offset: size,
@@ -667,7 +703,7 @@ impl Wal {
                 file,
                 syncer,
                 segment,
-                max_t,
+                spans,
                 size,
                 fsync,
                 broken: false,
@@ -748,7 +784,7 @@ impl Wal {
         self.segment += 1;
         self.file = file;
         self.size = 0;
-        self.max_t.insert(self.segment, i64::MIN);
+        self.spans.insert(self.segment, Span::EMPTY);
         self.syncer.written(
             Position {
                 segment: self.segment,
@@ -759,14 +795,29 @@ impl Wal {
         Ok(self.segment)
     }
 
-    /// Segments below `before` whose samples are all older than `cutoff`: deletable once a
-    /// checkpoint holds what else they carry.
-    pub fn deletable(&self, before: u64, cutoff: i64) -> Vec<u64> {
-        self.max_t
-            .range(..before)
-            .filter(|(_, &t)| t < cutoff)
-            .map(|(&n, _)| n)
-            .collect()
+    /// Which segments below `before` can go once every sample older than `cutoff` is in
+    /// blocks and a checkpoint holds the rest of what they carry: those whose samples are all
+    /// older go whatever their place; those with older and newer samples go with their newer
+    /// samples carried into the checkpoint, up to the first segment whose samples are all as
+    /// new (it and those after it stay, so replay still meets the samples in their order).
+    /// In time order, as a real-time load writes, that carries the one segment that straddles
+    /// the cutoff; a load that writes hours of data time in one segment (a backfill, a
+    /// catch-up) has every segment straddle, and the checkpoint then carries what the head
+    /// holds of them instead of the log keeping them whole until their newest sample is
+    /// older than the cutoff.
+    pub fn truncation(&self, before: u64, cutoff: i64) -> Truncation {
+        let mut plan = Truncation::default();
+        let mut carrying = true;
+        for (&n, span) in self.spans.range(..before) {
+            if span.max_t < cutoff {
+                plan.delete.push(n);
+            } else if span.min_t >= cutoff {
+                carrying = false;
+            } else if carrying {
+                plan.carry.push(n);
+            }
+        }
+        plan
     }
 
     /// Deletes segments (after a checkpoint made them redundant) and checkpoints older than
@@ -780,7 +831,7 @@ impl Wal {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
-            self.max_t.remove(&n);
+            self.spans.remove(&n);
         }
         for n in checkpoints(&self.dir)? {
             if n < checkpoint {
@@ -801,8 +852,8 @@ impl Wal {
         }
         (&*self.file).write_all(&packed.bytes)?;
         self.size += packed.bytes.len() as u64;
-        let seg = self.max_t.entry(self.segment).or_insert(i64::MIN);
-        *seg = (*seg).max(packed.max_t);
+        let seg = self.spans.entry(self.segment).or_insert(Span::EMPTY);
+        *seg = seg.join(packed.span);
         let end = Position {
             segment: self.segment,
             offset: self.size,
@@ -898,16 +949,16 @@ impl CheckpointWriter {
     }
 }
 
-/// Replays one segment: (records, bytes of intact records, file length, latest sample time).
+/// Replays one segment: (records, bytes of intact records, file length, sample times).
 fn replay_segment(
     path: &Path,
     apply: &mut impl FnMut(Record),
-) -> io::Result<(usize, u64, u64, i64)> {
+) -> io::Result<(usize, u64, u64, Span)> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut decompressor = zstd::bulk::Decompressor::new()?;
-    let (mut records, mut valid, mut max_t) = (0, 0u64, i64::MIN);
+    let (mut records, mut valid, mut span) = (0, 0u64, Span::EMPTY);
     loop {
         let mut header = [0u8; 8];
         match reader.read_exact(&mut header) {
@@ -927,12 +978,61 @@ fn replay_segment(
         let Some(unpacked) = unpack(&payload, &mut decompressor) else {
             break;
         };
-        max_t = max_t.max(records_max_t(&unpacked));
+        span = span.join(Span::of(&unpacked));
         records += unpacked.len();
         unpacked.into_iter().for_each(&mut *apply);
         valid += 8 + u64::from(len);
     }
-    Ok((records, valid, file_len, max_t))
+    Ok((records, valid, file_len, span))
+}
+
+/// Samples a checkpoint carries are written this many to a record.
+const CARRIED_PER_RECORD: usize = 1 << 16;
+
+/// Writes into `out` the samples at or after `cutoff` of the latest checkpoint in `dir` (those
+/// it carried itself) and of the segments `plan` carries, in their order; returns how many.
+/// A carried segment that does not read whole is an error: the flush then deletes nothing.
+pub fn carry_samples(
+    dir: &Path,
+    plan: &Truncation,
+    cutoff: i64,
+    out: &mut CheckpointWriter,
+) -> io::Result<u64> {
+    let mut batch: Vec<(u64, i64, f64)> = Vec::new();
+    let mut carried = 0u64;
+    let mut failed = None;
+    let mut keep = |record: Record, batch: &mut Vec<(u64, i64, f64)>| {
+        if let Record::Samples { samples } = record {
+            batch.extend(samples.into_iter().filter(|s| s.1 >= cutoff));
+        }
+        if batch.len() >= CARRIED_PER_RECORD && failed.is_none() {
+            carried += batch.len() as u64;
+            let samples = std::mem::take(batch);
+            failed = out.record(&Record::Samples { samples }).err();
+        }
+    };
+    // A previous checkpoint's damaged tail was cut by replay on open: what reads of it is
+    // what the head was built from.
+    if let Some(&n) = checkpoints(dir)?.last() {
+        replay_segment(&checkpoint_path(dir, n), &mut |r| keep(r, &mut batch))?;
+    }
+    for &n in &plan.carry {
+        let (_, valid, len, _) =
+            replay_segment(&segment_path(dir, n), &mut |r| keep(r, &mut batch))?;
+        if valid < len {
+            return Err(io::Error::other(format!(
+                "log segment {n} is damaged at byte {valid}; kept"
+            )));
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if !batch.is_empty() {
+        carried += batch.len() as u64;
+        out.record(&Record::Samples { samples: batch })?;
+    }
+    Ok(carried)
 }
 
 #[cfg(test)]
@@ -1174,6 +1274,36 @@ mod tests {
         let mut count = 0;
         Wal::open(dir.path(), FsyncPolicy::Always, |_| count += 1).unwrap();
         assert_eq!(count, 200);
+    }
+
+    #[test]
+    fn a_flush_carries_the_straddling_segments_before_the_first_all_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), FsyncPolicy::Never, |_| {}).unwrap();
+        // Segments 1-4 hold samples over these times; 5 is the current one.
+        for (from, to) in [(0, 100), (200, 300), (50, 60), (0, 500)] {
+            let samples = vec![(1, from, 1.0), (2, to, 2.0)];
+            wal.append(&[Record::Samples { samples }]).unwrap();
+            wal.rotate().unwrap();
+        }
+        let plan = |wal: &Wal, cutoff| {
+            let t = wal.truncation(5, cutoff);
+            (t.delete, t.carry)
+        };
+        // Segment 2 is all newer: 4 stays behind it although it straddles.
+        assert_eq!(plan(&wal, 150), (vec![1, 3], vec![]));
+        assert_eq!(plan(&wal, 250), (vec![1, 3], vec![2, 4]));
+        assert_eq!(plan(&wal, 0), (vec![], vec![]));
+        assert_eq!(plan(&wal, 501), (vec![1, 2, 3, 4], vec![]));
+        // The checkpoint carries the newer samples in the segments' order.
+        let mut out = CheckpointWriter::create(dir.path()).unwrap();
+        let carried = carry_samples(dir.path(), &wal.truncation(5, 250), 250, &mut out).unwrap();
+        out.commit(5).unwrap();
+        assert_eq!(carried, 2);
+        let mut seen = Vec::new();
+        replay_segment(&checkpoint_path(dir.path(), 5), &mut |r| seen.push(r)).unwrap();
+        let samples = vec![(2, 300, 2.0), (2, 500, 2.0)];
+        assert_eq!(seen, [Record::Samples { samples }]);
     }
 
     #[test]
