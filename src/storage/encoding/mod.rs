@@ -671,9 +671,7 @@ mod tests {
             let bits = |c: &Vec<f64>| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(a), bits(b));
         }
-        let alone = |values: &Vec<f64>| {
-            encode_columns_with(&times, std::slice::from_ref(values), false).len()
-        };
+        let alone = |values: &Vec<f64>| encode_columns_with(&times, &[values.clone()], false).len();
         let without_copies = alone(&min) + alone(&max) + alone(&columns[2]);
         assert!(
             bytes.len() < without_copies + 60,
