@@ -30,11 +30,6 @@ const MAX_MANTISSA: f64 = 9_007_199_254_740_992.0; // 2^53
 const VALUES_DECIMAL_DELTA: u8 = 1;
 const VALUES_DECIMAL_DELTA2: u8 = 2;
 const VALUES_XOR: u8 = 3;
-/// A column equal to an earlier one but in some rows: `4 | earlier column | varint rows |
-/// each row's varint distance from the row after the one before | those rows' values as a
-/// column of their own`. A rollup's first value is its minimum and its last its maximum
-/// wherever a counter only rose over the bucket.
-const VALUES_LIKE: u8 = 4;
 
 pub(super) use crate::varint::{put_varint, unzigzag, zigzag};
 
@@ -229,142 +224,6 @@ pub fn decode_range_into(
     Ok(count)
 }
 
-/// A value column on its own: decimal mantissas as deltas (or deltas of deltas), else XOR.
-fn put_column(raw: &mut Vec<u8>, times: &[i64], values: &[f64]) {
-    match decimals(values) {
-        Some((exp, mantissas)) => {
-            let first = differences(&mantissas);
-            let second = differences(&first);
-            let (mode, stream) = if varints_len(&second) < varints_len(&first) {
-                (VALUES_DECIMAL_DELTA2, second)
-            } else {
-                (VALUES_DECIMAL_DELTA, first)
-            };
-            raw.push(mode);
-            raw.push(exp);
-            for v in stream {
-                put_varint(raw, zigzag(v));
-            }
-        }
-        None => {
-            raw.push(VALUES_XOR);
-            let samples: Vec<Sample> = times
-                .iter()
-                .zip(values)
-                .map(|(&t, &v)| Sample { t, v })
-                .collect();
-            let chunk = Chunk::encode(&samples);
-            put_varint(raw, chunk.bytes().len() as u64);
-            raw.extend_from_slice(chunk.bytes());
-        }
-    }
-}
-
-/// `values` as [`VALUES_LIKE`] the earlier column it equals (bit for bit) in the most rows,
-/// if that is at least half of them.
-fn like_column(earlier: &[Vec<f64>], times: &[i64], values: &[f64]) -> Option<Vec<u8>> {
-    let differing = |other: &Vec<f64>| {
-        other
-            .iter()
-            .zip(values)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count()
-    };
-    let (base, count) = earlier
-        .iter()
-        .enumerate()
-        .map(|(j, other)| (j, differing(other)))
-        .min_by_key(|&(_, count)| count)?;
-    if count * 2 > values.len() {
-        return None;
-    }
-    let mut out = vec![VALUES_LIKE, u8::try_from(base).ok()?];
-    put_varint(&mut out, count as u64);
-    let (mut rows_t, mut rows_v) = (Vec::with_capacity(count), Vec::with_capacity(count));
-    let mut next = 0;
-    for (row, (a, b)) in earlier[base].iter().zip(values).enumerate() {
-        if a.to_bits() != b.to_bits() {
-            put_varint(&mut out, (row - next) as u64);
-            next = row + 1;
-            rows_t.push(times[row]);
-            rows_v.push(*b);
-        }
-    }
-    if count > 0 {
-        put_column(&mut out, &rows_t, &rows_v);
-    }
-    Some(out)
-}
-
-/// Reads a column of `count` values written by [`put_column`] or, given the columns before
-/// it, by [`like_column`].
-fn read_column(r: &mut Reader, count: usize, earlier: &[Vec<f64>]) -> io::Result<Vec<f64>> {
-    let mode = r.byte()?;
-    let values: Vec<f64> = match mode {
-        VALUES_DECIMAL_DELTA | VALUES_DECIMAL_DELTA2 => {
-            let exp = usize::from(r.byte()?);
-            let scale = *POW10.get(exp).ok_or_else(short)?;
-            let mut stream = Vec::with_capacity(count);
-            for _ in 0..count {
-                stream.push(unzigzag(r.varint()?));
-            }
-            let integrate = |s: &mut Vec<i64>| {
-                let mut acc = 0i64;
-                for v in s.iter_mut() {
-                    acc = acc.wrapping_add(*v);
-                    *v = acc;
-                }
-            };
-            if mode == VALUES_DECIMAL_DELTA2 {
-                integrate(&mut stream);
-            }
-            integrate(&mut stream);
-            stream.iter().map(|&m| m as f64 / scale).collect()
-        }
-        VALUES_XOR => {
-            let len = usize::try_from(r.varint()?).map_err(|_| short())?;
-            if len > r.0.len() {
-                return Err(short());
-            }
-            let (bits, rest) = r.0.split_at(len);
-            r.0 = rest;
-            let chunk = Chunk::from_parts(0, 0, count as u32, bits.to_vec());
-            chunk.decode().into_iter().map(|s| s.v).collect()
-        }
-        VALUES_LIKE => {
-            let base = earlier.get(usize::from(r.byte()?)).ok_or_else(short)?;
-            let differing = usize::try_from(r.varint()?).map_err(|_| short())?;
-            if differing > count || base.len() != count {
-                return Err(short());
-            }
-            let mut rows = Vec::with_capacity(differing);
-            let mut next = 0usize;
-            for _ in 0..differing {
-                let row = usize::try_from(r.varint()?)
-                    .ok()
-                    .and_then(|d| next.checked_add(d))
-                    .filter(|&row| row < count)
-                    .ok_or_else(short)?;
-                rows.push(row);
-                next = row + 1;
-            }
-            let mut values = base.clone();
-            if differing > 0 {
-                // The rows' own column is plain: no column comes before it.
-                for (row, v) in rows.into_iter().zip(read_column(r, differing, &[])?) {
-                    values[row] = v;
-                }
-            }
-            values
-        }
-        _ => return Err(short()),
-    };
-    if values.len() != count {
-        return Err(short());
-    }
-    Ok(values)
-}
-
 /// The timestamps and the one value column of what [`encode`] wrote.
 fn decode_one_column(bytes: &[u8]) -> io::Result<(Vec<i64>, Vec<f64>)> {
     let (times, mut columns) = decode_columns(bytes)?;
@@ -405,13 +264,33 @@ pub fn encode_columns_with(times: &[i64], columns: &[Vec<f64>], compress: bool) 
         prev_t = t;
         prev_delta = delta;
     }
-    let mut plain = Vec::new();
-    for (c, values) in columns.iter().enumerate() {
-        plain.clear();
-        put_column(&mut plain, times, values);
-        match like_column(&columns[..c], times, values) {
-            Some(like) if like.len() < plain.len() => raw.extend_from_slice(&like),
-            _ => raw.extend_from_slice(&plain),
+    for values in columns {
+        match decimals(values) {
+            Some((exp, mantissas)) => {
+                let first = differences(&mantissas);
+                let second = differences(&first);
+                let (mode, stream) = if varints_len(&second) < varints_len(&first) {
+                    (VALUES_DECIMAL_DELTA2, second)
+                } else {
+                    (VALUES_DECIMAL_DELTA, first)
+                };
+                raw.push(mode);
+                raw.push(exp);
+                for v in stream {
+                    put_varint(&mut raw, zigzag(v));
+                }
+            }
+            None => {
+                raw.push(VALUES_XOR);
+                let samples: Vec<Sample> = times
+                    .iter()
+                    .zip(values)
+                    .map(|(&t, &v)| Sample { t, v })
+                    .collect();
+                let chunk = Chunk::encode(&samples);
+                put_varint(&mut raw, chunk.bytes().len() as u64);
+                raw.extend_from_slice(chunk.bytes());
+            }
         }
     }
     // Short streams often come out larger from zstd (its frame costs about a dozen bytes):
@@ -499,7 +378,43 @@ pub fn decode_columns(bytes: &[u8]) -> io::Result<(Vec<i64>, Vec<Vec<f64>>)> {
     }
     let mut columns = Vec::with_capacity(width);
     for _ in 0..width {
-        let values = read_column(&mut r, count, &columns)?;
+        let mode = r.byte()?;
+        let values: Vec<f64> = match mode {
+            VALUES_DECIMAL_DELTA | VALUES_DECIMAL_DELTA2 => {
+                let exp = usize::from(r.byte()?);
+                let scale = *POW10.get(exp).ok_or_else(short)?;
+                let mut stream = Vec::with_capacity(count);
+                for _ in 0..count {
+                    stream.push(unzigzag(r.varint()?));
+                }
+                let integrate = |s: &mut Vec<i64>| {
+                    let mut acc = 0i64;
+                    for v in s.iter_mut() {
+                        acc = acc.wrapping_add(*v);
+                        *v = acc;
+                    }
+                };
+                if mode == VALUES_DECIMAL_DELTA2 {
+                    integrate(&mut stream);
+                }
+                integrate(&mut stream);
+                stream.iter().map(|&m| m as f64 / scale).collect()
+            }
+            VALUES_XOR => {
+                let len = usize::try_from(r.varint()?).map_err(|_| short())?;
+                if len > r.0.len() {
+                    return Err(short());
+                }
+                let (bits, rest) = r.0.split_at(len);
+                r.0 = rest;
+                let chunk = Chunk::from_parts(0, 0, count as u32, bits.to_vec());
+                chunk.decode().into_iter().map(|s| s.v).collect()
+            }
+            _ => return Err(short()),
+        };
+        if values.len() != count {
+            return Err(short());
+        }
         columns.push(values);
     }
     Ok((times, columns))
@@ -643,71 +558,5 @@ mod tests {
         assert!(decode(&fake).is_err());
         assert!(decode(&[FRAME_RAW, 0x05, 0x01]).is_err());
         assert!(decode(&[7, 1, 2]).is_err());
-    }
-
-    #[test]
-    fn a_column_like_an_earlier_one_costs_only_its_differing_rows() {
-        let n = 500usize;
-        let times: Vec<i64> = (0..n as i64).map(|i| i * 300_000).collect();
-        // A rising counter's buckets: the first value is the minimum, the last the maximum;
-        // the sum is a column of its own.
-        let min: Vec<f64> = (0..n).map(|i| (i * 1013 + i * i % 7) as f64).collect();
-        let max: Vec<f64> = min.iter().map(|v| v + 40.0 + v % 3.0).collect();
-        let sum: Vec<f64> = min
-            .iter()
-            .zip(&max)
-            .map(|(a, b)| a * 3.0 + b * 2.0)
-            .collect();
-        // Unlike `min` in a few rows, with values no decimal scale holds and markers.
-        let mut first = min.clone();
-        first[3] = 0.1 + 0.2;
-        first[77] = f64::from_bits(crate::model::STALE_NAN_BITS);
-        first[n - 1] = -0.0;
-        let columns = vec![min.clone(), max.clone(), sum, max.clone(), first];
-        let bytes = encode_columns_with(&times, &columns, false);
-        let (back_t, back) = decode_columns(&bytes).unwrap();
-        assert_eq!(back_t, times);
-        for (a, b) in columns.iter().zip(&back) {
-            let bits = |c: &Vec<f64>| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(a), bits(b));
-        }
-        let alone = |values: &Vec<f64>| encode_columns_with(&times, &[values.clone()], false).len();
-        let without_copies = alone(&min) + alone(&max) + alone(&columns[2]);
-        assert!(
-            bytes.len() < without_copies + 60,
-            "{} bytes with two copies and a near copy, {without_copies} without them",
-            bytes.len()
-        );
-        // Every row different: the column is written as it is.
-        let other: Vec<f64> = min.iter().map(|v| v + 0.5).collect();
-        let two = encode_columns_with(&times, &[min.clone(), other.clone()], false);
-        assert_eq!(decode_columns(&two).unwrap().1, [min, other]);
-    }
-
-    #[test]
-    fn a_like_column_that_points_ahead_or_past_the_rows_is_damage() {
-        // Two rows, times 0 and 1, a first column of decimal deltas, then the second column.
-        let prefix = [2u8, 2, 0, 2, VALUES_DECIMAL_DELTA, 0, 2, 2];
-        let second = |tail: &[u8]| {
-            let mut raw = vec![FRAME_RAW];
-            raw.extend_from_slice(&prefix);
-            raw.extend_from_slice(tail);
-            decode_columns(&raw)
-        };
-        // Like column 0, no differing row: a copy.
-        assert_eq!(
-            second(&[VALUES_LIKE, 0, 0]).unwrap().1,
-            [[1.0, 2.0], [1.0, 2.0]]
-        );
-        // Like column 0, row 1 differs, holding 5.
-        let patched = second(&[VALUES_LIKE, 0, 1, 1, VALUES_DECIMAL_DELTA, 0, 10]).unwrap();
-        assert_eq!(patched.1[1], [1.0, 5.0]);
-        // Like itself, like a later column; a row past the end; more rows than there are.
-        assert!(second(&[VALUES_LIKE, 1, 0]).is_err());
-        assert!(second(&[VALUES_LIKE, 5, 0]).is_err());
-        assert!(second(&[VALUES_LIKE, 0, 1, 2, VALUES_DECIMAL_DELTA, 0, 10]).is_err());
-        assert!(second(&[VALUES_LIKE, 0, 3, 0, 0, 0]).is_err());
-        // The differing rows' column may not be like another.
-        assert!(second(&[VALUES_LIKE, 0, 1, 0, VALUES_LIKE, 0, 0]).is_err());
     }
 }
