@@ -250,9 +250,7 @@ fn main() {
     // SecuMon, embedded engine, default settings but a short maintenance interval so the
     // flush happens during the run (the default is every 5 minutes), and its own metrics
     // not recorded: as Prometheus here (which scrapes nothing), it then holds only the load.
-    // Its own samples are written at the wall clock, hours after the load's: each log
-    // segment holding one stays until that sample is an hour old, so the whole directory
-    // would count most of the load's log as well.
+    // (Its own samples, at the wall clock, would also move the flush cutoff past the load's.)
     {
         let dir = temp_dir("secumon-peers");
         let port = free_port();
