@@ -250,7 +250,7 @@ fn main() {
     // SecuMon, embedded engine, default settings but a short maintenance interval so the
     // flush happens during the run (the default is every 5 minutes), and its own metrics
     // not recorded: as Prometheus here (which scrapes nothing), it then holds only the load.
-    // (Its own samples, at the wall clock, would also move the flush cutoff past the load's.)
+    // (Its own samples would be counted in its directory and in no peer's.)
     {
         let dir = temp_dir("secumon-peers");
         let port = free_port();
