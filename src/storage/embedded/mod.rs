@@ -122,6 +122,9 @@ const SMALL_BLOCK_SAMPLES_PER_SERIES: u64 = 120;
 /// most, never for a pass over the whole head (4,096 held writers up to 37 ms in
 /// `storage_peers`, where every series' open chunk is split and re-encoded).
 const FLUSH_BATCH: usize = 1024;
+/// The log is compacted ([`EmbeddedStorage::compact_log`]) only past this many bytes of
+/// segments (and twice its last compaction's checkpoint).
+const LOG_COMPACTION_MIN_BYTES: u64 = 16 << 20;
 
 /// Postings entries a flush prunes of forgotten series under one hold of the head's lock
 /// (65,536 held writers 21 ms in `series_churn`, mostly lists of one series each).
@@ -153,6 +156,8 @@ pub struct MaintenanceReport {
     /// Samples of deleted segments (or of the checkpoint before) that the new checkpoint
     /// holds: newer than the cutoff, they are still in the head.
     pub wal_samples_carried: u64,
+    /// Head samples a compaction of the log wrote into its checkpoint.
+    pub wal_samples_compacted: u64,
     /// Series the head forgot (no sample left in it; their labels are in blocks' indexes).
     pub series_dropped: usize,
     /// The longest time writers waited on this run (the head's lock or the log held), and
@@ -200,6 +205,9 @@ pub struct EmbeddedStorage {
     /// Since start: the longest [`MaintenanceReport::longest_writer_hold`], in µs.
     writer_hold_max_us: AtomicU64,
     series_removed: AtomicU64,
+    /// Bytes of the checkpoint the last compaction of the log wrote (at open, of the newest
+    /// checkpoint): the log is compacted again once its closed segments take twice as much.
+    log_compacted_bytes: AtomicU64,
     /// Compressors for records packed by writers side by side.
     packers: wal::Packers,
     /// What makes each request's samples visible to reads all at once (isolation, as
@@ -1307,16 +1315,8 @@ mod tests {
         assert_eq!(report.flushed_samples, 2 * 3 * 120);
         assert_eq!(report.wal_samples_carried, 2 * 120, "{report:?}");
         assert_eq!(report.wal_segments_deleted, 1);
-        let segments = |dir: &Path| -> Vec<String> {
-            let mut names: Vec<String> = std::fs::read_dir(dir.join("wal"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            names
-        };
         assert_eq!(
-            segments(dir.path()),
+            wal_files(dir.path()),
             ["00000002.wal", "checkpoint.00000002"]
         );
         s.append(
@@ -1332,7 +1332,7 @@ mod tests {
             .unwrap();
         assert_eq!(report.wal_samples_carried, 2 * 60 + 180, "{report:?}");
         assert_eq!(
-            segments(dir.path()),
+            wal_files(dir.path()),
             ["00000003.wal", "checkpoint.00000003"]
         );
         // Samples written after the flush, one older than the cutoff of the next.
@@ -1342,34 +1342,179 @@ mod tests {
         )
         .await
         .unwrap();
-        async fn all(s: &EmbeddedStorage) -> Vec<(String, Vec<Sample>)> {
-            let hints = SelectHints {
-                start: i64::MIN,
-                end: i64::MAX,
-                ..SelectHints::default()
-            };
-            let matchers = [Matcher::equal("__name__", "up")];
-            let mut back = s
-                .select(&TenantId::default(), &matchers, &hints)
-                .await
-                .unwrap();
-            back.sort_by(|a, b| a.labels.cmp(&b.labels));
-            back.into_iter()
-                .map(|s| (s.labels.get("job").unwrap().to_owned(), s.samples))
-                .collect()
-        }
-        let before = all(&s).await;
+        let before = all_up(&s).await;
         let counts: Vec<usize> = before.iter().map(|(_, samples)| samples.len()).collect();
         assert_eq!(counts, [481, 480, 240]);
         drop(s);
         let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        assert_eq!(all(&s).await, before, "replay differs");
+        assert_eq!(all_up(&s).await, before, "replay differs");
         // A crash between a checkpoint and the deletion of the segments it carried: their
         // samples replay twice, to the same head.
         drop(s);
         std::fs::write(&first_segment, copy).unwrap();
         let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        assert_eq!(all(&s).await, before, "replay twice differs");
+        assert_eq!(all_up(&s).await, before, "replay twice differs");
+    }
+
+    /// The names in `dir`'s log directory, sorted.
+    fn wal_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("wal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every series of metric `up`, by job: (job, samples as (time, value bits)).
+    async fn all_up(s: &EmbeddedStorage) -> Vec<(String, Vec<(i64, u64)>)> {
+        let hints = SelectHints {
+            start: i64::MIN,
+            end: i64::MAX,
+            ..SelectHints::default()
+        };
+        let matchers = [Matcher::equal("__name__", "up")];
+        let mut back = s
+            .select(&TenantId::default(), &matchers, &hints)
+            .await
+            .unwrap();
+        back.sort_by(|a, b| a.labels.cmp(&b.labels));
+        back.into_iter()
+            .map(|s| {
+                let samples = s.samples.iter().map(|p| (p.t, p.v.to_bits())).collect();
+                (s.labels.get("job").unwrap().to_owned(), samples)
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compacted_log_keeps_the_head_s_samples_in_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let (t0, minute) = (10 * DAY, 60_000);
+        for job in ["a", "b", "c"] {
+            s.append(&tenant, &[series("up", job, t0, t0 + 50 * minute, 15_000)])
+                .await
+                .unwrap();
+        }
+        // Values the sample encoding keeps bit for bit: a staleness marker, a long fraction
+        // (newer than the flush below: they stay in the head and in the checkpoints).
+        let mut odd = series("up", "d", t0 + 40 * minute, t0 + 42 * minute, minute);
+        odd.samples[1].v = f64::from_bits(crate::model::STALE_NAN_BITS);
+        odd.samples[2].v = 0.1 + 0.2;
+        s.append(&tenant, &[odd]).await.unwrap();
+        let first_segment = dir.path().join("wal/00000001.wal");
+        let copy = std::fs::read(&first_segment).unwrap();
+        let mut report = MaintenanceReport::default();
+        s.compact_log(1, &mut report).unwrap();
+        assert_eq!(report.wal_samples_compacted, 3 * 201 + 3, "{report:?}");
+        assert_eq!(report.wal_segments_deleted, 1);
+        assert_eq!(
+            wal_files(dir.path()),
+            ["00000002.wal", "checkpoint.00000002"]
+        );
+        // Nothing logged since: nothing to compact; then below the bound.
+        let mut again = MaintenanceReport::default();
+        s.compact_log(1, &mut again).unwrap();
+        s.append(
+            &tenant,
+            &[series(
+                "up",
+                "a",
+                t0 + 51 * minute,
+                t0 + 60 * minute,
+                15_000,
+            )],
+        )
+        .await
+        .unwrap();
+        s.compact_log(u64::MAX, &mut again).unwrap();
+        assert_eq!(again, MaintenanceReport::default());
+        // A flush then carries the compacted samples newer than its cutoff.
+        let report = s.maintain_with_cutoff(t0, t0 + 30 * minute).unwrap();
+        assert_eq!(report.flushed_samples, 3 * 120);
+        assert_eq!(report.wal_samples_carried, 3 * 81 + 3, "{report:?}");
+        let before = all_up(&s).await;
+        let counts: Vec<usize> = before.iter().map(|(_, samples)| samples.len()).collect();
+        assert_eq!(counts, [238, 201, 201, 3]);
+        assert_eq!(before[3].1[1].1, crate::model::STALE_NAN_BITS);
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(all_up(&s).await, before, "replay differs");
+        // A crash between the compaction's checkpoint and the deletion of the segment.
+        drop(s);
+        std::fs::write(&first_segment, copy).unwrap();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(all_up(&s).await, before, "replay twice differs");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn log_compactions_among_writers_lose_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_shared(dir.path());
+        fn sample(w: i64, r: i64, k: i64) -> (Labels, Sample) {
+            let labels = Labels::from_trusted(vec![
+                Label::new("__name__", "up"),
+                Label::new("instance", k.to_string()),
+                Label::new("job", w.to_string()),
+            ]);
+            let v = (w * 1_000_000 + r * 100 + k) as f64;
+            (
+                labels,
+                Sample {
+                    t: 10 * DAY + r * 1000,
+                    v,
+                },
+            )
+        }
+        let writers = write_rounds(&s, (3, 300, 50), sample);
+        let done = Arc::new(AtomicBool::new(false));
+        let compactor = {
+            let (s, done) = (s.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut report = MaintenanceReport::default();
+                while !done.load(Ordering::Relaxed) {
+                    s.compact_log(1, &mut report).unwrap();
+                    tokio::task::yield_now().await;
+                }
+                report
+            })
+        };
+        let mut accepted = 0;
+        for w in writers {
+            accepted += w.await.unwrap();
+        }
+        assert_eq!(accepted, 3 * 300 * 50);
+        done.store(true, Ordering::Relaxed);
+        let report = compactor.await.unwrap();
+        assert!(report.wal_segments_deleted >= 3, "{report:?}");
+        drop(s);
+        let s = open_shared(dir.path());
+        let hints = SelectHints {
+            start: i64::MIN,
+            end: i64::MAX,
+            ..SelectHints::default()
+        };
+        let back = s
+            .select(
+                &TenantId::default(),
+                &[Matcher::equal("__name__", "up")],
+                &hints,
+            )
+            .await
+            .unwrap();
+        let mut count = 0;
+        for series in &back {
+            let w: i64 = series.labels.get("job").unwrap().parse().unwrap();
+            let k: i64 = series.labels.get("instance").unwrap().parse().unwrap();
+            for p in &series.samples {
+                let r = (p.t - 10 * DAY) / 1000;
+                assert_eq!(p.v, sample(w, r, k).1.v, "{}", series.labels);
+                count += 1;
+            }
+        }
+        assert_eq!(count, accepted);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,7 @@ impl EmbeddedStorage {
             apply(&mut head, record, &flushed)
         })
         .map_err(fail)?;
+        let checkpoint_bytes = wal.checkpoint_bytes();
         // The head holds the series of the checkpoint and the log; the blocks may hold more
         // (series the head forgot): ids go on after theirs, and reads and returning series
         // consult the indexes of the blocks whose series are not all in the head.
@@ -84,6 +85,7 @@ impl EmbeddedStorage {
             maintenance_failures: AtomicU64::new(0),
             writer_hold_max_us: AtomicU64::new(0),
             series_removed: AtomicU64::new(0),
+            log_compacted_bytes: AtomicU64::new(checkpoint_bytes),
             packers: wal::Packers::default(),
             visibility: RwLock::default(),
             _lock: lock,
@@ -166,6 +168,19 @@ pub(super) fn apply(head: &mut Head, record: Record, flushed: &HashMap<u64, Time
                     if t > held.flushed_until {
                         held.samples.insert(Sample { t, v });
                         (min_t, max_t) = (min_t.min(t), max_t.max(t));
+                    }
+                }
+            }
+            head.applied(min_t, max_t);
+        }
+        Record::SeriesSamples { id, samples } => {
+            let (mut min_t, mut max_t) = (i64::MAX, i64::MIN);
+            if let Some(series) = head.series.get_mut(&id) {
+                let held = series.held_mut();
+                for sample in samples {
+                    if sample.t > held.flushed_until {
+                        held.samples.insert(sample);
+                        (min_t, max_t) = (min_t.min(sample.t), max_t.max(sample.t));
                     }
                 }
             }

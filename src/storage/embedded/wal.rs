@@ -8,7 +8,8 @@
 //! compresses its log too); frames that compression would not shrink are written as they are,
 //! and logs written before compression replay unchanged.
 
-use crate::model::{Label, Labels, MetricMetadata, MetricType, PackedLabels};
+use super::codec;
+use crate::model::{Label, Labels, MetricMetadata, MetricType, PackedLabels, Sample};
 use crate::varint;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -186,6 +187,10 @@ pub enum Record {
     /// Per series, the latest sample time already in blocks (checkpoints): replay skips the
     /// log's samples up to it even after retention deleted those blocks.
     Flushed { marks: Vec<(u64, i64)> },
+    /// One series' samples, ascending, in the blocks' sample encoding (checkpoints written
+    /// by a compaction of the log: about a byte a sample where sample records take two to
+    /// three).
+    SeriesSamples { id: u64, samples: Vec<Sample> },
 }
 
 /// Integers below this are exact in an f64.
@@ -336,6 +341,13 @@ impl Record {
             Record::Flushed { marks } if marks.len() > 1 => {
                 halves(marks, |marks| Record::Flushed { marks })
             }
+            Record::SeriesSamples { id, samples } if samples.len() > 1 => {
+                let (a, b) = samples.split_at(samples.len() / 2);
+                [a, b].map(|samples| Record::SeriesSamples {
+                    id: *id,
+                    samples: samples.to_vec(),
+                })
+            }
             _ => {
                 out.push(payload);
                 return;
@@ -396,6 +408,14 @@ impl Record {
                     e.signed(t);
                 }
             }
+            Record::SeriesSamples { id, samples } => {
+                e.u8(8);
+                e.varint(*id);
+                // Compressed with the other records of its batch.
+                let bytes = codec::encode_uncompressed(samples);
+                e.varint(bytes.len() as u64);
+                e.0.extend_from_slice(&bytes);
+            }
         }
         e.0
     }
@@ -451,6 +471,12 @@ impl Record {
                     marks.push((d.varint()?, d.signed()?));
                 }
                 Record::Flushed { marks }
+            }
+            8 => {
+                let id = d.varint()?;
+                let n = usize::try_from(d.varint()?).ok()?;
+                let samples = codec::decode(d.take(n)?).ok()?;
+                Record::SeriesSamples { id, samples }
             }
             _ => return None,
         };
@@ -602,12 +628,15 @@ impl Span {
 
     fn of(records: &[Record]) -> Span {
         let mut span = Span::EMPTY;
+        let mut add = |t: i64| {
+            span.min_t = span.min_t.min(t);
+            span.max_t = span.max_t.max(t);
+        };
         for record in records {
-            if let Record::Samples { samples } = record {
-                for s in samples {
-                    span.min_t = span.min_t.min(s.1);
-                    span.max_t = span.max_t.max(s.1);
-                }
+            match record {
+                Record::Samples { samples } => samples.iter().for_each(|s| add(s.1)),
+                Record::SeriesSamples { samples, .. } => samples.iter().for_each(|s| add(s.t)),
+                _ => {}
             }
         }
         span
@@ -841,6 +870,31 @@ impl Wal {
         File::open(&self.dir)?.sync_all()
     }
 
+    /// Bytes of the segments, the current one included (not of checkpoints).
+    pub fn segment_bytes(&self) -> u64 {
+        let closed: u64 = self
+            .spans
+            .range(..self.segment)
+            .filter_map(|(&n, _)| std::fs::metadata(segment_path(&self.dir, n)).ok())
+            .map(|m| m.len())
+            .sum();
+        closed + self.size
+    }
+
+    /// The segments before `n`.
+    pub fn segments_before(&self, n: u64) -> Vec<u64> {
+        self.spans.range(..n).map(|(&n, _)| n).collect()
+    }
+
+    /// Bytes of the newest checkpoint (0 when there is none).
+    pub fn checkpoint_bytes(&self) -> u64 {
+        checkpoints(&self.dir)
+            .ok()
+            .and_then(|list| list.last().copied())
+            .and_then(|n| std::fs::metadata(checkpoint_path(&self.dir, n)).ok())
+            .map_or(0, |m| m.len())
+    }
+
     /// Bytes of all segments and checkpoints.
     pub fn disk_bytes(&self) -> u64 {
         dir_bytes(&self.dir)
@@ -1002,13 +1056,32 @@ pub fn carry_samples(
     let mut carried = 0u64;
     let mut failed = None;
     let mut keep = |record: Record, batch: &mut Vec<(u64, i64, f64)>| {
-        if let Record::Samples { samples } = record {
-            batch.extend(samples.into_iter().filter(|s| s.1 >= cutoff));
+        let mut one = None;
+        match record {
+            Record::Samples { samples } => {
+                batch.extend(samples.into_iter().filter(|s| s.1 >= cutoff));
+            }
+            // A compacted log's checkpoint: its series' samples stay in their encoding.
+            Record::SeriesSamples { id, mut samples } => {
+                samples.retain(|s| s.t >= cutoff);
+                if !samples.is_empty() {
+                    one = Some(Record::SeriesSamples { id, samples });
+                }
+            }
+            _ => {}
         }
-        if batch.len() >= CARRIED_PER_RECORD && failed.is_none() {
+        if (batch.len() >= CARRIED_PER_RECORD || (one.is_some() && !batch.is_empty()))
+            && failed.is_none()
+        {
             carried += batch.len() as u64;
             let samples = std::mem::take(batch);
             failed = out.record(&Record::Samples { samples }).err();
+        }
+        if let (Some(record), true) = (one, failed.is_none()) {
+            if let Record::SeriesSamples { samples, .. } = &record {
+                carried += samples.len() as u64;
+            }
+            failed = out.record(&record).err();
         }
     };
     // A previous checkpoint's damaged tail was cut by replay on open: what reads of it is
@@ -1050,10 +1123,20 @@ mod tests {
             })
             .collect();
         let marks: Vec<(u64, i64)> = (0..5_000).map(|i| (i, i as i64)).collect();
+        let series: Vec<Sample> = (0..10_000)
+            .map(|i| Sample {
+                t: i * 15_000,
+                v: (i * i % 1013) as f64 / 7.0,
+            })
+            .collect();
         for record in [
             Record::Samples { samples },
             Record::Exemplars { exemplars },
             Record::Flushed { marks },
+            Record::SeriesSamples {
+                id: 7,
+                samples: series,
+            },
         ] {
             let mut parts = Vec::new();
             record.encode_parts(4096, &mut parts);
@@ -1083,11 +1166,21 @@ mod tests {
                         })
                         .collect(),
                 },
-                _ => Record::Flushed {
+                Record::Flushed { .. } => Record::Flushed {
                     marks: decoded
                         .into_iter()
                         .flat_map(|r| match r {
                             Record::Flushed { marks } => marks,
+                            _ => unreachable!(),
+                        })
+                        .collect(),
+                },
+                _ => Record::SeriesSamples {
+                    id: 7,
+                    samples: decoded
+                        .into_iter()
+                        .flat_map(|r| match r {
+                            Record::SeriesSamples { id: 7, samples } => samples,
                             _ => unreachable!(),
                         })
                         .collect(),
