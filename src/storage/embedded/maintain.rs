@@ -34,7 +34,7 @@ impl EmbeddedStorage {
         // not stop retention from freeing disk.
         let flushed = self
             .flush(cutoff, &mut report)
-            .and_then(|()| self.compact_log(LOG_COMPACTION_MIN_BYTES, &mut report));
+            .and_then(|()| self.compact_log(&mut report));
         let compacted = self.compact(cutoff, &mut report);
         let retained = self.apply_retention(now, &mut report);
         self.series_removed
@@ -161,13 +161,19 @@ impl EmbeddedStorage {
         // after the rotation: replaying the segments from there on on top of it changes
         // nothing they already set. Segments with samples on both sides of the cutoff go too,
         // their newer samples carried into the checkpoint (read back from the files, not from
-        // the head, so the checkpoint replays exactly what they did).
+        // the head, so the checkpoint replays exactly what they did). When those segments are
+        // as large as a compaction of the log wants, the head's samples are written instead
+        // (in their compact form, from the head: the same samples) and every segment goes.
+        let (plan, carry_bytes) = {
+            let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            let plan = wal.truncation(segment, cutoff);
+            let bytes = wal.bytes_of(&plan.carry);
+            (plan, bytes)
+        };
+        if self.compaction_due(carry_bytes) {
+            return self.write_compacted_checkpoint(segment, report);
+        }
         let snapshot = self.checkpoint_snapshot(report);
-        let plan = self
-            .wal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .truncation(segment, cutoff);
         let dir = self.dir.join("wal");
         let carried = tokio::task::block_in_place(|| {
             let mut checkpoint = wal::CheckpointWriter::create(&dir)?;
@@ -186,7 +192,7 @@ impl EmbeddedStorage {
         Ok(())
     }
 
-    /// Compacts the log when its segments take at least `min_bytes` and twice the
+    /// Compacts the log when its segments take at least [`LOG_COMPACTION_MIN_BYTES`] and twice the
     /// last such compaction's checkpoint: rotates it, writes a checkpoint that holds the
     /// head's samples too (each series' in the blocks' sample encoding, about a byte a sample
     /// where the log's records take two to three) and deletes every closed segment. The log's
@@ -201,21 +207,14 @@ impl EmbeddedStorage {
     /// rotation holds it alone) and nothing leaves the head in between (maintenance runs one
     /// step at a time). The copy, made after the rotation, may hold samples the later
     /// segments hold too: replay keeps a timestamp's first sample, the same one.
-    pub(super) fn compact_log(
-        &self,
-        min_bytes: u64,
-        report: &mut MaintenanceReport,
-    ) -> StorageResult<()> {
-        {
-            let logged = self
-                .wal
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .segment_bytes();
-            let last = self.log_compacted_bytes.load(Ordering::Relaxed);
-            if logged == 0 || logged < min_bytes.max(last.saturating_mul(2)) {
-                return Ok(());
-            }
+    pub(super) fn compact_log(&self, report: &mut MaintenanceReport) -> StorageResult<()> {
+        let logged = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .segment_bytes();
+        if !self.compaction_due(logged) {
+            return Ok(());
         }
         let segment = {
             let head = self.write();
@@ -226,6 +225,23 @@ impl EmbeddedStorage {
             report.held(began, "log rotation");
             segment
         };
+        self.write_compacted_checkpoint(segment, report)
+    }
+
+    /// Whether `bytes` of the log are worth a compaction: at least
+    /// [`LOG_COMPACTION_MIN_BYTES`] and twice the last compaction's checkpoint.
+    fn compaction_due(&self, bytes: u64) -> bool {
+        let last = self.log_compacted_bytes.load(Ordering::Relaxed);
+        bytes > 0 && bytes >= self.log_compaction_min_bytes.max(last.saturating_mul(2))
+    }
+
+    /// Writes checkpoint `segment` (the log rotated to it, every sample of the segments before
+    /// it in the head or in blocks) with the head's samples, and deletes those segments.
+    fn write_compacted_checkpoint(
+        &self,
+        segment: u64,
+        report: &mut MaintenanceReport,
+    ) -> StorageResult<()> {
         let ids = self.head_ids(report);
         let snapshot = self.checkpoint_snapshot(report);
         let dir = self.dir.join("wal");

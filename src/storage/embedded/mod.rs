@@ -208,6 +208,8 @@ pub struct EmbeddedStorage {
     /// Bytes of the checkpoint the last compaction of the log wrote (at open, of the newest
     /// checkpoint): the log is compacted again once its closed segments take twice as much.
     log_compacted_bytes: AtomicU64,
+    /// [`LOG_COMPACTION_MIN_BYTES`] (lower in tests).
+    log_compaction_min_bytes: u64,
     /// Compressors for records packed by writers side by side.
     packers: wal::Packers,
     /// What makes each request's samples visible to reads all at once (isolation, as
@@ -1356,6 +1358,35 @@ mod tests {
         assert_eq!(all_up(&s).await, before, "replay twice differs");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_whose_straddling_segments_are_large_writes_the_head_compactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let mut s =
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        s.log_compaction_min_bytes = 1;
+        let t0 = 10 * DAY;
+        for job in ["a", "b"] {
+            s.append(&tenant, &[series("up", job, t0, t0 + 4 * HOUR - 1, 30_000)])
+                .await
+                .unwrap();
+        }
+        let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
+        assert_eq!(report.flushed_samples, 2 * 3 * 120);
+        assert_eq!(report.wal_samples_carried, 0, "{report:?}");
+        assert_eq!(report.wal_samples_compacted, 2 * 120, "{report:?}");
+        assert_eq!(
+            wal_files(dir.path()),
+            ["00000002.wal", "checkpoint.00000002"]
+        );
+        let before = all_up(&s).await;
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let after = all_up(&s).await;
+        assert_eq!(after, before, "replay differs");
+        assert_eq!(after[0].1.len(), 480);
+    }
+
     /// The names in `dir`'s log directory, sorted.
     fn wal_files(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir.join("wal"))
@@ -1391,7 +1422,9 @@ mod tests {
     async fn a_compacted_log_keeps_the_head_s_samples_in_its_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let mut s =
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        s.log_compaction_min_bytes = 1;
         let (t0, minute) = (10 * DAY, 60_000);
         for job in ["a", "b", "c"] {
             s.append(&tenant, &[series("up", job, t0, t0 + 50 * minute, 15_000)])
@@ -1407,7 +1440,7 @@ mod tests {
         let first_segment = dir.path().join("wal/00000001.wal");
         let copy = std::fs::read(&first_segment).unwrap();
         let mut report = MaintenanceReport::default();
-        s.compact_log(1, &mut report).unwrap();
+        s.compact_log(&mut report).unwrap();
         assert_eq!(report.wal_samples_compacted, 3 * 201 + 3, "{report:?}");
         assert_eq!(report.wal_segments_deleted, 1);
         assert_eq!(
@@ -1416,7 +1449,7 @@ mod tests {
         );
         // Nothing logged since: nothing to compact; then below the bound.
         let mut again = MaintenanceReport::default();
-        s.compact_log(1, &mut again).unwrap();
+        s.compact_log(&mut again).unwrap();
         s.append(
             &tenant,
             &[series(
@@ -1429,7 +1462,8 @@ mod tests {
         )
         .await
         .unwrap();
-        s.compact_log(u64::MAX, &mut again).unwrap();
+        s.log_compaction_min_bytes = u64::MAX;
+        s.compact_log(&mut again).unwrap();
         assert_eq!(again, MaintenanceReport::default());
         // A flush then carries the compacted samples newer than its cutoff.
         let report = s.maintain_with_cutoff(t0, t0 + 30 * minute).unwrap();
@@ -1452,7 +1486,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn log_compactions_among_writers_lose_and_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let s = open_shared(dir.path());
+        let mut s =
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        s.log_compaction_min_bytes = 1;
+        let s = Arc::new(s);
         fn sample(w: i64, r: i64, k: i64) -> (Labels, Sample) {
             let labels = Labels::from_trusted(vec![
                 Label::new("__name__", "up"),
@@ -1475,7 +1512,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut report = MaintenanceReport::default();
                 while !done.load(Ordering::Relaxed) {
-                    s.compact_log(1, &mut report).unwrap();
+                    s.compact_log(&mut report).unwrap();
                     tokio::task::yield_now().await;
                 }
                 report

@@ -86,6 +86,7 @@ impl EmbeddedStorage {
             writer_hold_max_us: AtomicU64::new(0),
             series_removed: AtomicU64::new(0),
             log_compacted_bytes: AtomicU64::new(checkpoint_bytes),
+            log_compaction_min_bytes: LOG_COMPACTION_MIN_BYTES,
             packers: wal::Packers::default(),
             visibility: RwLock::default(),
             _lock: lock,

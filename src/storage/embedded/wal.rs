@@ -872,13 +872,16 @@ impl Wal {
 
     /// Bytes of the segments, the current one included (not of checkpoints).
     pub fn segment_bytes(&self) -> u64 {
-        let closed: u64 = self
-            .spans
-            .range(..self.segment)
-            .filter_map(|(&n, _)| std::fs::metadata(segment_path(&self.dir, n)).ok())
+        self.bytes_of(&self.segments_before(self.segment)) + self.size
+    }
+
+    /// Bytes of these segments.
+    pub fn bytes_of(&self, segments: &[u64]) -> u64 {
+        segments
+            .iter()
+            .filter_map(|&n| std::fs::metadata(segment_path(&self.dir, n)).ok())
             .map(|m| m.len())
-            .sum();
-        closed + self.size
+            .sum()
     }
 
     /// The segments before `n`.
