@@ -82,16 +82,7 @@ impl EmbeddedStorage {
         // the block is in.
         // The head's oldest sample is recomputed from what the batches leave and what writers
         // apply from here on (new series included, which the copy of ids below may miss).
-        let segment = {
-            let head = self.write();
-            let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-            let began = std::time::Instant::now();
-            let segment = tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?;
-            head.applied_min_t.set(None);
-            drop((wal, head));
-            report.held(began, "log rotation");
-            segment
-        };
+        let segment = self.rotate_log(true, report)?;
         #[cfg(test)]
         self.pauses.after_rotation.run();
         let ids = self.head_ids(report);
@@ -184,12 +175,8 @@ impl EmbeddedStorage {
         })
         .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
         report.wal_samples_carried += carried;
-        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let old: Vec<u64> = plan.delete.iter().chain(&plan.carry).copied().collect();
-        wal.remove(&old, segment)
-            .map_err(|e| StorageError::Internal(format!("log truncation: {e}")))?;
-        report.wal_segments_deleted += old.len();
-        Ok(())
+        self.delete_segments(&old, segment, report)
     }
 
     /// Compacts the log when its segments take at least [`LOG_COMPACTION_MIN_BYTES`] and twice the
@@ -216,16 +203,25 @@ impl EmbeddedStorage {
         if !self.compaction_due(logged) {
             return Ok(());
         }
-        let segment = {
-            let head = self.write();
-            let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-            let began = std::time::Instant::now();
-            let segment = tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?;
-            drop((wal, head));
-            report.held(began, "log rotation");
-            segment
-        };
+        let segment = self.rotate_log(false, report)?;
         self.write_compacted_checkpoint(segment, report)
+    }
+
+    /// Starts a new log segment holding the head alone (writers log and apply holding it
+    /// shared, so every record before is applied); returns its number. `flushing`: the
+    /// head's oldest sample is then recomputed from what the flush leaves and what writers
+    /// apply from here on.
+    fn rotate_log(&self, flushing: bool, report: &mut MaintenanceReport) -> StorageResult<u64> {
+        let head = self.write();
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let began = std::time::Instant::now();
+        let segment = tokio::task::block_in_place(|| wal.rotate()).map_err(io_error)?;
+        if flushing {
+            head.applied_min_t.set(None);
+        }
+        drop((wal, head));
+        report.held(began, "log rotation");
+        Ok(segment)
     }
 
     /// Whether `bytes` of the log are worth a compaction: at least
@@ -279,14 +275,37 @@ impl EmbeddedStorage {
             Ok::<_, std::io::Error>(written)
         })
         .map_err(|e| StorageError::Internal(format!("log compaction: {e}")))?;
-        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-        let old = wal.segments_before(segment);
-        wal.remove(&old, segment)
-            .map_err(|e| StorageError::Internal(format!("log truncation: {e}")))?;
-        self.log_compacted_bytes
-            .store(wal.checkpoint_bytes(), Ordering::Relaxed);
-        report.wal_segments_deleted += old.len();
+        let old = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .segments_before(segment);
+        self.delete_segments(&old, segment, report)?;
+        let bytes = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .checkpoint_bytes();
+        self.log_compacted_bytes.store(bytes, Ordering::Relaxed);
         report.wal_samples_compacted += written;
+        Ok(())
+    }
+
+    /// Deletes log segments checkpoint `checkpoint` made redundant, and older checkpoints:
+    /// forgotten under the log's lock, their files deleted without it.
+    fn delete_segments(
+        &self,
+        segments: &[u64],
+        checkpoint: u64,
+        report: &mut MaintenanceReport,
+    ) -> StorageResult<()> {
+        let (dir, gone) = {
+            let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            (wal.dir().to_owned(), wal.forget(segments))
+        };
+        tokio::task::block_in_place(|| wal::delete_redundant(&dir, &gone, checkpoint))
+            .map_err(|e| StorageError::Internal(format!("log truncation: {e}")))?;
+        report.wal_segments_deleted += gone.len();
         Ok(())
     }
 

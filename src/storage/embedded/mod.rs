@@ -1347,15 +1347,7 @@ mod tests {
         let before = all_up(&s).await;
         let counts: Vec<usize> = before.iter().map(|(_, samples)| samples.len()).collect();
         assert_eq!(counts, [481, 480, 240]);
-        drop(s);
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        assert_eq!(all_up(&s).await, before, "replay differs");
-        // A crash between a checkpoint and the deletion of the segments it carried: their
-        // samples replay twice, to the same head.
-        drop(s);
-        std::fs::write(&first_segment, copy).unwrap();
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        assert_eq!(all_up(&s).await, before, "replay twice differs");
+        reopen_as_before(s, dir.path(), (&first_segment, copy), &before).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1385,6 +1377,24 @@ mod tests {
         let after = all_up(&s).await;
         assert_eq!(after, before, "replay differs");
         assert_eq!(after[0].1.len(), 480);
+    }
+
+    /// Closes `s`, opens its directory again and checks it reads `before`; then again with
+    /// `segment` put back as it was, as a crash between a checkpoint and the deletion of the
+    /// segments it replaced leaves them: their samples replay twice, to the same head.
+    async fn reopen_as_before(
+        s: EmbeddedStorage,
+        dir: &Path,
+        segment: (&Path, Vec<u8>),
+        before: &[(String, Vec<(i64, u64)>)],
+    ) {
+        drop(s);
+        let s = EmbeddedStorage::open(dir, &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(all_up(&s).await, before, "replay differs");
+        drop(s);
+        std::fs::write(segment.0, segment.1).unwrap();
+        let s = EmbeddedStorage::open(dir, &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(all_up(&s).await, before, "replay twice differs");
     }
 
     /// The names in `dir`'s log directory, sorted.
@@ -1473,14 +1483,7 @@ mod tests {
         let counts: Vec<usize> = before.iter().map(|(_, samples)| samples.len()).collect();
         assert_eq!(counts, [238, 201, 201, 3]);
         assert_eq!(before[3].1[1].1, crate::model::STALE_NAN_BITS);
-        drop(s);
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        assert_eq!(all_up(&s).await, before, "replay differs");
-        // A crash between the compaction's checkpoint and the deletion of the segment.
-        drop(s);
-        std::fs::write(&first_segment, copy).unwrap();
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        assert_eq!(all_up(&s).await, before, "replay twice differs");
+        reopen_as_before(s, dir.path(), (&first_segment, copy), &before).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

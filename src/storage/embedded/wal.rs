@@ -849,25 +849,24 @@ impl Wal {
         plan
     }
 
-    /// Deletes segments (after a checkpoint made them redundant) and checkpoints older than
-    /// `checkpoint`.
-    pub fn remove(&mut self, segments: &[u64], checkpoint: u64) -> io::Result<()> {
-        for &n in segments {
-            if n >= self.segment {
-                continue;
-            }
-            match std::fs::remove_file(segment_path(&self.dir, n)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            self.spans.remove(&n);
+    /// Forgets segments a checkpoint made redundant (never the current one); returns those
+    /// whose files [`delete_redundant`] is to delete, with the log's lock let go (unlinking a
+    /// large file and syncing the directory take long enough to hold up writers).
+    pub fn forget(&mut self, segments: &[u64]) -> Vec<u64> {
+        let forgotten: Vec<u64> = segments
+            .iter()
+            .copied()
+            .filter(|&n| n < self.segment)
+            .collect();
+        for n in &forgotten {
+            self.spans.remove(n);
         }
-        for n in checkpoints(&self.dir)? {
-            if n < checkpoint {
-                std::fs::remove_file(checkpoint_path(&self.dir, n))?;
-            }
-        }
-        File::open(&self.dir)?.sync_all()
+        forgotten
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Bytes of the segments, the current one included (not of checkpoints).
@@ -1041,6 +1040,23 @@ fn replay_segment(
         valid += 8 + u64::from(len);
     }
     Ok((records, valid, file_len, span))
+}
+
+/// Deletes the files of `segments` ([`Wal::forget`]) and the checkpoints older than
+/// `checkpoint`, then syncs the directory.
+pub fn delete_redundant(dir: &Path, segments: &[u64], checkpoint: u64) -> io::Result<()> {
+    for &n in segments {
+        match std::fs::remove_file(segment_path(dir, n)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    for n in checkpoints(dir)? {
+        if n < checkpoint {
+            std::fs::remove_file(checkpoint_path(dir, n))?;
+        }
+    }
+    File::open(dir)?.sync_all()
 }
 
 /// Samples a checkpoint carries are written this many to a record.
