@@ -186,8 +186,10 @@ impl EmbeddedStorage {
     /// disk then follows what the head holds rather than how fast it came (a backfill, a
     /// load that writes hours of data time in minutes), and a restart replays the compact
     /// form. Each compaction rewrites the head's samples once, after at least twice their
-    /// size was logged: at most about half a byte rewritten per byte logged. (A load that
-    /// flushes nothing never rotates the log: the segment being written counts too.)
+    /// size was logged; the flushes after it carry that checkpoint's samples newer than
+    /// their cutoff again, each (at the defaults, about six times the head over the dozen
+    /// flushes before the next compaction: not bounded yet). (A load that flushes nothing
+    /// never rotates the log: the segment being written counts too.)
     ///
     /// Consistent as a flush's checkpoint is: every sample of the closed segments is in the
     /// head when the log rotates (writers log and apply holding the head, shared; the
@@ -299,14 +301,21 @@ impl EmbeddedStorage {
         checkpoint: u64,
         report: &mut MaintenanceReport,
     ) -> StorageResult<()> {
-        let (dir, gone) = {
-            let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-            (wal.dir().to_owned(), wal.forget(segments))
-        };
-        tokio::task::block_in_place(|| wal::delete_redundant(&dir, &gone, checkpoint))
-            .map_err(|e| StorageError::Internal(format!("log truncation: {e}")))?;
+        let dir = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dir()
+            .to_owned();
+        let deleted =
+            tokio::task::block_in_place(|| wal::delete_redundant(&dir, segments, checkpoint));
+        let gone = self
+            .wal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(segments);
         report.wal_segments_deleted += gone.len();
-        Ok(())
+        deleted.map_err(|e| StorageError::Internal(format!("log truncation: {e}")))
     }
 
     /// Every series id of the head, ascending: the tenants' lists copied under the read

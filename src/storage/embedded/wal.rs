@@ -849,14 +849,15 @@ impl Wal {
         plan
     }
 
-    /// Forgets segments a checkpoint made redundant (never the current one); returns those
-    /// whose files [`delete_redundant`] is to delete, with the log's lock let go (unlinking a
-    /// large file and syncing the directory take long enough to hold up writers).
+    /// Forgets segments a checkpoint made redundant whose files [`delete_redundant`] deleted
+    /// (with the log's lock let go: unlinking a large file and syncing the directory take
+    /// long enough to hold up writers); returns them. One whose file is still there stays
+    /// known, so the next truncation deletes it again.
     pub fn forget(&mut self, segments: &[u64]) -> Vec<u64> {
         let forgotten: Vec<u64> = segments
             .iter()
             .copied()
-            .filter(|&n| n < self.segment)
+            .filter(|&n| n < self.segment && !segment_path(&self.dir, n).exists())
             .collect();
         for n in &forgotten {
             self.spans.remove(n);
@@ -1042,8 +1043,8 @@ fn replay_segment(
     Ok((records, valid, file_len, span))
 }
 
-/// Deletes the files of `segments` ([`Wal::forget`]) and the checkpoints older than
-/// `checkpoint`, then syncs the directory.
+/// Deletes the files of `segments` (all before the current one) and the checkpoints older
+/// than `checkpoint`, then syncs the directory; [`Wal::forget`] then forgets them.
 pub fn delete_redundant(dir: &Path, segments: &[u64], checkpoint: u64) -> io::Result<()> {
     for &n in segments {
         match std::fs::remove_file(segment_path(dir, n)) {
