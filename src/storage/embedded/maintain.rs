@@ -172,9 +172,18 @@ impl EmbeddedStorage {
             let carried = wal::carry_samples(&dir, &plan, cutoff, &mut checkpoint)?;
             checkpoint.commit(segment)?;
             Ok::<_, std::io::Error>(carried)
-        })
-        .map_err(|e| StorageError::Internal(format!("checkpoint: {e}")))?;
-        report.wal_samples_carried += carried;
+        });
+        match carried {
+            Ok(carried) => report.wal_samples_carried += carried,
+            // A carried segment that does not read whole (damaged on disk since it was
+            // written) would fail every flush's checkpoint and keep the log growing until a
+            // restart: its samples are in the head, so the head's are written instead.
+            Err(e) if !plan.carry.is_empty() => {
+                tracing::warn!(error = %e, "checkpoint: writing the head's samples instead");
+                return self.write_compacted_checkpoint(segment, report);
+            }
+            Err(e) => return Err(StorageError::Internal(format!("checkpoint: {e}"))),
+        }
         let old: Vec<u64> = plan.delete.iter().chain(&plan.carry).copied().collect();
         self.delete_segments(&old, segment, report)
     }
@@ -248,11 +257,20 @@ impl EmbeddedStorage {
             snapshot.write(&mut checkpoint)?;
             let mut written = 0u64;
             let mut copies: Vec<(u64, Vec<Sample>)> = Vec::with_capacity(FLUSH_BATCH);
-            for batch in ids.chunks(FLUSH_BATCH) {
+            let mut rest = &ids[..];
+            while !rest.is_empty() {
                 {
+                    // Up to FLUSH_BATCH series or COPY_BATCH_SAMPLES samples a hold,
+                    // whichever comes first (one-second scrapes keep thousands a series).
                     let head = self.read();
                     let began = std::time::Instant::now();
-                    for id in batch {
+                    let mut copied = 0;
+                    let mut taken = 0;
+                    for id in rest {
+                        if taken == FLUSH_BATCH || copied >= COPY_BATCH_SAMPLES {
+                            break;
+                        }
+                        taken += 1;
                         let Some(series) = head.series.get(id) else {
                             continue;
                         };
@@ -262,9 +280,11 @@ impl EmbeddedStorage {
                             .samples
                             .range_into(i64::MIN, i64::MAX, &mut samples);
                         if !samples.is_empty() {
+                            copied += samples.len();
                             copies.push((*id, samples));
                         }
                     }
+                    rest = &rest[taken..];
                     drop(head);
                     report.held(began, "head samples copied");
                 }
@@ -283,11 +303,7 @@ impl EmbeddedStorage {
             .unwrap_or_else(|e| e.into_inner())
             .segments_before(segment);
         self.delete_segments(&old, segment, report)?;
-        let bytes = self
-            .wal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .checkpoint_bytes();
+        let bytes = tokio::task::block_in_place(|| wal::checkpoint_bytes(&dir));
         self.log_compacted_bytes.store(bytes, Ordering::Relaxed);
         report.wal_samples_compacted += written;
         Ok(())
@@ -307,13 +323,12 @@ impl EmbeddedStorage {
             .unwrap_or_else(|e| e.into_inner())
             .dir()
             .to_owned();
-        let deleted =
+        let (gone, deleted) =
             tokio::task::block_in_place(|| wal::delete_redundant(&dir, segments, checkpoint));
-        let gone = self
-            .wal
+        self.wal
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .forget(segments);
+            .forget(&gone);
         report.wal_segments_deleted += gone.len();
         deleted.map_err(|e| StorageError::Internal(format!("log truncation: {e}")))
     }

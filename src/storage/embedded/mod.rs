@@ -122,6 +122,9 @@ const SMALL_BLOCK_SAMPLES_PER_SERIES: u64 = 120;
 /// most, never for a pass over the whole head (4,096 held writers up to 37 ms in
 /// `storage_peers`, where every series' open chunk is split and re-encoded).
 const FLUSH_BATCH: usize = 1024;
+/// Head samples a log compaction copies under one hold of the head's lock, at most (and
+/// [`FLUSH_BATCH`] series): a few milliseconds of decoding, whatever the scrape interval.
+const COPY_BATCH_SAMPLES: usize = 1 << 18;
 /// The log is compacted ([`EmbeddedStorage::compact_log`]) only past this many bytes of
 /// segments (and twice its last compaction's checkpoint).
 const LOG_COMPACTION_MIN_BYTES: u64 = 16 << 20;
@@ -1348,6 +1351,38 @@ mod tests {
         let counts: Vec<usize> = before.iter().map(|(_, samples)| samples.len()).collect();
         assert_eq!(counts, [481, 480, 240]);
         reopen_as_before(s, dir.path(), (&first_segment, copy), &before).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_whose_straddling_segment_is_damaged_writes_the_head_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let t0 = 10 * DAY;
+        for job in ["a", "b"] {
+            s.append(&tenant, &[series("up", job, t0, t0 + 4 * HOUR - 1, 30_000)])
+                .await
+                .unwrap();
+        }
+        // A byte of the segment's last record changes on disk after it was written.
+        let first_segment = dir.path().join("wal/00000001.wal");
+        let mut bytes = std::fs::read(&first_segment).unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 0x55;
+        std::fs::write(&first_segment, &bytes).unwrap();
+        let before = all_up(&s).await;
+        // Carrying fails; the head's samples are checkpointed instead, and the segment goes.
+        let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
+        assert_eq!(report.flushed_samples, 2 * 3 * 120);
+        assert_eq!(report.wal_samples_carried, 0, "{report:?}");
+        assert_eq!(report.wal_samples_compacted, 2 * 120, "{report:?}");
+        assert_eq!(
+            wal_files(dir.path()),
+            ["00000002.wal", "checkpoint.00000002"]
+        );
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(all_up(&s).await, before, "replay differs");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -563,10 +563,11 @@ pub struct Wal {
     file: Arc<File>,
     syncer: Arc<Syncer>,
     segment: u64,
-    /// The earliest and latest sample times of each segment: a segment whose samples are all
-    /// flushed to blocks can go once a checkpoint holds its series; one whose samples are in
-    /// part, once the checkpoint holds the rest too.
-    spans: BTreeMap<u64, Span>,
+    /// Each segment's sample times and size: a segment whose samples are all flushed to
+    /// blocks can go once a checkpoint holds its series; one whose samples are in part, once
+    /// the checkpoint holds the rest too. (Sizes kept here, not asked of the file system
+    /// under the log's lock.)
+    spans: BTreeMap<u64, Segment>,
     /// Bytes of intact records in the current segment.
     size: u64,
     fsync: FsyncPolicy,
@@ -650,6 +651,21 @@ impl Span {
     }
 }
 
+/// What the log knows of one of its segments.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    span: Span,
+    /// Bytes of its intact records.
+    bytes: u64,
+}
+
+impl Segment {
+    const EMPTY: Segment = Segment {
+        span: Span::EMPTY,
+        bytes: 0,
+    };
+}
+
 /// What a flush with a checkpoint at segment `before` lets go of the log (see
 /// [`Wal::truncation`]).
 #[derive(Debug, Default, PartialEq)]
@@ -690,7 +706,13 @@ impl Wal {
             let path = segment_path(dir, n);
             let (records, valid_len, file_len, span) = replay_segment(&path, &mut apply)?;
             report.records += records;
-            spans.insert(n, span);
+            spans.insert(
+                n,
+                Segment {
+                    span,
+                    bytes: valid_len,
+                },
+            );
             last = n;
             if valid_len < file_len {
                 OpenOptions::new()
@@ -716,7 +738,7 @@ impl Wal {
             File::open(parent)?.sync_all()?;
         }
         let size = file.metadata()?.len();
-        spans.entry(segment).or_insert(Span::EMPTY);
+        spans.entry(segment).or_insert(Segment::EMPTY).bytes = size;
         let end = Position {
             segment,
             offset: size,
@@ -813,7 +835,7 @@ impl Wal {
         self.segment += 1;
         self.file = file;
         self.size = 0;
-        self.spans.insert(self.segment, Span::EMPTY);
+        self.spans.insert(self.segment, Segment::EMPTY);
         self.syncer.written(
             Position {
                 segment: self.segment,
@@ -837,7 +859,7 @@ impl Wal {
     pub fn truncation(&self, before: u64, cutoff: i64) -> Truncation {
         let mut plan = Truncation::default();
         let mut carrying = true;
-        for (&n, span) in self.spans.range(..before) {
+        for (&n, Segment { span, .. }) in self.spans.range(..before) {
             if span.max_t < cutoff {
                 plan.delete.push(n);
             } else if span.min_t >= cutoff {
@@ -851,18 +873,12 @@ impl Wal {
 
     /// Forgets segments a checkpoint made redundant whose files [`delete_redundant`] deleted
     /// (with the log's lock let go: unlinking a large file and syncing the directory take
-    /// long enough to hold up writers); returns them. One whose file is still there stays
-    /// known, so the next truncation deletes it again.
-    pub fn forget(&mut self, segments: &[u64]) -> Vec<u64> {
-        let forgotten: Vec<u64> = segments
-            .iter()
-            .copied()
-            .filter(|&n| n < self.segment && !segment_path(&self.dir, n).exists())
-            .collect();
-        for n in &forgotten {
+    /// long enough to hold up writers). One whose file could not be deleted stays known, so
+    /// the next truncation deletes it again.
+    pub fn forget(&mut self, gone: &[u64]) {
+        for n in gone.iter().filter(|&&n| n < self.segment) {
             self.spans.remove(n);
         }
-        forgotten
     }
 
     /// The log's directory.
@@ -872,30 +888,21 @@ impl Wal {
 
     /// Bytes of the segments, the current one included (not of checkpoints).
     pub fn segment_bytes(&self) -> u64 {
-        self.bytes_of(&self.segments_before(self.segment)) + self.size
+        self.spans.values().map(|s| s.bytes).sum()
     }
 
     /// Bytes of these segments.
     pub fn bytes_of(&self, segments: &[u64]) -> u64 {
         segments
             .iter()
-            .filter_map(|&n| std::fs::metadata(segment_path(&self.dir, n)).ok())
-            .map(|m| m.len())
+            .filter_map(|n| self.spans.get(n))
+            .map(|s| s.bytes)
             .sum()
     }
 
     /// The segments before `n`.
     pub fn segments_before(&self, n: u64) -> Vec<u64> {
         self.spans.range(..n).map(|(&n, _)| n).collect()
-    }
-
-    /// Bytes of the newest checkpoint (0 when there is none).
-    pub fn checkpoint_bytes(&self) -> u64 {
-        checkpoints(&self.dir)
-            .ok()
-            .and_then(|list| list.last().copied())
-            .and_then(|n| std::fs::metadata(checkpoint_path(&self.dir, n)).ok())
-            .map_or(0, |m| m.len())
     }
 
     /// Bytes of all segments and checkpoints.
@@ -909,8 +916,9 @@ impl Wal {
         }
         (&*self.file).write_all(&packed.bytes)?;
         self.size += packed.bytes.len() as u64;
-        let seg = self.spans.entry(self.segment).or_insert(Span::EMPTY);
-        *seg = seg.join(packed.span);
+        let seg = self.spans.entry(self.segment).or_insert(Segment::EMPTY);
+        seg.span = seg.span.join(packed.span);
+        seg.bytes = self.size;
         let end = Position {
             segment: self.segment,
             offset: self.size,
@@ -1043,21 +1051,39 @@ fn replay_segment(
     Ok((records, valid, file_len, span))
 }
 
+/// Bytes of the newest checkpoint in `dir` (0 when there is none).
+pub fn checkpoint_bytes(dir: &Path) -> u64 {
+    checkpoints(dir)
+        .ok()
+        .and_then(|list| list.last().copied())
+        .and_then(|n| std::fs::metadata(checkpoint_path(dir, n)).ok())
+        .map_or(0, |m| m.len())
+}
+
 /// Deletes the files of `segments` (all before the current one) and the checkpoints older
-/// than `checkpoint`, then syncs the directory; [`Wal::forget`] then forgets them.
-pub fn delete_redundant(dir: &Path, segments: &[u64], checkpoint: u64) -> io::Result<()> {
+/// than `checkpoint`, then syncs the directory. Returns the segments whose files are gone
+/// (for [`Wal::forget`]), even when a later step failed, and that step's error.
+pub fn delete_redundant(
+    dir: &Path,
+    segments: &[u64],
+    checkpoint: u64,
+) -> (Vec<u64>, io::Result<()>) {
+    let mut gone = Vec::with_capacity(segments.len());
     for &n in segments {
         match std::fs::remove_file(segment_path(dir, n)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return (gone, Err(e)),
+            _ => gone.push(n),
         }
     }
-    for n in checkpoints(dir)? {
-        if n < checkpoint {
-            std::fs::remove_file(checkpoint_path(dir, n))?;
+    let rest = (|| {
+        for n in checkpoints(dir)? {
+            if n < checkpoint {
+                std::fs::remove_file(checkpoint_path(dir, n))?;
+            }
         }
-    }
-    File::open(dir)?.sync_all()
+        File::open(dir)?.sync_all()
+    })();
+    (gone, rest)
 }
 
 /// Samples a checkpoint carries are written this many to a record.
@@ -1076,6 +1102,10 @@ pub fn carry_samples(
     let mut carried = 0u64;
     let mut failed = None;
     let mut keep = |record: Record, batch: &mut Vec<(u64, i64, f64)>| {
+        // After a failed write nothing more is gathered: the flush fails anyway.
+        if failed.is_some() {
+            return;
+        }
         let mut one = None;
         match record {
             Record::Samples { samples } => {
