@@ -164,6 +164,13 @@ impl EmbeddedStorage {
         if self.compaction_due(carry_bytes) {
             return self.write_compacted_checkpoint(segment, report);
         }
+        // No segment can go yet (at real pace, the first hour after a start or a log
+        // compaction): the checkpoint there is stays, and replay skips what the block holds.
+        // Writing one would only rewrite the series and the previous checkpoint's carried
+        // samples, which after a compaction are most of the head, at every flush.
+        if plan.delete.is_empty() && plan.carry.is_empty() {
+            return Ok(());
+        }
         let snapshot = self.checkpoint_snapshot(report);
         let dir = self.dir.join("wal");
         let carried = tokio::task::block_in_place(|| {
@@ -195,10 +202,10 @@ impl EmbeddedStorage {
     /// disk then follows what the head holds rather than how fast it came (a backfill, a
     /// load that writes hours of data time in minutes), and a restart replays the compact
     /// form. Each compaction rewrites the head's samples once, after at least twice their
-    /// size was logged; the flushes after it carry that checkpoint's samples newer than
-    /// their cutoff again, each (at the defaults, about six times the head over the dozen
-    /// flushes before the next compaction: not bounded yet). (A load that flushes nothing
-    /// never rotates the log: the segment being written counts too.)
+    /// size was logged; the first flush after it that lets a segment go carries that
+    /// checkpoint's samples newer than its cutoff (at real pace an hour later: few; the
+    /// flushes before it write no checkpoint). (A load that flushes nothing never rotates
+    /// the log: the segment being written counts too.)
     ///
     /// Consistent as a flush's checkpoint is: every sample of the closed segments is in the
     /// head when the log rotates (writers log and apply holding the head, shared; the

@@ -1495,12 +1495,13 @@ mod tests {
         // Nothing logged since: nothing to compact; then below the bound.
         let mut again = MaintenanceReport::default();
         s.compact_log(&mut again).unwrap();
+        // A series on both sides of the next flush's cutoff (40 samples older, 121 not).
         s.append(
             &tenant,
             &[series(
                 "up",
-                "a",
-                t0 + 51 * minute,
+                "e",
+                t0 + 20 * minute,
                 t0 + 60 * minute,
                 15_000,
             )],
@@ -1510,13 +1511,39 @@ mod tests {
         s.log_compaction_min_bytes = u64::MAX;
         s.compact_log(&mut again).unwrap();
         assert_eq!(again, MaintenanceReport::default());
-        // A flush then carries the compacted samples newer than its cutoff.
+        // A flush then carries the compacted samples newer than its cutoff, and the
+        // straddling segment's.
         let report = s.maintain_with_cutoff(t0, t0 + 30 * minute).unwrap();
-        assert_eq!(report.flushed_samples, 3 * 120);
-        assert_eq!(report.wal_samples_carried, 3 * 81 + 3, "{report:?}");
+        assert_eq!(report.flushed_samples, 3 * 120 + 40);
+        assert_eq!(report.wal_samples_carried, 3 * 81 + 3 + 121, "{report:?}");
+        assert_eq!(
+            wal_files(dir.path()),
+            ["00000003.wal", "checkpoint.00000003"]
+        );
+        // A flush that can delete no segment (all of the one closed holds newer samples)
+        // keeps the checkpoint there is rather than rewrite it.
+        s.append(
+            &tenant,
+            &[series(
+                "up",
+                "a",
+                t0 + 61 * minute,
+                t0 + 65 * minute,
+                15_000,
+            )],
+        )
+        .await
+        .unwrap();
+        let report = s.maintain_with_cutoff(t0, t0 + 31 * minute).unwrap();
+        assert_eq!(report.flushed_samples, 4 * 4, "{report:?}");
+        assert_eq!(report.wal_samples_carried, 0, "{report:?}");
+        assert_eq!(
+            wal_files(dir.path()),
+            ["00000003.wal", "00000004.wal", "checkpoint.00000003"]
+        );
         let before = all_up(&s).await;
         let counts: Vec<usize> = before.iter().map(|(_, samples)| samples.len()).collect();
-        assert_eq!(counts, [238, 201, 201, 3]);
+        assert_eq!(counts, [218, 201, 201, 3, 161]);
         assert_eq!(before[3].1[1].1, crate::model::STALE_NAN_BITS);
         reopen_as_before(s, dir.path(), (&first_segment, copy), &before).await;
     }
