@@ -406,7 +406,7 @@ impl Storage for EmbeddedStorage {
             .copied()
             .filter(|id| !labels.contains_key(id))
             .collect();
-        labels.extend(self.labels_of(in_head.into_iter()).await?);
+        labels.extend(self.labels_of(in_head).await?);
         for (id, samples) in read {
             let Some(labels) = labels.remove(&id) else {
                 continue;
@@ -498,7 +498,7 @@ impl Storage for EmbeddedStorage {
             .copied()
             .filter(|id| !labels.contains_key(id))
             .collect();
-        labels.extend(self.labels_of(in_head.into_iter()).await?);
+        labels.extend(self.labels_of(in_head).await?);
         let mut out: Vec<SeriesRollups> = rows
             .into_iter()
             .filter(|(_, rows)| !rows.is_empty())

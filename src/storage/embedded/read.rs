@@ -56,22 +56,34 @@ impl EmbeddedStorage {
     }
 
     /// The labels of `ids`: from the head, else (a series the head forgot since the read
-    /// began) from the blocks' indexes.
-    pub(super) async fn labels_of(
-        &self,
-        ids: impl Iterator<Item = u64>,
-    ) -> StorageResult<HashMap<u64, Labels>> {
+    /// began) from the blocks' indexes. Many are copied out of the head on the read threads
+    /// side by side (64,000 series' label sets take tens of milliseconds on one).
+    pub(super) async fn labels_of(&self, ids: Vec<u64>) -> StorageResult<HashMap<u64, Labels>> {
         let mut missing = Vec::new();
         let mut out: HashMap<u64, Labels> = {
             let head = self.read();
-            ids.filter_map(|id| match head.series.get(&id) {
-                Some(s) => Some((id, s.labels.to_labels())),
-                None => {
-                    missing.push(id);
-                    None
+            let copy = |&id: &u64| match head.series.get(&id) {
+                Some(s) => Ok((id, s.labels.to_labels())),
+                None => Err(id),
+            };
+            let copied: Vec<Result<(u64, Labels), u64>> = match read_pool() {
+                Some(pool) if ids.len() >= HEAD_PARALLEL_MIN_SERIES => {
+                    pool.install(|| ids.par_iter().with_min_len(256).map(copy).collect())
                 }
-            })
-            .collect()
+                _ => ids.iter().map(copy).collect(),
+            };
+            drop(head);
+            let mut out = HashMap::default();
+            out.reserve(copied.len());
+            for one in copied {
+                match one {
+                    Ok((id, labels)) => {
+                        out.insert(id, labels);
+                    }
+                    Err(id) => missing.push(id),
+                }
+            }
+            out
         };
         if missing.is_empty() {
             return Ok(out);
@@ -225,7 +237,7 @@ impl EmbeddedStorage {
             .copied()
             .filter(|id| !labels.contains_key(id))
             .collect();
-        labels.extend(self.labels_of(in_head.into_iter()).await?);
+        labels.extend(self.labels_of(in_head).await?);
         Ok(found
             .into_iter()
             .filter_map(|id| labels.remove(&id))
@@ -423,13 +435,63 @@ pub(super) fn block_series(
 }
 
 /// Sorts series by labels, on the read threads when there are many.
-pub(super) fn sort_by_labels(series: &mut [SeriesSamples]) {
+///
+/// Many series' labels are compared through a copy in one buffer, each set written as
+/// `name 0 value 0 ...`, with the first eight bytes past what every set shares beside its
+/// index: most comparisons are of two integers, the rest of two runs of bytes, where comparing
+/// [`Labels`] follows two pointers a label (64,000 series: the sort took an eighth of the
+/// CPU of the `storage_peers` heavy aggregation, a third of that after). The bytes compare as the labels do
+/// (label by label, name then value, a set that is a prefix of another first) when no value
+/// holds a zero byte; one that does sorts them as labels.
+pub(super) fn sort_by_labels(series: &mut Vec<SeriesSamples>) {
+    if series.len() < 2 {
+        return;
+    }
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut ends: Vec<usize> = Vec::with_capacity(series.len());
+    for s in series.iter() {
+        for label in s.labels.iter() {
+            bytes.extend_from_slice(label.name.as_bytes());
+            bytes.push(0);
+            bytes.extend_from_slice(label.value.as_bytes());
+            bytes.push(0);
+        }
+        ends.push(bytes.len());
+    }
+    let zero_in_values = series
+        .iter()
+        .any(|s| s.labels.iter().any(|l| l.value.as_bytes().contains(&0)));
+    if zero_in_values {
+        series.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
+        return;
+    }
+    let key = |i: usize| &bytes[if i == 0 { 0 } else { ends[i - 1] }..ends[i]];
+    let first = key(0);
+    let shared = (1..series.len())
+        .map(|i| first.iter().zip(key(i)).take_while(|(a, b)| a == b).count())
+        .min()
+        .unwrap_or(0);
+    let mut order: Vec<(u64, u32)> = (0..series.len())
+        .map(|i| {
+            let rest = &key(i)[shared..];
+            let mut head = [0u8; 8];
+            let n = rest.len().min(8);
+            head[..n].copy_from_slice(&rest[..n]);
+            (u64::from_be_bytes(head), i as u32)
+        })
+        .collect();
+    let compare = |a: &(u64, u32), b: &(u64, u32)| {
+        a.0.cmp(&b.0)
+            .then_with(|| key(a.1 as usize)[shared..].cmp(&key(b.1 as usize)[shared..]))
+    };
     match read_pool() {
         Some(pool) if series.len() >= HEAD_PARALLEL_MIN_SERIES => {
-            pool.install(|| series.par_sort_unstable_by(|a, b| a.labels.cmp(&b.labels)))
+            pool.install(|| order.par_sort_unstable_by(compare))
         }
-        _ => series.sort_unstable_by(|a, b| a.labels.cmp(&b.labels)),
+        _ => order.sort_unstable_by(compare),
     }
+    let mut slots: Vec<Option<SeriesSamples>> = series.drain(..).map(Some).collect();
+    series.extend(order.iter().filter_map(|&(_, i)| slots[i as usize].take()));
 }
 
 /// Threads (one per core) that decode a large read's head series while the head's read lock
@@ -596,5 +658,83 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+    }
+
+    #[test]
+    fn series_sort_as_their_labels_do() {
+        use crate::model::{Label, Labels, SeriesSamples};
+        let set = |pairs: &[(&str, &str)]| SeriesSamples {
+            labels: Labels::from_trusted(pairs.iter().map(|(n, v)| Label::new(*n, *v)).collect()),
+            samples: Vec::new(),
+        };
+        // Shared prefixes, a set that is a prefix of another, values that are prefixes of
+        // others, names that are, long runs past the first eight bytes, and many series (the
+        // parallel sort).
+        let mut all = vec![
+            set(&[("__name__", "m")]),
+            set(&[("__name__", "m"), ("a", "")]),
+            set(&[("__name__", "m"), ("a", "1")]),
+            set(&[("__name__", "m"), ("a", "1"), ("b", "2")]),
+            set(&[("__name__", "m"), ("a", "10")]),
+            set(&[("__name__", "m"), ("aa", "1")]),
+            set(&[("__name__", "m"), ("a", "1\u{e9}")]),
+            set(&[("__name__", "mm")]),
+            set(&[
+                ("__name__", "m"),
+                ("a", "1"),
+                ("b", "2"),
+                ("c", "x".repeat(40).as_str()),
+            ]),
+            set(&[
+                ("__name__", "m"),
+                ("a", "1"),
+                ("b", "2"),
+                ("c", "x".repeat(41).as_str()),
+            ]),
+        ];
+        for i in 0..2_000u32 {
+            let (host, cpu) = (
+                format!("host-{:04}", i.wrapping_mul(7919) % 997),
+                (i % 8).to_string(),
+            );
+            all.push(set(&[
+                ("__name__", "node_cpu_seconds_total"),
+                ("cpu", &cpu),
+                ("instance", &host),
+                ("mode", if i % 3 == 0 { "idle" } else { "user" }),
+            ]));
+        }
+        let expect = |series: &[SeriesSamples]| {
+            let mut labels: Vec<Labels> = series.iter().map(|s| s.labels.clone()).collect();
+            labels.sort();
+            labels.dedup();
+            labels
+        };
+        for mut series in [
+            all.clone(),
+            all[..2].to_vec(),
+            all[..1].to_vec(),
+            Vec::new(),
+        ] {
+            series.reverse();
+            let want = expect(&series);
+            // Duplicates (two of a label set cannot come from a select) left out of the check.
+            series.sort_by(|a, b| a.labels.cmp(&b.labels));
+            series.dedup_by(|a, b| a.labels == b.labels);
+            series.reverse();
+            sort_by_labels(&mut series);
+            let got: Vec<Labels> = series.into_iter().map(|s| s.labels).collect();
+            assert_eq!(got, want);
+        }
+        // A zero byte in a value: sorted as labels.
+        let mut series = vec![
+            set(&[("a", "x\0y")]),
+            set(&[("a", "x")]),
+            set(&[("a", "x\0")]),
+        ];
+        let want = expect(&series);
+        sort_by_labels(&mut series);
+        let got: Vec<Labels> = series.into_iter().map(|s| s.labels).collect();
+        assert_eq!(got, want);
     }
 }
