@@ -423,6 +423,9 @@ fn streamed(
     };
     let blocks = ev.map_items(blocks, points, 1, fold_block)?;
     ev.settle(budget);
+    // The input's series (tens of thousands of label sets and sample vectors) are freed on
+    // a query thread while the answer is assembled and sent, not before it.
+    rayon::spawn(move || drop(series));
 
     let mut first = vec![(usize::MAX, usize::MAX); groups.len()];
     for block in &blocks {

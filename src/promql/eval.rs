@@ -752,7 +752,10 @@ impl Evaluator {
             return Ok(None);
         }
         match self.loaded.get(&key) {
-            Some(series) if keeps_metric_name || one_metric_name(series) => {}
+            Some(series)
+                if keeps_metric_name
+                    || names_one_metric(selector(range).expect("a matrix selector"))
+                    || one_metric_name(series) => {}
             _ => return Ok(None),
         }
         let mut params = Vec::new();
@@ -803,6 +806,14 @@ impl Evaluator {
 }
 
 /// Whether every series has the same metric name (or none has one).
+/// Whether a selector's series all have one metric name, from its matchers alone (an
+/// equality on `__name__`): a look at every series' labels is then not needed.
+fn names_one_metric(vs: &VectorSelector) -> bool {
+    super::selector_matchers(vs).iter().any(|m| {
+        m.name == crate::model::METRIC_NAME_LABEL && matches!(m.op, crate::model::MatchOp::Equal(_))
+    })
+}
+
 fn one_metric_name(series: &[SeriesSamples]) -> bool {
     let first = series.first().and_then(|s| s.labels.metric_name());
     series.iter().all(|s| s.labels.metric_name() == first)

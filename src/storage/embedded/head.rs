@@ -3,7 +3,7 @@
 //! the write-ahead log on start.
 
 use super::chunk::{Appender, Chunk};
-use super::index::{gallop, postings_for_matchers, PostingsSource};
+use super::index::{gallop, postings_for_matchers, Candidates, PostingsSource};
 use crate::model::{
     matches_all, Exemplar, Labels, Matcher, MetricMetadata, PackedLabels, Sample, SeriesExemplars,
     TimestampMs,
@@ -667,15 +667,24 @@ impl Head {
                 few: FEW_CANDIDATES,
             },
         )
-        .unwrap_or_default();
-        candidates
-            .into_iter()
-            .filter(|id| {
+        .unwrap_or_else(|_| Candidates {
+            ids: Vec::new(),
+            exact: true,
+        });
+        // Postings may name series the head forgot a moment ago (skipped); label sets are
+        // checked only when the postings did not apply every matcher (a read of 64,000 series
+        // would otherwise visit each one's labels for nothing).
+        let mut ids = candidates.ids;
+        if candidates.exact {
+            ids.retain(|id| self.series.contains_key(id));
+        } else {
+            ids.retain(|id| {
                 self.series
                     .get(id)
                     .is_some_and(|s| matches_all(matchers, &s.labels))
-            })
-            .collect()
+            });
+        }
+        ids
     }
 
     /// Whether a series has a sample in `[start, end]`.

@@ -473,6 +473,7 @@ impl BlockIndex {
                 few: 0,
             },
         )
+        .map(|found| found.ids)
         .or_else(|e| {
             if e.kind() == io::ErrorKind::Interrupted {
                 return Err(e);
@@ -609,7 +610,7 @@ pub(super) struct PostingsSource<'a> {
 pub(super) fn postings_for_matchers(
     matchers: &[Matcher],
     source: PostingsSource,
-) -> io::Result<Vec<u64>> {
+) -> io::Result<Candidates> {
     // 0: selects one pair's postings; 1: selects by values; 2: refuses by values.
     let kind = |m: &Matcher| match &m.op {
         MatchOp::Equal(value) if !value.is_empty() => 0,
@@ -634,9 +635,13 @@ pub(super) fn postings_for_matchers(
             Ok(out)
         };
     let mut selected: Option<Vec<u64>> = None;
+    let exact = |ids: Vec<u64>| Candidates { ids, exact: true };
     for m in ordered {
         if let Some(few) = selected.take_if(|ids| ids.len() <= source.few) {
-            return Ok(few);
+            return Ok(Candidates {
+                ids: few,
+                exact: false,
+            });
         }
         let next = match kind(m) {
             0 => {
@@ -660,14 +665,22 @@ pub(super) fn postings_for_matchers(
             }
         };
         if next.is_empty() {
-            return Ok(next);
+            return Ok(exact(next));
         }
         selected = Some(next);
     }
     match selected {
-        Some(ids) => Ok(ids),
-        None => (source.all)(),
+        Some(ids) => Ok(exact(ids)),
+        None => (source.all)().map(exact),
     }
+}
+
+/// The series [`postings_for_matchers`] found, ascending.
+pub(super) struct Candidates {
+    pub ids: Vec<u64>,
+    /// Every matcher was applied from postings: the ids are the answer. Otherwise they are a
+    /// few candidates whose label sets the caller checks against every matcher.
+    pub exact: bool,
 }
 
 /// Ids in both (ascending) lists: each id of the shorter searched for in the longer from where
