@@ -213,16 +213,20 @@ pub(super) struct Lineage {
     pub sources: u64,
     pub replaces: Vec<u64>,
     pub by_labels: bool,
+    /// Whether the block gets its rollups (a closed day's block does; flushed blocks and
+    /// the 2-hour compactions of an open day do not: reads aggregate their raw chunks).
+    pub rollups: bool,
 }
 
 impl Lineage {
-    /// A flush's block: one source, replacing none, in label order.
+    /// A flush's block: one source, replacing none, in label order, no rollups.
     pub fn flush(order: u64) -> Lineage {
         Lineage {
             order,
             sources: 1,
             replaces: Vec::new(),
             by_labels: true,
+            rollups: false,
         }
     }
 }
@@ -246,7 +250,7 @@ pub struct ReadStats {
 
 impl Block {
     /// Writes a block of the series `ids` (ascending), each series' samples (sorted by time)
-    /// from `samples`, with both rollups. Written into `<dir>.tmp` and renamed, so a crash
+    /// from `samples`, with both rollups if `lineage` says so. Written into `<dir>.tmp` and renamed, so a crash
     /// leaves either the whole block or a `.tmp` directory that opening removes.
     ///
     /// With every series' labels known, the block gets its index and its runs are written in
@@ -269,6 +273,7 @@ impl Block {
             sources,
             replaces,
             by_labels,
+            rollups: with_rollups,
         } = lineage;
         let mut known = labels(ids)?;
         known.sort_unstable_by_key(|s| s.0);
@@ -293,6 +298,7 @@ impl Block {
         let mut chunks = RunWriter::create(&tmp.join(file_name(None)))?;
         let mut rollups = Resolution::ALL
             .iter()
+            .filter(|_| with_rollups)
             .map(|&r| Ok((r, RunWriter::create(&tmp.join(file_name(Some(r))))?)))
             .collect::<io::Result<Vec<_>>>()?;
         let mut meta = Meta {
@@ -641,12 +647,13 @@ impl Block {
 }
 
 /// Merges blocks (consecutive in read order, all with raw chunks) into one block at `dir`,
-/// one series at a time: chunks are re-cut to full size and rollups recomputed. Labels come
-/// from the blocks' indexes, else from `labels` (the head).
+/// one series at a time: chunks are re-cut to full size and, with `rollups`, rollups
+/// computed. Labels come from the blocks' indexes, else from `labels` (the head).
 pub(super) fn compact(
     dir: &Path,
     blocks: &[&Block],
     labels: LabelSource,
+    rollups: bool,
 ) -> io::Result<Option<Block>> {
     let mut indexes = Vec::with_capacity(blocks.len());
     for block in blocks {
@@ -721,6 +728,7 @@ pub(super) fn compact(
         sources,
         replaces,
         by_labels,
+        rollups,
     };
     let merged = Block::write(dir, lineage, &ids, &mut from_sources, &mut series)?;
     if let Some(merged) = &merged {
@@ -844,7 +852,7 @@ mod tests {
         // Compaction keeps the order: sources read frame by frame, the merged block by labels.
         let mut later = |id: u64| Ok(samples(id as i64 * 1_000 + 30 * 15_000, 30, 15_000));
         let two = write("2", &ids, &mut labels, &mut later);
-        let merged = compact(&dir.path().join("3"), &[&one, &two], &mut no_labels)
+        let merged = compact(&dir.path().join("3"), &[&one, &two], &mut no_labels, true)
             .unwrap()
             .unwrap();
         assert_eq!(frames(merged.chunks.as_ref().unwrap(), &evens), 3);
@@ -871,9 +879,14 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(frames(old_order.chunks.as_ref().unwrap(), &evens), 6);
-        let kept = compact(&dir.path().join("5"), &[&old_order, &two], &mut no_labels)
-            .unwrap()
-            .unwrap();
+        let kept = compact(
+            &dir.path().join("5"),
+            &[&old_order, &two],
+            &mut no_labels,
+            true,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(frames(kept.chunks.as_ref().unwrap(), &evens), 6);
         let mut got = BTreeMap::new();
         kept.read_samples(&ids, 0, i64::MAX, 0, &mut got).unwrap();
@@ -1022,7 +1035,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        let merged = compact(&dir.path().join("3"), &[&old, &new], &mut no_labels)
+        let merged = compact(&dir.path().join("3"), &[&old, &new], &mut no_labels, true)
             .unwrap()
             .unwrap();
         let all: Vec<Sample> = a.iter().chain(&b).copied().collect();

@@ -35,7 +35,7 @@ impl EmbeddedStorage {
         let flushed = self
             .flush(cutoff, &mut report)
             .and_then(|()| self.compact_log(&mut report));
-        let compacted = self.compact(cutoff, &mut report);
+        let compacted = self.compact(now, cutoff, &mut report);
         let retained = self.apply_retention(now, &mut report);
         self.series_removed
             .fetch_add(report.series_dropped as u64, Ordering::Relaxed);
@@ -486,18 +486,41 @@ impl EmbeddedStorage {
         out
     }
 
-    /// Merges runs of consecutive blocks that lie in one closed aligned window.
+    /// Merges runs of consecutive blocks that lie in one closed aligned window. A closed
+    /// day's block gets its rollups (a day of one block without them is rewritten alone);
+    /// blocks of an open day have none, as Thanos downsamples only blocks days old: reads of
+    /// recent data aggregate raw chunks, and a store of hours of data holds no second copy of
+    /// it. A day is closed once the flush cutoff has passed its end, or once raw retention
+    /// would delete data of it (the rollups outlive raw chunks).
     pub(super) fn compact(
         &self,
+        now: TimestampMs,
         cutoff: TimestampMs,
         report: &mut MaintenanceReport,
     ) -> std::io::Result<()> {
+        let day = COMPACTION_SPANS_MS[1];
+        let raw_horizon = now.saturating_sub(self.retention.keep_ms(None));
+        let rollups_kept_after = now.saturating_sub(
+            self.retention
+                .keep_ms(Some(Resolution::FiveMinutes))
+                .max(self.retention.keep_ms(Some(Resolution::OneHour))),
+        );
         for span in COMPACTION_SPANS_MS {
+            let daily = span == day;
+            let rules = GroupRules {
+                span,
+                cutoff: if daily {
+                    cutoff.max(raw_horizon.saturating_add(day))
+                } else {
+                    cutoff
+                },
+                merge_small: !daily,
+                lone_without_rollups_after: daily.then_some(rollups_kept_after),
+            };
             loop {
                 let group = {
                     let set = self.blocks_read();
-                    let merge_small = span == COMPACTION_SPANS_MS[0];
-                    compaction_group(&set.blocks, span, cutoff, merge_small, &set.not_compactable)
+                    compaction_group(&set.blocks, &rules, &set.not_compactable)
                 };
                 let Some(range) = group else { break };
                 let number = {
@@ -512,7 +535,7 @@ impl EmbeddedStorage {
                     let dir = self.dir.join("blocks").join(format!("{number:010}"));
                     let group: Vec<&Block> = group.iter().map(|b| &**b).collect();
                     let mut labels = |ids: &[u64]| Ok(self.head_labels(ids, report));
-                    tokio::task::block_in_place(|| block::compact(&dir, &group, &mut labels))
+                    tokio::task::block_in_place(|| block::compact(&dir, &group, &mut labels, daily))
                 };
                 drop(group);
                 let mut set = self.blocks_write();
@@ -617,19 +640,31 @@ impl EmbeddedStorage {
     }
 }
 
-/// The first run of consecutive blocks whose data starts in the same aligned window of `span`
-/// and which all still hold raw chunks: all of them (at least two) once the window is closed
-/// (its end at or before `cutoff`); while it is open and `merge_small` (the smallest span
-/// only), at least two consecutive small ones (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
+/// Which blocks [`compaction_group`] merges.
+pub(super) struct GroupRules {
+    /// The aligned window's width.
+    pub span: i64,
+    /// A window whose end is at or before it is closed.
+    pub cutoff: TimestampMs,
+    /// Whether small blocks of an open window are merged.
+    pub merge_small: bool,
+    /// `Some(t)`: a closed window's only block, if it has no rollups and data at or after `t`
+    /// (rollups of it would be kept), is a group of its own (rewritten to get them).
+    pub lone_without_rollups_after: Option<TimestampMs>,
+}
+
+/// The first run of consecutive blocks whose data starts in the same aligned window of
+/// `rules.span` and which all still hold raw chunks: all of them (at least two, or a lone one
+/// as `rules` says) once the window is closed; while it is open and `rules.merge_small`, at
+/// least two consecutive small ones (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
 /// Small blocks of an open day are not merged: series with few samples each (short-lived
 /// ones) keep blocks small, and the day's block would be rewritten at every flush.
 pub(super) fn compaction_group(
     blocks: &[Arc<Block>],
-    span: i64,
-    cutoff: TimestampMs,
-    merge_small: bool,
+    rules: &GroupRules,
     excluded: &std::collections::HashSet<PathBuf>,
 ) -> Option<std::ops::Range<usize>> {
+    let span = rules.span;
     let window = |b: &Block| b.meta.min_t.div_euclid(span);
     let mut i = 0;
     while i < blocks.len() {
@@ -642,11 +677,21 @@ pub(super) fn compaction_group(
         let compactable = |b: &Arc<Block>| {
             b.chunks.is_some() && !excluded.contains(&b.dir) && b.meta.max_t < window_end + span
         };
-        if window_end <= cutoff {
+        if window_end <= rules.cutoff {
             if j - i >= 2 && blocks[i..j].iter().all(compactable) {
                 return Some(i..j);
             }
-        } else if merge_small {
+            let lone = &blocks[i];
+            if let Some(after) = rules.lone_without_rollups_after {
+                if j - i == 1
+                    && lone.rollups.is_empty()
+                    && lone.meta.max_t >= after
+                    && compactable(lone)
+                {
+                    return Some(i..j);
+                }
+            }
+        } else if rules.merge_small {
             let small = |b: &Arc<Block>| {
                 compactable(b)
                     && b.meta.samples < SMALL_BLOCK_SAMPLES_PER_SERIES * b.meta.series.max(1)

@@ -1269,6 +1269,71 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rollups_are_written_once_a_day_closes_and_before_raw_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let retention = RetentionConfig {
+            raw_days: 2,
+            rollup_5m_days: 3,
+            rollup_1h_days: 4,
+        };
+        let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
+        let t0 = 10 * DAY;
+        s.append(&tenant, &[series("up", "a", t0, t0 + 6 * HOUR - 1, 30_000)])
+            .await
+            .unwrap();
+        // A block of an open day: raw chunks only, rollups read from them.
+        s.maintain_with_cutoff(t0 + 7 * HOUR, t0 + 6 * HOUR)
+            .unwrap();
+        let rollup_files = |s: &EmbeddedStorage| -> Vec<usize> {
+            s.blocks_read()
+                .blocks
+                .iter()
+                .map(|b| b.rollups.len())
+                .collect()
+        };
+        assert_eq!(rollup_files(&s), [0]);
+        assert_eq!(s.sizes().rollup_bytes, 0);
+        async fn hourly(s: &EmbeddedStorage) -> Vec<(i64, f64)> {
+            let rows = s
+                .select_rollups(
+                    &TenantId::default(),
+                    &[],
+                    Resolution::OneHour,
+                    0,
+                    20 * DAY,
+                    RollupColumns::ALL.into(),
+                )
+                .await
+                .unwrap();
+            rows[0].rows.iter().map(|r| (r.t, r.count)).collect()
+        }
+        let expected: Vec<(i64, f64)> = (0..6).map(|h| (t0 + h * HOUR, 120.0)).collect();
+        assert_eq!(hourly(&s).await, expected);
+        // No more data comes (the flush cutoff stays behind): the day counts as closed once
+        // raw retention is a day from its data, and its lone block is rewritten with rollups,
+        // once.
+        let report = s.maintain_with_cutoff(12 * DAY + HOUR, i64::MIN).unwrap();
+        assert_eq!(report.blocks_compacted, 1, "{report:?}");
+        assert_eq!(rollup_files(&s), [2]);
+        assert!(s.sizes().rollup_bytes > 0);
+        let report = s
+            .maintain_with_cutoff(12 * DAY + 2 * HOUR, i64::MIN)
+            .unwrap();
+        assert_eq!(report.blocks_compacted, 0, "{report:?}");
+        // Raw retention then deletes the raw chunks; the rollups answer.
+        let report = s
+            .maintain_with_cutoff(12 * DAY + 7 * HOUR, i64::MIN)
+            .unwrap();
+        assert_eq!(report.files_deleted, 1, "{report:?}");
+        assert!(s.blocks_read().blocks[0].chunks.is_none());
+        assert_eq!(hourly(&s).await, expected);
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
+        assert_eq!(hourly(&s).await, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_blocks_of_an_open_window_merge_and_larger_ones_wait_for_it_to_close() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
