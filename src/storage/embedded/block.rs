@@ -121,6 +121,9 @@ fn decode_pieces_into(
     Ok(())
 }
 
+/// Series whose raw samples a rollup read of a block without rollups holds at once.
+const RAW_ROLLUP_BATCH: usize = 256;
+
 /// Payload of a rollup run: the bucket starts and seven value columns (min, max, sum, count,
 /// last, the first sample's offset in its bucket in ms, the first sample's value) in one
 /// codec frame, left for the run file to compress. Runs written before the first sample was
@@ -447,6 +450,54 @@ impl Block {
         self.dir.join(file_name(resolution))
     }
 
+    /// Writes its rollup files from its raw chunks (a block about to lose them to retention
+    /// that has none): each into a temporary name, synced, then renamed into the block's
+    /// directory, so a crash leaves the block as it was or with them (a stray temporary file
+    /// goes with the directory). A damaged run is logged and left out, as a read leaves it out.
+    /// Returns the block opened again, with them.
+    pub fn add_rollups(&self) -> io::Result<Block> {
+        let file = self
+            .chunks
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no raw chunks to roll up"))?;
+        let mut entries = file.all_entries()?;
+        entries.sort_by_key(|e| e.offset);
+        let mut reader = file.reader_once();
+        let tmp = |r: Resolution| self.dir.join(format!("{}.tmp", file_name(Some(r))));
+        let mut writers = Resolution::ALL
+            .iter()
+            .map(|&r| Ok((r, RunWriter::create(&tmp(r))?)))
+            .collect::<io::Result<Vec<_>>>()?;
+        for entry in &entries {
+            let samples = match reader
+                .read(entry)
+                .and_then(|run| decode_samples(&run, i64::MIN, i64::MAX))
+            {
+                Ok(samples) => samples,
+                Err(e) => {
+                    tracing::error!(error = %e, block = %self.dir.display(), series = entry.series, "skipping a damaged run");
+                    continue;
+                }
+            };
+            for (resolution, writer) in &mut writers {
+                let rows = rollup(&samples, *resolution);
+                if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
+                    writer.add(entry.series, a.t, b.t, &encode_rollups(&rows))?;
+                }
+            }
+        }
+        for (r, writer) in writers {
+            drop(writer.finish()?);
+            std::fs::rename(tmp(r), self.file_path(Some(r)))?;
+        }
+        File::open(&self.dir)?.sync_all()?;
+        let (block, _) = Block::open(&self.dir)?;
+        block
+            .all_in_head
+            .store(self.all_in_head(), Ordering::Relaxed);
+        Ok(block)
+    }
+
     /// This block without its raw chunks (`None`) or one rollup file, its other files shared:
     /// for retention while a read still holds the block. No I/O.
     pub fn without(&self, resolution: Option<Resolution>) -> Block {
@@ -557,22 +608,28 @@ impl Block {
             return Ok(0);
         }
         let Some(file) = self.rollup_file(resolution) else {
-            let mut raw = BTreeMap::new();
-            let stats = self.read_samples(
-                ids,
-                start,
-                end.saturating_add(resolution.ms() - 1),
-                0,
-                &mut raw,
-            )?;
-            for (id, samples) in raw {
-                let rows: Vec<RollupRow> = rollup(&samples, resolution)
-                    .into_iter()
-                    .filter(|r| r.t >= start && r.t <= end)
-                    .collect();
-                merge_into(out, id, &rows);
+            // Aggregated from the raw chunks (the open day's blocks have no rollups), a few
+            // hundred series at a time: what is held is their raw samples, not every series'.
+            let mut damaged = 0;
+            for batch in ids.chunks(RAW_ROLLUP_BATCH) {
+                let mut raw = BTreeMap::new();
+                let stats = self.read_samples(
+                    batch,
+                    start,
+                    end.saturating_add(resolution.ms() - 1),
+                    0,
+                    &mut raw,
+                )?;
+                damaged += stats.damaged;
+                for (id, samples) in raw {
+                    let rows: Vec<RollupRow> = rollup(&samples, resolution)
+                        .into_iter()
+                        .filter(|r| r.t >= start && r.t <= end)
+                        .collect();
+                    merge_into(out, id, &rows);
+                }
             }
-            return Ok(stats.damaged);
+            return Ok(damaged);
         };
         let mut damaged = 0;
         let mut reader = file.reader();

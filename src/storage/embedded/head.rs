@@ -90,6 +90,9 @@ pub(super) struct TenantIndex {
     /// hash of (label name, value) → series ids (ascending). Keyed by a hash so the strings
     /// are not held twice; a collision only adds candidates, which the matchers then drop.
     pub postings: HashMap<u64, Vec<u64>>,
+    /// Two label pairs of this tenant met under one postings key: its reads then check every
+    /// candidate's labels against the matchers (postings alone are trusted otherwise).
+    pub collided: bool,
     /// label name → the postings keys of its values: a matcher other than `=` runs over a
     /// label's values (each read from the first series of its postings), not over series.
     pub names: HashMap<Box<str>, HashSet<u64>>,
@@ -501,6 +504,14 @@ impl Head {
         for (name, value) in labels.pairs() {
             let key = posting_key(name, value);
             let ids = index.postings.entry(key).or_default();
+            // A series already under this key must have this very pair (a postings list
+            // holds one pair's series): else two pairs share a hash.
+            if !index.collided {
+                let first = ids.iter().find_map(|id| self.series.get(id));
+                if first.is_some_and(|first| first.labels.get(name) != Some(value)) {
+                    index.collided = true;
+                }
+            }
             if ids.is_empty() {
                 match index.names.get_mut(name) {
                     Some(keys) => {
@@ -633,8 +644,9 @@ impl Head {
     /// Series ids of a tenant matching every matcher (ascending), from postings: an equality
     /// matcher reads its pair's postings, any other runs over the label's values
     /// ([`postings_for_matchers`]), unless the matchers applied so far (equality first) leave at most
-    /// [`FEW_CANDIDATES`] series; the candidates' label sets are checked at the end (a
-    /// postings key is a hash: a collision adds candidates, never drops one).
+    /// [`FEW_CANDIDATES`] series; those candidates' label sets are checked at the end, and
+    /// every candidate's in a tenant where two label pairs met under one postings key (a
+    /// hash: a collision adds candidates, never drops one).
     pub fn matching(&self, tenant: &str, matchers: &[Matcher]) -> Vec<u64> {
         let Some(index) = self.tenants.get(tenant) else {
             return Vec::new();
@@ -675,7 +687,7 @@ impl Head {
         // checked only when the postings did not apply every matcher (a read of 64,000 series
         // would otherwise visit each one's labels for nothing).
         let mut ids = candidates.ids;
-        if candidates.exact {
+        if candidates.exact && !index.collided {
             ids.retain(|id| self.series.contains_key(id));
         } else {
             ids.retain(|id| {

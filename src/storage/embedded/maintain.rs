@@ -182,10 +182,11 @@ impl EmbeddedStorage {
         });
         match carried {
             Ok(carried) => report.wal_samples_carried += carried,
-            // A carried segment that does not read whole (damaged on disk since it was
-            // written) would fail every flush's checkpoint and keep the log growing until a
-            // restart: its samples are in the head, so the head's are written instead.
-            Err(e) if !plan.carry.is_empty() => {
+            // A carried segment or the checkpoint that does not read whole (damaged on disk)
+            // would fail every flush's checkpoint and keep the log growing until a restart,
+            // or be carried in part: its samples are in the head, so the head's are written
+            // instead.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 tracing::warn!(error = %e, "checkpoint: writing the head's samples instead");
                 return self.write_compacted_checkpoint(segment, report);
             }
@@ -490,8 +491,8 @@ impl EmbeddedStorage {
     /// day's block gets its rollups (a day of one block without them is rewritten alone);
     /// blocks of an open day have none, as Thanos downsamples only blocks days old: reads of
     /// recent data aggregate raw chunks, and a store of hours of data holds no second copy of
-    /// it. A day is closed once the flush cutoff has passed its end, or once raw retention
-    /// would delete data of it (the rollups outlive raw chunks).
+    /// it. (A block that never gets them so, one retention is about to take the raw chunks of,
+    /// gets them then: [`EmbeddedStorage::apply_retention`].)
     pub(super) fn compact(
         &self,
         now: TimestampMs,
@@ -499,21 +500,12 @@ impl EmbeddedStorage {
         report: &mut MaintenanceReport,
     ) -> std::io::Result<()> {
         let day = COMPACTION_SPANS_MS[1];
-        let raw_horizon = now.saturating_sub(self.retention.keep_ms(None));
-        let rollups_kept_after = now.saturating_sub(
-            self.retention
-                .keep_ms(Some(Resolution::FiveMinutes))
-                .max(self.retention.keep_ms(Some(Resolution::OneHour))),
-        );
+        let rollups_kept_after = self.rollups_kept_after(now);
         for span in COMPACTION_SPANS_MS {
             let daily = span == day;
             let rules = GroupRules {
                 span,
-                cutoff: if daily {
-                    cutoff.max(raw_horizon.saturating_add(day))
-                } else {
-                    cutoff
-                },
+                cutoff,
                 merge_small: !daily,
                 lone_without_rollups_after: daily.then_some(rollups_kept_after),
             };
@@ -565,13 +557,56 @@ impl EmbeddedStorage {
         Ok(())
     }
 
-    /// Deletes raw chunks and rollups of blocks entirely older than their retention.
+    /// Rollups of data older than this are past their retention (both resolutions').
+    fn rollups_kept_after(&self, now: TimestampMs) -> TimestampMs {
+        now.saturating_sub(
+            self.retention
+                .keep_ms(Some(Resolution::FiveMinutes))
+                .max(self.retention.keep_ms(Some(Resolution::OneHour))),
+        )
+    }
+
+    /// Deletes raw chunks and rollups of blocks entirely older than their retention. A block
+    /// whose raw chunks go and that has no rollups yet (one no day's compaction rewrote: a
+    /// block spanning days, one among blocks that failed to merge) gets them first, written
+    /// with no lock held, if they would be kept; if writing them fails its raw chunks stay.
     pub(super) fn apply_retention(
         &self,
         now: TimestampMs,
         report: &mut MaintenanceReport,
     ) -> std::io::Result<()> {
+        let raw_horizon = now.saturating_sub(self.retention.keep_ms(None));
+        let rollups_kept_after = self.rollups_kept_after(now);
+        let unrolled: Vec<Arc<Block>> = self
+            .blocks_read()
+            .blocks
+            .iter()
+            .filter(|b| {
+                b.chunks.is_some()
+                    && b.rollups.is_empty()
+                    && b.meta.max_t < raw_horizon
+                    && b.meta.max_t >= rollups_kept_after
+            })
+            .cloned()
+            .collect();
+        let mut keep_raw = std::collections::HashSet::new();
+        let mut rolled = Vec::new();
+        for block in unrolled {
+            match tokio::task::block_in_place(|| block.add_rollups()) {
+                Ok(with) => rolled.push(with),
+                Err(e) => {
+                    tracing::error!(error = %e, block = %block.dir.display(), "writing rollups before raw retention failed; the raw chunks stay");
+                    keep_raw.insert(block.dir.clone());
+                }
+            }
+        }
         let mut set = self.blocks_write();
+        for with in rolled {
+            // Only maintenance changes the set, one run at a time: the block is still there.
+            if let Some(slot) = set.blocks.iter_mut().find(|b| b.dir == with.dir) {
+                *slot = Arc::new(with);
+            }
+        }
         for block in &mut set.blocks {
             for resolution in [
                 None,
@@ -583,7 +618,10 @@ impl EmbeddedStorage {
                     Some(r) => block.rollup_file(r).is_some(),
                 };
                 let horizon = now.saturating_sub(self.retention.keep_ms(resolution));
-                if present && block.meta.max_t < horizon {
+                if present
+                    && block.meta.max_t < horizon
+                    && !(resolution.is_none() && keep_raw.contains(&block.dir))
+                {
                     if Arc::get_mut(block).is_none() {
                         // A read holds this block: it keeps the file open to its end, and the
                         // set gets the block without it.

@@ -1269,7 +1269,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn rollups_are_written_once_a_day_closes_and_before_raw_retention() {
+    async fn rollups_are_written_once_a_day_closes_or_before_raw_retention() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
         let retention = RetentionConfig {
@@ -1310,23 +1310,40 @@ mod tests {
         }
         let expected: Vec<(i64, f64)> = (0..6).map(|h| (t0 + h * HOUR, 120.0)).collect();
         assert_eq!(hourly(&s).await, expected);
-        // No more data comes (the flush cutoff stays behind): the day counts as closed once
-        // raw retention is a day from its data, and its lone block is rewritten with rollups,
-        // once.
+        // No more data comes (the flush cutoff stays behind, the day never closes): once raw
+        // retention takes the raw chunks, the block gets its rollups first, and they answer.
         let report = s.maintain_with_cutoff(12 * DAY + HOUR, i64::MIN).unwrap();
-        assert_eq!(report.blocks_compacted, 1, "{report:?}");
-        assert_eq!(rollup_files(&s), [2]);
-        assert!(s.sizes().rollup_bytes > 0);
-        let report = s
-            .maintain_with_cutoff(12 * DAY + 2 * HOUR, i64::MIN)
-            .unwrap();
         assert_eq!(report.blocks_compacted, 0, "{report:?}");
-        // Raw retention then deletes the raw chunks; the rollups answer.
+        assert_eq!(rollup_files(&s), [0]);
         let report = s
             .maintain_with_cutoff(12 * DAY + 7 * HOUR, i64::MIN)
             .unwrap();
         assert_eq!(report.files_deleted, 1, "{report:?}");
+        assert_eq!(rollup_files(&s), [2]);
         assert!(s.blocks_read().blocks[0].chunks.is_none());
+        assert_eq!(hourly(&s).await, expected);
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
+        assert_eq!(hourly(&s).await, expected);
+        drop(s);
+
+        // A closed day's lone block without rollups is rewritten with them, once.
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
+        s.append(&tenant, &[series("up", "a", t0, t0 + 6 * HOUR - 1, 30_000)])
+            .await
+            .unwrap();
+        s.maintain_with_cutoff(t0 + 7 * HOUR, t0 + 6 * HOUR)
+            .unwrap();
+        assert_eq!(rollup_files(&s), [0]);
+        let report = s.maintain_with_cutoff(t0 + DAY + HOUR, t0 + DAY).unwrap();
+        assert_eq!(report.blocks_compacted, 1, "{report:?}");
+        assert_eq!(rollup_files(&s), [2]);
+        assert!(s.sizes().rollup_bytes > 0);
+        let report = s
+            .maintain_with_cutoff(t0 + DAY + 2 * HOUR, t0 + DAY)
+            .unwrap();
+        assert_eq!(report.blocks_compacted, 0, "{report:?}");
         assert_eq!(hourly(&s).await, expected);
         drop(s);
         let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
@@ -1444,6 +1461,47 @@ mod tests {
         assert_eq!(
             wal_files(dir.path()),
             ["00000002.wal", "checkpoint.00000002"]
+        );
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(all_up(&s).await, before, "replay differs");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_after_the_checkpoint_was_damaged_writes_the_head_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let t0 = 10 * DAY;
+        for job in ["a", "b"] {
+            s.append(&tenant, &[series("up", job, t0, t0 + 4 * HOUR - 1, 30_000)])
+                .await
+                .unwrap();
+        }
+        let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
+        assert_eq!(report.wal_samples_carried, 2 * 120, "{report:?}");
+        // The checkpoint's carried samples change on disk; the next flush would carry them
+        // in part.
+        let checkpoint = dir.path().join("wal/checkpoint.00000002");
+        let mut bytes = std::fs::read(&checkpoint).unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 0x55;
+        std::fs::write(&checkpoint, &bytes).unwrap();
+        s.append(
+            &tenant,
+            &[series("up", "c", t0 + 3 * HOUR, t0 + 5 * HOUR - 1, 30_000)],
+        )
+        .await
+        .unwrap();
+        let before = all_up(&s).await;
+        let report = s
+            .maintain_with_cutoff(t0, t0 + 3 * HOUR + HOUR / 2)
+            .unwrap();
+        assert_eq!(report.wal_samples_carried, 0, "{report:?}");
+        assert_eq!(report.wal_samples_compacted, 2 * 60 + 180, "{report:?}");
+        assert_eq!(
+            wal_files(dir.path()),
+            ["00000003.wal", "checkpoint.00000003"]
         );
         drop(s);
         let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();

@@ -441,8 +441,8 @@ pub(super) fn block_series(
 /// index: most comparisons are of two integers, the rest of two runs of bytes, where comparing
 /// [`Labels`] follows two pointers a label (64,000 series: the sort took an eighth of the
 /// CPU of the `storage_peers` heavy aggregation, a third of that after). The bytes compare as the labels do
-/// (label by label, name then value, a set that is a prefix of another first) when no value
-/// holds a zero byte; one that does sorts them as labels.
+/// (label by label, name then value, a set that is a prefix of another first) when no name
+/// or value holds a zero byte; one that does sorts them as labels.
 pub(super) fn sort_by_labels(series: &mut Vec<SeriesSamples>) {
     if series.len() < 2 {
         return;
@@ -458,10 +458,13 @@ pub(super) fn sort_by_labels(series: &mut Vec<SeriesSamples>) {
         }
         ends.push(bytes.len());
     }
-    let zero_in_values = series
-        .iter()
-        .any(|s| s.labels.iter().any(|l| l.value.as_bytes().contains(&0)));
-    if zero_in_values {
+    // (Names from OTLP untranslated may hold any character too.)
+    let zero_byte = series.iter().any(|s| {
+        s.labels
+            .iter()
+            .any(|l| l.name.as_bytes().contains(&0) || l.value.as_bytes().contains(&0))
+    });
+    if zero_byte {
         series.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
         return;
     }
@@ -726,15 +729,19 @@ mod tests {
             let got: Vec<Labels> = series.into_iter().map(|s| s.labels).collect();
             assert_eq!(got, want);
         }
-        // A zero byte in a value: sorted as labels.
-        let mut series = vec![
-            set(&[("a", "x\0y")]),
-            set(&[("a", "x")]),
-            set(&[("a", "x\0")]),
-        ];
-        let want = expect(&series);
-        sort_by_labels(&mut series);
-        let got: Vec<Labels> = series.into_iter().map(|s| s.labels).collect();
-        assert_eq!(got, want);
+        // A zero byte in a value or a name: sorted as labels.
+        for mut series in [
+            vec![
+                set(&[("a", "x\0y")]),
+                set(&[("a", "x")]),
+                set(&[("a", "x\0")]),
+            ],
+            vec![set(&[("a\0", "b")]), set(&[("a", "x")])],
+        ] {
+            let want = expect(&series);
+            sort_by_labels(&mut series);
+            let got: Vec<Labels> = series.into_iter().map(|s| s.labels).collect();
+            assert_eq!(got, want);
+        }
     }
 }

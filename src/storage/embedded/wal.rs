@@ -1091,7 +1091,8 @@ const CARRIED_PER_RECORD: usize = 1 << 16;
 
 /// Writes into `out` the samples at or after `cutoff` of the latest checkpoint in `dir` (those
 /// it carried itself) and of the segments `plan` carries, in their order; returns how many.
-/// A carried segment that does not read whole is an error: the flush then deletes nothing.
+/// A carried segment or checkpoint that does not read whole is an error of kind
+/// `InvalidData`.
 pub fn carry_samples(
     dir: &Path,
     plan: &Truncation,
@@ -1134,18 +1135,26 @@ pub fn carry_samples(
             failed = out.record(&record).err();
         }
     };
-    // A previous checkpoint's damaged tail was cut by replay on open: what reads of it is
-    // what the head was built from.
+    // A file that does not read whole (damaged on disk, now or before the start) is an
+    // error of its own kind: the flush then checkpoints the head's samples instead.
+    let damaged = |what: String, valid: u64| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what} is damaged at byte {valid}"),
+        )
+    };
     if let Some(&n) = checkpoints(dir)?.last() {
-        replay_segment(&checkpoint_path(dir, n), &mut |r| keep(r, &mut batch))?;
+        let (_, valid, len, _) =
+            replay_segment(&checkpoint_path(dir, n), &mut |r| keep(r, &mut batch))?;
+        if valid < len {
+            return Err(damaged(format!("checkpoint {n}"), valid));
+        }
     }
     for &n in &plan.carry {
         let (_, valid, len, _) =
             replay_segment(&segment_path(dir, n), &mut |r| keep(r, &mut batch))?;
         if valid < len {
-            return Err(io::Error::other(format!(
-                "log segment {n} is damaged at byte {valid}; kept"
-            )));
+            return Err(damaged(format!("log segment {n}"), valid));
         }
     }
     if let Some(e) = failed {
