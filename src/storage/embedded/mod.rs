@@ -1187,15 +1187,36 @@ mod tests {
         assert_eq!(labels.len(), 1, "a series only on disk is found");
     }
 
+    /// (bucket start, count) of the first series' hourly rollup rows over days 0-20.
+    async fn hourly_counts(s: &EmbeddedStorage) -> Vec<(i64, f64)> {
+        let rows = s
+            .select_rollups(
+                &TenantId::default(),
+                &[],
+                Resolution::OneHour,
+                0,
+                20 * DAY,
+                RollupColumns::ALL.into(),
+            )
+            .await
+            .unwrap();
+        rows[0].rows.iter().map(|r| (r.t, r.count)).collect()
+    }
+
+    /// Raw samples 2 days, 5-minute rollups 3, hourly ones 4.
+    fn short_retention() -> RetentionConfig {
+        RetentionConfig {
+            raw_days: 2,
+            rollup_5m_days: 3,
+            rollup_1h_days: 4,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn log_segments_go_compaction_merges_and_retention_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
-        let retention = RetentionConfig {
-            raw_days: 2,
-            rollup_5m_days: 3,
-            rollup_1h_days: 4,
-        };
+        let retention = short_retention();
         let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
         let start = 10 * DAY;
         // Six hours a batch, flushing after each: 4 days of data in 16 blocks.
@@ -1240,20 +1261,10 @@ mod tests {
         drop(held);
         let left = everything(&s).await;
         assert_eq!(left[0].samples.first().unwrap().t, 12 * DAY);
-        let hourly = s
-            .select_rollups(
-                &tenant,
-                &[],
-                Resolution::OneHour,
-                0,
-                20 * DAY,
-                RollupColumns::ALL.into(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(hourly[0].rows.first().unwrap().t, 10 * DAY);
-        assert_eq!(hourly[0].rows.len(), 96);
-        assert!(hourly[0].rows.iter().all(|r| r.count == 120.0));
+        let hourly = hourly_counts(&s).await;
+        assert_eq!(hourly.first().unwrap().0, 10 * DAY);
+        assert_eq!(hourly.len(), 96);
+        assert!(hourly.iter().all(|&(_, count)| count == 120.0));
         // A year later everything is gone from disk.
         s.maintain_with_cutoff(400 * DAY, i64::MIN).unwrap();
         assert_eq!(s.sizes().blocks, 0);
@@ -1272,11 +1283,7 @@ mod tests {
     async fn rollups_are_written_once_a_day_closes_or_before_raw_retention() {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId::default();
-        let retention = RetentionConfig {
-            raw_days: 2,
-            rollup_5m_days: 3,
-            rollup_1h_days: 4,
-        };
+        let retention = short_retention();
         let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
         let t0 = 10 * DAY;
         s.append(&tenant, &[series("up", "a", t0, t0 + 6 * HOUR - 1, 30_000)])
@@ -1294,22 +1301,8 @@ mod tests {
         };
         assert_eq!(rollup_files(&s), [0]);
         assert_eq!(s.sizes().rollup_bytes, 0);
-        async fn hourly(s: &EmbeddedStorage) -> Vec<(i64, f64)> {
-            let rows = s
-                .select_rollups(
-                    &TenantId::default(),
-                    &[],
-                    Resolution::OneHour,
-                    0,
-                    20 * DAY,
-                    RollupColumns::ALL.into(),
-                )
-                .await
-                .unwrap();
-            rows[0].rows.iter().map(|r| (r.t, r.count)).collect()
-        }
         let expected: Vec<(i64, f64)> = (0..6).map(|h| (t0 + h * HOUR, 120.0)).collect();
-        assert_eq!(hourly(&s).await, expected);
+        assert_eq!(hourly_counts(&s).await, expected);
         // No more data comes (the flush cutoff stays behind, the day never closes): once raw
         // retention takes the raw chunks, the block gets its rollups first, and they answer.
         let report = s.maintain_with_cutoff(12 * DAY + HOUR, i64::MIN).unwrap();
@@ -1321,10 +1314,10 @@ mod tests {
         assert_eq!(report.files_deleted, 1, "{report:?}");
         assert_eq!(rollup_files(&s), [2]);
         assert!(s.blocks_read().blocks[0].chunks.is_none());
-        assert_eq!(hourly(&s).await, expected);
+        assert_eq!(hourly_counts(&s).await, expected);
         drop(s);
         let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
-        assert_eq!(hourly(&s).await, expected);
+        assert_eq!(hourly_counts(&s).await, expected);
         drop(s);
 
         // A closed day's lone block without rollups is rewritten with them, once.
@@ -1344,10 +1337,10 @@ mod tests {
             .maintain_with_cutoff(t0 + DAY + 2 * HOUR, t0 + DAY)
             .unwrap();
         assert_eq!(report.blocks_compacted, 0, "{report:?}");
-        assert_eq!(hourly(&s).await, expected);
+        assert_eq!(hourly_counts(&s).await, expected);
         drop(s);
         let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
-        assert_eq!(hourly(&s).await, expected);
+        assert_eq!(hourly_counts(&s).await, expected);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1386,16 +1379,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_backfill_s_segments_go_at_the_flush_and_their_newer_samples_replay() {
         let dir = tempfile::tempdir().unwrap();
-        let tenant = TenantId::default();
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        let t0 = 10 * DAY;
-        // A backfill: each request holds hours of its series, so each segment holds samples
-        // on both sides of the cutoff (30 s apart: 120 an hour).
-        for job in ["a", "b"] {
-            s.append(&tenant, &[series("up", job, t0, t0 + 4 * HOUR - 1, 30_000)])
-                .await
-                .unwrap();
-        }
+        let (s, tenant, t0) = backfill_of_two(dir.path(), LOG_COMPACTION_MIN_BYTES).await;
         let first_segment = dir.path().join("wal/00000001.wal");
         let copy = std::fs::read(&first_segment).unwrap();
         let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
@@ -1436,57 +1420,14 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_flush_whose_straddling_segment_is_damaged_writes_the_head_instead() {
-        let dir = tempfile::tempdir().unwrap();
-        let tenant = TenantId::default();
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        let t0 = 10 * DAY;
-        for job in ["a", "b"] {
-            s.append(&tenant, &[series("up", job, t0, t0 + 4 * HOUR - 1, 30_000)])
-                .await
-                .unwrap();
-        }
-        // A byte of the segment's last record changes on disk after it was written.
-        let first_segment = dir.path().join("wal/00000001.wal");
-        let mut bytes = std::fs::read(&first_segment).unwrap();
-        let at = bytes.len() - 10;
-        bytes[at] ^= 0x55;
-        std::fs::write(&first_segment, &bytes).unwrap();
-        let before = all_up(&s).await;
-        // Carrying fails; the head's samples are checkpointed instead, and the segment goes.
-        let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
-        assert_eq!(report.flushed_samples, 2 * 3 * 120);
-        assert_eq!(report.wal_samples_carried, 0, "{report:?}");
-        assert_eq!(report.wal_samples_compacted, 2 * 120, "{report:?}");
-        assert_eq!(
-            wal_files(dir.path()),
-            ["00000002.wal", "checkpoint.00000002"]
-        );
-        drop(s);
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        assert_eq!(all_up(&s).await, before, "replay differs");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_after_the_checkpoint_was_damaged_writes_the_head_instead() {
         let dir = tempfile::tempdir().unwrap();
-        let tenant = TenantId::default();
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        let t0 = 10 * DAY;
-        for job in ["a", "b"] {
-            s.append(&tenant, &[series("up", job, t0, t0 + 4 * HOUR - 1, 30_000)])
-                .await
-                .unwrap();
-        }
+        let (s, tenant, t0) = backfill_of_two(dir.path(), LOG_COMPACTION_MIN_BYTES).await;
         let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
         assert_eq!(report.wal_samples_carried, 2 * 120, "{report:?}");
         // The checkpoint's carried samples change on disk; the next flush would carry them
         // in part.
-        let checkpoint = dir.path().join("wal/checkpoint.00000002");
-        let mut bytes = std::fs::read(&checkpoint).unwrap();
-        let at = bytes.len() - 10;
-        bytes[at] ^= 0x55;
-        std::fs::write(&checkpoint, &bytes).unwrap();
+        damage_near_the_end(&dir.path().join("wal/checkpoint.00000002"));
         s.append(
             &tenant,
             &[series("up", "c", t0 + 3 * HOUR, t0 + 5 * HOUR - 1, 30_000)],
@@ -1509,37 +1450,63 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_flush_whose_straddling_segments_are_large_writes_the_head_compactly() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn a_flush_whose_straddling_segments_are_large_or_damaged_writes_the_head_instead() {
+        // Segments as large as a log compaction wants; then a segment whose last record
+        // changed on disk after it was written (carrying it would fail every flush).
+        for (compaction_bytes, damaged) in [(1, false), (LOG_COMPACTION_MIN_BYTES, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (s, _, t0) = backfill_of_two(dir.path(), compaction_bytes).await;
+            if damaged {
+                damage_near_the_end(&dir.path().join("wal/00000001.wal"));
+            }
+            let before = all_up(&s).await;
+            let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
+            assert_eq!(report.flushed_samples, 2 * 3 * 120);
+            assert_eq!(report.wal_samples_carried, 0, "{report:?}");
+            assert_eq!(report.wal_samples_compacted, 2 * 120, "{report:?}");
+            assert_eq!(
+                wal_files(dir.path()),
+                ["00000002.wal", "checkpoint.00000002"]
+            );
+            drop(s);
+            let s =
+                EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+            let after = all_up(&s).await;
+            assert_eq!(after, before, "replay differs");
+            assert_eq!(after[0].1.len(), 480);
+        }
+    }
+
+    /// Closes `s`, opens its directory again and checks it reads `before`; then again with
+    /// `segment` put back as it was, as a crash between a checkpoint and the deletion of the
+    /// segments it replaced leaves them: their samples replay twice, to the same head.
+    /// A store (log compaction from `compaction_bytes` of segments) with a backfill of two
+    /// series: each request holds 4 hours of its series, so each segment holds samples on
+    /// both sides of a cutoff at 3 hours (30 s apart: 120 an hour). (store, tenant, start)
+    async fn backfill_of_two(
+        dir: &Path,
+        compaction_bytes: u64,
+    ) -> (EmbeddedStorage, TenantId, i64) {
         let tenant = TenantId::default();
-        let mut s =
-            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        s.log_compaction_min_bytes = 1;
+        let mut s = EmbeddedStorage::open(dir, &config(), &RetentionConfig::default()).unwrap();
+        s.log_compaction_min_bytes = compaction_bytes;
         let t0 = 10 * DAY;
         for job in ["a", "b"] {
             s.append(&tenant, &[series("up", job, t0, t0 + 4 * HOUR - 1, 30_000)])
                 .await
                 .unwrap();
         }
-        let report = s.maintain_with_cutoff(t0, t0 + 3 * HOUR).unwrap();
-        assert_eq!(report.flushed_samples, 2 * 3 * 120);
-        assert_eq!(report.wal_samples_carried, 0, "{report:?}");
-        assert_eq!(report.wal_samples_compacted, 2 * 120, "{report:?}");
-        assert_eq!(
-            wal_files(dir.path()),
-            ["00000002.wal", "checkpoint.00000002"]
-        );
-        let before = all_up(&s).await;
-        drop(s);
-        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
-        let after = all_up(&s).await;
-        assert_eq!(after, before, "replay differs");
-        assert_eq!(after[0].1.len(), 480);
+        (s, tenant, t0)
     }
 
-    /// Closes `s`, opens its directory again and checks it reads `before`; then again with
-    /// `segment` put back as it was, as a crash between a checkpoint and the deletion of the
-    /// segments it replaced leaves them: their samples replay twice, to the same head.
+    /// Changes a byte of a log file's last record, as a disk might after it was written.
+    fn damage_near_the_end(path: &Path) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 0x55;
+        std::fs::write(path, &bytes).unwrap();
+    }
+
     async fn reopen_as_before(
         s: EmbeddedStorage,
         dir: &Path,
