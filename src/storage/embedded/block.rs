@@ -121,6 +121,21 @@ fn decode_pieces_into(
     Ok(())
 }
 
+/// Adds a series' rollup run (of `samples`, sorted by time) to each resolution's writer.
+fn add_rollup_runs(
+    writers: &mut [(Resolution, RunWriter)],
+    id: u64,
+    samples: &[Sample],
+) -> io::Result<()> {
+    for (resolution, writer) in writers {
+        let rows = rollup(samples, *resolution);
+        if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
+            writer.add(id, a.t, b.t, &encode_rollups(&rows))?;
+        }
+    }
+    Ok(())
+}
+
 /// Series whose raw samples a rollup read of a block without rollups holds at once.
 const RAW_ROLLUP_BATCH: usize = 256;
 
@@ -323,12 +338,7 @@ impl Block {
             };
             written.push(id);
             chunks.add(id, first.t, last.t, &encode_samples(samples))?;
-            for (resolution, writer) in &mut rollups {
-                let rows = rollup(samples, *resolution);
-                if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
-                    writer.add(id, a.t, b.t, &encode_rollups(&rows))?;
-                }
-            }
+            add_rollup_runs(&mut rollups, id, samples)?;
             meta.min_t = meta.min_t.min(first.t);
             meta.max_t = meta.max_t.max(last.t);
             meta.series += 1;
@@ -479,12 +489,7 @@ impl Block {
                     continue;
                 }
             };
-            for (resolution, writer) in &mut writers {
-                let rows = rollup(&samples, *resolution);
-                if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
-                    writer.add(entry.series, a.t, b.t, &encode_rollups(&rows))?;
-                }
-            }
+            add_rollup_runs(&mut writers, entry.series, &samples)?;
         }
         for (r, writer) in writers {
             drop(writer.finish()?);

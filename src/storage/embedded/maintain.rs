@@ -35,7 +35,9 @@ impl EmbeddedStorage {
         let flushed = self
             .flush(cutoff, &mut report)
             .and_then(|()| self.compact_log(&mut report));
-        let compacted = self.compact(now, cutoff, &mut report);
+        let compacted = self
+            .compact(cutoff, &mut report)
+            .and_then(|()| self.add_missing_rollups(now, cutoff, &mut report));
         let retained = self.apply_retention(now, &mut report);
         self.series_removed
             .fetch_add(report.series_dropped as u64, Ordering::Relaxed);
@@ -325,12 +327,7 @@ impl EmbeddedStorage {
         checkpoint: u64,
         report: &mut MaintenanceReport,
     ) -> StorageResult<()> {
-        let dir = self
-            .wal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .dir()
-            .to_owned();
+        let dir = self.dir.join("wal");
         let (gone, deleted) =
             tokio::task::block_in_place(|| wal::delete_redundant(&dir, segments, checkpoint));
         self.wal
@@ -487,32 +484,21 @@ impl EmbeddedStorage {
         out
     }
 
-    /// Merges runs of consecutive blocks that lie in one closed aligned window. A closed
-    /// day's block gets its rollups (a day of one block without them is rewritten alone);
-    /// blocks of an open day have none, as Thanos downsamples only blocks days old: reads of
-    /// recent data aggregate raw chunks, and a store of hours of data holds no second copy of
-    /// it. (A block that never gets them so, one retention is about to take the raw chunks of,
-    /// gets them then: [`EmbeddedStorage::apply_retention`].)
+    /// Merges runs of consecutive blocks that lie in one closed aligned window. The day's
+    /// merge writes the rollups; flushed blocks and the 2-hour merges of an open day have
+    /// none (see [`EmbeddedStorage::add_missing_rollups`]).
     pub(super) fn compact(
         &self,
-        now: TimestampMs,
         cutoff: TimestampMs,
         report: &mut MaintenanceReport,
     ) -> std::io::Result<()> {
         let day = COMPACTION_SPANS_MS[1];
-        let rollups_kept_after = self.rollups_kept_after(now);
         for span in COMPACTION_SPANS_MS {
             let daily = span == day;
-            let rules = GroupRules {
-                span,
-                cutoff,
-                merge_small: !daily,
-                lone_without_rollups_after: daily.then_some(rollups_kept_after),
-            };
             loop {
                 let group = {
                     let set = self.blocks_read();
-                    compaction_group(&set.blocks, &rules, &set.not_compactable)
+                    compaction_group(&set.blocks, span, cutoff, !daily, &set.not_compactable)
                 };
                 let Some(range) = group else { break };
                 let number = {
@@ -566,47 +552,67 @@ impl EmbeddedStorage {
         )
     }
 
-    /// Deletes raw chunks and rollups of blocks entirely older than their retention. A block
-    /// whose raw chunks go and that has no rollups yet (one no day's compaction rewrote: a
-    /// block spanning days, one among blocks that failed to merge) gets them first, written
-    /// with no lock held, if they would be kept; if writing them fails its raw chunks stay.
+    /// Whether a block should have rollups it lacks: its day is closed (the day's end at or
+    /// before `cutoff`) or raw retention is about to delete its raw chunks, and they would be
+    /// kept.
+    fn lacks_rollups(&self, b: &Block, now: TimestampMs, cutoff: TimestampMs) -> bool {
+        let day = COMPACTION_SPANS_MS[1];
+        let day_closed = (b.meta.min_t.div_euclid(day) + 1).saturating_mul(day) <= cutoff;
+        let raw_going = b.meta.max_t < now.saturating_sub(self.retention.keep_ms(None));
+        b.chunks.is_some()
+            && b.rollups.is_empty()
+            && (day_closed || raw_going)
+            && b.meta.max_t >= self.rollups_kept_after(now)
+    }
+
+    /// Rollups are written only for data of a closed day, as Thanos downsamples only blocks
+    /// days old: reads of the open day's blocks aggregate their raw chunks, and a store of
+    /// hours of data holds no second copy of it. The day's merge writes them
+    /// ([`EmbeddedStorage::compact`]); a block it did not (a day of one block, a block spanning
+    /// days, blocks that failed to merge) gets them here, beside its raw chunks, with no lock
+    /// held, and before retention takes its raw chunks however far the flush cutoff lags.
+    pub(super) fn add_missing_rollups(
+        &self,
+        now: TimestampMs,
+        cutoff: TimestampMs,
+        report: &mut MaintenanceReport,
+    ) -> std::io::Result<()> {
+        let lacking: Vec<Arc<Block>> = self
+            .blocks_read()
+            .blocks
+            .iter()
+            .filter(|b| self.lacks_rollups(b, now, cutoff))
+            .cloned()
+            .collect();
+        let mut failed = None;
+        for block in lacking {
+            match tokio::task::block_in_place(|| block.add_rollups()) {
+                Ok(with) => {
+                    let mut set = self.blocks_write();
+                    // Only maintenance changes the set, one run at a time: it is still there.
+                    if let Some(slot) = set.blocks.iter_mut().find(|b| b.dir == with.dir) {
+                        *slot = Arc::new(with);
+                        report.blocks_rolled_up += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, block = %block.dir.display(), "writing a block's rollups failed; its raw chunks stay");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Deletes raw chunks and rollups of blocks entirely older than their retention; not the
+    /// raw chunks of a block that lacks rollups it would keep (writing them failed).
     pub(super) fn apply_retention(
         &self,
         now: TimestampMs,
         report: &mut MaintenanceReport,
     ) -> std::io::Result<()> {
-        let raw_horizon = now.saturating_sub(self.retention.keep_ms(None));
         let rollups_kept_after = self.rollups_kept_after(now);
-        let unrolled: Vec<Arc<Block>> = self
-            .blocks_read()
-            .blocks
-            .iter()
-            .filter(|b| {
-                b.chunks.is_some()
-                    && b.rollups.is_empty()
-                    && b.meta.max_t < raw_horizon
-                    && b.meta.max_t >= rollups_kept_after
-            })
-            .cloned()
-            .collect();
-        let mut keep_raw = std::collections::HashSet::new();
-        let mut rolled = Vec::new();
-        for block in unrolled {
-            match tokio::task::block_in_place(|| block.add_rollups()) {
-                Ok(with) => rolled.push(with),
-                Err(e) => {
-                    tracing::error!(error = %e, block = %block.dir.display(), "writing rollups before raw retention failed; the raw chunks stay");
-                    keep_raw.insert(block.dir.clone());
-                }
-            }
-        }
         let mut set = self.blocks_write();
-        for with in rolled {
-            // Only maintenance changes the set, one run at a time: the block is still there.
-            if let Some(slot) = set.blocks.iter_mut().find(|b| b.dir == with.dir) {
-                *slot = Arc::new(with);
-            }
-        }
         for block in &mut set.blocks {
             for resolution in [
                 None,
@@ -618,10 +624,10 @@ impl EmbeddedStorage {
                     Some(r) => block.rollup_file(r).is_some(),
                 };
                 let horizon = now.saturating_sub(self.retention.keep_ms(resolution));
-                if present
-                    && block.meta.max_t < horizon
-                    && !(resolution.is_none() && keep_raw.contains(&block.dir))
-                {
+                let rollups_owed = resolution.is_none()
+                    && block.rollups.is_empty()
+                    && block.meta.max_t >= rollups_kept_after;
+                if present && block.meta.max_t < horizon && !rollups_owed {
                     if Arc::get_mut(block).is_none() {
                         // A read holds this block: it keeps the file open to its end, and the
                         // set gets the block without it.
@@ -678,31 +684,19 @@ impl EmbeddedStorage {
     }
 }
 
-/// Which blocks [`compaction_group`] merges.
-pub(super) struct GroupRules {
-    /// The aligned window's width.
-    pub span: i64,
-    /// A window whose end is at or before it is closed.
-    pub cutoff: TimestampMs,
-    /// Whether small blocks of an open window are merged.
-    pub merge_small: bool,
-    /// `Some(t)`: a closed window's only block, if it has no rollups and data at or after `t`
-    /// (rollups of it would be kept), is a group of its own (rewritten to get them).
-    pub lone_without_rollups_after: Option<TimestampMs>,
-}
-
-/// The first run of consecutive blocks whose data starts in the same aligned window of
-/// `rules.span` and which all still hold raw chunks: all of them (at least two, or a lone one
-/// as `rules` says) once the window is closed; while it is open and `rules.merge_small`, at
-/// least two consecutive small ones (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
+/// The first run of consecutive blocks whose data starts in the same aligned window of `span`
+/// and which all still hold raw chunks: all of them (at least two) once the window is closed
+/// (its end at or before `cutoff`); while it is open and `merge_small` (the smallest span
+/// only), at least two consecutive small ones (below [`SMALL_BLOCK_SAMPLES_PER_SERIES`]).
 /// Small blocks of an open day are not merged: series with few samples each (short-lived
 /// ones) keep blocks small, and the day's block would be rewritten at every flush.
 pub(super) fn compaction_group(
     blocks: &[Arc<Block>],
-    rules: &GroupRules,
+    span: i64,
+    cutoff: TimestampMs,
+    merge_small: bool,
     excluded: &std::collections::HashSet<PathBuf>,
 ) -> Option<std::ops::Range<usize>> {
-    let span = rules.span;
     let window = |b: &Block| b.meta.min_t.div_euclid(span);
     let mut i = 0;
     while i < blocks.len() {
@@ -715,21 +709,11 @@ pub(super) fn compaction_group(
         let compactable = |b: &Arc<Block>| {
             b.chunks.is_some() && !excluded.contains(&b.dir) && b.meta.max_t < window_end + span
         };
-        if window_end <= rules.cutoff {
+        if window_end <= cutoff {
             if j - i >= 2 && blocks[i..j].iter().all(compactable) {
                 return Some(i..j);
             }
-            let lone = &blocks[i];
-            if let Some(after) = rules.lone_without_rollups_after {
-                if j - i == 1
-                    && lone.rollups.is_empty()
-                    && lone.meta.max_t >= after
-                    && compactable(lone)
-                {
-                    return Some(i..j);
-                }
-            }
-        } else if rules.merge_small {
+        } else if merge_small {
             let small = |b: &Arc<Block>| {
                 compactable(b)
                     && b.meta.samples < SMALL_BLOCK_SAMPLES_PER_SERIES * b.meta.series.max(1)

@@ -163,6 +163,9 @@ pub struct MaintenanceReport {
     pub wal_samples_compacted: u64,
     /// Series the head forgot (no sample left in it; their labels are in blocks' indexes).
     pub series_dropped: usize,
+    /// Blocks whose rollup files were written beside their raw chunks (a closed day's lone
+    /// block, or one retention was about to take the raw chunks of).
+    pub blocks_rolled_up: usize,
     /// The longest time writers waited on this run (the head's lock or the log held), and
     /// the step that held them.
     pub longest_writer_hold: Duration,
@@ -1306,11 +1309,12 @@ mod tests {
         // No more data comes (the flush cutoff stays behind, the day never closes): once raw
         // retention takes the raw chunks, the block gets its rollups first, and they answer.
         let report = s.maintain_with_cutoff(12 * DAY + HOUR, i64::MIN).unwrap();
-        assert_eq!(report.blocks_compacted, 0, "{report:?}");
+        assert_eq!(report.blocks_rolled_up, 0, "{report:?}");
         assert_eq!(rollup_files(&s), [0]);
         let report = s
             .maintain_with_cutoff(12 * DAY + 7 * HOUR, i64::MIN)
             .unwrap();
+        assert_eq!(report.blocks_rolled_up, 1, "{report:?}");
         assert_eq!(report.files_deleted, 1, "{report:?}");
         assert_eq!(rollup_files(&s), [2]);
         assert!(s.blocks_read().blocks[0].chunks.is_none());
@@ -1320,7 +1324,7 @@ mod tests {
         assert_eq!(hourly_counts(&s).await, expected);
         drop(s);
 
-        // A closed day's lone block without rollups is rewritten with them, once.
+        // A closed day's lone block gets them beside its raw chunks, once, not rewritten.
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStorage::open(dir.path(), &config(), &retention).unwrap();
         s.append(&tenant, &[series("up", "a", t0, t0 + 6 * HOUR - 1, 30_000)])
@@ -1330,12 +1334,14 @@ mod tests {
             .unwrap();
         assert_eq!(rollup_files(&s), [0]);
         let report = s.maintain_with_cutoff(t0 + DAY + HOUR, t0 + DAY).unwrap();
-        assert_eq!(report.blocks_compacted, 1, "{report:?}");
+        assert_eq!(report.blocks_rolled_up, 1, "{report:?}");
+        assert_eq!(report.blocks_compacted, 0, "{report:?}");
         assert_eq!(rollup_files(&s), [2]);
         assert!(s.sizes().rollup_bytes > 0);
         let report = s
             .maintain_with_cutoff(t0 + DAY + 2 * HOUR, t0 + DAY)
             .unwrap();
+        assert_eq!(report.blocks_rolled_up, 0, "{report:?}");
         assert_eq!(report.blocks_compacted, 0, "{report:?}");
         assert_eq!(hourly_counts(&s).await, expected);
         drop(s);

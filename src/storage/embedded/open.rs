@@ -32,7 +32,7 @@ impl EmbeddedStorage {
             apply(&mut head, record, &flushed)
         })
         .map_err(fail)?;
-        let checkpoint_bytes = wal::checkpoint_bytes(wal.dir());
+        let checkpoint_bytes = wal::checkpoint_bytes(&dir.join("wal"));
         // The head holds the series of the checkpoint and the log; the blocks may hold more
         // (series the head forgot): ids go on after theirs, and reads and returning series
         // consult the indexes of the blocks whose series are not all in the head.

@@ -881,11 +881,6 @@ impl Wal {
         }
     }
 
-    /// The log's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Bytes of the segments, the current one included (not of checkpoints).
     pub fn segment_bytes(&self) -> u64 {
         self.spans.values().map(|s| s.bytes).sum()
