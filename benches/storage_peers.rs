@@ -22,6 +22,10 @@
 //!
 //! `cargo bench --bench storage_peers [-- --scenario steady|node --series N --rounds N --connections N]`
 //! (`--hold` keeps the loaded SecuMon up for ten minutes after its phase, for profiling)
+//! (`--ingest-only N` instead loads SecuMon and VictoriaMetrics alone, N rounds, taking
+//! turns, on fresh directories, and reports each round's ingest figures and the median ratios:
+//! for changes to the write path on a machine whose speed varies over minutes;
+//! `SECUMON_BENCH_BINARY_B=<path>` adds a second build to each round)
 //! (`apt-get install prometheus victoria-metrics` first).
 
 mod common;
@@ -226,6 +230,133 @@ fn run_queries(scenario: Scenario, name: &str, base: &str, end: i64) -> Vec<f64>
         .collect()
 }
 
+/// Idle and total jiffies of the whole machine (from /proc/stat).
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (idle, fields.iter().sum())
+}
+
+/// The share of the machine's CPU time left idle since `before`.
+fn idle_since(before: (u64, u64)) -> f64 {
+    let now = machine_jiffies();
+    (now.0 - before.0) as f64 / (now.1 - before.1).max(1) as f64
+}
+
+/// `--ingest-only N`: the number of rounds to load.
+fn ingest_only_pairs() -> Option<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--ingest-only")?;
+    Some(
+        args.get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .expect("--ingest-only N"),
+    )
+}
+
+/// Ingest alone, SecuMon (default settings) and VictoriaMetrics taking turns on fresh
+/// directories: samples/s, CPU-seconds per million samples and the machine's idle share
+/// during each load, and their ratios. With `SECUMON_BENCH_BINARY_B` set, that build
+/// takes its turn too (after the one under test), for an A/B comparison of two builds.
+fn ingest_pairs(rounds: usize, bodies: Arc<Vec<Vec<u8>>>, o: &Options) {
+    let builds: Vec<Option<String>> = std::iter::once(std::env::var("SECUMON_BENCH_BINARY").ok())
+        .chain(std::env::var("SECUMON_BENCH_BINARY_B").ok().map(Some))
+        .collect();
+    let measure = |pid: u32, url: &str| {
+        let cpu_before = cpu_seconds(pid);
+        let machine = machine_jiffies();
+        let outcome = push(url, bodies.clone(), o);
+        let cpu = cpu_seconds(pid) - cpu_before;
+        Load {
+            rate: outcome.accepted as f64 / outcome.seconds,
+            cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
+            idle: idle_since(machine),
+        }
+    };
+    let mut names: Vec<String> = (0..builds.len())
+        .map(|i| ["SecuMon", "SecuMon B"][i].to_owned())
+        .collect();
+    names.push("VictoriaMetrics".into());
+    let mut table: Vec<Vec<Load>> = Vec::new();
+    for round in 1..=rounds {
+        let mut row = Vec::new();
+        for build in &builds {
+            match build {
+                Some(path) => std::env::set_var("SECUMON_BENCH_BINARY", path),
+                None => std::env::remove_var("SECUMON_BENCH_BINARY"),
+            }
+            let dir = temp_dir("secumon-peers");
+            let port = free_port();
+            let server = spawn_secumon(
+                &dir.join("data").display().to_string(),
+                port,
+                &["--self-monitor-interval-secs", "0"],
+            );
+            row.push(measure(
+                server.pid(),
+                &format!("http://127.0.0.1:{port}/api/v1/write"),
+            ));
+            drop(server);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let vm = peers::VictoriaMetrics::start();
+        row.push(measure(
+            vm.server.pid(),
+            &format!("{}/api/v1/write", vm.base),
+        ));
+        drop(vm);
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&names)
+            .map(|(l, name)| {
+                format!(
+                    "{name} {:.0} samples/s, {:.2} CPU-s/1M, {:.0} % idle",
+                    l.rate,
+                    l.cpu_per_million,
+                    100.0 * l.idle
+                )
+            })
+            .collect();
+        println!("round {round}: {}", cells.join("; "));
+        table.push(row);
+    }
+    let median = |f: &dyn Fn(&[Load]) -> f64| {
+        let mut v: Vec<f64> = table.iter().map(|row| f(row)).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let vm = builds.len();
+    for (i, name) in names.iter().enumerate().take(vm) {
+        println!(
+            "median of {rounds} rounds, {name} / VictoriaMetrics: samples/s {:.2}, CPU per sample {:.2}",
+            median(&|r| r[i].rate / r[vm].rate),
+            median(&|r| r[i].cpu_per_million / r[vm].cpu_per_million)
+        );
+    }
+    if vm == 2 {
+        println!(
+            "median of {rounds} rounds, SecuMon / SecuMon B: samples/s {:.2}, CPU per sample {:.2}",
+            median(&|r| r[0].rate / r[1].rate),
+            median(&|r| r[0].cpu_per_million / r[1].cpu_per_million)
+        );
+    }
+}
+
+/// One load's figures in [`ingest_pairs`].
+struct Load {
+    rate: f64,
+    cpu_per_million: f64,
+    idle: f64,
+}
+
 fn main() {
     let scenario = Scenario::from_args();
     let o = Options::from_args(scenario.defaults());
@@ -241,6 +372,10 @@ fn main() {
             common::encode_requests_of(&o, t0, interval_ms, node_labels_of, node_value)
         }
     });
+    if let Some(pairs) = ingest_only_pairs() {
+        ingest_pairs(pairs, bodies, &o);
+        return;
+    }
     // The node load's figures are read this long after it ends, as a user looking at a
     // server just loaded would.
     let after_load = Duration::from_secs(40);

@@ -221,6 +221,10 @@ pub fn spawn_secumon(storage: &str, port: u16, extra: &[&str]) -> Managed {
         }
     }
     cmd.args(extra);
+    // Benches only: more flags for the server under test (`SECUMON_BENCH_ARGS="--a 1 --b 2"`).
+    if let Ok(more) = std::env::var("SECUMON_BENCH_ARGS") {
+        cmd.args(more.split_whitespace());
+    }
     let process = Managed::spawn("secumon", cmd, None);
     wait_for_port(port, Duration::from_secs(30), "secumon");
     process
