@@ -98,13 +98,27 @@ impl EmbeddedStorage {
     /// and only the log's write itself is one at a time. A batch with a series new to the
     /// head holds the head alone. Either way a series' samples are judged, logged and applied
     /// in one order, and maintenance (which holds the head alone) never comes in between.
-    /// Then, with no lock held, the writer waits until its records are durable (by policy)
-    /// before the caller acknowledges: concurrent writers share one fsync (group commit).
-    pub(super) fn append_sync(
+    /// The log's fsync starts as soon as the record is written (the flusher thread's), and,
+    /// with no lock held, the writer then waits, as a task, until its records are durable
+    /// (by policy) before the caller acknowledges: concurrent writers share one fsync (group
+    /// commit).
+    pub(super) async fn append_and_sync(
         &self,
         tenant: &TenantId,
         batch: &WriteBatch,
     ) -> StorageResult<AppendOutcome> {
+        let (outcome, logged) = self.append_logged(tenant, batch)?;
+        self.durable(logged).await?;
+        Ok(outcome)
+    }
+
+    /// [`EmbeddedStorage::append_and_sync`] up to the wait for durability: the outcome and where the
+    /// log's write ended.
+    fn append_logged(
+        &self,
+        tenant: &TenantId,
+        batch: &WriteBatch,
+    ) -> StorageResult<(AppendOutcome, Logged)> {
         let known = {
             let head = self.read();
             match known_ids(&head, tenant.as_str(), batch) {
@@ -112,9 +126,8 @@ impl EmbeddedStorage {
                 None => None,
             }
         };
-        if let Some((outcome, logged)) = known {
-            self.durable(logged)?;
-            return Ok(outcome);
+        if let Some(known) = known {
+            return Ok(known);
         }
         let head = self.write();
         let mut records = Vec::new();
@@ -129,11 +142,10 @@ impl EmbeddedStorage {
         if !accepted.is_empty() {
             records.push(Record::Samples { samples: accepted });
         }
-        self.commit(head, records)?;
-        Ok(outcome)
+        Ok((outcome, self.commit(head, records)?))
     }
 
-    /// [`EmbeddedStorage::append_sync`] of a batch whose series the head all holds (`ids`),
+    /// [`EmbeddedStorage::append_and_sync`] of a batch whose series the head all holds (`ids`),
     /// with the head shared: returns the outcome and where the log's write ended (`None` if
     /// the head no longer holds one of the series).
     fn append_known(
@@ -263,6 +275,8 @@ impl EmbeddedStorage {
                 tokio::task::block_in_place(|| wal.append_packed(packed)).map_err(io_error)?
             }
         };
+        // The fsync starts now, while the writer applies its samples.
+        wal.syncer().request(end);
         Ok(Logged {
             end,
             policy: wal.fsync_policy(),
@@ -273,20 +287,24 @@ impl EmbeddedStorage {
     /// Waits until the log is durable up to `logged` (by policy). If that fsync fails the
     /// log refuses writes until a restart, so nothing is acknowledged that a restart would
     /// not find.
-    pub(super) fn durable(&self, logged: Logged) -> StorageResult<()> {
+    pub(super) async fn durable(&self, logged: Logged) -> StorageResult<()> {
         if logged.policy == FsyncPolicy::Always {
-            tokio::task::block_in_place(|| logged.syncer.sync_to(logged.end)).map_err(io_error)?;
+            logged
+                .syncer
+                .synced_to_async(logged.end)
+                .await
+                .map_err(io_error)?;
         }
         Ok(())
     }
 
-    /// Logs `records` and applies them to the head, held alone throughout, then lets it go
-    /// and waits until they are durable (by policy).
+    /// Logs `records` and applies them to the head, held alone throughout, then lets it go;
+    /// returns where the log's write ended, for [`EmbeddedStorage::durable`].
     pub(super) fn commit(
         &self,
         mut head: std::sync::RwLockWriteGuard<'_, Head>,
         records: Vec<Record>,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<Logged> {
         let packed = self.pack(&records)?;
         let logged = self.log(packed.as_ref())?;
         let none = HashMap::default();
@@ -294,7 +312,7 @@ impl EmbeddedStorage {
             apply(&mut head, record, &none);
         }
         drop(head);
-        self.durable(logged)
+        Ok(logged)
     }
 }
 

@@ -195,7 +195,7 @@ pub struct EmbeddedStorage {
     dir: PathBuf,
     head: RwLock<Head>,
     /// Taken after the head (shared or alone), for the write to the log alone: see
-    /// [`EmbeddedStorage::append_sync`].
+    /// [`EmbeddedStorage::append_and_sync`].
     wal: Mutex<Wal>,
     blocks: RwLock<BlockSet>,
     /// One maintenance run at a time.
@@ -286,7 +286,7 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         batch: &WriteBatch,
     ) -> StorageResult<AppendOutcome> {
-        self.append_sync(tenant, batch)
+        self.append_and_sync(tenant, batch).await
     }
 
     async fn append_metadata(
@@ -294,23 +294,26 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         metadata: &[MetricMetadata],
     ) -> StorageResult<()> {
-        let head = self.write();
-        let records: Vec<Record> = {
-            let known = head.tenants.get(tenant.as_str()).map(|t| &t.metadata);
-            metadata
-                .iter()
-                .filter(|m| {
-                    !known
-                        .and_then(|k| k.get(&m.metric_family_name))
-                        .is_some_and(|v| v.contains(m))
-                })
-                .map(|m| Record::Metadata {
-                    tenant: tenant.as_str().to_owned(),
-                    metadata: m.clone(),
-                })
-                .collect()
+        let logged = {
+            let head = self.write();
+            let records: Vec<Record> = {
+                let known = head.tenants.get(tenant.as_str()).map(|t| &t.metadata);
+                metadata
+                    .iter()
+                    .filter(|m| {
+                        !known
+                            .and_then(|k| k.get(&m.metric_family_name))
+                            .is_some_and(|v| v.contains(m))
+                    })
+                    .map(|m| Record::Metadata {
+                        tenant: tenant.as_str().to_owned(),
+                        metadata: m.clone(),
+                    })
+                    .collect()
+            };
+            self.commit(head, records)?
         };
-        self.commit(head, records)
+        self.durable(logged).await
     }
 
     async fn append_exemplars(
@@ -318,29 +321,32 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         batch: &[ExemplarWrite],
     ) -> StorageResult<()> {
-        let head = self.write();
-        let mut records = Vec::new();
-        let exemplars: Vec<(u64, i64, f64, Labels)> = {
-            let series = WriteBatch::of_labels(batch.iter().map(|w| &w.series));
-            let ids = self.resolve(
-                &head,
-                tenant.as_str(),
-                &series,
-                &mut records,
-                &mut HashMap::default(),
-            )?;
-            batch
-                .iter()
-                .zip(ids)
-                .flat_map(|(w, id)| {
-                    w.exemplars
-                        .iter()
-                        .map(move |e| (id, e.t, e.value, e.labels.clone()))
-                })
-                .collect()
+        let logged = {
+            let head = self.write();
+            let mut records = Vec::new();
+            let exemplars: Vec<(u64, i64, f64, Labels)> = {
+                let series = WriteBatch::of_labels(batch.iter().map(|w| &w.series));
+                let ids = self.resolve(
+                    &head,
+                    tenant.as_str(),
+                    &series,
+                    &mut records,
+                    &mut HashMap::default(),
+                )?;
+                batch
+                    .iter()
+                    .zip(ids)
+                    .flat_map(|(w, id)| {
+                        w.exemplars
+                            .iter()
+                            .map(move |e| (id, e.t, e.value, e.labels.clone()))
+                    })
+                    .collect()
+            };
+            records.push(Record::Exemplars { exemplars });
+            self.commit(head, records)?
         };
-        records.push(Record::Exemplars { exemplars });
-        self.commit(head, records)
+        self.durable(logged).await
     }
 
     async fn exemplars(
