@@ -59,9 +59,15 @@ pub(super) async fn remote_write(
     // A body of usual size is decoded here; a larger one on the blocking pool.
     let inline = snap::raw::decompress_len(&body).is_ok_and(|n| n <= INLINE_DECODE_BYTES);
     let decoded = if inline {
-        Ok(remote_write::decode(&body, &config, &limits))
+        // A panic in decoding answers 500, as on the blocking pool.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            remote_write::decode(&body, &config, &limits)
+        }))
+        .map_err(|_| "decoding panicked".to_owned())
     } else {
-        tokio::task::spawn_blocking(move || remote_write::decode(&body, &config, &limits)).await
+        tokio::task::spawn_blocking(move || remote_write::decode(&body, &config, &limits))
+            .await
+            .map_err(|e| e.to_string())
     };
     let batch = match decoded {
         Ok(Ok(batch)) => batch,

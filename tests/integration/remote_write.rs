@@ -459,12 +459,19 @@ async fn embedded_full_disk_and_damaged_log() {
     .await;
     s.server.stop().await;
     let segment = dir.path().join("wal/00000001.wal");
-    let len = std::fs::metadata(&segment).unwrap().len();
+    // The segment is zero-filled past its records (fsync before acknowledgement): tear the
+    // last record, not the zeros.
+    let bytes = std::fs::read(&segment).unwrap();
+    let records_end = bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+    assert!(
+        bytes.len() as u64 > records_end,
+        "the segment is zero-filled ahead"
+    );
     std::fs::OpenOptions::new()
         .write(true)
         .open(&segment)
         .unwrap()
-        .set_len(len - 3)
+        .set_len(records_end - 3)
         .unwrap();
     let s = Secumon::start_on(Backend::Embedded, |c| c.storage = path.clone()).await;
     assert_eq!(instant(&s, "m", T0 + 500).await[0].1, "1");

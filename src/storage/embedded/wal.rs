@@ -689,9 +689,18 @@ impl Syncer {
         self.done_async.notify_waiters();
     }
 
+    /// Stops the flusher (the log closed); a writer still waiting for a position not yet
+    /// durable gets an error rather than waiting forever.
     fn stop(&self) {
-        self.state().stop = true;
+        let mut state = self.state();
+        state.stop = true;
+        state.failure.get_or_insert_with(|| {
+            "the write-ahead log closed before the write was durable".into()
+        });
+        drop(state);
         self.work.notify_all();
+        self.done.notify_all();
+        self.done_async.notify_waiters();
     }
 }
 
@@ -838,7 +847,7 @@ impl Wal {
         let _ = std::fs::remove_file(dir.join("checkpoint.tmp"));
         if let Some(&n) = checkpoints(dir)?.last() {
             let path = checkpoint_path(dir, n);
-            let (records, valid_len, file_len, _) = replay_segment(&path, &mut apply)?;
+            let (records, valid_len, file_len, _) = replay_segment(&path, false, &mut apply)?;
             report.records += records;
             if valid_len < file_len {
                 report.truncated = Some((path, file_len - valid_len));
@@ -849,7 +858,7 @@ impl Wal {
         let mut spans = BTreeMap::new();
         for (i, &n) in list.iter().enumerate() {
             let path = segment_path(dir, n);
-            let (records, valid_len, file_len, span) = replay_segment(&path, &mut apply)?;
+            let (records, valid_len, file_len, span) = replay_segment(&path, true, &mut apply)?;
             report.records += records;
             if valid_len == file_len && std::fs::metadata(&path)?.len() > valid_len {
                 // Zeros past the last record: the end of the log, cut.
@@ -896,6 +905,11 @@ impl Wal {
             File::open(parent)?.sync_all()?;
         }
         let size = file.metadata()?.len();
+        // What replay read may have been written and never fsynced (the process was killed):
+        // durable before a request that repeats it is acknowledged on it.
+        if fsync == FsyncPolicy::Always && size > 0 {
+            file.sync_data()?;
+        }
         spans.entry(segment).or_insert(Segment::EMPTY).bytes = size;
         let end = Position {
             segment,
@@ -1195,11 +1209,13 @@ impl CheckpointWriter {
     }
 }
 
-/// Replays one segment: (records, bytes of intact records, bytes up to the end of what was
-/// written: the file's length, or the intact bytes when only zeros follow them, sample times).
-/// Intact bytes short of that end are damage.
+/// Replays one segment or checkpoint: (records, bytes of intact records, bytes up to the end
+/// of what was written, sample times). Intact bytes short of that end are damage. The end is
+/// the file's length, or, for a log segment (`zeros_end`), where its non-zero bytes end: the
+/// intact bytes when only zeros follow them (a zero-filled segment's end).
 fn replay_segment(
     path: &Path,
+    zeros_end: bool,
     apply: &mut impl FnMut(Record),
 ) -> io::Result<(usize, u64, u64, Span)> {
     let file = File::open(path)?;
@@ -1231,28 +1247,31 @@ fn replay_segment(
         unpacked.into_iter().for_each(&mut *apply);
         valid += 8 + u64::from(len);
     }
-    // Zeros after the last record are the end of the log (see the module's documentation).
-    let end = if valid < file_len && zeros_from(reader.into_inner(), valid)? {
-        valid
+    // In a log segment, zeros after the last record are the end of the log (see the
+    // module's documentation), and zeros after damage are not counted in it.
+    let end = if valid < file_len && zeros_end {
+        data_end(reader.into_inner(), valid)?
     } else {
         file_len
     };
     Ok((records, valid, end, span))
 }
 
-/// Whether `file` holds nothing but zero bytes from `at` to its end.
-fn zeros_from(mut file: File, at: u64) -> io::Result<bool> {
+/// Where the bytes of `file` from `at` on end, zeros after them left out (`at` if all are).
+fn data_end(mut file: File, at: u64) -> io::Result<u64> {
     file.seek(io::SeekFrom::Start(at))?;
     let mut reader = BufReader::with_capacity(64 << 10, file);
+    let (mut offset, mut end) = (at, at);
     loop {
         let chunk = reader.fill_buf()?;
         if chunk.is_empty() {
-            return Ok(true);
+            return Ok(end);
         }
-        if chunk.iter().any(|&b| b != 0) {
-            return Ok(false);
+        if let Some(last) = chunk.iter().rposition(|&b| b != 0) {
+            end = offset + last as u64 + 1;
         }
         let n = chunk.len();
+        offset += n as u64;
         reader.consume(n);
     }
 }
@@ -1350,15 +1369,16 @@ pub fn carry_samples(
         )
     };
     if let Some(&n) = checkpoints(dir)?.last() {
-        let (_, valid, len, _) =
-            replay_segment(&checkpoint_path(dir, n), &mut |r| keep(r, &mut batch))?;
+        let (_, valid, len, _) = replay_segment(&checkpoint_path(dir, n), false, &mut |r| {
+            keep(r, &mut batch)
+        })?;
         if valid < len {
             return Err(damaged(format!("checkpoint {n}"), valid));
         }
     }
     for &n in &plan.carry {
         let (_, valid, len, _) =
-            replay_segment(&segment_path(dir, n), &mut |r| keep(r, &mut batch))?;
+            replay_segment(&segment_path(dir, n), true, &mut |r| keep(r, &mut batch))?;
         if valid < len {
             return Err(damaged(format!("log segment {n}"), valid));
         }
@@ -1659,7 +1679,10 @@ mod tests {
         out.commit(5).unwrap();
         assert_eq!(carried, 2);
         let mut seen = Vec::new();
-        replay_segment(&checkpoint_path(dir.path(), 5), &mut |r| seen.push(r)).unwrap();
+        replay_segment(&checkpoint_path(dir.path(), 5), false, &mut |r| {
+            seen.push(r)
+        })
+        .unwrap();
         let samples = vec![(2, 300, 2.0), (2, 500, 2.0)];
         assert_eq!(seen, [Record::Samples { samples }]);
     }
@@ -1740,10 +1763,10 @@ mod tests {
         let mut seen = 0;
         let (wal, report) = Wal::open(dir.path(), FsyncPolicy::Always, |_| seen += 1).unwrap();
         assert_eq!(seen, 2);
-        assert_eq!(
-            report.truncated,
-            Some((path.clone(), PADDING_BYTES - end.offset))
-        );
+        // The damage reported is the torn record's bytes, not the zeros after them.
+        let (cut, bytes) = report.truncated.unwrap();
+        assert_eq!(cut, path);
+        assert!(bytes > 0 && bytes <= 10, "{bytes}");
         assert_eq!(wal.size, end.offset);
         drop(wal);
 
@@ -1790,6 +1813,13 @@ mod tests {
         let mut count = 0;
         Wal::open(dir.path(), FsyncPolicy::Always, |_| count += 1).unwrap();
         assert_eq!(count, 50);
+        // A wait past what is durable once the log closed ends with an error, not never.
+        let beyond = Position {
+            segment: 99,
+            offset: 0,
+        };
+        let err = syncer.synced_to_async(beyond).await.unwrap_err();
+        assert!(err.to_string().contains("closed"), "{err}");
         // The flusher stopped with the log: nothing holds the syncer but this test.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while Arc::strong_count(&syncer) > 1 {
