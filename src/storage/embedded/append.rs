@@ -276,26 +276,20 @@ impl EmbeddedStorage {
             }
         };
         // The fsync starts now, while the writer applies its samples.
-        wal.syncer().request(end);
-        Ok(Logged {
-            end,
-            policy: wal.fsync_policy(),
-            syncer: wal.syncer(),
-        })
+        let syncer = wal.syncer();
+        syncer.request(end);
+        Ok(Logged { end, syncer })
     }
 
     /// Waits until the log is durable up to `logged` (by policy). If that fsync fails the
     /// log refuses writes until a restart, so nothing is acknowledged that a restart would
     /// not find.
     pub(super) async fn durable(&self, logged: Logged) -> StorageResult<()> {
-        if logged.policy == FsyncPolicy::Always {
-            logged
-                .syncer
-                .synced_to_async(logged.end)
-                .await
-                .map_err(io_error)?;
-        }
-        Ok(())
+        logged
+            .syncer
+            .synced_to_async(logged.end)
+            .await
+            .map_err(io_error)
     }
 
     /// Logs `records` and applies them to the head, held alone throughout, then lets it go;
@@ -319,7 +313,6 @@ impl EmbeddedStorage {
 /// Where a write to the log ended, and how to wait until it is durable.
 pub(super) struct Logged {
     end: wal::Position,
-    policy: FsyncPolicy,
     syncer: Arc<wal::Syncer>,
 }
 

@@ -624,6 +624,9 @@ impl Syncer {
 
     /// Asks the flusher to make everything up to `to` durable, without waiting.
     pub fn request(&self, to: Position) {
+        if !self.fsyncs {
+            return;
+        }
         let mut state = self.state();
         if to > state.asked {
             state.asked = to;
@@ -657,6 +660,9 @@ impl Syncer {
 
     /// [`Syncer::sync_to`] for async callers: the thread runs other tasks meanwhile.
     pub async fn synced_to_async(&self, to: Position) -> io::Result<()> {
+        if !self.fsyncs {
+            return Ok(());
+        }
         self.request(to);
         loop {
             let notified = self.done_async.notified();
@@ -933,15 +939,11 @@ impl Wal {
         ))
     }
 
-    /// The group-commit handle: [`Syncer::sync_to`] the position an append returned before
-    /// acknowledging it (with `--embedded-fsync always`); [`Syncer::request`] it as soon as
-    /// it is written.
+    /// The group-commit handle: [`Syncer::request`] the position an append returned as soon
+    /// as it is written, and wait for it ([`Syncer::synced_to_async`]) before acknowledging
+    /// it (both return at once with `--embedded-fsync never`).
     pub fn syncer(&self) -> Arc<Syncer> {
         self.syncer.clone()
-    }
-
-    pub fn fsync_policy(&self) -> FsyncPolicy {
-        self.fsync
     }
 
     /// Where the last write ended: a request that wrote nothing itself (all its samples were
@@ -1787,6 +1789,25 @@ mod tests {
         let (_, report) = Wal::open(dir.path(), FsyncPolicy::Always, |_| seen += 1).unwrap();
         assert_eq!((seen, report.truncated), (records().len(), None));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), end.offset);
+    }
+
+    #[test]
+    fn zeros_after_a_checkpoint_s_records_are_damage() {
+        // A checkpoint is written whole and renamed, never zero-filled: zeros in it are
+        // damage, reported, unlike a log segment's.
+        let written = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(written.path(), FsyncPolicy::Never, |_| {}).unwrap();
+        wal.append(&records()).unwrap();
+        drop(wal);
+        let mut bytes = std::fs::read(segment_path(written.path(), 1)).unwrap();
+        bytes.resize(bytes.len() + 4096, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoint = checkpoint_path(dir.path(), 1);
+        std::fs::write(&checkpoint, &bytes).unwrap();
+        let mut seen = 0;
+        let (_, report) = Wal::open(dir.path(), FsyncPolicy::Never, |_| seen += 1).unwrap();
+        assert_eq!(seen, records().len());
+        assert_eq!(report.truncated, Some((checkpoint, 4096)));
     }
 
     #[tokio::test]
