@@ -251,6 +251,17 @@ fn idle_since(before: (u64, u64)) -> f64 {
     (now.0 - before.0) as f64 / (now.1 - before.1).max(1) as f64
 }
 
+/// SecuMon's flags in both modes: default settings but a short maintenance interval, so
+/// that flushes (and their CPU) fall within the run (the default is every 5 minutes), and its
+/// own metrics not recorded: as Prometheus here (which scrapes nothing), it then holds only
+/// the load (its own samples would be counted in its directory and in no peer's).
+const SECUMON_FLAGS: &[&str] = &[
+    "--embedded-flush-interval-secs",
+    "10",
+    "--self-monitor-interval-secs",
+    "0",
+];
+
 /// `--ingest-only N`: the number of rounds to load.
 fn ingest_only_pairs() -> Option<usize> {
     let args: Vec<String> = std::env::args().collect();
@@ -262,7 +273,7 @@ fn ingest_only_pairs() -> Option<usize> {
     )
 }
 
-/// Ingest alone, SecuMon (default settings) and VictoriaMetrics taking turns on fresh
+/// Ingest alone, SecuMon (with [`SECUMON_FLAGS`], as in the full run) and VictoriaMetrics taking turns on fresh
 /// directories: samples/s, CPU-seconds per million samples and the machine's idle share
 /// during each load, and their ratios. With `SECUMON_BENCH_BINARY_B` set, that build
 /// takes its turn too (after the one under test), for an A/B comparison of two builds.
@@ -295,11 +306,8 @@ fn ingest_pairs(rounds: usize, bodies: Arc<Vec<Vec<u8>>>, o: &Options) {
             }
             let dir = temp_dir("secumon-peers");
             let port = free_port();
-            let server = spawn_secumon(
-                &dir.join("data").display().to_string(),
-                port,
-                &["--self-monitor-interval-secs", "0"],
-            );
+            let server =
+                spawn_secumon(&dir.join("data").display().to_string(), port, SECUMON_FLAGS);
             row.push(measure(
                 server.pid(),
                 &format!("http://127.0.0.1:{port}/api/v1/write"),
@@ -382,23 +390,11 @@ fn main() {
     let url_of = |port: u16| format!("http://127.0.0.1:{port}");
     let mut results = Vec::new();
 
-    // SecuMon, embedded engine, default settings but a short maintenance interval so the
-    // flush happens during the run (the default is every 5 minutes), and its own metrics
-    // not recorded: as Prometheus here (which scrapes nothing), it then holds only the load.
-    // (Its own samples would be counted in its directory and in no peer's.)
+    // SecuMon, embedded engine, with `SECUMON_FLAGS`.
     {
         let dir = temp_dir("secumon-peers");
         let port = free_port();
-        let server = spawn_secumon(
-            &dir.join("data").display().to_string(),
-            port,
-            &[
-                "--embedded-flush-interval-secs",
-                "10",
-                "--self-monitor-interval-secs",
-                "0",
-            ],
-        );
+        let server = spawn_secumon(&dir.join("data").display().to_string(), port, SECUMON_FLAGS);
         let base = url_of(port);
         let cpu_before = cpu_seconds(server.pid());
         let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
