@@ -271,6 +271,13 @@ impl EmbeddedStorage {
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let end = match packed {
             None => wal.end(),
+            // A write of a few kilobytes into the page cache takes microseconds: handing the
+            // runtime thread's work to another thread around it (`block_in_place` wakes a
+            // thread every time) cost more than the write. Appends that start a segment or
+            // zero-fill ahead can take milliseconds and still hand it off.
+            Some(packed) if !wal.append_may_block(packed) => {
+                wal.append_packed(packed).map_err(io_error)?
+            }
             Some(packed) => {
                 tokio::task::block_in_place(|| wal.append_packed(packed)).map_err(io_error)?
             }

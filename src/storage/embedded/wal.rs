@@ -36,6 +36,9 @@ const MAX_WRITTEN_PAYLOAD: usize = 64 << 20;
 const SEGMENT_BYTES: u64 = 128 << 20;
 /// The current segment is zero-filled this far past its end, in steps of this size.
 const PADDING_BYTES: u64 = 1 << 20;
+/// Appends up to this size that need no new segment and no zero fill are written on the
+/// writer's own thread (see [`Wal::append_may_block`]).
+const QUICK_APPEND_BYTES: u64 = 256 << 10;
 /// Payload kind of a frame holding other frames, compressed.
 const COMPRESSED: u8 = 7;
 /// Frames are compressed together up to this many bytes (one frame larger goes alone).
@@ -964,6 +967,16 @@ impl Wal {
         self.append_packed(&packed)
     }
 
+    /// Whether appending `packed` may take long: it starts a new segment (an fsync and a
+    /// new file), zero-fills the next megabyte, or is large. Any other append copies a few
+    /// kilobytes into the page cache, in microseconds.
+    pub fn append_may_block(&self, packed: &Packed) -> bool {
+        let len = packed.bytes.len() as u64;
+        self.size > SEGMENT_BYTES
+            || len > QUICK_APPEND_BYTES
+            || (self.fsync == FsyncPolicy::Always && self.size + len > self.allocated)
+    }
+
     /// [`Wal::append`] of records packed beforehand.
     pub fn append_packed(&mut self, packed: &Packed) -> io::Result<Position> {
         if self.broken || self.syncer.broken.load(Ordering::SeqCst) {
@@ -1789,6 +1802,45 @@ mod tests {
         let (_, report) = Wal::open(dir.path(), FsyncPolicy::Always, |_| seen += 1).unwrap();
         assert_eq!((seen, report.truncated), (records().len(), None));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), end.offset);
+    }
+
+    #[test]
+    fn only_appends_that_start_a_segment_fill_ahead_or_are_large_may_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), FsyncPolicy::Always, |_| {}).unwrap();
+        let small = Packed::of(&records(), &mut Packer::new().unwrap()).unwrap();
+        // The first append zero-fills the first megabyte; the next ones fit in it.
+        assert!(wal.append_may_block(&small));
+        wal.append_packed(&small).unwrap();
+        assert!(!wal.append_may_block(&small));
+        // Past the filled megabyte: fill again.
+        wal.size = wal.allocated - 1;
+        assert!(wal.append_may_block(&small));
+        // Past a segment's size: a new segment.
+        wal.size = SEGMENT_BYTES + 1;
+        wal.allocated = SEGMENT_BYTES + PADDING_BYTES;
+        assert!(wal.append_may_block(&small));
+        // A large append.
+        let samples = (0..100_000u64)
+            .map(|i| {
+                (
+                    1,
+                    i as i64,
+                    f64::from_bits(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                )
+            })
+            .collect();
+        let large =
+            Packed::of(&[Record::Samples { samples }], &mut Packer::new().unwrap()).unwrap();
+        assert!(
+            large.bytes.len() as u64 > QUICK_APPEND_BYTES,
+            "{}",
+            large.bytes.len()
+        );
+        drop(wal);
+        let (wal, _) = Wal::open(dir.path(), FsyncPolicy::Never, |_| {}).unwrap();
+        assert!(!wal.append_may_block(&small));
+        assert!(wal.append_may_block(&large));
     }
 
     #[test]
