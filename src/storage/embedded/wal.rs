@@ -528,7 +528,7 @@ pub struct Position {
 /// their samples to the head), and each fsync makes every write before it durable, so
 /// concurrent requests share fsyncs instead of queueing one each, and a request's fsync
 /// overlaps its own work. Writers then wait (blocking or async) until their position is
-/// durable.
+/// durable; an async writer that finds no fsync running runs it itself.
 #[derive(Debug)]
 pub struct Syncer {
     state: Mutex<SyncState>,
@@ -558,6 +558,8 @@ struct SyncState {
     failure: Option<String>,
     /// The log closed: the flusher stops.
     stop: bool,
+    /// An fsync is running (the flusher's or a writer's).
+    in_flight: bool,
 }
 
 impl Syncer {
@@ -600,29 +602,44 @@ impl Syncer {
             if state.stop {
                 return;
             }
-            if state.failure.is_some() || state.asked <= state.synced {
+            if state.failure.is_some() || state.asked <= state.synced || state.in_flight {
                 state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
-            drop(state);
-            let (end, file) = {
-                let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-                (current.0, current.1.clone())
-            };
-            let result = file.sync_data();
-            state = self.state();
-            match result {
-                Ok(()) => state.synced = state.synced.max(end),
-                // What was written may not be on disk, and a second fsync would wrongly
-                // report success: the log refuses writes until a restart.
-                Err(e) => {
-                    self.broken.store(true, Ordering::SeqCst);
-                    state.failure = Some(format!("fsync of the write-ahead log failed: {e}"));
-                }
-            }
-            self.done.notify_all();
-            self.done_async.notify_waiters();
+            state = self.fsync(state);
         }
+    }
+
+    /// Fsyncs the log up to its last write, `state` let go meanwhile; the caller saw no
+    /// fsync running. Wakes every waiter, and the flusher if more was asked for meanwhile.
+    fn fsync<'s>(
+        &'s self,
+        mut state: std::sync::MutexGuard<'s, SyncState>,
+    ) -> std::sync::MutexGuard<'s, SyncState> {
+        state.in_flight = true;
+        drop(state);
+        let (end, file) = {
+            let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            (current.0, current.1.clone())
+        };
+        let result = file.sync_data();
+        let mut state = self.state();
+        state.in_flight = false;
+        match result {
+            Ok(()) => state.synced = state.synced.max(end),
+            // What was written may not be on disk, and a second fsync would wrongly
+            // report success: the log refuses writes until a restart.
+            Err(e) => {
+                self.broken.store(true, Ordering::SeqCst);
+                state.failure = Some(format!("fsync of the write-ahead log failed: {e}"));
+            }
+        }
+        if state.asked > state.synced {
+            self.work.notify_one();
+        }
+        self.done.notify_all();
+        self.done_async.notify_waiters();
+        state
     }
 
     /// Asks the flusher to make everything up to `to` durable, without waiting.
@@ -661,7 +678,12 @@ impl Syncer {
         Ok(())
     }
 
-    /// [`Syncer::sync_to`] for async callers: the thread runs other tasks meanwhile.
+    /// [`Syncer::sync_to`] for async callers: the thread runs other tasks while an fsync
+    /// runs. If none runs (the flusher, woken when the write asked, has not started yet:
+    /// on a busy machine it waits for a core), the caller fsyncs itself rather than wait
+    /// for the flusher to be scheduled and then for its own wake-up; one fsync runs at a
+    /// time, so this holds at most one runtime thread, and only where the runtime has
+    /// another for the rest of the work.
     pub async fn synced_to_async(&self, to: Position) -> io::Result<()> {
         if !self.fsyncs {
             return Ok(());
@@ -672,8 +694,15 @@ impl Syncer {
             tokio::pin!(notified);
             // Registered before the check, so a wake-up between the two is not lost.
             notified.as_mut().enable();
-            if self.reached(&self.state(), to)? {
-                return Ok(());
+            {
+                let state = self.state();
+                if self.reached(&state, to)? {
+                    return Ok(());
+                }
+                if !state.in_flight && !state.stop && spare_runtime_thread() {
+                    drop(self.fsync(state));
+                    continue;
+                }
             }
             notified.await;
         }
@@ -711,6 +740,12 @@ impl Syncer {
         self.done.notify_all();
         self.done_async.notify_waiters();
     }
+}
+
+/// Whether the calling task runs on a runtime with more than one thread: a writer may then
+/// hold its thread for an fsync while the others go on.
+fn spare_runtime_thread() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() > 1)
 }
 
 impl Drop for Wal {
@@ -1902,6 +1937,56 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_fsyncs_itself_when_no_fsync_runs_and_another_thread_is_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(File::create(dir.path().join("log")).unwrap());
+        // No flusher started: only a writer can make a position durable.
+        let syncer = Arc::new(Syncer::new(
+            Position::default(),
+            file.clone(),
+            FsyncPolicy::Always,
+        ));
+        file.write_all_at(b"record", 0).unwrap();
+        let end = Position {
+            segment: 0,
+            offset: 6,
+        };
+        syncer.written(end, &file);
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            syncer.synced_to_async(end),
+        )
+        .await;
+        assert!(matches!(waited, Ok(Ok(()))), "{waited:?}");
+        assert!(syncer.state().synced >= end && !syncer.state().in_flight);
+        // On a runtime of one thread it leaves the fsync to the flusher (here: none) and waits.
+        let later = Position {
+            segment: 0,
+            offset: 12,
+        };
+        file.write_all_at(b"record", 6).unwrap();
+        syncer.written(later, &file);
+        let waiter = syncer.clone();
+        let waited = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    tokio::time::timeout(
+                        std::time::Duration::from_millis(200),
+                        waiter.synced_to_async(later),
+                    )
+                    .await
+                })
+        })
+        .join()
+        .unwrap();
+        assert!(waited.is_err(), "{waited:?}");
+        assert!(syncer.state().synced < later);
     }
 
     #[tokio::test]
