@@ -271,7 +271,7 @@ impl EmbeddedStorage {
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let end = match packed {
             None => wal.end(),
-            // A write of a few kilobytes into the page cache takes microseconds: handing the
+            // A write of a few kilobytes into the page cache usually takes microseconds: handing the
             // runtime thread's work to another thread around it (`block_in_place` wakes a
             // thread every time) cost more than the write. Appends that start a segment or
             // zero-fill ahead can take milliseconds and still hand it off.

@@ -642,7 +642,6 @@ impl Syncer {
             file.sync_data()
         };
         let mut state = self.state();
-        state.in_flight = false;
         state.slow = began.elapsed() > QUICK_FSYNC;
         match result {
             Ok(()) if !self.broken.load(Ordering::SeqCst) => state.synced = state.synced.max(end),
@@ -654,12 +653,27 @@ impl Syncer {
                 state.failure = Some(format!("fsync of the write-ahead log failed: {e}"));
             }
         }
+        self.finished(state)
+    }
+
+    /// Ends an fsync (its outcome in `state`): none runs now; wakes the flusher if more was
+    /// asked for meanwhile, and every waiter.
+    fn finished<'s>(
+        &'s self,
+        mut state: std::sync::MutexGuard<'s, SyncState>,
+    ) -> std::sync::MutexGuard<'s, SyncState> {
+        state.in_flight = false;
         if state.asked > state.synced {
             self.work.notify_one();
         }
+        self.wake_waiters();
+        state
+    }
+
+    /// Wakes every waiter, blocked or async, to look at the state again.
+    fn wake_waiters(&self) {
         self.done.notify_all();
         self.done_async.notify_waiters();
-        state
     }
 
     /// Asks the flusher to make everything up to `to` durable, without waiting.
@@ -739,14 +753,7 @@ impl Syncer {
         state.in_flight = true;
         drop(state);
         let result = sync();
-        let mut state = self.state();
-        state.in_flight = false;
-        if state.asked > state.synced {
-            self.work.notify_one();
-        }
-        drop(state);
-        self.done.notify_all();
-        self.done_async.notify_waiters();
+        drop(self.finished(self.state()));
         result
     }
 
@@ -757,16 +764,14 @@ impl Syncer {
     fn synced_to(&self, end: Position) {
         let mut state = self.state();
         state.synced = state.synced.max(end);
-        self.done.notify_all();
-        self.done_async.notify_waiters();
+        self.wake_waiters();
     }
 
     /// Marks the log broken (a failed fsync elsewhere) and wakes every waiter.
     fn break_with(&self, failure: String) {
         self.broken.store(true, Ordering::SeqCst);
         self.state().failure.get_or_insert(failure);
-        self.done.notify_all();
-        self.done_async.notify_waiters();
+        self.wake_waiters();
     }
 
     /// Stops the flusher (the log closed); a writer still waiting for a position not yet
@@ -779,8 +784,7 @@ impl Syncer {
         });
         drop(state);
         self.work.notify_all();
-        self.done.notify_all();
-        self.done_async.notify_waiters();
+        self.wake_waiters();
     }
 }
 
@@ -1045,8 +1049,9 @@ impl Wal {
     }
 
     /// Whether appending `packed` may take long: it starts a new segment (an fsync and a
-    /// new file), zero-fills the next megabyte, or is large. Any other append copies a few
-    /// kilobytes into the page cache, in microseconds.
+    /// new file), zero-fills the next megabyte, or is large. Any other append is a copy of
+    /// at most [`QUICK_APPEND_BYTES`] into the page cache, usually microseconds (it can
+    /// still wait, rarely, for the file system's journal or write-back throttling).
     pub fn append_may_block(&self, packed: &Packed) -> bool {
         let len = packed.bytes.len() as u64;
         self.size > SEGMENT_BYTES
@@ -2004,12 +2009,27 @@ mod tests {
         .await;
         assert!(matches!(waited, Ok(Ok(()))), "{waited:?}");
         assert!(syncer.state().synced >= end && !syncer.state().in_flight);
-        // On a runtime of one thread it leaves the fsync to the flusher (here: none) and waits.
-        let later = Position {
+        // After a slow fsync the next is handed off (`block_in_place`), and still durable.
+        syncer.state().slow = true;
+        file.write_all_at(b"record", 6).unwrap();
+        let handed = Position {
             segment: 0,
             offset: 12,
         };
-        file.write_all_at(b"record", 6).unwrap();
+        syncer.written(handed, &file);
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            syncer.synced_to_async(handed),
+        )
+        .await;
+        assert!(matches!(waited, Ok(Ok(()))), "{waited:?}");
+        assert!(syncer.state().synced >= handed && !syncer.state().in_flight);
+        // On a runtime of one thread it leaves the fsync to the flusher (here: none) and waits.
+        let later = Position {
+            segment: 0,
+            offset: 18,
+        };
+        file.write_all_at(b"record", 12).unwrap();
         syncer.written(later, &file);
         let waiter = syncer.clone();
         let waited = std::thread::spawn(move || {
