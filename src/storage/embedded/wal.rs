@@ -1996,41 +1996,34 @@ mod tests {
             file.clone(),
             FsyncPolicy::Always,
         ));
-        file.write_all_at(b"record", 0).unwrap();
-        let end = Position {
-            segment: 0,
-            offset: 6,
+        // Writes six bytes at `offset`; returns where they end.
+        let write = |offset: u64| {
+            file.write_all_at(b"record", offset).unwrap();
+            let end = Position {
+                segment: 0,
+                offset: offset + 6,
+            };
+            syncer.written(end, &file);
+            end
         };
-        syncer.written(end, &file);
-        let waited = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            syncer.synced_to_async(end),
-        )
-        .await;
+        let wait = |to: Position| {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                syncer.synced_to_async(to),
+            )
+        };
+        let end = write(0);
+        let waited = wait(end).await;
         assert!(matches!(waited, Ok(Ok(()))), "{waited:?}");
         assert!(syncer.state().synced >= end && !syncer.state().in_flight);
         // After a slow fsync the next is handed off (`block_in_place`), and still durable.
         syncer.state().slow = true;
-        file.write_all_at(b"record", 6).unwrap();
-        let handed = Position {
-            segment: 0,
-            offset: 12,
-        };
-        syncer.written(handed, &file);
-        let waited = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            syncer.synced_to_async(handed),
-        )
-        .await;
+        let handed = write(6);
+        let waited = wait(handed).await;
         assert!(matches!(waited, Ok(Ok(()))), "{waited:?}");
         assert!(syncer.state().synced >= handed && !syncer.state().in_flight);
         // On a runtime of one thread it leaves the fsync to the flusher (here: none) and waits.
-        let later = Position {
-            segment: 0,
-            offset: 18,
-        };
-        file.write_all_at(b"record", 12).unwrap();
-        syncer.written(later, &file);
+        let later = write(12);
         let waiter = syncer.clone();
         let waited = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
