@@ -676,6 +676,7 @@ impl Head {
                 all: &|| Ok(index.all.clone()),
                 values: &values,
                 postings: &postings,
+                postings_of: None,
                 few: FEW_CANDIDATES,
             },
         )

@@ -12,13 +12,26 @@
 //!     u8 kind | str tenant | str name | str value | varint len | bytes
 //!   (several when their keys collide), where bytes are, by kind:
 //!     1 names of a tenant:            varint n | str{n}, sorted
-//!     2 values of a (tenant, name):    varint n | str{n}, sorted
-//!     3 postings of (tenant, name, value) and 4 every series of a tenant:
-//!                                      varint n | varint id delta{n}, ascending
+//!     4 every series of a tenant:     ids
 //!     5 every series of the block (tenant and name empty): varint n |
 //!                                      (u64 le fingerprint | varint id){n}, by fingerprint
+//!     6 pieces of a (tenant, name):    varint n | str{n}, the first value of each piece
+//!     7 piece k of a (tenant, name), value = k in decimal:
+//!                                      varint m | (str value | ids){m}, values sorted
+//!     8 layout (everything empty):     varint 2
+//!   and in indexes written before the layout table (no kind 6, 7 or 8):
+//!     2 values of a (tenant, name):    varint n | str{n}, sorted
+//!     3 postings of (tenant, name, value): ids
+//! ids = varint n | varint id delta{n}, ascending
 //! str = varint len | UTF-8 bytes
 //! ```
+//!
+//! A label's postings lie in pieces of about [`PIECE_BYTES`] (one value at least), in value
+//! order: an equality matcher reads the directory and one piece, a regex every piece of its
+//! label, and the values of a label are read from them too. A table for every pair, as
+//! indexes were written before, cost each pair its table header and its entry in the run
+//! file's index: about half of a block's index where most values have one or two series
+//! (an `instance` label), where the pieces take a tenth of that.
 //!
 //! Memory holds the run file's page positions and the block's (fingerprint, id) table, 16
 //! bytes a series: a series that comes back after the head forgot it is found there and keeps
@@ -27,6 +40,7 @@
 use super::codec::{put_varint, Reader};
 use super::runfile::{damaged, RunFile, RunWriter};
 use crate::model::{Label, Labels, MatchOp, Matcher, PackedLabels};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
@@ -46,7 +60,33 @@ enum Kind {
     Postings = 3,
     All = 4,
     Fingerprints = 5,
+    Pieces = 6,
+    Piece = 7,
+    Layout = 8,
 }
+
+/// How an index lays out its postings (the layout table says which).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layout {
+    /// A values table per label and a postings table per pair (indexes written before the
+    /// layout table; [`write`] writes them only for tests).
+    Pairs,
+    /// A label's values and their postings together, in pieces ([`PIECE_BYTES`]).
+    Pieces,
+}
+
+/// A series' run is about a hundred bytes of labels, read when a query needs a series the
+/// head forgot, a returning series is looked up or blocks are merged: frames of up to this
+/// many runs (32 KiB at most) take about half the bytes frames of 16 runs did.
+const SERIES_PER_FRAME: usize = 256;
+
+/// The layout table's number for [`Layout::Pieces`].
+const LAYOUT_PIECES: u64 = 2;
+
+/// A piece of a label's postings is closed once it holds this many bytes (a value with more
+/// series makes a piece of its own): an equality matcher decompresses one piece, about
+/// half a run file frame.
+const PIECE_BYTES: usize = 16 << 10;
 
 fn table_key(kind: Kind, tenant: &str, name: &str, value: &str) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -92,9 +132,8 @@ fn count(r: &mut Reader) -> io::Result<usize> {
     Ok(n)
 }
 
-fn take_ids(bytes: &[u8]) -> io::Result<Vec<u64>> {
-    let mut r = Reader(bytes);
-    let n = count(&mut r)?;
+fn take_ids(r: &mut Reader) -> io::Result<Vec<u64>> {
+    let n = count(r)?;
     let mut out = Vec::with_capacity(n);
     let mut last = 0u64;
     for _ in 0..n {
@@ -104,6 +143,13 @@ fn take_ids(bytes: &[u8]) -> io::Result<Vec<u64>> {
         out.push(last);
     }
     Ok(out)
+}
+
+fn skip_ids(r: &mut Reader) -> io::Result<()> {
+    for _ in 0..count(r)? {
+        r.varint()?;
+    }
+    Ok(())
 }
 
 fn put_strs<'a>(out: &mut Vec<u8>, items: impl ExactSizeIterator<Item = &'a str>) {
@@ -139,22 +185,23 @@ pub(super) fn label_order(a: &SeriesLabels, b: &SeriesLabels) -> std::cmp::Order
 /// files' order, [`label_order`] or ids), so the labels of one metric's series share frames.
 /// Each run: the tenant, the label count, then the packed set as it is.
 ///
-/// The tables follow, each written as it is encoded, in (tenant, name, value) order (a regex
-/// reads the postings of one label's values from neighbouring frames); were two of their
-/// 64-bit keys to collide, all the tables are gathered by key first, the colliding ones
-/// sharing a run. Postings are built already encoded (varint deltas), a byte or two an id.
+/// The tables follow, each written as it is encoded, in (tenant, name, piece) order (a regex
+/// reads one label's pieces from neighbouring frames); were two of their 64-bit keys to
+/// collide, all the tables are gathered by key first, the colliding ones sharing a run.
+/// Postings are built already encoded (varint deltas), a byte or two an id.
 pub(super) fn write(path: &Path, series: &[SeriesLabels]) -> io::Result<BlockIndex> {
-    write_tables_gathered(path, series, false)
+    write_tables(path, series, Layout::Pieces, false)
 }
 
-/// [`write`], the tables gathered by key before they are written when `gather` is set (or
-/// keys collide).
-fn write_tables_gathered(
+/// [`write`] in `layout`, the tables gathered by key before they are written when `gather`
+/// is set (or keys collide).
+fn write_tables(
     path: &Path,
     series: &[SeriesLabels],
+    layout: Layout,
     gather: bool,
 ) -> io::Result<BlockIndex> {
-    let mut writer = RunWriter::create(path)?;
+    let mut writer = RunWriter::create(path)?.with_runs_per_frame(SERIES_PER_FRAME);
     writer.reserve(series.len());
     let mut tenants: BTreeMap<&str, (TenantPostings, Posting)> = BTreeMap::new();
     let mut fingerprints = Vec::with_capacity(series.len());
@@ -187,76 +234,117 @@ fn write_tables_gathered(
         fingerprints.push((fingerprint(tenant, labels.fingerprint()), id));
     }
     fingerprints.sort_unstable();
-    // Every table, in writing order: (kind, tenant, name, value).
-    let tables = || {
-        tenants.iter().flat_map(|(tenant, (postings, _))| {
-            [(Kind::Names, *tenant, "", ""), (Kind::All, *tenant, "", "")]
-                .into_iter()
-                .chain(postings.iter().flat_map(move |(name, values)| {
-                    std::iter::once((Kind::Values, *tenant, *name, "")).chain(
-                        values
-                            .keys()
-                            .map(move |value| (Kind::Postings, *tenant, *name, *value)),
-                    )
-                }))
-        })
-    };
-    let mut keys: Vec<u64> = tables()
-        .map(|(kind, t, n, v)| table_key(kind, t, n, v))
-        .chain([table_key(Kind::Fingerprints, "", "", "")])
-        .collect();
-    keys.sort_unstable();
-    let collide = gather || keys.windows(2).any(|w| w[0] == w[1]);
-    writer.reserve(keys.len());
-    drop(keys);
-    let mut gathered: Option<BTreeMap<u64, Vec<u8>>> = collide.then(BTreeMap::new);
-    let (mut bytes, mut entry) = (Vec::new(), Vec::new());
-    let mut emit = |kind: Kind, tenant: &str, name: &str, value: &str, bytes: &[u8]| {
-        let key = table_key(kind, tenant, name, value);
-        let out = match &mut gathered {
-            Some(gathered) => gathered.entry(key).or_default(),
-            None => {
-                entry.clear();
-                &mut entry
+    // Every table, in writing order: (kind, tenant, name, value) and its bytes.
+    let mut tables: Vec<(Kind, &str, &str, Cow<str>, Vec<u8>)> = Vec::new();
+    for (tenant, (postings, all)) in &tenants {
+        let mut bytes = Vec::new();
+        put_strs(&mut bytes, postings.keys().copied());
+        tables.push((Kind::Names, tenant, "", "".into(), bytes));
+        let mut bytes = Vec::new();
+        all.encode(&mut bytes);
+        tables.push((Kind::All, tenant, "", "".into(), bytes));
+        for (name, values) in postings {
+            match layout {
+                Layout::Pairs => {
+                    let mut bytes = Vec::new();
+                    put_strs(&mut bytes, values.keys().copied());
+                    tables.push((Kind::Values, tenant, name, "".into(), bytes));
+                    for (value, posting) in values {
+                        let mut bytes = Vec::new();
+                        posting.encode(&mut bytes);
+                        tables.push((Kind::Postings, tenant, name, (*value).into(), bytes));
+                    }
+                }
+                Layout::Pieces => {
+                    let pieces = pieces(values);
+                    let mut bytes = Vec::new();
+                    put_strs(&mut bytes, pieces.iter().map(|(first, _)| *first));
+                    tables.push((Kind::Pieces, tenant, name, "".into(), bytes));
+                    for (k, (_, bytes)) in pieces.into_iter().enumerate() {
+                        tables.push((Kind::Piece, tenant, name, k.to_string().into(), bytes));
+                    }
+                }
             }
-        };
-        out.push(kind as u8);
-        put_str(out, tenant);
-        put_str(out, name);
-        put_str(out, value);
-        put_varint(out, bytes.len() as u64);
-        out.extend_from_slice(bytes);
-        match gathered {
-            Some(_) => Ok(()),
-            None => writer.add(key, 0, 0, &entry),
         }
-    };
-    for (kind, tenant, name, value) in tables() {
-        let (postings, all) = &tenants[tenant];
-        bytes.clear();
-        match kind {
-            Kind::Names => put_strs(&mut bytes, postings.keys().copied()),
-            Kind::All => all.encode(&mut bytes),
-            Kind::Values => put_strs(&mut bytes, postings[name].keys().copied()),
-            Kind::Postings => postings[name][value].encode(&mut bytes),
-            Kind::Fingerprints => unreachable!("not a tenant's table"),
-        }
-        emit(kind, tenant, name, value, &bytes)?;
     }
-    bytes.clear();
+    drop(tenants);
+    if layout == Layout::Pieces {
+        let mut bytes = Vec::new();
+        put_varint(&mut bytes, LAYOUT_PIECES);
+        tables.push((Kind::Layout, "", "", "".into(), bytes));
+    }
+    let mut bytes = Vec::new();
     put_varint(&mut bytes, fingerprints.len() as u64);
     for &(fp, id) in &fingerprints {
         bytes.extend_from_slice(&fp.to_le_bytes());
         put_varint(&mut bytes, id);
     }
-    emit(Kind::Fingerprints, "", "", "", &bytes)?;
-    for (key, payload) in gathered.iter().flatten() {
+    tables.push((Kind::Fingerprints, "", "", "".into(), bytes));
+    let mut keys: Vec<u64> = tables
+        .iter()
+        .map(|(kind, t, n, v, _)| table_key(*kind, t, n, v))
+        .collect();
+    keys.sort_unstable();
+    let collide = gather || keys.windows(2).any(|w| w[0] == w[1]);
+    writer.reserve(keys.len());
+    drop(keys);
+    let mut gathered: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut entry = Vec::new();
+    for (kind, tenant, name, value, bytes) in &tables {
+        let key = table_key(*kind, tenant, name, value);
+        let out = if collide {
+            gathered.entry(key).or_default()
+        } else {
+            entry.clear();
+            &mut entry
+        };
+        out.push(*kind as u8);
+        put_str(out, tenant);
+        put_str(out, name);
+        put_str(out, value);
+        put_varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+        if !collide {
+            writer.add(key, 0, 0, &entry)?;
+        }
+    }
+    for (key, payload) in &gathered {
         writer.add(*key, 0, 0, payload)?;
     }
     Ok(BlockIndex {
         file: Arc::new(writer.finish()?),
         fingerprints,
+        layout: Some(layout),
     })
+}
+
+/// A label's values and postings cut into pieces of about [`PIECE_BYTES`], in value order:
+/// (first value, `varint m | (str value | ids){m}`).
+fn pieces<'a>(values: &BTreeMap<&'a str, Posting>) -> Vec<(&'a str, Vec<u8>)> {
+    let mut out = Vec::new();
+    let (mut first, mut count, mut entries) = ("", 0u64, Vec::new());
+    let mut close = |first: &'a str, count: &mut u64, entries: &mut Vec<u8>| {
+        let mut bytes = Vec::with_capacity(entries.len() + 10);
+        put_varint(&mut bytes, *count);
+        bytes.append(entries);
+        out.push((first, bytes));
+        *count = 0;
+    };
+    for (value, posting) in values {
+        if count == 0 {
+            first = value;
+        }
+        put_str(&mut entries, value);
+        posting.encode(&mut entries);
+        count += 1;
+        if entries.len() >= PIECE_BYTES {
+            close(first, &mut count, &mut entries);
+        }
+    }
+    if count > 0 {
+        close(first, &mut count, &mut entries);
+    }
+    out
 }
 
 /// A postings list being written: ids pushed in ascending order, kept as the table holds
@@ -290,6 +378,9 @@ pub(super) struct BlockIndex {
     pub(super) file: Arc<RunFile>,
     /// (fingerprint of tenant and labels, id), sorted.
     fingerprints: Vec<(u64, u64)>,
+    /// None when the layout table is unreadable: the postings are then answered from the
+    /// series.
+    layout: Option<Layout>,
 }
 
 impl BlockIndex {
@@ -299,6 +390,21 @@ impl BlockIndex {
         let mut index = BlockIndex {
             file: Arc::new(opened.file),
             fingerprints: Vec::new(),
+            layout: None,
+        };
+        index.layout = match index.table(Kind::Layout, "", "", "") {
+            Ok(None) => Some(Layout::Pairs),
+            Ok(Some(bytes)) if Reader(&bytes).varint().ok() == Some(LAYOUT_PIECES) => {
+                Some(Layout::Pieces)
+            }
+            Ok(Some(_)) => {
+                tracing::warn!(file = %path.display(), "series index: unknown layout; matching the series");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "series index: layout table unreadable; matching the series");
+                None
+            }
         };
         match index.read_fingerprints() {
             Ok(fingerprints) => index.fingerprints = fingerprints,
@@ -403,13 +509,62 @@ impl BlockIndex {
     /// The values of a label among a tenant's series, sorted (from the series themselves when
     /// the table is damaged).
     pub fn values(&self, tenant: &str, name: &str) -> io::Result<Vec<String>> {
-        self.table(Kind::Values, tenant, name, "")
-            .and_then(|t| t.map_or(Ok(Vec::new()), |b| take_strs(&b)))
-            .or_else(|e| {
-                self.answer_from_series(e, tenant, |l, out| {
-                    out.extend(l.get(name).map(str::to_owned))
-                })
+        let read = || match self.layout()? {
+            Layout::Pairs => self
+                .table(Kind::Values, tenant, name, "")
+                .and_then(|t| t.map_or(Ok(Vec::new()), |b| take_strs(&b))),
+            Layout::Pieces => {
+                let mut out = Vec::new();
+                self.each_value(tenant, name, &|| Ok(()), &mut |value, r| {
+                    out.push(value.to_owned());
+                    skip_ids(r)
+                })?;
+                Ok(out)
+            }
+        };
+        read().or_else(|e| {
+            self.answer_from_series(e, tenant, |l, out| {
+                out.extend(l.get(name).map(str::to_owned))
             })
+        })
+    }
+
+    fn layout(&self) -> io::Result<Layout> {
+        self.layout
+            .ok_or_else(|| damaged("series index: layout table unreadable".into()))
+    }
+
+    /// The first value of each piece of a label's postings (none when no series has it).
+    fn directory(&self, tenant: &str, name: &str) -> io::Result<Vec<String>> {
+        self.table(Kind::Pieces, tenant, name, "")?
+            .map_or(Ok(Vec::new()), |b| take_strs(&b))
+    }
+
+    /// Piece `k` of a label's postings, which its directory names.
+    fn piece(&self, tenant: &str, name: &str, k: usize) -> io::Result<Vec<u8>> {
+        self.table(Kind::Piece, tenant, name, &k.to_string())?
+            .ok_or_else(|| damaged(format!("series index: piece {k} of {name} missing")))
+    }
+
+    /// Calls `visit` with every value of a label, in order, and a reader at its ids, which
+    /// `visit` reads or skips; `stopped` is asked before each piece.
+    fn each_value(
+        &self,
+        tenant: &str,
+        name: &str,
+        stopped: &dyn Fn() -> io::Result<()>,
+        visit: &mut dyn FnMut(&str, &mut Reader) -> io::Result<()>,
+    ) -> io::Result<()> {
+        for k in 0..self.directory(tenant, name)?.len() {
+            stopped()?;
+            let bytes = self.piece(tenant, name, k)?;
+            let mut r = Reader(&bytes);
+            for _ in 0..count(&mut r)? {
+                let value = take_str(&mut r)?;
+                visit(value, &mut r)?;
+            }
+        }
+        Ok(())
     }
 
     /// What `pick` takes from each of a tenant's series, sorted and distinct: the answer of a
@@ -436,18 +591,67 @@ impl BlockIndex {
     }
 
     fn postings(&self, tenant: &str, name: &str, value: &str) -> io::Result<Vec<u64>> {
-        self.table(Kind::Postings, tenant, name, value)?
-            .map_or(Ok(Vec::new()), |b| take_ids(&b))
+        match self.layout()? {
+            Layout::Pairs => self
+                .table(Kind::Postings, tenant, name, value)?
+                .map_or(Ok(Vec::new()), |b| take_ids(&mut Reader(&b))),
+            Layout::Pieces => {
+                let firsts = self.directory(tenant, name)?;
+                let k = firsts.partition_point(|first| first.as_str() <= value);
+                if k == 0 {
+                    return Ok(Vec::new());
+                }
+                let bytes = self.piece(tenant, name, k - 1)?;
+                let mut r = Reader(&bytes);
+                for _ in 0..count(&mut r)? {
+                    if take_str(&mut r)? == value {
+                        return take_ids(&mut r);
+                    }
+                    skip_ids(&mut r)?;
+                }
+                Ok(Vec::new())
+            }
+        }
     }
 
-    /// The ids of a tenant's series that every matcher accepts, ascending. Fails (with
-    /// `Interrupted`) once `stop` is set: a regex over many values reads many postings.
+    /// Hands `each` the postings of every value of a label that `keep` accepts.
+    fn postings_of(
+        &self,
+        tenant: &str,
+        name: &str,
+        keep: &dyn Fn(&str) -> bool,
+        each: &mut dyn FnMut(Vec<u64>),
+        stopped: &dyn Fn() -> io::Result<()>,
+    ) -> io::Result<()> {
+        match self.layout()? {
+            Layout::Pairs => {
+                for value in self.values(tenant, name)?.iter().filter(|v| keep(v)) {
+                    stopped()?;
+                    each(self.postings(tenant, name, value)?);
+                }
+                Ok(())
+            }
+            Layout::Pieces => self.each_value(tenant, name, stopped, &mut |value, r| {
+                if keep(value) {
+                    each(take_ids(r)?);
+                    Ok(())
+                } else {
+                    skip_ids(r)
+                }
+            }),
+        }
+    }
+
+    /// The ids of a tenant's series that every matcher accepts, ascending, and the number of
+    /// damaged series runs skipped when a damaged table made the series' own labels answer
+    /// (their series are missing). Fails (with `Interrupted`) once `stop` is set: a regex
+    /// over many values reads many postings.
     pub fn matching(
         &self,
         tenant: &str,
         matchers: &[Matcher],
         stop: &AtomicBool,
-    ) -> io::Result<Vec<u64>> {
+    ) -> io::Result<(Vec<u64>, usize)> {
         let stopped = || {
             if stop.load(Ordering::Relaxed) {
                 Err(io::Error::new(io::ErrorKind::Interrupted, "read abandoned"))
@@ -460,7 +664,7 @@ impl BlockIndex {
             PostingsSource {
                 all: &|| {
                     self.table(Kind::All, tenant, "", "")?
-                        .map_or(Ok(Vec::new()), |b| take_ids(&b))
+                        .map_or(Ok(Vec::new()), |b| take_ids(&mut Reader(&b)))
                 },
                 values: &|name| {
                     stopped()?;
@@ -470,23 +674,26 @@ impl BlockIndex {
                     stopped()?;
                     self.postings(tenant, name, value)
                 },
+                postings_of: Some(&|name, keep, each| {
+                    self.postings_of(tenant, name, keep, each, &stopped)
+                }),
                 few: 0,
             },
         )
-        .map(|found| found.ids)
+        .map(|found| (found.ids, 0))
         .or_else(|e| {
             if e.kind() == io::ErrorKind::Interrupted {
                 return Err(e);
             }
             // A damaged table: the series' own labels answer (derived data, rebuilt here).
             tracing::warn!(error = %e, "series index: a table is unreadable; matching the series");
-            Ok(self
-                .scan()?
-                .0
+            let (series, skipped) = self.scan()?;
+            let ids = series
                 .into_iter()
                 .filter(|(_, t, labels)| t == tenant && crate::model::matches_all(matchers, labels))
                 .map(|(id, _, _)| id)
-                .collect())
+                .collect();
+            Ok((ids, skipped))
         })
     }
 
@@ -591,6 +798,11 @@ pub(super) struct PostingsSource<'a> {
     pub values: &'a dyn Fn(&str) -> io::Result<Vec<String>>,
     /// The series ids with a label pair, ascending.
     pub postings: &'a dyn Fn(&str, &str) -> io::Result<Vec<u64>>,
+    /// When the source reads a label's values with their postings: hands the callback the
+    /// postings of every value of a label the filter accepts (else `values` and `postings`).
+    #[allow(clippy::type_complexity)]
+    pub postings_of:
+        Option<&'a dyn Fn(&str, &dyn Fn(&str) -> bool, &mut dyn FnMut(Vec<u64>)) -> io::Result<()>>,
     /// When the matchers applied so far (equality first) leave at most this many series and
     /// others remain, those series are the answer, for the caller to check every matcher on
     /// their label sets: the head holds them in memory, where that costs less than reading the
@@ -623,11 +835,16 @@ pub(super) fn postings_for_matchers(
     let union_of =
         |name: &str, keep: &dyn Fn(&str) -> bool, within: Option<&[u64]>| -> io::Result<Vec<u64>> {
             let mut out = Vec::new();
-            for value in (source.values)(name)?.iter().filter(|v| keep(v)) {
-                let ids = (source.postings)(name, value)?;
-                match within {
-                    Some(within) => out.extend(intersect(within, &ids)),
-                    None => out.extend(ids),
+            let mut add = |ids: Vec<u64>| match within {
+                Some(within) => out.extend(intersect(within, &ids)),
+                None => out.extend(ids),
+            };
+            match source.postings_of {
+                Some(postings_of) => postings_of(name, keep, &mut add)?,
+                None => {
+                    for value in (source.values)(name)?.iter().filter(|v| keep(v)) {
+                        add((source.postings)(name, value)?);
+                    }
                 }
             }
             out.sort_unstable();
@@ -761,6 +978,66 @@ mod tests {
     }
 
     #[test]
+    fn a_label_of_many_values_is_read_from_its_pieces() {
+        // 30,000 series: `host` takes 20,000 values (one or two series each), `zone` one
+        // value with most series (a piece of its own) and a few others around it.
+        let dir = tempfile::tempdir().unwrap();
+        let host = |i: u64| format!("h{:05}", i % 20_000);
+        let zone = |i: u64| match i % 1_000 {
+            0 => "a",
+            1 => "z",
+            _ => "m",
+        };
+        let rows: Vec<SeriesLabels> = (0..30_000u64)
+            .map(|i| {
+                let l = labels(&[("host", &host(i)), ("zone", zone(i))]);
+                (i, Arc::from("t"), PackedLabels::from(&l))
+            })
+            .collect();
+        let path = dir.path().join(FILE_NAME);
+        write(&path, &rows).unwrap();
+        let (index, _) = BlockIndex::open(&path).unwrap();
+        assert_eq!(index.layout, Some(Layout::Pieces));
+        let firsts = index.directory("t", "host").unwrap();
+        assert!(firsts.len() > 4, "{} pieces", firsts.len());
+        let stop = AtomicBool::new(false);
+        let ids_of = |matchers: &[Matcher]| index.matching("t", matchers, &stop).unwrap().0;
+        for value in firsts.iter().cloned().chain([
+            host(0),
+            host(19_999),
+            host(12_345),
+            "h".into(),
+            "h20000".into(),
+            "a".into(),
+        ]) {
+            let want: Vec<u64> = (0..30_000).filter(|&i| host(i) == value).collect();
+            assert_eq!(ids_of(&[Matcher::equal("host", &value)]), want, "{value}");
+        }
+        let all_values: Vec<String> = (0..20_000).map(host).collect();
+        assert_eq!(index.values("t", "host").unwrap(), all_values);
+        assert_eq!(index.values("t", "zone").unwrap(), ["a", "m", "z"]);
+        let m: Vec<u64> = (0..30_000).filter(|i| zone(*i) == "m").collect();
+        assert_eq!(ids_of(&[Matcher::equal("zone", "m")]), m);
+        let re = Matcher::regex("host", "h1234.|h0000.", false).unwrap();
+        let want: Vec<u64> = (0..30_000)
+            .filter(|&i| {
+                let h = host(i);
+                h.starts_with("h1234") || h.starts_with("h0000")
+            })
+            .collect();
+        assert_eq!(ids_of(&[re]), want);
+        let not_a = || Matcher::regex("zone", "a|z", true).unwrap();
+        assert_eq!(ids_of(&[not_a(), Matcher::equal("host", &host(7))]), [7, 20_007]);
+        assert!(ids_of(&[not_a(), Matcher::equal("host", &host(3_000))]).is_empty());
+        // An abandoned read stops between pieces.
+        stop.store(true, Ordering::Relaxed);
+        let err = index
+            .matching("t", &[Matcher::regex("host", ".+", false).unwrap()], &stop)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+    }
+
+    #[test]
     fn matchers_over_postings_select_what_matching_each_label_set_selects() {
         let dir = tempfile::tempdir().unwrap();
         let mut series = Vec::new();
@@ -781,10 +1058,15 @@ mod tests {
             .iter()
             .map(|(id, t, l)| (*id, Arc::from(t.as_str()), PackedLabels::from(l)))
             .collect();
-        for gather in [false, true] {
-            // Tables written as they are encoded, and gathered by key first (as when keys collide).
-            let path = dir.path().join(format!("{FILE_NAME}-{gather}"));
-            write_tables_gathered(&path, &rows, gather).unwrap();
+        for (layout, gather) in [
+            (Layout::Pieces, false),
+            (Layout::Pieces, true),
+            (Layout::Pairs, false),
+        ] {
+            // Tables written as they are encoded, gathered by key first (as when keys
+            // collide), and as indexes were written before pieces.
+            let path = dir.path().join(format!("{FILE_NAME}-{layout:?}-{gather}"));
+            write_tables(&path, &rows, layout, gather).unwrap();
             let (index, damaged) = BlockIndex::open(&path).unwrap();
             assert_eq!(damaged, 0);
             let re =
@@ -819,7 +1101,8 @@ mod tests {
                     assert_eq!(
                         index
                             .matching(tenant, matchers, &AtomicBool::new(false))
-                            .unwrap(),
+                            .unwrap()
+                            .0,
                         want,
                         "{tenant} {matchers:?}"
                     );

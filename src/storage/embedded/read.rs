@@ -402,8 +402,8 @@ pub(super) fn block_series(
             continue;
         }
         let read = || -> std::io::Result<index::SeriesRead> {
-            let mut ids: Vec<u64> = index
-                .matching(tenant, matchers, stop)?
+            let (ids, unmatched) = index.matching(tenant, matchers, stop)?;
+            let mut ids: Vec<u64> = ids
                 .into_iter()
                 .filter(|id| known.binary_search(id).is_err() && !out.contains_key(id))
                 .collect();
@@ -415,9 +415,10 @@ pub(super) fn block_series(
                 ids = block.series_in_range(&ids, start, end)?;
             }
             if ids.is_empty() {
-                return Ok((Vec::new(), 0));
+                return Ok((Vec::new(), unmatched));
             }
-            index.labels(&ids)
+            let (found, skipped) = index.labels(&ids)?;
+            Ok((found, skipped + unmatched))
         };
         match read() {
             Ok((found, skipped)) => {

@@ -13,6 +13,9 @@ pub(in crate::storage::embedded) struct RunWriter {
     /// Version 3: the runs of the frame being filled, and how many.
     frame: Vec<u8>,
     frame_runs: usize,
+    /// A frame is closed at this many runs ([`FRAME_RUNS`] unless
+    /// [`RunWriter::with_runs_per_frame`]).
+    max_frame_runs: usize,
 }
 
 impl RunWriter {
@@ -39,7 +42,16 @@ impl RunWriter {
             header: Vec::with_capacity(MAX_HEADER),
             frame: Vec::new(),
             frame_runs: 0,
+            max_frame_runs: FRAME_RUNS,
         })
+    }
+
+    /// This writer closing frames at `runs` runs (or [`FRAME_BYTES`]) instead of
+    /// [`FRAME_RUNS`]: for runs read a few at a time and rarely, where the bytes count for
+    /// more than a larger frame's decompression.
+    pub fn with_runs_per_frame(mut self, runs: usize) -> RunWriter {
+        self.max_frame_runs = runs.max(1);
+        self
     }
 
     /// Room for `more` runs' index entries (a writer that knows how many avoids the slack
@@ -75,7 +87,7 @@ impl RunWriter {
                 min_t,
                 max_t,
             });
-            if self.frame_runs == FRAME_RUNS || self.frame.len() >= FRAME_BYTES {
+            if self.frame_runs >= self.max_frame_runs || self.frame.len() >= FRAME_BYTES {
                 self.write_frame()?;
             }
             return Ok(());
