@@ -24,7 +24,8 @@
 //! frame* : varint raw_len | varint stored_len | crc32(those two varints, stored) u32 | stored
 //!          stored: zstd of the frame's runs, or the runs as they are when that is not
 //!          smaller (stored_len == raw_len); runs: (varint series | varint len | payload)*,
-//!          up to 16 runs or 32 KiB (one run larger than that is a frame of its own)
+//!          up to 16 runs (a writer may ask for more) or 32 KiB (one run larger than
+//!          that is a frame of its own)
 //! index  : pages as version 2, an entry giving its frame's offset instead of its own
 //!          (varint series | varint offset | zigzag min_t | varint max_t - min_t for the first
 //!          of a page; varint series delta | zigzag offset delta | zigzag min_t delta | varint
