@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// A log is quiet when a maintenance interval logged at most this share of its segments
+/// ([`EmbeddedStorage::compact_log`]).
+const QUIET_SHARE: u64 = 64;
+
 impl EmbeddedStorage {
     /// One maintenance run at `now` (ms): flush the head up to the out-of-order window
     /// behind its newest sample, checkpoint and shorten the log, compact closed windows,
@@ -215,13 +219,27 @@ impl EmbeddedStorage {
     /// rotation holds it alone) and nothing leaves the head in between (maintenance runs one
     /// step at a time). The copy, made after the rotation, may hold samples the later
     /// segments hold too: replay keeps a timestamp's first sample, the same one.
+    ///
+    /// A quiet log is compacted sooner: once what was logged since the last maintenance is
+    /// at most 1/[`QUIET_SHARE`] of the segments, and they take at least half the last
+    /// compaction's checkpoint and a sixteenth of [`LOG_COMPACTION_MIN_BYTES`]. After a
+    /// backfill or a catch-up ends, the log otherwise keeps, until writes resume, the head's
+    /// newer samples in the log's form (two to three bytes a sample) beside a checkpoint
+    /// whose samples are mostly flushed by then: up to three times the head's compact size.
+    /// Under a steady load with the default interval (5 minutes), even at one sample a minute,
+    /// an interval logs about a thirteenth of the log (which holds the hour the out-of-order
+    /// window keeps); with a shorter interval a slow load can be quiet, and is compacted at
+    /// most once for every half of the last checkpoint logged.
     pub(super) fn compact_log(&self, report: &mut MaintenanceReport) -> StorageResult<()> {
-        let logged = self
-            .wal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .segment_bytes();
-        if !self.compaction_due(logged) {
+        let (logged, appended) = {
+            let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            (wal.segment_bytes(), wal.appended())
+        };
+        let since = appended.saturating_sub(
+            self.log_appended_at_maintenance
+                .swap(appended, Ordering::Relaxed),
+        );
+        if !self.compaction_due(logged) && !self.quiet_compaction_due(logged, since) {
             return Ok(());
         }
         let segment = self.rotate_log(false, report)?;
@@ -250,6 +268,15 @@ impl EmbeddedStorage {
     fn compaction_due(&self, bytes: u64) -> bool {
         let last = self.log_compacted_bytes.load(Ordering::Relaxed);
         bytes > 0 && bytes >= self.log_compaction_min_bytes.max(last.saturating_mul(2))
+    }
+
+    /// Whether a log of `bytes` in segments, of which `since` were logged since the last
+    /// maintenance, is quiet and large enough to compact ([`EmbeddedStorage::compact_log`]).
+    fn quiet_compaction_due(&self, bytes: u64, since: u64) -> bool {
+        let last = self.log_compacted_bytes.load(Ordering::Relaxed);
+        since <= bytes / QUIET_SHARE
+            && bytes > 0
+            && bytes >= (self.log_compaction_min_bytes / 16).max(last / 2)
     }
 
     /// Writes checkpoint `segment` (the log rotated to it, every sample of the segments before

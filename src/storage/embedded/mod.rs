@@ -216,6 +216,9 @@ pub struct EmbeddedStorage {
     log_compacted_bytes: AtomicU64,
     /// [`LOG_COMPACTION_MIN_BYTES`] (lower in tests).
     log_compaction_min_bytes: u64,
+    /// [`wal::Wal::appended`] when the last maintenance looked at the log: what was logged
+    /// since tells a quiet log ([`EmbeddedStorage::compact_log`]).
+    log_appended_at_maintenance: AtomicU64,
     /// Compressors for records packed by writers side by side.
     packers: wal::Packers,
     /// What makes each request's samples visible to reads all at once (isolation, as
@@ -1648,6 +1651,52 @@ mod tests {
         assert_eq!(counts, [218, 201, 201, 3, 161]);
         assert_eq!(before[3].1[1].1, crate::model::STALE_NAN_BITS);
         reopen_as_before(s, dir.path(), (&first_segment, copy), &before).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_log_is_compacted_sooner() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::default();
+        let mut s =
+            EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        s.log_compaction_min_bytes = 16;
+        let (t0, minute) = (10 * DAY, 60_000);
+        for job in ["a", "b", "c"] {
+            s.append(&tenant, &[series("up", job, t0, t0 + 50 * minute, 15_000)])
+                .await
+                .unwrap();
+        }
+        // As if the last compaction's checkpoint were as large as the log: the usual bound
+        // (twice that) is not met.
+        let logged = s.wal.lock().unwrap().segment_bytes();
+        s.log_compacted_bytes.store(logged, Ordering::Relaxed);
+        // The maintenance that sees the writes: not quiet.
+        let mut report = MaintenanceReport::default();
+        s.compact_log(&mut report).unwrap();
+        assert_eq!(report, MaintenanceReport::default());
+        assert_eq!(wal_files(dir.path()), ["00000001.wal"]);
+        // The next, with nothing logged since: quiet, and at least half the last checkpoint.
+        s.compact_log(&mut report).unwrap();
+        assert_eq!(report.wal_samples_compacted, 3 * 201, "{report:?}");
+        assert_eq!(
+            wal_files(dir.path()),
+            ["00000002.wal", "checkpoint.00000002"]
+        );
+        // Quiet still, with nothing logged: nothing to do.
+        let mut again = MaintenanceReport::default();
+        s.compact_log(&mut again).unwrap();
+        assert_eq!(again, MaintenanceReport::default());
+        // Writes again: not quiet; the samples all come back after a restart.
+        s.append(&tenant, &[series("up", "d", t0, t0 + 10 * minute, 15_000)])
+            .await
+            .unwrap();
+        s.compact_log(&mut again).unwrap();
+        assert_eq!(again, MaintenanceReport::default());
+        let before = all_up(&s).await;
+        assert_eq!(before.len(), 4);
+        drop(s);
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert_eq!(all_up(&s).await, before);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,6 +87,7 @@ impl EmbeddedStorage {
             series_removed: AtomicU64::new(0),
             log_compacted_bytes: AtomicU64::new(checkpoint_bytes),
             log_compaction_min_bytes: LOG_COMPACTION_MIN_BYTES,
+            log_appended_at_maintenance: AtomicU64::new(0),
             packers: wal::Packers::default(),
             visibility: RwLock::default(),
             _lock: lock,

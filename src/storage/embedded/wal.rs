@@ -818,6 +818,8 @@ pub struct Wal {
     /// Set when a failed write could not be undone: the log refuses writes until a restart
     /// (replay then cuts the torn tail).
     broken: bool,
+    /// Bytes of records appended since the log was opened.
+    appended: u64,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -1018,6 +1020,7 @@ impl Wal {
                 allocated: size,
                 fsync,
                 broken: false,
+                appended: 0,
             },
             report,
         ))
@@ -1163,6 +1166,11 @@ impl Wal {
         self.spans.values().map(|s| s.bytes).sum()
     }
 
+    /// Bytes of records appended since the log was opened.
+    pub fn appended(&self) -> u64 {
+        self.appended
+    }
+
     /// Bytes of these segments.
     pub fn bytes_of(&self, segments: &[u64]) -> u64 {
         segments
@@ -1205,6 +1213,7 @@ impl Wal {
         }
         self.file.write_all_at(&packed.bytes, self.size)?;
         self.size += packed.bytes.len() as u64;
+        self.appended += packed.bytes.len() as u64;
         if self.fsync == FsyncPolicy::Always && self.size > self.allocated {
             self.pad();
         }
