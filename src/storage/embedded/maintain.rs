@@ -3,9 +3,12 @@
 
 use super::*;
 
-/// A log is quiet when a maintenance interval logged at most this share of its segments
+/// A log is quiet when at most this share of its segments was logged over the last
+/// sixteenth of the out-of-order window (and at least [`QUIET_MIN`]) of wall-clock time
 /// ([`EmbeddedStorage::compact_log`]).
 const QUIET_SHARE: u64 = 64;
+/// The shortest time a log must be quiet before it is compacted for it.
+pub(super) const QUIET_MIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl EmbeddedStorage {
     /// One maintenance run at `now` (ms): flush the head up to the out-of-order window
@@ -220,26 +223,23 @@ impl EmbeddedStorage {
     /// step at a time). The copy, made after the rotation, may hold samples the later
     /// segments hold too: replay keeps a timestamp's first sample, the same one.
     ///
-    /// A quiet log is compacted sooner: once what was logged since the last maintenance is
-    /// at most 1/[`QUIET_SHARE`] of the segments, and they take at least half the last
-    /// compaction's checkpoint and a sixteenth of [`LOG_COMPACTION_MIN_BYTES`]. After a
-    /// backfill or a catch-up ends, the log otherwise keeps, until writes resume, the head's
-    /// newer samples in the log's form (two to three bytes a sample) beside a checkpoint
-    /// whose samples are mostly flushed by then: up to three times the head's compact size.
-    /// Under a steady load with the default interval (5 minutes), even at one sample a minute,
-    /// an interval logs about a thirteenth of the log (which holds the hour the out-of-order
-    /// window keeps); with a shorter interval a slow load can be quiet, and is compacted at
-    /// most once for every half of the last checkpoint logged.
+    /// A quiet log is compacted sooner: once at most 1/[`QUIET_SHARE`] of its segments was
+    /// logged over the last sixteenth of the out-of-order window of wall-clock time (at least
+    /// [`QUIET_MIN`]: about four minutes with the default hour), and they take at least half
+    /// the last compaction's checkpoint (at start, the newest checkpoint) and a sixteenth of
+    /// [`LOG_COMPACTION_MIN_BYTES`]. After a backfill or a catch-up ends, the log otherwise
+    /// keeps, until writes resume, the head's newer samples in the log's form (two to three
+    /// bytes a sample) beside a checkpoint whose samples are mostly flushed by then. A load
+    /// at real pace fills the log's window of samples in a window of time, so it logs a
+    /// sixteenth of the log in that time, four times the share, at any sample rate and
+    /// maintenance interval. Between two quiet compactions at least half a checkpoint is
+    /// logged (a failed one is retried at each maintenance, as the usual one is).
     pub(super) fn compact_log(&self, report: &mut MaintenanceReport) -> StorageResult<()> {
         let (logged, appended) = {
             let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             (wal.segment_bytes(), wal.appended())
         };
-        let since = appended.saturating_sub(
-            self.log_appended_at_maintenance
-                .swap(appended, Ordering::Relaxed),
-        );
-        if !self.compaction_due(logged) && !self.quiet_compaction_due(logged, since) {
+        if !self.compaction_due(logged) && !self.quiet_compaction_due(logged, appended) {
             return Ok(());
         }
         let segment = self.rotate_log(false, report)?;
@@ -270,11 +270,17 @@ impl EmbeddedStorage {
         bytes > 0 && bytes >= self.log_compaction_min_bytes.max(last.saturating_mul(2))
     }
 
-    /// Whether a log of `bytes` in segments, of which `since` were logged since the last
-    /// maintenance, is quiet and large enough to compact ([`EmbeddedStorage::compact_log`]).
-    fn quiet_compaction_due(&self, bytes: u64, since: u64) -> bool {
+    /// Whether a log of `bytes` in segments, `appended` bytes logged since the start, has been
+    /// quiet long enough and is large enough to compact ([`EmbeddedStorage::compact_log`]).
+    /// A log found busy marks the time.
+    fn quiet_compaction_due(&self, bytes: u64, appended: u64) -> bool {
+        let mut busy = self.log_busy.lock().unwrap_or_else(|e| e.into_inner());
+        if appended.saturating_sub(busy.0) > bytes / QUIET_SHARE {
+            *busy = (appended, std::time::Instant::now());
+            return false;
+        }
         let last = self.log_compacted_bytes.load(Ordering::Relaxed);
-        since <= bytes / QUIET_SHARE
+        busy.1.elapsed() >= self.log_quiet_after
             && bytes > 0
             && bytes >= (self.log_compaction_min_bytes / 16).max(last / 2)
     }

@@ -216,9 +216,12 @@ pub struct EmbeddedStorage {
     log_compacted_bytes: AtomicU64,
     /// [`LOG_COMPACTION_MIN_BYTES`] (lower in tests).
     log_compaction_min_bytes: u64,
-    /// [`wal::Wal::appended`] when the last maintenance looked at the log: what was logged
-    /// since tells a quiet log ([`EmbeddedStorage::compact_log`]).
-    log_appended_at_maintenance: AtomicU64,
+    /// [`wal::Wal::appended`] and the time when a maintenance last found the log busy (see
+    /// [`EmbeddedStorage::compact_log`]).
+    log_busy: Mutex<(u64, std::time::Instant)>,
+    /// How long the log must be quiet for that compaction: a sixteenth of the out-of-order
+    /// window, at least a minute (shorter in tests).
+    log_quiet_after: Duration,
     /// Compressors for records packed by writers side by side.
     packers: wal::Packers,
     /// What makes each request's samples visible to reads all at once (isolation, as
@@ -1659,6 +1662,7 @@ mod tests {
         let tenant = TenantId::default();
         let mut s =
             EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        assert!(s.log_quiet_after >= maintain::QUIET_MIN);
         s.log_compaction_min_bytes = 16;
         let (t0, minute) = (10 * DAY, 60_000);
         for job in ["a", "b", "c"] {
@@ -1670,12 +1674,19 @@ mod tests {
         // (twice that) is not met.
         let logged = s.wal.lock().unwrap().segment_bytes();
         s.log_compacted_bytes.store(logged, Ordering::Relaxed);
-        // The maintenance that sees the writes: not quiet.
         let mut report = MaintenanceReport::default();
-        s.compact_log(&mut report).unwrap();
-        assert_eq!(report, MaintenanceReport::default());
+        let compact = |s: &EmbeddedStorage| {
+            let mut report = MaintenanceReport::default();
+            s.compact_log(&mut report).unwrap();
+            report.wal_samples_compacted
+        };
+        // The maintenance that sees the writes finds the log busy; the next finds it quiet,
+        // but not for long enough.
+        assert_eq!(compact(&s), 0);
+        assert_eq!(compact(&s), 0);
         assert_eq!(wal_files(dir.path()), ["00000001.wal"]);
-        // The next, with nothing logged since: quiet, and at least half the last checkpoint.
+        // Quiet for long enough (here at once), and at least half the last checkpoint.
+        s.log_quiet_after = Duration::ZERO;
         s.compact_log(&mut report).unwrap();
         assert_eq!(report.wal_samples_compacted, 3 * 201, "{report:?}");
         assert_eq!(
@@ -1683,15 +1694,20 @@ mod tests {
             ["00000002.wal", "checkpoint.00000002"]
         );
         // Quiet still, with nothing logged: nothing to do.
-        let mut again = MaintenanceReport::default();
-        s.compact_log(&mut again).unwrap();
-        assert_eq!(again, MaintenanceReport::default());
-        // Writes again: not quiet; the samples all come back after a restart.
+        assert_eq!(compact(&s), 0);
+        // Less than half the last checkpoint logged (as if it took a megabyte): busy, then
+        // quiet but too small.
+        s.log_compacted_bytes.store(1 << 20, Ordering::Relaxed);
         s.append(&tenant, &[series("up", "d", t0, t0 + 10 * minute, 15_000)])
             .await
             .unwrap();
-        s.compact_log(&mut again).unwrap();
-        assert_eq!(again, MaintenanceReport::default());
+        assert_eq!(compact(&s), 0);
+        assert_eq!(compact(&s), 0);
+        assert_eq!(
+            wal_files(dir.path()),
+            ["00000002.wal", "checkpoint.00000002"]
+        );
+        // The samples all come back after a restart.
         let before = all_up(&s).await;
         assert_eq!(before.len(), 4);
         drop(s);

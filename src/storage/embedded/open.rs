@@ -87,7 +87,9 @@ impl EmbeddedStorage {
             series_removed: AtomicU64::new(0),
             log_compacted_bytes: AtomicU64::new(checkpoint_bytes),
             log_compaction_min_bytes: LOG_COMPACTION_MIN_BYTES,
-            log_appended_at_maintenance: AtomicU64::new(0),
+            log_busy: Mutex::new((0, std::time::Instant::now())),
+            log_quiet_after: (Duration::from_secs(config.out_of_order_window_secs) / 16)
+                .max(maintain::QUIET_MIN),
             packers: wal::Packers::default(),
             visibility: RwLock::default(),
             _lock: lock,
