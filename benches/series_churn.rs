@@ -251,6 +251,11 @@ fn main() {
         let cpu_before = cpu_seconds(server.pid());
         let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
         let cpu = cpu_seconds(server.pid()) - cpu_before;
+        eprintln!(
+            "SecuMon: ingest {:.0} samples/s, {:.2} CPU-s per 1M samples",
+            outcome.accepted as f64 / outcome.seconds,
+            cpu / (outcome.accepted as f64 / 1e6)
+        );
         let rss_slope = sampler.stop(hours as f64);
         // Flushed (all but the out-of-order window's hour) and compacted: the block count
         // unchanged across two whole maintenance runs (a run can take long: a closed day).

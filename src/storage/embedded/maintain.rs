@@ -225,15 +225,16 @@ impl EmbeddedStorage {
     ///
     /// A quiet log is compacted sooner: once at most 1/[`QUIET_SHARE`] of its segments was
     /// logged over the last sixteenth of the out-of-order window of wall-clock time (at least
-    /// [`QUIET_MIN`]: about four minutes with the default hour), and they take at least half
-    /// the last compaction's checkpoint (at start, the newest checkpoint) and a sixteenth of
-    /// [`LOG_COMPACTION_MIN_BYTES`]. After a backfill or a catch-up ends, the log otherwise
-    /// keeps, until writes resume, the head's newer samples in the log's form (two to three
-    /// bytes a sample) beside a checkpoint whose samples are mostly flushed by then. A load
+    /// [`QUIET_MIN`]: about four minutes with the default hour), and the log (segments and
+    /// checkpoint) takes at least one and a half times the last compaction's checkpoint (at
+    /// start, the newest checkpoint) and a sixteenth of [`LOG_COMPACTION_MIN_BYTES`]. After a
+    /// backfill or a catch-up ends, the log otherwise keeps, until writes resume, the head's
+    /// newer samples in the log's form (two to three bytes a sample), in segments or carried
+    /// into a checkpoint, beside samples of a checkpoint flushed since. A load
     /// at real pace fills the log's window of samples in a window of time, so it logs a
     /// sixteenth of the log in that time, four times the share, at any sample rate and
-    /// maintenance interval. Between two quiet compactions at least half a checkpoint is
-    /// logged (a failed one is retried at each maintenance, as the usual one is).
+    /// maintenance interval. Between two quiet compactions the log grows by at least half a
+    /// checkpoint (a failed one is retried at each maintenance, as the usual one is).
     pub(super) fn compact_log(&self, report: &mut MaintenanceReport) -> StorageResult<()> {
         let (logged, appended) = {
             let wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
@@ -279,10 +280,14 @@ impl EmbeddedStorage {
             *busy = (appended, std::time::Instant::now());
             return false;
         }
+        if busy.1.elapsed() < self.log_quiet_after || bytes == 0 {
+            return false;
+        }
+        // The segments and the checkpoint, which may hold samples flushed since, or samples
+        // carried in the log's form.
         let last = self.log_compacted_bytes.load(Ordering::Relaxed);
-        busy.1.elapsed() >= self.log_quiet_after
-            && bytes > 0
-            && bytes >= (self.log_compaction_min_bytes / 16).max(last / 2)
+        let log = bytes + wal::checkpoint_bytes(&self.dir.join("wal"));
+        log >= (self.log_compaction_min_bytes / 16).max(last + last / 2)
     }
 
     /// Writes checkpoint `segment` (the log rotated to it, every sample of the segments before

@@ -1670,10 +1670,11 @@ mod tests {
                 .await
                 .unwrap();
         }
-        // As if the last compaction's checkpoint were as large as the log: the usual bound
-        // (twice that) is not met.
+        // As if the last compaction's checkpoint took two thirds of the log: the usual bound
+        // (twice that) is not met, the quiet one (one and a half times) is.
         let logged = s.wal.lock().unwrap().segment_bytes();
-        s.log_compacted_bytes.store(logged, Ordering::Relaxed);
+        s.log_compacted_bytes
+            .store(logged * 2 / 3, Ordering::Relaxed);
         let mut report = MaintenanceReport::default();
         let compact = |s: &EmbeddedStorage| {
             let mut report = MaintenanceReport::default();
@@ -1685,7 +1686,7 @@ mod tests {
         assert_eq!(compact(&s), 0);
         assert_eq!(compact(&s), 0);
         assert_eq!(wal_files(dir.path()), ["00000001.wal"]);
-        // Quiet for long enough (here at once), and at least half the last checkpoint.
+        // Quiet for long enough (here at once), and large enough.
         s.log_quiet_after = Duration::ZERO;
         s.compact_log(&mut report).unwrap();
         assert_eq!(report.wal_samples_compacted, 3 * 201, "{report:?}");
@@ -1695,8 +1696,8 @@ mod tests {
         );
         // Quiet still, with nothing logged: nothing to do.
         assert_eq!(compact(&s), 0);
-        // Less than half the last checkpoint logged (as if it took a megabyte): busy, then
-        // quiet but too small.
+        // The log (segments and checkpoint) under one and a half times the last compaction's
+        // checkpoint (as if it took a megabyte): busy, then quiet but too small.
         s.log_compacted_bytes.store(1 << 20, Ordering::Relaxed);
         s.append(&tenant, &[series("up", "d", t0, t0 + 10 * minute, 15_000)])
             .await
