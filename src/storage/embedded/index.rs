@@ -239,7 +239,7 @@ fn write_tables(
     }
     fingerprints.sort_unstable();
     // Every table, in writing order: (kind, tenant, name, value) and its bytes.
-    let mut tables: Vec<(Kind, &str, &str, Cow<str>, Vec<u8>)> = Vec::new();
+    let mut tables: Vec<Table> = Vec::new();
     for (tenant, (postings, all)) in &tenants {
         let mut bytes = Vec::new();
         put_strs(&mut bytes, postings.keys().copied());
@@ -321,6 +321,9 @@ fn write_tables(
         layout: Some(layout),
     })
 }
+
+/// A table being written: (kind, tenant, name, value) and its bytes.
+type Table<'a> = (Kind, &'a str, &'a str, Cow<'a, str>, Vec<u8>);
 
 /// A label's values and postings cut into pieces of about [`PIECE_BYTES`], in value order:
 /// (first value, `varint m | (str value | ids){m}`).
@@ -1046,10 +1049,10 @@ mod tests {
         assert_eq!(ids_of(&[re]), want);
         let not_a = || Matcher::regex("zone", "a|z", true).unwrap();
         assert_eq!(
-            ids_of(&[not_a(), Matcher::equal("host", &host(7))]),
+            ids_of(&[not_a(), Matcher::equal("host", host(7))]),
             [7, 20_007]
         );
-        assert!(ids_of(&[not_a(), Matcher::equal("host", &host(3_000))]).is_empty());
+        assert!(ids_of(&[not_a(), Matcher::equal("host", host(3_000))]).is_empty());
         // An abandoned read stops between pieces.
         stop.store(true, Ordering::Relaxed);
         let err = index
