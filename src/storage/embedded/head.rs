@@ -505,9 +505,11 @@ impl Head {
             let key = posting_key(name, value);
             let ids = index.postings.entry(key).or_default();
             // A series already under this key must have this very pair (a postings list
-            // holds one pair's series): else two pairs share a hash.
+            // holds one pair's series): else two pairs share a hash. The newest first: the
+            // oldest may be series forgotten and not yet pruned, which a load that turns its
+            // series over leaves by the tens of thousands at the front of a busy pair's list.
             if !index.collided {
-                let first = ids.iter().find_map(|id| self.series.get(id));
+                let first = ids.iter().rev().find_map(|id| self.series.get(id));
                 if first.is_some_and(|first| first.labels.get(name) != Some(value)) {
                     index.collided = true;
                 }
@@ -547,7 +549,7 @@ impl Head {
     /// head and its fingerprint table, and notes in `forgotten` their ids and the postings
     /// lists they were in; [`Head::prune_postings`] then takes the ids out of those lists.
     /// In between, postings lists may name series the head no longer holds: readers of
-    /// postings check the series (see [`Head::first_live`]).
+    /// postings check the series (see [`Head::newest_live`]).
     pub fn forget_empty(&mut self, ids: &[u64], forgotten: &mut Forgotten) {
         for id in ids {
             let Some(series) = self.series.get_mut(id) else {
@@ -624,10 +626,10 @@ impl Head {
         true
     }
 
-    /// The first series of a postings list the head holds (the first, but for series being
-    /// forgotten: see [`Head::forget_empty`]).
-    pub fn first_live(&self, ids: &[u64]) -> Option<&SeriesData> {
-        ids.iter().find_map(|id| self.series.get(id))
+    /// A series of a postings list the head holds: the newest, since the oldest may be
+    /// series being forgotten (see [`Head::forget_empty`]).
+    pub fn newest_live(&self, ids: &[u64]) -> Option<&SeriesData> {
+        ids.iter().rev().find_map(|id| self.series.get(id))
     }
 
     pub fn add_metadata(&mut self, tenant: &str, metadata: MetricMetadata) {
@@ -658,7 +660,7 @@ impl Head {
             Ok(keys
                 .iter()
                 .filter_map(|key| {
-                    let first = self.first_live(index.postings.get(key)?)?;
+                    let first = self.newest_live(index.postings.get(key)?)?;
                     Some(first.labels.get(name)?.to_owned())
                 })
                 .collect())
