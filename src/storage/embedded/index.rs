@@ -240,7 +240,8 @@ fn write_tables(
     fingerprints.sort_unstable();
     // Every table, in writing order: (kind, tenant, name, value) and its bytes.
     let mut tables: Vec<Table> = Vec::new();
-    for (tenant, (postings, all)) in &tenants {
+    // Each posting is dropped once encoded: postings are in memory once.
+    for (tenant, (postings, all)) in tenants {
         let mut bytes = Vec::new();
         put_strs(&mut bytes, postings.keys().copied());
         tables.push((Kind::Names, tenant, "", "".into(), bytes));
@@ -256,7 +257,7 @@ fn write_tables(
                     for (value, posting) in values {
                         let mut bytes = Vec::new();
                         posting.encode(&mut bytes);
-                        tables.push((Kind::Postings, tenant, name, (*value).into(), bytes));
+                        tables.push((Kind::Postings, tenant, name, value.into(), bytes));
                     }
                 }
                 Layout::Pieces => {
@@ -271,7 +272,6 @@ fn write_tables(
             }
         }
     }
-    drop(tenants);
     if layout == Layout::Pieces {
         let mut bytes = Vec::new();
         put_varint(&mut bytes, LAYOUT_PIECES);
@@ -327,7 +327,7 @@ type Table<'a> = (Kind, &'a str, &'a str, Cow<'a, str>, Vec<u8>);
 
 /// A label's values and postings cut into pieces of about [`PIECE_BYTES`], in value order:
 /// (first value, `varint m | (str value | ids){m}`).
-fn pieces<'a>(values: &BTreeMap<&'a str, Posting>) -> Vec<(&'a str, Vec<u8>)> {
+fn pieces<'a>(values: BTreeMap<&'a str, Posting>) -> Vec<(&'a str, Vec<u8>)> {
     let mut out = Vec::new();
     let (mut first, mut count, mut entries) = ("", 0u64, Vec::new());
     let mut entry = Vec::new();
@@ -528,15 +528,21 @@ impl BlockIndex {
     }
 
     /// The values of a label among a tenant's series, sorted (from the series themselves when
-    /// the table is damaged).
-    pub fn values(&self, tenant: &str, name: &str) -> io::Result<Vec<String>> {
+    /// the table is damaged); `stopped` is asked before each piece.
+    pub fn values(
+        &self,
+        tenant: &str,
+        name: &str,
+        stopped: &dyn Fn() -> io::Result<()>,
+    ) -> io::Result<Vec<String>> {
+        stopped()?;
         let read = || match self.layout()? {
             Layout::Pairs => self
                 .table(Kind::Values, tenant, name, "")
                 .and_then(|t| t.map_or(Ok(Vec::new()), |b| take_strs(&b))),
             Layout::Pieces => {
                 let mut out = Vec::new();
-                self.each_value(tenant, name, &|| Ok(()), &mut |value, _| {
+                self.each_value(tenant, name, stopped, &mut |value, _| {
                     out.push(value.to_owned());
                     Ok(())
                 })?;
@@ -635,7 +641,8 @@ impl BlockIndex {
         }
     }
 
-    /// Hands `each` the postings of every value of a label that `keep` accepts.
+    /// Hands `each` the postings of every value of a label that `keep` accepts, from its
+    /// pieces ([`Layout::Pieces`]; the older layout reads its values and then each pair).
     fn postings_of(
         &self,
         tenant: &str,
@@ -644,21 +651,12 @@ impl BlockIndex {
         each: &mut dyn FnMut(Vec<u64>),
         stopped: &dyn Fn() -> io::Result<()>,
     ) -> io::Result<()> {
-        match self.layout()? {
-            Layout::Pairs => {
-                for value in self.values(tenant, name)?.iter().filter(|v| keep(v)) {
-                    stopped()?;
-                    each(self.postings(tenant, name, value)?);
-                }
-                Ok(())
+        self.each_value(tenant, name, stopped, &mut |value, ids| {
+            if keep(value) {
+                each(take_ids(&mut Reader(ids))?);
             }
-            Layout::Pieces => self.each_value(tenant, name, stopped, &mut |value, ids| {
-                if keep(value) {
-                    each(take_ids(&mut Reader(ids))?);
-                }
-                Ok(())
-            }),
-        }
+            Ok(())
+        })
     }
 
     /// The ids of a tenant's series that every matcher accepts, ascending, and the number of
@@ -671,13 +669,7 @@ impl BlockIndex {
         matchers: &[Matcher],
         stop: &AtomicBool,
     ) -> io::Result<(Vec<u64>, usize)> {
-        let stopped = || {
-            if stop.load(Ordering::Relaxed) {
-                Err(io::Error::new(io::ErrorKind::Interrupted, "read abandoned"))
-            } else {
-                Ok(())
-            }
-        };
+        let stopped = || abandoned(stop);
         postings_for_matchers(
             matchers,
             PostingsSource {
@@ -685,17 +677,14 @@ impl BlockIndex {
                     self.table(Kind::All, tenant, "", "")?
                         .map_or(Ok(Vec::new()), |b| take_ids(&mut Reader(&b)))
                 },
-                values: &|name| {
-                    stopped()?;
-                    self.values(tenant, name)
-                },
+                values: &|name| self.values(tenant, name, &stopped),
                 postings: &|name, value| {
                     stopped()?;
                     self.postings(tenant, name, value)
                 },
-                postings_of: Some(&|name, keep, each| {
-                    self.postings_of(tenant, name, keep, each, &stopped)
-                }),
+                postings_of: (self.layout == Some(Layout::Pieces)).then_some(
+                    &|name, keep, each| self.postings_of(tenant, name, keep, each, &stopped),
+                ),
                 few: 0,
             },
         )
@@ -827,6 +816,16 @@ pub(super) struct PostingsSource<'a> {
     /// their label sets: the head holds them in memory, where that costs less than reading the
     /// postings of every value a regex accepts. 0: never (a block's label sets are on disk).
     pub few: usize,
+}
+
+/// Fails with `Interrupted` once `stop` is set: the check a long read of an index makes
+/// between tables.
+pub(super) fn abandoned(stop: &AtomicBool) -> io::Result<()> {
+    if stop.load(Ordering::Relaxed) {
+        Err(io::Error::new(io::ErrorKind::Interrupted, "read abandoned"))
+    } else {
+        Ok(())
+    }
 }
 
 /// The series every matcher accepts, ascending, from postings alone (Prometheus's
@@ -1033,8 +1032,11 @@ mod tests {
             assert_eq!(ids_of(&[Matcher::equal("host", &value)]), want, "{value}");
         }
         let all_values: Vec<String> = (0..20_000).map(host).collect();
-        assert_eq!(index.values("t", "host").unwrap(), all_values);
-        assert_eq!(index.values("t", "zone").unwrap(), ["a", "m", "z"]);
+        assert_eq!(index.values("t", "host", &|| Ok(())).unwrap(), all_values);
+        assert_eq!(
+            index.values("t", "zone", &|| Ok(())).unwrap(),
+            ["a", "m", "z"]
+        );
         // `m`'s 29,940 ids take a piece of their own, between `a`'s and `z`'s.
         assert_eq!(index.directory("t", "zone").unwrap(), ["a", "m", "z"]);
         let m: Vec<u64> = (0..30_000).filter(|i| zone(*i) == "m").collect();
@@ -1133,7 +1135,7 @@ mod tests {
                 }
             }
             let jobs: Vec<String> = (0..7).map(|i| format!("job{i}")).collect();
-            assert_eq!(index.values("t", "job").unwrap(), jobs);
+            assert_eq!(index.values("t", "job", &|| Ok(())).unwrap(), jobs);
             assert_eq!(index.names("t").unwrap(), ["__name__", "job", "pid", "seq"]);
             assert!(index.names("none").unwrap().is_empty());
             for (id, tenant, l) in &series {

@@ -336,7 +336,7 @@ impl EmbeddedStorage {
                 let index = block.index.as_ref().expect("checked above");
                 let sorted = match &name {
                     None => index.names(&tenant),
-                    Some(name) => index.values(&tenant, name),
+                    Some(name) => index.values(&tenant, name, &|| index::abandoned(stop)),
                 }
                 .map_err(block_error)?;
                 // Merged as they come, so memory holds the distinct values, not every
