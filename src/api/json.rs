@@ -9,6 +9,15 @@ use std::fmt::Write;
 /// U+2029 as `\uXXXX`, control characters as `\n`, `\r`, `\t` or `\u00xx`.
 pub fn write_str(out: &mut String, s: &str) {
     out.push('"');
+    // Most strings need no escape (0xe2 leads U+2028 and U+2029): copied whole.
+    if !s
+        .bytes()
+        .any(|b| b < 0x20 || matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&' | 0xe2))
+    {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -26,6 +35,19 @@ pub fn write_str(out: &mut String, s: &str) {
         }
     }
     out.push('"');
+}
+
+/// Appends `items` as a JSON array of strings ([`write_str`]).
+pub fn write_strs(out: &mut String, items: &[String]) {
+    out.reserve(items.iter().map(|s| s.len() + 3).sum::<usize>() + 2);
+    out.push('[');
+    for (i, s) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_str(out, s);
+    }
+    out.push(']');
 }
 
 /// Go's `strconv.FormatFloat(v, fmt, -1, 64)` for `fmt` 'f' or 'e', with Prometheus's
@@ -324,5 +346,17 @@ mod tests {
         let mut s = String::new();
         write_str(&mut s, "a<b>&\"\\\n\u{1}");
         assert_eq!(s, r#""a\u003cb\u003e\u0026\"\\\n\u0001""#);
+        // Copied whole when nothing needs escaping; U+2028 and U+2029 escaped, other
+        // characters led by the same byte not.
+        let mut s = String::new();
+        write_strs(
+            &mut s,
+            &[
+                "plain/path-1".into(),
+                "a\u{2028}b\u{2029}".into(),
+                "€".into(),
+            ],
+        );
+        assert_eq!(s, r#"["plain/path-1","a\u2028b\u2029","€"]"#);
     }
 }

@@ -278,7 +278,9 @@ pub(super) async fn labels(
         .engine
         .limited(timeout, state.storage.label_names(&tenant, &query))
         .await?;
-    Ok(success_json(serde_json::json!(names)))
+    let mut data = String::new();
+    json::write_strs(&mut data, &names);
+    Ok(success(data))
 }
 
 pub(super) async fn label_values(
@@ -298,7 +300,9 @@ pub(super) async fn label_values(
         .engine
         .limited(timeout, state.storage.label_values(&tenant, &name, &query))
         .await?;
-    Ok(success_json(serde_json::json!(values)))
+    let mut data = String::new();
+    json::write_strs(&mut data, &values);
+    Ok(success(data))
 }
 
 pub(super) async fn metadata(
