@@ -8,7 +8,10 @@
 //! - resident set: at the end (after its flush and compaction settled), its peak, and its
 //!   slope over the second half of the load (MiB per simulated hour, a least-squares fit of
 //!   one reading a second);
-//! - whole data directory bytes per sample, once flushed and compacted;
+//! - whole data directory bytes per sample, once flushed and compacted; and SecuMon's again
+//!   once its log was compacted (it waits until the log has been quiet for a sixteenth of the
+//!   out-of-order window: about 4 minutes), settled as the peers' figures are
+//!   (VictoriaMetrics's merged by force, Prometheus's blocks written);
 //! - ingest: samples/s and server CPU-seconds per million samples;
 //! - latency (median of 21 warm runs) of `sum by (job) (rate(...[5m]))` over the last hour
 //!   (1 min steps) and over the whole 24 h (15 min steps), of a regex matcher over the whole
@@ -154,6 +157,9 @@ struct Measured {
     rate: f64,
     cpu_per_million: f64,
     dir_bytes_per_sample: f64,
+    /// The whole directory once the server's own compaction settled (SecuMon: its log
+    /// compacted after the load; the peers: as `dir_bytes_per_sample`, read settled).
+    settled_bytes_per_sample: f64,
     rss_end_mib: f64,
     rss_peak_mib: f64,
     rss_slope: f64,
@@ -278,21 +284,39 @@ fn main() {
             blocks = now;
         }
         let page = get(&format!("{base}/metrics"));
+        let compactions = metric(&page, "secumon_storage_log_compactions");
         eprintln!(
             "SecuMon: {} series in memory, {} forgotten, longest writer wait on a maintenance step {:.1} ms",
             metric(&page, "secumon_storage_series_in_memory"),
             metric(&page, "secumon_storage_head_series_removed"),
             1e3 * metric(&page, "secumon_storage_maintenance_writer_hold_max_seconds")
         );
+        let dir_bytes_per_sample = dir_bytes(&dir.join("data")) as f64 / outcome.accepted as f64;
+        let (rss_end_mib, rss_peak_mib) = (rss_mib(server.pid()), peak_rss_mib(server.pid()));
+        let latencies_ms = measure_queries("SecuMon", &base, end, hours);
+        // Settled as the peers are (VictoriaMetrics merged by force, Prometheus's blocks
+        // written): the log compacted once it has been quiet, unless none is due.
+        let settled = common::secumon_log_compacted(&base, compactions, Duration::from_secs(330));
+        let settled_bytes_per_sample =
+            dir_bytes(&dir.join("data")) as f64 / outcome.accepted as f64;
+        eprintln!(
+            "SecuMon: whole directory {dir_bytes_per_sample:.2} bytes/sample with its blocks settled, {settled_bytes_per_sample:.2} {}",
+            if settled {
+                "once the log was compacted"
+            } else {
+                "330 s later (no log compaction was due)"
+            }
+        );
         results.push(Measured {
             name: "SecuMon embedded",
             rate: outcome.accepted as f64 / outcome.seconds,
             cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
-            dir_bytes_per_sample: dir_bytes(&dir.join("data")) as f64 / outcome.accepted as f64,
-            rss_end_mib: rss_mib(server.pid()),
-            rss_peak_mib: peak_rss_mib(server.pid()),
+            dir_bytes_per_sample,
+            settled_bytes_per_sample,
+            rss_end_mib,
+            rss_peak_mib,
             rss_slope,
-            latencies_ms: measure_queries("SecuMon", &base, end, hours),
+            latencies_ms,
         });
         if std::env::args().any(|a| a == "--hold") {
             // For profiling: keep the loaded server up for ten minutes.
@@ -319,6 +343,8 @@ fn main() {
             rate: outcome.accepted as f64 / outcome.seconds,
             cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
             dir_bytes_per_sample: dir_bytes(&prometheus.data_dir) as f64 / outcome.accepted as f64,
+            settled_bytes_per_sample: dir_bytes(&prometheus.data_dir) as f64
+                / outcome.accepted as f64,
             rss_end_mib: rss_mib(pid),
             rss_peak_mib: peak_rss_mib(pid),
             rss_slope,
@@ -342,6 +368,7 @@ fn main() {
             rate: outcome.accepted as f64 / outcome.seconds,
             cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
             dir_bytes_per_sample: bytes / outcome.accepted as f64,
+            settled_bytes_per_sample: bytes / outcome.accepted as f64,
             rss_end_mib: rss_mib(pid),
             rss_peak_mib: peak_rss_mib(pid),
             rss_slope,
@@ -368,6 +395,7 @@ fn main() {
                 format!("{:.0}", r.rss_peak_mib),
                 format!("{:.1}", r.rss_slope),
                 format!("{:.2}", r.dir_bytes_per_sample),
+                format!("{:.2}", r.settled_bytes_per_sample),
                 format!("{:.0}", r.rate),
                 format!("{:.2}", r.cpu_per_million),
             ];
@@ -381,6 +409,7 @@ fn main() {
             "peak RSS MiB",
             "RSS slope MiB per simulated h",
             "bytes/sample whole dir",
+            "bytes/sample whole dir settled",
             "samples/s",
             "CPU-s per 1M samples",
         ],
@@ -396,6 +425,11 @@ fn main() {
             "bytes per sample",
             s.dir_bytes_per_sample,
             (p.dir_bytes_per_sample, v.dir_bytes_per_sample),
+        ),
+        (
+            "bytes per sample, SecuMon's log compacted",
+            s.settled_bytes_per_sample,
+            (p.settled_bytes_per_sample, v.settled_bytes_per_sample),
         ),
         (
             "CPU per sample",

@@ -477,6 +477,24 @@ pub fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits, at most `limit`, until a SecuMon server at `base` has compacted its log more often
+/// than `since` times (`secumon_storage_log_compactions`): whether it did. A loaded server
+/// compacts it once the log has been quiet for a sixteenth of the out-of-order window (about
+/// 4 minutes), unless none is due.
+pub fn secumon_log_compacted(base: &str, since: f64, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let page = get(&format!("{base}/metrics"));
+        if metric(&page, "secumon_storage_log_compactions") > since {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
 /// Waits until `read` gives the same positive value twice `every` apart.
 pub fn wait_stable(what: &str, every: Duration, limit: Duration, read: impl Fn() -> f64) -> f64 {
     let deadline = Instant::now() + limit;

@@ -362,6 +362,9 @@ pub struct StorageStats {
     /// Since start: series the embedded engine's head forgot after a flush (no sample left in
     /// memory; their labels live on in the blocks' indexes).
     pub head_series_removed: u64,
+    /// Since start: the embedded engine's log compactions (checkpoints written with the head's
+    /// samples, the segments before them deleted).
+    pub log_compactions: u64,
     /// On-disk blocks and the raw samples in them.
     pub blocks: u64,
     pub block_samples: u64,

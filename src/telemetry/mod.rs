@@ -91,6 +91,7 @@ pub struct Metrics {
     pub query_warnings: Counter,
     pub storage_series: prometheus_client::metrics::gauge::Gauge,
     storage_head_series_removed: prometheus_client::metrics::gauge::Gauge,
+    storage_log_compactions: prometheus_client::metrics::gauge::Gauge,
     pub storage_blocks: prometheus_client::metrics::gauge::Gauge,
     pub storage_block_samples: prometheus_client::metrics::gauge::Gauge,
     storage_writer_hold_max:
@@ -280,6 +281,12 @@ impl Metrics {
             "Series the embedded engine's head forgot since start (no sample left in memory; their labels live on in the blocks' indexes)",
             storage_head_series_removed.clone(),
         );
+        let storage_log_compactions = gauge();
+        registry.register(
+            "storage_log_compactions",
+            "Compactions of the embedded engine's write-ahead log since start (the head's samples written into a checkpoint, the segments before it deleted)",
+            storage_log_compactions.clone(),
+        );
         registry.register(
             "storage_blocks",
             "On-disk blocks of the embedded engine",
@@ -422,6 +429,7 @@ impl Metrics {
             query_warnings,
             storage_series,
             storage_head_series_removed,
+            storage_log_compactions,
             storage_blocks,
             storage_block_samples,
             storage_writer_hold_max,
@@ -453,6 +461,8 @@ impl Metrics {
             self.storage_series.set(clamp(stats.series_in_memory));
             self.storage_head_series_removed
                 .set(clamp(stats.head_series_removed));
+            self.storage_log_compactions
+                .set(clamp(stats.log_compactions));
             self.storage_blocks.set(clamp(stats.blocks));
             self.storage_block_samples.set(clamp(stats.block_samples));
             self.storage_writer_hold_max

@@ -353,6 +353,7 @@ impl EmbeddedStorage {
         self.delete_segments(&old, segment, report)?;
         let bytes = tokio::task::block_in_place(|| wal::checkpoint_bytes(&dir));
         self.log_compacted_bytes.store(bytes, Ordering::Relaxed);
+        self.log_compactions.fetch_add(1, Ordering::Relaxed);
         report.wal_samples_compacted += written;
         Ok(())
     }
@@ -712,6 +713,7 @@ impl EmbeddedStorage {
             rollup_bytes: set.blocks.iter().map(|b| b.size(true)).sum(),
             wal_bytes,
             head_series_removed: self.series_removed.load(Ordering::Relaxed),
+            log_compactions: self.log_compactions.load(Ordering::Relaxed),
             lifecycle_runs: self.maintenance_runs.load(Ordering::Relaxed),
             lifecycle_failures: self.maintenance_failures.load(Ordering::Relaxed),
             maintenance_writer_hold_max: Duration::from_micros(

@@ -214,6 +214,8 @@ pub struct EmbeddedStorage {
     /// Bytes of the checkpoint the last compaction of the log wrote (at open, of the newest
     /// checkpoint): the log is compacted again once its closed segments take twice as much.
     log_compacted_bytes: AtomicU64,
+    /// Since start: checkpoints written with the head's samples (the log compacted).
+    log_compactions: AtomicU64,
     /// [`LOG_COMPACTION_MIN_BYTES`] (lower in tests).
     log_compaction_min_bytes: u64,
     /// [`wal::Wal::appended`] and the time when a maintenance last found the log busy (see
@@ -1686,10 +1688,12 @@ mod tests {
         assert_eq!(compact(&s), 0);
         assert_eq!(compact(&s), 0);
         assert_eq!(wal_files(dir.path()), ["00000001.wal"]);
+        assert_eq!(s.sizes().log_compactions, 0);
         // Quiet for long enough (here at once), and large enough.
         s.log_quiet_after = Duration::ZERO;
         s.compact_log(&mut report).unwrap();
         assert_eq!(report.wal_samples_compacted, 3 * 201, "{report:?}");
+        assert_eq!(s.sizes().log_compactions, 1);
         assert_eq!(
             wal_files(dir.path()),
             ["00000002.wal", "checkpoint.00000002"]

@@ -86,6 +86,7 @@ impl EmbeddedStorage {
             writer_hold_max_us: AtomicU64::new(0),
             series_removed: AtomicU64::new(0),
             log_compacted_bytes: AtomicU64::new(checkpoint_bytes),
+            log_compactions: AtomicU64::new(0),
             log_compaction_min_bytes: LOG_COMPACTION_MIN_BYTES,
             log_busy: Mutex::new((0, std::time::Instant::now())),
             log_quiet_after: (Duration::from_secs(config.out_of_order_window_secs) / 16)
