@@ -670,7 +670,10 @@ impl BlockIndex {
         stop: &AtomicBool,
     ) -> io::Result<(Vec<u64>, usize)> {
         let stopped = || abandoned(stop);
-        postings_for_matchers(
+        // An unreadable layout goes straight to the series (else each lookup would fail, some
+        // after a scan of their own).
+        let layout = self.layout();
+        layout.and_then(|layout| postings_for_matchers(
             matchers,
             PostingsSource {
                 all: &|| {
@@ -682,12 +685,12 @@ impl BlockIndex {
                     stopped()?;
                     self.postings(tenant, name, value)
                 },
-                postings_of: (self.layout == Some(Layout::Pieces)).then_some(
+                postings_of: (layout == Layout::Pieces).then_some(
                     &|name, keep, each| self.postings_of(tenant, name, keep, each, &stopped),
                 ),
                 few: 0,
             },
-        )
+        ))
         .map(|found| (found.ids, 0))
         .or_else(|e| {
             if e.kind() == io::ErrorKind::Interrupted {

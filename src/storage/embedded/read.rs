@@ -293,14 +293,17 @@ impl EmbeddedStorage {
                     ),
                     _ => (false, set.flushing.is_empty()),
                 };
-                // (A postings list may still name series being forgotten: the head holds
-                // neither them nor their samples.)
+                // (A postings list may still name series being forgotten, the oldest: the
+                // head holds neither them nor their samples. Looked at newest first.)
                 let first_used = |key: &u64| -> Option<u64> {
                     let ids = index.postings.get(key)?;
                     if every {
-                        ids.iter().copied().find(|id| head.series.contains_key(id))
+                        ids.iter()
+                            .rev()
+                            .copied()
+                            .find(|id| head.series.contains_key(id))
                     } else {
-                        ids.iter().copied().find(|id| overlaps(id))
+                        ids.iter().rev().copied().find(|id| overlaps(id))
                     }
                 };
                 if !none {
