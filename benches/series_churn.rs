@@ -257,6 +257,11 @@ fn main() {
         let cpu_before = cpu_seconds(server.pid());
         let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
         let cpu = cpu_seconds(server.pid()) - cpu_before;
+        // Log compactions so far: one after this (the load's last write) leaves it settled.
+        let compactions = metric(
+            &get(&format!("{base}/metrics")),
+            "secumon_storage_log_compactions",
+        );
         eprintln!(
             "SecuMon: ingest {:.0} samples/s, {:.2} CPU-s per 1M samples",
             outcome.accepted as f64 / outcome.seconds,
@@ -284,7 +289,6 @@ fn main() {
             blocks = now;
         }
         let page = get(&format!("{base}/metrics"));
-        let compactions = metric(&page, "secumon_storage_log_compactions");
         eprintln!(
             "SecuMon: {} series in memory, {} forgotten, longest writer wait on a maintenance step {:.1} ms",
             metric(&page, "secumon_storage_series_in_memory"),
@@ -338,13 +342,13 @@ fn main() {
         let cpu = cpu_seconds(pid) - cpu_before;
         let rss_slope = sampler.stop(hours as f64);
         peers::prometheus_blocks_settled(&prometheus.data_dir);
+        let bytes = dir_bytes(&prometheus.data_dir) as f64 / outcome.accepted as f64;
         results.push(Measured {
             name: "Prometheus 2.42",
             rate: outcome.accepted as f64 / outcome.seconds,
             cpu_per_million: cpu / (outcome.accepted as f64 / 1e6),
-            dir_bytes_per_sample: dir_bytes(&prometheus.data_dir) as f64 / outcome.accepted as f64,
-            settled_bytes_per_sample: dir_bytes(&prometheus.data_dir) as f64
-                / outcome.accepted as f64,
+            dir_bytes_per_sample: bytes,
+            settled_bytes_per_sample: bytes,
             rss_end_mib: rss_mib(pid),
             rss_peak_mib: peak_rss_mib(pid),
             rss_slope,

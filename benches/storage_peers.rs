@@ -405,6 +405,11 @@ fn main() {
         let cpu_before = cpu_seconds(server.pid());
         let outcome = push(&format!("{base}/api/v1/write"), bodies.clone(), &o);
         let cpu = cpu_seconds(server.pid()) - cpu_before;
+        // Log compactions so far: one after this (the load's last write) leaves it settled.
+        let compactions = metric(
+            &get(&format!("{base}/metrics")),
+            "secumon_storage_log_compactions",
+        );
         let rate = outcome.accepted as f64 / outcome.seconds;
         let cpu_per_million = cpu / (outcome.accepted as f64 / 1e6);
         eprintln!("SecuMon: ingest {rate:.0} samples/s, {cpu_per_million:.2} CPU-s per 1M samples");
@@ -443,7 +448,6 @@ fn main() {
             );
         }
         let page = get(&format!("{base}/metrics"));
-        let compactions = metric(&page, "secumon_storage_log_compactions");
         let block_samples = metric(&page, "secumon_storage_block_samples");
         let block_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"chunks\"}");
         let rollup_bytes = metric(&page, "secumon_storage_disk_bytes{kind=\"rollups\"}");
