@@ -298,18 +298,12 @@ fn main() {
         let dir_bytes_per_sample = dir_bytes(&dir.join("data")) as f64 / outcome.accepted as f64;
         let (rss_end_mib, rss_peak_mib) = (rss_mib(server.pid()), peak_rss_mib(server.pid()));
         let latencies_ms = measure_queries("SecuMon", &base, end, hours);
-        // Settled as the peers are (VictoriaMetrics merged by force, Prometheus's blocks
-        // written): the log compacted once it has been quiet, unless none is due.
-        let settled = common::secumon_log_compacted(&base, compactions, Duration::from_secs(330));
-        let settled_bytes_per_sample =
-            dir_bytes(&dir.join("data")) as f64 / outcome.accepted as f64;
-        eprintln!(
-            "SecuMon: whole directory {dir_bytes_per_sample:.2} bytes/sample with its blocks settled, {settled_bytes_per_sample:.2} {}",
-            if settled {
-                "once the log was compacted"
-            } else {
-                "330 s later (no log compaction was due)"
-            }
+        let settled_bytes_per_sample = common::secumon_settled_bytes_per_sample(
+            &base,
+            &dir.join("data"),
+            compactions,
+            outcome.accepted as f64,
+            (dir_bytes_per_sample, "with its blocks settled"),
         );
         results.push(Measured {
             name: "SecuMon embedded",

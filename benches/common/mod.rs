@@ -477,22 +477,40 @@ pub fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Waits, at most `limit`, until a SecuMon server at `base` has compacted its log more often
-/// than `since` times (`secumon_storage_log_compactions`): whether it did. A loaded server
-/// compacts it once the log has been quiet for a sixteenth of the out-of-order window (about
-/// 4 minutes), unless none is due.
-pub fn secumon_log_compacted(base: &str, since: f64, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
+/// SecuMon's whole directory `dir` in bytes per sample (of `samples`) once settled as the
+/// peers' figures are (VictoriaMetrics merged by force, Prometheus's blocks written): after a
+/// log compaction that followed the load (`since`: `secumon_storage_log_compactions` as it
+/// ended), waited for at most 330 s (a quiet log is compacted after a sixteenth of the
+/// out-of-order window, 225 s by default), or then if none was due. Printed beside `before`,
+/// the figure read `when`.
+pub fn secumon_settled_bytes_per_sample(
+    base: &str,
+    dir: &Path,
+    since: f64,
+    samples: f64,
+    (before, when): (f64, &str),
+) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(330);
+    let compacted = loop {
         let page = get(&format!("{base}/metrics"));
         if metric(&page, "secumon_storage_log_compactions") > since {
-            return true;
+            break true;
         }
         if Instant::now() > deadline {
-            return false;
+            break false;
         }
         std::thread::sleep(Duration::from_secs(5));
-    }
+    };
+    let settled = dir_bytes(dir) as f64 / samples;
+    eprintln!(
+        "SecuMon: whole directory {before:.2} bytes/sample {when}, {settled:.2} {}",
+        if compacted {
+            "once the log was compacted"
+        } else {
+            "330 s later (no log compaction was due)"
+        }
+    );
+    settled
 }
 
 /// Waits until `read` gives the same positive value twice `every` apart.
