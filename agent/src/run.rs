@@ -43,6 +43,9 @@ pub struct Stats {
     export_nanos: AtomicU64,
     /// Readings lost before they reached the queue (it could not be written).
     unqueued: AtomicU64,
+    /// Interval boundaries passed with no reading taken: the agent was late for them (a
+    /// collection overran the interval, the process was not scheduled, the clock jumped).
+    skipped: AtomicU64,
     /// Creation time (Unix ms) of the oldest unsent reading; 0 when none waits.
     oldest_unsent_ms: AtomicU64,
 }
@@ -246,20 +249,28 @@ async fn collect_loop(
     mut settings: watch::Receiver<Settings>,
 ) -> anyhow::Result<()> {
     let collector = Arc::new(Mutex::new(collector));
-    let mut last: Option<SystemTime> = None;
+    // The last reading's time and interval.
+    let mut last: Option<(SystemTime, Duration)> = None;
     loop {
         let current = settings.borrow_and_update().clone();
         let mut at = next_boundary(SystemTime::now(), current.interval);
-        if let Some(last) = last {
+        if let Some((last, interval)) = last {
             // The wall clock stepped back: readings keep moving forward, or the server would
             // refuse them as out of order.
             if at <= last {
                 at = next_boundary(last, current.interval);
-            } else if at.duration_since(last).unwrap_or_default() > current.interval * 2 {
-                tracing::warn!(
-                    skipped = at.duration_since(last).unwrap_or_default().as_secs() / current.interval.as_secs().max(1) - 1,
-                    "readings skipped: a collection took longer than the interval, or the clock jumped"
-                );
+            } else if interval == current.interval {
+                let gap = at.duration_since(last).unwrap_or_default().as_millis();
+                let step = current.interval.as_millis().max(1);
+                // Boundaries between the last reading and this one: readings never taken.
+                let skipped = (gap / step).saturating_sub(1) as u64;
+                if skipped > 0 {
+                    shared.stats.skipped.fetch_add(skipped, Ordering::Relaxed);
+                    tracing::warn!(
+                        skipped,
+                        "readings skipped: a collection took longer than the interval, the agent was not scheduled in time, or the clock jumped"
+                    );
+                }
             }
         }
         let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
@@ -268,7 +279,7 @@ async fn collect_loop(
             // A new interval or naming applies from the next boundary of the new interval.
             _ = settings.changed() => continue,
         }
-        last = Some(at);
+        last = Some((at, current.interval));
         let shared_ = shared.clone();
         let collector = collector.clone();
         let taken =
@@ -370,6 +381,8 @@ fn self_metrics(shared: &Shared, queue: &Queue, collection: Duration) -> Vec<Met
             .double(vec![], load(&stats.export_nanos) as f64 / 1e9, start),
         Metric::new("secumon.agent.collection.duration", "Seconds the last collection took.", "s", Kind::Gauge)
             .double(vec![], collection.as_secs_f64(), None),
+        Metric::new("secumon.agent.collection.skipped", "Interval boundaries with no reading: the agent was late for them.", "{readings}", Kind::Counter)
+            .int(vec![], load(&stats.skipped), start),
     ]
 }
 
