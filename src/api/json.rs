@@ -38,8 +38,8 @@ pub fn write_str(out: &mut String, s: &str) {
 }
 
 /// Appends `items` as a JSON array of strings ([`write_str`]).
-pub fn write_strs(out: &mut String, items: &[String]) {
-    out.reserve(items.iter().map(|s| s.len() + 3).sum::<usize>() + 2);
+pub fn write_strs(out: &mut String, items: &crate::storage::StringList) {
+    out.reserve(items.text_len() + 3 * items.len() + 2);
     out.push('[');
     for (i, s) in items.iter().enumerate() {
         if i > 0 {
@@ -351,11 +351,9 @@ mod tests {
         let mut s = String::new();
         write_strs(
             &mut s,
-            &[
-                "plain/path-1".into(),
-                "a\u{2028}b\u{2029}".into(),
-                "€".into(),
-            ],
+            &["plain/path-1", "a\u{2028}b\u{2029}", "€"]
+                .into_iter()
+                .collect(),
         );
         assert_eq!(s, r#"["plain/path-1","a\u2028b\u2029","€"]"#);
     }

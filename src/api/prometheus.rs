@@ -27,15 +27,19 @@ fn params(uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Params {
 }
 
 /// `{"status":"success","data":<data>}` with `data` already encoded.
-fn success(data: String) -> Response {
-    success_warned(data, &[])
+/// The start of a success's body: its `data` is written after it, in place (an answer of
+/// tens of megabytes is not copied once more).
+fn success_body() -> String {
+    String::from(r#"{"status":"success","data":"#)
+}
+
+/// `body` ([`success_body`] and the data) as a success.
+fn success(body: String) -> Response {
+    success_warned(body, &[])
 }
 
 /// A success with Prometheus's `warnings` when there are any: what the answer lacks.
-fn success_warned(data: String, warnings: &[String]) -> Response {
-    let mut body = String::with_capacity(data.len() + 32);
-    body.push_str(r#"{"status":"success","data":"#);
-    body.push_str(&data);
+fn success_warned(mut body: String, warnings: &[String]) -> Response {
     if !warnings.is_empty() {
         body.push_str(r#","warnings":["#);
         for (i, warning) in warnings.iter().enumerate() {
@@ -60,7 +64,9 @@ fn warnings_of(state: &SharedState, options: &promql::QueryOptions) -> Vec<Strin
 }
 
 fn success_json(data: serde_json::Value) -> Response {
-    success(data.to_string())
+    let mut body = success_body();
+    body.push_str(&data.to_string());
+    success(body)
 }
 
 fn now_ms() -> i64 {
@@ -118,7 +124,7 @@ pub(super) async fn query(
         .instant_query(&tenant, expr, t, options.clone())
         .await;
     observe(&state, "instant", started);
-    let mut data = String::new();
+    let mut data = success_body();
     json::write_query_data(&mut data, &value?);
     Ok(success_warned(data, &warnings_of(&state, &options)))
 }
@@ -170,7 +176,7 @@ pub(super) async fn query_range(
         )
         .await;
     observe(&state, "range", started);
-    let mut data = String::new();
+    let mut data = success_body();
     json::write_query_data(&mut data, &value?);
     Ok(success_warned(data, &warnings_of(&state, &options)))
 }
@@ -253,7 +259,8 @@ pub(super) async fn series(
         .engine
         .limited(timeout, state.storage.series(&tenant, &query))
         .await?;
-    let mut data = String::from("[");
+    let mut data = success_body();
+    data.push('[');
     for (i, labels) in series.iter().enumerate() {
         if i > 0 {
             data.push(',');
@@ -278,7 +285,7 @@ pub(super) async fn labels(
         .engine
         .limited(timeout, state.storage.label_names(&tenant, &query))
         .await?;
-    let mut data = String::new();
+    let mut data = success_body();
     json::write_strs(&mut data, &names);
     Ok(success(data))
 }
@@ -300,7 +307,7 @@ pub(super) async fn label_values(
         .engine
         .limited(timeout, state.storage.label_values(&tenant, &name, &query))
         .await?;
-    let mut data = String::new();
+    let mut data = success_body();
     json::write_strs(&mut data, &values);
     Ok(success(data))
 }
@@ -395,7 +402,8 @@ pub(super) async fn query_exemplars(
             .limited(timeout, state.storage.exemplars(&tenant, &query))
             .await?
     };
-    let mut data = String::from("[");
+    let mut data = success_body();
+    data.push('[');
     for (i, s) in series.iter().enumerate() {
         if i > 0 {
             data.push(',');

@@ -391,18 +391,18 @@ impl Engine {
     /// status) under the limits of queries: it waits for one of the evaluation slots, ends at
     /// the timeout (the request's `timeout` if shorter), and fails when it answers more than
     /// `--query-max-series` items.
-    pub async fn limited<T>(
+    pub async fn limited<T: Items>(
         &self,
         timeout: Option<Duration>,
-        work: impl std::future::Future<Output = Result<Vec<T>, StorageError>>,
-    ) -> Result<Vec<T>, QueryError> {
+        work: impl std::future::Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, QueryError> {
         let result = async {
             let (_slot, deadline) = self.slot(timeout).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let items = tokio::time::timeout(remaining, work)
                 .await
                 .map_err(|_| QueryError::Timeout("metadata read"))??;
-            if items.len() > self.config.max_series {
+            if items.count() > self.config.max_series {
                 return Err(QueryError::TooManySeries(self.config.max_series));
             }
             Ok(items)
@@ -539,5 +539,21 @@ impl Engine {
                 "query evaluation failed: {e}"
             )))
         })?
+    }
+}
+/// What a metadata read answers (series, names, values), counted against `max_series`.
+pub trait Items {
+    fn count(&self) -> usize;
+}
+
+impl<T> Items for Vec<T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Items for crate::storage::StringList {
+    fn count(&self) -> usize {
+        self.len()
     }
 }

@@ -8,8 +8,10 @@ mod batch;
 pub mod embedded;
 pub(crate) mod encoding;
 pub mod postgres;
+mod strings;
 
 pub use batch::{SeriesRef, SeriesWrite, WriteBatch};
+pub use strings::{Merge, StringList};
 
 use crate::model::{
     Exemplar, Labels, Matcher, MetricMetadata, Sample, SeriesExemplars, SeriesSamples, TenantId,
@@ -583,7 +585,7 @@ pub trait Storage: Send + Sync + 'static {
         &self,
         tenant: &TenantId,
         query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>> {
+    ) -> StorageResult<StringList> {
         label_names_of_series(self, tenant, query).await
     }
 
@@ -594,7 +596,7 @@ pub trait Storage: Send + Sync + 'static {
         tenant: &TenantId,
         name: &str,
         query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>> {
+    ) -> StorageResult<StringList> {
         label_values_of_series(self, tenant, name, query).await
     }
 
@@ -640,7 +642,7 @@ pub async fn label_names_of_series<S: Storage + ?Sized>(
     storage: &S,
     tenant: &TenantId,
     query: &SeriesQuery,
-) -> StorageResult<Vec<String>> {
+) -> StorageResult<StringList> {
     let all = SeriesQuery {
         limit: 0,
         ..query.clone()
@@ -660,7 +662,7 @@ pub async fn label_values_of_series<S: Storage + ?Sized>(
     tenant: &TenantId,
     name: &str,
     query: &SeriesQuery,
-) -> StorageResult<Vec<String>> {
+) -> StorageResult<StringList> {
     let all = SeriesQuery {
         limit: 0,
         ..query.clone()
@@ -675,7 +677,7 @@ pub async fn label_values_of_series<S: Storage + ?Sized>(
 }
 
 /// The first `limit` items (all when 0), in order.
-pub(crate) fn limited(items: impl IntoIterator<Item = String>, limit: usize) -> Vec<String> {
+pub(crate) fn limited(items: impl IntoIterator<Item = String>, limit: usize) -> StringList {
     let take = if limit == 0 { usize::MAX } else { limit };
     items.into_iter().take(take).collect()
 }

@@ -556,6 +556,32 @@ impl BlockIndex {
         })
     }
 
+    /// Calls `visit` with each value of a label, ascending, as it is read: no copy of each.
+    /// An error is returned as it is (after some values, perhaps): the caller answers from
+    /// [`BlockIndex::values`] then, which reads the block's series when a table is damaged.
+    pub fn each_value_of(
+        &self,
+        tenant: &str,
+        name: &str,
+        stopped: &dyn Fn() -> io::Result<()>,
+        visit: &mut dyn FnMut(&str),
+    ) -> io::Result<()> {
+        stopped()?;
+        match self.layout()? {
+            Layout::Pairs => {
+                let values = self
+                    .table(Kind::Values, tenant, name, "")?
+                    .map_or(Ok(Vec::new()), |b| take_strs(&b))?;
+                values.iter().for_each(|v| visit(v));
+                Ok(())
+            }
+            Layout::Pieces => self.each_value(tenant, name, stopped, &mut |value, _| {
+                visit(value);
+                Ok(())
+            }),
+        }
+    }
+
     fn layout(&self) -> io::Result<Layout> {
         self.layout
             .ok_or_else(|| damaged("series index: layout table unreadable".into()))

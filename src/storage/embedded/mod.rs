@@ -35,7 +35,7 @@ use super::encoding::{self as codec, chunk};
 use super::{
     budget_left, AppendOutcome, ExemplarWrite, RejectReason, Resolution, RetentionConfig,
     RollupRead, RollupRow, SelectHints, SeriesQuery, SeriesRollups, Storage, StorageError,
-    StorageResult, StorageStats, WriteBatch,
+    StorageResult, StorageStats, StringList, WriteBatch,
 };
 use crate::model::{
     Labels, Matcher, MetricMetadata, PackedLabels, Sample, SeriesExemplars, SeriesSamples,
@@ -543,11 +543,11 @@ impl Storage for EmbeddedStorage {
         &self,
         tenant: &TenantId,
         query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>> {
+    ) -> StorageResult<StringList> {
         if query.matcher_sets.is_empty() {
             let range = (query.start, query.end);
             if let Some(names) = self.indexed_label_values(tenant, None, range).await? {
-                return Ok(super::limited(names, query.limit));
+                return Ok(names.limited(query.limit));
             }
         }
         super::label_names_of_series(self, tenant, query).await
@@ -558,11 +558,11 @@ impl Storage for EmbeddedStorage {
         tenant: &TenantId,
         name: &str,
         query: &SeriesQuery,
-    ) -> StorageResult<Vec<String>> {
+    ) -> StorageResult<StringList> {
         if query.matcher_sets.is_empty() {
             let range = (query.start, query.end);
             if let Some(values) = self.indexed_label_values(tenant, Some(name), range).await? {
-                return Ok(super::limited(values, query.limit));
+                return Ok(values.limited(query.limit));
             }
         }
         super::label_values_of_series(self, tenant, name, query).await
@@ -707,6 +707,76 @@ mod tests {
         s.select(&TenantId::default(), matchers, &hints)
             .await
             .unwrap()
+    }
+
+    /// The head answers a label's values by reading its series (a value nearly every series:
+    /// `job` here) or by looking up each value (`zone`, two values): both as the series
+    /// themselves say, in range, for the asking tenant only.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn label_values_of_the_head_agree_with_its_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStorage::open(dir.path(), &config(), &RetentionConfig::default()).unwrap();
+        let (a, b) = (TenantId::new("a"), TenantId::new("b"));
+        let write = |tenant: &str, i: i64| SeriesWrite {
+            labels: Labels::from_trusted(vec![
+                Label::new("__name__", "m"),
+                Label::new("job", format!("{tenant}-{i:02}")),
+                Label::new("zone", format!("z{}", i % 2)),
+            ]),
+            samples: vec![Sample {
+                t: if i < 10 { 1_000 } else { 1_000_000 },
+                v: 1.0,
+            }],
+        };
+        let of = |tenant: &'static str| (0..20).map(move |i| write(tenant, i));
+        s.append(&a, &of("a").collect::<Vec<_>>()).await.unwrap();
+        s.append(&b, &of("b").collect::<Vec<_>>()).await.unwrap();
+        for (start, end) in [
+            (i64::MIN, i64::MAX),
+            (500_000, 2_000_000),
+            (0, 5_000),
+            (2_000, 3_000),
+        ] {
+            let query = SeriesQuery {
+                matcher_sets: vec![],
+                start,
+                end,
+                limit: 0,
+            };
+            for name in ["job", "zone", "absent"] {
+                let got = s.label_values(&a, name, &query).await.unwrap();
+                let want = super::super::label_values_of_series(&s, &a, name, &query)
+                    .await
+                    .unwrap();
+                assert_eq!(got, want, "{name} in {start}..{end}");
+            }
+            let names = s.label_names(&a, &query).await.unwrap();
+            let want = super::super::label_names_of_series(&s, &a, &query)
+                .await
+                .unwrap();
+            assert_eq!(names, want, "names in {start}..{end}");
+        }
+        let all = SeriesQuery {
+            matcher_sets: vec![],
+            start: i64::MIN,
+            end: i64::MAX,
+            limit: 0,
+        };
+        let jobs = s.label_values(&a, "job", &all).await.unwrap();
+        assert_eq!(jobs.len(), 20);
+        assert!(jobs.iter().all(|j| j.starts_with("a-")), "{jobs:?}");
+        let later = SeriesQuery {
+            start: 500_000,
+            ..all.clone()
+        };
+        assert_eq!(
+            s.label_values(&a, "job", &later).await.unwrap().get(0),
+            Some("a-10")
+        );
+        assert_eq!(
+            s.label_values(&a, "zone", &all).await.unwrap(),
+            ["z0", "z1"]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
