@@ -143,8 +143,16 @@ fn count(r: &mut Reader) -> io::Result<usize> {
 }
 
 fn take_ids(r: &mut Reader) -> io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    take_ids_into(r, &mut out)?;
+    Ok(out)
+}
+
+/// [`take_ids`] into `out` (cleared first), for a caller that reads many lists in turn.
+fn take_ids_into(r: &mut Reader, out: &mut Vec<u64>) -> io::Result<()> {
     let n = count(r)?;
-    let mut out = Vec::with_capacity(n);
+    out.clear();
+    out.reserve(n);
     let mut last = 0u64;
     for _ in 0..n {
         last = last
@@ -152,7 +160,7 @@ fn take_ids(r: &mut Reader) -> io::Result<Vec<u64>> {
             .ok_or_else(|| damaged("bad id".into()))?;
         out.push(last);
     }
-    Ok(out)
+    Ok(())
 }
 
 fn put_strs<'a>(out: &mut Vec<u8>, items: impl ExactSizeIterator<Item = &'a str>) {
@@ -674,12 +682,15 @@ impl BlockIndex {
         tenant: &str,
         name: &str,
         keep: &dyn Fn(&str) -> bool,
-        each: &mut dyn FnMut(Vec<u64>),
+        each: &mut dyn FnMut(&[u64]),
         stopped: &dyn Fn() -> io::Result<()>,
     ) -> io::Result<()> {
+        // One buffer for every value's ids.
+        let mut buffer = Vec::new();
         self.each_value(tenant, name, stopped, &mut |value, ids| {
             if keep(value) {
-                each(take_ids(&mut Reader(ids))?);
+                take_ids_into(&mut Reader(ids), &mut buffer)?;
+                each(&buffer);
             }
             Ok(())
         })
@@ -839,7 +850,7 @@ pub(super) struct PostingsSource<'a> {
     /// postings of every value of a label the filter accepts (else `values` and `postings`).
     #[allow(clippy::type_complexity)]
     pub postings_of:
-        Option<&'a dyn Fn(&str, &dyn Fn(&str) -> bool, &mut dyn FnMut(Vec<u64>)) -> io::Result<()>>,
+        Option<&'a dyn Fn(&str, &dyn Fn(&str) -> bool, &mut dyn FnMut(&[u64])) -> io::Result<()>>,
     /// When the matchers applied so far (equality first) leave at most this many series and
     /// others remain, those series are the answer, for the caller to check every matcher on
     /// their label sets: the head holds them in memory, where that costs less than reading the
@@ -882,15 +893,16 @@ pub(super) fn postings_for_matchers(
     let union_of =
         |name: &str, keep: &dyn Fn(&str) -> bool, within: Option<&[u64]>| -> io::Result<Vec<u64>> {
             let mut out = Vec::new();
-            let mut add = |ids: Vec<u64>| match within {
-                Some(within) => out.extend(intersect(within, &ids)),
-                None => out.extend(ids),
+            let within = within.map(IdFilter::new);
+            let mut add = |ids: &[u64]| match &within {
+                Some(within) => within.keep(ids, &mut out),
+                None => out.extend_from_slice(ids),
             };
             match source.postings_of {
                 Some(postings_of) => postings_of(name, keep, &mut add)?,
                 None => {
                     for value in (source.values)(name)?.iter().filter(|v| keep(v)) {
-                        add((source.postings)(name, value)?);
+                        add(&(source.postings)(name, value)?);
                     }
                 }
             }
@@ -936,6 +948,46 @@ pub(super) fn postings_for_matchers(
     match selected {
         Some(ids) => Ok(exact(ids)),
         None => (source.all)().map(exact),
+    }
+}
+
+/// The ids of an ascending list, asked of many other lists (a regex's values within the
+/// series an equality matcher selected): a bitmap over the list's span when it takes at most
+/// 64 bytes an id (or 128 KiB), one probe an id; else each list intersected with it.
+enum IdFilter<'a> {
+    Bits { min: u64, words: Vec<u64> },
+    Sorted(&'a [u64]),
+}
+
+impl<'a> IdFilter<'a> {
+    fn new(ids: &'a [u64]) -> IdFilter<'a> {
+        let (Some(&min), Some(&max)) = (ids.first(), ids.last()) else {
+            return IdFilter::Sorted(ids);
+        };
+        let words = (max - min) / 64 + 1;
+        if words > (ids.len() as u64 * 8).max(1 << 14) {
+            return IdFilter::Sorted(ids);
+        }
+        let mut bits = vec![0u64; words as usize];
+        for &id in ids {
+            let at = id - min;
+            bits[(at / 64) as usize] |= 1 << (at % 64);
+        }
+        IdFilter::Bits { min, words: bits }
+    }
+
+    /// Appends the ids of `ids` (ascending) that it holds to `out`.
+    fn keep(&self, ids: &[u64], out: &mut Vec<u64>) {
+        match self {
+            IdFilter::Bits { min, words } => out.extend(ids.iter().copied().filter(|&id| {
+                id.checked_sub(*min).is_some_and(|at| {
+                    words
+                        .get((at / 64) as usize)
+                        .is_some_and(|w| w & (1 << (at % 64)) != 0)
+                })
+            })),
+            IdFilter::Sorted(within) => out.extend(intersect(within, ids)),
+        }
     }
 }
 
@@ -999,6 +1051,33 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         Labels::from_trusted(pairs.iter().map(|(n, v)| Label::new(*n, *v)).collect())
+    }
+
+    #[test]
+    fn id_filters_keep_exactly_the_ids_they_hold() {
+        let lists: Vec<Vec<u64>> = vec![
+            vec![],
+            vec![5],
+            (0..5_000).map(|i| 1_000 + i * 7).collect(),
+            // Spread too far for a bitmap: searched.
+            vec![3, 1 << 40, u64::MAX - 1],
+        ];
+        let probes: Vec<u64> = (0..40_000)
+            .chain([1 << 40, u64::MAX - 1, u64::MAX])
+            .collect();
+        for within in &lists {
+            let filter = IdFilter::new(within);
+            let mut got = Vec::new();
+            filter.keep(&probes, &mut got);
+            let want: Vec<u64> = probes
+                .iter()
+                .copied()
+                .filter(|id| within.contains(id))
+                .collect();
+            assert_eq!(got, want, "within {} ids", within.len());
+        }
+        assert!(matches!(IdFilter::new(&lists[2]), IdFilter::Bits { .. }));
+        assert!(matches!(IdFilter::new(&lists[3]), IdFilter::Sorted(_)));
     }
 
     #[test]
