@@ -1163,6 +1163,40 @@ mod tests {
             [7, 20_007]
         );
         assert!(ids_of(&[not_a(), Matcher::equal("host", host(3_000))]).is_empty());
+        let mut visited = Vec::new();
+        index
+            .each_value_of("t", "host", &|| Ok(()), &mut |v| visited.push(v.to_owned()))
+            .unwrap();
+        assert_eq!(visited, all_values);
+        // Label values abandoned after the second piece: no further piece is read, and the
+        // caller is told (not answered from the series, as a damaged table would be).
+        let asked = std::cell::Cell::new(0);
+        let stop_after_two = || {
+            asked.set(asked.get() + 1);
+            if asked.get() > 3 {
+                Err(io::Error::new(io::ErrorKind::Interrupted, "read abandoned"))
+            } else {
+                Ok(())
+            }
+        };
+        let err = index.values("t", "host", &stop_after_two).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        assert_eq!(
+            asked.get(),
+            4,
+            "asked once before reading, then before each piece"
+        );
+        asked.set(0);
+        let mut visited = 0;
+        let err = index
+            .each_value_of("t", "host", &stop_after_two, &mut |_| visited += 1)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        assert!(
+            visited > 0 && visited < all_values.len() / 2,
+            "{visited} values read of {}",
+            all_values.len()
+        );
         // An abandoned read stops between pieces.
         stop.store(true, Ordering::Relaxed);
         let err = index
