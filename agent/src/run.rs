@@ -254,6 +254,9 @@ async fn collect_loop(
     loop {
         let current = settings.borrow_and_update().clone();
         let mut at = next_boundary(SystemTime::now(), current.interval);
+        // Boundaries between the last reading and this one: readings never taken (not
+        // counted across a change of interval).
+        let mut skipped = 0;
         if let Some((last, interval)) = last {
             // The wall clock stepped back: readings keep moving forward, or the server would
             // refuse them as out of order.
@@ -262,15 +265,7 @@ async fn collect_loop(
             } else if interval == current.interval {
                 let gap = at.duration_since(last).unwrap_or_default().as_millis();
                 let step = current.interval.as_millis().max(1);
-                // Boundaries between the last reading and this one: readings never taken.
-                let skipped = (gap / step).saturating_sub(1) as u64;
-                if skipped > 0 {
-                    shared.stats.skipped.fetch_add(skipped, Ordering::Relaxed);
-                    tracing::warn!(
-                        skipped,
-                        "readings skipped: a collection took longer than the interval, the agent was not scheduled in time, or the clock jumped"
-                    );
-                }
+                skipped = (gap / step).saturating_sub(1) as u64;
             }
         }
         let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
@@ -278,6 +273,17 @@ async fn collect_loop(
             _ = tokio::time::sleep(wait) => {}
             // A new interval or naming applies from the next boundary of the new interval.
             _ = settings.changed() => continue,
+        }
+        if skipped > 0 {
+            // Counted once the reading after them is due (it carries the count).
+            shared.stats.skipped.fetch_add(skipped, Ordering::Relaxed);
+            let why = "readings skipped: a collection took longer than the interval, the agent was not scheduled in time, or the clock jumped";
+            // One boundary missed now and then is a busy host; more is worth a warning.
+            if skipped > 1 {
+                tracing::warn!(skipped, "{why}");
+            } else {
+                tracing::info!(skipped, "{why}");
+            }
         }
         last = Some((at, current.interval));
         let shared_ = shared.clone();

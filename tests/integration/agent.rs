@@ -425,46 +425,49 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// The timestamps (whole seconds) of `system_uptime_seconds` of `id` in the last `range`.
-async fn reading_times(s: &str, id: &str, range: &str) -> Vec<i64> {
+/// The timestamps (whole seconds) of `system_uptime_seconds` of `id` in the last `range`, and
+/// the readings the agent reports it skipped between the first and the last of them: the
+/// increments of `secumon_agent_collection_skipped_total` (which each reading carries, so it
+/// counts the skips just before that reading) from one reading to the next, summed over the
+/// agent's restarts (each process counts from 0). One query, so both describe one moment.
+async fn readings(s: &str, id: &str, range: &str) -> (Vec<i64>, i64) {
     let result = query(
         s,
-        &format!("system_uptime_seconds{{instance=\"{id}\"}}[{range}]"),
+        &format!(
+            "{{__name__=~\"system_uptime_seconds|secumon_agent_collection_skipped_total\",instance=\"{id}\"}}[{range}]"
+        ),
     )
     .await;
-    let Some(series) = result.first() else {
-        return Vec::new();
-    };
-    series["values"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v[0].as_f64().unwrap().round() as i64)
-        .collect()
-}
-
-/// Readings the agent reports it skipped (`secumon_agent_collection_skipped_total`, summed
-/// over its restarts: the counter starts again at 0 with each process).
-async fn reported_skips(s: &str, id: &str, range: &str) -> i64 {
-    let result = query(
-        s,
-        &format!("secumon_agent_collection_skipped_total{{instance=\"{id}\"}}[{range}]"),
-    )
-    .await;
-    let mut total = 0;
-    for series in &result {
-        let values: Vec<i64> = series["values"]
-            .as_array()
-            .unwrap()
+    let points = |name: &str| -> Vec<(i64, i64)> {
+        result
             .iter()
-            .map(|v| v[1].as_str().unwrap().parse::<f64>().unwrap() as i64)
-            .collect();
-        total += values.first().copied().unwrap_or(0);
-        for w in values.windows(2) {
-            total += if w[1] >= w[0] { w[1] - w[0] } else { w[1] };
-        }
-    }
-    total
+            .filter(|series| series["metric"]["__name__"] == name)
+            .flat_map(|series| series["values"].as_array().unwrap().iter())
+            .map(|v| {
+                (
+                    v[0].as_f64().unwrap().round() as i64,
+                    v[1].as_str().unwrap().parse::<f64>().unwrap() as i64,
+                )
+            })
+            .collect()
+    };
+    let times: Vec<i64> = points("system_uptime_seconds")
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    let counter: BTreeMap<i64, i64> = points("secumon_agent_collection_skipped_total")
+        .into_iter()
+        .collect();
+    let skipped = times
+        .windows(2)
+        .map(|w| match (counter.get(&w[0]), counter.get(&w[1])) {
+            (Some(&before), Some(&after)) if after >= before => after - before,
+            // A new process: its count since it started.
+            (_, Some(&after)) => after,
+            (_, None) => 0,
+        })
+        .sum();
+    (times, skipped)
 }
 
 /// The server stops for `outage` while the agent keeps reading (and is itself killed and
@@ -512,10 +515,10 @@ async fn outage_loses_nothing(outage: Duration) {
     // Every reading of the outage arrives: the last second before the server came back is in.
     let deadline = Instant::now() + Duration::from_secs(60);
     let range = format!("{}s", (unix_now() - down_at + 30.0) as u64);
-    let times = loop {
-        let times = reading_times(client, &id, &range).await;
+    let (times, skipped) = loop {
+        let (times, skipped) = readings(client, &id, &range).await;
         if times.last().is_some_and(|&t| t as f64 >= up_at + 2.0) {
-            break times;
+            break (times, skipped);
         }
         assert!(
             Instant::now() < deadline,
@@ -530,7 +533,6 @@ async fn outage_loses_nothing(outage: Duration) {
     // The agent may be late for a boundary on a loaded machine (a slow fsync, no CPU in time)
     // and then skips that reading; it counts each one. Those are readings never taken, not
     // readings lost: every hole outside the agent's own restart must be one it reports.
-    let skipped = reported_skips(client, &id, &range).await;
     let holes: Vec<(i64, i64)> = times
         .windows(2)
         .filter(|w| w[1] - w[0] > 1)
@@ -588,18 +590,20 @@ async fn a_paused_agent_counts_the_readings_it_skipped() {
     )
     .await;
     let since = unix_now();
+    let pid = agent.pid() as i32;
+    assert!(pid > 0, "the agent is not running");
     // SAFETY: kill(2) on the agent's own pid; it is resumed below.
-    unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
     tokio::time::sleep(Duration::from_secs(4)).await;
-    unsafe { libc::kill(agent.pid() as i32, libc::SIGCONT) };
+    unsafe { libc::kill(pid, libc::SIGCONT) };
     let resumed = unix_now();
 
     let range = format!("{}s", (unix_now() - since + 30.0) as u64);
     let deadline = Instant::now() + Duration::from_secs(30);
-    let times = loop {
-        let times = reading_times(&base, &id, &range).await;
+    let (times, skipped) = loop {
+        let (times, skipped) = readings(&base, &id, &range).await;
         if times.last().is_some_and(|&t| t as f64 >= resumed + 3.0) {
-            break times;
+            break (times, skipped);
         }
         assert!(
             Instant::now() < deadline,
@@ -612,7 +616,6 @@ async fn a_paused_agent_counts_the_readings_it_skipped() {
         missing >= 3,
         "a 4-second pause left {missing} readings missing: {times:?}"
     );
-    let skipped = reported_skips(&base, &id, &range).await;
     assert_eq!(
         skipped, missing,
         "the agent reports {skipped} readings skipped, {missing} are missing: {times:?}"

@@ -893,8 +893,8 @@ pub(super) fn postings_for_matchers(
     let union_of =
         |name: &str, keep: &dyn Fn(&str) -> bool, within: Option<&[u64]>| -> io::Result<Vec<u64>> {
             let mut out = Vec::new();
-            let within = within.map(IdFilter::new);
-            let mut add = |ids: &[u64]| match &within {
+            let mut within = within.map(IdFilter::new);
+            let mut add = |ids: &[u64]| match &mut within {
                 Some(within) => within.keep(ids, &mut out),
                 None => out.extend_from_slice(ids),
             };
@@ -952,42 +952,62 @@ pub(super) fn postings_for_matchers(
 }
 
 /// The ids of an ascending list, asked of many other lists (a regex's values within the
-/// series an equality matcher selected): a bitmap over the list's span when it takes at most
-/// 64 bytes an id (or 128 KiB), one probe an id; else each list intersected with it.
-enum IdFilter<'a> {
-    Bits { min: u64, words: Vec<u64> },
-    Sorted(&'a [u64]),
+/// series an equality matcher selected): each list intersected with it, until the ids probed
+/// pass twice the words a bitmap over its span would take; then that bitmap, one probe an id.
+/// The bitmap is built only when it takes at most 64 bytes an id of the list (or 128 KiB),
+/// and never more than 4 MiB.
+struct IdFilter<'a> {
+    within: &'a [u64],
+    /// Words of the bitmap over `within`'s span, if one may be built.
+    words: Option<usize>,
+    probed: usize,
+    /// (the first id, the bitmap from it).
+    bits: Option<(u64, Vec<u64>)>,
 }
 
 impl<'a> IdFilter<'a> {
-    fn new(ids: &'a [u64]) -> IdFilter<'a> {
-        let (Some(&min), Some(&max)) = (ids.first(), ids.last()) else {
-            return IdFilter::Sorted(ids);
+    fn new(within: &'a [u64]) -> IdFilter<'a> {
+        let words = match (within.first(), within.last()) {
+            (Some(&min), Some(&max)) => {
+                let words = (max - min) / 64 + 1;
+                let cap = (within.len() as u64 * 8).clamp(1 << 14, 1 << 19);
+                (words <= cap).then_some(words as usize)
+            }
+            _ => None,
         };
-        let words = (max - min) / 64 + 1;
-        if words > (ids.len() as u64 * 8).max(1 << 14) {
-            return IdFilter::Sorted(ids);
+        IdFilter {
+            within,
+            words,
+            probed: 0,
+            bits: None,
         }
-        let mut bits = vec![0u64; words as usize];
-        for &id in ids {
-            let at = id - min;
-            bits[(at / 64) as usize] |= 1 << (at % 64);
-        }
-        IdFilter::Bits { min, words: bits }
     }
 
     /// Appends the ids of `ids` (ascending) that it holds to `out`.
-    fn keep(&self, ids: &[u64], out: &mut Vec<u64>) {
-        match self {
-            IdFilter::Bits { min, words } => out.extend(ids.iter().copied().filter(|&id| {
-                id.checked_sub(*min).is_some_and(|at| {
-                    words
-                        .get((at / 64) as usize)
-                        .is_some_and(|w| w & (1 << (at % 64)) != 0)
-                })
-            })),
-            IdFilter::Sorted(within) => out.extend(intersect(within, ids)),
+    fn keep(&mut self, ids: &[u64], out: &mut Vec<u64>) {
+        if self.bits.is_none() {
+            self.probed += ids.len();
+            match self.words {
+                Some(words) if self.probed > 2 * words => {
+                    let min = self.within[0];
+                    let mut bits = vec![0u64; words];
+                    for &id in self.within {
+                        let at = id - min;
+                        bits[(at / 64) as usize] |= 1 << (at % 64);
+                    }
+                    self.bits = Some((min, bits));
+                }
+                _ => return out.extend(intersect(self.within, ids)),
+            }
         }
+        let (min, words) = self.bits.as_ref().expect("built above");
+        out.extend(ids.iter().copied().filter(|&id| {
+            id.checked_sub(*min).is_some_and(|at| {
+                words
+                    .get((at / 64) as usize)
+                    .is_some_and(|w| w & (1 << (at % 64)) != 0)
+            })
+        }));
     }
 }
 
@@ -1065,19 +1085,22 @@ mod tests {
         let probes: Vec<u64> = (0..40_000)
             .chain([1 << 40, u64::MAX - 1, u64::MAX])
             .collect();
-        for within in &lists {
-            let filter = IdFilter::new(within);
+        for (within, bitmap) in lists.iter().zip([false, true, true, false]) {
+            // In pieces: the first ones intersected, the rest probed in the bitmap if one
+            // comes.
+            let mut filter = IdFilter::new(within);
             let mut got = Vec::new();
-            filter.keep(&probes, &mut got);
+            for piece in probes.chunks(700) {
+                filter.keep(piece, &mut got);
+            }
             let want: Vec<u64> = probes
                 .iter()
                 .copied()
                 .filter(|id| within.contains(id))
                 .collect();
             assert_eq!(got, want, "within {} ids", within.len());
+            assert_eq!(filter.bits.is_some(), bitmap, "{} ids", within.len());
         }
-        assert!(matches!(IdFilter::new(&lists[2]), IdFilter::Bits { .. }));
-        assert!(matches!(IdFilter::new(&lists[3]), IdFilter::Sorted(_)));
     }
 
     #[test]

@@ -317,10 +317,14 @@ impl EmbeddedStorage {
                         }
                         Some(name) => {
                             let keys = index.names.get(name);
-                            if keys.is_some_and(|k| k.len() * 4 >= head.series.len()) {
+                            if keys
+                                .is_some_and(|k| index.collided || k.len() * 4 >= head.series.len())
+                            {
                                 // Nearly a value a series (an id, a pid, a path): the series
                                 // are read in the order the head stores them, not looked up
-                                // value by value (four lookups each, all cache misses).
+                                // value by value (four lookups each, all cache misses). Also
+                                // when two pairs met under one postings key: a key's first
+                                // series would stand for one of them only.
                                 // Each set is prefetched 16 series ahead of its read.
                                 let mut ahead = head.series.iter();
                                 ahead
@@ -353,11 +357,12 @@ impl EmbeddedStorage {
                     }
                 }
             }
-            (out.sorted_distinct(), blocks)
+            (out, blocks)
         };
         let (tenant, name) = (tenant.as_str().to_owned(), name.map(str::to_owned));
         off_runtime(move |stop| {
-            let mut out = out;
+            // Sorted with no lock held.
+            let mut out = out.sorted_distinct();
             for block in &blocks {
                 stopped(stop)?;
                 let index = block.index.as_ref().expect("checked above");
