@@ -470,6 +470,29 @@ async fn readings(s: &str, id: &str, range: &str) -> (Vec<i64>, i64) {
     (times, skipped)
 }
 
+/// [`readings`] from 30 s before `since` (Unix seconds) once one at or after `until` is in,
+/// asked until `deadline`.
+async fn readings_until(
+    s: &str,
+    id: &str,
+    since: f64,
+    until: f64,
+    deadline: Instant,
+) -> (Vec<i64>, i64) {
+    let range = format!("{}s", (unix_now() - since + 30.0) as u64);
+    loop {
+        let (times, skipped) = readings(s, id, &range).await;
+        if times.last().is_some_and(|&t| t as f64 >= until) {
+            return (times, skipped);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reading at or after {until} arrived: {times:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The server stops for `outage` while the agent keeps reading (and is itself killed and
 /// started again in the middle); once the server is back every reading of the outage
 /// arrives, in order, and the series has no hole but the agent's own downtime.
@@ -514,18 +537,7 @@ async fn outage_loses_nothing(outage: Duration) {
 
     // Every reading of the outage arrives: the last second before the server came back is in.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let range = format!("{}s", (unix_now() - down_at + 30.0) as u64);
-    let (times, skipped) = loop {
-        let (times, skipped) = readings(client, &id, &range).await;
-        if times.last().is_some_and(|&t| t as f64 >= up_at + 2.0) {
-            break (times, skipped);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the outage's readings did not arrive: {times:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (times, skipped) = readings_until(client, &id, down_at, up_at + 2.0, deadline).await;
     assert!(
         times.windows(2).all(|w| w[0] < w[1]),
         "in order, no duplicate: {times:?}"
@@ -598,19 +610,8 @@ async fn a_paused_agent_counts_the_readings_it_skipped() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let resumed = unix_now();
 
-    let range = format!("{}s", (unix_now() - since + 30.0) as u64);
     let deadline = Instant::now() + Duration::from_secs(30);
-    let (times, skipped) = loop {
-        let (times, skipped) = readings(&base, &id, &range).await;
-        if times.last().is_some_and(|&t| t as f64 >= resumed + 3.0) {
-            break (times, skipped);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no reading after the pause: {times:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (times, skipped) = readings_until(&base, &id, since, resumed + 3.0, deadline).await;
     let missing: i64 = times.windows(2).map(|w| w[1] - w[0] - 1).sum();
     assert!(
         missing >= 3,
